@@ -1,0 +1,5 @@
+"""vaccelray: remote accelerators for ordinary programs."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,3 @@
+from vaccelray.cli import main
+
+main()

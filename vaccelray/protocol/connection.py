@@ -1,0 +1,257 @@
+"""ttrpc connection state machines, h11 style: bytes in, events out, events to bytes.
+
+:class:`ServerConnection` turns a client's byte stream into
+:class:`RequestReceived` (or :class:`BadRequest`, which must be answered with
+its status) and encodes responses. :class:`ClientConnection` numbers
+requests (odd stream ids from 1, step 2), encodes them, and turns the
+server's bytes into :class:`ResponseReceived`. Neither does any I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from vaccelray.errors import Detail, LocalProtocolError, RemoteProtocolError, StatusCode
+from vaccelray.protocol._pb import ttrpc_pb2
+from vaccelray.protocol.frames import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    OversizedFrame,
+    encode_frame,
+)
+
+__all__ = [
+    "NEED_DATA",
+    "BadRequest",
+    "ClientConnection",
+    "RequestReceived",
+    "ResponseReceived",
+    "ServerConnection",
+]
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by ``next_event`` when more bytes must be received first.
+NEED_DATA: Final = _NeedData()
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    stream_id: int
+    service: str
+    method: str
+    payload: bytes
+    timeout_nano: int
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A request that cannot be dispatched; answer it with ``code`` and ``message``."""
+
+    stream_id: int
+    code: StatusCode
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    stream_id: int
+    code: int
+    message: str
+    details: tuple[Detail, ...]
+    payload: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+_Request = ttrpc_pb2.Request
+_Response = ttrpc_pb2.Response
+_KeyValue = ttrpc_pb2.KeyValue
+_Status = ttrpc_pb2.Status
+
+
+def encode_status(code: int, message: str, details: Iterable[Detail]) -> ttrpc_pb2.Status:
+    status = _Status(code=code, message=message)
+    for detail in details:
+        status.details.add(type_url=detail.type_url, value=detail.value)
+    return status
+
+
+class ServerConnection:
+    """The server side of one ttrpc connection."""
+
+    __slots__ = ("_decoder", "_open_streams")
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self._decoder = FrameDecoder(max_message_size)
+        self._open_streams: set[int] = set()
+
+    @property
+    def open_streams(self) -> int:
+        """Requests received and not yet answered."""
+        return len(self._open_streams)
+
+    def receive_data(self, data: bytes) -> None:
+        self._decoder.feed(data)
+
+    def next_event(self) -> RequestReceived | BadRequest | _NeedData:
+        """The next request; raises :class:`RemoteProtocolError` on a broken stream."""
+        frame = self._decoder.next_frame()
+        if frame is None:
+            return NEED_DATA
+        stream_id = frame.stream_id
+        if stream_id % 2 == 0:
+            raise RemoteProtocolError(f"client used even stream id {stream_id}")
+        if stream_id in self._open_streams:
+            raise RemoteProtocolError(f"stream {stream_id} reused while its request is in flight")
+        if frame.type is not FrameType.REQUEST:
+            raise RemoteProtocolError(f"client sent a {frame.type.name} frame on stream {stream_id}")
+        self._open_streams.add(stream_id)
+        if isinstance(frame, OversizedFrame):
+            return BadRequest(
+                stream_id,
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"message of {frame.length} bytes exceeds the limit of "
+                f"{self._decoder.max_message_size} bytes",
+            )
+        try:
+            request = _Request.FromString(frame.body)
+        except DecodeError as exc:
+            return BadRequest(stream_id, StatusCode.INVALID_ARGUMENT, f"undecodable request: {exc}")
+        return RequestReceived(
+            stream_id,
+            request.service,
+            request.method,
+            request.payload,
+            request.timeout_nano,
+            tuple((kv.key, kv.value) for kv in request.metadata),
+        )
+
+    def send_response(
+        self,
+        stream_id: int,
+        payload: bytes = b"",
+        code: int = 0,
+        message: str = "",
+        details: Sequence[Detail] = (),
+    ) -> bytes:
+        """Bytes answering *stream_id*; an OK status is omitted, as Go does."""
+        try:
+            self._open_streams.remove(stream_id)
+        except KeyError:
+            raise LocalProtocolError(f"no request in flight on stream {stream_id}") from None
+        if code == 0:
+            body = _Response(payload=payload).SerializeToString()
+        else:
+            body = _Response(
+                status=encode_status(code, message, details), payload=payload
+            ).SerializeToString()
+        return encode_frame(stream_id, FrameType.RESPONSE, body)
+
+
+class ClientConnection:
+    """The client side of one ttrpc connection."""
+
+    __slots__ = ("_abandoned", "_decoder", "_next_stream_id", "_pending")
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self._decoder = FrameDecoder(max_message_size)
+        self._next_stream_id = 1
+        self._pending: set[int] = set()
+        self._abandoned: set[int] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def send_request(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout_nano: int = 0,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> tuple[int, bytes]:
+        """A new stream id and the bytes of its request frame."""
+        stream_id = self._next_stream_id
+        if stream_id >= 1 << 32:
+            raise LocalProtocolError("stream ids exhausted on this connection; open a new one")
+        self._next_stream_id = stream_id + 2
+        request = _Request(service=service, method=method, payload=payload)
+        if timeout_nano:
+            request.timeout_nano = timeout_nano
+        if metadata:
+            request.metadata.extend(_KeyValue(key=k, value=v) for k, v in metadata)
+        data = encode_frame(stream_id, FrameType.REQUEST, request.SerializeToString())
+        self._pending.add(stream_id)
+        return stream_id, data
+
+    def abandon(self, stream_id: int) -> None:
+        """Stop waiting for *stream_id* (timed out, cancelled); its late answer is dropped."""
+        if stream_id in self._pending:
+            self._pending.remove(stream_id)
+            self._abandoned.add(stream_id)
+
+    def receive_data(self, data: bytes) -> None:
+        self._decoder.feed(data)
+
+    def next_event(self) -> ResponseReceived | _NeedData:
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                return NEED_DATA
+            event = self._response(frame)
+            if event is not None:
+                return event
+
+    def _response(self, frame: Frame | OversizedFrame) -> ResponseReceived | None:
+        stream_id = frame.stream_id
+        if frame.type is not FrameType.RESPONSE:
+            raise RemoteProtocolError(f"server sent a {frame.type.name} frame on stream {stream_id}")
+        if stream_id in self._abandoned:
+            self._abandoned.remove(stream_id)
+            return None
+        if stream_id not in self._pending:
+            raise RemoteProtocolError(f"response on stream {stream_id}, which has no request")
+        self._pending.remove(stream_id)
+        if isinstance(frame, OversizedFrame):
+            return ResponseReceived(
+                stream_id,
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"response of {frame.length} bytes exceeds the limit of "
+                f"{self._decoder.max_message_size} bytes",
+                (),
+                b"",
+            )
+        try:
+            response = _Response.FromString(frame.body)
+        except DecodeError as exc:
+            raise RemoteProtocolError(f"undecodable response on stream {stream_id}: {exc}") from exc
+        if not response.HasField("status"):
+            return ResponseReceived(stream_id, 0, "", (), response.payload)
+        status = response.status
+        return ResponseReceived(
+            stream_id,
+            status.code,
+            status.message,
+            tuple(Detail(d.type_url, d.value) for d in status.details),
+            response.payload,
+        )

@@ -1,0 +1,209 @@
+"""Endpoint addresses: ``tcp://host:port``, ``unix:///path``, ``unix:@name``, ``vsock://cid:port``.
+
+One parser for every address a user can type, one canonical spelling back
+(``str(endpoint)``), and the socket calls to listen on or connect to each.
+Connections are asyncio protocols: the hot path handles a frame inside
+``data_received`` with no task switch (see ``server.py``).
+Rust ttrpc treats ``unix://name`` (two slashes) as the abstract namespace;
+we accept it the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
+
+from vaccelray.errors import ConnectError, VaccelrayError
+
+__all__ = [
+    "Endpoint",
+    "EndpointError",
+    "TcpEndpoint",
+    "UnixEndpoint",
+    "VsockEndpoint",
+    "bind",
+    "open_connection",
+    "parse_endpoint",
+    "set_nodelay",
+]
+
+_FORMS = "tcp://HOST:PORT, unix:///PATH, unix:@NAME or vsock://CID:PORT"
+
+
+class EndpointError(VaccelrayError, ValueError):
+    """An address that is not one of the endpoint forms."""
+
+
+@dataclass(frozen=True, slots=True)
+class TcpEndpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixEndpoint:
+    path: str
+    abstract: bool = False
+
+    def __str__(self) -> str:
+        return f"unix:@{self.path}" if self.abstract else f"unix://{self.path}"
+
+    @property
+    def sockaddr(self) -> str:
+        return "\0" + self.path if self.abstract else self.path
+
+
+@dataclass(frozen=True, slots=True)
+class VsockEndpoint:
+    cid: int
+    port: int
+
+    def __str__(self) -> str:
+        return f"vsock://{self.cid}:{self.port}"
+
+
+Endpoint: TypeAlias = TcpEndpoint | UnixEndpoint | VsockEndpoint
+
+
+def _port(text: str, address: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise EndpointError(f"bad port {text!r} in {address!r}: expected a number from 0 to 65535")
+    return int(text)
+
+
+def parse_endpoint(address: str | Endpoint) -> Endpoint:
+    """Parse an address; raises :class:`EndpointError` naming the accepted forms."""
+    if not isinstance(address, str):
+        return address
+    scheme, sep, rest = address.partition("://")
+    if address.startswith("unix:@"):
+        name = address[len("unix:@") :]
+        if not name:
+            raise EndpointError(f"empty abstract socket name in {address!r}")
+        return UnixEndpoint(name, abstract=True)
+    if not sep:
+        raise EndpointError(f"bad endpoint {address!r}: expected {_FORMS}")
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host:
+            raise EndpointError(f"bad endpoint {address!r}: expected tcp://HOST:PORT")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return TcpEndpoint(host, _port(port, address))
+    if scheme == "unix":
+        if rest.startswith("/"):
+            return UnixEndpoint(rest)
+        if not rest:
+            raise EndpointError(f"empty unix socket path in {address!r}")
+        return UnixEndpoint(rest, abstract=True)
+    if scheme == "vsock":
+        cid, colon, port = rest.partition(":")
+        if not colon or not cid.isdigit():
+            raise EndpointError(f"bad endpoint {address!r}: expected vsock://CID:PORT")
+        return VsockEndpoint(int(cid), _port(port, address))
+    raise EndpointError(f"unknown scheme {scheme!r} in {address!r}: expected {_FORMS}")
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """TCP_NODELAY on TCP sockets: one frame per write must not wait for Nagle."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def bind(endpoint: Endpoint, *, backlog: int = 512) -> tuple[socket.socket, Endpoint]:
+    """A listening, non-blocking socket on *endpoint* and the endpoint it really bound.
+
+    Port 0 is resolved to the port the kernel chose. A stale unix socket file
+    (its server gone) is replaced; a live one is not.
+    """
+    if isinstance(endpoint, TcpEndpoint):
+        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+        try:
+            infos = socket.getaddrinfo(endpoint.host, endpoint.port, family, socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise EndpointError(f"cannot resolve {endpoint.host!r} in {endpoint}: {exc.strerror}") from exc
+        sock = socket.socket(infos[0][0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        address: object = infos[0][4]
+    elif isinstance(endpoint, UnixEndpoint):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if not endpoint.abstract:
+            _remove_stale_socket(endpoint.path)
+        address = endpoint.sockaddr
+    else:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        address = (endpoint.cid, endpoint.port)
+    try:
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    if isinstance(endpoint, TcpEndpoint):
+        host, port = sock.getsockname()[:2]
+        return sock, TcpEndpoint(endpoint.host, int(port))
+    if isinstance(endpoint, VsockEndpoint):
+        return sock, VsockEndpoint(endpoint.cid, int(sock.getsockname()[1]))
+    return sock, endpoint
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file left by a dead server; refuse to replace a live one."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        return
+    else:
+        raise EndpointError(f"unix://{path} is in use by a running server")
+    finally:
+        probe.close()
+
+
+_P = TypeVar("_P", bound=asyncio.Protocol)
+
+
+async def open_connection(
+    endpoint: Endpoint, protocol_factory: Callable[[], _P]
+) -> tuple[asyncio.Transport, _P]:
+    """Connect *endpoint* to a new protocol; raises :class:`ConnectError` naming it."""
+    loop = asyncio.get_running_loop()
+    try:
+        if isinstance(endpoint, TcpEndpoint):
+            transport, protocol = await loop.create_connection(
+                protocol_factory, endpoint.host, endpoint.port
+            )
+        elif isinstance(endpoint, UnixEndpoint):
+            transport, protocol = await loop.create_unix_connection(
+                protocol_factory, endpoint.sockaddr
+            )
+        else:
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, (endpoint.cid, endpoint.port))
+            except BaseException:
+                sock.close()
+                raise
+            transport, protocol = await loop.create_connection(protocol_factory, sock=sock)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConnectError(f"cannot connect to {endpoint}: {reason}") from exc
+    assert isinstance(transport, asyncio.Transport)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        set_nodelay(sock)
+    return transport, protocol

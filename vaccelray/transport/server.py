@@ -1,0 +1,318 @@
+"""The ttrpc server: listeners, dispatch to handlers, status codes, shutdown.
+
+Each connection is an asyncio protocol around a sans-IO
+:class:`~vaccelray.protocol.ServerConnection`. ``data_received`` decodes every
+whole request in the chunk; *inline* handlers (non-blocking code such as the
+noop backend) answer right there and all their responses leave in one write,
+with no task or thread hop. Other handlers run as tasks of the server's task
+group, each in its own cancel scope: the request's ``timeout_nano`` becomes the
+scope's deadline (answered with DEADLINE_EXCEEDED), and a client that
+disconnects has its calls cancelled.
+
+Structure (task groups, cancel scopes, deadlines) is anyio; the sockets are
+asyncio's, so the server runs on anyio's asyncio backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import anyio
+import anyio.abc
+
+from vaccelray.errors import RemoteProtocolError, RPCError, StatusCode
+from vaccelray.protocol import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    NEED_DATA,
+    BadRequest,
+    RequestReceived,
+    ServerConnection,
+)
+from vaccelray.transport.endpoints import Endpoint, bind, parse_endpoint, set_nodelay
+
+__all__ = ["CallContext", "Method", "Server", "Service", "serve"]
+
+log = logging.getLogger("vaccelray.server")
+
+Metadata = tuple[tuple[str, str], ...]
+InlineHandler = Callable[[bytes, "CallContext"], bytes]
+AsyncHandler = Callable[[bytes, "CallContext"], Awaitable[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """A handler for one method; ``inline`` handlers run on the loop and must not block."""
+
+    handler: InlineHandler | AsyncHandler
+    inline: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    methods: Mapping[str, Method]
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What a handler knows about its call."""
+
+    service: str
+    method: str
+    metadata: Metadata
+    #: Absolute deadline on the event loop's clock (``anyio.current_time()``), or None.
+    deadline: float | None
+    peer: str
+
+    def get_metadata(self, key: str) -> str | None:
+        """The last value sent for *key*, or None."""
+        found = None
+        for k, v in self.metadata:
+            if k == key:
+                found = v
+        return found
+
+    def time_left(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return self.deadline - anyio.current_time()
+
+
+_NS: Final = 1e-9
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.proto = ServerConnection(server.max_message_size)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.scopes: set[anyio.CancelScope] = set()
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            set_nodelay(sock)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "local"
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        self.transport = None
+        for scope in self.scopes:
+            scope.cancel()
+
+    def pause_writing(self) -> None:
+        # The client is not reading its answers: stop reading its requests.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        proto = self.proto
+        proto.receive_data(data)
+        out: list[bytes] = []
+        server = self.server
+        while True:
+            try:
+                event = proto.next_event()
+            except RemoteProtocolError as exc:
+                log.warning("Closing connection from %s: %s", self.peer, exc)
+                self._write(out)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if event is NEED_DATA:
+                break
+            if isinstance(event, BadRequest):
+                log.info("Rejected request on stream %d from %s: %s", event.stream_id, self.peer, event.message)
+                out.append(proto.send_response(event.stream_id, code=event.code, message=event.message))
+                continue
+            assert isinstance(event, RequestReceived)
+            method = server._methods.get((event.service, event.method))
+            if method is None:
+                out.append(self._unknown(event))
+            elif method.inline:
+                out.append(self._run_inline(method, event))
+            elif server._task_group is None or server._draining:
+                out.append(proto.send_response(
+                    event.stream_id, code=StatusCode.UNAVAILABLE, message="server is shutting down"
+                ))
+            else:
+                server._inflight += 1
+                server._task_group.start_soon(self._run_async, method, event)
+        self._write(out)
+
+    # -- dispatch -----------------------------------------------------------
+
+    def _context(self, event: RequestReceived) -> CallContext:
+        deadline = None
+        if event.timeout_nano > 0:
+            deadline = anyio.current_time() + event.timeout_nano * _NS
+        return CallContext(event.service, event.method, event.metadata, deadline, self.peer)
+
+    def _unknown(self, event: RequestReceived) -> bytes:
+        if event.service in self.server._service_names:
+            message = f"method {event.method} not found in service {event.service}"
+        else:
+            message = f"service {event.service} not found"
+        return self.proto.send_response(event.stream_id, code=StatusCode.UNIMPLEMENTED, message=message)
+
+    def _run_inline(self, method: Method, event: RequestReceived) -> bytes:
+        try:
+            payload = method.handler(event.payload, self._context(event))
+        except RPCError as exc:
+            return self._error(event.stream_id, exc)
+        except Exception as exc:
+            return self._internal(event, exc)
+        assert isinstance(payload, bytes)
+        return self.proto.send_response(event.stream_id, payload)
+
+    async def _run_async(self, method: Method, event: RequestReceived) -> None:
+        server = self.server
+        ctx = self._context(event)
+        scope = anyio.CancelScope(deadline=ctx.deadline if ctx.deadline is not None else float("inf"))
+        self.scopes.add(scope)
+        data = None
+        try:
+            with scope:
+                try:
+                    result = method.handler(event.payload, ctx)
+                    assert not isinstance(result, bytes)
+                    data = self.proto.send_response(event.stream_id, await result)
+                except RPCError as exc:
+                    data = self._error(event.stream_id, exc)
+                except Exception as exc:
+                    data = self._internal(event, exc)
+            if scope.cancelled_caught and self.transport is not None:
+                if ctx.deadline is not None and anyio.current_time() >= ctx.deadline:
+                    code, message = StatusCode.DEADLINE_EXCEEDED, f"{event.method} exceeded its deadline"
+                else:
+                    code, message = StatusCode.CANCELLED, f"{event.method} was cancelled"
+                data = self.proto.send_response(event.stream_id, code=code, message=message)
+            if data is not None and self.transport is not None:
+                self.transport.write(data)
+        finally:
+            self.scopes.discard(scope)
+            server._call_done()
+
+    def _error(self, stream_id: int, exc: RPCError) -> bytes:
+        return self.proto.send_response(stream_id, code=exc.code, message=exc.message, details=exc.details)
+
+    def _internal(self, event: RequestReceived, exc: Exception) -> bytes:
+        log.exception("%s/%s failed", event.service, event.method, exc_info=exc)
+        return self.proto.send_response(
+            event.stream_id, code=StatusCode.INTERNAL, message=f"{type(exc).__name__}: {exc}"
+        )
+
+    def _write(self, out: list[bytes]) -> None:
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+
+class Server:
+    """Serves ttrpc services on one or more endpoints; see :func:`serve`."""
+
+    def __init__(self, services: Iterable[Service], *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.max_message_size = max_message_size
+        self._methods: dict[tuple[str, str], Method] = {}
+        self._service_names: set[str] = set()
+        self._connections: set[_Connection] = set()
+        self._listeners: list[asyncio.Server] = []
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._inflight = 0
+        self._idle = anyio.Event()
+        self._draining = False
+        self.addresses: list[str] = []
+        for service in services:
+            self.add_service(service)
+
+    def add_service(self, service: Service) -> None:
+        self._service_names.add(service.name)
+        for name, method in service.methods.items():
+            self._methods[(service.name, name)] = method
+
+    @property
+    def inflight(self) -> int:
+        """Calls being handled off the loop right now."""
+        return self._inflight
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    def _call_done(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+            self._idle = anyio.Event()
+
+    async def _listen(self, endpoint: Endpoint) -> str:
+        sock, bound = bind(endpoint)
+        loop = asyncio.get_running_loop()
+        try:
+            listener = await loop.create_server(lambda: _Connection(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._listeners.append(listener)
+        return str(bound)
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop accepting, let calls in flight finish within *grace* seconds, close."""
+        if self._draining:
+            return
+        self._draining = True
+        for listener in self._listeners:
+            listener.close()
+        with anyio.move_on_after(grace):
+            while self._inflight:
+                await self._idle.wait()
+        for conn in list(self._connections):
+            for scope in conn.scopes:
+                scope.cancel()
+            if conn.transport is not None:
+                conn.transport.close()
+        for listener in self._listeners:
+            await listener.wait_closed()
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def serve(
+    services: Iterable[Service],
+    endpoints: Sequence[str | Endpoint],
+    *,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    grace: float = 5.0,
+) -> AsyncIterator[Server]:
+    """Serve *services* on *endpoints* until the block exits (then shut down gracefully)."""
+    server = Server(services, max_message_size=max_message_size)
+    async with anyio.create_task_group() as tg:
+        server._task_group = tg
+        try:
+            for endpoint in endpoints:
+                address = await server._listen(parse_endpoint(endpoint))
+                server.addresses.append(address)
+            yield server
+        finally:
+            with anyio.CancelScope(shield=True):
+                await server.shutdown(grace)
+
+

@@ -1,0 +1,263 @@
+"""The vAccel agent service: what an unmodified vAccel RPC client talks to.
+
+Served under every service name the agent has had (see ``SERVICE_NAMES``).
+The agent owns session ids (unique per worker, from 1), the resources
+registered with each session, and the agent-style log lines; the backend
+does the work. Each operation is planned on the event loop (decode, look up
+the session) and its backend call runs inline for a non-blocking backend, or
+in a worker thread under the session's lock for a blocking one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeVar
+
+import anyio
+from google.protobuf.message import DecodeError
+
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.transport.server import CallContext, Method, Service
+from vaccelray.worker.backend import Arg, Backend, SessionHandle
+
+__all__ = ["SERVICE_NAMES", "Agent", "AgentSession"]
+
+#: Every name the vAccel agent service has had on the wire, oldest first.
+SERVICE_NAMES: Final = (
+    "vaccel.VaccelAgent",
+    "vaccel.AgentService",
+    "vaccel.sync.agent.AgentService",
+    "vaccel.asynchronous.agent.AgentService",
+)
+
+log = logging.getLogger("vaccelray.agent")
+
+_R = TypeVar("_R")
+
+
+@dataclass(eq=False)
+class AgentSession:
+    id: int
+    flags: int
+    handle: SessionHandle
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    resources: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Resource:
+    id: int
+    type: int
+    paths: tuple[str, ...]
+    blobs: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True)
+class _Plan(Generic[_R]):
+    """One operation: ``work`` calls the backend, ``finish`` encodes its answer on the loop."""
+
+    session: AgentSession | None
+    work: Callable[[], _R]
+    finish: Callable[[_R], bytes]
+
+
+def _decode(message_type: type[Any], payload: bytes) -> Any:
+    try:
+        return message_type.FromString(payload)
+    except DecodeError as exc:
+        raise RPCError(StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}") from exc
+
+
+_EMPTY: Final = pb.EmptyResponse().SerializeToString()
+
+
+class Agent:
+    """Sessions and resources of one worker, on top of one backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.sessions: dict[int, AgentSession] = {}
+        self.resources: dict[int, Resource] = {}
+        self._session_ids = itertools.count(1)
+        self._resource_ids = itertools.count(1)
+
+    # -- service -------------------------------------------------------------
+
+    def services(self) -> list[Service]:
+        """The agent service under each of its names."""
+        planners: dict[str, Callable[[bytes], _Plan[Any]]] = {
+            "CreateSession": self._create_session,
+            "UpdateSession": self._update_session,
+            "DestroySession": self._destroy_session,
+            "ImageClassification": self._image_classification,
+            "Genop": self._genop,
+            "RegisterResource": self._register_resource,
+            "UnregisterResource": self._unregister_resource,
+        }
+        methods = {name: self._method(plan) for name, plan in planners.items()}
+        return [Service(name, methods) for name in SERVICE_NAMES]
+
+    def _method(self, planner: Callable[[bytes], _Plan[Any]]) -> Method:
+        if not self.backend.blocking:
+            def inline(payload: bytes, ctx: CallContext) -> bytes:
+                plan = planner(payload)
+                return plan.finish(plan.work())
+
+            return Method(inline, inline=True)
+
+        serialize = self.backend.serialize_sessions
+
+        async def threaded(payload: bytes, ctx: CallContext) -> bytes:
+            plan = planner(payload)
+            if plan.session is not None and serialize:
+                async with plan.session.lock:
+                    result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
+            else:
+                result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
+            return plan.finish(result)
+
+        return Method(threaded)
+
+    def _session(self, session_id: int) -> AgentSession:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise RPCError(StatusCode.NOT_FOUND, f"Unknown session {session_id}") from None
+
+    # -- sessions ----------------------------------------------------------------
+
+    def _create_session(self, payload: bytes) -> _Plan[SessionHandle]:
+        request = _decode(pb.CreateSessionRequest, payload)
+        session_id = next(self._session_ids)
+        flags = request.flags
+
+        def finish(handle: SessionHandle) -> bytes:
+            self.sessions[session_id] = AgentSession(session_id, flags, handle)
+            log.info("Created session %d", session_id)
+            return pb.CreateSessionResponse(session_id=session_id).SerializeToString()
+
+        return _Plan(None, lambda: self.backend.session_create(session_id, flags), finish)
+
+    def _update_session(self, payload: bytes) -> _Plan[None]:
+        request = _decode(pb.UpdateSessionRequest, payload)
+        session = self._session(request.session_id)
+
+        def finish(_: None) -> bytes:
+            session.flags = request.flags
+            log.info("Updated session %d", session.id)
+            return _EMPTY
+
+        return _Plan(None, lambda: None, finish)
+
+    def _destroy_session(self, payload: bytes) -> _Plan[None]:
+        request = _decode(pb.DestroySessionRequest, payload)
+        # Removed at once so later calls of this session are refused while it is released.
+        session = self._session(request.session_id)
+        del self.sessions[session.id]
+
+        def finish(_: None) -> bytes:
+            for resource_id in session.resources:
+                self._drop_if_unused(resource_id)
+            log.info("Destroyed session %d", session.id)
+            return _EMPTY
+
+        return _Plan(session, lambda: self.backend.session_release(session.handle), finish)
+
+    def release_all(self) -> None:
+        """Release every open session (worker shutdown); errors are logged, not raised."""
+        for session in list(self.sessions.values()):
+            try:
+                self.backend.session_release(session.handle)
+            except Exception:
+                log.exception("Releasing session %d failed", session.id)
+        self.sessions.clear()
+
+    # -- operations ----------------------------------------------------------
+
+    def _image_classification(self, payload: bytes) -> _Plan[Any]:
+        request = _decode(pb.ImageClassificationRequest, payload)
+        session = self._session(request.session_id)
+        log.info("session:%d Image classification", session.id)
+        image = request.image
+        if not image:
+            raise RPCError(StatusCode.INVALID_ARGUMENT, f"session:{session.id} empty image")
+
+        def finish(result: Any) -> bytes:
+            return pb.ImageClassificationResponse(tags=result.tag.encode()).SerializeToString()
+
+        return _Plan(session, lambda: self.backend.classify(session.handle, image), finish)
+
+    def _genop(self, payload: bytes) -> _Plan[list[bytes]]:
+        request = _decode(pb.GenopRequest, payload)
+        session = self._session(request.session_id)
+        log.info("session:%d Genop", session.id)
+        read_args = [_arg(a) for a in request.read_args]
+        write_args = [_arg(a) for a in request.write_args]
+
+        def finish(outputs: list[bytes]) -> bytes:
+            response = pb.GenopResponse()
+            for arg, data in zip(request.write_args, outputs):
+                response.write_args.add(
+                    buf=data, size=len(data), arg_type=arg.arg_type, custom_type_id=arg.custom_type_id
+                )
+            return response.SerializeToString()
+
+        return _Plan(
+            session, lambda: self.backend.genop(session.handle, read_args, write_args), finish
+        )
+
+    # -- resources -------------------------------------------------------------
+
+    def _register_resource(self, payload: bytes) -> _Plan[None]:
+        request = _decode(pb.RegisterResourceRequest, payload)
+        session = self._session(request.session_id)
+        if request.resource_id:
+            resource = self.resources.get(request.resource_id)
+            if resource is None:
+                raise RPCError(StatusCode.NOT_FOUND, f"Unknown resource {request.resource_id}")
+        else:
+            resource = Resource(
+                next(self._resource_ids),
+                request.resource_type,
+                tuple(request.paths),
+                tuple((b.name, b.data) for b in request.blobs),
+            )
+            self.resources[resource.id] = resource
+
+        def finish(_: None) -> bytes:
+            session.resources.add(resource.id)
+            log.info("session:%d Registered resource %d", session.id, resource.id)
+            return pb.RegisterResourceResponse(resource_id=resource.id).SerializeToString()
+
+        return _Plan(None, lambda: None, finish)
+
+    def _unregister_resource(self, payload: bytes) -> _Plan[None]:
+        request = _decode(pb.UnregisterResourceRequest, payload)
+        session = self._session(request.session_id)
+        if request.resource_id not in session.resources:
+            raise RPCError(
+                StatusCode.NOT_FOUND,
+                f"Resource {request.resource_id} is not registered with session {session.id}",
+            )
+
+        def finish(_: None) -> bytes:
+            session.resources.discard(request.resource_id)
+            self._drop_if_unused(request.resource_id)
+            log.info("session:%d Unregistered resource %d", session.id, request.resource_id)
+            return _EMPTY
+
+        return _Plan(None, lambda: None, finish)
+
+    def _drop_if_unused(self, resource_id: int) -> None:
+        if not any(resource_id in s.resources for s in self.sessions.values()):
+            self.resources.pop(resource_id, None)
+
+
+def _arg(arg: pb.Arg) -> Arg:
+    # A write argument often travels as a size with no bytes: give the backend a buffer.
+    buf = arg.buf if arg.buf or not arg.size else bytes(arg.size)
+    return Arg(buf, arg.arg_type, arg.custom_type_id)

@@ -1,0 +1,58 @@
+"""The built-in ``noop`` backend: vAccel's noop plugin, without libvaccel.
+
+It answers like the C plugin (same dummy tag and image name) and logs each
+call the way the plugin does, so a cluster can be tried on any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
+
+__all__ = ["NOOP_IMGNAME", "NOOP_TAG", "NoopBackend"]
+
+NOOP_TAG = "This is a dummy classification tag!"
+NOOP_IMGNAME = "This is a dummy imgname!"
+
+log = logging.getLogger("vaccelray.backend.noop")
+
+
+class NoopBackend(Backend):
+    """Answers every operation at once with vAccel noop's dummy results."""
+
+    name = "noop"
+    blocking = False
+
+    @property
+    def ops(self) -> frozenset[str]:
+        return frozenset({"classify", "genop", "exec"})
+
+    def describe(self) -> str:
+        return "noop (built-in; answers like vAccel's noop plugin)"
+
+    def session_create(self, session_id: int, flags: int) -> SessionHandle:
+        log.debug("[noop] New session %d (flags %d)", session_id, flags)
+        return session_id
+
+    def session_release(self, handle: SessionHandle) -> None:
+        log.debug("[noop] Released session %s", handle)
+
+    def classify(self, handle: SessionHandle, image: bytes, *, top_k: int = 5) -> Classification:
+        log.info("[noop] Calling Image classification for session %s: len_img %d", handle, len(image))
+        return Classification(tag=NOOP_TAG, imgname=NOOP_IMGNAME)
+
+    def exec(
+        self,
+        handle: SessionHandle,
+        library: str,
+        symbol: str,
+        read_args: Sequence[Arg],
+        write_args: Sequence[Arg],
+    ) -> list[bytes]:
+        log.info(
+            "[noop] Calling exec for session %s: library %s symbol %s nr_read %d nr_write %d",
+            handle, library, symbol, len(read_args), len(write_args),
+        )
+        return [arg.buf for arg in write_args]
