@@ -38,6 +38,15 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _check_endpoint(address: str) -> None:
+    from vaccelray.transport.endpoints import EndpointError, parse_endpoint
+
+    try:
+        parse_endpoint(address)
+    except EndpointError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
 def _run(main: Callable[[], Awaitable[_T]]) -> _T:
     # asyncio: zeroconf needs it, and the transport's protocols are asyncio's.
     return anyio.run(main, backend="asyncio")
@@ -74,15 +83,53 @@ own directory, /usr/local/lib, then the system linker's search path.
 
 
 @main.command(help=WORKER_HELP)
-@click.option("-a", "--address", "addresses", multiple=True, metavar="ENDPOINT",
-              help="Endpoint to listen on (repeatable).")
-@click.option("--backend", metavar="NAME", help="noop, onnx, or a vAccel plugin (.so name or path).")
-@click.option("--libvaccel", type=click.Path(dir_okay=False), metavar="PATH",
-              help="Path of libvaccel.so to load for a .so backend.")
-@click.option("--max-message-size", type=click.IntRange(1024), default=DEFAULT_MAX_MESSAGE_SIZE,
-              show_default=True, help="Largest request body accepted, in bytes.")
-@click.option("--grace", type=click.FloatRange(0), default=5.0, show_default=True,
-              help="Seconds calls in flight get to finish on shutdown.")
+@click.option(
+    "-a",
+    "--address",
+    "addresses",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Endpoint to listen on (repeatable).",
+)
+@click.option(
+    "--backend", metavar="NAME", help="noop, onnx, or a vAccel plugin (.so name or path)."
+)
+@click.option(
+    "--libvaccel",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="Path of libvaccel.so to load for a .so backend.",
+)
+@click.option(
+    "--max-message-size",
+    type=click.IntRange(1024),
+    default=DEFAULT_MAX_MESSAGE_SIZE,
+    show_default=True,
+    help="Largest request body accepted, in bytes.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(0),
+    default=5.0,
+    show_default=True,
+    help="Seconds calls in flight get to finish on shutdown.",
+)
+@click.option(
+    "--announce/--no-announce",
+    default=None,
+    help="Announce the worker with zeroconf (_vaccelray._tcp). Default: announce unless "
+    "every TCP listener is on loopback.",
+)
+@click.option(
+    "--interface",
+    metavar="IP",
+    help="Announce only on the interface with this address (and advertise only it).",
+)
+@click.option(
+    "--capacity",
+    type=click.IntRange(1),
+    help="Calls this worker runs at once, as told to schedulers.  [default: CPU count]",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def worker(
     addresses: tuple[str, ...],
@@ -90,22 +137,27 @@ def worker(
     libvaccel: str | None,
     max_message_size: int,
     grace: float,
+    announce: bool | None,
+    interface: str | None,
+    capacity: int | None,
     log_level: str,
 ) -> None:
-    from vaccelray.transport.endpoints import parse_endpoint
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
 
     _setup_logging(log_level)
     if not addresses:
         addresses = (os.environ.get("VACCEL_AGENT_ENDPOINT") or DEFAULT_WORKER_ADDRESS,)
-    try:
-        for address in addresses:
-            parse_endpoint(address)
-    except VaccelrayError as exc:
-        _fail(str(exc), EXIT_USAGE)
+    for address in addresses:
+        _check_endpoint(address)
     config = WorkerConfig(
-        addresses=addresses, backend=backend, libvaccel=libvaccel,
-        max_message_size=max_message_size, grace=grace,
+        addresses=addresses,
+        backend=backend,
+        libvaccel=libvaccel,
+        max_message_size=max_message_size,
+        grace=grace,
+        announce=announce,
+        interface=interface,
+        capacity=capacity,
     )
 
     async def serve_until_signalled() -> None:
@@ -144,8 +196,13 @@ def submit() -> None:
 @submit.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-a", "--address", metavar="ENDPOINT", help="Worker or scheduler to use.")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
-              help="Seconds allowed for each call.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds allowed for each call.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
 def classify(images: tuple[Path, ...], address: str | None, timeout: float, log_level: str) -> None:
     """Classify IMAGES; prints one line per image: PATH: TAGS."""
@@ -160,14 +217,20 @@ def classify(images: tuple[Path, ...], address: str | None, timeout: float, log_
         except OSError as exc:
             _fail(f"cannot read image {path}: {exc.strerror or exc}", EXIT_USAGE)
     target = resolve_address(address)
+    if target is not None:
+        _check_endpoint(target)
     try:
-        results = _run(lambda: classify_images([data for _, data in payloads], target, timeout=timeout))
+        results = _run(
+            lambda: classify_images([data for _, data in payloads], target, timeout=timeout)
+        )
     except ConnectError as exc:
-        _fail(f"{exc} (is a worker running there? start one with: vaccelray worker)", EXIT_UNREACHABLE)
+        _fail(
+            f"{exc} (is a worker running there? start one with: vaccelray worker)", EXIT_UNREACHABLE
+        )
     except (RPCError, TransportError, VaccelrayError) as exc:
         _fail(str(exc), EXIT_FAILED)
     failed = False
-    for (path, _), result in zip(payloads, results):
+    for (path, _), result in zip(payloads, results, strict=True):
         if isinstance(result, RPCError):
             failed = True
             click.echo(f"vaccelray: {path}: {result}", err=True)

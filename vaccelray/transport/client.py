@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from ssl import SSLContext
 from typing import Protocol, TypeVar
 
 import anyio
 
 from vaccelray.errors import ConnectError, ProtocolError, RPCError, StatusCode, TransportError
-from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE, NEED_DATA, ClientConnection, ResponseReceived
-from vaccelray.transport.endpoints import Endpoint, open_connection, parse_endpoint
+from vaccelray.protocol import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    NEED_DATA,
+    ClientConnection,
+    ResponseReceived,
+)
+from vaccelray.transport.endpoints import Endpoint, UnixEndpoint, open_connection, parse_endpoint
 
-__all__ = ["Client", "connect"]
+__all__ = ["Client", "client_from_socket", "connect", "open_client"]
 
 
 class _Message(Protocol):
-    def SerializeToString(self) -> bytes: ...  # noqa: N802 - protobuf's name
+    def SerializeToString(self) -> bytes: ...
 
 
 _M = TypeVar("_M")
@@ -132,7 +139,8 @@ class Client:
                     response = await waiter
         except TimeoutError:
             raise RPCError(
-                StatusCode.DEADLINE_EXCEEDED, f"{service}/{method} got no answer within {timeout:g} s"
+                StatusCode.DEADLINE_EXCEEDED,
+                f"{service}/{method} got no answer within {timeout:g} s",
             ) from None
         finally:
             if not waiter.done():
@@ -166,15 +174,27 @@ class Client:
             await anyio.lowlevel.checkpoint()
 
 
+async def client_from_socket(
+    sock: socket.socket, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+) -> Client:
+    """A :class:`Client` over an already connected socket (one end of a ``socketpair``)."""
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(lambda: _ClientProtocol(max_message_size), sock=sock)
+    return Client(UnixEndpoint(sock.getsockname() or "socketpair", abstract=True), protocol)
+
+
 @asynccontextmanager
 async def connect(
     endpoint: str | Endpoint,
     *,
     connect_timeout: float = 5.0,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ssl: SSLContext | None = None,
 ) -> AsyncIterator[Client]:
     """A :class:`Client` connected to *endpoint*, closed when the block exits."""
-    client = await open_client(endpoint, connect_timeout=connect_timeout, max_message_size=max_message_size)
+    client = await open_client(
+        endpoint, connect_timeout=connect_timeout, max_message_size=max_message_size, ssl=ssl
+    )
     try:
         yield client
     finally:
@@ -186,12 +206,17 @@ async def open_client(
     *,
     connect_timeout: float = 5.0,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ssl: SSLContext | None = None,
 ) -> Client:
     """Like :func:`connect` for long-lived clients the caller closes with ``aclose``."""
     ep = parse_endpoint(endpoint)
     try:
         with anyio.fail_after(connect_timeout):
-            _, protocol = await open_connection(ep, lambda: _ClientProtocol(max_message_size))
+            _, protocol = await open_connection(
+                ep, lambda: _ClientProtocol(max_message_size), ssl=ssl
+            )
     except TimeoutError:
-        raise ConnectError(f"cannot connect to {ep}: no answer within {connect_timeout:g} s") from None
+        raise ConnectError(
+            f"cannot connect to {ep}: no answer within {connect_timeout:g} s"
+        ) from None
     return Client(ep, protocol)

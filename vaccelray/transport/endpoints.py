@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import TypeAlias, TypeVar
 
 from vaccelray.errors import ConnectError, VaccelrayError
@@ -129,10 +130,12 @@ def bind(endpoint: Endpoint, *, backlog: int = 512) -> tuple[socket.socket, Endp
         try:
             infos = socket.getaddrinfo(endpoint.host, endpoint.port, family, socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise EndpointError(f"cannot resolve {endpoint.host!r} in {endpoint}: {exc.strerror}") from exc
+            raise EndpointError(
+                f"cannot resolve {endpoint.host!r} in {endpoint}: {exc.strerror}"
+            ) from exc
         sock = socket.socket(infos[0][0], socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        address: object = infos[0][4]
+        address: str | tuple[object, ...] = infos[0][4]
     elif isinstance(endpoint, UnixEndpoint):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if not endpoint.abstract:
@@ -149,8 +152,7 @@ def bind(endpoint: Endpoint, *, backlog: int = 512) -> tuple[socket.socket, Endp
         sock.close()
         raise
     if isinstance(endpoint, TcpEndpoint):
-        host, port = sock.getsockname()[:2]
-        return sock, TcpEndpoint(endpoint.host, int(port))
+        return sock, TcpEndpoint(endpoint.host, int(sock.getsockname()[1]))
     if isinstance(endpoint, VsockEndpoint):
         return sock, VsockEndpoint(endpoint.cid, int(sock.getsockname()[1]))
     return sock, endpoint
@@ -177,18 +179,24 @@ _P = TypeVar("_P", bound=asyncio.Protocol)
 
 
 async def open_connection(
-    endpoint: Endpoint, protocol_factory: Callable[[], _P]
+    endpoint: Endpoint, protocol_factory: Callable[[], _P], *, ssl: SSLContext | None = None
 ) -> tuple[asyncio.Transport, _P]:
-    """Connect *endpoint* to a new protocol; raises :class:`ConnectError` naming it."""
+    """Connect *endpoint* to a new protocol; raises :class:`ConnectError` naming it.
+
+    With *ssl*, the connection speaks TLS (server name: the TCP host).
+    """
     loop = asyncio.get_running_loop()
     try:
         if isinstance(endpoint, TcpEndpoint):
             transport, protocol = await loop.create_connection(
-                protocol_factory, endpoint.host, endpoint.port
+                protocol_factory, endpoint.host, endpoint.port, ssl=ssl
             )
         elif isinstance(endpoint, UnixEndpoint):
             transport, protocol = await loop.create_unix_connection(
-                protocol_factory, endpoint.sockaddr
+                protocol_factory,
+                endpoint.sockaddr,
+                ssl=ssl,
+                server_hostname="localhost" if ssl is not None else None,
             )
         else:
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
@@ -198,7 +206,12 @@ async def open_connection(
             except BaseException:
                 sock.close()
                 raise
-            transport, protocol = await loop.create_connection(protocol_factory, sock=sock)
+            transport, protocol = await loop.create_connection(
+                protocol_factory,
+                sock=sock,
+                ssl=ssl,
+                server_hostname="localhost" if ssl is not None else None,
+            )
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConnectError(f"cannot connect to {endpoint}: {reason}") from exc

@@ -16,10 +16,14 @@ asyncio's, so the server runs on anyio's asyncio backend.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Final
 
 import anyio
@@ -34,6 +38,9 @@ from vaccelray.protocol import (
     ServerConnection,
 )
 from vaccelray.transport.endpoints import Endpoint, bind, parse_endpoint, set_nodelay
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["CallContext", "Method", "Server", "Service", "serve"]
 
@@ -68,6 +75,8 @@ class CallContext:
     #: Absolute deadline on the event loop's clock (``anyio.current_time()``), or None.
     deadline: float | None
     peer: str
+    #: Identifies the client connection (unique per server); see ``serve(on_disconnect=)``.
+    connection_id: int = 0
 
     def get_metadata(self, key: str) -> str | None:
         """The last value sent for *key*, or None."""
@@ -95,6 +104,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.scopes: set[anyio.CancelScope] = set()
+        self.id = next(server._connection_ids)
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -105,12 +115,16 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             set_nodelay(sock)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "local"
+        self.peer = (
+            f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "local"
+        )
         self.server._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
         self.transport = None
+        if self.server.on_disconnect is not None:
+            self.server.on_disconnect(self.id)
         for scope in self.scopes:
             scope.cancel()
 
@@ -140,8 +154,15 @@ class _Connection(asyncio.Protocol):
             if event is NEED_DATA:
                 break
             if isinstance(event, BadRequest):
-                log.info("Rejected request on stream %d from %s: %s", event.stream_id, self.peer, event.message)
-                out.append(proto.send_response(event.stream_id, code=event.code, message=event.message))
+                log.info(
+                    "Rejected request on stream %d from %s: %s",
+                    event.stream_id,
+                    self.peer,
+                    event.message,
+                )
+                out.append(
+                    proto.send_response(event.stream_id, code=event.code, message=event.message)
+                )
                 continue
             assert isinstance(event, RequestReceived)
             method = server._methods.get((event.service, event.method))
@@ -150,9 +171,13 @@ class _Connection(asyncio.Protocol):
             elif method.inline:
                 out.append(self._run_inline(method, event))
             elif server._task_group is None or server._draining:
-                out.append(proto.send_response(
-                    event.stream_id, code=StatusCode.UNAVAILABLE, message="server is shutting down"
-                ))
+                out.append(
+                    proto.send_response(
+                        event.stream_id,
+                        code=StatusCode.UNAVAILABLE,
+                        message="server is shutting down",
+                    )
+                )
             else:
                 server._inflight += 1
                 server._task_group.start_soon(self._run_async, method, event)
@@ -164,14 +189,18 @@ class _Connection(asyncio.Protocol):
         deadline = None
         if event.timeout_nano > 0:
             deadline = anyio.current_time() + event.timeout_nano * _NS
-        return CallContext(event.service, event.method, event.metadata, deadline, self.peer)
+        return CallContext(
+            event.service, event.method, event.metadata, deadline, self.peer, self.id
+        )
 
     def _unknown(self, event: RequestReceived) -> bytes:
         if event.service in self.server._service_names:
             message = f"method {event.method} not found in service {event.service}"
         else:
             message = f"service {event.service} not found"
-        return self.proto.send_response(event.stream_id, code=StatusCode.UNIMPLEMENTED, message=message)
+        return self.proto.send_response(
+            event.stream_id, code=StatusCode.UNIMPLEMENTED, message=message
+        )
 
     def _run_inline(self, method: Method, event: RequestReceived) -> bytes:
         try:
@@ -186,7 +215,9 @@ class _Connection(asyncio.Protocol):
     async def _run_async(self, method: Method, event: RequestReceived) -> None:
         server = self.server
         ctx = self._context(event)
-        scope = anyio.CancelScope(deadline=ctx.deadline if ctx.deadline is not None else float("inf"))
+        scope = anyio.CancelScope(
+            deadline=ctx.deadline if ctx.deadline is not None else float("inf")
+        )
         self.scopes.add(scope)
         data = None
         try:
@@ -201,7 +232,10 @@ class _Connection(asyncio.Protocol):
                     data = self._internal(event, exc)
             if scope.cancelled_caught and self.transport is not None:
                 if ctx.deadline is not None and anyio.current_time() >= ctx.deadline:
-                    code, message = StatusCode.DEADLINE_EXCEEDED, f"{event.method} exceeded its deadline"
+                    code, message = (
+                        StatusCode.DEADLINE_EXCEEDED,
+                        f"{event.method} exceeded its deadline",
+                    )
                 else:
                     code, message = StatusCode.CANCELLED, f"{event.method} was cancelled"
                 data = self.proto.send_response(event.stream_id, code=code, message=message)
@@ -212,7 +246,9 @@ class _Connection(asyncio.Protocol):
             server._call_done()
 
     def _error(self, stream_id: int, exc: RPCError) -> bytes:
-        return self.proto.send_response(stream_id, code=exc.code, message=exc.message, details=exc.details)
+        return self.proto.send_response(
+            stream_id, code=exc.code, message=exc.message, details=exc.details
+        )
 
     def _internal(self, event: RequestReceived, exc: Exception) -> bytes:
         log.exception("%s/%s failed", event.service, event.method, exc_info=exc)
@@ -228,8 +264,17 @@ class _Connection(asyncio.Protocol):
 class Server:
     """Serves ttrpc services on one or more endpoints; see :func:`serve`."""
 
-    def __init__(self, services: Iterable[Service], *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self,
+        services: Iterable[Service],
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        on_disconnect: Callable[[int], None] | None = None,
+    ) -> None:
         self.max_message_size = max_message_size
+        #: Called on the loop with a connection's ``CallContext.connection_id`` when it closes.
+        self.on_disconnect = on_disconnect
+        self._connection_ids = itertools.count(1)
         self._methods: dict[tuple[str, str], Method] = {}
         self._service_names: set[str] = set()
         self._connections: set[_Connection] = set()
@@ -262,16 +307,21 @@ class Server:
             self._idle.set()
             self._idle = anyio.Event()
 
-    async def _listen(self, endpoint: Endpoint) -> str:
+    async def _listen(self, endpoint: Endpoint, ssl: SSLContext | None = None) -> str:
         sock, bound = bind(endpoint)
         loop = asyncio.get_running_loop()
         try:
-            listener = await loop.create_server(lambda: _Connection(self), sock=sock)
+            listener = await loop.create_server(lambda: _Connection(self), sock=sock, ssl=ssl)
         except BaseException:
             sock.close()
             raise
         self._listeners.append(listener)
         return str(bound)
+
+    async def accept_socket(self, sock: socket.socket) -> None:
+        """Serve one already connected socket (one end of a ``socketpair``, say)."""
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: _Connection(self), sock)
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting, let calls in flight finish within *grace* seconds, close."""
@@ -301,18 +351,29 @@ async def serve(
     *,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     grace: float = 5.0,
+    ssl: SSLContext | None = None,
+    on_disconnect: Callable[[int], None] | None = None,
 ) -> AsyncIterator[Server]:
-    """Serve *services* on *endpoints* until the block exits (then shut down gracefully)."""
-    server = Server(services, max_message_size=max_message_size)
-    async with anyio.create_task_group() as tg:
-        server._task_group = tg
-        try:
-            for endpoint in endpoints:
-                address = await server._listen(parse_endpoint(endpoint))
-                server.addresses.append(address)
-            yield server
-        finally:
-            with anyio.CancelScope(shield=True):
-                await server.shutdown(grace)
+    """Serve *services* on *endpoints* until the block exits (then shut down gracefully).
 
-
+    With *ssl*, every listener speaks TLS. *on_disconnect* is called with a
+    connection's ``CallContext.connection_id`` when that client connection closes.
+    """
+    server = Server(services, max_message_size=max_message_size, on_disconnect=on_disconnect)
+    try:
+        async with anyio.create_task_group() as tg:
+            server._task_group = tg
+            try:
+                for endpoint in endpoints:
+                    address = await server._listen(parse_endpoint(endpoint), ssl)
+                    server.addresses.append(address)
+                yield server
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await server.shutdown(grace)
+    except BaseExceptionGroup as group:
+        # Handler tasks catch their own errors, so a lone exception here came
+        # from the caller's block or from binding: give it back unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

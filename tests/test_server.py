@@ -1,0 +1,287 @@
+"""The ttrpc server and client over real sockets."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from vaccelray.errors import ConnectError, RPCError, StatusCode
+from vaccelray.protocol import ClientConnection, FrameType, ResponseReceived, encode_frame
+from vaccelray.transport import CallContext, Method, Server, Service, connect, serve
+from vaccelray.transport.endpoints import parse_endpoint
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.cancelled = anyio.Event()
+        self.started = anyio.Event()
+        self.contexts: list[CallContext] = []
+
+    def services(self) -> list[Service]:
+        def echo(payload: bytes, ctx: CallContext) -> bytes:
+            self.contexts.append(ctx)
+            return payload
+
+        async def sleep(payload: bytes, ctx: CallContext) -> bytes:
+            self.started.set()
+            try:
+                await anyio.sleep(float(payload.decode()))
+            except anyio.get_cancelled_exc_class():
+                self.cancelled.set()
+                raise
+            return payload
+
+        def fail(payload: bytes, ctx: CallContext) -> bytes:
+            raise RPCError(StatusCode.NOT_FOUND, f"no {payload.decode()}")
+
+        async def crash(payload: bytes, ctx: CallContext) -> bytes:
+            raise ValueError("boom")
+
+        return [
+            Service(
+                "test.Echo",
+                {
+                    "Echo": Method(echo, inline=True),
+                    "Sleep": Method(sleep),
+                    "Fail": Method(fail, inline=True),
+                    "Crash": Method(crash),
+                },
+            )
+        ]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[Server, Recorder]]:
+    recorder = Recorder()
+    async with serve(recorder.services(), ["tcp://127.0.0.1:0"], max_message_size=1 << 16) as srv:
+        yield srv, recorder
+
+
+async def raw_call(address: str, frames: bytes) -> tuple[anyio.abc.SocketStream, ClientConnection]:
+    ep = parse_endpoint(address)
+    stream = await anyio.connect_tcp(ep.host, ep.port)  # type: ignore[union-attr]
+    await stream.send(frames)
+    return stream, ClientConnection()
+
+
+async def read_response(stream: anyio.abc.SocketStream, stream_id: int) -> ResponseReceived:
+    conn = ClientConnection()
+    conn._next_stream_id = stream_id  # expect an answer on exactly this stream
+    conn.send_request("", "", b"")
+    with anyio.fail_after(5):
+        while True:
+            event = conn.next_event()
+            if isinstance(event, ResponseReceived):
+                return event
+            conn.receive_data(await stream.receive())
+
+
+def request(stream_id: int, service: str, method: str, payload: bytes, timeout_nano: int = 0) -> bytes:
+    conn = ClientConnection()
+    conn._next_stream_id = stream_id
+    return conn.send_request(service, method, payload, timeout_nano=timeout_nano)[1]
+
+
+async def test_calls_multiplex_and_answer_in_completion_order(server: tuple[Server, Recorder]) -> None:
+    srv, _ = server
+    order: list[str] = []
+    async with connect(srv.addresses[0]) as client:
+
+        async def call(method: str, payload: bytes) -> None:
+            await client.call("test.Echo", method, payload)
+            order.append(payload.decode())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "Sleep", b"0.3")
+            await anyio.sleep(0.05)
+            tg.start_soon(call, "Echo", b"fast")
+    assert order == ["fast", "0.3"]
+
+
+async def test_metadata_and_deadline_reach_the_handler(server: tuple[Server, Recorder]) -> None:
+    srv, recorder = server
+    async with connect(srv.addresses[0]) as client:
+        before = anyio.current_time()
+        await client.call("test.Echo", "Echo", b"x", timeout=10, metadata=[("k", "1"), ("k", "2")])
+    ctx = recorder.contexts[-1]
+    assert ctx.metadata == (("k", "1"), ("k", "2"))
+    assert ctx.get_metadata("k") == "2"
+    assert ctx.deadline is not None and before + 9 < ctx.deadline < before + 11
+
+
+async def test_server_enforces_timeout_nano(server: tuple[Server, Recorder]) -> None:
+    srv, recorder = server
+    stream, _ = await raw_call(srv.addresses[0], request(1, "test.Echo", "Sleep", b"5", timeout_nano=200_000_000))
+    response = await read_response(stream, 1)
+    assert response.code == StatusCode.DEADLINE_EXCEEDED
+    assert recorder.cancelled.is_set()
+    await stream.aclose()
+
+
+async def test_client_timeout_raises_deadline_exceeded(server: tuple[Server, Recorder]) -> None:
+    srv, _ = server
+    async with connect(srv.addresses[0]) as client:
+        with pytest.raises(RPCError) as info:
+            await client.call("test.Echo", "Sleep", b"5", timeout=0.2)
+        assert info.value.code == StatusCode.DEADLINE_EXCEEDED
+        # the connection is still good for the next call
+        assert await client.call("test.Echo", "Echo", b"again") == b"again"
+
+
+@pytest.mark.parametrize(
+    ("service", "method", "message"),
+    [
+        ("test.Nope", "Echo", "service test.Nope not found"),
+        ("test.Echo", "Nope", "method Nope not found in service test.Echo"),
+    ],
+)
+async def test_unknown_service_or_method_is_unimplemented(
+    server: tuple[Server, Recorder], service: str, method: str, message: str
+) -> None:
+    srv, _ = server
+    async with connect(srv.addresses[0]) as client:
+        with pytest.raises(RPCError) as info:
+            await client.call(service, method, b"")
+    assert info.value.code == StatusCode.UNIMPLEMENTED
+    assert info.value.message == message
+
+
+async def test_handler_errors_become_statuses(server: tuple[Server, Recorder]) -> None:
+    srv, _ = server
+    async with connect(srv.addresses[0]) as client:
+        with pytest.raises(RPCError) as info:
+            await client.call("test.Echo", "Fail", b"thing")
+        assert (info.value.code, info.value.message) == (StatusCode.NOT_FOUND, "no thing")
+        with pytest.raises(RPCError) as info:
+            await client.call("test.Echo", "Crash", b"")
+        assert info.value.code == StatusCode.INTERNAL
+        assert "boom" in info.value.message
+
+
+async def test_undecodable_request_is_invalid_argument(server: tuple[Server, Recorder]) -> None:
+    srv, _ = server
+    stream, _ = await raw_call(srv.addresses[0], encode_frame(1, FrameType.REQUEST, b"\xff\xff"))
+    assert (await read_response(stream, 1)).code == StatusCode.INVALID_ARGUMENT
+    await stream.aclose()
+
+
+async def test_oversized_request_is_refused_and_connection_stays_usable(
+    server: tuple[Server, Recorder],
+) -> None:
+    srv, _ = server
+    async with connect(srv.addresses[0], max_message_size=1 << 20) as client:
+        with pytest.raises(RPCError) as info:
+            await client.call("test.Echo", "Echo", b"x" * (1 << 17))
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert await client.call("test.Echo", "Echo", b"small") == b"small"
+
+
+async def test_corrupt_header_closes_only_that_connection(server: tuple[Server, Recorder]) -> None:
+    srv, _ = server
+    async with connect(srv.addresses[0]) as good:
+        stream, _ = await raw_call(srv.addresses[0], b"\0\0\0\0\0\0\0\1\x07\0")
+        with anyio.fail_after(5):
+            with pytest.raises(anyio.EndOfStream):
+                await stream.receive()
+        await stream.aclose()
+        assert await good.call("test.Echo", "Echo", b"still here") == b"still here"
+
+
+async def test_client_disconnect_cancels_its_calls(server: tuple[Server, Recorder]) -> None:
+    srv, recorder = server
+    stream, _ = await raw_call(srv.addresses[0], request(1, "test.Echo", "Sleep", b"30"))
+    with anyio.fail_after(5):
+        await recorder.started.wait()
+        await stream.aclose()
+        await recorder.cancelled.wait()
+    assert srv.inflight == 0
+
+
+async def test_shutdown_finishes_calls_in_flight_and_stops_accepting() -> None:
+    recorder = Recorder()
+    async with serve(recorder.services(), ["tcp://127.0.0.1:0"]) as srv:
+        address = srv.addresses[0]
+        async with connect(address) as client:
+            result: list[bytes] = []
+
+            async def slow() -> None:
+                result.append(await client.call("test.Echo", "Sleep", b"0.3"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow)
+                await recorder.started.wait()
+                tg.start_soon(srv.shutdown, 5.0)
+                await anyio.sleep(0.05)
+                with pytest.raises(ConnectError):
+                    async with connect(address):
+                        pass
+            assert result == [b"0.3"]
+        assert not recorder.cancelled.is_set()
+
+
+async def test_shutdown_cancels_calls_past_the_grace_period() -> None:
+    recorder = Recorder()
+    async with serve(recorder.services(), ["tcp://127.0.0.1:0"]) as srv, connect(srv.addresses[0]) as client:
+        async with anyio.create_task_group() as tg:
+
+            async def slow() -> None:
+                with pytest.raises(Exception):  # noqa: B017 - reset or cancelled, both fine
+                    await client.call("test.Echo", "Sleep", b"30")
+
+            tg.start_soon(slow)
+            await recorder.started.wait()
+            with anyio.fail_after(3):
+                await srv.shutdown(0.2)
+        assert recorder.cancelled.is_set()
+
+
+async def test_unix_and_abstract_endpoints_serve(tmp_path: os.PathLike[str]) -> None:
+    recorder = Recorder()
+    name = f"vaccelray-test-{os.getpid()}-{random.randrange(1 << 30)}"
+    path = f"unix://{tmp_path}/s.sock"
+    async with serve(recorder.services(), [path, f"unix:@{name}"]) as srv:
+        assert srv.addresses == [path, f"unix:@{name}"]
+        for address in srv.addresses:
+            async with connect(address) as client:
+                assert await client.call("test.Echo", "Echo", b"u") == b"u"
+
+
+async def test_vsock_binds_but_cannot_connect_here() -> None:
+    if not hasattr(socket, "AF_VSOCK"):
+        pytest.skip("no AF_VSOCK in this Python")
+    recorder = Recorder()
+    try:
+        port = random.randrange(20000, 60000)
+        async with serve(recorder.services(), [f"vsock://4294967295:{port}"]) as srv:
+            assert srv.addresses == [f"vsock://4294967295:{port}"]
+    except OSError as exc:
+        pytest.skip(f"vsock unavailable on this kernel: {exc}")
+    pytest.skip("binding works; connecting needs a vsock loopback transport this machine lacks")
+
+
+async def test_connect_refused_names_the_endpoint() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(ConnectError, match=f"tcp://127.0.0.1:{port}: Connection refused"):
+        async with connect(f"tcp://127.0.0.1:{port}"):
+            pass
+
+
+def test_worker_process_exits_zero_on_sigterm_and_sigint() -> None:
+    from tests.conftest import start_worker
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        worker = start_worker("-a", "tcp://127.0.0.1:0", "--backend", "noop")
+        worker.process.send_signal(sig)
+        assert worker.wait() == 0
+        assert "Shutting down" in worker.text()

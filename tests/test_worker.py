@@ -1,0 +1,318 @@
+"""The vAccel agent service of the worker, in process and as a real process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.conftest import WorkerProcess
+from vaccelray.agent_client import AgentClient
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.testing import agent_client
+from vaccelray.transport import connect
+from vaccelray.worker.agent import SERVICE_NAMES
+from vaccelray.worker.backend import Backend, Classification, OpType, SessionHandle
+from vaccelray.worker.noop import NOOP_IMGNAME, NOOP_TAG, NoopBackend
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("service", SERVICE_NAMES)
+async def test_session_classify_destroy_under_every_service_name(
+    service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with agent_client(NoopBackend(), service) as (client, agent):
+        first = await client.create_session()
+        second = await client.create_session()
+        assert (first, second) == (1, 2)
+        assert await client.classify(first, b"\x89PNG...") == NOOP_TAG
+        await client.destroy_session(first)
+        assert set(agent.sessions) == {second}
+    messages = [r.getMessage() for r in caplog.records]
+    assert "Created session 1" in messages
+    assert "session:1 Image classification" in messages
+    assert "Destroyed session 1" in messages
+    assert any(m.startswith("[noop] Calling Image classification for session 1") for m in messages)
+
+
+async def test_unknown_session_is_not_found_naming_the_id() -> None:
+    async with agent_client(NoopBackend()) as (client, _):
+        with pytest.raises(RPCError) as info:
+            await client.classify(42, b"img")
+        assert info.value.code == StatusCode.NOT_FOUND
+        assert info.value.message == "Unknown session 42"
+        with pytest.raises(RPCError) as info:
+            await client.destroy_session(42)
+        assert info.value.code == StatusCode.NOT_FOUND
+
+
+async def test_destroyed_session_is_gone() -> None:
+    async with agent_client(NoopBackend()) as (client, _):
+        session = await client.create_session()
+        await client.destroy_session(session)
+        with pytest.raises(RPCError, match="Unknown session"):
+            await client.classify(session, b"img")
+
+
+async def test_update_session_changes_flags() -> None:
+    async with agent_client(NoopBackend()) as (client, agent):
+        session = await client.create_session(flags=1)
+        await client.client.call_message(
+            client.service, "UpdateSession", pb.UpdateSessionRequest(session_id=session, flags=7),
+            pb.EmptyResponse,
+        )
+        assert agent.sessions[session].flags == 7
+
+
+async def test_genop_image_classification_fills_write_args() -> None:
+    async with agent_client(NoopBackend()) as (client, _):
+        session = await client.create_session()
+        request = pb.GenopRequest(session_id=session)
+        request.read_args.add(buf=struct.pack("=I", OpType.IMAGE_CLASSIFY), size=4)
+        request.read_args.add(buf=b"image-bytes", size=11)
+        request.write_args.add(size=64)
+        request.write_args.add(size=8)
+        response = await client.client.call_message(
+            client.service, "Genop", request, pb.GenopResponse
+        )
+        tag, imgname = (bytes(a.buf) for a in response.write_args)
+        assert tag.rstrip(b"\0").decode() == NOOP_TAG
+        assert len(tag) == 64
+        assert imgname == NOOP_IMGNAME.encode()[:8]
+
+
+async def test_genop_without_op_is_invalid_argument() -> None:
+    async with agent_client(NoopBackend()) as (client, _):
+        session = await client.create_session()
+        with pytest.raises(RPCError) as info:
+            await client.client.call_message(
+                client.service, "Genop", pb.GenopRequest(session_id=session), pb.GenopResponse
+            )
+        assert info.value.code == StatusCode.INVALID_ARGUMENT
+
+
+async def test_resources_are_kept_with_their_session() -> None:
+    async with agent_client(NoopBackend()) as (client, agent):
+        call = client.client.call_message
+        session = await client.create_session()
+        request = pb.RegisterResourceRequest(session_id=session, resource_type=pb.MODEL)
+        request.blobs.add(type=pb.BUFFER, name="model.onnx", data=b"weights", size=7)
+        registered = await call(client.service, "RegisterResource", request, pb.RegisterResourceResponse)
+        assert registered.resource_id == 1
+        assert agent.sessions[session].resources == {1}
+        assert agent.resources[1].blobs == (("model.onnx", b"weights"),)
+        # the same resource registered with a second session is shared, not copied
+        other = await client.create_session()
+        again = pb.RegisterResourceRequest(session_id=other, resource_id=1)
+        await call(client.service, "RegisterResource", again, pb.RegisterResourceResponse)
+        unregister = pb.UnregisterResourceRequest(session_id=session, resource_id=1)
+        await call(client.service, "UnregisterResource", unregister, pb.EmptyResponse)
+        assert 1 in agent.resources
+        await client.destroy_session(other)
+        assert agent.resources == {}
+        with pytest.raises(RPCError) as info:
+            await call(client.service, "UnregisterResource", unregister, pb.EmptyResponse)
+        assert info.value.code == StatusCode.NOT_FOUND
+
+
+class SlowBackend(Backend):
+    """Blocks like a real library; records threads and overlap."""
+
+    name = "slow"
+    blocking = True
+
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+        self.active: dict[SessionHandle, int] = {}
+        self.max_overlap_per_session = 0
+        self.lock = threading.Lock()
+
+    def session_create(self, session_id: int, flags: int) -> SessionHandle:
+        return session_id
+
+    def session_release(self, handle: SessionHandle) -> None:
+        pass
+
+    def classify(self, handle: SessionHandle, image: bytes, *, top_k: int = 5) -> Classification:
+        with self.lock:
+            self.threads.add(threading.get_ident())
+            self.active[handle] = self.active.get(handle, 0) + 1
+            self.max_overlap_per_session = max(self.max_overlap_per_session, self.active[handle])
+        time.sleep(0.02)
+        with self.lock:
+            self.active[handle] -= 1
+        return Classification(tag=f"slow:{image.decode()}")
+
+
+async def test_blocking_backend_runs_off_the_loop_serialised_per_session() -> None:
+    backend = SlowBackend()
+    async with agent_client(backend) as (client, _):
+        sessions = [await client.create_session() for _ in range(2)]
+        results: dict[str, str] = {}
+        started = time.monotonic()
+
+        async def one(session: int, n: int) -> None:
+            results[f"{session}-{n}"] = await client.classify(session, f"{session}-{n}".encode())
+
+        async with anyio.create_task_group() as tg:
+            for session in sessions:
+                for n in range(4):
+                    tg.start_soon(one, session, n)
+        elapsed = time.monotonic() - started
+    assert results == {key: f"slow:{key}" for key in results} and len(results) == 8
+    assert threading.get_ident() not in backend.threads
+    assert backend.max_overlap_per_session == 1
+    # two sessions ran side by side: well under 8 x 20 ms
+    assert elapsed < 0.16
+
+
+async def test_backend_failures_become_internal_and_bad_input_invalid_argument() -> None:
+    class Failing(NoopBackend):
+        def classify(self, handle: SessionHandle, image: bytes, *, top_k: int = 5) -> Classification:
+            if image == b"bad":
+                raise RPCError(StatusCode.INVALID_ARGUMENT, "not an image")
+            raise OSError("device lost")
+
+    async with agent_client(Failing()) as (client, _):
+        session = await client.create_session()
+        with pytest.raises(RPCError) as info:
+            await client.classify(session, b"bad")
+        assert (info.value.code, info.value.message) == (StatusCode.INVALID_ARGUMENT, "not an image")
+        with pytest.raises(RPCError) as info:
+            await client.classify(session, b"other")
+        assert info.value.code == StatusCode.INTERNAL
+        assert "device lost" in info.value.message
+        assert await client.create_session() == 2
+
+
+# -- the worker as a real process ----------------------------------------------------
+
+
+async def test_thousand_concurrent_calls_over_eight_connections(worker_process: WorkerProcess) -> None:
+    failures: list[str] = []
+    answered = 0
+
+    async def connection(index: int) -> None:
+        nonlocal answered
+        async with connect(worker_process.address) as raw:
+            client = AgentClient(raw, SERVICE_NAMES[index % 4])
+            session = await client.create_session()
+
+            async def call(n: int) -> None:
+                nonlocal answered
+                tag = await client.classify(session, f"{index}:{n}".encode())
+                if tag != NOOP_TAG:
+                    failures.append(tag)
+                answered += 1
+
+            async with anyio.create_task_group() as tg:
+                for n in range(125):
+                    tg.start_soon(call, n)
+            await client.destroy_session(session)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for index in range(8):
+                tg.start_soon(connection, index)
+    assert failures == []
+    assert answered == 1000
+
+
+async def test_garbage_and_truncated_frames_leave_the_worker_serving(
+    worker_process: WorkerProcess,
+) -> None:
+    import random
+
+    from vaccelray.transport.endpoints import TcpEndpoint, parse_endpoint
+
+    ep = parse_endpoint(worker_process.address)
+    assert isinstance(ep, TcpEndpoint)
+    rng = random.Random(1234)
+    junk = [rng.randbytes(rng.randrange(1, 4000)) for _ in range(20)]
+    junk.append(b"\0\0\0\x10\0\0\0\1\1\0abc")  # truncated body, then hang up
+    junk.append(b"\xff\xff\xff\xff\0\0\0\1\1\0")  # 4 GiB declared
+    for blob in junk:
+        stream = await anyio.connect_tcp(ep.host, ep.port)
+        await stream.send(blob)
+        await stream.aclose()
+    async with connect(worker_process.address) as raw:
+        client = AgentClient(raw)
+        session = await client.create_session()
+        assert await client.classify(session, b"img") == NOOP_TAG
+    assert worker_process.process.poll() is None
+
+
+def test_ready_line_names_the_real_port(worker_process: WorkerProcess) -> None:
+    assert worker_process.address.startswith("tcp://127.0.0.1:")
+    assert not worker_process.address.endswith(":0")
+    assert "Backend: noop" in worker_process.text()
+
+
+def test_agent_endpoint_env_is_honoured(tmp_path: Path) -> None:
+    from tests.conftest import start_worker
+
+    address = f"unix://{tmp_path}/agent.sock"
+    worker = start_worker("--backend", "noop", env={"VACCEL_AGENT_ENDPOINT": address})
+    try:
+        assert worker.address == address
+    finally:
+        worker.stop()
+
+
+# -- vaccelray submit classify ---------------------------------------------------------
+
+
+def submit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("VACCEL", "VACCELRAY"))}
+    return subprocess.run(
+        [sys.executable, "-m", "vaccelray", "submit", "classify", *args],
+        capture_output=True, text=True, timeout=60, env={**clean, **(env or {})},
+    )
+
+
+def test_submit_against_a_running_worker(worker_process: WorkerProcess, tmp_path: Path) -> None:
+    images = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for image in images:
+        image.write_bytes(b"fake image")
+    result = submit(*map(str, images), "--address", worker_process.address)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{image}: {NOOP_TAG}" for image in images]
+    result = submit(str(images[0]), env={"VACCEL_RPC_ADDRESS": worker_process.address})
+    assert result.returncode == 0, result.stderr
+    assert worker_process.text().count("Created session") == 2
+
+
+def test_submit_with_no_cluster_uses_an_embedded_worker(tmp_path: Path) -> None:
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(b"fake image")
+    result = submit(str(image), env={"VACCEL_PLUGINS": "noop"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{image}: {NOOP_TAG}\n"
+
+
+def test_submit_errors_are_one_line_and_nonzero(tmp_path: Path) -> None:
+    missing = submit(str(tmp_path / "missing.jpg"), "--address", "tcp://127.0.0.1:1")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"vaccelray: cannot read image {tmp_path / 'missing.jpg'}: No such file or directory"
+    ]
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"x")
+    unreachable = submit(str(image), "--address", "tcp://127.0.0.1:1")
+    assert unreachable.returncode == 3
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    assert "cannot connect to tcp://127.0.0.1:1" in unreachable.stderr
+    bad = submit(str(image), "--address", "http://nowhere")
+    assert bad.returncode == 2
+    assert "unknown scheme 'http'" in bad.stderr
