@@ -1,0 +1,70 @@
+"""Compile the libvaccel test doubles with ``cc`` (used by the tests and the benchmark).
+
+Each build goes to its own directory with its own soname, so several builds can
+be loaded into one process (one per test) without the dynamic loader mistaking
+one for another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+#: ABI generation -> (-DVDOUBLE_ABI value, version in the file name).
+GENERATIONS: dict[str, tuple[int, str]] = {
+    "0.5": (5, "0.5.0"),
+    "0.6": (6, "0.6.1"),
+    "0.7": (7, "0.7.1"),
+    "current": (8, "0.8.0"),
+}
+
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class DoubleBuild:
+    generation: str
+    version: str
+    libdir: Path
+    libvaccel: Path  # the libvaccel.so symlink
+    plugin: Path  # libvaccel-double.so
+
+
+def find_cc() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_double(generation: str, outdir: Path, cc: str | None = None) -> DoubleBuild:
+    """Build libvaccel + plugin doubles of *generation* into *outdir* (created)."""
+    cc = cc or find_cc()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) found")
+    abi, version = GENERATIONS[generation]
+    outdir.mkdir(parents=True, exist_ok=True)
+    soname = f"libvaccel-t{os.getpid()}x{next(_counter)}.so.0"
+    real = outdir / f"libvaccel.so.{version}"
+    flags = ["-std=c11", "-O1", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-shared"]
+    subprocess.run(
+        [cc, *flags, f"-DVDOUBLE_ABI={abi}", f"-Wl,-soname,{soname}",
+         "-o", str(real), str(HERE / "libvaccel_double.c"), "-ldl", "-lpthread"],
+        check=True, capture_output=True, text=True,
+    )
+    (outdir / "libvaccel.so").symlink_to(real.name)
+    (outdir / soname).symlink_to(real.name)
+    plugin = outdir / "libvaccel-double.so"
+    # The plugin links the library by soname.  (Real 0.5 plugins did not and
+    # relied on RTLD_GLOBAL, but glibc makes an RTLD_GLOBAL library's symbols
+    # global only after its constructor ran, so a plugin loaded from the
+    # constructor cannot resolve them that way; see the test that shows it.)
+    link = [f"-L{outdir}", "-l:" + soname]
+    subprocess.run(
+        [cc, *flags, "-o", str(plugin), str(HERE / "plugin_double.c"), *link],
+        check=True, capture_output=True, text=True,
+    )
+    return DoubleBuild(generation, version, outdir, outdir / "libvaccel.so", plugin)

@@ -1,0 +1,527 @@
+"""The libvaccel ctypes backend, against C test doubles compiled with ``cc`` here.
+
+One double per ABI generation (tests/cdouble/libvaccel_double.c); each records
+its calls in the file named by VDOUBLE_LOG and checks what it is given.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.worker import libvaccel as lv
+from vaccelray.worker.backend import Arg, OpType
+from vaccelray.worker.libvaccel import (
+    LibvaccelBackend,
+    LibvaccelLoadError,
+    LibvaccelNotFound,
+    find_libvaccel,
+)
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("cdouble_build", HERE / "cdouble" / "build.py")
+assert _spec is not None
+assert _spec.loader is not None
+cdouble = importlib.util.module_from_spec(_spec)
+sys.modules["cdouble_build"] = cdouble
+_spec.loader.exec_module(cdouble)
+
+GENERATIONS = list(cdouble.GENERATIONS)
+NOOP_TAG = "This is a dummy classification tag!"
+NOOP_IMGNAME = "This is a dummy imgname!"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def cc() -> str:
+    compiler = cdouble.find_cc()
+    if compiler is None:
+        if os.environ.get("CI"):
+            pytest.fail("no C compiler (cc) on a CI machine: the libvaccel doubles need one")
+        pytest.skip("no C compiler (cc): cannot build the libvaccel test doubles")
+    return str(compiler)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The backend sets these for libvaccel; monkeypatch puts the originals back.
+    for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS", "VDOUBLE_SKIP_PLUGINS", "VDOUBLE_TAG"):
+        monkeypatch.delenv(name, raising=False)
+    for op in ("SESSION_INIT", "SESSION_RELEASE", "CLASSIFY", "GENOP", "EXEC"):
+        monkeypatch.delenv(f"VDOUBLE_FAIL_{op}", raising=False)
+    monkeypatch.setenv("VDOUBLE_LOG", str(tmp_path / "calls.log"))
+
+
+class Calls:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def lines(self) -> list[str]:
+        return self.path.read_text().splitlines() if self.path.exists() else []
+
+    def named(self, prefix: str) -> list[dict[str, str]]:
+        """The calls whose line starts with *prefix*, as key=value dicts."""
+        out = []
+        for line in self.lines():
+            if line.split(" ", 1)[0] == prefix:
+                fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+                out.append(fields)
+        return out
+
+
+@pytest.fixture
+def calls(tmp_path: Path) -> Calls:
+    return Calls(tmp_path / "calls.log")
+
+
+@pytest.fixture
+def make_double(cc: str, tmp_path: Path) -> Callable[[str], Any]:
+    counter = iter(range(1000))
+
+    def make(generation: str) -> Any:
+        return cdouble.build_double(generation, tmp_path / f"build{next(counter)}", cc)
+
+    return make
+
+
+@pytest.fixture
+def started(make_double: Callable[[str], Any]) -> Iterator[Callable[..., Any]]:
+    backends: list[LibvaccelBackend] = []
+
+    def start(generation: str, **kwargs: Any) -> tuple[LibvaccelBackend, Any]:
+        double = make_double(generation)
+        backend = LibvaccelBackend(str(double.plugin), libvaccel=str(double.libvaccel), **kwargs)
+        backend.start()
+        backends.append(backend)
+        return backend, double
+
+    yield start
+    for backend in backends:
+        backend.close()
+
+
+def _no_bad_args(calls: Calls) -> None:
+    assert not [line for line in calls.lines() if line.startswith("BADARG")]
+
+
+# -- loading --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_loads_detects_generation_and_describes(
+    generation: str, started: Callable[..., Any], calls: Calls
+) -> None:
+    backend, double = started(generation)
+    assert backend.lib is not None
+    assert backend.lib.generation.name == generation
+    assert backend.lib.version == double.version
+    text = backend.describe()
+    assert f"libvaccel {double.version}" in text
+    assert str(double.libdir) in text
+    assert f"ABI {generation}" in text
+    assert str(double.plugin) in text
+    # the plugin is selected through both variable generations before loading
+    assert os.environ["VACCEL_PLUGINS"] == str(double.plugin)
+    assert os.environ["VACCEL_BACKENDS"] == str(double.plugin)
+    var = "VACCEL_BACKENDS" if generation in ("0.5", "0.6") else "VACCEL_PLUGINS"
+    inits = [line for line in calls.lines() if line.startswith("init ")]
+    # once in the probe child, once in this process
+    assert inits == [f"init abi={double_abi(generation)} {var}={double.plugin}"] * 2
+    assert calls.lines().count(f"plugin_loaded {double.plugin}") == 2
+    assert ("exec" in backend.ops) == (generation != "0.5")
+
+
+def double_abi(generation: str) -> int:
+    return int(cdouble.GENERATIONS[generation][0])
+
+
+def test_arg_layout_matches_generation(started: Callable[..., Any]) -> None:
+    layouts = {g: started(g)[0].lib.arg_layout for g in GENERATIONS}
+    assert layouts == {"0.5": "0.5", "0.6": "0.6", "0.7": "0.6", "current": "current"}
+
+
+def test_nothing_loaded_at_import() -> None:
+    code = (
+        "import os, vaccelray.worker.libvaccel, vaccelray.worker.libvaccel_abi\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('libvaccel' in maps, 'VACCEL_PLUGINS' in os.environ)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VACCEL_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_constructor_does_nothing_until_start(make_double: Callable[[str], Any]) -> None:
+    double = make_double("0.7")
+    backend = LibvaccelBackend(str(double.plugin), libvaccel=str(double.libvaccel))
+    assert backend.lib is None
+    assert "not loaded yet" in backend.describe()
+    assert "VACCEL_PLUGINS" not in os.environ
+
+
+def test_missing_plugin_is_one_line_and_worker_survives(
+    make_double: Callable[[str], Any], tmp_path: Path
+) -> None:
+    double = make_double("0.7")
+    backend = LibvaccelBackend(str(tmp_path / "nope.so"), libvaccel=str(double.libvaccel))
+    with pytest.raises(LibvaccelLoadError) as info:
+        backend.start()
+    assert "nope.so does not exist" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_plugin_that_fails_to_load_is_caught_by_the_probe(
+    make_double: Callable[[str], Any], tmp_path: Path
+) -> None:
+    # libvaccel 0.6+ exit()s in its constructor when a plugin fails to load:
+    # the probe child dies instead of the worker.
+    double = make_double("current")
+    broken = tmp_path / "libvaccel-broken.so"
+    broken.write_bytes(b"not an ELF file")
+    backend = LibvaccelBackend(str(broken), libvaccel=str(double.libvaccel))
+    with pytest.raises(LibvaccelLoadError) as info:
+        backend.start()
+    message = str(info.value)
+    assert "exited with status 2" in message  # ENOENT, as the real constructor
+    assert "libvaccel-broken.so" in message
+    assert "\n" not in message
+    assert backend.lib is None
+
+
+def test_bare_plugin_name_is_found_next_to_libvaccel(started: Callable[..., Any]) -> None:
+    backend, double = started("0.7")
+    # started() gave a path; a bare name resolves against libvaccel's directory
+    other = LibvaccelBackend("libvaccel-double.so", libvaccel=str(double.libvaccel))
+    assert lv._resolve_plugin("libvaccel-double.so", str(double.libvaccel)) == str(double.plugin)
+    other.start()  # already loaded with the same plugin: reused, no second constructor
+    assert other.lib is backend.lib
+
+
+# -- search order -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_system_libvaccel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    empty = tmp_path / "usr-local-lib"
+    empty.mkdir()
+    monkeypatch.setattr(lv, "_standard_dirs", lambda: [str(empty)])
+    monkeypatch.setattr(lv.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    return empty
+
+
+def test_search_order(
+    no_system_libvaccel: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    dirs = {}
+    for name in ("explicit", "ldpath", "plugindir"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "libvaccel.so").write_bytes(b"")
+        dirs[name] = d
+    (no_system_libvaccel / "libvaccel.so.0.7.1").write_bytes(b"")
+    plugin = str(dirs["plugindir"] / "libvaccel-noop.so")
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"/nonexistent:{dirs['ldpath']}")
+    assert find_libvaccel(str(dirs["explicit"]), [plugin]) == str(dirs["explicit"] / "libvaccel.so")
+    assert find_libvaccel(str(dirs["explicit"] / "libvaccel.so"), [plugin]).startswith(
+        str(dirs["explicit"])
+    )
+    assert find_libvaccel(None, [plugin]) == str(dirs["ldpath"] / "libvaccel.so")
+    monkeypatch.delenv("LD_LIBRARY_PATH")
+    assert find_libvaccel(None, [plugin]) == str(dirs["plugindir"] / "libvaccel.so")
+    assert find_libvaccel(None, ["libvaccel-noop.so"]) == str(
+        no_system_libvaccel / "libvaccel.so.0.7.1"
+    )
+    monkeypatch.setattr(lv.ctypes.util, "find_library", lambda name: "libvaccel.so.0")
+    (no_system_libvaccel / "libvaccel.so.0.7.1").unlink()
+    assert find_libvaccel(None, ["libvaccel-noop.so"]) == "libvaccel.so.0"
+
+
+def test_not_found_is_one_line_naming_search_and_fixes(
+    no_system_libvaccel: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(tmp_path / "a"))
+    backend = LibvaccelBackend(str(tmp_path / "p" / "libvaccel-noop.so"))
+    with pytest.raises(LibvaccelNotFound) as info:
+        backend.start()
+    message = str(info.value)
+    assert "\n" not in message
+    for part in (str(tmp_path / "a"), str(tmp_path / "p"), str(no_system_libvaccel),
+                 "find_library", "install vAccel", "--libvaccel PATH", "--backend noop"):
+        assert part in message
+    with pytest.raises(LibvaccelNotFound, match=r"--libvaccel .*nowhere.*--backend noop"):
+        find_libvaccel(str(tmp_path / "nowhere"))
+
+
+# -- operations --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_session_and_classify(generation: str, started: Callable[..., Any], calls: Calls) -> None:
+    backend, _ = started(generation)
+    image = bytes(range(256)) * 3
+    handle = backend.session_create(42, 3)
+    result = backend.classify(handle, image)
+    # the plugin writes junk after the NUL: the tag stops at the first NUL
+    assert result.tag == NOOP_TAG
+    assert result.imgname == NOOP_IMGNAME
+    backend.session_release(handle)
+
+    init_fn = backend.lib.generation.init
+    release_fn = backend.lib.generation.release
+    (init,) = calls.named(init_fn)
+    assert init["flags"] == "3"
+    assert int(init["id"]) == handle.native.id
+    (call,) = calls.named("vaccel_image_classification")
+    assert call["sess"] == init["sess"]  # the struct libvaccel initialised
+    assert int(call["len_img"]) == len(image)
+    assert int(call["sum_img"]) == sum(image)  # every byte reached the library
+    assert call["len_out_text"] == call["len_out_imgname"] == "512"
+    (release,) = calls.named(release_fn)
+    assert release["sess"] == init["sess"]
+    _no_bad_args(calls)
+    with pytest.raises(RPCError) as info:
+        backend.classify(handle, image)
+    assert info.value.code == StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_genop_image_classification(
+    generation: str, started: Callable[..., Any], calls: Calls
+) -> None:
+    backend, _ = started(generation)
+    handle = backend.session_create(1, 0)
+    image = b"\x89PNG fake image"
+    op = struct.pack("=I", OpType.IMAGE_CLASSIFY)
+    out = backend.genop(handle, [Arg(op, 5), Arg(image, 27)], [Arg(bytes(100)), Arg(bytes(64))])
+    assert [len(b) for b in out] == [100, 64]
+    assert out[0].split(b"\0", 1)[0].decode() == NOOP_TAG
+    assert out[1].split(b"\0", 1)[0].decode() == NOOP_IMGNAME
+    (call,) = [c for c in calls.named("vaccel_genop") if "nr_read" in c]
+    assert (call["nr_read"], call["nr_write"]) == ("2", "2")
+    args = [line.split()[1:] for line in calls.lines() if line.startswith("vaccel_genop ")][1:]
+    sizes = [(a[0].split("[")[0], next(f for f in a if f.startswith("size="))) for a in args]
+    assert sizes == [("read", "size=4"), ("read", f"size={len(image)}"),
+                     ("write", "size=100"), ("write", "size=64")]
+    # the arg type travels in the 0.6+ layouts (0.5 has no type field)
+    types = [next(f for f in a if f.startswith("type=")) for a in args[:2]]
+    assert types == (["type=0", "type=0"] if generation == "0.5" else ["type=5", "type=27"])
+    (inner,) = calls.named("genop:image_classification")
+    assert int(inner["sum_img"]) == sum(image)
+    _no_bad_args(calls)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_exec(generation: str, started: Callable[..., Any], calls: Calls) -> None:
+    backend, _ = started(generation)
+    handle = backend.session_create(1, 0)
+    if generation == "0.5":
+        with pytest.raises(RPCError) as info:
+            backend.exec(handle, "libmylib.so", "mytestfunc", [Arg(b"x")], [Arg(bytes(8))])
+        assert info.value.code == StatusCode.UNIMPLEMENTED
+        return
+    out = backend.exec(handle, "libmylib.so", "mytestfunc", [Arg(b"hello")], [Arg(bytes(20))])
+    assert out == [b"mytestfunc:hello".ljust(20, b"\0")]
+    (call,) = [c for c in calls.named("vaccel_exec") if "nr_read" in c]
+    assert call["library"] == "libmylib.so"
+    assert (call["nr_read"], call["nr_write"]) == ("1", "1")
+    _no_bad_args(calls)
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+@pytest.mark.parametrize(
+    ("code", "status", "name"),
+    [(22, StatusCode.INVALID_ARGUMENT, "VACCEL_EINVAL"),
+     (71, StatusCode.INTERNAL, "VACCEL_EBACKEND"),
+     (104, StatusCode.INTERNAL, "VACCEL_ESESS")],
+)
+def test_library_failure_becomes_status(
+    generation: str, code: int, status: StatusCode, name: str,
+    started: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend, _ = started(generation)
+    handle = backend.session_create(1, 0)
+    monkeypatch.setenv("VDOUBLE_FAIL_CLASSIFY", str(code))
+    with pytest.raises(RPCError) as info:
+        backend.classify(handle, b"img")
+    assert info.value.code == status
+    assert info.value.message.startswith(f"vaccel_image_classification failed: {name} (")
+    assert f" {code}: " in info.value.message
+    monkeypatch.setenv("VDOUBLE_FAIL_GENOP", str(code))
+    with pytest.raises(RPCError) as info:
+        backend.genop(handle, [Arg(struct.pack("=I", 2)), Arg(b"i")], [Arg(bytes(8))])
+    assert info.value.code == status
+    assert "vaccel_genop failed" in info.value.message
+
+
+def test_session_failures(started: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, _ = started("current")
+    monkeypatch.setenv("VDOUBLE_FAIL_SESSION_INIT", "12")
+    with pytest.raises(RPCError, match="vaccel_session_new failed: VACCEL_ENOMEM") as info:
+        backend.session_create(1, 0)
+    assert info.value.code == StatusCode.INTERNAL
+    monkeypatch.delenv("VDOUBLE_FAIL_SESSION_INIT")
+    handle = backend.session_create(1, 0)
+    monkeypatch.setenv("VDOUBLE_FAIL_SESSION_RELEASE", "104")
+    with pytest.raises(RPCError, match="vaccel_session_delete failed: VACCEL_ESESS"):
+        backend.session_release(handle)
+
+
+@pytest.mark.parametrize("generation", ["0.5", "current"])
+def test_no_plugin_loaded(
+    generation: str, started: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VDOUBLE_SKIP_PLUGINS", "1")
+    backend, _ = started(generation)
+    handle = backend.session_create(1, 0)
+    with pytest.raises(RPCError) as info:
+        backend.classify(handle, b"img")
+    assert info.value.code == StatusCode.INTERNAL
+    assert "VACCEL_ENOTSUP" in info.value.message
+    assert "is the plugin loaded?" in info.value.message
+
+
+def test_empty_image_is_a_bad_argument(started: Callable[..., Any], calls: Calls) -> None:
+    backend, _ = started("0.7")
+    handle = backend.session_create(1, 0)
+    with pytest.raises(RPCError) as info:
+        backend.classify(handle, b"")
+    assert info.value.code == StatusCode.INVALID_ARGUMENT
+    assert not calls.named("vaccel_image_classification")
+
+
+# -- concurrency -------------------------------------------------------------------------
+
+
+def _classify_in_threads(backend: LibvaccelBackend, handles: list[Any]) -> float:
+    errors: list[BaseException] = []
+
+    def run(h: Any) -> None:
+        try:
+            assert backend.classify(h, b"img").tag == NOOP_TAG
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in handles]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize(
+    ("generation", "parallel"), [("0.5", False), ("0.6", False), ("0.7", True), ("current", True)]
+)
+def test_concurrency_rules(
+    generation: str, parallel: bool, started: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VDOUBLE_CLASSIFY_SLEEP_US", "300000")
+    backend, _ = started(generation)
+    a, b = backend.session_create(1, 0), backend.session_create(2, 0)
+    # one session: always one call at a time
+    assert _classify_in_threads(backend, [a, a]) >= 0.59
+    # two sessions: in parallel from 0.7 on, one library-wide lock for 0.5/0.6
+    elapsed = _classify_in_threads(backend, [a, b])
+    assert (elapsed < 0.55) if parallel else (elapsed >= 0.59)
+
+
+# -- end to end: worker + vAccel client over ttrpc -----------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("generation", ["0.5", "current"])
+async def test_end_to_end_over_ttrpc(
+    generation: str, make_double: Callable[[str], Any], calls: Calls,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vaccelray.protocol._pb import vaccel_pb2 as pb
+    from vaccelray.transport.client import connect
+    from vaccelray.worker.daemon import WorkerConfig, run_worker
+
+    double = make_double(generation)
+    monkeypatch.setenv("VDOUBLE_TAG", "tag from the double")
+    config = WorkerConfig(
+        addresses=("tcp://127.0.0.1:0",), backend=str(double.plugin),
+        libvaccel=str(double.libvaccel),
+    )
+    async with run_worker(config) as worker, connect(worker.addresses[0]) as client:
+        assert isinstance(worker.backend, LibvaccelBackend)
+        service = "vaccel.VaccelAgent"
+        created = await client.call_message(
+            service, "CreateSession", pb.CreateSessionRequest(flags=0), pb.CreateSessionResponse
+        )
+        sid = created.session_id
+        image = b"cat.jpeg bytes"
+        answer = await client.call_message(
+            service, "ImageClassification",
+            pb.ImageClassificationRequest(session_id=sid, image=image),
+            pb.ImageClassificationResponse,
+        )
+        assert answer.tags.rstrip(b"\0") == b"tag from the double"
+        (call,) = calls.named("vaccel_image_classification")
+        assert int(call["len_img"]) == len(image)
+
+        genop = await client.call_message(
+            "vaccel.sync.agent.AgentService", "Genop",
+            pb.GenopRequest(
+                session_id=sid,
+                read_args=[
+                    pb.Arg(buf=struct.pack("=I", 2), size=4),
+                    pb.Arg(buf=image, size=len(image)),
+                ],
+                write_args=[pb.Arg(size=64), pb.Arg(size=64)],
+            ),
+            pb.GenopResponse,
+        )
+        assert genop.write_args[0].buf.split(b"\0")[0] == b"tag from the double"
+        assert genop.write_args[0].size == 64
+
+        monkeypatch.setenv("VDOUBLE_FAIL_CLASSIFY", "71")
+        with pytest.raises(RPCError) as info:
+            await client.call_message(
+                service, "ImageClassification",
+                pb.ImageClassificationRequest(session_id=sid, image=image),
+                pb.ImageClassificationResponse,
+            )
+        assert info.value.code == StatusCode.INTERNAL
+        assert "VACCEL_EBACKEND" in info.value.message
+        monkeypatch.setenv("VDOUBLE_FAIL_CLASSIFY", "22")
+        with pytest.raises(RPCError) as info:
+            await client.call_message(
+                service, "ImageClassification",
+                pb.ImageClassificationRequest(session_id=sid, image=image),
+                pb.ImageClassificationResponse,
+            )
+        assert info.value.code == StatusCode.INVALID_ARGUMENT
+        assert "VACCEL_EINVAL" in info.value.message
+        monkeypatch.delenv("VDOUBLE_FAIL_CLASSIFY")
+
+        await client.call_message(
+            service, "DestroySession", pb.DestroySessionRequest(session_id=sid), pb.EmptyResponse
+        )
+        assert len(calls.named(worker.backend.lib.generation.release)) == 1
+    _no_bad_args(calls)
+
