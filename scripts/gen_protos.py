@@ -27,12 +27,21 @@ def generate(out: Path) -> None:
 
     found = version("grpcio-tools")
     if found != PINNED:
-        sys.exit(f"gen_protos: grpcio-tools {found} found, {PINNED} required (pip install -e '.[test]')")
+        sys.exit(
+            f"gen_protos: grpcio-tools {found} found, {PINNED} required (pip install -e '.[test]')"
+        )
     include = Path(grpc_tools.__file__).parent / "_proto"
     out.mkdir(parents=True, exist_ok=True)
     sources = sorted(p.name for p in PROTOS.glob("*.proto"))
     rc = protoc.main(
-        ["protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}", *sources]
+        [
+            "protoc",
+            f"-I{PROTOS}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            *sources,
+        ]
     )
     if rc != 0:
         sys.exit(f"gen_protos: protoc failed with exit code {rc}")
@@ -41,7 +50,9 @@ def generate(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if the committed modules are stale")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if the committed modules are stale"
+    )
     args = parser.parse_args()
     if not args.check:
         generate(OUT)
@@ -55,7 +66,8 @@ def main() -> None:
         if mismatch or errors or names != committed:
             sys.exit(
                 "gen_protos: generated modules are stale "
-                f"({', '.join(mismatch + errors) or 'file set differs'}); run python scripts/gen_protos.py"
+                f"({', '.join(mismatch + errors) or 'file set differs'}); "
+                "run python scripts/gen_protos.py"
             )
     print("gen_protos: generated modules are up to date")
 

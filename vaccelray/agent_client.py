@@ -11,29 +11,39 @@ __all__ = ["AgentClient"]
 class AgentClient:
     """vAccel agent calls over a connected :class:`~vaccelray.transport.Client`."""
 
-    def __init__(self, client: Client, service: str = "vaccel.VaccelAgent", *, timeout: float | None = None) -> None:
+    def __init__(
+        self, client: Client, service: str = "vaccel.VaccelAgent", *, timeout: float | None = None
+    ) -> None:
         self.client = client
         self.service = service
         self.timeout = timeout
 
     async def create_session(self, flags: int = 0) -> int:
         response = await self.client.call_message(
-            self.service, "CreateSession", pb.CreateSessionRequest(flags=flags),
-            pb.CreateSessionResponse, timeout=self.timeout,
+            self.service,
+            "CreateSession",
+            pb.CreateSessionRequest(flags=flags),
+            pb.CreateSessionResponse,
+            timeout=self.timeout,
         )
         return int(response.session_id)
 
     async def destroy_session(self, session_id: int) -> None:
         await self.client.call_message(
-            self.service, "DestroySession", pb.DestroySessionRequest(session_id=session_id),
-            pb.EmptyResponse, timeout=self.timeout,
+            self.service,
+            "DestroySession",
+            pb.DestroySessionRequest(session_id=session_id),
+            pb.EmptyResponse,
+            timeout=self.timeout,
         )
 
     async def classify(self, session_id: int, image: bytes) -> str:
         """The tag text, trimmed at the first NUL as vAccel clients do."""
         response = await self.client.call_message(
-            self.service, "ImageClassification",
+            self.service,
+            "ImageClassification",
             pb.ImageClassificationRequest(session_id=session_id, image=image),
-            pb.ImageClassificationResponse, timeout=self.timeout,
+            pb.ImageClassificationResponse,
+            timeout=self.timeout,
         )
         return bytes(response.tags).split(b"\0", 1)[0].decode(errors="replace")

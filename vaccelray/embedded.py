@@ -17,5 +17,7 @@ async def embedded_worker(backend: str | None = None) -> AsyncIterator[Worker]:
     """A worker serving on ``unix://<private temp dir>/worker.sock`` while the block runs."""
     with tempfile.TemporaryDirectory(prefix="vaccelray-") as tmp:
         address = f"unix://{Path(tmp) / 'worker.sock'}"
-        async with run_worker(WorkerConfig(addresses=(address,), backend=backend, grace=1.0)) as worker:
+        async with run_worker(
+            WorkerConfig(addresses=(address,), backend=backend, grace=1.0)
+        ) as worker:
             yield worker

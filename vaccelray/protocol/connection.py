@@ -9,14 +9,18 @@ server's bytes into :class:`ResponseReceived`. Neither does any I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Final
-
-from google.protobuf.message import DecodeError
+from collections.abc import Sequence
+from typing import Final, NamedTuple
 
 from vaccelray.errors import Detail, LocalProtocolError, RemoteProtocolError, StatusCode
-from vaccelray.protocol._pb import ttrpc_pb2
+from vaccelray.protocol.envelope import (
+    EnvelopeError,
+    decode_request,
+    decode_response,
+    encode_error_response,
+    encode_request,
+    encode_response,
+)
 from vaccelray.protocol.frames import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Frame,
@@ -49,8 +53,7 @@ NEED_DATA: Final = _NeedData()
 Metadata = tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
+class RequestReceived(NamedTuple):
     stream_id: int
     service: str
     method: str
@@ -59,8 +62,7 @@ class RequestReceived:
     metadata: Metadata
 
 
-@dataclass(frozen=True, slots=True)
-class BadRequest:
+class BadRequest(NamedTuple):
     """A request that cannot be dispatched; answer it with ``code`` and ``message``."""
 
     stream_id: int
@@ -68,8 +70,7 @@ class BadRequest:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseReceived:
+class ResponseReceived(NamedTuple):
     stream_id: int
     code: int
     message: str
@@ -81,17 +82,8 @@ class ResponseReceived:
         return self.code == 0
 
 
-_Request = ttrpc_pb2.Request
-_Response = ttrpc_pb2.Response
-_KeyValue = ttrpc_pb2.KeyValue
-_Status = ttrpc_pb2.Status
-
-
-def encode_status(code: int, message: str, details: Iterable[Detail]) -> ttrpc_pb2.Status:
-    status = _Status(code=code, message=message)
-    for detail in details:
-        status.details.add(type_url=detail.type_url, value=detail.value)
-    return status
+_REQUEST: Final = FrameType.REQUEST
+_RESPONSE: Final = FrameType.RESPONSE
 
 
 class ServerConnection:
@@ -117,11 +109,11 @@ class ServerConnection:
         if frame is None:
             return NEED_DATA
         stream_id = frame.stream_id
-        if stream_id % 2 == 0:
+        if not stream_id & 1:
             raise RemoteProtocolError(f"client used even stream id {stream_id}")
         if stream_id in self._open_streams:
             raise RemoteProtocolError(f"stream {stream_id} reused while its request is in flight")
-        if frame.type is not FrameType.REQUEST:
+        if frame.type != _REQUEST:
             raise RemoteProtocolError(f"client sent a {frame.type.name} frame on stream {stream_id}")
         self._open_streams.add(stream_id)
         if isinstance(frame, OversizedFrame):
@@ -132,17 +124,10 @@ class ServerConnection:
                 f"{self._decoder.max_message_size} bytes",
             )
         try:
-            request = _Request.FromString(frame.body)
-        except DecodeError as exc:
+            service, method, payload, timeout_nano, metadata = decode_request(frame.body)
+        except EnvelopeError as exc:
             return BadRequest(stream_id, StatusCode.INVALID_ARGUMENT, f"undecodable request: {exc}")
-        return RequestReceived(
-            stream_id,
-            request.service,
-            request.method,
-            request.payload,
-            request.timeout_nano,
-            tuple((kv.key, kv.value) for kv in request.metadata),
-        )
+        return RequestReceived(stream_id, service, method, payload, timeout_nano, metadata)
 
     def send_response(
         self,
@@ -158,11 +143,9 @@ class ServerConnection:
         except KeyError:
             raise LocalProtocolError(f"no request in flight on stream {stream_id}") from None
         if code == 0:
-            body = _Response(payload=payload).SerializeToString()
+            body = encode_response(payload)
         else:
-            body = _Response(
-                status=encode_status(code, message, details), payload=payload
-            ).SerializeToString()
+            body = encode_error_response(code, message, details, payload)
         return encode_frame(stream_id, FrameType.RESPONSE, body)
 
 
@@ -195,12 +178,8 @@ class ClientConnection:
         if stream_id >= 1 << 32:
             raise LocalProtocolError("stream ids exhausted on this connection; open a new one")
         self._next_stream_id = stream_id + 2
-        request = _Request(service=service, method=method, payload=payload)
-        if timeout_nano:
-            request.timeout_nano = timeout_nano
-        if metadata:
-            request.metadata.extend(_KeyValue(key=k, value=v) for k, v in metadata)
-        data = encode_frame(stream_id, FrameType.REQUEST, request.SerializeToString())
+        body = encode_request(service, method, payload, timeout_nano, metadata)
+        data = encode_frame(stream_id, FrameType.REQUEST, body)
         self._pending.add(stream_id)
         return stream_id, data
 
@@ -224,8 +203,10 @@ class ClientConnection:
 
     def _response(self, frame: Frame | OversizedFrame) -> ResponseReceived | None:
         stream_id = frame.stream_id
-        if frame.type is not FrameType.RESPONSE:
-            raise RemoteProtocolError(f"server sent a {frame.type.name} frame on stream {stream_id}")
+        if frame.type != _RESPONSE:
+            raise RemoteProtocolError(
+                f"server sent a {frame.type.name} frame on stream {stream_id}"
+            )
         if stream_id in self._abandoned:
             self._abandoned.remove(stream_id)
             return None
@@ -242,16 +223,7 @@ class ClientConnection:
                 b"",
             )
         try:
-            response = _Response.FromString(frame.body)
-        except DecodeError as exc:
+            code, message, details, payload = decode_response(frame.body)
+        except EnvelopeError as exc:
             raise RemoteProtocolError(f"undecodable response on stream {stream_id}: {exc}") from exc
-        if not response.HasField("status"):
-            return ResponseReceived(stream_id, 0, "", (), response.payload)
-        status = response.status
-        return ResponseReceived(
-            stream_id,
-            status.code,
-            status.message,
-            tuple(Detail(d.type_url, d.value) for d in status.details),
-            response.payload,
-        )
+        return ResponseReceived(stream_id, code, message, details, payload)

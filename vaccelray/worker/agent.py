@@ -69,7 +69,9 @@ def _decode(message_type: type[Any], payload: bytes) -> Any:
     try:
         return message_type.FromString(payload)
     except DecodeError as exc:
-        raise RPCError(StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}") from exc
+        raise RPCError(
+            StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
+        ) from exc
 
 
 _EMPTY: Final = pb.EmptyResponse().SerializeToString()
@@ -103,6 +105,7 @@ class Agent:
 
     def _method(self, planner: Callable[[bytes], _Plan[Any]]) -> Method:
         if not self.backend.blocking:
+
             def inline(payload: bytes, ctx: CallContext) -> bytes:
                 plan = planner(payload)
                 return plan.finish(plan.work())
@@ -200,9 +203,12 @@ class Agent:
 
         def finish(outputs: list[bytes]) -> bytes:
             response = pb.GenopResponse()
-            for arg, data in zip(request.write_args, outputs):
+            for arg, data in zip(request.write_args, outputs, strict=False):
                 response.write_args.add(
-                    buf=data, size=len(data), arg_type=arg.arg_type, custom_type_id=arg.custom_type_id
+                    buf=data,
+                    size=len(data),
+                    arg_type=arg.arg_type,
+                    custom_type_id=arg.custom_type_id,
                 )
             return response.SerializeToString()
 

@@ -131,21 +131,32 @@ class Backend(ABC):
         (libvaccel's ``vaccel_genop``) overrides this.
         """
         if not read_args:
-            raise RPCError(StatusCode.INVALID_ARGUMENT, "genop needs the operation type as its first read argument")
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT,
+                "genop needs the operation type as its first read argument",
+            )
         op = decode_op(read_args[0].buf)
         if op == OpType.IMAGE_CLASSIFY:
             if len(read_args) < 2:
-                raise RPCError(StatusCode.INVALID_ARGUMENT, "image classification genop needs the image as its second read argument")
+                raise RPCError(
+                    StatusCode.INVALID_ARGUMENT,
+                    "image classification genop needs the image as its second read argument",
+                )
             result = self.classify(handle, read_args[1].buf)
             outputs = [result.tag.encode(), result.imgname.encode()]
-            return [fit(out, arg) for out, arg in zip(outputs, write_args)]
+            return [fit(out, arg) for out, arg in zip(outputs, write_args, strict=False)]
         if op == OpType.EXEC:
             if len(read_args) < 3:
-                raise RPCError(StatusCode.INVALID_ARGUMENT, "exec genop needs library and symbol as read arguments 2 and 3")
+                raise RPCError(
+                    StatusCode.INVALID_ARGUMENT,
+                    "exec genop needs library and symbol as read arguments 2 and 3",
+                )
             library = read_args[1].buf.rstrip(b"\0").decode(errors="replace")
             symbol = read_args[2].buf.rstrip(b"\0").decode(errors="replace")
             return self.exec(handle, library, symbol, read_args[3:], write_args)
-        raise RPCError(StatusCode.UNIMPLEMENTED, f"backend {self.name} does not support genop operation {op}")
+        raise RPCError(
+            StatusCode.UNIMPLEMENTED, f"backend {self.name} does not support genop operation {op}"
+        )
 
 
 def decode_op(buf: bytes) -> int:
@@ -154,7 +165,10 @@ def decode_op(buf: bytes) -> int:
         return int(struct.unpack("=I", buf)[0])
     if len(buf) == 8:
         return int(struct.unpack("=Q", buf)[0])
-    raise RPCError(StatusCode.INVALID_ARGUMENT, f"genop operation type must be a 4-byte integer, got {len(buf)} bytes")
+    raise RPCError(
+        StatusCode.INVALID_ARGUMENT,
+        f"genop operation type must be a 4-byte integer, got {len(buf)} bytes",
+    )
 
 
 def fit(data: bytes, arg: Arg) -> bytes:

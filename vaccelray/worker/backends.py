@@ -49,7 +49,8 @@ def load_backend(spec: str | None = None, *, libvaccel: str | None = None) -> Ba
 
         if not onnx_available():
             raise BackendError(
-                "the onnx backend needs its extra: pip install 'vaccelray[onnx]' (or use --backend noop)"
+                "the onnx backend needs its extra: pip install 'vaccelray[onnx]' "
+                "(or use --backend noop)"
             )
         return OnnxBackend()
     plugin = name.split(":")[0]

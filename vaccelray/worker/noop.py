@@ -40,7 +40,9 @@ class NoopBackend(Backend):
         log.debug("[noop] Released session %s", handle)
 
     def classify(self, handle: SessionHandle, image: bytes, *, top_k: int = 5) -> Classification:
-        log.info("[noop] Calling Image classification for session %s: len_img %d", handle, len(image))
+        log.info(
+            "[noop] Calling Image classification for session %s: len_img %d", handle, len(image)
+        )
         return Classification(tag=NOOP_TAG, imgname=NOOP_IMGNAME)
 
     def exec(
@@ -53,6 +55,10 @@ class NoopBackend(Backend):
     ) -> list[bytes]:
         log.info(
             "[noop] Calling exec for session %s: library %s symbol %s nr_read %d nr_write %d",
-            handle, library, symbol, len(read_args), len(write_args),
+            handle,
+            library,
+            symbol,
+            len(read_args),
+            len(write_args),
         )
         return [arg.buf for arg in write_args]

@@ -1,0 +1,149 @@
+"""Messages of the vaccelray task service (``vaccelray.v1.Worker``), as msgspec structs.
+
+Every payload of the service is one of these structs in MessagePack. Pickled
+data (cloudpickle) is only ever a ``bytes`` field inside them: the function,
+its arguments, its result. A failure travels as structured fields
+(:class:`RemoteError`: the exception type's module and qualified name, its
+message, its traceback text), never as a pickled exception object.
+
+Methods (request → reply):
+
+``RegisterFunction``  :class:`RegisterFunction` → :class:`Registered`
+    Cache a pickled function on the worker under its content hash; sent once
+    per connection and function, before the first ``Submit`` that uses it.
+``Submit``            :class:`Submit` → :data:`TaskReply` (:class:`TaskDone` | :class:`TaskFailed`)
+    Run a registered function. The call's ttrpc timeout is the task's timeout.
+    A function the worker does not know is answered NOT_FOUND with the
+    message prefix :data:`UNKNOWN_FUNCTION` (register it and submit again);
+    a capability the worker lacks is answered FAILED_PRECONDITION.
+``Cancel``            :class:`Cancel` → :class:`Cancelled`
+    Stop tasks by id: dropped from the queue, or their pool process killed.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, TypeAlias
+
+import msgspec
+
+__all__ = [
+    "ARG_LIMIT_MARGIN",
+    "METHOD_CANCEL",
+    "METHOD_REGISTER",
+    "METHOD_SUBMIT",
+    "SERVICE",
+    "UNKNOWN_FUNCTION",
+    "Cancel",
+    "Cancelled",
+    "FailureKind",
+    "RegisterFunction",
+    "Registered",
+    "RemoteError",
+    "Submit",
+    "TaskDone",
+    "TaskFailed",
+    "TaskReply",
+    "decode_reply",
+    "encode",
+]
+
+SERVICE: Final = "vaccelray.v1.Worker"
+METHOD_REGISTER: Final = "RegisterFunction"
+METHOD_SUBMIT: Final = "Submit"
+METHOD_CANCEL: Final = "Cancel"
+
+#: Start of the NOT_FOUND message for a function digest the worker has not cached.
+UNKNOWN_FUNCTION: Final = "unknown function"
+
+#: Bytes of a request kept free for the envelope when checking argument sizes.
+ARG_LIMIT_MARGIN: Final = 4096
+
+
+class FailureKind(enum.IntEnum):
+    """Why a task failed, as the worker saw it."""
+
+    #: The function raised; ``error`` says what.
+    RAISED = 1
+    #: The pool process running it died (segfault, ``os._exit``, killed): a system failure.
+    CRASHED = 2
+    #: The function, its arguments or its result could not be (un)pickled on the worker.
+    SERIALIZATION = 3
+    #: The task's session or requirements do not exist on this worker.
+    REJECTED = 4
+
+
+class RegisterFunction(msgspec.Struct, array_like=True, frozen=True):
+    #: Hex SHA-256 of ``pickled``.
+    digest: str
+    #: The function's qualified name, for logs and error messages.
+    name: str
+    pickled: bytes
+
+
+class Registered(msgspec.Struct, array_like=True, frozen=True):
+    digest: str
+
+
+class Submit(msgspec.Struct, array_like=True, frozen=True):
+    #: Chosen by the client, unique per client; names the task in ``Cancel`` and logs.
+    task_id: str
+    digest: str
+    name: str
+    #: cloudpickle of ``(args, kwargs)``; empty for a call without arguments.
+    args: bytes = b""
+    #: The backend the task needs (its ``name``, e.g. ``onnx``), or "" for any.
+    backend: str = ""
+    #: Operations the worker's backend must support (``classify``, ``genop``, ``exec``).
+    ops: tuple[str, ...] = ()
+    #: vAccel session of the worker that ``vaccelray.local`` uses in the task; 0: its own.
+    session_id: int = 0
+
+
+class RemoteError(msgspec.Struct, array_like=True, frozen=True):
+    """An exception raised on the worker, described, not pickled."""
+
+    module: str
+    qualname: str
+    message: str
+    #: The exception's ``args`` when all are plain scalars, else None.
+    args: tuple[str | int | float | bool | None, ...] | None
+    #: The formatted traceback, the worker's own frames removed.
+    traceback: str
+    #: The exception's instance attributes that are plain scalars (set again on the client).
+    attributes: dict[str, str | int | float | bool | None] = {}
+
+
+class TaskDone(msgspec.Struct, tag="done", array_like=True, frozen=True):
+    #: cloudpickle of the return value.
+    result: bytes
+
+
+class TaskFailed(msgspec.Struct, tag="failed", array_like=True, frozen=True):
+    kind: FailureKind
+    message: str
+    error: RemoteError | None = None
+
+
+TaskReply: TypeAlias = TaskDone | TaskFailed
+
+
+class Cancel(msgspec.Struct, array_like=True, frozen=True):
+    task_ids: tuple[str, ...]
+
+
+class Cancelled(msgspec.Struct, array_like=True, frozen=True):
+    #: The ids that were queued or running and are now stopped.
+    task_ids: tuple[str, ...]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_reply_decoder: msgspec.msgpack.Decoder[TaskReply] = msgspec.msgpack.Decoder(TaskReply)  # type: ignore[arg-type]
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_reply(payload: bytes) -> TaskReply:
+    return _reply_decoder.decode(payload)
