@@ -65,7 +65,7 @@ class Service:
     methods: Mapping[str, Method]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per call, and frozen init costs 5 setattrs
 class CallContext:
     """What a handler knows about its call."""
 
