@@ -58,7 +58,9 @@ class WorkerProcess:
         return code
 
 
-def start_worker(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0) -> WorkerProcess:
+def start_worker(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 20.0
+) -> WorkerProcess:
     """``python -m vaccelray worker ARGS`` as a real process, once it is serving."""
     process = subprocess.Popen(
         [sys.executable, "-m", "vaccelray", "worker", *args],

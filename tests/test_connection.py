@@ -27,9 +27,7 @@ def test_client_stream_ids_are_odd_from_one() -> None:
 
 def test_request_reaches_server_and_response_reaches_client() -> None:
     client, server = ClientConnection(), ServerConnection()
-    sid, data = client.send_request(
-        "svc.S", "M", b"payload", timeout_nano=5, metadata=[("k", "v")]
-    )
+    sid, data = client.send_request("svc.S", "M", b"payload", timeout_nano=5, metadata=[("k", "v")])
     server.receive_data(data)
     event = server.next_event()
     assert event == RequestReceived(sid, "svc.S", "M", b"payload", 5, (("k", "v"),))
@@ -46,7 +44,9 @@ def test_error_status_with_details_travels() -> None:
     server.receive_data(data)
     server.next_event()
     detail = Detail("type.googleapis.com/x.Y", b"\x01\x02")
-    client.receive_data(server.send_response(sid, code=StatusCode.NOT_FOUND, message="gone", details=[detail]))
+    client.receive_data(
+        server.send_response(sid, code=StatusCode.NOT_FOUND, message="gone", details=[detail])
+    )
     event = client.next_event()
     assert isinstance(event, ResponseReceived)
     assert (event.code, event.message, event.details) == (5, "gone", (detail,))
@@ -75,7 +75,9 @@ def test_rust_style_ok_status_is_accepted() -> None:
     body = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=0), payload=b"p").SerializeToString()
     client.receive_data(encode_frame(sid, FrameType.RESPONSE, body))
     event = client.next_event()
-    assert isinstance(event, ResponseReceived) and event.ok and event.payload == b"p"
+    assert isinstance(event, ResponseReceived)
+    assert event.ok
+    assert event.payload == b"p"
 
 
 def test_undecodable_request_is_a_bad_request_with_invalid_argument() -> None:
@@ -93,13 +95,15 @@ def test_undecodable_request_is_a_bad_request_with_invalid_argument() -> None:
 def test_oversized_request_is_resource_exhausted_and_stream_stays_usable() -> None:
     client, server = ClientConnection(), ServerConnection(max_message_size=64)
     sid1, big = client.send_request("s", "m", b"z" * 200)
-    sid2, small = client.send_request("s", "m", b"ok")
+    _sid2, small = client.send_request("s", "m", b"ok")
     server.receive_data(big + small)
     first = server.next_event()
-    assert isinstance(first, BadRequest) and first.code == StatusCode.RESOURCE_EXHAUSTED
+    assert isinstance(first, BadRequest)
+    assert first.code == StatusCode.RESOURCE_EXHAUSTED
     assert first.stream_id == sid1
     second = server.next_event()
-    assert isinstance(second, RequestReceived) and second.payload == b"ok"
+    assert isinstance(second, RequestReceived)
+    assert second.payload == b"ok"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,9 @@ timeouts = st.integers(-(2**63), 2**63 - 1)
 def test_request_encoding_matches_protobuf(
     service: str, method: str, payload: bytes, timeout: int, md: list[tuple[str, str]]
 ) -> None:
-    reference = ttrpc_pb2.Request(service=service, method=method, payload=payload, timeout_nano=timeout)
+    reference = ttrpc_pb2.Request(
+        service=service, method=method, payload=payload, timeout_nano=timeout
+    )
     reference.metadata.extend(ttrpc_pb2.KeyValue(key=k, value=v) for k, v in md)
     ours = encode_request(service, method, payload, timeout, md)
     assert ours == reference.SerializeToString(deterministic=True)

@@ -69,7 +69,9 @@ async def test_update_session_changes_flags() -> None:
     async with agent_client(NoopBackend()) as (client, agent):
         session = await client.create_session(flags=1)
         await client.client.call_message(
-            client.service, "UpdateSession", pb.UpdateSessionRequest(session_id=session, flags=7),
+            client.service,
+            "UpdateSession",
+            pb.UpdateSessionRequest(session_id=session, flags=7),
             pb.EmptyResponse,
         )
         assert agent.sessions[session].flags == 7
@@ -108,7 +110,9 @@ async def test_resources_are_kept_with_their_session() -> None:
         session = await client.create_session()
         request = pb.RegisterResourceRequest(session_id=session, resource_type=pb.MODEL)
         request.blobs.add(type=pb.BUFFER, name="model.onnx", data=b"weights", size=7)
-        registered = await call(client.service, "RegisterResource", request, pb.RegisterResourceResponse)
+        registered = await call(
+            client.service, "RegisterResource", request, pb.RegisterResourceResponse
+        )
         assert registered.resource_id == 1
         assert agent.sessions[session].resources == {1}
         assert agent.resources[1].blobs == (("model.onnx", b"weights"),)
@@ -170,7 +174,8 @@ async def test_blocking_backend_runs_off_the_loop_serialised_per_session() -> No
                 for n in range(4):
                     tg.start_soon(one, session, n)
         elapsed = time.monotonic() - started
-    assert results == {key: f"slow:{key}" for key in results} and len(results) == 8
+    assert results == {key: f"slow:{key}" for key in results}
+    assert len(results) == 8
     assert threading.get_ident() not in backend.threads
     assert backend.max_overlap_per_session == 1
     # two sessions ran side by side: well under 8 x 20 ms
@@ -179,7 +184,9 @@ async def test_blocking_backend_runs_off_the_loop_serialised_per_session() -> No
 
 async def test_backend_failures_become_internal_and_bad_input_invalid_argument() -> None:
     class Failing(NoopBackend):
-        def classify(self, handle: SessionHandle, image: bytes, *, top_k: int = 5) -> Classification:
+        def classify(
+            self, handle: SessionHandle, image: bytes, *, top_k: int = 5
+        ) -> Classification:
             if image == b"bad":
                 raise RPCError(StatusCode.INVALID_ARGUMENT, "not an image")
             raise OSError("device lost")
@@ -188,7 +195,10 @@ async def test_backend_failures_become_internal_and_bad_input_invalid_argument()
         session = await client.create_session()
         with pytest.raises(RPCError) as info:
             await client.classify(session, b"bad")
-        assert (info.value.code, info.value.message) == (StatusCode.INVALID_ARGUMENT, "not an image")
+        assert (info.value.code, info.value.message) == (
+            StatusCode.INVALID_ARGUMENT,
+            "not an image",
+        )
         with pytest.raises(RPCError) as info:
             await client.classify(session, b"other")
         assert info.value.code == StatusCode.INTERNAL
@@ -199,7 +209,9 @@ async def test_backend_failures_become_internal_and_bad_input_invalid_argument()
 # -- the worker as a real process ----------------------------------------------------
 
 
-async def test_thousand_concurrent_calls_over_eight_connections(worker_process: WorkerProcess) -> None:
+async def test_thousand_concurrent_calls_over_eight_connections(
+    worker_process: WorkerProcess,
+) -> None:
     failures: list[str] = []
     answered = 0
 
@@ -277,7 +289,10 @@ def submit(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("VACCEL", "VACCELRAY"))}
     return subprocess.run(
         [sys.executable, "-m", "vaccelray", "submit", "classify", *args],
-        capture_output=True, text=True, timeout=60, env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **(env or {})},
     )
 
 

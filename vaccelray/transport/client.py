@@ -167,6 +167,12 @@ class Client:
         )
         return response_type.FromString(payload)  # type: ignore[attr-defined,no-any-return]
 
+    def abort(self) -> None:
+        """Drop the connection at once, without flushing (for a peer that stopped answering)."""
+        transport = self._protocol.transport
+        if transport is not None:
+            transport.abort()
+
     async def aclose(self) -> None:
         transport = self._protocol.transport
         if transport is not None:

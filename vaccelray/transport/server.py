@@ -236,6 +236,11 @@ class _Connection(asyncio.Protocol):
                         StatusCode.DEADLINE_EXCEEDED,
                         f"{event.method} exceeded its deadline",
                     )
+                elif server._draining:
+                    code, message = (
+                        StatusCode.UNAVAILABLE,
+                        f"{event.method} stopped: the server is shutting down",
+                    )
                 else:
                     code, message = StatusCode.CANCELLED, f"{event.method} was cancelled"
                 data = self.proto.send_response(event.stream_id, code=code, message=message)
@@ -336,6 +341,11 @@ class Server:
         for conn in list(self._connections):
             for scope in conn.scopes:
                 scope.cancel()
+        # Let cancelled calls send their UNAVAILABLE answers before the connections close.
+        with anyio.move_on_after(1.0):
+            while self._inflight:
+                await self._idle.wait()
+        for conn in list(self._connections):
             if conn.transport is not None:
                 conn.transport.close()
         for listener in self._listeners:

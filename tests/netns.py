@@ -1,0 +1,388 @@
+"""Helpers for the scheduler tests: child processes and network namespaces.
+
+``Proc`` runs a command (optionally inside a namespace with ``ip netns exec``)
+and collects its stderr lines. ``Topology`` builds a small LAN: one bridge
+namespace and one namespace per host, each host joined to the bridge by a
+veth pair and given a 10.x address; it deletes everything on exit. Anything
+that speaks zeroconf in the tests runs inside such namespaces only.
+
+``require_netns()`` skips a test without root or ``ip`` (and fails instead
+when ``CI`` is set: CI must run them).
+
+Run as ``python -m tests.netns drive ...`` it is the load driver the
+namespace test starts next to the scheduler (see ``drive``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+READY = re.compile(r"Listening on (\S+)")
+
+
+def child_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS", "VACCELRAY_ADDRESS"):
+        env.pop(name, None)
+    return env
+
+
+class Proc:
+    """A child process whose stderr lines are kept (and searchable while it runs)."""
+
+    def __init__(self, argv: Sequence[str], *, netns: str | None = None) -> None:
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.argv = [*prefix, *argv]
+        self.process = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=child_env(),
+            cwd=REPO,
+        )
+        self.lines: list[str] = []
+        self.stdout: list[str] = []
+        self._cond = threading.Condition()
+        self._threads = [
+            threading.Thread(
+                target=self._pump, args=(self.process.stderr, self.lines), daemon=True
+            ),
+            threading.Thread(
+                target=self._pump, args=(self.process.stdout, self.stdout), daemon=True
+            ),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _pump(self, stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            with self._cond:
+                sink.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, *, timeout: float = 20.0, start: int = 0) -> re.Match[str]:
+        """The first stderr line (from index *start*) matching *pattern*."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if found := regex.search(line):
+                        return found
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._alive_readers()):
+                    raise AssertionError(
+                        f"{self.argv} printed no line matching {pattern!r} "
+                        f"(exit {self.process.poll()}):\n{self.text()}"
+                    )
+                self._cond.wait(min(left, 0.1))
+
+    def _alive_readers(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signum)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM (SIGCONT first, in case it is stopped), then SIGKILL; the exit status."""
+        if self.process.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for thread in self._threads:
+            thread.join(2)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        return self.process.returncode
+
+
+def start_daemon(
+    argv: Sequence[str], *, netns: str | None = None, timeout: float = 20.0
+) -> tuple[Proc, str]:
+    """Start a vaccelray daemon; (process, the address of its ready line)."""
+    proc = Proc(argv, netns=netns)
+    try:
+        address = proc.wait_for(READY.pattern, timeout=timeout).group(1)
+    except AssertionError:
+        proc.stop()
+        raise
+    return proc, address
+
+
+def start_daemons(
+    argvs: Sequence[Sequence[str]], *, netns: str | None = None, timeout: float = 20.0
+) -> list[tuple[Proc, str]]:
+    """Start several daemons at once; each (process, address) once all are serving."""
+    procs = [Proc(argv, netns=netns) for argv in argvs]
+    started = []
+    try:
+        for proc in procs:
+            started.append((proc, proc.wait_for(READY.pattern, timeout=timeout).group(1)))
+    except AssertionError:
+        for proc in procs:
+            proc.stop()
+        raise
+    return started
+
+
+def worker_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vaccelray", "worker", *args]
+
+
+def sleepy_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vaccelray.worker.sleepy", *args]
+
+
+def scheduler_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vaccelray", "scheduler", *args]
+
+
+def status_json(address: str, *, netns: str | None = None) -> dict[str, Any]:
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    out = subprocess.run(
+        [*prefix, sys.executable, "-m", "vaccelray", "status", "--json", "--address", address],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=REPO,
+        timeout=20,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+# -- namespaces ----------------------------------------------------------------
+
+
+def netns_unavailable() -> str | None:
+    """Why namespace tests cannot run here, or None."""
+    if sys.platform != "linux":
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "the 'ip' command (iproute2) is missing"
+    name = f"vrprobe{secrets.token_hex(3)}"
+    probe = subprocess.run(
+        ["ip", "netns", "add", name], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0:
+        return f"cannot create a network namespace: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    return None
+
+
+def require_netns() -> None:
+    reason = netns_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the network namespace tests: {reason}")
+    pytest.skip(reason)
+
+
+def ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+class Topology:
+    """Hosts on one bridge: ``hosts[i]`` is a namespace with ``addresses[i]`` on eth0."""
+
+    def __init__(self, count: int, *, subnet: int | None = None) -> None:
+        self.tag = secrets.token_hex(2)
+        self.subnet = subnet if subnet is not None else 100 + secrets.randbelow(100)
+        self.bridge = f"vr{self.tag}br"
+        self.hosts = [f"vr{self.tag}h{i}" for i in range(count)]
+        self.addresses = [f"10.{self.subnet}.0.{i + 2}" for i in range(count)]
+        self._created: list[str] = []
+
+    def __enter__(self) -> Topology:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build(self) -> None:
+        ip("netns", "add", self.bridge)
+        self._created.append(self.bridge)
+        ip("-n", self.bridge, "link", "set", "lo", "up")
+        ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.bridge, "link", "set", "br0", "up")
+        for i, (host, address) in enumerate(zip(self.hosts, self.addresses, strict=True)):
+            ip("netns", "add", host)
+            self._created.append(host)
+            ip("-n", host, "link", "set", "lo", "up")
+            ip(
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                host,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"port{i}",
+                "netns",
+                self.bridge,
+            )
+            ip("-n", host, "addr", "add", f"{address}/24", "dev", "eth0")
+            ip("-n", host, "link", "set", "eth0", "up")
+            ip("-n", host, "route", "add", "224.0.0.0/4", "dev", "eth0")
+            ip("-n", self.bridge, "link", "set", f"port{i}", "master", "br0")
+            ip("-n", self.bridge, "link", "set", f"port{i}", "up")
+
+    def cut(self, index: int) -> None:
+        """Cut host *index*'s cable (at the bridge: the host does not notice)."""
+        ip("-n", self.bridge, "link", "set", f"port{index}", "down")
+
+    def mend(self, index: int) -> None:
+        ip("-n", self.bridge, "link", "set", f"port{index}", "up")
+
+    def close(self) -> None:
+        for name in reversed(self._created):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        self._created.clear()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# -- load driver (runs inside a namespace, next to the scheduler) ---------------------
+
+
+async def _drive(
+    address: str, sessions: int, calls: int, concurrency: int, rate: float
+) -> dict[str, Any]:
+    import anyio
+
+    from vaccelray.agent_client import AgentClient
+    from vaccelray.errors import RPCError, TransportError
+    from vaccelray.transport.client import connect
+
+    results: dict[str, Any] = {"ok": 0, "wrong_tag": 0, "codes": {}, "messages": [], "transport": 0}
+    async with connect(address) as client:
+        agent = AgentClient(client, timeout=10.0)
+        ids = [await agent.create_session() for _ in range(sessions)]
+        results["session_ids"] = ids
+        sent = 0
+        start = time.monotonic()
+        limiter = anyio.CapacityLimiter(concurrency)
+
+        async def one(n: int) -> None:
+            async with limiter:
+                try:
+                    tag = await agent.classify(ids[n % sessions], b"image %d" % n)
+                except RPCError as exc:
+                    key = str(int(exc.code))
+                    results["codes"][key] = results["codes"].get(key, 0) + 1
+                    if len(results["messages"]) < 20:
+                        results["messages"].append(f"{int(exc.code)}: {exc.message}")
+                except TransportError:
+                    results["transport"] += 1
+                else:
+                    if tag == "This is a dummy classification tag!":
+                        results["ok"] += 1
+                    else:
+                        results["wrong_tag"] += 1
+
+        async with anyio.create_task_group() as tg:
+            for n in range(calls):
+                # Paced, so that the faults the test injects land in the middle of the load.
+                delay = start + n / rate - time.monotonic()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                tg.start_soon(one, n)
+                sent += 1
+        results["sent"] = sent
+        results["elapsed"] = time.monotonic() - start
+        destroyed = 0
+        for session_id in ids:
+            try:
+                await agent.destroy_session(session_id)
+                destroyed += 1
+            except RPCError as exc:
+                results["messages"].append(f"destroy {session_id}: {exc}")
+        results["destroyed"] = destroyed
+    return results
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    import anyio
+
+    parser = argparse.ArgumentParser(prog="python -m tests.netns")
+    sub = parser.add_subparsers(dest="command", required=True)
+    drive = sub.add_parser("drive", help="classification load through a scheduler; JSON on stdout")
+    drive.add_argument("--address", required=True)
+    drive.add_argument("--sessions", type=int, default=50)
+    drive.add_argument("--calls", type=int, default=2000)
+    drive.add_argument("--concurrency", type=int, default=16)
+    drive.add_argument("--rate", type=float, default=300.0, help="calls started per second")
+    args = parser.parse_args(argv)
+    results = anyio.run(
+        _drive,
+        args.address,
+        args.sessions,
+        args.calls,
+        args.concurrency,
+        args.rate,
+        backend="asyncio",
+    )
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

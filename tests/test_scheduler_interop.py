@@ -1,0 +1,135 @@
+"""containerd's Go ttrpc client (the interop peer) through the scheduler, unchanged.
+
+The peer's scripted vAccel checks run against ``vaccelray scheduler`` in front
+of two noop workers (all real processes, on loopback, no zeroconf): session
+life cycle under every service name, genop, unknown session/method/service,
+deadlines and concurrency must look exactly as they do against one agent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.netns import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
+
+NOOP_TAG = "This is a dummy classification tag!"
+HERE = Path(__file__).resolve().parent
+
+
+def _build_module() -> Any:
+    name = "vaccelray_tests_interop_build"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, HERE / "interop" / "build.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def go_peer(request: pytest.FixtureRequest) -> Path:
+    build = _build_module()
+    try:
+        return Path(build.build_peer(request.config.cache.mkdir("go-peer")))
+    except build.PeerUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the interop tests: {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> Iterator[tuple[Proc, list[str], str]]:
+    workers = start_daemons(
+        [worker_argv("-a", "tcp://127.0.0.1:0", "--backend", "noop", "--pool-size", "0")] * 2
+    )
+    addresses = [a for _, a in workers]
+    args = ["-a", "tcp://127.0.0.1:0", "--no-discover"]
+    for address in addresses:
+        args += ["--worker", address]
+    proc, address = start_daemon(scheduler_argv(*args))
+    try:
+        for worker in addresses:
+            proc.wait_for(f"Worker {worker} is up", timeout=5)
+        yield proc, addresses, address
+    finally:
+        proc.stop()
+        for worker_proc, _ in workers:
+            worker_proc.stop()
+
+
+def run_checks(peer: Path, address: str, checks: str) -> dict[str, list[dict[str, Any]]]:
+    out = subprocess.run(
+        [str(peer), "client", "-addr", address, "-check", checks],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    by_check: dict[str, list[dict[str, Any]]] = {}
+    for line in out.stdout.splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_check.setdefault(record["check"], []).append(record)
+    return by_check
+
+
+def test_go_vaccel_client_through_the_scheduler(
+    go_peer: Path, scheduler: tuple[Proc, list[str], str]
+) -> None:
+    proc, workers, address = scheduler
+    results = run_checks(go_peer, address, "sessions,genop,unknown,deadlines,concurrent")
+
+    sessions = results["session"]
+    assert len(sessions) == 4
+    for r in sessions:
+        assert r["create_code"] == 0, r
+        assert r["update_code"] == 0, r
+        assert r["classify_code"] == 0, r
+        assert r["tags"] == NOOP_TAG, r
+        assert r["destroy_code"] == 0, r
+        assert r["after_destroy_code"] == 5, r
+        assert r["after_destroy_message"] == f"Unknown session {r['session_id']}"
+        assert r["destroy_again_code"] == 5, r
+    assert len({r["session_id"] for r in sessions}) == 4
+
+    [genop] = results["genop_classify"]
+    assert genop["code"] == 0, genop
+    assert genop["write_args"] == [NOOP_TAG, "This is a dummy imgname!"]
+    assert genop["write_sizes"] == [64, 64]
+    [bad_op] = results["genop_bad_op"]
+    assert bad_op["code"] == 3, bad_op
+
+    unknown = {r["check"]: r for r in results["unknown_session"] + results["unknown_method"]}
+    assert unknown["unknown_session"]["code"] == 5
+    assert unknown["unknown_session"]["message"] == "Unknown session 987654"
+    assert unknown["unknown_method"]["code"] == 12
+    [service] = results["unknown_service"]
+    assert service["code"] == 12
+
+    [generous] = results["deadline_generous"]
+    assert generous["code"] == 0
+    assert generous["tags"] == NOOP_TAG
+    [local] = results["deadline_local"]
+    assert local["after_code"] == 0
+    assert local["after_tags"] == NOOP_TAG
+
+    [concurrent] = results["concurrent"]
+    assert concurrent["codes"] == {"0": 64}, concurrent
+    assert concurrent["wrong_tags"] == 0
+
+    # Sessions went to both workers (least loaded first, ties taking turns).
+    created = [line for line in proc.lines if "Created session" in line]
+    assert {w for w in workers if any(w in line for line in created)} == set(workers)

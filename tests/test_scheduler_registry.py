@@ -1,0 +1,176 @@
+"""The scheduler's registry and routing policy: pure code, no sockets, no clock."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from vaccelray.protocol.info import ClusterStatus, WorkerInfo, decode, encode
+from vaccelray.scheduler.policy import load_score, pick_least_loaded
+from vaccelray.scheduler.registry import Change, Health, Registry, WorkerRecord
+
+A, B, C = "tcp://10.0.0.2:8194", "tcp://10.0.0.3:8194", "tcp://10.0.0.4:8194"
+
+
+def info(instance: str = "i1", **kw: object) -> WorkerInfo:
+    fields: dict[str, object] = {
+        "version": "0.1.0",
+        "instance": instance,
+        "backend": "noop",
+        "ops": ("classify", "genop"),
+        "capacity": 2,
+    }
+    fields.update(kw)
+    return WorkerInfo(**fields)  # type: ignore[arg-type]
+
+
+def up_registry(*addresses: str) -> Registry:
+    registry = Registry()
+    for address in addresses:
+        registry.add_static(address)
+        assert registry.check_ok(address, info(), now=0.0) is Change.UP
+    return registry
+
+
+def test_unchecked_workers_are_not_routable() -> None:
+    registry = Registry()
+    registry.add_static(A)
+    _, moved = registry.discovered("w1", B, {"backend": "noop"})
+    assert moved is None
+    assert [w.health for w in registry] == [Health.UNKNOWN, Health.UNKNOWN]
+    assert registry.pick() is None
+    assert registry.routable() == []
+
+
+def test_addresses_are_canonical_and_static_plus_discovered_is_one_worker() -> None:
+    registry = Registry()
+    registry.add_static("tcp://10.0.0.2:8194")
+    record, _ = registry.discovered("w1", "tcp://10.0.0.2:8194")
+    assert len(registry) == 1
+    assert record.static
+    assert record.discovered
+    assert record.name == "w1"
+    # Losing the zeroconf name keeps a static worker.
+    assert registry.vanished("w1") is None
+    assert A in registry
+
+
+def test_vanished_discovered_worker_is_removed_and_a_moved_name_reports_old_address() -> None:
+    registry = Registry()
+    registry.discovered("w1", A)
+    record, moved = registry.discovered("w1", B)
+    assert moved == A
+    assert A not in registry
+    assert record.address == B
+    gone = registry.vanished("w1")
+    assert gone is not None
+    assert gone.address == B
+    assert gone.health is Health.DOWN
+    assert len(registry) == 0
+    assert registry.vanished("never-seen") is None
+
+
+def test_health_transitions() -> None:
+    registry = Registry()
+    registry.add_static(A)
+    assert registry.check_failed(A, "refused", now=1.0) is Change.NONE  # never was up
+    assert registry.get(A).health is Health.DOWN  # type: ignore[union-attr]
+    assert registry.check_ok(A, info("i1"), now=2.0) is Change.UP
+    assert registry.check_ok(A, info("i1"), now=2.5) is Change.NONE
+    assert registry.check_failed(A, "timeout", now=3.0) is Change.DOWN
+    assert registry.check_failed(A, "timeout", now=3.5) is Change.NONE
+    record = registry.get(A)
+    assert record is not None
+    assert record.last_error == "timeout"
+    assert not record.routable
+    assert registry.check_ok(A, info("i1"), now=4.0) is Change.UP
+    assert record.last_error == ""
+    assert record.last_seen == 4.0
+    # A new instance id means the process restarted (even with no failed check between).
+    assert registry.check_ok(A, info("i2"), now=4.5) is Change.RESTARTED
+    assert record.instance == "i2"
+    # Reports about unknown workers change nothing.
+    assert registry.check_ok(C, info(), now=5.0) is Change.NONE
+    assert registry.check_failed(C, "x", now=5.0) is Change.NONE
+
+
+def test_pick_prefers_least_load_per_capacity() -> None:
+    registry = up_registry(A, B)
+    registry.check_ok(B, info(capacity=8), now=1.0)
+    for _ in range(3):
+        registry.session_bound(A)
+        registry.session_bound(B)
+    # A: 3 sessions / 2 slots; B: 3 / 8.
+    picked = registry.pick()
+    assert picked is not None
+    assert picked.address == B
+    # The worker's own report counts when it is higher (other clients' sessions).
+    registry.check_ok(B, info(capacity=8, sessions=40), now=2.0)
+    picked = registry.pick()
+    assert picked is not None
+    assert picked.address == A
+
+
+def test_pick_counts_calls_in_flight() -> None:
+    registry = up_registry(A, B)
+    registry.call_started(A)
+    assert registry.pick().address == B  # type: ignore[union-attr]
+    registry.call_ended(A)
+    registry.call_ended(A)  # never below zero
+    assert registry.get(A).inflight == 0  # type: ignore[union-attr]
+
+
+def test_ties_are_broken_round_robin() -> None:
+    registry = up_registry(A, B, C)
+    picks = Counter(registry.pick().address for _ in range(30))  # type: ignore[union-attr]
+    assert picks == {A: 10, B: 10, C: 10}
+
+
+def test_sessions_spread_evenly_when_bound_as_picked() -> None:
+    registry = up_registry(A, B, C)
+    for _ in range(50):
+        chosen = registry.pick()
+        assert chosen is not None
+        registry.session_bound(chosen.address)
+    counts = sorted(w.sessions for w in registry)
+    assert counts == [16, 17, 17]
+
+
+def test_pick_needs_capability_health_and_respects_exclude() -> None:
+    registry = up_registry(A, B)
+    registry.check_ok(B, info(ops=("classify", "exec")), now=1.0)
+    assert registry.pick("exec").address == B  # type: ignore[union-attr]
+    assert registry.pick("tensorflow") is None
+    assert registry.pick(exclude=frozenset({A})).address == B  # type: ignore[union-attr]
+    registry.check_failed(B, "dead", now=2.0)
+    assert registry.pick("exec") is None
+    assert registry.pick().address == A  # type: ignore[union-attr]
+
+
+def test_policy_alone() -> None:
+    a = WorkerRecord(A, ops=frozenset({"classify"}), capacity=4, inflight=2, sessions=2)
+    b = WorkerRecord(B, ops=frozenset({"classify"}), capacity=1, reported_inflight=1)
+    assert load_score(a) == pytest.approx(1.0)
+    assert load_score(b) == pytest.approx(1.0)
+    assert pick_least_loaded([a, b], turn=0) is a
+    assert pick_least_loaded([a, b], turn=1) is b
+    assert pick_least_loaded([a, b], op="genop") is None
+    assert pick_least_loaded([]) is None
+
+
+def test_status_rows_and_messagepack_round_trip() -> None:
+    registry = up_registry(A)
+    registry.discovered("gpu-box", B, {"backend": "onnx", "version": "0.1.0"})
+    rows = registry.statuses(now=10.0)
+    assert [r.address for r in rows] == [A, B]
+    assert rows[0].health == "up"
+    assert rows[0].static
+    assert rows[0].last_seen == 10.0
+    assert rows[1].health == "unknown"
+    assert rows[1].backend == "onnx"
+    assert rows[1].last_seen == -1.0
+    status = ClusterStatus(version="0.1.0", sessions=3, workers=tuple(rows))
+    assert decode(encode(status), ClusterStatus) == status
+    # An empty payload is the request with its defaults; info round-trips too.
+    assert decode(encode(info()), WorkerInfo) == info()

@@ -1,0 +1,339 @@
+"""The scheduler on loopback: routing, affinity, clean-up, failover, deadlines, status.
+
+The scheduler runs in the test's event loop with static workers (no zeroconf
+here: that is tested in network namespaces); workers are real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from tests.netns import Proc, child_env, sleepy_argv, start_daemons, worker_argv
+from vaccelray.agent_client import AgentClient
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, decode, encode
+from vaccelray.scheduler import Health, SchedulerConfig, run_scheduler
+from vaccelray.status import fetch_status
+from vaccelray.transport.client import connect
+from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.worker.agent import SERVICE_NAMES
+
+NOOP_TAG = "This is a dummy classification tag!"
+
+
+@pytest.fixture
+def noop_workers() -> Iterator[list[tuple[Proc, str]]]:
+    started = start_daemons(
+        [worker_argv("-a", "tcp://127.0.0.1:0", "--backend", "noop", "--pool-size", "0")] * 2
+    )
+    yield started
+    for proc, _ in started:
+        proc.stop()
+
+
+@pytest.fixture
+def sleepy_workers() -> Iterator[list[tuple[Proc, str]]]:
+    started = start_daemons([sleepy_argv("--delay", "0.4", "-a", "tcp://127.0.0.1:0")] * 2)
+    yield started
+    for proc, _ in started:
+        proc.stop()
+
+
+def config(*workers: str) -> SchedulerConfig:
+    return SchedulerConfig(addresses=("tcp://127.0.0.1:0",), workers=workers, grace=1.0)
+
+
+async def worker_sessions(address: str) -> int:
+    info = await fetch_status(address)
+    assert isinstance(info, WorkerInfo)
+    return info.sessions
+
+
+async def wait_until(predicate: object, timeout: float, what: str) -> float:
+    """Poll an async predicate; seconds it took."""
+    t0 = anyio.current_time()
+    while True:
+        if await predicate():  # type: ignore[operator]
+            return anyio.current_time() - t0
+        if anyio.current_time() - t0 > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_sessions_spread_stick_and_are_destroyed_on_both_sides(
+    noop_workers: list[tuple[Proc, str]],
+) -> None:
+    addresses = [a for _, a in noop_workers]
+    async with run_scheduler(config(*addresses)) as sched, connect(sched.addresses[0]) as client:
+        assert all(w.health is Health.UP for w in sched.pool.registry)
+        ids = []
+        for name in SERVICE_NAMES:  # every vAccel service name routes
+            agent = AgentClient(client, name)
+            ids.append(await agent.create_session())
+        assert ids == [1, 2, 3, 4]
+        assert [await worker_sessions(a) for a in addresses] == [2, 2]
+        bound = {s.id: s.binding.address for s in sched.router.sessions.values() if s.binding}
+        agent = AgentClient(client)
+        for _ in range(5):
+            for session_id in ids:
+                assert await agent.classify(session_id, b"img") == NOOP_TAG
+                # Affinity: a session never moves while its worker is healthy.
+                assert sched.router.sessions[session_id].binding.address == bound[session_id]  # type: ignore[union-attr]
+        for session_id in ids:
+            await agent.destroy_session(session_id)
+        assert [await worker_sessions(a) for a in addresses] == [0, 0]
+        with pytest.raises(RPCError) as caught:
+            await agent.classify(ids[0], b"img")
+        assert caught.value.code == StatusCode.NOT_FOUND
+        assert caught.value.message == f"Unknown session {ids[0]}"
+        assert all(w.sessions == 0 and w.inflight == 0 for w in sched.pool.registry)
+
+
+@pytest.mark.anyio
+async def test_a_closed_connection_leaves_no_sessions_on_workers(
+    noop_workers: list[tuple[Proc, str]],
+) -> None:
+    addresses = [a for _, a in noop_workers]
+    async with run_scheduler(config(*addresses)) as sched:
+        async with connect(sched.addresses[0]) as client:
+            agent = AgentClient(client)
+            for _ in range(3):
+                await agent.create_session()
+            async with connect(sched.addresses[0]) as other:
+                kept = await AgentClient(other).create_session()
+            assert sum([await worker_sessions(a) for a in addresses]) == 3
+
+        async def cleaned() -> bool:
+            return sum([await worker_sessions(a) for a in addresses]) == 0
+
+        await wait_until(cleaned, 3.0, "orphan sessions destroyed")
+        assert sched.router.sessions == {}
+        assert kept == 4
+
+
+@pytest.mark.anyio
+async def test_killed_worker_fails_calls_in_flight_then_sessions_move(
+    sleepy_workers: list[tuple[Proc, str]],
+) -> None:
+    procs = {a: p for p, a in sleepy_workers}
+    async with run_scheduler(config(*procs)) as sched, connect(sched.addresses[0]) as client:
+        agent = AgentClient(client, timeout=10)
+        session = await agent.create_session()
+        blob = pb.RegisterResourceRequest(
+            session_id=session,
+            resource_type=2,
+            blobs=[pb.Blob(type=1, name="model", data=b"w" * 64)],
+        )
+        reply = await client.call_message(
+            SERVICE_NAMES[0], "RegisterResource", blob, pb.RegisterResourceResponse
+        )
+        first = sched.router.sessions[session].binding
+        assert first is not None
+        other = next(a for a in procs if a != first.address)
+
+        outcome: list[object] = []
+
+        async def classify() -> None:
+            try:
+                outcome.append(await agent.classify(session, b"img"))
+            except RPCError as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(classify)
+
+            async def running() -> bool:
+                info = await fetch_status(first.address)
+                assert isinstance(info, WorkerInfo)
+                return info.inflight == 1
+
+            await wait_until(running, 2.0, "the call runs on the worker")
+            t0 = anyio.current_time()
+            procs[first.address].kill()
+        assert anyio.current_time() - t0 < 1.0
+        [error] = outcome
+        assert isinstance(error, RPCError)
+        assert error.code == StatusCode.UNAVAILABLE
+        assert (
+            f"worker {first.address} was lost during ImageClassification of session {session}"
+            in (error.message)
+        )
+        # The next call re-creates the session (and its resource) on the other worker.
+        assert await agent.classify(session, b"img") == NOOP_TAG
+        moved = sched.router.sessions[session].binding
+        assert moved is not None
+        assert moved.address == other
+        assert await worker_sessions(other) == 1
+        resource = sched.router.resources[reply.resource_id]
+        assert (other, moved.instance) in resource.on_worker
+        await client.call_message(
+            SERVICE_NAMES[0],
+            "UnregisterResource",
+            pb.UnregisterResourceRequest(session_id=session, resource_id=reply.resource_id),
+            pb.EmptyResponse,
+        )
+        await agent.destroy_session(session)
+        assert await worker_sessions(other) == 0
+        assert sched.router.resources == {}
+
+
+@pytest.mark.anyio
+async def test_hung_worker_leaves_routing_and_returns(
+    sleepy_workers: list[tuple[Proc, str]],
+) -> None:
+    procs = {a: p for p, a in sleepy_workers}
+    async with run_scheduler(config(*procs)) as sched, connect(sched.addresses[0]) as client:
+        agent = AgentClient(client, timeout=10)
+        session = await agent.create_session()
+        binding = sched.router.sessions[session].binding
+        assert binding is not None
+        hung = binding.address
+        procs[hung].signal(signal.SIGSTOP)
+        t0 = anyio.current_time()
+        with pytest.raises(RPCError) as caught:
+            await agent.classify(session, b"img")
+        # Not left hanging: failed once the health check gave up on the worker.
+        assert caught.value.code == StatusCode.UNAVAILABLE
+        assert anyio.current_time() - t0 < 3.0
+
+        async def is_down() -> bool:
+            return not sched.pool.registry.get(hung).routable  # type: ignore[union-attr]
+
+        assert await wait_until(is_down, 3.0, "hung worker out of routing") < 3.0
+        assert await agent.classify(session, b"img") == NOOP_TAG  # moved on
+        procs[hung].signal(signal.SIGCONT)
+
+        async def is_up() -> bool:
+            return sched.pool.registry.get(hung).routable  # type: ignore[union-attr]
+
+        assert await wait_until(is_up, 3.0, "resumed worker back in routing") < 3.0
+
+        async def left_session_destroyed() -> bool:
+            return await worker_sessions(hung) == 0
+
+        # The session it held while hung was re-created elsewhere: destroyed there now.
+        await wait_until(left_session_destroyed, 3.0, "left-behind session destroyed")
+
+
+@pytest.mark.anyio
+async def test_deadline_is_carried_to_the_worker() -> None:
+    seen: list[float | None] = []
+
+    def info(payload: bytes, ctx: CallContext) -> bytes:
+        return encode(WorkerInfo(version="t", instance="fake", backend="fake", ops=("classify",)))
+
+    def create(payload: bytes, ctx: CallContext) -> bytes:
+        return pb.CreateSessionResponse(session_id=77).SerializeToString()
+
+    async def classify(payload: bytes, ctx: CallContext) -> bytes:
+        seen.append(ctx.time_left())
+        assert pb.ImageClassificationRequest.FromString(payload).session_id == 77
+        return pb.ImageClassificationResponse(tags=b"fake tag").SerializeToString()
+
+    services = [
+        Service(WORKER_SERVICE, {INFO_METHOD: Method(info, inline=True)}),
+        Service(
+            SERVICE_NAMES[0],
+            {"CreateSession": Method(create, inline=True), "ImageClassification": Method(classify)},
+        ),
+    ]
+    async with (
+        serve(services, ["tcp://127.0.0.1:0"]) as fake,
+        run_scheduler(config(fake.addresses[0])) as sched,
+        connect(sched.addresses[0]) as client,
+    ):
+        agent = AgentClient(client, timeout=2.5)
+        session = await agent.create_session()
+        assert session == 1
+        assert await agent.classify(session, b"x") == "fake tag"
+        agent.timeout = None
+        assert await agent.classify(session, b"x") == "fake tag"
+    assert seen[0] is not None
+    assert 2.0 < seen[0] <= 2.5
+    assert seen[1] is None
+
+
+@pytest.mark.anyio
+async def test_no_healthy_worker_is_unavailable() -> None:
+    async with (
+        run_scheduler(config("tcp://127.0.0.1:9")) as sched,
+        connect(sched.addresses[0]) as client,
+    ):
+        with pytest.raises(RPCError) as caught:
+            await AgentClient(client).create_session()
+        assert caught.value.code == StatusCode.UNAVAILABLE
+        assert "no healthy worker for session 1 (1 known)" in caught.value.message
+        [row] = sched.router.status().workers
+        assert row.health == "down"
+        assert "cannot connect" in row.last_error
+
+
+def status_cli(address: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "vaccelray", "status", "--json", "--address", address],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+@pytest.mark.anyio
+async def test_status_command_shows_scheduler_and_worker(
+    noop_workers: list[tuple[Proc, str]],
+) -> None:
+    addresses = [a for _, a in noop_workers]
+    async with run_scheduler(config(*addresses)) as sched, connect(sched.addresses[0]) as client:
+        await AgentClient(client).create_session()
+        cluster = await anyio.to_thread.run_sync(status_cli, sched.addresses[0])
+        worker = await anyio.to_thread.run_sync(status_cli, addresses[0])
+    assert cluster["kind"] == "scheduler"
+    assert cluster["sessions"] == 1
+    rows = cluster["workers"]
+    assert isinstance(rows, list)
+    assert sorted(r["address"] for r in rows) == sorted(addresses)
+    assert all(r["health"] == "up" and r["backend"] == "noop" and r["static"] for r in rows)
+    assert sum(r["sessions"] for r in rows) == 1
+    assert worker["kind"] == "worker"
+    assert worker["backend"] == "noop"
+    assert worker["addresses"] == [addresses[0]]
+    assert "classify" in worker["ops"]  # type: ignore[operator]
+
+
+@pytest.mark.anyio
+async def test_worker_info_service(noop_workers: list[tuple[Proc, str]]) -> None:
+    _, address = noop_workers[0]
+    async with connect(address) as client:
+        first = decode(await client.call(WORKER_SERVICE, INFO_METHOD, b""), WorkerInfo)
+        await AgentClient(client).create_session()
+        second = decode(
+            await client.call(WORKER_SERVICE, INFO_METHOD, encode_request()), WorkerInfo
+        )
+        with pytest.raises(RPCError) as caught:
+            await client.call(WORKER_SERVICE, INFO_METHOD, b"\xc1")
+    assert caught.value.code == StatusCode.INVALID_ARGUMENT
+    assert first.instance == second.instance
+    assert len(first.instance) == 16
+    assert (first.sessions, second.sessions) == (0, 1)
+    assert second.connections == 1
+    assert second.capacity >= 1
+    assert second.uptime >= first.uptime
+
+
+def encode_request() -> bytes:
+    from vaccelray.protocol.info import InfoRequest
+
+    return encode(InfoRequest())

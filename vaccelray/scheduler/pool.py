@@ -1,0 +1,179 @@
+"""Connections to the workers, and calls on them that never hang on a lost worker.
+
+:class:`WorkerPool` joins the pure :class:`~vaccelray.scheduler.registry.Registry`
+to the network: one multiplexed ttrpc connection per worker (opened on
+demand), per-worker load accounting, and a cancel scope around every call so
+that the moment a worker is declared down (by a health check or by another
+call's broken connection) every call still waiting on it ends with
+:class:`WorkerUnavailable`. This is the API the stateless task service uses
+too: ``pick(op)`` then ``call(address, ...)``; on ``WorkerUnavailable`` with
+``sent=False`` the work surely did not run and may go elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import anyio
+
+from vaccelray.errors import ConnectError, TransportError, VaccelrayError
+from vaccelray.scheduler.registry import Change, Registry, WorkerRecord
+from vaccelray.transport.client import Client, open_client
+
+__all__ = ["ChangeListener", "WorkerPool", "WorkerUnavailable"]
+
+log = logging.getLogger("vaccelray.scheduler")
+
+ChangeListener = Callable[[str, Change], None]
+
+
+class WorkerUnavailable(VaccelrayError):
+    """A call could not complete because its worker is gone.
+
+    ``sent`` is False when the request surely never reached the worker (it
+    is safe to send it elsewhere), True when it may have run there.
+    """
+
+    def __init__(self, address: str, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.address = address
+        self.sent = sent
+
+
+class WorkerPool:
+    """Workers to route to: registry, connections, load accounting, failure fan-out."""
+
+    def __init__(self, registry: Registry | None = None, *, connect_timeout: float = 1.0) -> None:
+        self.registry = registry or Registry()
+        self.connect_timeout = connect_timeout
+        self._clients: dict[str, Client] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._scopes: dict[str, set[anyio.CancelScope]] = {}
+        self._listeners: list[ChangeListener] = []
+        self._closing: set[str] = set()
+
+    # -- state -------------------------------------------------------------
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call *listener(address, change)* whenever a worker's routability changes."""
+        self._listeners.append(listener)
+
+    def pick(self, op: str | None = None, *, exclude: Sequence[str] = ()) -> WorkerRecord | None:
+        """The least-loaded healthy worker supporting *op* (None: no such worker)."""
+        return self.registry.pick(op, exclude=frozenset(exclude))
+
+    def changed(self, address: str, change: Change) -> None:
+        """Apply a routability change: on DOWN, end the calls waiting on the worker.
+
+        (On RESTARTED the connection that answered is to the new process: calls
+        to the old one have already failed with their connection.)
+        """
+        if change is Change.NONE:
+            return
+        if change is Change.DOWN:
+            for scope in self._scopes.pop(address, set()):
+                scope.cancel()
+            self._close_client(address)
+        for listener in self._listeners:
+            listener(address, change)
+
+    def mark_down(self, address: str, reason: str) -> None:
+        change = self.registry.check_failed(address, reason, anyio.current_time())
+        if change is Change.DOWN:
+            log.warning("Worker %s is down: %s", address, reason)
+        self.changed(address, change)
+
+    def forget(self, address: str) -> None:
+        """The worker left the registry (it said goodbye): no new calls go there.
+
+        Calls in flight finish (a worker says goodbye before it stops serving);
+        the connection is closed once they have.
+        """
+        if self._scopes.get(address):
+            self._closing.add(address)
+        else:
+            self._close_client(address)
+        for listener in self._listeners:
+            listener(address, Change.DOWN)
+
+    # -- connections -----------------------------------------------------------
+
+    def _close_client(self, address: str) -> None:
+        client = self._clients.pop(address, None)
+        if client is not None:
+            client.abort()
+
+    async def client(self, address: str, *, connect_timeout: float | None = None) -> Client:
+        """The open connection to *address*, connecting if needed (raises ConnectError)."""
+        client = self._clients.get(address)
+        if client is not None and not client.is_closed:
+            return client
+        lock = self._locks.setdefault(address, anyio.Lock())
+        async with lock:
+            client = self._clients.get(address)
+            if client is not None and not client.is_closed:
+                return client
+            client = await open_client(
+                address, connect_timeout=connect_timeout or self.connect_timeout
+            )
+            self._clients[address] = client
+            return client
+
+    def drop_client(self, address: str) -> None:
+        """Close the connection to *address* (the next call reconnects)."""
+        self._close_client(address)
+
+    async def aclose(self) -> None:
+        for address in list(self._clients):
+            self._close_client(address)
+        await anyio.lowlevel.checkpoint()
+
+    # -- calls ---------------------------------------------------------------
+
+    async def call(
+        self,
+        address: str,
+        service: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> bytes:
+        """Call *service*/*method* on the worker at *address*.
+
+        Raises :class:`~vaccelray.errors.RPCError` for the worker's own
+        non-OK answers (and DEADLINE_EXCEEDED when *timeout* passes), and
+        :class:`WorkerUnavailable` when the worker cannot be reached, its
+        connection breaks, or it is declared down while the call waits.
+        """
+        try:
+            client = await self.client(address)
+        except ConnectError as exc:
+            self.mark_down(address, str(exc))
+            raise WorkerUnavailable(address, str(exc), sent=False) from exc
+        registry = self.registry
+        scope = anyio.CancelScope()
+        scopes = self._scopes.setdefault(address, set())
+        scopes.add(scope)
+        registry.call_started(address)
+        try:
+            with scope:
+                return await client.call(
+                    service, method, payload, timeout=timeout, metadata=metadata
+                )
+        except TransportError as exc:
+            self.mark_down(address, f"connection lost: {exc}")
+            raise WorkerUnavailable(
+                address, f"connection to {address} lost: {exc}", sent=True
+            ) from exc
+        finally:
+            scopes.discard(scope)
+            registry.call_ended(address)
+            if not scopes and address in self._closing:
+                self._closing.discard(address)
+                if address not in registry:
+                    self._close_client(address)
+        # Only reached when ``changed`` cancelled the scope: the worker went down.
+        raise WorkerUnavailable(address, f"worker {address} became unavailable", sent=True)

@@ -1,0 +1,86 @@
+"""``vaccelray status``: what a scheduler sees of its workers, or one worker's own view."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol.info import (
+    INFO_METHOD,
+    SCHEDULER_SERVICE,
+    WORKER_SERVICE,
+    WORKERS_METHOD,
+    ClusterStatus,
+    WorkerInfo,
+    decode,
+)
+from vaccelray.transport.client import connect
+
+__all__ = ["fetch_status", "render", "to_json"]
+
+
+async def fetch_status(address: str, *, timeout: float = 5.0) -> ClusterStatus | WorkerInfo:
+    """A scheduler's :class:`ClusterStatus`, or a worker's :class:`WorkerInfo`."""
+    async with connect(address, connect_timeout=timeout) as client:
+        try:
+            payload = await client.call(SCHEDULER_SERVICE, WORKERS_METHOD, b"", timeout=timeout)
+        except RPCError as exc:
+            if exc.code not in (StatusCode.UNIMPLEMENTED, StatusCode.INVALID_ARGUMENT):
+                raise
+        else:
+            return decode(payload, ClusterStatus)
+        payload = await client.call(WORKER_SERVICE, INFO_METHOD, b"", timeout=timeout)
+        return decode(payload, WorkerInfo)
+
+
+def to_json(status: ClusterStatus | WorkerInfo) -> str:
+    """One JSON object: ``{"kind": "scheduler" | "worker", ...fields}``."""
+    kind = "scheduler" if isinstance(status, ClusterStatus) else "worker"
+    body: dict[str, Any] = {"kind": kind, **msgspec.to_builtins(status)}
+    return msgspec.json.encode(body).decode()
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def render(status: ClusterStatus | WorkerInfo) -> str:
+    if isinstance(status, WorkerInfo):
+        return "\n".join(
+            [
+                f"worker {', '.join(status.addresses) or '?'} (vaccelray {status.version})",
+                f"  backend   {status.backend}  ops {','.join(status.ops) or '-'}",
+                f"  load      {status.inflight} in flight, {status.sessions} sessions, "
+                f"capacity {status.capacity}, {status.connections} connections",
+                f"  instance  {status.instance}  up {status.uptime:.0f} s",
+            ]
+        )
+    up = sum(1 for w in status.workers if w.health == "up")
+    lines = [
+        f"scheduler (vaccelray {status.version}): {up}/{len(status.workers)} workers up, "
+        f"{status.sessions} sessions"
+    ]
+    if status.workers:
+        rows = [["WORKER", "HEALTH", "BACKEND", "INFLIGHT", "SESSIONS", "CAPACITY", "NAME", "NOTE"]]
+        for w in status.workers:
+            rows.append(
+                [
+                    w.address,
+                    w.health,
+                    w.backend or "-",
+                    f"{w.inflight}/{w.reported_inflight}",
+                    f"{w.sessions}/{w.reported_sessions}",
+                    str(w.capacity),
+                    w.name or ("(static)" if w.static else "-"),
+                    w.last_error,
+                ]
+            )
+        lines += _table(rows)
+        lines.append("(inflight and sessions: through this scheduler / reported by the worker)")
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Announcing a worker with zeroconf (mDNS / DNS-SD) as ``_vaccelray._tcp.local.``.
+
+The TXT record carries what a scheduler needs before it connects: ``version``,
+``backend``, ``ops`` (comma-separated), ``capacity`` and ``instance`` (random
+per start). Load is not in the record (it would mean re-announcing all the
+time); schedulers ask the worker's ``vaccelray.v1.Worker/Info`` for it.
+
+Which addresses are announced, and on which interfaces mDNS runs, follow the
+first TCP listener: a specific IP announces that IP on that interface; a
+wildcard (``0.0.0.0``) announces every IPv4 address of the host on all
+interfaces (or only ``--interface IP``); a loopback listener announces
+``127.0.0.1`` on loopback only. Unix and vsock listeners are not announced.
+
+A name that another host already uses is renamed (``name-2``, ...) during
+probing; the worker keeps running. The record is withdrawn on graceful exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import anyio
+
+from vaccelray.protocol.info import WorkerInfo
+from vaccelray.transport.endpoints import TcpEndpoint, parse_endpoint
+
+__all__ = [
+    "SERVICE_TYPE",
+    "AnnouncePlan",
+    "Announcement",
+    "announce",
+    "announce_until",
+    "parse_txt",
+    "plan_announcement",
+    "txt_record",
+]
+
+SERVICE_TYPE: Final = "_vaccelray._tcp.local."
+
+log = logging.getLogger("vaccelray.announce")
+
+
+@dataclass(frozen=True, slots=True)
+class AnnouncePlan:
+    """What to announce: the addresses in the record, the port, the mDNS interfaces."""
+
+    addresses: tuple[str, ...]
+    port: int
+    #: Interface addresses for zeroconf; empty means all interfaces.
+    interfaces: tuple[str, ...]
+
+    @property
+    def loopback_only(self) -> bool:
+        return all(ipaddress.ip_address(a).is_loopback for a in self.addresses)
+
+
+def _host_ipv4_addresses() -> list[str]:
+    import ifaddr
+
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback:
+                found.append(ip.ip)
+    return found
+
+
+def plan_announcement(
+    listeners: Sequence[str], interface: str | None = None
+) -> AnnouncePlan | None:
+    """The announcement for a worker bound to *listeners*, or None (no TCP listener)."""
+    for text in listeners:
+        endpoint = parse_endpoint(text)
+        if isinstance(endpoint, TcpEndpoint):
+            break
+    else:
+        return None
+    host = endpoint.host
+    if host in ("", "0.0.0.0", "::"):
+        if interface:
+            return AnnouncePlan((interface,), endpoint.port, (interface,))
+        addresses = _host_ipv4_addresses()
+        if not addresses:
+            return AnnouncePlan(("127.0.0.1",), endpoint.port, ("127.0.0.1",))
+        return AnnouncePlan(tuple(addresses), endpoint.port, ())
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = ipaddress.ip_address(socket.gethostbyname(host))
+    address = str(ip)
+    return AnnouncePlan((address,), endpoint.port, (interface or address,))
+
+
+def txt_record(info: WorkerInfo) -> dict[str, str]:
+    return {
+        "version": info.version,
+        "backend": info.backend,
+        "ops": ",".join(sorted(info.ops)),
+        "capacity": str(info.capacity),
+        "instance": info.instance,
+    }
+
+
+def parse_txt(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
+    """A TXT record as text keys and values (a key without a value maps to "")."""
+    return {
+        key.decode(errors="replace"): (value or b"").decode(errors="replace")
+        for key, value in properties.items()
+    }
+
+
+@dataclass
+class Announcement:
+    """A registered service; ``name`` is the instance name after any rename."""
+
+    name: str
+    plan: AnnouncePlan
+
+
+@asynccontextmanager
+async def announce(
+    info: WorkerInfo, plan: AnnouncePlan, *, instance_name: str | None = None
+) -> AsyncIterator[Announcement]:
+    """Register the worker while the block runs; unregister on exit.
+
+    Needs the asyncio event loop (zeroconf's async API).
+    """
+    from zeroconf import InterfaceChoice, IPVersion, ServiceInfo
+    from zeroconf.asyncio import AsyncZeroconf
+
+    hostname = socket.gethostname().split(".")[0] or "worker"
+    name = instance_name or f"{hostname}-{plan.port}"
+    service = ServiceInfo(
+        SERVICE_TYPE,
+        f"{name}.{SERVICE_TYPE}",
+        port=plan.port,
+        properties=txt_record(info),
+        # One host name per worker start: hosts in a cluster often share a host name.
+        server=f"{hostname}-{info.instance[:8]}.local.",
+        parsed_addresses=list(plan.addresses),
+    )
+    interfaces = list(plan.interfaces) if plan.interfaces else InterfaceChoice.All
+    zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+    try:
+        await zc.async_register_service(service, allow_name_change=True)
+        registered = service.name[: -len(SERVICE_TYPE) - 1]
+        if registered != name:
+            log.info("zeroconf name %r is taken; announced as %r", name, registered)
+        log.info("Announced %s on %s port %d", registered, ", ".join(plan.addresses), plan.port)
+        yield Announcement(registered, plan)
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                if zc.zeroconf.registry.async_get_info_name(service.name) is not None:
+                    await (await zc.async_unregister_service(service))
+                    log.info("Withdrew zeroconf announcement %s", service.name)
+            except Exception as exc:  # the goodbye is best effort
+                log.warning("zeroconf unregister failed: %s", exc)
+            await zc.async_close()
+
+
+async def announce_until(
+    info: WorkerInfo, plan: AnnouncePlan, stop: anyio.Event, *, instance_name: str | None = None
+) -> None:
+    """Announce until *stop* is set; a failure to announce is logged, never fatal."""
+    try:
+        async with announce(info, plan, instance_name=instance_name):
+            await stop.wait()
+    except Exception as exc:
+        log.warning("zeroconf announcement failed (the worker keeps serving): %s", exc)
