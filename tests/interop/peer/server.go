@@ -1,0 +1,274 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/ttrpc"
+	"github.com/golang/protobuf/ptypes/any"
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"vaccelpeer/interop"
+	"vaccelpeer/vaccel"
+)
+
+const (
+	noopTag     = "This is a dummy classification tag!"
+	noopImgname = "This is a dummy imgname!"
+)
+
+// agent is a vAccel agent with a noop backend: session ids count from 1,
+// classification answers the noop plugin's dummy tag.
+type agent struct {
+	mu           sync.Mutex
+	nextSession  int64
+	sessions     map[int64]bool
+	nextResource int64
+}
+
+func newAgent() *agent {
+	return &agent{nextSession: 1, nextResource: 1, sessions: map[int64]bool{}}
+}
+
+func (a *agent) check(id int64) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.sessions[id] {
+		return status.Errorf(codes.NotFound, "Unknown session %d", id)
+	}
+	return nil
+}
+
+func (a *agent) CreateSession(ctx context.Context, req *vaccel.CreateSessionRequest) (*vaccel.CreateSessionResponse, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	id := a.nextSession
+	a.nextSession++
+	a.sessions[id] = true
+	return &vaccel.CreateSessionResponse{SessionId: id}, nil
+}
+
+func (a *agent) UpdateSession(ctx context.Context, req *vaccel.UpdateSessionRequest) (*vaccel.EmptyResponse, error) {
+	if err := a.check(req.SessionId); err != nil {
+		return nil, err
+	}
+	return &vaccel.EmptyResponse{}, nil
+}
+
+func (a *agent) DestroySession(ctx context.Context, req *vaccel.DestroySessionRequest) (*vaccel.EmptyResponse, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.sessions[req.SessionId] {
+		return nil, status.Errorf(codes.NotFound, "Unknown session %d", req.SessionId)
+	}
+	delete(a.sessions, req.SessionId)
+	return &vaccel.EmptyResponse{}, nil
+}
+
+func (a *agent) ImageClassification(ctx context.Context, req *vaccel.ImageClassificationRequest) (*vaccel.ImageClassificationResponse, error) {
+	if err := a.check(req.SessionId); err != nil {
+		return nil, err
+	}
+	return &vaccel.ImageClassificationResponse{Tags: []byte(noopTag)}, nil
+}
+
+func (a *agent) Genop(ctx context.Context, req *vaccel.GenopRequest) (*vaccel.GenopResponse, error) {
+	if err := a.check(req.SessionId); err != nil {
+		return nil, err
+	}
+	if len(req.ReadArgs) == 0 || len(req.ReadArgs[0].Buf) != 4 {
+		return nil, status.Errorf(codes.InvalidArgument, "genop operation type must be a 4-byte integer")
+	}
+	switch binary.LittleEndian.Uint32(req.ReadArgs[0].Buf) {
+	case 2: // image classification: tag and image name, NUL-padded to the client's sizes
+		out := &vaccel.GenopResponse{}
+		for i, text := range []string{noopTag, noopImgname} {
+			if i < len(req.WriteArgs) {
+				buf := make([]byte, len(req.WriteArgs[i].Buf))
+				copy(buf, text)
+				out.WriteArgs = append(out.WriteArgs, &vaccel.Arg{Buf: buf, Size_: uint32(len(buf))})
+			}
+		}
+		return out, nil
+	case 7: // exec: like noop, the write arguments come back unchanged
+		return &vaccel.GenopResponse{WriteArgs: req.WriteArgs}, nil
+	}
+	return nil, status.Errorf(codes.Unimplemented, "genop operation not supported by the noop peer")
+}
+
+func (a *agent) RegisterResource(ctx context.Context, req *vaccel.RegisterResourceRequest) (*vaccel.RegisterResourceResponse, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	id := a.nextResource
+	a.nextResource++
+	return &vaccel.RegisterResourceResponse{ResourceId: id}, nil
+}
+
+func (a *agent) UnregisterResource(ctx context.Context, req *vaccel.UnregisterResourceRequest) (*vaccel.EmptyResponse, error) {
+	return &vaccel.EmptyResponse{}, nil
+}
+
+// registerAgent serves one agent under all four vAccel service names (the
+// generated RegisterVaccelAgentService knows only vaccel.VaccelAgent).
+func registerAgent(srv *ttrpc.Server, a *agent) {
+	methods := map[string]ttrpc.Method{
+		"CreateSession": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.CreateSessionRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.CreateSession(ctx, &req)
+		},
+		"UpdateSession": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.UpdateSessionRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.UpdateSession(ctx, &req)
+		},
+		"DestroySession": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.DestroySessionRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.DestroySession(ctx, &req)
+		},
+		"ImageClassification": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.ImageClassificationRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.ImageClassification(ctx, &req)
+		},
+		"Genop": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.GenopRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.Genop(ctx, &req)
+		},
+		"RegisterResource": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.RegisterResourceRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.RegisterResource(ctx, &req)
+		},
+		"UnregisterResource": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.UnregisterResourceRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.UnregisterResource(ctx, &req)
+		},
+	}
+	for _, name := range agentServices {
+		srv.Register(name, methods)
+	}
+}
+
+// echo implements interop.Echo.
+type echo struct{}
+
+func (echo) Echo(ctx context.Context, req *interop.EchoRequest) (*interop.EchoResponse, error) {
+	resp := &interop.EchoResponse{Payload: req.Payload}
+	if md, ok := ttrpc.GetMetadata(ctx); ok {
+		keys := make([]string, 0, len(md))
+		for k := range md {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			for _, v := range md[k] {
+				resp.Metadata = append(resp.Metadata, &interop.KeyValue{Key: k, Value: v})
+			}
+		}
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		resp.HasDeadline = true
+		resp.DeadlineRemainingNano = int64(time.Until(dl))
+	}
+	return resp, nil
+}
+
+func (echo) Sleep(ctx context.Context, req *interop.SleepRequest) (*interop.SleepResponse, error) {
+	start := time.Now()
+	timer := time.NewTimer(time.Duration(req.DurationNano))
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return &interop.SleepResponse{SleptNano: int64(time.Since(start))}, nil
+	case <-ctx.Done():
+		if ctx.Err() == context.DeadlineExceeded {
+			return nil, status.Errorf(codes.DeadlineExceeded, "deadline exceeded after %v", time.Since(start).Round(time.Millisecond))
+		}
+		return nil, status.Errorf(codes.Canceled, "cancelled")
+	}
+}
+
+func (echo) Fail(ctx context.Context, req *interop.FailRequest) (*interop.EchoResponse, error) {
+	st := &spb.Status{Code: req.Code, Message: req.Message}
+	if req.DetailTypeUrl != "" {
+		st.Details = []*any.Any{{TypeUrl: req.DetailTypeUrl, Value: req.DetailValue}}
+	}
+	return nil, status.ErrorProto(st)
+}
+
+func runServer(args []string) error {
+	fs := flag.NewFlagSet("server", flag.ExitOnError)
+	addr := fs.String("addr", "tcp://127.0.0.1:0", "address to listen on")
+	fs.Parse(args)
+
+	network, address, err := splitAddress(*addr)
+	if err != nil {
+		return err
+	}
+	if network == "unix" && address[0] != '@' {
+		_ = os.Remove(address)
+	}
+	l, err := net.Listen(network, address)
+	if err != nil {
+		return err
+	}
+	srv, err := ttrpc.NewServer()
+	if err != nil {
+		return err
+	}
+	registerAgent(srv, newAgent())
+	interop.RegisterEchoService(srv, echo{})
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		shut, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shut)
+		_ = srv.Close()
+	}()
+
+	fmt.Printf("LISTENING %s\n", formatAddress(l.Addr()))
+	os.Stdout.Sync()
+	err = srv.Serve(ctx, l)
+	if err == ttrpc.ErrServerClosed {
+		return nil
+	}
+	return err
+}
+
+// The generated interfaces keep the handlers' signatures honest.
+var (
+	_ vaccel.VaccelAgentService = (*agent)(nil)
+	_ interop.EchoService       = echo{}
+)

@@ -1,0 +1,376 @@
+"""vaccelray's ttrpc client against containerd's Go ttrpc server (the Go peer).
+
+The peer serves the vAccel agent (a noop backend) under the four service
+names and ``interop.Echo``, which reports what arrived (payload, metadata,
+deadline), sleeps on request and fails with a chosen status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from vaccelray.errors import ConnectError, Detail, RPCError, StatusCode, TransportError
+from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.transport.client import connect
+
+pytestmark = pytest.mark.anyio
+
+NOOP_TAG = b"This is a dummy classification tag!"
+ECHO = "interop.Echo"
+AGENT_SERVICES = (
+    "vaccel.VaccelAgent",
+    "vaccel.AgentService",
+    "vaccel.sync.agent.AgentService",
+    "vaccel.asynchronous.agent.AgentService",
+)
+
+
+async def echo(client: Any, echo_pb: types.SimpleNamespace, payload: bytes, **kwargs: Any) -> Any:
+    return await client.call_message(
+        ECHO, "Echo", echo_pb.EchoRequest(payload=payload), echo_pb.EchoResponse, **kwargs
+    )
+
+
+async def test_session_lifecycle_under_every_service_name(go_server: str) -> None:
+    async with connect(go_server) as client:
+        for expected_id, service in enumerate(AGENT_SERVICES, start=1):
+            created = await client.call_message(
+                service, "CreateSession", pb.CreateSessionRequest(flags=0), pb.CreateSessionResponse
+            )
+            assert created.session_id == expected_id
+            await client.call_message(
+                service,
+                "UpdateSession",
+                pb.UpdateSessionRequest(session_id=created.session_id, flags=1),
+                pb.EmptyResponse,
+            )
+            answer = await client.call_message(
+                service,
+                "ImageClassification",
+                pb.ImageClassificationRequest(session_id=created.session_id, image=b"\x89PNG"),
+                pb.ImageClassificationResponse,
+            )
+            assert answer.tags == NOOP_TAG
+            await client.call_message(
+                service,
+                "DestroySession",
+                pb.DestroySessionRequest(session_id=created.session_id),
+                pb.EmptyResponse,
+            )
+            with pytest.raises(RPCError) as info:
+                await client.call_message(
+                    service,
+                    "ImageClassification",
+                    pb.ImageClassificationRequest(session_id=created.session_id, image=b"x"),
+                    pb.ImageClassificationResponse,
+                )
+            assert info.value.code == StatusCode.NOT_FOUND
+            assert info.value.message == f"Unknown session {created.session_id}"
+
+
+async def test_unknown_service_and_method_are_unimplemented(go_server: str) -> None:
+    async with connect(go_server) as client:
+        with pytest.raises(RPCError) as info:
+            await client.call("nope.Nope", "Echo", b"")
+        assert (info.value.code, info.value.message) == (
+            StatusCode.UNIMPLEMENTED,
+            "service nope.Nope",
+        )
+        with pytest.raises(RPCError) as info:
+            await client.call(ECHO, "Nope", b"")
+        assert (info.value.code, info.value.message) == (StatusCode.UNIMPLEMENTED, "method Nope")
+        # Errors are per call: the connection goes on.
+        assert (
+            await client.call_message(
+                "vaccel.VaccelAgent",
+                "CreateSession",
+                pb.CreateSessionRequest(),
+                pb.CreateSessionResponse,
+            )
+        ).session_id == 1
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"hello", bytes(range(256)) * 4, os.urandom(1 << 20)],
+    ids=["empty", "small", "all-bytes", "1MiB"],
+)
+async def test_echo_payload_round_trip(
+    go_server: str, echo_pb: types.SimpleNamespace, payload: bytes
+) -> None:
+    async with connect(go_server) as client:
+        answer = await echo(client, echo_pb, payload)
+    assert answer.payload == payload
+
+
+async def test_metadata_arrives_in_order(go_server: str, echo_pb: types.SimpleNamespace) -> None:
+    metadata = [("x-a", "1"), ("b-key", "zed"), ("x-a", "2"), ("unicode", "naïve ✓")]
+    async with connect(go_server) as client:
+        answer = await echo(client, echo_pb, b"m", metadata=metadata)
+        bare = await echo(client, echo_pb, b"m")
+    seen = [(kv.key, kv.value) for kv in answer.metadata]
+    # The Go server groups values by key (sorted here); one key's values keep their order.
+    assert seen == [("b-key", "zed"), ("unicode", "naïve ✓"), ("x-a", "1"), ("x-a", "2")]
+    assert list(bare.metadata) == []
+
+
+async def test_timeout_is_sent_as_timeout_nano(
+    go_server: str, echo_pb: types.SimpleNamespace
+) -> None:
+    async with connect(go_server) as client:
+        with_deadline = await echo(client, echo_pb, b"t", timeout=5.0)
+        without = await echo(client, echo_pb, b"t")
+    assert with_deadline.has_deadline
+    assert 3.0e9 < with_deadline.deadline_remaining_nano <= 5.0e9
+    assert not without.has_deadline
+
+
+async def test_slow_call_times_out_with_deadline_exceeded(
+    go_server: str, echo_pb: types.SimpleNamespace
+) -> None:
+    async with connect(go_server) as client:
+        start = time.monotonic()
+        with pytest.raises(RPCError) as info:
+            await client.call_message(
+                ECHO,
+                "Sleep",
+                echo_pb.SleepRequest(duration_nano=int(10e9)),
+                echo_pb.SleepResponse,
+                timeout=0.3,
+            )
+        elapsed = time.monotonic() - start
+        assert info.value.code == StatusCode.DEADLINE_EXCEEDED
+        assert 0.25 <= elapsed < 3.0
+        # The connection still serves calls, and a late answer (if any) is dropped.
+        await anyio.sleep(0.1)
+        assert (await echo(client, echo_pb, b"after")).payload == b"after"
+
+
+async def test_client_enforces_its_timeout_itself(
+    go_server: str, echo_pb: types.SimpleNamespace
+) -> None:
+    """SIGSTOP the Go server: only the client's own timer can end the call."""
+    async with connect(go_server) as client:
+        assert (await echo(client, echo_pb, b"warm")).payload == b"warm"
+        pid = _server_pid(go_server)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await _wait_stopped(pid)
+            start = time.monotonic()
+            with pytest.raises(RPCError) as info:
+                await echo(client, echo_pb, b"x", timeout=0.3)
+            elapsed = time.monotonic() - start
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert info.value.code == StatusCode.DEADLINE_EXCEEDED
+        assert elapsed < 3.0
+        assert (await echo(client, echo_pb, b"resumed", timeout=5)).payload == b"resumed"
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    states = {
+        (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
+    return states == {"T"}
+
+
+async def _wait_stopped(pid: int) -> None:
+    """Until every thread of *pid* is stopped (a group stop takes a moment)."""
+    deadline = time.monotonic() + 5
+    while not _all_threads_stopped(pid):
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        await anyio.sleep(0.01)
+
+
+def _server_pid(address: str) -> int:
+    return _PIDS[address]
+
+
+_PIDS: dict[str, int] = {}
+
+
+@pytest.fixture(autouse=True)
+def _remember_pid(go_server_process: tuple[Any, str]) -> None:
+    proc, address = go_server_process
+    _PIDS[address] = proc.proc.pid
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        StatusCode.CANCELLED,
+        StatusCode.UNKNOWN,
+        StatusCode.INVALID_ARGUMENT,
+        StatusCode.NOT_FOUND,
+        StatusCode.PERMISSION_DENIED,
+        StatusCode.RESOURCE_EXHAUSTED,
+        StatusCode.INTERNAL,
+        StatusCode.UNAVAILABLE,
+        StatusCode.UNAUTHENTICATED,
+    ],
+)
+async def test_error_status_code_and_message(
+    go_server: str, echo_pb: types.SimpleNamespace, code: StatusCode
+) -> None:
+    message = f"failure {code.name} — ünïcode"
+    async with connect(go_server) as client:
+        with pytest.raises(RPCError) as info:
+            await client.call_message(
+                ECHO, "Fail", echo_pb.FailRequest(code=code, message=message), echo_pb.EchoResponse
+            )
+    assert info.value.code == code
+    assert info.value.message == message
+    assert info.value.details == ()
+
+
+async def test_error_status_details(go_server: str, echo_pb: types.SimpleNamespace) -> None:
+    url = "type.googleapis.com/vaccel.CreateSessionResponse"
+    value = pb.CreateSessionResponse(session_id=9).SerializeToString()
+    async with connect(go_server) as client:
+        with pytest.raises(RPCError) as info:
+            await client.call_message(
+                ECHO,
+                "Fail",
+                echo_pb.FailRequest(
+                    code=5, message="gone", detail_type_url=url, detail_value=value
+                ),
+                echo_pb.EchoResponse,
+            )
+    assert info.value.code == StatusCode.NOT_FOUND
+    assert info.value.details == (Detail(url, value),)
+
+
+async def test_concurrent_calls_multiplex_on_one_connection(
+    go_server: str, echo_pb: types.SimpleNamespace
+) -> None:
+    results: dict[int, bytes] = {}
+    async with connect(go_server) as client:
+
+        async def one(i: int) -> None:
+            results[i] = (await echo(client, echo_pb, f"call {i}".encode() * (i + 1))).payload
+
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(one, i)
+        assert results == {i: f"call {i}".encode() * (i + 1) for i in range(100)}
+
+        # Ten 0.3 s sleeps at once take about 0.3 s, not 3 s.
+        start = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(
+                    client.call_message,
+                    ECHO,
+                    "Sleep",
+                    echo_pb.SleepRequest(duration_nano=int(0.3e9)),
+                    echo_pb.SleepResponse,
+                )
+        assert time.monotonic() - start < 2.0
+
+
+async def test_responses_arrive_in_completion_order(
+    go_server: str, echo_pb: types.SimpleNamespace
+) -> None:
+    order: list[str] = []
+    async with connect(go_server) as client:
+
+        async def slow() -> None:
+            await client.call_message(
+                ECHO, "Sleep", echo_pb.SleepRequest(duration_nano=int(0.5e9)), echo_pb.SleepResponse
+            )
+            order.append("slow")
+
+        async def fast() -> None:
+            await anyio.sleep(0.05)
+            await echo(client, echo_pb, b"fast")
+            order.append("fast")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow)
+            tg.start_soon(fast)
+    assert order == ["fast", "slow"]
+
+
+async def test_oversized_request_is_rejected_by_go_and_connection_survives(
+    go_server: str, echo_pb: types.SimpleNamespace
+) -> None:
+    async with connect(go_server) as client:
+        with pytest.raises(RPCError) as info:
+            await echo(client, echo_pb, b"\0" * (5 << 20))
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert (await echo(client, echo_pb, b"still here")).payload == b"still here"
+
+
+async def test_oversized_response_is_rejected_by_the_client(
+    go_server: str, echo_pb: types.SimpleNamespace
+) -> None:
+    async with connect(go_server, max_message_size=1 << 20) as client:
+        with pytest.raises(RPCError) as info:
+            await echo(client, echo_pb, b"\1" * (2 << 20))
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert (await echo(client, echo_pb, b"next")).payload == b"next"
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+async def test_unix_socket_endpoints(
+    interop: types.SimpleNamespace, echo_pb: types.SimpleNamespace, tmp_path: Path, kind: str
+) -> None:
+    wanted = (
+        f"unix://{tmp_path / 'go.sock'}"
+        if kind == "path"
+        else f"unix:@vaccelray-test-{os.getpid()}"
+    )
+    proc, address = interop.start_go_server(wanted)
+    try:
+        assert address == wanted
+        async with connect(address) as client:
+            assert (await echo(client, echo_pb, b"over unix")).payload == b"over unix"
+    finally:
+        proc.stop()
+
+
+async def test_server_death_fails_calls_in_flight(
+    go_server_process: tuple[Any, str], echo_pb: types.SimpleNamespace
+) -> None:
+    proc, address = go_server_process
+    failures: list[BaseException] = []
+    async with connect(address) as client:
+
+        async def long_call() -> None:
+            try:
+                await client.call_message(
+                    ECHO,
+                    "Sleep",
+                    echo_pb.SleepRequest(duration_nano=int(30e9)),
+                    echo_pb.SleepResponse,
+                )
+            except Exception as exc:
+                failures.append(exc)
+
+        start = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_call)
+            await anyio.sleep(0.2)
+            proc.proc.kill()
+        assert len(failures) == 1, failures
+        assert isinstance(failures[0], TransportError), failures
+        assert time.monotonic() - start < 5.0
+        with pytest.raises(TransportError):
+            await echo(client, echo_pb, b"after death")
+
+
+async def test_connect_refused_is_connect_error(go_server_process: tuple[Any, str]) -> None:
+    proc, address = go_server_process
+    proc.stop()
+    with pytest.raises(ConnectError):
+        async with connect(address, connect_timeout=2.0):
+            pass
