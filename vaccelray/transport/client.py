@@ -14,7 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from ssl import SSLContext
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import anyio
 
@@ -47,7 +47,7 @@ class _ClientProtocol(asyncio.Protocol):
         self._writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:

@@ -215,7 +215,6 @@ async def open_connection(
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConnectError(f"cannot connect to {endpoint}: {reason}") from exc
-    assert isinstance(transport, asyncio.Transport)
     sock = transport.get_extra_info("socket")
     if sock is not None:
         set_nodelay(sock)
