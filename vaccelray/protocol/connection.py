@@ -105,16 +105,19 @@ class ServerConnection:
 
     def next_event(self) -> RequestReceived | BadRequest | _NeedData:
         """The next request; raises :class:`RemoteProtocolError` on a broken stream."""
-        frame = self._decoder.next_frame()
-        if frame is None:
-            return NEED_DATA
-        stream_id = frame.stream_id
-        if not stream_id & 1:
-            raise RemoteProtocolError(f"client used even stream id {stream_id}")
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                return NEED_DATA
+            stream_id = frame.stream_id
+            if not stream_id & 1:
+                raise RemoteProtocolError(f"client used even stream id {stream_id}")
+            # Like containerd's server, skip the known frame types we do not
+            # serve (streaming DATA of newer clients) for future compatibility.
+            if frame.type == _REQUEST:
+                break
         if stream_id in self._open_streams:
             raise RemoteProtocolError(f"stream {stream_id} reused while its request is in flight")
-        if frame.type != _REQUEST:
-            raise RemoteProtocolError(f"client sent a {frame.type.name} frame on stream {stream_id}")
         self._open_streams.add(stream_id)
         if isinstance(frame, OversizedFrame):
             return BadRequest(
