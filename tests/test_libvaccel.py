@@ -263,8 +263,15 @@ def test_not_found_is_one_line_naming_search_and_fixes(
         backend.start()
     message = str(info.value)
     assert "\n" not in message
-    for part in (str(tmp_path / "a"), str(tmp_path / "p"), str(no_system_libvaccel),
-                 "find_library", "install vAccel", "--libvaccel PATH", "--backend noop"):
+    for part in (
+        str(tmp_path / "a"),
+        str(tmp_path / "p"),
+        str(no_system_libvaccel),
+        "find_library",
+        "install vAccel",
+        "--libvaccel PATH",
+        "--backend noop",
+    ):
         assert part in message
     with pytest.raises(LibvaccelNotFound, match=r"--libvaccel .*nowhere.*--backend noop"):
         find_libvaccel(str(tmp_path / "nowhere"))
@@ -318,8 +325,12 @@ def test_genop_image_classification(
     assert (call["nr_read"], call["nr_write"]) == ("2", "2")
     args = [line.split()[1:] for line in calls.lines() if line.startswith("vaccel_genop ")][1:]
     sizes = [(a[0].split("[")[0], next(f for f in a if f.startswith("size="))) for a in args]
-    assert sizes == [("read", "size=4"), ("read", f"size={len(image)}"),
-                     ("write", "size=100"), ("write", "size=64")]
+    assert sizes == [
+        ("read", "size=4"),
+        ("read", f"size={len(image)}"),
+        ("write", "size=100"),
+        ("write", "size=64"),
+    ]
     # the arg type travels in the 0.6+ layouts (0.5 has no type field)
     types = [next(f for f in a if f.startswith("type=")) for a in args[:2]]
     assert types == (["type=0", "type=0"] if generation == "0.5" else ["type=5", "type=27"])
@@ -351,13 +362,19 @@ def test_exec(generation: str, started: Callable[..., Any], calls: Calls) -> Non
 @pytest.mark.parametrize("generation", GENERATIONS)
 @pytest.mark.parametrize(
     ("code", "status", "name"),
-    [(22, StatusCode.INVALID_ARGUMENT, "VACCEL_EINVAL"),
-     (71, StatusCode.INTERNAL, "VACCEL_EBACKEND"),
-     (104, StatusCode.INTERNAL, "VACCEL_ESESS")],
+    [
+        (22, StatusCode.INVALID_ARGUMENT, "VACCEL_EINVAL"),
+        (71, StatusCode.INTERNAL, "VACCEL_EBACKEND"),
+        (104, StatusCode.INTERNAL, "VACCEL_ESESS"),
+    ],
 )
 def test_library_failure_becomes_status(
-    generation: str, code: int, status: StatusCode, name: str,
-    started: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+    generation: str,
+    code: int,
+    status: StatusCode,
+    name: str,
+    started: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     backend, _ = started(generation)
     handle = backend.session_create(1, 0)
@@ -454,7 +471,9 @@ def test_concurrency_rules(
 @pytest.mark.anyio
 @pytest.mark.parametrize("generation", ["0.5", "current"])
 async def test_end_to_end_over_ttrpc(
-    generation: str, make_double: Callable[[str], Any], calls: Calls,
+    generation: str,
+    make_double: Callable[[str], Any],
+    calls: Calls,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from vaccelray.protocol._pb import vaccel_pb2 as pb
@@ -464,7 +483,8 @@ async def test_end_to_end_over_ttrpc(
     double = make_double(generation)
     monkeypatch.setenv("VDOUBLE_TAG", "tag from the double")
     config = WorkerConfig(
-        addresses=("tcp://127.0.0.1:0",), backend=str(double.plugin),
+        addresses=("tcp://127.0.0.1:0",),
+        backend=str(double.plugin),
         libvaccel=str(double.libvaccel),
     )
     async with run_worker(config) as worker, connect(worker.addresses[0]) as client:
@@ -476,7 +496,8 @@ async def test_end_to_end_over_ttrpc(
         sid = created.session_id
         image = b"cat.jpeg bytes"
         answer = await client.call_message(
-            service, "ImageClassification",
+            service,
+            "ImageClassification",
             pb.ImageClassificationRequest(session_id=sid, image=image),
             pb.ImageClassificationResponse,
         )
@@ -485,7 +506,8 @@ async def test_end_to_end_over_ttrpc(
         assert int(call["len_img"]) == len(image)
 
         genop = await client.call_message(
-            "vaccel.sync.agent.AgentService", "Genop",
+            "vaccel.sync.agent.AgentService",
+            "Genop",
             pb.GenopRequest(
                 session_id=sid,
                 read_args=[
@@ -502,7 +524,8 @@ async def test_end_to_end_over_ttrpc(
         monkeypatch.setenv("VDOUBLE_FAIL_CLASSIFY", "71")
         with pytest.raises(RPCError) as info:
             await client.call_message(
-                service, "ImageClassification",
+                service,
+                "ImageClassification",
                 pb.ImageClassificationRequest(session_id=sid, image=image),
                 pb.ImageClassificationResponse,
             )
@@ -511,7 +534,8 @@ async def test_end_to_end_over_ttrpc(
         monkeypatch.setenv("VDOUBLE_FAIL_CLASSIFY", "22")
         with pytest.raises(RPCError) as info:
             await client.call_message(
-                service, "ImageClassification",
+                service,
+                "ImageClassification",
                 pb.ImageClassificationRequest(session_id=sid, image=image),
                 pb.ImageClassificationResponse,
             )
@@ -524,4 +548,3 @@ async def test_end_to_end_over_ttrpc(
         )
         assert len(calls.named(worker.backend.lib.generation.release)) == 1
     _no_bad_args(calls)
-

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import anyio
 
 from vaccelray.agent_client import AgentClient
 from vaccelray.embedded import embedded_worker
@@ -13,30 +15,51 @@ __all__ = ["classify_images"]
 
 
 async def classify_images(
-    images: Sequence[bytes], address: str | None, *, timeout: float | None = None
+    images: Sequence[bytes],
+    address: str | None,
+    *,
+    timeout: float | None = None,
+    concurrency: int = 1,
+    progress: Callable[[int], object] | None = None,
 ) -> list[str | RPCError]:
     """The tag of each image, or the error its call ended with, in order.
 
-    One vAccel session is used for all images. With *address* None an
-    embedded worker serves the calls.
+    *concurrency* vAccel sessions (one connection) classify the images, each
+    taking the next image when done with one; *progress(i)* is called as
+    image *i* is done. With *address* None an embedded worker serves the calls.
     """
     if address is None:
         async with embedded_worker() as worker:
-            return await _classify_at(worker.addresses[0], images, timeout)
-    return await _classify_at(address, images, timeout)
+            return await _classify_at(worker.addresses[0], images, timeout, concurrency, progress)
+    return await _classify_at(address, images, timeout, concurrency, progress)
 
 
-async def _classify_at(address: str, images: Sequence[bytes], timeout: float | None) -> list[str | RPCError]:
-    async with connect(address) as client:
-        agent = AgentClient(client, timeout=timeout)
+async def _classify_at(
+    address: str,
+    images: Sequence[bytes],
+    timeout: float | None,
+    concurrency: int = 1,
+    progress: Callable[[int], object] | None = None,
+) -> list[str | RPCError]:
+    results: list[str | RPCError | None] = [None] * len(images)
+    todo = iter(range(len(images)))
+
+    async def lane(agent: AgentClient) -> None:
         session = await agent.create_session()
-        results: list[str | RPCError] = []
         try:
-            for image in images:
+            for i in todo:
                 try:
-                    results.append(await agent.classify(session, image))
+                    results[i] = await agent.classify(session, images[i])
                 except RPCError as exc:
-                    results.append(exc)
+                    results[i] = exc
+                if progress is not None:
+                    progress(i)
         finally:
             await agent.destroy_session(session)
-        return results
+
+    async with connect(address) as client:
+        agent = AgentClient(client, timeout=timeout)
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(1, min(concurrency, len(images)))):
+                tg.start_soon(lane, agent)
+    return [r if r is not None else RPCError(2, "not classified") for r in results]

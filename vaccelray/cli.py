@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -14,6 +16,7 @@ import anyio
 import click
 
 from vaccelray import __version__
+from vaccelray.allocator import keep_heap
 from vaccelray.errors import ConnectError, RPCError, TransportError, VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -31,6 +34,9 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
     )
+    # Life-cycle lines (backend, "Listening on", shutdown) show at any level:
+    # scripts wait for the ready line; --log-level quietens per-call events.
+    logging.getLogger("vaccelray.worker").setLevel(logging.INFO)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -130,6 +136,26 @@ own directory, /usr/local/lib, then the system linker's search path.
     type=click.IntRange(1),
     help="Calls this worker runs at once, as told to schedulers.  [default: CPU count]",
 )
+@click.option(
+    "--pool-size",
+    type=click.IntRange(0),
+    help="Processes running offloaded tasks; 0 serves no task service.  [default: CPU count]",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="File holding the cluster token callers of the task service must present "
+    "(else VACCELRAY_TOKEN). Required to accept tasks on a non-loopback address.",
+)
+@click.option(
+    "--protect-vaccel",
+    is_flag=True,
+    help="Ask the cluster token of vAccel agent calls too (open by default).",
+)
+@click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="PEM", help="Serve TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), metavar="PEM",
+              help="Key of --tls-cert (when not in the same file).")
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def worker(
     addresses: tuple[str, ...],
@@ -140,11 +166,18 @@ def worker(
     announce: bool | None,
     interface: str | None,
     capacity: int | None,
+    pool_size: int | None,
+    token_file: str | None,
+    protect_vaccel: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
     log_level: str,
 ) -> None:
+    from vaccelray.auth import load_token
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
 
     _setup_logging(log_level)
+    keep_heap()
     if not addresses:
         addresses = (os.environ.get("VACCEL_AGENT_ENDPOINT") or DEFAULT_WORKER_ADDRESS,)
     for address in addresses:
@@ -158,7 +191,17 @@ def worker(
         announce=announce,
         interface=interface,
         capacity=capacity,
+        pool_size=pool_size,
+        protect_vaccel=protect_vaccel,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
+    if tls_key and not tls_cert:
+        _fail("--tls-key needs --tls-cert", EXIT_USAGE)
+    try:
+        config = dataclasses.replace(config, token=load_token(None, token_file))
+    except VaccelrayError as exc:
+        _fail(str(exc), EXIT_USAGE)
 
     async def serve_until_signalled() -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -203,9 +246,23 @@ def submit() -> None:
     show_default=True,
     help="Seconds allowed for each call.",
 )
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object per image: {"path", "tag"} or {"path", "error"}.')
+@click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
+              help="Images classified at once (one vAccel session each).")
 @click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
-def classify(images: tuple[Path, ...], address: str | None, timeout: float, log_level: str) -> None:
-    """Classify IMAGES; prints one line per image: PATH: TAGS."""
+def classify(
+    images: tuple[Path, ...],
+    address: str | None,
+    timeout: float,
+    as_json: bool,
+    concurrency: int,
+    log_level: str,
+) -> None:
+    """Classify IMAGES; prints one line per image: PATH: TAGS.
+
+    A progress bar is shown on a terminal for more than a few images.
+    """
     from vaccelray.addressing import resolve_address
     from vaccelray.classify import classify_images
 
@@ -219,21 +276,248 @@ def classify(images: tuple[Path, ...], address: str | None, timeout: float, log_
     target = resolve_address(address)
     if target is not None:
         _check_endpoint(target)
-    try:
-        results = _run(
-            lambda: classify_images([data for _, data in payloads], target, timeout=timeout)
-        )
-    except ConnectError as exc:
-        _fail(
-            f"{exc} (is a worker running there? start one with: vaccelray worker)", EXIT_UNREACHABLE
-        )
-    except (RPCError, TransportError, VaccelrayError) as exc:
-        _fail(str(exc), EXIT_FAILED)
+    show_bar = len(payloads) > 3 and sys.stderr.isatty()
+    with click.progressbar(
+        length=len(payloads), label="Classifying", file=sys.stderr, hidden=not show_bar
+    ) as bar:
+        try:
+            results = _run(
+                lambda: classify_images(
+                    [data for _, data in payloads], target, timeout=timeout,
+                    concurrency=concurrency, progress=lambda _: bar.update(1),
+                )
+            )
+        except ConnectError as exc:
+            bar.render_finish()
+            _fail(
+                f"{exc} (is a worker running there? start one with: vaccelray worker)",
+                EXIT_UNREACHABLE,
+            )
+        except (RPCError, TransportError, VaccelrayError) as exc:
+            bar.render_finish()
+            _fail(str(exc), EXIT_FAILED)
     failed = False
     for (path, _), result in zip(payloads, results, strict=True):
         if isinstance(result, RPCError):
             failed = True
-            click.echo(f"vaccelray: {path}: {result}", err=True)
+            if as_json:
+                click.echo(json.dumps({"path": str(path), "error": str(result)}))
+            else:
+                click.echo(f"vaccelray: {path}: {result}", err=True)
+        elif as_json:
+            click.echo(json.dumps({"path": str(path), "tag": result}))
         else:
             click.echo(f"{path}: {result}")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _parse_arg(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@submit.command("run")
+@click.argument("target", metavar="MODULE:FUNCTION")
+@click.argument("args", nargs=-1)
+@click.option("-a", "--address", metavar="ENDPOINT", help="Worker or scheduler to use.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True),
+              help="Seconds the task may take.  [default: no limit]")
+@click.option("--retries", type=click.IntRange(0), default=0, show_default=True,
+              help="Times the task is run again when its worker is lost.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--token-file", type=click.Path(dir_okay=False), metavar="PATH",
+              help="File holding the cluster token (else VACCELRAY_TOKEN).")
+@click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
+def run(
+    target: str,
+    args: tuple[str, ...],
+    address: str | None,
+    timeout: float | None,
+    retries: int,
+    as_json: bool,
+    token_file: str | None,
+    log_level: str,
+) -> None:
+    """Run MODULE:FUNCTION(ARGS...) on a worker and print its result.
+
+    Each ARG is parsed as JSON when it can be (3, 2.5, true, '[1, 2]') and
+    passed as a string otherwise. MODULE is imported here, with the current
+    directory on the path; a module from the current directory is shipped to
+    the worker by value, so the worker needs only what it imports. A task
+    that raises prints the remote traceback and exits 1.
+    """
+    import importlib
+
+    import cloudpickle  # type: ignore[import-untyped]
+
+    from vaccelray.auth import load_token
+    from vaccelray.client import Client, SerializationError, TaskError, offload
+    from vaccelray.client.remote import RemoteFunction
+
+    _setup_logging(log_level)
+    module_name, _, qualname = target.partition(":")
+    if not module_name or not qualname:
+        _fail(f"expected MODULE:FUNCTION, got {target!r}", EXIT_USAGE)
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        _fail(f"cannot import {module_name}: {type(exc).__name__}: {exc}", EXIT_USAGE)
+    fn: object = module
+    for part in qualname.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        _fail(f"{module_name} has no function {qualname}", EXIT_USAGE)
+    source = getattr(module, "__file__", None)
+    if source and Path(source).resolve().is_relative_to(Path.cwd().resolve()):
+        cloudpickle.register_pickle_by_value(module)
+    changes: dict[str, object] = {"retries": retries}
+    if timeout is not None:
+        changes["timeout"] = timeout
+    remote = fn.options(**changes) if isinstance(fn, RemoteFunction) else offload(fn, **changes)
+    if target_address := address:
+        _check_endpoint(target_address)
+    try:
+        client = Client(address, token=load_token(None, token_file))
+    except ConnectError as exc:
+        _fail(f"{exc} (is a worker running there? start one with: vaccelray worker)",
+              EXIT_UNREACHABLE)
+    except VaccelrayError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    with client:
+        try:
+            result = client.submit(remote, *[_parse_arg(a) for a in args]).result()
+        except SerializationError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except ConnectError as exc:
+            _fail(str(exc), EXIT_UNREACHABLE)
+        except TaskError as exc:
+            if exc.remote_traceback:
+                click.echo(exc.remote_traceback.rstrip(), err=True)
+            _fail(str(exc) if not exc.remote_type else f"{qualname} failed", EXIT_FAILED)
+        except VaccelrayError as exc:
+            _fail(str(exc), EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(result, default=repr))
+    else:
+        click.echo(result if isinstance(result, str) else repr(result))
+    sys.exit(EXIT_OK)
+
+
+SCHEDULER_HELP = """Route vAccel sessions over many workers.
+
+Serves the vAccel agent protocol itself: a vAccel client (or
+'vaccelray submit --address') pointed at the scheduler sees one agent.
+Each session is created on the least-loaded healthy worker and stays
+there; when that worker is lost, the session is re-created on another one
+(calls in flight at that moment fail with UNAVAILABLE). Stops gracefully
+on SIGINT/SIGTERM.
+
+\b
+Workers: --worker ENDPOINT (repeatable), plus those announced with
+zeroconf (_vaccelray._tcp) unless --no-discover. Every worker is
+health-checked twice a second; one that does not answer leaves routing.
+"""
+
+
+@main.command(help=SCHEDULER_HELP)
+@click.option(
+    "-a",
+    "--address",
+    "addresses",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Endpoint to listen on (repeatable).  [default: tcp://127.0.0.1:8190]",
+)
+@click.option(
+    "--worker", "workers", multiple=True, metavar="ENDPOINT", help="A worker to use (repeatable)."
+)
+@click.option(
+    "--discover/--no-discover",
+    default=True,
+    show_default=True,
+    help="Find workers with zeroconf.",
+)
+@click.option("--interface", metavar="IP", help="Browse zeroconf only on this interface.")
+@click.option(
+    "--health-interval",
+    type=click.FloatRange(0.05),
+    default=0.5,
+    show_default=True,
+    help="Seconds between health checks of each worker.",
+)
+@click.option(
+    "--health-timeout",
+    type=click.FloatRange(0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds a worker has to answer a health check.",
+)
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def scheduler(
+    addresses: tuple[str, ...],
+    workers: tuple[str, ...],
+    discover: bool,
+    interface: str | None,
+    health_interval: float,
+    health_timeout: float,
+    log_level: str,
+) -> None:
+    from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
+
+    _setup_logging(log_level)
+    keep_heap()
+    addresses = addresses or (DEFAULT_SCHEDULER_ADDRESS,)
+    for address in (*addresses, *workers):
+        _check_endpoint(address)
+    config = SchedulerConfig(
+        addresses=addresses,
+        workers=workers,
+        discover=discover,
+        interface=interface,
+        health_interval=health_interval,
+        health_timeout=health_timeout,
+    )
+
+    async def serve_until_signalled() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with run_scheduler(config):
+                async for signum in signals:
+                    log.info("Received %s", signal.Signals(signum).name)
+                    break
+
+    try:
+        _run(serve_until_signalled)
+    except OSError as exc:
+        _fail(f"cannot listen: {exc.strerror or exc}", EXIT_FAILED)
+    except VaccelrayError as exc:
+        _fail(str(exc), EXIT_FAILED)
+
+
+@main.command()
+@click.option(
+    "-a",
+    "--address",
+    metavar="ENDPOINT",
+    help="Scheduler or worker to ask.  [default: VACCELRAY_ADDRESS, else tcp://127.0.0.1:8190]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True
+)
+def status(address: str | None, as_json: bool, timeout: float) -> None:
+    """Show the workers a scheduler sees (health, load, sessions, backend), or one worker."""
+    from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS
+    from vaccelray.status import fetch_status, render, to_json
+
+    target = address or os.environ.get("VACCELRAY_ADDRESS") or DEFAULT_SCHEDULER_ADDRESS
+    _check_endpoint(target)
+    try:
+        result = _run(lambda: fetch_status(target, timeout=timeout))
+    except ConnectError as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
+    except (RPCError, TransportError, VaccelrayError) as exc:
+        _fail(str(exc), EXIT_FAILED)
+    click.echo(to_json(result) if as_json else render(result))

@@ -138,7 +138,7 @@ class Cancelled(msgspec.Struct, array_like=True, frozen=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_reply_decoder: msgspec.msgpack.Decoder[TaskReply] = msgspec.msgpack.Decoder(TaskReply)  # type: ignore[arg-type]
+_reply_decoder: msgspec.msgpack.Decoder[TaskReply] = msgspec.msgpack.Decoder(TaskReply)
 
 
 def encode(message: msgspec.Struct) -> bytes:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
+from vaccelray.auth import server_ssl_context
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.server import Server, Service, serve
 from vaccelray.worker.agent import Agent
+from vaccelray.worker.announce import announce_until, plan_announcement
 from vaccelray.worker.backend import Backend
 from vaccelray.worker.backends import load_backend
+from vaccelray.worker.info import InfoService
+from vaccelray.worker.tasks import TaskService, run_task_service
 
 __all__ = ["DEFAULT_WORKER_ADDRESS", "Worker", "WorkerConfig", "run_worker"]
 
@@ -34,6 +38,22 @@ class WorkerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     #: Seconds calls in flight get to finish on shutdown.
     grace: float = 5.0
+    #: zeroconf announcement: True, False, or None = only when a TCP listener is not
+    #: loopback or ``interface`` is set (see ``vaccelray.worker.announce``).
+    announce: bool | None = None
+    #: Announce on (and advertise) only this interface address.
+    interface: str | None = None
+    #: Calls the worker runs at once, as reported to schedulers; None = CPU count.
+    capacity: int | None = None
+    #: Processes of the task pool; None = one per CPU, 0 = no task service.
+    pool_size: int | None = None
+    #: The cluster token callers of the task service present (see ``vaccelray.auth``).
+    token: str | None = field(default=None, repr=False)
+    #: Ask the token of vAccel agent calls too (they are data only, open by default).
+    protect_vaccel: bool = False
+    #: PEM certificate (and key) to serve TLS on every listener.
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass
@@ -44,6 +64,8 @@ class Worker:
     backend: Backend
     agent: Agent
     server: Server
+    info: InfoService | None = None
+    tasks: TaskService | None = None
 
     @property
     def addresses(self) -> list[str]:
@@ -82,16 +104,29 @@ async def run_worker(
     try:
         agent = Agent(backend)
         log.info("Backend: %s", backend.describe())
-        services = [*agent.services(), *extra_services]
-        async with serve(
-            services, config.addresses, max_message_size=config.max_message_size, grace=config.grace
-        ) as server:
+        info = InfoService(agent, capacity=config.capacity)
+        services = [*agent.services(), info.service(), *extra_services]
+        tls = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        async with run_task_service(
+            agent, services, config.addresses, pool_size=config.pool_size, token=config.token,
+            protect_vaccel=config.protect_vaccel, max_message_size=config.max_message_size,
+        ) as runtime, serve(
+            runtime.services, config.addresses, max_message_size=config.max_message_size,
+            grace=config.grace, ssl=tls,
+        ) as server, anyio.create_task_group() as announcer:
+            info.server = server
             for address in server.addresses:
                 log.info("Listening on %s", address)
+            stop_announcing = anyio.Event()
+            plan = plan_announcement(server.addresses, config.interface)
+            wanted = config.announce or config.interface or (plan and not plan.loopback_only)
+            if plan is not None and config.announce is not False and wanted:
+                announcer.start_soon(announce_until, info.info(), plan, stop_announcing)
             try:
-                yield Worker(config, backend, agent, server)
+                yield Worker(config, backend, agent, server, info, runtime.tasks)
             finally:
                 log.info("Shutting down")
+                stop_announcing.set()
         agent.release_all()
     finally:
         await _close_backend(backend)

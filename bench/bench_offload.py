@@ -1,0 +1,201 @@
+"""Offload overhead, side by side with Ray when Ray is installed.
+
+    python bench/bench_offload.py [--quick]
+
+Measures, against a ``vaccelray worker --backend noop`` process on a unix
+socket (like Ray's driver talking to its raylet), with the worker's default
+pool (one process per CPU):
+
+* sync no-op round trip: ``f.remote().result()`` in a loop (tasks/s, p50)
+* 10,000 async no-op tasks: submit all, then ``get`` all (tasks/s)
+* 1 MiB argument echo, one at a time (tasks/s)
+* cold start: ``init()`` with an embedded worker + the first result, in a fresh process
+* idle RSS of the worker process and its pool processes (and their PSS)
+
+Ray is never a dependency: without it, the anchors measured on the
+reference machine (DESIGN.md §10) are printed instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RAY_ANCHORS = {
+    "sync": "~500 tasks/s, p50 1.8 ms",
+    "async": "~1,800 tasks/s",
+    "cold": "2.6 s",
+    "rss": "~770 MiB over 10 processes",
+    "echo": "(Go ttrpc 1 MiB echo, 1 in flight: ~140 calls/s)",
+}
+
+
+def noop() -> None:
+    return None
+
+
+def echo(data: bytes) -> bytes:
+    return data
+
+
+def start_worker(address: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vaccelray", "worker", "-a", address, "--backend", "noop",
+         "--log-level", "info", "--no-announce"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "Listening on" in line:
+            break
+    threading.Thread(target=lambda: [None for _ in process.stderr or ()], daemon=True).start()
+    return process
+
+
+def memory(pid: int) -> tuple[float, float]:
+    """RSS and PSS of *pid* and its children, in MiB."""
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    rss = pss = 0
+    for p in pids:
+        text = Path(f"/proc/{p}/smaps_rollup").read_text()
+        rss += int(re.search(r"^Rss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+        pss += int(re.search(r"^Pss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+    return rss / 1024, pss / 1024
+
+
+COLD = """
+import time, sys
+t0 = time.perf_counter()
+import vaccelray
+def noop(): return None
+vaccelray.init(backend="noop")
+vaccelray.get(vaccelray.offload(noop).remote())
+print(time.perf_counter() - t0)
+vaccelray.shutdown()
+"""
+
+
+def cold_start(runs: int) -> list[float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VACCELRAY_", "VACCEL_"))}
+    times = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", COLD], capture_output=True, text=True, env=env,
+                             check=True)
+        times.append(float(out.stdout.strip().splitlines()[-1]))
+    return times
+
+
+def bench_vaccelray(quick: bool) -> dict[str, str]:
+    import vaccelray
+
+    n_sync, n_async, n_echo = (1000, 2000, 100) if quick else (5000, 10000, 500)
+    results: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = start_worker(f"unix://{tmp}/worker.sock")
+        try:
+            time.sleep(1.0)  # let the pool finish starting
+            with vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
+                f, e = vaccelray.offload(noop), vaccelray.offload(echo)
+                for _ in range(200):
+                    client.submit(f).result()
+                lat = []
+                start = time.perf_counter()
+                for _ in range(n_sync):
+                    t = time.perf_counter()
+                    client.submit(f).result()
+                    lat.append(time.perf_counter() - t)
+                rate = n_sync / (time.perf_counter() - start)
+                results["sync"] = f"{rate:,.0f} tasks/s, p50 {statistics.median(lat) * 1e3:.2f} ms"
+
+                start = time.perf_counter()
+                vaccelray.get([client.submit(f) for _ in range(n_async)])
+                results["async"] = f"{n_async / (time.perf_counter() - start):,.0f} tasks/s"
+
+                blob = os.urandom(1 << 20)
+                assert client.submit(e, blob).result() == blob
+                start = time.perf_counter()
+                for _ in range(n_echo):
+                    client.submit(e, blob).result()
+                results["echo"] = f"{n_echo / (time.perf_counter() - start):,.0f} tasks/s"
+            time.sleep(0.5)
+            rss, pss = memory(worker.pid)
+            results["rss"] = f"{rss:.0f} MiB RSS ({pss:.0f} MiB PSS), worker + pool"
+        finally:
+            worker.terminate()
+            worker.wait(10)
+    colds = cold_start(3 if quick else 5)
+    results["cold"] = f"{statistics.median(colds):.3f} s (median of {len(colds)})"
+    return results
+
+
+def bench_ray(quick: bool) -> dict[str, str]:
+    import ray
+
+    n_sync, n_async, n_echo = (1000, 2000, 100) if quick else (5000, 10000, 500)
+    results: dict[str, str] = {}
+    start = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    f, e = ray.remote(noop), ray.remote(echo)
+    ray.get(f.remote())
+    results["cold"] = f"{time.perf_counter() - start:.3f} s"
+    for _ in range(200):
+        ray.get(f.remote())
+    lat = []
+    start = time.perf_counter()
+    for _ in range(n_sync):
+        t = time.perf_counter()
+        ray.get(f.remote())
+        lat.append(time.perf_counter() - t)
+    rate = n_sync / (time.perf_counter() - start)
+    results["sync"] = f"{rate:,.0f} tasks/s, p50 {statistics.median(lat) * 1e3:.2f} ms"
+    start = time.perf_counter()
+    ray.get([f.remote() for _ in range(n_async)])
+    results["async"] = f"{n_async / (time.perf_counter() - start):,.0f} tasks/s"
+    blob = os.urandom(1 << 20)
+    start = time.perf_counter()
+    for _ in range(n_echo):
+        ray.get(e.remote(blob))
+    results["echo"] = f"{n_echo / (time.perf_counter() - start):,.0f} tasks/s"
+    ray.shutdown()
+    results["rss"] = "(see DESIGN.md §10)"
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    args = parser.parse_args()
+    ours = bench_vaccelray(args.quick)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("ray not installed; Ray figures are the DESIGN.md §10 anchors")
+        theirs = RAY_ANCHORS
+    else:
+        theirs = bench_ray(args.quick)
+    labels = {
+        "sync": "sync no-op round trip",
+        "async": "10,000 async no-op tasks" if not args.quick else "2,000 async no-op tasks",
+        "echo": "1 MiB argument echo",
+        "cold": "cold start + first result",
+        "rss": "idle memory, worker + pool",
+    }
+    print(f"CPUs: {os.cpu_count()}  python {sys.version.split()[0]}")
+    print(f"{'':28} {'vaccelray':44} ray")
+    for key, label in labels.items():
+        print(f"{label:28} {ours[key]:44} {theirs[key]}")
+
+
+if __name__ == "__main__":
+    main()

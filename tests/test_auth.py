@@ -1,0 +1,173 @@
+"""The cluster token and TLS, against real worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vaccelray
+from tests.conftest import WorkerProcess, start_worker
+from vaccelray.auth import TokenCheck, is_loopback, load_token, token_metadata
+from vaccelray.client import Client
+from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError
+from vaccelray.protocol import tasks as wire
+from vaccelray.transport import connect
+from vaccelray.transport.server import CallContext
+from vaccelray.worker.noop import NOOP_TAG
+
+TOKEN = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def guarded(token_file: Path) -> Iterator[WorkerProcess]:
+    worker = start_worker(
+        "-a",
+        "tcp://127.0.0.1:0",
+        "--backend",
+        "noop",
+        "--pool-size",
+        "1",
+        "--token-file",
+        str(token_file),
+    )
+    yield worker
+    worker.stop()
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def test_loopback_rules() -> None:
+    for address in (
+        "tcp://127.0.0.1:1",
+        "tcp://[::1]:1",
+        "tcp://localhost:1",
+        "unix:///x",
+        "unix:@y",
+    ):
+        assert is_loopback(address), address
+    for address in ("tcp://0.0.0.0:1", "tcp://10.1.2.3:1", "vsock://3:1", "tcp://example.test:1"):
+        assert not is_loopback(address), address
+    assert not TokenCheck.for_addresses(["tcp://127.0.0.1:0", "unix:@x"], None).required
+    assert TokenCheck.for_addresses(["tcp://127.0.0.1:0"], "t").required
+
+
+def test_exposed_worker_without_token_refuses_everyone(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "vaccelray.auth")
+    check = TokenCheck.for_addresses(["tcp://0.0.0.0:8194"], None)
+    assert check.required
+    assert "without a cluster token" in caplog.text
+    ctx = CallContext(wire.SERVICE, "Submit", token_metadata("anything"), None, "10.0.0.9:5000")
+    with pytest.raises(RPCError) as info:
+        check.check(ctx)
+    assert info.value.code == StatusCode.UNAUTHENTICATED
+    assert "Refused vaccelray.v1.Worker/Submit from 10.0.0.9:5000" in caplog.text
+
+
+def test_load_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VACCELRAY_TOKEN", "from-env")
+    assert load_token("given") == "given"
+    assert load_token() == "from-env"
+    (tmp_path / "t").write_text("from-file\nignored\n")
+    assert load_token(None, tmp_path / "t") == "from-file"
+
+
+def test_tasks_need_the_token_but_vaccel_calls_stay_open(guarded: WorkerProcess) -> None:
+    with Client(guarded.address, token="wrong") as client:
+        with pytest.raises(vaccelray.AuthenticationError, match="wrong cluster token"):
+            client.submit(add, 1, 2).result(timeout=10)
+        assert client.classify(b"\xff\xd8") == NOOP_TAG  # data-only vAccel op: open
+    with Client(guarded.address, token=TOKEN) as client:
+        assert client.submit(add, 1, 2).result(timeout=30) == 3
+    assert "Refused vaccelray.v1.Worker/RegisterFunction" in guarded.text()
+
+
+@pytest.mark.anyio
+async def test_refused_before_the_payload_is_even_decoded(guarded: WorkerProcess) -> None:
+    async with connect(guarded.address) as conn:
+        for metadata in ((), token_metadata("nope")):
+            with pytest.raises(RPCError) as info:
+                await conn.call(
+                    wire.SERVICE, wire.METHOD_SUBMIT, b"\xc1 not msgpack", metadata=metadata
+                )
+            assert info.value.code == StatusCode.UNAUTHENTICATED
+        with pytest.raises(RPCError) as info:
+            await conn.call(
+                wire.SERVICE, wire.METHOD_SUBMIT, b"\xc1", metadata=token_metadata(TOKEN)
+            )
+        assert info.value.code == StatusCode.INVALID_ARGUMENT
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_tls_and_protected_vaccel(tmp_path: Path, token_file: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    worker = start_worker(
+        "-a",
+        "tcp://127.0.0.1:0",
+        "--backend",
+        "noop",
+        "--pool-size",
+        "1",
+        "--token-file",
+        str(token_file),
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--protect-vaccel",
+    )
+    try:
+        with Client(worker.address, token=TOKEN, tls=str(cert)) as client:
+            assert client.submit(add, 2, 3).result(timeout=30) == 5
+            assert client.classify(b"\xff\xd8") == NOOP_TAG
+        with (
+            Client(worker.address, tls=str(cert)) as client,
+            pytest.raises(vaccelray.AuthenticationError),
+        ):
+            client.classify(b"\xff\xd8")
+        no_tls = (ConnectError, TransportError, vaccelray.WorkerLostError)
+        with (
+            pytest.raises(no_tls),
+            Client(worker.address, token=TOKEN, connect_timeout=2) as client,
+        ):
+            client.submit(add, 1, 1).result(timeout=5)
+    finally:
+        worker.stop()

@@ -1,0 +1,281 @@
+"""The offload API against an embedded worker: results, errors, timeouts, crashes, sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import vaccelray
+from vaccelray.client import Client
+from vaccelray.worker.noop import NOOP_TAG
+
+ADDRESS_VARS = ("VACCELRAY_ADDRESS", "VACCEL_RPC_ADDRESS", "VACCEL_RPC_ADDR", "VACCEL_VSOCK")
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    saved = {k: os.environ.pop(k) for k in ADDRESS_VARS if k in os.environ}
+    try:
+        with Client(backend="noop") as c:
+            yield c
+    finally:
+        os.environ.update(saved)
+
+
+@vaccelray.offload
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+@vaccelray.offload
+def pid() -> int:
+    return os.getpid()
+
+
+class Custom(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _helper(x: int) -> None:
+    raise Custom(f"bad {x}", 42)
+
+
+@vaccelray.offload
+def raises(x: int) -> None:
+    _helper(x)
+
+
+@vaccelray.offload(timeout=0.5)
+def sleeps(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke"
+
+
+@vaccelray.offload
+def exits() -> None:
+    os._exit(7)
+
+
+@vaccelray.offload(retries=2)
+def segfaults() -> None:
+    ctypes.string_at(0)
+
+
+@vaccelray.offload
+def classify_here(data: bytes) -> str:
+    return vaccelray.local.classify(data)
+
+
+def test_remote_returns_at_once_and_get_waits(client: Client) -> None:
+    ref = client.submit(sleeps.options(timeout=10), 0.3)
+    assert isinstance(ref, vaccelray.TaskRef)
+    assert not ref.done()
+    assert vaccelray.get(ref) == "woke"
+    assert ref.done()
+
+
+def test_results_lists_and_kwargs(client: Client) -> None:
+    refs = [client.submit(add, i, b=10) for i in range(20)]
+    assert vaccelray.get(refs) == [i + 10 for i in range(20)]
+    assert client.submit(lambda: "plain callables too").result() == "plain callables too"
+
+
+def test_tasks_run_in_pool_processes_not_here(client: Client) -> None:
+    pids = set(vaccelray.get([client.submit(pid) for _ in range(10)]))
+    assert os.getpid() not in pids
+    assert client.embedded
+
+
+def test_taskref_argument_is_resolved_first(client: Client) -> None:
+    first = client.submit(add, 1, 2)
+    assert client.submit(add, first, b=client.submit(add, 10)).result() == 13
+
+
+def test_options_returns_new_object() -> None:
+    changed = sleeps.options(timeout=5, retries=1)
+    assert changed is not sleeps
+    assert changed.task_options.timeout == 5
+    assert changed.task_options.retries == 1
+    assert sleeps.task_options.timeout == 0.5
+    assert sleeps.task_options.retries == 0
+    with pytest.raises(TypeError, match="unknown task option bogus"):
+        sleeps.options(bogus=1)
+    with pytest.raises(ValueError, match="retries"):
+        vaccelray.offload(retries=-1)
+
+
+def test_wait_and_get_timeout(client: Client) -> None:
+    slow = sleeps.options(timeout=10)
+    refs = [client.submit(add, 1), client.submit(slow, 2.0), client.submit(add, 2)]
+    done, pending = vaccelray.wait(refs, num_returns=2, timeout=5)
+    assert done == [refs[0], refs[2]]
+    assert pending == [refs[1]]
+    with pytest.raises(vaccelray.GetTimeoutError):
+        vaccelray.get(refs[1], timeout=0.05)
+    assert refs[1].cancel()
+    with pytest.raises(vaccelray.TaskCancelledError):
+        refs[1].result()
+    assert not refs[0].cancel()
+
+
+def test_remote_exception_is_users_type_and_task_error(client: Client) -> None:
+    with pytest.raises(Custom) as info:
+        client.submit(raises, 3).result()
+    exc = info.value
+    assert isinstance(exc, vaccelray.TaskError)
+    assert str(exc) == "bad 3"
+    assert exc.code == 42  # type: ignore[attr-defined]
+    assert exc.remote_type.endswith("test_offload_api.Custom")
+    # The user's frames only, both of them, and none of vaccelray's.
+    assert "in raises" in exc.remote_traceback
+    assert "in _helper" in exc.remote_traceback
+    assert "vaccelray" not in exc.remote_traceback.replace("vaccelray.offload", "")
+    assert isinstance(exc.__cause__, vaccelray.client.errors.RemoteTraceback)
+
+
+def test_unimportable_exception_type_is_still_a_task_error(client: Client) -> None:
+    def make() -> None:
+        class Local(Exception):
+            pass
+
+        raise Local("nested class")
+
+    with pytest.raises(vaccelray.TaskError, match="nested class"):
+        client.submit(make).result()
+
+
+def test_timeout_kills_the_task_and_the_pool_recovers(client: Client) -> None:
+    started = time.monotonic()
+    with pytest.raises(vaccelray.TaskTimeoutError) as info:
+        client.submit(sleeps, 30).result()
+    assert isinstance(info.value, TimeoutError)
+    assert time.monotonic() - started < 5
+    assert client.submit(add, 2, 2).result() == 4
+
+
+def test_os_exit_fails_that_task_and_the_pool_recovers(client: Client) -> None:
+    with pytest.raises(vaccelray.WorkerLostError, match="exited with status 7"):
+        client.submit(exits).result()
+    assert vaccelray.get([client.submit(add, i) for i in range(4)]) == [0, 1, 2, 3]
+
+
+def test_segfault_is_retried_then_worker_lost(client: Client) -> None:
+    with pytest.raises(vaccelray.WorkerLostError, match=r"SIGSEGV.*tried 3 times"):
+        client.submit(segfaults).result(timeout=30)
+    assert client.submit(add, 5).result() == 5
+
+
+def test_capability_mismatch_fails_at_once(client: Client) -> None:
+    started = time.monotonic()
+    with pytest.raises(vaccelray.CapabilityError, match="needs backend 'onnx'"):
+        client.submit(add.options(backend="onnx"), 1).result(timeout=10)
+    with pytest.raises(vaccelray.CapabilityError, match="needs teleport"):
+        client.submit(add.options(ops=("classify", "teleport")), 1).result(timeout=10)
+    assert time.monotonic() - started < 2
+    assert client.submit(add.options(backend="noop", ops="classify"), 1).result() == 1
+
+
+def test_unpicklable_argument_raises_before_sending_naming_it(client: Client) -> None:
+    lock = threading.Lock()
+    with pytest.raises(vaccelray.SerializationError, match=r"argument 2 <unlocked _thread.lock"):
+        client.submit(add, 1, lock)  # type: ignore[arg-type]
+
+    def uses_lock() -> bool:
+        return lock.locked()
+
+    with pytest.raises(vaccelray.SerializationError, match="its closure variable 'lock'"):
+        client.submit(uses_lock)
+
+
+def test_oversized_arguments_are_refused_here(client: Client) -> None:
+    with pytest.raises(vaccelray.SerializationError, match="MiB"):
+        client.submit(add, b"x" * (5 << 20))  # type: ignore[arg-type]
+
+
+def test_local_classify_in_a_task_and_sessions(client: Client) -> None:
+    assert client.submit(classify_here, b"\xff\xd8image").result() == NOOP_TAG
+    with client.session() as session:
+        assert session.id > 0
+        assert session.classify(b"\xff\xd8image") == NOOP_TAG
+        assert session.run(classify_here, b"\xff\xd8image") == NOOP_TAG
+        # vaccelray.local in a session's task uses that session; elsewhere its own.
+        assert session.run(session_used) == session.id
+        assert client.submit(session_used).result() not in (0, session.id)
+    assert session.id == 0
+
+
+def session_used() -> int:
+    import vaccelray.local
+
+    vaccelray.local.classify(b"\xff\xd8image")
+    return vaccelray.local._agent().session()
+
+
+@pytest.mark.anyio
+async def test_await_ref_in_async_code(client: Client) -> None:
+    refs = [client.submit(add, i, 1) for i in range(50)]
+    assert await refs[0] == 1
+    assert await asyncio.gather(*refs) == [i + 1 for i in range(50)]
+
+
+def test_direct_call_runs_remotely_and_blocks_with_the_default_client() -> None:
+    saved = {k: os.environ.pop(k) for k in ADDRESS_VARS if k in os.environ}
+    try:
+        default = vaccelray.init(backend="noop")
+        assert vaccelray.init() is default
+        assert vaccelray.is_initialized()
+        assert add(2, b=3) == 5
+        assert pid() != os.getpid()
+    finally:
+        vaccelray.shutdown()
+        os.environ.update(saved)
+    assert not vaccelray.is_initialized()
+
+
+def test_public_api_is_exact() -> None:
+    assert sorted(vaccelray.__all__) == sorted(
+        [
+            "AuthenticationError",
+            "CapabilityError",
+            "Client",
+            "GetTimeoutError",
+            "Options",
+            "RemoteFunction",
+            "SerializationError",
+            "Session",
+            "TaskCancelledError",
+            "TaskError",
+            "TaskRef",
+            "TaskTimeoutError",
+            "WorkerLostError",
+            "__version__",
+            "get",
+            "init",
+            "is_initialized",
+            "local",
+            "offload",
+            "shutdown",
+            "wait",
+        ]
+    )
+    for name in vaccelray.__all__:
+        assert getattr(vaccelray, name) is not None
+
+
+def test_import_is_cheap() -> None:
+    code = (
+        "import sys, vaccelray; heavy = [m for m in ('anyio', 'zeroconf', 'vaccelray.worker', "
+        "'vaccelray.client', 'cloudpickle', 'google.protobuf') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,38 @@
+"""The offload API: clients, ``@offload``, TaskRefs, sessions (re-exported by ``vaccelray``)."""
+
+from vaccelray.client.api import Client, Session, default_client, init, is_initialized, shutdown
+from vaccelray.client.errors import (
+    AuthenticationError,
+    CapabilityError,
+    GetTimeoutError,
+    SerializationError,
+    TaskCancelledError,
+    TaskError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+from vaccelray.client.refs import TaskRef, get, wait
+from vaccelray.client.remote import Options, RemoteFunction, offload
+
+__all__ = [
+    "AuthenticationError",
+    "CapabilityError",
+    "Client",
+    "GetTimeoutError",
+    "Options",
+    "RemoteFunction",
+    "SerializationError",
+    "Session",
+    "TaskCancelledError",
+    "TaskError",
+    "TaskRef",
+    "TaskTimeoutError",
+    "WorkerLostError",
+    "default_client",
+    "get",
+    "init",
+    "is_initialized",
+    "offload",
+    "shutdown",
+    "wait",
+]

@@ -1,0 +1,171 @@
+"""TaskRef: the handle ``.remote()`` returns at once; ``get``, ``wait``, ``await``."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+from vaccelray.client.errors import GetTimeoutError, TaskCancelledError
+
+if TYPE_CHECKING:
+    from vaccelray.client.core import Core
+
+__all__ = ["TaskRef", "get", "wait"]
+
+R = TypeVar("R")
+
+
+class TaskRef(Generic[R]):
+    """The future result of one task.
+
+    ``ref.result(timeout)`` or ``vaccelray.get(ref)`` blocks for it;
+    ``await ref`` waits for it inside async code (asyncio, or anyio on any
+    backend); ``ref.cancel()`` stops the task. A TaskRef passed as an
+    argument to another ``.remote()`` call is replaced by its result before
+    that task runs.
+    """
+
+    __slots__ = ("_core", "_future", "name", "task_id")
+
+    def __init__(self, core: Core, task_id: str, name: str) -> None:
+        self._core = core
+        self._future: concurrent.futures.Future[R] = concurrent.futures.Future()
+        self.task_id = task_id
+        self.name = name
+
+    def __repr__(self) -> str:
+        if not self._future.done():
+            state = "pending"
+        elif self._future.cancelled() or isinstance(self._future.exception(), TaskCancelledError):
+            state = "cancelled"
+        else:
+            state = "failed" if self._future.exception() is not None else "done"
+        return f"<TaskRef {self.name} {self.task_id} {state}>"
+
+    def done(self) -> bool:
+        """True once the task has a result or an error."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> R:
+        """The task's return value, or raise its error; :class:`GetTimeoutError` after *timeout*."""
+        self._core.check_blocking("TaskRef.result")
+        try:
+            return self._future.result(timeout)
+        except BaseException as exc:
+            # (concurrent.futures.TimeoutError is TimeoutError: tell waiting from the task's error.)
+            if isinstance(exc, TimeoutError) and not self._is_outcome(exc):
+                raise self._get_timeout(timeout) from None
+            # Raised afresh from here: the client's internals stay out of the traceback.
+            raise exc.with_traceback(None)  # noqa: B904
+
+    def _is_outcome(self, exc: BaseException) -> bool:
+        return self._future.done() and self._future.exception(0) is exc
+
+    def _get_timeout(self, timeout: float | None) -> GetTimeoutError:
+        return GetTimeoutError(f"{self.name} did not finish within {timeout or 0:g} s")
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's error (None when it succeeded), waiting like :meth:`result`."""
+        self._core.check_blocking("TaskRef.exception")
+        try:
+            return self._future.exception(timeout)
+        except TimeoutError:
+            raise self._get_timeout(timeout) from None
+
+    def cancel(self) -> bool:
+        """Stop the task (killing its pool process if it runs); False if it already ended.
+
+        Waiting on a cancelled task raises :class:`TaskCancelledError`.
+        """
+        if not _settle(
+            self._future, error=TaskCancelledError(f"{self.name} was cancelled", task=self.name)
+        ):
+            return False
+        self._core.cancel_soon(self)
+        return True
+
+    def add_done_callback(self, callback: Callable[[TaskRef[R]], object]) -> None:
+        """Call *callback(ref)* when the task ends (in the client's thread; keep it short)."""
+        self._future.add_done_callback(lambda _: callback(self))
+
+    def __await__(self) -> Generator[Any, None, R]:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # another async library (anyio on trio): wait in a thread
+            import anyio.to_thread
+
+            return anyio.to_thread.run_sync(self._future.result, abandon_on_cancel=True).__await__()
+        return asyncio.wrap_future(self._future).__await__()
+
+
+def _settle(
+    future: concurrent.futures.Future[Any], result: Any = None, error: BaseException | None = None
+) -> bool:
+    """Set *future*'s outcome unless it already has one; True when this call set it."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        return False
+    return True
+
+
+@overload
+def get(refs: TaskRef[R], *, timeout: float | None = None) -> R: ...
+@overload
+def get(refs: Sequence[TaskRef[R]], *, timeout: float | None = None) -> list[R]: ...
+def get(refs: TaskRef[R] | Sequence[TaskRef[R]], *, timeout: float | None = None) -> R | list[R]:
+    """The result of one task, or the results of a list of tasks in order.
+
+    Raises the first failed task's error (in list order), or
+    :class:`GetTimeoutError` when *timeout* seconds pass first (the tasks go on).
+    Inside async code use ``await ref`` (or ``asyncio.gather(*refs)``) instead.
+    """
+    if isinstance(refs, TaskRef):
+        return refs.result(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    results = []
+    for ref in refs:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            results.append(ref.result(left))
+        except GetTimeoutError:
+            pending = sum(1 for r in refs if not r.done())
+            raise GetTimeoutError(
+                f"{pending} of {len(refs)} tasks did not finish within {timeout:g} s"
+            ) from None
+    return results
+
+
+def wait(
+    refs: Sequence[TaskRef[R]], *, num_returns: int = 1, timeout: float | None = None
+) -> tuple[list[TaskRef[R]], list[TaskRef[R]]]:
+    """Wait until *num_returns* of *refs* are done or *timeout* passes: ``(done, pending)``.
+
+    Both lists keep the order of *refs*; ``done`` holds at most *num_returns*.
+    """
+    if not 0 <= num_returns <= len(refs):
+        raise ValueError(f"num_returns must be between 0 and {len(refs)}, not {num_returns}")
+    if refs:
+        refs[0]._core.check_blocking("wait")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    futures = {ref._future for ref in refs}
+    while sum(1 for f in futures if f.done()) < num_returns:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        concurrent.futures.wait(
+            [f for f in futures if not f.done()],
+            left,
+            return_when=concurrent.futures.FIRST_COMPLETED,
+        )
+    done: list[TaskRef[R]] = []
+    pending: list[TaskRef[R]] = []
+    for ref in refs:
+        (done if ref.done() and len(done) < num_returns else pending).append(ref)
+    return done, pending

@@ -1,0 +1,205 @@
+"""A pool process: runs offloaded functions one at a time, fed over a socket.
+
+Started by :mod:`vaccelray.worker.pool` as ``python -c "...main(FD)"`` with one
+end of a socketpair. It imports only msgspec and cloudpickle (the worker's
+transport, protobuf and backend stay out of it), then loops: read a
+:class:`Run`, call the function, write a :class:`Done`. Frames are a 4-byte
+big-endian length and a MessagePack body.
+
+Functions arrive pickled once per process (``Run.function`` is set the first
+time this process sees a digest) and are kept unpickled by digest. Whatever
+the function does, the worker daemon only ever sees a ``Done`` or this
+process dying (segfault, ``os._exit``), which fails that one task.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import traceback
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final
+
+import cloudpickle  # type: ignore[import-untyped]
+import msgspec
+
+__all__ = ["Done", "ErrorInfo", "Run", "describe_exception", "main"]
+
+#: Done.status values (the same numbers as ``FailureKind``; 0 is success).
+OK: Final = 0
+RAISED: Final = 1
+SERIALIZATION: Final = 3
+REJECTED: Final = 4
+
+_HEADER: Final = struct.Struct(">I")
+
+#: The task's vAccel session id on the worker while it runs (read by ``vaccelray.local``).
+current_session_id = 0
+
+
+class Run(msgspec.Struct, array_like=True, frozen=True):
+    seq: int
+    digest: str
+    name: str
+    #: The pickled function, when this process has not seen ``digest`` yet.
+    function: bytes | None
+    args: bytes
+    session_id: int = 0
+
+
+Scalar = str | int | float | bool | None
+
+
+class ErrorInfo(msgspec.Struct, array_like=True, frozen=True):
+    module: str
+    qualname: str
+    message: str
+    args: tuple[Scalar, ...] | None
+    traceback: str
+    #: The exception's instance attributes that are plain scalars.
+    attributes: dict[str, Scalar] = {}
+
+
+class Done(msgspec.Struct, array_like=True, frozen=True):
+    seq: int
+    status: int
+    result: bytes = b""
+    message: str = ""
+    error: ErrorInfo | None = None
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+_PACKAGE_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_frames(te: traceback.TracebackException) -> None:
+    """Drop vaccelray's own frames from *te* and the exceptions chained to it."""
+    seen: set[int] = set()
+    todo = [te]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        frames = [f for f in current.stack if not f.filename.startswith(_PACKAGE_DIR + os.sep)]
+        current.stack = traceback.StackSummary.from_list(frames)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+def describe_exception(exc: BaseException, tb: TracebackType | None) -> ErrorInfo:
+    """Type, message, plain args and attributes, and the traceback text of the user's frames."""
+    cls = type(exc)
+    args = tuple(exc.args) if all(isinstance(a, _SCALARS) for a in exc.args) else None
+    attributes = {
+        k: v
+        for k, v in getattr(exc, "__dict__", {}).items()
+        if isinstance(k, str) and not k.startswith("__") and isinstance(v, _SCALARS)
+    }
+    try:
+        te = traceback.TracebackException(cls, exc, tb)
+        _user_frames(te)
+        text = "".join(te.format())
+    except Exception:  # pragma: no cover - formatting must never fail the task's report
+        text = "".join(traceback.format_exception(cls, exc, tb))
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not take the pool process down
+        message = f"<{cls.__qualname__} with an unprintable message>"
+    return ErrorInfo(cls.__module__, cls.__qualname__, message, args, text, attributes)
+
+
+class _Runner:
+    def __init__(self) -> None:
+        self.functions: dict[str, Callable[..., Any]] = {}
+
+    def run(self, task: Run) -> Done:
+        global current_session_id
+        fn = self.functions.get(task.digest)
+        if fn is None:
+            if task.function is None:
+                return Done(
+                    task.seq, REJECTED, message=f"function {task.name} was not sent to this process"
+                )
+            try:
+                fn = pickle.loads(task.function)
+            except BaseException as exc:
+                return self._failed(
+                    task, SERIALIZATION, f"cannot load function {task.name} on the worker", exc
+                )
+            self.functions[task.digest] = fn
+        try:
+            args, kwargs = pickle.loads(task.args) if task.args else ((), {})
+        except BaseException as exc:
+            return self._failed(
+                task, SERIALIZATION, f"cannot load the arguments of {task.name} on the worker", exc
+            )
+        current_session_id = task.session_id
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            # Drop this frame: the traceback starts in the user's function.
+            tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+            return Done(
+                task.seq, RAISED, message=f"{task.name} raised", error=describe_exception(exc, tb)
+            )
+        finally:
+            current_session_id = 0
+        try:
+            data = cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as exc:
+            return self._failed(
+                task, SERIALIZATION, f"cannot pickle the result of {task.name}", exc
+            )
+        return Done(task.seq, OK, data)
+
+    @staticmethod
+    def _failed(task: Run, status: int, message: str, exc: BaseException) -> Done:
+        return Done(
+            task.seq, status, message=message, error=describe_exception(exc, exc.__traceback__)
+        )
+
+
+def _read_exactly(stream: Any, size: int) -> bytes | None:
+    data: bytes = stream.read(size)
+    return data if len(data) == size else None
+
+
+def main(fd: int) -> None:
+    """Serve tasks on the socket *fd* until the worker closes it."""
+    # Ctrl-C on the worker's terminal reaches the whole process group: the
+    # worker decides when we stop (by closing the socket), not the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    reader = sock.makefile("rb", buffering=1 << 16)
+    decoder = msgspec.msgpack.Decoder(Run)
+    encoder = msgspec.msgpack.Encoder()
+    runner = _Runner()
+    while True:
+        header = _read_exactly(reader, 4)
+        if header is None:
+            break
+        body = _read_exactly(reader, _HEADER.unpack(header)[0])
+        if body is None:
+            break
+        done = runner.run(decoder.decode(body))
+        try:
+            out = encoder.encode(done)
+        except BaseException as exc:  # an unencodable message: report it, never die
+            out = encoder.encode(
+                runner._failed(
+                    Run(done.seq, "", "", None, b""), SERIALIZATION, "cannot encode the reply", exc
+                )
+            )
+        try:
+            sock.sendall(_HEADER.pack(len(out)) + out)
+        except OSError:
+            break
+    sys.stdout.flush()
+    os._exit(0)

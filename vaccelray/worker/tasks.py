@@ -1,0 +1,229 @@
+"""The task service (``vaccelray.v1.Worker``): offloaded Python functions.
+
+The daemon only moves bytes: it checks the cluster token, keeps pickled
+functions by content hash, checks a task's requirements against its backend,
+and hands the task to the warm process pool (:mod:`vaccelray.worker.pool`).
+It never unpickles anything; pool processes do. A call's ttrpc deadline is
+the task's timeout: when it passes (or the task is cancelled, or the client
+goes away) the pool process running it is killed and replaced.
+
+``vaccelray.local`` inside a task reaches this worker's own backend through
+the vAccel agent service, served again on a private unix socket (in a 0700
+temporary directory) whose address the pool processes get as
+``VACCELRAY_LOCAL_ADDRESS``. So the backend is loaded once, in the daemon
+(one model in memory, one accelerator context), sessions made by tasks are
+the worker's sessions, and pool processes stay small and need no token.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import anyio
+import msgspec
+
+from vaccelray.auth import TokenCheck, protect
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from vaccelray.protocol import tasks as wire
+from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.worker.agent import SERVICE_NAMES, Agent
+from vaccelray.worker.pool import Pool, PoolProcessLost
+from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, Done
+
+__all__ = ["LOCAL_ADDRESS_ENV", "TaskRuntime", "TaskService", "run_task_service"]
+
+log = logging.getLogger("vaccelray.tasks")
+
+#: Where ``vaccelray.local`` in a pool process finds the worker's agent service.
+LOCAL_ADDRESS_ENV: Final = "VACCELRAY_LOCAL_ADDRESS"
+
+_FAILURE: Final = {RAISED: wire.FailureKind.RAISED, SERIALIZATION: wire.FailureKind.SERIALIZATION}
+
+
+def _decode(message_type: type[msgspec.Struct], payload: bytes) -> msgspec.Struct:
+    try:
+        return msgspec.msgpack.decode(payload, type=message_type)
+    except msgspec.DecodeError as exc:
+        raise RPCError(
+            StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
+        ) from exc
+
+
+class TaskService:
+    """Functions cached by digest, tasks running by id, on top of one pool."""
+
+    def __init__(
+        self, pool: Pool, agent: Agent, check: TokenCheck, *, cache_bytes: int = 256 << 20
+    ) -> None:
+        self.pool = pool
+        self.agent = agent
+        self.check = check
+        self.cache_bytes = cache_bytes
+        self.functions: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()
+        self._cached = 0
+        self.running: dict[str, anyio.CancelScope] = {}
+        self._submit_decoder = msgspec.msgpack.Decoder(wire.Submit)
+
+    def service(self) -> Service:
+        return Service(
+            wire.SERVICE,
+            {
+                wire.METHOD_REGISTER: Method(self._register, inline=True),
+                wire.METHOD_SUBMIT: Method(self._submit),
+                wire.METHOD_CANCEL: Method(self._cancel, inline=True),
+            },
+        )
+
+    # -- methods ---------------------------------------------------------------
+
+    def _register(self, payload: bytes, ctx: CallContext) -> bytes:
+        self.check.check(ctx)
+        request = _decode(wire.RegisterFunction, payload)
+        assert isinstance(request, wire.RegisterFunction)
+        if hashlib.sha256(request.pickled).hexdigest() != request.digest:
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT, f"function {request.name}: digest does not match"
+            )
+        if request.digest not in self.functions:
+            self.functions[request.digest] = (request.name, request.pickled)
+            self._cached += len(request.pickled)
+            while self._cached > self.cache_bytes and len(self.functions) > 1:
+                _, (_, dropped) = self.functions.popitem(last=False)
+                self._cached -= len(dropped)
+            log.info(
+                "Registered function %s (%s, %d bytes)",
+                request.name,
+                request.digest[:12],
+                len(request.pickled),
+            )
+        return wire.encode(wire.Registered(request.digest))
+
+    async def _submit(self, payload: bytes, ctx: CallContext) -> bytes:
+        self.check.check(ctx)
+        try:
+            task = self._submit_decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise RPCError(StatusCode.INVALID_ARGUMENT, f"undecodable Submit: {exc}") from exc
+        entry = self.functions.get(task.digest)
+        if entry is None:
+            raise RPCError(StatusCode.NOT_FOUND, f"{wire.UNKNOWN_FUNCTION} {task.digest}")
+        self.functions.move_to_end(task.digest)
+        self._check_requirements(task)
+        scope = anyio.CancelScope()
+        self.running[task.task_id] = scope
+        try:
+            with scope:
+                done = await self.pool.run(
+                    task.digest, task.name, entry[1], task.args, session_id=task.session_id
+                )
+        except PoolProcessLost as exc:
+            return wire.encode(wire.TaskFailed(wire.FailureKind.CRASHED, str(exc)))
+        finally:
+            if self.running.get(task.task_id) is scope:
+                del self.running[task.task_id]
+        if scope.cancelled_caught:
+            log.info("Cancelled task %s (%s)", task.task_id, task.name)
+            raise RPCError(StatusCode.CANCELLED, f"task {task.name} was cancelled")
+        return _reply(done)
+
+    def _check_requirements(self, task: wire.Submit) -> None:
+        backend = self.agent.backend
+        if task.backend and task.backend != backend.name:
+            raise RPCError(
+                StatusCode.FAILED_PRECONDITION,
+                f"{task.name} needs backend {task.backend!r}; this worker has {backend.name!r}",
+            )
+        missing = sorted(set(task.ops) - backend.ops)
+        if missing:
+            raise RPCError(
+                StatusCode.FAILED_PRECONDITION,
+                f"{task.name} needs {', '.join(missing)}; backend {backend.name!r} "
+                f"supports {', '.join(sorted(backend.ops)) or 'nothing'}",
+            )
+        if task.session_id and task.session_id not in self.agent.sessions:
+            raise RPCError(
+                StatusCode.NOT_FOUND, f"unknown session {task.session_id} on this worker"
+            )
+
+    def _cancel(self, payload: bytes, ctx: CallContext) -> bytes:
+        self.check.check(ctx)
+        request = _decode(wire.Cancel, payload)
+        assert isinstance(request, wire.Cancel)
+        stopped = []
+        for task_id in request.task_ids:
+            scope = self.running.get(task_id)
+            if scope is not None:
+                scope.cancel()
+                stopped.append(task_id)
+        return wire.encode(wire.Cancelled(tuple(stopped)))
+
+
+def _reply(done: Done) -> bytes:
+    if done.status == OK:
+        return wire.encode(wire.TaskDone(done.result))
+    kind = _FAILURE.get(done.status, wire.FailureKind.REJECTED)
+    error = None
+    if done.error is not None:
+        e = done.error
+        error = wire.RemoteError(e.module, e.qualname, e.message, e.args, e.traceback, e.attributes)
+    return wire.encode(wire.TaskFailed(kind, done.message, error))
+
+
+@dataclass(frozen=True)
+class TaskRuntime:
+    """What :func:`run_task_service` started: the services to serve, the task service."""
+
+    services: list[Service]
+    tasks: TaskService | None
+
+
+def default_pool_size() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@asynccontextmanager
+async def run_task_service(
+    agent: Agent,
+    services: Sequence[Service],
+    addresses: Sequence[str],
+    *,
+    pool_size: int | None = None,
+    token: str | None = None,
+    protect_vaccel: bool = False,
+    max_message_size: int | None = None,
+) -> AsyncIterator[TaskRuntime]:
+    """Start the pool and its private agent socket; yield *services* plus the task service.
+
+    The token check follows *addresses* (see :class:`vaccelray.auth.TokenCheck`);
+    with *protect_vaccel* the vAccel agent services among *services* check it
+    too. *pool_size* 0 serves no task service; None is one process per CPU.
+    """
+    check = TokenCheck.for_addresses(addresses, token)
+    if protect_vaccel:
+        agent_services = [s for s in services if s.name in SERVICE_NAMES]
+        others = [s for s in services if s.name not in SERVICE_NAMES]
+        services = [*protect(agent_services, check), *others]
+    size = default_pool_size() if pool_size is None else pool_size
+    if size == 0:
+        yield TaskRuntime(list(services), None)
+        return
+    limit = DEFAULT_MAX_MESSAGE_SIZE if max_message_size is None else max_message_size
+    with tempfile.TemporaryDirectory(prefix="vaccelray-local-") as tmp:
+        local = f"unix://{Path(tmp) / 'agent.sock'}"
+        async with (
+            serve(agent.services(), [local], grace=0.5, max_message_size=limit),
+            Pool(size, env={LOCAL_ADDRESS_ENV: local}) as pool,
+        ):
+            log.info("Task pool: %d processes", size)
+            tasks = TaskService(pool, agent, check)
+            yield TaskRuntime([*services, tasks.service()], tasks)
