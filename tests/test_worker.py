@@ -18,10 +18,11 @@ from tests.conftest import WorkerProcess
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
-from vaccelray.testing import agent_client
+from vaccelray.testing import agent_client, connected_client
 from vaccelray.transport import connect
-from vaccelray.worker.agent import SERVICE_NAMES
+from vaccelray.worker.agent import SERVICE_NAMES, Agent
 from vaccelray.worker.backend import Backend, Classification, OpType, SessionHandle
+from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NOOP_IMGNAME, NOOP_TAG, NoopBackend
 
 pytestmark = pytest.mark.anyio
@@ -305,7 +306,7 @@ def test_submit_against_a_running_worker(worker_process: WorkerProcess, tmp_path
     assert result.stdout.splitlines() == [f"{image}: {NOOP_TAG}" for image in images]
     result = submit(str(images[0]), env={"VACCEL_RPC_ADDRESS": worker_process.address})
     assert result.returncode == 0, result.stderr
-    assert worker_process.text().count("Created session") == 2
+    assert worker_process.text().count("Classify (top 3)") == 3  # two images, then one
 
 
 def test_submit_with_no_cluster_uses_an_embedded_worker(tmp_path: Path) -> None:
@@ -331,3 +332,44 @@ def test_submit_errors_are_one_line_and_nonzero(tmp_path: Path) -> None:
     bad = submit(str(image), "--address", "http://nowhere")
     assert bad.returncode == 2
     assert "unknown scheme 'http'" in bad.stderr
+
+
+# -- vaccelray.v1.Worker/Classify: scores, no session ------------------------------------
+
+
+class ScoringBackend(NoopBackend):
+    def classify(self, handle: SessionHandle, image: bytes, *, top_k: int = 5) -> Classification:
+        labels = tuple((f"label{n}", 1.0 / (n + 1)) for n in range(10))
+        return Classification(tag=f"label0 for {handle}", labels=labels[:top_k])
+
+
+async def test_classify_method_answers_top_k_with_scores_in_a_shared_session() -> None:
+    from vaccelray.classify import Classified, _Run
+
+    backend = ScoringBackend()
+    agent = Agent(backend)
+    async with connected_client([agent.worker_service(), *agent.services()]) as (client, _):
+        run = _Run([b"a", b"b"], None, 2, 2, None, None)
+        first = await run._classify(client, b"a")
+        assert first == Classified("label0 for 0", (("label0", 1.0), ("label1", 0.5)))
+        with pytest.raises(RPCError) as info:
+            await client.call("vaccelray.v1.Worker", "Classify", b"\x80")
+        assert info.value.code == StatusCode.INVALID_ARGUMENT
+    assert agent.sessions == {}
+    agent.release_all()
+
+
+async def test_classify_images_uses_scores_and_reports_each_image(tmp_path: Path) -> None:
+    from vaccelray.classify import Classified, classify_images
+
+    async with run_worker(
+        WorkerConfig(addresses=(f"unix://{tmp_path}/w.sock",), pool_size=0),
+        backend=ScoringBackend(),
+    ) as worker:
+        done: list[int] = []
+        results = await classify_images(
+            [b"x"] * 5, worker.addresses[0], concurrency=3, top_k=1, progress=done.append
+        )
+    assert results == [Classified("label0 for 0", (("label0", 1.0),))] * 5
+    assert sorted(done) == [0, 1, 2, 3, 4]
+    assert str(results[0]) == "label0 (1.00)"

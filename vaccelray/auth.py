@@ -102,7 +102,7 @@ class TokenCheck:
         exposed = [a for a in addresses if not is_loopback(a)]
         if exposed and token is None:
             log.warning(
-                "Listening on %s without a cluster token: the task service refuses every call "
+                "No cluster token for %s: the task service refuses every call there "
                 "(start the worker with --token-file or VACCELRAY_TOKEN)",
                 ", ".join(exposed),
             )

@@ -30,13 +30,17 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, daemon: str | None = None) -> None:
+    """Log to stderr at *level*; a *daemon*'s life-cycle logger stays at INFO.
+
+    The life-cycle lines (backend, "Listening on", shutdown) show at any level
+    because scripts wait for the ready line; --log-level quietens per-call events.
+    """
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
     )
-    # Life-cycle lines (backend, "Listening on", shutdown) show at any level:
-    # scripts wait for the ready line; --log-level quietens per-call events.
-    logging.getLogger("vaccelray.worker").setLevel(logging.INFO)
+    if daemon is not None:
+        logging.getLogger(f"vaccelray.{daemon}").setLevel(logging.INFO)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -176,7 +180,7 @@ def worker(
     from vaccelray.auth import load_token
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, daemon="worker")
     keep_heap()
     if not addresses:
         addresses = (os.environ.get("VACCEL_AGENT_ENDPOINT") or DEFAULT_WORKER_ADDRESS,)
@@ -246,10 +250,16 @@ def submit() -> None:
     show_default=True,
     help="Seconds allowed for each call.",
 )
-@click.option("--json", "as_json", is_flag=True,
-              help='Print one JSON object per image: {"path", "tag"} or {"path", "error"}.')
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print one JSON object per image: {"path", "tag", "labels"} or {"path", "error"}.',
+)
 @click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
-              help="Images classified at once (one vAccel session each).")
+              help="Images classified at once.")
+@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True,
+              help="Labels shown per image, with scores, where the backend has them.")
 @click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
 def classify(
     images: tuple[Path, ...],
@@ -257,13 +267,17 @@ def classify(
     timeout: float,
     as_json: bool,
     concurrency: int,
+    top_k: int,
     log_level: str,
 ) -> None:
-    """Classify IMAGES; prints one line per image: PATH: TAGS.
+    """Classify IMAGES; prints one line per image: PATH: LABEL (SCORE), ...
+
+    Backends without scores (noop, vAccel plugins) print their tag text.
 
     A progress bar is shown on a terminal for more than a few images.
     """
     from vaccelray.addressing import resolve_address
+    from vaccelray.auth import load_token
     from vaccelray.classify import classify_images
 
     _setup_logging(log_level)
@@ -284,7 +298,8 @@ def classify(
             results = _run(
                 lambda: classify_images(
                     [data for _, data in payloads], target, timeout=timeout,
-                    concurrency=concurrency, progress=lambda _: bar.update(1),
+                    concurrency=concurrency, top_k=top_k, progress=lambda _: bar.update(1),
+                    token=load_token(),
                 )
             )
         except ConnectError as exc:
@@ -305,7 +320,8 @@ def classify(
             else:
                 click.echo(f"vaccelray: {path}: {result}", err=True)
         elif as_json:
-            click.echo(json.dumps({"path": str(path), "tag": result}))
+            labels = [{"label": label, "score": score} for label, score in result.labels]
+            click.echo(json.dumps({"path": str(path), "tag": result.tag, "labels": labels}))
         else:
             click.echo(f"{path}: {result}")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
@@ -467,7 +483,7 @@ def scheduler(
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, daemon="scheduler")
     keep_heap()
     addresses = addresses or (DEFAULT_SCHEDULER_ADDRESS,)
     for address in (*addresses, *workers):

@@ -13,11 +13,15 @@ __all__ = ["embedded_worker"]
 
 
 @asynccontextmanager
-async def embedded_worker(backend: str | None = None) -> AsyncIterator[Worker]:
-    """A worker serving on ``unix://<private temp dir>/worker.sock`` while the block runs."""
+async def embedded_worker(
+    backend: str | None = None, *, pool_size: int | None = None
+) -> AsyncIterator[Worker]:
+    """A worker serving on ``unix://<private temp dir>/worker.sock`` while the block runs.
+
+    *pool_size* 0 starts no task pool (for callers that only use the vAccel agent).
+    """
     with tempfile.TemporaryDirectory(prefix="vaccelray-") as tmp:
         address = f"unix://{Path(tmp) / 'worker.sock'}"
-        async with run_worker(
-            WorkerConfig(addresses=(address,), backend=backend, grace=1.0)
-        ) as worker:
+        config = WorkerConfig(addresses=(address,), backend=backend, grace=1.0, pool_size=pool_size)
+        async with run_worker(config) as worker:
             yield worker

@@ -374,3 +374,10 @@ async def test_connect_refused_is_connect_error(go_server_process: tuple[Any, st
     with pytest.raises(ConnectError):
         async with connect(address, connect_timeout=2.0):
             pass
+
+
+async def test_classify_falls_back_to_the_agent_protocol_on_a_plain_agent(go_server: str) -> None:
+    from vaccelray.classify import Classified, classify_images
+
+    results = await classify_images([b"one", b"two", b"three"], go_server, concurrency=2)
+    assert results == [Classified("This is a dummy classification tag!")] * 3

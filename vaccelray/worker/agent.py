@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
 import anyio
+import msgspec
 from google.protobuf.message import DecodeError
 
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.classify import CLASSIFY_METHOD, ClassifyReply, ClassifyRequest
+from vaccelray.protocol.info import WORKER_SERVICE, decode, encode
 from vaccelray.transport.server import CallContext, Method, Service
-from vaccelray.worker.backend import Arg, Backend, SessionHandle
+from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
 
 __all__ = ["SERVICE_NAMES", "Agent", "AgentSession"]
 
@@ -86,6 +90,9 @@ class Agent:
         self.resources: dict[int, Resource] = {}
         self._session_ids = itertools.count(1)
         self._resource_ids = itertools.count(1)
+        # One backend session for session-less calls; a 1-tuple once opened (a handle may be None).
+        self._shared: tuple[SessionHandle] | None = None
+        self._shared_lock = threading.Lock()
 
     # -- service -------------------------------------------------------------
 
@@ -102,6 +109,10 @@ class Agent:
         }
         methods = {name: self._method(plan) for name, plan in planners.items()}
         return [Service(name, methods) for name in SERVICE_NAMES]
+
+    def worker_service(self) -> Service:
+        """Session-less operations of ``vaccelray.v1.Worker`` (Classify with scores)."""
+        return Service(WORKER_SERVICE, {CLASSIFY_METHOD: self._method(self._classify)})
 
     def _method(self, planner: Callable[[bytes], _Plan[Any]]) -> Method:
         if not self.backend.blocking:
@@ -172,12 +183,16 @@ class Agent:
 
     def release_all(self) -> None:
         """Release every open session (worker shutdown); errors are logged, not raised."""
-        for session in list(self.sessions.values()):
+        handles = [(str(s.id), s.handle) for s in self.sessions.values()]
+        if self._shared is not None:
+            handles.append(("shared", self._shared[0]))
+        for name, handle in handles:
             try:
-                self.backend.session_release(session.handle)
+                self.backend.session_release(handle)
             except Exception:
-                log.exception("Releasing session %d failed", session.id)
+                log.exception("Releasing session %s failed", name)
         self.sessions.clear()
+        self._shared = None
 
     # -- operations ----------------------------------------------------------
 
@@ -193,6 +208,37 @@ class Agent:
             return pb.ImageClassificationResponse(tags=result.tag.encode()).SerializeToString()
 
         return _Plan(session, lambda: self.backend.classify(session.handle, image), finish)
+
+    def _classify(self, payload: bytes) -> _Plan[Classification]:
+        try:
+            request = decode(payload, ClassifyRequest)
+        except msgspec.DecodeError as exc:
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT, f"undecodable ClassifyRequest: {exc}"
+            ) from exc
+        if not request.image:
+            raise RPCError(StatusCode.INVALID_ARGUMENT, "empty image")
+        if request.top_k < 1:
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT, f"top_k must be at least 1, got {request.top_k}"
+            )
+        log.info("Classify (top %d)", request.top_k)
+
+        def work() -> Classification:
+            handle = self._shared_handle()
+            return self.backend.classify(handle, request.image, top_k=request.top_k)
+
+        def finish(result: Classification) -> bytes:
+            return encode(ClassifyReply(tag=result.tag, labels=result.labels[: request.top_k]))
+
+        return _Plan(None, work, finish)
+
+    def _shared_handle(self) -> SessionHandle:
+        """The backend session that session-less calls share, opened on first use."""
+        with self._shared_lock:
+            if self._shared is None:
+                self._shared = (self.backend.session_create(0, 0),)
+            return self._shared[0]
 
     def _genop(self, payload: bytes) -> _Plan[list[bytes]]:
         request = _decode(pb.GenopRequest, payload)

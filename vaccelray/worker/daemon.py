@@ -105,7 +105,7 @@ async def run_worker(
         agent = Agent(backend)
         log.info("Backend: %s", backend.describe())
         info = InfoService(agent, capacity=config.capacity)
-        services = [*agent.services(), info.service(), *extra_services]
+        services = [*agent.services(), agent.worker_service(), info.service(), *extra_services]
         tls = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         async with run_task_service(
             agent, services, config.addresses, pool_size=config.pool_size, token=config.token,
