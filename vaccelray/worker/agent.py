@@ -60,13 +60,19 @@ class Resource:
     blobs: tuple[tuple[str, bytes], ...]
 
 
-@dataclass(frozen=True)
 class _Plan(Generic[_R]):
     """One operation: ``work`` calls the backend, ``finish`` encodes its answer on the loop."""
 
-    session: AgentSession | None
-    work: Callable[[], _R]
-    finish: Callable[[_R], bytes]
+    # A plain slotted class: one is made per call, and a frozen dataclass costs
+    # an object.__setattr__ per field.
+    __slots__ = ("finish", "session", "work")
+
+    def __init__(
+        self, session: AgentSession | None, work: Callable[[], _R], finish: Callable[[_R], bytes]
+    ) -> None:
+        self.session = session
+        self.work = work
+        self.finish = finish
 
 
 def _decode(message_type: type[Any], payload: bytes) -> Any:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from vaccelray.errors import RPCError, StatusCode
 
@@ -59,9 +60,8 @@ class Arg:
     custom_type_id: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Classification:
-    """The answer to one image classification.
+class Classification(NamedTuple):
+    """The answer to one image classification (a tuple: cheap to make per call).
 
     ``tag`` is what a vAccel client receives as the tag text; ``labels``
     holds the top-k (label, score) pairs when the backend has scores.
@@ -69,7 +69,7 @@ class Classification:
 
     tag: str
     imgname: str = ""
-    labels: tuple[tuple[str, float], ...] = field(default=())
+    labels: tuple[tuple[str, float], ...] = ()
 
 
 class Backend(ABC):
