@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -55,6 +56,24 @@ def _check_endpoint(address: str) -> None:
         parse_endpoint(address)
     except EndpointError as exc:
         _fail(str(exc), EXIT_USAGE)
+
+
+def _run_daemon(start: Callable[[], AbstractAsyncContextManager[object]]) -> None:
+    """Run the daemon *start* makes until SIGINT or SIGTERM, then shut it down gracefully."""
+
+    async def serve_until_signalled() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with start():
+                async for signum in signals:
+                    log.info("Received %s", signal.Signals(signum).name)
+                    break
+
+    try:
+        _run(serve_until_signalled)
+    except OSError as exc:
+        _fail(f"cannot listen: {exc.strerror or exc}", EXIT_FAILED)
+    except VaccelrayError as exc:
+        _fail(str(exc), EXIT_FAILED)
 
 
 def _run(main: Callable[[], Awaitable[_T]]) -> _T:
@@ -207,19 +226,7 @@ def worker(
     except VaccelrayError as exc:
         _fail(str(exc), EXIT_USAGE)
 
-    async def serve_until_signalled() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with run_worker(config):
-                async for signum in signals:
-                    log.info("Received %s", signal.Signals(signum).name)
-                    break
-
-    try:
-        _run(serve_until_signalled)
-    except OSError as exc:
-        _fail(f"cannot listen: {exc.strerror or exc}", EXIT_FAILED)
-    except VaccelrayError as exc:
-        _fail(str(exc), EXIT_FAILED)
+    _run_daemon(lambda: run_worker(config))
 
 
 SUBMIT_HELP = """Submit work to a worker or scheduler.
@@ -497,19 +504,7 @@ def scheduler(
         health_timeout=health_timeout,
     )
 
-    async def serve_until_signalled() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with run_scheduler(config):
-                async for signum in signals:
-                    log.info("Received %s", signal.Signals(signum).name)
-                    break
-
-    try:
-        _run(serve_until_signalled)
-    except OSError as exc:
-        _fail(f"cannot listen: {exc.strerror or exc}", EXIT_FAILED)
-    except VaccelrayError as exc:
-        _fail(str(exc), EXIT_FAILED)
+    _run_daemon(lambda: run_scheduler(config))
 
 
 @main.command()
