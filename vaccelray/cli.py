@@ -58,6 +58,16 @@ def _check_endpoint(address: str) -> None:
         _fail(str(exc), EXIT_USAGE)
 
 
+def _load_token(token_file: str | None) -> str | None:
+    """The cluster token of a daemon: --token-file, else VACCELRAY_TOKEN."""
+    from vaccelray.auth import load_token
+
+    try:
+        return load_token(None, token_file)
+    except VaccelrayError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
 def _run_daemon(start: Callable[[], AbstractAsyncContextManager[object]]) -> None:
     """Run the daemon *start* makes until SIGINT or SIGTERM, then shut it down gracefully."""
 
@@ -196,7 +206,6 @@ def worker(
     tls_key: str | None,
     log_level: str,
 ) -> None:
-    from vaccelray.auth import load_token
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
 
     _setup_logging(log_level, daemon="worker")
@@ -221,10 +230,7 @@ def worker(
     )
     if tls_key and not tls_cert:
         _fail("--tls-key needs --tls-cert", EXIT_USAGE)
-    try:
-        config = dataclasses.replace(config, token=load_token(None, token_file))
-    except VaccelrayError as exc:
-        _fail(str(exc), EXIT_USAGE)
+    config = dataclasses.replace(config, token=_load_token(token_file))
 
     _run_daemon(lambda: run_worker(config))
 
@@ -429,14 +435,18 @@ def run(
     sys.exit(EXIT_OK)
 
 
-SCHEDULER_HELP = """Route vAccel sessions over many workers.
+SCHEDULER_HELP = """Route vAccel sessions and offloaded tasks over many workers.
 
 Serves the vAccel agent protocol itself: a vAccel client (or
 'vaccelray submit --address') pointed at the scheduler sees one agent.
 Each session is created on the least-loaded healthy worker and stays
 there; when that worker is lost, the session is re-created on another one
-(calls in flight at that moment fail with UNAVAILABLE). Stops gracefully
-on SIGINT/SIGTERM.
+(calls in flight at that moment fail with UNAVAILABLE). Offloaded tasks
+('vaccelray.init(address)') go to the least-loaded capable worker; a
+task lost with its worker is answered UNAVAILABLE and retried by the
+client. Off loopback, tasks need the cluster token (--token-file or
+VACCELRAY_TOKEN), which the scheduler passes on to workers. Stops
+gracefully on SIGINT/SIGTERM.
 
 \b
 Workers: --worker ENDPOINT (repeatable), plus those announced with
@@ -478,6 +488,12 @@ health-checked twice a second; one that does not answer leaves routing.
     show_default=True,
     help="Seconds a worker has to answer a health check.",
 )
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="File holding the cluster token task callers must present (else VACCELRAY_TOKEN).",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def scheduler(
     addresses: tuple[str, ...],
@@ -486,6 +502,7 @@ def scheduler(
     interface: str | None,
     health_interval: float,
     health_timeout: float,
+    token_file: str | None,
     log_level: str,
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
@@ -502,6 +519,7 @@ def scheduler(
         interface=interface,
         health_interval=health_interval,
         health_timeout=health_timeout,
+        token=_load_token(token_file),
     )
 
     _run_daemon(lambda: run_scheduler(config))

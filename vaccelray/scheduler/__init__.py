@@ -1,4 +1,4 @@
-"""The scheduler: discovers workers, checks their health, routes vAccel sessions.
+"""The scheduler: discovers workers, checks their health, routes vAccel sessions and tasks.
 
 ``vaccelray scheduler`` runs :func:`run_scheduler`. The pure parts
 (:mod:`.registry`, :mod:`.policy`) hold no sockets; :class:`WorkerPool` is

@@ -1,4 +1,4 @@
-"""The scheduler daemon: worker pool, health checks, discovery, the routing proxy."""
+"""The scheduler daemon: worker pool, health checks, discovery, the routing proxy, tasks."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
+from vaccelray.auth import TokenCheck, protect
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.health import HealthChecker
 from vaccelray.scheduler.pool import WorkerPool
 from vaccelray.scheduler.proxy import AgentRouter
+from vaccelray.scheduler.tasks import DEFAULT_FUNCTION_CACHE_BYTES, TaskRouter
 from vaccelray.transport.server import Server, Service, serve
 
 __all__ = ["DEFAULT_SCHEDULER_ADDRESS", "Scheduler", "SchedulerConfig", "run_scheduler"]
@@ -39,6 +41,12 @@ class SchedulerConfig:
     health_timeout: float = 1.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     grace: float = 5.0
+    #: Bytes of pickled functions kept for registering them on workers.
+    function_cache_bytes: int = DEFAULT_FUNCTION_CACHE_BYTES
+    #: The cluster token callers of the task service must present; as on a worker, it
+    #: is required on every listener when set, and tasks are refused on a non-loopback
+    #: listener without one (the scheduler would open loopback workers to the network).
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Scheduler:
     router: AgentRouter
     health: HealthChecker
     server: Server
+    tasks: TaskRouter
 
     @property
     def addresses(self) -> list[str]:
@@ -64,17 +73,22 @@ async def run_scheduler(
 
     Static workers get their first health check before it serves, so a
     client that connects at once finds them routable. *extra_services* are
-    served on the same listeners (the stateless task service uses
-    ``scheduler.pool``: ``pick(op)`` and ``call(address, ...)``).
+    served on the same listeners, next to the vAccel agent routing
+    (:class:`AgentRouter`) and the task service (:class:`TaskRouter`).
     """
     pool = WorkerPool(connect_timeout=config.health_timeout)
     for address in config.workers:
         pool.registry.add_static(address)
     router = AgentRouter(pool)
+    tasks = TaskRouter(pool, router, cache_bytes=config.function_cache_bytes)
+    task_services = protect(
+        [tasks.service()], TokenCheck.for_addresses(config.addresses, config.token)
+    )
     health = HealthChecker(pool, interval=config.health_interval, timeout=config.health_timeout)
     try:
         async with anyio.create_task_group() as tg:
             router.attach(tg)
+            tasks.attach(tg)
             with anyio.move_on_after(config.health_timeout + 0.5):
                 async with anyio.create_task_group() as first:
                     for record in pool.registry:
@@ -85,7 +99,7 @@ async def run_scheduler(
 
                 await tg.start(functools.partial(browse, pool, health, interface=config.interface))
             async with serve(
-                [*router.services(), *extra_services],
+                [*router.services(), *task_services, tasks.classify_service(), *extra_services],
                 config.addresses,
                 max_message_size=config.max_message_size,
                 grace=config.grace,
@@ -94,7 +108,7 @@ async def run_scheduler(
                 for address in server.addresses:
                     log.info("Listening on %s", address)
                 try:
-                    yield Scheduler(config, pool, router, health, server)
+                    yield Scheduler(config, pool, router, health, server, tasks)
                 finally:
                     log.info("Shutting down")
             tg.cancel_scope.cancel()

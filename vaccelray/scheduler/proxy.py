@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import anyio
@@ -332,6 +332,44 @@ class AgentRouter:
             if exc.code == StatusCode.NOT_FOUND and exc.message == lost:
                 raise _Rebind(bury=False) from exc
             raise
+
+    async def in_session(
+        self,
+        session_id: int,
+        ctx: CallContext,
+        method: str,
+        attempt: Callable[[Binding], Awaitable[bytes]],
+        *,
+        lost: Callable[[Binding, RPCError], bool],
+    ) -> bytes:
+        """Run *attempt* on the worker holding scheduler session *session_id* (for other services).
+
+        Session affinity and failover as for the vAccel calls: *attempt* gets
+        the session's live binding and calls the worker through the pool. When
+        it raises ``WorkerUnavailable`` with ``sent=False``, or an RPCError for
+        which *lost(binding, error)* is true (the worker does not know the
+        session), the session is re-created on another worker and *attempt*
+        runs again; ``WorkerUnavailable`` with ``sent=True`` ends the call with
+        UNAVAILABLE naming the worker and the session. An unknown session is
+        NOT_FOUND ``Unknown session N``.
+        """
+        session = self._session(session_id)
+        if ctx.service not in SERVICE_NAMES:  # re-creating the session speaks vAccel
+            ctx = replace(ctx, service=SERVICE_NAMES[0])
+
+        async def guarded(binding: Binding) -> bytes:
+            try:
+                return await attempt(binding)
+            except WorkerUnavailable as exc:
+                if not exc.sent:
+                    raise _Rebind(bury=True) from exc
+                raise
+            except RPCError as exc:
+                if lost(binding, exc):
+                    raise _Rebind(bury=False) from exc
+                raise
+
+        return await self._in_session(session, ctx, method, guarded)
 
     async def _in_session(
         self,

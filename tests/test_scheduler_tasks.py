@@ -1,0 +1,335 @@
+"""Offloaded tasks through the scheduler: routing, failover, capabilities, sessions, cancel.
+
+The scheduler runs in the test's event loop (static workers, no zeroconf);
+workers are real ``vaccelray worker`` processes with task pools; the client
+is a real :class:`vaccelray.Client` (its own loop thread), awaited from here.
+A task's ``os.getppid()`` is the pid of the worker daemon that ran it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import anyio
+import pytest
+
+import vaccelray
+from tests.netns import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
+from tests.test_offload_api import Custom, add, raises, session_used, sleeps
+from tests.test_scheduler_routing import config, wait_until
+from vaccelray.client import Client
+from vaccelray.client.remote import function_spec
+from vaccelray.scheduler import Scheduler, run_scheduler
+
+pytestmark = pytest.mark.anyio
+
+
+def task_worker_argv() -> list[str]:
+    return worker_argv(
+        "-a", "tcp://127.0.0.1:0", "--backend", "noop", "--no-announce", "--pool-size", "2"
+    )
+
+
+@pytest.fixture(scope="module")
+def workers() -> Iterator[list[tuple[Proc, str]]]:
+    """Two task workers shared by the tests that do not kill one."""
+    started = start_daemons([task_worker_argv()] * 2)
+    yield started
+    for proc, _ in started:
+        proc.stop()
+
+
+@pytest.fixture
+def doomed_workers() -> Iterator[list[tuple[Proc, str]]]:
+    started = start_daemons([task_worker_argv()] * 2)
+    yield started
+    for proc, _ in started:
+        proc.stop()
+
+
+@asynccontextmanager
+async def cluster(
+    workers: list[tuple[Proc, str]], *, cache_bytes: int | None = None, token: str | None = None
+) -> AsyncIterator[tuple[Scheduler, Client]]:
+    cfg = replace(config(*(a for _, a in workers)), token=token)
+    if cache_bytes is not None:
+        cfg = replace(cfg, function_cache_bytes=cache_bytes)
+    async with run_scheduler(cfg) as sched:
+        client = await anyio.to_thread.run_sync(
+            functools.partial(Client, sched.addresses[0], token=token)
+        )
+        try:
+            yield sched, client
+        finally:
+            await anyio.to_thread.run_sync(client.shutdown)
+
+
+@vaccelray.offload(retries=2, timeout=20)
+def nap(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getppid()
+
+
+def parent() -> int:
+    return os.getppid()
+
+
+async def test_results_and_exceptions_come_back_through_the_scheduler(
+    workers: list[tuple[Proc, str]],
+) -> None:
+    async with cluster(workers) as (sched, client):
+        assert await client.submit(add, 2, b=3) == 5
+        refs = [client.submit(add, i, b=100) for i in range(20)]
+        assert [await r for r in refs] == [i + 100 for i in range(20)]
+        with pytest.raises(Custom) as info:
+            await client.submit(raises, 7)
+        assert isinstance(info.value, vaccelray.TaskError)
+        assert str(info.value) == "bad 7"
+        assert info.value.code == 42
+        assert "in _helper" in info.value.remote_traceback
+        # The task's timeout is the deadline of every hop: stopped on the worker too.
+        started = time.monotonic()
+        with pytest.raises(vaccelray.TaskTimeoutError):
+            await client.submit(sleeps, 30)
+        assert time.monotonic() - started < 3
+        assert await client.submit(add, 4) == 4
+        # The scheduler kept each function once, and nothing is left in flight.
+        assert len(sched.tasks.functions) == 3
+        assert sched.tasks.inflight == {}
+        assert all(w.inflight == 0 for w in sched.pool.registry)
+
+
+async def test_tasks_spread_over_the_workers(workers: list[tuple[Proc, str]]) -> None:
+    pids = {p.pid for p, _ in workers}
+    async with cluster(workers) as (_, client):
+        refs = [client.submit(nap, 0.2) for _ in range(8)]
+        ran = [await r for r in refs]
+    assert set(ran) == pids
+    assert all(ran.count(pid) >= 2 for pid in pids)
+
+
+async def test_capability_mismatch_fails_at_once(workers: list[tuple[Proc, str]]) -> None:
+    async with cluster(workers) as (_, client):
+        started = time.monotonic()
+        with pytest.raises(vaccelray.CapabilityError, match="needs backend 'onnx'"):
+            await client.submit(add.options(backend="onnx", retries=3), 1)
+        with pytest.raises(vaccelray.CapabilityError, match="needs ops classify, teleport"):
+            await client.submit(add.options(ops=("classify", "teleport")), 1)
+        assert time.monotonic() - started < 2
+        assert await client.submit(add.options(backend="noop", ops="classify"), 1) == 1
+
+
+async def test_no_healthy_worker_fails_at_once_without_hanging() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    async with run_scheduler(config(dead)) as sched:
+        client = await anyio.to_thread.run_sync(Client, sched.addresses[0])
+        try:
+            started = time.monotonic()
+            with pytest.raises(
+                vaccelray.WorkerLostError, match=r"no healthy worker.*tried 2 times"
+            ):
+                await client.submit(add.options(retries=1), 1)
+            assert time.monotonic() - started < 2
+        finally:
+            await anyio.to_thread.run_sync(client.shutdown)
+
+
+async def test_killed_worker_tasks_are_retried_elsewhere_and_all_come_back(
+    doomed_workers: list[tuple[Proc, str]],
+) -> None:
+    procs = {a: p for p, a in doomed_workers}
+    async with cluster(doomed_workers) as (sched, client), client.session() as session:
+        doomed = sched.router.sessions[session.id].binding
+        assert doomed is not None
+        victim = procs[doomed.address]
+        survivor = next(p for a, p in procs.items() if a != doomed.address)
+        pinned = session.submit(nap.options(retries=0), 3.0)
+        refs = [client.submit(nap, 1.0) for _ in range(6)]
+
+        async def spread() -> bool:
+            # The victim has the pinned task and some of the others (it also has
+            # the session, so fewer of them).
+            loads = {w.address: w.inflight for w in sched.pool.registry}
+            return sum(loads.values()) == 7 and min(loads.values()) >= 2
+
+        await wait_until(spread, 5.0, "tasks sent to both workers")
+        await anyio.sleep(0.2)  # into the pool processes
+        victim.kill()
+        started = time.monotonic()
+        assert [await r for r in refs] == [survivor.pid] * 6
+        assert time.monotonic() - started < 8
+        # A task pinned to the lost worker's session is not retried (retries=0):
+        # it fails naming the worker; the session then moves, as vAccel calls do.
+        with pytest.raises(vaccelray.WorkerLostError, match=doomed.address):
+            await pinned
+        assert await session.submit(parent) == survivor.pid
+        moved = sched.router.sessions[session.id].binding
+        assert moved is not None
+        assert moved.address != doomed.address
+    assert sched.tasks.inflight == {}
+
+
+async def test_session_tasks_run_on_the_sessions_worker(workers: list[tuple[Proc, str]]) -> None:
+    pid_of = {a: p.pid for p, a in workers}
+    async with cluster(workers) as (sched, client):
+        # Two sessions: one on each worker (a session counts as load).
+        async with client.session() as one, client.session() as two:
+            bindings = [sched.router.sessions[s.id].binding for s in (one, two)]
+            assert bindings[0] is not None
+            assert bindings[1] is not None
+            assert {b.address for b in bindings if b} == set(pid_of)
+            for session, binding in zip((one, two), bindings, strict=True):
+                assert binding is not None
+                ran = [await session.submit(parent) for _ in range(5)]
+                assert ran == [pid_of[binding.address]] * 5
+                # vaccelray.local in the task uses the session, by the worker's id for it.
+                assert await session.submit(session_used) == binding.worker_session
+        # A session that does not exist: refused, not run anywhere.
+        with pytest.raises(vaccelray.TaskError, match="Unknown session 999"):
+            await client._submit(parent, (), {}, 999)
+
+
+async def test_cancel_reaches_the_worker_running_the_task(
+    workers: list[tuple[Proc, str]],
+) -> None:
+    procs = {a: p for p, a in workers}
+    async with cluster(workers) as (sched, client):
+        ref = client.submit(sleeps.options(timeout=30), 30)
+
+        async def sent() -> bool:
+            return any(f.address for f in sched.tasks.inflight.values())
+
+        await wait_until(sent, 5.0, "task sent to a worker")
+        (flight,) = sched.tasks.inflight.values()
+        assert flight.address is not None
+        proc = procs[flight.address]
+        await anyio.sleep(0.3)  # running in a pool process
+        started = time.monotonic()
+        assert ref.cancel()
+        with pytest.raises(vaccelray.TaskCancelledError):
+            await ref
+        await anyio.to_thread.run_sync(
+            lambda: proc.wait_for(f"Cancelled task {ref.task_id} ", timeout=5)
+        )
+
+        async def idle() -> bool:
+            return not sched.tasks.inflight
+
+        await wait_until(idle, 5.0, "the scheduler forgot the task")
+        assert time.monotonic() - started < 5
+        # The worker's pool is usable again at once.
+        assert await client.submit(add, 1, 1) == 2
+
+
+async def test_a_client_that_goes_away_has_its_tasks_stopped(
+    workers: list[tuple[Proc, str]],
+) -> None:
+    procs = {a: p for p, a in workers}
+    async with cluster(workers) as (sched, client):
+        other = await anyio.to_thread.run_sync(Client, sched.addresses[0])
+        ref = other.submit(sleeps.options(timeout=30), 30)
+
+        async def sent() -> bool:
+            return any(f.address for f in sched.tasks.inflight.values())
+
+        await wait_until(sent, 5.0, "task sent to a worker")
+        (flight,) = sched.tasks.inflight.values()
+        assert flight.address is not None
+        await anyio.sleep(0.3)
+        await anyio.to_thread.run_sync(other.shutdown)
+        with pytest.raises(vaccelray.WorkerLostError, match="shut down"):
+            await ref
+        proc = procs[flight.address]
+        await anyio.to_thread.run_sync(
+            lambda: proc.wait_for(f"Cancelled task {ref.task_id} ", timeout=5)
+        )
+        assert await client.submit(add, 2, 2) == 4
+
+
+async def test_functions_are_registered_again_where_they_were_lost(
+    workers: list[tuple[Proc, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    big = b"x" * 300_000
+
+    def first() -> int:
+        return len(big)
+
+    def second() -> int:
+        return len(big) + 1
+
+    async with cluster(workers, cache_bytes=400_000) as (sched, client):
+        assert await client.submit(first) == 300_000
+        assert await client.submit(second) == 300_001
+        # The scheduler's cache holds one of them now: the client is asked again.
+        assert len(sched.tasks.functions) == 1
+        assert await client.submit(first) == 300_000
+
+        # A worker that does not have a function the scheduler thinks it has (it
+        # dropped it from its cache) gets it again.
+        def fresh(x: int) -> int:
+            return x * 3
+
+        digest = function_spec(fresh).digest
+        for record in sched.pool.registry:
+            sched.tasks._on_worker.setdefault((record.address, record.instance), set()).add(digest)
+        with caplog.at_level(logging.INFO, logger="vaccelray.scheduler"):
+            assert [await client.submit(fresh, i) for i in range(4)] == [0, 3, 6, 9]
+        lost = [r.getMessage() for r in caplog.records if "lost function" in r.getMessage()]
+        # Registered again on each worker that got one, once: then it is known there.
+        assert lost
+        assert len(lost) == len(set(lost)) <= 2
+
+
+async def test_a_scheduler_with_a_token_asks_for_it(workers: list[tuple[Proc, str]]) -> None:
+    async with cluster(workers, token="s3cret") as (sched, client):
+        assert await client.submit(add, 1, 2) == 3
+        stranger = await anyio.to_thread.run_sync(
+            functools.partial(Client, sched.addresses[0], token="wrong")
+        )
+        try:
+            with pytest.raises(vaccelray.AuthenticationError, match="wrong cluster token"):
+                await stranger.submit(add, 1, 2)
+        finally:
+            await anyio.to_thread.run_sync(stranger.shutdown)
+
+
+def test_init_with_the_scheduler_address_offloads(workers: list[tuple[Proc, str]]) -> None:
+    """The CLI scheduler (a process) serves the task service to the default client."""
+    argv = scheduler_argv("-a", "tcp://127.0.0.1:0", "--no-discover")
+    for _, address in workers:
+        argv += ["--worker", address]
+    proc, address = start_daemon(argv)
+    try:
+        vaccelray.init(address)
+        try:
+            assert add(2, b=3) == 5  # a direct call blocks for the result
+            pids = set(vaccelray.get([nap.remote(0.1) for _ in range(6)]))
+            assert pids == {p.pid for p, _ in workers}
+        finally:
+            vaccelray.shutdown()
+    finally:
+        assert proc.stop() == 0
+    assert "Registered function add" in proc.text()
+
+
+async def test_classify_with_scores_spreads_over_workers_and_needs_no_token(
+    workers: list[tuple[Proc, str]],
+) -> None:
+    from vaccelray.classify import Classified, classify_images
+    from vaccelray.worker.noop import NOOP_TAG
+
+    async with cluster(workers, token="secret") as (sched, _):
+        results = await classify_images([b"img"] * 8, sched.addresses[0], concurrency=4)
+    assert results == [Classified(NOOP_TAG)] * 8
+    served = [proc.text().count("Classify (top 3)") for proc, _ in workers]
+    assert sum(served) >= 8
+    assert all(count > 0 for count in served)

@@ -1,0 +1,534 @@
+"""The task service on the scheduler: offloaded functions, routed to workers.
+
+A client pointed at the scheduler uses ``vaccelray.v1.Worker`` as it would
+on one worker; the scheduler moves bytes and never unpickles anything.
+
+``RegisterFunction``
+    The scheduler keeps the request (by digest, least recently used first
+    out, bounded in bytes) and answers at once. A worker gets the function
+    when it is first given a task using it (``RegisterFunction`` before the
+    ``Submit``), and again whenever it answers ``Submit`` with NOT_FOUND
+    :data:`~vaccelray.protocol.tasks.UNKNOWN_FUNCTION` (its cache dropped
+    it): registered there and submitted once more. A digest the scheduler
+    has dropped itself is answered the same way, so the client registers it
+    again.
+``Submit``
+    Goes to the least-loaded healthy worker whose backend and operations
+    fit the task, with the caller's remaining deadline and metadata (the
+    cluster token). A task that surely never reached its worker (connection
+    refused, a worker shutting down or without a task service) goes to the
+    next one. A worker lost while it had the task may or may not have run
+    it: the call ends with UNAVAILABLE naming the worker, and the client
+    retries as it does for a lost worker (up to the task's ``retries``), so
+    the scheduler never runs a task twice behind the client's back. When no
+    healthy worker could ever run the task (backend or operations missing):
+    FAILED_PRECONDITION at once; when the capable ones are all down:
+    UNAVAILABLE. A task pinned to a session (``Submit.session_id``, a
+    scheduler session) runs on the worker holding the session, with the
+    worker's own session id, with the agent router's affinity and failover.
+``Cancel``
+    Forwarded to the worker running the task (tasks are tracked per client
+    connection while in flight); a task not yet sent anywhere just ends. A
+    task whose client goes away is cancelled on its worker too.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import anyio
+import anyio.abc
+import msgspec
+
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import tasks as wire
+from vaccelray.protocol.classify import CLASSIFY_METHOD
+from vaccelray.scheduler.health import AGENT_INFO
+from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
+from vaccelray.scheduler.proxy import AgentRouter, Binding
+from vaccelray.scheduler.registry import Change, WorkerRecord
+from vaccelray.transport.server import CallContext, Method, Service
+
+__all__ = ["DEFAULT_FUNCTION_CACHE_BYTES", "TaskRouter"]
+
+log = logging.getLogger("vaccelray.scheduler")
+
+DEFAULT_FUNCTION_CACHE_BYTES: Final = 256 << 20
+#: Time allowed for forwarding a Cancel (the client's own Cancel has no deadline).
+CANCEL_TIMEOUT: Final = 5.0
+#: A worker's answer to a call it never dispatched (see ``vaccelray.transport.server``).
+_NOT_DISPATCHED: Final = "server is shutting down"
+#: Attempts at cancelling a task the worker has not started yet (it is on its way).
+_CANCEL_ATTEMPTS: Final = 5
+
+
+class _NotServed(Exception):
+    """The worker runs no task service (a plain vAccel agent, or ``--pool-size 0``)."""
+
+    def __init__(self, address: str, message: str) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+@dataclass(eq=False)
+class _Flight:
+    """A Submit the scheduler is handling."""
+
+    task_id: str
+    name: str
+    #: The worker the task was last sent (or is being sent) to.
+    address: str | None = None
+    cancelled: bool = False
+    done: bool = False
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+def _decode(message_type: type[msgspec.Struct], payload: bytes) -> msgspec.Struct:
+    try:
+        return msgspec.msgpack.decode(payload, type=message_type)
+    except msgspec.DecodeError as exc:
+        raise RPCError(
+            StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
+        ) from exc
+
+
+def _capable(worker: WorkerRecord, task: wire.Submit) -> bool:
+    if worker.backend == AGENT_INFO.backend:  # a plain vAccel agent runs no tasks
+        return False
+    if task.backend and worker.backend != task.backend:
+        return False
+    return set(task.ops) <= worker.ops
+
+
+def _needs(task: wire.Submit) -> str:
+    parts = []
+    if task.backend:
+        parts.append(f"backend {task.backend!r}")
+    if task.ops:
+        parts.append(f"ops {', '.join(task.ops)}")
+    return " and ".join(parts) or "a task service"
+
+
+class TaskRouter:
+    """``vaccelray.v1.Worker`` on the scheduler, over a :class:`WorkerPool`."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        sessions: AgentRouter,
+        *,
+        cache_bytes: int = DEFAULT_FUNCTION_CACHE_BYTES,
+    ) -> None:
+        self.pool = pool
+        self.sessions = sessions
+        self.cache_bytes = cache_bytes
+        #: digest -> the RegisterFunction request as the client sent it.
+        self.functions: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._cached = 0
+        #: (worker address, instance) -> digests registered there.
+        self._on_worker: dict[tuple[str, str], set[str]] = {}
+        self._registering: dict[tuple[str, str, str], anyio.Event] = {}
+        #: (worker address, instance) that answered UNIMPLEMENTED for the task service.
+        self._no_tasks: set[tuple[str, str]] = set()
+        #: (client connection id, task id) -> the task while the scheduler handles it.
+        self.inflight: dict[tuple[int, str], _Flight] = {}
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._submit_decoder = msgspec.msgpack.Decoder(wire.Submit)
+        pool.add_listener(self._worker_changed)
+
+    # -- wiring ----------------------------------------------------------------
+
+    def service(self) -> Service:
+        return Service(
+            wire.SERVICE,
+            {
+                wire.METHOD_REGISTER: Method(self._register, inline=True),
+                wire.METHOD_SUBMIT: Method(self._submit),
+                wire.METHOD_CANCEL: Method(self._cancel),
+            },
+        )
+
+    def classify_service(self) -> Service:
+        """Classify of the same service: data only, so open like the vAccel agent's calls."""
+        return Service(wire.SERVICE, {CLASSIFY_METHOD: Method(self._classify)})
+
+    def attach(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Where background work runs (cancelling the tasks of clients that went away)."""
+        self._task_group = task_group
+
+    def _worker_changed(self, address: str, change: Change) -> None:
+        record = self.pool.registry.get(address)
+        if change is Change.RESTARTED or record is None:
+            instance = record.instance if record is not None else None
+            for key in [k for k in self._on_worker if k[0] == address and k[1] != instance]:
+                del self._on_worker[key]
+            self._no_tasks = {k for k in self._no_tasks if k[0] != address or k[1] == instance}
+
+    # -- RegisterFunction --------------------------------------------------------
+
+    def _register(self, payload: bytes, ctx: CallContext) -> bytes:
+        request = _decode(wire.RegisterFunction, payload)
+        assert isinstance(request, wire.RegisterFunction)
+        if hashlib.sha256(request.pickled).hexdigest() != request.digest:
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT, f"function {request.name}: digest does not match"
+            )
+        if request.digest in self.functions:
+            self.functions.move_to_end(request.digest)
+        else:
+            self.functions[request.digest] = payload
+            self._cached += len(payload)
+            while self._cached > self.cache_bytes and len(self.functions) > 1:
+                digest, dropped = self.functions.popitem(last=False)
+                self._cached -= len(dropped)
+                for digests in self._on_worker.values():
+                    digests.discard(digest)
+            log.info(
+                "Registered function %s (%s, %d bytes)",
+                request.name,
+                request.digest[:12],
+                len(request.pickled),
+            )
+        return wire.encode(wire.Registered(request.digest))
+
+    # -- Classify ----------------------------------------------------------------
+
+    async def _classify(self, payload: bytes, ctx: CallContext) -> bytes:
+        """Session-less classification on the least-loaded worker that classifies.
+
+        It has no effect to undo, so a worker lost mid-call is simply replaced.
+        """
+        tried: list[str] = []
+        last_error = ""
+        while True:
+            worker = self.pool.pick("classify", exclude=tried)
+            if worker is None:
+                detail = f" (last error: {last_error})" if last_error else ""
+                raise RPCError(StatusCode.UNAVAILABLE, f"no healthy worker can classify{detail}")
+            tried.append(worker.address)
+            try:
+                return await self.pool.call(
+                    worker.address,
+                    wire.SERVICE,
+                    CLASSIFY_METHOD,
+                    payload,
+                    timeout=ctx.time_left(),
+                    metadata=ctx.metadata,
+                )
+            except WorkerUnavailable as exc:
+                last_error = f"{exc.address}: {exc}"
+            except RPCError as exc:
+                if exc.code != StatusCode.UNIMPLEMENTED:  # a plain vAccel agent has no Classify
+                    raise
+                last_error = f"{worker.address}: {exc.message}"
+
+    # -- Submit ------------------------------------------------------------------
+
+    async def _submit(self, payload: bytes, ctx: CallContext) -> bytes:
+        try:
+            task = self._submit_decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise RPCError(StatusCode.INVALID_ARGUMENT, f"undecodable Submit: {exc}") from exc
+        function = self.functions.get(task.digest)
+        if function is None:
+            raise RPCError(StatusCode.NOT_FOUND, f"{wire.UNKNOWN_FUNCTION} {task.digest}")
+        self.functions.move_to_end(task.digest)
+        key = (ctx.connection_id, task.task_id)
+        if key in self.inflight:
+            raise RPCError(StatusCode.ALREADY_EXISTS, f"task {task.task_id} is already running")
+        flight = _Flight(task.task_id, task.name)
+        self.inflight[key] = flight
+        try:
+            with flight.scope:
+                if task.session_id:
+                    return await self._submit_in_session(task, function, flight, ctx)
+                return await self._submit_anywhere(task, payload, function, flight, ctx)
+        except anyio.get_cancelled_exc_class():
+            # The client went away (or the scheduler is stopping): stop the task too.
+            left = ctx.time_left()
+            if flight.address is not None and not flight.cancelled and (left is None or left > 0):
+                self._spawn_cancel(flight, flight.address, ctx.metadata)
+            raise
+        finally:
+            flight.done = True
+            if self.inflight.get(key) is flight:
+                del self.inflight[key]
+        # Only reached when Cancel stopped it before it was sent to a worker.
+        log.info("Cancelled task %s (%s) before it was sent", task.task_id, task.name)
+        raise RPCError(StatusCode.CANCELLED, f"task {task.name} was cancelled")
+
+    def _pick(self, task: wire.Submit, tried: Sequence[str], last_error: str) -> WorkerRecord:
+        """The worker for *task*, or the RPCError that says why there is none."""
+        registry = self.pool.registry
+        capable = [
+            w
+            for w in registry
+            if _capable(w, task) and (w.address, w.instance) not in self._no_tasks
+        ]
+        excluded = {w.address for w in registry} - {w.address for w in capable}
+        worker = self.pool.pick(None, exclude=[*excluded, *tried])
+        if worker is not None:
+            return worker
+        detail = f" (last error: {last_error})" if last_error else ""
+        if any(w.routable for w in capable):  # tried them all
+            raise RPCError(
+                StatusCode.UNAVAILABLE,
+                f"no healthy worker took task {task.name}; tried {', '.join(tried)}{detail}",
+            )
+        # Down workers whose capabilities are known and fit: the task may run later.
+        if any(w.instance for w in capable) or not any(w.routable for w in registry):
+            raise RPCError(
+                StatusCode.UNAVAILABLE,
+                f"no healthy worker with {_needs(task)} for task {task.name} "
+                f"({len(registry)} known){detail}",
+            )
+        have = sorted(
+            {
+                f"{w.backend} ({', '.join(sorted(w.ops)) or 'no ops'})"
+                for w in registry
+                if w.routable
+            }
+        )
+        raise RPCError(
+            StatusCode.FAILED_PRECONDITION,
+            f"no worker can run {task.name}: it needs {_needs(task)}; "
+            f"the healthy workers have {'; '.join(have)}",
+        )
+
+    async def _submit_anywhere(
+        self,
+        task: wire.Submit,
+        payload: bytes,
+        function: bytes,
+        flight: _Flight,
+        ctx: CallContext,
+    ) -> bytes:
+        tried: list[str] = []
+        last_error = ""
+        while True:
+            worker = self._pick(task, tried, last_error)
+            tried.append(worker.address)
+            try:
+                return await self._run_on(
+                    worker.address, worker.instance, task, payload, function, flight, ctx
+                )
+            except WorkerUnavailable as exc:
+                if exc.sent:
+                    raise RPCError(
+                        StatusCode.UNAVAILABLE,
+                        f"worker {exc.address} was lost while running task {task.name} "
+                        f"({task.task_id}); it may or may not have run there: {exc}",
+                    ) from exc
+                last_error = f"{exc.address}: {exc}"
+            except _NotServed as exc:
+                last_error = f"{exc.address}: {exc}"
+            log.info("Task %s (%s) goes elsewhere: %s", task.task_id, task.name, last_error)
+
+    async def _submit_in_session(
+        self, task: wire.Submit, function: bytes, flight: _Flight, ctx: CallContext
+    ) -> bytes:
+        async def attempt(binding: Binding) -> bytes:
+            forward = wire.encode(msgspec.structs.replace(task, session_id=binding.worker_session))
+            try:
+                return await self._run_on(
+                    binding.address, binding.instance, task, forward, function, flight, ctx
+                )
+            except _NotServed as exc:
+                raise RPCError(
+                    StatusCode.FAILED_PRECONDITION,
+                    f"session {task.session_id} is on {exc.address}, which runs no tasks: {exc}",
+                ) from exc
+
+        def lost(binding: Binding, exc: RPCError) -> bool:
+            # The worker's answer for a session it does not hold (vaccelray.worker.tasks).
+            return (
+                exc.code == StatusCode.NOT_FOUND
+                and exc.message == f"unknown session {binding.worker_session} on this worker"
+            )
+
+        return await self.sessions.in_session(
+            task.session_id, ctx, f"task {task.name}", attempt, lost=lost
+        )
+
+    async def _run_on(
+        self,
+        address: str,
+        instance: str,
+        task: wire.Submit,
+        payload: bytes,
+        function: bytes,
+        flight: _Flight,
+        ctx: CallContext,
+    ) -> bytes:
+        """Submit *payload* to one worker, registering the function there first if needed.
+
+        Raises WorkerUnavailable (``sent=False`` while the task surely did
+        not reach the worker), _NotServed, or the worker's RPCError.
+        """
+        registry = self.pool.registry
+        for attempt in range(2):
+            # The task counts as load on the worker from now on (the Submit counts
+            # itself), so tasks picked meanwhile see it and go elsewhere.
+            registry.call_started(address)
+            try:
+                await self._ensure_registered(
+                    address, instance, task, function, ctx, force=attempt > 0
+                )
+                if flight.cancelled:
+                    flight.scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+            finally:
+                registry.call_ended(address)
+            flight.address = address
+            try:
+                return await self.pool.call(
+                    address,
+                    wire.SERVICE,
+                    wire.METHOD_SUBMIT,
+                    payload,
+                    timeout=ctx.time_left(),
+                    metadata=ctx.metadata,
+                )
+            except RPCError as exc:
+                if exc.code == StatusCode.NOT_FOUND and exc.message.startswith(
+                    wire.UNKNOWN_FUNCTION
+                ):
+                    self._on_worker.get((address, instance), set()).discard(task.digest)
+                    if attempt == 0:
+                        log.info(
+                            "Worker %s lost function %s (%s); registering it again",
+                            address,
+                            task.name,
+                            task.digest[:12],
+                        )
+                        continue
+                self._check_dispatched(address, instance, exc)
+                if exc.code == StatusCode.UNAVAILABLE:
+                    raise RPCError(
+                        exc.code, f"worker {address}: {exc.message}", exc.details
+                    ) from exc
+                raise
+        raise AssertionError("unreachable")
+
+    def _check_dispatched(self, address: str, instance: str, exc: RPCError) -> None:
+        """Raise what a worker's answer means when the call never ran there."""
+        if exc.code == StatusCode.UNIMPLEMENTED:
+            self._no_tasks.add((address, instance))
+            raise _NotServed(address, exc.message) from exc
+        if exc.code == StatusCode.UNAVAILABLE and exc.message == _NOT_DISPATCHED:
+            raise WorkerUnavailable(address, exc.message, sent=False) from exc
+
+    async def _ensure_registered(
+        self,
+        address: str,
+        instance: str,
+        task: wire.Submit,
+        function: bytes,
+        ctx: CallContext,
+        *,
+        force: bool,
+    ) -> None:
+        """Register *function* on the worker unless it is known to have it (one at a time)."""
+        key = (address, instance)
+        pending_key = (address, instance, task.digest)
+        if not force:
+            pending = self._registering.get(pending_key)
+            if pending is not None:
+                await pending.wait()
+            if task.digest in self._on_worker.get(key, ()):
+                return
+        done = anyio.Event()
+        self._registering[pending_key] = done
+        try:
+            await self.pool.call(
+                address,
+                wire.SERVICE,
+                wire.METHOD_REGISTER,
+                function,
+                timeout=ctx.time_left(),
+                metadata=ctx.metadata,
+            )
+        except WorkerUnavailable as exc:
+            # Registering is harmless to repeat: the task itself was not sent.
+            raise WorkerUnavailable(address, str(exc), sent=False) from exc
+        except RPCError as exc:
+            self._check_dispatched(address, instance, exc)
+            raise
+        else:
+            if task.digest in self.functions:
+                self._on_worker.setdefault(key, set()).add(task.digest)
+            log.debug("Registered function %s on %s", task.name, address)
+        finally:
+            done.set()
+            if self._registering.get(pending_key) is done:
+                del self._registering[pending_key]
+
+    # -- Cancel --------------------------------------------------------------------
+
+    async def _cancel(self, payload: bytes, ctx: CallContext) -> bytes:
+        request = _decode(wire.Cancel, payload)
+        assert isinstance(request, wire.Cancel)
+        stopped: list[str] = []
+        for task_id in request.task_ids:
+            flight = self.inflight.get((ctx.connection_id, task_id))
+            if flight is None or flight.cancelled:
+                continue
+            flight.cancelled = True
+            if flight.address is None:
+                flight.scope.cancel()
+                stopped.append(task_id)
+            elif await self._forward_cancel(flight, flight.address, ctx.metadata):
+                stopped.append(task_id)
+        return wire.encode(wire.Cancelled(tuple(stopped)))
+
+    async def _forward_cancel(
+        self,
+        flight: _Flight,
+        address: str,
+        metadata: Sequence[tuple[str, str]],
+        *,
+        abandoned: bool = False,
+    ) -> bool:
+        """Cancel *flight* on its worker; True when the worker stopped it.
+
+        The Submit may still be on its way to the worker (not started there):
+        then the Cancel is sent again a few times while the task is in flight
+        (or, when its client has gone: *abandoned*, a few times anyway).
+        """
+        request = wire.encode(wire.Cancel((flight.task_id,)))
+        for attempt in range(_CANCEL_ATTEMPTS):
+            try:
+                reply = await self.pool.call(
+                    address,
+                    wire.SERVICE,
+                    wire.METHOD_CANCEL,
+                    request,
+                    timeout=CANCEL_TIMEOUT,
+                    metadata=metadata,
+                )
+                cancelled = _decode(wire.Cancelled, reply)
+            except (WorkerUnavailable, RPCError) as exc:
+                log.info("Cancel of task %s on %s failed: %s", flight.task_id, address, exc)
+                return False
+            assert isinstance(cancelled, wire.Cancelled)
+            if flight.task_id in cancelled.task_ids:
+                log.info("Cancelled task %s (%s) on %s", flight.task_id, flight.name, address)
+                return True
+            if (flight.done and not abandoned) or flight.address != address:
+                return False
+            await anyio.sleep(0.02 * (attempt + 1))
+        return False
+
+    def _spawn_cancel(
+        self, flight: _Flight, address: str, metadata: Sequence[tuple[str, str]]
+    ) -> None:
+        if self._task_group is not None:
+            self._task_group.start_soon(
+                functools.partial(self._forward_cancel, flight, address, metadata, abandoned=True)
+            )
