@@ -103,7 +103,7 @@ class TokenCheck:
         if exposed and token is None:
             log.warning(
                 "No cluster token for %s: the task service refuses every call there "
-                "(start the worker with --token-file or VACCELRAY_TOKEN)",
+                "(give one with --token-file or VACCELRAY_TOKEN)",
                 ", ".join(exposed),
             )
         return cls(token, required=token is not None or bool(exposed))
