@@ -28,7 +28,14 @@ import anyio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.netns import Proc, scheduler_argv, sleepy_argv, start_daemon, start_daemons, worker_argv  # noqa: E402
+from tests.processes import (  # noqa: E402
+    Proc,
+    scheduler_argv,
+    sleepy_argv,
+    start_daemon,
+    start_daemons,
+    worker_argv,
+)
 from vaccelray.agent_client import AgentClient  # noqa: E402
 from vaccelray.transport.client import connect  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Helpers for the scheduler tests: child processes and network namespaces.
 
-``Proc`` runs a command (optionally inside a namespace with ``ip netns exec``)
-and collects its stderr lines. ``Topology`` builds a small LAN: one bridge
+Processes come from ``tests.processes`` (``Proc`` runs a command, optionally
+inside a namespace with ``ip netns exec``). ``Topology`` builds a small LAN: one bridge
 namespace and one namespace per host, each host joined to the bridge by a
 veth pair and given a 10.x address; it deletes everything on exit. Anything
 that speaks zeroconf in the tests runs inside such namespaces only.
@@ -17,164 +17,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-READY = re.compile(r"Listening on (\S+)")
-
-
-def child_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS", "VACCELRAY_ADDRESS"):
-        env.pop(name, None)
-    return env
-
-
-class Proc:
-    """A child process whose stderr lines are kept (and searchable while it runs)."""
-
-    def __init__(self, argv: Sequence[str], *, netns: str | None = None) -> None:
-        prefix = ["ip", "netns", "exec", netns] if netns else []
-        self.argv = [*prefix, *argv]
-        self.process = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=child_env(),
-            cwd=REPO,
-        )
-        self.lines: list[str] = []
-        self.stdout: list[str] = []
-        self._cond = threading.Condition()
-        self._threads = [
-            threading.Thread(
-                target=self._pump, args=(self.process.stderr, self.lines), daemon=True
-            ),
-            threading.Thread(
-                target=self._pump, args=(self.process.stdout, self.stdout), daemon=True
-            ),
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def _pump(self, stream: Any, sink: list[str]) -> None:
-        for line in stream:
-            with self._cond:
-                sink.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, *, timeout: float = 20.0, start: int = 0) -> re.Match[str]:
-        """The first stderr line (from index *start*) matching *pattern*."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = start
-        with self._cond:
-            while True:
-                for line in self.lines[seen:]:
-                    if found := regex.search(line):
-                        return found
-                seen = len(self.lines)
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.process.poll() is not None and not self._alive_readers()):
-                    raise AssertionError(
-                        f"{self.argv} printed no line matching {pattern!r} "
-                        f"(exit {self.process.poll()}):\n{self.text()}"
-                    )
-                self._cond.wait(min(left, 0.1))
-
-    def _alive_readers(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
-
-    def signal(self, signum: int) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signum)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (SIGCONT first, in case it is stopped), then SIGKILL; the exit status."""
-        if self.process.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for thread in self._threads:
-            thread.join(2)
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
-        return self.process.returncode
-
-
-def start_daemon(
-    argv: Sequence[str], *, netns: str | None = None, timeout: float = 20.0
-) -> tuple[Proc, str]:
-    """Start a vaccelray daemon; (process, the address of its ready line)."""
-    proc = Proc(argv, netns=netns)
-    try:
-        address = proc.wait_for(READY.pattern, timeout=timeout).group(1)
-    except AssertionError:
-        proc.stop()
-        raise
-    return proc, address
-
-
-def start_daemons(
-    argvs: Sequence[Sequence[str]], *, netns: str | None = None, timeout: float = 20.0
-) -> list[tuple[Proc, str]]:
-    """Start several daemons at once; each (process, address) once all are serving."""
-    procs = [Proc(argv, netns=netns) for argv in argvs]
-    started = []
-    try:
-        for proc in procs:
-            started.append((proc, proc.wait_for(READY.pattern, timeout=timeout).group(1)))
-    except AssertionError:
-        for proc in procs:
-            proc.stop()
-        raise
-    return started
-
-
-def worker_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vaccelray", "worker", *args]
-
-
-def sleepy_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vaccelray.worker.sleepy", *args]
-
-
-def scheduler_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vaccelray", "scheduler", *args]
+from tests.processes import REPO, child_env
 
 
 def status_json(address: str, *, netns: str | None = None) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import vaccelray
-from tests.conftest import WorkerProcess, start_worker
+from tests.conftest import start_worker
+from tests.processes import Proc
 from vaccelray.auth import TokenCheck, is_loopback, load_token, token_metadata
 from vaccelray.client import Client
 from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError
@@ -30,7 +31,7 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def guarded(token_file: Path) -> Iterator[WorkerProcess]:
+def guarded(token_file: Path) -> Iterator[Proc]:
     worker = start_worker(
         "-a",
         "tcp://127.0.0.1:0",
@@ -84,7 +85,7 @@ def test_load_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_token(None, tmp_path / "t") == "from-file"
 
 
-def test_tasks_need_the_token_but_vaccel_calls_stay_open(guarded: WorkerProcess) -> None:
+def test_tasks_need_the_token_but_vaccel_calls_stay_open(guarded: Proc) -> None:
     with Client(guarded.address, token="wrong") as client:
         with pytest.raises(vaccelray.AuthenticationError, match="wrong cluster token"):
             client.submit(add, 1, 2).result(timeout=10)
@@ -95,7 +96,7 @@ def test_tasks_need_the_token_but_vaccel_calls_stay_open(guarded: WorkerProcess)
 
 
 @pytest.mark.anyio
-async def test_refused_before_the_payload_is_even_decoded(guarded: WorkerProcess) -> None:
+async def test_refused_before_the_payload_is_even_decoded(guarded: Proc) -> None:
     async with connect(guarded.address) as conn:
         for metadata in ((), token_metadata("nope")):
             with pytest.raises(RPCError) as info:

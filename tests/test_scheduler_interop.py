@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
+from tests.processes import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
 
 NOOP_TAG = "This is a dummy classification tag!"
 HERE = Path(__file__).resolve().parent

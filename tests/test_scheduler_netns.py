@@ -17,15 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.netns import (
-    Proc,
-    Topology,
-    require_netns,
-    scheduler_argv,
-    start_daemon,
-    status_json,
-    worker_argv,
-)
+from tests.netns import Topology, require_netns, status_json
+from tests.processes import Proc, scheduler_argv, start_daemon, worker_argv
 
 pytestmark = pytest.mark.netns
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
-from tests.netns import Proc, child_env, sleepy_argv, start_daemons, worker_argv
+from tests.processes import Proc, child_env, sleepy_argv, start_daemons, worker_argv
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb

@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 import vaccelray
-from tests.netns import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
+from tests.processes import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
 from tests.test_offload_api import Custom, add, raises, session_used, sleeps
 from tests.test_scheduler_routing import config, wait_until
 from vaccelray.client import Client

@@ -295,5 +295,6 @@ def test_worker_process_exits_zero_on_sigterm_and_sigint() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         worker = start_worker("-a", "tcp://127.0.0.1:0", "--backend", "noop")
         worker.process.send_signal(sig)
-        assert worker.wait() == 0
+        assert worker.process.wait(10) == 0
+        worker.stop()
         assert "Shutting down" in worker.text()

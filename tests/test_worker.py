@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.conftest import WorkerProcess
+from tests.processes import Proc
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
@@ -211,7 +211,7 @@ async def test_backend_failures_become_internal_and_bad_input_invalid_argument()
 
 
 async def test_thousand_concurrent_calls_over_eight_connections(
-    worker_process: WorkerProcess,
+    worker_process: Proc,
 ) -> None:
     failures: list[str] = []
     answered = 0
@@ -243,7 +243,7 @@ async def test_thousand_concurrent_calls_over_eight_connections(
 
 
 async def test_garbage_and_truncated_frames_leave_the_worker_serving(
-    worker_process: WorkerProcess,
+    worker_process: Proc,
 ) -> None:
     import random
 
@@ -266,7 +266,7 @@ async def test_garbage_and_truncated_frames_leave_the_worker_serving(
     assert worker_process.process.poll() is None
 
 
-def test_ready_line_names_the_real_port(worker_process: WorkerProcess) -> None:
+def test_ready_line_names_the_real_port(worker_process: Proc) -> None:
     assert worker_process.address.startswith("tcp://127.0.0.1:")
     assert not worker_process.address.endswith(":0")
     assert "Backend: noop" in worker_process.text()
@@ -297,7 +297,7 @@ def submit(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def test_submit_against_a_running_worker(worker_process: WorkerProcess, tmp_path: Path) -> None:
+def test_submit_against_a_running_worker(worker_process: Proc, tmp_path: Path) -> None:
     images = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
     for image in images:
         image.write_bytes(b"fake image")

@@ -10,12 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import queue
-import re
 import subprocess
 import sys
-import threading
-import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +19,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent.parent
+from tests.processes import Proc, start_daemon, worker_argv
 
 
 def _load_build_module() -> Any:
@@ -44,7 +40,6 @@ def _load_build_module() -> Any:
 _build = _load_build_module()
 PeerUnavailable = _build.PeerUnavailable
 build_peer = _build.build_peer
-START_TIMEOUT = 20.0
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -71,86 +66,18 @@ def go_peer(request: pytest.FixtureRequest) -> Path:
         pytest.skip(str(exc))
 
 
-class Process:
-    """A child process whose output lines are collected by reader threads."""
-
-    def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
-        self.args = args
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._lines: queue.Queue[tuple[str, str]] = queue.Queue()
-        self._threads = [
-            threading.Thread(
-                target=self._pump, args=("stdout", self.proc.stdout, self.stdout), daemon=True
-            ),
-            threading.Thread(
-                target=self._pump, args=("stderr", self.proc.stderr, self.stderr), daemon=True
-            ),
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _pump(self, name: str, stream: Any, sink: list[str]) -> None:
-        for line in stream:
-            line = line.rstrip("\n")
-            sink.append(line)
-            self._lines.put((name, line))
-
-    def wait_for_line(
-        self, pattern: str, *, stream: str, timeout: float = START_TIMEOUT
-    ) -> re.Match[str]:
-        """The first new line of *stream* matching *pattern* (fails after *timeout*)."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or (self.proc.poll() is not None and self._lines.empty()):
-                self.stop()
-                pytest.fail(
-                    f"{self.args[:3]} printed no line matching {pattern!r} on {stream} "
-                    f"(exit {self.proc.returncode}); stdout={self.stdout[-20:]!r} "
-                    f"stderr (last lines)={self.stderr[-20:]!r}"
-                )
-            try:
-                name, line = self._lines.get(timeout=min(left, 0.1))
-            except queue.Empty:
-                continue
-            if name == stream and (match := regex.search(line)):
-                return match
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then SIGKILL; the exit status."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for thread in self._threads:
-            thread.join(2)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-        return self.proc.returncode
-
-
-def start_go_server(peer: Path, address: str = "tcp://127.0.0.1:0") -> tuple[Process, str]:
-    proc = Process([str(peer), "server", "-addr", address])
-    match = proc.wait_for_line(r"^LISTENING (\S+)$", stream="stdout")
+def start_go_server(peer: Path, address: str = "tcp://127.0.0.1:0") -> tuple[Proc, str]:
+    proc = Proc([str(peer), "server", "-addr", address])
+    try:
+        match = proc.wait_for(r"^LISTENING (\S+)$", stream="stdout")
+    except AssertionError:
+        proc.stop()
+        raise
     return proc, match.group(1)
 
 
 @pytest.fixture
-def go_server_process(go_peer: Path) -> Iterator[tuple[Process, str]]:
+def go_server_process(go_peer: Path) -> Iterator[tuple[Proc, str]]:
     proc, address = start_go_server(go_peer)
     try:
         yield proc, address
@@ -159,36 +86,18 @@ def go_server_process(go_peer: Path) -> Iterator[tuple[Process, str]]:
 
 
 @pytest.fixture
-def go_server(go_server_process: tuple[Process, str]) -> str:
+def go_server(go_server_process: tuple[Proc, str]) -> str:
     """Address of a fresh Go ttrpc server (vaccel.VaccelAgent + interop.Echo)."""
     return go_server_process[1]
 
 
-def start_python_worker(*extra: str, log_level: str = "info") -> tuple[Process, str]:
-    """``python -m vaccelray worker`` on a free loopback port; (process, address)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    # The noop backend, whatever the caller's environment selects.
-    for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS"):
-        env.pop(name, None)
-    proc = Process(
-        [
-            sys.executable,
-            "-m",
-            "vaccelray",
-            "worker",
-            "-a",
-            "tcp://127.0.0.1:0",
-            "--backend",
-            "noop",
-            "--log-level",
-            log_level,
-            *extra,
-        ],
-        env=env,
+def start_python_worker(*extra: str, log_level: str = "info") -> tuple[Proc, str]:
+    """``python -m vaccelray worker`` (noop backend) on a free loopback port; (process, address)."""
+    return start_daemon(
+        worker_argv(
+            "-a", "tcp://127.0.0.1:0", "--backend", "noop", "--log-level", log_level, *extra
+        )
     )
-    match = proc.wait_for_line(r"Listening on (\S+)", stream="stderr")
-    return proc, match.group(1)
 
 
 def run_go_client(
@@ -211,7 +120,6 @@ def interop(go_peer: Path) -> types.SimpleNamespace:
     """The helpers above, for test modules (tests/ is not a package to import from)."""
     return types.SimpleNamespace(
         peer=go_peer,
-        Process=Process,
         start_python_worker=start_python_worker,
         start_go_server=lambda address="tcp://127.0.0.1:0": start_go_server(go_peer, address),
         run_go_client=lambda address, check="all", timeout=60.0: run_go_client(

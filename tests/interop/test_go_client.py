@@ -194,11 +194,11 @@ def test_worker_logs_agent_events(results: Results, worker: tuple[Any, str]) -> 
         f"Destroyed session {first}",
     ]
     while time.monotonic() < deadline:
-        text = "\n".join(proc.stderr)
+        text = proc.text()
         if all(w in text for w in wanted):
             break
         time.sleep(0.05)
-    text = "\n".join(proc.stderr)
+    text = proc.text()
     for w in wanted:
         assert w in text, f"worker log lacks {w!r}"
 
@@ -212,18 +212,18 @@ def test_worker_serves_a_second_client_then_exits_cleanly_on_sigterm(
             records = interop.run_go_client(address, "sessions")
             assert [r["classify_code"] for r in records] == [0, 0, 0, 0], (attempt, records)
         # One SIGTERM only: a graceful exit with status 0.
-        proc.proc.send_signal(signal.SIGTERM)
-        status = proc.proc.wait(timeout=10)
+        proc.process.send_signal(signal.SIGTERM)
+        status = proc.process.wait(timeout=10)
     finally:
         proc.stop()
-    assert status == 0, proc.stderr
+    assert status == 0, proc.text()
 
 
 def test_unix_socket_and_tcp_listeners(interop: types.SimpleNamespace, tmp_path: Path) -> None:
     sock = tmp_path / "worker.sock"
     proc, first = interop.start_python_worker("-a", f"unix://{sock}", log_level="info")
     try:
-        second = proc.wait_for_line(r"Listening on (\S+)", stream="stderr").group(1)
+        second = proc.wait_for(rf"Listening on (?!{re.escape(first)}$)(\S+)").group(1)
         addresses = {first, second}
         assert f"unix://{sock}" in addresses
         for address in addresses:

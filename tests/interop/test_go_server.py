@@ -201,7 +201,7 @@ _PIDS: dict[str, int] = {}
 @pytest.fixture(autouse=True)
 def _remember_pid(go_server_process: tuple[Any, str]) -> None:
     proc, address = go_server_process
-    _PIDS[address] = proc.proc.pid
+    _PIDS[address] = proc.process.pid
 
 
 @pytest.mark.parametrize(
@@ -360,7 +360,7 @@ async def test_server_death_fails_calls_in_flight(
         async with anyio.create_task_group() as tg:
             tg.start_soon(long_call)
             await anyio.sleep(0.2)
-            proc.proc.kill()
+            proc.process.kill()
         assert len(failures) == 1, failures
         assert isinstance(failures[0], TransportError), failures
         assert time.monotonic() - start < 5.0

@@ -4,10 +4,12 @@ Each connection is an asyncio protocol around a sans-IO
 :class:`~vaccelray.protocol.ServerConnection`. ``data_received`` decodes every
 whole request in the chunk; *inline* handlers (non-blocking code such as the
 noop backend) answer right there and all their responses leave in one write,
-with no task or thread hop. Other handlers run as tasks of the server's task
-group, each in its own cancel scope: the request's ``timeout_nano`` becomes the
-scope's deadline (answered with DEADLINE_EXCEEDED), and a client that
-disconnects has its calls cancelled.
+with no task or thread hop. *future* handlers also run right there but return
+an ``asyncio.Future`` the server answers from when it completes: no task, no
+cancel scope, for the hot path of work handed to another process. Other
+handlers run as tasks of the server's task group, each in its own cancel scope.
+Either way the request's ``timeout_nano`` is a deadline (answered with
+DEADLINE_EXCEEDED), and a client that disconnects has its calls cancelled.
 
 Structure (task groups, cancel scopes, deadlines) is anyio; the sockets are
 asyncio's, so the server runs on anyio's asyncio backend.
@@ -49,14 +51,23 @@ log = logging.getLogger("vaccelray.server")
 Metadata = tuple[tuple[str, str], ...]
 InlineHandler = Callable[[bytes, "CallContext"], bytes]
 AsyncHandler = Callable[[bytes, "CallContext"], Awaitable[bytes]]
+FutureHandler = Callable[[bytes, "CallContext"], "asyncio.Future[bytes]"]
 
 
 @dataclass(frozen=True, slots=True)
 class Method:
-    """A handler for one method; ``inline`` handlers run on the loop and must not block."""
+    """A handler for one method.
 
-    handler: InlineHandler | AsyncHandler
+    ``inline``: a plain function run on the loop (it must not block) returning the answer.
+    ``future``: a plain function run on the loop returning an ``asyncio.Future[bytes]``
+    (raising RPCError answers at once); the server answers with its result or
+    exception, and cancels it at the deadline, on disconnect and on shutdown.
+    Otherwise: an ``async`` function, run as a task.
+    """
+
+    handler: InlineHandler | AsyncHandler | FutureHandler
     inline: bool = False
+    future: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,24 @@ class CallContext:
 _NS: Final = 1e-9
 
 
+class _FutureCall:
+    """A *future* handler's call in flight: why it was cancelled, if it was."""
+
+    __slots__ = ("event", "future", "reason", "timer")
+
+    def __init__(self, event: RequestReceived, future: asyncio.Future[bytes]) -> None:
+        self.event = event
+        self.future = future
+        self.timer: asyncio.TimerHandle | None = None
+        #: The status to answer when the future ends cancelled (None: CANCELLED).
+        self.reason: tuple[StatusCode, str] | None = None
+
+    def cancel(self, code: StatusCode, message: str) -> None:
+        if self.reason is None:
+            self.reason = (code, message)
+        self.future.cancel()
+
+
 class _Connection(asyncio.Protocol):
     """One client connection."""
 
@@ -104,7 +133,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.scopes: set[anyio.CancelScope] = set()
+        self.calls: set[_FutureCall] = set()
         self.id = next(server._connection_ids)
+        self.loop = asyncio.get_running_loop()
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -127,6 +158,15 @@ class _Connection(asyncio.Protocol):
             self.server.on_disconnect(self.id)
         for scope in self.scopes:
             scope.cancel()
+        for call in list(self.calls):
+            call.cancel(StatusCode.CANCELLED, "the client disconnected")
+
+    def cancel_calls(self, code: StatusCode, why: str) -> None:
+        """Cancel every call in flight on this connection, answering *code* ("<method> *why*")."""
+        for scope in self.scopes:
+            scope.cancel()
+        for call in list(self.calls):
+            call.cancel(code, f"{call.event.method} {why}")
 
     def pause_writing(self) -> None:
         # The client is not reading its answers: stop reading its requests.
@@ -170,14 +210,14 @@ class _Connection(asyncio.Protocol):
                 out.append(self._unknown(event))
             elif method.inline:
                 out.append(self._run_inline(method, event))
-            elif server._task_group is None or server._draining:
-                out.append(
-                    proto.send_response(
-                        event.stream_id,
-                        code=StatusCode.UNAVAILABLE,
-                        message="server is shutting down",
-                    )
-                )
+            elif server._draining:
+                out.append(self._shutting_down(event))
+            elif method.future:
+                answer = self._start_future(method, event)
+                if answer is not None:
+                    out.append(answer)
+            elif server._task_group is None:
+                out.append(self._shutting_down(event))
             else:
                 server._inflight += 1
                 server._task_group.start_soon(self._run_async, method, event)
@@ -188,7 +228,8 @@ class _Connection(asyncio.Protocol):
     def _context(self, event: RequestReceived) -> CallContext:
         deadline = None
         if event.timeout_nano > 0:
-            deadline = anyio.current_time() + event.timeout_nano * _NS
+            # the loop's clock is anyio's on asyncio, read without a backend lookup
+            deadline = self.loop.time() + event.timeout_nano * _NS
         return CallContext(
             event.service, event.method, event.metadata, deadline, self.peer, self.id
         )
@@ -211,6 +252,60 @@ class _Connection(asyncio.Protocol):
             return self._internal(event, exc)
         assert isinstance(payload, bytes)
         return self.proto.send_response(event.stream_id, payload)
+
+    def _shutting_down(self, event: RequestReceived) -> bytes:
+        return self.proto.send_response(
+            event.stream_id, code=StatusCode.UNAVAILABLE, message="server is shutting down"
+        )
+
+    def _start_future(self, method: Method, event: RequestReceived) -> bytes | None:
+        """Start a *future* handler; the answer when it failed at once, else None."""
+        ctx = self._context(event)
+        try:
+            future = method.handler(event.payload, ctx)
+        except RPCError as exc:
+            return self._error(event.stream_id, exc)
+        except Exception as exc:
+            return self._internal(event, exc)
+        assert isinstance(future, asyncio.Future)
+        call = _FutureCall(event, future)
+        if ctx.deadline is not None:
+            call.timer = self.loop.call_at(
+                ctx.deadline,
+                call.cancel,
+                StatusCode.DEADLINE_EXCEEDED,
+                f"{event.method} exceeded its deadline",
+            )
+        self.calls.add(call)
+        self.server._inflight += 1
+        future.add_done_callback(lambda _: self._future_done(call))
+        return None
+
+    def _future_done(self, call: _FutureCall) -> None:
+        self.calls.discard(call)
+        if call.timer is not None:
+            call.timer.cancel()
+        try:
+            if self.transport is None:
+                return
+            future, stream_id = call.future, call.event.stream_id
+            if future.cancelled():
+                code, message = call.reason or (
+                    StatusCode.CANCELLED,
+                    f"{call.event.method} was cancelled",
+                )
+                data = self.proto.send_response(stream_id, code=code, message=message)
+            else:
+                exc = future.exception()
+                if exc is None:
+                    data = self.proto.send_response(stream_id, future.result())
+                elif isinstance(exc, RPCError):
+                    data = self._error(stream_id, exc)
+                else:
+                    data = self._internal(call.event, exc)
+            self.transport.write(data)
+        finally:
+            self.server._call_done()
 
     async def _run_async(self, method: Method, event: RequestReceived) -> None:
         server = self.server
@@ -255,7 +350,7 @@ class _Connection(asyncio.Protocol):
             stream_id, code=exc.code, message=exc.message, details=exc.details
         )
 
-    def _internal(self, event: RequestReceived, exc: Exception) -> bytes:
+    def _internal(self, event: RequestReceived, exc: BaseException) -> bytes:
         log.exception("%s/%s failed", event.service, event.method, exc_info=exc)
         return self.proto.send_response(
             event.stream_id, code=StatusCode.INTERNAL, message=f"{type(exc).__name__}: {exc}"
@@ -339,8 +434,7 @@ class Server:
             while self._inflight:
                 await self._idle.wait()
         for conn in list(self._connections):
-            for scope in conn.scopes:
-                scope.cancel()
+            conn.cancel_calls(StatusCode.UNAVAILABLE, "stopped: the server is shutting down")
         # Let cancelled calls send their UNAVAILABLE answers before the connections close.
         with anyio.move_on_after(1.0):
             while self._inflight:
