@@ -45,3 +45,16 @@ def test_error_response_round_trips(code: int, message: str, raw: list[tuple[str
     details = [Detail(url, value) for url, value in raw]
     body = encode_error_response(code, message, details)
     assert decode_response(body) == (code, message, tuple(details), b"")
+
+
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_responses_with_more_than_the_payload_are_read_by_protobuf(
+    payload: bytes, trailing: bytes
+) -> None:
+    # Bodies the OK fast path must not take: a status after the payload, or extra bytes.
+    status = ttrpc_pb2.Status(code=5, message=trailing.hex())
+    body = ttrpc_pb2.Response(payload=payload, status=status).SerializeToString()
+    assert decode_response(body) == (5, trailing.hex(), (), payload)
+    padded = encode_response(payload) + ttrpc_pb2.Response(payload=trailing).SerializeToString()
+    expected = ttrpc_pb2.Response.FromString(padded).payload
+    assert decode_response(padded) == (0, "", (), expected)

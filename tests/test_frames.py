@@ -14,6 +14,7 @@ from vaccelray.protocol.frames import (
     FrameType,
     OversizedFrame,
     encode_frame,
+    join_frame,
 )
 
 frames = st.builds(
@@ -96,3 +97,9 @@ def test_header_needs_all_ten_bytes() -> None:
 def test_stream_id_must_fit_32_bits() -> None:
     with pytest.raises(LocalProtocolError):
         encode_frame(2**32, FrameType.REQUEST, b"")
+
+
+@given(st.integers(0, 2**32 - 1), st.lists(st.binary(max_size=50), max_size=5))
+def test_join_frame_is_encode_frame_of_the_joined_parts(stream_id: int, parts: list[bytes]) -> None:
+    joined = join_frame(stream_id, FrameType.RESPONSE, parts)
+    assert joined == encode_frame(stream_id, FrameType.RESPONSE, b"".join(parts))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -298,3 +299,136 @@ def test_worker_process_exits_zero_on_sigterm_and_sigint() -> None:
         assert worker.process.wait(10) == 0
         worker.stop()
         assert "Shutting down" in worker.text()
+
+
+# -- future handlers --------------------------------------------------------------
+
+
+class Futures:
+    """A service of *future* handlers whose futures the test settles by hand."""
+
+    def __init__(self) -> None:
+        self.pending: list[asyncio.Future[bytes]] = []
+        self.started = anyio.Event()
+
+    def services(self) -> list[Service]:
+        def later(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+            if payload == b"refuse":
+                raise RPCError(StatusCode.FAILED_PRECONDITION, "refused at once")
+            future = asyncio.get_running_loop().create_future()
+            self.pending.append(future)
+            self.started.set()
+            return future
+
+        return [Service("test.Later", {"Later": Method(later, future=True)})]
+
+    async def next_started(self) -> asyncio.Future[bytes]:
+        with anyio.fail_after(5):
+            await self.started.wait()
+        self.started = anyio.Event()
+        return self.pending[-1]
+
+
+@pytest.fixture
+async def futures() -> AsyncIterator[tuple[Server, Futures]]:
+    handlers = Futures()
+    async with serve(handlers.services(), ["tcp://127.0.0.1:0"]) as srv:
+        yield srv, handlers
+
+
+async def test_future_handler_answers_with_its_result_or_error(
+    futures: tuple[Server, Futures],
+) -> None:
+    srv, handlers = futures
+    async with connect(srv.addresses[0]) as client, anyio.create_task_group() as tg:
+        answers: list[bytes | RPCError] = []
+
+        async def call(payload: bytes) -> None:
+            try:
+                answers.append(await client.call("test.Later", "Later", payload))
+            except RPCError as exc:
+                answers.append(exc)
+
+        tg.start_soon(call, b"a")
+        first = await handlers.next_started()
+        assert srv.inflight == 1
+        first.set_result(b"answer")
+        await anyio.sleep(0.1)
+        assert answers == [b"answer"]
+        assert srv.inflight == 0
+
+        tg.start_soon(call, b"b")
+        (await handlers.next_started()).set_exception(RPCError(StatusCode.NOT_FOUND, "none"))
+        tg.start_soon(call, b"c")
+        (await handlers.next_started()).set_exception(ValueError("boom"))
+        tg.start_soon(call, b"refuse")
+    codes = [(a.code, a.message) for a in answers[1:] if isinstance(a, RPCError)]
+    assert codes == [
+        (StatusCode.NOT_FOUND, "none"),
+        (StatusCode.INTERNAL, "ValueError: boom"),
+        (StatusCode.FAILED_PRECONDITION, "refused at once"),
+    ]
+    assert srv.inflight == 0
+
+
+async def test_future_handler_is_cancelled_at_its_deadline(futures: tuple[Server, Futures]) -> None:
+    srv, handlers = futures
+    async with connect(srv.addresses[0]) as client, anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            with pytest.raises(RPCError) as info:
+                await client.call("test.Later", "Later", b"", timeout=0.2)
+            assert info.value.code == StatusCode.DEADLINE_EXCEEDED
+
+        tg.start_soon(call)
+        future = await handlers.next_started()
+        await asyncio.wait([future], timeout=5)
+    assert future.cancelled()
+    assert srv.inflight == 0
+
+
+async def test_future_handler_deadline_answers_deadline_exceeded(
+    futures: tuple[Server, Futures],
+) -> None:
+    srv, handlers = futures
+    stream, _ = await raw_call(
+        srv.addresses[0], request(1, "test.Later", "Later", b"", timeout_nano=200_000_000)
+    )
+    response = await read_response(stream, 1)
+    assert response.code == StatusCode.DEADLINE_EXCEEDED
+    assert response.message == "Later exceeded its deadline"
+    assert handlers.pending[-1].cancelled()
+    await stream.aclose()
+
+
+async def test_future_handler_is_cancelled_when_the_client_disconnects(
+    futures: tuple[Server, Futures],
+) -> None:
+    srv, handlers = futures
+    stream, _ = await raw_call(srv.addresses[0], request(1, "test.Later", "Later", b""))
+    future = await handlers.next_started()
+    await stream.aclose()
+    await asyncio.wait([future], timeout=5)
+    assert future.cancelled()
+    assert srv.inflight == 0
+
+
+async def test_shutdown_cancels_future_calls_past_the_grace_period() -> None:
+    handlers = Futures()
+    async with (
+        serve(handlers.services(), ["tcp://127.0.0.1:0"]) as srv,
+        connect(srv.addresses[0]) as client,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def call() -> None:
+            with pytest.raises(RPCError) as info:
+                await client.call("test.Later", "Later", b"")
+            assert info.value.code == StatusCode.UNAVAILABLE
+            assert info.value.message == "Later stopped: the server is shutting down"
+
+        tg.start_soon(call)
+        future = await handlers.next_started()
+        with anyio.fail_after(3):
+            await srv.shutdown(0.2)
+        assert future.cancelled()

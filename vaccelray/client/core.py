@@ -3,25 +3,30 @@
 A :class:`Core` lives on one asyncio loop (the client's background thread,
 see ``vaccelray.client.api``). :meth:`Core.submit` may be called from any
 thread: it pickles the arguments in the caller's thread (so a pickling
-error is raised at the call site), hands the task to the loop with one
-``call_soon_threadsafe`` and returns its :class:`TaskRef` at once. On the
-loop, each task is one asyncio task: resolve TaskRef arguments, make sure
-the worker has the function (``RegisterFunction`` once per connection and
-function), ``Submit``, decode the reply, settle the TaskRef. Worker loss
-(connection lost, pool process died, worker shutting down) is retried up
-to ``retries`` times on a fresh connection.
+error is raised at the call site), queues the task for the loop and returns
+its :class:`TaskRef` at once; the loop is woken once for all the tasks
+queued meanwhile. On the loop, the common case (a registered function, no
+TaskRef arguments, an open connection) is sent at once and settled from the
+call's done callback: no asyncio task. Anything else (resolve TaskRef
+arguments, ``RegisterFunction`` once per connection and function, retries)
+runs as one asyncio task. Worker loss (connection lost, pool process died,
+worker shutting down) is retried up to ``retries`` times on a fresh connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import enum
+import functools
 import itertools
 import logging
 import os
 import pickle
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from ssl import SSLContext
 from typing import Any, Final
 
@@ -42,7 +47,7 @@ from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.transport.client import Client as Connection
-from vaccelray.transport.client import open_client
+from vaccelray.transport.client import Outcome, PendingCall, open_client
 
 __all__ = ["AGENT_SERVICE", "Core"]
 
@@ -76,7 +81,11 @@ class Core:
         self._connect_lock = asyncio.Lock()
         self._registered: set[str] = set()
         self._registering: dict[str, asyncio.Future[None]] = {}
-        self._running: dict[str, asyncio.Task[None]] = {}
+        #: The call (fast path) or asyncio task of each task in flight, by task id.
+        self._running: dict[str, PendingCall | asyncio.Task[None]] = {}
+        #: Submissions waiting for the loop, and whether it has been woken for them.
+        self._queued: collections.deque[_Queued] = collections.deque()
+        self._woken = False
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-{secrets.token_hex(3)}-"
         self._closed = False
@@ -136,30 +145,112 @@ class Core:
         )
         # Pickled here, in the caller's thread: a pickling error raises at the call site.
         payload = None if has_refs else pickle_args(spec.name, args, kwargs, self.arg_limit)
-        self._call_soon(self._start, ref, spec, args, kwargs, payload, options, session_id)
+        queued = (ref, spec, args, kwargs, payload, options, session_id)
+        if threading.get_ident() == self.thread_id:
+            self._start(queued)
+            return ref
+        self._queued.append(queued)
+        # The flag is cleared before the loop empties the queue, so a task queued
+        # meanwhile is either seen by that pass or wakes the loop again.
+        if not self._woken:
+            self._woken = True
+            self.loop.call_soon_threadsafe(self._start_queued)
         return ref
 
-    def _start(
-        self,
-        ref: TaskRef[Any],
-        spec: FunctionSpec,
-        args: Sequence[object],
-        kwargs: Mapping[str, object],
-        payload: bytes | None,
-        options: Options,
-        session_id: int,
-    ) -> None:
+    def _start_queued(self) -> None:
+        self._woken = False
+        queued, conn = self._queued, self._conn
+        count = len(queued)
+        # Only those queued by now (later ones wake the loop again); several leave in one write.
+        with conn.batch() if conn is not None and count > 1 else contextlib.nullcontext():
+            for _ in range(count):
+                self._start(queued.popleft())
+
+    def _start(self, queued: _Queued) -> None:
+        ref, spec, args, kwargs, payload, options, session_id = queued
         if ref.done():  # cancelled before it left the caller's thread
             return
         if self._closed:
             _settle(ref._future, error=WorkerLostError("the client was shut down", task=spec.name))
             return
-        task = self.loop.create_task(
-            self._run(ref, spec, args, kwargs, payload, options, session_id)
-        )
+        conn = self._conn
+        if (
+            payload is not None
+            and conn is not None
+            and spec.digest in self._registered
+            and not conn.is_closed
+        ):
+            request = _request(ref, spec, payload, options, session_id)
+            try:
+                self._running[ref.task_id] = conn.start_call(
+                    wire.SERVICE,
+                    wire.METHOD_SUBMIT,
+                    request,
+                    functools.partial(self._answered, ref, spec, request, options, conn),
+                    timeout=options.timeout,
+                    metadata=self.metadata,
+                )
+            except (TransportError, RPCError) as exc:
+                self._answered(ref, spec, request, options, conn, exc)
+        else:
+            work = self._prepare(ref, spec, args, kwargs, payload, options, session_id)
+            self._spawn(ref, spec, work)
+
+    def _answered(
+        self,
+        ref: TaskRef[Any],
+        spec: FunctionSpec,
+        request: bytes,
+        options: Options,
+        conn: Connection,
+        outcome: Outcome,
+    ) -> None:
+        """The fast path's first attempt ended: settle the TaskRef, or go on in a task."""
+        self._running.pop(ref.task_id, None)
+        if isinstance(outcome, asyncio.CancelledError):  # TaskRef.cancel(), or shutdown
+            _settle(ref._future, error=self._cancelled(spec))
+            return
+        try:
+            verdict, value = self._judge(conn, spec, options, outcome, 0)
+        except Exception as exc:  # raised here, it would break the connection's read loop
+            verdict, value = _Verdict.FAILED, exc
+        if verdict is _Verdict.DONE:
+            _settle(ref._future, value)
+        elif verdict is _Verdict.FAILED:
+            _settle(ref._future, error=value)
+        elif self._closed:
+            _settle(ref._future, error=self._cancelled(spec))
+        else:
+            unknown, lost = (1, None) if verdict is _Verdict.UNKNOWN else (0, value)
+            work = self._attempts(spec, request, options, unknown=unknown, lost=lost)
+            self._spawn(ref, spec, work)
+
+    def _spawn(self, ref: TaskRef[Any], spec: FunctionSpec, work: Coroutine[Any, Any, Any]) -> None:
+        """Run *work* as an asyncio task that settles *ref* with its outcome."""
+        task = self.loop.create_task(self._settle_with(ref, spec, work))
         self._running[ref.task_id] = task
 
-    async def _run(
+    async def _settle_with(
+        self, ref: TaskRef[Any], spec: FunctionSpec, work: Coroutine[Any, Any, Any]
+    ) -> None:
+        try:
+            result = await work
+        except asyncio.CancelledError:
+            _settle(ref._future, error=self._cancelled(spec))
+        except BaseException as exc:
+            _settle(ref._future, error=exc)
+        else:
+            _settle(ref._future, result)
+        finally:
+            if self._running.get(ref.task_id) is asyncio.current_task():
+                del self._running[ref.task_id]
+
+    def _cancelled(self, spec: FunctionSpec) -> TaskError:
+        if self._closed:
+            return WorkerLostError("the client was shut down", task=spec.name)
+        return TaskCancelledError(f"{spec.name} was cancelled", task=spec.name)
+
+    async def _prepare(
         self,
         ref: TaskRef[Any],
         spec: FunctionSpec,
@@ -168,92 +259,98 @@ class Core:
         payload: bytes | None,
         options: Options,
         session_id: int,
-    ) -> None:
-        try:
-            if payload is None:
-                args = [await a if type(a) is TaskRef else a for a in args]
-                kwargs = {k: await v if type(v) is TaskRef else v for k, v in kwargs.items()}
-                payload = pickle_args(spec.name, args, kwargs, self.arg_limit)
-            result = await self._attempts(ref, spec, payload, options, session_id)
-        except asyncio.CancelledError:
-            if self._closed:
-                error: TaskError = WorkerLostError("the client was shut down", task=spec.name)
-            else:
-                error = TaskCancelledError(f"{spec.name} was cancelled", task=spec.name)
-            _settle(ref._future, error=error)
-        except BaseException as exc:
-            _settle(ref._future, error=exc)
-        else:
-            _settle(ref._future, result)
-        finally:
-            self._running.pop(ref.task_id, None)
+    ) -> Any:
+        """The slow path from the start: wait for TaskRef arguments, then :meth:`_attempts`."""
+        if payload is None:
+            args = [await a if type(a) is TaskRef else a for a in args]
+            kwargs = {k: await v if type(v) is TaskRef else v for k, v in kwargs.items()}
+            payload = pickle_args(spec.name, args, kwargs, self.arg_limit)
+        request = _request(ref, spec, payload, options, session_id)
+        return await self._attempts(spec, request, options)
 
     async def _attempts(
         self,
-        ref: TaskRef[Any],
         spec: FunctionSpec,
-        payload: bytes,
+        request: bytes,
         options: Options,
-        session_id: int,
+        *,
+        unknown: int = 0,
+        lost: BaseException | str | None = None,
     ) -> Any:
-        request = wire.encode(
-            wire.Submit(
-                ref.task_id,
-                spec.digest,
-                spec.name,
-                payload,
-                options.backend or "",
-                options.ops,
-                session_id,
-            )
-        )
-        attempt = unknown = 0
+        """Submit *request* until it has an outcome; *unknown*, *lost*: the fast path's try."""
+        attempt = 0
         while True:
+            if lost is not None:
+                attempt += 1
+                if attempt > options.retries:
+                    if isinstance(lost, ConnectError):
+                        raise lost
+                    tries = f" (tried {attempt} times)" if attempt > 1 else ""
+                    raise WorkerLostError(f"{spec.name}: {lost}{tries}", task=spec.name)
+                log.info("Retrying %s (%d of %d): %s", spec.name, attempt, options.retries, lost)
+                await asyncio.sleep(min(_BACKOFF * 2 ** (attempt - 1), 2.0))
             conn = None
-            lost: BaseException | str
+            outcome: bytes | BaseException
             try:
                 conn = await self.connection()
                 if spec.digest not in self._registered:
                     await self._register(conn, spec)
-                reply_bytes = await conn.call(
+                outcome = await conn.call(
                     wire.SERVICE,
                     wire.METHOD_SUBMIT,
                     request,
                     timeout=options.timeout,
                     metadata=self.metadata,
                 )
-            except ConnectError as exc:
-                lost = exc
-            except TransportError as exc:
-                self._forget(conn)
-                lost = exc
-            except RPCError as exc:
-                if (
-                    exc.code == StatusCode.NOT_FOUND
-                    and exc.message.startswith(wire.UNKNOWN_FUNCTION)
-                    and unknown < 3
-                ):
-                    self._registered.discard(spec.digest)  # the worker dropped it from its cache
-                    unknown += 1
-                    continue
-                if exc.code != StatusCode.UNAVAILABLE:
-                    raise _rpc_failure(exc, spec.name, options) from None
-                lost = exc
+            except (TransportError, RPCError) as exc:
+                outcome = exc
+            verdict, value = self._judge(conn, spec, options, outcome, unknown)
+            if verdict is _Verdict.DONE:
+                return value
+            if verdict is _Verdict.FAILED:
+                raise value
+            if verdict is _Verdict.UNKNOWN:
+                unknown += 1
+                lost = None
             else:
-                reply = wire.decode_reply(reply_bytes)
-                if isinstance(reply, wire.TaskDone):
-                    return _load_result(reply.result, spec.name)
-                if reply.kind != wire.FailureKind.CRASHED:
-                    raise _task_failure(reply, spec.name)
-                lost = reply.message
-            attempt += 1
-            if attempt > options.retries:
-                if isinstance(lost, ConnectError):
-                    raise lost
-                tries = f" (tried {attempt} times)" if attempt > 1 else ""
-                raise WorkerLostError(f"{spec.name}: {lost}{tries}", task=spec.name)
-            log.info("Retrying %s (%d of %d): %s", spec.name, attempt, options.retries, lost)
-            await asyncio.sleep(min(_BACKOFF * 2 ** (attempt - 1), 2.0))
+                lost = value
+
+    def _judge(
+        self,
+        conn: Connection | None,
+        spec: FunctionSpec,
+        options: Options,
+        outcome: bytes | BaseException,
+        unknown: int,
+    ) -> tuple[_Verdict, Any]:
+        """What one Submit's reply (or error) means: a result, an error, or try again."""
+        if isinstance(outcome, bytes):
+            reply = wire.decode_reply(outcome)
+            if isinstance(reply, wire.TaskDone):
+                try:
+                    return _Verdict.DONE, _load_result(reply.result, spec.name)
+                except TaskError as exc:
+                    return _Verdict.FAILED, exc
+            if reply.kind != wire.FailureKind.CRASHED:
+                return _Verdict.FAILED, _task_failure(reply, spec.name)
+            return _Verdict.LOST, reply.message
+        if isinstance(outcome, ConnectError):
+            return _Verdict.LOST, outcome
+        if isinstance(outcome, TransportError):
+            self._forget(conn)
+            return _Verdict.LOST, outcome
+        if isinstance(outcome, RPCError):
+            if (
+                outcome.code == StatusCode.NOT_FOUND
+                and outcome.message.startswith(wire.UNKNOWN_FUNCTION)
+                and unknown < 3
+            ):
+                self._registered.discard(spec.digest)  # the worker dropped it from its cache
+                return _Verdict.UNKNOWN, None
+            if outcome.code != StatusCode.UNAVAILABLE:
+                return _Verdict.FAILED, _rpc_failure(outcome, spec.name, options)
+            return _Verdict.LOST, outcome
+        return _Verdict.FAILED, outcome
 
     async def _register(self, conn: Connection, spec: FunctionSpec) -> None:
         waiting = self._registering.get(spec.digest)
@@ -334,11 +431,13 @@ class Core:
     async def aclose(self) -> None:
         """Fail the tasks in flight with WorkerLostError, close the connection."""
         self._closed = True
+        self._start_queued()  # fails them: the client is shut down
         running, self._running = self._running, {}
-        for task in running.values():
-            task.cancel()
-        if running:
-            await asyncio.gather(*running.values(), return_exceptions=True)
+        for entry in running.values():
+            entry.cancel()  # a fast-path call settles its TaskRef right here
+        tasks = [t for t in running.values() if isinstance(t, asyncio.Task)]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self._conn is not None:
             await self._conn.aclose()
             self._conn = None
@@ -394,6 +493,35 @@ class Core:
             timeout,
         )
         return bytes(response.tags).split(b"\0", 1)[0].decode(errors="replace")
+
+
+class _Verdict(enum.Enum):
+    DONE = 1  # the task's result
+    FAILED = 2  # the error to raise
+    UNKNOWN = 3  # the worker does not know the function: register it, submit again
+    LOST = 4  # the worker (or its pool process) was lost: retry if allowed
+
+
+#: A submission on its way to the loop: ref, spec, args, kwargs, payload, options, session id.
+_Queued = tuple[
+    TaskRef[Any], FunctionSpec, Sequence[object], Mapping[str, object], bytes | None, Options, int
+]
+
+
+def _request(
+    ref: TaskRef[Any], spec: FunctionSpec, payload: bytes, options: Options, session_id: int
+) -> bytes:
+    return wire.encode(
+        wire.Submit(
+            ref.task_id,
+            spec.digest,
+            spec.name,
+            payload,
+            options.backend or "",
+            options.ops,
+            session_id,
+        )
+    )
 
 
 def _load_result(data: bytes, name: str) -> Any:

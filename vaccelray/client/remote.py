@@ -28,6 +28,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+#: Argument types the C pickler handles alone (cloudpickle costs ~5 µs a call more).
+_PLAIN: Final = (type(None), bool, int, float, str, bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +154,12 @@ def pickle_args(
     """``(args, kwargs)`` pickled (empty bytes for none); SerializationError names the culprit."""
     if not args and not kwargs:
         return b""
+    plain = all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values())
     try:
-        data = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=_PROTOCOL)
+        if plain:
+            data = pickle.dumps((tuple(args), dict(kwargs)), protocol=_PROTOCOL)
+        else:
+            data = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=_PROTOCOL)
     except Exception as exc:
         candidates: dict[str, object] = {f"argument {i + 1}": a for i, a in enumerate(args)}
         candidates.update({f"keyword argument {k!r}": v for k, v in kwargs.items()})

@@ -18,8 +18,8 @@ from vaccelray.protocol.envelope import (
     decode_request,
     decode_response,
     encode_error_response,
-    encode_request,
-    encode_response,
+    request_parts,
+    response_parts,
 )
 from vaccelray.protocol.frames import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -28,6 +28,7 @@ from vaccelray.protocol.frames import (
     FrameType,
     OversizedFrame,
     encode_frame,
+    join_frame,
 )
 
 __all__ = [
@@ -146,9 +147,8 @@ class ServerConnection:
         except KeyError:
             raise LocalProtocolError(f"no request in flight on stream {stream_id}") from None
         if code == 0:
-            body = encode_response(payload)
-        else:
-            body = encode_error_response(code, message, details, payload)
+            return join_frame(stream_id, FrameType.RESPONSE, response_parts(payload))
+        body = encode_error_response(code, message, details, payload)
         return encode_frame(stream_id, FrameType.RESPONSE, body)
 
 
@@ -181,8 +181,8 @@ class ClientConnection:
         if stream_id >= 1 << 32:
             raise LocalProtocolError("stream ids exhausted on this connection; open a new one")
         self._next_stream_id = stream_id + 2
-        body = encode_request(service, method, payload, timeout_nano, metadata)
-        data = encode_frame(stream_id, FrameType.REQUEST, body)
+        parts = request_parts(service, method, payload, timeout_nano, metadata)
+        data = join_frame(stream_id, FrameType.REQUEST, parts)
         self._pending.add(stream_id)
         return stream_id, data
 

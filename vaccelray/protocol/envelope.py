@@ -5,9 +5,12 @@ Decoding goes through the generated classes (upb is the fastest reader we
 measured). Encoding the common shapes directly is about three times cheaper
 than building and serialising a message (0.5 µs against 1.5 µs per call,
 ``time.process_time``, best of five runs of 100,000), so OK responses and
-requests are written here; error responses, which carry a status with
-details, still go through ``ttrpc_pb2``. Tests check these encoders
-byte for byte against the generated code with hypothesis.
+requests are written here, as lists of parts that leave the payload
+uncopied until the frame is joined (one copy of a large payload, not
+three); error responses, which carry a status with details, still go
+through ``ttrpc_pb2``. Likewise an OK response (the payload field alone)
+is read here without protobuf. Tests check these encoders byte for byte
+against the generated code with hypothesis.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = [
     "encode_error_response",
     "encode_request",
     "encode_response",
+    "request_parts",
+    "response_parts",
 ]
 
 Metadata = tuple[tuple[str, str], ...]
@@ -67,11 +72,35 @@ def decode_request(body: bytes) -> tuple[str, str, bytes, int, Metadata]:
     )
 
 
+def _len_prefix(number: int, size: int) -> bytes:
+    return bytes(((number << 3) | _WIRE_LEN,)) + _encode_varint(size)
+
+
 def _len_field(number: int, value: bytes) -> bytes:
     """A length-delimited field; empty values are omitted, as proto3 does."""
     if not value:
         return b""
-    return bytes(((number << 3) | _WIRE_LEN,)) + _encode_varint(len(value)) + value
+    return _len_prefix(number, len(value)) + value
+
+
+def request_parts(
+    service: str,
+    method: str,
+    payload: bytes,
+    timeout_nano: int = 0,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> list[bytes]:
+    """:func:`encode_request` as parts to join, the payload among them as it is."""
+    parts = [_len_field(1, service.encode()), _len_field(2, method.encode())]
+    if payload:
+        parts += (_len_prefix(3, len(payload)), payload)
+    if timeout_nano:
+        parts.append(b"\x20" + _encode_varint(timeout_nano & ((1 << 64) - 1)))
+    for key, value in metadata:
+        entry = _len_field(1, key.encode()) + _len_field(2, value.encode())
+        # an all-default entry is still an element of the list
+        parts.append(_len_field(5, entry) if entry else b"\x2a\x00")
+    return parts
 
 
 def encode_request(
@@ -82,23 +111,17 @@ def encode_request(
     metadata: Sequence[tuple[str, str]] = (),
 ) -> bytes:
     """A ``ttrpc.Request`` as the Go and protobuf encoders write it (fields in order)."""
-    parts = [
-        _len_field(1, service.encode()),
-        _len_field(2, method.encode()),
-        _len_field(3, payload),
-    ]
-    if timeout_nano:
-        parts.append(b"\x20" + _encode_varint(timeout_nano & ((1 << 64) - 1)))
-    for key, value in metadata:
-        entry = _len_field(1, key.encode()) + _len_field(2, value.encode())
-        # an all-default entry is still an element of the list
-        parts.append(_len_field(5, entry) if entry else b"\x2a\x00")
-    return b"".join(parts)
+    return b"".join(request_parts(service, method, payload, timeout_nano, metadata))
+
+
+def response_parts(payload: bytes) -> list[bytes]:
+    """:func:`encode_response` as parts to join, the payload among them as it is."""
+    return [_len_prefix(2, len(payload)), payload] if payload else []
 
 
 def encode_response(payload: bytes) -> bytes:
     """An OK ``ttrpc.Response``: the status omitted, as Go does."""
-    return _len_field(2, payload)
+    return b"".join(response_parts(payload))
 
 
 def encode_error_response(
@@ -110,8 +133,27 @@ def encode_error_response(
     return ttrpc_pb2.Response(status=status, payload=payload).SerializeToString()
 
 
+def _ok_payload(body: bytes) -> bytes | None:
+    """The payload of a body that is the payload field and nothing else, else None."""
+    if body[:1] != b"\x12":
+        return None
+    size = shift = 0
+    pos = 1
+    while pos < min(len(body), 11):  # a varint of up to 10 bytes
+        byte = body[pos]
+        pos += 1
+        size |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return body[pos:] if pos + size == len(body) else None
+        shift += 7
+    return None
+
+
 def decode_response(body: bytes) -> tuple[int, str, tuple[Detail, ...], bytes]:
     """(code, message, details, payload) of a ``ttrpc.Response``; no status means OK."""
+    payload = _ok_payload(body)
+    if payload is not None:
+        return 0, "", (), payload
     try:
         response = _Response.FromString(body)
     except DecodeError as exc:

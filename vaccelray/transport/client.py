@@ -1,17 +1,21 @@
 """The ttrpc client: one connection multiplexing concurrent calls.
 
 Every call gets the next odd stream id and a future; the connection's
-``data_received`` resolves futures as responses arrive, in whatever order
+``buffer_updated`` settles calls as responses arrive, in whatever order
 the server finishes them. A call's timeout is enforced here and also sent
 to the server as ``timeout_nano`` so it can stop working on it.
+:meth:`Client.start_call` is the callback form (no coroutine, no task, no
+loop iteration between the response and the callback) for hot paths.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import math
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from ssl import SSLContext
 from typing import Protocol, TypeVar, cast
@@ -25,9 +29,15 @@ from vaccelray.protocol import (
     ClientConnection,
     ResponseReceived,
 )
-from vaccelray.transport.endpoints import Endpoint, UnixEndpoint, open_connection, parse_endpoint
+from vaccelray.transport.endpoints import (
+    Endpoint,
+    ReadBuffer,
+    UnixEndpoint,
+    open_connection,
+    parse_endpoint,
+)
 
-__all__ = ["Client", "client_from_socket", "connect", "open_client"]
+__all__ = ["Client", "Outcome", "PendingCall", "client_from_socket", "connect", "open_client"]
 
 
 class _Message(Protocol):
@@ -36,13 +46,52 @@ class _Message(Protocol):
 
 _M = TypeVar("_M")
 
+#: What a call's callback gets: the response payload, or the error.
+Outcome = bytes | BaseException
 
-class _ClientProtocol(asyncio.Protocol):
+
+class PendingCall:
+    """A call sent with :meth:`Client.start_call`; its callback is called exactly once."""
+
+    __slots__ = ("_callback", "_protocol", "_stream_id", "_timer")
+
+    def __init__(
+        self, protocol: _ClientProtocol, stream_id: int, callback: Callable[[Outcome], object]
+    ) -> None:
+        self._protocol = protocol
+        self._stream_id = stream_id
+        self._callback = callback
+        self._timer: asyncio.TimerHandle | None = None
+
+    def finish(self, outcome: Outcome) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._callback(outcome)
+
+    def _abandon(self, outcome: Outcome) -> None:
+        if self._protocol.waiters.pop(self._stream_id, None) is self:
+            self._protocol.proto.abandon(self._stream_id)  # a late answer is dropped
+            self.finish(outcome)
+
+    def cancel(self) -> None:
+        """Abandon the call; its callback gets CancelledError now (unless it ended already)."""
+        self._abandon(asyncio.CancelledError())
+
+    def expire(self, call: str, timeout: float) -> None:
+        self._abandon(
+            RPCError(StatusCode.DEADLINE_EXCEEDED, f"{call} got no answer within {timeout:g} s")
+        )
+
+
+class _ClientProtocol(asyncio.BufferedProtocol):
     def __init__(self, max_message_size: int) -> None:
         self.proto = ClientConnection(max_message_size)
-        self.waiters: dict[int, asyncio.Future[ResponseReceived]] = {}
+        self.reads = ReadBuffer()
+        self.waiters: dict[int, PendingCall] = {}
         self.transport: asyncio.Transport | None = None
         self.error: TransportError | None = None
+        #: Requests held back by ``Client.batch()``.
+        self.batch: list[bytes] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
 
@@ -50,9 +99,12 @@ class _ClientProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reads.view
+
+    def buffer_updated(self, nbytes: int) -> None:
         proto = self.proto
-        proto.receive_data(data)
+        proto.receive_data(self.reads.take(nbytes))
         while True:
             try:
                 event = proto.next_event()
@@ -65,8 +117,11 @@ class _ClientProtocol(asyncio.Protocol):
                 return
             assert isinstance(event, ResponseReceived)
             waiter = self.waiters.pop(event.stream_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(event)
+            if waiter is not None:
+                if event.code != 0:
+                    waiter.finish(RPCError(event.code, event.message, event.details))
+                else:
+                    waiter.finish(event.payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -85,8 +140,7 @@ class _ClientProtocol(asyncio.Protocol):
             self.error = error
         waiters, self.waiters = self.waiters, {}
         for waiter in waiters.values():
-            if not waiter.done():
-                waiter.set_exception(error)
+            waiter.finish(error)
 
 
 class Client:
@@ -99,6 +153,62 @@ class Client:
     @property
     def is_closed(self) -> bool:
         return self._protocol.transport is None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Requests of the calls started in the block leave in one write, at its end."""
+        protocol = self._protocol
+        if protocol.batch is not None:  # nested: the outer block writes
+            yield
+            return
+        protocol.batch = []
+        try:
+            yield
+        finally:
+            parts, protocol.batch = protocol.batch, None
+            if parts and protocol.transport is not None:
+                protocol.transport.write(b"".join(parts))
+
+    def start_call(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        callback: Callable[[Outcome], object],
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> PendingCall:
+        """Send a call now; *callback* gets the response payload or the error :meth:`call` raises.
+
+        The callback runs on the loop, exactly once, straight from the read
+        that brings the answer (it must not raise); ``cancel()`` on the
+        returned call abandons it. Flow control is ignored (the request is
+        buffered when the server reads slowly; :meth:`call` waits instead).
+        Raises TransportError when the connection is closed.
+        """
+        protocol = self._protocol
+        transport = protocol.transport
+        if transport is None:
+            raise protocol.error or TransportError(f"connection to {self.endpoint} is closed")
+        timeout_nano = 0
+        if timeout is not None:
+            if timeout <= 0:
+                raise RPCError(StatusCode.DEADLINE_EXCEEDED, f"{method}: no time left for the call")
+            timeout_nano = max(1, math.ceil(timeout * 1e9))
+        stream_id, data = protocol.proto.send_request(
+            service, method, payload, timeout_nano=timeout_nano, metadata=metadata
+        )
+        pending = protocol.waiters[stream_id] = PendingCall(protocol, stream_id, callback)
+        if protocol.batch is not None:
+            protocol.batch.append(data)
+        else:
+            transport.write(data)
+        if timeout is not None:
+            pending._timer = asyncio.get_running_loop().call_later(
+                timeout, pending.expire, f"{service}/{method}", timeout
+            )
+        return pending
 
     async def call(
         self,
@@ -115,41 +225,21 @@ class Client:
         *timeout* passes) and :class:`TransportError` when the connection fails.
         """
         protocol = self._protocol
-        transport = protocol.transport
-        if transport is None:
-            raise protocol.error or TransportError(f"connection to {self.endpoint} is closed")
-        timeout_nano = 0
-        if timeout is not None:
-            if timeout <= 0:
-                raise RPCError(StatusCode.DEADLINE_EXCEEDED, f"{method}: no time left for the call")
-            timeout_nano = max(1, math.ceil(timeout * 1e9))
-        stream_id, data = protocol.proto.send_request(
-            service, method, payload, timeout_nano=timeout_nano, metadata=metadata
+        if protocol.transport is not None and not protocol._writable.is_set():
+            await protocol._writable.wait()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        pending = self.start_call(
+            service,
+            method,
+            payload,
+            functools.partial(_resolve, future),
+            timeout=timeout,
+            metadata=metadata,
         )
-        waiter: asyncio.Future[ResponseReceived] = asyncio.get_running_loop().create_future()
-        protocol.waiters[stream_id] = waiter
         try:
-            if not protocol._writable.is_set():
-                await protocol._writable.wait()
-            transport.write(data)
-            if timeout is None:
-                response = await waiter
-            else:
-                with anyio.fail_after(timeout):
-                    response = await waiter
-        except TimeoutError:
-            raise RPCError(
-                StatusCode.DEADLINE_EXCEEDED,
-                f"{service}/{method} got no answer within {timeout:g} s",
-            ) from None
+            return await future
         finally:
-            if not waiter.done():
-                protocol.waiters.pop(stream_id, None)
-                protocol.proto.abandon(stream_id)
-                waiter.cancel()
-        if response.code != 0:
-            raise RPCError(response.code, response.message, response.details)
-        return response.payload
+            pending.cancel()  # cancelled while waiting: abandon the call (else a no-op)
 
     async def call_message(
         self,
@@ -178,6 +268,14 @@ class Client:
         if transport is not None:
             transport.close()
             await anyio.lowlevel.checkpoint()
+
+
+def _resolve(future: asyncio.Future[bytes], outcome: Outcome) -> None:
+    if not future.done():
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 async def client_from_socket(

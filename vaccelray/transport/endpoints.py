@@ -3,7 +3,7 @@
 One parser for every address a user can type, one canonical spelling back
 (``str(endpoint)``), and the socket calls to listen on or connect to each.
 Connections are asyncio protocols: the hot path handles a frame inside
-``data_received`` with no task switch (see ``server.py``).
+``buffer_updated`` with no task switch (see ``server.py``).
 Rust ttrpc treats ``unix://name`` (two slashes) as the abstract namespace;
 we accept it the same way.
 """
@@ -16,20 +16,21 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from ssl import SSLContext
-from typing import TypeAlias, TypeVar
+from typing import Final, TypeAlias, TypeVar
 
 from vaccelray.errors import ConnectError, VaccelrayError
 
 __all__ = [
     "Endpoint",
     "EndpointError",
+    "ReadBuffer",
     "TcpEndpoint",
     "UnixEndpoint",
     "VsockEndpoint",
     "bind",
     "open_connection",
     "parse_endpoint",
-    "set_nodelay",
+    "tune_socket",
 ]
 
 _FORMS = "tcp://HOST:PORT, unix:///PATH, unix:@NAME or vsock://CID:PORT"
@@ -113,10 +114,45 @@ def parse_endpoint(address: str | Endpoint) -> Endpoint:
     raise EndpointError(f"unknown scheme {scheme!r} in {address!r}: expected {_FORMS}")
 
 
-def set_nodelay(sock: socket.socket) -> None:
-    """TCP_NODELAY on TCP sockets: one frame per write must not wait for Nagle."""
+#: Size of the buffer a connection's reads land in (see :class:`ReadBuffer`).
+READ_SIZE: Final = 256 << 10
+
+
+class ReadBuffer:
+    """The one buffer an ``asyncio.BufferedProtocol`` connection reads into.
+
+    A plain ``asyncio.Protocol`` gets every read as a fresh 256 KiB ``recv``
+    allocation, which glibc serves with mmap and munmap: measured on a 2-core
+    VM, that alone cost ~80 µs per call round trip in a client. Reads here
+    land in one reused buffer and are copied out at their real size (small
+    messages stay far below glibc's mmap threshold).
+    """
+
+    __slots__ = ("view",)
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_SIZE))
+
+    def take(self, nbytes: int) -> bytes:
+        return self.view[:nbytes].tobytes()
+
+
+#: Send buffer of unix connections (the kernel caps it at net.core.wmem_max).
+UNIX_SEND_BUFFER: Final = 4 << 20
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Options of every connection, both ends.
+
+    TCP_NODELAY on TCP sockets: one frame per write must not wait for Nagle.
+    A large send buffer on unix sockets: a message of a few MiB leaves in one
+    write instead of a write per ~200 KiB and a loop iteration for each
+    (about 10% more 1 MiB calls per second, measured).
+    """
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    elif sock.family == socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
 
 
 def bind(endpoint: Endpoint, *, backlog: int = 512) -> tuple[socket.socket, Endpoint]:
@@ -175,7 +211,7 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
-_P = TypeVar("_P", bound=asyncio.Protocol)
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 
 async def open_connection(
@@ -217,5 +253,5 @@ async def open_connection(
         raise ConnectError(f"cannot connect to {endpoint}: {reason}") from exc
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        set_nodelay(sock)
+        tune_socket(sock)
     return transport, protocol

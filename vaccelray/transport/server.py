@@ -1,7 +1,7 @@
 """The ttrpc server: listeners, dispatch to handlers, status codes, shutdown.
 
 Each connection is an asyncio protocol around a sans-IO
-:class:`~vaccelray.protocol.ServerConnection`. ``data_received`` decodes every
+:class:`~vaccelray.protocol.ServerConnection`. ``buffer_updated`` decodes every
 whole request in the chunk; *inline* handlers (non-blocking code such as the
 noop backend) answer right there and all their responses leave in one write,
 with no task or thread hop. *future* handlers also run right there but return
@@ -39,7 +39,13 @@ from vaccelray.protocol import (
     RequestReceived,
     ServerConnection,
 )
-from vaccelray.transport.endpoints import Endpoint, bind, parse_endpoint, set_nodelay
+from vaccelray.transport.endpoints import (
+    Endpoint,
+    ReadBuffer,
+    bind,
+    parse_endpoint,
+    tune_socket,
+)
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -124,7 +130,7 @@ class _FutureCall:
         self.future.cancel()
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client connection."""
 
     def __init__(self, server: Server) -> None:
@@ -134,6 +140,7 @@ class _Connection(asyncio.Protocol):
         self.peer = "?"
         self.scopes: set[anyio.CancelScope] = set()
         self.calls: set[_FutureCall] = set()
+        self.reads = ReadBuffer()
         self.id = next(server._connection_ids)
         self.loop = asyncio.get_running_loop()
 
@@ -144,7 +151,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            set_nodelay(sock)
+            tune_socket(sock)
         peer = transport.get_extra_info("peername")
         self.peer = (
             f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "local"
@@ -177,9 +184,12 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reads.view
+
+    def buffer_updated(self, nbytes: int) -> None:
         proto = self.proto
-        proto.receive_data(data)
+        proto.receive_data(self.reads.take(nbytes))
         out: list[bytes] = []
         server = self.server
         while True:
@@ -381,7 +391,8 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._inflight = 0
-        self._idle = anyio.Event()
+        #: Set when the calls in flight reach 0; made only while shutdown waits for that.
+        self._idle: anyio.Event | None = None
         self._draining = False
         self.addresses: list[str] = []
         for service in services:
@@ -403,9 +414,15 @@ class Server:
 
     def _call_done(self) -> None:
         self._inflight -= 1
-        if self._inflight == 0:
+        if self._inflight == 0 and self._idle is not None:
             self._idle.set()
-            self._idle = anyio.Event()
+            self._idle = None
+
+    async def _wait_idle(self) -> None:
+        while self._inflight:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
 
     async def _listen(self, endpoint: Endpoint, ssl: SSLContext | None = None) -> str:
         sock, bound = bind(endpoint)
@@ -431,14 +448,12 @@ class Server:
         for listener in self._listeners:
             listener.close()
         with anyio.move_on_after(grace):
-            while self._inflight:
-                await self._idle.wait()
+            await self._wait_idle()
         for conn in list(self._connections):
             conn.cancel_calls(StatusCode.UNAVAILABLE, "stopped: the server is shutting down")
         # Let cancelled calls send their UNAVAILABLE answers before the connections close.
         with anyio.move_on_after(1.0):
-            while self._inflight:
-                await self._idle.wait()
+            await self._wait_idle()
         for conn in list(self._connections):
             if conn.transport is not None:
                 conn.transport.close()

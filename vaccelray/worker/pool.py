@@ -30,21 +30,23 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import anyio
 import msgspec
 
 from vaccelray.errors import VaccelrayError
-from vaccelray.worker.poolchild import Done, Run
+from vaccelray.transport.endpoints import tune_socket
+from vaccelray.worker.poolchild import Done, Run, encode_frame
 
 __all__ = ["Pool", "PoolProcessLost"]
 
 log = logging.getLogger("vaccelray.pool")
 
 _HEADER: Final = struct.Struct(">I")
+#: The reused receive buffer of a pool process's socket; larger frames get their own.
+_READ_SIZE: Final = 256 << 10
 _BOOT: Final = "import sys; from vaccelray.worker.poolchild import main; main(int(sys.argv[1]))"
 #: A process that dies sooner than this after its start, having run nothing, counts
 #: as failing to start: replacements then back off (0.05 s doubling, up to 5 s).
@@ -55,22 +57,54 @@ class PoolProcessLost(VaccelrayError):
     """The pool process running a task died before answering."""
 
 
-@dataclass(eq=False)
 class _Job:
-    seq: int
-    digest: str
-    name: str
-    function: bytes
-    args: bytes
-    session_id: int
-    future: asyncio.Future[Done]
-    child: _Child | None = None
-    finished: bool = False
-    aborted: bool = False
+    __slots__ = (
+        "aborted",
+        "args",
+        "child",
+        "digest",
+        "finished",
+        "function",
+        "name",
+        "on_done",
+        "seq",
+        "session_id",
+    )
+
+    def __init__(
+        self,
+        seq: int,
+        digest: str,
+        name: str,
+        function: bytes,
+        args: bytes,
+        session_id: int,
+        on_done: Callable[[Done | PoolProcessLost], object],
+    ) -> None:
+        self.seq = seq
+        self.digest = digest
+        self.name = name
+        self.function = function
+        self.args = args
+        self.session_id = session_id
+        self.on_done = on_done
+        self.child: _Child | None = None
+        self.finished = False
+        self.aborted = False
+
+    def finish(self, outcome: Done | PoolProcessLost) -> None:
+        if not self.finished:
+            self.finished = True
+            self.on_done(outcome)
 
 
-class _Child(asyncio.Protocol):
-    """One pool process and the parent end of its socket."""
+class _Child(asyncio.BufferedProtocol):
+    """One pool process and the parent end of its socket.
+
+    Frames are read straight into a reused buffer; one larger than it (a big
+    result) gets a buffer of its own size, filled by the socket with no
+    further copy before it is decoded.
+    """
 
     def __init__(self, pool: Pool, process: subprocess.Popen[bytes]) -> None:
         self.pool = pool
@@ -81,22 +115,54 @@ class _Child(asyncio.Protocol):
         self.job: _Job | None = None
         self.known: set[str] = set()
         self.ran = 0
-        self._buffer = bytearray()
+        self._buffer = bytearray(_READ_SIZE)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0  # unread bytes are _buffer[_start:_end]
+        self._large: memoryview | None = None  # the body of a frame larger than _buffer
+        self._large_filled = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= 4:
-            (size,) = _HEADER.unpack_from(buffer)
-            if len(buffer) < 4 + size:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._large is not None:
+            return self._large[self._large_filled :]
+        if self._end == len(self._buffer):  # only the head of a frame is here: move it down
+            size = self._end - self._start
+            self._buffer[:size] = self._view[self._start : self._end]
+            self._start, self._end = 0, size
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        large = self._large
+        if large is not None:
+            self._large_filled += nbytes
+            if self._large_filled == len(large):
+                self._large = None
+                self._received(large)
+            return
+        self._end += nbytes
+        view, start, end = self._view, self._start, self._end
+        while end - start >= 4:
+            (size,) = _HEADER.unpack_from(view, start)
+            if end - start - 4 >= size:
+                self._received(view[start + 4 : start + 4 + size])
+                start += 4 + size
+            else:
+                if 4 + size > len(view):
+                    have = end - start - 4
+                    large = memoryview(bytearray(size))
+                    large[:have] = view[start + 4 : end]
+                    self._large, self._large_filled = large, have
+                    start = end
                 break
-            body = bytes(buffer[4 : 4 + size])
-            del buffer[: 4 + size]
-            self.pool._finished(self, self.pool._decoder.decode(body))
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+
+    def _received(self, body: memoryview) -> None:
+        self.pool._finished(self, self.pool._decoder.decode(body))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -107,17 +173,10 @@ class _Child(asyncio.Protocol):
         first = job.digest not in self.known
         if first:
             self.known.add(job.digest)
-        body = self.pool._encoder.encode(
-            Run(
-                job.seq,
-                job.digest,
-                job.name,
-                job.function if first else None,
-                job.args,
-                job.session_id,
-            )
+        run = Run(
+            job.seq, job.digest, job.name, job.function if first else None, job.args, job.session_id
         )
-        self.transport.write(_HEADER.pack(len(body)) + body)
+        self.transport.write(encode_frame(self.pool._encoder, run))
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -186,6 +245,8 @@ class Pool:
     async def _spawn(self) -> None:
         assert self._loop is not None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock in (parent, child):
+            tune_socket(sock)
         try:
             # Popen with pass_fds uses vfork/posix_spawn: fast enough to call on the loop.
             process = subprocess.Popen(  # noqa: ASYNC220
@@ -217,9 +278,7 @@ class Pool:
             return
         self._closing = True
         while self._queue:
-            job = self._queue.popleft()
-            if not job.future.done():
-                job.future.set_exception(PoolProcessLost("the worker is shutting down"))
+            self._queue.popleft().finish(PoolProcessLost("the worker is shutting down"))
         for task in self._tasks:
             task.cancel()
         children = list(self._children)
@@ -244,37 +303,66 @@ class Pool:
         Cancelling the caller stops the task: it leaves the queue, or its
         process is killed and replaced.
         """
+        future: asyncio.Future[Done] = asyncio.get_running_loop().create_future()
+
+        def settle(outcome: Done | PoolProcessLost) -> None:
+            if not future.done():
+                if isinstance(outcome, PoolProcessLost):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+        job = self.submit(digest, name, function, args, session_id=session_id, on_done=settle)
+        try:
+            return await future
+        finally:
+            self.abort(job)
+
+    def submit(
+        self,
+        digest: str,
+        name: str,
+        function: bytes,
+        args: bytes,
+        *,
+        session_id: int = 0,
+        on_done: Callable[[Done | PoolProcessLost], object],
+    ) -> _Job:
+        """Queue one task; *on_done* gets its :class:`Done` or :class:`PoolProcessLost`.
+
+        *on_done* is called on the loop, at most once, and never after :meth:`abort`.
+        Raises PoolProcessLost at once when the pool is closing.
+        """
         if self._closing:
             raise PoolProcessLost("the worker is shutting down")
-        loop = self._loop or asyncio.get_running_loop()
-        job = _Job(next(self._seq), digest, name, function, args, session_id, loop.create_future())
+        job = _Job(next(self._seq), digest, name, function, args, session_id, on_done)
         self._queue.append(job)
         self._dispatch()
-        try:
-            return await job.future
-        finally:
-            if not job.finished:
-                self._abort(job)
+        return job
 
-    def _dispatch(self) -> None:
-        idle, queue = self._idle, self._queue
-        while idle and queue:
-            child = idle.popleft()
-            if child.transport is None:
-                continue
-            job = queue.popleft()
-            job.child = child
-            child.job = job
-            child.send(job)
-
-    def _abort(self, job: _Job) -> None:
-        job.aborted = True
+    def abort(self, job: _Job) -> None:
+        """Stop *job* unless it finished: it leaves the queue, or its process is killed."""
+        if job.finished:
+            return
+        job.finished = job.aborted = True
         if job.child is None:
             with contextlib.suppress(ValueError):
                 self._queue.remove(job)
         else:
             log.info("Killing pool process %d to stop task %s", job.child.pid, job.name)
             job.child.kill()
+
+    def _dispatch(self) -> None:
+        idle, queue = self._idle, self._queue
+        while idle and queue:
+            # The process that finished last: under a light load one process stays warm.
+            child = idle.pop()
+            if child.transport is None:
+                continue
+            job = queue.popleft()
+            job.child = child
+            child.job = job
+            child.send(job)
 
     def _finished(self, child: _Child, done: Done) -> None:
         job = child.job
@@ -285,13 +373,11 @@ class Pool:
         child.job = None
         child.ran += 1
         self._failures = 0
-        job.finished = True
         if done.status and job.function and done.message.startswith("cannot load function"):
             child.known.discard(job.digest)
-        if not job.future.done():
-            job.future.set_result(done)
         self._idle.append(child)
         self._dispatch()
+        job.finish(done)
 
     def _lost(self, child: _Child) -> None:
         self._children.discard(child)
@@ -315,11 +401,7 @@ class Pool:
         status = _exit_status(process.poll())
         job = child.job
         if job is not None:
-            job.finished = True
-            if not job.future.done():
-                job.future.set_exception(
-                    PoolProcessLost(f"the pool process running {job.name} {status}")
-                )
+            job.finish(PoolProcessLost(f"the pool process running {job.name} {status}"))
             if not job.aborted:
                 log.warning("Pool process %d %s while running %s", child.pid, status, job.name)
         elif not self._closing:

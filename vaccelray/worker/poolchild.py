@@ -28,7 +28,7 @@ from typing import Any, Final
 import cloudpickle  # type: ignore[import-untyped]
 import msgspec
 
-__all__ = ["Done", "ErrorInfo", "Run", "describe_exception", "main"]
+__all__ = ["Done", "ErrorInfo", "Run", "describe_exception", "encode_frame", "main"]
 
 #: Done.status values (the same numbers as ``FailureKind``; 0 is success).
 OK: Final = 0
@@ -37,6 +37,10 @@ SERIALIZATION: Final = 3
 REJECTED: Final = 4
 
 _HEADER: Final = struct.Struct(">I")
+#: A message this large makes a pool process keep its heap (see ``vaccelray.allocator``).
+_LARGE: Final = 256 << 10
+#: Results pickled by the C pickler: nothing in them needs cloudpickle.
+_PLAIN: Final = (type(None), bool, int, float, str, bytes)
 
 #: The task's vAccel session id on the worker while it runs (read by ``vaccelray.local``).
 current_session_id = 0
@@ -152,7 +156,10 @@ class _Runner:
         finally:
             current_session_id = 0
         try:
-            data = cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            if type(result) in _PLAIN:
+                data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            else:
+                data = cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:
             return self._failed(
                 task, SERIALIZATION, f"cannot pickle the result of {task.name}", exc
@@ -166,9 +173,21 @@ class _Runner:
         )
 
 
-def _read_exactly(stream: Any, size: int) -> bytes | None:
-    data: bytes = stream.read(size)
-    return data if len(data) == size else None
+def encode_frame(encoder: msgspec.msgpack.Encoder, message: msgspec.Struct) -> bytearray:
+    """*message* as a frame: 4-byte length and MessagePack body, encoded in place."""
+    frame = bytearray(_HEADER.size)
+    encoder.encode_into(message, frame, _HEADER.size)
+    _HEADER.pack_into(frame, 0, len(frame) - _HEADER.size)
+    return frame
+
+
+def _read_frame(reader: Any) -> bytearray | None:
+    """The next frame's body, or None at the end of the stream."""
+    header = reader.read(_HEADER.size)
+    if len(header) != _HEADER.size:
+        return None
+    body = bytearray(_HEADER.unpack(header)[0])
+    return body if reader.readinto(body) == len(body) else None
 
 
 def main(fd: int) -> None:
@@ -181,24 +200,30 @@ def main(fd: int) -> None:
     decoder = msgspec.msgpack.Decoder(Run)
     encoder = msgspec.msgpack.Encoder()
     runner = _Runner()
+    heap_kept = False
     while True:
-        header = _read_exactly(reader, 4)
-        if header is None:
-            break
-        body = _read_exactly(reader, _HEADER.unpack(header)[0])
+        body = _read_frame(reader)
         if body is None:
             break
+        if len(body) >= _LARGE and not heap_kept:
+            # Like the daemons, but only once large messages come (it costs start-up time).
+            from vaccelray.allocator import keep_heap
+
+            keep_heap()
+            heap_kept = True
         done = runner.run(decoder.decode(body))
+        del body
         try:
-            out = encoder.encode(done)
+            out = encode_frame(encoder, done)
         except BaseException as exc:  # an unencodable message: report it, never die
-            out = encoder.encode(
+            out = encode_frame(
+                encoder,
                 runner._failed(
                     Run(done.seq, "", "", None, b""), SERIALIZATION, "cannot encode the reply", exc
-                )
+                ),
             )
         try:
-            sock.sendall(_HEADER.pack(len(out)) + out)
+            sock.sendall(out)
         except OSError:
             break
     sys.stdout.flush()

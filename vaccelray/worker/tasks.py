@@ -17,6 +17,7 @@ the worker's sessions, and pool processes stay small and need no token.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import logging
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import anyio
 import msgspec
 
 from vaccelray.auth import TokenCheck, protect
@@ -71,7 +71,8 @@ class TaskService:
         self.cache_bytes = cache_bytes
         self.functions: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()
         self._cached = 0
-        self.running: dict[str, anyio.CancelScope] = {}
+        #: The reply and function name of each task queued or running, by task id.
+        self.running: dict[str, tuple[asyncio.Future[bytes], str]] = {}
         self._submit_decoder = msgspec.msgpack.Decoder(wire.Submit)
 
     def service(self) -> Service:
@@ -79,7 +80,7 @@ class TaskService:
             wire.SERVICE,
             {
                 wire.METHOD_REGISTER: Method(self._register, inline=True),
-                wire.METHOD_SUBMIT: Method(self._submit),
+                wire.METHOD_SUBMIT: Method(self._submit, future=True),
                 wire.METHOD_CANCEL: Method(self._cancel, inline=True),
             },
         )
@@ -108,7 +109,7 @@ class TaskService:
             )
         return wire.encode(wire.Registered(request.digest))
 
-    async def _submit(self, payload: bytes, ctx: CallContext) -> bytes:
+    def _submit(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         self.check.check(ctx)
         try:
             task = self._submit_decoder.decode(payload)
@@ -119,22 +120,45 @@ class TaskService:
             raise RPCError(StatusCode.NOT_FOUND, f"{wire.UNKNOWN_FUNCTION} {task.digest}")
         self.functions.move_to_end(task.digest)
         self._check_requirements(task)
-        scope = anyio.CancelScope()
-        self.running[task.task_id] = scope
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def settle(outcome: Done | PoolProcessLost) -> None:
+            # Called from the pool's read of its process: an error must not escape.
+            if reply.done():
+                return
+            try:
+                if isinstance(outcome, PoolProcessLost):
+                    data = _crashed(outcome)
+                else:
+                    data = _reply(outcome)
+            except Exception as exc:
+                reply.set_exception(exc)
+            else:
+                reply.set_result(data)
+
         try:
-            with scope:
-                done = await self.pool.run(
-                    task.digest, task.name, entry[1], task.args, session_id=task.session_id
-                )
+            job = self.pool.submit(
+                task.digest,
+                task.name,
+                entry[1],
+                task.args,
+                session_id=task.session_id,
+                on_done=settle,
+            )
         except PoolProcessLost as exc:
-            return wire.encode(wire.TaskFailed(wire.FailureKind.CRASHED, str(exc)))
-        finally:
-            if self.running.get(task.task_id) is scope:
+            reply.set_result(_crashed(exc))
+            return reply
+        self.running[task.task_id] = (reply, task.name)
+
+        def ended(_: object) -> None:
+            # Answered, cancelled (Cancel, deadline, client gone) or shut down: stop the job.
+            current = self.running.get(task.task_id)
+            if current is not None and current[0] is reply:
                 del self.running[task.task_id]
-        if scope.cancelled_caught:
-            log.info("Cancelled task %s (%s)", task.task_id, task.name)
-            raise RPCError(StatusCode.CANCELLED, f"task {task.name} was cancelled")
-        return _reply(done)
+            self.pool.abort(job)
+
+        reply.add_done_callback(ended)
+        return reply
 
     def _check_requirements(self, task: wire.Submit) -> None:
         backend = self.agent.backend
@@ -143,7 +167,7 @@ class TaskService:
                 StatusCode.FAILED_PRECONDITION,
                 f"{task.name} needs backend {task.backend!r}; this worker has {backend.name!r}",
             )
-        missing = sorted(set(task.ops) - backend.ops)
+        missing = sorted(set(task.ops) - backend.ops) if task.ops else None
         if missing:
             raise RPCError(
                 StatusCode.FAILED_PRECONDITION,
@@ -161,11 +185,16 @@ class TaskService:
         assert isinstance(request, wire.Cancel)
         stopped = []
         for task_id in request.task_ids:
-            scope = self.running.get(task_id)
-            if scope is not None:
-                scope.cancel()
+            reply, name = self.running.pop(task_id, (None, ""))
+            if reply is not None and not reply.done():
+                log.info("Cancelled task %s (%s)", task_id, name)
+                reply.set_exception(RPCError(StatusCode.CANCELLED, f"task {name} was cancelled"))
                 stopped.append(task_id)
         return wire.encode(wire.Cancelled(tuple(stopped)))
+
+
+def _crashed(lost: PoolProcessLost) -> bytes:
+    return wire.encode(wire.TaskFailed(wire.FailureKind.CRASHED, str(lost)))
 
 
 def _reply(done: Done) -> bytes:
