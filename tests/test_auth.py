@@ -172,3 +172,32 @@ def test_tls_and_protected_vaccel(tmp_path: Path, token_file: Path) -> None:
             client.submit(add, 1, 1).result(timeout=5)
     finally:
         worker.stop()
+
+
+def test_protect_keeps_each_method_kind_and_checks_first() -> None:
+    import asyncio
+
+    from vaccelray.auth import protect
+    from vaccelray.transport.server import Method, Service
+
+    calls: list[str] = []
+
+    def inline(payload: bytes, ctx: CallContext) -> bytes:
+        calls.append("inline")
+        return payload
+
+    def future(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+        calls.append("future")
+        raise AssertionError("not reached without the token")
+
+    service = Service("s", {"I": Method(inline, inline=True), "F": Method(future, future=True)})
+    (guarded,) = protect([service], TokenCheck("t0ken", required=True))
+    assert (guarded.methods["I"].inline, guarded.methods["F"].future) == (True, True)
+    ctx = CallContext("s", "F", (), None, "peer")
+    for name in ("I", "F"):
+        with pytest.raises(RPCError) as info:
+            guarded.methods[name].handler(b"x", ctx)
+        assert info.value.code == StatusCode.UNAUTHENTICATED
+    assert calls == []
+    ctx.metadata = token_metadata("t0ken")
+    assert guarded.methods["I"].handler(b"x", ctx) == b"x"

@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from vaccelray.errors import RPCError, StatusCode, VaccelrayError
 from vaccelray.transport.endpoints import TcpEndpoint, UnixEndpoint, parse_endpoint
@@ -136,15 +136,14 @@ def protect(services: Sequence[Service], check: TokenCheck) -> list[Service]:
 
 def _guarded(method: Method, check: TokenCheck) -> Method:
     handler = method.handler
-    if method.inline:
-
-        def inline(payload: bytes, ctx: CallContext) -> bytes:
+    if method.inline or method.future:
+        # Both run on the loop as plain functions: check, then pass on what the
+        # handler returns (the answer, or the future of it), keeping the kind.
+        def on_loop(payload: bytes, ctx: CallContext) -> Any:
             check.check(ctx)
-            result = handler(payload, ctx)
-            assert isinstance(result, bytes)
-            return result
+            return handler(payload, ctx)
 
-        return Method(inline, inline=True)
+        return Method(on_loop, inline=method.inline, future=method.future)
 
     async def guarded(payload: bytes, ctx: CallContext) -> bytes:
         check.check(ctx)
