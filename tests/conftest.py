@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.interop.build import PeerUnavailable, build_peer
 from tests.processes import Proc, start_daemon, worker_argv
 
 
@@ -24,3 +27,15 @@ def worker_process() -> Iterator[Proc]:
     proc = start_worker("-a", "tcp://127.0.0.1:0", "--backend", "noop", "--log-level", "info")
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def go_peer(request: pytest.FixtureRequest) -> Path:
+    """Path of the Go ttrpc peer (tests/interop/peer), built once and cached by source hash."""
+    try:
+        cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+        return build_peer(cache.mkdir("go-peer") if cache is not None else None)
+    except PeerUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the interop tests: {exc}")
+        pytest.skip(str(exc))

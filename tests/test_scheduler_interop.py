@@ -8,11 +8,8 @@ deadlines and concurrency must look exactly as they do against one agent.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,31 +20,6 @@ from tests.processes import Proc, scheduler_argv, start_daemon, start_daemons, w
 
 NOOP_TAG = "This is a dummy classification tag!"
 HERE = Path(__file__).resolve().parent
-
-
-def _build_module() -> Any:
-    name = "vaccelray_tests_interop_build"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / "interop" / "build.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def go_peer(request: pytest.FixtureRequest) -> Path:
-    build = _build_module()
-    try:
-        cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-        return Path(build.build_peer(cache.mkdir("go-peer") if cache is not None else None))
-    except build.PeerUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the interop tests: {exc}")
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

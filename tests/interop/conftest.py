@@ -7,11 +7,8 @@ installs it, except in CI (``CI`` set), where a missing toolchain fails.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
-import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,27 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.interop.build import PEER_DIR
 from tests.processes import Proc, start_daemon, worker_argv
-
-
-def _load_build_module() -> Any:
-    # Loaded by path under a unique name: tests/ is not a package and other
-    # folders have a build.py of their own.
-    name = "vaccelray_tests_interop_build"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("build.py"))
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_build = _load_build_module()
-PeerUnavailable = _build.PeerUnavailable
-build_peer = _build.build_peer
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,18 +30,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def go_peer(request: pytest.FixtureRequest) -> Path:
-    """Path of the Go peer binary (built once, cached by source hash)."""
-    try:
-        cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-        return build_peer(cache.mkdir("go-peer") if cache is not None else None)
-    except PeerUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the interop tests: {exc}")
-        pytest.skip(str(exc))
 
 
 def start_go_server(peer: Path, address: str = "tcp://127.0.0.1:0") -> tuple[Proc, str]:
@@ -137,7 +103,7 @@ def echo_pb(go_peer: Path, tmp_path_factory: pytest.TempPathFactory) -> types.Si
     """
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-    proto = Path(_build.PEER_DIR) / "interop.proto"
+    proto = PEER_DIR / "interop.proto"
     out = tmp_path_factory.mktemp("interop-desc") / "interop.desc"
     subprocess.run(
         ["protoc", f"-I{proto.parent}", f"--descriptor_set_out={out}", proto.name],
