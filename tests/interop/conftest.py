@@ -1,6 +1,7 @@
-"""Fixtures for the Go interop tests: the built peer, a Go server, a Python worker.
+"""Fixtures for the Go interop tests: a Go server, a Python worker, the Go client.
 
-The Go peer is built from Debian's containerd ttrpc packages (see build.py).
+The Go peer (fixture ``go_peer`` in tests/conftest.py) is built from Debian's
+containerd ttrpc packages (see build.py).
 Without the toolchain the tests are skipped with the apt-get command that
 installs it, except in CI (``CI`` set), where a missing toolchain fails.
 """
