@@ -13,7 +13,13 @@ pool (one process per CPU):
 * idle RSS of the worker process and its pool processes (and their PSS)
 
 Ray is never a dependency: without it, the anchors measured on the
-reference machine (DESIGN.md §10) are printed instead.
+reference machine (DESIGN.md §10) are printed instead. To compare side by
+side, install Ray and vaccelray in a separate venv and run the bench in a
+private network namespace, so that Ray's node address is loopback:
+
+    python -m venv /tmp/rayvenv && /tmp/rayvenv/bin/pip install ray -e .
+    unshare -n sh -c 'ip link set lo up; RAY_USAGE_STATS_ENABLED=0 \
+        /tmp/rayvenv/bin/python bench/bench_offload.py'
 """
 
 from __future__ import annotations
