@@ -30,6 +30,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from ssl import SSLContext
 from typing import Any, Final
 
+from vaccelray.allocator import keep_heap_for
 from vaccelray.auth import token_metadata
 from vaccelray.client.errors import (
     AuthenticationError,
@@ -145,6 +146,8 @@ class Core:
         )
         # Pickled here, in the caller's thread: a pickling error raises at the call site.
         payload = None if has_refs else pickle_args(spec.name, args, kwargs, self.arg_limit)
+        if payload is not None:
+            keep_heap_for(len(payload))
         queued = (ref, spec, args, kwargs, payload, options, session_id)
         if threading.get_ident() == self.thread_id:
             self._start(queued)
@@ -525,6 +528,7 @@ def _request(
 
 
 def _load_result(data: bytes, name: str) -> Any:
+    keep_heap_for(len(data))
     try:
         return pickle.loads(data)
     except Exception as exc:

@@ -28,6 +28,8 @@ from typing import Any, Final
 import cloudpickle  # type: ignore[import-untyped]
 import msgspec
 
+from vaccelray.allocator import keep_heap_for
+
 __all__ = ["Done", "ErrorInfo", "Run", "describe_exception", "encode_frame", "main"]
 
 #: Done.status values (the same numbers as ``FailureKind``; 0 is success).
@@ -37,8 +39,6 @@ SERIALIZATION: Final = 3
 REJECTED: Final = 4
 
 _HEADER: Final = struct.Struct(">I")
-#: A message this large makes a pool process keep its heap (see ``vaccelray.allocator``).
-_LARGE: Final = 256 << 10
 #: Results pickled by the C pickler: nothing in them needs cloudpickle.
 _PLAIN: Final = (type(None), bool, int, float, str, bytes)
 
@@ -200,17 +200,12 @@ def main(fd: int) -> None:
     decoder = msgspec.msgpack.Decoder(Run)
     encoder = msgspec.msgpack.Encoder()
     runner = _Runner()
-    heap_kept = False
     while True:
         body = _read_frame(reader)
         if body is None:
             break
-        if len(body) >= _LARGE and not heap_kept:
-            # Like the daemons, but only once large messages come (it costs start-up time).
-            from vaccelray.allocator import keep_heap
-
-            keep_heap()
-            heap_kept = True
+        # Like the daemons, but only once large messages come (it costs start-up time).
+        keep_heap_for(len(body))
         done = runner.run(decoder.decode(body))
         del body
         try:
