@@ -237,10 +237,12 @@ def main() -> None:
             f"min {min(latencies) * 1000:.1f} ms"
         )
 
-        def raw32() -> float:
+        def raw_rate(batch: int) -> float:
+            """onnxruntime alone on the 32 ready tensors, *batch* at a time (img/s)."""
             t = time.perf_counter()
-            batched.infer(tensors)
-            return 32 / (time.perf_counter() - t)
+            for start in range(0, len(tensors), batch):
+                batched.infer(tensors[start : start + batch])
+            return len(tensors) / (time.perf_counter() - t)
 
         results: dict[str, list[float]] = {}
         configs: list[tuple[str, str, int]] = [
@@ -257,10 +259,11 @@ def main() -> None:
             for _ in range(args.repeat):
                 for label, name, inflight in configs:
                     results.setdefault(f"{label} @{inflight}", []).append(rate(name, inflight))
-                raw32()
-                results.setdefault("raw onnxruntime batch 32", []).append(
-                    statistics.median(raw32() for _ in range(3))
-                )
+                for batch in (1, 32):
+                    raw_rate(batch)
+                    results.setdefault(f"raw onnxruntime batch {batch}", []).append(
+                        statistics.median(raw_rate(batch) for _ in range(3))
+                    )
 
         if args.via == "worker":
             with WorkerRunner(backends) as runner:
