@@ -23,9 +23,11 @@ Methods (request → reply):
 from __future__ import annotations
 
 import enum
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeVar
 
 import msgspec
+
+from vaccelray.errors import RPCError, StatusCode
 
 __all__ = [
     "ARG_LIMIT_MARGIN",
@@ -45,6 +47,7 @@ __all__ = [
     "TaskFailed",
     "TaskReply",
     "decode_reply",
+    "decode_request",
     "encode",
 ]
 
@@ -147,3 +150,20 @@ def encode(message: msgspec.Struct) -> bytes:
 
 def decode_reply(payload: bytes) -> TaskReply:
     return _reply_decoder.decode(payload)
+
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+_request_decoders: dict[type[msgspec.Struct], msgspec.msgpack.Decoder[msgspec.Struct]] = {}
+
+
+def decode_request(payload: bytes, message_type: type[_S]) -> _S:
+    """A request of this service; INVALID_ARGUMENT when *payload* is not one."""
+    decoder = _request_decoders.get(message_type)
+    if decoder is None:  # one Decoder per type: building one is the costly part
+        decoder = _request_decoders[message_type] = msgspec.msgpack.Decoder(message_type)
+    try:
+        return decoder.decode(payload)  # type: ignore[return-value]
+    except msgspec.DecodeError as exc:
+        raise RPCError(
+            StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
+        ) from exc

@@ -34,9 +34,7 @@ on one worker; the scheduler moves bytes and never unpickles anything.
 
 from __future__ import annotations
 
-import collections
 import functools
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ import anyio.abc
 import msgspec
 
 from vaccelray.errors import RPCError, StatusCode
+from vaccelray.functions import FunctionCache
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.classify import CLASSIFY_METHOD
 from vaccelray.scheduler.health import AGENT_INFO
@@ -89,15 +88,6 @@ class _Flight:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
-def _decode(message_type: type[msgspec.Struct], payload: bytes) -> msgspec.Struct:
-    try:
-        return msgspec.msgpack.decode(payload, type=message_type)
-    except msgspec.DecodeError as exc:
-        raise RPCError(
-            StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
-        ) from exc
-
-
 def _capable(worker: WorkerRecord, task: wire.Submit) -> bool:
     if worker.backend == AGENT_INFO.backend:  # a plain vAccel agent runs no tasks
         return False
@@ -127,10 +117,7 @@ class TaskRouter:
     ) -> None:
         self.pool = pool
         self.sessions = sessions
-        self.cache_bytes = cache_bytes
-        #: digest -> the RegisterFunction request as the client sent it.
-        self.functions: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._cached = 0
+        self.functions = FunctionCache(cache_bytes, on_drop=self._function_dropped)
         #: (worker address, instance) -> digests registered there.
         self._on_worker: dict[tuple[str, str], set[str]] = {}
         self._registering: dict[tuple[str, str, str], anyio.Event] = {}
@@ -139,7 +126,6 @@ class TaskRouter:
         #: (client connection id, task id) -> the task while the scheduler handles it.
         self.inflight: dict[tuple[int, str], _Flight] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._submit_decoder = msgspec.msgpack.Decoder(wire.Submit)
         pool.add_listener(self._worker_changed)
 
     # -- wiring ----------------------------------------------------------------
@@ -173,29 +159,12 @@ class TaskRouter:
     # -- RegisterFunction --------------------------------------------------------
 
     def _register(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = _decode(wire.RegisterFunction, payload)
-        assert isinstance(request, wire.RegisterFunction)
-        if hashlib.sha256(request.pickled).hexdigest() != request.digest:
-            raise RPCError(
-                StatusCode.INVALID_ARGUMENT, f"function {request.name}: digest does not match"
-            )
-        if request.digest in self.functions:
-            self.functions.move_to_end(request.digest)
-        else:
-            self.functions[request.digest] = payload
-            self._cached += len(payload)
-            while self._cached > self.cache_bytes and len(self.functions) > 1:
-                digest, dropped = self.functions.popitem(last=False)
-                self._cached -= len(dropped)
-                for digests in self._on_worker.values():
-                    digests.discard(digest)
-            log.info(
-                "Registered function %s (%s, %d bytes)",
-                request.name,
-                request.digest[:12],
-                len(request.pickled),
-            )
+        request = self.functions.add(payload)
         return wire.encode(wire.Registered(request.digest))
+
+    def _function_dropped(self, digest: str) -> None:
+        for digests in self._on_worker.values():
+            digests.discard(digest)
 
     # -- Classify ----------------------------------------------------------------
 
@@ -231,14 +200,8 @@ class TaskRouter:
     # -- Submit ------------------------------------------------------------------
 
     async def _submit(self, payload: bytes, ctx: CallContext) -> bytes:
-        try:
-            task = self._submit_decoder.decode(payload)
-        except msgspec.DecodeError as exc:
-            raise RPCError(StatusCode.INVALID_ARGUMENT, f"undecodable Submit: {exc}") from exc
-        function = self.functions.get(task.digest)
-        if function is None:
-            raise RPCError(StatusCode.NOT_FOUND, f"{wire.UNKNOWN_FUNCTION} {task.digest}")
-        self.functions.move_to_end(task.digest)
+        task = wire.decode_request(payload, wire.Submit)
+        function = self.functions.get(task.digest).payload
         key = (ctx.connection_id, task.task_id)
         if key in self.inflight:
             raise RPCError(StatusCode.ALREADY_EXISTS, f"task {task.task_id} is already running")
@@ -472,8 +435,7 @@ class TaskRouter:
     # -- Cancel --------------------------------------------------------------------
 
     async def _cancel(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = _decode(wire.Cancel, payload)
-        assert isinstance(request, wire.Cancel)
+        request = wire.decode_request(payload, wire.Cancel)
         stopped: list[str] = []
         for task_id in request.task_ids:
             flight = self.inflight.get((ctx.connection_id, task_id))
@@ -512,11 +474,10 @@ class TaskRouter:
                     timeout=CANCEL_TIMEOUT,
                     metadata=metadata,
                 )
-                cancelled = _decode(wire.Cancelled, reply)
+                cancelled = wire.decode_request(reply, wire.Cancelled)
             except (WorkerUnavailable, RPCError) as exc:
                 log.info("Cancel of task %s on %s failed: %s", flight.task_id, address, exc)
                 return False
-            assert isinstance(cancelled, wire.Cancelled)
             if flight.task_id in cancelled.task_ids:
                 log.info("Cancelled task %s (%s) on %s", flight.task_id, flight.name, address)
                 return True

@@ -18,8 +18,6 @@ the worker's sessions, and pool processes stay small and need no token.
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
 import logging
 import os
 import tempfile
@@ -29,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import msgspec
-
 from vaccelray.auth import TokenCheck, protect
 from vaccelray.errors import RPCError, StatusCode
+from vaccelray.functions import FunctionCache
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.transport.server import CallContext, Method, Service, serve
@@ -50,15 +47,6 @@ LOCAL_ADDRESS_ENV: Final = "VACCELRAY_LOCAL_ADDRESS"
 _FAILURE: Final = {RAISED: wire.FailureKind.RAISED, SERIALIZATION: wire.FailureKind.SERIALIZATION}
 
 
-def _decode(message_type: type[msgspec.Struct], payload: bytes) -> msgspec.Struct:
-    try:
-        return msgspec.msgpack.decode(payload, type=message_type)
-    except msgspec.DecodeError as exc:
-        raise RPCError(
-            StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
-        ) from exc
-
-
 class TaskService:
     """Functions cached by digest, tasks running by id, on top of one pool."""
 
@@ -68,12 +56,9 @@ class TaskService:
         self.pool = pool
         self.agent = agent
         self.check = check
-        self.cache_bytes = cache_bytes
-        self.functions: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()
-        self._cached = 0
+        self.functions = FunctionCache(cache_bytes)
         #: The reply and function name of each task queued or running, by task id.
         self.running: dict[str, tuple[asyncio.Future[bytes], str]] = {}
-        self._submit_decoder = msgspec.msgpack.Decoder(wire.Submit)
 
     def service(self) -> Service:
         return Service(
@@ -89,36 +74,13 @@ class TaskService:
 
     def _register(self, payload: bytes, ctx: CallContext) -> bytes:
         self.check.check(ctx)
-        request = _decode(wire.RegisterFunction, payload)
-        assert isinstance(request, wire.RegisterFunction)
-        if hashlib.sha256(request.pickled).hexdigest() != request.digest:
-            raise RPCError(
-                StatusCode.INVALID_ARGUMENT, f"function {request.name}: digest does not match"
-            )
-        if request.digest not in self.functions:
-            self.functions[request.digest] = (request.name, request.pickled)
-            self._cached += len(request.pickled)
-            while self._cached > self.cache_bytes and len(self.functions) > 1:
-                _, (_, dropped) = self.functions.popitem(last=False)
-                self._cached -= len(dropped)
-            log.info(
-                "Registered function %s (%s, %d bytes)",
-                request.name,
-                request.digest[:12],
-                len(request.pickled),
-            )
+        request = self.functions.add(payload)
         return wire.encode(wire.Registered(request.digest))
 
     def _submit(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         self.check.check(ctx)
-        try:
-            task = self._submit_decoder.decode(payload)
-        except msgspec.DecodeError as exc:
-            raise RPCError(StatusCode.INVALID_ARGUMENT, f"undecodable Submit: {exc}") from exc
-        entry = self.functions.get(task.digest)
-        if entry is None:
-            raise RPCError(StatusCode.NOT_FOUND, f"{wire.UNKNOWN_FUNCTION} {task.digest}")
-        self.functions.move_to_end(task.digest)
+        task = wire.decode_request(payload, wire.Submit)
+        function = self.functions.get(task.digest).request
         self._check_requirements(task)
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
@@ -140,7 +102,7 @@ class TaskService:
             job = self.pool.submit(
                 task.digest,
                 task.name,
-                entry[1],
+                function.pickled,
                 task.args,
                 session_id=task.session_id,
                 on_done=settle,
@@ -181,8 +143,7 @@ class TaskService:
 
     def _cancel(self, payload: bytes, ctx: CallContext) -> bytes:
         self.check.check(ctx)
-        request = _decode(wire.Cancel, payload)
-        assert isinstance(request, wire.Cancel)
+        request = wire.decode_request(payload, wire.Cancel)
         stopped = []
         for task_id in request.task_ids:
             reply, name = self.running.pop(task_id, (None, ""))

@@ -1,0 +1,81 @@
+"""Registered functions of the task service, kept by digest (worker and scheduler alike).
+
+``RegisterFunction`` stores a pickled function under the SHA-256 of its bytes;
+``Submit`` names it by that digest. Both the worker and the scheduler keep
+such registrations, dropping the least recently used past a byte budget, and
+answer a digest they no longer have with NOT_FOUND + ``UNKNOWN_FUNCTION`` so
+the caller registers it again.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import tasks as wire
+
+__all__ = ["FunctionCache", "Registration"]
+
+log = logging.getLogger("vaccelray.functions")
+
+
+class Registration(NamedTuple):
+    request: wire.RegisterFunction
+    #: The RegisterFunction payload as it arrived (what a scheduler forwards).
+    payload: bytes
+
+
+class FunctionCache:
+    """Registrations by digest, least recently used first out past *limit* bytes."""
+
+    def __init__(self, limit: int, *, on_drop: Callable[[str], object] | None = None) -> None:
+        self.limit = limit
+        self._on_drop = on_drop
+        self._entries: collections.OrderedDict[str, Registration] = collections.OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._entries
+
+    def add(self, payload: bytes) -> wire.RegisterFunction:
+        """Keep a RegisterFunction payload (logged when new); the request it holds.
+
+        INVALID_ARGUMENT for a payload that is not one or whose digest does not match.
+        """
+        request = wire.decode_request(payload, wire.RegisterFunction)
+        if hashlib.sha256(request.pickled).hexdigest() != request.digest:
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT, f"function {request.name}: digest does not match"
+            )
+        if request.digest in self._entries:
+            self._entries.move_to_end(request.digest)
+            return request
+        self._entries[request.digest] = Registration(request, payload)
+        self._bytes += len(payload)
+        while self._bytes > self.limit and len(self._entries) > 1:
+            digest, dropped = self._entries.popitem(last=False)
+            self._bytes -= len(dropped.payload)
+            if self._on_drop is not None:
+                self._on_drop(digest)
+        log.info(
+            "Registered function %s (%s, %d bytes)",
+            request.name,
+            request.digest[:12],
+            len(request.pickled),
+        )
+        return request
+
+    def get(self, digest: str) -> Registration:
+        """The registration of *digest* (now the most recently used); NOT_FOUND when gone."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            raise RPCError(StatusCode.NOT_FOUND, f"{wire.UNKNOWN_FUNCTION} {digest}")
+        self._entries.move_to_end(digest)
+        return entry
