@@ -23,7 +23,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 echo "install-system-deps: installing$missing" >&2
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
+here=$(dirname "$0")
+sh "$here/../scripts/apt-get.sh" update -qq
 # shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $missing >/dev/null
+sh "$here/../scripts/apt-get.sh" install -y -qq --no-install-recommends $missing
