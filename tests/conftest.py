@@ -10,6 +10,8 @@ from hypothesis import settings
 from tests.interop.build import PeerUnavailable, build_peer
 from tests.processes import Proc, start_daemon, worker_argv
 
+pytest_plugins = ["tests.leaks"]
+
 # Hypothesis's per-example deadline measures the machine, not the property:
 # under a full suite on 2 cores a decoder example can pass 200 ms.
 settings.register_profile("vaccelray", deadline=None)
