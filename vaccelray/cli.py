@@ -21,6 +21,9 @@ from vaccelray.allocator import keep_heap
 from vaccelray.errors import ConnectError, RPCError, TransportError, VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 log = logging.getLogger("vaccelray")
 
 _T = TypeVar("_T")
@@ -80,10 +83,26 @@ def _run_daemon(start: Callable[[], AbstractAsyncContextManager[object]]) -> Non
 
     try:
         _run(serve_until_signalled)
-    except OSError as exc:
-        _fail(f"cannot listen: {exc.strerror or exc}", EXIT_FAILED)
-    except VaccelrayError as exc:
-        _fail(str(exc), EXIT_FAILED)
+    except BaseExceptionGroup as group:
+        # A task group of the daemon may wrap the one error that stopped it.
+        error = _lone_error(group)
+        if not isinstance(error, (VaccelrayError, OSError)):
+            raise
+        _cannot_start(error)
+    except (VaccelrayError, OSError) as exc:
+        _cannot_start(exc)
+
+
+def _lone_error(error: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (else *error*)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def _cannot_start(exc: VaccelrayError | OSError) -> NoReturn:
+    """One line on stderr for a daemon that cannot start or run (a bind error names its address)."""
+    _fail(str(exc) if isinstance(exc, VaccelrayError) else f"cannot start: {exc}", EXIT_FAILED)
 
 
 def _run(main: Callable[[], Awaitable[_T]]) -> _T:

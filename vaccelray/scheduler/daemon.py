@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,7 +17,11 @@ from vaccelray.scheduler.health import HealthChecker
 from vaccelray.scheduler.pool import WorkerPool
 from vaccelray.scheduler.proxy import AgentRouter
 from vaccelray.scheduler.tasks import DEFAULT_FUNCTION_CACHE_BYTES, TaskRouter
+from vaccelray.transport.endpoints import ListenError
 from vaccelray.transport.server import Server, Service, serve
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["DEFAULT_SCHEDULER_ADDRESS", "Scheduler", "SchedulerConfig", "run_scheduler"]
 
@@ -112,5 +117,10 @@ async def run_scheduler(
                 finally:
                     log.info("Shutting down")
             tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A listener that cannot bind stops start-up: raise it bare, as serve() does.
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], ListenError):
+            raise group.exceptions[0] from None
+        raise
     finally:
         await pool.aclose()

@@ -11,8 +11,10 @@ we accept it the same way.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from ssl import SSLContext
@@ -23,6 +25,7 @@ from vaccelray.errors import ConnectError, VaccelrayError
 __all__ = [
     "Endpoint",
     "EndpointError",
+    "ListenError",
     "ReadBuffer",
     "TcpEndpoint",
     "UnixEndpoint",
@@ -38,6 +41,18 @@ _FORMS = "tcp://HOST:PORT, unix:///PATH, unix:@NAME or vsock://CID:PORT"
 
 class EndpointError(VaccelrayError, ValueError):
     """An address that is not one of the endpoint forms."""
+
+
+class ListenError(VaccelrayError, OSError):
+    """An endpoint that cannot be listened on; the message names it and says why.
+
+    An ``OSError`` (with the ``errno`` of the failure, when there is one), so
+    code that handled the bare socket error still does.
+    """
+
+    def __init__(self, endpoint: Endpoint, reason: str, code: int | None = None) -> None:
+        super().__init__(f"cannot listen on {endpoint}: {reason}")
+        self.errno = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +173,13 @@ def tune_socket(sock: socket.socket) -> None:
 def bind(endpoint: Endpoint, *, backlog: int = 512) -> tuple[socket.socket, Endpoint]:
     """A listening, non-blocking socket on *endpoint* and the endpoint it really bound.
 
-    Port 0 is resolved to the port the kernel chose. A stale unix socket file
-    (its server gone) is replaced; a live one is not.
+    Port 0 is resolved to the port the kernel chose. At a unix socket path, a
+    stale socket file (no server accepts on it) is replaced; anything else
+    found there is left alone: a live socket is "in use", and a file that is
+    not a socket is never removed. A failure to listen is a :class:`ListenError`
+    naming the endpoint.
     """
+    address: str | tuple[object, ...]
     if isinstance(endpoint, TcpEndpoint):
         family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
         try:
@@ -169,24 +188,26 @@ def bind(endpoint: Endpoint, *, backlog: int = 512) -> tuple[socket.socket, Endp
             raise EndpointError(
                 f"cannot resolve {endpoint.host!r} in {endpoint}: {exc.strerror}"
             ) from exc
-        sock = socket.socket(infos[0][0], socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        address: str | tuple[object, ...] = infos[0][4]
+        family, address = infos[0][0], infos[0][4]
     elif isinstance(endpoint, UnixEndpoint):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if not endpoint.abstract:
-            _remove_stale_socket(endpoint.path)
-        address = endpoint.sockaddr
+            _remove_stale_socket(endpoint)
+        family, address = socket.AF_UNIX, endpoint.sockaddr
     else:
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        address = (endpoint.cid, endpoint.port)
+        family, address = socket.AF_VSOCK, (endpoint.cid, endpoint.port)
     try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise _listen_error(endpoint, exc) from exc
+    try:
+        if isinstance(endpoint, TcpEndpoint):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise _listen_error(endpoint, exc) from exc
     if isinstance(endpoint, TcpEndpoint):
         return sock, TcpEndpoint(endpoint.host, int(sock.getsockname()[1]))
     if isinstance(endpoint, VsockEndpoint):
@@ -194,21 +215,60 @@ def bind(endpoint: Endpoint, *, backlog: int = 512) -> tuple[socket.socket, Endp
     return sock, endpoint
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file left by a dead server; refuse to replace a live one."""
-    if not os.path.exists(path):
-        return
+def _listen_error(endpoint: Endpoint, exc: OSError) -> ListenError:
+    """*exc* from making a listener on *endpoint*, as one line that says what to fix."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if isinstance(endpoint, UnixEndpoint) and not endpoint.abstract:
+        directory = os.path.dirname(endpoint.path) or "/"
+        if exc.errno == errno.ENOENT:
+            reason = f"no directory {directory}"
+        elif exc.errno == errno.ENOTDIR:
+            reason = f"{directory} is not a directory"
+    return ListenError(endpoint, reason, exc.errno)
+
+
+def _remove_stale_socket(endpoint: UnixEndpoint) -> None:
+    """Unlink the socket file a dead server left at *endpoint*'s path, and nothing else.
+
+    Raises :class:`ListenError` when the path holds something that is not a
+    socket, or a socket a server accepts on. When it cannot tell (no
+    permission, say), it leaves the path alone and ``bind`` reports why.
+    """
+    path = endpoint.path
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return  # nothing there, or nothing this process may look at: bind says which
+    if not stat.S_ISSOCK(found.st_mode):
+        raise ListenError(
+            endpoint,
+            "it exists and is not a socket; remove it or choose another path",
+            errno.EEXIST,
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a live server with a full backlog must not block us
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        os.unlink(path)
+        pass  # stale: nobody accepts on it
     except OSError:
         return
     else:
-        raise EndpointError(f"unix://{path} is in use by a running server")
+        raise ListenError(
+            endpoint, "Address already in use (a server accepts on it)", errno.EADDRINUSE
+        )
     finally:
         probe.close()
+    # Unlink only the socket that was probed, not a file put there since.
+    try:
+        if _same_file(os.lstat(path), found):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
