@@ -21,6 +21,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 READY = re.compile(r"Listening on (\S+)")
+#: Waits here are for liveness only (a hung daemon fails instead of blocking), so they
+#: are generous: a loaded 2-core machine may take many seconds to start an interpreter.
 
 
 def child_env() -> dict[str, str]:
@@ -84,7 +86,7 @@ class Proc:
         return "\n".join(self.lines)
 
     def wait_for(
-        self, pattern: str, *, timeout: float = 20.0, start: int = 0, stream: str = "stderr"
+        self, pattern: str, *, timeout: float = 60.0, start: int = 0, stream: str = "stderr"
     ) -> re.Match[str]:
         """The first line of *stream* (from index *start*) matching *pattern*."""
         lines = self.lines if stream == "stderr" else self.stdout
@@ -139,7 +141,7 @@ def start_daemon(
     *,
     netns: str | None = None,
     env: dict[str, str] | None = None,
-    timeout: float = 20.0,
+    timeout: float = 60.0,
 ) -> tuple[Proc, str]:
     """Start a vaccelray daemon; (process, the address of its ready line)."""
     proc = Proc(argv, netns=netns, env=env)
@@ -152,7 +154,7 @@ def start_daemon(
 
 
 def start_daemons(
-    argvs: Sequence[Sequence[str]], *, netns: str | None = None, timeout: float = 20.0
+    argvs: Sequence[Sequence[str]], *, netns: str | None = None, timeout: float = 60.0
 ) -> list[tuple[Proc, str]]:
     """Start several daemons at once; each (process, address) once all are serving."""
     procs = [Proc(argv, netns=netns) for argv in argvs]
