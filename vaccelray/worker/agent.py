@@ -132,12 +132,11 @@ class Agent:
         )
 
     def _method(self, name: str, planner: Callable[[bytes], _Plan[Any]]) -> Method:
-        limit = self.max_message_size
         if not self.backend.blocking:
 
             def inline(payload: bytes, ctx: CallContext) -> bytes:
                 plan = planner(payload)
-                return check_response_size(name, plan.finish(plan.work()), limit)
+                return check_response_size(name, plan.finish(plan.work()), self.max_message_size)
 
             return Method(inline, inline=True)
 
@@ -150,7 +149,7 @@ class Agent:
                     result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
             else:
                 result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
-            return check_response_size(name, plan.finish(result), limit)
+            return check_response_size(name, plan.finish(result), self.max_message_size)
 
         return Method(threaded)
 
