@@ -38,6 +38,7 @@ from google.protobuf.message import DecodeError
 from vaccelray import __version__
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.info import (
     SCHEDULER_SERVICE,
     WORKERS_METHOD,
@@ -46,6 +47,7 @@ from vaccelray.protocol.info import (
     decode,
     encode,
 )
+from vaccelray.protocol.limits import check_declared_sizes
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change
 from vaccelray.transport.server import CallContext, Method, Service
@@ -115,10 +117,17 @@ class _Rebind(Exception):
 
 
 class AgentRouter:
-    """Sessions and resources of the scheduler over a :class:`WorkerPool`."""
+    """Sessions and resources of the scheduler over a :class:`WorkerPool`.
 
-    def __init__(self, pool: WorkerPool) -> None:
+    *max_message_size* is the limit of the transport serving it: a Genop or a
+    resource declaring more than that is refused before it is forwarded or kept.
+    """
+
+    def __init__(
+        self, pool: WorkerPool, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    ) -> None:
         self.pool = pool
+        self.max_message_size = max_message_size
         self.sessions: dict[int, RoutedSession] = {}
         self.resources: dict[int, RoutedResource] = {}
         self._session_ids = itertools.count(1)
@@ -519,6 +528,7 @@ class AgentRouter:
 
     async def _genop(self, payload: bytes, ctx: CallContext) -> bytes:
         request = _decode(pb.GenopRequest, payload)
+        check_declared_sizes(request, self.max_message_size)
         session = self._session(request.session_id)
 
         async def attempt(binding: Binding) -> bytes:
@@ -531,6 +541,7 @@ class AgentRouter:
 
     async def _register_resource(self, payload: bytes, ctx: CallContext) -> bytes:
         request = _decode(pb.RegisterResourceRequest, payload)
+        check_declared_sizes(request, self.max_message_size)
         session = self._session(request.session_id)
         if request.resource_id:
             resource = self.resources.get(request.resource_id)

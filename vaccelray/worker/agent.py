@@ -24,7 +24,9 @@ from google.protobuf.message import DecodeError
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.classify import CLASSIFY_METHOD, ClassifyReply, ClassifyRequest
+from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.info import WORKER_SERVICE, decode, encode
+from vaccelray.protocol.limits import check_declared_sizes, check_response_size
 from vaccelray.transport.server import CallContext, Method, Service
 from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
 
@@ -88,10 +90,17 @@ _EMPTY: Final = pb.EmptyResponse().SerializeToString()
 
 
 class Agent:
-    """Sessions and resources of one worker, on top of one backend."""
+    """Sessions and resources of one worker, on top of one backend.
 
-    def __init__(self, backend: Backend) -> None:
+    *max_message_size* is the limit of the transport serving it: arguments and
+    blobs may declare no more than that in all, and no answer is larger.
+    """
+
+    def __init__(
+        self, backend: Backend, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    ) -> None:
         self.backend = backend
+        self.max_message_size = max_message_size
         self.sessions: dict[int, AgentSession] = {}
         self.resources: dict[int, Resource] = {}
         self._session_ids = itertools.count(1)
@@ -113,19 +122,21 @@ class Agent:
             "RegisterResource": self._register_resource,
             "UnregisterResource": self._unregister_resource,
         }
-        methods = {name: self._method(plan) for name, plan in planners.items()}
+        methods = {name: self._method(name, plan) for name, plan in planners.items()}
         return [Service(name, methods) for name in SERVICE_NAMES]
 
     def worker_service(self) -> Service:
         """Session-less operations of ``vaccelray.v1.Worker`` (Classify with scores)."""
-        return Service(WORKER_SERVICE, {CLASSIFY_METHOD: self._method(self._classify)})
+        return Service(
+            WORKER_SERVICE, {CLASSIFY_METHOD: self._method(CLASSIFY_METHOD, self._classify)}
+        )
 
-    def _method(self, planner: Callable[[bytes], _Plan[Any]]) -> Method:
+    def _method(self, name: str, planner: Callable[[bytes], _Plan[Any]]) -> Method:
         if not self.backend.blocking:
 
             def inline(payload: bytes, ctx: CallContext) -> bytes:
                 plan = planner(payload)
-                return plan.finish(plan.work())
+                return check_response_size(name, plan.finish(plan.work()), self.max_message_size)
 
             return Method(inline, inline=True)
 
@@ -138,7 +149,7 @@ class Agent:
                     result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
             else:
                 result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
-            return plan.finish(result)
+            return check_response_size(name, plan.finish(result), self.max_message_size)
 
         return Method(threaded)
 
@@ -248,6 +259,7 @@ class Agent:
 
     def _genop(self, payload: bytes) -> _Plan[list[bytes]]:
         request = _decode(pb.GenopRequest, payload)
+        check_declared_sizes(request, self.max_message_size)
         session = self._session(request.session_id)
         log.info("session:%d Genop", session.id)
         read_args = [_arg(a) for a in request.read_args]
@@ -272,6 +284,7 @@ class Agent:
 
     def _register_resource(self, payload: bytes) -> _Plan[None]:
         request = _decode(pb.RegisterResourceRequest, payload)
+        check_declared_sizes(request, self.max_message_size)
         session = self._session(request.session_id)
         if request.resource_id:
             resource = self.resources.get(request.resource_id)
@@ -316,6 +329,9 @@ class Agent:
 
 
 def _arg(arg: pb.Arg) -> Arg:
-    # A write argument often travels as a size with no bytes: give the backend a buffer.
-    buf = arg.buf if arg.buf or not arg.size else bytes(arg.size)
+    # A write argument often travels as a size with no bytes: give the backend a buffer
+    # (of a size check_declared_sizes has bounded). Each read of arg.buf copies it.
+    buf = arg.buf
+    if not buf and arg.size:
+        buf = bytes(arg.size)
     return Arg(buf, arg.arg_type, arg.custom_type_id)
