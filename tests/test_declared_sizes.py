@@ -425,3 +425,34 @@ async def test_the_scheduler_refuses_before_forwarding_or_keeping() -> None:
             assert sched.router.resources == {}
             await client.call(SERVICE, "Genop", hostile_genop(session, 8))
             assert received == ["Genop"]
+
+
+@pytest.mark.anyio
+async def test_a_configured_limit_applies_at_worker_and_scheduler() -> None:
+    """--max-message-size reaches the checks: 8 MiB lets a 6 MiB argument through, not 9."""
+    limit, fits, too_big = 8 << 20, 6 << 20, 9 << 20
+    size_flag = ("--max-message-size", str(limit))
+    worker, address = start_daemon(
+        worker_argv("-a", "tcp://127.0.0.1:0", "--backend", "noop", "--pool-size", "0", *size_flag)
+    )
+    try:
+        argv = scheduler_argv(
+            "-a", "tcp://127.0.0.1:0", "--no-discover", "--worker", address, *size_flag
+        )
+        scheduler, _ = start_daemon(argv)
+        try:
+            scheduler.wait_for(f"Worker {address} is up")
+            for target in (worker.address, scheduler.address):
+                async with connect(target, max_message_size=limit) as client:
+                    session = await AgentClient(client, timeout=60).create_session()
+                    request = exec_genop(session, pb.Arg(size=fits))
+                    reply = await client.call_message(
+                        SERVICE, "Genop", request, pb.GenopResponse, timeout=60
+                    )
+                    assert reply.write_args[0].buf == bytes(fits)
+                    error = await refused(client, "Genop", hostile_genop(session, too_big))
+                    assert_names(error, StatusCode.RESOURCE_EXHAUSTED, f"{limit} bytes")
+        finally:
+            scheduler.stop()
+    finally:
+        worker.stop()

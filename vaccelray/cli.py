@@ -140,6 +140,17 @@ own directory, /usr/local/lib, then the system linker's search path.
 """
 
 
+#: One spelling of the size limit for both daemons.
+max_message_size_option = click.option(
+    "--max-message-size",
+    type=click.IntRange(1024),
+    default=DEFAULT_MAX_MESSAGE_SIZE,
+    show_default=True,
+    help="Largest message body accepted or sent, in bytes; sizes a request declares are "
+    "bounded by it too.",
+)
+
+
 @main.command(help=WORKER_HELP)
 @click.option(
     "-a",
@@ -158,13 +169,7 @@ own directory, /usr/local/lib, then the system linker's search path.
     metavar="PATH",
     help="Path of libvaccel.so to load for a .so backend.",
 )
-@click.option(
-    "--max-message-size",
-    type=click.IntRange(1024),
-    default=DEFAULT_MAX_MESSAGE_SIZE,
-    show_default=True,
-    help="Largest request body accepted, in bytes.",
-)
+@max_message_size_option
 @click.option(
     "--grace",
     type=click.FloatRange(0),
@@ -513,6 +518,7 @@ health-checked twice a second; one that does not answer leaves routing.
     metavar="PATH",
     help="File holding the cluster token task callers must present (else VACCELRAY_TOKEN).",
 )
+@max_message_size_option
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def scheduler(
     addresses: tuple[str, ...],
@@ -522,6 +528,7 @@ def scheduler(
     health_interval: float,
     health_timeout: float,
     token_file: str | None,
+    max_message_size: int,
     log_level: str,
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
@@ -539,6 +546,7 @@ def scheduler(
         health_interval=health_interval,
         health_timeout=health_timeout,
         token=_load_token(token_file),
+        max_message_size=max_message_size,
     )
 
     _run_daemon(lambda: run_scheduler(config))

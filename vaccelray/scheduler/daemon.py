@@ -81,10 +81,12 @@ async def run_scheduler(
     served on the same listeners, next to the vAccel agent routing
     (:class:`AgentRouter`) and the task service (:class:`TaskRouter`).
     """
-    pool = WorkerPool(connect_timeout=config.health_timeout)
+    pool = WorkerPool(
+        connect_timeout=config.health_timeout, max_message_size=config.max_message_size
+    )
     for address in config.workers:
         pool.registry.add_static(address)
-    router = AgentRouter(pool)
+    router = AgentRouter(pool, max_message_size=config.max_message_size)
     tasks = TaskRouter(pool, router, cache_bytes=config.function_cache_bytes)
     task_services = protect(
         [tasks.service()], TokenCheck.for_addresses(config.addresses, config.token)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from vaccelray.errors import ConnectError, TransportError, VaccelrayError
+from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.registry import Change, Registry, WorkerRecord
 from vaccelray.transport.client import Client, open_client
 
@@ -44,9 +45,17 @@ class WorkerUnavailable(VaccelrayError):
 class WorkerPool:
     """Workers to route to: registry, connections, load accounting, failure fan-out."""
 
-    def __init__(self, registry: Registry | None = None, *, connect_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        registry: Registry | None = None,
+        *,
+        connect_timeout: float = 1.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
         self.registry = registry or Registry()
         self.connect_timeout = connect_timeout
+        #: The scheduler's own limit: what it accepts from clients it must accept from workers.
+        self.max_message_size = max_message_size
         self._clients: dict[str, Client] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._scopes: dict[str, set[anyio.CancelScope]] = {}
@@ -115,7 +124,9 @@ class WorkerPool:
             if client is not None and not client.is_closed:
                 return client
             client = await open_client(
-                address, connect_timeout=connect_timeout or self.connect_timeout
+                address,
+                connect_timeout=connect_timeout or self.connect_timeout,
+                max_message_size=self.max_message_size,
             )
             self._clients[address] = client
             return client

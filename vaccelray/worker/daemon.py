@@ -102,7 +102,7 @@ async def run_worker(
     backend = backend or load_backend(config.backend, libvaccel=config.libvaccel)
     await _start_backend(backend)
     try:
-        agent = Agent(backend)
+        agent = Agent(backend, max_message_size=config.max_message_size)
         log.info("Backend: %s", backend.describe())
         info = InfoService(agent, capacity=config.capacity)
         services = [*agent.services(), agent.worker_service(), info.service(), *extra_services]
