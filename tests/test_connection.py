@@ -385,9 +385,11 @@ def test_client_refuses_once_32_bit_stream_ids_are_used_up() -> None:
     assert sid == 2**32 - 1
     assert struct.unpack(">I", data[4:8]) == (2**32 - 1,)
     assert client.pending == 2
-    with pytest.raises(LocalProtocolError, match="stream ids exhausted"):
+    # the error tells the caller what to do about it
+    advice = "^stream ids exhausted on this connection; open a new one$"
+    with pytest.raises(LocalProtocolError, match=advice):
         client.send_request("s", "m", b"")
-    with pytest.raises(LocalProtocolError, match="stream ids exhausted"):
+    with pytest.raises(LocalProtocolError, match=advice):
         client.send_request("s", "m", b"")
     assert client.pending == 2
 
