@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -158,5 +160,338 @@ def test_server_connection_never_raises_anything_but_remote_protocol_error(data:
         server.receive_data(data)
         while (event := server.next_event()) is not NEED_DATA:
             assert isinstance(event, (RequestReceived, BadRequest))
+    except RemoteProtocolError:
+        pass
+
+
+def test_need_data_reads_as_its_name() -> None:
+    assert repr(NEED_DATA) == "NEED_DATA"
+    assert f"{[NEED_DATA]}" == "[NEED_DATA]"
+
+
+def handshake(client: ClientConnection, server: ServerConnection, n: int = 1) -> list[int]:
+    """*n* requests sent by *client* and received by *server*; their stream ids."""
+    sids = []
+    for _ in range(n):
+        sid, data = client.send_request("s", "m", b"")
+        server.receive_data(data)
+        assert isinstance(server.next_event(), RequestReceived)
+        sids.append(sid)
+    return sids
+
+
+def test_each_request_is_pending_until_answered() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    assert (client.pending, server.open_streams) == (0, 0)
+    s1, s3 = handshake(client, server, 2)
+    assert (client.pending, server.open_streams) == (2, 2)
+    client.receive_data(server.send_response(s3, b"3"))
+    assert (client.pending, server.open_streams) == (2, 1)
+    assert client.next_event() == ResponseReceived(s3, 0, "", (), b"3")
+    assert client.pending == 1
+    client.receive_data(server.send_response(s1))
+    assert client.next_event() == ResponseReceived(s1, 0, "", (), b"")
+    assert (client.pending, server.open_streams) == (0, 0)
+
+
+def test_answered_stream_id_may_be_used_again() -> None:
+    server = ServerConnection()
+    request = ClientConnection().send_request("s", "m", b"again")[1]
+    server.receive_data(request)
+    assert isinstance(server.next_event(), RequestReceived)
+    server.send_response(1)
+    with pytest.raises(LocalProtocolError, match="no request in flight on stream 1"):
+        server.send_response(1)  # answered once already
+    server.receive_data(request)
+    event = server.next_event()
+    assert isinstance(event, RequestReceived)
+    assert (event.stream_id, event.payload) == (1, b"again")
+
+
+def test_server_skips_frames_of_any_size_it_does_not_serve() -> None:
+    server = ServerConnection(max_message_size=8)
+    request = ClientConnection().send_request("s", "m", b"")[1]
+    server.receive_data(
+        encode_frame(1, FrameType.DATA, b"d" * 20)  # oversized DATA: skipped, not answered
+        + encode_frame(3, FrameType.RESPONSE, b"r" * 20)
+        + request
+    )
+    assert server.next_event() == RequestReceived(1, "s", "m", b"", 0, ())
+    assert server.open_streams == 1
+    assert server.next_event() is NEED_DATA
+
+
+def test_server_checks_stream_id_parity_of_frames_it_skips() -> None:
+    server = ServerConnection()
+    server.receive_data(encode_frame(4, FrameType.DATA, b""))
+    with pytest.raises(RemoteProtocolError, match="even stream id 4"):
+        server.next_event()
+
+
+def test_oversized_request_must_be_answered_and_says_why() -> None:
+    server = ServerConnection(max_message_size=10)
+    server.receive_data(encode_frame(3, FrameType.REQUEST, b"q" * 11))
+    assert server.next_event() == BadRequest(
+        3, StatusCode.RESOURCE_EXHAUSTED, "message of 11 bytes exceeds the limit of 10 bytes"
+    )
+    assert server.open_streams == 1
+    # Its stream is in flight like any other: reusing it is an error ...
+    server.receive_data(encode_frame(3, FrameType.REQUEST, b""))
+    with pytest.raises(RemoteProtocolError, match="stream 3 reused"):
+        server.next_event()
+
+
+def test_oversized_request_stream_is_answered_then_free() -> None:
+    client, server = ClientConnection(), ServerConnection(max_message_size=10)
+    sid, data = client.send_request("s", "m", b"q" * 20)
+    server.receive_data(data)
+    bad = server.next_event()
+    assert isinstance(bad, BadRequest)
+    client.receive_data(server.send_response(bad.stream_id, code=bad.code, message=bad.message))
+    assert client.next_event() == ResponseReceived(sid, 8, bad.message, (), b"")
+    assert server.open_streams == 0
+
+
+def test_default_limit_of_both_sides_is_4_mib() -> None:
+    at_limit = struct.pack(">IIBB", 4 << 20, 1, 1, 0)
+    over = struct.pack(">IIBB", (4 << 20) + 1, 1, 1, 0)
+    server = ServerConnection()
+    server.receive_data(at_limit)
+    assert server.next_event() is NEED_DATA
+    server = ServerConnection()
+    server.receive_data(over)
+    assert server.next_event() == BadRequest(
+        1,
+        StatusCode.RESOURCE_EXHAUSTED,
+        f"message of {(4 << 20) + 1} bytes exceeds the limit of {4 << 20} bytes",
+    )
+    client = ClientConnection()
+    client.send_request("s", "m", b"")
+    client.receive_data(at_limit[:8] + b"\x02\x00")
+    assert client.next_event() is NEED_DATA
+    client = ClientConnection()
+    client.send_request("s", "m", b"")
+    client.receive_data(over[:8] + b"\x02\x00")
+    assert client.next_event() == ResponseReceived(
+        1,
+        StatusCode.RESOURCE_EXHAUSTED,
+        f"response of {(4 << 20) + 1} bytes exceeds the limit of {4 << 20} bytes",
+        (),
+        b"",
+    )
+
+
+def test_undecodable_request_says_so() -> None:
+    server = ServerConnection()
+    server.receive_data(encode_frame(5, FrameType.REQUEST, b"\x0a\x05ab"))  # truncated field
+    event = server.next_event()
+    assert isinstance(event, BadRequest)
+    assert (event.stream_id, event.code) == (5, StatusCode.INVALID_ARGUMENT)
+    assert event.message.startswith("undecodable request: ")
+    assert server.open_streams == 1
+
+
+def test_ok_response_omits_status_and_ignores_message_and_details() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    (sid,) = handshake(client, server)
+    data = server.send_response(sid, b"p", code=0, message="ignored", details=[Detail("t", b"v")])
+    assert data == encode_frame(sid, FrameType.RESPONSE, b"\x12\x01p")
+    client.receive_data(data)
+    assert client.next_event() == ResponseReceived(sid, 0, "", (), b"p")
+
+
+def test_error_response_carries_its_payload_too() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    (sid,) = handshake(client, server)
+    client.receive_data(server.send_response(sid, b"partial", code=StatusCode.INTERNAL))
+    event = client.next_event()
+    assert event == ResponseReceived(sid, 13, "", (), b"partial")
+    assert isinstance(event, ResponseReceived)
+    assert not event.ok
+
+
+details = st.lists(st.builds(Detail, st.text(max_size=30), st.binary(max_size=30)), max_size=3).map(
+    tuple
+)
+
+
+@given(
+    st.integers(-(2**31), 2**31 - 1).filter(bool),
+    st.text(max_size=40),
+    details,
+    st.binary(max_size=40),
+)
+def test_status_round_trips(
+    code: int, message: str, sent: tuple[Detail, ...], payload: bytes
+) -> None:
+    client, server = ClientConnection(), ServerConnection()
+    (sid,) = handshake(client, server)
+    client.receive_data(
+        server.send_response(sid, payload, code=code, message=message, details=list(sent))
+    )
+    event = client.next_event()
+    assert event == ResponseReceived(sid, code, message, sent, payload)
+    assert isinstance(event, ResponseReceived)
+    assert event.ok is False
+
+
+@given(st.binary(max_size=60))
+def test_ok_response_round_trips(payload: bytes) -> None:
+    client, server = ClientConnection(), ServerConnection()
+    (sid,) = handshake(client, server)
+    client.receive_data(server.send_response(sid, payload))
+    event = client.next_event()
+    assert event == ResponseReceived(sid, 0, "", (), payload)
+    assert isinstance(event, ResponseReceived)
+    assert event.ok
+
+
+@given(
+    st.text(max_size=20),
+    st.text(max_size=20),
+    st.binary(max_size=40),
+    st.integers(0, 2**63 - 1),
+    st.lists(st.tuples(st.text(max_size=8), st.text(max_size=8)), max_size=3),
+)
+def test_request_round_trips(
+    service: str, method: str, payload: bytes, timeout: int, metadata: list[tuple[str, str]]
+) -> None:
+    client, server = ClientConnection(), ServerConnection()
+    client.send_request("first", "m", b"")
+    sid, data = client.send_request(
+        service, method, payload, timeout_nano=timeout, metadata=metadata
+    )
+    assert sid == 3
+    server.receive_data(data)
+    assert server.next_event() == RequestReceived(
+        3, service, method, payload, timeout, tuple(metadata)
+    )
+
+
+def test_request_without_options_has_no_timeout_or_metadata() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    sid, data = client.send_request("s", "m", b"p")
+    assert data == encode_frame(sid, FrameType.REQUEST, b"\x0a\x01s\x12\x01m\x1a\x01p")
+    server.receive_data(data)
+    assert server.next_event() == RequestReceived(sid, "s", "m", b"p", 0, ())
+
+
+def test_client_refuses_once_32_bit_stream_ids_are_used_up() -> None:
+    client = ClientConnection()
+    # Reaching the last id by sending 2**31 requests would take too long.
+    client._next_stream_id = 2**32 - 3
+    assert client.send_request("s", "m", b"")[0] == 2**32 - 3
+    sid, data = client.send_request("s", "m", b"")
+    assert sid == 2**32 - 1
+    assert struct.unpack(">I", data[4:8]) == (2**32 - 1,)
+    assert client.pending == 2
+    # the error tells the caller what to do about it
+    advice = "^stream ids exhausted on this connection; open a new one$"
+    with pytest.raises(LocalProtocolError, match=advice):
+        client.send_request("s", "m", b"")
+    with pytest.raises(LocalProtocolError, match=advice):
+        client.send_request("s", "m", b"")
+    assert client.pending == 2
+
+
+def test_abandoning_an_unknown_or_answered_stream_does_nothing() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    client.abandon(1)
+    s1, _s3 = handshake(client, server, 2)
+    client.receive_data(server.send_response(s1))
+    assert isinstance(client.next_event(), ResponseReceived)
+    client.abandon(s1)
+    client.abandon(7)
+    assert client.pending == 1
+    # the answered stream was not marked abandoned: a second answer is an error
+    client.receive_data(encode_frame(s1, FrameType.RESPONSE, b""))
+    with pytest.raises(RemoteProtocolError, match=f"response on stream {s1}, which has no request"):
+        client.next_event()
+
+
+def test_abandoned_answer_is_dropped_once_and_the_next_one_returned() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    s1, s3 = handshake(client, server, 2)
+    client.abandon(s1)
+    client.abandon(s1)
+    assert client.pending == 1
+    client.receive_data(server.send_response(s1, b"late") + server.send_response(s3, b"x"))
+    assert client.next_event() == ResponseReceived(s3, 0, "", (), b"x")
+    assert client.pending == 0
+    # dropped once: the stream is forgotten, a second answer on it is an error
+    client.receive_data(encode_frame(s1, FrameType.RESPONSE, b""))
+    with pytest.raises(RemoteProtocolError, match="no request"):
+        client.next_event()
+
+
+def test_oversized_response_is_resource_exhausted_and_the_connection_goes_on() -> None:
+    client, server = ClientConnection(max_message_size=16), ServerConnection()
+    s1, s3, s5 = handshake(client, server, 3)
+    client.abandon(s5)
+    data = (
+        server.send_response(s5, b"a" * 30)  # abandoned: dropped even though oversized
+        + server.send_response(s1, b"b" * 30)
+        + server.send_response(s3, b"ok")
+    )
+    events = []
+    for i in range(len(data)):
+        client.receive_data(data[i : i + 1])
+        while (event := client.next_event()) is not NEED_DATA:
+            events.append(event)
+    assert events == [
+        ResponseReceived(
+            s1,
+            StatusCode.RESOURCE_EXHAUSTED,
+            "response of 32 bytes exceeds the limit of 16 bytes",
+            (),
+            b"",
+        ),
+        ResponseReceived(s3, 0, "", (), b"ok"),
+    ]
+    assert client.pending == 0
+
+
+def test_oversized_response_on_a_stream_without_request_is_an_error() -> None:
+    client = ClientConnection(max_message_size=4)
+    client.receive_data(encode_frame(1, FrameType.RESPONSE, b"x" * 5))
+    with pytest.raises(RemoteProtocolError, match="response on stream 1, which has no request"):
+        client.next_event()
+
+
+@pytest.mark.parametrize("frame_type", [FrameType.REQUEST, FrameType.DATA])
+def test_client_rejects_frames_other_than_responses(frame_type: FrameType) -> None:
+    client = ClientConnection()
+    sid, _ = client.send_request("s", "m", b"")
+    client.receive_data(encode_frame(sid, frame_type, b""))
+    with pytest.raises(
+        RemoteProtocolError, match=f"server sent a {frame_type.name} frame on stream {sid}"
+    ):
+        client.next_event()
+
+
+def test_undecodable_response_is_a_remote_protocol_error() -> None:
+    client = ClientConnection()
+    sid, _ = client.send_request("s", "m", b"")
+    client.receive_data(encode_frame(sid, FrameType.RESPONSE, b"\x0a\x09\x08"))
+    with pytest.raises(RemoteProtocolError, match=f"undecodable response on stream {sid}: ") as err:
+        client.next_event()
+    assert err.value.__cause__ is not None
+
+
+@given(st.binary(max_size=500), st.booleans())
+def test_client_connection_never_raises_anything_but_remote_protocol_error(
+    data: bytes, bytewise: bool
+) -> None:
+    client = ClientConnection(max_message_size=256)
+    for _ in range(4):
+        client.send_request("s", "m", b"")
+    client.abandon(3)
+    chunks = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
+    try:
+        for chunk in chunks:
+            client.receive_data(chunk)
+            while (event := client.next_event()) is not NEED_DATA:
+                assert isinstance(event, ResponseReceived)
+                assert event.stream_id in (1, 5, 7)
     except RemoteProtocolError:
         pass
