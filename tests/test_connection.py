@@ -495,3 +495,28 @@ def test_client_connection_never_raises_anything_but_remote_protocol_error(
                 assert event.stream_id in (1, 5, 7)
     except RemoteProtocolError:
         pass
+
+
+def _answer_over(server: ServerConnection, client: ClientConnection, **response: object) -> object:
+    sid, data = client.send_request("s", "m", b"")
+    server.receive_data(data)
+    assert isinstance(server.next_event(), RequestReceived)
+    client.receive_data(server.send_response(sid, **response))  # type: ignore[arg-type]
+    assert server.open_streams == 0
+    return client.next_event()
+
+
+def test_an_answer_over_the_limit_is_never_sent() -> None:
+    limit = 1024
+    server, client = ServerConnection(limit), ClientConnection(1 << 20)
+    # The OK body is the payload field: 1 tag byte, a 2-byte length, the payload.
+    fits = _answer_over(server, client, payload=b"x" * (limit - 3))
+    assert fits == ResponseReceived(1, 0, "", (), b"x" * (limit - 3))
+    over = _answer_over(server, client, payload=b"x" * (limit - 2))
+    assert over == ResponseReceived(
+        3,
+        StatusCode.RESOURCE_EXHAUSTED,
+        f"response of {limit + 1} bytes exceeds the limit of {limit} bytes",
+        (),
+        b"",
+    )

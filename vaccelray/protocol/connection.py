@@ -141,13 +141,24 @@ class ServerConnection:
         message: str = "",
         details: Sequence[Detail] = (),
     ) -> bytes:
-        """Bytes answering *stream_id*; an OK status is omitted, as Go does."""
+        """Bytes answering *stream_id*; an OK status is omitted, as Go does.
+
+        An OK answer larger than the message size limit is never sent (the
+        peer would have to refuse it): the caller gets RESOURCE_EXHAUSTED
+        naming its size instead. (Error answers are a status of our own.)
+        """
         try:
             self._open_streams.remove(stream_id)
         except KeyError:
             raise LocalProtocolError(f"no request in flight on stream {stream_id}") from None
+        limit = self._decoder.max_message_size
         if code == 0:
-            return join_frame(stream_id, FrameType.RESPONSE, response_parts(payload))
+            parts = response_parts(payload)
+            size = sum(map(len, parts))
+            if size <= limit:
+                return join_frame(stream_id, FrameType.RESPONSE, parts)
+            code, payload, details = StatusCode.RESOURCE_EXHAUSTED, b"", ()
+            message = f"response of {size} bytes exceeds the limit of {limit} bytes"
         body = encode_error_response(code, message, details, payload)
         return encode_frame(stream_id, FrameType.RESPONSE, body)
 
