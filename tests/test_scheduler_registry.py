@@ -174,3 +174,29 @@ def test_status_rows_and_messagepack_round_trip() -> None:
     assert decode(encode(status), ClusterStatus) == status
     # An empty payload is the request with its defaults; info round-trips too.
     assert decode(encode(info()), WorkerInfo) == info()
+
+
+def test_sessions_being_destroyed_on_a_returning_worker_do_not_repel_placement() -> None:
+    # B went away holding 3 of this scheduler's sessions (moved to A meanwhile); the
+    # check that brings it back still counts them while the scheduler destroys them.
+    registry = up_registry(A, B)
+    for _ in range(2):
+        registry.session_bound(A)
+    registry.check_failed(B, "timeout", now=1.0)
+    assert registry.check_ok(B, info(sessions=3), now=2.0) is Change.UP
+    registry.releasing_sessions(B, 3)
+    record = registry.get(B)
+    assert record is not None
+    assert record.leaving == 3
+    picked = registry.pick()
+    assert picked is not None
+    assert picked.address == B  # without the discount B (3 reported) loses to A (2)
+    # Destroys ending does not bring the stale count back before a new report.
+    for _ in range(3):
+        registry.session_released(B)
+    assert (record.releasing, record.released) == (0, 3)
+    assert registry.pick().address == B  # type: ignore[union-attr]
+    # A report made after they are gone ends the discount.
+    registry.check_ok(B, info(sessions=3), now=3.0)
+    assert record.leaving == 0
+    assert registry.pick().address == A  # type: ignore[union-attr]

@@ -6,6 +6,7 @@ here: that is tested in network namespaces); workers are real processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -20,13 +21,15 @@ from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, decode, encode
-from vaccelray.scheduler import Health, SchedulerConfig, run_scheduler
+from vaccelray.scheduler import Change, Health, SchedulerConfig, run_scheduler
 from vaccelray.status import fetch_status
 from vaccelray.transport.client import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.agent import SERVICE_NAMES
 
 NOOP_TAG = "This is a dummy classification tag!"
+#: Only so that a hang fails the test instead of blocking it: never a speed requirement.
+LIVENESS = 30.0
 
 
 @pytest.fixture
@@ -222,6 +225,46 @@ async def test_hung_worker_leaves_routing_and_returns(
 
         # The session it held while hung was re-created elsewhere: destroyed there now.
         await wait_until(left_session_destroyed, 3.0, "left-behind session destroyed")
+
+
+@pytest.mark.anyio
+async def test_a_returning_worker_takes_new_sessions_once_its_leftovers_are_destroyed(
+    noop_workers: list[tuple[Proc, str]],
+) -> None:
+    addresses = [a for _, a in noop_workers]
+    # Health checks only when the test runs one: no report can refresh a count meanwhile.
+    cfg = dataclasses.replace(config(*addresses), health_interval=3600.0)
+    async with run_scheduler(cfg) as sched, connect(sched.addresses[0]) as client:
+        agent = AgentClient(client)
+        ids = [await agent.create_session() for _ in range(4)]
+        on: dict[str, list[int]] = {a: [] for a in addresses}
+        for session_id in ids:
+            on[sched.router.sessions[session_id].binding.address].append(session_id)  # type: ignore[union-attr]
+        assert sorted(len(v) for v in on.values()) == [2, 2]
+        back, other = addresses
+        # *back* goes away; the sessions destroyed meanwhile are left on it.
+        sched.pool.mark_down(back, "test: unreachable")
+        for session_id in on[back]:
+            await agent.destroy_session(session_id)
+        await agent.destroy_session(on[other][0])
+        assert await sched.health.check(other) is Change.NONE
+        record = sched.pool.registry.get(back)
+        assert record is not None
+        # It returns; the check that says so still counts the two left there.
+        assert await sched.health.check(back) is Change.UP
+        assert record.reported_sessions == 2
+
+        async def leftovers_destroyed() -> bool:
+            return await worker_sessions(back) == 0 and record.releasing == 0
+
+        await wait_until(leftovers_destroyed, LIVENESS, "left-behind sessions destroyed")
+        # No report since: the scheduler alone knows those two are gone. *back*'s load
+        # is 0, the other's 1 (its report is fresh), so *back* gets the next session.
+        assert record.reported_sessions == 2
+        new = await agent.create_session()
+        assert sched.router.sessions[new].binding.address == back  # type: ignore[union-attr]
+        assert await sched.health.check(back) is Change.NONE
+        assert (record.reported_sessions, record.leaving) == (1, 0)
 
 
 @pytest.mark.anyio

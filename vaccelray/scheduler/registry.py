@@ -60,6 +60,10 @@ class WorkerRecord:
     #: This scheduler's calls in flight on the worker and sessions bound to it.
     inflight: int = 0
     sessions: int = 0
+    #: Sessions this scheduler left on the worker and is destroying now, and those
+    #: destroyed since its last report: the report still counts them, placement must not.
+    releasing: int = 0
+    released: int = 0
     last_error: str = ""
     last_seen: float | None = None
     #: From the zeroconf TXT record, until the first health check says better.
@@ -68,6 +72,11 @@ class WorkerRecord:
     @property
     def routable(self) -> bool:
         return self.health is Health.UP
+
+    @property
+    def leaving(self) -> int:
+        """Sessions in the worker's last report that this scheduler is destroying (or did)."""
+        return self.releasing + self.released
 
     def status(self, now: float) -> WorkerStatus:
         return WorkerStatus(
@@ -185,6 +194,11 @@ class Registry:
         record.instance = info.instance
         record.reported_inflight = info.inflight
         record.reported_sessions = info.sessions
+        # This report no longer counts the sessions destroyed before it; a new process
+        # never had the sessions the scheduler is still destroying on the old one.
+        record.released = 0
+        if restarted:
+            record.releasing = 0
         record.last_error = ""
         record.last_seen = now
         if restarted:
@@ -224,6 +238,24 @@ class Registry:
         record = self._workers.get(address)
         if record is not None and record.sessions > 0:
             record.sessions -= 1
+
+    def releasing_sessions(self, address: str, count: int) -> None:
+        """The scheduler is destroying *count* sessions it left on the worker.
+
+        The worker's last report counts them, but they are going: placement
+        discounts them at once (not only after the next health check), until
+        a report made after they are gone arrives. Call
+        :meth:`session_released` when each destroy ends, however it ends.
+        """
+        record = self._workers.get(address)
+        if record is not None:
+            record.releasing += count
+
+    def session_released(self, address: str) -> None:
+        record = self._workers.get(address)
+        if record is not None and record.releasing > 0:
+            record.releasing -= 1
+            record.released += 1
 
     # -- routing -------------------------------------------------------------
 
