@@ -66,12 +66,15 @@ async def worker_sessions(address: str) -> int:
     return info.sessions
 
 
-async def wait_until(predicate: object, what: str) -> None:
-    """Poll an async predicate until it holds (failing after LIVENESS s: a hang, not slowness)."""
-    deadline = anyio.current_time() + LIVENESS
+async def wait_until(predicate: object, timeout: float, what: str) -> None:
+    """Poll an async predicate until it holds; *timeout* is for liveness (a hang fails).
+
+    Pass a generous one (LIVENESS): how soon it holds is no requirement.
+    """
+    deadline = anyio.current_time() + timeout
     while not await predicate():  # type: ignore[operator]
         if anyio.current_time() > deadline:
-            raise AssertionError(f"not within {LIVENESS} s: {what}")
+            raise AssertionError(f"not within {timeout} s: {what}")
         await anyio.sleep(0.05)  # the pause between two polls, not a synchronisation
 
 
@@ -122,7 +125,7 @@ async def test_a_closed_connection_leaves_no_sessions_on_workers(
         async def cleaned() -> bool:
             return sum([await worker_sessions(a) for a in addresses]) == 0
 
-        await wait_until(cleaned, "orphan sessions destroyed")
+        await wait_until(cleaned, LIVENESS, "orphan sessions destroyed")
         assert sched.router.sessions == {}
         assert kept == 4
 
@@ -166,7 +169,7 @@ async def test_killed_worker_fails_calls_in_flight_then_sessions_move(
                 assert isinstance(info, WorkerInfo)
                 return info.inflight == 1
 
-            await wait_until(running, "the call runs on the worker")
+            await wait_until(running, LIVENESS, "the call runs on the worker")
             procs[first.address].kill()
         [error] = outcome
         assert isinstance(error, RPCError)
@@ -221,13 +224,13 @@ async def test_hung_worker_leaves_routing_and_returns(
         async def is_up() -> bool:
             return sched.pool.registry.get(hung).routable  # type: ignore[union-attr]
 
-        await wait_until(is_up, "resumed worker back in routing")
+        await wait_until(is_up, LIVENESS, "resumed worker back in routing")
 
         async def left_session_destroyed() -> bool:
             return await worker_sessions(hung) == 0
 
         # The session it held while hung was re-created elsewhere: destroyed there now.
-        await wait_until(left_session_destroyed, "left-behind session destroyed")
+        await wait_until(left_session_destroyed, LIVENESS, "left-behind session destroyed")
 
 
 @pytest.mark.anyio
@@ -260,7 +263,7 @@ async def test_a_returning_worker_takes_new_sessions_once_its_leftovers_are_dest
         async def leftovers_destroyed() -> bool:
             return await worker_sessions(back) == 0 and record.releasing == 0
 
-        await wait_until(leftovers_destroyed, "left-behind sessions destroyed")
+        await wait_until(leftovers_destroyed, LIVENESS, "left-behind sessions destroyed")
         # No report since: the scheduler alone knows those two are gone. *back*'s load
         # is 0, the other's 1 (its report is fresh), so *back* gets the next session.
         assert record.reported_sessions == 2
