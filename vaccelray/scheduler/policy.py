@@ -56,9 +56,7 @@ def pick_least_loaded(
     capable = [w for w in candidates if op is None or op in w.ops]
     if not capable:
         return None
-    scores = [load_score(w) for w in capable]
-    best = min(scores)
-    tied = sorted(
-        (w for w, s in zip(capable, scores, strict=True) if s == best), key=lambda w: w.address
-    )
+    scored = [(load_score(w), w) for w in capable]
+    best = min(score for score, _ in scored)
+    tied = sorted((w for score, w in scored if score == best), key=lambda w: w.address)
     return tied[turn % len(tied)]
