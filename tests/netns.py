@@ -39,7 +39,7 @@ def status_json(address: str, *, netns: str | None = None) -> dict[str, Any]:
         text=True,
         env=child_env(),
         cwd=REPO,
-        timeout=20,
+        timeout=60,  # liveness only
         check=False,
     )
     assert out.returncode == 0, out.stderr
@@ -183,7 +183,9 @@ async def _drive(
 
     async with connect(address) as client, anyio.create_task_group() as watcher:
         await watcher.start(stop_on_signal)
-        agent = AgentClient(client, timeout=10.0)
+        # A deadline only so that a call left hanging fails (DEADLINE_EXCEEDED, which the
+        # test rejects); a lost worker must end its calls with UNAVAILABLE long before.
+        agent = AgentClient(client, timeout=30.0)
         ids = [await agent.create_session() for _ in range(sessions)]
         results["session_ids"] = ids
         sent = 0
