@@ -10,7 +10,7 @@ that speaks zeroconf in the tests runs inside such namespaces only.
 when ``CI`` is set: CI must run them).
 
 Run as ``python -m tests.netns drive ...`` it is the load driver the
-namespace test starts next to the scheduler (see ``drive``).
+namespace test starts next to the scheduler (see ``_drive``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ def status_json(address: str, *, netns: str | None = None) -> dict[str, Any]:
         text=True,
         env=child_env(),
         cwd=REPO,
-        timeout=20,
+        timeout=60,  # liveness only
         check=False,
     )
     assert out.returncode == 0, out.stderr
@@ -156,17 +157,35 @@ class Topology:
 
 
 async def _drive(
-    address: str, sessions: int, calls: int, concurrency: int, rate: float
+    address: str, sessions: int, calls: int | None, concurrency: int, rate: float, progress: int
 ) -> dict[str, Any]:
+    """Classify over *sessions* sessions, *calls* times or until SIGUSR1; the results.
+
+    Every *progress* successful calls it prints ``progress ok=N`` on stderr, so
+    that a test can wait until calls went on succeeding after a fault it made.
+    """
     import anyio
+    import anyio.abc
 
     from vaccelray.agent_client import AgentClient
     from vaccelray.errors import RPCError, TransportError
     from vaccelray.transport.client import connect
 
     results: dict[str, Any] = {"ok": 0, "wrong_tag": 0, "codes": {}, "messages": [], "transport": 0}
-    async with connect(address) as client:
-        agent = AgentClient(client, timeout=10.0)
+    stop = anyio.Event()
+
+    async def stop_on_signal(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with anyio.open_signal_receiver(signal.SIGUSR1) as signals:
+            task_status.started()
+            async for _ in signals:
+                stop.set()
+                return
+
+    async with connect(address) as client, anyio.create_task_group() as watcher:
+        await watcher.start(stop_on_signal)
+        # A deadline only so that a call left hanging fails (DEADLINE_EXCEEDED, which the
+        # test rejects); a lost worker must end its calls with UNAVAILABLE long before.
+        agent = AgentClient(client, timeout=30.0)
         ids = [await agent.create_session() for _ in range(sessions)]
         results["session_ids"] = ids
         sent = 0
@@ -187,16 +206,19 @@ async def _drive(
                 else:
                     if tag == "This is a dummy classification tag!":
                         results["ok"] += 1
+                        if results["ok"] % progress == 0:
+                            print(f"progress ok={results['ok']}", file=sys.stderr, flush=True)
                     else:
                         results["wrong_tag"] += 1
 
         async with anyio.create_task_group() as tg:
-            for n in range(calls):
-                # Paced, so that the faults the test injects land in the middle of the load.
-                delay = start + n / rate - time.monotonic()
+            while (not stop.is_set()) if calls is None else (sent < calls):
+                # Pacing the load at *rate* calls a second (a property of the load, not a
+                # synchronisation: the test waits on progress lines, never on time).
+                delay = start + sent / rate - time.monotonic()
                 if delay > 0:
                     await anyio.sleep(delay)
-                tg.start_soon(one, n)
+                tg.start_soon(one, sent)
                 sent += 1
         results["sent"] = sent
         results["elapsed"] = time.monotonic() - start
@@ -208,6 +230,7 @@ async def _drive(
             except RPCError as exc:
                 results["messages"].append(f"destroy {session_id}: {exc}")
         results["destroyed"] = destroyed
+        watcher.cancel_scope.cancel()
     return results
 
 
@@ -221,9 +244,10 @@ def main(argv: list[str]) -> None:
     drive = sub.add_parser("drive", help="classification load through a scheduler; JSON on stdout")
     drive.add_argument("--address", required=True)
     drive.add_argument("--sessions", type=int, default=50)
-    drive.add_argument("--calls", type=int, default=2000)
+    drive.add_argument("--calls", type=int, default=None, help="default: until SIGUSR1")
     drive.add_argument("--concurrency", type=int, default=16)
     drive.add_argument("--rate", type=float, default=300.0, help="calls started per second")
+    drive.add_argument("--progress", type=int, default=50, help="successes per progress line")
     args = parser.parse_args(argv)
     results = anyio.run(
         _drive,
@@ -232,6 +256,7 @@ def main(argv: list[str]) -> None:
         args.calls,
         args.concurrency,
         args.rate,
+        args.progress,
         backend="asyncio",
     )
     print(json.dumps(results), flush=True)

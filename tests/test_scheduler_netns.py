@@ -13,7 +13,8 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -22,8 +23,12 @@ from tests.processes import Proc, scheduler_argv, start_daemon, worker_argv
 
 pytestmark = pytest.mark.netns
 
-#: Routing must drop a dead or hung worker, and take back a returning one, within this.
-REACT = 3.0
+PROGRESS = re.compile(r"progress ok=(\d+)$")
+
+#: Only so that a hang fails the test instead of blocking it: never a speed requirement.
+LIVENESS = 60.0
+#: Successful calls the load must make after each fault (sessions moved on).
+AFTER_FAULT = 100
 
 
 @pytest.fixture
@@ -47,11 +52,37 @@ def start_worker(topo: Topology, index: int, port: int = 8194) -> tuple[Proc, st
     return start_daemon(argv, netns=topo.hosts[index])
 
 
-def wait_line(proc: Proc, pattern: str, timeout: float, start: int = 0) -> float:
-    """Seconds until *proc* logs a line matching *pattern* (fails after *timeout*)."""
-    t0 = time.monotonic()
-    proc.wait_for(pattern, timeout=timeout, start=start)
-    return time.monotonic() - t0
+def wait_line(proc: Proc, pattern: str, start: int) -> None:
+    """Until *proc* logs a line matching *pattern* after its line *start*."""
+    proc.wait_for(pattern, timeout=LIVENESS, start=start)
+
+
+def keeps_succeeding(driver: Proc, more: int = AFTER_FAULT) -> int:
+    """Until the load driver has made *more* further successful calls; its count then."""
+    done = [int(m.group(1)) for line in driver.lines if (m := PROGRESS.search(line))]
+    target = max(done, default=0) + more
+    driver.wait_for(rf"progress ok={target}$", timeout=LIVENESS)
+    return target
+
+
+def cluster_status(
+    address: str, netns: str, until: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Poll the scheduler's status until *until* holds (each poll is a process start)."""
+    deadline = time.monotonic() + LIVENESS
+    while True:
+        status = status_json(address, netns=netns)
+        if until(status):
+            return status
+        assert time.monotonic() < deadline, status
+
+
+def idle(status: dict[str, Any]) -> bool:
+    """Every worker up and holding no session, the scheduler holding none."""
+    return status["sessions"] == 0 and all(
+        w["health"] == "up" and w["reported_sessions"] == 0 and w["sessions"] == 0
+        for w in status["workers"]
+    )
 
 
 def test_cluster_discovery_load_faults_and_recovery(topology: Topology) -> None:
@@ -63,11 +94,11 @@ def test_cluster_discovery_load_faults_and_recovery(topology: Topology) -> None:
         w0, a0 = start_worker(topo, 0)
         w1, a1 = start_worker(topo, 1, port=8195)
         procs += [w0, w1]
-        w0.wait_for("Announced", timeout=10)
-        w1.wait_for("Announced", timeout=10)
+        w0.wait_for("Announced", timeout=LIVENESS)
+        w1.wait_for("Announced", timeout=LIVENESS)
         w2, a2 = start_worker(topo, 2)
         procs.append(w2)
-        w2.wait_for("Announced", timeout=10)
+        w2.wait_for("Announced", timeout=LIVENESS)
         assert re.search(
             r"zeroconf name '.*-8194' is taken; announced as '.*-8194-2'", w2.text()
         ), w2.text()
@@ -84,13 +115,8 @@ def test_cluster_discovery_load_faults_and_recovery(topology: Topology) -> None:
             netns=sched_host,
         )
         procs.append(sched)
-        t0 = time.monotonic()
         for address in workers:
-            sched.wait_for(
-                rf"Worker {re.escape(address)} is up",
-                timeout=max(0.1, 2.0 - (time.monotonic() - t0)),
-            )
-        assert time.monotonic() - t0 <= 2.0
+            wait_line(sched, rf"Worker {re.escape(address)} is up", 0)
         status = status_json(saddr, netns=sched_host)
         assert status["kind"] == "scheduler"
         seen = {w["address"]: w for w in status["workers"]}
@@ -98,7 +124,8 @@ def test_cluster_discovery_load_faults_and_recovery(topology: Topology) -> None:
         assert all(w["health"] == "up" and w["backend"] == "noop" for w in seen.values())
         assert len({w["name"] for w in seen.values()}) == 3
 
-        # 2,000 classifications over 50 sessions, paced over about 6.5 s.
+        # Classifications over 50 sessions, 16 at a time, until the test says stop; each
+        # fault lands in the middle of the load, and the load must go on succeeding.
         driver = Proc(
             [
                 sys.executable,
@@ -109,8 +136,6 @@ def test_cluster_discovery_load_faults_and_recovery(topology: Topology) -> None:
                 saddr,
                 "--sessions",
                 "50",
-                "--calls",
-                "2000",
                 "--concurrency",
                 "16",
                 "--rate",
@@ -119,34 +144,35 @@ def test_cluster_discovery_load_faults_and_recovery(topology: Topology) -> None:
             netns=sched_host,
         )
         procs.append(driver)
-        time.sleep(1.5)
+        keeps_succeeding(driver)
         mark = len(sched.lines)
         w0.kill()  # kill -9
-        assert wait_line(sched, rf"Worker {re.escape(a0)} is down", REACT, mark) <= REACT
-        time.sleep(0.5)
+        wait_line(sched, rf"Worker {re.escape(a0)} is down", mark)
+        keeps_succeeding(driver)
         mark = len(sched.lines)
         topo.cut(1)
-        assert wait_line(sched, rf"Worker {re.escape(a1)} is down", REACT, mark) <= REACT
-        time.sleep(1.0)
+        wait_line(sched, rf"Worker {re.escape(a1)} is down", mark)
+        keeps_succeeding(driver)
         mark = len(sched.lines)
         w0, _ = start_worker(topo, 0)
         procs.append(w0)
-        assert wait_line(sched, rf"Worker {re.escape(a0)} (is up|restarted)", REACT, mark) <= REACT
+        wait_line(sched, rf"Worker {re.escape(a0)} (is up|restarted)", mark)
         mark = len(sched.lines)
         topo.mend(1)
-        assert wait_line(sched, rf"Worker {re.escape(a1)} is up", REACT, mark) <= REACT
-
-        assert driver.process.wait(60) == 0, driver.text()
+        wait_line(sched, rf"Worker {re.escape(a1)} is up", mark)
+        least_ok = keeps_succeeding(driver)
+        driver.signal(signal.SIGUSR1)
+        assert driver.process.wait(LIVENESS) == 0, driver.text()
         driver.stop()
         results = json.loads(driver.stdout[-1])
         failed = sum(results["codes"].values())
         # Every call either succeeded or failed with the documented status.
-        assert results["sent"] == 2000
-        assert results["ok"] + failed == 2000, results
+        assert results["ok"] >= least_ok, results
+        assert results["ok"] + failed == results["sent"], results
         assert set(results["codes"]) <= {"14"}, results
         assert results["wrong_tag"] == 0, results
         assert results["transport"] == 0, results
-        # Only calls in flight on a lost worker fail; the sessions moved on.
+        # Only calls in flight on a lost worker fail (at most 16 at a time); sessions moved on.
         assert failed <= 100, results
         for message in results["messages"]:
             assert re.match(
@@ -154,9 +180,10 @@ def test_cluster_discovery_load_faults_and_recovery(topology: Topology) -> None:
             ), message
         assert results["destroyed"] == 50, results
 
-        # Routing recovered: all three up, and new sessions spread over all of them.
-        status = status_json(saddr, netns=sched_host)
-        assert all(w["health"] == "up" for w in status["workers"]), status
+        # No orphans: the scheduler has no sessions, and neither has any worker (the
+        # sessions left on the worker whose cable was cut are destroyed now it is back).
+        cluster_status(saddr, sched_host, idle)
+        # Routing recovered: on an idle cluster new sessions spread over all three.
         mark = len(sched.lines)
         again = Proc(
             [
@@ -176,23 +203,16 @@ def test_cluster_discovery_load_faults_and_recovery(topology: Topology) -> None:
             netns=sched_host,
         )
         procs.append(again)
-        assert again.process.wait(30) == 0, again.text()
+        assert again.process.wait(LIVENESS) == 0, again.text()
         again.stop()
         second = json.loads(again.stdout[-1])
         assert second["ok"] == 60, second
         created = re.findall(r"Created session \d+ on (\S+)", "\n".join(sched.lines[mark:]))
-        assert Counter(created) == {a0: 2, a1: 2, a2: 2}, created
-
-        # No orphans: the scheduler has no sessions, and neither has any worker (the
-        # sessions left on the worker whose cable was cut were destroyed when it came back).
-        deadline = time.monotonic() + 5
-        while True:
-            status = status_json(saddr, netns=sched_host)
-            leftovers = {w["address"]: w["reported_sessions"] for w in status["workers"]}
-            if status["sessions"] == 0 and not any(leftovers.values()):
-                break
-            assert time.monotonic() < deadline, status
-            time.sleep(0.3)
+        assert Counter(created) == {a0: 2, a1: 2, a2: 2}, (
+            created,
+            status_json(saddr, netns=sched_host),
+        )
+        cluster_status(saddr, sched_host, idle)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -208,8 +228,12 @@ def test_worker_without_tcp_listener_is_not_announced(topology: Topology) -> Non
     )
     try:
         assert address == "unix:@vaccelray-netns-test"
-        time.sleep(0.3)
     finally:
-        proc.signal(signal.SIGTERM)
-        proc.stop()
+        # Nothing to wait for: the worker decides before its ready line, and a graceful
+        # shutdown waits for an announcement under way (it would log "Announced", then
+        # withdraw it, or log that announcing failed).
+        code = proc.stop(timeout=LIVENESS)
+    assert code == 0, proc.text()
+    assert "Shutting down" in proc.text()
+    assert "zeroconf" not in proc.text()
     assert "Announced" not in proc.text()

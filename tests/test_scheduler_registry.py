@@ -174,3 +174,235 @@ def test_status_rows_and_messagepack_round_trip() -> None:
     assert decode(encode(status), ClusterStatus) == status
     # An empty payload is the request with its defaults; info round-trips too.
     assert decode(encode(info()), WorkerInfo) == info()
+
+
+def test_sessions_being_destroyed_on_a_returning_worker_do_not_repel_placement() -> None:
+    # B went away holding 3 of this scheduler's sessions (moved to A meanwhile); the
+    # check that brings it back still counts them while the scheduler destroys them.
+    registry = up_registry(A, B)
+    for _ in range(2):
+        registry.session_bound(A)
+    registry.check_failed(B, "timeout", now=1.0)
+    assert registry.check_ok(B, info(sessions=3), now=2.0) is Change.UP
+    registry.releasing_sessions(B, 3)
+    record = registry.get(B)
+    assert record is not None
+    assert record.leaving == 3
+    picked = registry.pick()
+    assert picked is not None
+    assert picked.address == B  # without the discount B (3 reported) loses to A (2)
+    # Destroys ending does not bring the stale count back before a new report.
+    for _ in range(3):
+        registry.session_released(B)
+    assert (record.releasing, record.released) == (0, 3)
+    assert registry.pick().address == B  # type: ignore[union-attr]
+    # A report made after they are gone ends the discount.
+    registry.check_ok(B, info(sessions=3), now=3.0)
+    assert record.leaving == 0
+    assert registry.pick().address == A  # type: ignore[union-attr]
+
+
+def test_status_row_reports_every_field() -> None:
+    registry = Registry()
+    registry.add_static("tcp://10.0.0.2:08194")  # canonical: the port without its zero
+    registry.discovered("w1", A, {"backend": "from-txt", "version": "9.9"})
+    registry.check_ok(
+        A,
+        info("inst", version="1.2.3", capacity=3, inflight=4, sessions=5, ops=("b", "a")),
+        now=4.0,
+    )
+    registry.call_started(A)
+    registry.session_bound(A)
+    registry.session_bound(A)
+    registry.check_failed(A, "boom", now=5.0)
+    [row] = registry.statuses(now=10.0)
+    assert row.address == A
+    assert row.name == "w1"
+    assert row.static
+    assert row.health == "down"
+    assert row.backend == "noop"  # the check's answer beats the TXT record
+    assert row.ops == ("a", "b")
+    assert row.capacity == 3
+    assert (row.inflight, row.sessions) == (1, 2)
+    assert (row.reported_inflight, row.reported_sessions) == (4, 5)
+    assert row.version == "1.2.3"
+    assert row.instance == "inst"
+    assert row.last_error == "boom"
+    assert row.last_seen == 6.0  # seconds since the last answer
+    # A clock read before the answer (another clock) never shows a negative age.
+    [row] = registry.statuses(now=3.5)
+    assert row.last_seen == 0.0
+
+
+def test_status_row_before_any_check_uses_the_txt_record_or_nothing() -> None:
+    registry = Registry()
+    registry.discovered("w1", A, {"backend": "onnx", "version": "0.1.0"})
+    registry.discovered("w2", B)
+    rows = registry.statuses(now=1.0)
+    assert [(r.backend, r.version, r.last_seen) for r in rows] == [
+        ("onnx", "0.1.0", -1.0),
+        ("", "", -1.0),
+    ]
+    assert [r.name for r in rows] == ["w1", "w2"]
+    assert not rows[0].static
+
+
+def test_check_ok_takes_what_the_worker_says() -> None:
+    registry = Registry()
+    record = registry.add_static(A)
+    registry.check_ok(A, info("i1", backend="onnx", version="2.0", capacity=1), now=1.0)
+    assert (record.backend, record.version, record.capacity) == ("onnx", "2.0", 1)
+    assert record.ops == frozenset({"classify", "genop"})
+    # A worker claiming no slots still takes one session at a time.
+    registry.check_ok(A, info("i1", capacity=0), now=2.0)
+    assert record.capacity == 1
+
+
+def test_a_rediscovered_name_keeps_its_txt_unless_given_a_new_one() -> None:
+    registry = Registry()
+    record, _ = registry.discovered("w1", A, {"backend": "onnx"})
+    registry.discovered("w1", A)
+    assert record.txt == {"backend": "onnx"}
+    registry.discovered("w1", A, {"backend": "noop"})
+    assert record.txt == {"backend": "noop"}
+    assert len(registry) == 1
+
+
+def test_a_static_worker_losing_its_name_is_no_longer_discovered() -> None:
+    registry = Registry()
+    record = registry.add_static(A)
+    assert record.static
+    registry.discovered("w1", A)
+    assert record.discovered
+    assert registry.vanished("w1") is None
+    assert record.discovered is False
+    assert record.static
+    # Its name moving elsewhere does not make the static worker "moved".
+    registry.discovered("w1", A)
+    _, moved = registry.discovered("w1", B)
+    assert moved is None
+    assert A in registry
+    assert B in registry
+
+
+def test_a_worker_leaves_with_its_last_name() -> None:
+    # A worker restarted under a new name while its old one lingers in the caches.
+    registry = Registry()
+    registry.discovered("old", A)
+    record, _ = registry.discovered("new", A)
+    assert registry.vanished("old") is None
+    assert A in registry
+    assert record.name == "new"
+    assert record.discovered
+    # And a name that moves off a worker still announced under another name.
+    registry.discovered("third", A)
+    _, moved = registry.discovered("third", B)
+    assert moved is None
+    assert A in registry
+    gone = registry.vanished("new")
+    assert gone is record
+    assert A not in registry
+    assert registry.vanished("new") is None
+    assert [w.address for w in registry] == [B]
+
+
+def test_load_counts_never_go_below_zero_and_ignore_unknown_workers() -> None:
+    registry = up_registry(A)
+    record = registry.get(A)
+    assert record is not None
+    registry.call_started(A)
+    registry.call_started(A)
+    assert record.inflight == 2
+    registry.call_ended(A)
+    assert record.inflight == 1
+    registry.call_ended(A)
+    registry.call_ended(A)
+    assert record.inflight == 0
+    registry.session_bound(A)
+    registry.session_bound(A)
+    assert record.sessions == 2
+    registry.session_unbound(A)
+    assert record.sessions == 1
+    registry.session_unbound(A)
+    registry.session_unbound(A)
+    assert record.sessions == 0
+    registry.releasing_sessions(A, 2)
+    registry.releasing_sessions(A, 1)
+    assert (record.releasing, record.released, record.leaving) == (3, 0, 3)
+    for _ in range(4):
+        registry.session_released(A)
+    assert (record.releasing, record.released, record.leaving) == (0, 3, 3)
+    for call in (
+        registry.call_started,
+        registry.call_ended,
+        registry.session_bound,
+        registry.session_unbound,
+        registry.session_released,
+    ):
+        call(C)
+    registry.releasing_sessions(C, 1)
+    assert C not in registry
+
+
+def test_a_restarted_worker_has_none_of_the_sessions_being_destroyed_on_its_old_process() -> None:
+    registry = up_registry(A)
+    record = registry.get(A)
+    assert record is not None
+    registry.releasing_sessions(A, 2)
+    registry.session_released(A)
+    assert registry.check_ok(A, info("i1", sessions=1), now=1.0) is Change.NONE
+    assert (record.releasing, record.released) == (1, 0)  # still being destroyed
+    assert registry.check_ok(A, info("i2", sessions=4), now=2.0) is Change.RESTARTED
+    assert (record.releasing, record.released) == (0, 0)
+    assert load_score(record) == pytest.approx(4 / 2)
+
+
+def test_ties_take_turns_in_address_order_from_the_first() -> None:
+    registry = up_registry(C, A, B)
+    picks = [registry.pick().address for _ in range(7)]  # type: ignore[union-attr]
+    assert picks == [A, B, C, A, B, C, A]
+
+
+def test_pick_filters_by_operation_among_the_least_loaded() -> None:
+    registry = up_registry(A, B)
+    registry.check_ok(B, info(ops=("exec",)), now=1.0)
+    registry.session_bound(A)
+    registry.session_bound(A)
+    # B is idle but cannot classify; A, loaded, can.
+    assert registry.pick("classify").address == A  # type: ignore[union-attr]
+    assert registry.pick("exec").address == B  # type: ignore[union-attr]
+    assert registry.pick().address == B  # type: ignore[union-attr]
+    assert registry.routable("exec") == [registry.get(B)]
+    assert registry.routable() == [registry.get(A), registry.get(B)]
+
+
+def test_load_score_per_slot() -> None:
+    # Own counts against reported ones, each the larger; per slot of capacity.
+    w = WorkerRecord(
+        A, capacity=4, inflight=3, sessions=1, reported_inflight=1, reported_sessions=5
+    )
+    assert load_score(w) == pytest.approx((3 + 5) / 4)
+    w = WorkerRecord(
+        A, capacity=4, inflight=1, sessions=6, reported_inflight=2, reported_sessions=5
+    )
+    assert load_score(w) == pytest.approx((2 + 6) / 4)
+    # Reported sessions this scheduler is destroying do not count...
+    w.releasing, w.released = 1, 3
+    assert load_score(w) == pytest.approx((2 + 6) / 4)
+    w.sessions = 0
+    assert load_score(w) == pytest.approx((2 + 1) / 4)
+    # ...and capacity 0 (never from a registry) counts as one slot.
+    w = WorkerRecord(A, capacity=0, sessions=3)
+    assert load_score(w) == pytest.approx(3.0)
+
+
+def test_pick_least_loaded_takes_the_minimum_and_rotates_ties_by_address() -> None:
+    a = WorkerRecord(A, ops=frozenset({"classify"}), sessions=1)
+    b = WorkerRecord(B, ops=frozenset({"classify", "genop"}), sessions=2)
+    c = WorkerRecord(C, ops=frozenset({"classify"}), sessions=1)
+    assert pick_least_loaded([b, c, a]) is a  # turn 0: the first address
+    assert pick_least_loaded([b, c, a], turn=1) is c
+    assert pick_least_loaded([b, c, a], turn=2) is a
+    assert pick_least_loaded([b, c, a], op="genop") is b
+    assert pick_least_loaded([b, c, a], op="genop", turn=5) is b
+    assert pick_least_loaded([b]) is b

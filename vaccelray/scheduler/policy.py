@@ -3,7 +3,9 @@
 A worker's load is what runs on it and what is bound to it, per slot:
 ``(calls in flight + sessions) / capacity``, taking for each count the larger
 of what this scheduler knows (its own calls) and what the worker last
-reported (which includes other clients'). The least-loaded healthy worker
+reported (which includes other clients'), less the reported sessions this
+scheduler is destroying (``leaving``: sessions it left on the worker while it
+was unreachable, destroyed when it returns). The least-loaded healthy worker
 that supports the operation wins; equal loads take turns (``turn`` rotates
 through the tied workers, so ties are broken round-robin, not by name).
 """
@@ -33,11 +35,13 @@ class LoadView(Protocol):
     def reported_inflight(self) -> int: ...
     @property
     def reported_sessions(self) -> int: ...
+    @property
+    def leaving(self) -> int: ...
 
 
 def load_score(worker: LoadView) -> float:
     inflight = max(worker.inflight, worker.reported_inflight)
-    sessions = max(worker.sessions, worker.reported_sessions)
+    sessions = max(worker.sessions, worker.reported_sessions - worker.leaving)
     return (inflight + sessions) / max(1, worker.capacity)
 
 
@@ -52,9 +56,7 @@ def pick_least_loaded(
     capable = [w for w in candidates if op is None or op in w.ops]
     if not capable:
         return None
-    scores = [load_score(w) for w in capable]
-    best = min(scores)
-    tied = sorted(
-        (w for w, s in zip(capable, scores, strict=True) if s == best), key=lambda w: w.address
-    )
+    scored = [(load_score(w), w) for w in capable]
+    best = min(score for score, _ in scored)
+    tied = sorted((w for score, w in scored if score == best), key=lambda w: w.address)
     return tied[turn % len(tied)]

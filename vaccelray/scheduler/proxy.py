@@ -626,10 +626,17 @@ class AgentRouter:
             for key in [k for k in self._graveyard if k[0] == address and k[1] != record.instance]:
                 del self._graveyard[key]
             leftovers = self._graveyard.pop((address, record.instance), set())
+            if self._task_group is not None:
+                # The report that brought it back counts them: place as if they were gone.
+                self.pool.registry.releasing_sessions(address, len(leftovers))
             for worker_session in leftovers:
                 log.info("Destroying worker session %d left on %s", worker_session, address)
                 self._spawn(
-                    self._destroy_on_worker,
-                    Binding(address, record.instance, worker_session),
-                    HOUSEKEEPING_TIMEOUT,
+                    self._destroy_leftover, Binding(address, record.instance, worker_session)
                 )
+
+    async def _destroy_leftover(self, binding: Binding) -> None:
+        try:
+            await self._destroy_on_worker(binding, HOUSEKEEPING_TIMEOUT)
+        finally:
+            self.pool.registry.session_released(binding.address)

@@ -60,6 +60,10 @@ class WorkerRecord:
     #: This scheduler's calls in flight on the worker and sessions bound to it.
     inflight: int = 0
     sessions: int = 0
+    #: Sessions this scheduler left on the worker and is destroying now, and those
+    #: destroyed since its last report: the report still counts them, placement must not.
+    releasing: int = 0
+    released: int = 0
     last_error: str = ""
     last_seen: float | None = None
     #: From the zeroconf TXT record, until the first health check says better.
@@ -68,6 +72,11 @@ class WorkerRecord:
     @property
     def routable(self) -> bool:
         return self.health is Health.UP
+
+    @property
+    def leaving(self) -> int:
+        """Sessions in the worker's last report that this scheduler is destroying (or did)."""
+        return self.releasing + self.released
 
     def status(self, now: float) -> WorkerStatus:
         return WorkerStatus(
@@ -125,13 +134,13 @@ class Registry:
     def discovered(
         self, name: str, address: str, txt: Mapping[str, str] | None = None
     ) -> tuple[WorkerRecord, str | None]:
-        """zeroconf resolved *name* to *address*: (its record, the address it moved from)."""
+        """zeroconf resolved *name* to *address*: its record, and the address it moved
+        from if that worker left with it (not static, and no other name there)."""
         address = canonical(address)
         moved_from = None
         old = self._names.get(name)
-        if old is not None and old != address:
+        if old is not None and old != address and self._forget_name(name) is not None:
             moved_from = old
-            self._forget_name(name)
         record = self._workers.setdefault(address, WorkerRecord(address))
         record.discovered = True
         record.name = name
@@ -143,30 +152,27 @@ class Registry:
     def vanished(self, name: str) -> WorkerRecord | None:
         """zeroconf saw *name* leave; returns the record if it was removed.
 
-        A static worker is kept (it came from the command line).
+        A static worker is kept (it came from the command line), and so is one
+        still announced under another name (a restarted worker that took a new
+        name while its old one lingered in the caches).
         """
-        address = self._names.get(name)
-        if address is None:
+        if name not in self._names:
             return None
         return self._forget_name(name)
 
     def _forget_name(self, name: str) -> WorkerRecord | None:
+        # Every name maps to a worker: a worker is removed only with its last name.
         address = self._names.pop(name)
-        record = self._workers.get(address)
-        if record is None:
+        record = self._workers[address]
+        others = [n for n, a in self._names.items() if a == address]
+        if others:
+            record.name = others[0]
             return None
         record.discovered = False
         if record.static:
             return None
         del self._workers[address]
         record.health = Health.DOWN
-        return record
-
-    def remove(self, address: str) -> WorkerRecord | None:
-        record = self._workers.pop(address, None)
-        for name, addr in list(self._names.items()):
-            if addr == address:
-                del self._names[name]
         return record
 
     # -- health --------------------------------------------------------------
@@ -185,6 +191,11 @@ class Registry:
         record.instance = info.instance
         record.reported_inflight = info.inflight
         record.reported_sessions = info.sessions
+        # This report no longer counts the sessions destroyed before it; a new process
+        # never had the sessions the scheduler is still destroying on the old one.
+        record.released = 0
+        if restarted:
+            record.releasing = 0
         record.last_error = ""
         record.last_seen = now
         if restarted:
@@ -225,6 +236,24 @@ class Registry:
         if record is not None and record.sessions > 0:
             record.sessions -= 1
 
+    def releasing_sessions(self, address: str, count: int) -> None:
+        """The scheduler is destroying *count* sessions it left on the worker.
+
+        The worker's last report counts them, but they are going: placement
+        discounts them at once (not only after the next health check), until
+        a report made after they are gone arrives. Call
+        :meth:`session_released` when each destroy ends, however it ends.
+        """
+        record = self._workers.get(address)
+        if record is not None:
+            record.releasing += count
+
+    def session_released(self, address: str) -> None:
+        record = self._workers.get(address)
+        if record is not None and record.releasing > 0:
+            record.releasing -= 1
+            record.released += 1
+
     # -- routing -------------------------------------------------------------
 
     def routable(self, op: str | None = None) -> list[WorkerRecord]:
@@ -234,7 +263,7 @@ class Registry:
         self, op: str | None = None, *, exclude: frozenset[str] = frozenset()
     ) -> WorkerRecord | None:
         """The least-loaded routable worker supporting *op*; ties take turns."""
-        candidates = [w for w in self.routable(op) if w.address not in exclude]
+        candidates = [w for w in self.routable() if w.address not in exclude]
         chosen = pick_least_loaded(candidates, op=op, turn=self._turn)
         if chosen is None:
             return None
