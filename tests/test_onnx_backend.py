@@ -13,13 +13,13 @@ import pickle
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.waiting import LIVENESS, finishes, until
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.worker.onnx import OnnxBackend, onnx_available
 
@@ -235,19 +235,31 @@ def test_closed_backend_is_unavailable(model_cache: Path, cat: bytes) -> None:
 
 
 def test_concurrent_callers_get_their_own_answers(
-    model_cache: Path, cat: bytes, coffee: bytes
+    model_cache: Path, cat: bytes, coffee: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    be = OnnxBackend(cache_dir=model_cache, max_batch=6, max_wait=0.2)
+    from vaccelray.worker.onnx import preprocess as prep
+
+    callers = 18
+    # Every caller finishes preparing its image only once all of them have
+    # reserved a slot and prepared: the batches are then full ones of 6,
+    # whatever the machine's speed (no batch window to race, it is an hour).
+    all_prepared = threading.Barrier(callers, timeout=LIVENESS)
+    real_preprocess = prep.preprocess
+
+    def preprocess_together(image: bytes) -> Any:
+        tensor = real_preprocess(image)
+        all_prepared.wait()
+        return tensor
+
+    monkeypatch.setattr(prep, "preprocess", preprocess_together)
+    be = OnnxBackend(cache_dir=model_cache, max_batch=6, max_wait=3600.0)
     be.start()
     try:
-        callers = 18
-        barrier = threading.Barrier(callers)
         answers: dict[int, Any] = {}
         errors: list[BaseException] = []
 
         def call(i: int) -> None:
             try:
-                barrier.wait()
                 answers[i] = be.classify(None, cat if i % 2 else coffee)
             except BaseException as exc:
                 errors.append(exc)
@@ -256,16 +268,14 @@ def test_concurrent_callers_get_their_own_answers(
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(LIVENESS)
         assert not errors
         for i, result in answers.items():
             expected = CAT_CLASSES if i % 2 else COFFEE_CLASSES
             assert expected & set(top_labels(result)), (i, result.labels)
         assert len(answers) == callers
         stats = be.stats
-        assert stats.inputs == callers
-        assert 1 < stats.largest <= 6
-        assert stats.batches < callers
+        assert (stats.inputs, stats.batches, stats.largest) == (callers, 3, 6)
     finally:
         be.close()
 
@@ -288,13 +298,14 @@ def test_batched_equals_unbatched(model_cache: Path, cat: bytes, coffee: bytes) 
 
 
 def test_lone_call_does_not_wait_for_a_batch(model_cache: Path, cat: bytes) -> None:
-    be = OnnxBackend(cache_dir=model_cache, max_batch=32, max_wait=5.0)
+    # A batch window of an hour: a lone call that waited for company would hang.
+    be = OnnxBackend(cache_dir=model_cache, max_batch=32, max_wait=3600.0)
     be.start()
     try:
-        be.classify(None, cat)
-        start = time.monotonic()
-        be.classify(None, cat)
-        assert time.monotonic() - start < 2.5
+        for n in range(2):
+            result = finishes(lambda: be.classify(None, cat), f"lone call {n}")
+            assert CAT_CLASSES & set(top_labels(result)), result.labels
+        assert (be.stats.batches, be.stats.largest) == (2, 1)
     finally:
         be.close()
 
@@ -310,7 +321,8 @@ def test_batcher_waits_for_callers_still_preparing() -> None:
         sizes.append(len(batch))
         return batch * 2
 
-    b = Batcher(run, max_batch=4, max_wait=5.0)
+    # A batch window of an hour: were the inputs not batched, the test would hang.
+    b = Batcher(run, max_batch=4, max_wait=3600.0)
     try:
         results: dict[int, Any] = {}
         slots = [b.reserve() for _ in range(4)]
@@ -321,11 +333,15 @@ def test_batcher_waits_for_callers_still_preparing() -> None:
             slots[i].__exit__(None, None, None)
 
         threads = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
-        for t in threads:
+        for i, t in enumerate(threads[:3]):
             t.start()
-            time.sleep(0.05)
+            # Each input is queued, and the inference thread waits for the rest
+            # instead of running what it has.
+            held = i + 1
+            until(lambda n=held: _waiting_for_more(b, n), f"{held} inputs held for the batch")
+        threads[3].start()
         for t in threads:
-            t.join()
+            t.join(LIVENESS)
         assert sizes == [4]
         for i in range(4):
             assert results[i].tolist() == [2 * i] * 3
@@ -338,22 +354,50 @@ def test_batcher_failed_preparation_does_not_stall() -> None:
 
     from vaccelray.worker.onnx.batcher import Batcher
 
-    b = Batcher(lambda x: x + 1, max_batch=4, max_wait=30.0)
+    # A batch window of an hour: only the failed caller's leaving can end the wait.
+    b = Batcher(lambda x: x + 1, max_batch=4, max_wait=3600.0)
     try:
         failing = b.reserve()
         failing.__enter__()
         got: list[Any] = []
         t = threading.Thread(target=lambda: got.append(_submit_one(b, np.zeros(2))))
         t.start()
-        time.sleep(0.1)
-        assert not got  # waiting for the caller still preparing
+        until(lambda: _waiting_for_more(b, 1), "the input held for the caller still preparing")
+        assert not got
         # the image turned out bad: the caller leaves without submitting
         assert failing.__exit__(ValueError, ValueError("bad image"), None) is False
-        t.join(5)
-        assert got
+        t.join(LIVENESS)
+        assert got, "the batch still waits for the caller that left"
         assert got[0].tolist() == [1, 1]
     finally:
         b.close()
+
+
+def test_batcher_waits_at_most_max_wait() -> None:
+    import numpy as np
+
+    from vaccelray.worker.onnx.batcher import Batcher
+
+    b = Batcher(lambda x: x + 1, max_batch=4, max_wait=0.2)
+    try:
+        with b.reserve():  # a caller that is still preparing when the window ends
+            got = finishes(lambda: _submit_one(b, np.zeros(2)), "the call past the batch window")
+        assert got.tolist() == [1, 1]
+        assert (b.stats.batches, b.stats.largest) == (1, 1)
+    finally:
+        b.close()
+
+
+def _waiting_for_more(b: Any, queued: int) -> bool:
+    """The inference thread holds *queued* inputs, waiting for callers still preparing.
+
+    White-box: once an input is queued, the only wait of the inference thread
+    on the batcher's condition is the one for more inputs, and a waiter sits
+    in the condition's ``_waiters`` (CPython's threading.Condition) until
+    notified: so this holds only once that thread has chosen to wait.
+    """
+    with b._cond:
+        return len(b._queue) == queued and bool(b._cond._waiters)
 
 
 def _submit_one(b: Any, item: Any) -> Any:
@@ -397,12 +441,16 @@ def test_graph_build_is_deterministic(backend: OnnxBackend) -> None:
     assert backend.model_file.read_bytes() == first
 
 
-def test_graph_build_is_fast(tmp_path: Path) -> None:
+def test_graph_is_built_into_an_empty_cache(tmp_path: Path) -> None:
+    # How long the build takes is bench/bench_onnx.py's business ("model load").
     be = OnnxBackend(cache_dir=tmp_path)
     try:
         be.start()
         assert be.model_built
-        assert be.load_seconds < 10  # about 0.5 s here; generous for slow CI machines
+        assert be.model_file is not None
+        assert tmp_path in be.model_file.parents
+        assert be.model_file.is_file()
+        assert be.load_seconds > 0
     finally:
         be.close()
 

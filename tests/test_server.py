@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
+from tests.waiting import LIVENESS, eventually, liveness
 from vaccelray.errors import ConnectError, RPCError, StatusCode
 from vaccelray.protocol import ClientConnection, FrameType, ResponseReceived, encode_frame
 from vaccelray.transport import CallContext, Method, Server, Service, connect, serve
@@ -24,6 +25,7 @@ class Recorder:
     def __init__(self) -> None:
         self.cancelled = anyio.Event()
         self.started = anyio.Event()
+        self.release = anyio.Event()
         self.contexts: list[CallContext] = []
 
     def services(self) -> list[Service]:
@@ -31,10 +33,11 @@ class Recorder:
             self.contexts.append(ctx)
             return payload
 
-        async def sleep(payload: bytes, ctx: CallContext) -> bytes:
+        async def hold(payload: bytes, ctx: CallContext) -> bytes:
+            """Runs until the test sets ``release`` (or the call is cancelled)."""
             self.started.set()
             try:
-                await anyio.sleep(float(payload.decode()))
+                await self.release.wait()
             except anyio.get_cancelled_exc_class():
                 self.cancelled.set()
                 raise
@@ -51,7 +54,7 @@ class Recorder:
                 "test.Echo",
                 {
                     "Echo": Method(echo, inline=True),
-                    "Sleep": Method(sleep),
+                    "Hold": Method(hold),
                     "Fail": Method(fail, inline=True),
                     "Crash": Method(crash),
                 },
@@ -77,7 +80,7 @@ async def read_response(stream: anyio.abc.SocketStream, stream_id: int) -> Respo
     conn = ClientConnection()
     conn._next_stream_id = stream_id  # expect an answer on exactly this stream
     conn.send_request("", "", b"")
-    with anyio.fail_after(5):
+    with liveness(f"an answer on stream {stream_id}"):
         while True:
             event = conn.next_event()
             if isinstance(event, ResponseReceived):
@@ -96,7 +99,7 @@ def request(
 async def test_calls_multiplex_and_answer_in_completion_order(
     server: tuple[Server, Recorder],
 ) -> None:
-    srv, _ = server
+    srv, recorder = server
     order: list[str] = []
     async with connect(srv.addresses[0]) as client:
 
@@ -104,11 +107,13 @@ async def test_calls_multiplex_and_answer_in_completion_order(
             await client.call("test.Echo", method, payload)
             order.append(payload.decode())
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(call, "Sleep", b"0.3")
-            await anyio.sleep(0.05)
-            tg.start_soon(call, "Echo", b"fast")
-    assert order == ["fast", "0.3"]
+        with liveness("an Echo answered while a Hold call is in flight"):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "Hold", b"held")
+                await recorder.started.wait()
+                await call("Echo", b"fast")
+                recorder.release.set()
+    assert order == ["fast", "held"]
 
 
 async def test_metadata_and_deadline_reach_the_handler(server: tuple[Server, Recorder]) -> None:
@@ -116,17 +121,19 @@ async def test_metadata_and_deadline_reach_the_handler(server: tuple[Server, Rec
     async with connect(srv.addresses[0]) as client:
         before = anyio.current_time()
         await client.call("test.Echo", "Echo", b"x", timeout=10, metadata=[("k", "1"), ("k", "2")])
+        after = anyio.current_time()
     ctx = recorder.contexts[-1]
     assert ctx.metadata == (("k", "1"), ("k", "2"))
     assert ctx.get_metadata("k") == "2"
     assert ctx.deadline is not None
-    assert before + 9 < ctx.deadline < before + 11
+    # ten seconds from when the request arrived, which was during the call
+    assert before + 10 <= ctx.deadline <= after + 10
 
 
 async def test_server_enforces_timeout_nano(server: tuple[Server, Recorder]) -> None:
     srv, recorder = server
     stream, _ = await raw_call(
-        srv.addresses[0], request(1, "test.Echo", "Sleep", b"5", timeout_nano=200_000_000)
+        srv.addresses[0], request(1, "test.Echo", "Hold", b"", timeout_nano=200_000_000)
     )
     response = await read_response(stream, 1)
     assert response.code == StatusCode.DEADLINE_EXCEEDED
@@ -138,7 +145,7 @@ async def test_client_timeout_raises_deadline_exceeded(server: tuple[Server, Rec
     srv, _ = server
     async with connect(srv.addresses[0]) as client:
         with pytest.raises(RPCError) as info:
-            await client.call("test.Echo", "Sleep", b"5", timeout=0.2)
+            await client.call("test.Echo", "Hold", b"", timeout=0.2)
         assert info.value.code == StatusCode.DEADLINE_EXCEEDED
         # the connection is still good for the next call
         assert await client.call("test.Echo", "Echo", b"again") == b"again"
@@ -196,17 +203,16 @@ async def test_corrupt_header_closes_only_that_connection(server: tuple[Server, 
     srv, _ = server
     async with connect(srv.addresses[0]) as good:
         stream, _ = await raw_call(srv.addresses[0], b"\0\0\0\0\0\0\0\1\x07\0")
-        with anyio.fail_after(5):
-            with pytest.raises(anyio.EndOfStream):
-                await stream.receive()
+        with liveness("the corrupt connection closed"), pytest.raises(anyio.EndOfStream):
+            await stream.receive()
         await stream.aclose()
         assert await good.call("test.Echo", "Echo", b"still here") == b"still here"
 
 
 async def test_client_disconnect_cancels_its_calls(server: tuple[Server, Recorder]) -> None:
     srv, recorder = server
-    stream, _ = await raw_call(srv.addresses[0], request(1, "test.Echo", "Sleep", b"30"))
-    with anyio.fail_after(5):
+    stream, _ = await raw_call(srv.addresses[0], request(1, "test.Echo", "Hold", b""))
+    with liveness("the disconnected client's call cancelled"):
         await recorder.started.wait()
         await stream.aclose()
         await recorder.cancelled.wait()
@@ -221,17 +227,19 @@ async def test_shutdown_finishes_calls_in_flight_and_stops_accepting() -> None:
             result: list[bytes] = []
 
             async def slow() -> None:
-                result.append(await client.call("test.Echo", "Sleep", b"0.3"))
+                result.append(await client.call("test.Echo", "Hold", b"held"))
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(slow)
-                await recorder.started.wait()
-                tg.start_soon(srv.shutdown, 5.0)
-                await anyio.sleep(0.05)
-                with pytest.raises(ConnectError):
-                    async with connect(address):
-                        pass
-            assert result == [b"0.3"]
+            with liveness("shutdown after the call in flight was released"):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(slow)
+                    await recorder.started.wait()
+                    tg.start_soon(srv.shutdown, LIVENESS)
+                    await anyio.wait_all_tasks_blocked()  # shutdown is waiting for the held call
+                    with pytest.raises(ConnectError):
+                        async with connect(address):
+                            pass
+                    recorder.release.set()
+            assert result == [b"held"]
         assert not recorder.cancelled.is_set()
 
 
@@ -245,13 +253,13 @@ async def test_shutdown_cancels_calls_past_the_grace_period() -> None:
 
             async def slow() -> None:
                 with pytest.raises(RPCError) as info:
-                    await client.call("test.Echo", "Sleep", b"30")
+                    await client.call("test.Echo", "Hold", b"")
                 assert info.value.code == StatusCode.UNAVAILABLE
                 assert "shutting down" in info.value.message
 
             tg.start_soon(slow)
             await recorder.started.wait()
-            with anyio.fail_after(3):
+            with liveness("shutdown with a 0.2 s grace period"):
                 await srv.shutdown(0.2)
         assert recorder.cancelled.is_set()
 
@@ -296,7 +304,7 @@ def test_worker_process_exits_zero_on_sigterm_and_sigint() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         worker = start_worker("-a", "tcp://127.0.0.1:0", "--backend", "noop")
         worker.process.send_signal(sig)
-        assert worker.process.wait(10) == 0
+        assert worker.process.wait(LIVENESS) == 0
         worker.stop()
         assert "Shutting down" in worker.text()
 
@@ -323,7 +331,7 @@ class Futures:
         return [Service("test.Later", {"Later": Method(later, future=True)})]
 
     async def next_started(self) -> asyncio.Future[bytes]:
-        with anyio.fail_after(5):
+        with liveness("a Later call started"):
             await self.started.wait()
         self.started = anyio.Event()
         return self.pending[-1]
@@ -353,7 +361,7 @@ async def test_future_handler_answers_with_its_result_or_error(
         first = await handlers.next_started()
         assert srv.inflight == 1
         first.set_result(b"answer")
-        await anyio.sleep(0.1)
+        await eventually(lambda: len(answers) == 1, "the first call answered")
         assert answers == [b"answer"]
         assert srv.inflight == 0
 
@@ -382,7 +390,8 @@ async def test_future_handler_is_cancelled_at_its_deadline(futures: tuple[Server
 
         tg.start_soon(call)
         future = await handlers.next_started()
-        await asyncio.wait([future], timeout=5)
+        with liveness("the future cancelled at the call's deadline"):
+            await asyncio.wait([future])
     assert future.cancelled()
     assert srv.inflight == 0
 
@@ -408,7 +417,8 @@ async def test_future_handler_is_cancelled_when_the_client_disconnects(
     stream, _ = await raw_call(srv.addresses[0], request(1, "test.Later", "Later", b""))
     future = await handlers.next_started()
     await stream.aclose()
-    await asyncio.wait([future], timeout=5)
+    with liveness("the future cancelled on disconnect"):
+        await asyncio.wait([future])
     assert future.cancelled()
     assert srv.inflight == 0
 
@@ -429,6 +439,6 @@ async def test_shutdown_cancels_future_calls_past_the_grace_period() -> None:
 
         tg.start_soon(call)
         future = await handlers.next_started()
-        with anyio.fail_after(3):
+        with liveness("shutdown with a 0.2 s grace period"):
             await srv.shutdown(0.2)
         assert future.cancelled()

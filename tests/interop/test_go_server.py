@@ -2,12 +2,17 @@
 
 The peer serves the vAccel agent (a noop backend) under the four service
 names and ``interop.Echo``, which reports what arrived (payload, metadata,
-deadline), sleeps on request and fails with a chosen status.
+deadline), sleeps on request, fails with a chosen status, and holds calls
+until enough of them meet (``Meet``). It logs on stderr when a Sleep starts
+and ends and when a call arrives at a Meet: the tests wait for those lines,
+never for time to pass.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
 import time
 import types
@@ -17,6 +22,8 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.processes import Proc
+from tests.waiting import LIVENESS, eventually, liveness
 from vaccelray.errors import ConnectError, Detail, RPCError, StatusCode, TransportError
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.transport.client import connect
@@ -126,31 +133,35 @@ async def test_timeout_is_sent_as_timeout_nano(
     go_server: str, echo_pb: types.SimpleNamespace
 ) -> None:
     async with connect(go_server) as client:
+        start = time.monotonic_ns()
         with_deadline = await echo(client, echo_pb, b"t", timeout=5.0)
+        call_ns = time.monotonic_ns() - start
         without = await echo(client, echo_pb, b"t")
     assert with_deadline.has_deadline
-    assert 3.0e9 < with_deadline.deadline_remaining_nano <= 5.0e9
+    # The server's deadline is 5 s from the request's arrival, which was
+    # within the call: what was left of it in the handler says 5 s was sent.
+    assert 5.0e9 - call_ns <= with_deadline.deadline_remaining_nano <= 5.0e9
     assert not without.has_deadline
 
 
 async def test_slow_call_times_out_with_deadline_exceeded(
-    go_server: str, echo_pb: types.SimpleNamespace
+    go_server_process: tuple[Proc, str], echo_pb: types.SimpleNamespace
 ) -> None:
-    async with connect(go_server) as client:
-        start = time.monotonic()
-        with pytest.raises(RPCError) as info:
+    proc, address = go_server_process
+    async with connect(address) as client:
+        with liveness("the call with a 0.3 s timeout"), pytest.raises(RPCError) as info:
             await client.call_message(
                 ECHO,
                 "Sleep",
-                echo_pb.SleepRequest(duration_nano=int(10e9)),
+                echo_pb.SleepRequest(duration_nano=int(600e9)),
                 echo_pb.SleepResponse,
                 timeout=0.3,
             )
-        elapsed = time.monotonic() - start
         assert info.value.code == StatusCode.DEADLINE_EXCEEDED
-        assert 0.25 <= elapsed < 3.0
-        # The connection still serves calls, and a late answer (if any) is dropped.
-        await anyio.sleep(0.1)
+        # The Go handler was stopped by the deadline the call carried ...
+        await log_line(proc, r"^SLEEP ended: deadline exceeded$")
+        # ... and the connection, which drops its late answer if the client
+        # gave up first, goes on serving.
         assert (await echo(client, echo_pb, b"after")).payload == b"after"
 
 
@@ -163,16 +174,14 @@ async def test_client_enforces_its_timeout_itself(
         pid = _server_pid(go_server)
         os.kill(pid, signal.SIGSTOP)
         try:
-            await _wait_stopped(pid)
-            start = time.monotonic()
-            with pytest.raises(RPCError) as info:
+            await eventually(lambda: _all_threads_stopped(pid), f"Go server {pid} stopped")
+            with liveness("the call to a stopped server"), pytest.raises(RPCError) as info:
                 await echo(client, echo_pb, b"x", timeout=0.3)
-            elapsed = time.monotonic() - start
         finally:
             os.kill(pid, signal.SIGCONT)
         assert info.value.code == StatusCode.DEADLINE_EXCEEDED
-        assert elapsed < 3.0
-        assert (await echo(client, echo_pb, b"resumed", timeout=5)).payload == b"resumed"
+        resumed = await echo(client, echo_pb, b"resumed", timeout=LIVENESS)
+        assert resumed.payload == b"resumed"
 
 
 def _all_threads_stopped(pid: int) -> bool:
@@ -183,12 +192,11 @@ def _all_threads_stopped(pid: int) -> bool:
     return states == {"T"}
 
 
-async def _wait_stopped(pid: int) -> None:
-    """Until every thread of *pid* is stopped (a group stop takes a moment)."""
-    deadline = time.monotonic() + 5
-    while not _all_threads_stopped(pid):
-        assert time.monotonic() < deadline, f"process {pid} did not stop"
-        await anyio.sleep(0.01)
+async def log_line(proc: Proc, pattern: str, *, start: int = 0) -> re.Match[str]:
+    """The first stderr line of the Go server (from line *start*) matching *pattern*."""
+    return await anyio.to_thread.run_sync(
+        functools.partial(proc.wait_for, pattern, timeout=LIVENESS, start=start)
+    )
 
 
 def _server_pid(address: str) -> int:
@@ -263,40 +271,45 @@ async def test_concurrent_calls_multiplex_on_one_connection(
                 tg.start_soon(one, i)
         assert results == {i: f"call {i}".encode() * (i + 1) for i in range(100)}
 
-        # Ten 0.3 s sleeps at once take about 0.3 s, not 3 s.
-        start = time.monotonic()
-        async with anyio.create_task_group() as tg:
-            for _ in range(10):
-                tg.start_soon(
-                    client.call_message,
-                    ECHO,
-                    "Sleep",
-                    echo_pb.SleepRequest(duration_nano=int(0.3e9)),
-                    echo_pb.SleepResponse,
-                )
-        assert time.monotonic() - start < 2.0
+        # Ten calls that each return only once all ten are in the Go handler
+        # at once: sent one after another, the first would wait forever.
+        arrived: list[int] = []
+
+        async def meet() -> None:
+            answer = await client.call_message(
+                ECHO, "Meet", echo_pb.MeetRequest(name="ten", parties=10), echo_pb.MeetResponse
+            )
+            arrived.append(answer.arrived)
+
+        with liveness("ten calls in the Go handler at once"):
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(meet)
+        assert sorted(arrived) == list(range(1, 11))
 
 
 async def test_responses_arrive_in_completion_order(
-    go_server: str, echo_pb: types.SimpleNamespace
+    go_server_process: tuple[Proc, str], echo_pb: types.SimpleNamespace
 ) -> None:
+    proc, address = go_server_process
     order: list[str] = []
-    async with connect(go_server) as client:
+    pair = echo_pb.MeetRequest(name="pair", parties=2)
+    async with connect(address) as client:
 
         async def slow() -> None:
-            await client.call_message(
-                ECHO, "Sleep", echo_pb.SleepRequest(duration_nano=int(0.5e9)), echo_pb.SleepResponse
-            )
+            await client.call_message(ECHO, "Meet", pair, echo_pb.MeetResponse)
             order.append("slow")
 
-        async def fast() -> None:
-            await anyio.sleep(0.05)
-            await echo(client, echo_pb, b"fast")
-            order.append("fast")
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(slow)
-            tg.start_soon(fast)
+        with liveness("a fast call answered while a slow one waits"):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow)
+                # The slow call is in the Go handler, waiting for a partner ...
+                await log_line(proc, r"^MEET pair arrived 1/2$")
+                # ... while a later call is answered,
+                await echo(client, echo_pb, b"fast")
+                order.append("fast")
+                # and only then does the partner arrive and let the slow call end.
+                await client.call_message(ECHO, "Meet", pair, echo_pb.MeetResponse)
     assert order == ["fast", "slow"]
 
 
@@ -350,20 +363,20 @@ async def test_server_death_fails_calls_in_flight(
                 await client.call_message(
                     ECHO,
                     "Sleep",
-                    echo_pb.SleepRequest(duration_nano=int(30e9)),
+                    echo_pb.SleepRequest(duration_nano=int(600e9)),
                     echo_pb.SleepResponse,
                 )
             except Exception as exc:
                 failures.append(exc)
 
-        start = time.monotonic()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(long_call)
-            await anyio.sleep(0.2)
-            proc.process.kill()
+        # Nothing but the server's death can end the call: it sleeps ten minutes.
+        with liveness("the call in flight failed when the server died"):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(long_call)
+                await log_line(proc, r"^SLEEP started")
+                proc.process.kill()
         assert len(failures) == 1, failures
         assert isinstance(failures[0], TransportError), failures
-        assert time.monotonic() - start < 5.0
         with pytest.raises(TransportError):
             await echo(client, echo_pb, b"after death")
 

@@ -179,9 +179,27 @@ func registerAgent(srv *ttrpc.Server, a *agent) {
 }
 
 // echo implements interop.Echo.
-type echo struct{}
+type echo struct {
+	mu       sync.Mutex
+	meetings map[string]*meeting
+}
 
-func (echo) Echo(ctx context.Context, req *interop.EchoRequest) (*interop.EchoResponse, error) {
+// meeting is one rendezvous of Meet calls of the same name.
+type meeting struct {
+	arrived int32
+	full    chan struct{} // closed once the last party has arrived
+}
+
+func newEcho() *echo {
+	return &echo{meetings: map[string]*meeting{}}
+}
+
+// logf writes one line on stderr, where the tests wait for it.
+func logf(format string, args ...interface{}) {
+	fmt.Fprintf(os.Stderr, format+"\n", args...)
+}
+
+func (*echo) Echo(ctx context.Context, req *interop.EchoRequest) (*interop.EchoResponse, error) {
 	resp := &interop.EchoResponse{Payload: req.Payload}
 	if md, ok := ttrpc.GetMetadata(ctx); ok {
 		keys := make([]string, 0, len(md))
@@ -202,22 +220,57 @@ func (echo) Echo(ctx context.Context, req *interop.EchoRequest) (*interop.EchoRe
 	return resp, nil
 }
 
-func (echo) Sleep(ctx context.Context, req *interop.SleepRequest) (*interop.SleepResponse, error) {
+func (*echo) Sleep(ctx context.Context, req *interop.SleepRequest) (*interop.SleepResponse, error) {
 	start := time.Now()
 	timer := time.NewTimer(time.Duration(req.DurationNano))
 	defer timer.Stop()
+	logf("SLEEP started %v", time.Duration(req.DurationNano))
 	select {
 	case <-timer.C:
+		logf("SLEEP ended: slept")
 		return &interop.SleepResponse{SleptNano: int64(time.Since(start))}, nil
 	case <-ctx.Done():
 		if ctx.Err() == context.DeadlineExceeded {
+			logf("SLEEP ended: deadline exceeded")
 			return nil, status.Errorf(codes.DeadlineExceeded, "deadline exceeded after %v", time.Since(start).Round(time.Millisecond))
+		}
+		logf("SLEEP ended: cancelled")
+		return nil, status.Errorf(codes.Canceled, "cancelled")
+	}
+}
+
+func (e *echo) Meet(ctx context.Context, req *interop.MeetRequest) (*interop.MeetResponse, error) {
+	e.mu.Lock()
+	m := e.meetings[req.Name]
+	if m == nil {
+		m = &meeting{full: make(chan struct{})}
+		e.meetings[req.Name] = m
+	}
+	m.arrived++
+	arrived := m.arrived
+	if arrived >= req.Parties {
+		delete(e.meetings, req.Name)
+		close(m.full)
+	}
+	e.mu.Unlock()
+	logf("MEET %s arrived %d/%d", req.Name, arrived, req.Parties)
+	select {
+	case <-m.full:
+		return &interop.MeetResponse{Arrived: arrived}, nil
+	case <-ctx.Done():
+		e.mu.Lock()
+		if e.meetings[req.Name] == m {
+			m.arrived-- // this party leaves a meeting still waiting for others
+		}
+		e.mu.Unlock()
+		if ctx.Err() == context.DeadlineExceeded {
+			return nil, status.Errorf(codes.DeadlineExceeded, "meeting %s: %d of %d arrived", req.Name, arrived, req.Parties)
 		}
 		return nil, status.Errorf(codes.Canceled, "cancelled")
 	}
 }
 
-func (echo) Fail(ctx context.Context, req *interop.FailRequest) (*interop.EchoResponse, error) {
+func (*echo) Fail(ctx context.Context, req *interop.FailRequest) (*interop.EchoResponse, error) {
 	st := &spb.Status{Code: req.Code, Message: req.Message}
 	if req.DetailTypeUrl != "" {
 		st.Details = []*any.Any{{TypeUrl: req.DetailTypeUrl, Value: req.DetailValue}}
@@ -246,7 +299,7 @@ func runServer(args []string) error {
 		return err
 	}
 	registerAgent(srv, newAgent())
-	interop.RegisterEchoService(srv, echo{})
+	interop.RegisterEchoService(srv, newEcho())
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -270,5 +323,5 @@ func runServer(args []string) error {
 // The generated interfaces keep the handlers' signatures honest.
 var (
 	_ vaccel.VaccelAgentService = (*agent)(nil)
-	_ interop.EchoService       = echo{}
+	_ interop.EchoService       = (*echo)(nil)
 )
