@@ -25,6 +25,7 @@ from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.envelope import encode_response
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
 from vaccelray.protocol.limits import (
@@ -38,7 +39,6 @@ from vaccelray.testing import agent_client
 from vaccelray.transport import connect
 from vaccelray.transport.client import Client
 from vaccelray.transport.server import CallContext, Method, Service, serve
-from vaccelray.worker.agent import SERVICE_NAMES
 from vaccelray.worker.backend import OpType
 from vaccelray.worker.noop import NOOP_TAG, NoopBackend
 

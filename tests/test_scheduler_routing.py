@@ -20,12 +20,12 @@ from tests.processes import Proc, child_env, sleepy_argv, start_daemons, worker_
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, decode, encode
 from vaccelray.scheduler import Change, Health, SchedulerConfig, run_scheduler
 from vaccelray.status import fetch_status
 from vaccelray.transport.client import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
-from vaccelray.worker.agent import SERVICE_NAMES
 
 NOOP_TAG = "This is a dummy classification tag!"
 #: Only so that a hang fails the test instead of blocking it: never a speed requirement.

@@ -18,9 +18,10 @@ from tests.waiting import LIVENESS, liveness
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.testing import agent_client, connected_client
 from vaccelray.transport import connect
-from vaccelray.worker.agent import SERVICE_NAMES, Agent
+from vaccelray.worker.agent import Agent
 from vaccelray.worker.backend import Backend, Classification, OpType, SessionHandle
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NOOP_IMGNAME, NOOP_TAG, NoopBackend

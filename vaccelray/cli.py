@@ -16,7 +16,7 @@ from typing import NoReturn, TypeVar
 import anyio
 import click
 
-from vaccelray import __version__
+from vaccelray._version import __version__
 from vaccelray.allocator import keep_heap
 from vaccelray.errors import ConnectError, RPCError, TransportError, VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE

@@ -74,11 +74,11 @@ class _AgentConnection:
                 return response_type.FromString(event.payload)
 
     def session(self) -> int:
+        from vaccelray import task_context
         from vaccelray.protocol._pb import vaccel_pb2 as pb
-        from vaccelray.worker import poolchild
 
-        if poolchild.current_session_id:
-            return poolchild.current_session_id
+        if task_context.session_id:
+            return task_context.session_id
         if not self.session_id:
             response = self.call(
                 "CreateSession", pb.CreateSessionRequest(), pb.CreateSessionResponse, 30.0

@@ -18,9 +18,9 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from vaccelray.protocol.announcement import SERVICE_TYPE, parse_txt
 from vaccelray.scheduler.health import HealthChecker
 from vaccelray.scheduler.pool import WorkerPool
-from vaccelray.worker.announce import SERVICE_TYPE, parse_txt
 
 __all__ = ["browse", "choose_address"]
 

@@ -35,9 +35,10 @@ import anyio
 import anyio.abc
 from google.protobuf.message import DecodeError
 
-from vaccelray import __version__
+from vaccelray._version import __version__
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.info import (
     SCHEDULER_SERVICE,
@@ -51,7 +52,6 @@ from vaccelray.protocol.limits import check_declared_sizes
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change
 from vaccelray.transport.server import CallContext, Method, Service
-from vaccelray.worker.agent import SERVICE_NAMES
 
 __all__ = ["OPS_METADATA_KEY", "AgentRouter", "Binding", "RoutedResource", "RoutedSession"]
 

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.classify import CLASSIFY_METHOD, ClassifyReply, ClassifyRequest
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.info import WORKER_SERVICE, decode, encode
@@ -30,15 +31,7 @@ from vaccelray.protocol.limits import check_declared_sizes, check_response_size
 from vaccelray.transport.server import CallContext, Method, Service
 from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
 
-__all__ = ["SERVICE_NAMES", "Agent", "AgentSession"]
-
-#: Every name the vAccel agent service has had on the wire, oldest first.
-SERVICE_NAMES: Final = (
-    "vaccel.VaccelAgent",
-    "vaccel.AgentService",
-    "vaccel.sync.agent.AgentService",
-    "vaccel.asynchronous.agent.AgentService",
-)
+__all__ = ["Agent", "AgentSession"]
 
 log = logging.getLogger("vaccelray.agent")
 

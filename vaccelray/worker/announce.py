@@ -1,8 +1,7 @@
 """Announcing a worker with zeroconf (mDNS / DNS-SD) as ``_vaccelray._tcp.local.``.
 
-The TXT record carries what a scheduler needs before it connects: ``version``,
-``backend``, ``ops`` (comma-separated), ``capacity`` and ``instance`` (random
-per start). Load is not in the record (it would mean re-announcing all the
+The TXT record (:mod:`vaccelray.protocol.announcement`) carries what a
+scheduler needs before it connects. Load is not in the record (it would mean re-announcing all the
 time); schedulers ask the worker's ``vaccelray.v1.Worker/Info`` for it.
 
 Which addresses are announced, and on which interfaces mDNS runs, follow the
@@ -20,28 +19,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final
 
 import anyio
 
+from vaccelray.protocol.announcement import SERVICE_TYPE, txt_record
 from vaccelray.protocol.info import WorkerInfo
 from vaccelray.transport.endpoints import TcpEndpoint, parse_endpoint
 
-__all__ = [
-    "SERVICE_TYPE",
-    "AnnouncePlan",
-    "Announcement",
-    "announce",
-    "announce_until",
-    "parse_txt",
-    "plan_announcement",
-    "txt_record",
-]
-
-SERVICE_TYPE: Final = "_vaccelray._tcp.local."
+__all__ = ["AnnouncePlan", "Announcement", "announce", "announce_until", "plan_announcement"]
 
 log = logging.getLogger("vaccelray.announce")
 
@@ -95,24 +83,6 @@ def plan_announcement(
         ip = ipaddress.ip_address(socket.gethostbyname(host))
     address = str(ip)
     return AnnouncePlan((address,), endpoint.port, (interface or address,))
-
-
-def txt_record(info: WorkerInfo) -> dict[str, str]:
-    return {
-        "version": info.version,
-        "backend": info.backend,
-        "ops": ",".join(sorted(info.ops)),
-        "capacity": str(info.capacity),
-        "instance": info.instance,
-    }
-
-
-def parse_txt(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
-    """A TXT record as text keys and values (a key without a value maps to "")."""
-    return {
-        key.decode(errors="replace"): (value or b"").decode(errors="replace")
-        for key, value in properties.items()
-    }
 
 
 @dataclass

@@ -12,7 +12,7 @@ import os
 import secrets
 import time
 
-from vaccelray import __version__
+from vaccelray._version import __version__
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol.info import (
     INFO_METHOD,

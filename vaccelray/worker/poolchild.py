@@ -28,6 +28,7 @@ from typing import Any, Final
 import cloudpickle  # type: ignore[import-untyped]
 import msgspec
 
+from vaccelray import task_context
 from vaccelray.allocator import keep_heap_for
 
 __all__ = ["Done", "ErrorInfo", "Run", "describe_exception", "encode_frame", "main"]
@@ -42,8 +43,6 @@ _HEADER: Final = struct.Struct(">I")
 #: Results pickled by the C pickler: nothing in them needs cloudpickle.
 _PLAIN: Final = (type(None), bool, int, float, str, bytes)
 
-#: The task's vAccel session id on the worker while it runs (read by ``vaccelray.local``).
-current_session_id = 0
 
 
 class Run(msgspec.Struct, array_like=True, frozen=True):
@@ -124,7 +123,6 @@ class _Runner:
         self.functions: dict[str, Callable[..., Any]] = {}
 
     def run(self, task: Run) -> Done:
-        global current_session_id
         fn = self.functions.get(task.digest)
         if fn is None:
             if task.function is None:
@@ -144,7 +142,7 @@ class _Runner:
             return self._failed(
                 task, SERIALIZATION, f"cannot load the arguments of {task.name} on the worker", exc
             )
-        current_session_id = task.session_id
+        task_context.session_id = task.session_id
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
@@ -154,7 +152,7 @@ class _Runner:
                 task.seq, RAISED, message=f"{task.name} raised", error=describe_exception(exc, tb)
             )
         finally:
-            current_session_id = 0
+            task_context.session_id = 0
         try:
             if type(result) in _PLAIN:
                 data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)

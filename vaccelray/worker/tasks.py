@@ -32,8 +32,9 @@ from vaccelray.errors import RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
+from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.transport.server import CallContext, Method, Service, serve
-from vaccelray.worker.agent import SERVICE_NAMES, Agent
+from vaccelray.worker.agent import Agent
 from vaccelray.worker.pool import Pool, PoolProcessLost
 from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, Done
 
