@@ -58,7 +58,7 @@ def wait_for_results(proc: Proc, count: int) -> list[str]:
     with proc._cond:
         while len(proc.stdout) < count:
             exited = proc.process.poll() is not None
-            if exited and not proc._alive_readers() or time.monotonic() > deadline:
+            if (exited and not proc._alive_readers()) or time.monotonic() > deadline:
                 raise AssertionError(f"fewer than {count} result lines:\n{proc.stdout}")
             proc._cond.wait(0.1)
         return list(proc.stdout)
@@ -247,6 +247,33 @@ def test_a_worker_killed_behind_a_scheduler_loses_no_image(
     assert run.lines == []
 
 
+def test_a_scheduler_restarted_mid_batch_loses_no_image(
+    two_sleepy_workers: list[tuple[Proc, str]], images: list[str], tmp_path: Path
+) -> None:
+    # The scheduler fails its workers over by itself; here the client's own connection
+    # drops, and only its retries (to the same address, once a scheduler serves there
+    # again) get the images in flight and those not sent yet done.
+    workers = [arg for _, address in two_sleepy_workers for arg in ("--worker", address)]
+    argv = scheduler_argv("-a", f"unix://{tmp_path}/sched.sock", "--no-discover", *workers)
+    sched, address = start_daemon(argv)
+    try:
+        # Retries enough that the new scheduler is surely up within them (liveness only).
+        run = submit("classify", "-a", address, "--concurrency", "4", "--retries", "12", *images)
+        try:
+            wait_for_results(run, BEFORE_KILL)
+            sched.kill()
+            sched.stop()
+            sched, _ = start_daemon(argv)
+            status = finish(run)
+        finally:
+            run.stop()
+    finally:
+        sched.stop()
+    assert status == 0, run.text()
+    assert sorted(result_paths(run.stdout)) == images  # each image exactly once
+    assert run.lines == []
+
+
 def test_results_printed_before_the_only_worker_dies_stay_printed(images: list[str]) -> None:
     worker, address = start_daemon(sleepy_argv("--delay", DELAY, "-a", "tcp://127.0.0.1:0"))
     try:
@@ -302,7 +329,25 @@ def test_run_gives_up_on_a_hung_worker(task_worker: Proc) -> None:
     assert "--timeout" in line
 
 
-def test_run_has_a_default_timeout() -> None:
+def test_run_without_timeout_still_gives_up(
+    task_worker: Proc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from vaccelray import cli
+
+    monkeypatch.setattr(cli, "DEFAULT_RUN_TIMEOUT", 2.0)  # the real one is minutes
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the command puts the cwd on it
+    task_worker.signal(signal.SIGSTOP)
+    result = CliRunner().invoke(
+        cli.main, ["submit", "run", "-a", task_worker.address, "operator:add", "1", "2"]
+    )
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("vaccelray: add did not finish within 2 s"), result.stderr
+
+
+def test_run_documents_its_default_timeout() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "vaccelray", "submit", "run", "--help"],
         capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=LIVENESS,
