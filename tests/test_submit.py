@@ -9,6 +9,7 @@ schedulers are real processes; waits are on output lines, never on time.
 from __future__ import annotations
 
 import collections
+import json
 import re
 import shutil
 import signal
@@ -183,6 +184,48 @@ async def test_each_result_is_given_as_it_is_done() -> None:
     ]
 
 
+@pytest.mark.anyio
+async def test_a_plain_vaccel_agent_gets_lost_images_again_in_new_sessions() -> None:
+    from vaccelray.protocol._pb import vaccel_pb2 as pb
+
+    calls: collections.Counter[bytes] = collections.Counter()
+    sessions: set[int] = set()
+    created = iter(range(1, 100))
+
+    def create(payload: bytes, ctx: CallContext) -> bytes:
+        session = next(created)
+        sessions.add(session)
+        return pb.CreateSessionResponse(session_id=session).SerializeToString()
+
+    def destroy(payload: bytes, ctx: CallContext) -> bytes:
+        sessions.remove(pb.DestroySessionRequest.FromString(payload).session_id)
+        return pb.EmptyResponse().SerializeToString()
+
+    def classify(payload: bytes, ctx: CallContext) -> bytes:
+        request = pb.ImageClassificationRequest.FromString(payload)
+        assert request.session_id in sessions
+        calls[request.image] += 1
+        if request.image == b"bad":
+            raise RPCError(StatusCode.INVALID_ARGUMENT, "not an image")
+        if calls[request.image] == 1:
+            raise RPCError(StatusCode.UNAVAILABLE, "the session's worker was lost")
+        return pb.ImageClassificationResponse(tags=b"tag of " + request.image).SerializeToString()
+
+    methods = {"CreateSession": create, "DestroySession": destroy, "ImageClassification": classify}
+    agent = Service("vaccel.VaccelAgent", {k: Method(m, inline=True) for k, m in methods.items()})
+    async with serve([agent], ["tcp://127.0.0.1:0"]) as fake:  # no vaccelray.v1.Worker
+        with anyio.fail_after(LIVENESS):
+            results = await classify_images(
+                [b"a", b"b", b"bad", b"c"], fake.addresses[0], concurrency=2, backoff=0.01
+            )
+    assert results[:2] == [Classified("tag of a"), Classified("tag of b")]
+    assert results[3] == Classified("tag of c")
+    assert isinstance(results[2], RPCError)
+    assert results[2].code == StatusCode.INVALID_ARGUMENT
+    assert calls == {b"a": 2, b"b": 2, b"c": 2, b"bad": 1}
+    assert sessions == set()  # each round's sessions are destroyed
+
+
 # -- the command ---------------------------------------------------------------------------
 
 
@@ -211,6 +254,33 @@ async def test_a_bad_image_is_reported_at_once_and_fails_the_run(tmp_path: Path)
         "vaccelray: 1 classified, 1 failed",
     ]
     assert calls == {b"good": 1, b"bad": 1}  # not retried
+
+
+@pytest.mark.anyio
+async def test_json_gives_one_object_per_image(tmp_path: Path) -> None:
+    calls: collections.Counter[bytes] = collections.Counter()
+    (tmp_path / "good.jpeg").write_bytes(b"good")
+    (tmp_path / "bad.jpeg").write_bytes(b"bad")
+    paths = [str(tmp_path / "good.jpeg"), str(tmp_path / "bad.jpeg")]
+    async with serve([fake_classifier(calls, lose_first=False)], ["tcp://127.0.0.1:0"]) as fake:
+        argv = [sys.executable, "-m", "vaccelray", "submit", "classify", "--json"]
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [*argv, "-a", fake.addresses[0], *paths],
+                capture_output=True,
+                text=True,
+                env=child_env(),
+                cwd=REPO,
+                timeout=LIVENESS,
+            )
+        )
+    assert done.returncode == 1
+    objects = sorted((json.loads(line) for line in done.stdout.splitlines()), key=str)
+    assert objects == [
+        {"path": paths[1], "error": "INVALID_ARGUMENT: not an image"},
+        {"path": paths[0], "tag": "tag of good", "labels": []},
+    ]
+    assert done.stderr.splitlines() == ["vaccelray: 1 classified, 1 failed"]
 
 
 @pytest.fixture

@@ -272,8 +272,8 @@ VACCEL_RPC_ADDR, VACCEL_VSOCK; with none set, an embedded worker is
 started in this process.
 
 \b
-Exit codes: 0 all done; 1 some work failed; 2 bad input;
-3 the address could not be reached.
+Exit codes: 0 all done; 1 some work failed (a worker lost mid-run
+included); 2 bad input; 3 the address could not be reached at the start.
 """
 
 
