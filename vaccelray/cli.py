@@ -30,6 +30,11 @@ _T = TypeVar("_T")
 
 #: Exit codes of ``vaccelray submit`` (documented in its --help).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: Default of ``submit classify --retries`` (vaccelray.classify.DEFAULT_RETRIES; not
+#: imported from there so that the CLI starts without the transport).
+DEFAULT_CLASSIFY_RETRIES = 3
+#: Default of ``submit run --timeout`` for a function without its own timeout.
+DEFAULT_RUN_TIMEOUT = 300.0
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
@@ -267,8 +272,8 @@ VACCEL_RPC_ADDR, VACCEL_VSOCK; with none set, an embedded worker is
 started in this process.
 
 \b
-Exit codes: 0 all done; 1 some work failed; 2 bad input;
-3 the address could not be reached.
+Exit codes: 0 all done; 1 some work failed (a worker lost mid-run
+included); 2 bad input; 3 the address could not be reached at the start.
 """
 
 
@@ -297,6 +302,13 @@ def submit() -> None:
               help="Images classified at once.")
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True,
               help="Labels shown per image, with scores, where the backend has them.")
+@click.option(
+    "--retries",
+    type=click.IntRange(0),
+    default=DEFAULT_CLASSIFY_RETRIES,
+    show_default=True,
+    help="Times an image is tried again when the connection or its worker is lost.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
 def classify(
     images: tuple[Path, ...],
@@ -305,17 +317,26 @@ def classify(
     as_json: bool,
     concurrency: int,
     top_k: int,
+    retries: int,
     log_level: str,
 ) -> None:
     """Classify IMAGES; prints one line per image: PATH: LABEL (SCORE), ...
 
     Backends without scores (noop, vAccel plugins) print their tag text.
+    Each line is printed as its image is done, in the order they finish.
 
-    A progress bar is shown on a terminal for more than a few images.
+    An image whose connection or worker is lost (a scheduler there retries
+    it on another worker) is tried again on a new connection, after a short
+    pause that doubles while reconnecting gets nothing done. An image that
+    still fails, or fails for itself (a bad image), is reported on stderr
+    (with --json: an "error" object on stdout), then a summary line; the
+    exit code is 1.
+
+    A progress bar is shown on a terminal when the results go elsewhere.
     """
     from vaccelray.addressing import resolve_address
     from vaccelray.auth import load_token
-    from vaccelray.classify import classify_images
+    from vaccelray.classify import Classified, classify_images
 
     _setup_logging(log_level)
     payloads: list[tuple[Path, bytes]] = []
@@ -327,16 +348,41 @@ def classify(
     target = resolve_address(address)
     if target is not None:
         _check_endpoint(target)
-    show_bar = len(payloads) > 3 and sys.stderr.isatty()
+    show_bar = len(payloads) > 3 and sys.stderr.isatty() and not sys.stdout.isatty()
+    failed = 0
     with click.progressbar(
         length=len(payloads), label="Classifying", file=sys.stderr, hidden=not show_bar
     ) as bar:
+
+        def report(i: int, result: Classified | RPCError) -> None:
+            # Printed (and flushed by click.echo) at once: a run cut short loses nothing.
+            nonlocal failed
+            path = payloads[i][0]
+            if isinstance(result, RPCError):
+                failed += 1
+                if as_json:
+                    click.echo(json.dumps({"path": str(path), "error": str(result)}))
+                else:
+                    clear = "\r\x1b[K" if show_bar else ""
+                    click.echo(f"{clear}vaccelray: {path}: {result}", err=True)
+            elif as_json:
+                labels = [{"label": label, "score": score} for label, score in result.labels]
+                click.echo(json.dumps({"path": str(path), "tag": result.tag, "labels": labels}))
+            else:
+                click.echo(f"{path}: {result}")
+            bar.update(1)
+
         try:
-            results = _run(
+            _run(
                 lambda: classify_images(
-                    [data for _, data in payloads], target, timeout=timeout,
-                    concurrency=concurrency, top_k=top_k, progress=lambda _: bar.update(1),
+                    [data for _, data in payloads],
+                    target,
+                    timeout=timeout,
+                    concurrency=concurrency,
+                    top_k=top_k,
+                    on_result=report,
                     token=load_token(),
+                    retries=retries,
                 )
             )
         except ConnectError as exc:
@@ -348,19 +394,8 @@ def classify(
         except (RPCError, TransportError, VaccelrayError) as exc:
             bar.render_finish()
             _fail(str(exc), EXIT_FAILED)
-    failed = False
-    for (path, _), result in zip(payloads, results, strict=True):
-        if isinstance(result, RPCError):
-            failed = True
-            if as_json:
-                click.echo(json.dumps({"path": str(path), "error": str(result)}))
-            else:
-                click.echo(f"vaccelray: {path}: {result}", err=True)
-        elif as_json:
-            labels = [{"label": label, "score": score} for label, score in result.labels]
-            click.echo(json.dumps({"path": str(path), "tag": result.tag, "labels": labels}))
-        else:
-            click.echo(f"{path}: {result}")
+    if failed:
+        click.echo(f"vaccelray: {len(payloads) - failed} classified, {failed} failed", err=True)
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
@@ -375,8 +410,12 @@ def _parse_arg(text: str) -> object:
 @click.argument("target", metavar="MODULE:FUNCTION")
 @click.argument("args", nargs=-1)
 @click.option("-a", "--address", metavar="ENDPOINT", help="Worker or scheduler to use.")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True),
-              help="Seconds the task may take.  [default: no limit]")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds the task may take (each attempt); a worker that does not answer by then "
+    f"fails the run.  [default: the function's own, else {DEFAULT_RUN_TIMEOUT:g}]",
+)
 @click.option("--retries", type=click.IntRange(0), default=0, show_default=True,
               help="Times the task is run again when its worker is lost.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -406,7 +445,13 @@ def run(
     import cloudpickle  # type: ignore[import-untyped]
 
     from vaccelray.auth import load_token
-    from vaccelray.client import Client, SerializationError, TaskError, offload
+    from vaccelray.client import (
+        Client,
+        SerializationError,
+        TaskError,
+        TaskTimeoutError,
+        offload,
+    )
     from vaccelray.client.remote import RemoteFunction
 
     _setup_logging(log_level)
@@ -429,6 +474,8 @@ def run(
     changes: dict[str, object] = {"retries": retries}
     if timeout is not None:
         changes["timeout"] = timeout
+    elif not (isinstance(fn, RemoteFunction) and fn.task_options.timeout is not None):
+        changes["timeout"] = DEFAULT_RUN_TIMEOUT  # never wait forever on a hung worker
     remote = fn.options(**changes) if isinstance(fn, RemoteFunction) else offload(fn, **changes)
     if target_address := address:
         _check_endpoint(target_address)
@@ -446,6 +493,8 @@ def run(
             _fail(str(exc), EXIT_USAGE)
         except ConnectError as exc:
             _fail(str(exc), EXIT_UNREACHABLE)
+        except TaskTimeoutError as exc:
+            _fail(f"{exc} (--timeout sets the limit)", EXIT_FAILED)
         except TaskError as exc:
             if exc.remote_traceback:
                 click.echo(exc.remote_traceback.rstrip(), err=True)

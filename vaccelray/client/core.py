@@ -297,7 +297,8 @@ class Core:
             try:
                 conn = await self.connection()
                 if spec.digest not in self._registered:
-                    await self._register(conn, spec)
+                    # The task's deadline bounds this too: a hung worker must not hang it.
+                    await self._register(conn, spec, options.timeout)
                 outcome = await conn.call(
                     wire.SERVICE,
                     wire.METHOD_SUBMIT,
@@ -355,7 +356,9 @@ class Core:
             return _Verdict.LOST, outcome
         return _Verdict.FAILED, outcome
 
-    async def _register(self, conn: Connection, spec: FunctionSpec) -> None:
+    async def _register(
+        self, conn: Connection, spec: FunctionSpec, timeout: float | None = None
+    ) -> None:
         waiting = self._registering.get(spec.digest)
         if waiting is not None:
             await asyncio.shield(waiting)
@@ -368,6 +371,7 @@ class Core:
                 wire.SERVICE,
                 wire.METHOD_REGISTER,
                 wire.encode(wire.RegisterFunction(spec.digest, spec.name, spec.pickled)),
+                timeout=timeout,
                 metadata=self.metadata,
             )
         except BaseException as exc:
