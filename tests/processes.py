@@ -98,7 +98,7 @@ class Proc:
                 for line in lines[seen:]:
                     if found := regex.search(line):
                         return found
-                seen = len(lines)
+                seen = max(seen, len(lines))  # lines before *start* never count
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.process.poll() is not None and not self._alive_readers()):
                     raise AssertionError(
