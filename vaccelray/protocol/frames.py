@@ -101,6 +101,11 @@ class FrameDecoder:
         """Bytes received and not yet consumed (excluding skipped bodies)."""
         return len(self._buf) - self._pos + self._pending
 
+    @property
+    def in_frame(self) -> bool:
+        """Whether part of a frame has arrived and the rest has not (being skipped counts)."""
+        return bool(self._discard or self._chunks or self._pos < len(self._buf))
+
     def feed(self, data: bytes) -> None:
         if self._discard:
             skip = min(self._discard, len(data))
