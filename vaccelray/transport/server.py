@@ -27,8 +27,10 @@ accepting for a second and retries, while open connections keep being served.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
+import os
 import resource
 import socket
 import sys
@@ -138,6 +140,11 @@ DEFAULT_IDLE_TIMEOUT: Final = 300.0
 _FD_RESERVE: Final = 32
 #: Seconds between two log lines about the same kind of dropped connection.
 _LOG_INTERVAL: Final = 10.0
+#: Seconds accepting pauses when the process is out of descriptors (or memory).
+ACCEPT_RETRY_DELAY: Final = 1.0
+#: Connections accepted per wake-up of a listener (as asyncio's accept loop).
+_ACCEPTS_PER_WAKEUP: Final = 100
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def default_max_connections() -> int:
@@ -212,8 +219,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         #: Reading paused because the client does not read its answers.
         self.paused = False
-        #: Refused at the connection cap: never served, no disconnect callback.
-        self.refused = False
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -229,18 +234,6 @@ class _Connection(asyncio.BufferedProtocol):
         )
         server = self.server
         now = self.loop.time()
-        if server.max_connections and len(server._connections) >= server.max_connections:
-            self.refused = True
-            suffix = server._refusals(now)
-            if suffix is not None:
-                log.warning(
-                    "Refusing connection from %s: %d connections open, the limit%s",
-                    self.peer,
-                    len(server._connections),
-                    suffix,
-                )
-            transport.abort()
-            return
         server._connections.add(self)
         self.last_active = now
         if server.idle_timeout > 0:
@@ -248,8 +241,6 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.refused:
-            return
         self.server._connections.discard(self)
         for timer in (self.frame_timer, self.idle_timer):
             if timer is not None:
@@ -544,6 +535,75 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
+class _Listener:
+    """Accepts connections on one listening socket, for a :class:`Server`.
+
+    Not asyncio's ``loop.create_server``: out of descriptors, its accept loop
+    logs a traceback and schedules a retry for every connection waiting in the
+    backlog (a hundred a second, measured), and a connection over the cap
+    would get a protocol and a transport only to be closed. Here a connection
+    over the cap is closed as it is accepted, and running out of descriptors
+    pauses accepting (only) for ``ACCEPT_RETRY_DELAY``, logged at most every 10 s.
+    """
+
+    def __init__(self, server: Server, sock: socket.socket, ssl: SSLContext | None) -> None:
+        self.server = server
+        self.sock = sock
+        self.ssl = ssl
+        self.fd = sock.fileno()
+        self.loop = asyncio.get_running_loop()
+        self.retry: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.loop.add_reader(self.fd, self._accept)
+
+    def _accept(self) -> None:
+        server = self.server
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                conn, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause(exc)
+                else:
+                    log.warning("Accepting a connection failed: %s", exc)
+                return
+            cap = server.max_connections
+            if cap and len(server._connections) + server._starting >= cap:
+                conn.close()
+                server._refused(address)
+                continue
+            server._start_connection(conn, self.ssl)
+
+    def _pause(self, exc: OSError) -> None:
+        self.loop.remove_reader(self.fd)
+        self.retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+        suffix = self.server._starved(self.loop.time())
+        if suffix is not None:
+            log.error(
+                "Cannot accept connections: %s; trying again every %g s, "
+                "open connections are served meanwhile%s",
+                os.strerror(exc.errno or 0),
+                ACCEPT_RETRY_DELAY,
+                suffix,
+            )
+
+    def _resume(self) -> None:
+        self.retry = None
+        if not self.closed:
+            self.loop.add_reader(self.fd, self._accept)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.retry is not None:
+            self.retry.cancel()
+        self.loop.remove_reader(self.fd)
+        self.sock.close()
+
+
 class Server:
     """Serves ttrpc services on one or more endpoints; see :func:`serve`.
 
@@ -589,11 +649,15 @@ class Server:
         self._refusals = _Throttle()
         self._stalls = _Throttle()
         self._idles = _Throttle()
+        self._starved = _Throttle()
+        #: Accepted connections not yet made (a TLS handshake, say), and their tasks.
+        self._starting = 0
+        self._start_tasks: set[asyncio.Task[None]] = set()
         self._connection_ids = itertools.count(1)
         self._methods: dict[tuple[str, str], Method] = {}
         self._service_names: set[str] = set()
         self._connections: set[_Connection] = set()
-        self._listeners: list[asyncio.Server] = []
+        self._listeners: list[_Listener] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._inflight = 0
         #: Set when the calls in flight reach 0; made only while shutdown waits for that.
@@ -631,14 +695,48 @@ class Server:
 
     async def _listen(self, endpoint: Endpoint, ssl: SSLContext | None = None) -> str:
         sock, bound = bind(endpoint)
-        loop = asyncio.get_running_loop()
         try:
-            listener = await loop.create_server(lambda: _Connection(self), sock=sock, ssl=ssl)
+            listener = _Listener(self, sock, ssl)
         except BaseException:
             sock.close()
             raise
         self._listeners.append(listener)
         return str(bound)
+
+    def _refused(self, address: object) -> None:
+        suffix = self._refusals(asyncio.get_running_loop().time())
+        if suffix is not None:
+            peer = (
+                f"{address[0]}:{address[1]}"
+                if isinstance(address, tuple) and len(address) >= 2
+                else "local"
+            )
+            log.warning(
+                "Refusing connection from %s: %d connections open, the limit%s",
+                peer,
+                len(self._connections) + self._starting,
+                suffix,
+            )
+
+    def _start_connection(self, sock: socket.socket, ssl: SSLContext | None) -> None:
+        sock.setblocking(False)
+        self._starting += 1
+        task = asyncio.get_running_loop().create_task(self._connect(sock, ssl))
+        self._start_tasks.add(task)
+        task.add_done_callback(self._start_tasks.discard)
+
+    async def _connect(self, sock: socket.socket, ssl: SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: _Connection(self), sock, ssl=ssl)
+        except Exception as exc:  # a TLS handshake that failed, say
+            log.debug("Connection closed before it was served: %s", exc)
+            sock.close()
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        finally:
+            self._starting -= 1
 
     async def accept_socket(self, sock: socket.socket) -> None:
         """Serve one already connected socket (one end of a ``socketpair``, say)."""
@@ -652,6 +750,8 @@ class Server:
         self._draining = True
         for listener in self._listeners:
             listener.close()
+        for task in self._start_tasks:
+            task.cancel()
         with anyio.move_on_after(grace):
             await self._wait_idle()
         for conn in list(self._connections):
@@ -662,8 +762,6 @@ class Server:
         for conn in list(self._connections):
             if conn.transport is not None:
                 conn.transport.close()
-        for listener in self._listeners:
-            await listener.wait_closed()
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
 
