@@ -103,7 +103,10 @@ class FrameDecoder:
 
     @property
     def in_frame(self) -> bool:
-        """Whether part of a frame has arrived and the rest has not (being skipped counts)."""
+        """Whether bytes not handed out as a frame yet are held, or a skipped body is arriving.
+
+        After ``next_frame`` returned ``None``: whether a frame is part way in.
+        """
         return bool(self._discard or self._chunks or self._pos < len(self._buf))
 
     def feed(self, data: bytes) -> None:
