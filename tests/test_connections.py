@@ -485,3 +485,47 @@ async def test_idle_connection_costs_a_worker_at_most_16_kib() -> None:
         for sock in idle:
             sock.close()
         proc.stop()
+
+
+# -- the daemons' options ---------------------------------------------------------
+
+
+async def test_worker_options_close_an_idle_connection_but_not_a_session_holder() -> None:
+    proc: Proc = await anyio.to_thread.run_sync(
+        lambda: start_daemon(
+            worker_argv(
+                "-a",
+                "tcp://127.0.0.1:0",
+                "--backend",
+                "noop",
+                "--pool-size",
+                "0",
+                "--idle-timeout",
+                "0.3",
+                "--frame-timeout",
+                "0.3",
+                "--max-connections",
+                "3",
+            )
+        )[0]
+    )
+    try:
+        async with connect(proc.address) as client:
+            agent = AgentClient(client)
+            session = await agent.create_session()
+            empty = await raw_connect(proc.address)
+            async with empty:
+                await closed_by_server(empty)
+            await anyio.to_thread.run_sync(
+                lambda: proc.wait_for("Closing idle connection 2 from 127.0.0.1:")
+            )
+            assert "Closing idle connection 1 " not in proc.text()
+            assert await agent.classify(session, b"image")
+            stalled = await raw_connect(proc.address)
+            async with stalled:
+                await stalled.send(b"\0")
+                await closed_by_server(stalled)
+            await anyio.to_thread.run_sync(lambda: proc.wait_for("is still incomplete"))
+            assert await agent.classify(session, b"image")
+    finally:
+        proc.stop()
