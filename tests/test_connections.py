@@ -529,3 +529,28 @@ async def test_worker_options_close_an_idle_connection_but_not_a_session_holder(
             assert await agent.classify(session, b"image")
     finally:
         proc.stop()
+
+
+async def test_scheduler_keeps_a_session_holder_and_closes_an_idle_connection() -> None:
+    from vaccelray.scheduler import SchedulerConfig, run_scheduler
+
+    proc, worker = await anyio.to_thread.run_sync(
+        lambda: start_daemon(
+            worker_argv("-a", "tcp://127.0.0.1:0", "--backend", "noop", "--pool-size", "0")
+        )
+    )
+    config = SchedulerConfig(
+        addresses=("tcp://127.0.0.1:0",), workers=(worker,), grace=1.0, idle_timeout=0.3
+    )
+    try:
+        async with run_scheduler(config) as sched, connect(sched.addresses[0]) as client:
+            agent = AgentClient(client)
+            session = await agent.create_session()
+            # Opened after the session holder's last call: its idle deadline comes later.
+            empty = await raw_connect(sched.addresses[0])
+            async with empty:
+                await closed_by_server(empty)
+            assert sched.server.connections == 1
+            assert await agent.classify(session, b"image")
+    finally:
+        proc.stop()
