@@ -467,12 +467,9 @@ async def test_idle_connection_costs_a_worker_at_most_16_kib() -> None:
             before = rss_kib(proc.pid)
             for _ in range(IDLE_CONNECTIONS):
                 idle.append(socket.create_connection((host, int(port))))
-            last = 0
 
             async def all_open() -> bool:
-                nonlocal last
-                last = (await info()).connections
-                return last == IDLE_CONNECTIONS + 1
+                return (await info()).connections == IDLE_CONNECTIONS + 1
 
             with liveness(f"the worker holds {IDLE_CONNECTIONS} idle connections"):
                 # No event announces a count another process holds: polling it is the point.
