@@ -384,3 +384,63 @@ def test_decoder_matches_a_model_with_oversized_frames(
     received.extend(decode_all(decoder))
     assert (received, decoder.buffered) == model(data, sent, len(data))
     assert decoder.buffered == 0
+
+
+def test_in_frame_while_part_of_a_frame_has_arrived() -> None:
+    decoder = FrameDecoder()
+    assert not decoder.in_frame
+    decoder.feed(b"")
+    assert not decoder.in_frame
+    decoder.feed(SMALL[:1])
+    assert decoder.in_frame  # a header byte
+    decoder.feed(SMALL[1:HEADER_SIZE])
+    assert decoder.next_frame() is None
+    assert decoder.in_frame  # the header, not the body
+    decoder.feed(SMALL[HEADER_SIZE:])
+    assert decoder.next_frame() == SMALL_FRAME
+    assert not decoder.in_frame
+    decoder.feed(SMALL + SMALL[:3])
+    assert decoder.next_frame() == SMALL_FRAME
+    assert decoder.next_frame() is None
+    assert decoder.in_frame  # the next frame began in the same chunk
+
+
+def test_in_frame_while_an_oversized_body_is_skipped() -> None:
+    decoder = FrameDecoder(max_message_size=16)
+    decoder.feed(encode_frame(1, FrameType.REQUEST, bytes(40))[: HEADER_SIZE + 8])
+    assert isinstance(decoder.next_frame(), OversizedFrame)
+    assert decoder.buffered == 0
+    assert decoder.in_frame  # 32 body bytes still to skip
+    decoder.feed(bytes(32))
+    assert not decoder.in_frame
+
+
+@given(
+    st.lists(
+        st.builds(
+            Frame,
+            stream_id=st.integers(0, 2**32 - 1),
+            type=st.sampled_from(FrameType),
+            flags=st.integers(0, 255),
+            body=st.binary(max_size=3 * LIMIT),
+        ),
+        max_size=6,
+    ),
+    st.lists(st.integers(1, 60), min_size=1, max_size=20),
+)
+def test_in_frame_is_false_exactly_at_frame_boundaries(sent: list[Frame], sizes: list[int]) -> None:
+    data = b"".join(encode_frame(f.stream_id, f.type, f.body, f.flags) for f in sent)
+    boundaries = {0}
+    end = 0
+    for frame in sent:
+        end += HEADER_SIZE + len(frame.body)
+        boundaries.add(end)
+    decoder = FrameDecoder(max_message_size=LIMIT)
+    pos = step = 0
+    while pos < len(data):
+        size = sizes[step % len(sizes)]
+        step += 1
+        decoder.feed(data[pos : pos + size])
+        pos = min(pos + size, len(data))
+        decode_all(decoder)
+        assert decoder.in_frame == (pos not in boundaries)

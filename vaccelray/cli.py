@@ -20,6 +20,7 @@ from vaccelray._version import __version__
 from vaccelray.allocator import keep_heap
 from vaccelray.errors import ConnectError, RPCError, TransportError, VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from vaccelray.transport.server import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEOUT
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -156,6 +157,37 @@ max_message_size_option = click.option(
 )
 
 
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def connection_limit_options(command: _F) -> _F:
+    """--max-connections, --frame-timeout and --idle-timeout, for both daemons."""
+    for option in (
+        click.option(
+            "--idle-timeout",
+            type=click.FloatRange(0),
+            default=DEFAULT_IDLE_TIMEOUT,
+            show_default=True,
+            help="Seconds a silent connection holding no vAccel session stays open; 0: no limit.",
+        ),
+        click.option(
+            "--frame-timeout",
+            type=click.FloatRange(0),
+            default=DEFAULT_FRAME_TIMEOUT,
+            show_default=True,
+            help="Seconds a message may take to arrive once begun; 0: no limit.",
+        ),
+        click.option(
+            "--max-connections",
+            type=click.IntRange(0),
+            help="Connections served at once, more are closed as accepted; 0: no cap.  "
+            "[default: the open files limit less a reserve]",
+        ),
+    ):
+        command = option(command)
+    return command
+
+
 @main.command(help=WORKER_HELP)
 @click.option(
     "-a",
@@ -218,6 +250,7 @@ max_message_size_option = click.option(
 @click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="PEM", help="Serve TLS.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), metavar="PEM",
               help="Key of --tls-cert (when not in the same file).")
+@connection_limit_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def worker(
     addresses: tuple[str, ...],
@@ -233,6 +266,9 @@ def worker(
     protect_vaccel: bool,
     tls_cert: str | None,
     tls_key: str | None,
+    max_connections: int | None,
+    frame_timeout: float,
+    idle_timeout: float,
     log_level: str,
 ) -> None:
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
@@ -256,6 +292,9 @@ def worker(
         protect_vaccel=protect_vaccel,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        max_connections=max_connections,
+        frame_timeout=frame_timeout,
+        idle_timeout=idle_timeout,
     )
     if tls_key and not tls_cert:
         _fail("--tls-key needs --tls-cert", EXIT_USAGE)
@@ -568,6 +607,7 @@ health-checked twice a second; one that does not answer leaves routing.
     help="File holding the cluster token task callers must present (else VACCELRAY_TOKEN).",
 )
 @max_message_size_option
+@connection_limit_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def scheduler(
     addresses: tuple[str, ...],
@@ -578,6 +618,9 @@ def scheduler(
     health_timeout: float,
     token_file: str | None,
     max_message_size: int,
+    max_connections: int | None,
+    frame_timeout: float,
+    idle_timeout: float,
     log_level: str,
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
@@ -596,6 +639,9 @@ def scheduler(
         health_timeout=health_timeout,
         token=_load_token(token_file),
         max_message_size=max_message_size,
+        max_connections=max_connections,
+        frame_timeout=frame_timeout,
+        idle_timeout=idle_timeout,
     )
 
     _run_daemon(lambda: run_scheduler(config))

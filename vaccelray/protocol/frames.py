@@ -101,6 +101,14 @@ class FrameDecoder:
         """Bytes received and not yet consumed (excluding skipped bodies)."""
         return len(self._buf) - self._pos + self._pending
 
+    @property
+    def in_frame(self) -> bool:
+        """Whether bytes not handed out as a frame yet are held, or a skipped body is arriving.
+
+        After ``next_frame`` returned ``None``: whether a frame is part way in.
+        """
+        return bool(self._discard or self._chunks or self._pos < len(self._buf))
+
     def feed(self, data: bytes) -> None:
         if self._discard:
             skip = min(self._discard, len(data))

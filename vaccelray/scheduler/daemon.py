@@ -18,7 +18,13 @@ from vaccelray.scheduler.pool import WorkerPool
 from vaccelray.scheduler.proxy import AgentRouter
 from vaccelray.scheduler.tasks import DEFAULT_FUNCTION_CACHE_BYTES, TaskRouter
 from vaccelray.transport.endpoints import ListenError
-from vaccelray.transport.server import Server, Service, serve
+from vaccelray.transport.server import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    Server,
+    Service,
+    serve,
+)
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -52,6 +58,12 @@ class SchedulerConfig:
     #: is required on every listener when set, and tasks are refused on a non-loopback
     #: listener without one (the scheduler would open loopback workers to the network).
     token: str | None = field(default=None, repr=False)
+    #: Connections served at once; None derives it from the descriptor limit, 0 = no cap.
+    max_connections: int | None = None
+    #: Seconds a frame may take to arrive once begun (0: no limit).
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT
+    #: Seconds before a silent connection holding no session is closed (0: never).
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
 
 @dataclass
@@ -111,6 +123,10 @@ async def run_scheduler(
                 max_message_size=config.max_message_size,
                 grace=config.grace,
                 on_disconnect=router.connection_closed,
+                max_connections=config.max_connections,
+                frame_timeout=config.frame_timeout,
+                idle_timeout=config.idle_timeout,
+                holds_state=router.holds_state,
             ) as server:
                 for address in server.addresses:
                     log.info("Listening on %s", address)

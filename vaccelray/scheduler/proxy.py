@@ -591,6 +591,12 @@ class AgentRouter:
 
     # -- clean-up ----------------------------------------------------------------------
 
+    def holds_state(self, connection_id: int) -> bool:
+        """Whether the connection owns sessions, made or being made (asked by the idle timeout)."""
+        return connection_id in self._creating or any(
+            s.owner == connection_id for s in self.sessions.values()
+        )
+
     def connection_closed(self, connection_id: int) -> None:
         """A client connection closed: destroy the sessions it created (server hook)."""
         if connection_id in self._creating:

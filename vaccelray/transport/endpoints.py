@@ -141,6 +141,12 @@ class ReadBuffer:
     VM, that alone cost ~80 µs per call round trip in a client. Reads here
     land in one reused buffer and are copied out at their real size (small
     messages stay far below glibc's mmap threshold).
+
+    One can serve many connections of one event loop: asyncio calls
+    ``get_buffer``, reads into it and calls ``buffer_updated`` in one go on the
+    loop's thread, and :meth:`take` copies the bytes out, so nothing refers to
+    the buffer between two reads. A server shares one among all its
+    connections (256 KiB each would make an idle connection cost 256 KiB).
     """
 
     __slots__ = ("view",)

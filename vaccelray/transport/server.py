@@ -13,13 +13,25 @@ DEADLINE_EXCEEDED), and a client that disconnects has its calls cancelled.
 
 Structure (task groups, cancel scopes, deadlines) is anyio; the sockets are
 asyncio's, so the server runs on anyio's asyncio backend.
+
+One bad peer must cost the others nothing (see :class:`Server` for the knobs):
+an idle connection holds no read buffer (all share one, see ``ReadBuffer``);
+connections past a cap are closed as soon as accepted; a frame that started
+arriving must complete within ``frame_timeout``; and a connection that sent
+nothing for ``idle_timeout`` and holds nothing (no call in flight, no state a
+``holds_state`` predicate claims for it, such as vAccel sessions) is closed.
+When the process runs out of descriptors, asyncio's accept loop pauses
+accepting for a second and retries, while open connections keep being served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
+import os
+import resource
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -50,7 +62,16 @@ from vaccelray.transport.endpoints import (
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["CallContext", "Method", "Server", "Service", "serve"]
+__all__ = [
+    "DEFAULT_FRAME_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "CallContext",
+    "Method",
+    "Server",
+    "Service",
+    "default_max_connections",
+    "serve",
+]
 
 log = logging.getLogger("vaccelray.server")
 
@@ -111,6 +132,50 @@ class CallContext:
 
 _NS: Final = 1e-9
 
+#: Seconds a frame may take to arrive whole once its first byte has.
+DEFAULT_FRAME_TIMEOUT: Final = 30.0
+#: Seconds a connection that holds nothing may stay silent.
+DEFAULT_IDLE_TIMEOUT: Final = 300.0
+#: Descriptors kept for the daemon's own files: a tenth of the limit, and at least this.
+_FD_RESERVE: Final = 32
+#: Seconds between two log lines about the same kind of dropped connection.
+_LOG_INTERVAL: Final = 10.0
+#: Seconds accepting pauses when the process is out of descriptors (or memory).
+ACCEPT_RETRY_DELAY: Final = 1.0
+#: Connections accepted per wake-up of a listener (as asyncio's accept loop).
+_ACCEPTS_PER_WAKEUP: Final = 100
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def default_max_connections() -> int:
+    """Connections a server accepts by default: the soft ``RLIMIT_NOFILE`` less a reserve.
+
+    The reserve (a tenth of the limit, at least 32 descriptors) is for the
+    daemon's own files: listeners, model files, pipes to its task processes.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, soft - max(_FD_RESERVE, soft // 10))
+
+
+class _Throttle:
+    """Lets one log line of a kind through per ``_LOG_INTERVAL``, counting those held back."""
+
+    __slots__ = ("held", "next")
+
+    def __init__(self) -> None:
+        self.next = float("-inf")
+        self.held = 0
+
+    def __call__(self, now: float) -> str | None:
+        """The suffix of the line to log now, or None to hold it back."""
+        if now < self.next:
+            self.held += 1
+            return None
+        held, self.held, self.next = self.held, 0, now + _LOG_INTERVAL
+        return f" ({held} more since the last report)" if held else ""
+
 
 class _FutureCall:
     """A *future* handler's call in flight: why it was cancelled, if it was."""
@@ -140,9 +205,20 @@ class _Connection(asyncio.BufferedProtocol):
         self.peer = "?"
         self.scopes: set[anyio.CancelScope] = set()
         self.calls: set[_FutureCall] = set()
-        self.reads = ReadBuffer()
+        # Shared by every connection of the server: an idle connection holds no buffer.
+        self.reads = server._reads
+        # The decoder says whether a frame is part way in (the frame-progress timeout).
+        self.decoder = self.proto._decoder
         self.id = next(server._connection_ids)
         self.loop = asyncio.get_running_loop()
+        #: Loop time of the last bytes received or call answered (the idle timeout).
+        self.last_active = 0.0
+        #: Loop time the frame now part way in began (or a frame completed after it); None.
+        self.frame_start: float | None = None
+        self.frame_timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        #: Reading paused because the client does not read its answers.
+        self.paused = False
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -156,11 +232,20 @@ class _Connection(asyncio.BufferedProtocol):
         self.peer = (
             f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "local"
         )
-        self.server._connections.add(self)
+        server = self.server
+        now = self.loop.time()
+        server._connections.add(self)
+        self.last_active = now
+        if server.idle_timeout > 0:
+            self.idle_timer = self.loop.call_at(now + server.idle_timeout, self._idle_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server._connections.discard(self)
         self.transport = None
+        self.server._connections.discard(self)
+        for timer in (self.frame_timer, self.idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self.frame_timer = self.idle_timer = None
         if self.server.on_disconnect is not None:
             self.server.on_disconnect(self.id)
         for scope in self.scopes:
@@ -178,11 +263,80 @@ class _Connection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         # The client is not reading its answers: stop reading its requests.
         if self.transport is not None:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.transport is not None:
+            self.paused = False
             self.transport.resume_reading()
+            if self.frame_start is not None:
+                # The frame could not progress while we did not read: its clock restarts.
+                self._frame_begun(self.loop.time())
+
+    # -- hostile clients ----------------------------------------------------
+
+    def _frame_begun(self, now: float) -> None:
+        self.frame_start = now
+        timeout = self.server.frame_timeout
+        if self.frame_timer is None and timeout > 0:
+            self.frame_timer = self.loop.call_at(now + timeout, self._frame_check)
+
+    def _frame_check(self) -> None:
+        """The frame-progress timer: close a connection whose frame is overdue."""
+        self.frame_timer = None
+        start = self.frame_start
+        if start is None or self.transport is None or self.paused:
+            return  # done, closed, or not ours to wait for (resume_writing re-arms)
+        server = self.server
+        now = self.loop.time()
+        due = start + server.frame_timeout
+        if now < due:
+            self.frame_timer = self.loop.call_at(due, self._frame_check)
+            return
+        suffix = server._stalls(now)
+        if suffix is not None:
+            log.warning(
+                "Closing connection from %s: a frame it began %.1f s ago is still "
+                "incomplete (limit %g s)%s",
+                self.peer,
+                now - start,
+                server.frame_timeout,
+                suffix,
+            )
+        self.transport.abort()
+
+    def holds_something(self) -> bool:
+        """A call in flight, a frame part way in, or state the server's predicate claims."""
+        if self.proto.open_streams or self.frame_start is not None:
+            return True
+        holds_state = self.server.holds_state
+        return holds_state is not None and holds_state(self.id)
+
+    def _idle_check(self) -> None:
+        """The idle timer: close a silent connection that holds nothing."""
+        self.idle_timer = None
+        if self.transport is None:
+            return
+        server = self.server
+        now = self.loop.time()
+        due = self.last_active + server.idle_timeout
+        if now < due:
+            self.idle_timer = self.loop.call_at(due, self._idle_check)
+            return
+        if self.holds_something():
+            self.idle_timer = self.loop.call_at(now + server.idle_timeout, self._idle_check)
+            return
+        suffix = server._idles(now)
+        if suffix is not None:
+            log.info(
+                "Closing idle connection %d from %s: silent for %g s, holding nothing%s",
+                self.id,
+                self.peer,
+                server.idle_timeout,
+                suffix,
+            )
+        self.transport.abort()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.reads.view
@@ -192,6 +346,8 @@ class _Connection(asyncio.BufferedProtocol):
         proto.receive_data(self.reads.take(nbytes))
         out: list[bytes] = []
         server = self.server
+        self.last_active = now = self.loop.time()
+        progressed = False
         while True:
             try:
                 event = proto.next_event()
@@ -203,6 +359,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             if event is NEED_DATA:
                 break
+            progressed = True
             if isinstance(event, BadRequest):
                 log.info(
                     "Rejected request on stream %d from %s: %s",
@@ -232,6 +389,11 @@ class _Connection(asyncio.BufferedProtocol):
                 server._inflight += 1
                 server._task_group.start_soon(self._run_async, method, event)
         self._write(out)
+        if self.decoder.in_frame:
+            if progressed or self.frame_start is None:
+                self._frame_begun(now)
+        elif self.frame_start is not None:
+            self.frame_start = None
 
     # -- dispatch -----------------------------------------------------------
 
@@ -293,6 +455,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _future_done(self, call: _FutureCall) -> None:
         self.calls.discard(call)
+        self.last_active = self.loop.time()
         if call.timer is not None:
             call.timer.cancel()
         try:
@@ -353,6 +516,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.transport.write(data)
         finally:
             self.scopes.discard(scope)
+            self.last_active = self.loop.time()
             server._call_done()
 
     def _error(self, stream_id: int, exc: RPCError) -> bytes:
@@ -371,8 +535,94 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
+class _Listener:
+    """Accepts connections on one listening socket, for a :class:`Server`.
+
+    Not asyncio's ``loop.create_server``: out of descriptors, its accept loop
+    logs a traceback and schedules a retry for every connection waiting in the
+    backlog (a hundred a second, measured), and a connection over the cap
+    would get a protocol and a transport only to be closed. Here a connection
+    over the cap is closed as it is accepted, and running out of descriptors
+    pauses accepting (only) for ``ACCEPT_RETRY_DELAY``, logged at most every 10 s.
+    """
+
+    def __init__(self, server: Server, sock: socket.socket, ssl: SSLContext | None) -> None:
+        self.server = server
+        self.sock = sock
+        self.ssl = ssl
+        self.fd = sock.fileno()
+        self.loop = asyncio.get_running_loop()
+        self.retry: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.loop.add_reader(self.fd, self._accept)
+
+    def _accept(self) -> None:
+        server = self.server
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                conn, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause(exc)
+                else:
+                    log.warning("Accepting a connection failed: %s", exc)
+                return
+            cap = server.max_connections
+            if cap and len(server._connections) + server._starting >= cap:
+                conn.close()
+                server._refused(address)
+                continue
+            server._start_connection(conn, self.ssl)
+
+    def _pause(self, exc: OSError) -> None:
+        self.loop.remove_reader(self.fd)
+        self.retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+        suffix = self.server._starved(self.loop.time())
+        if suffix is not None:
+            log.error(
+                "Cannot accept connections: %s; trying again every %g s, "
+                "open connections are served meanwhile%s",
+                os.strerror(exc.errno or 0),
+                ACCEPT_RETRY_DELAY,
+                suffix,
+            )
+
+    def _resume(self) -> None:
+        self.retry = None
+        if not self.closed:
+            self.loop.add_reader(self.fd, self._accept)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.retry is not None:
+            self.retry.cancel()
+        self.loop.remove_reader(self.fd)
+        self.sock.close()
+
+
 class Server:
-    """Serves ttrpc services on one or more endpoints; see :func:`serve`."""
+    """Serves ttrpc services on one or more endpoints; see :func:`serve`.
+
+    Limits that keep one client from costing the others (each 0 disables it):
+
+    *max_connections*: connections served at once; one more is closed as soon
+    as it is accepted (logged, at most once per 10 s). Default (None):
+    :func:`default_max_connections`, from the process's descriptor limit.
+
+    *frame_timeout*: seconds a frame may take to arrive whole once its first
+    byte has (default 30); then the connection is closed (logged, rate-limited).
+    Not counted while the server stops reading because the client does not
+    read its answers.
+
+    *idle_timeout*: seconds a connection may stay silent (default 300); then it
+    is closed if it holds nothing: no call in flight, no frame part way in, and
+    ``holds_state(connection_id)`` is false (a vAccel client's sessions die
+    with its connection, so the agent claims the connections that made some).
+    """
 
     def __init__(
         self,
@@ -380,15 +630,34 @@ class Server:
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         on_disconnect: Callable[[int], None] | None = None,
+        max_connections: int | None = None,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        holds_state: Callable[[int], bool] | None = None,
     ) -> None:
         self.max_message_size = max_message_size
         #: Called on the loop with a connection's ``CallContext.connection_id`` when it closes.
         self.on_disconnect = on_disconnect
+        self.max_connections = (
+            default_max_connections() if max_connections is None else max_connections
+        )
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+        #: Asked on the loop whether a connection (by id) holds state that dies with it.
+        self.holds_state = holds_state
+        self._reads = ReadBuffer()
+        self._refusals = _Throttle()
+        self._stalls = _Throttle()
+        self._idles = _Throttle()
+        self._starved = _Throttle()
+        #: Accepted connections not yet made (a TLS handshake, say), and their tasks.
+        self._starting = 0
+        self._start_tasks: set[asyncio.Task[None]] = set()
         self._connection_ids = itertools.count(1)
         self._methods: dict[tuple[str, str], Method] = {}
         self._service_names: set[str] = set()
         self._connections: set[_Connection] = set()
-        self._listeners: list[asyncio.Server] = []
+        self._listeners: list[_Listener] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._inflight = 0
         #: Set when the calls in flight reach 0; made only while shutdown waits for that.
@@ -426,14 +695,48 @@ class Server:
 
     async def _listen(self, endpoint: Endpoint, ssl: SSLContext | None = None) -> str:
         sock, bound = bind(endpoint)
-        loop = asyncio.get_running_loop()
         try:
-            listener = await loop.create_server(lambda: _Connection(self), sock=sock, ssl=ssl)
+            listener = _Listener(self, sock, ssl)
         except BaseException:
             sock.close()
             raise
         self._listeners.append(listener)
         return str(bound)
+
+    def _refused(self, address: object) -> None:
+        suffix = self._refusals(asyncio.get_running_loop().time())
+        if suffix is not None:
+            peer = (
+                f"{address[0]}:{address[1]}"
+                if isinstance(address, tuple) and len(address) >= 2
+                else "local"
+            )
+            log.warning(
+                "Refusing connection from %s: %d connections open, the limit%s",
+                peer,
+                len(self._connections) + self._starting,
+                suffix,
+            )
+
+    def _start_connection(self, sock: socket.socket, ssl: SSLContext | None) -> None:
+        sock.setblocking(False)
+        self._starting += 1
+        task = asyncio.get_running_loop().create_task(self._connect(sock, ssl))
+        self._start_tasks.add(task)
+        task.add_done_callback(self._start_tasks.discard)
+
+    async def _connect(self, sock: socket.socket, ssl: SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: _Connection(self), sock, ssl=ssl)
+        except Exception as exc:  # a TLS handshake that failed, say
+            log.debug("Connection closed before it was served: %s", exc)
+            sock.close()
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        finally:
+            self._starting -= 1
 
     async def accept_socket(self, sock: socket.socket) -> None:
         """Serve one already connected socket (one end of a ``socketpair``, say)."""
@@ -447,6 +750,8 @@ class Server:
         self._draining = True
         for listener in self._listeners:
             listener.close()
+        for task in self._start_tasks:
+            task.cancel()
         with anyio.move_on_after(grace):
             await self._wait_idle()
         for conn in list(self._connections):
@@ -457,8 +762,6 @@ class Server:
         for conn in list(self._connections):
             if conn.transport is not None:
                 conn.transport.close()
-        for listener in self._listeners:
-            await listener.wait_closed()
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
 
@@ -472,13 +775,27 @@ async def serve(
     grace: float = 5.0,
     ssl: SSLContext | None = None,
     on_disconnect: Callable[[int], None] | None = None,
+    max_connections: int | None = None,
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    holds_state: Callable[[int], bool] | None = None,
 ) -> AsyncIterator[Server]:
     """Serve *services* on *endpoints* until the block exits (then shut down gracefully).
 
     With *ssl*, every listener speaks TLS. *on_disconnect* is called with a
     connection's ``CallContext.connection_id`` when that client connection closes.
+    *max_connections*, *frame_timeout*, *idle_timeout* and *holds_state* limit
+    what a client may hold (see :class:`Server`; 0 disables a limit).
     """
-    server = Server(services, max_message_size=max_message_size, on_disconnect=on_disconnect)
+    server = Server(
+        services,
+        max_message_size=max_message_size,
+        on_disconnect=on_disconnect,
+        max_connections=max_connections,
+        frame_timeout=frame_timeout,
+        idle_timeout=idle_timeout,
+        holds_state=holds_state,
+    )
     try:
         async with anyio.create_task_group() as tg:
             server._task_group = tg

@@ -43,6 +43,8 @@ class AgentSession:
     id: int
     flags: int
     handle: SessionHandle
+    #: ``CallContext.connection_id`` of the connection that created it.
+    owner: int = 0
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     resources: set[int] = field(default_factory=set)
 
@@ -106,7 +108,7 @@ class Agent:
 
     def services(self) -> list[Service]:
         """The agent service under each of its names."""
-        planners: dict[str, Callable[[bytes], _Plan[Any]]] = {
+        planners: dict[str, Callable[[bytes, CallContext], _Plan[Any]]] = {
             "CreateSession": self._create_session,
             "UpdateSession": self._update_session,
             "DestroySession": self._destroy_session,
@@ -124,11 +126,11 @@ class Agent:
             WORKER_SERVICE, {CLASSIFY_METHOD: self._method(CLASSIFY_METHOD, self._classify)}
         )
 
-    def _method(self, name: str, planner: Callable[[bytes], _Plan[Any]]) -> Method:
+    def _method(self, name: str, planner: Callable[[bytes, CallContext], _Plan[Any]]) -> Method:
         if not self.backend.blocking:
 
             def inline(payload: bytes, ctx: CallContext) -> bytes:
-                plan = planner(payload)
+                plan = planner(payload, ctx)
                 return check_response_size(name, plan.finish(plan.work()), self.max_message_size)
 
             return Method(inline, inline=True)
@@ -136,7 +138,7 @@ class Agent:
         serialize = self.backend.serialize_sessions
 
         async def threaded(payload: bytes, ctx: CallContext) -> bytes:
-            plan = planner(payload)
+            plan = planner(payload, ctx)
             if plan.session is not None and serialize:
                 async with plan.session.lock:
                     result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
@@ -154,19 +156,20 @@ class Agent:
 
     # -- sessions ----------------------------------------------------------------
 
-    def _create_session(self, payload: bytes) -> _Plan[SessionHandle]:
+    def _create_session(self, payload: bytes, ctx: CallContext) -> _Plan[SessionHandle]:
         request = _decode(pb.CreateSessionRequest, payload)
         session_id = next(self._session_ids)
         flags = request.flags
+        owner = ctx.connection_id
 
         def finish(handle: SessionHandle) -> bytes:
-            self.sessions[session_id] = AgentSession(session_id, flags, handle)
+            self.sessions[session_id] = AgentSession(session_id, flags, handle, owner)
             log.info("Created session %d", session_id)
             return pb.CreateSessionResponse(session_id=session_id).SerializeToString()
 
         return _Plan(None, lambda: self.backend.session_create(session_id, flags), finish)
 
-    def _update_session(self, payload: bytes) -> _Plan[None]:
+    def _update_session(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
         request = _decode(pb.UpdateSessionRequest, payload)
         session = self._session(request.session_id)
 
@@ -177,7 +180,7 @@ class Agent:
 
         return _Plan(None, lambda: None, finish)
 
-    def _destroy_session(self, payload: bytes) -> _Plan[None]:
+    def _destroy_session(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
         request = _decode(pb.DestroySessionRequest, payload)
         # Removed at once so later calls of this session are refused while it is released.
         session = self._session(request.session_id)
@@ -190,6 +193,14 @@ class Agent:
             return _EMPTY
 
         return _Plan(session, lambda: self.backend.session_release(session.handle), finish)
+
+    def holds_state(self, connection_id: int) -> bool:
+        """Whether sessions the connection created are open (the server's idle timeout asks).
+
+        A vAccel RPC client keeps one connection for its whole life, with its
+        sessions: such a connection must not be closed for being quiet.
+        """
+        return any(s.owner == connection_id for s in self.sessions.values())
 
     def release_all(self) -> None:
         """Release every open session (worker shutdown); errors are logged, not raised."""
@@ -206,7 +217,7 @@ class Agent:
 
     # -- operations ----------------------------------------------------------
 
-    def _image_classification(self, payload: bytes) -> _Plan[Any]:
+    def _image_classification(self, payload: bytes, ctx: CallContext) -> _Plan[Any]:
         request = _decode(pb.ImageClassificationRequest, payload)
         session = self._session(request.session_id)
         log.info("session:%d Image classification", session.id)
@@ -219,7 +230,7 @@ class Agent:
 
         return _Plan(session, lambda: self.backend.classify(session.handle, image), finish)
 
-    def _classify(self, payload: bytes) -> _Plan[Classification]:
+    def _classify(self, payload: bytes, ctx: CallContext) -> _Plan[Classification]:
         try:
             request = decode(payload, ClassifyRequest)
         except msgspec.DecodeError as exc:
@@ -250,7 +261,7 @@ class Agent:
                 self._shared = (self.backend.session_create(0, 0),)
             return self._shared[0]
 
-    def _genop(self, payload: bytes) -> _Plan[list[bytes]]:
+    def _genop(self, payload: bytes, ctx: CallContext) -> _Plan[list[bytes]]:
         request = _decode(pb.GenopRequest, payload)
         check_declared_sizes(request, self.max_message_size)
         session = self._session(request.session_id)
@@ -275,7 +286,7 @@ class Agent:
 
     # -- resources -------------------------------------------------------------
 
-    def _register_resource(self, payload: bytes) -> _Plan[None]:
+    def _register_resource(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
         request = _decode(pb.RegisterResourceRequest, payload)
         check_declared_sizes(request, self.max_message_size)
         session = self._session(request.session_id)
@@ -299,7 +310,7 @@ class Agent:
 
         return _Plan(None, lambda: None, finish)
 
-    def _unregister_resource(self, payload: bytes) -> _Plan[None]:
+    def _unregister_resource(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
         request = _decode(pb.UnregisterResourceRequest, payload)
         session = self._session(request.session_id)
         if request.resource_id not in session.resources:

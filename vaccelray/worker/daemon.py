@@ -11,7 +11,13 @@ import anyio
 
 from vaccelray.auth import server_ssl_context
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
-from vaccelray.transport.server import Server, Service, serve
+from vaccelray.transport.server import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    Server,
+    Service,
+    serve,
+)
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.announce import announce_until, plan_announcement
 from vaccelray.worker.backend import Backend
@@ -54,6 +60,12 @@ class WorkerConfig:
     #: PEM certificate (and key) to serve TLS on every listener.
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: Connections served at once; None derives it from the descriptor limit, 0 = no cap.
+    max_connections: int | None = None
+    #: Seconds a frame may take to arrive once begun (0: no limit).
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT
+    #: Seconds before a silent connection holding no session is closed (0: never).
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
 
 @dataclass
@@ -112,7 +124,9 @@ async def run_worker(
             protect_vaccel=config.protect_vaccel, max_message_size=config.max_message_size,
         ) as runtime, serve(
             runtime.services, config.addresses, max_message_size=config.max_message_size,
-            grace=config.grace, ssl=tls,
+            grace=config.grace, ssl=tls, max_connections=config.max_connections,
+            frame_timeout=config.frame_timeout, idle_timeout=config.idle_timeout,
+            holds_state=agent.holds_state,
         ) as server, anyio.create_task_group() as announcer:
             info.server = server
             for address in server.addresses:
