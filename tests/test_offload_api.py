@@ -89,11 +89,23 @@ def classify_here(data: bytes) -> str:
 
 def assert_killed(caplog: pytest.LogCaptureFixture, task: str) -> None:
     """Wait until the worker says it killed the pool process running *task*."""
-    killed = re.compile(rf"Killing pool process \d+ to stop task {task}\b")
+    killed = re.compile(rf"Killing pool process (\d+) to stop task {task}\b")
     deadline = time.monotonic() + 30  # liveness only
-    while not killed.search(caplog.text):
+    while not (found := killed.search(caplog.text)):
         assert time.monotonic() < deadline, f"the worker did not stop {task}"
         time.sleep(0.01)
+    # ...and the worker reaps it (then its pid is gone).
+    while _exists(int(found[1])):
+        assert time.monotonic() < deadline, f"the pool process of {task} lives on"
+        time.sleep(0.01)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_remote_returns_at_once_and_get_waits(client: Client, tmp_path: Path) -> None:
