@@ -399,3 +399,30 @@ def test_frames_are_read_whatever_the_chunks(chunk: int) -> None:
         child.buffer_updated(n)
         fed += n
     assert frames.got == expected
+
+
+async def test_a_cancelled_close_still_stops_every_process() -> None:
+    pool = Pool(2)
+    await pool.start()
+    processes = [c.process for c in pool._children]
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await pool.aclose()
+    assert [p.returncode for p in processes] == [0, 0]
+
+
+async def test_a_cancelled_start_leaves_no_process_behind() -> None:
+    pool = Pool(1)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await pool.start()
+    assert scope.cancelled_caught
+    assert pool.pids == []  # and no socket or process left open (tests/leaks.py)
+    await pool.aclose()
+
+
+async def test_each_process_start_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="vaccelray.pool")
+    async with Pool(2) as pool:
+        logged = sorted(r.getMessage() for r in caplog.records)
+        assert logged == sorted(f"Pool process {pid} started" for pid in pool.pids)
