@@ -243,7 +243,7 @@ class Pool:
 
     async def _spawn(self) -> None:
         assert self._loop is not None
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent, child = socket.socketpair()  # AF_UNIX, SOCK_STREAM
         for sock in (parent, child):
             tune_socket(sock)
         try:
