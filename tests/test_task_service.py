@@ -110,8 +110,10 @@ class Harness:
 
 
 @asynccontextmanager
-async def task_service(size: int = 1, check: TokenCheck | None = None) -> AsyncIterator[Harness]:
-    backend = NoopBackend()
+async def task_service(
+    size: int = 1, check: TokenCheck | None = None, backend: NoopBackend | None = None
+) -> AsyncIterator[Harness]:
+    backend = backend or NoopBackend()
     backend.start()
     agent = Agent(backend)
     try:
@@ -448,3 +450,19 @@ def classify_here() -> str:
     import vaccelray.local
 
     return vaccelray.local.classify(b"\xff\xd8image")
+
+
+class Bare(NoopBackend):
+    """A backend that supports no operation."""
+
+    @property
+    def ops(self) -> frozenset[str]:
+        return frozenset()
+
+
+async def test_a_backend_without_operations_says_so() -> None:
+    async with task_service(backend=Bare()) as h:
+        with pytest.raises(RPCError) as info:
+            await h.submit(getpid, ops=("classify",))
+        assert info.value.message == "getpid needs classify; backend 'noop' supports nothing"
+        assert await h.result(getpid) > 0
