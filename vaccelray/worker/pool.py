@@ -180,8 +180,7 @@ class _Child(asyncio.BufferedProtocol):
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
+            self.process.kill()  # Popen ignores a process that exited since
 
 
 class Pool:
