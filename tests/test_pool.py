@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import os
+import shutil
+import signal
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import anyio
 import cloudpickle
+import msgspec
 import pytest
 
-from vaccelray.worker.pool import Pool, PoolProcessLost
-from vaccelray.worker.poolchild import OK, RAISED
+from vaccelray.worker import pool as pool_module
+from vaccelray.worker.pool import Pool, PoolProcessLost, _Child, _exit_status
+from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, Done, encode_frame
 
 pytestmark = pytest.mark.anyio
+
+#: Liveness only: how long a condition that must come true may take on a loaded machine.
+PATIENCE = 30.0
 
 
 def _fn(f: object) -> tuple[str, bytes]:
@@ -23,6 +36,46 @@ def _fn(f: object) -> tuple[str, bytes]:
 
 def _args(*args: object) -> bytes:
     return cloudpickle.dumps((args, {}))
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll *predicate* (a process exit or a file has no event to wait on)."""
+    with anyio.move_on_after(PATIENCE):
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        return
+    raise AssertionError(f"not within {PATIENCE} s: {what}")
+
+
+async def value(pool: Pool, f: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    digest, fn = _fn(f)
+    done = await pool.run(digest, getattr(f, "__name__", "f"), fn, _args(*args), **kw)
+    assert done.status == OK, done
+    return cloudpickle.loads(done.result)
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The delays the pool sleeps for (each cut to at most 10 ms)."""
+    asked: list[float] = []
+    real = asyncio.sleep
+
+    class Asyncio:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(asyncio, name)
+
+        @staticmethod
+        async def sleep(delay: float) -> None:
+            asked.append(delay)
+            await real(min(delay, 0.01))
+
+    monkeypatch.setattr(pool_module, "asyncio", Asyncio())
+    return asked
+
+
+def backoffs(asked: list[float]) -> list[float]:
+    """The replacement back-off delays among the pool's sleeps (its polls are 5 ms)."""
+    return [d for d in asked if d != 0.005]
 
 
 async def test_runs_on_every_process_and_reports_errors() -> None:
@@ -51,36 +104,335 @@ async def test_runs_on_every_process_and_reports_errors() -> None:
         assert "KeyError: 'missing'" in done.error.traceback
 
 
-async def test_a_cancelled_task_has_its_process_killed_and_replaced() -> None:
-    digest, fn = _fn(lambda s: time.sleep(s))
-    fast_digest, fast = _fn(lambda: "ok")
+async def test_one_after_another_tasks_keep_to_the_warm_process() -> None:
+    async with Pool(2) as pool:
+        ran = [await value(pool, os.getpid) for _ in range(4)]
+        assert len(set(ran)) == 1
+        assert ran[0] in pool.pids
+
+
+async def test_env_session_and_sys_path_reach_the_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "only_here.py").write_text("WHERE = 'tmp'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def look() -> tuple[str | None, int, str]:
+        import only_here  # type: ignore[import-not-found]
+
+        from vaccelray.worker import poolchild
+
+        return os.environ.get("POOL_TEST_VAR"), poolchild.current_session_id, only_here.WHERE
+
+    async with Pool(1, env={"POOL_TEST_VAR": "set"}) as pool:
+        assert await value(pool, look) == ("set", 0, "tmp")
+        assert await value(pool, look, session_id=7) == ("set", 7, "tmp")
+
+
+async def test_large_results_and_arguments_come_back_whole() -> None:
     async with Pool(1) as pool:
-        (before,) = pool.pids
-        with anyio.move_on_after(0.5):
-            await pool.run(digest, "sleep", fn, _args(60))
-        with anyio.fail_after(20):
-            done = await pool.run(fast_digest, "fast", fast, b"")
-        assert cloudpickle.loads(done.result) == "ok"
-        assert pool.pids != [before]
+        for size in (0, 1, 200 << 10, 256 << 10, 3 << 20):
+            data = os.urandom(size)
+            assert await value(pool, lambda b: b[::-1], data) == data[::-1]
+
+
+async def test_a_function_that_failed_to_load_is_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "comes_and_goes.py"
+    module.write_text("def f():\n    return 'loaded'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import comes_and_goes  # type: ignore[import-not-found]
+
+    digest, fn = _fn(comes_and_goes.f)  # pickled by reference: the module must be importable
+    module.unlink()
+    async with Pool(1) as pool:
+        done = await pool.run(digest, "f", fn, b"")
+        assert done.status == SERIALIZATION
+        assert done.message == "cannot load function f on the worker"
+        module.write_text("def f():\n    return 'loaded'\n")
+        done = await pool.run(digest, "f", fn, b"")
+        assert (done.status, cloudpickle.loads(done.result)) == (OK, "loaded")
+    sys.modules.pop("comes_and_goes", None)
+
+
+async def test_a_cancelled_task_has_its_process_killed_and_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vaccelray.pool")
+    marker = tmp_path / "running"
+
+    def hold() -> None:
+        marker.touch()
+        time.sleep(600)
+
+    digest, fn = _fn(hold)
+    async with Pool(1) as pool:
+        (before,) = pool._children
+        with anyio.CancelScope() as scope:
+
+            async def cancel_once_running() -> None:
+                await until(marker.exists, "the task runs")
+                scope.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_once_running)
+                await pool.run(digest, "hold", fn, b"")
+        assert scope.cancelled_caught
+        await until(lambda: before.process.poll() is not None, "the process is killed")
+        assert before.process.returncode == -signal.SIGKILL
+        assert await value(pool, lambda: "ok") == "ok"
+        assert pool.pids != [before.pid]
         assert pool.lost == 1
+    # Killed on purpose: not reported as a crash.
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-async def test_a_dying_process_fails_its_task_only() -> None:
-    digest, fn = _fn(lambda: os.kill(os.getpid(), 9))
-    fast_digest, fast = _fn(lambda: "ok")
+async def test_a_cancelled_queued_task_leaves_the_queue(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+
+    def wait_for_go() -> str:
+        while not go.exists():
+            time.sleep(0.01)
+        return "went"
+
     async with Pool(1) as pool:
-        with pytest.raises(PoolProcessLost, match="killed by signal SIGKILL"):
+        async with anyio.create_task_group() as tg:
+            first: list[Any] = []
+
+            async def run_first() -> None:
+                first.append(await value(pool, wait_for_go))
+
+            tg.start_soon(run_first)
+            await until(lambda: pool.busy == 1, "the first task is sent")
+            with anyio.CancelScope() as scope:
+
+                async def cancel_once_queued() -> None:
+                    await until(lambda: pool.queued == 1, "the second task is queued")
+                    scope.cancel()
+
+                tg.start_soon(cancel_once_queued)
+                await value(pool, os.getpid)
+            assert pool.queued == 0
+            go.touch()
+        assert first == ["went"]
+        assert pool.lost == 0
+
+
+async def test_a_dying_process_fails_its_task_only(
+    caplog: pytest.LogCaptureFixture, sleeps: list[float]
+) -> None:
+    digest, fn = _fn(lambda: os.kill(os.getpid(), 9))
+    async with Pool(1) as pool:
+        (pid,) = pool.pids
+        with pytest.raises(PoolProcessLost) as info:
             await pool.run(digest, "suicide", fn, b"")
-        with anyio.fail_after(20):
-            done = await pool.run(fast_digest, "fast", fast, b"")
-        assert cloudpickle.loads(done.result) == "ok"
+        assert str(info.value) == "the pool process running suicide was killed by signal SIGKILL"
+        assert f"Pool process {pid} was killed by signal SIGKILL while running suicide" in [
+            r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+        ]
+        assert await value(pool, lambda: "ok") == "ok"
+        assert pool.lost == 1
+    assert backoffs(sleeps) == []  # it ran a task: no start-up failure to back off from
 
 
-async def test_close_stops_the_processes() -> None:
+async def test_an_exit_status_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    digest, fn = _fn(lambda: os._exit(7))
+    async with Pool(1) as pool:
+        with pytest.raises(
+            PoolProcessLost, match=r"^the pool process running bye exited with status 7$"
+        ):
+            await pool.run(digest, "bye", fn, b"")
+
+
+async def test_an_idle_process_that_dies_is_replaced(
+    caplog: pytest.LogCaptureFixture, sleeps: list[float]
+) -> None:
+    async with Pool(1) as pool:
+        pid = await value(pool, os.getpid)
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: pool.pids != [pid] and len(pool.pids) == 1, "a replacement")
+        # Two at once: one runs on the replacement, one waits for it (not for the dead one).
+        ran: list[int] = []
+
+        async def one() -> None:
+            ran.append(await value(pool, os.getpid))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            tg.start_soon(one)
+        assert ran == pool.pids * 2
+        assert pid not in ran
+        assert pool.lost == 1
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [f"Pool process {pid} was killed by signal SIGKILL"]
+    assert backoffs(sleeps) == []
+
+
+async def test_a_process_that_closes_its_socket_but_lives_is_killed(
+    tmp_path: Path, sleeps: list[float]
+) -> None:
+    def hang_up() -> None:
+        os.close(int(sys.argv[1]))  # the pool process's end of its socket
+        time.sleep(600)
+
+    digest, fn = _fn(hang_up)
+    async with Pool(1) as pool:
+        (child,) = pool._children
+        with pytest.raises(PoolProcessLost, match="running hang_up"):
+            await pool.run(digest, "hang_up", fn, b"")
+        await until(lambda: child.process.poll() is not None, "the process is killed")
+        assert child.process.returncode == -signal.SIGKILL
+        assert await value(pool, lambda: "ok") == "ok"
+
+
+async def test_processes_that_cannot_start_are_replaced_ever_more_slowly(
+    sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    false = shutil.which("false")
+    assert false is not None
+    monkeypatch.setattr(sys, "executable", false)  # an interpreter that exits at once
+    async with Pool(1) as pool:
+        await until(lambda: len(backoffs(sleeps)) >= 9, "nine replacements")
+        assert pool.lost >= 9
+    assert backoffs(sleeps)[:9] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+
+
+async def test_a_process_that_answers_another_task_is_killed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def forge() -> None:
+        frame = encode_frame(msgspec.msgpack.Encoder(), Done(10**6, OK))
+        os.write(int(sys.argv[1]), frame)
+        time.sleep(600)
+
+    digest, fn = _fn(forge)
+    async with Pool(1) as pool:
+        (pid,) = pool.pids
+        with pytest.raises(PoolProcessLost, match="running forge was killed by signal SIGKILL"):
+            await pool.run(digest, "forge", fn, b"")
+        logged = [r.getMessage() for r in caplog.records]
+        assert f"Pool process {pid} answered a task it was not given; killing it" in logged
+        assert await value(pool, lambda: "ok") == "ok"
+
+
+async def test_close_lets_idle_processes_exit_and_fails_queued_tasks() -> None:
     pool = Pool(2)
     await pool.start()
     processes = [c.process for c in pool._children]
     await pool.aclose()
-    assert all(p.poll() is not None for p in processes)
-    with pytest.raises(PoolProcessLost):
+    assert [p.returncode for p in processes] == [0, 0]  # they exited: nothing was killed
+    with pytest.raises(PoolProcessLost, match=r"^the worker is shutting down$"):
         await pool.run("x", "x", b"", b"")
+    await pool.aclose()  # twice is fine
+
+
+async def test_close_kills_a_busy_process_after_its_grace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "running"
+
+    def hold() -> None:
+        marker.touch()
+        time.sleep(600)
+
+    digest, fn = _fn(hold)
+    pool = Pool(1)
+    await pool.start()
+    (child,) = pool._children
+    outcomes: list[BaseException] = []
+
+    async def run(name: str) -> None:
+        try:
+            await pool.run(digest, name, fn, b"")
+        except PoolProcessLost as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "running")
+        await until(marker.exists, "the task runs")
+        tg.start_soon(run, "queued")
+        await until(lambda: pool.queued == 1, "the second task is queued")
+        await pool.aclose(grace=0.1)
+    assert child.process.returncode == -signal.SIGKILL
+    # Neither waits for ever: the running one cannot answer once its socket is closed.
+    assert [str(e) for e in outcomes] == ["the worker is shutting down"] * 2
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_pool_needs_a_process() -> None:
+    with pytest.raises(ValueError, match=r"^a pool needs at least one process, not 0$"):
+        Pool(0)
+
+
+def test_exit_status_in_words() -> None:
+    assert _exit_status(None) == "stopped answering"
+    assert _exit_status(0) == "exited with status 0"
+    assert _exit_status(3) == "exited with status 3"
+    assert _exit_status(-signal.SIGSEGV) == "was killed by signal SIGSEGV"
+    assert _exit_status(-1) == "was killed by signal SIGHUP"
+    assert _exit_status(-200) == "was killed by signal 200"
+
+
+class _Frames:
+    """Stands in for the pool: what a :class:`_Child` reads is recorded here."""
+
+    _decoder = msgspec.msgpack.Decoder(Done)
+
+    def __init__(self) -> None:
+        self.got: list[Done] = []
+
+    def _finished(self, child: object, done: Done) -> None:
+        self.got.append(done)
+
+
+class _Process:
+    pid = 1
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4096, 65536, 256 << 10, 10 << 20])
+def test_frames_are_read_whatever_the_chunks(chunk: int) -> None:
+    sizes = [0, 5, 100 << 10, (256 << 10) - 20, 256 << 10, 1 << 20, 7, (200 << 10)]
+    if chunk < 4096:
+        sizes = [0, 5, 300, 2, 1000]
+    expected = [Done(i, OK, bytes([i]) * size) for i, size in enumerate(sizes)]
+    encoder = msgspec.msgpack.Encoder()
+    stream = b"".join(encode_frame(encoder, d) for d in expected)
+    frames = _Frames()
+    child = _Child(frames, _Process())  # type: ignore[arg-type]
+    fed = 0
+    while fed < len(stream):
+        buffer = child.get_buffer(-1)
+        n = min(len(buffer), chunk, len(stream) - fed)
+        assert n > 0
+        buffer[:n] = stream[fed : fed + n]
+        child.buffer_updated(n)
+        fed += n
+    assert frames.got == expected
+
+
+async def test_a_cancelled_close_still_stops_every_process() -> None:
+    pool = Pool(2)
+    await pool.start()
+    processes = [c.process for c in pool._children]
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await pool.aclose()
+    assert [p.returncode for p in processes] == [0, 0]
+
+
+async def test_a_cancelled_start_leaves_no_process_behind() -> None:
+    pool = Pool(1)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await pool.start()
+    assert scope.cancelled_caught
+    assert pool.pids == []  # and no socket or process left open (tests/leaks.py)
+    await pool.aclose()
+
+
+async def test_each_process_start_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="vaccelray.pool")
+    async with Pool(2) as pool:
+        logged = sorted(r.getMessage() for r in caplog.records)
+        assert logged == sorted(f"Pool process {pid} started" for pid in pool.pids)

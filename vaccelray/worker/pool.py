@@ -180,8 +180,7 @@ class _Child(asyncio.BufferedProtocol):
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
+            self.process.kill()  # Popen ignores a process that exited since
 
 
 class Pool:
@@ -200,12 +199,11 @@ class Pool:
         self._children: set[_Child] = set()
         self._idle: collections.deque[_Child] = collections.deque()
         self._queue: collections.deque[_Job] = collections.deque()
-        self._seq = itertools.count(1)
+        self._seq = itertools.count()
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Done)
         self._closing = False
         self._failures = 0
-        self._spawning = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: Pool processes lost (crashed or killed) since the start.
@@ -244,7 +242,7 @@ class Pool:
 
     async def _spawn(self) -> None:
         assert self._loop is not None
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent, child = socket.socketpair()  # AF_UNIX, SOCK_STREAM
         for sock in (parent, child):
             tune_socket(sock)
         try:
@@ -263,9 +261,10 @@ class Pool:
         proto = _Child(self, process)
         try:
             await self._loop.create_unix_connection(lambda: proto, sock=parent)
-        except BaseException:
+        except BaseException:  # cancelled (the pool is closing): leave no process behind
             proto.kill()
             parent.close()
+            process.wait()  # killed: reaped at once (a Popen left running warns)
             raise
         self._children.add(proto)
         self._idle.append(proto)
@@ -356,9 +355,7 @@ class Pool:
         idle, queue = self._idle, self._queue
         while idle and queue:
             # The process that finished last: under a light load one process stays warm.
-            child = idle.pop()
-            if child.transport is None:
-                continue
+            child = idle.pop()  # connected: connection_lost takes a process out of _idle
             job = queue.popleft()
             job.child = child
             child.job = job
@@ -383,7 +380,9 @@ class Pool:
         self._children.discard(child)
         with contextlib.suppress(ValueError):
             self._idle.remove(child)
-        if self._closing:
+        if self._closing:  # its task (if any) cannot answer any more
+            if child.job is not None:
+                child.job.finish(PoolProcessLost("the worker is shutting down"))
             return
         self.lost += 1
         task = asyncio.ensure_future(self._replace(child))

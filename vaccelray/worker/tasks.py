@@ -130,7 +130,7 @@ class TaskService:
                 StatusCode.FAILED_PRECONDITION,
                 f"{task.name} needs backend {task.backend!r}; this worker has {backend.name!r}",
             )
-        missing = sorted(set(task.ops) - backend.ops) if task.ops else None
+        missing = sorted(set(task.ops) - backend.ops)
         if missing:
             raise RPCError(
                 StatusCode.FAILED_PRECONDITION,
