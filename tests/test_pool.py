@@ -120,9 +120,9 @@ async def test_env_session_and_sys_path_reach_the_task(
     def look() -> tuple[str | None, int, str]:
         import only_here  # type: ignore[import-not-found]
 
-        from vaccelray.worker import poolchild
+        from vaccelray import task_context
 
-        return os.environ.get("POOL_TEST_VAR"), poolchild.current_session_id, only_here.WHERE
+        return os.environ.get("POOL_TEST_VAR"), task_context.session_id, only_here.WHERE
 
     async with Pool(1, env={"POOL_TEST_VAR": "set"}) as pool:
         assert await value(pool, look) == ("set", 0, "tmp")

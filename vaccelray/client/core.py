@@ -90,6 +90,8 @@ class Core:
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-{secrets.token_hex(3)}-"
         self._closed = False
+        #: Connections being closed after a transport error (see ``_forget``).
+        self._closing: set[asyncio.Task[None]] = set()
         self._session_id = 0
 
     @classmethod
@@ -425,6 +427,9 @@ class Core:
                     max_message_size=self.max_message_size,
                     ssl=self.ssl,
                 )
+                if self._closed:  # shut down while connecting: nobody would close it
+                    conn.close()
+                    raise TransportError("the client was shut down")
                 self._conn = conn
                 self._registered = set()
                 self._session_id = 0
@@ -433,7 +438,9 @@ class Core:
     def _forget(self, conn: Connection | None) -> None:
         if conn is not None and conn is self._conn:
             self._conn = None
-            self.loop.create_task(conn.aclose())
+            closing = self.loop.create_task(conn.aclose())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         """Fail the tasks in flight with WorkerLostError, close the connection."""
@@ -448,6 +455,8 @@ class Core:
         if self._conn is not None:
             await self._conn.aclose()
             self._conn = None
+        if self._closing:  # connections dropped earlier: their sockets must be closed too
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # -- vAccel sessions (data-only calls to the worker's agent service) ---------------
 

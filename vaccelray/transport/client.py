@@ -94,6 +94,8 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         self.batch: list[bytes] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        #: Set once the transport is closed for good (its socket too).
+        self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -125,6 +127,7 @@ class _ClientProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.closed.set()
         self._writable.set()
         reason = f": {exc}" if exc else ""
         self._fail(TransportError(f"connection closed{reason}"))
@@ -263,11 +266,28 @@ class Client:
         if transport is not None:
             transport.abort()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close the connection (its bytes already written are flushed first)."""
         transport = self._protocol.transport
         if transport is not None:
             transport.close()
-            await anyio.lowlevel.checkpoint()
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Close, and return once the socket is closed.
+
+        A transport closes its socket a loop iteration or more after
+        ``close()`` (after a TLS goodbye, several): a caller that stops its
+        loop right after would leave the socket open. Past *grace* seconds
+        the connection is aborted.
+        """
+        self.close()
+        closed = self._protocol.closed
+        with anyio.move_on_after(grace):
+            await closed.wait()
+        if not closed.is_set():
+            self.abort()
+            with anyio.move_on_after(1.0):
+                await closed.wait()
 
 
 def _resolve(future: asyncio.Future[bytes], outcome: Outcome) -> None:
