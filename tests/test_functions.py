@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import tasks as wire
 
@@ -31,7 +31,7 @@ def test_get_returns_what_was_added_and_unknown_is_not_found() -> None:
     with pytest.raises(RPCError) as info:
         cache.get("0" * 64)
     assert info.value.code == StatusCode.NOT_FOUND
-    assert info.value.message.startswith(wire.UNKNOWN_FUNCTION)
+    assert info.value.reason is Reason.UNKNOWN_FUNCTION
 
 
 def test_least_recently_used_goes_first_past_the_byte_limit() -> None:

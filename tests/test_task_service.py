@@ -27,7 +27,7 @@ import pytest
 
 from vaccelray.agent_client import AgentClient
 from vaccelray.auth import TokenCheck, token_metadata
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
 from vaccelray.testing import connected_client
 from vaccelray.transport.client import Client, client_from_socket
@@ -314,13 +314,14 @@ async def test_requirements_are_checked_before_running() -> None:
             await h.submit(getpid, session_id=999)
         assert info.value.code == StatusCode.NOT_FOUND
         assert info.value.message == "unknown session 999 on this worker"
+        assert info.value.reason is Reason.UNKNOWN_SESSION
         session = await AgentClient(h.client).create_session()
         assert await h.result(getpid, backend="noop", ops=("classify", "exec"), session_id=session)
         ghost = wire.encode(wire.Submit("t", "0" * 64, "ghost"))
         with pytest.raises(RPCError) as info:
             await h.client.call(wire.SERVICE, wire.METHOD_SUBMIT, ghost)
         assert info.value.code == StatusCode.NOT_FOUND
-        assert info.value.message.startswith(wire.UNKNOWN_FUNCTION)
+        assert info.value.reason is Reason.UNKNOWN_FUNCTION
         assert h.pool.busy == h.pool.queued == 0
         assert h.service.running == {}
 

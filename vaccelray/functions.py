@@ -3,8 +3,8 @@
 ``RegisterFunction`` stores a pickled function under the SHA-256 of its bytes;
 ``Submit`` names it by that digest. Both the worker and the scheduler keep
 such registrations, dropping the least recently used past a byte budget, and
-answer a digest they no longer have with NOT_FOUND + ``UNKNOWN_FUNCTION`` so
-the caller registers it again.
+answer a digest they no longer have with NOT_FOUND and the reason
+``UNKNOWN_FUNCTION``, so the caller registers it again.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
 
 __all__ = ["FunctionCache", "Registration"]
@@ -76,6 +76,8 @@ class FunctionCache:
         """The registration of *digest* (now the most recently used); NOT_FOUND when gone."""
         entry = self._entries.get(digest)
         if entry is None:
-            raise RPCError(StatusCode.NOT_FOUND, f"{wire.UNKNOWN_FUNCTION} {digest}")
+            raise RPCError(
+                StatusCode.NOT_FOUND, f"unknown function {digest}", reason=Reason.UNKNOWN_FUNCTION
+            )
         self._entries.move_to_end(digest)
         return entry

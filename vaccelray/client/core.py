@@ -43,7 +43,7 @@ from vaccelray.client.errors import (
 )
 from vaccelray.client.refs import TaskRef, _settle
 from vaccelray.client.remote import FunctionSpec, Options, pickle_args
-from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError
+from vaccelray.errors import ConnectError, Reason, RPCError, StatusCode, TransportError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol._pb import vaccel_pb2 as pb
@@ -346,11 +346,7 @@ class Core:
             self._forget(conn)
             return _Verdict.LOST, outcome
         if isinstance(outcome, RPCError):
-            if (
-                outcome.code == StatusCode.NOT_FOUND
-                and outcome.message.startswith(wire.UNKNOWN_FUNCTION)
-                and unknown < 3
-            ):
+            if outcome.reason is Reason.UNKNOWN_FUNCTION and unknown < 3:
                 self._registered.discard(spec.digest)  # the worker dropped it from its cache
                 return _Verdict.UNKNOWN, None
             if outcome.code != StatusCode.UNAVAILABLE:

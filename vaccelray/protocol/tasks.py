@@ -14,7 +14,7 @@ Methods (request → reply):
 ``Submit``            :class:`Submit` → :data:`TaskReply` (:class:`TaskDone` | :class:`TaskFailed`)
     Run a registered function. The call's ttrpc timeout is the task's timeout.
     A function the worker does not know is answered NOT_FOUND with the
-    message prefix :data:`UNKNOWN_FUNCTION` (register it and submit again);
+    reason ``UNKNOWN_FUNCTION`` (register it and submit again);
     a capability the worker lacks is answered FAILED_PRECONDITION.
 ``Cancel``            :class:`Cancel` → :class:`Cancelled`
     Stop tasks by id: dropped from the queue, or their pool process killed.
@@ -35,7 +35,6 @@ __all__ = [
     "METHOD_REGISTER",
     "METHOD_SUBMIT",
     "SERVICE",
-    "UNKNOWN_FUNCTION",
     "Cancel",
     "Cancelled",
     "FailureKind",
@@ -55,9 +54,6 @@ SERVICE: Final = "vaccelray.v1.Worker"
 METHOD_REGISTER: Final = "RegisterFunction"
 METHOD_SUBMIT: Final = "Submit"
 METHOD_CANCEL: Final = "Cancel"
-
-#: Start of the NOT_FOUND message for a function digest the worker has not cached.
-UNKNOWN_FUNCTION: Final = "unknown function"
 
 #: Bytes of a request kept free for the envelope when checking argument sizes.
 ARG_LIMIT_MARGIN: Final = 4096

@@ -36,7 +36,7 @@ import anyio.abc
 from google.protobuf.message import DecodeError
 
 from vaccelray._version import __version__
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
@@ -103,6 +103,16 @@ def _decode(message_type: type[Any], payload: bytes) -> Any:
         raise RPCError(
             StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
         ) from exc
+
+
+def _session_lost(exc: RPCError, worker_session: int) -> bool:
+    """Whether a worker's error says it does not hold *worker_session*.
+
+    Our workers say so with a reason; a plain vAccel agent only in words.
+    """
+    if exc.reason is not None:
+        return exc.reason is Reason.UNKNOWN_SESSION
+    return exc.code == StatusCode.NOT_FOUND and exc.message == f"Unknown session {worker_session}"
 
 
 class _Rebind(Exception):
@@ -182,7 +192,9 @@ class AgentRouter:
         try:
             return self.sessions[session_id]
         except KeyError:
-            raise RPCError(StatusCode.NOT_FOUND, f"Unknown session {session_id}") from None
+            raise RPCError(
+                StatusCode.NOT_FOUND, f"Unknown session {session_id}", reason=Reason.UNKNOWN_SESSION
+            ) from None
 
     def _valid(self, binding: Binding | None) -> bool:
         if binding is None:
@@ -337,8 +349,7 @@ class AgentRouter:
                 raise _Rebind(bury=True) from exc
             raise
         except RPCError as exc:
-            lost = f"Unknown session {binding.worker_session}"
-            if exc.code == StatusCode.NOT_FOUND and exc.message == lost:
+            if _session_lost(exc, binding.worker_session):
                 raise _Rebind(bury=False) from exc
             raise
 
@@ -348,15 +359,13 @@ class AgentRouter:
         ctx: CallContext,
         method: str,
         attempt: Callable[[Binding], Awaitable[bytes]],
-        *,
-        lost: Callable[[Binding, RPCError], bool],
     ) -> bytes:
         """Run *attempt* on the worker holding scheduler session *session_id* (for other services).
 
         Session affinity and failover as for the vAccel calls: *attempt* gets
         the session's live binding and calls the worker through the pool. When
-        it raises ``WorkerUnavailable`` with ``sent=False``, or an RPCError for
-        which *lost(binding, error)* is true (the worker does not know the
+        it raises ``WorkerUnavailable`` with ``sent=False``, or an RPCError
+        with the reason UNKNOWN_SESSION (the worker does not hold the
         session), the session is re-created on another worker and *attempt*
         runs again; ``WorkerUnavailable`` with ``sent=True`` ends the call with
         UNAVAILABLE naming the worker and the session. An unknown session is
@@ -374,7 +383,7 @@ class AgentRouter:
                     raise _Rebind(bury=True) from exc
                 raise
             except RPCError as exc:
-                if lost(binding, exc):
+                if exc.reason is Reason.UNKNOWN_SESSION:
                     raise _Rebind(bury=False) from exc
                 raise
 

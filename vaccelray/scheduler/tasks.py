@@ -7,9 +7,9 @@ on one worker; the scheduler moves bytes and never unpickles anything.
     The scheduler keeps the request (by digest, least recently used first
     out, bounded in bytes) and answers at once. A worker gets the function
     when it is first given a task using it (``RegisterFunction`` before the
-    ``Submit``), and again whenever it answers ``Submit`` with NOT_FOUND
-    :data:`~vaccelray.protocol.tasks.UNKNOWN_FUNCTION` (its cache dropped
-    it): registered there and submitted once more. A digest the scheduler
+    ``Submit``), and again whenever it answers ``Submit`` with the reason
+    ``UNKNOWN_FUNCTION`` (its cache dropped it): registered there and
+    submitted once more. A digest the scheduler
     has dropped itself is answered the same way, so the client registers it
     again.
 ``Submit``
@@ -44,7 +44,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.classify import CLASSIFY_METHOD
@@ -61,8 +61,6 @@ log = logging.getLogger("vaccelray.scheduler")
 DEFAULT_FUNCTION_CACHE_BYTES: Final = 256 << 20
 #: Time allowed for forwarding a Cancel (the client's own Cancel has no deadline).
 CANCEL_TIMEOUT: Final = 5.0
-#: A worker's answer to a call it never dispatched (see ``vaccelray.transport.server``).
-_NOT_DISPATCHED: Final = "server is shutting down"
 #: Attempts at cancelling a task the worker has not started yet (it is on its way).
 _CANCEL_ATTEMPTS: Final = 5
 
@@ -308,16 +306,7 @@ class TaskRouter:
                     f"session {task.session_id} is on {exc.address}, which runs no tasks: {exc}",
                 ) from exc
 
-        def lost(binding: Binding, exc: RPCError) -> bool:
-            # The worker's answer for a session it does not hold (vaccelray.worker.tasks).
-            return (
-                exc.code == StatusCode.NOT_FOUND
-                and exc.message == f"unknown session {binding.worker_session} on this worker"
-            )
-
-        return await self.sessions.in_session(
-            task.session_id, ctx, f"task {task.name}", attempt, lost=lost
-        )
+        return await self.sessions.in_session(task.session_id, ctx, f"task {task.name}", attempt)
 
     async def _run_on(
         self,
@@ -359,9 +348,7 @@ class TaskRouter:
                     metadata=ctx.metadata,
                 )
             except RPCError as exc:
-                if exc.code == StatusCode.NOT_FOUND and exc.message.startswith(
-                    wire.UNKNOWN_FUNCTION
-                ):
+                if exc.reason is Reason.UNKNOWN_FUNCTION:
                     self._on_worker.get((address, instance), set()).discard(task.digest)
                     if attempt == 0:
                         log.info(
@@ -384,7 +371,7 @@ class TaskRouter:
         if exc.code == StatusCode.UNIMPLEMENTED:
             self._no_tasks.add((address, instance))
             raise _NotServed(address, exc.message) from exc
-        if exc.code == StatusCode.UNAVAILABLE and exc.message == _NOT_DISPATCHED:
+        if exc.reason is Reason.NOT_DISPATCHED:
             raise WorkerUnavailable(address, exc.message, sent=False) from exc
 
     async def _ensure_registered(

@@ -43,7 +43,7 @@ from typing import Final, cast
 import anyio
 import anyio.abc
 
-from vaccelray.errors import RemoteProtocolError, RPCError, StatusCode
+from vaccelray.errors import Reason, RemoteProtocolError, RPCError, StatusCode
 from vaccelray.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     NEED_DATA,
@@ -131,6 +131,10 @@ class CallContext:
 
 
 _NS: Final = 1e-9
+#: The answer to a call that arrives while the server stops: it never reached a handler.
+_NOT_DISPATCHED: Final = RPCError(
+    StatusCode.UNAVAILABLE, "server is shutting down", reason=Reason.NOT_DISPATCHED
+)
 
 #: Seconds a frame may take to arrive whole once its first byte has.
 DEFAULT_FRAME_TIMEOUT: Final = 30.0
@@ -426,9 +430,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self.proto.send_response(event.stream_id, payload)
 
     def _shutting_down(self, event: RequestReceived) -> bytes:
-        return self.proto.send_response(
-            event.stream_id, code=StatusCode.UNAVAILABLE, message="server is shutting down"
-        )
+        return self._error(event.stream_id, _NOT_DISPATCHED)
 
     def _start_future(self, method: Method, event: RequestReceived) -> bytes | None:
         """Start a *future* handler; the answer when it failed at once, else None."""

@@ -21,7 +21,7 @@ import anyio
 import msgspec
 from google.protobuf.message import DecodeError
 
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.classify import CLASSIFY_METHOD, ClassifyReply, ClassifyRequest
@@ -152,7 +152,9 @@ class Agent:
         try:
             return self.sessions[session_id]
         except KeyError:
-            raise RPCError(StatusCode.NOT_FOUND, f"Unknown session {session_id}") from None
+            raise RPCError(
+                StatusCode.NOT_FOUND, f"Unknown session {session_id}", reason=Reason.UNKNOWN_SESSION
+            ) from None
 
     # -- sessions ----------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from vaccelray.auth import TokenCheck, protect
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
@@ -139,7 +139,9 @@ class TaskService:
             )
         if task.session_id and task.session_id not in self.agent.sessions:
             raise RPCError(
-                StatusCode.NOT_FOUND, f"unknown session {task.session_id} on this worker"
+                StatusCode.NOT_FOUND,
+                f"unknown session {task.session_id} on this worker",
+                reason=Reason.UNKNOWN_SESSION,
             )
 
     def _cancel(self, payload: bytes, ctx: CallContext) -> bytes:
