@@ -422,7 +422,7 @@ async def test_the_scheduler_refuses_before_forwarding_or_keeping() -> None:
             error = await refused(client, "RegisterResource", blob.SerializeToString())
             assert_names(error, StatusCode.RESOURCE_EXHAUSTED, "blobs[0]", str(LIMIT + 1))
             assert received == []
-            assert sched.router.resources == {}
+            assert sched.table.resources == {}
             await client.call(SERVICE, "Genop", hostile_genop(session, 8))
             assert received == ["Genop"]
 

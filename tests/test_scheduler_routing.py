@@ -91,13 +91,13 @@ async def test_sessions_spread_stick_and_are_destroyed_on_both_sides(
             ids.append(await agent.create_session())
         assert ids == [1, 2, 3, 4]
         assert [await worker_sessions(a) for a in addresses] == [2, 2]
-        bound = {s.id: s.binding.address for s in sched.router.sessions.values() if s.binding}
+        bound = {s.id: s.binding.address for s in sched.table.sessions.values() if s.binding}
         agent = AgentClient(client)
         for _ in range(5):
             for session_id in ids:
                 assert await agent.classify(session_id, b"img") == NOOP_TAG
                 # Affinity: a session never moves while its worker is healthy.
-                assert sched.router.sessions[session_id].binding.address == bound[session_id]  # type: ignore[union-attr]
+                assert sched.table.sessions[session_id].binding.address == bound[session_id]  # type: ignore[union-attr]
         for session_id in ids:
             await agent.destroy_session(session_id)
         assert [await worker_sessions(a) for a in addresses] == [0, 0]
@@ -126,7 +126,7 @@ async def test_a_closed_connection_leaves_no_sessions_on_workers(
             return sum([await worker_sessions(a) for a in addresses]) == 0
 
         await wait_until(cleaned, LIVENESS, "orphan sessions destroyed")
-        assert sched.router.sessions == {}
+        assert sched.table.sessions == {}
         assert kept == 4
 
 
@@ -140,7 +140,7 @@ async def test_killed_worker_fails_calls_in_flight_then_sessions_move(
         agent = AgentClient(client, timeout=LIVENESS)
         # One session on each worker; the test uses the one on the slow worker.
         pair = [await agent.create_session() for _ in range(2)]
-        [session] = [s for s in pair if sched.router.sessions[s].binding.address == slow]  # type: ignore[union-attr]
+        [session] = [s for s in pair if sched.table.sessions[s].binding.address == slow]  # type: ignore[union-attr]
         [bystander] = [s for s in pair if s != session]
         blob = pb.RegisterResourceRequest(
             session_id=session,
@@ -150,7 +150,7 @@ async def test_killed_worker_fails_calls_in_flight_then_sessions_move(
         reply = await client.call_message(
             SERVICE_NAMES[0], "RegisterResource", blob, pb.RegisterResourceResponse
         )
-        first = sched.router.sessions[session].binding
+        first = sched.table.sessions[session].binding
         assert first is not None
 
         outcome: list[object] = []
@@ -180,11 +180,11 @@ async def test_killed_worker_fails_calls_in_flight_then_sessions_move(
         )
         # The next call re-creates the session (and its resource) on the other worker.
         assert await agent.classify(session, b"img") == NOOP_TAG
-        moved = sched.router.sessions[session].binding
+        moved = sched.table.sessions[session].binding
         assert moved is not None
         assert moved.address == other
         assert await worker_sessions(other) == 2
-        resource = sched.router.resources[reply.resource_id]
+        resource = sched.table.resources[reply.resource_id]
         assert (other, moved.instance) in resource.on_worker
         await client.call_message(
             SERVICE_NAMES[0],
@@ -195,7 +195,7 @@ async def test_killed_worker_fails_calls_in_flight_then_sessions_move(
         await agent.destroy_session(session)
         await agent.destroy_session(bystander)
         assert await worker_sessions(other) == 0
-        assert sched.router.resources == {}
+        assert sched.table.resources == {}
 
 
 @pytest.mark.anyio
@@ -207,7 +207,7 @@ async def test_hung_worker_leaves_routing_and_returns(
         # The client would wait LIVENESS s: failing sooner proves the call was not left hanging.
         agent = AgentClient(client, timeout=LIVENESS)
         session = await agent.create_session()
-        binding = sched.router.sessions[session].binding
+        binding = sched.table.sessions[session].binding
         assert binding is not None
         hung = binding.address
         procs[hung].signal(signal.SIGSTOP)
@@ -218,7 +218,7 @@ async def test_hung_worker_leaves_routing_and_returns(
         assert f"worker {hung} was lost during ImageClassification" in caught.value.message
         assert not sched.pool.registry.get(hung).routable  # type: ignore[union-attr]
         assert await agent.classify(session, b"img") == NOOP_TAG  # moved on
-        assert sched.router.sessions[session].binding.address != hung  # type: ignore[union-attr]
+        assert sched.table.sessions[session].binding.address != hung  # type: ignore[union-attr]
         procs[hung].signal(signal.SIGCONT)
 
         async def is_up() -> bool:
@@ -245,7 +245,7 @@ async def test_a_returning_worker_takes_new_sessions_once_its_leftovers_are_dest
         ids = [await agent.create_session() for _ in range(4)]
         on: dict[str, list[int]] = {a: [] for a in addresses}
         for session_id in ids:
-            on[sched.router.sessions[session_id].binding.address].append(session_id)  # type: ignore[union-attr]
+            on[sched.table.sessions[session_id].binding.address].append(session_id)  # type: ignore[union-attr]
         assert sorted(len(v) for v in on.values()) == [2, 2]
         back, other = addresses
         # *back* goes away; the sessions destroyed meanwhile are left on it.
@@ -268,7 +268,7 @@ async def test_a_returning_worker_takes_new_sessions_once_its_leftovers_are_dest
         # is 0, the other's 1 (its report is fresh), so *back* gets the next session.
         assert record.reported_sessions == 2
         new = await agent.create_session()
-        assert sched.router.sessions[new].binding.address == back  # type: ignore[union-attr]
+        assert sched.table.sessions[new].binding.address == back  # type: ignore[union-attr]
         assert await sched.health.check(back) is Change.NONE
         assert (record.reported_sessions, record.leaving) == (1, 0)
 
@@ -322,7 +322,7 @@ async def test_no_healthy_worker_is_unavailable() -> None:
             await AgentClient(client).create_session()
         assert caught.value.code == StatusCode.UNAVAILABLE
         assert "no healthy worker for session 1 (1 known)" in caught.value.message
-        [row] = sched.router.status().workers
+        [row] = sched.view.status().workers
         assert row.health == "down"
         assert "cannot connect" in row.last_error
 

@@ -176,7 +176,7 @@ async def test_killed_worker_tasks_are_retried_elsewhere_and_all_come_back(
 ) -> None:
     procs = {a: p for p, a in doomed_workers}
     async with cluster(doomed_workers) as (sched, client), client.session() as session:
-        doomed = sched.router.sessions[session.id].binding
+        doomed = sched.table.sessions[session.id].binding
         assert doomed is not None
         victim = procs[doomed.address]
         survivor = next(p for a, p in procs.items() if a != doomed.address)
@@ -204,7 +204,7 @@ async def test_killed_worker_tasks_are_retried_elsewhere_and_all_come_back(
         with pytest.raises(vaccelray.WorkerLostError, match=doomed.address):
             await pinned
         assert await session.submit(parent) == survivor.pid
-        moved = sched.router.sessions[session.id].binding
+        moved = sched.table.sessions[session.id].binding
         assert moved is not None
         assert moved.address != doomed.address
     assert sched.tasks.inflight == {}
@@ -215,7 +215,7 @@ async def test_session_tasks_run_on_the_sessions_worker(workers: list[tuple[Proc
     async with cluster(workers) as (sched, client):
         # Two sessions: one on each worker (a session counts as load).
         async with client.session() as one, client.session() as two:
-            bindings = [sched.router.sessions[s.id].binding for s in (one, two)]
+            bindings = [sched.table.sessions[s.id].binding for s in (one, two)]
             assert bindings[0] is not None
             assert bindings[1] is not None
             assert {b.address for b in bindings if b} == set(pid_of)

@@ -248,8 +248,12 @@ def connection_limit_options(command: _F) -> _F:
     help="Ask the cluster token of vAccel agent calls too (open by default).",
 )
 @click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="PEM", help="Serve TLS.")
-@click.option("--tls-key", type=click.Path(dir_okay=False), metavar="PEM",
-              help="Key of --tls-cert (when not in the same file).")
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False),
+    metavar="PEM",
+    help="Key of --tls-cert (when not in the same file).",
+)
 @connection_limit_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def worker(
@@ -337,10 +341,20 @@ def submit() -> None:
     is_flag=True,
     help='Print one JSON object per image: {"path", "tag", "labels"} or {"path", "error"}.',
 )
-@click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
-              help="Images classified at once.")
-@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True,
-              help="Labels shown per image, with scores, where the backend has them.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Images classified at once.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Labels shown per image, with scores, where the backend has them.",
+)
 @click.option(
     "--retries",
     type=click.IntRange(0),
@@ -455,11 +469,20 @@ def _parse_arg(text: str) -> object:
     help="Seconds the task may take (each attempt); a worker that does not answer by then "
     f"fails the run.  [default: the function's own, else {DEFAULT_RUN_TIMEOUT:g}]",
 )
-@click.option("--retries", type=click.IntRange(0), default=0, show_default=True,
-              help="Times the task is run again when its worker is lost.")
+@click.option(
+    "--retries",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Times the task is run again when its worker is lost.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--token-file", type=click.Path(dir_okay=False), metavar="PATH",
-              help="File holding the cluster token (else VACCELRAY_TOKEN).")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="File holding the cluster token (else VACCELRAY_TOKEN).",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
 def run(
     target: str,
@@ -521,8 +544,9 @@ def run(
     try:
         client = Client(address, token=load_token(None, token_file))
     except ConnectError as exc:
-        _fail(f"{exc} (is a worker running there? start one with: vaccelray worker)",
-              EXIT_UNREACHABLE)
+        _fail(
+            f"{exc} (is a worker running there? start one with: vaccelray worker)", EXIT_UNREACHABLE
+        )
     except VaccelrayError as exc:
         _fail(str(exc), EXIT_FAILED)
     with client:
@@ -655,9 +679,7 @@ def scheduler(
     help="Scheduler or worker to ask.  [default: VACCELRAY_ADDRESS, else tcp://127.0.0.1:8190]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option(
-    "--timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True
-)
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
 def status(address: str | None, as_json: bool, timeout: float) -> None:
     """Show the workers a scheduler sees (health, load, sessions, backend), or one worker."""
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS

@@ -1,10 +1,12 @@
-"""The vAccel agent service on the wire: the names it has been served under."""
+"""The vAccel agent service on the wire: the names it has been served under, its errors."""
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["SERVICE_NAMES"]
+from vaccelray.errors import Reason, RPCError, StatusCode
+
+__all__ = ["SERVICE_NAMES", "unknown_session"]
 
 #: Every name the vAccel agent service has had on the wire, oldest first; the
 #: methods and messages are the same under each (protobuf is compatible by field number).
@@ -14,3 +16,10 @@ SERVICE_NAMES: Final = (
     "vaccel.sync.agent.AgentService",
     "vaccel.asynchronous.agent.AgentService",
 )
+
+
+def unknown_session(session_id: int) -> RPCError:
+    """NOT_FOUND in the real agent's words ("Unknown session N"), with our reason."""
+    return RPCError(
+        StatusCode.NOT_FOUND, f"Unknown session {session_id}", reason=Reason.UNKNOWN_SESSION
+    )

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from vaccelray.errors import Detail
 from vaccelray.protocol._pb import ttrpc_pb2
+from vaccelray.protocol.fields import encode_varint
 
 __all__ = [
     "EnvelopeError",
@@ -45,17 +46,6 @@ class EnvelopeError(ValueError):
     """Bytes that are not a valid protobuf encoding of the envelope message."""
 
 
-def _encode_varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def decode_request(body: bytes) -> tuple[str, str, bytes, int, Metadata]:
     """(service, method, payload, timeout_nano, metadata) of a ``ttrpc.Request``."""
     try:
@@ -73,7 +63,7 @@ def decode_request(body: bytes) -> tuple[str, str, bytes, int, Metadata]:
 
 
 def _len_prefix(number: int, size: int) -> bytes:
-    return bytes(((number << 3) | _WIRE_LEN,)) + _encode_varint(size)
+    return bytes(((number << 3) | _WIRE_LEN,)) + encode_varint(size)
 
 
 def _len_field(number: int, value: bytes) -> bytes:
@@ -95,7 +85,7 @@ def request_parts(
     if payload:
         parts += (_len_prefix(3, len(payload)), payload)
     if timeout_nano:
-        parts.append(b"\x20" + _encode_varint(timeout_nano & ((1 << 64) - 1)))
+        parts.append(b"\x20" + encode_varint(timeout_nano))
     for key, value in metadata:
         entry = _len_field(1, key.encode()) + _len_field(2, value.encode())
         # an all-default entry is still an element of the list

@@ -1,4 +1,4 @@
-"""The scheduler daemon: worker pool, health checks, discovery, the routing proxy, tasks."""
+"""The scheduler daemon: worker pool, health checks, discovery, session forwarding, tasks."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import anyio
 
 from vaccelray.auth import TokenCheck, protect
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from vaccelray.scheduler.forwarding import AgentForwarder
 from vaccelray.scheduler.health import HealthChecker
 from vaccelray.scheduler.pool import WorkerPool
-from vaccelray.scheduler.proxy import AgentRouter
+from vaccelray.scheduler.sessions import SessionTable
+from vaccelray.scheduler.status import ClusterView
 from vaccelray.scheduler.tasks import DEFAULT_FUNCTION_CACHE_BYTES, TaskRouter
 from vaccelray.transport.endpoints import ListenError
 from vaccelray.transport.server import (
@@ -72,7 +74,9 @@ class Scheduler:
 
     config: SchedulerConfig
     pool: WorkerPool
-    router: AgentRouter
+    #: The sessions of the vAccel clients, and the workers that hold them.
+    table: SessionTable
+    view: ClusterView
     health: HealthChecker
     server: Server
     tasks: TaskRouter
@@ -91,22 +95,23 @@ async def run_scheduler(
     Static workers get their first health check before it serves, so a
     client that connects at once finds them routable. *extra_services* are
     served on the same listeners, next to the vAccel agent routing
-    (:class:`AgentRouter`) and the task service (:class:`TaskRouter`).
+    (:class:`AgentForwarder`) and the task service (:class:`TaskRouter`).
     """
     pool = WorkerPool(
         connect_timeout=config.health_timeout, max_message_size=config.max_message_size
     )
     for address in config.workers:
         pool.registry.add_static(address)
-    router = AgentRouter(pool, max_message_size=config.max_message_size)
-    tasks = TaskRouter(pool, router, cache_bytes=config.function_cache_bytes)
-    task_services = protect(
-        [tasks.service()], TokenCheck.for_addresses(config.addresses, config.token)
-    )
     health = HealthChecker(pool, interval=config.health_interval, timeout=config.health_timeout)
     try:
         async with anyio.create_task_group() as tg:
-            router.attach(tg)
+            table = SessionTable(pool, tg)
+            view = ClusterView(pool, table)
+            agent = AgentForwarder(table, max_message_size=config.max_message_size)
+            tasks = TaskRouter(pool, table, cache_bytes=config.function_cache_bytes)
+            task_services = protect(
+                [tasks.service()], TokenCheck.for_addresses(config.addresses, config.token)
+            )
             tasks.attach(tg)
             with anyio.move_on_after(config.health_timeout + 0.5):
                 async with anyio.create_task_group() as first:
@@ -118,20 +123,26 @@ async def run_scheduler(
 
                 await tg.start(functools.partial(browse, pool, health, interface=config.interface))
             async with serve(
-                [*router.services(), *task_services, tasks.classify_service(), *extra_services],
+                [
+                    *agent.services(),
+                    *view.services(),
+                    *task_services,
+                    tasks.classify_service(),
+                    *extra_services,
+                ],
                 config.addresses,
                 max_message_size=config.max_message_size,
                 grace=config.grace,
-                on_disconnect=router.connection_closed,
+                on_disconnect=table.connection_closed,
                 max_connections=config.max_connections,
                 frame_timeout=config.frame_timeout,
                 idle_timeout=config.idle_timeout,
-                holds_state=router.holds_state,
+                holds_state=table.holds_state,
             ) as server:
                 for address in server.addresses:
                     log.info("Listening on %s", address)
                 try:
-                    yield Scheduler(config, pool, router, health, server, tasks)
+                    yield Scheduler(config, pool, table, view, health, server, tasks)
                 finally:
                     log.info("Shutting down")
             tg.cancel_scope.cancel()

@@ -8,6 +8,10 @@ call's broken connection) every call still waiting on it ends with
 :class:`WorkerUnavailable`. This is the API the stateless task service uses
 too: ``pick(op)`` then ``call(address, ...)``; on ``WorkerUnavailable`` with
 ``sent=False`` the work surely did not run and may go elsewhere.
+
+:meth:`WorkerPool.start` is the same call without a task: started from the
+loop on an open connection, answered through a callback (the scheduler's
+forwarding of session calls, its busiest path).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ import anyio
 from vaccelray.errors import ConnectError, TransportError, VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.registry import Change, Registry, WorkerRecord
-from vaccelray.transport.client import Client, open_client
+from vaccelray.transport.client import Client, Outcome, PendingCall, open_client
 
-__all__ = ["ChangeListener", "WorkerPool", "WorkerUnavailable"]
+__all__ = ["ChangeListener", "StartedCall", "WorkerPool", "WorkerUnavailable"]
 
 log = logging.getLogger("vaccelray.scheduler")
 
@@ -42,6 +46,35 @@ class WorkerUnavailable(VaccelrayError):
         self.sent = sent
 
 
+class StartedCall:
+    """A call begun with :meth:`WorkerPool.start`; its callback is called exactly once."""
+
+    __slots__ = ("_callback", "_pool", "address", "pending")
+
+    def __init__(self, pool: WorkerPool, address: str, callback: Callable[[Outcome], None]) -> None:
+        self._pool = pool
+        self.address = address
+        self._callback = callback
+        self.pending: PendingCall | None = None
+
+    def finish(self, outcome: Outcome) -> None:
+        """The connection's answer (its PendingCall calls this exactly once)."""
+        pool, address = self._pool, self.address
+        pool._calls[address].discard(self)
+        pool._call_ended(address)
+        if isinstance(outcome, TransportError):
+            pool.mark_down(address, f"connection lost: {outcome}")
+            outcome = WorkerUnavailable(
+                address, f"connection to {address} lost: {outcome}", sent=True
+            )
+        self._callback(outcome)
+
+    def cancel(self) -> None:
+        """Abandon the call (the caller went away); the callback gets CancelledError."""
+        if self.pending is not None:
+            self.pending.cancel()  # finishes with CancelledError
+
+
 class WorkerPool:
     """Workers to route to: registry, connections, load accounting, failure fan-out."""
 
@@ -59,6 +92,7 @@ class WorkerPool:
         self._clients: dict[str, Client] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._scopes: dict[str, set[anyio.CancelScope]] = {}
+        self._calls: dict[str, set[StartedCall]] = {}
         self._listeners: list[ChangeListener] = []
         self._closing: set[str] = set()
 
@@ -83,6 +117,7 @@ class WorkerPool:
         if change is Change.DOWN:
             for scope in self._scopes.pop(address, set()):
                 scope.cancel()
+            # Calls started without a task fail with the connection (WorkerUnavailable).
             self._close_client(address)
         for listener in self._listeners:
             listener(address, change)
@@ -99,7 +134,7 @@ class WorkerPool:
         Calls in flight finish (a worker says goodbye before it stops serving);
         the connection is closed once they have.
         """
-        if self._scopes.get(address):
+        if self._scopes.get(address) or self._calls.get(address):
             self._closing.add(address)
         else:
             self._close_client(address)
@@ -181,10 +216,51 @@ class WorkerPool:
             ) from exc
         finally:
             scopes.discard(scope)
-            registry.call_ended(address)
-            if not scopes and address in self._closing:
-                self._closing.discard(address)
-                if address not in registry:
-                    self._close_client(address)
+            self._call_ended(address)
         # Only reached when ``changed`` cancelled the scope: the worker went down.
         raise WorkerUnavailable(address, f"worker {address} became unavailable", sent=True)
+
+    def start(
+        self,
+        address: str,
+        service: str,
+        method: str,
+        payload: bytes,
+        callback: Callable[[Outcome], None],
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> StartedCall | None:
+        """:meth:`call` without a task, on the open connection to *address*; None if none is.
+
+        *callback* gets the answer's payload or what :meth:`call` would raise
+        (:class:`WorkerUnavailable` with ``sent=True`` when the connection
+        breaks or the worker is declared down meanwhile), or CancelledError
+        after :meth:`StartedCall.cancel`. Raises RPCError when *timeout* has
+        already passed.
+        """
+        client = self._clients.get(address)
+        if client is None:
+            return None
+        call = StartedCall(self, address, callback)
+        try:
+            call.pending = client.start_call(
+                service, method, payload, call.finish, timeout=timeout, metadata=metadata
+            )
+        except TransportError:
+            return None
+        self._calls.setdefault(address, set()).add(call)
+        self.registry.call_started(address)
+        return call
+
+    def _call_ended(self, address: str) -> None:
+        registry = self.registry
+        registry.call_ended(address)
+        if (
+            address in self._closing
+            and not self._scopes.get(address)
+            and not self._calls.get(address)
+        ):
+            self._closing.discard(address)
+            if address not in registry:
+                self._close_client(address)

@@ -25,7 +25,7 @@ on one worker; the scheduler moves bytes and never unpickles anything.
     FAILED_PRECONDITION at once; when the capable ones are all down:
     UNAVAILABLE. A task pinned to a session (``Submit.session_id``, a
     scheduler session) runs on the worker holding the session, with the
-    worker's own session id, with the agent router's affinity and failover.
+    worker's own session id, with the session table's affinity and failover.
 ``Cancel``
     Forwarded to the worker running the task (tasks are tracked per client
     connection while in flight); a task not yet sent anywhere just ends. A
@@ -50,8 +50,8 @@ from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.classify import CLASSIFY_METHOD
 from vaccelray.scheduler.health import AGENT_INFO
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
-from vaccelray.scheduler.proxy import AgentRouter, Binding
 from vaccelray.scheduler.registry import Change, WorkerRecord
+from vaccelray.scheduler.sessions import Binding, SessionTable
 from vaccelray.transport.server import CallContext, Method, Service
 
 __all__ = ["DEFAULT_FUNCTION_CACHE_BYTES", "TaskRouter"]
@@ -109,7 +109,7 @@ class TaskRouter:
     def __init__(
         self,
         pool: WorkerPool,
-        sessions: AgentRouter,
+        sessions: SessionTable,
         *,
         cache_bytes: int = DEFAULT_FUNCTION_CACHE_BYTES,
     ) -> None:

@@ -21,9 +21,9 @@ import anyio
 import msgspec
 from google.protobuf.message import DecodeError
 
-from vaccelray.errors import Reason, RPCError, StatusCode
+from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
-from vaccelray.protocol.agent import SERVICE_NAMES
+from vaccelray.protocol.agent import SERVICE_NAMES, unknown_session
 from vaccelray.protocol.classify import CLASSIFY_METHOD, ClassifyReply, ClassifyRequest
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.info import WORKER_SERVICE, decode, encode
@@ -152,9 +152,7 @@ class Agent:
         try:
             return self.sessions[session_id]
         except KeyError:
-            raise RPCError(
-                StatusCode.NOT_FOUND, f"Unknown session {session_id}", reason=Reason.UNKNOWN_SESSION
-            ) from None
+            raise unknown_session(session_id) from None
 
     # -- sessions ----------------------------------------------------------------
 

@@ -119,15 +119,29 @@ async def run_worker(
         info = InfoService(agent, capacity=config.capacity)
         services = [*agent.services(), agent.worker_service(), info.service(), *extra_services]
         tls = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
-        async with run_task_service(
-            agent, services, config.addresses, pool_size=config.pool_size, token=config.token,
-            protect_vaccel=config.protect_vaccel, max_message_size=config.max_message_size,
-        ) as runtime, serve(
-            runtime.services, config.addresses, max_message_size=config.max_message_size,
-            grace=config.grace, ssl=tls, max_connections=config.max_connections,
-            frame_timeout=config.frame_timeout, idle_timeout=config.idle_timeout,
-            holds_state=agent.holds_state,
-        ) as server, anyio.create_task_group() as announcer:
+        async with (
+            run_task_service(
+                agent,
+                services,
+                config.addresses,
+                pool_size=config.pool_size,
+                token=config.token,
+                protect_vaccel=config.protect_vaccel,
+                max_message_size=config.max_message_size,
+            ) as runtime,
+            serve(
+                runtime.services,
+                config.addresses,
+                max_message_size=config.max_message_size,
+                grace=config.grace,
+                ssl=tls,
+                max_connections=config.max_connections,
+                frame_timeout=config.frame_timeout,
+                idle_timeout=config.idle_timeout,
+                holds_state=agent.holds_state,
+            ) as server,
+            anyio.create_task_group() as announcer,
+        ):
             info.server = server
             for address in server.addresses:
                 log.info("Listening on %s", address)

@@ -186,7 +186,11 @@ def _probe(path: str, plugins: str, timeout: float = 30.0) -> None:
     try:
         proc = subprocess.run(
             [sys.executable, "-I", "-S", "-c", _PROBE, path],
-            env=env, capture_output=True, text=True, timeout=timeout, check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     except subprocess.TimeoutExpired as exc:
         raise LibvaccelLoadError(
@@ -288,7 +292,9 @@ class LibvaccelBackend(Backend):
             elif os.environ.get("VACCEL_PLUGINS") != plugins:
                 log.warning(
                     "libvaccel %s is already loaded in this process with plugins %s; "
-                    "it keeps those", lib.path, os.environ.get("VACCEL_PLUGINS"),
+                    "it keeps those",
+                    lib.path,
+                    os.environ.get("VACCEL_PLUGINS"),
                 )
         self.lib = lib
         self._global = threading.Lock() if lib.global_lock else None
@@ -311,10 +317,7 @@ class LibvaccelBackend(Backend):
         if lib is None:
             return f"libvaccel (not loaded yet) with plugin {plugins}"
         version = lib.version or "unknown version"
-        return (
-            f"libvaccel {version} ({lib.path}, ABI {lib.generation.name}) "
-            f"with plugin {plugins}"
-        )
+        return f"libvaccel {version} ({lib.path}, ABI {lib.generation.name}) with plugin {plugins}"
 
     @property
     def ops(self) -> frozenset[str]:

@@ -183,9 +183,11 @@ def detect_generation(has: Callable[[str], bool]) -> AbiGeneration:
     if has("vaccel_sess_init") and has("vaccel_sess_free"):
         g = GENERATIONS["0.5"]
         # A 0.6 library that only has the old names still uses the typed args.
-        return AbiGeneration("0.6", g.init, g.release, False, ctypes.c_uint32, True) if has(
-            "vaccel_args_init"
-        ) else g
+        return (
+            AbiGeneration("0.6", g.init, g.release, False, ctypes.c_uint32, True)
+            if has("vaccel_args_init")
+            else g
+        )
     raise VaccelrayError(
         "this library exports none of vaccel_session_new, vaccel_session_init or "
         "vaccel_sess_init: it is not a libvaccel this version of vaccelray supports"
@@ -265,18 +267,40 @@ class Libvaccel:
         self._release = self._declare(gen.release, (ctypes.c_void_p,))
         self._classify = self._declare(
             "vaccel_image_classification",
-            (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-             ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t),
+            (
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_size_t,
+                ctypes.c_size_t,
+            ),
         )
         arg_ptr = ctypes.POINTER(self._arg_type)
-        self._genop = self._declare(
-            "vaccel_genop", (ctypes.c_void_p, arg_ptr, ctypes.c_int, arg_ptr, ctypes.c_int)
-        ) if self.has("vaccel_genop") else None
-        self._exec = self._declare(
-            "vaccel_exec",
-            (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
-             arg_ptr, ctypes.c_size_t, arg_ptr, ctypes.c_size_t),
-        ) if self.has("vaccel_exec") else None
+        self._genop = (
+            self._declare(
+                "vaccel_genop", (ctypes.c_void_p, arg_ptr, ctypes.c_int, arg_ptr, ctypes.c_int)
+            )
+            if self.has("vaccel_genop")
+            else None
+        )
+        self._exec = (
+            self._declare(
+                "vaccel_exec",
+                (
+                    ctypes.c_void_p,
+                    ctypes.c_char_p,
+                    ctypes.c_char_p,
+                    arg_ptr,
+                    ctypes.c_size_t,
+                    arg_ptr,
+                    ctypes.c_size_t,
+                ),
+            )
+            if self.has("vaccel_exec")
+            else None
+        )
         self.path = _loaded_file(self._classify) or origin
         self.version, self.version_source = self._find_version()
 
@@ -355,8 +379,13 @@ class Libvaccel:
     ) -> None:
         """Classify *image*; the library writes into the caller's two buffers."""
         ret = self._classify(
-            session.address, image, out_text, out_imgname,
-            len(image), len(out_text), len(out_imgname),
+            session.address,
+            image,
+            out_text,
+            out_imgname,
+            len(image),
+            len(out_text),
+            len(out_imgname),
         )
         self._check("vaccel_image_classification", ret)
 
@@ -408,8 +437,13 @@ class Libvaccel:
         read_array, read_keep = self._args(read, "vaccel_exec")
         write_array, write_bufs = self._args(write, "vaccel_exec")
         ret = self._exec(
-            session.address, os.fsencode(library), symbol.encode(),
-            read_array, len(read), write_array, len(write),
+            session.address,
+            os.fsencode(library),
+            symbol.encode(),
+            read_array,
+            len(read),
+            write_array,
+            len(write),
         )
         del read_keep
         self._check("vaccel_exec", ret)

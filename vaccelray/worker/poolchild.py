@@ -44,7 +44,6 @@ _HEADER: Final = struct.Struct(">I")
 _PLAIN: Final = (type(None), bool, int, float, str, bytes)
 
 
-
 class Run(msgspec.Struct, array_like=True, frozen=True):
     seq: int
     digest: str

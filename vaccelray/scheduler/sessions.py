@@ -1,26 +1,26 @@
-"""The routing proxy: the vAccel agent service, spread over many workers.
+"""The scheduler's sessions: which worker holds each, and moving them when a worker is lost.
 
-A vAccel client sees one agent. ``CreateSession`` opens a session on the
-least-loaded healthy worker and answers a *scheduler* session id; every later
-call of that session is rewritten to the worker's own session id and sent
-there (session affinity). Resources are mapped the same way: the scheduler
-keeps each registered resource (paths and blobs) so it can register it again
-on another worker.
+A vAccel client sees one agent. A scheduler session lives on one worker
+(a :class:`Binding`: address, process instance, the worker's own session id);
+every call of the session goes there (session affinity). Resources are
+mapped the same way: the table keeps each registered resource (paths and
+blobs) so it can register it again on another worker.
 
 Failover (transparent re-creation): when a session's worker is lost (down,
-restarted, or answering "Unknown session" for it), the next call of the
+restarted, or answering UNKNOWN_SESSION for it), the next call of the
 session re-creates it on another healthy worker with its latest flags and
 replays its registered resources, then runs there; the client keeps its ids.
 Calls that were *in flight* on the worker when it was lost may or may not
 have run, so they are not retried: they end at once with UNAVAILABLE (14),
 naming the worker and the session. A request that surely never reached a
-worker (connection refused) is sent to another one. Each request is answered
-exactly once. When no healthy worker can take a session: UNAVAILABLE.
+worker (connection refused) is sent to another one. When no healthy worker
+can take a session: UNAVAILABLE.
 
-Every call carries the caller's deadline on (``timeout_nano``). Sessions
-belong to the connection that created them: when it closes, the scheduler
-destroys them on their workers. A session left on a worker that went away
-and came back (same process) is destroyed there when it returns.
+Sessions belong to the connection that created them: when it closes, the
+scheduler destroys them on their workers. A session left on a worker that
+went away and came back (same process) is destroyed there when it returns.
+What the vAccel methods do with this table is in
+:mod:`vaccelray.scheduler.forwarding`.
 """
 
 from __future__ import annotations
@@ -33,36 +33,30 @@ from typing import Any, Final
 
 import anyio
 import anyio.abc
-from google.protobuf.message import DecodeError
 
-from vaccelray._version import __version__
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
-from vaccelray.protocol.agent import SERVICE_NAMES
-from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
-from vaccelray.protocol.info import (
-    SCHEDULER_SERVICE,
-    WORKERS_METHOD,
-    ClusterStatus,
-    WorkersRequest,
-    decode,
-    encode,
-)
-from vaccelray.protocol.limits import check_declared_sizes
+from vaccelray.protocol.agent import SERVICE_NAMES, unknown_session
+from vaccelray.protocol.services import CREATE_SESSION, DESTROY_SESSION, REGISTER_RESOURCE
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change
-from vaccelray.transport.server import CallContext, Method, Service
+from vaccelray.transport.server import CallContext
 
-__all__ = ["OPS_METADATA_KEY", "AgentRouter", "Binding", "RoutedResource", "RoutedSession"]
+__all__ = [
+    "HOUSEKEEPING_TIMEOUT",
+    "Binding",
+    "Rebind",
+    "RoutedResource",
+    "RoutedSession",
+    "SessionTable",
+    "session_lost",
+]
 
 log = logging.getLogger("vaccelray.scheduler")
 
-#: CreateSession metadata a client may send to require operations: "classify,genop".
-OPS_METADATA_KEY: Final = "vaccelray-ops"
 #: Time allowed for the scheduler's own calls (re-creation, clean-up) without a deadline.
 HOUSEKEEPING_TIMEOUT: Final = 10.0
 _MAX_ATTEMPTS: Final = 4
-_EMPTY: Final = pb.EmptyResponse().SerializeToString()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,16 +90,7 @@ class RoutedResource:
     on_worker: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
-def _decode(message_type: type[Any], payload: bytes) -> Any:
-    try:
-        return message_type.FromString(payload)
-    except DecodeError as exc:
-        raise RPCError(
-            StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
-        ) from exc
-
-
-def _session_lost(exc: RPCError, worker_session: int) -> bool:
+def session_lost(exc: RPCError, worker_session: int) -> bool:
     """Whether a worker's error says it does not hold *worker_session*.
 
     Our workers say so with a reason; a plain vAccel agent only in words.
@@ -115,7 +100,7 @@ def _session_lost(exc: RPCError, worker_session: int) -> bool:
     return exc.code == StatusCode.NOT_FOUND and exc.message == f"Unknown session {worker_session}"
 
 
-class _Rebind(Exception):
+class Rebind(Exception):
     """The session's worker does not know it (or cannot be reached): bind again and retry.
 
     ``bury`` says the worker may still hold the session (to destroy if it returns).
@@ -126,20 +111,18 @@ class _Rebind(Exception):
         self.bury = bury
 
 
-class AgentRouter:
+class SessionTable:
     """Sessions and resources of the scheduler over a :class:`WorkerPool`.
 
-    *max_message_size* is the limit of the transport serving it: a Genop or a
-    resource declaring more than that is refused before it is forwarded or kept.
+    Background clean-up (destroying sessions left on workers) runs in
+    *task_group*, which outlives every call.
     """
 
-    def __init__(
-        self, pool: WorkerPool, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    ) -> None:
+    def __init__(self, pool: WorkerPool, task_group: anyio.abc.TaskGroup) -> None:
         self.pool = pool
-        self.max_message_size = max_message_size
         self.sessions: dict[int, RoutedSession] = {}
         self.resources: dict[int, RoutedResource] = {}
+        self._task_group = task_group
         self._session_ids = itertools.count(1)
         self._resource_ids = itertools.count(1)
         #: connection id -> sessions being created for it right now
@@ -147,56 +130,19 @@ class AgentRouter:
         self._closed_owners: set[int] = set()
         #: Worker sessions left behind on a worker that went down: destroyed if it returns.
         self._graveyard: dict[tuple[str, str], set[int]] = {}
-        self._task_group: anyio.abc.TaskGroup | None = None
         pool.add_listener(self._worker_changed)
 
-    # -- wiring ----------------------------------------------------------------
+    # -- looking up --------------------------------------------------------------
 
-    def services(self) -> list[Service]:
-        handlers: dict[str, Callable[[bytes, CallContext], Awaitable[bytes]]] = {
-            "CreateSession": self._create_session,
-            "UpdateSession": self._update_session,
-            "DestroySession": self._destroy_session,
-            "ImageClassification": self._image_classification,
-            "Genop": self._genop,
-            "RegisterResource": self._register_resource,
-            "UnregisterResource": self._unregister_resource,
-        }
-        methods = {name: Method(handler) for name, handler in handlers.items()}
-        status = Service(SCHEDULER_SERVICE, {WORKERS_METHOD: Method(self._workers, inline=True)})
-        return [*(Service(name, methods) for name in SERVICE_NAMES), status]
-
-    def attach(self, task_group: anyio.abc.TaskGroup) -> None:
-        """Where background clean-up runs (destroying orphaned worker sessions)."""
-        self._task_group = task_group
-
-    def status(self) -> ClusterStatus:
-        return ClusterStatus(
-            version=__version__,
-            sessions=len(self.sessions),
-            workers=tuple(self.pool.registry.statuses(anyio.current_time())),
-        )
-
-    def _workers(self, payload: bytes, ctx: CallContext) -> bytes:
-        try:
-            decode(payload, WorkersRequest)
-        except Exception as exc:
-            raise RPCError(
-                StatusCode.INVALID_ARGUMENT, f"undecodable WorkersRequest: {exc}"
-            ) from exc
-        return encode(self.status())
-
-    # -- helpers ---------------------------------------------------------------
-
-    def _session(self, session_id: int) -> RoutedSession:
+    def get(self, session_id: int) -> RoutedSession:
+        """The session, or NOT_FOUND ``Unknown session N`` (reason UNKNOWN_SESSION)."""
         try:
             return self.sessions[session_id]
         except KeyError:
-            raise RPCError(
-                StatusCode.NOT_FOUND, f"Unknown session {session_id}", reason=Reason.UNKNOWN_SESSION
-            ) from None
+            raise unknown_session(session_id) from None
 
-    def _valid(self, binding: Binding | None) -> bool:
+    def valid(self, binding: Binding | None) -> bool:
+        """Whether *binding*'s worker is routable and still the same process."""
         if binding is None:
             return False
         record = self.pool.registry.get(binding.address)
@@ -212,11 +158,18 @@ class AgentRouter:
             key = (binding.address, binding.instance)
             self._graveyard.setdefault(key, set()).add(binding.worker_session)
 
-    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        if self._task_group is not None:
-            self._task_group.start_soon(fn, *args)
+    def lost(self, session: RoutedSession, binding: Binding, *, bury: bool) -> None:
+        """*binding* no longer holds *session* (its worker said so, or is gone): unbind it."""
+        if session.binding == binding:
+            log.warning("Session %d is lost on %s; re-creating it", session.id, binding.address)
+            self._unbind(session, bury=bury)
 
-    def _housekeeping_timeout(self, ctx: CallContext | None) -> float:
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        self._task_group.start_soon(fn, *args)
+
+    @staticmethod
+    def housekeeping_timeout(ctx: CallContext | None) -> float:
+        """The caller's time left, or :data:`HOUSEKEEPING_TIMEOUT` when it has no deadline."""
         left = ctx.time_left() if ctx is not None else None
         return HOUSEKEEPING_TIMEOUT if left is None else max(left, 0.0)
 
@@ -224,11 +177,11 @@ class AgentRouter:
 
     async def _bind(self, session: RoutedSession, ctx: CallContext) -> Binding:
         """The session's live binding, re-creating the session on a worker if needed."""
-        if self._valid(session.binding):
+        if self.valid(session.binding):
             assert session.binding is not None
             return session.binding
         async with session.lock:
-            if self._valid(session.binding):
+            if self.valid(session.binding):
                 assert session.binding is not None
                 return session.binding
             previous = session.binding
@@ -269,8 +222,8 @@ class AgentRouter:
                 reply = await self.pool.call(
                     address,
                     service,
-                    "CreateSession",
-                    request.SerializeToString(),
+                    CREATE_SESSION.method,
+                    CREATE_SESSION.request.encode(request),
                     timeout=ctx.time_left(),
                     metadata=ctx.metadata,
                 )
@@ -282,7 +235,7 @@ class AgentRouter:
                     raise
                 last_error = f"{address}: {exc.message}"
                 continue
-            worker_session = int(_decode(pb.CreateSessionResponse, reply).session_id)
+            worker_session = int(CREATE_SESSION.reply.decode(reply).session_id)
             binding = Binding(address, instance, worker_session)
             session.binding = binding
             self.pool.registry.session_bound(address)
@@ -291,7 +244,7 @@ class AgentRouter:
                     resource = self.resources.get(resource_id)
                     if resource is not None:
                         await self._register_on(binding, resource, ctx)
-            except (_Rebind, WorkerUnavailable) as exc:
+            except (Rebind, WorkerUnavailable) as exc:
                 self._unbind(session, bury=True)
                 last_error = f"{address}: {exc}"
                 continue
@@ -316,7 +269,7 @@ class AgentRouter:
                 resource_id=known, session_id=binding.worker_session
             )
             try:
-                await self._send(binding, ctx, "RegisterResource", request.SerializeToString())
+                await self.send(binding, ctx, REGISTER_RESOURCE.method, request.SerializeToString())
                 return known
             except RPCError as exc:
                 # The worker dropped it when its last session let go: register it anew.
@@ -328,13 +281,13 @@ class AgentRouter:
         request = pb.RegisterResourceRequest()
         request.CopyFrom(resource.template)
         request.session_id = binding.worker_session
-        reply = await self._send(binding, ctx, "RegisterResource", request.SerializeToString())
-        worker_id = int(_decode(pb.RegisterResourceResponse, reply).resource_id)
+        reply = await self.send(binding, ctx, REGISTER_RESOURCE.method, request.SerializeToString())
+        worker_id = int(REGISTER_RESOURCE.reply.decode(reply).resource_id)
         resource.on_worker[key] = worker_id
         return worker_id
 
-    async def _send(self, binding: Binding, ctx: CallContext, method: str, payload: bytes) -> bytes:
-        """One call of a bound session; raises _Rebind when the worker lost the session."""
+    async def send(self, binding: Binding, ctx: CallContext, method: str, payload: bytes) -> bytes:
+        """One call of a bound session; raises Rebind when the worker lost the session."""
         try:
             return await self.pool.call(
                 binding.address,
@@ -346,11 +299,11 @@ class AgentRouter:
             )
         except WorkerUnavailable as exc:
             if not exc.sent:
-                raise _Rebind(bury=True) from exc
+                raise Rebind(bury=True) from exc
             raise
         except RPCError as exc:
-            if _session_lost(exc, binding.worker_session):
-                raise _Rebind(bury=False) from exc
+            if session_lost(exc, binding.worker_session):
+                raise Rebind(bury=False) from exc
             raise
 
     async def in_session(
@@ -371,7 +324,7 @@ class AgentRouter:
         UNAVAILABLE naming the worker and the session. An unknown session is
         NOT_FOUND ``Unknown session N``.
         """
-        session = self._session(session_id)
+        session = self.get(session_id)
         if ctx.service not in SERVICE_NAMES:  # re-creating the session speaks vAccel
             ctx = replace(ctx, service=SERVICE_NAMES[0])
 
@@ -380,59 +333,53 @@ class AgentRouter:
                 return await attempt(binding)
             except WorkerUnavailable as exc:
                 if not exc.sent:
-                    raise _Rebind(bury=True) from exc
+                    raise Rebind(bury=True) from exc
                 raise
             except RPCError as exc:
                 if exc.reason is Reason.UNKNOWN_SESSION:
-                    raise _Rebind(bury=False) from exc
+                    raise Rebind(bury=False) from exc
                 raise
 
-        return await self._in_session(session, ctx, method, guarded)
+        return await self.run(session, ctx, method, guarded)
 
-    async def _in_session(
+    async def run(
         self,
         session: RoutedSession,
         ctx: CallContext,
         method: str,
         attempt: Callable[[Binding], Awaitable[bytes]],
     ) -> bytes:
-        """Run *attempt* against the session's worker, re-binding while it is lost."""
+        """Run *attempt* against the session's worker, re-binding while it is lost.
+
+        *attempt* raises :class:`Rebind` when the worker does not hold the
+        session (:meth:`send` does); ``WorkerUnavailable`` ends the call with
+        UNAVAILABLE naming the worker and the session.
+        """
         for _ in range(_MAX_ATTEMPTS):
             binding = await self._bind(session, ctx)
             try:
                 return await attempt(binding)
-            except _Rebind as exc:
-                if session.binding == binding:
-                    log.warning(
-                        "Session %d is lost on %s; re-creating it", session.id, binding.address
-                    )
-                    self._unbind(session, bury=exc.bury)
+            except Rebind as exc:
+                self.lost(session, binding, bury=exc.bury)
                 continue
             except WorkerUnavailable as exc:
-                raise RPCError(
-                    StatusCode.UNAVAILABLE,
-                    f"worker {exc.address} was lost during {method} of session {session.id}; "
-                    "the call may or may not have run there; later calls of the session "
-                    "go to another worker",
-                ) from exc
+                raise worker_lost(exc, method, session) from exc
         raise RPCError(
             StatusCode.UNAVAILABLE,
             f"session {session.id}: no worker kept it for {method} after {_MAX_ATTEMPTS} attempts",
         )
 
-    # -- sessions --------------------------------------------------------------------
+    # -- sessions ------------------------------------------------------------------
 
-    async def _create_session(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = _decode(pb.CreateSessionRequest, payload)
-        ops_text = ctx.get_metadata(OPS_METADATA_KEY)
-        ops = frozenset(o for o in ops_text.split(",") if o) if ops_text else None
+    async def create(self, flags: int, ops: frozenset[str] | None, ctx: CallContext) -> int:
+        """Open a session for the caller's connection on a worker; its scheduler id."""
         owner = ctx.connection_id
-        session = RoutedSession(next(self._session_ids), owner, request.flags, ops)
+        session = RoutedSession(next(self._session_ids), owner, flags, ops)
         self._creating[owner] = self._creating.get(owner, 0) + 1
         try:
             # Shielded: a session the worker made is recorded (and cleaned up) even if
             # the caller goes away meanwhile.
-            with anyio.CancelScope(shield=True), anyio.fail_after(self._housekeeping_timeout(ctx)):
+            with anyio.CancelScope(shield=True), anyio.fail_after(self.housekeeping_timeout(ctx)):
                 binding = await self._create_on_worker(session, ctx)
         except TimeoutError:
             self._unbind(session, bury=True)
@@ -453,27 +400,13 @@ class AgentRouter:
                 del self._creating[owner]
             if owner in self._closed_owners:
                 self._drop_owner_sessions(owner)
-        return pb.CreateSessionResponse(session_id=session.id).SerializeToString()
+        return session.id
 
-    async def _update_session(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = _decode(pb.UpdateSessionRequest, payload)
-        session = self._session(request.session_id)
-
-        async def attempt(binding: Binding) -> bytes:
-            request.session_id = binding.worker_session
-            return await self._send(binding, ctx, "UpdateSession", request.SerializeToString())
-
-        reply = await self._in_session(session, ctx, "UpdateSession", attempt)
-        session.flags = request.flags
-        return reply
-
-    async def _destroy_session(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = _decode(pb.DestroySessionRequest, payload)
-        session = self._session(request.session_id)
+    async def destroy(self, session_id: int, ctx: CallContext) -> None:
+        session = self.get(session_id)
         del self.sessions[session.id]
         log.info("Destroyed session %d", session.id)
-        await self._release(session, self._housekeeping_timeout(ctx))
-        return _EMPTY
+        await self._release(session, self.housekeeping_timeout(ctx))
 
     async def _release(self, session: RoutedSession, timeout: float) -> None:
         """Destroy the session's worker side (best effort) and forget its resources."""
@@ -482,7 +415,7 @@ class AgentRouter:
         self._drop_resources(session)
         if binding is None:
             return
-        if not self._valid(binding):
+        if not self.valid(binding):
             self._graveyard.setdefault((binding.address, binding.instance), set()).add(
                 binding.worker_session
             )
@@ -496,8 +429,8 @@ class AgentRouter:
                 await self.pool.call(
                     binding.address,
                     SERVICE_NAMES[0],
-                    "DestroySession",
-                    request.SerializeToString(),
+                    DESTROY_SESSION.method,
+                    DESTROY_SESSION.request.encode(request),
                     timeout=timeout,
                 )
         except WorkerUnavailable:
@@ -521,37 +454,12 @@ class AgentRouter:
                 self.resources.pop(resource_id, None)
         session.resources.clear()
 
-    # -- operations ----------------------------------------------------------------
-
-    async def _image_classification(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = _decode(pb.ImageClassificationRequest, payload)
-        session = self._session(request.session_id)
-
-        async def attempt(binding: Binding) -> bytes:
-            request.session_id = binding.worker_session
-            return await self._send(
-                binding, ctx, "ImageClassification", request.SerializeToString()
-            )
-
-        return await self._in_session(session, ctx, "ImageClassification", attempt)
-
-    async def _genop(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = _decode(pb.GenopRequest, payload)
-        check_declared_sizes(request, self.max_message_size)
-        session = self._session(request.session_id)
-
-        async def attempt(binding: Binding) -> bytes:
-            request.session_id = binding.worker_session
-            return await self._send(binding, ctx, "Genop", request.SerializeToString())
-
-        return await self._in_session(session, ctx, "Genop", attempt)
-
     # -- resources -------------------------------------------------------------------
 
-    async def _register_resource(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = _decode(pb.RegisterResourceRequest, payload)
-        check_declared_sizes(request, self.max_message_size)
-        session = self._session(request.session_id)
+    async def register_resource(
+        self, session: RoutedSession, request: pb.RegisterResourceRequest, ctx: CallContext
+    ) -> int:
+        """Register a resource (new, or one of another session) with *session*; its id."""
         if request.resource_id:
             resource = self.resources.get(request.resource_id)
             if resource is None:
@@ -566,37 +474,36 @@ class AgentRouter:
             await self._register_on(binding, resource, ctx)
             return b""
 
-        await self._in_session(session, ctx, "RegisterResource", attempt)
+        await self.run(session, ctx, REGISTER_RESOURCE.method, attempt)
         self.resources.setdefault(resource.id, resource)
         if resource.id not in session.resources:
             session.resources.append(resource.id)
         log.info("session:%d Registered resource %d", session.id, resource.id)
-        return pb.RegisterResourceResponse(resource_id=resource.id).SerializeToString()
+        return resource.id
 
-    async def _unregister_resource(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = _decode(pb.UnregisterResourceRequest, payload)
-        session = self._session(request.session_id)
-        resource = self.resources.get(request.resource_id)
-        if resource is None or request.resource_id not in session.resources:
+    async def unregister_resource(
+        self, session: RoutedSession, resource_id: int, ctx: CallContext
+    ) -> None:
+        resource = self.resources.get(resource_id)
+        if resource is None or resource_id not in session.resources:
             raise RPCError(
                 StatusCode.NOT_FOUND,
-                f"Resource {request.resource_id} is not registered with session {session.id}",
+                f"Resource {resource_id} is not registered with session {session.id}",
             )
 
         async def attempt(binding: Binding) -> bytes:
             worker_id = resource.on_worker.get((binding.address, binding.instance))
             if worker_id is None:
-                return _EMPTY
+                return b""
             forward = pb.UnregisterResourceRequest(
                 resource_id=worker_id, session_id=binding.worker_session
             )
-            return await self._send(binding, ctx, "UnregisterResource", forward.SerializeToString())
+            return await self.send(binding, ctx, "UnregisterResource", forward.SerializeToString())
 
-        reply = await self._in_session(session, ctx, "UnregisterResource", attempt)
+        await self.run(session, ctx, "UnregisterResource", attempt)
         session.resources.remove(resource.id)
         if not any(resource.id in s.resources for s in self.sessions.values()):
             self.resources.pop(resource.id, None)
-        return reply
 
     # -- clean-up ----------------------------------------------------------------------
 
@@ -641,9 +548,8 @@ class AgentRouter:
             for key in [k for k in self._graveyard if k[0] == address and k[1] != record.instance]:
                 del self._graveyard[key]
             leftovers = self._graveyard.pop((address, record.instance), set())
-            if self._task_group is not None:
-                # The report that brought it back counts them: place as if they were gone.
-                self.pool.registry.releasing_sessions(address, len(leftovers))
+            # The report that brought it back counts them: place as if they were gone.
+            self.pool.registry.releasing_sessions(address, len(leftovers))
             for worker_session in leftovers:
                 log.info("Destroying worker session %d left on %s", worker_session, address)
                 self._spawn(
@@ -655,3 +561,13 @@ class AgentRouter:
             await self._destroy_on_worker(binding, HOUSEKEEPING_TIMEOUT)
         finally:
             self.pool.registry.session_released(binding.address)
+
+
+def worker_lost(exc: WorkerUnavailable, method: str, session: RoutedSession) -> RPCError:
+    """The answer to a call of *session* whose worker was lost while it had the call."""
+    return RPCError(
+        StatusCode.UNAVAILABLE,
+        f"worker {exc.address} was lost during {method} of session {session.id}; "
+        "the call may or may not have run there; later calls of the session "
+        "go to another worker",
+    )

@@ -1,0 +1,196 @@
+"""The scheduler forwards session calls as bytes, with only the session id swapped.
+
+A fake worker behind a real scheduler records what reaches it and answers
+when the test says, so each path of a forwarded call is seen: the bytes
+sent on, the answer passed back, the worker lost meanwhile, the client gone,
+the deadline carried on, the connection reopened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.waiting import eventually, liveness
+from vaccelray.agent_client import AgentClient
+from vaccelray.errors import Reason, RPCError, StatusCode
+from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import SERVICE_NAMES
+from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
+from vaccelray.scheduler import SchedulerConfig, run_scheduler
+from vaccelray.scheduler.daemon import Scheduler
+from vaccelray.transport import connect
+from vaccelray.transport.client import Client, Outcome
+from vaccelray.transport.server import CallContext, Method, Service, serve
+
+pytestmark = pytest.mark.anyio
+
+WORKER_SESSION = 77
+
+
+class Worker:
+    """Answers CreateSession with 77 and holds every Genop until the test answers it."""
+
+    def __init__(self) -> None:
+        self.genops: list[tuple[bytes, CallContext, asyncio.Future[bytes]]] = []
+        self.arrived = anyio.Event()
+
+    def services(self) -> list[Service]:
+        def info(payload: bytes, ctx: CallContext) -> bytes:
+            return encode(WorkerInfo(version="t", instance="fake", backend="fake", ops=("genop",)))
+
+        def create(payload: bytes, ctx: CallContext) -> bytes:
+            return pb.CreateSessionResponse(session_id=WORKER_SESSION).SerializeToString()
+
+        def genop(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+            future = asyncio.get_running_loop().create_future()
+            self.genops.append((payload, ctx, future))
+            self.arrived.set()
+            return future
+
+        agent = {
+            "CreateSession": Method(create, inline=True),
+            "DestroySession": Method(lambda p, c: b"", inline=True),
+            "Genop": Method(genop, future=True),
+        }
+        return [
+            Service(WORKER_SERVICE, {INFO_METHOD: Method(info, inline=True)}),
+            *(Service(name, agent) for name in SERVICE_NAMES),
+        ]
+
+    async def next_genop(self) -> tuple[bytes, CallContext, asyncio.Future[bytes]]:
+        with liveness("a Genop reaching the worker"):
+            await self.arrived.wait()
+        self.arrived = anyio.Event()
+        return self.genops[-1]
+
+
+@asynccontextmanager
+async def cluster() -> AsyncIterator[tuple[Worker, Scheduler, Client, int]]:
+    worker = Worker()
+    async with serve(worker.services(), ["tcp://127.0.0.1:0"]) as fake:
+        config = SchedulerConfig(
+            addresses=("tcp://127.0.0.1:0",), workers=(fake.addresses[0],), grace=1.0
+        )
+        async with run_scheduler(config) as sched, connect(sched.addresses[0]) as client:
+            session = await AgentClient(client).create_session()
+            yield worker, sched, client, session
+
+
+def load(sched: Scheduler) -> int:
+    (record,) = sched.pool.registry
+    return record.inflight
+
+
+class Call:
+    """A Genop sent now; the test awaits its outcome (the payload, or the error)."""
+
+    def __init__(
+        self, client: Client, request: bytes, *, service: str = SERVICE_NAMES[0], **kw: Any
+    ) -> None:
+        self._done = anyio.Event()
+        self._outcome: Outcome = b""
+        client.start_call(service, "Genop", request, self._finish, **kw)
+
+    def _finish(self, outcome: Outcome) -> None:
+        self._outcome = outcome
+        self._done.set()
+
+    async def outcome(self) -> Outcome:
+        with liveness("the forwarded call answered"):
+            await self._done.wait()
+        return self._outcome
+
+    async def error(self) -> RPCError:
+        outcome = await self.outcome()
+        assert isinstance(outcome, RPCError), outcome
+        return outcome
+
+
+async def test_the_request_goes_on_as_sent_but_for_the_session_id() -> None:
+    async with cluster() as (worker, sched, client, session):
+        # Fields out of protobuf's order and one it does not know: a decode and
+        # encode would reorder them; the forwarded bytes keep them as they are.
+        args = pb.GenopRequest()
+        args.read_args.add(buf=b"in" * 100)
+        unknown = b"\xf8\x07\x05"  # field 127, varint 5
+        session_field = pb.GenopRequest(session_id=session).SerializeToString()
+        sent = args.SerializeToString() + unknown + session_field
+        call = Call(client, sent, service=SERVICE_NAMES[2], timeout=60)
+        payload, ctx, future = await worker.next_genop()
+        swapped = pb.GenopRequest(session_id=WORKER_SESSION).SerializeToString()
+        assert payload == sent[: -len(session_field)] + swapped
+        assert ctx.service == SERVICE_NAMES[2]  # under the name the client used
+        assert ctx.deadline is not None  # the caller's deadline, carried on
+        assert load(sched) == 1
+        future.set_result(b"\x0a\x03out")
+        assert await call.outcome() == b"\x0a\x03out"
+        assert load(sched) == 0
+
+
+async def test_the_workers_error_comes_back_with_its_reason() -> None:
+    async with cluster() as (worker, _, client, session):
+        call = Call(client, pb.GenopRequest(session_id=session).SerializeToString())
+        _, _, future = await worker.next_genop()
+        future.set_exception(
+            RPCError(StatusCode.INVALID_ARGUMENT, "bad op", reason=Reason.NOT_DISPATCHED)
+        )
+        error = await call.error()
+    assert (error.code, error.message) == (StatusCode.INVALID_ARGUMENT, "bad op")
+    assert error.reason is Reason.NOT_DISPATCHED
+
+
+async def test_a_worker_lost_during_the_call_ends_it_unavailable() -> None:
+    async with cluster() as (worker, sched, client, session):
+        call = Call(client, pb.GenopRequest(session_id=session).SerializeToString())
+        await worker.next_genop()
+        (record,) = sched.pool.registry
+        sched.pool.mark_down(record.address, "the test says so")
+        error = await call.error()
+        assert load(sched) == 0
+    assert error.code == StatusCode.UNAVAILABLE
+    assert f"was lost during Genop of session {session}" in error.message
+
+
+async def test_a_client_that_leaves_abandons_the_workers_call() -> None:
+    async with cluster() as (worker, sched, _, session):
+        request = pb.GenopRequest(session_id=session).SerializeToString()
+        async with connect(sched.addresses[0]) as other:
+            Call(other, request)
+            await worker.next_genop()
+            assert load(sched) == 1
+        await eventually(lambda: load(sched) == 0, "the abandoned call no longer counted")
+
+
+async def test_a_deadline_that_passes_ends_the_forwarded_call() -> None:
+    async with cluster() as (worker, sched, client, session):
+        call = Call(client, pb.GenopRequest(session_id=session).SerializeToString(), timeout=0.5)
+        await worker.next_genop()
+        error = await call.error()
+        await eventually(lambda: load(sched) == 0, "the expired call no longer counted")
+    assert error.code == StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_a_closed_worker_connection_is_opened_again() -> None:
+    async with cluster() as (worker, sched, client, session):
+        (record,) = sched.pool.registry
+        sched.pool.drop_client(record.address)
+        call = Call(client, pb.GenopRequest(session_id=session).SerializeToString())
+        payload, _, future = await worker.next_genop()
+        assert pb.GenopRequest.FromString(payload).session_id == WORKER_SESSION
+        future.set_result(b"")
+        assert await call.outcome() == b""
+
+
+async def test_an_undecodable_session_field_is_invalid_argument() -> None:
+    async with cluster() as (worker, _, client, _):
+        with pytest.raises(RPCError) as info:
+            await client.call(SERVICE_NAMES[0], "Genop", b"\x0a\x01x")  # field 1 as bytes
+        assert info.value.code == StatusCode.INVALID_ARGUMENT
+        assert info.value.message.startswith("undecodable GenopRequest")
+        assert worker.genops == []

@@ -1,0 +1,259 @@
+"""Every service on the wire, declared once: names, methods, message types, session fields, limits.
+
+A :class:`ServiceSpec` names a service (under every name it has had) and its
+methods; an :class:`Rpc` says how one method's request and reply are
+encoded (:class:`Codec`), which request field carries the vAccel session
+id, and which sizes of a decoded request must be checked against the
+message limit before anything is made of it. Everything that speaks a
+method derives from its Rpc: the servers' method tables
+(:func:`vaccelray.transport.stubs.methods_of`), the client stubs
+(:class:`vaccelray.transport.stubs.Stub`), and the scheduler's forwarding,
+which rewrites the session field in the encoded bytes.
+
+How a method is dispatched (inline on the loop, a future, a task) is the
+serving side's choice, not the declaration's: the same agent method is
+answered inline by a noop worker, in a thread by a blocking backend and as
+a future by the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+import msgspec
+from google.protobuf.message import DecodeError, Message
+
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import classify, info, tasks
+from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import SERVICE_NAMES
+from vaccelray.protocol.limits import check_declared_sizes
+
+__all__ = [
+    "AGENT",
+    "SCHEDULER",
+    "WORKER",
+    "Codec",
+    "MsgpackCodec",
+    "ProtoCodec",
+    "Rpc",
+    "ServiceSpec",
+]
+
+T = TypeVar("T")
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+_P = TypeVar("_P", bound=Message)
+
+
+class Codec(Protocol[T]):
+    """Bytes to a message and back; ``decode`` raises INVALID_ARGUMENT on bad bytes."""
+
+    @property
+    def name(self) -> str: ...
+
+    def encode(self, message: T) -> bytes: ...
+
+    def decode(self, payload: bytes) -> T: ...
+
+
+class ProtoCodec(Generic[_P]):
+    """A protobuf message type (the vAccel agent's messages)."""
+
+    __slots__ = ("message_type", "name")
+
+    def __init__(self, message_type: type[_P]) -> None:
+        self.message_type = message_type
+        self.name = message_type.DESCRIPTOR.name
+
+    def encode(self, message: _P) -> bytes:
+        return message.SerializeToString()
+
+    def decode(self, payload: bytes) -> _P:
+        try:
+            return self.message_type.FromString(payload)
+        except DecodeError as exc:
+            raise RPCError(StatusCode.INVALID_ARGUMENT, f"undecodable {self.name}: {exc}") from exc
+
+    def field_number(self, name: str) -> int:
+        return int(self.message_type.DESCRIPTOR.fields_by_name[name].number)
+
+
+class MsgpackCodec(Generic[T]):
+    """msgspec structs in MessagePack (vaccelray's own services).
+
+    An empty payload is the type with its defaults (what an old peer sends
+    for a request that had no fields yet), when it has defaults for all.
+    """
+
+    __slots__ = ("_decoder", "message_type", "name")
+
+    _encoder: Final = msgspec.msgpack.Encoder()
+
+    def __init__(self, message_type: Any, name: str | None = None) -> None:
+        self.message_type = message_type
+        self.name = name or message_type.__name__
+        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)
+
+    def encode(self, message: T) -> bytes:
+        return self._encoder.encode(message)
+
+    def decode(self, payload: bytes) -> T:
+        try:
+            if not payload:
+                return msgspec.convert({}, self.message_type)  # type: ignore[no-any-return]
+            return self._decoder.decode(payload)
+        except msgspec.MsgspecError as exc:
+            raise RPCError(StatusCode.INVALID_ARGUMENT, f"undecodable {self.name}: {exc}") from exc
+
+
+@dataclass(frozen=True, eq=False)
+class Rpc(Generic[Req, Rep]):
+    """One method: where it is, its codecs, its session field and its limits."""
+
+    #: The service name we send it under (the first of its :class:`ServiceSpec`'s names).
+    service: str
+    method: str
+    request: Codec[Req]
+    reply: Codec[Rep]
+    #: Number of the request's varint field holding the vAccel session id; None: no session.
+    session_field: int | None = None
+    #: Raises RPCError when a decoded request declares more than the byte limit allows.
+    limits: Callable[[Req, int], None] | None = None
+
+    def check(self, request: Req, limit: int) -> None:
+        """Apply :attr:`limits` (RESOURCE_EXHAUSTED past *limit*); nothing when it has none."""
+        if self.limits is not None:
+            self.limits(request, limit)
+
+
+@dataclass(frozen=True, eq=False)
+class ServiceSpec:
+    """A service: every name it is served under (the first is what we send) and its methods."""
+
+    names: tuple[str, ...]
+    rpcs: tuple[Rpc[Any, Any], ...]
+    _by_method: dict[str, Rpc[Any, Any]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        by_method = {rpc.method: rpc for rpc in self.rpcs}
+        if len(by_method) != len(self.rpcs):
+            raise ValueError(f"{self.names[0]} declares a method twice")
+        strays = [rpc.method for rpc in self.rpcs if rpc.service != self.names[0]]
+        if strays:
+            raise ValueError(f"{self.names[0]} declares methods of another service: {strays}")
+        object.__setattr__(self, "_by_method", by_method)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def __iter__(self) -> Iterator[Rpc[Any, Any]]:
+        return iter(self.rpcs)
+
+    def __contains__(self, rpc: object) -> bool:
+        return any(rpc is r for r in self.rpcs)
+
+    def rpc(self, method: str) -> Rpc[Any, Any] | None:
+        return self._by_method.get(method)
+
+
+def _session_rpc(
+    method: str,
+    request: type[_P],
+    reply: type[Message],
+    limits: Callable[[Any, int], None] | None = None,
+) -> Rpc[_P, Any]:
+    codec = ProtoCodec(request)
+    return Rpc(_AGENT, method, codec, ProtoCodec(reply), codec.field_number("session_id"), limits)
+
+
+# -- the vAccel agent ------------------------------------------------------------------
+
+_AGENT: Final = SERVICE_NAMES[0]
+
+CREATE_SESSION: Final = Rpc(
+    _AGENT,
+    "CreateSession",
+    ProtoCodec(pb.CreateSessionRequest),
+    ProtoCodec(pb.CreateSessionResponse),
+)
+UPDATE_SESSION: Final = _session_rpc("UpdateSession", pb.UpdateSessionRequest, pb.EmptyResponse)
+DESTROY_SESSION: Final = _session_rpc("DestroySession", pb.DestroySessionRequest, pb.EmptyResponse)
+IMAGE_CLASSIFICATION: Final = _session_rpc(
+    "ImageClassification", pb.ImageClassificationRequest, pb.ImageClassificationResponse
+)
+GENOP: Final = _session_rpc("Genop", pb.GenopRequest, pb.GenopResponse, check_declared_sizes)
+REGISTER_RESOURCE: Final = _session_rpc(
+    "RegisterResource",
+    pb.RegisterResourceRequest,
+    pb.RegisterResourceResponse,
+    check_declared_sizes,
+)
+UNREGISTER_RESOURCE: Final = _session_rpc(
+    "UnregisterResource", pb.UnregisterResourceRequest, pb.EmptyResponse
+)
+
+#: What vAccel's RPC plugin calls, under each name the agent service has had.
+AGENT: Final = ServiceSpec(
+    SERVICE_NAMES,
+    (
+        CREATE_SESSION,
+        UPDATE_SESSION,
+        DESTROY_SESSION,
+        IMAGE_CLASSIFICATION,
+        GENOP,
+        REGISTER_RESOURCE,
+        UNREGISTER_RESOURCE,
+    ),
+)
+
+# -- vaccelray's own -------------------------------------------------------------------
+
+INFO: Final = Rpc(
+    info.WORKER_SERVICE,
+    info.INFO_METHOD,
+    MsgpackCodec[info.InfoRequest](info.InfoRequest),
+    MsgpackCodec[info.WorkerInfo](info.WorkerInfo),
+)
+CLASSIFY: Final = Rpc(
+    info.WORKER_SERVICE,
+    classify.CLASSIFY_METHOD,
+    MsgpackCodec[classify.ClassifyRequest](classify.ClassifyRequest),
+    MsgpackCodec[classify.ClassifyReply](classify.ClassifyReply),
+)
+REGISTER_FUNCTION: Final = Rpc(
+    info.WORKER_SERVICE,
+    tasks.METHOD_REGISTER,
+    MsgpackCodec[tasks.RegisterFunction](tasks.RegisterFunction),
+    MsgpackCodec[tasks.Registered](tasks.Registered),
+)
+SUBMIT: Final = Rpc(
+    info.WORKER_SERVICE,
+    tasks.METHOD_SUBMIT,
+    MsgpackCodec[tasks.Submit](tasks.Submit),
+    MsgpackCodec[tasks.TaskReply](tasks.TaskReply, "TaskReply"),
+)
+CANCEL: Final = Rpc(
+    info.WORKER_SERVICE,
+    tasks.METHOD_CANCEL,
+    MsgpackCodec[tasks.Cancel](tasks.Cancel),
+    MsgpackCodec[tasks.Cancelled](tasks.Cancelled),
+)
+
+#: A worker's own service: health and load, classification with scores, offloaded tasks.
+WORKER: Final = ServiceSpec(
+    (info.WORKER_SERVICE,), (INFO, CLASSIFY, REGISTER_FUNCTION, SUBMIT, CANCEL)
+)
+
+WORKERS: Final = Rpc(
+    info.SCHEDULER_SERVICE,
+    info.WORKERS_METHOD,
+    MsgpackCodec[info.WorkersRequest](info.WorkersRequest),
+    MsgpackCodec[info.ClusterStatus](info.ClusterStatus),
+)
+
+#: The scheduler's own service (it serves WORKER's Classify and tasks too, forwarded).
+SCHEDULER: Final = ServiceSpec((info.SCHEDULER_SERVICE,), (WORKERS,))
