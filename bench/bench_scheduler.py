@@ -1,26 +1,37 @@
 """Scheduler throughput: through the scheduler vs straight to a worker, and scale-out.
 
 Every worker and the scheduler is its own process (``python -m ...``) on
-loopback; the load generator runs here with N calls in flight, each loop on
-its own vAccel session. The worker backend is ``sleepy``: a blocking
-``time.sleep`` per classification (see ``vaccelray/worker/sleepy.py``).
+loopback, both at ``--log-level warning`` (per-call logging is measured by
+bench_worker.py); the load runs here, N calls in flight, same run for the
+direct and the scheduled figure of each pair.
 
-1. One worker, 5 ms per call, 8 in flight: direct vs through the scheduler
-   (target: scheduler >= 0.6x direct). Also with the ``noop`` backend, where
-   the scheduler's own overhead is all there is to measure.
-2. Scale-out: workers that run one call at a time (``--slots 1``, one
-   accelerator queue each), 5 ms per call, 8 in flight through the scheduler:
-   3 workers vs 1 (target: >= 2.5x).
+1. One ``noop`` worker, where the scheduler's own cost is all there is:
+   - the Python classify load (each in-flight loop on its own session),
+     target >= 0.6x direct;
+   - the Go client's session mix (tests/interop/peer ``bench -mix``:
+     create, classify three times, destroy), target >= 0.5x direct
+     (skipped when the Go toolchain is missing);
+   - CPU time per forwarded call, scheduler against worker (utime + stime
+     from /proc over the scheduled classify load), target <= 1.
+2. A worker whose backend sleeps 5 ms per call (``sleepy``): target >= 0.9x.
+3. Scale-out: workers that run one call at a time (``--slots 1``), 5 ms per
+   call, 8 in flight through the scheduler: 3 workers vs 1 (target >= 2.5x).
 
-    python bench/bench_scheduler.py [--duration 3] [--json]
+    python bench/bench_scheduler.py [--duration 3] [--in-flight 8] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import socket
+import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -28,16 +39,51 @@ import anyio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.processes import (  # noqa: E402
-    Proc,
-    scheduler_argv,
-    sleepy_argv,
-    start_daemon,
-    start_daemons,
-    worker_argv,
-)
+from tests.processes import Proc, scheduler_argv, sleepy_argv, worker_argv  # noqa: E402
 from vaccelray.agent_client import AgentClient  # noqa: E402
 from vaccelray.transport.client import connect  # noqa: E402
+
+QUIET = ("--log-level", "warning")
+TARGETS = {
+    "noop_classify": (">=", 0.6),
+    "noop_go_session_mix": (">=", 0.5),
+    "sleepy5ms_classify": (">=", 0.9),
+    "cpu_per_call_scheduler_vs_worker": ("<=", 1.0),
+    "scaleout_3_vs_1": (">=", 2.5),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def daemon(argv: Sequence[str]) -> Iterator[tuple[Proc, str]]:
+    """A daemon at warning level (no ready line): its address once it accepts connections."""
+    port = _free_port()
+    proc = Proc([*argv, "-a", f"tcp://127.0.0.1:{port}", *QUIET])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("\n".join(proc.lines[-20:])) from None
+                time.sleep(0.05)
+        yield proc, f"tcp://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+def scheduler(workers: Sequence[str]) -> list[str]:
+    argv = scheduler_argv("--no-discover")
+    for worker in workers:
+        argv += ["--worker", worker]
+    return argv
 
 
 async def drive(address: str, in_flight: int, duration: float) -> float:
@@ -67,16 +113,41 @@ async def drive(address: str, in_flight: int, duration: float) -> float:
     return done / elapsed
 
 
-def measure(address: str, in_flight: int, duration: float) -> float:
+def classify_load(address: str, in_flight: int, duration: float) -> float:
     return anyio.run(drive, address, in_flight, duration, backend="asyncio")
 
 
-def with_scheduler(workers: list[str]) -> tuple[Proc, str]:
-    args = ["-a", "tcp://127.0.0.1:0", "--no-discover", "--log-level", "info"]
-    for worker in workers:
-        args += ["--worker", worker]
-    proc, address = start_daemon(scheduler_argv(*args))
-    return proc, address
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def go_peer() -> Path | None:
+    """The Go interop peer, built if the toolchain is there; None when it is not."""
+    spec = importlib.util.spec_from_file_location("bench_build", REPO / "tests/interop/build.py")
+    assert spec is not None
+    assert spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    try:
+        return Path(build.build_peer())
+    except Exception as exc:  # no Go toolchain or packages: the figure is skipped
+        print(f"(Go session mix skipped: {exc})", file=sys.stderr)
+        return None
+
+
+def go_session_mix(peer: Path, address: str, in_flight: int, duration: float) -> float:
+    out = subprocess.run(
+        [str(peer), "bench", "-addr", address, "-mix", "-concurrency", str(in_flight),
+         "-duration", f"{duration}s", "-image-size", "256"],
+        capture_output=True, text=True, check=True, timeout=duration + 60,
+    ).stdout  # fmt: skip
+    result = json.loads(out.strip().splitlines()[-1])
+    if result.get("errors"):
+        first = result.get("first_error")
+        raise RuntimeError(f"Go session mix: {result['errors']} errors, the first: {first}")
+    return float(result["calls_per_s"])
 
 
 def main() -> None:
@@ -87,58 +158,56 @@ def main() -> None:
     args = parser.parse_args()
     n, d = args.in_flight, args.duration
     figures: dict[str, float] = {}
-    procs: list[Proc] = []
-    try:
-        # 1. direct vs scheduler, one worker.
-        for label, argv in (
-            ("sleepy5ms", sleepy_argv("--delay", "0.005", "--log-level", "info")),
-            (
-                "noop",
-                worker_argv("-a", "tcp://127.0.0.1:0", "--backend", "noop", "--log-level", "info"),
-            ),
-        ):
-            [(worker, address)] = start_daemons([argv])
-            sched, saddr = with_scheduler([address])
-            procs += [worker, sched]
-            figures[f"{label}_direct"] = measure(address, n, d)
-            figures[f"{label}_scheduler"] = measure(saddr, n, d)
-            sched.stop()
-            worker.stop()
-        # 2. scale-out: one call at a time per worker.
-        one_at_a_time = sleepy_argv("--delay", "0.005", "--slots", "1", "--log-level", "info")
-        workers = start_daemons([one_at_a_time] * 3)
-        procs += [p for p, _ in workers]
-        addresses = [a for _, a in workers]
-        for count in (1, 3):
-            sched, saddr = with_scheduler(addresses[:count])
-            procs.append(sched)
-            figures[f"scaleout_{count}_workers"] = measure(saddr, n, d)
-            sched.stop()
-    finally:
-        for proc in procs:
-            proc.stop()
+    ratios: dict[str, float] = {}
+    peer = go_peer()
 
-    ratios = {
-        "scheduler_vs_direct_sleepy5ms": figures["sleepy5ms_scheduler"]
-        / figures["sleepy5ms_direct"],
-        "scheduler_vs_direct_noop": figures["noop_scheduler"] / figures["noop_direct"],
-        "scaleout_3_vs_1": figures["scaleout_3_workers"] / figures["scaleout_1_workers"],
-    }
-    targets = {"scheduler_vs_direct_sleepy5ms": 0.6, "scaleout_3_vs_1": 2.5}
-    if args.json:
-        print(json.dumps({"in_flight": n, "duration": d, "calls_per_s": figures, "ratios": ratios}))
-        return
-    print(f"classify calls/s, {n} in flight, {d:g} s each")
-    for name, value in figures.items():
-        print(f"  {name:28s} {value:9.0f}")
-    for name, value in ratios.items():
-        target = targets.get(name)
-        verdict = (
-            ""
-            if target is None
-            else (f"  (target >= {target}: " + ("ok)" if value >= target else "MISSED)"))
+    noop = worker_argv("--backend", "noop", "--pool-size", "0")
+    with daemon(noop) as (worker, waddr), daemon(scheduler([waddr])) as (sched, saddr):
+        figures["noop_classify_direct"] = classify_load(waddr, n, d)
+        before = cpu_seconds(worker.pid), cpu_seconds(sched.pid)
+        calls = classify_load(saddr, n, d) * d
+        spent = cpu_seconds(worker.pid) - before[0], cpu_seconds(sched.pid) - before[1]
+        figures["noop_classify_scheduler"] = calls / d
+        figures["cpu_us_per_call_worker"] = spent[0] / calls * 1e6
+        figures["cpu_us_per_call_scheduler"] = spent[1] / calls * 1e6
+        ratios["noop_classify"] = calls / d / figures["noop_classify_direct"]
+        ratios["cpu_per_call_scheduler_vs_worker"] = spent[1] / spent[0]
+        if peer is not None:
+            figures["noop_go_session_mix_direct"] = go_session_mix(peer, waddr, n, d)
+            figures["noop_go_session_mix_scheduler"] = go_session_mix(peer, saddr, n, d)
+            ratios["noop_go_session_mix"] = (
+                figures["noop_go_session_mix_scheduler"] / figures["noop_go_session_mix_direct"]
+            )
+
+    sleepy = sleepy_argv("--delay", "0.005")
+    with daemon(sleepy) as (_, waddr), daemon(scheduler([waddr])) as (_, saddr):
+        figures["sleepy5ms_classify_direct"] = classify_load(waddr, n, d)
+        figures["sleepy5ms_classify_scheduler"] = classify_load(saddr, n, d)
+        ratios["sleepy5ms_classify"] = (
+            figures["sleepy5ms_classify_scheduler"] / figures["sleepy5ms_classify_direct"]
         )
-        print(f"  {name:28s} {value:9.2f}x{verdict}")
+
+    one_at_a_time = sleepy_argv("--delay", "0.005", "--slots", "1")
+    with (
+        daemon(one_at_a_time) as (_, a),
+        daemon(one_at_a_time) as (_, b),
+        daemon(one_at_a_time) as (_, c),
+    ):
+        for count, workers in ((1, [a]), (3, [a, b, c])):
+            with daemon(scheduler(workers)) as (_, saddr):
+                figures[f"scaleout_{count}_workers"] = classify_load(saddr, n, d)
+    ratios["scaleout_3_vs_1"] = figures["scaleout_3_workers"] / figures["scaleout_1_workers"]
+
+    if args.json:
+        print(json.dumps({"in_flight": n, "duration": d, "figures": figures, "ratios": ratios}))
+        return
+    print(f"{n} in flight, {d:g} s each, noop worker unless said (calls/s; CPU µs/call)")
+    for name, value in figures.items():
+        print(f"  {name:32s} {value:9.1f}")
+    for name, value in ratios.items():
+        op, target = TARGETS[name]
+        met = value >= target if op == ">=" else value <= target
+        print(f"  {name:32s} {value:9.2f}x  (target {op} {target}: {'ok' if met else 'MISSED'})")
 
 
 if __name__ == "__main__":

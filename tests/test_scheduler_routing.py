@@ -387,3 +387,35 @@ def encode_request() -> bytes:
     from vaccelray.protocol.info import InfoRequest
 
     return encode(InfoRequest())
+
+
+@pytest.mark.parametrize("level", ["warning", "info"])
+def test_per_call_lines_follow_the_log_level(level: str) -> None:
+    """Session events are per-call lines: quiet at warning, shown at info; the ready line always."""
+    [(worker, address)] = start_daemons(
+        [worker_argv("-a", "tcp://127.0.0.1:0", "--backend", "noop", "--log-level", level)]
+    )
+    argv = [sys.executable, "-m", "vaccelray", "scheduler", "-a", "tcp://127.0.0.1:0"]
+    argv += ["--no-discover", "--worker", address, "--log-level", level]
+
+    async def session_life(address: str) -> None:
+        async with connect(address) as client:
+            agent = AgentClient(client)
+            session = await agent.create_session()
+            await agent.classify(session, b"img")
+            await agent.destroy_session(session)
+
+    try:
+        [(sched, saddr)] = start_daemons([argv])
+        try:
+            anyio.run(session_life, saddr)
+        finally:
+            sched.stop()
+    finally:
+        worker.stop()
+    lines = "\n".join(sched.lines + worker.lines)
+    events = ("Created session", "Destroyed session", "Image classification")
+    if level == "warning":
+        assert not [e for e in events if e in lines], lines
+    else:
+        assert all(e in lines for e in events), lines

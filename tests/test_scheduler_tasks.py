@@ -319,7 +319,7 @@ async def test_functions_are_registered_again_where_they_were_lost(
         digest = function_spec(fresh).digest
         for record in sched.pool.registry:
             sched.tasks._on_worker.setdefault((record.address, record.instance), set()).add(digest)
-        with caplog.at_level(logging.INFO, logger="vaccelray.scheduler"):
+        with caplog.at_level(logging.INFO, logger="vaccelray.routing"):
             assert [await client.submit(fresh, i) for i in range(4)] == [0, 3, 6, 9]
         lost = [r.getMessage() for r in caplog.records if "lost function" in r.getMessage()]
         # Registered again on each worker that got one, once: then it is known there.

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import tag_text
+from vaccelray.protocol.services import (
+    AGENT,
+    CREATE_SESSION,
+    DESTROY_SESSION,
+    IMAGE_CLASSIFICATION,
+    Rpc,
+)
 from vaccelray.transport.client import Client
 
 __all__ = ["AgentClient"]
+
+_Rep = TypeVar("_Rep")
 
 
 class AgentClient:
@@ -16,7 +27,7 @@ class AgentClient:
     def __init__(
         self,
         client: Client,
-        service: str = "vaccel.VaccelAgent",
+        service: str = AGENT.name,
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
@@ -27,35 +38,21 @@ class AgentClient:
         #: Sent with every call (the cluster token of a --protect-vaccel worker, say).
         self.metadata = tuple(metadata)
 
-    async def create_session(self, flags: int = 0) -> int:
-        response = await self.client.call_message(
-            self.service,
-            "CreateSession",
-            pb.CreateSessionRequest(flags=flags),
-            pb.CreateSessionResponse,
-            timeout=self.timeout,
-            metadata=self.metadata,
+    async def call(self, rpc: Rpc[Any, _Rep], request: Any) -> _Rep:
+        """Any method of the agent (see :data:`vaccelray.protocol.services.AGENT`)."""
+        return await self.client.call_rpc(
+            rpc, request, service=self.service, timeout=self.timeout, metadata=self.metadata
         )
+
+    async def create_session(self, flags: int = 0) -> int:
+        response = await self.call(CREATE_SESSION, pb.CreateSessionRequest(flags=flags))
         return int(response.session_id)
 
     async def destroy_session(self, session_id: int) -> None:
-        await self.client.call_message(
-            self.service,
-            "DestroySession",
-            pb.DestroySessionRequest(session_id=session_id),
-            pb.EmptyResponse,
-            timeout=self.timeout,
-            metadata=self.metadata,
-        )
+        await self.call(DESTROY_SESSION, pb.DestroySessionRequest(session_id=session_id))
 
     async def classify(self, session_id: int, image: bytes) -> str:
         """The tag text, trimmed at the first NUL as vAccel clients do."""
-        response = await self.client.call_message(
-            self.service,
-            "ImageClassification",
-            pb.ImageClassificationRequest(session_id=session_id, image=image),
-            pb.ImageClassificationResponse,
-            timeout=self.timeout,
-            metadata=self.metadata,
-        )
-        return bytes(response.tags).split(b"\0", 1)[0].decode(errors="replace")
+        request = pb.ImageClassificationRequest(session_id=session_id, image=image)
+        response = await self.call(IMAGE_CLASSIFICATION, request)
+        return tag_text(response.tags)

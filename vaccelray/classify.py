@@ -13,8 +13,8 @@ from vaccelray.agent_client import AgentClient
 from vaccelray.auth import token_metadata
 from vaccelray.embedded import embedded_worker
 from vaccelray.errors import RPCError, StatusCode, TransportError
-from vaccelray.protocol.classify import CLASSIFY_METHOD, ClassifyReply, ClassifyRequest
-from vaccelray.protocol.info import WORKER_SERVICE, decode, encode
+from vaccelray.protocol.classify import ClassifyRequest
+from vaccelray.protocol.services import CLASSIFY
 from vaccelray.transport.client import Client, open_client
 
 __all__ = ["DEFAULT_RETRIES", "Classified", "classify_images"]
@@ -222,11 +222,10 @@ class _Run:
                 tg.start_soon(lane, client)
 
     async def _classify(self, client: Client, image: bytes) -> Classified:
-        request = encode(ClassifyRequest(image=image, top_k=self.top_k))
-        payload = await client.call(
-            WORKER_SERVICE, CLASSIFY_METHOD, request, timeout=self.timeout, metadata=self.metadata
+        request = ClassifyRequest(image=image, top_k=self.top_k)
+        reply = await client.call_rpc(
+            CLASSIFY, request, timeout=self.timeout, metadata=self.metadata
         )
-        reply = decode(payload, ClassifyReply)
         return Classified(reply.tag, reply.labels)
 
     async def _probe(self, client: Client) -> None:
@@ -242,7 +241,7 @@ class _Run:
         except RPCError as exc:
             # Go answers an unknown service 12, Rust ttrpc 3 naming it.
             unknown = exc.code == StatusCode.UNIMPLEMENTED or (
-                exc.code == StatusCode.INVALID_ARGUMENT and WORKER_SERVICE in exc.message
+                exc.code == StatusCode.INVALID_ARGUMENT and CLASSIFY.service in exc.message
             )
             if unknown:
                 self.pending.appendleft(i)

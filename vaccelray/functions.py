@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
+from vaccelray.protocol.services import REGISTER_FUNCTION
 
 __all__ = ["FunctionCache", "Registration"]
 
@@ -49,7 +50,7 @@ class FunctionCache:
 
         INVALID_ARGUMENT for a payload that is not one or whose digest does not match.
         """
-        request = wire.decode_request(payload, wire.RegisterFunction)
+        request = REGISTER_FUNCTION.request.decode(payload)
         if hashlib.sha256(request.pickled).hexdigest() != request.digest:
             raise RPCError(
                 StatusCode.INVALID_ARGUMENT, f"function {request.name}: digest does not match"

@@ -21,7 +21,6 @@ from typing import Any, Final
 __all__ = ["classify", "in_task"]
 
 _ADDRESS_ENV: Final = "VACCELRAY_LOCAL_ADDRESS"
-_SERVICE: Final = "vaccel.VaccelAgent"
 
 
 def in_task() -> bool:
@@ -47,14 +46,15 @@ class _AgentConnection:
         self.session_id = 0
         self.lock = threading.Lock()
 
-    def call(self, method: str, request: Any, response_type: Any, timeout: float | None) -> Any:
+    def call(self, rpc: Any, request: Any, timeout: float | None) -> Any:
+        """A declared method (:mod:`vaccelray.protocol.services`) of the worker, blocking."""
         from vaccelray.errors import RPCError, TransportError
         from vaccelray.protocol import NEED_DATA, ResponseReceived
 
         timeout_nano = 0 if timeout is None else max(1, math.ceil(timeout * 1e9))
         with self.lock:
             stream_id, data = self.proto.send_request(
-                _SERVICE, method, request.SerializeToString(), timeout_nano=timeout_nano
+                rpc.service, rpc.method, rpc.request.encode(request), timeout_nano=timeout_nano
             )
             self.sock.settimeout(timeout)
             self.sock.sendall(data)
@@ -71,18 +71,17 @@ class _AgentConnection:
                     continue
                 if event.code != 0:
                     raise RPCError(event.code, event.message, event.details)
-                return response_type.FromString(event.payload)
+                return rpc.reply.decode(event.payload)
 
     def session(self) -> int:
         from vaccelray import task_context
         from vaccelray.protocol._pb import vaccel_pb2 as pb
+        from vaccelray.protocol.services import CREATE_SESSION
 
         if task_context.session_id:
             return task_context.session_id
         if not self.session_id:
-            response = self.call(
-                "CreateSession", pb.CreateSessionRequest(), pb.CreateSessionResponse, 30.0
-            )
+            response = self.call(CREATE_SESSION, pb.CreateSessionRequest(), 30.0)
             self.session_id = int(response.session_id)
         return self.session_id
 
@@ -104,12 +103,9 @@ def classify(image: bytes, *, timeout: float | None = None) -> str:
 
         return default_client().classify(image, timeout=timeout)
     from vaccelray.protocol._pb import vaccel_pb2 as pb
+    from vaccelray.protocol.agent import tag_text
+    from vaccelray.protocol.services import IMAGE_CLASSIFICATION
 
     agent = _agent()
-    response = agent.call(
-        "ImageClassification",
-        pb.ImageClassificationRequest(session_id=agent.session(), image=image),
-        pb.ImageClassificationResponse,
-        timeout,
-    )
-    return bytes(response.tags).split(b"\0", 1)[0].decode(errors="replace")
+    request = pb.ImageClassificationRequest(session_id=agent.session(), image=image)
+    return tag_text(agent.call(IMAGE_CLASSIFICATION, request, timeout).tags)

@@ -28,7 +28,7 @@ import secrets
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from ssl import SSLContext
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from vaccelray.allocator import keep_heap_for
 from vaccelray.auth import token_metadata
@@ -47,15 +47,25 @@ from vaccelray.errors import ConnectError, Reason, RPCError, StatusCode, Transpo
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import tag_text
+from vaccelray.protocol.services import (
+    CANCEL,
+    CREATE_SESSION,
+    DESTROY_SESSION,
+    IMAGE_CLASSIFICATION,
+    REGISTER_FUNCTION,
+    SUBMIT,
+    Rpc,
+)
 from vaccelray.transport.client import Client as Connection
 from vaccelray.transport.client import Outcome, PendingCall, open_client
 
-__all__ = ["AGENT_SERVICE", "Core"]
+__all__ = ["Core"]
 
 log = logging.getLogger("vaccelray.client")
 
-AGENT_SERVICE: Final = "vaccel.VaccelAgent"
 _BACKOFF: Final = 0.1
+_R = TypeVar("_R")
 
 
 class Core:
@@ -188,8 +198,8 @@ class Core:
             request = _request(ref, spec, payload, options, session_id)
             try:
                 self._running[ref.task_id] = conn.start_call(
-                    wire.SERVICE,
-                    wire.METHOD_SUBMIT,
+                    SUBMIT.service,
+                    SUBMIT.method,
                     request,
                     functools.partial(self._answered, ref, spec, request, options, conn),
                     timeout=options.timeout,
@@ -302,8 +312,8 @@ class Core:
                     # The task's deadline bounds this too: a hung worker must not hang it.
                     await self._register(conn, spec, options.timeout)
                 outcome = await conn.call(
-                    wire.SERVICE,
-                    wire.METHOD_SUBMIT,
+                    SUBMIT.service,
+                    SUBMIT.method,
                     request,
                     timeout=options.timeout,
                     metadata=self.metadata,
@@ -331,7 +341,7 @@ class Core:
     ) -> tuple[_Verdict, Any]:
         """What one Submit's reply (or error) means: a result, an error, or try again."""
         if isinstance(outcome, bytes):
-            reply = wire.decode_reply(outcome)
+            reply = SUBMIT.reply.decode(outcome)
             if isinstance(reply, wire.TaskDone):
                 try:
                     return _Verdict.DONE, _load_result(reply.result, spec.name)
@@ -366,9 +376,11 @@ class Core:
         self._registering[spec.digest] = future
         try:
             await conn.call(
-                wire.SERVICE,
-                wire.METHOD_REGISTER,
-                wire.encode(wire.RegisterFunction(spec.digest, spec.name, spec.pickled)),
+                REGISTER_FUNCTION.service,
+                REGISTER_FUNCTION.method,
+                REGISTER_FUNCTION.request.encode(
+                    wire.RegisterFunction(spec.digest, spec.name, spec.pickled)
+                ),
                 timeout=timeout,
                 metadata=self.metadata,
             )
@@ -399,9 +411,9 @@ class Core:
     async def _send_cancel(self, conn: Connection, task_id: str) -> None:
         try:
             await conn.call(
-                wire.SERVICE,
-                wire.METHOD_CANCEL,
-                wire.encode(wire.Cancel((task_id,))),
+                CANCEL.service,
+                CANCEL.method,
+                CANCEL.request.encode(wire.Cancel((task_id,))),
                 metadata=self.metadata,
                 timeout=5.0,
             )
@@ -456,39 +468,24 @@ class Core:
 
     # -- vAccel sessions (data-only calls to the worker's agent service) ---------------
 
-    async def _agent_call(
-        self, method: str, request: Any, response_type: Any, timeout: float | None
-    ) -> Any:
+    async def _agent_call(self, rpc: Rpc[Any, _R], request: Any, timeout: float | None) -> _R:
         conn = await self.connection()
         try:
-            return await conn.call_message(
-                AGENT_SERVICE,
-                method,
-                request,
-                response_type,
-                timeout=timeout,
-                metadata=self.metadata,
-            )
+            return await conn.call_rpc(rpc, request, timeout=timeout, metadata=self.metadata)
         except RPCError as exc:
             if exc.code == StatusCode.UNAUTHENTICATED:
                 raise AuthenticationError(
-                    f"{self.address} refused {method}: {exc.message}"
+                    f"{self.address} refused {rpc.method}: {exc.message}"
                 ) from None
             raise
 
     async def create_session(self, flags: int = 0, timeout: float | None = 30.0) -> int:
-        response = await self._agent_call(
-            "CreateSession", pb.CreateSessionRequest(flags=flags), pb.CreateSessionResponse, timeout
-        )
-        return int(response.session_id)
+        request = pb.CreateSessionRequest(flags=flags)
+        return int((await self._agent_call(CREATE_SESSION, request, timeout)).session_id)
 
     async def destroy_session(self, session_id: int, timeout: float | None = 30.0) -> None:
-        await self._agent_call(
-            "DestroySession",
-            pb.DestroySessionRequest(session_id=session_id),
-            pb.EmptyResponse,
-            timeout,
-        )
+        request = pb.DestroySessionRequest(session_id=session_id)
+        await self._agent_call(DESTROY_SESSION, request, timeout)
 
     async def classify(
         self, image: bytes, session_id: int = 0, timeout: float | None = None
@@ -498,13 +495,8 @@ class Core:
             if not self._session_id:
                 self._session_id = await self.create_session()
             session_id = self._session_id
-        response = await self._agent_call(
-            "ImageClassification",
-            pb.ImageClassificationRequest(session_id=session_id, image=image),
-            pb.ImageClassificationResponse,
-            timeout,
-        )
-        return bytes(response.tags).split(b"\0", 1)[0].decode(errors="replace")
+        request = pb.ImageClassificationRequest(session_id=session_id, image=image)
+        return tag_text((await self._agent_call(IMAGE_CLASSIFICATION, request, timeout)).tags)
 
 
 class _Verdict(enum.Enum):
@@ -523,7 +515,7 @@ _Queued = tuple[
 def _request(
     ref: TaskRef[Any], spec: FunctionSpec, payload: bytes, options: Options, session_id: int
 ) -> bytes:
-    return wire.encode(
+    return SUBMIT.request.encode(
         wire.Submit(
             ref.task_id,
             spec.digest,

@@ -6,7 +6,7 @@ from typing import Final
 
 from vaccelray.errors import Reason, RPCError, StatusCode
 
-__all__ = ["SERVICE_NAMES", "unknown_session"]
+__all__ = ["SERVICE_NAMES", "tag_text", "unknown_session"]
 
 #: Every name the vAccel agent service has had on the wire, oldest first; the
 #: methods and messages are the same under each (protobuf is compatible by field number).
@@ -23,3 +23,8 @@ def unknown_session(session_id: int) -> RPCError:
     return RPCError(
         StatusCode.NOT_FOUND, f"Unknown session {session_id}", reason=Reason.UNKNOWN_SESSION
     )
+
+
+def tag_text(tags: bytes) -> str:
+    """An ImageClassification answer's tags as text: the agent NUL-pads them; clients trim."""
+    return tags.split(b"\0", 1)[0].decode(errors="replace")

@@ -46,6 +46,7 @@ T = TypeVar("T")
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
 _P = TypeVar("_P", bound=Message)
+_Q = TypeVar("_Q", bound=Message)
 
 
 class Codec(Protocol[T]):
@@ -163,9 +164,9 @@ class ServiceSpec:
 def _session_rpc(
     method: str,
     request: type[_P],
-    reply: type[Message],
+    reply: type[_Q],
     limits: Callable[[Any, int], None] | None = None,
-) -> Rpc[_P, Any]:
+) -> Rpc[_P, _Q]:
     codec = ProtoCodec(request)
     return Rpc(_AGENT, method, codec, ProtoCodec(reply), codec.field_number("session_id"), limits)
 

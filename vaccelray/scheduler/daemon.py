@@ -108,11 +108,10 @@ async def run_scheduler(
             table = SessionTable(pool, tg)
             view = ClusterView(pool, table)
             agent = AgentForwarder(table, max_message_size=config.max_message_size)
-            tasks = TaskRouter(pool, table, cache_bytes=config.function_cache_bytes)
+            tasks = TaskRouter(pool, table, tg, cache_bytes=config.function_cache_bytes)
             task_services = protect(
                 [tasks.service()], TokenCheck.for_addresses(config.addresses, config.token)
             )
-            tasks.attach(tg)
             with anyio.move_on_after(config.health_timeout + 0.5):
                 async with anyio.create_task_group() as first:
                     for record in pool.registry:

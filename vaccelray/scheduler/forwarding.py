@@ -50,7 +50,7 @@ from vaccelray.transport.server import CallContext, Method, Service
 
 __all__ = ["OPS_METADATA_KEY", "AgentForwarder"]
 
-log = logging.getLogger("vaccelray.scheduler")
+log = logging.getLogger("vaccelray.sessions")  # per-call lines: --log-level quietens them
 
 #: CreateSession metadata a client may send to require operations: "classify,genop".
 OPS_METADATA_KEY: Final = "vaccelray-ops"

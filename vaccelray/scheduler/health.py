@@ -17,10 +17,10 @@ import logging
 
 import anyio
 import anyio.abc
-import msgspec
 
 from vaccelray.errors import RPCError, StatusCode, TransportError
-from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, decode
+from vaccelray.protocol.info import InfoRequest, WorkerInfo
+from vaccelray.protocol.services import INFO
 from vaccelray.scheduler.pool import WorkerPool
 from vaccelray.scheduler.registry import Change
 
@@ -81,16 +81,18 @@ class HealthChecker:
         try:
             with anyio.fail_after(self.timeout):
                 client = await pool.client(address, connect_timeout=self.timeout)
+                request = INFO.request.encode(InfoRequest())
                 try:
                     payload = await client.call(
-                        WORKER_SERVICE, INFO_METHOD, b"", timeout=self.timeout
+                        INFO.service, INFO.method, request, timeout=self.timeout
                     )
-                    info = decode(payload, WorkerInfo)
                 except RPCError as exc:
                     if exc.code not in (StatusCode.UNIMPLEMENTED, StatusCode.INVALID_ARGUMENT):
                         raise
-                    info = AGENT_INFO
-        except (TimeoutError, RPCError, TransportError, OSError, msgspec.DecodeError) as exc:
+                    info = AGENT_INFO  # no vaccelray service: a plain vAccel agent
+                else:
+                    info = INFO.reply.decode(payload)  # a garbled answer fails the check
+        except (TimeoutError, RPCError, TransportError, OSError) as exc:
             reason = (
                 f"no answer to the health check within {self.timeout:g} s"
                 if isinstance(exc, TimeoutError)

@@ -52,7 +52,7 @@ __all__ = [
     "session_lost",
 ]
 
-log = logging.getLogger("vaccelray.scheduler")
+log = logging.getLogger("vaccelray.sessions")  # per-call lines: --log-level quietens them
 
 #: Time allowed for the scheduler's own calls (re-creation, clean-up) without a deadline.
 HOUSEKEEPING_TIMEOUT: Final = 10.0

@@ -47,7 +47,7 @@ import msgspec
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import tasks as wire
-from vaccelray.protocol.classify import CLASSIFY_METHOD
+from vaccelray.protocol.services import CANCEL, CLASSIFY, REGISTER_FUNCTION, SUBMIT, WORKER
 from vaccelray.scheduler.health import AGENT_INFO
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change, WorkerRecord
@@ -56,7 +56,7 @@ from vaccelray.transport.server import CallContext, Method, Service
 
 __all__ = ["DEFAULT_FUNCTION_CACHE_BYTES", "TaskRouter"]
 
-log = logging.getLogger("vaccelray.scheduler")
+log = logging.getLogger("vaccelray.routing")  # per-call lines: --log-level quietens them
 
 DEFAULT_FUNCTION_CACHE_BYTES: Final = 256 << 20
 #: Time allowed for forwarding a Cancel (the client's own Cancel has no deadline).
@@ -110,10 +110,13 @@ class TaskRouter:
         self,
         pool: WorkerPool,
         sessions: SessionTable,
+        task_group: anyio.abc.TaskGroup,
         *,
         cache_bytes: int = DEFAULT_FUNCTION_CACHE_BYTES,
     ) -> None:
         self.pool = pool
+        #: Where background work runs (cancelling the tasks of clients that went away).
+        self._task_group = task_group
         self.sessions = sessions
         self.functions = FunctionCache(cache_bytes, on_drop=self._function_dropped)
         #: (worker address, instance) -> digests registered there.
@@ -123,28 +126,23 @@ class TaskRouter:
         self._no_tasks: set[tuple[str, str]] = set()
         #: (client connection id, task id) -> the task while the scheduler handles it.
         self.inflight: dict[tuple[int, str], _Flight] = {}
-        self._task_group: anyio.abc.TaskGroup | None = None
         pool.add_listener(self._worker_changed)
 
     # -- wiring ----------------------------------------------------------------
 
     def service(self) -> Service:
         return Service(
-            wire.SERVICE,
+            WORKER.name,
             {
-                wire.METHOD_REGISTER: Method(self._register, inline=True),
-                wire.METHOD_SUBMIT: Method(self._submit),
-                wire.METHOD_CANCEL: Method(self._cancel),
+                REGISTER_FUNCTION.method: Method(self._register, inline=True),
+                SUBMIT.method: Method(self._submit),
+                CANCEL.method: Method(self._cancel),
             },
         )
 
     def classify_service(self) -> Service:
         """Classify of the same service: data only, so open like the vAccel agent's calls."""
-        return Service(wire.SERVICE, {CLASSIFY_METHOD: Method(self._classify)})
-
-    def attach(self, task_group: anyio.abc.TaskGroup) -> None:
-        """Where background work runs (cancelling the tasks of clients that went away)."""
-        self._task_group = task_group
+        return Service(WORKER.name, {CLASSIFY.method: Method(self._classify)})
 
     def _worker_changed(self, address: str, change: Change) -> None:
         record = self.pool.registry.get(address)
@@ -158,7 +156,7 @@ class TaskRouter:
 
     def _register(self, payload: bytes, ctx: CallContext) -> bytes:
         request = self.functions.add(payload)
-        return wire.encode(wire.Registered(request.digest))
+        return REGISTER_FUNCTION.reply.encode(wire.Registered(request.digest))
 
     def _function_dropped(self, digest: str) -> None:
         for digests in self._on_worker.values():
@@ -182,8 +180,8 @@ class TaskRouter:
             try:
                 return await self.pool.call(
                     worker.address,
-                    wire.SERVICE,
-                    CLASSIFY_METHOD,
+                    CLASSIFY.service,
+                    CLASSIFY.method,
                     payload,
                     timeout=ctx.time_left(),
                     metadata=ctx.metadata,
@@ -198,7 +196,7 @@ class TaskRouter:
     # -- Submit ------------------------------------------------------------------
 
     async def _submit(self, payload: bytes, ctx: CallContext) -> bytes:
-        task = wire.decode_request(payload, wire.Submit)
+        task = SUBMIT.request.decode(payload)
         function = self.functions.get(task.digest).payload
         key = (ctx.connection_id, task.task_id)
         if key in self.inflight:
@@ -295,7 +293,9 @@ class TaskRouter:
         self, task: wire.Submit, function: bytes, flight: _Flight, ctx: CallContext
     ) -> bytes:
         async def attempt(binding: Binding) -> bytes:
-            forward = wire.encode(msgspec.structs.replace(task, session_id=binding.worker_session))
+            forward = SUBMIT.request.encode(
+                msgspec.structs.replace(task, session_id=binding.worker_session)
+            )
             try:
                 return await self._run_on(
                     binding.address, binding.instance, task, forward, function, flight, ctx
@@ -341,8 +341,8 @@ class TaskRouter:
             try:
                 return await self.pool.call(
                     address,
-                    wire.SERVICE,
-                    wire.METHOD_SUBMIT,
+                    SUBMIT.service,
+                    SUBMIT.method,
                     payload,
                     timeout=ctx.time_left(),
                     metadata=ctx.metadata,
@@ -398,8 +398,8 @@ class TaskRouter:
         try:
             await self.pool.call(
                 address,
-                wire.SERVICE,
-                wire.METHOD_REGISTER,
+                REGISTER_FUNCTION.service,
+                REGISTER_FUNCTION.method,
                 function,
                 timeout=ctx.time_left(),
                 metadata=ctx.metadata,
@@ -422,7 +422,7 @@ class TaskRouter:
     # -- Cancel --------------------------------------------------------------------
 
     async def _cancel(self, payload: bytes, ctx: CallContext) -> bytes:
-        request = wire.decode_request(payload, wire.Cancel)
+        request = CANCEL.request.decode(payload)
         stopped: list[str] = []
         for task_id in request.task_ids:
             flight = self.inflight.get((ctx.connection_id, task_id))
@@ -434,7 +434,7 @@ class TaskRouter:
                 stopped.append(task_id)
             elif await self._forward_cancel(flight, flight.address, ctx.metadata):
                 stopped.append(task_id)
-        return wire.encode(wire.Cancelled(tuple(stopped)))
+        return CANCEL.reply.encode(wire.Cancelled(tuple(stopped)))
 
     async def _forward_cancel(
         self,
@@ -450,18 +450,18 @@ class TaskRouter:
         then the Cancel is sent again a few times while the task is in flight
         (or, when its client has gone: *abandoned*, a few times anyway).
         """
-        request = wire.encode(wire.Cancel((flight.task_id,)))
+        request = CANCEL.request.encode(wire.Cancel((flight.task_id,)))
         for attempt in range(_CANCEL_ATTEMPTS):
             try:
                 reply = await self.pool.call(
                     address,
-                    wire.SERVICE,
-                    wire.METHOD_CANCEL,
+                    CANCEL.service,
+                    CANCEL.method,
                     request,
                     timeout=CANCEL_TIMEOUT,
                     metadata=metadata,
                 )
-                cancelled = wire.decode_request(reply, wire.Cancelled)
+                cancelled = CANCEL.reply.decode(reply)
             except (WorkerUnavailable, RPCError) as exc:
                 log.info("Cancel of task %s on %s failed: %s", flight.task_id, address, exc)
                 return False
@@ -476,7 +476,6 @@ class TaskRouter:
     def _spawn_cancel(
         self, flight: _Flight, address: str, metadata: Sequence[tuple[str, str]]
     ) -> None:
-        if self._task_group is not None:
-            self._task_group.start_soon(
-                functools.partial(self._forward_cancel, flight, address, metadata, abandoned=True)
-            )
+        self._task_group.start_soon(
+            functools.partial(self._forward_cancel, flight, address, metadata, abandoned=True)
+        )

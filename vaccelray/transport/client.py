@@ -29,6 +29,7 @@ from vaccelray.protocol import (
     ClientConnection,
     ResponseReceived,
 )
+from vaccelray.protocol.services import Rpc
 from vaccelray.transport.endpoints import (
     Endpoint,
     ReadBuffer,
@@ -45,6 +46,8 @@ class _Message(Protocol):
 
 
 _M = TypeVar("_M")
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
 
 #: What a call's callback gets: the response payload, or the error.
 Outcome = bytes | BaseException
@@ -90,7 +93,7 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         self.waiters: dict[int, PendingCall] = {}
         self.transport: asyncio.Transport | None = None
         self.error: TransportError | None = None
-        #: Requests held back by ``Client.batch()``.
+        #: Requests held back until the end of the loop iteration or ``Client.batch()``.
         self.batch: list[bytes] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -138,6 +141,12 @@ class _ClientProtocol(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
+    def flush(self) -> None:
+        """Write the requests held back, in one write."""
+        parts, self.batch = self.batch, None
+        if parts and self.transport is not None:
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
     def _fail(self, error: TransportError) -> None:
         if self.error is None:
             self.error = error
@@ -168,9 +177,7 @@ class Client:
         try:
             yield
         finally:
-            parts, protocol.batch = protocol.batch, None
-            if parts and protocol.transport is not None:
-                protocol.transport.write(b"".join(parts))
+            protocol.flush()
 
     def start_call(
         self,
@@ -206,7 +213,10 @@ class Client:
         if protocol.batch is not None:
             protocol.batch.append(data)
         else:
-            transport.write(data)
+            # Calls started in this loop iteration leave in one write at its end: a
+            # scheduler forwarding the requests of one read sends them as one.
+            protocol.batch = [data]
+            asyncio.get_running_loop().call_soon(protocol.flush)
         if timeout is not None:
             pending._timer = asyncio.get_running_loop().call_later(
                 timeout, pending.expire, f"{service}/{method}", timeout
@@ -243,6 +253,28 @@ class Client:
             return await future
         finally:
             pending.cancel()  # cancelled while waiting: abandon the call (else a no-op)
+
+    async def call_rpc(
+        self,
+        rpc: Rpc[Req, Rep],
+        request: Req,
+        *,
+        service: str | None = None,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Rep:
+        """:meth:`call` of a declared method, its request and reply through the method's codecs.
+
+        *service* picks another of the service's names (the vAccel agent has four).
+        """
+        payload = await self.call(
+            service or rpc.service,
+            rpc.method,
+            rpc.request.encode(request),
+            timeout=timeout,
+            metadata=metadata,
+        )
+        return rpc.reply.decode(payload)
 
     async def call_message(
         self,

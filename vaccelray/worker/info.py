@@ -13,15 +13,8 @@ import secrets
 import time
 
 from vaccelray._version import __version__
-from vaccelray.errors import RPCError, StatusCode
-from vaccelray.protocol.info import (
-    INFO_METHOD,
-    WORKER_SERVICE,
-    InfoRequest,
-    WorkerInfo,
-    decode,
-    encode,
-)
+from vaccelray.protocol.info import WorkerInfo
+from vaccelray.protocol.services import INFO
 from vaccelray.transport.server import CallContext, Method, Server, Service
 from vaccelray.worker.agent import Agent
 
@@ -59,11 +52,8 @@ class InfoService:
         )
 
     def _handle(self, payload: bytes, ctx: CallContext) -> bytes:
-        try:
-            decode(payload, InfoRequest)
-        except Exception as exc:
-            raise RPCError(StatusCode.INVALID_ARGUMENT, f"undecodable InfoRequest: {exc}") from exc
-        return encode(self.info())
+        INFO.request.decode(payload)  # no fields yet: only its being one is checked
+        return INFO.reply.encode(self.info())
 
     def service(self) -> Service:
-        return Service(WORKER_SERVICE, {INFO_METHOD: Method(self._handle, inline=True)})
+        return Service(INFO.service, {INFO.method: Method(self._handle, inline=True)})

@@ -16,6 +16,8 @@ import (
 
 // runBench: CreateSession once, then ImageClassification in a loop from N
 // goroutines sharing ONE ttrpc client connection, for a fixed duration.
+// With -mix, each goroutine repeats a session's life instead: CreateSession,
+// three ImageClassification, DestroySession (every call counted).
 func runBench(args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ExitOnError)
 	addr := fs.String("addr", "", "address of the server")
@@ -24,6 +26,7 @@ func runBench(args []string) error {
 	warmup := fs.Duration("warmup", 300*time.Millisecond, "unmeasured warm-up")
 	imageSize := fs.Int("image-size", 64, "image bytes per call")
 	service := fs.String("service", mainService, "vAccel service name")
+	mix := fs.Bool("mix", false, "create, classify three times, destroy, in a loop")
 	fs.Parse(args)
 	if *addr == "" {
 		return fmt.Errorf("-addr is required")
@@ -68,10 +71,19 @@ func runBench(args []string) error {
 				if t0.After(end) {
 					return
 				}
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				var resp vaccel.ImageClassificationResponse
-				err := client.Call(ctx, *service, "ImageClassification", req, &resp)
-				cancel()
+				var err error
+				if *mix {
+					err = sessionLife(client, *service, image, func(t0, t1 time.Time) {
+						if !t0.Before(measureFrom) && !t1.After(end) {
+							w.lat = append(w.lat, t1.Sub(t0))
+						}
+					})
+				} else {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					var resp vaccel.ImageClassificationResponse
+					err = client.Call(ctx, *service, "ImageClassification", req, &resp)
+					cancel()
+				}
 				t1 := time.Now()
 				if t0.Before(measureFrom) || t1.After(end) {
 					continue
@@ -83,7 +95,9 @@ func runBench(args []string) error {
 					}
 					continue
 				}
-				w.lat = append(w.lat, t1.Sub(t0))
+				if !*mix {
+					w.lat = append(w.lat, t1.Sub(t0))
+				}
 			}
 		}(&workers[i])
 	}
@@ -117,10 +131,41 @@ func runBench(args []string) error {
 		"image_size":  *imageSize,
 		"duration_s":  duration.Seconds(),
 		"service":     *service,
+		"mix":         *mix,
 	}
 	if firstErr != "" {
 		out["first_error"] = firstErr
 	}
 	emit(out)
+	return nil
+}
+
+// sessionLife: one session's calls, each timed through done(start, end).
+func sessionLife(client *ttrpc.Client, service string, image []byte, done func(t0, t1 time.Time)) error {
+	call := func(method string, req, resp interface{}) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		t0 := time.Now()
+		err := client.Call(ctx, service, method, req, resp)
+		if err == nil {
+			done(t0, time.Now())
+		}
+		return err
+	}
+	var cs vaccel.CreateSessionResponse
+	if err := call("CreateSession", &vaccel.CreateSessionRequest{}, &cs); err != nil {
+		return fmt.Errorf("CreateSession: %w", err)
+	}
+	req := &vaccel.ImageClassificationRequest{SessionId: cs.SessionId, Image: image}
+	for i := 0; i < 3; i++ {
+		var resp vaccel.ImageClassificationResponse
+		if err := call("ImageClassification", req, &resp); err != nil {
+			return fmt.Errorf("ImageClassification: %w", err)
+		}
+	}
+	var empty vaccel.EmptyResponse
+	if err := call("DestroySession", &vaccel.DestroySessionRequest{SessionId: cs.SessionId}, &empty); err != nil {
+		return fmt.Errorf("DestroySession: %w", err)
+	}
 	return nil
 }
