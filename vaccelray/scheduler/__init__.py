@@ -13,6 +13,7 @@ from vaccelray.scheduler.daemon import (
 )
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change, Health, Registry, WorkerRecord
+from vaccelray.scheduler.sessions import SessionLimits
 
 __all__ = [
     "DEFAULT_SCHEDULER_ADDRESS",
@@ -21,6 +22,7 @@ __all__ = [
     "Registry",
     "Scheduler",
     "SchedulerConfig",
+    "SessionLimits",
     "WorkerPool",
     "WorkerRecord",
     "WorkerUnavailable",

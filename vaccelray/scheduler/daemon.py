@@ -16,7 +16,7 @@ from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.forwarding import AgentForwarder
 from vaccelray.scheduler.health import HealthChecker
 from vaccelray.scheduler.pool import WorkerPool
-from vaccelray.scheduler.sessions import SessionTable
+from vaccelray.scheduler.sessions import SessionLimits, SessionTable
 from vaccelray.scheduler.status import ClusterView
 from vaccelray.scheduler.tasks import DEFAULT_FUNCTION_CACHE_BYTES, TaskRouter
 from vaccelray.transport.endpoints import ListenError
@@ -66,6 +66,8 @@ class SchedulerConfig:
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     #: Seconds before a silent connection holding no session is closed (0: never).
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: Sessions and resources held at most, and the bytes kept to replay resources.
+    limits: SessionLimits = field(default_factory=SessionLimits)
 
 
 @dataclass
@@ -105,7 +107,7 @@ async def run_scheduler(
     health = HealthChecker(pool, interval=config.health_interval, timeout=config.health_timeout)
     try:
         async with anyio.create_task_group() as tg:
-            table = SessionTable(pool, tg)
+            table = SessionTable(pool, tg, config.limits)
             view = ClusterView(pool, table)
             agent = AgentForwarder(table, max_message_size=config.max_message_size)
             tasks = TaskRouter(pool, table, tg, cache_bytes=config.function_cache_bytes)

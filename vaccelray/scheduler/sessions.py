@@ -25,6 +25,7 @@ What the vAccel methods do with this table is in
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -48,6 +49,7 @@ __all__ = [
     "Rebind",
     "RoutedResource",
     "RoutedSession",
+    "SessionLimits",
     "SessionTable",
     "session_lost",
 ]
@@ -84,10 +86,52 @@ class RoutedSession:
 @dataclass(eq=False)
 class RoutedResource:
     id: int
-    #: The registration as the client sent it, without resource and session ids.
-    template: pb.RegisterResourceRequest
+    #: ``CallContext.connection_id`` of the connection that registered it first.
+    owner: int
+    #: The registration as the client sent it, without resource and session ids, kept
+    #: to register it again on another worker; None when it did not fit the replay budget.
+    template: pb.RegisterResourceRequest | None
+    #: Bytes the template holds (0 when not kept).
+    kept: int = 0
     #: (worker address, instance) -> the worker's id for this resource.
     on_worker: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Scheduler sessions it is registered with.
+    users: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What the scheduler's session table holds at most (0: no bound).
+
+    Past a bound the call is refused at once with RESOURCE_EXHAUSTED naming
+    the option that raises it; what is held keeps working. A resource larger
+    than what is left of the replay budget is still registered, but not kept:
+    if its session must move to another worker, the call that finds it lost
+    fails with UNAVAILABLE instead of replaying it.
+    """
+
+    #: Sessions held at once, over every client.
+    max_sessions: int = 65536
+    #: Sessions one client connection holds.
+    max_sessions_per_connection: int = 1024
+    #: Resources held at once, over every client.
+    max_resources: int = 65536
+    #: Resources one client connection has registered (and are still held).
+    max_resources_per_connection: int = 1024
+    #: Bytes of resource registrations kept to replay on another worker.
+    replay_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 0:
+                raise ValueError(f"{name} must be 0 (no bound) or more, got {value}")
+
+
+def _exhausted(what: str, limit: int, option: str) -> RPCError:
+    return RPCError(
+        StatusCode.RESOURCE_EXHAUSTED,
+        f"{what} (the limit is {limit}; the scheduler's {option} raises it)",
+    )
 
 
 def session_lost(exc: RPCError, worker_session: int) -> bool:
@@ -118,10 +162,22 @@ class SessionTable:
     *task_group*, which outlives every call.
     """
 
-    def __init__(self, pool: WorkerPool, task_group: anyio.abc.TaskGroup) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        task_group: anyio.abc.TaskGroup,
+        limits: SessionLimits = SessionLimits(),  # frozen
+    ) -> None:
         self.pool = pool
+        self.limits = limits
         self.sessions: dict[int, RoutedSession] = {}
         self.resources: dict[int, RoutedResource] = {}
+        #: connection id -> sessions it holds (recorded ones; see _creating for the rest)
+        self._sessions_of: collections.Counter[int] = collections.Counter()
+        #: connection id -> resources it registered that are still held
+        self._resources_of: collections.Counter[int] = collections.Counter()
+        #: Bytes of resource templates kept for replay.
+        self.kept_bytes = 0
         self._task_group = task_group
         self._session_ids = itertools.count(1)
         self._resource_ids = itertools.count(1)
@@ -259,9 +315,17 @@ class SessionTable:
             return binding
 
     async def _register_on(
-        self, binding: Binding, resource: RoutedResource, ctx: CallContext
+        self,
+        binding: Binding,
+        resource: RoutedResource,
+        ctx: CallContext,
+        registration: pb.RegisterResourceRequest | None = None,
     ) -> int:
-        """Register *resource* with the binding's worker session; the worker's resource id."""
+        """Register *resource* with the binding's worker session; the worker's resource id.
+
+        *registration* is the client's request when the resource is new (its
+        template may not have been kept); later, the template is replayed.
+        """
         key = (binding.address, binding.instance)
         known = resource.on_worker.get(key)
         if known is not None:
@@ -278,8 +342,15 @@ class SessionTable:
                 ):
                     raise
                 del resource.on_worker[key]
+        template = registration or resource.template
+        if template is None:
+            raise RPCError(
+                StatusCode.UNAVAILABLE,
+                f"resource {resource.id} was too large to keep for replay (see the "
+                f"scheduler's --replay-bytes), so it cannot be registered on {binding.address}",
+            )
         request = pb.RegisterResourceRequest()
-        request.CopyFrom(resource.template)
+        request.CopyFrom(template)
         request.session_id = binding.worker_session
         reply = await self.send(binding, ctx, REGISTER_RESOURCE.method, request.SerializeToString())
         worker_id = int(REGISTER_RESOURCE.reply.decode(reply).resource_id)
@@ -374,6 +445,7 @@ class SessionTable:
     async def create(self, flags: int, ops: frozenset[str] | None, ctx: CallContext) -> int:
         """Open a session for the caller's connection on a worker; its scheduler id."""
         owner = ctx.connection_id
+        self._check_session_bounds(owner)
         session = RoutedSession(next(self._session_ids), owner, flags, ops)
         self._creating[owner] = self._creating.get(owner, 0) + 1
         try:
@@ -388,6 +460,7 @@ class SessionTable:
             ) from None
         else:
             self.sessions[session.id] = session
+            self._sessions_of[owner] += 1
             log.info(
                 "Created session %d on %s (worker session %d)",
                 session.id,
@@ -402,9 +475,30 @@ class SessionTable:
                 self._drop_owner_sessions(owner)
         return session.id
 
+    def _check_session_bounds(self, owner: int) -> None:
+        limits = self.limits
+        held = self._sessions_of[owner] + self._creating.get(owner, 0)
+        if limits.max_sessions_per_connection and held >= limits.max_sessions_per_connection:
+            raise _exhausted(
+                f"this connection holds {held} sessions",
+                limits.max_sessions_per_connection,
+                "--max-sessions-per-connection",
+            )
+        total = len(self.sessions) + sum(self._creating.values())
+        if limits.max_sessions and total >= limits.max_sessions:
+            raise _exhausted(
+                f"the scheduler holds {total} sessions", limits.max_sessions, "--max-sessions"
+            )
+
+    def _forget_session(self, session: RoutedSession) -> None:
+        del self.sessions[session.id]
+        self._sessions_of[session.owner] -= 1
+        if not self._sessions_of[session.owner]:
+            del self._sessions_of[session.owner]
+
     async def destroy(self, session_id: int, ctx: CallContext) -> None:
         session = self.get(session_id)
-        del self.sessions[session.id]
+        self._forget_session(session)
         log.info("Destroyed session %d", session.id)
         await self._release(session, self.housekeeping_timeout(ctx))
 
@@ -448,11 +542,21 @@ class SessionTable:
 
     def _drop_resources(self, session: RoutedSession) -> None:
         for resource_id in session.resources:
-            if not any(
-                resource_id in s.resources for s in self.sessions.values() if s is not session
-            ):
-                self.resources.pop(resource_id, None)
+            resource = self.resources.get(resource_id)
+            if resource is not None:
+                self._detach(resource, session)
         session.resources.clear()
+
+    def _detach(self, resource: RoutedResource, session: RoutedSession) -> None:
+        """*session* lets go of *resource*; the last one to do so forgets it."""
+        resource.users.discard(session.id)
+        if resource.users:
+            return
+        del self.resources[resource.id]
+        self.kept_bytes -= resource.kept
+        self._resources_of[resource.owner] -= 1
+        if not self._resources_of[resource.owner]:
+            del self._resources_of[resource.owner]
 
     # -- resources -------------------------------------------------------------------
 
@@ -460,26 +564,61 @@ class SessionTable:
         self, session: RoutedSession, request: pb.RegisterResourceRequest, ctx: CallContext
     ) -> int:
         """Register a resource (new, or one of another session) with *session*; its id."""
+        registration: pb.RegisterResourceRequest | None = None
         if request.resource_id:
             resource = self.resources.get(request.resource_id)
             if resource is None:
                 raise RPCError(StatusCode.NOT_FOUND, f"Unknown resource {request.resource_id}")
         else:
-            template = pb.RegisterResourceRequest()
-            template.CopyFrom(request)
-            template.session_id = 0
-            resource = RoutedResource(next(self._resource_ids), template)
+            owner = ctx.connection_id
+            self._check_resource_bounds(owner)
+            registration = pb.RegisterResourceRequest()
+            registration.CopyFrom(request)
+            registration.session_id = 0
+            size = registration.ByteSize()
+            budget = self.limits.replay_bytes
+            if not budget or self.kept_bytes + size <= budget:
+                resource = RoutedResource(next(self._resource_ids), owner, registration, size)
+            else:
+                log.warning(
+                    "session:%d Resource of %d bytes not kept for replay: %d of the "
+                    "--replay-bytes %d are in use",
+                    session.id,
+                    size,
+                    self.kept_bytes,
+                    budget,
+                )
+                resource = RoutedResource(next(self._resource_ids), owner, None)
 
         async def attempt(binding: Binding) -> bytes:
-            await self._register_on(binding, resource, ctx)
+            await self._register_on(binding, resource, ctx, registration)
             return b""
 
         await self.run(session, ctx, REGISTER_RESOURCE.method, attempt)
-        self.resources.setdefault(resource.id, resource)
+        if resource.id not in self.resources:
+            self.resources[resource.id] = resource
+            self.kept_bytes += resource.kept
+            self._resources_of[resource.owner] += 1
         if resource.id not in session.resources:
+            resource.users.add(session.id)
             session.resources.append(resource.id)
         log.info("session:%d Registered resource %d", session.id, resource.id)
         return resource.id
+
+    def _check_resource_bounds(self, owner: int) -> None:
+        limits = self.limits
+        held = self._resources_of[owner]
+        if limits.max_resources_per_connection and held >= limits.max_resources_per_connection:
+            raise _exhausted(
+                f"this connection holds {held} resources",
+                limits.max_resources_per_connection,
+                "--max-resources-per-connection",
+            )
+        total = len(self.resources)
+        if limits.max_resources and total >= limits.max_resources:
+            raise _exhausted(
+                f"the scheduler holds {total} resources", limits.max_resources, "--max-resources"
+            )
 
     async def unregister_resource(
         self, session: RoutedSession, resource_id: int, ctx: CallContext
@@ -502,16 +641,13 @@ class SessionTable:
 
         await self.run(session, ctx, "UnregisterResource", attempt)
         session.resources.remove(resource.id)
-        if not any(resource.id in s.resources for s in self.sessions.values()):
-            self.resources.pop(resource.id, None)
+        self._detach(resource, session)
 
     # -- clean-up ----------------------------------------------------------------------
 
     def holds_state(self, connection_id: int) -> bool:
         """Whether the connection owns sessions, made or being made (asked by the idle timeout)."""
-        return connection_id in self._creating or any(
-            s.owner == connection_id for s in self.sessions.values()
-        )
+        return connection_id in self._creating or connection_id in self._sessions_of
 
     def connection_closed(self, connection_id: int) -> None:
         """A client connection closed: destroy the sessions it created (server hook)."""
@@ -527,7 +663,7 @@ class SessionTable:
             return
         log.info("Connection %d closed: destroying its %d sessions", owner, len(orphans))
         for session in orphans:
-            del self.sessions[session.id]
+            self._forget_session(session)
             self._spawn(self._release, session, HOUSEKEEPING_TIMEOUT)
 
     def _worker_changed(self, address: str, change: Change) -> None:
