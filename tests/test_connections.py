@@ -23,6 +23,7 @@ import anyio.abc
 import msgspec
 import pytest
 
+from tests.clusters import serving_scheduler
 from tests.processes import Proc, start_daemon, worker_argv
 from tests.waiting import eventually, liveness, until
 from vaccelray.agent_client import AgentClient
@@ -529,7 +530,7 @@ async def test_worker_options_close_an_idle_connection_but_not_a_session_holder(
 
 
 async def test_scheduler_keeps_a_session_holder_and_closes_an_idle_connection() -> None:
-    from vaccelray.scheduler import SchedulerConfig, run_scheduler
+    from vaccelray.scheduler import SchedulerConfig
 
     proc, worker = await anyio.to_thread.run_sync(
         lambda: start_daemon(
@@ -540,7 +541,7 @@ async def test_scheduler_keeps_a_session_holder_and_closes_an_idle_connection() 
         addresses=("tcp://127.0.0.1:0",), workers=(worker,), grace=1.0, idle_timeout=0.3
     )
     try:
-        async with run_scheduler(config) as sched, connect(sched.addresses[0]) as client:
+        async with serving_scheduler(config) as sched, connect(sched.addresses[0]) as client:
             agent = AgentClient(client)
             session = await agent.create_session()
             # Opened after the session holder's last call: its idle deadline comes later.

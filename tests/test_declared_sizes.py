@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.clusters import serving_scheduler
 from tests.processes import Proc, scheduler_argv, start_daemon, worker_argv
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
@@ -34,7 +35,7 @@ from vaccelray.protocol.limits import (
     check_response_size,
     response_body_size,
 )
-from vaccelray.scheduler import SchedulerConfig, run_scheduler
+from vaccelray.scheduler import SchedulerConfig
 from vaccelray.testing import agent_client
 from vaccelray.transport import connect
 from vaccelray.transport.client import Client
@@ -413,7 +414,7 @@ async def test_the_scheduler_refuses_before_forwarding_or_keeping() -> None:
         config = SchedulerConfig(
             addresses=("tcp://127.0.0.1:0",), workers=(fake.addresses[0],), grace=1.0
         )
-        async with run_scheduler(config) as sched, connect(sched.addresses[0]) as client:
+        async with serving_scheduler(config) as sched, connect(sched.addresses[0]) as client:
             session = await AgentClient(client).create_session()
             error = await refused(client, "Genop", hostile_genop(session, 1 << 30))
             assert_names(error, StatusCode.RESOURCE_EXHAUSTED, "write_args[0]", str(1 << 30))

@@ -16,13 +16,14 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.clusters import serving_scheduler
 from tests.waiting import eventually, liveness
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
-from vaccelray.scheduler import SchedulerConfig, run_scheduler
+from vaccelray.scheduler import SchedulerConfig
 from vaccelray.scheduler.daemon import Scheduler
 from vaccelray.transport import connect
 from vaccelray.transport.client import Client, Outcome
@@ -77,7 +78,7 @@ async def cluster() -> AsyncIterator[tuple[Worker, Scheduler, Client, int]]:
         config = SchedulerConfig(
             addresses=("tcp://127.0.0.1:0",), workers=(fake.addresses[0],), grace=1.0
         )
-        async with run_scheduler(config) as sched, connect(sched.addresses[0]) as client:
+        async with serving_scheduler(config) as sched, connect(sched.addresses[0]) as client:
             session = await AgentClient(client).create_session()
             yield worker, sched, client, session
 

@@ -15,6 +15,7 @@ import anyio
 import cloudpickle
 import pytest
 
+from tests.clusters import serving_scheduler
 from tests.test_server import Recorder
 from tests.waiting import eventually, liveness
 from vaccelray.agent_client import AgentClient
@@ -24,7 +25,7 @@ from vaccelray.protocol._pb import reason_pb2
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
-from vaccelray.scheduler import SchedulerConfig, run_scheduler
+from vaccelray.scheduler import SchedulerConfig
 from vaccelray.transport import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
 
@@ -168,7 +169,7 @@ async def test_a_session_the_worker_lost_is_made_again(lost: RPCError) -> None:
     fake = FakeWorker([lost], [])
     async with (
         serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
-        run_scheduler(_config(worker.addresses[0])) as sched,
+        serving_scheduler(_config(worker.addresses[0])) as sched,
         connect(sched.addresses[0]) as client,
     ):
         agent = AgentClient(client)
@@ -182,7 +183,7 @@ async def test_the_words_alone_do_not_lose_a_session_when_a_reason_says_otherwis
     fake = FakeWorker([other], [])
     async with (
         serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
-        run_scheduler(_config(worker.addresses[0])) as sched,
+        serving_scheduler(_config(worker.addresses[0])) as sched,
         connect(sched.addresses[0]) as client,
     ):
         agent = AgentClient(client)
@@ -219,7 +220,7 @@ async def test_a_task_goes_elsewhere_only_when_the_worker_says_it_never_ran(
     registration, digest = _registration()
     async with (
         serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
-        run_scheduler(_config(worker.addresses[0])) as sched,
+        serving_scheduler(_config(worker.addresses[0])) as sched,
         connect(sched.addresses[0]) as client,
     ):
         await eventually(lambda: len(sched.pool.registry) == 1, "the worker known")
@@ -238,7 +239,7 @@ async def test_a_function_the_worker_lost_is_registered_again() -> None:
     registration, digest = _registration()
     async with (
         serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
-        run_scheduler(_config(worker.addresses[0])) as sched,
+        serving_scheduler(_config(worker.addresses[0])) as sched,
         connect(sched.addresses[0]) as client,
     ):
         await eventually(lambda: len(sched.pool.registry) == 1, "the worker known")
@@ -257,7 +258,7 @@ async def test_a_task_whose_session_the_worker_lost_runs_in_the_session_made_aga
     registration, digest = _registration()
     async with (
         serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
-        run_scheduler(_config(worker.addresses[0])) as sched,
+        serving_scheduler(_config(worker.addresses[0])) as sched,
         connect(sched.addresses[0]) as client,
     ):
         session = await AgentClient(client).create_session()

@@ -12,11 +12,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 
+from tests.clusters import serving_scheduler
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.services import REGISTER_RESOURCE
-from vaccelray.scheduler import SchedulerConfig, SessionLimits, run_scheduler
+from vaccelray.scheduler import SchedulerConfig, SessionLimits
 from vaccelray.scheduler.daemon import Scheduler
 from vaccelray.transport import connect
 from vaccelray.worker.daemon import WorkerConfig, run_worker
@@ -38,9 +39,10 @@ async def cluster(limits: SessionLimits, workers: int = 1) -> AsyncIterator[Sche
             workers=tuple(addresses),
             grace=1.0,
             health_interval=3600,  # checks run when the test says
+            health_timeout=60,  # and the first one waits for a loaded machine
             limits=limits,
         )
-        yield await stack.enter_async_context(run_scheduler(config))
+        yield await stack.enter_async_context(serving_scheduler(config))
 
 
 def refused(error: RPCError, option: str) -> None:

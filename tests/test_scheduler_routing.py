@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
+from tests.clusters import serving_scheduler
 from tests.processes import Proc, child_env, sleepy_argv, start_daemons, worker_argv
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
@@ -83,7 +84,10 @@ async def test_sessions_spread_stick_and_are_destroyed_on_both_sides(
     noop_workers: list[tuple[Proc, str]],
 ) -> None:
     addresses = [a for _, a in noop_workers]
-    async with run_scheduler(config(*addresses)) as sched, connect(sched.addresses[0]) as client:
+    async with (
+        serving_scheduler(config(*addresses)) as sched,
+        connect(sched.addresses[0]) as client,
+    ):
         assert all(w.health is Health.UP for w in sched.pool.registry)
         ids = []
         for name in SERVICE_NAMES:  # every vAccel service name routes
@@ -113,7 +117,7 @@ async def test_a_closed_connection_leaves_no_sessions_on_workers(
     noop_workers: list[tuple[Proc, str]],
 ) -> None:
     addresses = [a for _, a in noop_workers]
-    async with run_scheduler(config(*addresses)) as sched:
+    async with serving_scheduler(config(*addresses)) as sched:
         async with connect(sched.addresses[0]) as client:
             agent = AgentClient(client)
             for _ in range(3):
@@ -136,7 +140,7 @@ async def test_killed_worker_fails_calls_in_flight_then_sessions_move(
 ) -> None:
     procs = {a: p for p, a in slow_and_fast_workers}
     slow, other = procs
-    async with run_scheduler(config(*procs)) as sched, connect(sched.addresses[0]) as client:
+    async with serving_scheduler(config(*procs)) as sched, connect(sched.addresses[0]) as client:
         agent = AgentClient(client, timeout=LIVENESS)
         # One session on each worker; the test uses the one on the slow worker.
         pair = [await agent.create_session() for _ in range(2)]
@@ -203,7 +207,7 @@ async def test_hung_worker_leaves_routing_and_returns(
     noop_workers: list[tuple[Proc, str]],
 ) -> None:
     procs = {a: p for p, a in noop_workers}
-    async with run_scheduler(config(*procs)) as sched, connect(sched.addresses[0]) as client:
+    async with serving_scheduler(config(*procs)) as sched, connect(sched.addresses[0]) as client:
         # The client would wait LIVENESS s: failing sooner proves the call was not left hanging.
         agent = AgentClient(client, timeout=LIVENESS)
         session = await agent.create_session()
@@ -239,8 +243,8 @@ async def test_a_returning_worker_takes_new_sessions_once_its_leftovers_are_dest
 ) -> None:
     addresses = [a for _, a in noop_workers]
     # Health checks only when the test runs one: no report can refresh a count meanwhile.
-    cfg = dataclasses.replace(config(*addresses), health_interval=3600.0)
-    async with run_scheduler(cfg) as sched, connect(sched.addresses[0]) as client:
+    cfg = dataclasses.replace(config(*addresses), health_interval=3600.0, health_timeout=60.0)
+    async with serving_scheduler(cfg) as sched, connect(sched.addresses[0]) as client:
         agent = AgentClient(client)
         ids = [await agent.create_session() for _ in range(4)]
         on: dict[str, list[int]] = {a: [] for a in addresses}
@@ -346,7 +350,10 @@ async def test_status_command_shows_scheduler_and_worker(
     noop_workers: list[tuple[Proc, str]],
 ) -> None:
     addresses = [a for _, a in noop_workers]
-    async with run_scheduler(config(*addresses)) as sched, connect(sched.addresses[0]) as client:
+    async with (
+        serving_scheduler(config(*addresses)) as sched,
+        connect(sched.addresses[0]) as client,
+    ):
         await AgentClient(client).create_session()
         cluster = await anyio.to_thread.run_sync(status_cli, sched.addresses[0])
         worker = await anyio.to_thread.run_sync(status_cli, addresses[0])

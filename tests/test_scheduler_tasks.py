@@ -23,6 +23,7 @@ import anyio
 import pytest
 
 import vaccelray
+from tests.clusters import serving_scheduler
 from tests.processes import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
 from tests.test_offload_api import Custom, add, raises, session_used, sleeps
 from tests.test_scheduler_routing import config, wait_until
@@ -63,7 +64,7 @@ async def cluster(
     cfg = replace(config(*(a for _, a in workers)), token=token)
     if cache_bytes is not None:
         cfg = replace(cfg, function_cache_bytes=cache_bytes)
-    async with run_scheduler(cfg) as sched:
+    async with serving_scheduler(cfg) as sched:
         client = await anyio.to_thread.run_sync(
             functools.partial(Client, sched.addresses[0], token=token)
         )

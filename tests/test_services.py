@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.clusters import serving_scheduler
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import info, tasks
 from vaccelray.protocol._pb import vaccel_pb2 as pb
@@ -21,7 +22,7 @@ from vaccelray.protocol.services import (
     Rpc,
     ServiceSpec,
 )
-from vaccelray.scheduler import SchedulerConfig, run_scheduler
+from vaccelray.scheduler import SchedulerConfig
 from vaccelray.transport import connect
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NoopBackend
@@ -104,7 +105,7 @@ async def test_worker_and_scheduler_serve_every_declared_agent_method_under_ever
     async with run_worker(worker_config, backend=NoopBackend()) as worker:
         address = worker.addresses[0]
         config = SchedulerConfig(addresses=("tcp://127.0.0.1:0",), workers=(address,), grace=1.0)
-        async with run_scheduler(config) as sched:
+        async with serving_scheduler(config) as sched:
             for target in (address, sched.addresses[0]):
                 for name in AGENT.names:
                     for rpc in AGENT:
