@@ -16,10 +16,13 @@ from tests.clusters import serving_scheduler
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import SERVICE_NAMES
+from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
 from vaccelray.protocol.services import REGISTER_RESOURCE
 from vaccelray.scheduler import SchedulerConfig, SessionLimits
 from vaccelray.scheduler.daemon import Scheduler
 from vaccelray.transport import connect
+from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NOOP_TAG, NoopBackend
 
@@ -141,3 +144,51 @@ async def test_resources_over_the_replay_budget_work_but_cannot_move() -> None:
         await agent.destroy_session(small)
     assert sched.table.kept_bytes == 0
     assert sched.table.resources == {}
+
+
+def _full_worker() -> list[Service]:
+    """A worker that has room for no session."""
+
+    def info(payload: bytes, ctx: CallContext) -> bytes:
+        return encode(WorkerInfo(version="t", instance="full", backend="noop", ops=("classify",)))
+
+    def create(payload: bytes, ctx: CallContext) -> bytes:
+        raise RPCError(StatusCode.RESOURCE_EXHAUSTED, "this worker holds 1 sessions")
+
+    agent = {"CreateSession": Method(create, inline=True)}
+    return [
+        Service(WORKER_SERVICE, {INFO_METHOD: Method(info, inline=True)}),
+        *(Service(name, agent) for name in SERVICE_NAMES),
+    ]
+
+
+@pytest.mark.parametrize("room_elsewhere", [True, False])
+async def test_a_full_worker_is_passed_over_for_one_with_room(room_elsewhere: bool) -> None:
+    async with AsyncExitStack() as stack:
+        full = await stack.enter_async_context(serve(_full_worker(), ["tcp://127.0.0.1:0"]))
+        other = _full_worker()
+        if room_elsewhere:
+            config = WorkerConfig(addresses=("tcp://127.0.0.1:0",), announce=False, pool_size=0)
+            worker = await stack.enter_async_context(run_worker(config, backend=NoopBackend()))
+            second = worker.addresses[0]
+        else:
+            second = (
+                await stack.enter_async_context(serve(other, ["tcp://127.0.0.1:0"]))
+            ).addresses[0]
+        sched = await stack.enter_async_context(
+            serving_scheduler(
+                SchedulerConfig(
+                    addresses=("tcp://127.0.0.1:0",), workers=(full.addresses[0], second), grace=1.0
+                )
+            )
+        )
+        agent = AgentClient(await stack.enter_async_context(connect(sched.addresses[0])))
+        if room_elsewhere:
+            # Two: once the worker with room holds one, the full one is the least loaded.
+            for session in [await agent.create_session() for _ in range(2)]:
+                assert sched.table.sessions[session].binding.address == second  # type: ignore[union-attr]
+        else:
+            with pytest.raises(RPCError) as caught:
+                await agent.create_session()
+            assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+            assert "every worker is full" in caught.value.message

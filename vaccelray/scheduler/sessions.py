@@ -254,9 +254,14 @@ class SessionTable:
             return binding
 
     async def _create_on_worker(self, session: RoutedSession, ctx: CallContext) -> Binding:
-        """Open the session on the least-loaded capable worker, replaying its resources."""
+        """Open the session on the least-loaded capable worker, replaying its resources.
+
+        A worker that cannot take it (unavailable, or full: RESOURCE_EXHAUSTED)
+        is passed over for the next; when every one was full, so is the answer.
+        """
         tried: list[str] = []
         last_error = ""
+        full = 0
         service = ctx.service
         while True:
             worker = self.pool.pick(None, exclude=tried)
@@ -267,6 +272,11 @@ class SessionTable:
                 known = len(self.pool.registry)
                 need = f" supporting {','.join(sorted(session.ops))}" if session.ops else ""
                 detail = f" (last error: {last_error})" if last_error else ""
+                if full and full == len(tried):
+                    raise RPCError(
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"every worker{need} is full: none took session {session.id}{detail}",
+                    )
                 raise RPCError(
                     StatusCode.UNAVAILABLE,
                     f"no healthy worker{need} for session {session.id} ({known} known){detail}",
@@ -287,7 +297,9 @@ class SessionTable:
                 last_error = str(exc)
                 continue
             except RPCError as exc:
-                if exc.code != StatusCode.UNAVAILABLE:
+                if exc.code == StatusCode.RESOURCE_EXHAUSTED:
+                    full += 1
+                elif exc.code != StatusCode.UNAVAILABLE:
                     raise
                 last_error = f"{address}: {exc.message}"
                 continue
