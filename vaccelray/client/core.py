@@ -405,20 +405,19 @@ class Core:
             return
         task.cancel()
         conn = self._conn
-        if conn is not None and not conn.is_closed:
-            self.loop.create_task(self._send_cancel(conn, task_id))
-
-    async def _send_cancel(self, conn: Connection, task_id: str) -> None:
-        try:
-            await conn.call(
+        if conn is None:
+            return
+        # Sent from here, its answer only logged: no task to keep or wait for.
+        request = CANCEL.request.encode(wire.Cancel((task_id,)))
+        with contextlib.suppress(TransportError):  # closed: the worker saw the client go
+            conn.start_call(
                 CANCEL.service,
                 CANCEL.method,
-                CANCEL.request.encode(wire.Cancel((task_id,))),
+                request,
+                functools.partial(_cancel_answered, task_id),
                 metadata=self.metadata,
                 timeout=5.0,
             )
-        except (RPCError, TransportError) as exc:
-            log.debug("Cancel of %s not delivered: %s", task_id, exc)
 
     # -- connection ----------------------------------------------------------------
 
@@ -497,6 +496,11 @@ class Core:
             session_id = self._session_id
         request = pb.ImageClassificationRequest(session_id=session_id, image=image)
         return tag_text((await self._agent_call(IMAGE_CLASSIFICATION, request, timeout)).tags)
+
+
+def _cancel_answered(task_id: str, outcome: Outcome) -> None:
+    if isinstance(outcome, BaseException):
+        log.debug("Cancel of %s not delivered: %s", task_id, outcome)
 
 
 class _Verdict(enum.Enum):
