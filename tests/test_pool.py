@@ -436,3 +436,27 @@ async def test_each_process_start_is_logged(caplog: pytest.LogCaptureFixture) ->
     async with Pool(2) as pool:
         logged = sorted(r.getMessage() for r in caplog.records)
         assert logged == sorted(f"Pool process {pid} started" for pid in pool.pids)
+
+
+async def test_pool_processes_do_not_share_the_daemons_stdin() -> None:
+    """A task reading input gets end-of-file, not the terminal the daemon was started from."""
+
+    def read_stdin() -> str:
+        import sys
+
+        return sys.stdin.read()
+
+    # The daemon's stdin is a pipe here, so inheriting it would show.
+    saved = os.dup(0)
+    read_end, write_end = os.pipe()
+    try:
+        os.dup2(read_end, 0)
+        async with Pool(1) as pool:
+            os.dup2(saved, 0)
+            (pid,) = pool.pids
+            assert os.readlink(f"/proc/{pid}/fd/0") == os.devnull
+            assert await value(pool, read_stdin) == ""
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, read_end, write_end):
+            os.close(fd)
