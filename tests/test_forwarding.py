@@ -23,7 +23,7 @@ from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
-from vaccelray.scheduler import SchedulerConfig
+from vaccelray.scheduler import Change, SchedulerConfig
 from vaccelray.scheduler.daemon import Scheduler
 from vaccelray.transport import connect
 from vaccelray.transport.client import Client, Outcome
@@ -72,11 +72,11 @@ class Worker:
 
 
 @asynccontextmanager
-async def cluster() -> AsyncIterator[tuple[Worker, Scheduler, Client, int]]:
+async def cluster(**settings: Any) -> AsyncIterator[tuple[Worker, Scheduler, Client, int]]:
     worker = Worker()
     async with serve(worker.services(), ["tcp://127.0.0.1:0"]) as fake:
         config = SchedulerConfig(
-            addresses=("tcp://127.0.0.1:0",), workers=(fake.addresses[0],), grace=1.0
+            addresses=("tcp://127.0.0.1:0",), workers=(fake.addresses[0],), grace=1.0, **settings
         )
         async with serving_scheduler(config) as sched, connect(sched.addresses[0]) as client:
             session = await AgentClient(client).create_session()
@@ -195,3 +195,16 @@ async def test_an_undecodable_session_field_is_invalid_argument() -> None:
         assert info.value.code == StatusCode.INVALID_ARGUMENT
         assert info.value.message.startswith("undecodable GenopRequest")
         assert worker.genops == []
+
+
+async def test_a_health_check_does_not_wait_behind_the_calls() -> None:
+    """Answers backed up on the calls' connection do not make a live worker look dead."""
+    async with cluster(health_timeout=60) as (_, sched, _, _):
+        (record,) = sched.pool.registry
+        calls = await sched.pool.client(record.address)
+        calls._protocol.transport.pause_reading()  # type: ignore[union-attr]  # as if backed up
+        try:
+            assert await sched.health.check(record.address) is Change.NONE
+        finally:
+            calls._protocol.transport.resume_reading()  # type: ignore[union-attr]
+        assert record.routable

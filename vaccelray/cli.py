@@ -156,6 +156,13 @@ max_message_size_option = click.option(
     "bounded by it too.",
 )
 
+grace_option = click.option(
+    "--grace",
+    type=click.FloatRange(0),
+    default=5.0,
+    show_default=True,
+    help="Seconds calls in flight get to finish on shutdown.",
+)
 
 _F = TypeVar("_F", bound=Callable[..., object])
 
@@ -207,13 +214,7 @@ def connection_limit_options(command: _F) -> _F:
     help="Path of libvaccel.so to load for a .so backend.",
 )
 @max_message_size_option
-@click.option(
-    "--grace",
-    type=click.FloatRange(0),
-    default=5.0,
-    show_default=True,
-    help="Seconds calls in flight get to finish on shutdown.",
-)
+@grace_option
 @click.option(
     "--announce/--no-announce",
     default=None,
@@ -631,6 +632,7 @@ health-checked twice a second; one that does not answer leaves routing.
     help="File holding the cluster token task callers must present (else VACCELRAY_TOKEN).",
 )
 @max_message_size_option
+@grace_option
 @connection_limit_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def scheduler(
@@ -642,6 +644,7 @@ def scheduler(
     health_timeout: float,
     token_file: str | None,
     max_message_size: int,
+    grace: float,
     max_connections: int | None,
     frame_timeout: float,
     idle_timeout: float,
@@ -663,6 +666,7 @@ def scheduler(
         health_timeout=health_timeout,
         token=_load_token(token_file),
         max_message_size=max_message_size,
+        grace=grace,
         max_connections=max_connections,
         frame_timeout=frame_timeout,
         idle_timeout=idle_timeout,

@@ -80,7 +80,7 @@ class HealthChecker:
         registry = pool.registry
         try:
             with anyio.fail_after(self.timeout):
-                client = await pool.client(address, connect_timeout=self.timeout)
+                client = await pool.probe_client(address, connect_timeout=self.timeout)
                 request = INFO.request.encode(InfoRequest())
                 try:
                     payload = await client.call(

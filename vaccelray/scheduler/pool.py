@@ -90,7 +90,9 @@ class WorkerPool:
         #: The scheduler's own limit: what it accepts from clients it must accept from workers.
         self.max_message_size = max_message_size
         self._clients: dict[str, Client] = {}
-        self._locks: dict[str, anyio.Lock] = {}
+        #: Connections of the health checks, apart from the calls' (see probe_client).
+        self._probes: dict[str, Client] = {}
+        self._locks: dict[tuple[str, bool], anyio.Lock] = {}
         self._scopes: dict[str, set[anyio.CancelScope]] = {}
         self._calls: dict[str, set[StartedCall]] = {}
         self._listeners: list[ChangeListener] = []
@@ -144,26 +146,39 @@ class WorkerPool:
     # -- connections -----------------------------------------------------------
 
     def _close_client(self, address: str) -> None:
-        client = self._clients.pop(address, None)
-        if client is not None:
-            client.abort()
+        for table in (self._clients, self._probes):
+            client = table.pop(address, None)
+            if client is not None:
+                client.abort()
 
     async def client(self, address: str, *, connect_timeout: float | None = None) -> Client:
         """The open connection to *address*, connecting if needed (raises ConnectError)."""
-        client = self._clients.get(address)
+        return await self._connection(address, False, connect_timeout)
+
+    async def probe_client(self, address: str, *, connect_timeout: float | None = None) -> Client:
+        """The health checks' own connection to *address* (raises ConnectError).
+
+        Apart from the calls' connection, so that a check's answer never waits
+        behind a burst of large answers to calls: a busy worker is not a dead one.
+        """
+        return await self._connection(address, True, connect_timeout)
+
+    async def _connection(self, address: str, probe: bool, timeout: float | None) -> Client:
+        table = self._probes if probe else self._clients
+        client = table.get(address)
         if client is not None and not client.is_closed:
             return client
-        lock = self._locks.setdefault(address, anyio.Lock())
+        lock = self._locks.setdefault((address, probe), anyio.Lock())
         async with lock:
-            client = self._clients.get(address)
+            client = table.get(address)
             if client is not None and not client.is_closed:
                 return client
             client = await open_client(
                 address,
-                connect_timeout=connect_timeout or self.connect_timeout,
+                connect_timeout=timeout or self.connect_timeout,
                 max_message_size=self.max_message_size,
             )
-            self._clients[address] = client
+            table[address] = client
             return client
 
     def drop_client(self, address: str) -> None:
@@ -171,7 +186,7 @@ class WorkerPool:
         self._close_client(address)
 
     async def aclose(self) -> None:
-        for address in list(self._clients):
+        for address in {*self._clients, *self._probes}:
             self._close_client(address)
         await anyio.lowlevel.checkpoint()
 

@@ -1,0 +1,36 @@
+"""Daemon options reach the configuration the daemon is started with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from vaccelray import cli
+from vaccelray.scheduler import SchedulerConfig
+
+
+def scheduler_config(monkeypatch: pytest.MonkeyPatch, *args: str) -> SchedulerConfig:
+    """The SchedulerConfig ``vaccelray scheduler ARGS`` would run, without running it."""
+    from vaccelray.scheduler import daemon
+
+    made: list[SchedulerConfig] = []
+
+    def run_scheduler(config: SchedulerConfig) -> Any:
+        made.append(config)
+
+    monkeypatch.setattr(daemon, "run_scheduler", run_scheduler)
+    monkeypatch.setattr(cli, "_run_daemon", lambda start: start())
+    # What the command does to this whole process is not under test.
+    monkeypatch.setattr(cli, "_setup_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli, "keep_heap", lambda: None)
+    result = CliRunner().invoke(cli.main, ["scheduler", "--no-discover", *args])
+    assert result.exit_code == 0, result.output
+    (config,) = made
+    return config
+
+
+def test_the_scheduler_takes_a_grace_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert scheduler_config(monkeypatch).grace == SchedulerConfig().grace
+    assert scheduler_config(monkeypatch, "--grace", "0.25").grace == 0.25
