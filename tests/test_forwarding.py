@@ -23,6 +23,7 @@ from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
+from vaccelray.protocol.services import UPDATE_SESSION
 from vaccelray.scheduler import Change, SchedulerConfig
 from vaccelray.scheduler.daemon import Scheduler
 from vaccelray.transport import connect
@@ -40,13 +41,21 @@ class Worker:
     def __init__(self) -> None:
         self.genops: list[tuple[bytes, CallContext, asyncio.Future[bytes]]] = []
         self.arrived = anyio.Event()
+        #: The flags of each CreateSession, and each UpdateSession as it came.
+        self.created: list[int] = []
+        self.updates: list[pb.UpdateSessionRequest] = []
 
     def services(self) -> list[Service]:
         def info(payload: bytes, ctx: CallContext) -> bytes:
             return encode(WorkerInfo(version="t", instance="fake", backend="fake", ops=("genop",)))
 
         def create(payload: bytes, ctx: CallContext) -> bytes:
+            self.created.append(pb.CreateSessionRequest.FromString(payload).flags)
             return pb.CreateSessionResponse(session_id=WORKER_SESSION).SerializeToString()
+
+        def update(payload: bytes, ctx: CallContext) -> bytes:
+            self.updates.append(pb.UpdateSessionRequest.FromString(payload))
+            return b""
 
         def genop(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
             future = asyncio.get_running_loop().create_future()
@@ -57,6 +66,7 @@ class Worker:
         agent = {
             "CreateSession": Method(create, inline=True),
             "DestroySession": Method(lambda p, c: b"", inline=True),
+            "UpdateSession": Method(update, inline=True),
             "Genop": Method(genop, future=True),
         }
         return [
@@ -208,3 +218,21 @@ async def test_a_health_check_does_not_wait_behind_the_calls() -> None:
         finally:
             calls._protocol.transport.resume_reading()  # type: ignore[union-attr]
         assert record.routable
+
+
+async def test_updated_flags_reach_the_worker_and_a_session_made_again() -> None:
+    async with cluster() as (worker, _, client, session):
+        agent = AgentClient(client)
+        await agent.call(UPDATE_SESSION, pb.UpdateSessionRequest(session_id=session, flags=5))
+        assert worker.updates == [pb.UpdateSessionRequest(session_id=WORKER_SESSION, flags=5)]
+        # The worker loses the session: it is made again there, with the flags it has now.
+        call = Call(client, pb.GenopRequest(session_id=session).SerializeToString())
+        _, _, future = await worker.next_genop()
+        future.set_exception(RPCError(StatusCode.NOT_FOUND, "gone", reason=Reason.UNKNOWN_SESSION))
+        _, _, future = await worker.next_genop()
+        future.set_result(b"")
+        assert await call.outcome() == b""
+        assert worker.created == [0, 5]
+        with pytest.raises(RPCError) as caught:
+            await agent.call(UPDATE_SESSION, pb.UpdateSessionRequest(session_id=session + 1))
+        assert caught.value.reason is Reason.UNKNOWN_SESSION

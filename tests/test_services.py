@@ -9,8 +9,9 @@ import pytest
 
 from tests.clusters import serving_scheduler
 from vaccelray.errors import RPCError, StatusCode
-from vaccelray.protocol import info, tasks
+from vaccelray.protocol import info, services, tasks
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.limits import check_declared_sizes
 from vaccelray.protocol.services import (
     AGENT,
     GENOP,
@@ -39,6 +40,21 @@ def test_session_fields_are_the_messages_session_id() -> None:
         else:
             assert rpc.session_field is None, rpc.method
         assert rpc.service == AGENT.name
+
+
+def test_a_session_method_is_declared_from_its_messages() -> None:
+    # Made here, not at import: what the declarations are made with is checked too.
+    rpc = services._session_rpc("Genop", pb.GenopRequest, pb.GenopResponse, check_declared_sizes)
+    assert (rpc.service, rpc.method, rpc.session_field) == (AGENT.name, "Genop", 1)
+    assert rpc.limits is check_declared_sizes
+    assert isinstance(rpc.request, ProtoCodec)
+    assert rpc.request.message_type is pb.GenopRequest
+    assert isinstance(rpc.reply, ProtoCodec)
+    assert rpc.reply.message_type is pb.GenopResponse
+    assert ProtoCodec(pb.RegisterResourceRequest).field_number("session_id") == 5
+    codec = MsgpackCodec[tasks.Submit](tasks.Submit)
+    assert codec.message_type is tasks.Submit
+    assert codec.decode(codec.encode(tasks.Submit("t", "d", "f"))) == tasks.Submit("t", "d", "f")
 
 
 def test_sizes_are_checked_where_arguments_are_declared() -> None:
@@ -70,15 +86,16 @@ def test_a_spec_refuses_twins_and_strays() -> None:
 
 
 def test_codecs_answer_invalid_argument_naming_the_message() -> None:
-    for codec, bad in [
-        (ProtoCodec(pb.GenopRequest), b"\x0a\x05ab"),
-        (MsgpackCodec[tasks.Submit](tasks.Submit), b"\xc1"),
-        (MsgpackCodec[tasks.Submit](tasks.Submit), b""),
+    for codec, name, bad in [
+        (ProtoCodec(pb.GenopRequest), "GenopRequest", b"\x0a\x05ab"),
+        (MsgpackCodec[tasks.Submit](tasks.Submit), "Submit", b"\xc1"),
+        (MsgpackCodec[tasks.Submit](tasks.Submit), "Submit", b""),
     ]:
+        assert codec.name == name
         with pytest.raises(RPCError) as caught:
             codec.decode(bad)
         assert caught.value.code == StatusCode.INVALID_ARGUMENT
-        assert caught.value.message.startswith(f"undecodable {codec.name}: ")
+        assert caught.value.message.startswith(f"undecodable {name}: ")
     # A request without fields may come empty: it is the type with its defaults.
     assert INFO.request.decode(b"") == info.InfoRequest()
     request = tasks.Submit("t", "d", "f", session_id=3)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from vaccelray.errors import RPCError, StatusCode
@@ -69,8 +69,6 @@ class AgentForwarder:
     ) -> None:
         self.table = table
         self.max_message_size = max_message_size
-        #: Slow-path calls running now (kept so that none is dropped unreferenced).
-        self._running: set[asyncio.Task[bytes]] = set()
 
     def services(self) -> list[Service]:
         own: dict[Rpc[Any, Any], Callable[[bytes, CallContext], Awaitable[bytes]]] = {
@@ -116,12 +114,6 @@ class AgentForwarder:
             return call.future
 
         return forward
-
-    def _slow(self, coro: Coroutine[Any, Any, bytes]) -> asyncio.Task[bytes]:
-        task = asyncio.ensure_future(coro)
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-        return task
 
     # -- the session table's own ----------------------------------------------------------
 
@@ -234,7 +226,8 @@ class _Forward:
         async def attempt(binding: Binding) -> bytes:
             return await table.send(binding, ctx, rpc.method, self._rewrite(binding))
 
-        task = self.forwarder._slow(table.run(self.session, ctx, rpc.method, attempt))
+        # Referenced while it runs: the server holds the future, the future this call.
+        task = asyncio.ensure_future(table.run(self.session, ctx, rpc.method, attempt))
         self.started = task
         task.add_done_callback(self._slow_done)
 
