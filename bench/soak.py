@@ -64,16 +64,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import vaccelray  # noqa: E402
-from tests.processes import Proc, scheduler_argv, start_daemon, worker_argv  # noqa: E402
-from vaccelray.agent_client import AgentClient  # noqa: E402
-from vaccelray.client.errors import TaskError, TaskTimeoutError, WorkerLostError  # noqa: E402
-from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError  # noqa: E402
-from vaccelray.protocol._pb import vaccel_pb2 as pb  # noqa: E402
-from vaccelray.transport.client import Client, Outcome, open_client  # noqa: E402
+import vaccelray
+from tests.processes import (
+    REPO,
+    Proc,
+    child_env,
+    scheduler_argv,
+    start_daemon,
+    worker_argv,
+)
+from vaccelray.agent_client import AgentClient
+from vaccelray.client.errors import TaskError, TaskTimeoutError, WorkerLostError
+from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError
+from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.transport.client import Client, Outcome, open_client
 
 AGENT = "vaccel.VaccelAgent"
 IMAGE = b"\x89PNG soak" + bytes(2048)
@@ -257,10 +263,10 @@ class Cluster:
         argv = scheduler_argv("-a", "tcp://127.0.0.1:0", "--no-discover", "--log-level", "warning")
         for worker in self.workers:
             argv += ["--worker", worker.address]
-        if (
-            "--grace"
-            in subprocess.run([*argv[:4], "--help"], capture_output=True, text=True).stdout
-        ):
+        helped = subprocess.run(
+            [*argv[:4], "--help"], capture_output=True, text=True, env=child_env(), cwd=REPO
+        )
+        if "--grace" in helped.stdout:  # else the scheduler's own default applies
             argv += ["--grace", f"{self.grace:g}"]
         proc, _ = start_daemon(argv)
         self.scheduler = Daemon("sched", argv, proc, 0.0)
@@ -297,7 +303,9 @@ class Cluster:
                 process.kill()
                 code, killed = process.wait(), True
             took = time.monotonic() - start
-            left = [p for p in pool if alive(p)]
+            until = time.monotonic() + 5  # its pool processes get a moment to follow it
+            while (left := [p for p in pool if alive(p)]) and time.monotonic() < until:
+                time.sleep(0.1)
             result[daemon.name] = {
                 "exit_s": round(took, 2),
                 "exit_status": code,
@@ -326,7 +334,7 @@ class Cluster:
             for line in proc.lines:
                 if "Listening on" not in line:
                     text = re.sub(r"^\S+ \S+ ", "", line)  # the timestamp
-                    counts[re.sub(r"\d+", "N", text)[:160]] += 1
+                    counts[re.sub(r"\b[0-9a-fA-F]*\d[0-9a-fA-F]*\b", "N", text)[:160]] += 1
         return {name: dict(counts.most_common()) for name, counts in summary.items()}
 
     def name_of(self, proc: Proc) -> str:
@@ -356,8 +364,9 @@ class Load:
         self.guard = args.call_timeout
         self.clients = args.clients
         self.task_loops = args.task_loops
-        self.period = args.clients / args.rate if args.rate > 0 else 0.0
-        self.rng = random.Random(args.seed)
+        loops = args.clients + args.task_loops
+        self.period = loops / args.rate if args.rate > 0 else 0.0  # per loop
+        self.rng = random.Random(f"load {args.seed}")
         self.stopping = asyncio.Event()
         self.task_client: vaccelray.Client | None = None
 
@@ -551,7 +560,7 @@ async def fault_nonreader(
         call = stats.begin("flood")
         pending[call] = time.monotonic()
         try:
-            client.start_call(AGENT, "Genop", payload, lambda o, c=call: finished(c, o))
+            client.start_call(AGENT, "Genop", payload, functools.partial(finished, call))
         except Exception as exc:
             finished(call, exc)
     await asyncio.sleep(hold)
@@ -576,7 +585,7 @@ async def fault_nonreader(
 async def inject_faults(
     cluster: Cluster, stats: Stats, args: argparse.Namespace, warmup: float, stop: asyncio.Event
 ) -> list[dict[str, Any]]:
-    rng = random.Random(args.seed)
+    rng = random.Random(f"faults {args.seed}")
     log: list[dict[str, Any]] = []
     order: list[str] = []
     with contextlib.suppress(asyncio.TimeoutError):
@@ -649,20 +658,28 @@ async def sampler(
 
 
 def growth(
-    samples: list[dict[str, Any]], final: dict[str, Any], cluster: Cluster, warmup: float
+    samples: list[dict[str, Any]],
+    final: dict[str, Any],
+    cluster: Cluster,
+    warmup: float,
+    half: float,
 ) -> dict[str, dict[str, Any]]:
-    """RSS at the end vs the first sample at least *warmup* s into the current process's life."""
+    """RSS at the end vs the first sample at least *warmup* s into the current process's life.
+
+    Also vs the first such sample from *half* s into the run on: a one-time step
+    (a buffer pool grown by the first burst) shows in the first figure only,
+    steady growth (a leak) in both.
+    """
+
+    def first(name: str, pid: int, since: float) -> dict[str, Any] | None:
+        found = (s for s in samples if s["pids"].get(name) == pid and s["t"] >= since - 0.5)
+        return next(found, None)
+
     result = {}
     for daemon in cluster.daemons:
         name, pid = daemon.name, daemon.proc.pid
-        base = next(
-            (
-                s
-                for s in samples
-                if s["pids"].get(name) == pid and s["t"] >= daemon.started_at + warmup - 0.5
-            ),
-            None,
-        )
+        base = first(name, pid, daemon.started_at + warmup)
+        later = first(name, pid, max(daemon.started_at + warmup, half))
         end = final["rss_mib"][name]
         hwm = proc_status(pid, "VmHWM")
         entry: dict[str, Any] = {
@@ -675,6 +692,8 @@ def growth(
             entry["base_mib"] = base["rss_mib"][name]
             entry["base_t"] = base["t"]
             entry["growth_pct"] = round(100 * (end / base["rss_mib"][name] - 1), 1)
+        if later is not None and end is not None and later["rss_mib"][name]:
+            entry["second_half_growth_pct"] = round(100 * (end / later["rss_mib"][name] - 1), 1)
         result[name] = entry
     return result
 
@@ -682,7 +701,7 @@ def growth(
 # -- the run --------------------------------------------------------------------------------
 
 
-async def soak(args: argparse.Namespace, cluster: Cluster, out: TextIO) -> dict[str, Any]:
+async def soak(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
     assert cluster.scheduler is not None
     duration = args.minutes * 60
     warmup = duration * 0.1
@@ -715,7 +734,7 @@ async def soak(args: argparse.Namespace, cluster: Cluster, out: TextIO) -> dict[
         raise load_task.exception()  # type: ignore[misc]
     final = sample(cluster, stats)
     final["pids"] = {d.name: d.proc.pid for d in cluster.daemons}
-    grew = growth(samples, final, cluster, warmup)
+    grew = growth(samples, final, cluster, warmup, duration / 2)
     return {
         "minutes": args.minutes,
         "seed": args.seed,
@@ -741,7 +760,9 @@ async def soak(args: argparse.Namespace, cluster: Cluster, out: TextIO) -> dict[
 
 
 def report(result: dict[str, Any], out: TextIO) -> None:
-    p = lambda *a: print(*a, file=out)  # noqa: E731
+    def p(line: str) -> None:
+        print(line, file=out)
+
     p(f"\nsoak: {result['minutes']:g} min, seed {result['seed']}, grace {result['grace_s']:g} s")
     p(f"calls: {result['calls_started']} started")
     for status, n in result["calls_by_status"].items():
@@ -754,8 +775,9 @@ def report(result: dict[str, Any], out: TextIO) -> None:
     u = result["unanswered"]
     total = u["no_answer_within_call_timeout"] + u["in_flight_at_end"]
     p(
-        f"unanswered: {u['in_flight_at_end']} still in flight at the end "
-        f"{u['in_flight_by_kind'] or ''}, {u['no_answer_within_call_timeout']} with no answer "
+        f"unanswered: {u['in_flight_at_end']} still in flight at the end"
+        f"{' ' + str(u['in_flight_by_kind']) if u['in_flight_by_kind'] else ''}, "
+        f"{u['no_answer_within_call_timeout']} with no answer "
         f"within the call timeout (target 0: {'ok' if total == 0 else 'MISSED'})"
     )
     kinds = collections.Counter(f["kind"] for f in result["faults"])
@@ -766,9 +788,12 @@ def report(result: dict[str, Any], out: TextIO) -> None:
         life = restarted if r["restarts"] else ""
         if "growth_pct" in r:
             ok = "ok" if r["growth_pct"] <= 10 else "MISSED"
+            half = r.get("second_half_growth_pct")
+            half_text = "n/a" if half is None else f"{half:+.1f}%"
             p(
                 f"  {name:6s} {r['base_mib']:6.1f} at {r['base_t']:.0f} s -> {r['end_mib']:6.1f} "
-                f"({r['growth_pct']:+.1f}%, target <= +10%: {ok}); VmHWM {r['hwm_mib']}{life}"
+                f"({r['growth_pct']:+.1f}%, target <= +10%: {ok}; second half "
+                f"{half_text}); VmHWM {r['hwm_mib']}{life}"
             )
         else:
             p(f"  {name:6s} n/a (too young) -> {r['end_mib']}; VmHWM {r['hwm_mib']}{life}")
@@ -795,7 +820,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between samples")
     parser.add_argument("--clients", type=int, default=4, help="agent clients (connections)")
     parser.add_argument("--task-loops", type=int, default=2, help="offloaded tasks in flight")
-    parser.add_argument("--rate", type=float, default=200.0, help="agent calls/s; 0: flat out")
+    parser.add_argument("--rate", type=float, default=300.0, help="calls/s in all; 0: flat out")
     parser.add_argument("--call-timeout", type=float, default=30.0, help="per call, seconds")
     parser.add_argument("--fault-min", type=float, default=20.0, help="seconds between faults")
     parser.add_argument("--fault-max", type=float, default=60.0)
@@ -814,7 +839,7 @@ def main() -> None:
             "daemons: "
             + ", ".join(f"{d.name} pid {d.proc.pid} {d.address}" for d in cluster.daemons)
         )
-        result = asyncio.run(soak(args, cluster, out))
+        result = asyncio.run(soak(args, cluster))
         result["exit"] = cluster.stop()
         result["orphans_alive"] = sum(alive(p) for p in cluster.orphans)
         result["logs"] = cluster.log_summary()
