@@ -27,7 +27,8 @@ DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ...; CONNECTION_LOST when its
 connection closed first), or unanswered: no answer within ``--call-timeout``
 seconds (NO_ANSWER), or still in flight when the run ended. At the end the
 load stops, the daemons get SIGTERM, and the time each takes to exit is
-measured.
+measured (``--grace`` is given to the workers, and to the scheduler when it
+has that option).
 
 Printed: each daemon's RSS every ``--interval`` seconds (VmRSS of
 /proc/PID/status), VmHWM at the end, calls by status and kind, the faults,
