@@ -27,8 +27,7 @@ DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ...; CONNECTION_LOST when its
 connection closed first), or unanswered: no answer within ``--call-timeout``
 seconds (NO_ANSWER), or still in flight when the run ended. At the end the
 load stops, the daemons get SIGTERM, and the time each takes to exit is
-measured (``--grace`` is given to the workers, and to the scheduler when it
-has that option).
+measured (``--grace`` is given to every daemon).
 
 Printed: each daemon's RSS every ``--interval`` seconds (VmRSS of
 /proc/PID/status), VmHWM at the end, calls by status and kind, the faults,
@@ -261,14 +260,12 @@ class Cluster:
             )  # fmt: skip
             proc, _ = start_daemon(argv)
             self.workers.append(Daemon(f"w{i}", argv, proc, 0.0))
-        argv = scheduler_argv("-a", "tcp://127.0.0.1:0", "--no-discover", "--log-level", "warning")
+        argv = scheduler_argv(
+            "-a", "tcp://127.0.0.1:0", "--no-discover", "--log-level", "warning",
+            "--grace", f"{self.grace:g}",
+        )  # fmt: skip
         for worker in self.workers:
             argv += ["--worker", worker.address]
-        helped = subprocess.run(
-            [*argv[:4], "--help"], capture_output=True, text=True, env=child_env(), cwd=REPO
-        )
-        if "--grace" in helped.stdout:  # else the scheduler's own default applies
-            argv += ["--grace", f"{self.grace:g}"]
         proc, _ = start_daemon(argv)
         self.scheduler = Daemon("sched", argv, proc, 0.0)
 
