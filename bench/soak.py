@@ -68,9 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vaccelray
 from tests.processes import (
-    REPO,
     Proc,
-    child_env,
     scheduler_argv,
     start_daemon,
     worker_argv,
