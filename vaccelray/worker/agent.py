@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -40,6 +41,9 @@ from vaccelray.protocol.info import WORKER_SERVICE, decode, encode
 from vaccelray.protocol.limits import check_declared_sizes, check_response_size
 from vaccelray.transport.server import CallContext, Method, Service
 from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["Agent", "AgentLimits", "AgentSession"]
 
@@ -407,14 +411,21 @@ class Agent:
 
         (For a blocking backend; a non-blocking one releases them at once.)
         Leaving the block waits for the releases under way; call
-        :meth:`release_all` after it.
+        :meth:`release_all` after it. What the block raises comes out as it was
+        raised (a listener's bind error, say), not in a group.
         """
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            try:
-                yield
-            finally:
-                self._task_group = None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                try:
+                    yield
+                finally:
+                    self._task_group = None
+        except BaseExceptionGroup as group:
+            # The releases raise nothing: a lone error is the block's.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     def holds_state(self, connection_id: int, scope: str = "") -> bool:
         """Whether sessions the connection created are open (the server's idle timeout asks).
