@@ -31,7 +31,7 @@ from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode, VaccelrayError
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
-from vaccelray.transport import connect, serve
+from vaccelray.transport import Server, connect, serve
 from vaccelray.transport.client import Client
 from vaccelray.worker.agent import Agent, AgentLimits
 from vaccelray.worker.backend import Arg, SessionHandle
@@ -51,6 +51,8 @@ class Recorder(NoopBackend):
     def __init__(self) -> None:
         self.created: list[SessionHandle] = []
         self.released: list[SessionHandle] = []
+        #: Raised by session_release (after recording the call) when set.
+        self.release_error: Exception | None = None
 
     def session_create(self, session_id: int, flags: int) -> SessionHandle:
         self.created.append(session_id)
@@ -58,6 +60,8 @@ class Recorder(NoopBackend):
 
     def session_release(self, handle: SessionHandle) -> None:
         self.released.append(handle)
+        if self.release_error is not None:
+            raise self.release_error
 
 
 class ThreadedRecorder(Recorder):
@@ -131,11 +135,10 @@ async def test_session_past_the_connection_bound_is_refused_others_are_served(
             first, other = AgentClient(a), AgentClient(b)
             s1 = await first.create_session()
             s2 = await first.create_session()
-            await refusal(
-                first.create_session(),
-                "too many sessions on this connection",
-                "holds 2",
-                "--max-sessions-per-connection",
+            error = await refusal(first.create_session(), "--max-sessions-per-connection")
+            assert error.message == (
+                "too many sessions on this connection: it holds 2, the limit per connection "
+                "(raise it with --max-sessions-per-connection)"
             )
             assert backend.created == [s1, s2]  # refused before the backend was asked
             assert sorted(running.agent.sessions) == [s1, s2]
@@ -162,8 +165,10 @@ async def test_session_past_the_worker_bound_is_refused_to_every_connection(
             s1 = await first.create_session()
             s2 = await other.create_session()
             for client in (first, other):
-                await refusal(
-                    client.create_session(), "too many sessions", "holds 2", "--max-sessions"
+                error = await refusal(client.create_session(), "--max-sessions")
+                assert error.message == (
+                    "too many sessions: this worker holds 2, its limit "
+                    "(raise it with --max-sessions)"
                 )
             assert backend.created == [s1, s2]
             assert await first.classify(s1, IMAGE) == NOOP_TAG
@@ -202,30 +207,30 @@ async def test_a_session_that_failed_to_be_made_takes_no_room() -> None:
 
 async def test_resource_past_the_connection_bound_is_refused_others_are_served() -> None:
     backend = Recorder()
-    async with worker(backend, max_resources_per_connection=2) as running:
+    async with worker(backend, max_resources_per_connection=1) as running:
         address = running.addresses[0]
         async with connect(address) as a, connect(address) as b:
             session = await AgentClient(a).create_session()
             r1 = await register(a, session, b"one")
-            r2 = await register(a, session, b"two")
-            await refusal(
-                register(a, session, b"three"),
-                "too many resources on this connection",
-                "registered 2",
-                "--max-resources-per-connection",
+            error = await refusal(register(a, session, b"two"), "--max-resources-per-connection")
+            assert error.message == (
+                "too many resources on this connection: it registered 1, the limit per "
+                "connection (raise it with --max-resources-per-connection)"
             )
-            assert sorted(running.agent.resources) == [r1, r2]  # nothing stored
+            assert sorted(running.agent.resources) == [r1]  # nothing stored
             # Registering one it has with another session makes no new resource.
             again = await AgentClient(a).create_session()
             assert await register(a, again, resource=r1) == r1
             # Another client registers its own.
             theirs = await AgentClient(b).create_session()
-            r3 = await register(b, theirs, b"theirs")
-            assert sorted(running.agent.resources) == [r1, r2, r3]
-            # Room again once one is dropped.
-            await unregister(a, session, r2)
-            r4 = await register(a, session, b"four")
-            assert sorted(running.agent.resources) == [r1, r3, r4]
+            r2 = await register(b, theirs, b"theirs")
+            assert sorted(running.agent.resources) == [r1, r2]
+            # Room again once its one is dropped (by every session it was registered with).
+            await unregister(a, session, r1)
+            await refusal(register(a, session, b"three"), "--max-resources-per-connection")
+            await unregister(a, again, r1)
+            r3 = await register(a, session, b"three")
+            assert sorted(running.agent.resources) == [r2, r3]
 
 
 async def test_resource_past_the_worker_bound_is_refused_to_every_connection() -> None:
@@ -238,8 +243,10 @@ async def test_resource_past_the_worker_bound_is_refused_to_every_connection() -
             r1 = await register(a, mine, b"one")
             r2 = await register(b, theirs, b"two")
             for client, session in ((a, mine), (b, theirs)):
-                await refusal(
-                    register(client, session, b"x"), "too many resources", "--max-resources"
+                error = await refusal(register(client, session, b"x"), "--max-resources")
+                assert error.message == (
+                    "too many resources: this worker holds 2, its limit "
+                    "(raise it with --max-resources)"
                 )
             assert sorted(running.agent.resources) == [r1, r2]
             assert await register(b, theirs, resource=r1) == r1
@@ -260,8 +267,10 @@ async def test_resource_blobs_past_the_byte_budget_are_refused() -> None:
             mine = await AgentClient(a).create_session()
             theirs = await AgentClient(b).create_session()
             big = await register(a, mine, bytes(30), bytes(30))  # 60: the sum of its blobs
-            await refusal(
-                register(a, mine, bytes(41)), "resource blobs over budget", "--max-resource-bytes"
+            error = await refusal(register(a, mine, bytes(41)), "--max-resource-bytes")
+            assert error.message == (
+                "resource blobs over budget: 41 bytes more would make 101, over this "
+                "worker's 100 (raise it with --max-resource-bytes)"
             )
             assert sorted(running.agent.resources) == [big]
             exact = await register(a, mine, bytes(40))  # 100 in all: just fits
@@ -335,10 +344,49 @@ async def test_closing_a_connection_releases_its_sessions_and_frees_their_room(
             assert sorted(agent.resources) == [shared, theirs]
             # The room they took is free again.
             s4 = await other.create_session()
+            s5 = await other.create_session()
+            await refusal(other.create_session(), "this worker holds 3", "--max-sessions")
             assert await other.classify(s3, IMAGE) == NOOP_TAG
             assert await other.classify(s4, IMAGE) == NOOP_TAG
             await register(b, s4, b"more")
-        await released(caplog, s3, s4)
+        await released(caplog, s3, s4, s5)
+
+
+@BACKENDS
+async def test_a_release_that_fails_is_logged_and_still_frees_the_room(
+    backend_type: type[Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, AGENT_LOG)
+    backend = backend_type()
+    backend.release_error = RuntimeError("the device is gone")
+    async with worker(backend, max_sessions=1) as running:
+        address = running.addresses[0]
+        async with connect(address) as a:
+            session = await AgentClient(a).create_session()
+        await released(caplog, session)
+        failures = [r for r in caplog.records if r.getMessage() == "Releasing session 1 failed"]
+        assert len(failures) == 1
+        assert failures[0].exc_info is not None
+        assert failures[0].exc_info[1] is backend.release_error
+        async with connect(address) as b:
+            other = AgentClient(b)
+            assert await other.classify(await other.create_session(), IMAGE) == NOOP_TAG
+        backend.release_error = None
+
+
+async def test_outside_running_a_blocking_backend_leaves_closed_sessions_to_release_all() -> None:
+    backend = ThreadedRecorder()
+    agent = Agent(backend)
+    async with serve(
+        agent.services(), ["tcp://127.0.0.1:0"], on_disconnect=agent.connection_closed
+    ) as server:
+        async with connect(server.addresses[0]) as client:
+            session = await AgentClient(client).create_session()
+        await eventually(lambda: server.connections == 0, "the server saw it closed")
+        assert agent.sessions == {}  # forgotten at once, released by nobody on the loop
+        assert backend.released == []
+    agent.release_all()
+    assert backend.released == [session]
 
 
 class Gated(ThreadedRecorder):
@@ -471,6 +519,10 @@ async def test_connections_of_two_servers_of_one_agent_are_told_apart() -> None:
         assert backend.released == [gone]
         assert agent.holds_state(1)
         assert await AgentClient(pool_process).classify(kept, IMAGE) == NOOP_TAG
+        await pool_process.aclose()
+        with liveness("the private connection's session is released"):
+            while kept not in backend.released:  # noqa: ASYNC110 - inline backend, no event
+                await anyio.sleep(0.01)
     agent.release_all()
     assert backend.released == [gone, kept]
 
@@ -505,3 +557,32 @@ def test_worker_options_set_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     help_text = runner.invoke(cli.main, ["worker", "--help"]).output
     for option in options[::2]:
         assert option in help_text
+
+
+async def test_a_release_under_way_when_the_agent_stops_is_finished() -> None:
+    backend = Gated("genop")
+    agent = Agent(backend)
+    sessions: list[int] = []
+
+    async def fail_while_releasing(server: Server) -> None:
+        async with agent.running():
+            async with connect(server.addresses[0]) as client, anyio.create_task_group() as tg:
+                sessions.append(await AgentClient(client).create_session())
+                genop = pb.GenopRequest(session_id=sessions[0])
+                genop.read_args.add(buf=b"\0\0\0\0", size=4)
+                tg.start_soon(call_until_closed, client, "Genop", genop)
+                await eventually(backend.entered.is_set, "the genop runs")
+                await client.aclose()
+            # Its release now waits for the genop, which the test lets end as the
+            # block fails: leaving running() waits for the release all the same.
+            await eventually(lambda: server.connections == 0, "the server saw it closed")
+            backend.go.set()
+            raise RuntimeError("stopping")
+
+    async with serve(
+        agent.services(), ["tcp://127.0.0.1:0"], on_disconnect=agent.connection_closed
+    ) as server:
+        with pytest.raises(RuntimeError, match="stopping"):
+            await fail_while_releasing(server)
+        assert backend.released == sessions
+        assert backend.released_while_busy == []
