@@ -158,24 +158,27 @@ async def test_session_past_the_worker_bound_is_refused_to_every_connection(
     backend_type: type[Recorder],
 ) -> None:
     backend = backend_type()
-    async with worker(backend, max_sessions=2) as running:
+    async with worker(backend, max_sessions=3) as running:
         address = running.addresses[0]
         async with connect(address) as a, connect(address) as b:
             first, other = AgentClient(a), AgentClient(b)
             s1 = await first.create_session()
-            s2 = await other.create_session()
+            s2 = await first.create_session()
+            s3 = await other.create_session()
             for client in (first, other):
                 error = await refusal(client.create_session(), "--max-sessions")
                 assert error.message == (
-                    "too many sessions: this worker holds 2, its limit "
+                    "too many sessions: this worker holds 3, its limit "
                     "(raise it with --max-sessions)"
                 )
-            assert backend.created == [s1, s2]
+            assert backend.created == [s1, s2, s3]
             assert await first.classify(s1, IMAGE) == NOOP_TAG
-            assert await other.classify(s2, IMAGE) == NOOP_TAG
-            await other.destroy_session(s2)
-            s3 = await first.create_session()
-            assert await first.classify(s3, IMAGE) == NOOP_TAG
+            assert await other.classify(s3, IMAGE) == NOOP_TAG
+            # A destroyed session gives back its room, and no more.
+            await other.destroy_session(s3)
+            s4 = await first.create_session()
+            assert await first.classify(s4, IMAGE) == NOOP_TAG
+            await refusal(other.create_session(), "this worker holds 3", "--max-sessions")
 
 
 async def test_a_session_that_failed_to_be_made_takes_no_room() -> None:
@@ -267,6 +270,8 @@ async def test_resource_blobs_past_the_byte_budget_are_refused() -> None:
             mine = await AgentClient(a).create_session()
             theirs = await AgentClient(b).create_session()
             big = await register(a, mine, bytes(30), bytes(30))  # 60: the sum of its blobs
+            stored = running.agent.resources[big]
+            assert stored.blobs == (("blob0", bytes(30)), ("blob1", bytes(30)))
             error = await refusal(register(a, mine, bytes(41)), "--max-resource-bytes")
             assert error.message == (
                 "resource blobs over budget: 41 bytes more would make 101, over this "
@@ -275,12 +280,42 @@ async def test_resource_blobs_past_the_byte_budget_are_refused() -> None:
             assert sorted(running.agent.resources) == [big]
             exact = await register(a, mine, bytes(40))  # 100 in all: just fits
             await refusal(register(b, theirs, b"x"), "100", "--max-resource-bytes")
-            paths = pb.RegisterResourceRequest(session_id=theirs, paths=["/a/model"])
-            await b.call(SERVICE, "RegisterResource", paths.SerializeToString())  # no bytes
+            paths = pb.RegisterResourceRequest(
+                session_id=theirs, paths=["/a/model"], resource_type=2
+            )
+            reply = await b.call(SERVICE, "RegisterResource", paths.SerializeToString())
+            model = running.agent.resources[
+                pb.RegisterResourceResponse.FromString(reply).resource_id
+            ]
+            assert (model.type, model.paths, model.size) == (2, ("/a/model",), 0)  # no bytes
             # A dropped resource gives its bytes back.
             await unregister(a, mine, big)
             fits = await register(b, theirs, bytes(60))
             assert {exact, fits} <= set(running.agent.resources)
+
+
+async def test_calls_on_what_does_not_exist_are_not_found_and_store_nothing() -> None:
+    backend = Recorder()
+    async with (
+        worker(backend, max_resources=1) as running,
+        connect(running.addresses[0]) as client,
+    ):
+        session = await AgentClient(client).create_session()
+        cases = [
+            (lambda: register(client, 99, b"blob"), "Unknown session 99"),
+            (lambda: register(client, session, resource=7), "Unknown resource 7"),
+            (
+                lambda: unregister(client, session, 7),
+                f"Resource 7 is not registered with session {session}",
+            ),
+        ]
+        for call, message in cases:
+            with pytest.raises(RPCError) as caught:
+                await call()
+            assert (caught.value.code, caught.value.message) == (StatusCode.NOT_FOUND, message)
+        assert running.agent.resources == {}
+        # None of them took the worker's one resource.
+        await register(client, session, b"blob")
 
 
 def test_limits_are_checked_and_their_defaults_are_roomy() -> None:
@@ -370,7 +405,16 @@ async def test_a_release_that_fails_is_logged_and_still_frees_the_room(
         assert failures[0].exc_info[1] is backend.release_error
         async with connect(address) as b:
             other = AgentClient(b)
-            assert await other.classify(await other.create_session(), IMAGE) == NOOP_TAG
+            # A destroy whose release fails is answered with the error, frees the room
+            # all the same, and is not tried again (the worker checks each once).
+            doomed = await other.create_session()
+            with pytest.raises(RPCError) as caught:
+                await other.destroy_session(doomed)
+            assert "the device is gone" in caught.value.message
+            kept = await other.create_session()
+            assert await other.classify(kept, IMAGE) == NOOP_TAG
+            await refusal(other.create_session(), "--max-sessions")
+            assert doomed not in running.agent.sessions
         backend.release_error = None
 
 
@@ -485,7 +529,10 @@ async def test_destroy_cut_off_waiting_for_its_turn_still_releases_the_session(
             await eventually(lambda: session not in running.agent.sessions, "destroy planned")
             await client.aclose()
         cut_off = f"Destroy of session {session} cut off: releasing it in turn"
-        await eventually(lambda: cut_off in caplog.text, "the worker cut the destroy off")
+        await eventually(
+            lambda: cut_off in (r.getMessage() for r in caplog.records),
+            "the worker cut the destroy off",
+        )
         backend.go.set()
         await released(caplog, session)
         assert backend.released.count(session) == 1
