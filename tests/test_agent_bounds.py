@@ -192,7 +192,7 @@ async def test_a_session_that_failed_to_be_made_takes_no_room() -> None:
 
     backend = Failing()
     async with (
-        worker(backend, max_sessions=1, max_sessions_per_connection=1) as running,
+        worker(backend, max_sessions=1, max_sessions_per_connection=2) as running,
         connect(running.addresses[0]) as client,
     ):
         agent = AgentClient(client)
@@ -203,6 +203,7 @@ async def test_a_session_that_failed_to_be_made_takes_no_room() -> None:
         backend.fail = False
         session = await agent.create_session()
         assert await agent.classify(session, IMAGE) == NOOP_TAG
+        await refusal(agent.create_session(), "this worker holds 1", "--max-sessions")
 
 
 # -- resources ------------------------------------------------------------------------
@@ -505,6 +506,24 @@ async def test_session_made_after_its_connection_closed_is_released(
         async with connect(address) as c:
             later = AgentClient(c)
             assert await later.classify(await later.create_session(), IMAGE) == NOOP_TAG
+
+
+async def test_sessions_being_made_count_toward_the_connection_bound() -> None:
+    backend = Gated("create")
+    async with worker(backend, max_sessions_per_connection=2) as running:
+        async with connect(running.addresses[0]) as client, anyio.create_task_group() as tg:
+            agent = AgentClient(client)
+            made: list[int] = []
+
+            async def create() -> None:
+                made.append(await agent.create_session())
+
+            tg.start_soon(create)  # held in the backend until the gate opens
+            await eventually(backend.entered.is_set, "the backend makes the first session")
+            second = await agent.create_session()
+            await refusal(agent.create_session(), "it holds 2", "--max-sessions-per-connection")
+            backend.go.set()
+        assert sorted([*made, second]) == [1, 2]
 
 
 async def test_destroy_cut_off_waiting_for_its_turn_still_releases_the_session(

@@ -113,8 +113,8 @@ class Resource:
 class _Plan(Generic[_R]):
     """One operation: ``work`` calls the backend, ``finish`` encodes its answer on the loop.
 
-    ``undo``, when given, is called on the loop with the exception instead of
-    ``finish`` when ``work`` raises or the call is cancelled before it ran.
+    ``undo``, when given, is called on the loop instead of ``finish`` when
+    ``work`` raises or the call is cancelled before it ran.
     """
 
     # A plain slotted class: one is made per call, and a frozen dataclass costs
@@ -126,7 +126,7 @@ class _Plan(Generic[_R]):
         session: AgentSession | None,
         work: Callable[[], _R],
         finish: Callable[[_R], bytes],
-        undo: Callable[[BaseException], None] | None = None,
+        undo: Callable[[], None] | None = None,
     ) -> None:
         self.session = session
         self.work = work
@@ -231,8 +231,8 @@ class Agent:
                 else:
                     try:
                         result = plan.work()
-                    except BaseException as exc:
-                        plan.undo(exc)
+                    except BaseException:
+                        plan.undo()
                         raise
                 return check_response_size(name, plan.finish(result), self.max_message_size)
 
@@ -248,9 +248,9 @@ class Agent:
                         result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
                 else:
                     result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
-            except BaseException as exc:
+            except BaseException:
                 if plan.undo is not None:
-                    plan.undo(exc)
+                    plan.undo()
                 raise
             return check_response_size(name, plan.finish(result), self.max_message_size)
 
@@ -314,7 +314,7 @@ class Agent:
                 log.info("Created session %d", session_id)
             return pb.CreateSessionResponse(session_id=session_id).SerializeToString()
 
-        def undo(_: BaseException) -> None:
+        def undo() -> None:
             made()
             self._held -= 1
 
@@ -348,7 +348,7 @@ class Agent:
             log.info("Destroyed session %d", session.id)
             return _EMPTY
 
-        def undo(_: BaseException) -> None:
+        def undo() -> None:
             if called:  # the backend failed to release it: nothing more can be done
                 self._held -= 1
             else:  # cancelled before its turn: released all the same
