@@ -239,7 +239,7 @@ async def test_hung_worker_leaves_routing_and_returns(
 
 @pytest.mark.anyio
 async def test_a_returning_worker_takes_new_sessions_once_its_leftovers_are_destroyed(
-    noop_workers: list[tuple[Proc, str]],
+    noop_workers: list[tuple[Proc, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     addresses = [a for _, a in noop_workers]
     # Health checks only when the test runs one: no report can refresh a count meanwhile.
@@ -252,8 +252,12 @@ async def test_a_returning_worker_takes_new_sessions_once_its_leftovers_are_dest
             on[sched.table.sessions[session_id].binding.address].append(session_id)  # type: ignore[union-attr]
         assert sorted(len(v) for v in on.values()) == [2, 2]
         back, other = addresses
-        # *back* goes away; the sessions destroyed meanwhile are left on it.
-        sched.pool.mark_down(back, "test: unreachable")
+        # *back* goes away; the sessions destroyed meanwhile are left on it. Cut off
+        # as by a partition: it never sees the connection close (which would make it
+        # release the sessions made over it itself).
+        with monkeypatch.context() as partition:
+            partition.setattr(sched.pool, "_close_client", lambda address: None)
+            sched.pool.mark_down(back, "test: unreachable")
         for session_id in on[back]:
             await agent.destroy_session(session_id)
         await agent.destroy_session(on[other][0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 
 import anyio
 import click
@@ -24,6 +25,8 @@ from vaccelray.transport.server import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEO
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
+if TYPE_CHECKING:
+    from vaccelray.worker.agent import AgentLimits
 
 log = logging.getLogger("vaccelray")
 
@@ -195,6 +198,49 @@ def connection_limit_options(command: _F) -> _F:
     return command
 
 
+#: The vAccel agent's bounds: (option, AgentLimits field, help). Past one, a call is
+#: refused with RESOURCE_EXHAUSTED naming the option.
+_AGENT_LIMITS = (
+    ("--max-sessions", "max_sessions", "vAccel sessions the worker holds at once"),
+    (
+        "--max-sessions-per-connection",
+        "max_sessions_per_connection",
+        "vAccel sessions one client connection holds (a scheduler is one connection)",
+    ),
+    ("--max-resources", "max_resources", "vAccel resources the worker holds at once"),
+    (
+        "--max-resources-per-connection",
+        "max_resources_per_connection",
+        "vAccel resources one client connection has registered and still holds",
+    ),
+    ("--max-resource-bytes", "max_resource_bytes", "Bytes of resource blobs the worker holds"),
+)
+
+
+def agent_limit_options(command: _F) -> _F:
+    """The options of ``AgentLimits``, passed to *command* as one ``agent_limits`` argument."""
+    from vaccelray.worker.agent import AgentLimits
+
+    defaults = AgentLimits()
+    fields = [name for _, name, _ in _AGENT_LIMITS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: object) -> object:
+        limits = AgentLimits(**{name: kwargs.pop(name) for name in fields})  # type: ignore[arg-type]
+        return command(agent_limits=limits, **kwargs)
+
+    for flag, name, text in reversed(_AGENT_LIMITS):
+        wrapper = click.option(
+            flag,
+            name,
+            type=click.IntRange(0),
+            default=getattr(defaults, name),
+            show_default=True,
+            help=f"{text}; 0: no limit.",
+        )(wrapper)
+    return cast(_F, wrapper)
+
+
 @main.command(help=WORKER_HELP)
 @click.option(
     "-a",
@@ -256,6 +302,7 @@ def connection_limit_options(command: _F) -> _F:
     help="Key of --tls-cert (when not in the same file).",
 )
 @connection_limit_options
+@agent_limit_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def worker(
     addresses: tuple[str, ...],
@@ -274,6 +321,7 @@ def worker(
     max_connections: int | None,
     frame_timeout: float,
     idle_timeout: float,
+    agent_limits: AgentLimits,
     log_level: str,
 ) -> None:
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
@@ -300,6 +348,7 @@ def worker(
         max_connections=max_connections,
         frame_timeout=frame_timeout,
         idle_timeout=idle_timeout,
+        agent_limits=agent_limits,
     )
     if tls_key and not tls_cert:
         _fail("--tls-key needs --tls-cert", EXIT_USAGE)

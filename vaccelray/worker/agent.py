@@ -6,18 +6,29 @@ registered with each session, and the agent-style log lines; the backend
 does the work. Each operation is planned on the event loop (decode, look up
 the session) and its backend call runs inline for a non-blocking backend, or
 in a worker thread under the session's lock for a blocking one.
+
+What the agent holds is bounded (:class:`AgentLimits`): sessions and
+resources per worker and per connection, and the bytes of resource blobs.
+A call past a bound is refused with RESOURCE_EXHAUSTED before the backend
+is called or anything is stored. A vAccel client's sessions die with its
+connection: the server's ``on_disconnect`` hook (:meth:`Agent.connection_closed`)
+releases them, off the loop for a blocking backend (see :meth:`Agent.running`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import anyio
+import anyio.abc
 import msgspec
 from google.protobuf.message import DecodeError
 
@@ -31,11 +42,49 @@ from vaccelray.protocol.limits import check_declared_sizes, check_response_size
 from vaccelray.transport.server import CallContext, Method, Service
 from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
 
-__all__ = ["Agent", "AgentSession"]
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["Agent", "AgentLimits", "AgentSession"]
 
 log = logging.getLogger("vaccelray.agent")
 
 _R = TypeVar("_R")
+
+#: A client connection: the scope of the services it called (one per server,
+#: see :meth:`Agent.services`) and its ``CallContext.connection_id``.
+Owner: TypeAlias = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class AgentLimits:
+    """What one worker's vAccel agent holds at most (0: no bound).
+
+    Past a bound the call is refused with RESOURCE_EXHAUSTED, naming the bound
+    and the worker option that raises it, before the backend is called or
+    anything is stored; what is held already keeps working.
+
+    The defaults are far above what a vAccel application uses (a session or
+    a few per process, a resource per model) yet keep the agent's own memory
+    small: a session costs it about 1.3 KiB (4096: ~5 MiB), and the blob
+    budget matches the task service's function cache.
+    """
+
+    #: Backend sessions open at once (made, being made, or being released).
+    max_sessions: int = 4096
+    #: Sessions one client connection holds (a scheduler is one connection).
+    max_sessions_per_connection: int = 1024
+    #: Resources registered at once.
+    max_resources: int = 4096
+    #: Resources one client connection has registered (and are still held).
+    max_resources_per_connection: int = 1024
+    #: Bytes of resource blob data held at once.
+    max_resource_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 0:
+                raise ValueError(f"{name} must be 0 (no bound) or more, got {value}")
 
 
 @dataclass(eq=False)
@@ -43,8 +92,8 @@ class AgentSession:
     id: int
     flags: int
     handle: SessionHandle
-    #: ``CallContext.connection_id`` of the connection that created it.
-    owner: int = 0
+    #: The connection that created it (see :data:`Owner`).
+    owner: Owner = ("", 0)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     resources: set[int] = field(default_factory=set)
 
@@ -55,21 +104,44 @@ class Resource:
     type: int
     paths: tuple[str, ...]
     blobs: tuple[tuple[str, bytes], ...]
+    #: The connection that registered it first.
+    owner: Owner = ("", 0)
+    #: Bytes of blob data (counted against ``AgentLimits.max_resource_bytes``).
+    size: int = 0
 
 
 class _Plan(Generic[_R]):
-    """One operation: ``work`` calls the backend, ``finish`` encodes its answer on the loop."""
+    """One operation: ``work`` calls the backend, ``finish`` encodes its answer on the loop.
+
+    ``undo``, when given, is called on the loop instead of ``finish`` when
+    ``work`` raises or the call is cancelled before it ran.
+    """
 
     # A plain slotted class: one is made per call, and a frozen dataclass costs
     # an object.__setattr__ per field.
-    __slots__ = ("finish", "session", "work")
+    __slots__ = ("finish", "session", "undo", "work")
 
     def __init__(
-        self, session: AgentSession | None, work: Callable[[], _R], finish: Callable[[_R], bytes]
+        self,
+        session: AgentSession | None,
+        work: Callable[[], _R],
+        finish: Callable[[_R], bytes],
+        undo: Callable[[], None] | None = None,
     ) -> None:
         self.session = session
         self.work = work
         self.finish = finish
+        self.undo = undo
+
+
+class _Making:
+    """Sessions of one connection being made, and whether that connection has closed."""
+
+    __slots__ = ("closed", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.closed = False
 
 
 def _decode(message_type: type[Any], payload: bytes) -> Any:
@@ -89,13 +161,19 @@ class Agent:
 
     *max_message_size* is the limit of the transport serving it: arguments and
     blobs may declare no more than that in all, and no answer is larger.
+    *limits* bound what clients may make it hold (see :class:`AgentLimits`).
     """
 
     def __init__(
-        self, backend: Backend, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+        self,
+        backend: Backend,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        limits: AgentLimits = AgentLimits(),
     ) -> None:
         self.backend = backend
         self.max_message_size = max_message_size
+        self.limits = limits
         self.sessions: dict[int, AgentSession] = {}
         self.resources: dict[int, Resource] = {}
         self._session_ids = itertools.count(1)
@@ -103,18 +181,35 @@ class Agent:
         # One backend session for session-less calls; a 1-tuple once opened (a handle may be None).
         self._shared: tuple[SessionHandle] | None = None
         self._shared_lock = threading.Lock()
+        #: Backend sessions made, being made or being released (the per-worker bound).
+        self._held = 0
+        #: Sessions in ``sessions`` per connection, and those being made.
+        self._owned: dict[Owner, int] = {}
+        self._making: dict[Owner, _Making] = {}
+        #: Sessions each resource is registered with; resources held per connection.
+        self._users: dict[int, int] = {}
+        self._owned_resources: dict[Owner, int] = {}
+        self._resource_bytes = 0
+        #: Releases to run off the loop, and sessions left for release_all without one.
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._unreleased: list[AgentSession] = []
 
     # -- service -------------------------------------------------------------
 
-    def services(self) -> list[Service]:
-        """The agent service under each of its names."""
+    def services(self, *, scope: str = "") -> list[Service]:
+        """The agent service under each of its names.
+
+        Connection ids are unique per server only: a second server of the same
+        agent gets its own *scope*, and passes it to :meth:`holds_state` and
+        :meth:`connection_closed` too.
+        """
         planners: dict[str, Callable[[bytes, CallContext], _Plan[Any]]] = {
-            "CreateSession": self._create_session,
+            "CreateSession": functools.partial(self._create_session, scope=scope),
             "UpdateSession": self._update_session,
             "DestroySession": self._destroy_session,
             "ImageClassification": self._image_classification,
             "Genop": self._genop,
-            "RegisterResource": self._register_resource,
+            "RegisterResource": functools.partial(self._register_resource, scope=scope),
             "UnregisterResource": self._unregister_resource,
         }
         methods = {name: self._method(name, plan) for name, plan in planners.items()}
@@ -131,7 +226,15 @@ class Agent:
 
             def inline(payload: bytes, ctx: CallContext) -> bytes:
                 plan = planner(payload, ctx)
-                return check_response_size(name, plan.finish(plan.work()), self.max_message_size)
+                if plan.undo is None:
+                    result = plan.work()
+                else:
+                    try:
+                        result = plan.work()
+                    except BaseException:
+                        plan.undo()
+                        raise
+                return check_response_size(name, plan.finish(result), self.max_message_size)
 
             return Method(inline, inline=True)
 
@@ -139,11 +242,16 @@ class Agent:
 
         async def threaded(payload: bytes, ctx: CallContext) -> bytes:
             plan = planner(payload, ctx)
-            if plan.session is not None and serialize:
-                async with plan.session.lock:
+            try:
+                if plan.session is not None and serialize:
+                    async with plan.session.lock:
+                        result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
+                else:
                     result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
-            else:
-                result = await anyio.to_thread.run_sync(plan.work, abandon_on_cancel=False)
+            except BaseException:
+                if plan.undo is not None:
+                    plan.undo()
+                raise
             return check_response_size(name, plan.finish(result), self.max_message_size)
 
         return Method(threaded)
@@ -156,18 +264,61 @@ class Agent:
 
     # -- sessions ----------------------------------------------------------------
 
-    def _create_session(self, payload: bytes, ctx: CallContext) -> _Plan[SessionHandle]:
+    def _admit_session(self, owner: Owner) -> None:
+        """Refuse a session past a bound (RESOURCE_EXHAUSTED), before anything is made."""
+        limits = self.limits
+        if limits.max_sessions and self._held >= limits.max_sessions:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"too many sessions: this worker holds {self._held}, its limit "
+                "(raise it with --max-sessions)",
+            )
+        per_connection = limits.max_sessions_per_connection
+        making = self._making.get(owner)
+        held = self._owned.get(owner, 0) + (making.count if making is not None else 0)
+        if per_connection and held >= per_connection:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"too many sessions on this connection: it holds {held}, the limit per "
+                "connection (raise it with --max-sessions-per-connection)",
+            )
+
+    def _create_session(self, payload: bytes, ctx: CallContext, scope: str) -> _Plan[SessionHandle]:
         request = _decode(pb.CreateSessionRequest, payload)
+        owner = (scope, ctx.connection_id)
+        self._admit_session(owner)
         session_id = next(self._session_ids)
         flags = request.flags
-        owner = ctx.connection_id
+        self._held += 1
+        making = self._making.get(owner)
+        if making is None:
+            making = self._making[owner] = _Making()
+        making.count += 1
+
+        def made() -> bool:
+            """No longer being made: whether its connection is still open."""
+            making.count -= 1
+            if not making.count:
+                del self._making[owner]
+            return not making.closed
 
         def finish(handle: SessionHandle) -> bytes:
-            self.sessions[session_id] = AgentSession(session_id, flags, handle, owner)
-            log.info("Created session %d", session_id)
+            session = AgentSession(session_id, flags, handle, owner)
+            if not made():
+                # Nobody is left to use it or destroy it.
+                log.info("Created session %d for a closed connection", session_id)
+                self._release_later(session)
+            else:
+                self.sessions[session_id] = session
+                self._owned[owner] = self._owned.get(owner, 0) + 1
+                log.info("Created session %d", session_id)
             return pb.CreateSessionResponse(session_id=session_id).SerializeToString()
 
-        return _Plan(None, lambda: self.backend.session_create(session_id, flags), finish)
+        def undo() -> None:
+            made()
+            self._held -= 1
+
+        return _Plan(None, lambda: self.backend.session_create(session_id, flags), finish, undo)
 
     def _update_session(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
         request = _decode(pb.UpdateSessionRequest, payload)
@@ -182,29 +333,131 @@ class Agent:
 
     def _destroy_session(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
         request = _decode(pb.DestroySessionRequest, payload)
-        # Removed at once so later calls of this session are refused while it is released.
+        # Forgotten at once so later calls of this session are refused while it is released.
         session = self._session(request.session_id)
-        del self.sessions[session.id]
+        self._forget(session)
+        called = False
+
+        def work() -> None:
+            nonlocal called
+            called = True
+            self.backend.session_release(session.handle)
 
         def finish(_: None) -> bytes:
-            for resource_id in session.resources:
-                self._drop_if_unused(resource_id)
+            self._held -= 1
             log.info("Destroyed session %d", session.id)
             return _EMPTY
 
-        return _Plan(session, lambda: self.backend.session_release(session.handle), finish)
+        def undo() -> None:
+            if called:  # the backend failed to release it: nothing more can be done
+                self._held -= 1
+            else:  # cancelled before its turn: released all the same
+                log.info("Destroy of session %d cut off: releasing it in turn", session.id)
+                self._release_later(session)
 
-    def holds_state(self, connection_id: int) -> bool:
+        return _Plan(session, work, finish, undo)
+
+    def _forget(self, session: AgentSession) -> None:
+        """Take *session* out of the tables (and resources no session uses any more)."""
+        del self.sessions[session.id]
+        left = self._owned[session.owner] - 1
+        if left:
+            self._owned[session.owner] = left
+        else:
+            del self._owned[session.owner]
+        for resource_id in session.resources:
+            self._unuse(resource_id)
+
+    def _release_later(self, session: AgentSession) -> None:
+        """Release a forgotten session: inline for a non-blocking backend, else off the loop."""
+        if not self.backend.blocking:
+            self._release_now(session)
+        elif self._task_group is not None:
+            self._task_group.start_soon(self._release_off_loop, session)
+        else:  # not running(): release_all will
+            self._unreleased.append(session)
+
+    def _release(self, session: AgentSession) -> None:
+        """The backend call (in a thread for a blocking backend); errors are logged."""
+        try:
+            self.backend.session_release(session.handle)
+        except Exception:
+            log.exception("Releasing session %d failed", session.id)
+
+    def _released(self, session: AgentSession) -> None:
+        self._held -= 1
+        log.info("Released session %d", session.id)
+
+    def _release_now(self, session: AgentSession) -> None:
+        self._release(session)
+        self._released(session)
+
+    async def _release_off_loop(self, session: AgentSession) -> None:
+        # Shielded: a worker shutting down still releases it (running() waits for it).
+        with anyio.CancelScope(shield=True):
+            try:
+                if self.backend.serialize_sessions:
+                    # After the call of the session still running in a thread, if any.
+                    async with session.lock:
+                        await anyio.to_thread.run_sync(self._release, session)
+                else:
+                    await anyio.to_thread.run_sync(self._release, session)
+            finally:
+                self._released(session)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """While the block runs, sessions of closed connections are released off the loop.
+
+        (For a blocking backend; a non-blocking one releases them at once.)
+        Leaving the block waits for the releases under way; call
+        :meth:`release_all` after it. What the block raises comes out as it was
+        raised (a listener's bind error, say), not in a group.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                try:
+                    yield
+                finally:
+                    self._task_group = None
+        except BaseExceptionGroup as group:
+            # The releases raise nothing: a lone error is the block's.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    def holds_state(self, connection_id: int, scope: str = "") -> bool:
         """Whether sessions the connection created are open (the server's idle timeout asks).
 
         A vAccel RPC client keeps one connection for its whole life, with its
         sessions: such a connection must not be closed for being quiet.
         """
-        return any(s.owner == connection_id for s in self.sessions.values())
+        owner = (scope, connection_id)
+        return owner in self._owned or owner in self._making
+
+    def connection_closed(self, connection_id: int, scope: str = "") -> None:
+        """A client connection closed: release the sessions it created (server hook).
+
+        A vAccel client's sessions die with its connection; so do the
+        resources no other session uses.
+        """
+        owner = (scope, connection_id)
+        making = self._making.get(owner)
+        if making is not None:
+            making.closed = True
+        if owner not in self._owned:
+            return
+        orphans = [s for s in self.sessions.values() if s.owner == owner]
+        log.info("Connection %d closed: releasing its %d sessions", connection_id, len(orphans))
+        for session in orphans:
+            self._forget(session)
+            self._release_later(session)
 
     def release_all(self) -> None:
         """Release every open session (worker shutdown); errors are logged, not raised."""
-        handles = [(str(s.id), s.handle) for s in self.sessions.values()]
+        sessions = [*self.sessions.values(), *self._unreleased]
+        handles = [(str(s.id), s.handle) for s in sessions]
         if self._shared is not None:
             handles.append(("shared", self._shared[0]))
         for name, handle in handles:
@@ -212,8 +465,15 @@ class Agent:
                 self.backend.session_release(handle)
             except Exception:
                 log.exception("Releasing session %s failed", name)
+        self._held -= len(sessions)
         self.sessions.clear()
+        self._unreleased.clear()
+        self._owned.clear()
         self._shared = None
+        self.resources.clear()
+        self._users.clear()
+        self._owned_resources.clear()
+        self._resource_bytes = 0
 
     # -- operations ----------------------------------------------------------
 
@@ -286,7 +546,34 @@ class Agent:
 
     # -- resources -------------------------------------------------------------
 
-    def _register_resource(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
+    def _admit_resource(self, owner: Owner, size: int) -> None:
+        """Refuse a resource past a bound (RESOURCE_EXHAUSTED), before anything is stored."""
+        limits = self.limits
+        held = len(self.resources)
+        if limits.max_resources and held >= limits.max_resources:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"too many resources: this worker holds {held}, its limit "
+                "(raise it with --max-resources)",
+            )
+        per_connection = limits.max_resources_per_connection
+        held = self._owned_resources.get(owner, 0)
+        if per_connection and held >= per_connection:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"too many resources on this connection: it registered {held}, the limit "
+                "per connection (raise it with --max-resources-per-connection)",
+            )
+        budget = limits.max_resource_bytes
+        if budget and self._resource_bytes + size > budget:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"resource blobs over budget: {size} bytes more would make "
+                f"{self._resource_bytes + size}, over this worker's {budget} "
+                "(raise it with --max-resource-bytes)",
+            )
+
+    def _register_resource(self, payload: bytes, ctx: CallContext, scope: str) -> _Plan[None]:
         request = _decode(pb.RegisterResourceRequest, payload)
         check_declared_sizes(request, self.max_message_size)
         session = self._session(request.session_id)
@@ -295,16 +582,28 @@ class Agent:
             if resource is None:
                 raise RPCError(StatusCode.NOT_FOUND, f"Unknown resource {request.resource_id}")
         else:
+            owner = (scope, ctx.connection_id)
+            blobs = tuple((b.name, b.data) for b in request.blobs)
+            size = sum(len(data) for _, data in blobs)
+            self._admit_resource(owner, size)
             resource = Resource(
                 next(self._resource_ids),
                 request.resource_type,
                 tuple(request.paths),
-                tuple((b.name, b.data) for b in request.blobs),
+                blobs,
+                owner,
+                size,
             )
             self.resources[resource.id] = resource
+            self._users[resource.id] = 0
+            self._owned_resources[owner] = self._owned_resources.get(owner, 0) + 1
+            self._resource_bytes += size
+        # Registered now, on the loop: nothing can take the session away halfway.
+        if resource.id not in session.resources:
+            session.resources.add(resource.id)
+            self._users[resource.id] += 1
 
         def finish(_: None) -> bytes:
-            session.resources.add(resource.id)
             log.info("session:%d Registered resource %d", session.id, resource.id)
             return pb.RegisterResourceResponse(resource_id=resource.id).SerializeToString()
 
@@ -318,18 +617,29 @@ class Agent:
                 StatusCode.NOT_FOUND,
                 f"Resource {request.resource_id} is not registered with session {session.id}",
             )
+        session.resources.discard(request.resource_id)
+        self._unuse(request.resource_id)
 
         def finish(_: None) -> bytes:
-            session.resources.discard(request.resource_id)
-            self._drop_if_unused(request.resource_id)
             log.info("session:%d Unregistered resource %d", session.id, request.resource_id)
             return _EMPTY
 
         return _Plan(None, lambda: None, finish)
 
-    def _drop_if_unused(self, resource_id: int) -> None:
-        if not any(resource_id in s.resources for s in self.sessions.values()):
-            self.resources.pop(resource_id, None)
+    def _unuse(self, resource_id: int) -> None:
+        """One session fewer uses the resource: drop it when none does."""
+        users = self._users[resource_id] - 1
+        if users:
+            self._users[resource_id] = users
+            return
+        del self._users[resource_id]
+        resource = self.resources.pop(resource_id)
+        left = self._owned_resources[resource.owner] - 1
+        if left:
+            self._owned_resources[resource.owner] = left
+        else:
+            del self._owned_resources[resource.owner]
+        self._resource_bytes -= resource.size
 
 
 def _arg(arg: pb.Arg) -> Arg:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from vaccelray.transport.server import (
     Service,
     serve,
 )
-from vaccelray.worker.agent import Agent
+from vaccelray.worker.agent import Agent, AgentLimits
 from vaccelray.worker.announce import announce_until, plan_announcement
 from vaccelray.worker.backend import Backend
 from vaccelray.worker.backends import load_backend
@@ -29,6 +30,10 @@ __all__ = ["DEFAULT_WORKER_ADDRESS", "Worker", "WorkerConfig", "run_worker"]
 
 #: The vAccel agent's port from its documentation, on loopback unless asked otherwise.
 DEFAULT_WORKER_ADDRESS = "tcp://127.0.0.1:8194"
+
+#: The agent's scope for the worker's listeners (the task pool's private socket,
+#: another server with its own connection ids, uses the default one).
+_CLIENTS = "clients"
 
 log = logging.getLogger("vaccelray.worker")
 
@@ -66,6 +71,8 @@ class WorkerConfig:
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     #: Seconds before a silent connection holding no session is closed (0: never).
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: Sessions and resources the vAccel agent holds at most.
+    agent_limits: AgentLimits = field(default_factory=AgentLimits)
 
 
 @dataclass
@@ -114,12 +121,20 @@ async def run_worker(
     backend = backend or load_backend(config.backend, libvaccel=config.libvaccel)
     await _start_backend(backend)
     try:
-        agent = Agent(backend, max_message_size=config.max_message_size)
+        agent = Agent(backend, max_message_size=config.max_message_size, limits=config.agent_limits)
         log.info("Backend: %s", backend.describe())
         info = InfoService(agent, capacity=config.capacity)
-        services = [*agent.services(), agent.worker_service(), info.service(), *extra_services]
+        services = [
+            *agent.services(scope=_CLIENTS),
+            agent.worker_service(),
+            info.service(),
+            *extra_services,
+        ]
         tls = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        # A vAccel client's sessions die with its connection (released by the agent,
+        # in the background of agent.running(), which outlives the server).
         async with (
+            agent.running(),
             run_task_service(
                 agent,
                 services,
@@ -138,7 +153,8 @@ async def run_worker(
                 max_connections=config.max_connections,
                 frame_timeout=config.frame_timeout,
                 idle_timeout=config.idle_timeout,
-                holds_state=agent.holds_state,
+                holds_state=functools.partial(agent.holds_state, scope=_CLIENTS),
+                on_disconnect=functools.partial(agent.connection_closed, scope=_CLIENTS),
             ) as server,
             anyio.create_task_group() as announcer,
         ):
