@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from vaccelray import cli
-from vaccelray.scheduler import SchedulerConfig
+from vaccelray.scheduler import SchedulerConfig, SessionLimits
 
 
 def scheduler_config(monkeypatch: pytest.MonkeyPatch, *args: str) -> SchedulerConfig:
@@ -34,3 +34,13 @@ def scheduler_config(monkeypatch: pytest.MonkeyPatch, *args: str) -> SchedulerCo
 def test_the_scheduler_takes_a_grace_period(monkeypatch: pytest.MonkeyPatch) -> None:
     assert scheduler_config(monkeypatch).grace == SchedulerConfig().grace
     assert scheduler_config(monkeypatch, "--grace", "0.25").grace == 0.25
+
+
+def test_the_scheduler_takes_its_session_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert scheduler_config(monkeypatch).limits == SessionLimits()
+    config = scheduler_config(
+        monkeypatch,
+        "--max-sessions", "5", "--max-sessions-per-connection", "4", "--max-resources", "3",
+        "--max-resources-per-connection", "2", "--replay-bytes", "1",
+    )  # fmt: skip
+    assert config.limits == SessionLimits(5, 4, 3, 2, 1)

@@ -26,6 +26,7 @@ from vaccelray.transport.server import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEO
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 if TYPE_CHECKING:
+    from vaccelray.scheduler.sessions import SessionLimits
     from vaccelray.worker.agent import AgentLimits
 
 log = logging.getLogger("vaccelray")
@@ -217,28 +218,68 @@ _AGENT_LIMITS = (
 )
 
 
+#: The scheduler's bounds (SessionLimits fields), as _AGENT_LIMITS.
+_SESSION_LIMITS = (
+    ("--max-sessions", "max_sessions", "vAccel sessions the scheduler holds at once"),
+    (
+        "--max-sessions-per-connection",
+        "max_sessions_per_connection",
+        "vAccel sessions one client connection holds",
+    ),
+    ("--max-resources", "max_resources", "vAccel resources the scheduler holds at once"),
+    (
+        "--max-resources-per-connection",
+        "max_resources_per_connection",
+        "vAccel resources one client connection has registered and still holds",
+    ),
+    (
+        "--replay-bytes",
+        "replay_bytes",
+        "Bytes of resources kept to register them again when a session moves to another "
+        "worker (a resource past it works, but its session cannot move)",
+    ),
+)
+
+
+def _limit_options(
+    limits_type: Callable[..., object], table: tuple[tuple[str, str, str], ...], param: str
+) -> Callable[[_F], _F]:
+    """The options of a limits dataclass (*table*: option, field, help), passed on as *param*."""
+    defaults = limits_type()
+    fields = [name for _, name, _ in table]
+
+    def decorate(command: _F) -> _F:
+        @functools.wraps(command)
+        def wrapper(**kwargs: object) -> object:
+            limits = limits_type(**{name: kwargs.pop(name) for name in fields})
+            return command(**{param: limits}, **kwargs)
+
+        for flag, name, text in reversed(table):
+            wrapper = click.option(
+                flag,
+                name,
+                type=click.IntRange(0),
+                default=getattr(defaults, name),
+                show_default=True,
+                help=f"{text}; 0: no limit.",
+            )(wrapper)
+        return cast(_F, wrapper)
+
+    return decorate
+
+
 def agent_limit_options(command: _F) -> _F:
     """The options of ``AgentLimits``, passed to *command* as one ``agent_limits`` argument."""
     from vaccelray.worker.agent import AgentLimits
 
-    defaults = AgentLimits()
-    fields = [name for _, name, _ in _AGENT_LIMITS]
+    return _limit_options(AgentLimits, _AGENT_LIMITS, "agent_limits")(command)
 
-    @functools.wraps(command)
-    def wrapper(**kwargs: object) -> object:
-        limits = AgentLimits(**{name: kwargs.pop(name) for name in fields})  # type: ignore[arg-type]
-        return command(agent_limits=limits, **kwargs)
 
-    for flag, name, text in reversed(_AGENT_LIMITS):
-        wrapper = click.option(
-            flag,
-            name,
-            type=click.IntRange(0),
-            default=getattr(defaults, name),
-            show_default=True,
-            help=f"{text}; 0: no limit.",
-        )(wrapper)
-    return cast(_F, wrapper)
+def session_limit_options(command: _F) -> _F:
+    """The options of ``SessionLimits``, passed to *command* as one ``session_limits`` argument."""
+    from vaccelray.scheduler.sessions import SessionLimits
+
+    return _limit_options(SessionLimits, _SESSION_LIMITS, "session_limits")(command)
 
 
 @main.command(help=WORKER_HELP)
@@ -683,6 +724,7 @@ health-checked twice a second; one that does not answer leaves routing.
 @max_message_size_option
 @grace_option
 @connection_limit_options
+@session_limit_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def scheduler(
     addresses: tuple[str, ...],
@@ -697,6 +739,7 @@ def scheduler(
     max_connections: int | None,
     frame_timeout: float,
     idle_timeout: float,
+    session_limits: SessionLimits,
     log_level: str,
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
@@ -719,6 +762,7 @@ def scheduler(
         max_connections=max_connections,
         frame_timeout=frame_timeout,
         idle_timeout=idle_timeout,
+        limits=session_limits,
     )
 
     _run_daemon(lambda: run_scheduler(config))
