@@ -7,15 +7,8 @@ from typing import Any
 import msgspec
 
 from vaccelray.errors import RPCError, StatusCode
-from vaccelray.protocol.info import (
-    INFO_METHOD,
-    SCHEDULER_SERVICE,
-    WORKER_SERVICE,
-    WORKERS_METHOD,
-    ClusterStatus,
-    WorkerInfo,
-    decode,
-)
+from vaccelray.protocol.info import ClusterStatus, InfoRequest, WorkerInfo, WorkersRequest
+from vaccelray.protocol.services import INFO, WORKERS
 from vaccelray.transport.client import connect
 
 __all__ = ["fetch_status", "render", "to_json"]
@@ -24,15 +17,15 @@ __all__ = ["fetch_status", "render", "to_json"]
 async def fetch_status(address: str, *, timeout: float = 5.0) -> ClusterStatus | WorkerInfo:
     """A scheduler's :class:`ClusterStatus`, or a worker's :class:`WorkerInfo`."""
     async with connect(address, connect_timeout=timeout) as client:
+        request = WORKERS.request.encode(WorkersRequest())
         try:
-            payload = await client.call(SCHEDULER_SERVICE, WORKERS_METHOD, b"", timeout=timeout)
+            payload = await client.call(WORKERS.service, WORKERS.method, request, timeout=timeout)
         except RPCError as exc:
             if exc.code not in (StatusCode.UNIMPLEMENTED, StatusCode.INVALID_ARGUMENT):
                 raise
         else:
-            return decode(payload, ClusterStatus)
-        payload = await client.call(WORKER_SERVICE, INFO_METHOD, b"", timeout=timeout)
-        return decode(payload, WorkerInfo)
+            return WORKERS.reply.decode(payload)  # not inside the try: a bad answer is an error
+        return await client.call_rpc(INFO, InfoRequest(), timeout=timeout)
 
 
 def to_json(status: ClusterStatus | WorkerInfo) -> str:

@@ -29,16 +29,25 @@ from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import anyio
 import anyio.abc
-import msgspec
-from google.protobuf.message import DecodeError
 
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
-from vaccelray.protocol.agent import SERVICE_NAMES, unknown_session
-from vaccelray.protocol.classify import CLASSIFY_METHOD, ClassifyReply, ClassifyRequest
+from vaccelray.protocol.agent import unknown_session
+from vaccelray.protocol.classify import ClassifyReply, ClassifyRequest
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
-from vaccelray.protocol.info import WORKER_SERVICE, decode, encode
-from vaccelray.protocol.limits import check_declared_sizes, check_response_size
+from vaccelray.protocol.limits import check_response_size
+from vaccelray.protocol.services import (
+    AGENT,
+    CLASSIFY,
+    CREATE_SESSION,
+    DESTROY_SESSION,
+    GENOP,
+    IMAGE_CLASSIFICATION,
+    REGISTER_RESOURCE,
+    UNREGISTER_RESOURCE,
+    UPDATE_SESSION,
+    Rpc,
+)
 from vaccelray.transport.server import CallContext, Method, Service
 from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
 
@@ -50,6 +59,7 @@ __all__ = ["Agent", "AgentLimits", "AgentSession"]
 log = logging.getLogger("vaccelray.agent")
 
 _R = TypeVar("_R")
+_Q = TypeVar("_Q")
 
 #: A client connection: the scope of the services it called (one per server,
 #: see :meth:`Agent.services`) and its ``CallContext.connection_id``.
@@ -144,15 +154,6 @@ class _Making:
         self.closed = False
 
 
-def _decode(message_type: type[Any], payload: bytes) -> Any:
-    try:
-        return message_type.FromString(payload)
-    except DecodeError as exc:
-        raise RPCError(
-            StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
-        ) from exc
-
-
 _EMPTY: Final = pb.EmptyResponse().SerializeToString()
 
 
@@ -203,29 +204,42 @@ class Agent:
         agent gets its own *scope*, and passes it to :meth:`holds_state` and
         :meth:`connection_closed` too.
         """
-        planners: dict[str, Callable[[bytes, CallContext], _Plan[Any]]] = {
-            "CreateSession": functools.partial(self._create_session, scope=scope),
-            "UpdateSession": self._update_session,
-            "DestroySession": self._destroy_session,
-            "ImageClassification": self._image_classification,
-            "Genop": self._genop,
-            "RegisterResource": functools.partial(self._register_resource, scope=scope),
-            "UnregisterResource": self._unregister_resource,
+        planners: dict[Rpc[Any, Any], Callable[[Any, CallContext], _Plan[Any]]] = {
+            CREATE_SESSION: functools.partial(self._create_session, scope=scope),
+            UPDATE_SESSION: self._update_session,
+            DESTROY_SESSION: self._destroy_session,
+            IMAGE_CLASSIFICATION: self._image_classification,
+            GENOP: self._genop,
+            REGISTER_RESOURCE: functools.partial(self._register_resource, scope=scope),
+            UNREGISTER_RESOURCE: self._unregister_resource,
         }
-        methods = {name: self._method(name, plan) for name, plan in planners.items()}
-        return [Service(name, methods) for name in SERVICE_NAMES]
+        methods = {rpc.method: self._method(rpc, planners[rpc]) for rpc in AGENT}
+        return [Service(name, methods) for name in AGENT.names]
 
     def worker_service(self) -> Service:
         """Session-less operations of ``vaccelray.v1.Worker`` (Classify with scores)."""
-        return Service(
-            WORKER_SERVICE, {CLASSIFY_METHOD: self._method(CLASSIFY_METHOD, self._classify)}
+        return Service(CLASSIFY.service, {CLASSIFY.method: self._method(CLASSIFY, self._classify)})
+
+    def _method(
+        self, rpc: Rpc[_Q, Any], planner: Callable[[_Q, CallContext], _Plan[Any]]
+    ) -> Method:
+        """The server's handler of *rpc*: decode, check declared sizes, plan, then run."""
+        name, decode, check, limit = (
+            rpc.method,
+            rpc.request.decode,
+            rpc.check,
+            self.max_message_size,
         )
 
-    def _method(self, name: str, planner: Callable[[bytes, CallContext], _Plan[Any]]) -> Method:
+        def plan_call(payload: bytes, ctx: CallContext) -> _Plan[Any]:
+            request = decode(payload)
+            check(request, limit)
+            return planner(request, ctx)
+
         if not self.backend.blocking:
 
             def inline(payload: bytes, ctx: CallContext) -> bytes:
-                plan = planner(payload, ctx)
+                plan = plan_call(payload, ctx)
                 if plan.undo is None:
                     result = plan.work()
                 else:
@@ -241,7 +255,7 @@ class Agent:
         serialize = self.backend.serialize_sessions
 
         async def threaded(payload: bytes, ctx: CallContext) -> bytes:
-            plan = planner(payload, ctx)
+            plan = plan_call(payload, ctx)
             try:
                 if plan.session is not None and serialize:
                     async with plan.session.lock:
@@ -283,8 +297,9 @@ class Agent:
                 "connection (raise it with --max-sessions-per-connection)",
             )
 
-    def _create_session(self, payload: bytes, ctx: CallContext, scope: str) -> _Plan[SessionHandle]:
-        request = _decode(pb.CreateSessionRequest, payload)
+    def _create_session(
+        self, request: pb.CreateSessionRequest, ctx: CallContext, scope: str
+    ) -> _Plan[SessionHandle]:
         owner = (scope, ctx.connection_id)
         self._admit_session(owner)
         session_id = next(self._session_ids)
@@ -320,8 +335,7 @@ class Agent:
 
         return _Plan(None, lambda: self.backend.session_create(session_id, flags), finish, undo)
 
-    def _update_session(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
-        request = _decode(pb.UpdateSessionRequest, payload)
+    def _update_session(self, request: pb.UpdateSessionRequest, ctx: CallContext) -> _Plan[None]:
         session = self._session(request.session_id)
 
         def finish(_: None) -> bytes:
@@ -331,8 +345,7 @@ class Agent:
 
         return _Plan(None, lambda: None, finish)
 
-    def _destroy_session(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
-        request = _decode(pb.DestroySessionRequest, payload)
+    def _destroy_session(self, request: pb.DestroySessionRequest, ctx: CallContext) -> _Plan[None]:
         # Forgotten at once so later calls of this session are refused while it is released.
         session = self._session(request.session_id)
         self._forget(session)
@@ -477,8 +490,9 @@ class Agent:
 
     # -- operations ----------------------------------------------------------
 
-    def _image_classification(self, payload: bytes, ctx: CallContext) -> _Plan[Any]:
-        request = _decode(pb.ImageClassificationRequest, payload)
+    def _image_classification(
+        self, request: pb.ImageClassificationRequest, ctx: CallContext
+    ) -> _Plan[Any]:
         session = self._session(request.session_id)
         log.info("session:%d Image classification", session.id)
         image = request.image
@@ -490,13 +504,7 @@ class Agent:
 
         return _Plan(session, lambda: self.backend.classify(session.handle, image), finish)
 
-    def _classify(self, payload: bytes, ctx: CallContext) -> _Plan[Classification]:
-        try:
-            request = decode(payload, ClassifyRequest)
-        except msgspec.DecodeError as exc:
-            raise RPCError(
-                StatusCode.INVALID_ARGUMENT, f"undecodable ClassifyRequest: {exc}"
-            ) from exc
+    def _classify(self, request: ClassifyRequest, ctx: CallContext) -> _Plan[Classification]:
         if not request.image:
             raise RPCError(StatusCode.INVALID_ARGUMENT, "empty image")
         if request.top_k < 1:
@@ -510,7 +518,8 @@ class Agent:
             return self.backend.classify(handle, request.image, top_k=request.top_k)
 
         def finish(result: Classification) -> bytes:
-            return encode(ClassifyReply(tag=result.tag, labels=result.labels[: request.top_k]))
+            reply = ClassifyReply(tag=result.tag, labels=result.labels[: request.top_k])
+            return CLASSIFY.reply.encode(reply)
 
         return _Plan(None, work, finish)
 
@@ -521,9 +530,7 @@ class Agent:
                 self._shared = (self.backend.session_create(0, 0),)
             return self._shared[0]
 
-    def _genop(self, payload: bytes, ctx: CallContext) -> _Plan[list[bytes]]:
-        request = _decode(pb.GenopRequest, payload)
-        check_declared_sizes(request, self.max_message_size)
+    def _genop(self, request: pb.GenopRequest, ctx: CallContext) -> _Plan[list[bytes]]:
         session = self._session(request.session_id)
         log.info("session:%d Genop", session.id)
         read_args = [_arg(a) for a in request.read_args]
@@ -573,9 +580,9 @@ class Agent:
                 "(raise it with --max-resource-bytes)",
             )
 
-    def _register_resource(self, payload: bytes, ctx: CallContext, scope: str) -> _Plan[None]:
-        request = _decode(pb.RegisterResourceRequest, payload)
-        check_declared_sizes(request, self.max_message_size)
+    def _register_resource(
+        self, request: pb.RegisterResourceRequest, ctx: CallContext, scope: str
+    ) -> _Plan[None]:
         session = self._session(request.session_id)
         if request.resource_id:
             resource = self.resources.get(request.resource_id)
@@ -609,8 +616,9 @@ class Agent:
 
         return _Plan(None, lambda: None, finish)
 
-    def _unregister_resource(self, payload: bytes, ctx: CallContext) -> _Plan[None]:
-        request = _decode(pb.UnregisterResourceRequest, payload)
+    def _unregister_resource(
+        self, request: pb.UnregisterResourceRequest, ctx: CallContext
+    ) -> _Plan[None]:
         session = self._session(request.session_id)
         if request.resource_id not in session.resources:
             raise RPCError(
