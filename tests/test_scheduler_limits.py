@@ -192,3 +192,24 @@ async def test_a_full_worker_is_passed_over_for_one_with_room(room_elsewhere: bo
                 await agent.create_session()
             assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
             assert "every worker is full" in caught.value.message
+
+
+async def test_a_resource_a_worker_dropped_is_registered_there_again() -> None:
+    async with cluster(SessionLimits(), workers=2) as sched, connect(sched.addresses[0]) as client:
+        agent = AgentClient(client)
+        first, second = await agent.create_session(), await agent.create_session()
+        resource = await register(agent, first)
+        shared = pb.RegisterResourceRequest(session_id=second, resource_id=resource)
+        assert (await agent.call(REGISTER_RESOURCE, shared)).resource_id == resource
+        where = sched.table.sessions[first].binding.address  # type: ignore[union-attr]
+        old = dict(sched.table.resources[resource].on_worker)
+        # Its last session there gone, the first worker drops the resource; the scheduler
+        # keeps it for the second session, and still has the first worker's id for it.
+        await agent.destroy_session(first)
+        third = await agent.create_session()
+        assert sched.table.sessions[third].binding.address == where  # type: ignore[union-attr]
+        again = pb.RegisterResourceRequest(session_id=third, resource_id=resource)
+        assert (await agent.call(REGISTER_RESOURCE, again)).resource_id == resource
+        now = sched.table.resources[resource].on_worker
+        [(key, new_id)] = [(k, v) for k, v in now.items() if k[0] == where]
+        assert new_id != old[key]

@@ -85,6 +85,8 @@ class Reason(enum.IntEnum):
     NOT_DISPATCHED = 3
     #: The handler was running when the server stopped; it may have had effects.
     SHUTTING_DOWN = 4
+    #: The resource the call names is not (or no longer) held by the server.
+    UNKNOWN_RESOURCE = 5
 
 
 class VaccelrayError(Exception):

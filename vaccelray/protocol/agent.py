@@ -6,7 +6,7 @@ from typing import Final
 
 from vaccelray.errors import Reason, RPCError, StatusCode
 
-__all__ = ["SERVICE_NAMES", "tag_text", "unknown_session"]
+__all__ = ["SERVICE_NAMES", "tag_text", "unknown_resource", "unknown_session"]
 
 #: Every name the vAccel agent service has had on the wire, oldest first; the
 #: methods and messages are the same under each (protobuf is compatible by field number).
@@ -22,6 +22,13 @@ def unknown_session(session_id: int) -> RPCError:
     """NOT_FOUND in the real agent's words ("Unknown session N"), with our reason."""
     return RPCError(
         StatusCode.NOT_FOUND, f"Unknown session {session_id}", reason=Reason.UNKNOWN_SESSION
+    )
+
+
+def unknown_resource(resource_id: int) -> RPCError:
+    """NOT_FOUND "Unknown resource N", with our reason."""
+    return RPCError(
+        StatusCode.NOT_FOUND, f"Unknown resource {resource_id}", reason=Reason.UNKNOWN_RESOURCE
     )
 
 

@@ -37,7 +37,7 @@ import anyio.abc
 
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
-from vaccelray.protocol.agent import SERVICE_NAMES, unknown_session
+from vaccelray.protocol.agent import SERVICE_NAMES, unknown_resource, unknown_session
 from vaccelray.protocol.services import CREATE_SESSION, DESTROY_SESSION, REGISTER_RESOURCE
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change
@@ -142,6 +142,13 @@ def session_lost(exc: RPCError, worker_session: int) -> bool:
     if exc.reason is not None:
         return exc.reason is Reason.UNKNOWN_SESSION
     return exc.code == StatusCode.NOT_FOUND and exc.message == f"Unknown session {worker_session}"
+
+
+def _resource_lost(exc: RPCError, worker_resource: int) -> bool:
+    """Whether a worker's error says it does not hold *worker_resource* (as session_lost)."""
+    if exc.reason is not None:
+        return exc.reason is Reason.UNKNOWN_RESOURCE
+    return exc.code == StatusCode.NOT_FOUND and exc.message == f"Unknown resource {worker_resource}"
 
 
 class Rebind(Exception):
@@ -349,9 +356,7 @@ class SessionTable:
                 return known
             except RPCError as exc:
                 # The worker dropped it when its last session let go: register it anew.
-                if exc.code != StatusCode.NOT_FOUND or not exc.message.startswith(
-                    "Unknown resource"
-                ):
+                if not _resource_lost(exc, known):
                     raise
                 del resource.on_worker[key]
         template = registration or resource.template
@@ -580,7 +585,7 @@ class SessionTable:
         if request.resource_id:
             resource = self.resources.get(request.resource_id)
             if resource is None:
-                raise RPCError(StatusCode.NOT_FOUND, f"Unknown resource {request.resource_id}")
+                raise unknown_resource(request.resource_id)
         else:
             owner = ctx.connection_id
             self._check_resource_bounds(owner)

@@ -32,7 +32,7 @@ import anyio.abc
 
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
-from vaccelray.protocol.agent import unknown_session
+from vaccelray.protocol.agent import unknown_resource, unknown_session
 from vaccelray.protocol.classify import ClassifyReply, ClassifyRequest
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.limits import check_response_size
@@ -587,7 +587,7 @@ class Agent:
         if request.resource_id:
             resource = self.resources.get(request.resource_id)
             if resource is None:
-                raise RPCError(StatusCode.NOT_FOUND, f"Unknown resource {request.resource_id}")
+                raise unknown_resource(request.resource_id)
         else:
             owner = (scope, ctx.connection_id)
             blobs = tuple((b.name, b.data) for b in request.blobs)

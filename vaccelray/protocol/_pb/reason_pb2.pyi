@@ -14,11 +14,13 @@ class Reason(_message.Message):
         UNKNOWN_FUNCTION: _ClassVar[Reason.Code]
         NOT_DISPATCHED: _ClassVar[Reason.Code]
         SHUTTING_DOWN: _ClassVar[Reason.Code]
+        UNKNOWN_RESOURCE: _ClassVar[Reason.Code]
     UNSPECIFIED: Reason.Code
     UNKNOWN_SESSION: Reason.Code
     UNKNOWN_FUNCTION: Reason.Code
     NOT_DISPATCHED: Reason.Code
     SHUTTING_DOWN: Reason.Code
+    UNKNOWN_RESOURCE: Reason.Code
     CODE_FIELD_NUMBER: _ClassVar[int]
     code: Reason.Code
     def __init__(self, code: _Optional[_Union[Reason.Code, str]] = ...) -> None: ...
