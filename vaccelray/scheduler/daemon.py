@@ -21,6 +21,7 @@ from vaccelray.transport.endpoints import ListenError
 from vaccelray.transport.server import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_INFLIGHT,
     Server,
     Service,
     serve,
@@ -64,6 +65,8 @@ class SchedulerConfig:
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     #: Seconds before a silent connection holding no session is closed (0: never).
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: Calls of one connection in flight at once, more are refused (0: no limit).
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
 
 
 @dataclass
@@ -127,6 +130,7 @@ async def run_scheduler(
                 frame_timeout=config.frame_timeout,
                 idle_timeout=config.idle_timeout,
                 holds_state=router.holds_state,
+                max_inflight_per_connection=config.max_inflight,
             ) as server:
                 for address in server.addresses:
                     log.info("Listening on %s", address)

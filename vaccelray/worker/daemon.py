@@ -14,6 +14,7 @@ from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.server import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_INFLIGHT,
     Server,
     Service,
     serve,
@@ -66,6 +67,8 @@ class WorkerConfig:
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     #: Seconds before a silent connection holding no session is closed (0: never).
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: Calls of one connection in flight at once, more are refused (0: no limit).
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
 
 
 @dataclass
@@ -127,6 +130,7 @@ async def run_worker(
             grace=config.grace, ssl=tls, max_connections=config.max_connections,
             frame_timeout=config.frame_timeout, idle_timeout=config.idle_timeout,
             holds_state=agent.holds_state,
+            max_inflight_per_connection=config.max_inflight,
         ) as server, anyio.create_task_group() as announcer:
             info.server = server
             for address in server.addresses:
