@@ -186,7 +186,7 @@ class _Throttle:
         """Whether to log a line of this kind now (*now*: the loop's clock); else it is counted."""
         if now < self.next:
             if not self.held:
-                self.timer = asyncio.get_running_loop().call_later(self.next - now, self._due)
+                self.timer = asyncio.get_running_loop().call_at(self.next, self._due)
             self.held += 1
             return False
         self.flush()
