@@ -67,6 +67,9 @@ class Held:
             await self.release.wait()
             return payload
 
+        async def refuse(payload: bytes, ctx: CallContext) -> bytes:
+            raise RPCError(StatusCode.FAILED_PRECONDITION, f"no {payload.decode()}")
+
         def later(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
             self._start()
             future = asyncio.get_running_loop().create_future()
@@ -80,6 +83,7 @@ class Held:
             {
                 "Echo": Method(echo, inline=True),
                 "Hold": Method(hold),
+                "Refuse": Method(refuse),
                 "Later": Method(later, future=True),
             },
         )
@@ -224,6 +228,22 @@ async def test_no_inflight_bound_when_zero() -> None:
 def test_default_inflight_bound() -> None:
     server = Server([])
     assert server.max_inflight_per_connection == server_module.DEFAULT_MAX_INFLIGHT == 256
+
+
+async def test_task_calls_still_answer_errors_and_deadlines() -> None:
+    # (A task's call is tracked so that shutdown can answer it: its other answers stay.)
+    async with held_server() as (server, held), RawClient.open(server.addresses[0]) as raw:
+        await raw.stream.send(
+            raw.conn.send_request(SERVICE, "Refuse", b"way")[1]
+            + raw.conn.send_request(SERVICE, "Hold", b"", timeout_nano=50_000_000)[1]
+        )
+        refused, late = await raw.answered(2)
+        assert (refused.code, refused.message) == (StatusCode.FAILED_PRECONDITION, "no way")
+        assert (late.code, late.message) == (
+            StatusCode.DEADLINE_EXCEEDED,
+            "Hold exceeded its deadline",
+        )
+        assert held.started == 1
 
 
 # -- rate-limited logs -------------------------------------------------------------
@@ -371,12 +391,21 @@ class Blocking:
             self._start()
             return await anyio.to_thread.run_sync(self._work, abandon_on_cancel=False)
 
+        async def block_then_crash(payload: bytes, ctx: CallContext) -> bytes:
+            await block(payload, ctx)
+            raise ValueError("too late")
+
         def block_later(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
             self._start()
             return asyncio.get_running_loop().run_in_executor(None, self._work)
 
         return Service(
-            SERVICE, {"Block": Method(block), "BlockLater": Method(block_later, future=True)}
+            SERVICE,
+            {
+                "Block": Method(block),
+                "BlockThenCrash": Method(block_then_crash),
+                "BlockLater": Method(block_later, future=True),
+            },
         )
 
     async def wait_started(self, count: int) -> None:
@@ -430,3 +459,32 @@ async def test_shutdown_answers_calls_stuck_in_threads(
     await eventually(lambda: blocking.returned == calls, "the blocked threads ended")
     assert server.inflight == 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_handler_failing_after_shutdown_answered_it_is_still_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    blocking = Blocking()
+    stop = anyio.Event()
+
+    async def run_server(*, task_status: anyio.abc.TaskStatus[Server]) -> None:
+        async with serve([blocking.service()], ["tcp://127.0.0.1:0"], grace=0.01) as server:
+            task_status.started(server)
+            await stop.wait()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            server = await tg.start(run_server)
+            async with RawClient.open(server.addresses[0]) as raw:
+                await raw.stream.send(raw.request("BlockThenCrash"))
+                await blocking.wait_started(1)
+                stop.set()
+                (answer,) = await raw.answered(1)
+            assert answer.code == StatusCode.UNAVAILABLE
+            blocking.gate.set()
+    finally:
+        blocking.gate.set()
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == f"{SERVICE}/BlockThenCrash failed"
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "too late"

@@ -22,6 +22,11 @@ nothing for ``idle_timeout`` and holds nothing (no call in flight, no state a
 ``holds_state`` predicate claims for it, such as vAccel sessions) is closed.
 When the process runs out of descriptors, asyncio's accept loop pauses
 accepting for a second and retries, while open connections keep being served.
+A connection's calls in flight (not inline ones, answered as they arrive) are
+bounded: the one past the bound is answered RESOURCE_EXHAUSTED at once. What a
+peer can make the server log (refusals, rejected requests, protocol errors) is
+rate-limited. Shutdown answers every call still in flight after the grace
+period UNAVAILABLE, even one whose handler runs on in a thread.
 """
 
 from __future__ import annotations
@@ -573,7 +578,7 @@ class _Connection(asyncio.BufferedProtocol):
             event, anyio.CancelScope(deadline=inf if ctx.deadline is None else ctx.deadline)
         )
         self.tasks.add(call)
-        payload: bytes | None = None
+        payload = b""
         failure: Exception | None = None
         try:
             with call.scope:
@@ -601,7 +606,6 @@ class _Connection(asyncio.BufferedProtocol):
             elif failure is not None:
                 data = self._internal(event, failure)
             else:
-                assert payload is not None
                 data = self.proto.send_response(event.stream_id, payload)
             if self.transport is not None:
                 self.transport.write(data)
