@@ -274,8 +274,11 @@ async def test_rejected_requests_log_one_line_then_a_count(
     async with held_server() as (server, _):
         answers = await flood(server.addresses[0], RawClient.undecodable)
         assert {a.code for a in answers} == {StatusCode.INVALID_ARGUMENT}
-        assert len(records(caplog, "Rejected request on stream 1 from")) == 1
-        assert len(records(caplog, "Rejected request")) == 1
+        assert all(a.message.startswith("undecodable request: ") for a in answers)
+        (line,) = records(caplog, "Rejected request")
+        assert re.match(
+            r"^Rejected request on stream 1 from 127\.0\.0\.1:\d+: undecodable request: ", line
+        ), line
         assert held_back(caplog, "rejected requests") == []
     # The count of what was held back is logged (at the latest) on shutdown.
     assert held_back(caplog, "rejected requests") == [BURST - 1]
@@ -331,7 +334,8 @@ async def test_protocol_errors_log_one_line_then_a_count(
                 with liveness("the broken connection closed"), pytest.raises(anyio.EndOfStream):
                     await raw.stream.receive()
         (line,) = records(caplog, "Closing connection from")
-        assert line.endswith("client used even stream id 2")
+        pattern = r"^Closing connection from 127\.0\.0\.1:\d+: client used even stream id 2$"
+        assert re.match(pattern, line), line
         assert await good.call(SERVICE, "Echo", b"still") == b"still"
     assert held_back(caplog, "connections closed for protocol errors") == [connections - 1]
 
@@ -356,6 +360,43 @@ async def test_lines_held_back_are_counted_when_the_interval_ends(
         second = await flood(server.addresses[0], RawClient.undecodable)
         assert len(second) == BURST
         await eventually(lambda: accounted() == 2 * BURST, "the second burst accounted for")
+
+
+async def test_one_line_held_back_is_counted_when_the_interval_ends(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(server_module, "_LOG_INTERVAL", 0.05)
+    caplog.set_level(logging.INFO, SERVER_LOG)
+    async with held_server() as (server, _), RawClient.open(server.addresses[0]) as raw:
+        await raw.stream.send(raw.undecodable() + raw.undecodable())  # one read: one window
+        await raw.answered(2)
+        await eventually(
+            lambda: held_back(caplog, "rejected requests") == [1], "the one held back counted"
+        )
+        assert len(records(caplog, "Rejected request")) == 1
+
+
+async def test_throttle_windows_on_the_loop_clock(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The clock is injected: each call says what time it is on the loop's clock.
+    monkeypatch.setattr(server_module, "_LOG_INTERVAL", 3600.0)
+    caplog.set_level(logging.INFO, SERVER_LOG)
+    throttle = server_module._Throttle(logging.INFO, "things")
+    loop = asyncio.get_running_loop()
+    past = loop.time() - 3600.0  # a line an interval ago: its window ends now
+    assert throttle(past)
+    assert not throttle(past)
+    await eventually(lambda: held_back(caplog, "things") == [1], "the summary at the window's end")
+    # The summary began a window of its own: the next line is held back too.
+    assert not throttle(loop.time())
+    throttle.flush()
+    assert held_back(caplog, "things") == [1, 1]
+    throttle.flush()  # nothing more to report
+    assert held_back(caplog, "things") == [1, 1]
+    # Once that window is over, a line passes at once.
+    assert throttle(loop.time() + 3600.0)
+    assert [r.levelno for r in caplog.records] == [logging.INFO] * 2
 
 
 # -- shutdown answers every call -------------------------------------------------------
@@ -480,6 +521,9 @@ async def test_a_handler_failing_after_shutdown_answered_it_is_still_logged(
                 await blocking.wait_started(1)
                 stop.set()
                 (answer,) = await raw.answered(1)
+                # Every call answered, the server closes the connection.
+                with liveness("the connection closed"), pytest.raises(anyio.EndOfStream):
+                    await raw.stream.receive()
             assert answer.code == StatusCode.UNAVAILABLE
             blocking.gate.set()
     finally:
@@ -488,3 +532,36 @@ async def test_a_handler_failing_after_shutdown_answered_it_is_still_logged(
     assert record.getMessage() == f"{SERVICE}/BlockThenCrash failed"
     assert record.exc_info is not None
     assert str(record.exc_info[1]) == "too late"
+
+
+async def test_calls_arriving_during_grace_are_refused_while_those_in_flight_finish() -> None:
+    held = Held()
+    stop = anyio.Event()
+    stopped = anyio.Event()
+
+    async def run_server(*, task_status: anyio.abc.TaskStatus[Server]) -> None:
+        try:
+            async with serve([held.service()], ["tcp://127.0.0.1:0"], grace=3600) as server:
+                task_status.started(server)
+                await stop.wait()
+        finally:
+            stopped.set()
+
+    async with anyio.create_task_group() as tg:
+        server = await tg.start(run_server)
+        async with RawClient.open(server.addresses[0]) as raw:
+            await raw.stream.send(raw.request("Hold"))
+            await held.wait_started(1)
+            stop.set()  # shutdown waits for the held call
+            await eventually(lambda: server._draining, "shutdown begun")
+            await raw.stream.send(raw.request("Hold") + raw.request("Later"))
+            refused = await raw.answered(2)
+            assert [(a.code, a.message) for a in refused] == [
+                (StatusCode.UNAVAILABLE, "server is shutting down")
+            ] * 2
+            assert held.started == 1
+            assert not stopped.is_set()
+            held.finish()
+            (done,) = await raw.answered(1)
+            assert (done.code, done.payload) == (StatusCode.OK, b"x")
+    assert stopped.is_set()

@@ -183,7 +183,7 @@ class _Throttle:
         self.level = level
         #: What the summary line counts, in the plural ("rejected requests").
         self.what = what
-        self.next = float("-inf")
+        self.next = -inf
         self.held = 0
         self.timer: asyncio.TimerHandle | None = None
 
