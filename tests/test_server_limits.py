@@ -21,11 +21,16 @@ import anyio.abc
 import pytest
 
 from tests.waiting import eventually, liveness
+from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import ClientConnection, FrameType, ResponseReceived, encode_frame
 from vaccelray.transport import CallContext, Client, Method, Server, Service, connect, serve
 from vaccelray.transport import server as server_module
 from vaccelray.transport.endpoints import parse_endpoint
+from vaccelray.transport.server import DEFAULT_MAX_INFLIGHT
+from vaccelray.worker.backend import Classification, SessionHandle
+from vaccelray.worker.daemon import WorkerConfig, run_worker
+from vaccelray.worker.noop import NOOP_TAG, NoopBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -227,7 +232,7 @@ async def test_no_inflight_bound_when_zero() -> None:
 
 def test_default_inflight_bound() -> None:
     server = Server([])
-    assert server.max_inflight_per_connection == server_module.DEFAULT_MAX_INFLIGHT == 256
+    assert server.max_inflight_per_connection == DEFAULT_MAX_INFLIGHT == 256
 
 
 async def test_task_calls_still_answer_errors_and_deadlines() -> None:
@@ -565,3 +570,76 @@ async def test_calls_arriving_during_grace_are_refused_while_those_in_flight_fin
             (done,) = await raw.answered(1)
             assert (done.code, done.payload) == (StatusCode.OK, b"x")
     assert stopped.is_set()
+
+
+# -- the daemons' option ---------------------------------------------------------------
+
+
+class Gated(NoopBackend):
+    """The noop backend run in a thread, as libvaccel is; classify waits for ``gate``."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def classify(self, handle: SessionHandle, image: bytes, *, top_k: int = 5) -> Classification:
+        self.entered.set()
+        self.gate.wait()
+        return super().classify(handle, image, top_k=top_k)
+
+
+async def test_a_worker_refuses_the_call_past_its_max_inflight() -> None:
+    backend = Gated()
+    config = WorkerConfig(
+        addresses=("tcp://127.0.0.1:0",), pool_size=0, announce=False, max_inflight=1
+    )
+    tags: list[str] = []
+    try:
+        async with (
+            run_worker(config, backend=backend) as worker,
+            connect(worker.addresses[0]) as client,
+        ):
+            agent = AgentClient(client)
+            session = await agent.create_session()
+
+            async def classify() -> None:
+                tags.append(await agent.classify(session, b"image"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(classify)
+                await eventually(backend.entered.is_set, "the first call in the backend")
+                with pytest.raises(RPCError) as info:
+                    await agent.classify(session, b"image")
+                assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+                assert "1 calls already in flight" in info.value.message
+                assert "--max-inflight" in info.value.message
+                backend.gate.set()
+    finally:
+        backend.gate.set()
+    assert tags == [NOOP_TAG]
+
+
+@pytest.mark.parametrize("daemon", ["worker", "scheduler"])
+def test_max_inflight_option(daemon: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from vaccelray import cli
+    from vaccelray.scheduler import daemon as scheduler_daemon
+    from vaccelray.worker import daemon as worker_daemon
+
+    configs: list[object] = []
+    monkeypatch.setattr(cli, "_setup_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli, "keep_heap", lambda: False)
+    monkeypatch.setattr(cli, "_run_daemon", lambda start: start())
+    monkeypatch.setattr(worker_daemon, "run_worker", configs.append)
+    monkeypatch.setattr(scheduler_daemon, "run_scheduler", configs.append)
+    runner = CliRunner()
+    for argv, expected in [([], DEFAULT_MAX_INFLIGHT), (["--max-inflight", "7"], 7)]:
+        args = [daemon, *(["--no-discover"] if daemon == "scheduler" else []), *argv]
+        result = runner.invoke(cli.main, args)
+        assert result.exit_code == 0, result.output
+        assert configs.pop().max_inflight == expected  # type: ignore[attr-defined]
+    help_text = runner.invoke(cli.main, [daemon, "--help"]).output
+    assert "--max-inflight" in help_text
