@@ -578,7 +578,7 @@ class _Connection(asyncio.BufferedProtocol):
             event, anyio.CancelScope(deadline=inf if ctx.deadline is None else ctx.deadline)
         )
         self.tasks.add(call)
-        payload = b""
+        payload: bytes  # set when the handler returns (else failure or cancelled_caught is)
         failure: Exception | None = None
         try:
             with call.scope:
