@@ -21,7 +21,11 @@ from vaccelray._version import __version__
 from vaccelray.allocator import keep_heap
 from vaccelray.errors import ConnectError, RPCError, TransportError, VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
-from vaccelray.transport.server import DEFAULT_FRAME_TIMEOUT, DEFAULT_IDLE_TIMEOUT
+from vaccelray.transport.server import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_INFLIGHT,
+)
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -172,8 +176,16 @@ _F = TypeVar("_F", bound=Callable[..., object])
 
 
 def connection_limit_options(command: _F) -> _F:
-    """--max-connections, --frame-timeout and --idle-timeout, for both daemons."""
+    """--max-connections, --frame-timeout, --idle-timeout and --max-inflight, for both daemons."""
     for option in (
+        click.option(
+            "--max-inflight",
+            type=click.IntRange(0),
+            default=DEFAULT_MAX_INFLIGHT,
+            show_default=True,
+            help="Calls of one connection in flight at once, more are refused "
+            "(RESOURCE_EXHAUSTED); 0: no limit.",
+        ),
         click.option(
             "--idle-timeout",
             type=click.FloatRange(0),
@@ -363,6 +375,7 @@ def worker(
     frame_timeout: float,
     idle_timeout: float,
     agent_limits: AgentLimits,
+    max_inflight: int,
     log_level: str,
 ) -> None:
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
@@ -390,6 +403,7 @@ def worker(
         frame_timeout=frame_timeout,
         idle_timeout=idle_timeout,
         agent_limits=agent_limits,
+        max_inflight=max_inflight,
     )
     if tls_key and not tls_cert:
         _fail("--tls-key needs --tls-cert", EXIT_USAGE)
@@ -740,6 +754,7 @@ def scheduler(
     frame_timeout: float,
     idle_timeout: float,
     session_limits: SessionLimits,
+    max_inflight: int,
     log_level: str,
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
@@ -763,6 +778,7 @@ def scheduler(
         frame_timeout=frame_timeout,
         idle_timeout=idle_timeout,
         limits=session_limits,
+        max_inflight=max_inflight,
     )
 
     _run_daemon(lambda: run_scheduler(config))

@@ -23,6 +23,7 @@ from vaccelray.transport.endpoints import ListenError
 from vaccelray.transport.server import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_INFLIGHT,
     Server,
     Service,
     serve,
@@ -68,6 +69,8 @@ class SchedulerConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     #: Sessions and resources held at most, and the bytes kept to replay resources.
     limits: SessionLimits = field(default_factory=SessionLimits)
+    #: Calls of one connection in flight at once, more are refused (0: no limit).
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
 
 
 @dataclass
@@ -139,6 +142,7 @@ async def run_scheduler(
                 frame_timeout=config.frame_timeout,
                 idle_timeout=config.idle_timeout,
                 holds_state=table.holds_state,
+                max_inflight_per_connection=config.max_inflight,
             ) as server:
                 for address in server.addresses:
                     log.info("Listening on %s", address)

@@ -22,6 +22,11 @@ nothing for ``idle_timeout`` and holds nothing (no call in flight, no state a
 ``holds_state`` predicate claims for it, such as vAccel sessions) is closed.
 When the process runs out of descriptors, asyncio's accept loop pauses
 accepting for a second and retries, while open connections keep being served.
+A connection's calls in flight (not inline ones, answered as they arrive) are
+bounded: the one past the bound is answered RESOURCE_EXHAUSTED at once. What a
+peer can make the server log (refusals, rejected requests, protocol errors) is
+rate-limited. Shutdown answers every call still in flight after the grace
+period UNAVAILABLE, even one whose handler runs on in a thread.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from math import inf
 from ssl import SSLContext
 from typing import Final, cast
 
@@ -65,6 +71,7 @@ if sys.version_info < (3, 11):
 __all__ = [
     "DEFAULT_FRAME_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_INFLIGHT",
     "CallContext",
     "Method",
     "Server",
@@ -142,7 +149,9 @@ DEFAULT_FRAME_TIMEOUT: Final = 30.0
 DEFAULT_IDLE_TIMEOUT: Final = 300.0
 #: Descriptors kept for the daemon's own files: a tenth of the limit, and at least this.
 _FD_RESERVE: Final = 32
-#: Seconds between two log lines about the same kind of dropped connection.
+#: Calls of one connection in flight at once (inline calls do not count).
+DEFAULT_MAX_INFLIGHT: Final = 256
+#: Seconds between two log lines of the same kind (dropped connections, refused calls).
 _LOG_INTERVAL: Final = 10.0
 #: Seconds accepting pauses when the process is out of descriptors (or memory).
 ACCEPT_RETRY_DELAY: Final = 1.0
@@ -164,27 +173,55 @@ def default_max_connections() -> int:
 
 
 class _Throttle:
-    """Lets one log line of a kind through per ``_LOG_INTERVAL``, counting those held back."""
+    """Rate-limits one kind of log line: the first at once, then a summary per interval.
 
-    __slots__ = ("held", "next")
+    A line passes when none of its kind did in the last ``_LOG_INTERVAL``;
+    the others are counted, and when the interval ends a summary line says
+    how many there were (at most one line of a kind per interval, however
+    many events). :meth:`flush` logs the count held back so far (shutdown).
+    """
 
-    def __init__(self) -> None:
-        self.next = float("-inf")
+    __slots__ = ("held", "level", "next", "timer", "what")
+
+    def __init__(self, level: int, what: str) -> None:
+        self.level = level
+        #: What the summary line counts, in the plural ("rejected requests").
+        self.what = what
+        self.next = -inf
         self.held = 0
+        self.timer: asyncio.TimerHandle | None = None
 
-    def __call__(self, now: float) -> str | None:
-        """The suffix of the line to log now, or None to hold it back."""
+    def __call__(self, now: float) -> bool:
+        """Whether to log a line of this kind now (*now*: the loop's clock); else it is counted."""
         if now < self.next:
+            if not self.held:
+                self.timer = asyncio.get_running_loop().call_at(self.next, self._due)
             self.held += 1
-            return None
-        held, self.held, self.next = self.held, 0, now + _LOG_INTERVAL
-        return f" ({held} more since the last report)" if held else ""
+            return False
+        self.flush()
+        self.next = now + _LOG_INTERVAL
+        return True
+
+    def _due(self) -> None:
+        """The interval ended with lines held back: summarize them, and start another."""
+        self.timer = None
+        self.flush()
+        self.next = asyncio.get_running_loop().time() + _LOG_INTERVAL
+
+    def flush(self) -> None:
+        """Log how many lines were held back, if any."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.held:
+            log.log(self.level, "%d more %s since the last report", self.held, self.what)
+            self.held = 0
 
 
 class _FutureCall:
     """A *future* handler's call in flight: why it was cancelled, if it was."""
 
-    __slots__ = ("event", "future", "reason", "timer")
+    __slots__ = ("answered", "event", "future", "reason", "timer")
 
     def __init__(self, event: RequestReceived, future: asyncio.Future[bytes]) -> None:
         self.event = event
@@ -192,11 +229,31 @@ class _FutureCall:
         self.timer: asyncio.TimerHandle | None = None
         #: The status to answer when the future ends cancelled (None: CANCELLED).
         self.reason: tuple[StatusCode, str] | None = None
+        #: Answered already (on shutdown): what the handler returns later is dropped.
+        self.answered = False
 
     def cancel(self, code: StatusCode, message: str) -> None:
         if self.reason is None:
             self.reason = (code, message)
         self.future.cancel()
+
+    def stop(self) -> None:
+        self.future.cancel()
+
+
+class _TaskCall:
+    """An ``async`` handler's call in flight: its task's cancel scope."""
+
+    __slots__ = ("answered", "event", "scope")
+
+    def __init__(self, event: RequestReceived, scope: anyio.CancelScope) -> None:
+        self.event = event
+        self.scope = scope
+        #: Answered already (on shutdown): what the handler returns later is dropped.
+        self.answered = False
+
+    def stop(self) -> None:
+        self.scope.cancel()
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -207,7 +264,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.proto = ServerConnection(server.max_message_size)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.scopes: set[anyio.CancelScope] = set()
+        #: Calls in flight off the loop's turn (inline ones finish within it).
+        self.tasks: set[_TaskCall] = set()
         self.calls: set[_FutureCall] = set()
         # Shared by every connection of the server: an idle connection holds no buffer.
         self.reads = server._reads
@@ -252,17 +310,31 @@ class _Connection(asyncio.BufferedProtocol):
         self.frame_timer = self.idle_timer = None
         if self.server.on_disconnect is not None:
             self.server.on_disconnect(self.id)
-        for scope in self.scopes:
-            scope.cancel()
+        for task in self.tasks:
+            task.stop()
         for call in list(self.calls):
             call.cancel(StatusCode.CANCELLED, "the client disconnected")
 
-    def cancel_calls(self, code: StatusCode, why: str) -> None:
-        """Cancel every call in flight on this connection, answering *code* ("<method> *why*")."""
-        for scope in self.scopes:
-            scope.cancel()
-        for call in list(self.calls):
-            call.cancel(code, f"{call.event.method} {why}")
+    def stop_calls(self) -> None:
+        """Answer every call in flight UNAVAILABLE (shutting down) now, then cancel it.
+
+        The answers leave at once, whether or not the handlers end: one
+        running in a thread (a blocking backend) cannot be interrupted, and
+        what it returns later is dropped.
+        """
+        out: list[bytes] = []
+        calls: list[_TaskCall | _FutureCall] = [*self.tasks, *self.calls]
+        for call in calls:
+            call.answered = True
+            out.append(
+                self.proto.send_response(
+                    call.event.stream_id,
+                    code=StatusCode.UNAVAILABLE,
+                    message=f"{call.event.method} stopped: the server is shutting down",
+                )
+            )
+            call.stop()
+        self._write(out)
 
     def pause_writing(self) -> None:
         # The client is not reading its answers: stop reading its requests.
@@ -298,15 +370,13 @@ class _Connection(asyncio.BufferedProtocol):
         if now < due:
             self.frame_timer = self.loop.call_at(due, self._frame_check)
             return
-        suffix = server._stalls(now)
-        if suffix is not None:
+        if server._stalls(now):
             log.warning(
                 "Closing connection from %s: a frame it began %.1f s ago is still "
-                "incomplete (limit %g s)%s",
+                "incomplete (limit %g s)",
                 self.peer,
                 now - start,
                 server.frame_timeout,
-                suffix,
             )
         self.transport.abort()
 
@@ -331,14 +401,12 @@ class _Connection(asyncio.BufferedProtocol):
         if self.holds_something():
             self.idle_timer = self.loop.call_at(now + server.idle_timeout, self._idle_check)
             return
-        suffix = server._idles(now)
-        if suffix is not None:
+        if server._idles(now):
             log.info(
-                "Closing idle connection %d from %s: silent for %g s, holding nothing%s",
+                "Closing idle connection %d from %s: silent for %g s, holding nothing",
                 self.id,
                 self.peer,
                 server.idle_timeout,
-                suffix,
             )
         self.transport.abort()
 
@@ -351,12 +419,14 @@ class _Connection(asyncio.BufferedProtocol):
         out: list[bytes] = []
         server = self.server
         self.last_active = now = self.loop.time()
+        limit = server.max_inflight_per_connection
         progressed = False
         while True:
             try:
                 event = proto.next_event()
             except RemoteProtocolError as exc:
-                log.warning("Closing connection from %s: %s", self.peer, exc)
+                if server._broken(now):
+                    log.warning("Closing connection from %s: %s", self.peer, exc)
                 self._write(out)
                 if self.transport is not None:
                     self.transport.close()
@@ -365,12 +435,13 @@ class _Connection(asyncio.BufferedProtocol):
                 break
             progressed = True
             if isinstance(event, BadRequest):
-                log.info(
-                    "Rejected request on stream %d from %s: %s",
-                    event.stream_id,
-                    self.peer,
-                    event.message,
-                )
+                if server._rejects(now):
+                    log.info(
+                        "Rejected request on stream %d from %s: %s",
+                        event.stream_id,
+                        self.peer,
+                        event.message,
+                    )
                 out.append(
                     proto.send_response(event.stream_id, code=event.code, message=event.message)
                 )
@@ -378,11 +449,14 @@ class _Connection(asyncio.BufferedProtocol):
             assert isinstance(event, RequestReceived)
             method = server._methods.get((event.service, event.method))
             if method is None:
-                out.append(self._unknown(event))
+                out.append(self._unknown(event, now))
             elif method.inline:
                 out.append(self._run_inline(method, event))
             elif server._draining:
                 out.append(self._shutting_down(event))
+            elif limit and proto.open_streams > limit:
+                # open_streams counts this request too: *limit* others are in flight.
+                out.append(self._too_many(event, limit, now))
             elif method.future:
                 answer = self._start_future(method, event)
                 if answer is not None:
@@ -410,13 +484,31 @@ class _Connection(asyncio.BufferedProtocol):
             event.service, event.method, event.metadata, deadline, self.peer, self.id
         )
 
-    def _unknown(self, event: RequestReceived) -> bytes:
+    def _unknown(self, event: RequestReceived, now: float) -> bytes:
         if event.service in self.server._service_names:
             message = f"method {event.method} not found in service {event.service}"
         else:
             message = f"service {event.service} not found"
+        if self.server._unknowns(now):
+            log.info("Unknown method %s/%s from %s", event.service, event.method, self.peer)
         return self.proto.send_response(
             event.stream_id, code=StatusCode.UNIMPLEMENTED, message=message
+        )
+
+    def _too_many(self, event: RequestReceived, limit: int, now: float) -> bytes:
+        if self.server._busy(now):
+            log.warning(
+                "Refused %s/%s from %s: %d calls in flight on its connection, the limit",
+                event.service,
+                event.method,
+                self.peer,
+                limit,
+            )
+        return self.proto.send_response(
+            event.stream_id,
+            code=StatusCode.RESOURCE_EXHAUSTED,
+            message=f"{event.method} refused: {limit} calls already in flight on this "
+            "connection, the limit (raise it with --max-inflight)",
         )
 
     def _run_inline(self, method: Method, event: RequestReceived) -> bytes:
@@ -461,7 +553,7 @@ class _Connection(asyncio.BufferedProtocol):
         if call.timer is not None:
             call.timer.cancel()
         try:
-            if self.transport is None:
+            if self.transport is None or call.answered:
                 return
             future, stream_id = call.future, call.event.stream_id
             if future.cancelled():
@@ -483,43 +575,46 @@ class _Connection(asyncio.BufferedProtocol):
             self.server._call_done()
 
     async def _run_async(self, method: Method, event: RequestReceived) -> None:
-        server = self.server
         ctx = self._context(event)
-        scope = anyio.CancelScope(
-            deadline=ctx.deadline if ctx.deadline is not None else float("inf")
+        call = _TaskCall(
+            event, anyio.CancelScope(deadline=inf if ctx.deadline is None else ctx.deadline)
         )
-        self.scopes.add(scope)
-        data = None
+        self.tasks.add(call)
+        payload: bytes  # set when the handler returns (else failure or cancelled_caught is)
+        failure: Exception | None = None
         try:
-            with scope:
+            with call.scope:
                 try:
                     result = method.handler(event.payload, ctx)
                     assert not isinstance(result, bytes)
-                    data = self.proto.send_response(event.stream_id, await result)
-                except RPCError as exc:
-                    data = self._error(event.stream_id, exc)
+                    payload = await result
                 except Exception as exc:
-                    data = self._internal(event, exc)
-            if scope.cancelled_caught and self.transport is not None:
-                if ctx.deadline is not None and anyio.current_time() >= ctx.deadline:
+                    failure = exc
+            if call.answered:  # on shutdown, while the handler ran on
+                if failure is not None and not isinstance(failure, RPCError):
+                    log.error("%s/%s failed", event.service, event.method, exc_info=failure)
+                return
+            if call.scope.cancelled_caught:
+                if ctx.deadline is not None and self.loop.time() >= ctx.deadline:
                     code, message = (
                         StatusCode.DEADLINE_EXCEEDED,
                         f"{event.method} exceeded its deadline",
                     )
-                elif server._draining:
-                    code, message = (
-                        StatusCode.UNAVAILABLE,
-                        f"{event.method} stopped: the server is shutting down",
-                    )
                 else:
                     code, message = StatusCode.CANCELLED, f"{event.method} was cancelled"
                 data = self.proto.send_response(event.stream_id, code=code, message=message)
-            if data is not None and self.transport is not None:
+            elif isinstance(failure, RPCError):
+                data = self._error(event.stream_id, failure)
+            elif failure is not None:
+                data = self._internal(event, failure)
+            else:
+                data = self.proto.send_response(event.stream_id, payload)
+            if self.transport is not None:
                 self.transport.write(data)
         finally:
-            self.scopes.discard(scope)
+            self.tasks.discard(call)
             self.last_active = self.loop.time()
-            server._call_done()
+            self.server._call_done()
 
     def _error(self, stream_id: int, exc: RPCError) -> bytes:
         return self.proto.send_response(
@@ -581,14 +676,12 @@ class _Listener:
     def _pause(self, exc: OSError) -> None:
         self.loop.remove_reader(self.fd)
         self.retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-        suffix = self.server._starved(self.loop.time())
-        if suffix is not None:
+        if self.server._starved(self.loop.time()):
             log.error(
                 "Cannot accept connections: %s; trying again every %g s, "
-                "open connections are served meanwhile%s",
+                "open connections are served meanwhile",
                 os.strerror(exc.errno or 0),
                 ACCEPT_RETRY_DELAY,
-                suffix,
             )
 
     def _resume(self) -> None:
@@ -624,6 +717,13 @@ class Server:
     is closed if it holds nothing: no call in flight, no frame part way in, and
     ``holds_state(connection_id)`` is false (a vAccel client's sessions die
     with its connection, so the agent claims the connections that made some).
+
+    *max_inflight_per_connection*: calls of one connection running at once
+    (default 256; inline calls, answered as they arrive, never count). One
+    more is answered RESOURCE_EXHAUSTED at once, while the others go on.
+
+    Refusals, rejected requests and protocol errors are logged at most once
+    per 10 s per kind, then a line counts those not logged.
     """
 
     def __init__(
@@ -636,6 +736,7 @@ class Server:
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         holds_state: Callable[[int], bool] | None = None,
+        max_inflight_per_connection: int = DEFAULT_MAX_INFLIGHT,
     ) -> None:
         self.max_message_size = max_message_size
         #: Called on the loop with a connection's ``CallContext.connection_id`` when it closes.
@@ -648,10 +749,16 @@ class Server:
         #: Asked on the loop whether a connection (by id) holds state that dies with it.
         self.holds_state = holds_state
         self._reads = ReadBuffer()
-        self._refusals = _Throttle()
-        self._stalls = _Throttle()
-        self._idles = _Throttle()
-        self._starved = _Throttle()
+        self.max_inflight_per_connection = max_inflight_per_connection
+        # Log lines a peer can cause at will, each kind rate-limited.
+        self._refusals = _Throttle(logging.WARNING, "connections refused")
+        self._stalls = _Throttle(logging.WARNING, "connections closed for a stalled frame")
+        self._idles = _Throttle(logging.INFO, "idle connections closed")
+        self._starved = _Throttle(logging.ERROR, "failed accepts")
+        self._broken = _Throttle(logging.WARNING, "connections closed for protocol errors")
+        self._rejects = _Throttle(logging.INFO, "rejected requests")
+        self._unknowns = _Throttle(logging.INFO, "calls of unknown methods")
+        self._busy = _Throttle(logging.WARNING, "calls refused for too many in flight")
         #: Accepted connections not yet made (a TLS handshake, say), and their tasks.
         self._starting = 0
         self._start_tasks: set[asyncio.Task[None]] = set()
@@ -706,18 +813,16 @@ class Server:
         return str(bound)
 
     def _refused(self, address: object) -> None:
-        suffix = self._refusals(asyncio.get_running_loop().time())
-        if suffix is not None:
+        if self._refusals(asyncio.get_running_loop().time()):
             peer = (
                 f"{address[0]}:{address[1]}"
                 if isinstance(address, tuple) and len(address) >= 2
                 else "local"
             )
             log.warning(
-                "Refusing connection from %s: %d connections open, the limit%s",
+                "Refusing connection from %s: %d connections open, the limit",
                 peer,
                 len(self._connections) + self._starting,
-                suffix,
             )
 
     def _start_connection(self, sock: socket.socket, ssl: SSLContext | None) -> None:
@@ -756,9 +861,10 @@ class Server:
             task.cancel()
         with anyio.move_on_after(grace):
             await self._wait_idle()
+        # Every call still in flight is answered now, even one whose thread runs on.
         for conn in list(self._connections):
-            conn.cancel_calls(StatusCode.UNAVAILABLE, "stopped: the server is shutting down")
-        # Let cancelled calls send their UNAVAILABLE answers before the connections close.
+            conn.stop_calls()
+        # Let the cancelled handlers end (a thread cannot be stopped: it may run on).
         with anyio.move_on_after(1.0):
             await self._wait_idle()
         for conn in list(self._connections):
@@ -766,6 +872,20 @@ class Server:
                 conn.transport.close()
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
+        for throttle in self._throttles():
+            throttle.flush()
+
+    def _throttles(self) -> tuple[_Throttle, ...]:
+        return (
+            self._refusals,
+            self._stalls,
+            self._idles,
+            self._starved,
+            self._broken,
+            self._rejects,
+            self._unknowns,
+            self._busy,
+        )
 
 
 @asynccontextmanager
@@ -781,13 +901,15 @@ async def serve(
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     holds_state: Callable[[int], bool] | None = None,
+    max_inflight_per_connection: int = DEFAULT_MAX_INFLIGHT,
 ) -> AsyncIterator[Server]:
     """Serve *services* on *endpoints* until the block exits (then shut down gracefully).
 
     With *ssl*, every listener speaks TLS. *on_disconnect* is called with a
     connection's ``CallContext.connection_id`` when that client connection closes.
-    *max_connections*, *frame_timeout*, *idle_timeout* and *holds_state* limit
-    what a client may hold (see :class:`Server`; 0 disables a limit).
+    *max_connections*, *frame_timeout*, *idle_timeout*, *holds_state* and
+    *max_inflight_per_connection* limit what a client may hold (see
+    :class:`Server`; 0 disables a limit).
     """
     server = Server(
         services,
@@ -797,6 +919,7 @@ async def serve(
         frame_timeout=frame_timeout,
         idle_timeout=idle_timeout,
         holds_state=holds_state,
+        max_inflight_per_connection=max_inflight_per_connection,
     )
     try:
         async with anyio.create_task_group() as tg:

@@ -15,6 +15,7 @@ from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.server import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_INFLIGHT,
     Server,
     Service,
     serve,
@@ -73,6 +74,8 @@ class WorkerConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     #: Sessions and resources the vAccel agent holds at most.
     agent_limits: AgentLimits = field(default_factory=AgentLimits)
+    #: Calls of one connection in flight at once, more are refused (0: no limit).
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
 
 
 @dataclass
@@ -155,6 +158,7 @@ async def run_worker(
                 idle_timeout=config.idle_timeout,
                 holds_state=functools.partial(agent.holds_state, scope=_CLIENTS),
                 on_disconnect=functools.partial(agent.connection_closed, scope=_CLIENTS),
+                max_inflight_per_connection=config.max_inflight,
             ) as server,
             anyio.create_task_group() as announcer,
         ):
