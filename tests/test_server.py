@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from tests.waiting import LIVENESS, eventually, liveness
-from vaccelray.errors import ConnectError, RPCError, StatusCode
+from vaccelray.errors import ConnectError, Reason, RPCError, StatusCode
 from vaccelray.protocol import ClientConnection, FrameType, ResponseReceived, encode_frame
 from vaccelray.transport import CallContext, Method, Server, Service, connect, serve
 from vaccelray.transport.endpoints import parse_endpoint
@@ -436,6 +436,7 @@ async def test_shutdown_cancels_future_calls_past_the_grace_period() -> None:
                 await client.call("test.Later", "Later", b"")
             assert info.value.code == StatusCode.UNAVAILABLE
             assert info.value.message == "Later stopped: the server is shutting down"
+            assert info.value.reason is Reason.SHUTTING_DOWN
 
         tg.start_soon(call)
         future = await handlers.next_started()

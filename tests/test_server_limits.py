@@ -22,7 +22,7 @@ import pytest
 
 from tests.waiting import eventually, liveness
 from vaccelray.agent_client import AgentClient
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol import ClientConnection, FrameType, ResponseReceived, encode_frame
 from vaccelray.transport import CallContext, Client, Method, Server, Service, connect, serve
 from vaccelray.transport import server as server_module
@@ -498,6 +498,7 @@ async def test_shutdown_answers_calls_stuck_in_threads(
                 assert isinstance(outcome, RPCError), outcome
                 assert outcome.code == StatusCode.UNAVAILABLE
                 assert outcome.message == f"{method} stopped: the server is shutting down"
+                assert outcome.reason is Reason.SHUTTING_DOWN
             # The threads end; what they return is dropped, not sent or raised.
             blocking.gate.set()
     finally:

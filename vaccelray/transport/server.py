@@ -142,6 +142,8 @@ _NS: Final = 1e-9
 _NOT_DISPATCHED: Final = RPCError(
     StatusCode.UNAVAILABLE, "server is shutting down", reason=Reason.NOT_DISPATCHED
 )
+#: The details of the answer to a call stopped by shutdown (it may have had effects).
+_SHUTTING_DOWN: Final = RPCError(StatusCode.UNAVAILABLE, reason=Reason.SHUTTING_DOWN).details
 
 #: Seconds a frame may take to arrive whole once its first byte has.
 DEFAULT_FRAME_TIMEOUT: Final = 30.0
@@ -331,6 +333,7 @@ class _Connection(asyncio.BufferedProtocol):
                     call.event.stream_id,
                     code=StatusCode.UNAVAILABLE,
                     message=f"{call.event.method} stopped: the server is shutting down",
+                    details=_SHUTTING_DOWN,
                 )
             )
             call.stop()
