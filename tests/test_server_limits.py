@@ -644,3 +644,39 @@ def test_max_inflight_option(daemon: str, monkeypatch: pytest.MonkeyPatch) -> No
         assert configs.pop().max_inflight == expected  # type: ignore[attr-defined]
     help_text = runner.invoke(cli.main, [daemon, "--help"]).output
     assert "--max-inflight" in help_text
+
+
+async def test_a_client_not_reading_large_answers_stops_their_making() -> None:
+    """Small requests asking for large answers: the server stops making them as they back up.
+
+    Pausing only the reading would not do: one read holds thousands of such
+    requests, and answering them all would hold gigabytes.
+    """
+    made = 0
+    answer = bytes(64 << 10)
+
+    def big(payload: bytes, ctx: CallContext) -> bytes:
+        nonlocal made
+        made += 1
+        return answer
+
+    sent = 2000
+    client = ClientConnection(1 << 20)
+    frames = b"".join(client.send_request("test.Big", "Big", b"")[1] for _ in range(sent))
+    service = Service("test.Big", {"Big": Method(big, inline=True)})
+    async with serve([service], ["tcp://127.0.0.1:0"]) as srv:
+        host, port = srv.addresses[0].removeprefix("tcp://").rsplit(":", 1)
+        async with await anyio.connect_tcp(host, int(port)) as stream:
+            await stream.send(frames)  # 2000 requests, about 50 KiB: one or two reads
+            (conn,) = srv._connections
+            await eventually(lambda: conn.paused, "the server pausing the client")
+            # What the socket and the transport's buffer hold, not 2000 answers (125 MiB).
+            assert made < sent // 4
+            answers = 0
+            with liveness("every answer, once read"):
+                while answers < sent:
+                    client.receive_data(await stream.receive())
+                    while isinstance(event := client.next_event(), ResponseReceived):
+                        assert event.code == StatusCode.OK
+                        answers += 1
+    assert made == sent

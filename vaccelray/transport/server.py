@@ -155,6 +155,9 @@ _FD_RESERVE: Final = 32
 DEFAULT_MAX_INFLIGHT: Final = 256
 #: Seconds between two log lines of the same kind (dropped connections, refused calls).
 _LOG_INTERVAL: Final = 10.0
+#: Bytes of answers to the requests of one read written before the next is handled: a
+#: client that does not read its answers stops the handling (not only the reading) at once.
+_WRITE_AT: Final = 64 << 10
 #: Seconds accepting pauses when the process is out of descriptors (or memory).
 ACCEPT_RETRY_DELAY: Final = 1.0
 #: Connections accepted per wake-up of a listener (as asyncio's accept loop).
@@ -283,6 +286,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         #: Reading paused because the client does not read its answers.
         self.paused = False
+        #: Answers held back until the end of the loop turn (see _answer).
+        self.held: list[bytes] | None = None
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -352,6 +357,7 @@ class _Connection(asyncio.BufferedProtocol):
             if self.frame_start is not None:
                 # The frame could not progress while we did not read: its clock restarts.
                 self._frame_begun(self.loop.time())
+            self._handle_requests()  # those received before the pause
 
     # -- hostile clients ----------------------------------------------------
 
@@ -417,14 +423,26 @@ class _Connection(asyncio.BufferedProtocol):
         return self.reads.view
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.proto.receive_data(self.reads.take(nbytes))
+        self._handle_requests()
+
+    def _handle_requests(self) -> None:
+        """Answer the requests received, until the client stops reading the answers.
+
+        Small requests can ask for large answers (a Genop declaring its output
+        size): the answers are written as they add up, and once the transport
+        says the client's answers back up, the rest waits in the decoder until
+        ``resume_writing``, so one read never makes more than a few answers.
+        """
         proto = self.proto
-        proto.receive_data(self.reads.take(nbytes))
         out: list[bytes] = []
+        pending = 0
         server = self.server
         self.last_active = now = self.loop.time()
         limit = server.max_inflight_per_connection
         progressed = False
-        while True:
+        while not self.paused:
+            answered = len(out)
             try:
                 event = proto.next_event()
             except RemoteProtocolError as exc:
@@ -469,6 +487,11 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 server._inflight += 1
                 server._task_group.start_soon(self._run_async, method, event)
+            if len(out) > answered:
+                pending += len(out[-1])
+                if pending >= _WRITE_AT:  # may pause writing, which ends the loop
+                    self._write(out)
+                    out, pending = [], 0
         self._write(out)
         if self.decoder.in_frame:
             if progressed or self.frame_start is None:
@@ -573,7 +596,7 @@ class _Connection(asyncio.BufferedProtocol):
                     data = self._error(stream_id, exc)
                 else:
                     data = self._internal(call.event, exc)
-            self.transport.write(data)
+            self._answer(data)
         finally:
             self.server._call_done()
 
@@ -612,8 +635,7 @@ class _Connection(asyncio.BufferedProtocol):
                 data = self._internal(event, failure)
             else:
                 data = self.proto.send_response(event.stream_id, payload)
-            if self.transport is not None:
-                self.transport.write(data)
+            self._answer(data)
         finally:
             self.tasks.discard(call)
             self.last_active = self.loop.time()
@@ -633,6 +655,24 @@ class _Connection(asyncio.BufferedProtocol):
     def _write(self, out: list[bytes]) -> None:
         if out and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _answer(self, data: bytes) -> None:
+        """Write an answer that ends off the read path, with the others of this loop turn.
+
+        Answers that finish together (a scheduler reading a worker's batch of
+        them, say) leave in one write instead of one each.
+        """
+        if self.held is None:
+            self.held = [data]
+            self.loop.call_soon(self.flush)
+        else:
+            self.held.append(data)
+
+    def flush(self) -> None:
+        """Write the answers held back for the end of the loop turn."""
+        held, self.held = self.held, None
+        if held:
+            self._write(held)
 
 
 class _Listener:
@@ -872,6 +912,7 @@ class Server:
             await self._wait_idle()
         for conn in list(self._connections):
             if conn.transport is not None:
+                conn.flush()  # answers of this loop turn, before the close
                 conn.transport.close()
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
