@@ -236,3 +236,32 @@ async def test_updated_flags_reach_the_worker_and_a_session_made_again() -> None
         with pytest.raises(RPCError) as caught:
             await agent.call(UPDATE_SESSION, pb.UpdateSessionRequest(session_id=session + 1))
         assert caught.value.reason is Reason.UNKNOWN_SESSION
+
+
+async def test_a_forwarded_call_takes_no_task() -> None:
+    """The calls of a live binding go straight onto the worker's connection."""
+    async with cluster() as (worker, _, client, session):
+        request = pb.GenopRequest(session_id=session).SerializeToString()
+        Call(client, request)  # one first: the connection to the worker is open after it
+        _, _, future = await worker.next_genop()
+        future.set_result(b"")
+        before = len(asyncio.all_tasks())
+        calls = [Call(client, request) for _ in range(5)]
+        await eventually(lambda: len(worker.genops) == 6, "five more Genops at the worker")
+        # One task per call would be five (one left over from elsewhere is let pass).
+        assert len(asyncio.all_tasks()) - before <= 1
+        for _, _, future in worker.genops[-5:]:
+            future.set_result(b"")
+        assert [await c.outcome() for c in calls] == [b""] * 5
+
+
+async def test_a_client_that_leaves_abandons_a_call_on_the_slow_path_too() -> None:
+    async with cluster() as (worker, sched, _, session):
+        (record,) = sched.pool.registry
+        sched.pool.drop_client(record.address)  # no connection: the call takes the slow path
+        request = pb.GenopRequest(session_id=session).SerializeToString()
+        async with connect(sched.addresses[0]) as other:
+            Call(other, request)
+            await worker.next_genop()
+            assert load(sched) == 1
+        await eventually(lambda: load(sched) == 0, "the abandoned call no longer counted")

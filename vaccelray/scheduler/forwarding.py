@@ -233,7 +233,7 @@ class _Forward:
 
     def _slow_done(self, task: asyncio.Task[bytes]) -> None:
         future = self.future
-        if future.done() or task.cancelled():
+        if future.done():  # the task is cancelled only once the future is
             return
         exc = task.exception()
         if exc is None:
