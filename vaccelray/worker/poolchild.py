@@ -7,7 +7,8 @@ transport, protobuf and backend stay out of it), then loops: read a
 big-endian length and a MessagePack body.
 
 Functions arrive pickled once per process (``Run.function`` is set the first
-time this process sees a digest) and are kept unpickled by digest. Whatever
+time this process sees a digest) and are kept unpickled by digest, until the
+worker says to forget them (``Run.forget``: it keeps a bounded number). Whatever
 the function does, the worker daemon only ever sees a ``Done`` or this
 process dying (segfault, ``os._exit``), which fails that one task.
 """
@@ -44,7 +45,6 @@ _HEADER: Final = struct.Struct(">I")
 _PLAIN: Final = (type(None), bool, int, float, str, bytes)
 
 
-
 class Run(msgspec.Struct, array_like=True, frozen=True):
     seq: int
     digest: str
@@ -53,6 +53,8 @@ class Run(msgspec.Struct, array_like=True, frozen=True):
     function: bytes | None
     args: bytes
     session_id: int = 0
+    #: Digests to drop: the worker sends them again if they are needed again.
+    forget: tuple[str, ...] = ()
 
 
 Scalar = str | int | float | bool | None
@@ -123,6 +125,8 @@ class _Runner:
         self.functions: dict[str, Callable[..., Any]] = {}
 
     def run(self, task: Run) -> Done:
+        for digest in task.forget:
+            self.functions.pop(digest, None)
         fn = self.functions.get(task.digest)
         if fn is None:
             if task.function is None:
