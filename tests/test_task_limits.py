@@ -362,3 +362,15 @@ async def test_a_worker_applies_its_task_limits() -> None:
         assert (service.max_queued, service.max_queued_per_connection) == (5, 2)
         assert service.task_timeout == 9.0
         assert service.pool._max_frame == 2048 + FRAME_MARGIN
+
+
+# -- the function cache ---------------------------------------------------------------
+
+
+async def test_the_worker_keeps_one_copy_of_a_registered_function() -> None:
+    async with worker() as w:
+        client = await w.connect()
+        assert await w.result(client, getpid) > 0
+        (entry,) = w.service.functions._entries.values()
+        assert entry.payload == b""  # only the decoded request is held...
+        assert w.service.functions.held == len(entry.request.pickled)  # ...and counted

@@ -87,7 +87,7 @@ class TaskService:
         self.pool = pool
         self.agent = agent
         self.check = check
-        self.functions = FunctionCache(cache_bytes)
+        self.functions = FunctionCache(cache_bytes, keep_payload=False)
         self.max_queued = max_queued
         self.max_queued_per_connection = max_queued_per_connection
         self.task_timeout = task_timeout
