@@ -29,7 +29,14 @@ from vaccelray.worker.pool import (
     _Child,
     _exit_status,
 )
-from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, Done, encode_frame
+from vaccelray.worker.poolchild import (
+    OK,
+    RAISED,
+    SERIALIZATION,
+    TOO_LARGE,
+    Done,
+    encode_frame,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -621,3 +628,42 @@ async def test_a_task_past_its_timeout_has_its_process_killed(
         assert logged == [
             f"Task wait_for ran past its timeout of 0.2 s; killing pool process {child.pid}"
         ]
+
+
+def exactly(n: int) -> bytes:
+    """Bytes that pickle to exactly *n* bytes."""
+    import pickle
+
+    data = b"x" * n
+    return b"x" * (n - (len(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)) - n))
+
+
+def raises_big(n: int) -> None:
+    raise ValueError("x" * n)
+
+
+async def test_a_result_larger_than_a_message_is_refused_by_its_process() -> None:
+    async with Pool(1, max_message_size=1024) as pool:
+        (pid,) = pool.pids
+        assert len(await value(pool, exactly, 1024)) < 1024  # the largest that fits
+        digest, fn = _fn(exactly)
+        done = await pool.run(digest, "exactly", fn, _args(1025))
+        assert done == Done(
+            done.seq,
+            TOO_LARGE,
+            message="the result of exactly is 1025 bytes, more than the 1024 a reply may "
+            "carry (worker option --max-message-size)",
+        )
+        # A failure's details too large to send are left out; the process lives on.
+        digest, fn = _fn(raises_big)
+        done = await pool.run(digest, "raises_big", fn, _args(FRAME_MARGIN))
+        assert (done.status, done.result, done.error) == (RAISED, b"", None)
+        assert done.message.startswith("raises_big raised (its details, ")
+        assert done.message.endswith(" bytes, are too large to send)")
+        details = int(done.message.split()[4])
+        assert details > 1024 + FRAME_MARGIN
+        done = await pool.run(digest, "raises_big", fn, _args(100))
+        assert done.status == RAISED
+        assert done.error is not None
+        assert done.error.message == "x" * 100
+        assert pool.pids == [pid]

@@ -105,7 +105,9 @@ async def worker(
     backend.start()
     try:
         async with Pool(size, max_message_size=max_message_size) as pool:
-            service = TaskService(pool, Agent(backend), TokenCheck(), **options)
+            service = TaskService(
+                pool, Agent(backend), TokenCheck(), max_message_size=max_message_size, **options
+            )
             async with serve([service.service()], [], grace=1.0) as server:
                 w = Worker(service, pool, server)
                 try:
@@ -374,3 +376,35 @@ async def test_the_worker_keeps_one_copy_of_a_registered_function() -> None:
         (entry,) = w.service.functions._entries.values()
         assert entry.payload == b""  # only the decoded request is held...
         assert w.service.functions.held == len(entry.request.pickled)  # ...and counted
+
+
+# -- no reply larger than the max message size ----------------------------------------
+
+
+def sized(n: int) -> bytes:
+    return b"x" * n
+
+
+async def test_a_result_too_large_to_send_is_resource_exhausted() -> None:
+    async with worker(max_message_size=1024) as w:
+        client = await w.connect()
+        assert await w.result(client, sized, 900) == b"x" * 900
+        # Pickled, it fits in the message size; answered, it would not.
+        with pytest.raises(RPCError) as info:
+            await w.submit(client, sized, 1000)
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.message.startswith("Submit response of ")
+        assert info.value.message.endswith(" bytes exceeds the limit of 1024 bytes")
+        # Already too large pickled: the pool process says so (and lives on).
+        process = w.only_process()
+        with pytest.raises(RPCError) as info:
+            await w.submit(client, sized, 5000)
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+        size = len(cloudpickle.dumps(b"x" * 5000))
+        assert info.value.message == (
+            f"the result of sized is {size} bytes, more than the 1024 a reply may carry "
+            "(worker option --max-message-size)"
+        )
+        assert w.only_process() is process
+        assert w.pool.lost == 0
+        assert w.service.running == {}

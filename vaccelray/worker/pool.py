@@ -51,22 +51,22 @@ import msgspec
 from vaccelray.errors import VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.endpoints import tune_socket
-from vaccelray.worker.poolchild import Done, Run, encode_frame
+from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
 
-__all__ = ["DEFAULT_MAX_FUNCTIONS", "Pool", "PoolProcessLost", "TaskTimedOut"]
+__all__ = ["DEFAULT_MAX_FUNCTIONS", "FRAME_MARGIN", "Pool", "PoolProcessLost", "TaskTimedOut"]
 
 log = logging.getLogger("vaccelray.pool")
 
 _HEADER: Final = struct.Struct(">I")
 #: The reused receive buffer of a pool process's socket; larger frames get their own.
 _READ_SIZE: Final = 256 << 10
-_BOOT: Final = "import sys; from vaccelray.worker.poolchild import main; main(int(sys.argv[1]))"
+_BOOT: Final = (
+    "import sys; from vaccelray.worker.poolchild import main; "
+    "main(int(sys.argv[1]), int(sys.argv[2]))"
+)
 #: A process that dies sooner than this after its start, having run nothing, counts
 #: as failing to start: replacements then back off (0.05 s doubling, up to 5 s).
 _QUICK_DEATH: Final = 1.0
-#: Room in a frame from a pool process beyond the max message size: the rest of
-#: its ``Done`` (the message, the traceback of an exception).
-FRAME_MARGIN: Final = 1 << 20
 #: Functions each pool process keeps unpickled.
 DEFAULT_MAX_FUNCTIONS: Final = 64
 
@@ -287,6 +287,7 @@ class Pool:
             raise ValueError(f"a pool process keeps at least one function, not {max_functions}")
         self.size = size
         self.max_functions = max_functions
+        self.max_message_size = max_message_size
         self._max_frame = max_message_size + FRAME_MARGIN
         self._env = dict(env or {})
         self._children: set[_Child] = set()
@@ -350,7 +351,7 @@ class Pool:
         try:
             # Popen with pass_fds uses vfork/posix_spawn: fast enough to call on the loop.
             process = subprocess.Popen(  # noqa: ASYNC220
-                [sys.executable, "-c", _BOOT, str(child.fileno())],
+                [sys.executable, "-c", _BOOT, str(child.fileno()), str(self.max_message_size)],
                 pass_fds=(child.fileno(),),
                 env=self._spawn_env,
                 stdin=subprocess.DEVNULL,

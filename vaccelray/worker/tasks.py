@@ -40,10 +40,11 @@ from vaccelray.functions import FunctionCache
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.agent import SERVICE_NAMES
+from vaccelray.protocol.limits import check_response_size
 from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
-from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, Done
+from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, TOO_LARGE, Done
 
 __all__ = [
     "DEFAULT_MAX_QUEUED",
@@ -82,8 +83,9 @@ class TaskService:
         max_queued: int = DEFAULT_MAX_QUEUED,
         max_queued_per_connection: int = DEFAULT_MAX_QUEUED_PER_CONNECTION,
         task_timeout: float = DEFAULT_TASK_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        """Bounds and the timeout are off when 0."""
+        """Bounds and the timeout are off when 0; no reply is larger than *max_message_size*."""
         self.pool = pool
         self.agent = agent
         self.check = check
@@ -91,6 +93,7 @@ class TaskService:
         self.max_queued = max_queued
         self.max_queued_per_connection = max_queued_per_connection
         self.task_timeout = task_timeout
+        self.max_message_size = max_message_size
         #: The reply and function name of each task queued or running, by task id.
         self.running: dict[str, tuple[asyncio.Future[bytes], str]] = {}
 
@@ -133,8 +136,12 @@ class TaskService:
                     return
                 if isinstance(outcome, PoolProcessLost):
                     data = _crashed(outcome)
+                elif outcome.status == TOO_LARGE:
+                    raise RPCError(StatusCode.RESOURCE_EXHAUSTED, outcome.message)
                 else:
-                    data = _reply(outcome)
+                    data = check_response_size(
+                        wire.METHOD_SUBMIT, _reply(outcome), self.max_message_size
+                    )
             except Exception as exc:
                 reply.set_exception(exc)
             else:
@@ -289,5 +296,6 @@ async def run_task_service(
                 max_queued=max_queued,
                 max_queued_per_connection=max_queued_per_connection,
                 task_timeout=task_timeout,
+                max_message_size=limit,
             )
             yield TaskRuntime([*services, tasks.service()], tasks)
