@@ -528,6 +528,12 @@ async def test_a_process_keeps_the_functions_used_last(tmp_path: Path) -> None:
         assert (done.status, cloudpickle.loads(done.result)) == (OK, 2)
     with pytest.raises(ValueError, match=r"^a pool process keeps at least one function, not 0$"):
         Pool(1, max_functions=0)
+    async with Pool(1, max_functions=1) as pool:
+        for (digest, fn), expected in ((one, 1), (two, 2), (one, 1)):
+            done = await pool.run(digest, "f", fn, b"")
+            assert (done.status, cloudpickle.loads(done.result)) == (OK, expected)
+        done = await pool.run(held[0], "held_functions", held[1], b"")
+        assert cloudpickle.loads(done.result) == [held[0]]
 
 
 # -- sharing the pool -------------------------------------------------------------

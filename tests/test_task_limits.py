@@ -363,6 +363,7 @@ async def test_a_worker_applies_its_task_limits() -> None:
         assert service is not None
         assert (service.max_queued, service.max_queued_per_connection) == (5, 2)
         assert service.task_timeout == 9.0
+        assert service.max_message_size == 2048
         assert service.pool._max_frame == 2048 + FRAME_MARGIN
 
 

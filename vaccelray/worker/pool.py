@@ -228,7 +228,6 @@ class _Child(asyncio.BufferedProtocol):
         limit = self.pool._max_frame
         self.fault = f"declared a {size}-byte answer (more than {limit} bytes) and was killed"
         log.error("Pool process %d %s", self.pid, self.fault)
-        self._start = self._end = 0
         self.kill()
 
     def _received(self, body: memoryview) -> None:
@@ -405,7 +404,6 @@ class Pool:
         args: bytes,
         *,
         session_id: int = 0,
-        owner: Hashable = None,
         timeout: float | None = None,
     ) -> Done:
         """Run one task and return its :class:`Done`; raises :class:`PoolProcessLost`.
@@ -429,7 +427,6 @@ class Pool:
             args,
             session_id=session_id,
             on_done=settle,
-            owner=owner,
             timeout=timeout,
         )
         try:
