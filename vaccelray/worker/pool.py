@@ -91,11 +91,15 @@ class _Owner:
         self.served = 0
 
 
-class _Known(collections.OrderedDict[str, None]):
-    """The digests a pool process has unpickled, least recently used first."""
+class _Known(collections.OrderedDict[str, int]):
+    """The digests a pool process has unpickled, least recently used first.
+
+    Each maps to the last task (its ``seq``) sent to use it.
+    """
 
     def discard(self, digest: str) -> None:
-        self.pop(digest, None)
+        """Forget *digest*, which was sent with the task it just answered: it is here."""
+        del self[digest]
 
 
 class _Job:
@@ -241,7 +245,7 @@ class _Child(asyncio.BufferedProtocol):
         assert self.transport is not None
         known = self.known
         first = job.digest not in known
-        known[job.digest] = None
+        known[job.digest] = job.seq
         known.move_to_end(job.digest)
         forget = []
         while len(known) > self.pool.max_functions:
@@ -482,7 +486,6 @@ class Pool:
             job.timer.cancel()
         state = self._owners[job.owner]
         if job.queued:
-            job.queued = False
             state.queue.remove(job)
             self._queued -= 1
         else:
