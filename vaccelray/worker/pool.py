@@ -91,11 +91,8 @@ class _Owner:
         self.served = 0
 
 
-class _Known(collections.OrderedDict[str, int]):
-    """The digests a pool process has unpickled, least recently used first.
-
-    Each maps to the last task (its ``seq``) sent to use it.
-    """
+class _Known(collections.OrderedDict[str, None]):
+    """The digests a pool process has unpickled, least recently used first."""
 
     def discard(self, digest: str) -> None:
         """Forget *digest*, which was sent with the task it just answered: it is here."""
@@ -245,11 +242,13 @@ class _Child(asyncio.BufferedProtocol):
         assert self.transport is not None
         known = self.known
         first = job.digest not in known
-        known[job.digest] = job.seq
+        known.setdefault(job.digest)
         known.move_to_end(job.digest)
         forget = []
         while len(known) > self.pool.max_functions:
-            forget.append(known.popitem(last=False)[0])
+            oldest = next(iter(known))
+            del known[oldest]
+            forget.append(oldest)
         run = Run(
             job.seq,
             job.digest,
