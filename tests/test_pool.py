@@ -673,3 +673,24 @@ async def test_a_result_larger_than_a_message_is_refused_by_its_process() -> Non
         assert done.error is not None
         assert done.error.message == "x" * 100
         assert pool.pids == [pid]
+
+
+async def test_processes_import_the_workers_vaccelray_not_one_in_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "vaccelray"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('another vaccelray')\n")
+    (tmp_path / "beside.py").write_text("WHERE = 'cwd'\n")
+    monkeypatch.chdir(tmp_path)
+
+    def where() -> str:
+        import beside  # type: ignore[import-not-found]
+
+        return str(beside.WHERE)
+
+    async with Pool(1) as pool:
+        with anyio.fail_after(PATIENCE):
+            # The cwd is still searched, after the worker's own path.
+            assert await value(pool, where) == "cwd"
+        assert pool.lost == 0

@@ -60,9 +60,14 @@ log = logging.getLogger("vaccelray.pool")
 _HEADER: Final = struct.Struct(">I")
 #: The reused receive buffer of a pool process's socket; larger frames get their own.
 _READ_SIZE: Final = 256 << 10
+#: The cwd that ``-c`` puts first on sys.path goes last: the process imports the
+#: vaccelray the worker runs (a checkout in the cwd could be another version).
 _BOOT: Final = (
-    "import sys; from vaccelray.worker.poolchild import main; "
-    "main(int(sys.argv[1]), int(sys.argv[2]))"
+    "import sys\n"
+    "if sys.path[:1] == ['']:\n"
+    "    sys.path.append(sys.path.pop(0))\n"
+    "from vaccelray.worker.poolchild import main\n"
+    "main(int(sys.argv[1]), int(sys.argv[2]))\n"
 )
 #: A process that dies sooner than this after its start, having run nothing, counts
 #: as failing to start: replacements then back off (0.05 s doubling, up to 5 s).
