@@ -694,3 +694,24 @@ async def test_processes_import_the_workers_vaccelray_not_one_in_the_cwd(
             # The cwd is still searched, after the worker's own path.
             assert await value(pool, where) == "cwd"
         assert pool.lost == 0
+
+
+async def test_a_process_that_answered_resets_the_back_off(
+    monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
+) -> None:
+    monkeypatch.setattr(pool_module, "_QUICK_DEATH", 1e9)  # every idle death is "soon"
+
+    async def kill_the_idle_one(pool: Pool) -> None:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: len(pool.pids) == 1 and pool.pids != [pid], "a replacement")
+
+    async with Pool(1) as pool:
+        await kill_the_idle_one(pool)  # never given a task: it failed to start
+        await kill_the_idle_one(pool)  # twice: a longer back-off
+        assert backoffs(sleeps) == [0.05, 0.1]
+        assert await value(pool, lambda: "ok") == "ok"
+        await kill_the_idle_one(pool)  # it ran a task: it had started, no back-off
+        assert backoffs(sleeps) == [0.05, 0.1]
+        await kill_the_idle_one(pool)  # a fresh failure starts the back-off again
+        assert backoffs(sleeps) == [0.05, 0.1, 0.05]

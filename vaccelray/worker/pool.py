@@ -175,7 +175,6 @@ class _Child(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.job: _Job | None = None
         self.known = _Known()
-        self.ran = 0
         #: Why the pool killed it, when that is not its exit status.
         self.fault: str | None = None
         self._buffer = bytearray(_READ_SIZE)
@@ -542,7 +541,6 @@ class Pool:
         if job.aborted:  # answered as it was being killed: it is not idle, its death is no news
             return
         child.job = None
-        child.ran += 1
         self._failures = 0
         if done.status and job.function and done.message.startswith("cannot load function"):
             child.known.discard(job.digest)
@@ -579,7 +577,8 @@ class Pool:
                 log.warning("Pool process %d %s while running %s", child.pid, status, job.name)
         elif not self._closing:
             log.warning("Pool process %d %s", child.pid, status)
-        quick = child.ran == 0 and time.monotonic() - child.started < _QUICK_DEATH and job is None
+        # Never given a task (nothing known), died idle soon after its start.
+        quick = not child.known and time.monotonic() - child.started < _QUICK_DEATH and job is None
         if quick:
             self._failures += 1
             await asyncio.sleep(min(0.05 * 2 ** (self._failures - 1), 5.0))
