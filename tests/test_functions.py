@@ -37,7 +37,7 @@ def test_get_returns_what_was_added_and_unknown_is_not_found() -> None:
 def test_least_recently_used_goes_first_past_the_byte_limit() -> None:
     a, b, c = (registration(n, 100) for n in "abc")
     dropped: list[str] = []
-    cache = FunctionCache(2 * len(a), on_drop=dropped.append)
+    cache = FunctionCache(2 * (len(a) + 100), on_drop=dropped.append)
     cache.add(a)
     cache.add(b)
     cache.get(digest_of(a))  # a is now the most recently used
@@ -63,3 +63,28 @@ def test_bad_registrations_are_invalid_argument() -> None:
         assert info.value.code == StatusCode.INVALID_ARGUMENT
         assert message in info.value.message
     assert len(cache) == 0
+
+
+def test_the_budget_counts_every_copy_held() -> None:
+    a, b = registration("a", 1000), registration("b", 1000)
+    held = len(a) + 1000  # the payload, and the function decoded from it
+    dropped: list[str] = []
+    cache = FunctionCache(2 * held - 1, on_drop=dropped.append)
+    cache.add(a)
+    assert cache.held == held
+    cache.add(b)
+    assert dropped == [digest_of(a)]  # both would be one byte over
+    assert cache.held == held
+    cache.add(b)  # again: nothing more is held
+    assert cache.held == held
+    assert len(cache) == 1
+
+
+def test_a_cache_that_keeps_no_payload_counts_the_function_only() -> None:
+    a, b = registration("a", 1000), registration("b", 1000)
+    cache = FunctionCache(2000, keep_payload=False)
+    request = cache.add(a)
+    cache.add(b)
+    assert cache.get(request.digest) == (request, b"")
+    assert cache.held == 2000
+    assert len(cache) == 2

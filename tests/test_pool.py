@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -20,8 +21,22 @@ import msgspec
 import pytest
 
 from vaccelray.worker import pool as pool_module
-from vaccelray.worker.pool import Pool, PoolProcessLost, _Child, _exit_status
-from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, Done, encode_frame
+from vaccelray.worker.pool import (
+    FRAME_MARGIN,
+    Pool,
+    PoolProcessLost,
+    TaskTimedOut,
+    _Child,
+    _exit_status,
+)
+from vaccelray.worker.poolchild import (
+    OK,
+    RAISED,
+    SERIALIZATION,
+    TOO_LARGE,
+    Done,
+    encode_frame,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -378,6 +393,7 @@ class _Frames:
     """Stands in for the pool: what a :class:`_Child` reads is recorded here."""
 
     _decoder = msgspec.msgpack.Decoder(Done)
+    _max_frame = 11 << 20
 
     def __init__(self) -> None:
         self.got: list[Done] = []
@@ -460,3 +476,266 @@ async def test_pool_processes_do_not_share_the_daemons_stdin() -> None:
         os.dup2(saved, 0)
         for fd in (saved, read_end, write_end):
             os.close(fd)
+
+
+# -- what a pool process may send, and keep -----------------------------------
+
+
+def declare(size: int) -> None:
+    """Write a frame header declaring *size* bytes, then nothing."""
+    os.write(int(sys.argv[1]), struct.pack(">I", size))
+    time.sleep(600)
+
+
+def forge_exactly(size: int) -> None:
+    """Answer another task with a frame of exactly *size* bytes of body."""
+    encoder = msgspec.msgpack.Encoder()
+    overhead = len(encoder.encode(Done(10**6, OK, b"x" * size))) - size
+    frame = encode_frame(encoder, Done(10**6, OK, b"x" * (size - overhead)))
+    assert len(frame) == 4 + size
+    os.write(int(sys.argv[1]), frame)
+    time.sleep(600)
+
+
+async def test_a_frame_larger_than_allowed_is_never_read(caplog: pytest.LogCaptureFixture) -> None:
+    limit = 1024 + FRAME_MARGIN
+    digest, fn = _fn(declare)
+    async with Pool(1, max_message_size=1024) as pool:
+        (pid,) = pool.pids
+        with anyio.fail_after(PATIENCE), pytest.raises(PoolProcessLost) as info:
+            await pool.run(digest, "declare", fn, _args(limit + 1))
+        what = f"declared a {limit + 1}-byte answer (more than {limit} bytes) and was killed"
+        assert str(info.value) == f"the pool process running declare {what}"
+        assert f"Pool process {pid} {what}" in [r.getMessage() for r in caplog.records]
+        assert await value(pool, lambda: "ok") == "ok"
+        assert pool.lost == 1
+
+
+async def test_a_frame_of_the_largest_allowed_size_is_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    digest, fn = _fn(forge_exactly)
+    async with Pool(1, max_message_size=1024) as pool:
+        (pid,) = pool.pids
+        with anyio.fail_after(PATIENCE), pytest.raises(PoolProcessLost) as info:
+            await pool.run(digest, "forge_exactly", fn, _args(1024 + FRAME_MARGIN))
+        # It was read whole (and found to answer another task), not refused unread.
+        assert (
+            str(info.value) == "the pool process running forge_exactly was killed by signal SIGKILL"
+        )
+        logged = [r.getMessage() for r in caplog.records]
+        assert f"Pool process {pid} answered a task it was not given; killing it" in logged
+
+
+def held_functions() -> list[str]:
+    """The digests this pool process keeps unpickled."""
+    import gc
+
+    from vaccelray.worker.poolchild import _Runner
+
+    (runner,) = [o for o in gc.get_objects() if isinstance(o, _Runner)]
+    return sorted(runner.functions)
+
+
+async def test_a_process_keeps_the_functions_used_last(tmp_path: Path) -> None:
+    one, two, three = (_fn(f) for f in (lambda: 1, lambda: 2, lambda: 3))
+    held = _fn(held_functions)
+    async with Pool(1, max_functions=3) as pool:
+        for (digest, fn), expected in ((one, 1), (two, 2), (one, 1), (three, 3)):
+            done = await pool.run(digest, "f", fn, b"")
+            assert cloudpickle.loads(done.result) == expected
+        # one, three and held_functions are kept: two was used least recently.
+        done = await pool.run(held[0], "held_functions", held[1], b"")
+        assert cloudpickle.loads(done.result) == sorted([one[0], three[0], held[0]])
+        # two is sent again when needed again.
+        done = await pool.run(two[0], "f", two[1], b"")
+        assert (done.status, cloudpickle.loads(done.result)) == (OK, 2)
+    with pytest.raises(ValueError, match=r"^a pool process keeps at least one function, not 0$"):
+        Pool(1, max_functions=0)
+    async with Pool(1, max_functions=1) as pool:
+        for (digest, fn), expected in ((one, 1), (two, 2), (one, 1)):
+            done = await pool.run(digest, "f", fn, b"")
+            assert (done.status, cloudpickle.loads(done.result)) == (OK, expected)
+        done = await pool.run(held[0], "held_functions", held[1], b"")
+        assert cloudpickle.loads(done.result) == [held[0]]
+
+
+# -- sharing the pool -------------------------------------------------------------
+
+
+def wait_for(path: str) -> None:
+    while not os.path.exists(path):
+        time.sleep(0.01)
+
+
+def step(name: str, directory: str) -> None:
+    """Say it started (a file named *name*), then wait for ``go-NAME``."""
+    Path(directory, name).touch()
+    wait_for(os.path.join(directory, f"go-{name}"))
+
+
+class Steps:
+    """Tasks of several owners that each run until the test lets them end."""
+
+    def __init__(self, pool: Pool, directory: Path) -> None:
+        self.pool = pool
+        self.dir = directory
+        self.digest, self.fn = _fn(step)
+        self.ended: list[str] = []
+
+    def submit(self, owner: str, name: str) -> None:
+        self.pool.submit(
+            self.digest,
+            name,
+            self.fn,
+            _args(name, str(self.dir)),
+            owner=owner,
+            on_done=lambda _: self.ended.append(name),
+        )
+
+    def started(self) -> set[str]:
+        return {p.name for p in self.dir.iterdir() if not p.name.startswith("go-")}
+
+    async def end(self, name: str) -> str:
+        """Let *name* end; the task that starts in its place."""
+        before = self.started()
+        (self.dir / f"go-{name}").touch()
+        await until(lambda: name in self.ended, f"{name} ends")
+        await until(lambda: len(self.started()) > len(before), "a next task starts")
+        (new,) = self.started() - before
+        return new
+
+
+async def test_owners_waiting_take_turns(tmp_path: Path) -> None:
+    async with Pool(1) as pool:
+        steps = Steps(pool, tmp_path)
+        for owner, name in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1")]:
+            steps.submit(owner, name)
+        await until(lambda: steps.started() == {"a1"}, "a1 starts")
+        steps.submit("c", "c1")
+        steps.submit("b", "b2")
+        assert (pool.busy, pool.queued) == (1, 5)
+        assert [pool.queued_by(o) for o in "abcd"] == [2, 2, 1, 0]
+        order = ["a1"]
+        for _ in range(5):
+            order.append(await steps.end(order[-1]))
+        (tmp_path / f"go-{order[-1]}").touch()
+        await until(lambda: len(steps.ended) == 6, "every task ends")
+        assert order == ["a1", "b1", "c1", "a2", "b2", "a3"]
+        assert pool.queued == pool.busy == 0
+        assert pool._owners == {}  # nothing is kept for owners that have nothing left
+
+
+async def test_the_owner_running_fewer_tasks_goes_first(tmp_path: Path) -> None:
+    async with Pool(2) as pool:
+        steps = Steps(pool, tmp_path)
+        steps.submit("a", "a1")
+        steps.submit("b", "b1")
+        await until(lambda: steps.started() == {"a1", "b1"}, "a1 and b1 start")
+        steps.submit("a", "a2")  # a was served longer ago than b...
+        steps.submit("b", "b2")
+        # ...but once b1 ends, b runs nothing while a runs a1: b goes first.
+        assert await steps.end("b1") == "b2"
+        assert await steps.end("a1") == "a2"
+        for name in ("a2", "b2"):
+            (tmp_path / f"go-{name}").touch()
+        await until(lambda: len(steps.ended) == 4, "every task ends")
+
+
+async def test_a_task_past_its_timeout_has_its_process_killed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    digest, fn = _fn(wait_for)
+    async with Pool(1) as pool:
+        (child,) = pool._children
+        with anyio.fail_after(PATIENCE), pytest.raises(TaskTimedOut) as info:
+            await pool.run(digest, "wait_for", fn, _args("/nonexistent"), timeout=0.2)
+        assert str(info.value) == "wait_for ran past its timeout of 0.2 s"
+        await until(lambda: child.process.poll() is not None, "the process is killed")
+        assert child.process.returncode == -signal.SIGKILL
+        assert await value(pool, os.getpid) != child.pid
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert logged == [
+            f"Task wait_for ran past its timeout of 0.2 s; killing pool process {child.pid}"
+        ]
+
+
+def exactly(n: int) -> bytes:
+    """Bytes that pickle to exactly *n* bytes."""
+    import pickle
+
+    data = b"x" * n
+    return b"x" * (n - (len(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)) - n))
+
+
+def raises_big(n: int) -> None:
+    raise ValueError("x" * n)
+
+
+async def test_a_result_larger_than_a_message_is_refused_by_its_process() -> None:
+    async with Pool(1, max_message_size=1024) as pool:
+        (pid,) = pool.pids
+        assert len(await value(pool, exactly, 1024)) < 1024  # the largest that fits
+        digest, fn = _fn(exactly)
+        done = await pool.run(digest, "exactly", fn, _args(1025))
+        assert done == Done(
+            done.seq,
+            TOO_LARGE,
+            message="the result of exactly is 1025 bytes, more than the 1024 a reply may "
+            "carry (worker option --max-message-size)",
+        )
+        # A failure's details too large to send are left out; the process lives on.
+        digest, fn = _fn(raises_big)
+        done = await pool.run(digest, "raises_big", fn, _args(FRAME_MARGIN))
+        assert (done.status, done.result, done.error) == (RAISED, b"", None)
+        assert done.message.startswith("raises_big raised (its details, ")
+        assert done.message.endswith(" bytes, are too large to send)")
+        details = int(done.message.split()[4])
+        assert details > 1024 + FRAME_MARGIN
+        done = await pool.run(digest, "raises_big", fn, _args(100))
+        assert done.status == RAISED
+        assert done.error is not None
+        assert done.error.message == "x" * 100
+        assert pool.pids == [pid]
+
+
+async def test_processes_import_the_workers_vaccelray_not_one_in_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "vaccelray"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('another vaccelray')\n")
+    (tmp_path / "beside.py").write_text("WHERE = 'cwd'\n")
+    monkeypatch.chdir(tmp_path)
+
+    def where() -> str:
+        import beside  # type: ignore[import-not-found]
+
+        return str(beside.WHERE)
+
+    async with Pool(1) as pool:
+        with anyio.fail_after(PATIENCE):
+            # The cwd is still searched, after the worker's own path.
+            assert await value(pool, where) == "cwd"
+        assert pool.lost == 0
+
+
+async def test_a_process_that_answered_resets_the_back_off(
+    monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
+) -> None:
+    monkeypatch.setattr(pool_module, "_QUICK_DEATH", 1e9)  # every idle death is "soon"
+
+    async def kill_the_idle_one(pool: Pool) -> None:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: len(pool.pids) == 1 and pool.pids != [pid], "a replacement")
+
+    async with Pool(1) as pool:
+        await kill_the_idle_one(pool)  # never given a task: it failed to start
+        await kill_the_idle_one(pool)  # twice: a longer back-off
+        assert backoffs(sleeps) == [0.05, 0.1]
+        assert await value(pool, lambda: "ok") == "ok"
+        await kill_the_idle_one(pool)  # it ran a task: it had started, no back-off
+        assert backoffs(sleeps) == [0.05, 0.1]
+        await kill_the_idle_one(pool)  # a fresh failure starts the back-off again
+        assert backoffs(sleeps) == [0.05, 0.1, 0.05]

@@ -294,6 +294,46 @@ def session_limit_options(command: _F) -> _F:
     return _limit_options(SessionLimits, _SESSION_LIMITS, "session_limits")(command)
 
 
+#: Defaults of the worker's task limits (vaccelray.worker.tasks.DEFAULT_*; not
+#: imported from there so that the CLI starts without the worker).
+DEFAULT_MAX_QUEUED_TASKS = 1024
+DEFAULT_MAX_QUEUED_PER_CONNECTION = 256
+DEFAULT_TASK_TIMEOUT = 300.0
+
+
+def task_limit_options(command: _F) -> _F:
+    """--max-queued-tasks, --max-queued-per-connection and --task-timeout (worker)."""
+    for option in (
+        click.option(
+            "--task-timeout",
+            type=click.FloatRange(0),
+            default=DEFAULT_TASK_TIMEOUT,
+            show_default=True,
+            help="Seconds an offloaded task may run before its pool process is killed (a "
+            "Submit's own shorter timeout wins); 0: no limit.",
+        ),
+        click.option(
+            "--max-queued-per-connection",
+            type=click.IntRange(0),
+            default=DEFAULT_MAX_QUEUED_PER_CONNECTION,
+            show_default=True,
+            help="Tasks of one connection waiting for a pool process; more are refused "
+            "(RESOURCE_EXHAUSTED). 0: no limit.",
+        ),
+        click.option(
+            "--max-queued-tasks",
+            type=click.IntRange(0),
+            default=DEFAULT_MAX_QUEUED_TASKS,
+            show_default=True,
+            help="Tasks waiting for a pool process on this worker; more are refused "
+            "(RESOURCE_EXHAUSTED). Waiting tasks get the pool one connection after "
+            "another. 0: no limit.",
+        ),
+    ):
+        command = option(command)
+    return command
+
+
 @main.command(help=WORKER_HELP)
 @click.option(
     "-a",
@@ -335,6 +375,7 @@ def session_limit_options(command: _F) -> _F:
     type=click.IntRange(0),
     help="Processes running offloaded tasks; 0 serves no task service.  [default: CPU count]",
 )
+@task_limit_options
 @click.option(
     "--token-file",
     type=click.Path(dir_okay=False),
@@ -367,6 +408,9 @@ def worker(
     interface: str | None,
     capacity: int | None,
     pool_size: int | None,
+    max_queued_tasks: int,
+    max_queued_per_connection: int,
+    task_timeout: float,
     token_file: str | None,
     protect_vaccel: bool,
     tls_cert: str | None,
@@ -396,6 +440,9 @@ def worker(
         interface=interface,
         capacity=capacity,
         pool_size=pool_size,
+        max_queued_tasks=max_queued_tasks,
+        max_queued_per_connection=max_queued_per_connection,
+        task_timeout=task_timeout,
         protect_vaccel=protect_vaccel,
         tls_cert=tls_cert,
         tls_key=tls_key,

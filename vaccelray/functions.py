@@ -4,7 +4,9 @@
 ``Submit`` names it by that digest. Both the worker and the scheduler keep
 such registrations, dropping the least recently used past a byte budget, and
 answer a digest they no longer have with NOT_FOUND and the reason
-``UNKNOWN_FUNCTION``, so the caller registers it again.
+``UNKNOWN_FUNCTION``, so the caller registers it again. The budget counts
+every copy held: the pickled function decoded, and the payload as it arrived
+when it is kept (a scheduler forwards it; a worker does not keep it).
 """
 
 from __future__ import annotations
@@ -26,16 +28,32 @@ log = logging.getLogger("vaccelray.functions")
 
 class Registration(NamedTuple):
     request: wire.RegisterFunction
-    #: The RegisterFunction payload as it arrived (what a scheduler forwards).
+    #: The RegisterFunction payload as it arrived (what a scheduler forwards);
+    #: empty in a cache that does not keep payloads.
     payload: bytes
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds, as counted against the cache's budget."""
+        return len(self.payload) + len(self.request.pickled)
 
 
 class FunctionCache:
-    """Registrations by digest, least recently used first out past *limit* bytes."""
+    """Registrations by digest, least recently used first out past *limit* bytes.
 
-    def __init__(self, limit: int, *, on_drop: Callable[[str], object] | None = None) -> None:
+    With *keep_payload* False only the decoded request is kept (a worker's cache).
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        on_drop: Callable[[str], object] | None = None,
+        keep_payload: bool = True,
+    ) -> None:
         self.limit = limit
         self._on_drop = on_drop
+        self._keep_payload = keep_payload
         self._entries: collections.OrderedDict[str, Registration] = collections.OrderedDict()
         self._bytes = 0
 
@@ -44,6 +62,11 @@ class FunctionCache:
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._entries
+
+    @property
+    def held(self) -> int:
+        """Bytes held, as counted against the limit."""
+        return self._bytes
 
     def add(self, payload: bytes) -> wire.RegisterFunction:
         """Keep a RegisterFunction payload (logged when new); the request it holds.
@@ -58,11 +81,12 @@ class FunctionCache:
         if request.digest in self._entries:
             self._entries.move_to_end(request.digest)
             return request
-        self._entries[request.digest] = Registration(request, payload)
-        self._bytes += len(payload)
+        entry = Registration(request, payload if self._keep_payload else b"")
+        self._entries[request.digest] = entry
+        self._bytes += entry.size
         while self._bytes > self.limit and len(self._entries) > 1:
             digest, dropped = self._entries.popitem(last=False)
-            self._bytes -= len(dropped.payload)
+            self._bytes -= dropped.size
             if self._on_drop is not None:
                 self._on_drop(digest)
         log.info(

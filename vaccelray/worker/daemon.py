@@ -25,7 +25,13 @@ from vaccelray.worker.announce import announce_until, plan_announcement
 from vaccelray.worker.backend import Backend
 from vaccelray.worker.backends import load_backend
 from vaccelray.worker.info import InfoService
-from vaccelray.worker.tasks import TaskService, run_task_service
+from vaccelray.worker.tasks import (
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_MAX_QUEUED_PER_CONNECTION,
+    DEFAULT_TASK_TIMEOUT,
+    TaskService,
+    run_task_service,
+)
 
 __all__ = ["DEFAULT_WORKER_ADDRESS", "Worker", "WorkerConfig", "run_worker"]
 
@@ -59,6 +65,11 @@ class WorkerConfig:
     capacity: int | None = None
     #: Processes of the task pool; None = one per CPU, 0 = no task service.
     pool_size: int | None = None
+    #: Tasks waiting for a pool process, on the worker and per connection (0: no limit).
+    max_queued_tasks: int = DEFAULT_MAX_QUEUED
+    max_queued_per_connection: int = DEFAULT_MAX_QUEUED_PER_CONNECTION
+    #: Seconds a task may run (0: no limit).
+    task_timeout: float = DEFAULT_TASK_TIMEOUT
     #: The cluster token callers of the task service present (see ``vaccelray.auth``).
     token: str | None = field(default=None, repr=False)
     #: Ask the token of vAccel agent calls too (they are data only, open by default).
@@ -146,6 +157,9 @@ async def run_worker(
                 token=config.token,
                 protect_vaccel=config.protect_vaccel,
                 max_message_size=config.max_message_size,
+                max_queued=config.max_queued_tasks,
+                max_queued_per_connection=config.max_queued_per_connection,
+                task_timeout=config.task_timeout,
             ) as runtime,
             serve(
                 runtime.services,

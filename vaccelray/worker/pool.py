@@ -12,8 +12,20 @@ start-up and stays small.
 The loop never waits on user code: a task that runs too long or is cancelled
 has its process killed; a process that dies (segfault, ``os._exit``) fails
 its one task with :class:`PoolProcessLost` naming the exit status; either
-way a new process is spawned in its place. Tasks are queued while every
-process is busy.
+way a new process is spawned in its place.
+
+Tasks are queued while every process is busy, one queue per *owner* (the
+worker's client connection): a free process takes the next task of the owner
+with the fewest tasks running, the one served longest ago first among equals,
+so one client's backlog never starves another's task. A task may have a
+timeout on its run (not its time in the queue): past it its process is killed
+and the task fails with :class:`TaskTimedOut`.
+
+A pool process is untrusted (it runs user code that can write to its socket):
+a frame it declares larger than the max message size plus a margin is never
+allocated; the process is killed and its task fails as lost. Each process
+keeps at most ``max_functions`` functions unpickled, the least recently used
+dropped first (the pool tells it which, and sends one again when needed).
 """
 
 from __future__ import annotations
@@ -30,31 +42,66 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Final
 
 import anyio
 import msgspec
 
 from vaccelray.errors import VaccelrayError
+from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.endpoints import tune_socket
-from vaccelray.worker.poolchild import Done, Run, encode_frame
+from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
 
-__all__ = ["Pool", "PoolProcessLost"]
+__all__ = ["DEFAULT_MAX_FUNCTIONS", "FRAME_MARGIN", "Pool", "PoolProcessLost", "TaskTimedOut"]
 
 log = logging.getLogger("vaccelray.pool")
 
 _HEADER: Final = struct.Struct(">I")
 #: The reused receive buffer of a pool process's socket; larger frames get their own.
 _READ_SIZE: Final = 256 << 10
-_BOOT: Final = "import sys; from vaccelray.worker.poolchild import main; main(int(sys.argv[1]))"
+#: The cwd that ``-c`` puts first on sys.path goes last: the process imports the
+#: vaccelray the worker runs (a checkout in the cwd could be another version).
+_BOOT: Final = (
+    "import sys\n"
+    "if sys.path[:1] == ['']:\n"
+    "    sys.path.append(sys.path.pop(0))\n"
+    "from vaccelray.worker.poolchild import main\n"
+    "main(int(sys.argv[1]), int(sys.argv[2]))\n"
+)
 #: A process that dies sooner than this after its start, having run nothing, counts
 #: as failing to start: replacements then back off (0.05 s doubling, up to 5 s).
 _QUICK_DEATH: Final = 1.0
+#: Functions each pool process keeps unpickled.
+DEFAULT_MAX_FUNCTIONS: Final = 64
 
 
 class PoolProcessLost(VaccelrayError):
     """The pool process running a task died before answering."""
+
+
+class TaskTimedOut(PoolProcessLost):
+    """A task ran past its timeout; its pool process was killed."""
+
+
+class _Owner:
+    """The tasks of one owner: queued, and how many run."""
+
+    __slots__ = ("queue", "running", "served")
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[_Job] = collections.deque()
+        self.running = 0
+        #: When a task of this owner last went to a process (0: never).
+        self.served = 0
+
+
+class _Known(collections.OrderedDict[str, None]):
+    """The digests a pool process has unpickled, least recently used first."""
+
+    def discard(self, digest: str) -> None:
+        """Forget *digest*, which was sent with the task it just answered: it is here."""
+        del self[digest]
 
 
 class _Job:
@@ -67,12 +114,18 @@ class _Job:
         "function",
         "name",
         "on_done",
+        "owner",
+        "pool",
+        "queued",
         "seq",
         "session_id",
+        "timeout",
+        "timer",
     )
 
     def __init__(
         self,
+        pool: Pool,
         seq: int,
         digest: str,
         name: str,
@@ -80,7 +133,10 @@ class _Job:
         args: bytes,
         session_id: int,
         on_done: Callable[[Done | PoolProcessLost], object],
+        owner: Hashable,
+        timeout: float | None,
     ) -> None:
+        self.pool = pool
         self.seq = seq
         self.digest = digest
         self.name = name
@@ -88,13 +144,18 @@ class _Job:
         self.args = args
         self.session_id = session_id
         self.on_done = on_done
+        self.owner = owner
+        self.timeout = timeout
+        self.timer: asyncio.TimerHandle | None = None
         self.child: _Child | None = None
+        self.queued = True
         self.finished = False
         self.aborted = False
 
     def finish(self, outcome: Done | PoolProcessLost) -> None:
         if not self.finished:
             self.finished = True
+            self.pool._ended(self)
             self.on_done(outcome)
 
 
@@ -113,8 +174,9 @@ class _Child(asyncio.BufferedProtocol):
         self.started = time.monotonic()
         self.transport: asyncio.Transport | None = None
         self.job: _Job | None = None
-        self.known: set[str] = set()
-        self.ran = 0
+        self.known = _Known()
+        #: Why the pool killed it, when that is not its exit status.
+        self.fault: str | None = None
         self._buffer = bytearray(_READ_SIZE)
         self._view = memoryview(self._buffer)
         self._start = self._end = 0  # unread bytes are _buffer[_start:_end]
@@ -135,6 +197,8 @@ class _Child(asyncio.BufferedProtocol):
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.fault is not None:  # killed: what it still sends is not read
+            return
         large = self._large
         if large is not None:
             self._large_filled += nbytes
@@ -146,6 +210,9 @@ class _Child(asyncio.BufferedProtocol):
         view, start, end = self._view, self._start, self._end
         while end - start >= 4:
             (size,) = _HEADER.unpack_from(view, start)
+            if size > self.pool._max_frame:
+                self._oversized(size)
+                return
             if end - start - 4 >= size:
                 self._received(view[start + 4 : start + 4 + size])
                 start += 4 + size
@@ -161,6 +228,13 @@ class _Child(asyncio.BufferedProtocol):
             start = end = 0
         self._start, self._end = start, end
 
+    def _oversized(self, size: int) -> None:
+        """It declared a frame too large to be an answer: kill it, never allocate that."""
+        limit = self.pool._max_frame
+        self.fault = f"declared a {size}-byte answer (more than {limit} bytes) and was killed"
+        log.error("Pool process %d %s", self.pid, self.fault)
+        self.kill()
+
     def _received(self, body: memoryview) -> None:
         self.pool._finished(self, self.pool._decoder.decode(body))
 
@@ -170,11 +244,23 @@ class _Child(asyncio.BufferedProtocol):
 
     def send(self, job: _Job) -> None:
         assert self.transport is not None
-        first = job.digest not in self.known
-        if first:
-            self.known.add(job.digest)
+        known = self.known
+        first = job.digest not in known
+        known.setdefault(job.digest)
+        known.move_to_end(job.digest)
+        forget = []
+        while len(known) > self.pool.max_functions:
+            oldest = next(iter(known))
+            del known[oldest]
+            forget.append(oldest)
         run = Run(
-            job.seq, job.digest, job.name, job.function if first else None, job.args, job.session_id
+            job.seq,
+            job.digest,
+            job.name,
+            job.function if first else None,
+            job.args,
+            job.session_id,
+            tuple(forget),
         )
         self.transport.write(encode_frame(self.pool._encoder, run))
 
@@ -189,16 +275,33 @@ class Pool:
     Use as ``async with Pool(size) as pool:`` on an asyncio event loop.
     *env* is added to the pool processes' environment; they import what the
     worker process can (its ``sys.path`` is passed on as ``PYTHONPATH``).
+    A frame from a process may be up to *max_message_size* plus
+    :data:`FRAME_MARGIN` bytes; each process keeps *max_functions* functions.
     """
 
-    def __init__(self, size: int, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        env: Mapping[str, str] | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_functions: int = DEFAULT_MAX_FUNCTIONS,
+    ) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one process, not {size}")
+        if max_functions < 1:
+            raise ValueError(f"a pool process keeps at least one function, not {max_functions}")
         self.size = size
+        self.max_functions = max_functions
+        self.max_message_size = max_message_size
+        self._max_frame = max_message_size + FRAME_MARGIN
         self._env = dict(env or {})
         self._children: set[_Child] = set()
         self._idle: collections.deque[_Child] = collections.deque()
-        self._queue: collections.deque[_Job] = collections.deque()
+        #: Each owner with tasks queued or running; _queued counts the queued ones.
+        self._owners: dict[Hashable, _Owner] = {}
+        self._queued = 0
+        self._turns = itertools.count(1)
         self._seq = itertools.count()
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Done)
@@ -238,7 +341,13 @@ class Pool:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Tasks waiting for a process."""
+        return self._queued
+
+    def queued_by(self, owner: Hashable) -> int:
+        """Tasks of *owner* waiting for a process."""
+        state = self._owners.get(owner)
+        return 0 if state is None else len(state.queue)
 
     async def _spawn(self) -> None:
         assert self._loop is not None
@@ -248,7 +357,7 @@ class Pool:
         try:
             # Popen with pass_fds uses vfork/posix_spawn: fast enough to call on the loop.
             process = subprocess.Popen(  # noqa: ASYNC220
-                [sys.executable, "-c", _BOOT, str(child.fileno())],
+                [sys.executable, "-c", _BOOT, str(child.fileno()), str(self.max_message_size)],
                 pass_fds=(child.fileno(),),
                 env=self._spawn_env,
                 stdin=subprocess.DEVNULL,
@@ -276,8 +385,8 @@ class Pool:
         if self._closing:
             return
         self._closing = True
-        while self._queue:
-            self._queue.popleft().finish(PoolProcessLost("the worker is shutting down"))
+        for job in [job for state in self._owners.values() for job in state.queue]:
+            job.finish(PoolProcessLost("the worker is shutting down"))
         for task in self._tasks:
             task.cancel()
         children = list(self._children)
@@ -295,7 +404,14 @@ class Pool:
     # -- running tasks ---------------------------------------------------------
 
     async def run(
-        self, digest: str, name: str, function: bytes, args: bytes, *, session_id: int = 0
+        self,
+        digest: str,
+        name: str,
+        function: bytes,
+        args: bytes,
+        *,
+        session_id: int = 0,
+        timeout: float | None = None,
     ) -> Done:
         """Run one task and return its :class:`Done`; raises :class:`PoolProcessLost`.
 
@@ -311,7 +427,15 @@ class Pool:
                 else:
                     future.set_result(outcome)
 
-        job = self.submit(digest, name, function, args, session_id=session_id, on_done=settle)
+        job = self.submit(
+            digest,
+            name,
+            function,
+            args,
+            session_id=session_id,
+            on_done=settle,
+            timeout=timeout,
+        )
         try:
             return await future
         finally:
@@ -326,16 +450,26 @@ class Pool:
         *,
         session_id: int = 0,
         on_done: Callable[[Done | PoolProcessLost], object],
+        owner: Hashable = None,
+        timeout: float | None = None,
     ) -> _Job:
-        """Queue one task; *on_done* gets its :class:`Done` or :class:`PoolProcessLost`.
+        """Queue one task of *owner*; *on_done* gets its Done or PoolProcessLost.
 
         *on_done* is called on the loop, at most once, and never after :meth:`abort`.
+        Past *timeout* seconds of running (not queued) the task's process is
+        killed and *on_done* gets :class:`TaskTimedOut`.
         Raises PoolProcessLost at once when the pool is closing.
         """
         if self._closing:
             raise PoolProcessLost("the worker is shutting down")
-        job = _Job(next(self._seq), digest, name, function, args, session_id, on_done)
-        self._queue.append(job)
+        job = _Job(
+            self, next(self._seq), digest, name, function, args, session_id, on_done, owner, timeout
+        )
+        state = self._owners.get(owner)
+        if state is None:
+            state = self._owners[owner] = _Owner()
+        state.queue.append(job)
+        self._queued += 1
         self._dispatch()
         return job
 
@@ -344,22 +478,59 @@ class Pool:
         if job.finished:
             return
         job.finished = job.aborted = True
-        if job.child is None:
-            with contextlib.suppress(ValueError):
-                self._queue.remove(job)
-        else:
+        self._ended(job)
+        if job.child is not None:
             log.info("Killing pool process %d to stop task %s", job.child.pid, job.name)
             job.child.kill()
 
+    def _ended(self, job: _Job) -> None:
+        """*job* will not be answered any more: it leaves its queue or its owner's running."""
+        if job.timer is not None:
+            job.timer.cancel()
+        state = self._owners[job.owner]
+        if job.queued:
+            state.queue.remove(job)
+            self._queued -= 1
+        else:
+            state.running -= 1
+        if not state.queue and not state.running:
+            del self._owners[job.owner]
+
     def _dispatch(self) -> None:
-        idle, queue = self._idle, self._queue
-        while idle and queue:
+        idle = self._idle
+        while idle and self._queued:
+            # Fair share: the owner with the fewest tasks running, then the one served
+            # longest ago (round-robin among owners that each run as many).
+            state = min(
+                (s for s in self._owners.values() if s.queue),
+                key=lambda s: (s.running, s.served),
+            )
+            job = state.queue.popleft()
+            job.queued = False
+            self._queued -= 1
+            state.running += 1
+            state.served = next(self._turns)
             # The process that finished last: under a light load one process stays warm.
             child = idle.pop()  # connected: connection_lost takes a process out of _idle
-            job = queue.popleft()
             job.child = child
             child.job = job
             child.send(job)
+            if job.timeout is not None:
+                assert self._loop is not None
+                job.timer = self._loop.call_later(job.timeout, self._expired, job)
+
+    def _expired(self, job: _Job) -> None:
+        child = job.child
+        assert child is not None
+        log.warning(
+            "Task %s ran past its timeout of %g s; killing pool process %d",
+            job.name,
+            job.timeout,
+            child.pid,
+        )
+        job.aborted = True  # its process dies on purpose: no crash to report
+        job.finish(TaskTimedOut(f"{job.name} ran past its timeout of {job.timeout:g} s"))
+        child.kill()
 
     def _finished(self, child: _Child, done: Done) -> None:
         job = child.job
@@ -367,14 +538,15 @@ class Pool:
             log.error("Pool process %d answered a task it was not given; killing it", child.pid)
             child.kill()
             return
+        if job.aborted:  # answered as it was being killed: it is not idle, its death is no news
+            return
         child.job = None
-        child.ran += 1
         self._failures = 0
         if done.status and job.function and done.message.startswith("cannot load function"):
             child.known.discard(job.digest)
         self._idle.append(child)
+        job.finish(done)  # first: its owner runs one task less when the next is chosen
         self._dispatch()
-        job.finish(done)
 
     def _lost(self, child: _Child) -> None:
         self._children.discard(child)
@@ -397,7 +569,7 @@ class Pool:
         if process.poll() is None:  # closed its socket but lives on: not usable
             child.kill()
             await asyncio.sleep(0.05)
-        status = _exit_status(process.poll())
+        status = child.fault or _exit_status(process.poll())
         job = child.job
         if job is not None:
             job.finish(PoolProcessLost(f"the pool process running {job.name} {status}"))
@@ -405,7 +577,8 @@ class Pool:
                 log.warning("Pool process %d %s while running %s", child.pid, status, job.name)
         elif not self._closing:
             log.warning("Pool process %d %s", child.pid, status)
-        quick = child.ran == 0 and time.monotonic() - child.started < _QUICK_DEATH and job is None
+        # Never given a task (nothing known), died idle soon after its start.
+        quick = not child.known and time.monotonic() - child.started < _QUICK_DEATH and job is None
         if quick:
             self._failures += 1
             await asyncio.sleep(min(0.05 * 2 ** (self._failures - 1), 5.0))

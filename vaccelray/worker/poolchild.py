@@ -7,7 +7,8 @@ transport, protobuf and backend stay out of it), then loops: read a
 big-endian length and a MessagePack body.
 
 Functions arrive pickled once per process (``Run.function`` is set the first
-time this process sees a digest) and are kept unpickled by digest. Whatever
+time this process sees a digest) and are kept unpickled by digest, until the
+worker says to forget them (``Run.forget``: it keeps a bounded number). Whatever
 the function does, the worker daemon only ever sees a ``Done`` or this
 process dying (segfault, ``os._exit``), which fails that one task.
 """
@@ -31,13 +32,27 @@ import msgspec
 from vaccelray import task_context
 from vaccelray.allocator import keep_heap_for
 
-__all__ = ["Done", "ErrorInfo", "Run", "describe_exception", "encode_frame", "main"]
+__all__ = [
+    "FRAME_MARGIN",
+    "Done",
+    "ErrorInfo",
+    "Run",
+    "describe_exception",
+    "encode_frame",
+    "main",
+]
 
 #: Done.status values (the same numbers as ``FailureKind``; 0 is success).
 OK: Final = 0
 RAISED: Final = 1
 SERIALIZATION: Final = 3
 REJECTED: Final = 4
+#: A result larger than a reply may carry (not a failure kind: answered RESOURCE_EXHAUSTED).
+TOO_LARGE: Final = 100
+
+#: Room in a frame to the worker beyond the max message size: the rest of a
+#: ``Done`` (its message, an exception's traceback).
+FRAME_MARGIN: Final = 1 << 20
 
 _HEADER: Final = struct.Struct(">I")
 #: Results pickled by the C pickler: nothing in them needs cloudpickle.
@@ -52,6 +67,8 @@ class Run(msgspec.Struct, array_like=True, frozen=True):
     function: bytes | None
     args: bytes
     session_id: int = 0
+    #: Digests to drop: the worker sends them again if they are needed again.
+    forget: tuple[str, ...] = ()
 
 
 Scalar = str | int | float | bool | None
@@ -118,10 +135,14 @@ def describe_exception(exc: BaseException, tb: TracebackType | None) -> ErrorInf
 
 
 class _Runner:
-    def __init__(self) -> None:
+    def __init__(self, max_result: int) -> None:
         self.functions: dict[str, Callable[..., Any]] = {}
+        #: Bytes a pickled result may have: the worker's max message size.
+        self.max_result = max_result
 
     def run(self, task: Run) -> Done:
+        for digest in task.forget:
+            self.functions.pop(digest, None)
         fn = self.functions.get(task.digest)
         if fn is None:
             if task.function is None:
@@ -161,6 +182,13 @@ class _Runner:
             return self._failed(
                 task, SERIALIZATION, f"cannot pickle the result of {task.name}", exc
             )
+        if len(data) > self.max_result:
+            return Done(
+                task.seq,
+                TOO_LARGE,
+                message=f"the result of {task.name} is {len(data)} bytes, more than the "
+                f"{self.max_result} a reply may carry (worker option --max-message-size)",
+            )
         return Done(task.seq, OK, data)
 
     @staticmethod
@@ -187,8 +215,12 @@ def _read_frame(reader: Any) -> bytearray | None:
     return body if reader.readinto(body) == len(body) else None
 
 
-def main(fd: int) -> None:
-    """Serve tasks on the socket *fd* until the worker closes it."""
+def main(fd: int, max_result: int) -> None:
+    """Serve tasks on the socket *fd* until the worker closes it.
+
+    A result may have *max_result* bytes (the worker's max message size), a
+    whole answer that plus :data:`FRAME_MARGIN`.
+    """
     # Ctrl-C on the worker's terminal reaches the whole process group: the
     # worker decides when we stop (by closing the socket), not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -196,7 +228,7 @@ def main(fd: int) -> None:
     reader = sock.makefile("rb", buffering=1 << 16)
     decoder = msgspec.msgpack.Decoder(Run)
     encoder = msgspec.msgpack.Encoder()
-    runner = _Runner()
+    runner = _Runner(max_result)
     while True:
         body = _read_frame(reader)
         if body is None:
@@ -212,6 +244,16 @@ def main(fd: int) -> None:
                 encoder,
                 runner._failed(
                     Run(done.seq, "", "", None, b""), SERIALIZATION, "cannot encode the reply", exc
+                ),
+            )
+        if len(out) - _HEADER.size > max_result + FRAME_MARGIN:  # the details of a failure
+            out = encode_frame(
+                encoder,
+                Done(
+                    done.seq,
+                    done.status,
+                    message=f"{done.message} (its details, {len(out)} bytes, are too large "
+                    "to send)",
                 ),
             )
         try:

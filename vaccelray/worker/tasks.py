@@ -5,7 +5,14 @@ functions by content hash, checks a task's requirements against its backend,
 and hands the task to the warm process pool (:mod:`vaccelray.worker.pool`).
 It never unpickles anything; pool processes do. A call's ttrpc deadline is
 the task's timeout: when it passes (or the task is cancelled, or the client
-goes away) the pool process running it is killed and replaced.
+goes away) the pool process running it is killed and replaced. A task also
+runs at most ``task_timeout`` seconds (the worker's ``--task-timeout``, 300 by
+default), whatever its deadline.
+
+Work is bounded: at most ``max_queued`` tasks wait for a pool process, and
+``max_queued_per_connection`` of one connection; a Submit past either is
+answered RESOURCE_EXHAUSTED at once. Waiting tasks get the pool in turn, one
+connection after another (see :mod:`vaccelray.worker.pool`).
 
 ``vaccelray.local`` inside a task reaches this worker's own backend through
 the vAccel agent service, served again on a private unix socket (in a 0700
@@ -33,17 +40,32 @@ from vaccelray.functions import FunctionCache
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.agent import SERVICE_NAMES
+from vaccelray.protocol.limits import check_response_size
 from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.agent import Agent
-from vaccelray.worker.pool import Pool, PoolProcessLost
-from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, Done
+from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
+from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, TOO_LARGE, Done
 
-__all__ = ["LOCAL_ADDRESS_ENV", "TaskRuntime", "TaskService", "run_task_service"]
+__all__ = [
+    "DEFAULT_MAX_QUEUED",
+    "DEFAULT_MAX_QUEUED_PER_CONNECTION",
+    "DEFAULT_TASK_TIMEOUT",
+    "LOCAL_ADDRESS_ENV",
+    "TaskRuntime",
+    "TaskService",
+    "run_task_service",
+]
 
 log = logging.getLogger("vaccelray.tasks")
 
 #: Where ``vaccelray.local`` in a pool process finds the worker's agent service.
 LOCAL_ADDRESS_ENV: Final = "VACCELRAY_LOCAL_ADDRESS"
+
+#: Tasks waiting for a pool process, on the whole worker and per connection.
+DEFAULT_MAX_QUEUED: Final = 1024
+DEFAULT_MAX_QUEUED_PER_CONNECTION: Final = 256
+#: Seconds a task may run.
+DEFAULT_TASK_TIMEOUT: Final = 300.0
 
 _FAILURE: Final = {RAISED: wire.FailureKind.RAISED, SERIALIZATION: wire.FailureKind.SERIALIZATION}
 
@@ -52,12 +74,26 @@ class TaskService:
     """Functions cached by digest, tasks running by id, on top of one pool."""
 
     def __init__(
-        self, pool: Pool, agent: Agent, check: TokenCheck, *, cache_bytes: int = 256 << 20
+        self,
+        pool: Pool,
+        agent: Agent,
+        check: TokenCheck,
+        *,
+        cache_bytes: int = 256 << 20,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_queued_per_connection: int = DEFAULT_MAX_QUEUED_PER_CONNECTION,
+        task_timeout: float = DEFAULT_TASK_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
+        """Bounds and the timeout are off when 0; no reply is larger than *max_message_size*."""
         self.pool = pool
         self.agent = agent
         self.check = check
-        self.functions = FunctionCache(cache_bytes)
+        self.functions = FunctionCache(cache_bytes, keep_payload=False)
+        self.max_queued = max_queued
+        self.max_queued_per_connection = max_queued_per_connection
+        self.task_timeout = task_timeout
+        self.max_message_size = max_message_size
         #: The reply and function name of each task queued or running, by task id.
         self.running: dict[str, tuple[asyncio.Future[bytes], str]] = {}
 
@@ -90,15 +126,28 @@ class TaskService:
             if reply.done():
                 return
             try:
+                if isinstance(outcome, TaskTimedOut):
+                    reply.set_exception(
+                        RPCError(
+                            StatusCode.DEADLINE_EXCEEDED,
+                            f"{outcome}, the worker's task timeout (worker option --task-timeout)",
+                        )
+                    )
+                    return
                 if isinstance(outcome, PoolProcessLost):
                     data = _crashed(outcome)
+                elif outcome.status == TOO_LARGE:
+                    raise RPCError(StatusCode.RESOURCE_EXHAUSTED, outcome.message)
                 else:
-                    data = _reply(outcome)
+                    data = check_response_size(
+                        wire.METHOD_SUBMIT, _reply(outcome), self.max_message_size
+                    )
             except Exception as exc:
                 reply.set_exception(exc)
             else:
                 reply.set_result(data)
 
+        self._check_queue(ctx.connection_id)
         try:
             job = self.pool.submit(
                 task.digest,
@@ -107,6 +156,8 @@ class TaskService:
                 task.args,
                 session_id=task.session_id,
                 on_done=settle,
+                owner=ctx.connection_id,
+                timeout=self.task_timeout or None,
             )
         except PoolProcessLost as exc:
             reply.set_result(_crashed(exc))
@@ -142,6 +193,23 @@ class TaskService:
                 StatusCode.NOT_FOUND,
                 f"unknown session {task.session_id} on this worker",
                 reason=Reason.UNKNOWN_SESSION,
+            )
+
+    def _check_queue(self, connection_id: int) -> None:
+        """RESOURCE_EXHAUSTED when one more task waiting would pass a bound."""
+        limit = self.max_queued
+        if limit and self.pool.queued >= limit:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"the worker's task queue is full ({limit} tasks waiting; "
+                "worker option --max-queued-tasks)",
+            )
+        limit = self.max_queued_per_connection
+        if limit and self.pool.queued_by(connection_id) >= limit:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"this connection's task queue is full ({limit} tasks waiting; "
+                "worker option --max-queued-per-connection)",
             )
 
     def _cancel(self, payload: bytes, ctx: CallContext) -> bytes:
@@ -194,12 +262,17 @@ async def run_task_service(
     token: str | None = None,
     protect_vaccel: bool = False,
     max_message_size: int | None = None,
+    max_queued: int = DEFAULT_MAX_QUEUED,
+    max_queued_per_connection: int = DEFAULT_MAX_QUEUED_PER_CONNECTION,
+    task_timeout: float = DEFAULT_TASK_TIMEOUT,
 ) -> AsyncIterator[TaskRuntime]:
     """Start the pool and its private agent socket; yield *services* plus the task service.
 
     The token check follows *addresses* (see :class:`vaccelray.auth.TokenCheck`);
     with *protect_vaccel* the vAccel agent services among *services* check it
     too. *pool_size* 0 serves no task service; None is one process per CPU.
+    *max_queued*, *max_queued_per_connection* and *task_timeout*: see
+    :class:`TaskService`.
     """
     check = TokenCheck.for_addresses(addresses, token)
     if protect_vaccel:
@@ -215,8 +288,16 @@ async def run_task_service(
         local = f"unix://{Path(tmp) / 'agent.sock'}"
         async with (
             serve(agent.services(), [local], grace=0.5, max_message_size=limit),
-            Pool(size, env={LOCAL_ADDRESS_ENV: local}) as pool,
+            Pool(size, env={LOCAL_ADDRESS_ENV: local}, max_message_size=limit) as pool,
         ):
             log.info("Task pool: %d processes", size)
-            tasks = TaskService(pool, agent, check)
+            tasks = TaskService(
+                pool,
+                agent,
+                check,
+                max_queued=max_queued,
+                max_queued_per_connection=max_queued_per_connection,
+                task_timeout=task_timeout,
+                max_message_size=limit,
+            )
             yield TaskRuntime([*services, tasks.service()], tasks)
