@@ -322,3 +322,24 @@ def test_import_is_cheap() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_more_tasks_at_once_than_a_worker_queues_for_a_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client holds back what is past its window: the worker's bound is never met."""
+    from tests.processes import start_daemon, worker_argv
+    from vaccelray.client import core
+
+    monkeypatch.setattr(core, "WINDOW", 3)  # one running, two waiting at the worker
+    argv = worker_argv(
+        "-a", "tcp://127.0.0.1:0", "--backend", "noop", "--pool-size", "1",
+        "--max-queued-per-connection", "2", "--log-level", "info",
+    )  # fmt: skip
+    proc, address = start_daemon(argv)
+    try:
+        with Client(address) as c:
+            refs = [c.submit(add, i, 1) for i in range(30)]
+            assert vaccelray.get(refs, timeout=60) == [i + 1 for i in range(30)]
+    finally:
+        proc.stop()

@@ -65,6 +65,9 @@ __all__ = ["Core"]
 log = logging.getLogger("vaccelray.client")
 
 _BACKOFF: Final = 0.1
+#: Tasks in flight on the connection at once; the client holds the others (a worker
+#: refuses a connection's queue past --max-queued-per-connection, 256 by default).
+WINDOW: Final = 128
 _R = TypeVar("_R")
 
 
@@ -96,6 +99,8 @@ class Core:
         self._running: dict[str, PendingCall | asyncio.Task[None]] = {}
         #: Submissions waiting for the loop, and whether it has been woken for them.
         self._queued: collections.deque[_Queued] = collections.deque()
+        #: Tasks held while WINDOW are in flight, started as those end.
+        self._waiting: collections.deque[_Queued] = collections.deque()
         self._woken = False
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-{secrets.token_hex(3)}-"
@@ -188,6 +193,9 @@ class Core:
         if self._closed:
             _settle(ref._future, error=WorkerLostError("the client was shut down", task=spec.name))
             return
+        if len(self._running) >= WINDOW:
+            self._waiting.append(queued)
+            return
         conn = self._conn
         if (
             payload is not None
@@ -224,7 +232,7 @@ class Core:
         self._running.pop(ref.task_id, None)
         if isinstance(outcome, asyncio.CancelledError):  # TaskRef.cancel(), or shutdown
             _settle(ref._future, error=self._cancelled(spec))
-            return
+            return  # _cancel or aclose frees the window
         try:
             verdict, value = self._judge(conn, spec, options, outcome, 0)
         except Exception as exc:  # raised here, it would break the connection's read loop
@@ -239,6 +247,13 @@ class Core:
             unknown, lost = (1, None) if verdict is _Verdict.UNKNOWN else (0, value)
             work = self._attempts(spec, request, options, unknown=unknown, lost=lost)
             self._spawn(ref, spec, work)
+        self._window_freed()
+
+    def _window_freed(self) -> None:
+        """Start the tasks held back, as far as the window allows."""
+        waiting = self._waiting
+        while waiting and len(self._running) < WINDOW:
+            self._start(waiting.popleft())
 
     def _spawn(self, ref: TaskRef[Any], spec: FunctionSpec, work: Coroutine[Any, Any, Any]) -> None:
         """Run *work* as an asyncio task that settles *ref* with its outcome."""
@@ -259,6 +274,7 @@ class Core:
         finally:
             if self._running.get(ref.task_id) is asyncio.current_task():
                 del self._running[ref.task_id]
+            self._window_freed()
 
     def _cancelled(self, spec: FunctionSpec) -> TaskError:
         if self._closed:
@@ -402,8 +418,9 @@ class Core:
     def _cancel(self, task_id: str) -> None:
         task = self._running.pop(task_id, None)
         if task is None:
-            return
+            return  # ended, or held back: it is dropped when its turn comes (done already)
         task.cancel()
+        self._window_freed()
         conn = self._conn
         if conn is None:
             return
@@ -453,6 +470,9 @@ class Core:
         """Fail the tasks in flight with WorkerLostError, close the connection."""
         self._closed = True
         self._start_queued()  # fails them: the client is shut down
+        waiting, self._waiting = self._waiting, collections.deque()
+        for queued in waiting:
+            self._start(queued)  # fails them too
         running, self._running = self._running, {}
         for entry in running.values():
             entry.cancel()  # a fast-path call settles its TaskRef right here
