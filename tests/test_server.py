@@ -443,3 +443,14 @@ async def test_shutdown_cancels_future_calls_past_the_grace_period() -> None:
         with liveness("shutdown with a 0.2 s grace period"):
             await srv.shutdown(0.2)
         assert future.cancelled()
+
+
+async def test_a_call_started_just_before_close_still_leaves(
+    server: tuple[Server, Recorder],
+) -> None:
+    """Requests wait for the end of the loop turn to leave together; close sends them first."""
+    srv, recorder = server
+    async with connect(srv.addresses[0]) as client:
+        client.start_call("test.Echo", "Echo", b"last", lambda _: None)
+        client.close()
+    await eventually(lambda: len(recorder.contexts) == 1, "the last call reaching the server")

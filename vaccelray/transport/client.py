@@ -299,7 +299,8 @@ class Client:
             transport.abort()
 
     def close(self) -> None:
-        """Close the connection (its bytes already written are flushed first)."""
+        """Close the connection (requests held for this loop turn and written bytes go first)."""
+        self._protocol.flush()
         transport = self._protocol.transport
         if transport is not None:
             transport.close()
