@@ -448,7 +448,7 @@ async def test_shutdown_cancels_future_calls_past_the_grace_period() -> None:
 async def test_a_call_started_just_before_close_still_leaves(
     server: tuple[Server, Recorder],
 ) -> None:
-    """Requests wait for the end of the loop turn to leave together; close sends them first."""
+    """What was started before close leaves before the connection closes."""
     srv, recorder = server
     async with connect(srv.addresses[0]) as client:
         client.start_call("test.Echo", "Echo", b"last", lambda _: None)
