@@ -542,7 +542,7 @@ class Pool:
             return
         child.job = None
         self._failures = 0
-        if done.status and job.function and done.message.startswith("cannot load function"):
+        if done.unloaded:
             child.known.discard(job.digest)
         self._idle.append(child)
         job.finish(done)  # first: its owner runs one task less when the next is chosen

@@ -90,6 +90,8 @@ class Done(msgspec.Struct, array_like=True, frozen=True):
     result: bytes = b""
     message: str = ""
     error: ErrorInfo | None = None
+    #: The task's function could not be loaded: this process does not hold it.
+    unloaded: bool = False
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -152,9 +154,8 @@ class _Runner:
             try:
                 fn = pickle.loads(task.function)
             except BaseException as exc:
-                return self._failed(
-                    task, SERIALIZATION, f"cannot load function {task.name} on the worker", exc
-                )
+                message = f"cannot load function {task.name} on the worker"
+                return self._failed(task, SERIALIZATION, message, exc, unloaded=True)
             self.functions[task.digest] = fn
         try:
             args, kwargs = pickle.loads(task.args) if task.args else ((), {})
@@ -192,10 +193,11 @@ class _Runner:
         return Done(task.seq, OK, data)
 
     @staticmethod
-    def _failed(task: Run, status: int, message: str, exc: BaseException) -> Done:
-        return Done(
-            task.seq, status, message=message, error=describe_exception(exc, exc.__traceback__)
-        )
+    def _failed(
+        task: Run, status: int, message: str, exc: BaseException, *, unloaded: bool = False
+    ) -> Done:
+        error = describe_exception(exc, exc.__traceback__)
+        return Done(task.seq, status, message=message, error=error, unloaded=unloaded)
 
 
 def encode_frame(encoder: msgspec.msgpack.Encoder, message: msgspec.Struct) -> bytearray:
