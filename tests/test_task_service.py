@@ -467,3 +467,27 @@ async def test_a_backend_without_operations_says_so() -> None:
             await h.submit(getpid, ops=("classify",))
         assert info.value.message == "getpid needs classify; backend 'noop' supports nothing"
         assert await h.result(getpid) > 0
+
+
+def classify_then_die() -> None:
+    import vaccelray.local
+
+    vaccelray.local.classify(b"\xff\xd8image")  # opens this process's session on the agent
+    os._exit(3)
+
+
+async def test_the_sessions_of_a_pool_process_die_with_it() -> None:
+    import vaccelray
+    from vaccelray.client import Client
+    from vaccelray.client.errors import WorkerLostError
+    from vaccelray.worker.daemon import WorkerConfig, run_worker
+
+    config = WorkerConfig(addresses=("tcp://127.0.0.1:0",), announce=False, pool_size=1)
+    async with run_worker(config, backend=NoopBackend()) as worker:
+
+        def offload() -> None:
+            with Client(worker.addresses[0]) as client, pytest.raises(WorkerLostError):
+                vaccelray.get(client.submit(classify_then_die), timeout=60)
+
+        await anyio.to_thread.run_sync(offload)
+        await until(lambda: not worker.agent.sessions, "the dead process's session released")

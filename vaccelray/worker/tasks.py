@@ -25,6 +25,7 @@ the worker's sessions, and pool processes stay small and need no token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import tempfile
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("vaccelray.tasks")
+
+#: The agent's scope for the connections of pool processes (ids are per server).
+_POOL = "pool"
 
 #: Where ``vaccelray.local`` in a pool process finds the worker's agent service.
 LOCAL_ADDRESS_ENV: Final = "VACCELRAY_LOCAL_ADDRESS"
@@ -287,7 +291,14 @@ async def run_task_service(
     with tempfile.TemporaryDirectory(prefix="vaccelray-local-") as tmp:
         local = f"unix://{Path(tmp) / 'agent.sock'}"
         async with (
-            serve(agent.services(), [local], grace=0.5, max_message_size=limit),
+            # A pool process's sessions die with it (its connection), as a vAccel client's do.
+            serve(
+                agent.services(scope=_POOL),
+                [local],
+                grace=0.5,
+                max_message_size=limit,
+                on_disconnect=functools.partial(agent.connection_closed, scope=_POOL),
+            ),
             Pool(size, env={LOCAL_ADDRESS_ENV: local}, max_message_size=limit) as pool,
         ):
             log.info("Task pool: %d processes", size)
