@@ -60,7 +60,7 @@ __all__ = [
 log = logging.getLogger("vaccelray.tasks")
 
 #: The agent's scope for the connections of pool processes (ids are per server).
-_POOL = "pool"
+_POOL: Final = "pool"
 
 #: Where ``vaccelray.local`` in a pool process finds the worker's agent service.
 LOCAL_ADDRESS_ENV: Final = "VACCELRAY_LOCAL_ADDRESS"
@@ -292,12 +292,15 @@ async def run_task_service(
         local = f"unix://{Path(tmp) / 'agent.sock'}"
         async with (
             # A pool process's sessions die with it (its connection), as a vAccel client's do.
+            # No idle timeout: a process keeps its connection (and session) between tasks, and
+            # vaccelray.local does not reconnect; pool processes are ours and bounded in number.
             serve(
                 agent.services(scope=_POOL),
                 [local],
                 grace=0.5,
                 max_message_size=limit,
                 on_disconnect=functools.partial(agent.connection_closed, scope=_POOL),
+                idle_timeout=0,
             ),
             Pool(size, env={LOCAL_ADDRESS_ENV: local}, max_message_size=limit) as pool,
         ):
