@@ -42,6 +42,7 @@ from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.limits import check_response_size
+from vaccelray.protocol.services import CANCEL, REGISTER_FUNCTION, SUBMIT, WORKER
 from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
@@ -103,11 +104,11 @@ class TaskService:
 
     def service(self) -> Service:
         return Service(
-            wire.SERVICE,
+            WORKER.name,
             {
-                wire.METHOD_REGISTER: Method(self._register, inline=True),
-                wire.METHOD_SUBMIT: Method(self._submit, future=True),
-                wire.METHOD_CANCEL: Method(self._cancel, inline=True),
+                REGISTER_FUNCTION.method: Method(self._register, inline=True),
+                SUBMIT.method: Method(self._submit, future=True),
+                CANCEL.method: Method(self._cancel, inline=True),
             },
         )
 
@@ -116,11 +117,11 @@ class TaskService:
     def _register(self, payload: bytes, ctx: CallContext) -> bytes:
         self.check.check(ctx)
         request = self.functions.add(payload)
-        return wire.encode(wire.Registered(request.digest))
+        return REGISTER_FUNCTION.reply.encode(wire.Registered(request.digest))
 
     def _submit(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         self.check.check(ctx)
-        task = wire.decode_request(payload, wire.Submit)
+        task = SUBMIT.request.decode(payload)
         function = self.functions.get(task.digest).request
         self._check_requirements(task)
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -144,7 +145,7 @@ class TaskService:
                     raise RPCError(StatusCode.RESOURCE_EXHAUSTED, outcome.message)
                 else:
                     data = check_response_size(
-                        wire.METHOD_SUBMIT, _reply(outcome), self.max_message_size
+                        SUBMIT.method, _reply(outcome), self.max_message_size
                     )
             except Exception as exc:
                 reply.set_exception(exc)
@@ -218,7 +219,7 @@ class TaskService:
 
     def _cancel(self, payload: bytes, ctx: CallContext) -> bytes:
         self.check.check(ctx)
-        request = wire.decode_request(payload, wire.Cancel)
+        request = CANCEL.request.decode(payload)
         stopped = []
         for task_id in request.task_ids:
             reply, name = self.running.pop(task_id, (None, ""))
@@ -226,22 +227,22 @@ class TaskService:
                 log.info("Cancelled task %s (%s)", task_id, name)
                 reply.set_exception(RPCError(StatusCode.CANCELLED, f"task {name} was cancelled"))
                 stopped.append(task_id)
-        return wire.encode(wire.Cancelled(tuple(stopped)))
+        return CANCEL.reply.encode(wire.Cancelled(tuple(stopped)))
 
 
 def _crashed(lost: PoolProcessLost) -> bytes:
-    return wire.encode(wire.TaskFailed(wire.FailureKind.CRASHED, str(lost)))
+    return SUBMIT.reply.encode(wire.TaskFailed(wire.FailureKind.CRASHED, str(lost)))
 
 
 def _reply(done: Done) -> bytes:
     if done.status == OK:
-        return wire.encode(wire.TaskDone(done.result))
+        return SUBMIT.reply.encode(wire.TaskDone(done.result))
     kind = _FAILURE.get(done.status, wire.FailureKind.REJECTED)
     error = None
     if done.error is not None:
         e = done.error
         error = wire.RemoteError(e.module, e.qualname, e.message, e.args, e.traceback, e.attributes)
-    return wire.encode(wire.TaskFailed(kind, done.message, error))
+    return SUBMIT.reply.encode(wire.TaskFailed(kind, done.message, error))
 
 
 @dataclass(frozen=True)
