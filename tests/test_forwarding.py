@@ -43,6 +43,7 @@ class Worker:
         self.arrived = anyio.Event()
         #: The flags of each CreateSession, and each UpdateSession as it came.
         self.created: list[int] = []
+        self.destroyed: list[int] = []
         self.updates: list[pb.UpdateSessionRequest] = []
 
     def services(self) -> list[Service]:
@@ -52,6 +53,10 @@ class Worker:
         def create(payload: bytes, ctx: CallContext) -> bytes:
             self.created.append(pb.CreateSessionRequest.FromString(payload).flags)
             return pb.CreateSessionResponse(session_id=WORKER_SESSION).SerializeToString()
+
+        def destroy(payload: bytes, ctx: CallContext) -> bytes:
+            self.destroyed.append(pb.DestroySessionRequest.FromString(payload).session_id)
+            return b""
 
         def update(payload: bytes, ctx: CallContext) -> bytes:
             self.updates.append(pb.UpdateSessionRequest.FromString(payload))
@@ -65,7 +70,7 @@ class Worker:
 
         agent = {
             "CreateSession": Method(create, inline=True),
-            "DestroySession": Method(lambda p, c: b"", inline=True),
+            "DestroySession": Method(destroy, inline=True),
             "UpdateSession": Method(update, inline=True),
             "Genop": Method(genop, future=True),
         }
@@ -265,3 +270,70 @@ async def test_a_client_that_leaves_abandons_a_call_on_the_slow_path_too() -> No
             await worker.next_genop()
             assert load(sched) == 1
         await eventually(lambda: load(sched) == 0, "the abandoned call no longer counted")
+
+
+class TaskCount:
+    """Counts the tasks the loop starts while it is entered."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    def __enter__(self) -> TaskCount:
+        loop = asyncio.get_running_loop()
+        self._previous = loop.get_task_factory()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            self.started += 1
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.get_running_loop().set_task_factory(self._previous)
+
+
+async def test_creating_and_destroying_a_session_on_an_open_connection_takes_no_task() -> None:
+    async with cluster() as (worker, _, client, _):
+        agent = AgentClient(client)
+        with TaskCount() as tasks:
+            session = await agent.create_session()
+            await agent.destroy_session(session)
+        assert tasks.started == 0
+        assert worker.created == [0, 0]
+        assert worker.destroyed == [WORKER_SESSION]
+
+
+async def test_a_session_is_destroyed_on_its_worker_when_the_connection_must_be_opened() -> None:
+    async with cluster() as (worker, sched, client, session):
+        (record,) = sched.pool.registry
+        sched.pool.drop_client(record.address)
+        await AgentClient(client).destroy_session(session)
+        assert worker.destroyed == [WORKER_SESSION]
+        with pytest.raises(RPCError) as caught:
+            await client.call(
+                SERVICE_NAMES[0], "Genop", pb.GenopRequest(session_id=session).SerializeToString()
+            )
+        assert caught.value.reason is Reason.UNKNOWN_SESSION
+
+
+async def test_the_calls_of_one_read_reach_the_worker_in_one_write() -> None:
+    async with cluster() as (worker, sched, client, session):
+        request = pb.GenopRequest(session_id=session).SerializeToString()
+        first = Call(client, request)  # opens the scheduler's connection to the worker
+        _, _, future = await worker.next_genop()
+        future.set_result(b"")
+        await first.outcome()
+        (record,) = sched.pool.registry
+        transport = (await sched.pool.client(record.address))._protocol.transport
+        assert transport is not None
+        writes: list[int] = []
+        write = transport.write
+        transport.write = lambda data: (writes.append(len(data)), write(data))[1]  # type: ignore[method-assign]
+        with client.batch():  # the five leave the client in one write, so arrive in one read
+            calls = [Call(client, request) for _ in range(5)]
+        await eventually(lambda: len(worker.genops) == 6, "five more Genops at the worker")
+        for _, _, future in worker.genops[-5:]:
+            future.set_result(b"")
+        assert [await c.outcome() for c in calls] == [b""] * 5
+        assert len(writes) == 1

@@ -7,11 +7,13 @@ Every other session-bound method is forwarded as it is: its declared
 session field is rewritten to the worker's session id in the encoded bytes
 (images and tensors are not decoded), and the call is started on the
 worker's open connection from the loop, its answer passed back through a
-future: no task per call. Only when that cannot be done (no binding, no
-connection) or the worker says it lost the session does the call take the
-slower path that re-creates the session elsewhere
+future: no task per call (creating and destroying a session take none
+either, when the worker's connection is open). Only when that cannot be
+done (no binding, no connection) or the worker says it lost the session
+does the call take the slower path that re-creates the session elsewhere
 (:meth:`SessionTable.run`). A method added to the declaration with a
-session field is forwarded this way without more code here.
+session field is forwarded this way without more code here. The calls
+forwarded from one read leave for each worker in one write.
 
 Every call carries the caller's deadline on (``timeout_nano``); a request
 declaring more than the message limit is refused before it is forwarded or kept.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 from vaccelray.errors import RPCError, StatusCode
@@ -37,11 +39,12 @@ from vaccelray.protocol.services import (
     UPDATE_SESSION,
     Rpc,
 )
-from vaccelray.scheduler.pool import WorkerUnavailable
+from vaccelray.scheduler.pool import StartedCall, WorkerUnavailable
 from vaccelray.scheduler.sessions import (
     Binding,
     RoutedSession,
     SessionTable,
+    follow,
     session_lost,
     worker_lost,
 )
@@ -69,20 +72,21 @@ class AgentForwarder:
     ) -> None:
         self.table = table
         self.max_message_size = max_message_size
+        self.loop = asyncio.get_running_loop()  # made on the loop it serves
 
     def services(self) -> list[Service]:
-        own: dict[Rpc[Any, Any], Callable[[bytes, CallContext], Awaitable[bytes]]] = {
-            CREATE_SESSION: self._create_session,
-            UPDATE_SESSION: self._update_session,
-            DESTROY_SESSION: self._destroy_session,
-            REGISTER_RESOURCE: self._register_resource,
-            UNREGISTER_RESOURCE: self._unregister_resource,
+        own: dict[Rpc[Any, Any], Method] = {
+            CREATE_SESSION: Method(self._create_session, future=True),
+            UPDATE_SESSION: Method(self._update_session),
+            DESTROY_SESSION: Method(self._destroy_session, future=True),
+            REGISTER_RESOURCE: Method(self._register_resource),
+            UNREGISTER_RESOURCE: Method(self._unregister_resource),
         }
         methods: dict[str, Method] = {}
         for rpc in AGENT:
-            handler = own.get(rpc)
-            if handler is not None:
-                methods[rpc.method] = Method(handler)
+            method = own.get(rpc)
+            if method is not None:
+                methods[rpc.method] = method
             elif rpc.session_field is not None:
                 methods[rpc.method] = Method(self._forwarder(rpc), future=True)
             else:
@@ -108,21 +112,19 @@ class AgentForwarder:
                 raise RPCError(
                     StatusCode.INVALID_ARGUMENT, f"undecodable {rpc.request.name}: {exc}"
                 ) from exc
-            session = table.get(session_id)
-            call = _Forward(self, rpc, session, payload, ctx)
+            call = _Forward(self, rpc, table.get(session_id), payload, ctx)
             call.start()
-            return call.future
+            return call
 
         return forward
 
     # -- the session table's own ----------------------------------------------------------
 
-    async def _create_session(self, payload: bytes, ctx: CallContext) -> bytes:
+    def _create_session(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         request = CREATE_SESSION.request.decode(payload)
         ops_text = ctx.get_metadata(OPS_METADATA_KEY)
         ops = frozenset(o for o in ops_text.split(",") if o) if ops_text else None
-        session_id = await self.table.create(request.flags, ops, ctx)
-        return CREATE_SESSION.reply.encode(pb.CreateSessionResponse(session_id=session_id))
+        return self.table.create_soon(request.flags, ops, ctx)
 
     async def _update_session(self, payload: bytes, ctx: CallContext) -> bytes:
         request = UPDATE_SESSION.request.decode(payload)
@@ -138,10 +140,16 @@ class AgentForwarder:
         session.flags = request.flags
         return reply
 
-    async def _destroy_session(self, payload: bytes, ctx: CallContext) -> bytes:
+    def _destroy_session(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         request = DESTROY_SESSION.request.decode(payload)
-        await self.table.destroy(request.session_id, ctx)
-        return _EMPTY
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def destroyed() -> None:
+            if not done.done():  # else the caller went away meanwhile
+                done.set_result(_EMPTY)
+
+        self.table.destroy(request.session_id, ctx, destroyed)
+        return done
 
     async def _register_resource(self, payload: bytes, ctx: CallContext) -> bytes:
         request = REGISTER_RESOURCE.request.decode(payload)
@@ -157,10 +165,13 @@ class AgentForwarder:
         return _EMPTY
 
 
-class _Forward:
-    """One forwarded call: tried on the bound worker's open connection, else the slow path."""
+class _Forward(asyncio.Future[bytes]):
+    """One forwarded call, the future of its answer.
 
-    __slots__ = ("binding", "ctx", "forwarder", "future", "payload", "rpc", "session", "started")
+    Tried on the bound worker's open connection, else on the slow path.
+    Cancelling it (the server does, when the caller leaves or its deadline
+    passes) abandons the worker's call.
+    """
 
     def __init__(
         self,
@@ -170,15 +181,21 @@ class _Forward:
         payload: bytes,
         ctx: CallContext,
     ) -> None:
+        super().__init__(loop=forwarder.loop)
         self.forwarder = forwarder
         self.rpc = rpc
         self.session = session
         self.payload = payload
         self.ctx = ctx
         self.binding: Binding | None = None
-        self.future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.future.add_done_callback(self._settled)
-        self.started: Any = None  # the StartedCall or the slow path's task
+        self.started: StartedCall | None = None  # the call on the bound worker
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self.started is not None:
+            self.started.cancel()
+        return True
 
     def _rewrite(self, binding: Binding) -> bytes:
         assert self.rpc.session_field is not None
@@ -197,6 +214,7 @@ class _Forward:
                 self._answered,
                 timeout=ctx.time_left(),
                 metadata=ctx.metadata,
+                expire=False,  # the server cancels this future at the caller's deadline
             )
             if started is not None:
                 self.binding, self.started = binding, started
@@ -204,11 +222,10 @@ class _Forward:
         self._go_slow()
 
     def _answered(self, outcome: Outcome) -> None:
-        future = self.future
-        if future.done():  # cancelled by the server: the client left or the deadline passed
+        if self.done():  # cancelled by the server: the client left or the deadline passed
             return
         if isinstance(outcome, bytes):
-            future.set_result(outcome)
+            self.set_result(outcome)
             return
         binding = self.binding
         assert binding is not None
@@ -216,9 +233,9 @@ class _Forward:
             self.forwarder.table.lost(self.session, binding, bury=False)
             self._go_slow()
         elif isinstance(outcome, WorkerUnavailable):
-            future.set_exception(worker_lost(outcome, self.rpc.method, self.session))
+            self.set_exception(worker_lost(outcome, self.rpc.method, self.session))
         else:
-            future.set_exception(outcome)
+            self.set_exception(outcome)
 
     def _go_slow(self) -> None:
         table, rpc, ctx = self.forwarder.table, self.rpc, self.ctx
@@ -226,21 +243,6 @@ class _Forward:
         async def attempt(binding: Binding) -> bytes:
             return await table.send(binding, ctx, rpc.method, self._rewrite(binding))
 
-        # Referenced while it runs: the server holds the future, the future this call.
-        task = asyncio.ensure_future(table.run(self.session, ctx, rpc.method, attempt))
-        self.started = task
-        task.add_done_callback(self._slow_done)
-
-    def _slow_done(self, task: asyncio.Task[bytes]) -> None:
-        future = self.future
-        if future.done():  # the task is cancelled only once the future is
-            return
-        exc = task.exception()
-        if exc is None:
-            future.set_result(task.result())
-        else:
-            future.set_exception(exc)
-
-    def _settled(self, future: asyncio.Future[bytes]) -> None:
-        if future.cancelled() and self.started is not None:
-            self.started.cancel()  # the worker's call, or the slow path, is abandoned
+        # Referenced while it runs: the server holds this future, this future the task.
+        self.started = None
+        follow(asyncio.ensure_future(table.run(self.session, ctx, rpc.method, attempt)), self)

@@ -177,6 +177,7 @@ class WorkerPool:
                 address,
                 connect_timeout=timeout or self.connect_timeout,
                 max_message_size=self.max_message_size,
+                coalesce=not probe,  # the calls forwarded from one read leave in one write
             )
             table[address] = client
             return client
@@ -245,6 +246,7 @@ class WorkerPool:
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        expire: bool = True,
     ) -> StartedCall | None:
         """:meth:`call` without a task, on the open connection to *address*; None if none is.
 
@@ -252,7 +254,7 @@ class WorkerPool:
         (:class:`WorkerUnavailable` with ``sent=True`` when the connection
         breaks or the worker is declared down meanwhile), or CancelledError
         after :meth:`StartedCall.cancel`. Raises RPCError when *timeout* has
-        already passed.
+        already passed. *expire* as for :meth:`Client.start_call`.
         """
         client = self._clients.get(address)
         if client is None:
@@ -260,7 +262,13 @@ class WorkerPool:
         call = StartedCall(self, address, callback)
         try:
             call.pending = client.start_call(
-                service, method, payload, call.finish, timeout=timeout, metadata=metadata
+                service,
+                method,
+                payload,
+                call.finish,
+                timeout=timeout,
+                metadata=metadata,
+                expire=expire,
             )
         except TransportError:
             return None

@@ -25,7 +25,9 @@ What the vAccel methods do with this table is in
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -41,6 +43,7 @@ from vaccelray.protocol.agent import SERVICE_NAMES, unknown_resource, unknown_se
 from vaccelray.protocol.services import CREATE_SESSION, DESTROY_SESSION, REGISTER_RESOURCE
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change
+from vaccelray.transport.client import Outcome
 from vaccelray.transport.server import CallContext
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "RoutedSession",
     "SessionLimits",
     "SessionTable",
+    "follow",
     "session_lost",
 ]
 
@@ -325,7 +329,7 @@ class SessionTable:
                 continue
             except RPCError as exc:
                 self._unbind(session, bury=False)
-                self._spawn(self._destroy_on_worker, binding, HOUSEKEEPING_TIMEOUT)
+                self._destroy_on_worker(binding, HOUSEKEEPING_TIMEOUT)
                 raise RPCError(
                     exc.code,
                     f"session {session.id} could not be re-created on {address}: "
@@ -459,6 +463,74 @@ class SessionTable:
 
     # -- sessions ------------------------------------------------------------------
 
+    def create_soon(
+        self, flags: int, ops: frozenset[str] | None, ctx: CallContext
+    ) -> asyncio.Future[bytes]:
+        """:meth:`create` as the future of its CreateSession reply, without a task.
+
+        The first try goes to the least-loaded worker straight from the loop;
+        only when it cannot take the session (no open connection, full,
+        unavailable, not capable) does :meth:`create` run as a task.
+        """
+        owner = ctx.connection_id
+        self._check_session_bounds(owner)
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        worker = self.pool.pick(None)
+        if worker is None or (ops and not ops <= worker.ops):
+            self._create_later(reply, flags, ops, ctx)
+            return reply
+        address, instance = worker.address, worker.instance
+        self._creating[owner] = self._creating.get(owner, 0) + 1
+
+        def answered(outcome: Outcome) -> None:
+            if isinstance(outcome, bytes):
+                worker_session = int(CREATE_SESSION.reply.decode(outcome).session_id)
+                session = RoutedSession(next(self._session_ids), owner, flags, ops)
+                session.binding = Binding(address, instance, worker_session)
+                self.pool.registry.session_bound(address)
+                self._created(session)
+                self._creation_ended(owner)
+                if not reply.done():  # else the caller went away: its connection's end drops it
+                    reply.set_result(_created_reply(session.id))
+                return
+            self._creation_ended(owner)
+            if reply.done():
+                return
+            if isinstance(outcome, WorkerUnavailable) or (
+                isinstance(outcome, RPCError)
+                and outcome.code in (StatusCode.RESOURCE_EXHAUSTED, StatusCode.UNAVAILABLE)
+            ):
+                self._create_later(reply, flags, ops, ctx)  # tries the other workers
+            else:
+                reply.set_exception(outcome)
+
+        request = CREATE_SESSION.request.encode(pb.CreateSessionRequest(flags=flags))
+        started = self.pool.start(
+            address,
+            ctx.service,
+            CREATE_SESSION.method,
+            request,
+            answered,
+            timeout=self.housekeeping_timeout(ctx),
+            metadata=ctx.metadata,
+        )
+        if started is None:  # no open connection yet: the task connects
+            self._creation_ended(owner)
+            self._create_later(reply, flags, ops, ctx)
+        return reply
+
+    def _create_later(
+        self,
+        reply: asyncio.Future[bytes],
+        flags: int,
+        ops: frozenset[str] | None,
+        ctx: CallContext,
+    ) -> None:
+        async def create() -> bytes:
+            return _created_reply(await self.create(flags, ops, ctx))
+
+        follow(asyncio.ensure_future(create()), reply)
+
     async def create(self, flags: int, ops: frozenset[str] | None, ctx: CallContext) -> int:
         """Open a session for the caller's connection on a worker; its scheduler id."""
         owner = ctx.connection_id
@@ -469,28 +541,36 @@ class SessionTable:
             # Shielded: a session the worker made is recorded (and cleaned up) even if
             # the caller goes away meanwhile.
             with anyio.CancelScope(shield=True), anyio.fail_after(self.housekeeping_timeout(ctx)):
-                binding = await self._create_on_worker(session, ctx)
+                await self._create_on_worker(session, ctx)
         except TimeoutError:
             self._unbind(session, bury=True)
             raise RPCError(
                 StatusCode.DEADLINE_EXCEEDED, "CreateSession exceeded its deadline"
             ) from None
         else:
-            self.sessions[session.id] = session
-            self._sessions_of[owner] += 1
-            log.info(
-                "Created session %d on %s (worker session %d)",
-                session.id,
-                binding.address,
-                binding.worker_session,
-            )
+            self._created(session)
         finally:
-            self._creating[owner] -= 1
-            if not self._creating[owner]:
-                del self._creating[owner]
-            if owner in self._closed_owners:
-                self._drop_owner_sessions(owner)
+            self._creation_ended(owner)
         return session.id
+
+    def _created(self, session: RoutedSession) -> None:
+        binding = session.binding
+        assert binding is not None
+        self.sessions[session.id] = session
+        self._sessions_of[session.owner] += 1
+        log.info(
+            "Created session %d on %s (worker session %d)",
+            session.id,
+            binding.address,
+            binding.worker_session,
+        )
+
+    def _creation_ended(self, owner: int) -> None:
+        self._creating[owner] -= 1
+        if not self._creating[owner]:
+            del self._creating[owner]
+        if owner in self._closed_owners:
+            self._drop_owner_sessions(owner)
 
     def _check_session_bounds(self, owner: int) -> None:
         limits = self.limits
@@ -513,49 +593,84 @@ class SessionTable:
         if not self._sessions_of[session.owner]:
             del self._sessions_of[session.owner]
 
-    async def destroy(self, session_id: int, ctx: CallContext) -> None:
+    def destroy(
+        self, session_id: int, ctx: CallContext, then: Callable[[], object] | None = None
+    ) -> None:
+        """Forget the session now; *then* runs once its worker has answered (or cannot)."""
         session = self.get(session_id)
         self._forget_session(session)
         log.info("Destroyed session %d", session.id)
-        await self._release(session, self.housekeeping_timeout(ctx))
+        self._release(session, self.housekeeping_timeout(ctx), then)
 
-    async def _release(self, session: RoutedSession, timeout: float) -> None:
+    def _release(
+        self, session: RoutedSession, timeout: float, then: Callable[[], object] | None = None
+    ) -> None:
         """Destroy the session's worker side (best effort) and forget its resources."""
         binding = session.binding
         self._unbind(session, bury=False)
         self._drop_resources(session)
-        if binding is None:
-            return
-        if not self.valid(binding):
+        if binding is not None and not self.valid(binding):
             self._graveyard.setdefault((binding.address, binding.instance), set()).add(
                 binding.worker_session
             )
+        elif binding is not None:
+            self._destroy_on_worker(binding, timeout, then)
             return
-        await self._destroy_on_worker(binding, timeout)
+        if then is not None:
+            then()
 
-    async def _destroy_on_worker(self, binding: Binding, timeout: float) -> None:
-        request = pb.DestroySessionRequest(session_id=binding.worker_session)
-        try:
-            with anyio.CancelScope(shield=True):
-                await self.pool.call(
-                    binding.address,
-                    SERVICE_NAMES[0],
-                    DESTROY_SESSION.method,
-                    DESTROY_SESSION.request.encode(request),
-                    timeout=timeout,
+    def _destroy_on_worker(
+        self, binding: Binding, timeout: float, then: Callable[[], object] | None = None
+    ) -> None:
+        """Destroy *binding*'s worker session (best effort); *then* runs once it is done."""
+
+        def answered(outcome: Outcome) -> None:
+            if isinstance(outcome, WorkerUnavailable):
+                self._graveyard.setdefault((binding.address, binding.instance), set()).add(
+                    binding.worker_session
                 )
-        except WorkerUnavailable:
-            self._graveyard.setdefault((binding.address, binding.instance), set()).add(
-                binding.worker_session
-            )
-        except RPCError as exc:
-            if exc.code != StatusCode.NOT_FOUND:
+            elif isinstance(outcome, RPCError) and outcome.code != StatusCode.NOT_FOUND:
                 log.warning(
                     "Destroying worker session %d on %s failed: %s",
                     binding.worker_session,
                     binding.address,
-                    exc,
+                    outcome,
                 )
+            if then is not None:
+                then()
+
+        request = DESTROY_SESSION.request.encode(
+            pb.DestroySessionRequest(session_id=binding.worker_session)
+        )
+        try:
+            started = self.pool.start(
+                binding.address,
+                SERVICE_NAMES[0],
+                DESTROY_SESSION.method,
+                request,
+                answered,
+                timeout=timeout,
+            )
+        except RPCError as exc:  # no time left
+            answered(exc)
+            return
+        if started is None:  # no open connection: a task connects
+
+            async def destroy() -> None:
+                try:
+                    await self.pool.call(
+                        binding.address,
+                        SERVICE_NAMES[0],
+                        DESTROY_SESSION.method,
+                        request,
+                        timeout=timeout,
+                    )
+                except (WorkerUnavailable, RPCError) as exc:
+                    answered(exc)
+                else:
+                    answered(b"")
+
+            self._spawn(destroy)
 
     def _drop_resources(self, session: RoutedSession) -> None:
         for resource_id in session.resources:
@@ -681,7 +796,7 @@ class SessionTable:
         log.info("Connection %d closed: destroying its %d sessions", owner, len(orphans))
         for session in orphans:
             self._forget_session(session)
-            self._spawn(self._release, session, HOUSEKEEPING_TIMEOUT)
+            self._release(session, HOUSEKEEPING_TIMEOUT)
 
     def _worker_changed(self, address: str, change: Change) -> None:
         record = self.pool.registry.get(address)
@@ -705,15 +820,35 @@ class SessionTable:
             self.pool.registry.releasing_sessions(address, len(leftovers))
             for worker_session in leftovers:
                 log.info("Destroying worker session %d left on %s", worker_session, address)
-                self._spawn(
-                    self._destroy_leftover, Binding(address, record.instance, worker_session)
+                self._destroy_on_worker(
+                    Binding(address, record.instance, worker_session),
+                    HOUSEKEEPING_TIMEOUT,
+                    functools.partial(self.pool.registry.session_released, address),
                 )
 
-    async def _destroy_leftover(self, binding: Binding) -> None:
-        try:
-            await self._destroy_on_worker(binding, HOUSEKEEPING_TIMEOUT)
-        finally:
-            self.pool.registry.session_released(binding.address)
+
+def _created_reply(session_id: int) -> bytes:
+    return CREATE_SESSION.reply.encode(pb.CreateSessionResponse(session_id=session_id))
+
+
+def follow(task: asyncio.Future[bytes], result: asyncio.Future[bytes]) -> None:
+    """Settle *result* as *task* ends; cancelling *result* cancels *task*."""
+
+    def settle(task: asyncio.Future[bytes]) -> None:
+        if result.done():  # the task is cancelled only once the result is
+            return
+        exc = task.exception()
+        if exc is None:
+            result.set_result(task.result())
+        else:
+            result.set_exception(exc)
+
+    def abandon(result: asyncio.Future[bytes]) -> None:
+        if result.cancelled():
+            task.cancel()
+
+    task.add_done_callback(settle)
+    result.add_done_callback(abandon)
 
 
 def worker_lost(exc: WorkerUnavailable, method: str, session: RoutedSession) -> RPCError:
