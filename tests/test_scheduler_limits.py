@@ -213,3 +213,10 @@ async def test_a_resource_a_worker_dropped_is_registered_there_again() -> None:
         now = sched.table.resources[resource].on_worker
         [(key, new_id)] = [(k, v) for k, v in now.items() if k[0] == where]
         assert new_id != old[key]
+
+
+@pytest.mark.parametrize("name", ["max_sessions", "replay_bytes"])
+def test_a_negative_bound_is_refused_naming_it(name: str) -> None:
+    with pytest.raises(ValueError, match=f"^{name} must be 0 \\(no bound\\) or more, got -1$"):
+        SessionLimits(**{name: -1})
+    assert getattr(SessionLimits(**{name: 0}), name) == 0

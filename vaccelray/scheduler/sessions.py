@@ -37,6 +37,7 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
+from vaccelray.bounds import Bounds
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES, unknown_resource, unknown_session
@@ -104,7 +105,7 @@ class RoutedResource:
 
 
 @dataclass(frozen=True)
-class SessionLimits:
+class SessionLimits(Bounds):
     """What the scheduler's session table holds at most (0: no bound).
 
     Past a bound the call is refused at once with RESOURCE_EXHAUSTED naming
@@ -125,11 +126,6 @@ class SessionLimits:
     #: Bytes of resource registrations kept to replay on another worker.
     replay_bytes: int = 256 << 20
 
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if value < 0:
-                raise ValueError(f"{name} must be 0 (no bound) or more, got {value}")
-
 
 def _exhausted(what: str, limit: int, option: str) -> RPCError:
     return RPCError(
@@ -143,16 +139,19 @@ def session_lost(exc: RPCError, worker_session: int) -> bool:
 
     Our workers say so with a reason; a plain vAccel agent only in words.
     """
-    if exc.reason is not None:
-        return exc.reason is Reason.UNKNOWN_SESSION
-    return exc.code == StatusCode.NOT_FOUND and exc.message == f"Unknown session {worker_session}"
+    return _says(exc, unknown_session(worker_session))
 
 
 def _resource_lost(exc: RPCError, worker_resource: int) -> bool:
     """Whether a worker's error says it does not hold *worker_resource* (as session_lost)."""
+    return _says(exc, unknown_resource(worker_resource))
+
+
+def _says(exc: RPCError, expected: RPCError) -> bool:
+    """Whether *exc* is the agent's *expected* error: by its reason, else by its words."""
     if exc.reason is not None:
-        return exc.reason is Reason.UNKNOWN_RESOURCE
-    return exc.code == StatusCode.NOT_FOUND and exc.message == f"Unknown resource {worker_resource}"
+        return exc.reason is expected.reason
+    return exc.code == expected.code and exc.message == expected.message
 
 
 class Rebind(Exception):

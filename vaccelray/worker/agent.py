@@ -30,6 +30,7 @@ from typing import Any, Final, Generic, TypeAlias, TypeVar
 import anyio
 import anyio.abc
 
+from vaccelray.bounds import Bounds
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import unknown_resource, unknown_session
@@ -67,7 +68,7 @@ Owner: TypeAlias = tuple[str, int]
 
 
 @dataclass(frozen=True)
-class AgentLimits:
+class AgentLimits(Bounds):
     """What one worker's vAccel agent holds at most (0: no bound).
 
     Past a bound the call is refused with RESOURCE_EXHAUSTED, naming the bound
@@ -90,11 +91,6 @@ class AgentLimits:
     max_resources_per_connection: int = 1024
     #: Bytes of resource blob data held at once.
     max_resource_bytes: int = 256 << 20
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if value < 0:
-                raise ValueError(f"{name} must be 0 (no bound) or more, got {value}")
 
 
 @dataclass(eq=False)
