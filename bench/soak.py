@@ -142,7 +142,9 @@ class Stats:
     by_kind: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     in_flight: dict[int, str] = field(default_factory=dict)
     started: int = 0
-    latencies: list[float] = field(default_factory=list)  # OK agent calls since the last sample
+    #: OK agent calls of the well-behaved clients since the last sample (not the non-reading
+    #: client's own: its answers wait for it to read, and that is the point of it).
+    latencies: list[float] = field(default_factory=list)
     examples: dict[str, str] = field(default_factory=dict)  # first message per kind and status
     _ids: int = 0
 
@@ -158,7 +160,7 @@ class Stats:
     def end(self, call: int, status: str, latency: float = 0.0, error: object = None) -> None:
         kind = self.in_flight.pop(call)
         self.by_kind[kind, status] += 1
-        if status == "OK" and kind != "task":
+        if status == "OK" and kind not in ("task", "flood"):
             self.latencies.append(latency)
         if error is not None and f"{kind} {status}" not in self.examples:
             self.examples[f"{kind} {status}"] = str(error)[:240]
