@@ -1,4 +1,4 @@
-"""The hand-written envelope encoders agree byte for byte with protobuf's."""
+"""The hand-written envelope (and GenopResponse) codecs agree byte for byte with protobuf's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vaccelray.errors import Detail
-from vaccelray.protocol._pb import ttrpc_pb2
+from vaccelray.protocol._pb import ttrpc_pb2, vaccel_pb2
+from vaccelray.protocol.agent import encode_genop_response
 from vaccelray.protocol.envelope import (
     EnvelopeError,
     decode_request,
@@ -110,3 +111,14 @@ def test_large_request_with_a_bad_field_elsewhere_is_an_envelope_error() -> None
     body = encode_request("s", "m", bytes(BIG)) + b"\x00\x01"  # field number 0
     with pytest.raises(EnvelopeError):
         decode_request(body)
+
+
+uint32s = st.integers(0, 2**32 - 1)
+
+
+@given(st.lists(st.tuples(st.binary(max_size=300), uint32s, uint32s), max_size=4))
+def test_genop_response_encoding_matches_protobuf(args: list[tuple[bytes, int, int]]) -> None:
+    reference = vaccel_pb2.GenopResponse()
+    for buf, arg_type, custom in args:
+        reference.write_args.add(buf=buf, size=len(buf), arg_type=arg_type, custom_type_id=custom)
+    assert encode_genop_response(args) == reference.SerializeToString(deterministic=True)
