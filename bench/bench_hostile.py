@@ -560,7 +560,8 @@ def main() -> int:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     nofile = raise_nofile()
     log(
-        f"bench_hostile{' --quick' if quick else ''}: open files limit {nofile}, load average "
+        f"bench_hostile{' --quick' if quick else ''}: open files limit {nofile}"
+        f"{'' if nofile >= NOFILE else f' (not {NOFILE}: the hard limit)'}, load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     result: dict[str, Any] = {"quick": quick, "nofile": nofile, "loadavg": os.getloadavg()}
