@@ -8,7 +8,9 @@ clients may use what they like.
 
 a. ``idle``: 10,000 silent plaintext connections, opened in batches (each
    batch waits until the worker has accepted it, so the listen backlog never
-   overflows). Worker RSS before and after, per connection, and a fresh
+   overflows), held by this process; the worker runs with ``--idle-timeout 0``
+   so none is closed however slow the run. Worker RSS before and after, per
+   connection, and a fresh
    client's classify p99 meanwhile. Targets: <= 200 MiB in all, <= 16 KiB per
    connection, p99 <= 50 ms.
 b. ``peak``: requests of up to the max message size (4 MiB), one kind per
