@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import given
@@ -444,3 +445,32 @@ def test_in_frame_is_false_exactly_at_frame_boundaries(sent: list[Frame], sizes:
         pos = min(pos + size, len(data))
         decode_all(decoder)
         assert decoder.in_frame == (pos not in boundaries)
+
+
+@pytest.mark.parametrize("chunk", [4096, 65536 + 7])
+def test_a_large_frame_in_chunks_is_joined_once_and_not_held(chunk: int) -> None:
+    size = 1 << 20
+    body = bytes(range(256)) * (size // 256)
+    after = encode_frame(3, FrameType.REQUEST, b"next")
+    data = encode_frame(1, FrameType.REQUEST, body) + after[:5]
+    decoder = FrameDecoder()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(0, len(data), chunk):
+            decoder.feed(data[i : i + chunk])
+            if i + chunk < len(data):
+                assert decoder.next_frame() is None
+        frame = decoder.next_frame()
+        held, peak = (n - base for n in tracemalloc.get_traced_memory())
+    finally:
+        tracemalloc.stop()
+    assert frame == Frame(1, FrameType.REQUEST, 0, body)
+    # The body once, and the chunks while it is joined: no copy of the whole
+    # received data is kept besides the frame handed out.
+    assert held < size + 64 * 1024
+    assert peak < 2 * size + 2 * chunk + 64 * 1024
+    assert decoder.buffered == 5
+    decoder.feed(after[5:])
+    assert decoder.next_frame() == Frame(3, FrameType.REQUEST, 0, b"next")
+    assert decoder.buffered == 0

@@ -46,8 +46,22 @@ class EnvelopeError(ValueError):
     """Bytes that are not a valid protobuf encoding of the envelope message."""
 
 
+#: Bodies from this size on have their payload sliced out before the rest is decoded.
+_SPLIT_AT: Final = 64 << 10
+
+
 def decode_request(body: bytes) -> tuple[str, str, bytes, int, Metadata]:
-    """(service, method, payload, timeout_nano, metadata) of a ``ttrpc.Request``."""
+    """(service, method, payload, timeout_nano, metadata) of a ``ttrpc.Request``.
+
+    A large request's payload is sliced out of *body* (one copy) and only the
+    rest goes through protobuf, which would copy the payload twice (into the
+    message, then out of it): a 4 MiB request costs 4 MiB less at its peak.
+    """
+    payload: bytes | None = None
+    if len(body) >= _SPLIT_AT and (span := _payload_span(body)) is not None:
+        start, data, end = span
+        payload = body[data:end]
+        body = body[:start] + body[end:]
     try:
         request = _Request.FromString(body)
     except DecodeError as exc:
@@ -56,10 +70,53 @@ def decode_request(body: bytes) -> tuple[str, str, bytes, int, Metadata]:
     return (
         request.service,
         request.method,
-        request.payload,
+        request.payload if payload is None else payload,
         request.timeout_nano,
         tuple([(kv.key, kv.value) for kv in metadata]) if metadata else (),
     )
+
+
+def _varint_at(body: bytes, pos: int) -> tuple[int, int] | None:
+    """(value, position after it) of the varint at *pos*, None when it is cut short."""
+    value = shift = 0
+    for i in range(pos, min(len(body), pos + 10)):
+        byte = body[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    return None
+
+
+def _payload_span(body: bytes) -> tuple[int, int, int] | None:
+    """(field start, bytes start, end) of a request's payload field, else None.
+
+    None also when the top-level fields do not walk cleanly (a field of
+    another wire type than the request's, a length past the end): protobuf
+    then decodes (or refuses) the whole body. Of several payload fields, the
+    last is taken (protobuf's rule); the others go to protobuf and are dropped.
+    """
+    found = None
+    pos = 0
+    while pos < len(body):
+        key = _varint_at(body, pos)
+        if key is None:
+            return None
+        tag, after = key
+        if tag & 7 == 0:  # timeout_nano
+            value = _varint_at(body, after)
+            if value is None:
+                return None
+            pos = value[1]
+            continue
+        length = _varint_at(body, after) if tag & 7 == _WIRE_LEN else None
+        if length is None or length[1] + length[0] > len(body):
+            return None
+        end = length[1] + length[0]
+        if tag == 3 << 3 | _WIRE_LEN:  # the last one wins, as in protobuf
+            found = (pos, length[1], end)
+        pos = end
+    return found
 
 
 def _len_prefix(number: int, size: int) -> bytes:

@@ -151,15 +151,36 @@ class FrameDecoder:
         if length > self.max_message_size:
             self._skip_oversized(length)
             return OversizedFrame(stream_id, frame_type, length)
-        end = pos + HEADER_SIZE + length
-        if not self._available(HEADER_SIZE + length):
-            return None
-        if self._pos != pos:  # joined: the frame now starts at 0
-            end -= pos
-            pos = 0
         buf = self._buf
-        self._pos = end
-        return Frame(stream_id, frame_type, flags, buf[pos + HEADER_SIZE : end])
+        start = pos + HEADER_SIZE
+        end = start + length
+        if end <= len(buf):
+            self._pos = end
+            return Frame(stream_id, frame_type, flags, buf[start:end])
+        if len(buf) - start + self._pending < length:
+            return None
+        return Frame(stream_id, frame_type, flags, self._join_body(start, length))
+
+    def _join_body(self, start: int, length: int) -> bytes:
+        """The *length* bytes from *start* of the buffer on, the chunks' included, in one copy.
+
+        Only the body is joined (not the chunks after it, nor the header), so
+        a large frame costs its body once, and nothing of it stays held here
+        once the frame is handed out.
+        """
+        parts = [self._buf[start:]]
+        need = length - len(parts[0])
+        chunks = self._chunks
+        for i, chunk in enumerate(chunks):
+            if len(chunk) >= need:
+                parts.append(chunk[:need])
+                self._buf, self._pos = chunk[need:], 0
+                self._chunks = rest = chunks[i + 1 :]
+                self._pending = sum(map(len, rest))
+                break
+            parts.append(chunk)
+            need -= len(chunk)
+        return b"".join(parts)
 
     def _skip_oversized(self, length: int) -> None:
         # Consume the header and whatever of the body is here; feed() skips the rest.

@@ -33,7 +33,7 @@ import anyio.abc
 from vaccelray.bounds import Bounds
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
-from vaccelray.protocol.agent import unknown_resource, unknown_session
+from vaccelray.protocol.agent import encode_genop_response, unknown_resource, unknown_session
 from vaccelray.protocol.classify import ClassifyReply, ClassifyRequest
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.limits import check_response_size
@@ -531,17 +531,14 @@ class Agent:
         log.info("session:%d Genop", session.id)
         read_args = [_arg(a) for a in request.read_args]
         write_args = [_arg(a) for a in request.write_args]
+        # Only these, not the request: its copy of every argument is dropped before the work.
+        types = [(a.arg_type, a.custom_type_id) for a in write_args]
 
         def finish(outputs: list[bytes]) -> bytes:
-            response = pb.GenopResponse()
-            for arg, data in zip(request.write_args, outputs, strict=False):
-                response.write_args.add(
-                    buf=data,
-                    size=len(data),
-                    arg_type=arg.arg_type,
-                    custom_type_id=arg.custom_type_id,
-                )
-            return response.SerializeToString()
+            return encode_genop_response(
+                (data, arg_type, custom)
+                for data, (arg_type, custom) in zip(outputs, types, strict=False)
+            )
 
         return _Plan(
             session, lambda: self.backend.genop(session.handle, read_args, write_args), finish
