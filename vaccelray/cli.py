@@ -349,20 +349,11 @@ def task_sandbox_options(command: _F) -> _F:
 
     @functools.wraps(command)
     def wrapper(**kwargs: object) -> object:
-        from vaccelray.worker.sandbox import (
-            SandboxConfig,
-            TaskLimits,
-            default_task_memory,
-            parse_mount,
-        )
-        from vaccelray.worker.tasks import default_pool_size
+        from vaccelray.worker.sandbox import SandboxConfig, TaskLimits, parse_mount
 
-        memory, pool_size = kwargs.pop("task_memory"), kwargs["pool_size"]
-        if memory is None:
-            size = default_pool_size() if pool_size is None else cast(int, pool_size)
-            memory = default_task_memory(size)
+        memory = cast("str | None", kwargs.pop("task_memory"))
         limits = TaskLimits(
-            memory=_size(str(memory)),
+            memory=None if memory is None else _size(memory),
             open_files=cast(int, kwargs.pop("task_open_files")),
             cpu_seconds=cast(int, kwargs.pop("task_cpu_seconds")),
             processes=cast(int, kwargs.pop("task_processes")),

@@ -241,7 +241,7 @@ def main(fd: int, max_result: int, limits: str = "", parent: int = 0, user: str 
     reader = sock.makefile("rb", buffering=1 << 16)
     decoder = msgspec.msgpack.Decoder(Run)
     encoder = msgspec.msgpack.Encoder()
-    runner = _Runner(max_result, task_limits.memory)
+    runner = _Runner(max_result, task_limits.memory or 0)
     while True:
         body = _read_frame(reader)
         if body is None:

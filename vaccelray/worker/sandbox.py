@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -134,19 +134,20 @@ def default_task_memory(pool_size: int) -> int:
 class TaskLimits:
     """Limits of one pool process; 0 is no limit."""
 
-    #: Bytes of data memory (RLIMIT_DATA: heap and private writable mappings).
-    memory: int = 0
+    #: Bytes of data memory (RLIMIT_DATA: heap and private writable mappings); None:
+    #: the host's RAM shared by the pool's processes (see :func:`default_task_memory`).
+    memory: int | None = None
     #: Open file descriptors (RLIMIT_NOFILE).
-    open_files: int = 0
+    open_files: int = 1024
     #: CPU seconds over the process's life (RLIMIT_CPU); past it the process is killed.
     cpu_seconds: int = 0
     #: Processes of the sandbox's user (RLIMIT_NPROC; only applied inside a sandbox,
     #: where it counts that sandbox's processes, not all of the user's on the host).
-    processes: int = 0
+    processes: int = 256
 
     def encode(self) -> str:
-        """The argument a pool process gets (see :meth:`decode`)."""
-        return f"{self.memory},{self.open_files},{self.cpu_seconds},{self.processes}"
+        """The argument a pool process gets (see :meth:`decode`); the memory is resolved."""
+        return f"{self.memory or 0},{self.open_files},{self.cpu_seconds},{self.processes}"
 
     @classmethod
     def decode(cls, text: str) -> TaskLimits:
@@ -249,12 +250,7 @@ class SandboxConfig:
     hide: tuple[str, ...] = ()
     #: The user tasks run as when the worker runs as root.
     task_user: str = "nobody"
-    #: None: the default (a share of RAM per pool process, 1024 files, 256 processes).
-    limits: TaskLimits | None = None
-
-
-def _default_limits(pool_size: int) -> TaskLimits:
-    return TaskLimits(memory=default_task_memory(pool_size), open_files=1024, processes=256)
+    limits: TaskLimits = TaskLimits()
 
 
 @dataclass
@@ -315,7 +311,8 @@ class Sandbox:
         binds += [(path, True, True) for path in self.sockets]
         # A directory the task user may not search (a 0700 home holding the venv) becomes
         # an empty tmpfs, and what the task needs below it is bound back.
-        covered = [_TMP] + (self._closed_dirs([b[0] for b in binds]) if self.user else [])
+        closed = self._closed_dirs([b[0] for b in binds]) if self.user else []
+        covered = [_TMP] + [c for c in closed if not _under(c, _TMP)]
         for path in covered[1:]:
             args += ["--tmpfs", path]
         made = set(covered)
@@ -438,7 +435,9 @@ def prepare(
 
     *which* is where bwrap is looked for (the ``PATH``'s directories by default).
     """
-    limits = config.limits if config.limits is not None else _default_limits(pool_size)
+    limits = config.limits
+    if limits.memory is None:
+        limits = replace(limits, memory=default_task_memory(pool_size))
     user = None
     if os.geteuid() == 0 and config.mode != "embedded":
         uid, gid = _task_ids(config.task_user)
@@ -446,7 +445,7 @@ def prepare(
             user = (uid, gid)
     sandbox = Sandbox(config, limits, user=user)
     if config.mode != "bwrap":
-        sandbox.limits = TaskLimits(limits.memory, limits.open_files, limits.cpu_seconds, 0)
+        sandbox.limits = replace(limits, processes=0)  # it would count all the user's processes
         return sandbox
     path = None if which is None else os.pathsep.join(which)
     bwrap = shutil.which(BWRAP, path=path)
