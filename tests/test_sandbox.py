@@ -11,6 +11,7 @@ difference. The unit tests at the end pin what a sandbox is made of.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ import pytest
 import vaccelray
 from tests.processes import Proc, child_env, start_daemon, worker_argv
 from tests.waiting import until
+from vaccelray.worker import sandbox as sandbox_module
 from vaccelray.worker.sandbox import (
     Mount,
     Sandbox,
@@ -690,3 +692,127 @@ def test_apply_limits_never_raises_a_hard_limit() -> None:
     ).stdout.split("\n")  # fmt: skip
     assert out[0] == "60 60"
     assert out[1] == "True"
+
+
+class _Resources:
+    """A stand-in for the ``resource`` module: limits kept here, not set on pytest."""
+
+    RLIMIT_DATA, RLIMIT_NOFILE, RLIMIT_CPU, RLIMIT_NPROC = 1, 2, 3, 4
+    RLIM_INFINITY = -1
+
+    def __init__(self, hard: dict[int, int]) -> None:
+        self.hard = hard
+        self.set: dict[int, tuple[int, int]] = {}
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        return (0, self.hard.get(which, self.RLIM_INFINITY))
+
+    def setrlimit(self, which: int, value: tuple[int, int]) -> None:
+        self.set[which] = value
+
+
+class _Left(Exception):
+    pass
+
+
+def _apply_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    limits: TaskLimits,
+    *,
+    parent: int = 0,
+    user: str = "-",
+    ppid: int = 4242,
+    hard: dict[int, int] | None = None,
+) -> tuple[list[Any], _Resources, str]:
+    """apply_limits with its system calls recorded instead of made: (calls, limits, oom score)."""
+    calls: list[Any] = []
+
+    class Libc:
+        def prctl(self, *args: int) -> int:
+            calls.append(("prctl", *args))
+            return 0
+
+    def leave(code: int) -> None:
+        calls.append(("exit", code))
+        raise _Left
+
+    resources = _Resources(hard or {})
+    score = tmp_path / "oom_score_adj"
+    monkeypatch.setattr(sandbox_module, "resource", resources)
+    monkeypatch.setattr(sandbox_module, "_OOM_SCORE", str(score))
+    monkeypatch.setattr(
+        sandbox_module.ctypes, "CDLL", lambda name, use_errno: calls.append("libc") or Libc()
+    )
+    monkeypatch.setattr(os, "getppid", lambda: ppid)
+    monkeypatch.setattr(os, "_exit", leave)
+    for name in ("setgroups", "setgid", "setuid"):
+        monkeypatch.setattr(os, name, lambda v, name=name: calls.append((name, v)))
+    with contextlib.suppress(_Left):
+        sandbox_module.apply_limits(limits, parent, user)
+    return calls, resources, score.read_text() if score.exists() else ""
+
+
+def test_apply_limits_sets_each_limit_and_arms_the_death_signal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    limits = TaskLimits(memory=300 << 20, open_files=77, cpu_seconds=99, processes=12)
+    calls, resources, score = _apply_in_process(
+        monkeypatch, tmp_path, limits, parent=4242, hard={_Resources.RLIMIT_NOFILE: 50}
+    )
+    assert calls == ["libc", ("prctl", 1, signal.SIGKILL, 0, 0, 0)]
+    assert score == "1000"
+    assert resources.set == {
+        _Resources.RLIMIT_DATA: (300 << 20, 300 << 20),
+        _Resources.RLIMIT_NOFILE: (50, 50),  # never above the hard limit it had
+        _Resources.RLIMIT_CPU: (99, 99),
+        _Resources.RLIMIT_NPROC: (12, 12),
+    }
+    _, resources, _ = _apply_in_process(
+        monkeypatch, tmp_path, TaskLimits(memory=0, open_files=0, processes=0)
+    )
+    assert resources.set == {}
+
+
+def test_apply_limits_changes_user_before_the_death_signal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls, _, _ = _apply_in_process(monkeypatch, tmp_path, TaskLimits(), user="65534:65533")
+    # A change of ids clears the death signal: it is armed after.
+    assert calls == [
+        ("setgroups", []),
+        ("setgid", 65533),
+        ("setuid", 65534),
+        "libc",
+        ("prctl", 1, signal.SIGKILL, 0, 0, 0),
+    ]
+
+
+def test_apply_limits_leaves_when_its_parent_is_gone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls, resources, score = _apply_in_process(
+        monkeypatch, tmp_path, TaskLimits(memory=1 << 20), parent=4242, ppid=1
+    )
+    assert calls[-1] == ("exit", 1)
+    assert (resources.set, score) == ({}, "")
+    # With no parent to check (a sandbox between), any parent will do.
+    limits = TaskLimits(memory=1 << 20, open_files=0, processes=0)
+    calls, resources, _ = _apply_in_process(monkeypatch, tmp_path, limits, parent=0, ppid=1)
+    assert ("exit", 1) not in calls
+    assert resources.set == {_Resources.RLIMIT_DATA: (1 << 20, 1 << 20)}
+
+
+def test_apply_limits_without_proc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sandbox_module, "_OOM_SCORE", str(tmp_path / "missing" / "x"))
+    calls: list[Any] = []
+    monkeypatch.setattr(sandbox_module, "resource", _Resources({}))
+    monkeypatch.setattr(sandbox_module.ctypes, "CDLL", lambda name, use_errno: _NoPrctl())
+    sandbox_module.apply_limits(TaskLimits(memory=1 << 20, open_files=0, processes=0), 0)
+    assert sandbox_module.resource.set == {1: (1 << 20, 1 << 20)}  # type: ignore[attr-defined]
+    assert calls == []
+
+
+class _NoPrctl:
+    def prctl(self, *args: int) -> int:
+        return 0

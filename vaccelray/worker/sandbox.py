@@ -69,6 +69,8 @@ BWRAP: Final = "bwrap"
 MEMORY_OPTION: Final = "--task-memory"
 #: ``prctl`` option numbers (linux/prctl.h).
 _PR_SET_PDEATHSIG: Final = 1
+#: Where a process raises its own OOM score (1000: the OOM killer's first choice).
+_OOM_SCORE: Final = "/proc/self/oom_score_adj"
 #: The namespaces and mounts every sandbox has (the paths and the user come on top).
 #: As root, bwrap makes them itself (no user namespace: the pool process then becomes
 #: the task user, a real uid change); as anyone else, inside a new user namespace.
@@ -201,7 +203,7 @@ def apply_limits(limits: TaskLimits, parent: int, user: str = "-") -> None:
         os._exit(1)
     # Raising one's own OOM score needs no privilege: the daemon is never the choice.
     try:
-        with open("/proc/self/oom_score_adj", "w") as f:
+        with open(_OOM_SCORE, "w") as f:
             f.write("1000")
     except OSError:  # no /proc: the limits below still hold
         pass
