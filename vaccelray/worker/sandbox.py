@@ -32,19 +32,21 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pwd
 import resource
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from vaccelray.errors import VaccelrayError
+
+if TYPE_CHECKING:
+    import tempfile
+
+# A pool process imports this module for its limits: what only the worker uses
+# (pwd, shutil, subprocess, tempfile) is imported where it is used.
 
 __all__ = [
     "BWRAP",
@@ -357,6 +359,8 @@ class Sandbox:
     def _empty_file(self) -> str:
         """An empty file nobody may read (mode 0), bound over each hidden file."""
         if self._placeholder is None:
+            import tempfile
+
             self._placeholder = tempfile.TemporaryDirectory(prefix="vaccelray-hidden-")
             # bwrap, run as the task user, must reach it to bind it.
             os.chmod(self._placeholder.name, 0o711)
@@ -379,6 +383,8 @@ class Sandbox:
         """*env* without the daemon's secrets, with the task user's home when it switches."""
         env = {k: v for k, v in env.items() if k not in _SECRET_ENV}
         if self.user is not None:
+            import pwd
+
             entry = pwd.getpwuid(self.user[0])
             env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
         return env
@@ -405,6 +411,8 @@ def _needed_paths(env: dict[str, str]) -> list[str]:
 
 
 def _task_ids(name: str) -> tuple[int, int]:
+    import pwd
+
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
@@ -414,6 +422,8 @@ def _task_ids(name: str) -> tuple[int, int]:
 
 def _probe(command: Sequence[str]) -> str | None:
     """Why bwrap cannot make a sandbox here (its last error line), None when it can."""
+    import subprocess
+
     try:
         result = subprocess.run(
             [*command, "--", "/bin/sh", "-c", "exit 0"],
@@ -449,6 +459,8 @@ def prepare(
     if config.mode != "bwrap":
         sandbox.limits = replace(limits, processes=0)  # it would count all the user's processes
         return sandbox
+    import shutil
+
     path = None if which is None else os.pathsep.join(which)
     bwrap = shutil.which(BWRAP, path=path)
     fix = (
