@@ -359,6 +359,55 @@ def test_pool_processes_outlive_a_signal_to_the_process_group(
             process.stderr.close()
 
 
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        children = Path(f"/proc/{todo.pop()}/task")
+        for task in children.iterdir() if children.exists() else ():
+            with contextlib.suppress(OSError):
+                kids = [int(k) for k in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _state(pid) != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("isolation", ["sandbox", "unsafe"])
+def test_pool_processes_die_with_the_daemon(
+    tmp_path: Path, token_file: Path, outside_tmp: Path, isolation: str
+) -> None:
+    """Killed in the middle of a task that never ends, the daemon leaves no process behind."""
+    if isolation == "sandbox" and WHY_NOT is not None:
+        pytest.skip(f"no sandbox here: {WHY_NOT}")
+    outside_tmp.chmod(0o755)  # without a sandbox, the task user crosses it itself
+    shared = outside_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    os.mkfifo(shared / "never", 0o666)
+    extra = ("--unsafe-no-sandbox",) if isolation == "unsafe" else ()
+    daemon, address = _worker(tmp_path, token_file, "--task-mount", f"{shared}:rw", *extra)
+    pool: list[int] = []
+    try:
+        with vaccelray.Client(address, token=TOKEN) as client:
+            client.submit(vaccelray.offload(wait_on_fifo), str(shared / "never"))
+            until(lambda: (shared / "never.started").exists(), "the task started")
+            pool = _descendants(daemon.pid)
+            assert pool
+            daemon.kill()  # SIGKILL: no shutdown of its own; the task is blocked, not reading
+            until(lambda: not any(_alive(p) for p in pool), "the pool processes died with it")
+    finally:
+        for pid in _descendants(daemon.pid) if daemon.process.poll() is None else pool:
+            with contextlib.suppress(OSError):  # a survivor would hold the daemon's stderr
+                os.kill(pid, signal.SIGKILL)
+        daemon.stop()
+
+
 def test_without_bwrap_the_worker_refuses_tasks_unless_told(
     tmp_path: Path, token_file: Path
 ) -> None:
