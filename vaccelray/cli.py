@@ -419,8 +419,9 @@ def task_sandbox_options(command: _F) -> _F:
                 type=click.IntRange(0),
                 default=256,
                 show_default=True,
-                help="Processes and threads each sandboxed pool process may have at once "
-                "(RLIMIT_NPROC in its user namespace); 0: no limit.",
+                help="Processes and threads a sandboxed pool process may have at once "
+                "(RLIMIT_NPROC: counted in its user namespace; as root, over all of the task "
+                "user's processes); 0: no limit.",
             ),
         )
     ):
