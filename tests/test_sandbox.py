@@ -27,7 +27,7 @@ import cloudpickle
 import pytest
 
 import vaccelray
-from tests.processes import Proc, child_env, start_daemon, worker_argv
+from tests.processes import REPO, Proc, child_env, start_daemon, worker_argv
 from tests.waiting import until
 from vaccelray.worker import sandbox as sandbox_module
 from vaccelray.worker.sandbox import (
@@ -463,7 +463,7 @@ def test_the_embedded_worker_needs_no_sandbox_tool_and_applies_the_limits(
         capture_output=True,
         text=True,
         env=env,
-        cwd=tmp_path,
+        cwd=REPO,
         stdin=subprocess.DEVNULL,
         timeout=120,
     )
