@@ -865,3 +865,27 @@ def test_apply_limits_without_proc(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 class _NoPrctl:
     def prctl(self, *args: int) -> int:
         return 0
+
+
+def test_grant_shows_the_agent_socket_to_the_task_user(tmp_path: Path) -> None:
+    import socket
+
+    folder = tmp_path / "local"
+    folder.mkdir(mode=0o700)
+    path = str(folder / "agent.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        before = os.stat(path)
+        same = _sandbox()
+        same.grant(path)
+        assert same.sockets == [path]
+        assert (os.stat(path).st_uid, os.stat(path).st_gid) == (before.st_uid, before.st_gid)
+        assert os.stat(folder).st_mode & 0o777 == 0o700  # the same user: nothing to open
+        if not IS_ROOT:
+            return
+        other = _sandbox()
+        other.user = (65534, 65533)
+        other.grant(path)
+        assert other.sockets == [path]
+        assert (os.stat(path).st_uid, os.stat(path).st_gid) == (65534, 65533)
+        assert os.stat(folder).st_mode & 0o777 == 0o711  # searchable, not listable
