@@ -1,6 +1,8 @@
 """Offload overhead, side by side with Ray when Ray is installed.
 
     python bench/bench_offload.py [--quick]
+    python bench/bench_offload.py --sandbox-ab [--pairs 5]
+
 
 Measures, against a ``vaccelray worker --backend noop`` process on a unix
 socket (like Ray's driver talking to its raylet), with the worker's default
@@ -11,6 +13,12 @@ pool (one process per CPU):
 * 1 MiB argument echo, one at a time (tasks/s)
 * cold start: ``init()`` with an embedded worker + the first result, in a fresh process
 * idle RSS of the worker process and its pool processes (and their PSS)
+
+``--sandbox-ab`` measures what the task sandbox costs instead: the sync no-op
+rate against a sandboxed worker (the default) and one started with
+``--unsafe-no-sandbox``, both up at once, in interleaved pairs (the median
+ratio; the target is >= 0.9), and the embedded worker's cold start (target
+<= 0.5 s). Sandboxing is per pool process, so the rates should match.
 
 Ray is never a dependency: without it, the anchors measured on the
 reference machine (DESIGN.md §10) are printed instead. To compare side by
@@ -52,10 +60,10 @@ def echo(data: bytes) -> bytes:
     return data
 
 
-def start_worker(address: str) -> subprocess.Popen[str]:
+def start_worker(address: str, *extra: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "vaccelray", "worker", "-a", address, "--backend", "noop",
-         "--log-level", "info", "--no-announce"],
+         "--log-level", "info", "--no-announce", *extra],
         stderr=subprocess.PIPE, text=True,
     )
     assert process.stderr is not None
@@ -67,11 +75,14 @@ def start_worker(address: str) -> subprocess.Popen[str]:
 
 
 def memory(pid: int) -> tuple[float, float]:
-    """RSS and PSS of *pid* and its children, in MiB."""
-    pids = [pid]
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
+    """RSS and PSS of *pid* and its descendants (pool processes, their sandboxes), in MiB."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        children = Path(f"/proc/{p}/task/{p}/children")
+        if children.exists():
+            todo += [int(c) for c in children.read_text().split()]
     rss = pss = 0
     for p in pids:
         text = Path(f"/proc/{p}/smaps_rollup").read_text()
@@ -145,6 +156,50 @@ def bench_vaccelray(quick: bool) -> dict[str, str]:
     return results
 
 
+def sync_rate(client: object, fn: object, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        client.submit(fn).result()  # type: ignore[attr-defined]
+    return n / (time.perf_counter() - start)
+
+
+def bench_sandbox(pairs: int, quick: bool) -> None:
+    """Sync no-op rate, sandboxed vs --unsafe-no-sandbox, interleaved; embedded cold start."""
+    import vaccelray
+
+    n = 300 if quick else 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = {
+            "sandbox": start_worker(f"unix://{tmp}/sandboxed.sock"),
+            "unsafe": start_worker(f"unix://{tmp}/unsafe.sock", "--unsafe-no-sandbox"),
+        }
+        try:
+            time.sleep(1.0)  # let the pools finish starting
+            clients = {k: vaccelray.Client(f"unix://{tmp}/{'sandboxed' if k == 'sandbox' else k}"
+                                           ".sock") for k in workers}
+            f = vaccelray.offload(noop)
+            for client in clients.values():
+                sync_rate(client, f, 200)  # warm: functions shipped to every process
+            ratios = []
+            for i in range(pairs):
+                order = ("sandbox", "unsafe") if i % 2 == 0 else ("unsafe", "sandbox")
+                rates = {k: sync_rate(clients[k], f, n) for k in order}
+                ratios.append(rates["sandbox"] / rates["unsafe"])
+                print(f"pair {i + 1}: sandbox {rates['sandbox']:,.0f} tasks/s, "
+                      f"unsafe {rates['unsafe']:,.0f} tasks/s, ratio {ratios[-1]:.3f}")
+            for client in clients.values():
+                client.shutdown()
+        finally:
+            for worker in workers.values():
+                worker.terminate()
+                worker.wait(10)
+    print(f"median ratio sandbox / unsafe: {statistics.median(ratios):.3f} "
+          f"({pairs} pairs of {n} sync no-op tasks; target >= 0.9)")
+    colds = cold_start(3 if quick else 5)
+    print(f"embedded cold start + first result: median {statistics.median(colds):.3f} s "
+          f"of {len(colds)} (target <= 0.5 s): " + ", ".join(f"{c:.3f}" for c in colds))
+
+
 def bench_ray(quick: bool) -> dict[str, str]:
     import ray
 
@@ -181,7 +236,13 @@ def bench_ray(quick: bool) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--sandbox-ab", action="store_true",
+                        help="only the cost of the task sandbox (A/B against no sandbox)")
+    parser.add_argument("--pairs", type=int, default=5, help="A/B pairs (--sandbox-ab)")
     args = parser.parse_args()
+    if args.sandbox_ab:
+        bench_sandbox(args.pairs, args.quick)
+        return
     ours = bench_vaccelray(args.quick)
     try:
         import ray  # noqa: F401

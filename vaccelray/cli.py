@@ -32,6 +32,7 @@ if sys.version_info < (3, 11):
 if TYPE_CHECKING:
     from vaccelray.scheduler.sessions import SessionLimits
     from vaccelray.worker.agent import AgentLimits
+    from vaccelray.worker.sandbox import SandboxConfig
 
 log = logging.getLogger("vaccelray")
 
@@ -334,6 +335,100 @@ def task_limit_options(command: _F) -> _F:
     return command
 
 
+def _size(text: str) -> int:
+    from vaccelray.worker.sandbox import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def task_sandbox_options(command: _F) -> _F:
+    """How the worker's pool processes run (vaccelray.worker.sandbox), as one ``sandbox``."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: object) -> object:
+        from vaccelray.worker.sandbox import SandboxConfig, TaskLimits, parse_mount
+
+        memory = cast("str | None", kwargs.pop("task_memory"))
+        limits = TaskLimits(
+            memory=None if memory is None else _size(memory),
+            open_files=cast(int, kwargs.pop("task_open_files")),
+            cpu_seconds=cast(int, kwargs.pop("task_cpu_seconds")),
+            processes=cast(int, kwargs.pop("task_processes")),
+        )
+        try:
+            mounts = tuple(parse_mount(m) for m in cast(tuple[str, ...], kwargs.pop("task_mounts")))
+        except ValueError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        sandbox = SandboxConfig(
+            mode="none" if kwargs.pop("unsafe_no_sandbox") else "bwrap",
+            mounts=mounts,
+            task_user=cast(str, kwargs.pop("task_user")),
+            limits=limits,
+        )
+        return command(sandbox=sandbox, **kwargs)
+
+    for option in reversed(
+        (
+            click.option(
+                "--unsafe-no-sandbox",
+                is_flag=True,
+                help="Run tasks without a sandbox where bubblewrap is missing or cannot make "
+                "namespaces: a task can then signal, stop and read this worker.",
+            ),
+            click.option(
+                "--task-mount",
+                "task_mounts",
+                multiple=True,
+                metavar="PATH[:rw]",
+                help="Show PATH to sandboxed tasks at the same place, read-only (with :rw, "
+                "writable). Repeatable. Tasks otherwise see a read-only system and a private /tmp.",
+            ),
+            click.option(
+                "--task-user",
+                default="nobody",
+                show_default=True,
+                metavar="USER",
+                help="The user tasks run as when the worker runs as root.",
+            ),
+            click.option(
+                "--task-memory",
+                metavar="SIZE",
+                help="Data memory of each pool process (RLIMIT_DATA; e.g. 512M, 4G; 0: no "
+                "limit); a task past it gets a MemoryError naming it.  [default: RAM / pool size]",
+            ),
+            click.option(
+                "--task-open-files",
+                type=click.IntRange(0),
+                default=1024,
+                show_default=True,
+                help="Open files of each pool process; 0: no limit.",
+            ),
+            click.option(
+                "--task-cpu-seconds",
+                type=click.IntRange(0),
+                default=0,
+                show_default=True,
+                help="CPU seconds of each pool process over its life (killed past it, its task "
+                "fails and a new process takes its place); 0: no limit.",
+            ),
+            click.option(
+                "--task-processes",
+                type=click.IntRange(0),
+                default=256,
+                show_default=True,
+                help="Processes and threads a sandboxed pool process may have at once "
+                "(RLIMIT_NPROC: counted in its user namespace; as root, over all of the task "
+                "user's processes); 0: no limit.",
+            ),
+        )
+    ):
+        wrapper = option(wrapper)
+    return cast(_F, wrapper)
+
+
 @main.command(help=WORKER_HELP)
 @click.option(
     "-a",
@@ -397,6 +492,7 @@ def task_limit_options(command: _F) -> _F:
 )
 @connection_limit_options
 @agent_limit_options
+@task_sandbox_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def worker(
     addresses: tuple[str, ...],
@@ -420,6 +516,7 @@ def worker(
     idle_timeout: float,
     agent_limits: AgentLimits,
     max_inflight: int,
+    sandbox: SandboxConfig,
     log_level: str,
 ) -> None:
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
@@ -451,6 +548,8 @@ def worker(
         idle_timeout=idle_timeout,
         agent_limits=agent_limits,
         max_inflight=max_inflight,
+        # The token file is hidden from tasks (the TLS files are, by the daemon).
+        sandbox=dataclasses.replace(sandbox, hide=(token_file,) if token_file else ()),
     )
     if tls_key and not tls_cert:
         _fail("--tls-key needs --tls-cert", EXIT_USAGE)

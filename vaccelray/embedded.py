@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from vaccelray.worker.daemon import Worker, WorkerConfig, run_worker
+from vaccelray.worker.sandbox import SandboxConfig
 
 __all__ = ["embedded_worker"]
 
@@ -19,9 +20,16 @@ async def embedded_worker(
     """A worker serving on ``unix://<private temp dir>/worker.sock`` while the block runs.
 
     *pool_size* 0 starts no task pool (for callers that only use the vAccel agent).
+    Its pool processes run the caller's own code: no sandbox, the limits only.
     """
     with tempfile.TemporaryDirectory(prefix="vaccelray-") as tmp:
         address = f"unix://{Path(tmp) / 'worker.sock'}"
-        config = WorkerConfig(addresses=(address,), backend=backend, grace=1.0, pool_size=pool_size)
+        config = WorkerConfig(
+            addresses=(address,),
+            backend=backend,
+            grace=1.0,
+            pool_size=pool_size,
+            sandbox=SandboxConfig(mode="embedded"),
+        )
         async with run_worker(config) as worker:
             yield worker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator, Iterable
@@ -25,6 +26,7 @@ from vaccelray.worker.announce import announce_until, plan_announcement
 from vaccelray.worker.backend import Backend
 from vaccelray.worker.backends import load_backend
 from vaccelray.worker.info import InfoService
+from vaccelray.worker.sandbox import SandboxConfig
 from vaccelray.worker.tasks import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_MAX_QUEUED_PER_CONNECTION,
@@ -87,6 +89,9 @@ class WorkerConfig:
     agent_limits: AgentLimits = field(default_factory=AgentLimits)
     #: Calls of one connection in flight at once, more are refused (0: no limit).
     max_inflight: int = DEFAULT_MAX_INFLIGHT
+    #: How pool processes run: sandboxed by default (see ``vaccelray.worker.sandbox``);
+    #: the TLS files are hidden from tasks on top of ``sandbox.hide``.
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass
@@ -145,6 +150,8 @@ async def run_worker(
             *extra_services,
         ]
         tls = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        secrets = tuple(p for p in (config.tls_cert, config.tls_key) if p)
+        sandbox = dataclasses.replace(config.sandbox, hide=(*config.sandbox.hide, *secrets))
         # A vAccel client's sessions die with its connection (released by the agent,
         # in the background of agent.running(), which outlives the server).
         async with (
@@ -160,6 +167,7 @@ async def run_worker(
                 max_queued=config.max_queued_tasks,
                 max_queued_per_connection=config.max_queued_per_connection,
                 task_timeout=config.task_timeout,
+                sandbox=sandbox,
             ) as runtime,
             serve(
                 runtime.services,
@@ -177,6 +185,8 @@ async def run_worker(
             anyio.create_task_group() as announcer,
         ):
             info.server = server
+            if runtime.isolation is not None:
+                log.info("Tasks run in %s", runtime.isolation)
             for address in server.addresses:
                 log.info("Listening on %s", address)
             stop_announcing = anyio.Event()

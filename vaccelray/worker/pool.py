@@ -52,6 +52,7 @@ from vaccelray.errors import VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.endpoints import tune_socket
 from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
+from vaccelray.worker.sandbox import Sandbox, SandboxConfig, prepare
 
 __all__ = ["DEFAULT_MAX_FUNCTIONS", "FRAME_MARGIN", "Pool", "PoolProcessLost", "TaskTimedOut"]
 
@@ -67,7 +68,7 @@ _BOOT: Final = (
     "if sys.path[:1] == ['']:\n"
     "    sys.path.append(sys.path.pop(0))\n"
     "from vaccelray.worker.poolchild import main\n"
-    "main(int(sys.argv[1]), int(sys.argv[2]))\n"
+    "main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])\n"
 )
 #: A process that dies sooner than this after its start, having run nothing, counts
 #: as failing to start: replacements then back off (0.05 s doubling, up to 5 s).
@@ -277,6 +278,8 @@ class Pool:
     worker process can (its ``sys.path`` is passed on as ``PYTHONPATH``).
     A frame from a process may be up to *max_message_size* plus
     :data:`FRAME_MARGIN` bytes; each process keeps *max_functions* functions.
+    Processes are started as *sandbox* says (see :mod:`vaccelray.worker.sandbox`;
+    by default plain children with the default limits, as the embedded worker's).
     """
 
     def __init__(
@@ -286,6 +289,7 @@ class Pool:
         env: Mapping[str, str] | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_functions: int = DEFAULT_MAX_FUNCTIONS,
+        sandbox: Sandbox | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one process, not {size}")
@@ -296,6 +300,7 @@ class Pool:
         self.max_message_size = max_message_size
         self._max_frame = max_message_size + FRAME_MARGIN
         self._env = dict(env or {})
+        self.sandbox = sandbox or prepare(SandboxConfig(mode="embedded"), size)
         self._children: set[_Child] = set()
         self._idle: collections.deque[_Child] = collections.deque()
         #: Each owner with tasks queued or running; _queued counts the queued ones.
@@ -327,7 +332,7 @@ class Pool:
         env = {**os.environ, **self._env}
         paths = [p or os.getcwd() for p in sys.path]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        self._spawn_env = env
+        self._spawn_env = self.sandbox.environment(env)
         for _ in range(self.size):
             await self._spawn()
 
@@ -356,11 +361,25 @@ class Pool:
             tune_socket(sock)
         try:
             # Popen with pass_fds uses vfork/posix_spawn: fast enough to call on the loop.
+            sandbox = self.sandbox
+            # Its parent is this process unless a sandbox stands between (then 0).
+            worker_pid = 0 if sandbox.isolated else os.getpid()
+            argv = [
+                sys.executable,
+                "-c",
+                _BOOT,
+                str(child.fileno()),
+                str(self.max_message_size),
+                sandbox.limits.encode(),
+                str(worker_pid),
+                sandbox.child_user(),
+            ]
             process = subprocess.Popen(  # noqa: ASYNC220
-                [sys.executable, "-c", _BOOT, str(child.fileno()), str(self.max_message_size)],
+                sandbox.command(argv, self._spawn_env),
                 pass_fds=(child.fileno(),),
                 env=self._spawn_env,
                 stdin=subprocess.DEVNULL,
+                **sandbox.popen_kwargs(),
             )
         except BaseException:
             parent.close()

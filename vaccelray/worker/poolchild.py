@@ -31,6 +31,7 @@ import msgspec
 
 from vaccelray import task_context
 from vaccelray.allocator import keep_heap_for
+from vaccelray.worker.sandbox import TaskLimits, apply_limits, memory_note
 
 __all__ = [
     "FRAME_MARGIN",
@@ -137,10 +138,12 @@ def describe_exception(exc: BaseException, tb: TracebackType | None) -> ErrorInf
 
 
 class _Runner:
-    def __init__(self, max_result: int) -> None:
+    def __init__(self, max_result: int, memory: int = 0) -> None:
         self.functions: dict[str, Callable[..., Any]] = {}
         #: Bytes a pickled result may have: the worker's max message size.
         self.max_result = max_result
+        #: This process's memory limit (0: none), named to a task that runs out.
+        self.memory = memory
 
     def run(self, task: Run) -> Done:
         for digest in task.forget:
@@ -169,9 +172,12 @@ class _Runner:
         except BaseException as exc:
             # Drop this frame: the traceback starts in the user's function.
             tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-            return Done(
-                task.seq, RAISED, message=f"{task.name} raised", error=describe_exception(exc, tb)
-            )
+            error = describe_exception(exc, tb)
+            if isinstance(exc, MemoryError) and self.memory:
+                note = memory_note(self.memory)
+                text = f"{error.message}; {note}" if error.message else note
+                error = msgspec.structs.replace(error, message=text)
+            return Done(task.seq, RAISED, message=f"{task.name} raised", error=error)
         finally:
             task_context.session_id = 0
         try:
@@ -217,12 +223,17 @@ def _read_frame(reader: Any) -> bytearray | None:
     return body if reader.readinto(body) == len(body) else None
 
 
-def main(fd: int, max_result: int) -> None:
+def main(fd: int, max_result: int, limits: str = "", parent: int = 0, user: str = "-") -> None:
     """Serve tasks on the socket *fd* until the worker closes it.
 
     A result may have *max_result* bytes (the worker's max message size), a
-    whole answer that plus :data:`FRAME_MARGIN`.
+    whole answer that plus :data:`FRAME_MARGIN`. *limits* (a
+    :meth:`TaskLimits.encode`) are applied first; *parent* is the worker's pid
+    when it is this process's parent, *user* the ``uid:gid`` to become (see
+    :func:`apply_limits`).
     """
+    task_limits = TaskLimits.decode(limits) if limits else TaskLimits()
+    apply_limits(task_limits, parent, user)
     # Ctrl-C on the worker's terminal reaches the whole process group: the
     # worker decides when we stop (by closing the socket), not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -230,7 +241,7 @@ def main(fd: int, max_result: int) -> None:
     reader = sock.makefile("rb", buffering=1 << 16)
     decoder = msgspec.msgpack.Decoder(Run)
     encoder = msgspec.msgpack.Encoder()
-    runner = _Runner(max_result)
+    runner = _Runner(max_result, task_limits.memory or 0)
     while True:
         body = _read_frame(reader)
         if body is None:

@@ -47,6 +47,7 @@ from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
 from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, TOO_LARGE, Done
+from vaccelray.worker.sandbox import SandboxConfig, prepare
 
 __all__ = [
     "DEFAULT_MAX_QUEUED",
@@ -251,6 +252,8 @@ class TaskRuntime:
 
     services: list[Service]
     tasks: TaskService | None
+    #: Where pool processes run and their limits (None: no task service).
+    isolation: str | None = None
 
 
 def default_pool_size() -> int:
@@ -270,6 +273,7 @@ async def run_task_service(
     max_queued: int = DEFAULT_MAX_QUEUED,
     max_queued_per_connection: int = DEFAULT_MAX_QUEUED_PER_CONNECTION,
     task_timeout: float = DEFAULT_TASK_TIMEOUT,
+    sandbox: SandboxConfig | None = None,
 ) -> AsyncIterator[TaskRuntime]:
     """Start the pool and its private agent socket; yield *services* plus the task service.
 
@@ -277,7 +281,9 @@ async def run_task_service(
     with *protect_vaccel* the vAccel agent services among *services* check it
     too. *pool_size* 0 serves no task service; None is one process per CPU.
     *max_queued*, *max_queued_per_connection* and *task_timeout*: see
-    :class:`TaskService`.
+    :class:`TaskService`. Pool processes run as *sandbox* says (by default
+    sandboxed: :class:`~vaccelray.worker.sandbox.SandboxUnavailable` is raised
+    when the host cannot).
     """
     check = TokenCheck.for_addresses(addresses, token)
     if protect_vaccel:
@@ -289,30 +295,36 @@ async def run_task_service(
         yield TaskRuntime(list(services), None)
         return
     limit = DEFAULT_MAX_MESSAGE_SIZE if max_message_size is None else max_message_size
+    isolation = prepare(sandbox or SandboxConfig(), size)
     with tempfile.TemporaryDirectory(prefix="vaccelray-local-") as tmp:
-        local = f"unix://{Path(tmp) / 'agent.sock'}"
-        async with (
-            # A pool process's sessions die with it (its connection), as a vAccel client's do.
-            # No idle timeout: a process keeps its connection (and session) between tasks, and
-            # vaccelray.local does not reconnect; pool processes are ours and bounded in number.
-            serve(
-                agent.services(scope=_POOL),
-                [local],
-                grace=0.5,
-                max_message_size=limit,
-                on_disconnect=functools.partial(agent.connection_closed, scope=_POOL),
-                idle_timeout=0,
-            ),
-            Pool(size, env={LOCAL_ADDRESS_ENV: local}, max_message_size=limit) as pool,
+        path = str(Path(tmp) / "agent.sock")
+        local = f"unix://{path}"
+        # A pool process's sessions die with it (its connection), as a vAccel client's do.
+        # No idle timeout: a process keeps its connection (and session) between tasks, and
+        # vaccelray.local does not reconnect; pool processes are ours and bounded in number.
+        async with serve(
+            agent.services(scope=_POOL),
+            [local],
+            grace=0.5,
+            max_message_size=limit,
+            on_disconnect=functools.partial(agent.connection_closed, scope=_POOL),
+            idle_timeout=0,
         ):
-            log.info("Task pool: %d processes", size)
-            tasks = TaskService(
-                pool,
-                agent,
-                check,
-                max_queued=max_queued,
-                max_queued_per_connection=max_queued_per_connection,
-                task_timeout=task_timeout,
-                max_message_size=limit,
-            )
-            yield TaskRuntime([*services, tasks.service()], tasks)
+            isolation.grant(path)
+            try:
+                async with Pool(
+                    size, env={LOCAL_ADDRESS_ENV: local}, max_message_size=limit, sandbox=isolation
+                ) as pool:
+                    log.info("Task pool: %d processes", size)
+                    tasks = TaskService(
+                        pool,
+                        agent,
+                        check,
+                        max_queued=max_queued,
+                        max_queued_per_connection=max_queued_per_connection,
+                        task_timeout=task_timeout,
+                        max_message_size=limit,
+                    )
+                    yield TaskRuntime([*services, tasks.service()], tasks, isolation.describe())
+            finally:
+                isolation.close()
