@@ -10,10 +10,13 @@ the worker's, and replays loads in order when a session moves).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 
 from tests.clusters import serving_scheduler
@@ -31,6 +34,7 @@ from vaccelray.testing import agent_client
 from vaccelray.transport import connect
 from vaccelray.worker.agent import PROFILER_COMPONENT
 from vaccelray.worker.backend import Backend, Classification, Framework, Model, SessionHandle
+from vaccelray.worker.daemon import Worker, WorkerConfig, run_worker
 from vaccelray.worker.noop import NOOP_STATUS, NoopBackend
 
 LIMIT = DEFAULT_MAX_MESSAGE_SIZE
@@ -477,3 +481,73 @@ async def test_a_moved_session_gets_its_resources_and_model_loads_again_in_order
             "Registered resource 3",
             "PyTorch model run",
         ]
+
+
+async def serve_worker(stop: anyio.Event, *, task_status: anyio.abc.TaskStatus[Worker]) -> None:
+    """An in-process noop worker until *stop* is set (its own task, so it can end first)."""
+    config = WorkerConfig(addresses=("tcp://127.0.0.1:0",), announce=False, pool_size=0)
+    async with run_worker(config, backend=NoopBackend()) as worker:
+        task_status.started(worker)
+        await stop.wait()
+
+
+@pytest.mark.anyio
+async def test_a_resource_changed_on_a_lost_worker_is_not_replayed() -> None:
+    """SyncResource showed the worker's copy differs from the registration: failover says so."""
+    stops = [anyio.Event(), anyio.Event()]
+    async with anyio.create_task_group() as tg:
+        workers: list[Worker] = [await tg.start(serve_worker, stop) for stop in stops]
+        try:
+            await changed_resource_fails_over(workers, stops[0])
+        finally:
+            for stop in stops:
+                stop.set()
+
+
+async def changed_resource_fails_over(workers: list[Worker], lose_first: anyio.Event) -> None:
+    addresses = [w.addresses[0] for w in workers]
+    async with (
+        serving_scheduler(scheduler_config(*addresses)) as sched,
+        connect(sched.addresses[0]) as client,
+    ):
+        agent = AgentClient(client, timeout=LIVENESS)
+        table = sched.table
+        pair = [await agent.create_session(), await agent.create_session()]
+        [session] = [x for x in pair if table.sessions[x].binding.address == addresses[0]]  # type: ignore[union-attr]
+        [bystander] = [x for x in pair if x != session]
+        kept = await register(agent, session, ("kept", b"same"))
+        model = await register(agent, session, ("model", b"registered"))
+        sync = s.SYNC_RESOURCE
+        for resource in (kept, model):
+            await agent.call(sync, pb.SyncResourceRequest(resource_id=resource))
+        assert table.resources[model].changed_on is None  # the same contents: replayable
+
+        # An op writes the model's blob on the worker (what a plugin may do to a resource).
+        binding = table.sessions[session].binding
+        assert binding is not None
+        worker_id = table.worker_resource(model, binding)
+        assert worker_id is not None
+        held = workers[0].agent.resources[worker_id]
+        written = dataclasses.replace(held, blobs=(("model", b"written"),))
+        workers[0].agent.resources[worker_id] = written
+        synced = await agent.call(sync, pb.SyncResourceRequest(resource_id=model))
+        assert [bytes(b.data) for b in synced.blobs] == [b"written"]
+        assert table.resources[model].changed_on == addresses[0]
+        assert table.resources[kept].changed_on is None
+
+        lose_first.set()  # the worker goes away with the only up-to-date copy
+        messages = []
+        for _ in range(3):  # the first call may be cut off on its way instead (also 14)
+            with pytest.raises(RPCError) as caught:
+                await agent.classify(session, b"img")
+            assert caught.value.code == StatusCode.UNAVAILABLE
+            messages.append(caught.value.message)
+            if "changed" in caught.value.message:
+                break
+        assert f"resource {model} changed on {addresses[0]}" in messages[-1], messages
+        assert f"session {session} could not be re-created on {addresses[1]}" in messages[-1]
+        # Nothing of it was left on the other worker: only the bystander's session.
+        assert table.sessions[session].binding is None
+        other = table.sessions[bystander].binding
+        assert other is not None
+        assert set(workers[1].agent.sessions) == {other.worker_session}
