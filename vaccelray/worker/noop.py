@@ -39,7 +39,7 @@ class NoopBackend(Backend):
 
     @property
     def ops(self) -> frozenset[str]:
-        return frozenset({"classify", "genop", "exec", "tensorflow", "tflite", "torch"})
+        return frozenset({"classify", "genop", "exec"})
 
     def describe(self) -> str:
         return "noop (built-in; answers like vAccel's noop plugin)"
