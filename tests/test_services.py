@@ -11,7 +11,7 @@ from tests.clusters import serving_scheduler
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import info, services, tasks
 from vaccelray.protocol._pb import vaccel_pb2 as pb
-from vaccelray.protocol.limits import check_declared_sizes
+from vaccelray.protocol.limits import check_declared_sizes, check_tensor_sizes
 from vaccelray.protocol.services import (
     AGENT,
     GENOP,
@@ -55,6 +55,32 @@ def test_a_session_method_is_declared_from_its_messages() -> None:
     codec = MsgpackCodec[tasks.Submit](tasks.Submit)
     assert codec.message_type is tasks.Submit
     assert codec.decode(codec.encode(tasks.Submit("t", "d", "f"))) == tasks.Submit("t", "d", "f")
+
+
+def test_a_model_method_is_declared_from_its_messages() -> None:
+    # Made here, not at import, like the session method above.
+    rpc = services._session_rpc(
+        "TorchModelRun",
+        pb.TorchModelRunRequest,
+        pb.TorchModelRunResponse,
+        check_tensor_sizes,
+        model="PyTorch model",
+    )
+    assert (rpc.service, rpc.method, rpc.session_field, rpc.resource_field) == (
+        AGENT.name,
+        "TorchModelRun",
+        1,
+        2,
+    )
+    assert rpc.resource_noun == "PyTorch model"
+    assert rpc.limits is check_tensor_sizes
+    assert isinstance(rpc.request, ProtoCodec)
+    assert rpc.request.message_type is pb.TorchModelRunRequest
+    assert isinstance(rpc.reply, ProtoCodec)
+    assert rpc.reply.message_type is pb.TorchModelRunResponse
+    plain = services._session_rpc("GetProfiler", pb.ProfilerRequest, pb.ProfilerResponse)
+    assert (plain.session_field, plain.resource_field, plain.resource_noun) == (1, None, "resource")
+    assert plain.limits is None
 
 
 def test_sizes_are_checked_where_arguments_are_declared() -> None:
