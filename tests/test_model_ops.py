@@ -551,3 +551,27 @@ async def changed_resource_fails_over(workers: list[Worker], lose_first: anyio.E
         other = table.sessions[bystander].binding
         assert other is not None
         assert set(workers[1].agent.sessions) == {other.worker_session}
+
+
+@pytest.mark.anyio
+async def test_a_model_the_worker_side_no_longer_maps_is_unknown_not_sent_as_another() -> None:
+    """The scheduler never forwards a model id it cannot translate for that worker."""
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        worker: Worker = await tg.start(serve_worker, stop)
+        try:
+            config = scheduler_config(worker.addresses[0])
+            async with serving_scheduler(config) as sched, connect(sched.addresses[0]) as client:
+                agent = AgentClient(client, timeout=LIVENESS)
+                session = await agent.create_session()
+                model = await register(agent, session, ("m", b"w"))
+                load = model_request(s.TORCH_MODEL_LOAD, session, model)
+                await agent.call(s.TORCH_MODEL_LOAD, load)
+                # The mapping to the worker's id is gone (unregistered there meanwhile).
+                sched.table.resources[model].on_worker.clear()
+                with pytest.raises(RPCError) as caught:
+                    await agent.call(s.TORCH_MODEL_LOAD, load)
+                assert caught.value.code == StatusCode.NOT_FOUND
+                assert caught.value.message == f"Unknown PyTorch model {model}"
+        finally:
+            stop.set()
