@@ -548,3 +548,31 @@ async def test_end_to_end_over_ttrpc(
         )
         assert len(calls.named(worker.backend.lib.generation.release)) == 1
     _no_bad_args(calls)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_model_ops_are_unimplemented_until_handed_to_the_library(
+    generation: str, started: Callable[..., Any]
+) -> None:
+    """The model methods reach libvaccel's backend; until it implements them: 12 naming both."""
+    from vaccelray.worker.backend import Framework, Model, ModelRun
+
+    backend, _ = started(generation)
+    handle = backend.session_create(1, 0)
+    model = Model(1, (), (("m", b"w"),))
+    try:
+        for framework in Framework:
+            prefix = framework.method_prefix
+            for op, call in [
+                ("ModelLoad", backend.model_load),
+                ("ModelUnload", backend.model_unload),
+            ]:
+                with pytest.raises(RPCError) as caught:
+                    call(handle, framework, model)
+                assert caught.value.code == StatusCode.UNIMPLEMENTED
+                assert caught.value.message == f"backend libvaccel does not support {prefix}{op}"
+            with pytest.raises(RPCError) as caught:
+                backend.model_run(handle, framework, model, ModelRun((), 0))
+            assert caught.value.message == f"backend libvaccel does not support {prefix}ModelRun"
+    finally:
+        backend.session_release(handle)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.interop.model_checks import assert_noop_models
 from tests.processes import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
 
 NOOP_TAG = "This is a dummy classification tag!"
@@ -63,7 +64,8 @@ def test_go_vaccel_client_through_the_scheduler(
     go_peer: Path, scheduler: tuple[Proc, list[str], str]
 ) -> None:
     proc, workers, address = scheduler
-    results = run_checks(go_peer, address, "sessions,genop,unknown,deadlines,concurrent")
+    results = run_checks(go_peer, address, "sessions,genop,unknown,deadlines,concurrent,models")
+    assert_noop_models(results)  # model ids rewritten to each worker's, loads recorded
 
     sessions = results["session"]
     assert len(sessions) == 4

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.interop.model_checks import assert_noop_models
 from tests.waiting import LIVENESS
 
 NOOP_TAG = "This is a dummy classification tag!"
@@ -78,6 +79,10 @@ def test_session_lifecycle_under_every_service_name(results: Results) -> None:
         assert r["after_destroy_message"] == f"Unknown session {r['session_id']}"
         assert r["destroy_again_code"] == 5, (service, r)
     assert len(ids) == len(AGENT_SERVICES), "session ids must be distinct"
+
+
+def test_every_model_method_answers_like_the_noop_plugin(results: Results) -> None:
+    assert_noop_models(results)
 
 
 def test_unknown_session_is_not_found(results: Results) -> None:

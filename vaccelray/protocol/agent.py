@@ -33,10 +33,14 @@ def unknown_session(session_id: int) -> RPCError:
     )
 
 
-def unknown_resource(resource_id: int) -> RPCError:
-    """NOT_FOUND "Unknown resource N", with our reason."""
+def unknown_resource(resource_id: int, noun: str = "resource") -> RPCError:
+    """NOT_FOUND "Unknown resource N", with our reason.
+
+    A model id is a resource id: the model methods name it by what it is
+    (*noun*), in the agent's words: "Unknown PyTorch model N".
+    """
     return RPCError(
-        StatusCode.NOT_FOUND, f"Unknown resource {resource_id}", reason=Reason.UNKNOWN_RESOURCE
+        StatusCode.NOT_FOUND, f"Unknown {noun} {resource_id}", reason=Reason.UNKNOWN_RESOURCE
     )
 
 

@@ -14,18 +14,27 @@ size, their sum, and their count (each item charged :data:`ITEM_COST`)
 must fit the limit, else RESOURCE_EXHAUSTED; an item whose bytes disagree
 with the size it declares is INVALID_ARGUMENT. :func:`check_response_size`
 keeps an answer within the limit. Both raise :class:`RPCError` with a
-one-line message; neither does any I/O.
+one-line message; neither does any I/O. :func:`check_tensor_sizes` does
+the same for the tensors, shapes and output counts of a model run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 
-__all__ = ["ITEM_COST", "check_declared_sizes", "check_response_size", "response_body_size"]
+__all__ = [
+    "ITEM_COST",
+    "ModelRunRequest",
+    "check_declared_sizes",
+    "check_response_size",
+    "check_tensor_sizes",
+    "response_body_size",
+]
 
 #: Bytes each argument, blob or path is charged when counting them: what one
 #: costs a receiver in memory (a few hundred bytes) rather than its 2 on the wire.
@@ -109,3 +118,50 @@ def check_response_size(method: str, payload: bytes, limit: int) -> bytes:
             f"{method} response of {size} bytes exceeds the limit of {limit} bytes",
         )
     return payload
+
+
+#: A model run request of any of the three frameworks.
+ModelRunRequest = (
+    pb.TensorflowModelRunRequest | pb.TensorflowLiteModelRunRequest | pb.TorchModelRunRequest
+)
+
+
+def check_tensor_sizes(request: ModelRunRequest, limit: int) -> None:
+    """Refuse a model run whose tensors declare more than *limit* allows.
+
+    Each input tensor, dimension, node and requested output (``nr_out_tensors``,
+    a bare count) is charged :data:`ITEM_COST`; together they must fit *limit*,
+    like arguments (RESOURCE_EXHAUSTED, naming the count). A tensor's shape
+    declares ``prod(dims)`` elements, which must fit *limit* too (a library
+    allocates by shape), and a negative dimension is INVALID_ARGUMENT.
+    """
+    method = type(request).__name__.removesuffix("Request")
+    tensors: Sequence[pb.TFTensor | pb.TFLiteTensor | pb.TorchTensor] = request.in_tensors
+    outputs = request.nr_out_tensors if not isinstance(request, pb.TensorflowModelRunRequest) else 0
+    nodes = (
+        len(request.in_nodes) + len(request.out_nodes)
+        if isinstance(request, pb.TensorflowModelRunRequest)
+        else 0
+    )
+    dims = sum(len(t.dims) for t in tensors)
+    count = len(tensors) + dims + nodes + outputs
+    if count * ITEM_COST > limit:
+        raise RPCError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"{method} has {len(tensors)} input tensors with {dims} dimensions, {nodes} nodes "
+            f"and {outputs} requested outputs; the limit of {limit} bytes allows "
+            f"{limit // ITEM_COST} in all",
+        )
+    for i, tensor in enumerate(tensors):
+        if any(dim < 0 for dim in tensor.dims):
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT,
+                f"{method} in_tensors[{i}] has a negative dimension: {list(tensor.dims)}",
+            )
+        elements = math.prod(tensor.dims)  # a few hundred at most, bounded above
+        if elements > limit:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"{method} in_tensors[{i}] declares {elements} elements (dims "
+                f"{list(tensor.dims)}); the limit is {limit} bytes",
+            )

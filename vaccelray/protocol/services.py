@@ -29,7 +29,7 @@ from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import classify, info, tasks
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
-from vaccelray.protocol.limits import check_declared_sizes
+from vaccelray.protocol.limits import check_declared_sizes, check_tensor_sizes
 
 __all__ = [
     "AGENT",
@@ -123,6 +123,11 @@ class Rpc(Generic[Req, Rep]):
     session_field: int | None = None
     #: Raises RPCError when a decoded request declares more than the byte limit allows.
     limits: Callable[[Req, int], None] | None = None
+    #: Number of the request's varint field naming a resource (a model id is the id of
+    #: a registered resource); None: the method names none.
+    resource_field: int | None = None
+    #: What that resource is called when it is unknown: ``Unknown PyTorch model N``.
+    resource_noun: str = "resource"
 
     def check(self, request: Req, limit: int) -> None:
         """Apply :attr:`limits` (RESOURCE_EXHAUSTED past *limit*); nothing when it has none."""
@@ -166,9 +171,16 @@ def _session_rpc(
     request: type[_P],
     reply: type[_Q],
     limits: Callable[[Any, int], None] | None = None,
+    *,
+    model: str | None = None,
 ) -> Rpc[_P, _Q]:
+    """A method of a session; *model* names what its ``model_id`` field holds."""
     codec = ProtoCodec(request)
-    return Rpc(_AGENT, method, codec, ProtoCodec(reply), codec.field_number("session_id"), limits)
+    session = codec.field_number("session_id")
+    if model is None:
+        return Rpc(_AGENT, method, codec, ProtoCodec(reply), session, limits)
+    resource = codec.field_number("model_id")
+    return Rpc(_AGENT, method, codec, ProtoCodec(reply), session, limits, resource, model)
 
 
 # -- the vAccel agent ------------------------------------------------------------------
@@ -196,6 +208,66 @@ REGISTER_RESOURCE: Final = _session_rpc(
 UNREGISTER_RESOURCE: Final = _session_rpc(
     "UnregisterResource", pb.UnregisterResourceRequest, pb.EmptyResponse
 )
+_sync_codec: Final = ProtoCodec(pb.SyncResourceRequest)
+#: The resource's blobs as they are now. It names no session: the resource's id routes it.
+SYNC_RESOURCE: Final = Rpc(
+    _AGENT,
+    "SyncResource",
+    _sync_codec,
+    ProtoCodec(pb.SyncResourceResponse),
+    resource_field=_sync_codec.field_number("resource_id"),
+)
+
+_TF: Final = "TensorFlow model"
+_TFLITE: Final = "TensorFlow Lite model"
+_TORCH: Final = "PyTorch model"
+
+TENSORFLOW_MODEL_LOAD: Final = _session_rpc(
+    "TensorflowModelLoad",
+    pb.TensorflowModelLoadRequest,
+    pb.TensorflowModelLoadResponse,
+    model=_TF,
+)
+TENSORFLOW_MODEL_UNLOAD: Final = _session_rpc(
+    "TensorflowModelUnload",
+    pb.TensorflowModelUnloadRequest,
+    pb.TensorflowModelUnloadResponse,
+    model=_TF,
+)
+TENSORFLOW_MODEL_RUN: Final = _session_rpc(
+    "TensorflowModelRun",
+    pb.TensorflowModelRunRequest,
+    pb.TensorflowModelRunResponse,
+    check_tensor_sizes,
+    model=_TF,
+)
+TENSORFLOW_LITE_MODEL_LOAD: Final = _session_rpc(
+    "TensorflowLiteModelLoad", pb.TensorflowLiteModelLoadRequest, pb.EmptyResponse, model=_TFLITE
+)
+TENSORFLOW_LITE_MODEL_UNLOAD: Final = _session_rpc(
+    "TensorflowLiteModelUnload",
+    pb.TensorflowLiteModelUnloadRequest,
+    pb.EmptyResponse,
+    model=_TFLITE,
+)
+TENSORFLOW_LITE_MODEL_RUN: Final = _session_rpc(
+    "TensorflowLiteModelRun",
+    pb.TensorflowLiteModelRunRequest,
+    pb.TensorflowLiteModelRunResponse,
+    check_tensor_sizes,
+    model=_TFLITE,
+)
+TORCH_MODEL_LOAD: Final = _session_rpc(
+    "TorchModelLoad", pb.TorchModelLoadRequest, pb.EmptyResponse, model=_TORCH
+)
+TORCH_MODEL_RUN: Final = _session_rpc(
+    "TorchModelRun",
+    pb.TorchModelRunRequest,
+    pb.TorchModelRunResponse,
+    check_tensor_sizes,
+    model=_TORCH,
+)
+GET_PROFILER: Final = _session_rpc("GetProfiler", pb.ProfilerRequest, pb.ProfilerResponse)
 
 #: What vAccel's RPC plugin calls, under each name the agent service has had.
 AGENT: Final = ServiceSpec(
@@ -208,6 +280,16 @@ AGENT: Final = ServiceSpec(
         GENOP,
         REGISTER_RESOURCE,
         UNREGISTER_RESOURCE,
+        SYNC_RESOURCE,
+        TENSORFLOW_MODEL_LOAD,
+        TENSORFLOW_MODEL_UNLOAD,
+        TENSORFLOW_MODEL_RUN,
+        TENSORFLOW_LITE_MODEL_LOAD,
+        TENSORFLOW_LITE_MODEL_UNLOAD,
+        TENSORFLOW_LITE_MODEL_RUN,
+        TORCH_MODEL_LOAD,
+        TORCH_MODEL_RUN,
+        GET_PROFILER,
     ),
 )
 

@@ -5,7 +5,8 @@ Those that change the session table (create, update, destroy, resources)
 have handlers of their own over :class:`~vaccelray.scheduler.sessions.SessionTable`.
 Every other session-bound method is forwarded as it is: its declared
 session field is rewritten to the worker's session id in the encoded bytes
-(images and tensors are not decoded), and the call is started on the
+(images and tensors are not decoded), and so is its declared resource
+field (a model id) to the worker's id of that resource, and the call is started on the
 worker's open connection from the loop, its answer passed back through a
 future: no task per call (creating and destroying a session take none
 either, when the worker's connection is open). Only when that cannot be
@@ -28,6 +29,7 @@ from typing import Any, Final
 
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.agent import unknown_resource
 from vaccelray.protocol.fields import FieldError, read_varint_field, with_varint_field
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.services import (
@@ -35,6 +37,7 @@ from vaccelray.protocol.services import (
     CREATE_SESSION,
     DESTROY_SESSION,
     REGISTER_RESOURCE,
+    SYNC_RESOURCE,
     UNREGISTER_RESOURCE,
     UPDATE_SESSION,
     Rpc,
@@ -81,6 +84,7 @@ class AgentForwarder:
             DESTROY_SESSION: Method(self._destroy_session, future=True),
             REGISTER_RESOURCE: Method(self._register_resource),
             UNREGISTER_RESOURCE: Method(self._unregister_resource),
+            SYNC_RESOURCE: Method(self._sync_resource),
         }
         methods: dict[str, Method] = {}
         for rpc in AGENT:
@@ -102,17 +106,24 @@ class AgentForwarder:
         field = rpc.session_field
         assert field is not None
         check = rpc.limits is not None
+        resource_field = rpc.resource_field
 
         def forward(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
             if check:
                 rpc.check(rpc.request.decode(payload), limit)
             try:
                 session_id = read_varint_field(payload, field)
+                resource_id = (
+                    read_varint_field(payload, resource_field) if resource_field is not None else 0
+                )
             except FieldError as exc:
                 raise RPCError(
                     StatusCode.INVALID_ARGUMENT, f"undecodable {rpc.request.name}: {exc}"
                 ) from exc
-            call = _Forward(self, rpc, table.get(session_id), payload, ctx)
+            session = table.get(session_id)
+            if resource_field is not None and resource_id not in session.resources:
+                raise unknown_resource(resource_id, rpc.resource_noun)
+            call = _Forward(self, rpc, session, payload, ctx, resource_id)
             call.start()
             return call
 
@@ -158,6 +169,10 @@ class AgentForwarder:
         resource_id = await self.table.register_resource(session, request, ctx)
         return REGISTER_RESOURCE.reply.encode(pb.RegisterResourceResponse(resource_id=resource_id))
 
+    async def _sync_resource(self, payload: bytes, ctx: CallContext) -> bytes:
+        request = SYNC_RESOURCE.request.decode(payload)
+        return await self.table.sync_resource(request.resource_id, ctx)
+
     async def _unregister_resource(self, payload: bytes, ctx: CallContext) -> bytes:
         request = UNREGISTER_RESOURCE.request.decode(payload)
         session = self.table.get(request.session_id)
@@ -180,8 +195,11 @@ class _Forward(asyncio.Future[bytes]):
         session: RoutedSession,
         payload: bytes,
         ctx: CallContext,
+        resource_id: int = 0,
     ) -> None:
         super().__init__(loop=forwarder.loop)
+        #: The scheduler's id of the resource (model) the call names, if it names one.
+        self.resource_id = resource_id
         self.forwarder = forwarder
         self.rpc = rpc
         self.session = session
@@ -198,8 +216,16 @@ class _Forward(asyncio.Future[bytes]):
         return True
 
     def _rewrite(self, binding: Binding) -> bytes:
-        assert self.rpc.session_field is not None
-        return with_varint_field(self.payload, self.rpc.session_field, binding.worker_session)
+        """The request for *binding*'s worker: its session id, and its id of the resource."""
+        rpc = self.rpc
+        assert rpc.session_field is not None
+        payload = with_varint_field(self.payload, rpc.session_field, binding.worker_session)
+        if rpc.resource_field is None:
+            return payload
+        worker_id = self.forwarder.table.worker_resource(self.resource_id, binding)
+        if worker_id is None:  # unregistered meanwhile
+            raise unknown_resource(self.resource_id, rpc.resource_noun)
+        return with_varint_field(payload, rpc.resource_field, worker_id)
 
     def start(self) -> None:
         table = self.forwarder.table
@@ -225,6 +251,8 @@ class _Forward(asyncio.Future[bytes]):
         if self.done():  # cancelled by the server: the client left or the deadline passed
             return
         if isinstance(outcome, bytes):
+            if self.resource_id:
+                self.forwarder.table.model_called(self.session, self.rpc, self.resource_id)
             self.set_result(outcome)
             return
         binding = self.binding
@@ -241,7 +269,10 @@ class _Forward(asyncio.Future[bytes]):
         table, rpc, ctx = self.forwarder.table, self.rpc, self.ctx
 
         async def attempt(binding: Binding) -> bytes:
-            return await table.send(binding, ctx, rpc.method, self._rewrite(binding))
+            reply = await table.send(binding, ctx, rpc.method, self._rewrite(binding))
+            if self.resource_id:
+                table.model_called(self.session, rpc, self.resource_id)
+            return reply
 
         # Referenced while it runs: the server holds this future, this future the task.
         self.started = None

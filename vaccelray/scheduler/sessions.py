@@ -9,7 +9,11 @@ blobs) so it can register it again on another worker.
 Failover (transparent re-creation): when a session's worker is lost (down,
 restarted, or answering UNKNOWN_SESSION for it), the next call of the
 session re-creates it on another healthy worker with its latest flags and
-replays its registered resources, then runs there; the client keeps its ids.
+replays its registered resources and model loads in their original order,
+then runs there; the client keeps its ids (model ids are resource ids, and
+are rewritten to the worker's like session ids). A resource whose contents
+a SyncResource showed changed since registration cannot be replayed: its
+session fails over with UNAVAILABLE naming it.
 Calls that were *in flight* on the worker when it was lost may or may not
 have run, so they are not retried: they end at once with UNAVAILABLE (14),
 naming the worker and the session. A request that surely never reached a
@@ -41,7 +45,18 @@ from vaccelray.bounds import Bounds
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES, unknown_resource, unknown_session
-from vaccelray.protocol.services import CREATE_SESSION, DESTROY_SESSION, REGISTER_RESOURCE
+from vaccelray.protocol.services import (
+    CREATE_SESSION,
+    DESTROY_SESSION,
+    REGISTER_RESOURCE,
+    SYNC_RESOURCE,
+    TENSORFLOW_LITE_MODEL_LOAD,
+    TENSORFLOW_LITE_MODEL_UNLOAD,
+    TENSORFLOW_MODEL_LOAD,
+    TENSORFLOW_MODEL_UNLOAD,
+    TORCH_MODEL_LOAD,
+    Rpc,
+)
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change
 from vaccelray.transport.client import Outcome
@@ -64,6 +79,12 @@ log = logging.getLogger("vaccelray.sessions")  # per-call lines: --log-level qui
 #: Time allowed for the scheduler's own calls (re-creation, clean-up) without a deadline.
 HOUSEKEEPING_TIMEOUT: Final = 10.0
 _MAX_ATTEMPTS: Final = 4
+#: Model loads, replayed with the session's resources when it moves; and what undoes each.
+_LOADS: Final = frozenset({TENSORFLOW_MODEL_LOAD, TENSORFLOW_LITE_MODEL_LOAD, TORCH_MODEL_LOAD})
+_UNLOADS: Final[dict[Rpc[Any, Any], Rpc[Any, Any]]] = {
+    TENSORFLOW_MODEL_UNLOAD: TENSORFLOW_MODEL_LOAD,
+    TENSORFLOW_LITE_MODEL_UNLOAD: TENSORFLOW_LITE_MODEL_LOAD,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +106,9 @@ class RoutedSession:
     binding: Binding | None = None
     #: Scheduler resource ids registered with the session, in order.
     resources: list[int] = field(default_factory=list)
+    #: What to replay on another worker, in order: (None, id) registers resource id,
+    #: (a model load's declaration, id) loads it (see :meth:`SessionTable.model_called`).
+    history: list[tuple[Rpc[Any, Any] | None, int]] = field(default_factory=list)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
@@ -102,6 +126,9 @@ class RoutedResource:
     on_worker: dict[tuple[str, str], int] = field(default_factory=dict)
     #: Scheduler sessions it is registered with.
     users: set[int] = field(default_factory=set)
+    #: The worker whose SyncResource answer showed contents other than registered: the
+    #: template is stale then, and the resource cannot be replayed.
+    changed_on: str | None = None
 
 
 @dataclass(frozen=True)
@@ -318,10 +345,7 @@ class SessionTable:
             session.binding = binding
             self.pool.registry.session_bound(address)
             try:
-                for resource_id in session.resources:
-                    resource = self.resources.get(resource_id)
-                    if resource is not None:
-                        await self._register_on(binding, resource, ctx)
+                await self._replay(session, binding, ctx)
             except (Rebind, WorkerUnavailable) as exc:
                 self._unbind(session, bury=True)
                 last_error = f"{address}: {exc}"
@@ -335,6 +359,73 @@ class SessionTable:
                     f"replaying its resources failed: {exc.message}",
                 ) from exc
             return binding
+
+    async def _replay(self, session: RoutedSession, binding: Binding, ctx: CallContext) -> None:
+        """Register the session's resources and load its models on *binding*, in their order."""
+        for rpc, resource_id in session.history:
+            resource = self.resources.get(resource_id)
+            if resource is None:
+                continue
+            if rpc is None:
+                await self._register_on(binding, resource, ctx)
+                continue
+            worker_id = resource.on_worker[(binding.address, binding.instance)]
+            request = rpc.request.decode(b"")
+            request.session_id, request.model_id = binding.worker_session, worker_id
+            await self.send(binding, ctx, rpc.method, rpc.request.encode(request))
+
+    def model_called(self, session: RoutedSession, rpc: Rpc[Any, Any], resource_id: int) -> None:
+        """A model method of *session* succeeded: a load is replayed on failover, until unloaded."""
+        if rpc in _LOADS:
+            session.history.append((rpc, resource_id))
+            return
+        load = _UNLOADS.get(rpc)
+        if load is not None and (load, resource_id) in session.history:
+            session.history.remove((load, resource_id))
+
+    def worker_resource(self, resource_id: int, binding: Binding) -> int | None:
+        """The id *binding*'s worker knows resource *resource_id* by, when it has it."""
+        resource = self.resources.get(resource_id)
+        if resource is None:
+            return None
+        return resource.on_worker.get((binding.address, binding.instance))
+
+    async def sync_resource(self, resource_id: int, ctx: CallContext) -> bytes:
+        """SyncResource from a worker holding the resource (through one of its sessions).
+
+        An answer whose blobs differ from the registration marks the resource
+        changed: its kept template is stale, so it is not replayed elsewhere.
+        """
+        resource = self.resources.get(resource_id)
+        if resource is None:
+            raise unknown_resource(resource_id)
+        users = sorted(
+            (self.sessions[s] for s in resource.users if s in self.sessions),
+            key=lambda s: (not self.valid(s.binding), s.id),
+        )
+        if not users:
+            raise unknown_resource(resource_id)
+
+        async def attempt(binding: Binding) -> bytes:
+            worker_id = resource.on_worker.get((binding.address, binding.instance))
+            if worker_id is None:
+                raise unknown_resource(resource_id)
+            request = SYNC_RESOURCE.request.encode(pb.SyncResourceRequest(resource_id=worker_id))
+            reply = await self.send(binding, ctx, SYNC_RESOURCE.method, request)
+            template = resource.template
+            if resource.changed_on is None and template is not None:
+                now = [(b.name, b.data) for b in SYNC_RESOURCE.reply.decode(reply).blobs]
+                if now != [(b.name, b.data) for b in template.blobs]:
+                    resource.changed_on = binding.address
+                    log.warning(
+                        "Resource %d changed on %s since it was registered: it cannot be "
+                        "replayed on another worker",
+                        resource.id,
+                        binding.address,
+                    )
+            return reply
+
+        return await self.run(users[0], ctx, SYNC_RESOURCE.method, attempt)
 
     async def _register_on(
         self,
@@ -363,6 +454,13 @@ class SessionTable:
                     raise
                 del resource.on_worker[key]
         template = registration or resource.template
+        if registration is None and resource.changed_on is not None:
+            raise RPCError(
+                StatusCode.UNAVAILABLE,
+                f"resource {resource.id} changed on {resource.changed_on} since it was "
+                "registered (SyncResource showed it), so it cannot be registered again "
+                f"on {binding.address}",
+            )
         if template is None:
             raise RPCError(
                 StatusCode.UNAVAILABLE,
@@ -677,6 +775,7 @@ class SessionTable:
             if resource is not None:
                 self._detach(resource, session)
         session.resources.clear()
+        session.history.clear()
 
     def _detach(self, resource: RoutedResource, session: RoutedSession) -> None:
         """*session* lets go of *resource*; the last one to do so forgets it."""
@@ -733,6 +832,7 @@ class SessionTable:
         if resource.id not in session.resources:
             resource.users.add(session.id)
             session.resources.append(resource.id)
+            session.history.append((None, resource.id))
         log.info("session:%d Registered resource %d", session.id, resource.id)
         return resource.id
 
@@ -772,6 +872,7 @@ class SessionTable:
 
         await self.run(session, ctx, "UnregisterResource", attempt)
         session.resources.remove(resource.id)
+        session.history = [step for step in session.history if step[1] != resource.id]
         self._detach(resource, session)
 
     # -- clean-up ----------------------------------------------------------------------

@@ -43,14 +43,33 @@ from vaccelray.protocol.services import (
     CREATE_SESSION,
     DESTROY_SESSION,
     GENOP,
+    GET_PROFILER,
     IMAGE_CLASSIFICATION,
     REGISTER_RESOURCE,
+    SYNC_RESOURCE,
+    TENSORFLOW_LITE_MODEL_LOAD,
+    TENSORFLOW_LITE_MODEL_RUN,
+    TENSORFLOW_LITE_MODEL_UNLOAD,
+    TENSORFLOW_MODEL_LOAD,
+    TENSORFLOW_MODEL_RUN,
+    TENSORFLOW_MODEL_UNLOAD,
+    TORCH_MODEL_LOAD,
+    TORCH_MODEL_RUN,
     UNREGISTER_RESOURCE,
     UPDATE_SESSION,
     Rpc,
 )
 from vaccelray.transport.server import CallContext, Method, Service
-from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
+from vaccelray.worker.backend import (
+    Arg,
+    Backend,
+    Classification,
+    Framework,
+    Model,
+    ModelRun,
+    SessionHandle,
+    Tensor,
+)
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -114,6 +133,12 @@ class Resource:
     owner: Owner = ("", 0)
     #: Bytes of blob data (counted against ``AgentLimits.max_resource_bytes``).
     size: int = 0
+    #: The BlobType (FILE, BUFFER, MAPPED) of each blob.
+    blob_types: tuple[int, ...] = ()
+
+    def model(self) -> Model:
+        """The resource as a backend sees a model (a model id is a resource id)."""
+        return Model(self.id, self.paths, self.blobs)
 
 
 class _Plan(Generic[_R]):
@@ -208,7 +233,13 @@ class Agent:
             GENOP: self._genop,
             REGISTER_RESOURCE: functools.partial(self._register_resource, scope=scope),
             UNREGISTER_RESOURCE: self._unregister_resource,
+            SYNC_RESOURCE: self._sync_resource,
+            GET_PROFILER: self._get_profiler,
         }
+        for rpc, framework, verb in _MODEL_METHODS:
+            planners[rpc] = functools.partial(
+                self._model_op, rpc=rpc, framework=framework, verb=verb
+            )
         methods = {rpc.method: self._method(rpc, planners[rpc]) for rpc in AGENT}
         return [Service(name, methods) for name in AGENT.names]
 
@@ -593,6 +624,7 @@ class Agent:
                 blobs,
                 owner,
                 size,
+                tuple(b.type for b in request.blobs),
             )
             self.resources[resource.id] = resource
             self._users[resource.id] = 0
@@ -627,6 +659,73 @@ class Agent:
 
         return _Plan(None, lambda: None, finish)
 
+    def _sync_resource(self, request: pb.SyncResourceRequest, ctx: CallContext) -> _Plan[None]:
+        """The resource's blobs as they are now (ops may write them; ours do not yet)."""
+        resource = self.resources.get(request.resource_id)
+        if resource is None:
+            raise unknown_resource(request.resource_id)
+
+        def finish(_: None) -> bytes:
+            log.info("Synced resource %d", resource.id)
+            response = pb.SyncResourceResponse()
+            for (name, data), kind in zip(resource.blobs, resource.blob_types, strict=True):
+                response.blobs.add(type=kind, name=name, data=data, size=len(data))
+            return response.SerializeToString()
+
+        return _Plan(None, lambda: None, finish)
+
+    # -- models ----------------------------------------------------------------------
+
+    def _model_op(
+        self, request: Any, ctx: CallContext, *, rpc: Rpc[Any, Any], framework: Framework, verb: str
+    ) -> _Plan[Any]:
+        """A model load, unload or run: the model is a resource registered with the session."""
+        session = self._session(request.session_id)
+        model_id = request.model_id
+        if model_id not in session.resources:
+            raise unknown_resource(model_id, rpc.resource_noun)
+        model = self.resources[model_id].model()
+        log.info("session:%d %s model %s", session.id, framework.value, verb)
+        backend, handle = self.backend, session.handle
+        if verb == "run":
+            run = _model_run(framework, request)
+
+            def finish_run(outputs: list[Tensor]) -> bytes:
+                response = rpc.reply.decode(b"")
+                for tensor in outputs:
+                    response.out_tensors.add(data=tensor.data, dims=tensor.dims, type=tensor.type)
+                return rpc.reply.encode(response)
+
+            return _Plan(
+                session, lambda: backend.model_run(handle, framework, model, run), finish_run
+            )
+        operation = backend.model_load if verb == "load" else backend.model_unload
+
+        def finish(message: str) -> bytes:
+            response = rpc.reply.decode(b"")
+            if "status" in response.DESCRIPTOR.fields_by_name:  # TensorFlow's answers
+                response.status.code = 0
+                response.status.message = message
+            return rpc.reply.encode(response)
+
+        return _Plan(session, lambda: operation(handle, framework, model), finish)
+
+    def _get_profiler(self, request: pb.ProfilerRequest, ctx: CallContext) -> _Plan[Any]:
+        session = self._session(request.session_id)
+        log.info("session:%d Get profiler", session.id)
+
+        def finish(regions: dict[str, list[tuple[int, int]]]) -> bytes:
+            response = pb.ProfilerResponse()
+            profiler = response.profiler
+            profiler.component_name = PROFILER_COMPONENT
+            for name, samples in regions.items():
+                region = profiler.regions[name]
+                for start, time in samples:
+                    region.samples.add(start=start, time=time)
+            return response.SerializeToString()
+
+        return _Plan(session, lambda: self.backend.profile(session.handle), finish)
+
     def _unuse(self, resource_id: int) -> None:
         """One session fewer uses the resource: drop it when none does."""
         users = self._users[resource_id] - 1
@@ -641,6 +740,36 @@ class Agent:
         else:
             del self._owned_resources[resource.owner]
         self._resource_bytes -= resource.size
+
+
+#: The model methods: each one's declaration, framework, and verb in the log lines.
+_MODEL_METHODS: Final = (
+    (TENSORFLOW_MODEL_LOAD, Framework.TENSORFLOW, "load"),
+    (TENSORFLOW_MODEL_UNLOAD, Framework.TENSORFLOW, "unload"),
+    (TENSORFLOW_MODEL_RUN, Framework.TENSORFLOW, "run"),
+    (TENSORFLOW_LITE_MODEL_LOAD, Framework.TFLITE, "load"),
+    (TENSORFLOW_LITE_MODEL_UNLOAD, Framework.TFLITE, "unload"),
+    (TENSORFLOW_LITE_MODEL_RUN, Framework.TFLITE, "run"),
+    (TORCH_MODEL_LOAD, Framework.TORCH, "load"),
+    (TORCH_MODEL_RUN, Framework.TORCH, "run"),
+)
+
+#: The component name of the agent's GetProfiler answers.
+PROFILER_COMPONENT: Final = "vaccelray-agent"
+
+
+def _model_run(framework: Framework, request: Any) -> ModelRun:
+    """What a run request asks of the backend (TensorFlow: one output per output node)."""
+    inputs = tuple(Tensor(t.data, tuple(t.dims), t.type) for t in request.in_tensors)
+    if framework is not Framework.TENSORFLOW:
+        return ModelRun(inputs, request.nr_out_tensors)
+    return ModelRun(
+        inputs,
+        len(request.out_nodes),
+        request.run_options or None,
+        tuple((n.name, n.id) for n in request.in_nodes),
+        tuple((n.name, n.id) for n in request.out_nodes),
+    )
 
 
 def _arg(arg: pb.Arg) -> Arg:

@@ -1,7 +1,11 @@
 """The interface every worker backend implements.
 
 A backend does the accelerator work behind the vAccel agent service: it
-opens and releases sessions, classifies images, runs generic operations.
+opens and releases sessions, classifies images, runs generic operations
+and loads and runs TensorFlow, TensorFlow Lite and PyTorch models. An
+operation a backend does not override answers UNIMPLEMENTED naming the
+operation and the backend (:meth:`Backend.unsupported`), so a backend
+implements only what it can run.
 The agent (``vaccelray.worker.agent``) owns session ids, resources and
 logging; the backend only sees its own opaque session handles.
 
@@ -18,6 +22,7 @@ with the status the client should see (``INVALID_ARGUMENT`` for bad input,
 
 from __future__ import annotations
 
+import enum
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -30,8 +35,12 @@ __all__ = [
     "Arg",
     "Backend",
     "Classification",
+    "Framework",
+    "Model",
+    "ModelRun",
     "OpType",
     "SessionHandle",
+    "Tensor",
 ]
 
 #: Whatever a backend uses to name one of its sessions (a ctypes struct, None, ...).
@@ -70,6 +79,60 @@ class Classification(NamedTuple):
     tag: str
     imgname: str = ""
     labels: tuple[tuple[str, float], ...] = ()
+
+
+class Framework(enum.Enum):
+    """A model framework of the vAccel agent: its value is its name in the agent's log lines."""
+
+    TENSORFLOW = "TensorFlow"
+    TFLITE = "TensorFlow Lite"
+    TORCH = "PyTorch"
+
+    @property
+    def method_prefix(self) -> str:
+        """How the agent's method names spell it (``TorchModelRun``)."""
+        return _METHOD_PREFIX[self]
+
+
+_METHOD_PREFIX = {
+    Framework.TENSORFLOW: "Tensorflow",
+    Framework.TFLITE: "TensorflowLite",
+    Framework.TORCH: "Torch",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """One model input or output: its bytes, shape and the framework's type number."""
+
+    data: bytes
+    dims: tuple[int, ...]
+    type: int
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """A model: the resource a client registered (its id is the model id) and its contents."""
+
+    id: int
+    paths: tuple[str, ...]
+    #: (name, bytes) of each blob.
+    blobs: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRun:
+    """What a model run asks for besides the model: inputs, and how many outputs.
+
+    ``outputs`` is the count of outputs requested (TensorFlow: one per output
+    node). ``in_nodes``/``out_nodes`` are TensorFlow's (name, id) pairs.
+    """
+
+    inputs: tuple[Tensor, ...]
+    outputs: int
+    run_options: bytes | None = None
+    in_nodes: tuple[tuple[str, int], ...] = ()
+    out_nodes: tuple[tuple[str, int], ...] = ()
 
 
 class Backend(ABC):
@@ -119,7 +182,29 @@ class Backend(ABC):
         write_args: Sequence[Arg],
     ) -> list[bytes]:
         """Run ``symbol`` of a shared ``library``; returns the write arguments' new bytes."""
-        raise RPCError(StatusCode.UNIMPLEMENTED, f"backend {self.name} does not support exec")
+        raise self.unsupported("exec")
+
+    def unsupported(self, op: str) -> RPCError:
+        """UNIMPLEMENTED naming *op* and this backend: the answer to an op it cannot run."""
+        return RPCError(StatusCode.UNIMPLEMENTED, f"backend {self.name} does not support {op}")
+
+    def model_load(self, handle: SessionHandle, framework: Framework, model: Model) -> str:
+        """Load *model* into the session; a status message for the client (TensorFlow's)."""
+        raise self.unsupported(f"{framework.method_prefix}ModelLoad")
+
+    def model_unload(self, handle: SessionHandle, framework: Framework, model: Model) -> str:
+        """Unload *model* (TensorFlow, TensorFlow Lite); a status message."""
+        raise self.unsupported(f"{framework.method_prefix}ModelUnload")
+
+    def model_run(
+        self, handle: SessionHandle, framework: Framework, model: Model, run: ModelRun
+    ) -> list[Tensor]:
+        """Run a loaded *model*: ``run.outputs`` output tensors from ``run.inputs``."""
+        raise self.unsupported(f"{framework.method_prefix}ModelRun")
+
+    def profile(self, handle: SessionHandle) -> dict[str, list[tuple[int, int]]]:
+        """Profiling regions of the session: name -> (start, time) samples (none by default)."""
+        return {}
 
     def genop(
         self, handle: SessionHandle, read_args: Sequence[Arg], write_args: Sequence[Arg]

@@ -9,12 +9,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.worker.backend import (
+    Arg,
+    Backend,
+    Classification,
+    Framework,
+    Model,
+    ModelRun,
+    SessionHandle,
+    Tensor,
+)
 
-__all__ = ["NOOP_IMGNAME", "NOOP_TAG", "NoopBackend"]
+__all__ = ["NOOP_IMGNAME", "NOOP_STATUS", "NOOP_TAG", "NoopBackend"]
 
 NOOP_TAG = "This is a dummy classification tag!"
 NOOP_IMGNAME = "This is a dummy imgname!"
+#: The message of the status the noop plugin answers model loads and unloads with.
+NOOP_STATUS = "Operation handled by noop plugin"
 
 log = logging.getLogger("vaccelray.backend.noop")
 
@@ -62,3 +74,46 @@ class NoopBackend(Backend):
             len(write_args),
         )
         return [arg.buf for arg in write_args]
+
+    def model_load(self, handle: SessionHandle, framework: Framework, model: Model) -> str:
+        log.info(
+            "[noop] Calling %s model load for session %s: model %d",
+            framework.value,
+            handle,
+            model.id,
+        )
+        if framework is Framework.TORCH and not (model.blobs or model.paths):
+            # The plugin reads the model's first file: none is EINVAL.
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT, f"PyTorch model {model.id} has no file to load"
+            )
+        return NOOP_STATUS
+
+    def model_unload(self, handle: SessionHandle, framework: Framework, model: Model) -> str:
+        log.info(
+            "[noop] Calling %s model unload for session %s: model %d",
+            framework.value,
+            handle,
+            model.id,
+        )
+        return NOOP_STATUS
+
+    def model_run(
+        self, handle: SessionHandle, framework: Framework, model: Model, run: ModelRun
+    ) -> list[Tensor]:
+        """Input tensor *i* comes back as output tensor *i*, for each output asked for."""
+        log.info(
+            "[noop] Calling %s model run for session %s: model %d nr_in %d nr_out %d",
+            framework.value,
+            handle,
+            model.id,
+            len(run.inputs),
+            run.outputs,
+        )
+        if run.outputs > len(run.inputs):
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT,
+                f"{framework.value} model run asks for {run.outputs} outputs but has "
+                f"{len(run.inputs)} inputs to echo",
+            )
+        return list(run.inputs[: run.outputs])

@@ -431,6 +431,123 @@ func (c *checker) checkRaw() []result {
 	return out
 }
 
+// tfTensors renders output tensors as [data, dims, type] triples for JSON.
+func tfTensors(ts []*vaccel.TFTensor) [][]interface{} {
+	out := [][]interface{}{}
+	for _, t := range ts {
+		out = append(out, []interface{}{string(t.Data), t.Dims, t.Type})
+	}
+	return out
+}
+
+// checkModels: every model method of the newest vAccel agent on one session,
+// as a vAccel client using TensorFlow, TFLite and PyTorch through the RPC
+// plugin calls them: register a model (a resource), load, run, unload; sync
+// the resource; the profiler; and a model id nobody registered. Each record
+// carries the code (and message) and what came back.
+func (c *checker) checkModels() []result {
+	var out []result
+	id, err := c.createSession(mainService)
+	reg := result{"check": "model_register"}
+	outcome(reg, "create_", err)
+	var regResp vaccel.RegisterResourceResponse
+	err = c.call(mainService, "RegisterResource", &vaccel.RegisterResourceRequest{
+		SessionId:    id,
+		ResourceType: vaccel.ResourceType_MODEL,
+		Blobs:        []*vaccel.Blob{{Type: vaccel.BlobType_BUFFER, Name: "model.bin", Data: []byte("weights"), Size_: 7}},
+	}, &regResp)
+	outcome(reg, "", err)
+	model := regResp.ResourceId
+	reg["model_id"] = model
+	out = append(out, reg)
+
+	in := []*vaccel.TFTensor{
+		{Data: []byte("abcd"), Dims: []int64{2, 2}, Type: 1},
+		{Data: []byte("z"), Dims: []int64{1}, Type: 4},
+	}
+	tfLoad := result{"check": "tf_load"}
+	var loadResp vaccel.TensorflowModelLoadResponse
+	outcome(tfLoad, "", c.call(mainService, "TensorflowModelLoad", &vaccel.TensorflowModelLoadRequest{SessionId: id, ModelId: model}, &loadResp))
+	if loadResp.Status != nil {
+		tfLoad["status_code"] = loadResp.Status.Code
+		tfLoad["status_message"] = loadResp.Status.Message
+	}
+	out = append(out, tfLoad)
+	tfRun := result{"check": "tf_run"}
+	var runResp vaccel.TensorflowModelRunResponse
+	outcome(tfRun, "", c.call(mainService, "TensorflowModelRun", &vaccel.TensorflowModelRunRequest{
+		SessionId: id, ModelId: model,
+		InNodes:   []*vaccel.TFNode{{Name: "in", Id: 0}},
+		OutNodes:  []*vaccel.TFNode{{Name: "out", Id: 0}, {Name: "out", Id: 1}},
+		InTensors: in,
+	}, &runResp))
+	tfRun["out"] = tfTensors(runResp.OutTensors)
+	out = append(out, tfRun)
+	tfUnload := result{"check": "tf_unload"}
+	var unloadResp vaccel.TensorflowModelUnloadResponse
+	outcome(tfUnload, "", c.call(mainService, "TensorflowModelUnload", &vaccel.TensorflowModelUnloadRequest{SessionId: id, ModelId: model}, &unloadResp))
+	if unloadResp.Status != nil {
+		tfUnload["status_code"] = unloadResp.Status.Code
+		tfUnload["status_message"] = unloadResp.Status.Message
+	}
+	out = append(out, tfUnload)
+
+	lite := result{"check": "tflite"}
+	outcome(lite, "load_", c.call(mainService, "TensorflowLiteModelLoad", &vaccel.TensorflowLiteModelLoadRequest{SessionId: id, ModelId: model}, &vaccel.EmptyResponse{}))
+	var liteResp vaccel.TensorflowLiteModelRunResponse
+	outcome(lite, "run_", c.call(mainService, "TensorflowLiteModelRun", &vaccel.TensorflowLiteModelRunRequest{
+		SessionId: id, ModelId: model, NrOutTensors: 1,
+		InTensors: []*vaccel.TFLiteTensor{{Data: []byte("lite"), Dims: []int32{4}, Type: 2}},
+	}, &liteResp))
+	liteOut := [][]interface{}{}
+	for _, t := range liteResp.OutTensors {
+		liteOut = append(liteOut, []interface{}{string(t.Data), t.Dims, t.Type})
+	}
+	lite["out"] = liteOut
+	outcome(lite, "unload_", c.call(mainService, "TensorflowLiteModelUnload", &vaccel.TensorflowLiteModelUnloadRequest{SessionId: id, ModelId: model}, &vaccel.EmptyResponse{}))
+	out = append(out, lite)
+
+	torch := result{"check": "torch"}
+	outcome(torch, "load_", c.call(mainService, "TorchModelLoad", &vaccel.TorchModelLoadRequest{SessionId: id, ModelId: model}, &vaccel.EmptyResponse{}))
+	var torchResp vaccel.TorchModelRunResponse
+	outcome(torch, "run_", c.call(mainService, "TorchModelRun", &vaccel.TorchModelRunRequest{
+		SessionId: id, ModelId: model, RunOptions: []byte("opts"), NrOutTensors: 2,
+		InTensors: []*vaccel.TorchTensor{{Data: []byte("t0"), Dims: []int64{2}, Type: 1}, {Data: []byte("t1"), Dims: []int64{1, 2}, Type: 7}},
+	}, &torchResp))
+	torchOut := [][]interface{}{}
+	for _, t := range torchResp.OutTensors {
+		torchOut = append(torchOut, []interface{}{string(t.Data), t.Dims, t.Type})
+	}
+	torch["out"] = torchOut
+	out = append(out, torch)
+
+	sync := result{"check": "sync_resource"}
+	var syncResp vaccel.SyncResourceResponse
+	outcome(sync, "", c.call(mainService, "SyncResource", &vaccel.SyncResourceRequest{ResourceId: model}, &syncResp))
+	blobs := [][]interface{}{}
+	for _, b := range syncResp.Blobs {
+		blobs = append(blobs, []interface{}{int(b.Type), b.Name, string(b.Data), b.Size_})
+	}
+	sync["blobs"] = blobs
+	out = append(out, sync)
+
+	prof := result{"check": "profiler"}
+	var profResp vaccel.ProfilerResponse
+	outcome(prof, "", c.call(mainService, "GetProfiler", &vaccel.ProfilerRequest{SessionId: id}, &profResp))
+	if profResp.Profiler != nil {
+		prof["component_name"] = profResp.Profiler.ComponentName
+	}
+	out = append(out, prof)
+
+	unknown := result{"check": "unknown_model", "model_id": 424242}
+	outcome(unknown, "torch_", c.call(mainService, "TorchModelRun", &vaccel.TorchModelRunRequest{SessionId: id, ModelId: 424242}, &vaccel.TorchModelRunResponse{}))
+	outcome(unknown, "tf_", c.call(mainService, "TensorflowModelLoad", &vaccel.TensorflowModelLoadRequest{SessionId: id, ModelId: 424242}, &vaccel.TensorflowModelLoadResponse{}))
+	outcome(unknown, "sync_", c.call(mainService, "SyncResource", &vaccel.SyncResourceRequest{ResourceId: 424242}, &vaccel.SyncResourceResponse{}))
+	out = append(out, unknown)
+	_ = c.call(mainService, "DestroySession", &vaccel.DestroySessionRequest{SessionId: id}, &vaccel.EmptyResponse{})
+	return out
+}
+
 var checks = map[string]func(*checker) []result{
 	"sessions":   (*checker).checkSessions,
 	"genop":      (*checker).checkGenop,
@@ -439,6 +556,7 @@ var checks = map[string]func(*checker) []result{
 	"deadlines":  (*checker).checkDeadlines,
 	"concurrent": (*checker).checkConcurrent,
 	"raw":        (*checker).checkRaw,
+	"models":     (*checker).checkModels,
 }
 
 func runClient(args []string) error {

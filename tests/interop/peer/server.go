@@ -119,6 +119,49 @@ func (a *agent) UnregisterResource(ctx context.Context, req *vaccel.UnregisterRe
 	return &vaccel.EmptyResponse{}, nil
 }
 
+// The model methods of the newest agent: the generated interface asks for
+// them; the peer's server does not serve them (registerAgent leaves them
+// out), so a client gets UNIMPLEMENTED from it, as from an older agent.
+func (a *agent) SyncResource(ctx context.Context, req *vaccel.SyncResourceRequest) (*vaccel.SyncResourceResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "SyncResource")
+}
+
+func (a *agent) TensorflowModelLoad(ctx context.Context, req *vaccel.TensorflowModelLoadRequest) (*vaccel.TensorflowModelLoadResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "TensorflowModelLoad")
+}
+
+func (a *agent) TensorflowModelUnload(ctx context.Context, req *vaccel.TensorflowModelUnloadRequest) (*vaccel.TensorflowModelUnloadResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "TensorflowModelUnload")
+}
+
+func (a *agent) TensorflowModelRun(ctx context.Context, req *vaccel.TensorflowModelRunRequest) (*vaccel.TensorflowModelRunResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "TensorflowModelRun")
+}
+
+func (a *agent) TensorflowLiteModelLoad(ctx context.Context, req *vaccel.TensorflowLiteModelLoadRequest) (*vaccel.EmptyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "TensorflowLiteModelLoad")
+}
+
+func (a *agent) TensorflowLiteModelUnload(ctx context.Context, req *vaccel.TensorflowLiteModelUnloadRequest) (*vaccel.EmptyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "TensorflowLiteModelUnload")
+}
+
+func (a *agent) TensorflowLiteModelRun(ctx context.Context, req *vaccel.TensorflowLiteModelRunRequest) (*vaccel.TensorflowLiteModelRunResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "TensorflowLiteModelRun")
+}
+
+func (a *agent) TorchModelLoad(ctx context.Context, req *vaccel.TorchModelLoadRequest) (*vaccel.EmptyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "TorchModelLoad")
+}
+
+func (a *agent) TorchModelRun(ctx context.Context, req *vaccel.TorchModelRunRequest) (*vaccel.TorchModelRunResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "TorchModelRun")
+}
+
+func (a *agent) GetProfiler(ctx context.Context, req *vaccel.ProfilerRequest) (*vaccel.ProfilerResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "GetProfiler")
+}
+
 // registerAgent serves one agent under all four vAccel service names (the
 // generated RegisterVaccelAgentService knows only vaccel.VaccelAgent).
 func registerAgent(srv *ttrpc.Server, a *agent) {

@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cvaccel.proto\x12\x06vaccel\"\x0f\n\rEmptyResponse\"%\n\x14\x43reateSessionRequest\x12\r\n\x05\x66lags\x18\x01 \x01(\r\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\x03\"9\n\x14UpdateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\r\n\x05\x66lags\x18\x02 \x01(\r\"+\n\x15\x44\x65stroySessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\"?\n\x1aImageClassificationRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\r\n\x05image\x18\x02 \x01(\x0c\"+\n\x1bImageClassificationResponse\x12\x0c\n\x04tags\x18\x01 \x01(\x0c\"j\n\x03\x41rg\x12\x0b\n\x03\x62uf\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x10\n\x08\x61rg_type\x18\x03 \x01(\r\x12\x16\n\x0e\x63ustom_type_id\x18\x04 \x01(\r\x12\r\n\x05parts\x18\x05 \x01(\r\x12\x0f\n\x07part_no\x18\x06 \x01(\r\"c\n\x0cGenopRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x1e\n\tread_args\x18\x02 \x03(\x0b\x32\x0b.vaccel.Arg\x12\x1f\n\nwrite_args\x18\x03 \x03(\x0b\x32\x0b.vaccel.Arg\"0\n\rGenopResponse\x12\x1f\n\nwrite_args\x18\x01 \x03(\x0b\x32\x0b.vaccel.Arg\"P\n\x04\x42lob\x12\x1e\n\x04type\x18\x01 \x01(\x0e\x32\x10.vaccel.BlobType\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\r\"\x9b\x01\n\x17RegisterResourceRequest\x12\r\n\x05paths\x18\x01 \x03(\t\x12\x1b\n\x05\x62lobs\x18\x02 \x03(\x0b\x32\x0c.vaccel.Blob\x12+\n\rresource_type\x18\x03 \x01(\x0e\x32\x14.vaccel.ResourceType\x12\x13\n\x0bresource_id\x18\x04 \x01(\x03\x12\x12\n\nsession_id\x18\x05 \x01(\x03\"/\n\x18RegisterResourceResponse\x12\x13\n\x0bresource_id\x18\x01 \x01(\x03\"D\n\x19UnregisterResourceRequest\x12\x13\n\x0bresource_id\x18\x01 \x01(\x03\x12\x12\n\nsession_id\x18\x02 \x01(\x03*,\n\x08\x42lobType\x12\x08\n\x04\x46ILE\x10\x00\x12\n\n\x06\x42UFFER\x10\x01\x12\n\n\x06MAPPED\x10\x02*,\n\x0cResourceType\x12\x07\n\x03LIB\x10\x00\x12\x08\n\x04\x44\x41TA\x10\x01\x12\t\n\x05MODEL\x10\x02\x32\xa6\x04\n\x0bVaccelAgent\x12L\n\rCreateSession\x12\x1c.vaccel.CreateSessionRequest\x1a\x1d.vaccel.CreateSessionResponse\x12\x44\n\rUpdateSession\x12\x1c.vaccel.UpdateSessionRequest\x1a\x15.vaccel.EmptyResponse\x12\x46\n\x0e\x44\x65stroySession\x12\x1d.vaccel.DestroySessionRequest\x1a\x15.vaccel.EmptyResponse\x12^\n\x13ImageClassification\x12\".vaccel.ImageClassificationRequest\x1a#.vaccel.ImageClassificationResponse\x12\x34\n\x05Genop\x12\x14.vaccel.GenopRequest\x1a\x15.vaccel.GenopResponse\x12U\n\x10RegisterResource\x12\x1f.vaccel.RegisterResourceRequest\x1a .vaccel.RegisterResourceResponse\x12N\n\x12UnregisterResource\x12!.vaccel.UnregisterResourceRequest\x1a\x15.vaccel.EmptyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cvaccel.proto\x12\x06vaccel\"\x0f\n\rEmptyResponse\"%\n\x14\x43reateSessionRequest\x12\r\n\x05\x66lags\x18\x01 \x01(\r\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\x03\"9\n\x14UpdateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\r\n\x05\x66lags\x18\x02 \x01(\r\"+\n\x15\x44\x65stroySessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\"?\n\x1aImageClassificationRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\r\n\x05image\x18\x02 \x01(\x0c\"+\n\x1bImageClassificationResponse\x12\x0c\n\x04tags\x18\x01 \x01(\x0c\"j\n\x03\x41rg\x12\x0b\n\x03\x62uf\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x10\n\x08\x61rg_type\x18\x03 \x01(\r\x12\x16\n\x0e\x63ustom_type_id\x18\x04 \x01(\r\x12\r\n\x05parts\x18\x05 \x01(\r\x12\x0f\n\x07part_no\x18\x06 \x01(\r\"c\n\x0cGenopRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x1e\n\tread_args\x18\x02 \x03(\x0b\x32\x0b.vaccel.Arg\x12\x1f\n\nwrite_args\x18\x03 \x03(\x0b\x32\x0b.vaccel.Arg\"0\n\rGenopResponse\x12\x1f\n\nwrite_args\x18\x01 \x03(\x0b\x32\x0b.vaccel.Arg\"P\n\x04\x42lob\x12\x1e\n\x04type\x18\x01 \x01(\x0e\x32\x10.vaccel.BlobType\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\r\"\x9b\x01\n\x17RegisterResourceRequest\x12\r\n\x05paths\x18\x01 \x03(\t\x12\x1b\n\x05\x62lobs\x18\x02 \x03(\x0b\x32\x0c.vaccel.Blob\x12+\n\rresource_type\x18\x03 \x01(\x0e\x32\x14.vaccel.ResourceType\x12\x13\n\x0bresource_id\x18\x04 \x01(\x03\x12\x12\n\nsession_id\x18\x05 \x01(\x03\"/\n\x18RegisterResourceResponse\x12\x13\n\x0bresource_id\x18\x01 \x01(\x03\"D\n\x19UnregisterResourceRequest\x12\x13\n\x0bresource_id\x18\x01 \x01(\x03\x12\x12\n\nsession_id\x18\x02 \x01(\x03\"*\n\x13SyncResourceRequest\x12\x13\n\x0bresource_id\x18\x01 \x01(\x03\"3\n\x14SyncResourceResponse\x12\x1b\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x0c.vaccel.Blob\")\n\x08OpStatus\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"4\n\x08TFTensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64ims\x18\x02 \x03(\x03\x12\x0c\n\x04type\x18\x03 \x01(\r\"\"\n\x06TFNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x05\"B\n\x1aTensorflowModelLoadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\x03\"R\n\x1bTensorflowModelLoadResponse\x12\x11\n\tgraph_def\x18\x01 \x01(\x0c\x12 \n\x06status\x18\x02 \x01(\x0b\x32\x10.vaccel.OpStatus\"D\n\x1cTensorflowModelUnloadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\x03\"A\n\x1dTensorflowModelUnloadResponse\x12 \n\x06status\x18\x01 \x01(\x0b\x32\x10.vaccel.OpStatus\"\xc1\x01\n\x19TensorflowModelRunRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\x03\x12\x13\n\x0brun_options\x18\x03 \x01(\x0c\x12 \n\x08in_nodes\x18\x04 \x03(\x0b\x32\x0e.vaccel.TFNode\x12!\n\tout_nodes\x18\x05 \x03(\x0b\x32\x0e.vaccel.TFNode\x12$\n\nin_tensors\x18\x06 \x03(\x0b\x32\x10.vaccel.TFTensor\"e\n\x1aTensorflowModelRunResponse\x12%\n\x0bout_tensors\x18\x01 \x03(\x0b\x32\x10.vaccel.TFTensor\x12 \n\x06status\x18\x02 \x01(\x0b\x32\x10.vaccel.OpStatus\"8\n\x0cTFLiteTensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64ims\x18\x02 \x03(\x05\x12\x0c\n\x04type\x18\x03 \x01(\r\"F\n\x1eTensorflowLiteModelLoadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\x03\"H\n TensorflowLiteModelUnloadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\x03\"\x87\x01\n\x1dTensorflowLiteModelRunRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\x03\x12(\n\nin_tensors\x18\x03 \x03(\x0b\x32\x14.vaccel.TFLiteTensor\x12\x16\n\x0enr_out_tensors\x18\x04 \x01(\x04\"m\n\x1eTensorflowLiteModelRunResponse\x12)\n\x0bout_tensors\x18\x01 \x03(\x0b\x32\x14.vaccel.TFLiteTensor\x12 \n\x06status\x18\x02 \x01(\x0b\x32\x10.vaccel.OpStatus\"7\n\x0bTorchTensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64ims\x18\x02 \x03(\x03\x12\x0c\n\x04type\x18\x03 \x01(\r\"=\n\x15TorchModelLoadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\x03\"\x92\x01\n\x14TorchModelRunRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\x03\x12\x13\n\x0brun_options\x18\x03 \x01(\x0c\x12\'\n\nin_tensors\x18\x04 \x03(\x0b\x32\x13.vaccel.TorchTensor\x12\x16\n\x0enr_out_tensors\x18\x05 \x01(\x04\"A\n\x15TorchModelRunResponse\x12(\n\x0bout_tensors\x18\x01 \x03(\x0b\x32\x13.vaccel.TorchTensor\"%\n\x0fProfilerRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\"-\n\x0eProfilerSample\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x04\"9\n\x0eProfilerRegion\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.vaccel.ProfilerSample\"\x9a\x01\n\x08Profiler\x12\x16\n\x0e\x63omponent_name\x18\x01 \x01(\t\x12.\n\x07regions\x18\x02 \x03(\x0b\x32\x1d.vaccel.Profiler.RegionsEntry\x1a\x46\n\x0cRegionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.vaccel.ProfilerRegion:\x02\x38\x01\"6\n\x10ProfilerResponse\x12\"\n\x08profiler\x18\x01 \x01(\x0b\x32\x10.vaccel.Profiler*,\n\x08\x42lobType\x12\x08\n\x04\x46ILE\x10\x00\x12\n\n\x06\x42UFFER\x10\x01\x12\n\n\x06MAPPED\x10\x02*,\n\x0cResourceType\x12\x07\n\x03LIB\x10\x00\x12\x08\n\x04\x44\x41TA\x10\x01\x12\t\n\x05MODEL\x10\x02\x32\x8d\x0b\n\x0bVaccelAgent\x12L\n\rCreateSession\x12\x1c.vaccel.CreateSessionRequest\x1a\x1d.vaccel.CreateSessionResponse\x12\x44\n\rUpdateSession\x12\x1c.vaccel.UpdateSessionRequest\x1a\x15.vaccel.EmptyResponse\x12\x46\n\x0e\x44\x65stroySession\x12\x1d.vaccel.DestroySessionRequest\x1a\x15.vaccel.EmptyResponse\x12^\n\x13ImageClassification\x12\".vaccel.ImageClassificationRequest\x1a#.vaccel.ImageClassificationResponse\x12\x34\n\x05Genop\x12\x14.vaccel.GenopRequest\x1a\x15.vaccel.GenopResponse\x12U\n\x10RegisterResource\x12\x1f.vaccel.RegisterResourceRequest\x1a .vaccel.RegisterResourceResponse\x12N\n\x12UnregisterResource\x12!.vaccel.UnregisterResourceRequest\x1a\x15.vaccel.EmptyResponse\x12I\n\x0cSyncResource\x12\x1b.vaccel.SyncResourceRequest\x1a\x1c.vaccel.SyncResourceResponse\x12^\n\x13TensorflowModelLoad\x12\".vaccel.TensorflowModelLoadRequest\x1a#.vaccel.TensorflowModelLoadResponse\x12\x64\n\x15TensorflowModelUnload\x12$.vaccel.TensorflowModelUnloadRequest\x1a%.vaccel.TensorflowModelUnloadResponse\x12[\n\x12TensorflowModelRun\x12!.vaccel.TensorflowModelRunRequest\x1a\".vaccel.TensorflowModelRunResponse\x12X\n\x17TensorflowLiteModelLoad\x12&.vaccel.TensorflowLiteModelLoadRequest\x1a\x15.vaccel.EmptyResponse\x12\\\n\x19TensorflowLiteModelUnload\x12(.vaccel.TensorflowLiteModelUnloadRequest\x1a\x15.vaccel.EmptyResponse\x12g\n\x16TensorflowLiteModelRun\x12%.vaccel.TensorflowLiteModelRunRequest\x1a&.vaccel.TensorflowLiteModelRunResponse\x12\x46\n\x0eTorchModelLoad\x12\x1d.vaccel.TorchModelLoadRequest\x1a\x15.vaccel.EmptyResponse\x12L\n\rTorchModelRun\x12\x1c.vaccel.TorchModelRunRequest\x1a\x1d.vaccel.TorchModelRunResponse\x12@\n\x0bGetProfiler\x12\x17.vaccel.ProfilerRequest\x1a\x18.vaccel.ProfilerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vaccel_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BLOBTYPE']._serialized_start=957
-  _globals['_BLOBTYPE']._serialized_end=1001
-  _globals['_RESOURCETYPE']._serialized_start=1003
-  _globals['_RESOURCETYPE']._serialized_end=1047
+  _globals['_PROFILER_REGIONSENTRY']._loaded_options = None
+  _globals['_PROFILER_REGIONSENTRY']._serialized_options = b'8\001'
+  _globals['_BLOBTYPE']._serialized_start=2922
+  _globals['_BLOBTYPE']._serialized_end=2966
+  _globals['_RESOURCETYPE']._serialized_start=2968
+  _globals['_RESOURCETYPE']._serialized_end=3012
   _globals['_EMPTYRESPONSE']._serialized_start=24
   _globals['_EMPTYRESPONSE']._serialized_end=39
   _globals['_CREATESESSIONREQUEST']._serialized_start=41
@@ -63,6 +65,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERRESOURCERESPONSE']._serialized_end=885
   _globals['_UNREGISTERRESOURCEREQUEST']._serialized_start=887
   _globals['_UNREGISTERRESOURCEREQUEST']._serialized_end=955
-  _globals['_VACCELAGENT']._serialized_start=1050
-  _globals['_VACCELAGENT']._serialized_end=1600
+  _globals['_SYNCRESOURCEREQUEST']._serialized_start=957
+  _globals['_SYNCRESOURCEREQUEST']._serialized_end=999
+  _globals['_SYNCRESOURCERESPONSE']._serialized_start=1001
+  _globals['_SYNCRESOURCERESPONSE']._serialized_end=1052
+  _globals['_OPSTATUS']._serialized_start=1054
+  _globals['_OPSTATUS']._serialized_end=1095
+  _globals['_TFTENSOR']._serialized_start=1097
+  _globals['_TFTENSOR']._serialized_end=1149
+  _globals['_TFNODE']._serialized_start=1151
+  _globals['_TFNODE']._serialized_end=1185
+  _globals['_TENSORFLOWMODELLOADREQUEST']._serialized_start=1187
+  _globals['_TENSORFLOWMODELLOADREQUEST']._serialized_end=1253
+  _globals['_TENSORFLOWMODELLOADRESPONSE']._serialized_start=1255
+  _globals['_TENSORFLOWMODELLOADRESPONSE']._serialized_end=1337
+  _globals['_TENSORFLOWMODELUNLOADREQUEST']._serialized_start=1339
+  _globals['_TENSORFLOWMODELUNLOADREQUEST']._serialized_end=1407
+  _globals['_TENSORFLOWMODELUNLOADRESPONSE']._serialized_start=1409
+  _globals['_TENSORFLOWMODELUNLOADRESPONSE']._serialized_end=1474
+  _globals['_TENSORFLOWMODELRUNREQUEST']._serialized_start=1477
+  _globals['_TENSORFLOWMODELRUNREQUEST']._serialized_end=1670
+  _globals['_TENSORFLOWMODELRUNRESPONSE']._serialized_start=1672
+  _globals['_TENSORFLOWMODELRUNRESPONSE']._serialized_end=1773
+  _globals['_TFLITETENSOR']._serialized_start=1775
+  _globals['_TFLITETENSOR']._serialized_end=1831
+  _globals['_TENSORFLOWLITEMODELLOADREQUEST']._serialized_start=1833
+  _globals['_TENSORFLOWLITEMODELLOADREQUEST']._serialized_end=1903
+  _globals['_TENSORFLOWLITEMODELUNLOADREQUEST']._serialized_start=1905
+  _globals['_TENSORFLOWLITEMODELUNLOADREQUEST']._serialized_end=1977
+  _globals['_TENSORFLOWLITEMODELRUNREQUEST']._serialized_start=1980
+  _globals['_TENSORFLOWLITEMODELRUNREQUEST']._serialized_end=2115
+  _globals['_TENSORFLOWLITEMODELRUNRESPONSE']._serialized_start=2117
+  _globals['_TENSORFLOWLITEMODELRUNRESPONSE']._serialized_end=2226
+  _globals['_TORCHTENSOR']._serialized_start=2228
+  _globals['_TORCHTENSOR']._serialized_end=2283
+  _globals['_TORCHMODELLOADREQUEST']._serialized_start=2285
+  _globals['_TORCHMODELLOADREQUEST']._serialized_end=2346
+  _globals['_TORCHMODELRUNREQUEST']._serialized_start=2349
+  _globals['_TORCHMODELRUNREQUEST']._serialized_end=2495
+  _globals['_TORCHMODELRUNRESPONSE']._serialized_start=2497
+  _globals['_TORCHMODELRUNRESPONSE']._serialized_end=2562
+  _globals['_PROFILERREQUEST']._serialized_start=2564
+  _globals['_PROFILERREQUEST']._serialized_end=2601
+  _globals['_PROFILERSAMPLE']._serialized_start=2603
+  _globals['_PROFILERSAMPLE']._serialized_end=2648
+  _globals['_PROFILERREGION']._serialized_start=2650
+  _globals['_PROFILERREGION']._serialized_end=2707
+  _globals['_PROFILER']._serialized_start=2710
+  _globals['_PROFILER']._serialized_end=2864
+  _globals['_PROFILER_REGIONSENTRY']._serialized_start=2794
+  _globals['_PROFILER_REGIONSENTRY']._serialized_end=2864
+  _globals['_PROFILERRESPONSE']._serialized_start=2866
+  _globals['_PROFILERRESPONSE']._serialized_end=2920
+  _globals['_VACCELAGENT']._serialized_start=3015
+  _globals['_VACCELAGENT']._serialized_end=4436
 # @@protoc_insertion_point(module_scope)
