@@ -1,0 +1,118 @@
+"""The worker's vAccel agent as a client sees it: what comes back, and what the backend gets.
+
+A recording backend behind the agent (in this process, over a socket pair):
+each test checks one thing a peer relies on, an answer's fields, a status
+and its message, or which backend session a call reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.classify import ClassifyReply, ClassifyRequest
+from vaccelray.protocol.services import CLASSIFY
+from vaccelray.testing import agent_client, connected_client
+from vaccelray.worker.agent import Agent
+from vaccelray.worker.backend import Arg, Classification, SessionHandle
+from vaccelray.worker.noop import NoopBackend
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder(NoopBackend):
+    """Records what the agent hands it; handles are ``h<session id>``."""
+
+    def __init__(self, blocking: bool = False) -> None:
+        self.blocking = blocking
+        self.created: list[tuple[int, int]] = []
+        self.released: list[SessionHandle] = []
+        self.genops: list[tuple[SessionHandle, list[Arg], list[Arg]]] = []
+        self.classified: list[tuple[SessionHandle, bytes, int]] = []
+        self.outputs: list[bytes] = []
+
+    def session_create(self, session_id: int, flags: int) -> SessionHandle:
+        self.created.append((session_id, flags))
+        return f"h{session_id}"
+
+    def session_release(self, handle: SessionHandle) -> None:
+        self.released.append(handle)
+
+    def classify(self, handle: SessionHandle, image: bytes, *, top_k: int = 5) -> Classification:
+        self.classified.append((handle, image, top_k))
+        labels = tuple((f"l{n}", 1.0 / (n + 1)) for n in range(8))
+        return Classification(tag=f"tag of {handle}", labels=labels)
+
+    def genop(
+        self, handle: SessionHandle, read_args: Sequence[Arg], write_args: Sequence[Arg]
+    ) -> list[bytes]:
+        self.genops.append((handle, list(read_args), list(write_args)))
+        return self.outputs
+
+
+async def test_genop_answers_each_write_argument_with_its_type_and_size() -> None:
+    backend = Recorder()
+    backend.outputs = [b"abc", b"", b"z" * 9]
+    async with agent_client(backend) as (client, _):
+        await client.create_session()
+        session = await client.create_session(flags=5)
+        request = pb.GenopRequest(session_id=session)
+        request.read_args.add(buf=b"op", size=2, arg_type=3, custom_type_id=4)
+        request.write_args.add(size=6, arg_type=7, custom_type_id=8)
+        request.write_args.add(buf=b"given", size=5, arg_type=9)
+        request.write_args.add(arg_type=10, custom_type_id=11)
+        reply = await client.client.call_message(client.service, "Genop", request, pb.GenopResponse)
+    handle, read, write = backend.genops[0]
+    assert handle == f"h{session}"
+    assert backend.created == [(1, 0), (2, 5)]
+    assert read == [Arg(b"op", 3, 4)]
+    # A write argument sent as a size only gets a buffer of that size; bytes sent are kept.
+    assert write == [Arg(bytes(6), 7, 8), Arg(b"given", 9, 0), Arg(b"", 10, 11)]
+    answered = [(a.buf, a.size, a.arg_type, a.custom_type_id) for a in reply.write_args]
+    assert answered == [(b"abc", 3, 7, 8), (b"", 0, 9, 0), (b"z" * 9, 9, 10, 11)]
+
+
+async def test_image_classification_reaches_its_sessions_backend_session() -> None:
+    backend = Recorder()
+    async with agent_client(backend) as (client, _):
+        first, second = await client.create_session(), await client.create_session()
+        assert await client.classify(second, b"img") == "tag of h2"
+        assert await client.classify(first, b"pic") == "tag of h1"
+        with pytest.raises(RPCError) as caught:
+            await client.classify(first, b"")
+    assert caught.value.code == StatusCode.INVALID_ARGUMENT
+    assert caught.value.message == f"session:{first} empty image"
+    assert [(h, i) for h, i, _ in backend.classified] == [("h2", b"img"), ("h1", b"pic")]
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["inline", "threaded"])
+async def test_classify_shares_one_backend_session_and_cuts_the_labels_at_top_k(
+    blocking: bool,
+) -> None:
+    backend = Recorder(blocking)
+    agent = Agent(backend)
+    async with connected_client([agent.worker_service()]) as (client, _):
+        for top_k in (1, 3):
+            reply = await client.call_rpc(CLASSIFY, ClassifyRequest(image=b"img", top_k=top_k))
+            assert isinstance(reply, ClassifyReply)
+            assert reply.tag == "tag of h0"
+            assert [label for label, _ in reply.labels] == ["l0", "l1", "l2"][:top_k]
+        for top_k, image, words in (
+            (0, b"img", "top_k must be at least 1, got 0"),
+            (2, b"", "empty image"),
+        ):
+            with pytest.raises(RPCError) as caught:
+                await client.call_rpc(CLASSIFY, ClassifyRequest(image=image, top_k=top_k))
+            assert caught.value.code == StatusCode.INVALID_ARGUMENT
+            assert caught.value.message == words
+    # One shared session (agent id 0), opened once, handed the asked top_k.
+    assert backend.created == [(0, 0)]
+    assert [(h, k) for h, _, k in backend.classified] == [("h0", 1), ("h0", 3)]
+    assert agent.sessions == {}
+    agent.release_all()
+    assert backend.released == ["h0"]
+    agent.release_all()  # nothing left: released once
+    assert backend.released == ["h0"]
