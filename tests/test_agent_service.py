@@ -7,17 +7,23 @@ and its message, or which backend session a call reached.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 
 import pytest
 
+from tests.waiting import eventually
+from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.classify import ClassifyReply, ClassifyRequest
-from vaccelray.protocol.services import CLASSIFY
+from vaccelray.protocol.services import CLASSIFY, GENOP, REGISTER_RESOURCE, UNREGISTER_RESOURCE
 from vaccelray.testing import agent_client, connected_client
+from vaccelray.transport import connect
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.backend import Arg, Classification, SessionHandle
+from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NoopBackend
 
 pytestmark = pytest.mark.anyio
@@ -30,6 +36,7 @@ class Recorder(NoopBackend):
         self.blocking = blocking
         self.created: list[tuple[int, int]] = []
         self.released: list[SessionHandle] = []
+        self.release_threads: set[int] = set()
         self.genops: list[tuple[SessionHandle, list[Arg], list[Arg]]] = []
         self.classified: list[tuple[SessionHandle, bytes, int]] = []
         self.outputs: list[bytes] = []
@@ -40,6 +47,7 @@ class Recorder(NoopBackend):
 
     def session_release(self, handle: SessionHandle) -> None:
         self.released.append(handle)
+        self.release_threads.add(threading.get_ident())
 
     def classify(self, handle: SessionHandle, image: bytes, *, top_k: int = 5) -> Classification:
         self.classified.append((handle, image, top_k))
@@ -116,3 +124,60 @@ async def test_classify_shares_one_backend_session_and_cuts_the_labels_at_top_k(
     assert backend.released == ["h0"]
     agent.release_all()  # nothing left: released once
     assert backend.released == ["h0"]
+
+
+async def test_each_call_logs_its_agent_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "vaccelray.agent")
+    backend = Recorder()
+    backend.outputs = [b"out"]
+    agent = Agent(backend)
+    async with connected_client([agent.worker_service(), *agent.services()]) as (raw, _):
+        client = AgentClient(raw)
+        session = await client.create_session()
+        await raw.call_message(
+            client.service,
+            "UpdateSession",
+            pb.UpdateSessionRequest(session_id=session, flags=7),
+            pb.EmptyResponse,
+        )
+        request = pb.RegisterResourceRequest(session_id=session, resource_type=pb.MODEL)
+        request.blobs.add(name="m", data=b"weights", size=7)
+        await client.call(REGISTER_RESOURCE, request)
+        unregister = pb.UnregisterResourceRequest(session_id=session, resource_id=1)
+        await client.call(UNREGISTER_RESOURCE, unregister)
+        await client.classify(session, b"img")
+        genop = pb.GenopRequest(session_id=session)
+        genop.read_args.add(buf=b"op", size=2)
+        genop.write_args.add(size=3)
+        await client.call(GENOP, genop)
+        await raw.call_rpc(CLASSIFY, ClassifyRequest(image=b"img", top_k=2))
+        await client.destroy_session(session)
+    agent.release_all()
+    assert [r.getMessage() for r in caplog.records if r.name == "vaccelray.agent"] == [
+        "Created session 1",
+        "Updated session 1",
+        "session:1 Registered resource 1",
+        "session:1 Unregistered resource 1",
+        "session:1 Image classification",
+        "session:1 Genop",
+        "Classify (top 2)",
+        "Destroyed session 1",
+    ]
+    assert agent.sessions == {}
+
+
+async def test_a_blocking_backend_that_runs_sessions_side_by_side_still_releases_them() -> None:
+    backend = Recorder(blocking=True)
+    backend.serialize_sessions = False
+    config = WorkerConfig(addresses=("tcp://127.0.0.1:0",), pool_size=0, announce=False)
+    async with run_worker(config, backend=backend) as running:
+        async with connect(running.addresses[0]) as raw:
+            client = AgentClient(raw)
+            sessions = [await client.create_session() for _ in range(2)]
+            assert await client.classify(sessions[1], b"img") == "tag of h2"
+        # Closed with its sessions open: the worker releases them off the loop.
+        await eventually(lambda: sorted(backend.released) == ["h1", "h2"], "both released")
+        assert running.agent.sessions == {}
+        assert backend.release_threads
+        assert threading.get_ident() not in backend.release_threads
+    assert sorted(backend.released) == ["h1", "h2"]  # and not again at shutdown
