@@ -11,6 +11,7 @@ replayed there, what the client is told.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -123,6 +124,17 @@ class Fake:
         ]
 
 
+def registration(data: bytes) -> pb.RegisterResourceRequest:
+    request = pb.RegisterResourceRequest(resource_type=pb.MODEL)
+    request.blobs.add(type=pb.BUFFER, name="m", data=data, size=len(data))
+    return request
+
+
+def size(data: bytes) -> int:
+    """Bytes the scheduler keeps to replay the registration of *data*."""
+    return registration(data).ByteSize()
+
+
 @dataclass
 class Cluster:
     sched: Scheduler
@@ -151,8 +163,8 @@ class Cluster:
         await self.sched.health.check(self.addresses[index])
 
     async def register(self, session: int, data: bytes = b"model") -> int:
-        request = pb.RegisterResourceRequest(session_id=session, resource_type=pb.MODEL)
-        request.blobs.add(type=pb.BUFFER, name="m", data=data, size=len(data))
+        request = registration(data)
+        request.session_id = session
         return int((await self.agent.call(REGISTER_RESOURCE, request)).resource_id)
 
     async def share(self, session: int, resource: int) -> int:
@@ -525,3 +537,50 @@ async def test_a_session_on_a_worker_gone_away_moves_and_is_destroyed_there_when
                 await sched.health.check(address_a)
                 await eventually(lambda: a.destroyed == [left], "the session left on a destroyed")
             assert a.classified == []
+
+
+async def test_the_session_tables_log_tells_where_each_session_went(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "vaccelray.sessions")
+    a, b = two()
+    async with cluster(a, b, limits=SessionLimits(replay_bytes=1000)) as c:
+        session = await c.agent.create_session()
+        first = c.where(session)
+        A, B = c.addresses[first], c.addresses[1 - first]
+        worker_a, worker_b = c.fakes[first], c.fakes[1 - first]
+        await c.register(session, b"x" * 10)
+        c.down(first)
+        assert await c.agent.classify(session, b"img") == worker_b.instance
+        lost = RPCError(StatusCode.NOT_FOUND, "gone", reason=Reason.UNKNOWN_SESSION)
+        worker_b.errors["ImageClassification"] = [lost]
+        assert await c.agent.classify(session, b"img") == worker_b.instance
+        await c.register(session, b"y" * 2000)
+        stuck = RPCError(StatusCode.INTERNAL, "stuck")
+        worker_b.errors["DestroySession"] = [stuck]
+        await c.agent.destroy_session(session)
+        await c.up(first)
+        await eventually(lambda: worker_a.destroyed == [100], "the leftover destroyed")
+        async with connect(c.sched.addresses[0]) as other:
+            gone = await AgentClient(other).create_session()
+            there = c.addresses[c.where(gone)]
+            made = c.fakes[c.where(gone)].created[-1]
+        await eventually(lambda: gone not in c.sched.table.sessions, "the session dropped")
+        owner = next(r for r in caplog.records if "closed" in r.getMessage()).args[0]  # type: ignore[index]
+    b0 = worker_b.first_session
+    assert [r.getMessage() for r in caplog.records if r.name == "vaccelray.sessions"] == [
+        f"Created session 1 on {A} (worker session 100)",
+        "session:1 Registered resource 1",
+        f"Moved session 1 from {A} (lost) to {B} (worker session {b0})",
+        f"Session 1 is lost on {B}; re-creating it",
+        f"session:1 Resource of {size(b'y' * 2000)} bytes not kept for replay: "
+        f"{size(b'x' * 10)} of the --replay-bytes 1000 are in use",
+        "session:1 Registered resource 2",
+        "Destroyed session 1",
+        f"Destroying worker session {b0 + 1} on {B} failed: {stuck}",
+        f"Destroying worker session 100 left on {A}",
+        f"Created session 2 on {there} (worker session {made})",
+        f"Connection {owner} closed: destroying its 1 sessions",
+    ]
+    levels = {r.getMessage().split(" ")[0]: r.levelno for r in caplog.records}
+    assert levels["Moved"] == levels["Session"] == logging.WARNING
