@@ -264,11 +264,12 @@ class SessionTable:
         """Open the session on the least-loaded capable worker, replaying its resources.
 
         A worker that cannot take it (unavailable, or full: RESOURCE_EXHAUSTED)
-        is passed over for the next; when every one was full, so is the answer.
+        is passed over for the next; when every one asked was full, so is the
+        answer (a worker without the session's operations is not asked).
         """
         tried: list[str] = []
         last_error = ""
-        full = 0
+        asked = full = 0
         service = ctx.service
         while True:
             worker = self.pool.pick(None, exclude=tried)
@@ -279,7 +280,7 @@ class SessionTable:
                 known = len(self.pool.registry)
                 need = f" supporting {','.join(sorted(session.ops))}" if session.ops else ""
                 detail = f" (last error: {last_error})" if last_error else ""
-                if full and full == len(tried):
+                if full and full == asked:
                     raise RPCError(
                         StatusCode.RESOURCE_EXHAUSTED,
                         f"every worker{need} is full: none took session {session.id}{detail}",
@@ -290,6 +291,7 @@ class SessionTable:
                 )
             address, instance = worker.address, worker.instance
             tried.append(address)
+            asked += 1
             request = pb.CreateSessionRequest(flags=session.flags)
             try:
                 reply = await self.pool.call(
