@@ -584,3 +584,80 @@ async def test_the_session_tables_log_tells_where_each_session_went(
     ]
     levels = {r.getMessage().split(" ")[0]: r.levelno for r in caplog.records}
     assert levels["Moved"] == levels["Session"] == logging.WARNING
+
+
+async def test_a_session_whose_worker_is_down_is_destroyed_there_when_it_returns() -> None:
+    fake = Fake("a")
+    async with cluster(fake) as c:
+        session = await c.agent.create_session()
+        c.down(0)
+        await c.agent.destroy_session(session)
+        assert fake.destroyed == []
+        await c.up(0)
+        await eventually(lambda: fake.destroyed == [100], "the session destroyed")
+
+
+async def test_a_resource_that_just_fits_the_replay_budget_moves_with_its_session() -> None:
+    async with cluster(*two(), limits=SessionLimits(replay_bytes=size(b"x" * 10))) as c:
+        session = await c.agent.create_session()
+        await c.register(session, b"x" * 10)
+        big = await c.agent.create_session()
+        await c.register(big, b"y")  # over what is left: not kept
+        old = c.where(session)
+        c.down(old)
+        assert await c.agent.classify(session, b"img") == c.fakes[1 - old].instance
+        assert [b.data for r in c.fakes[1 - old].registered for b in r.blobs][-1] == b"x" * 10
+        # The one not kept cannot move: its worker lost, the call finding it so fails.
+        assert c.where(big) == 1 - old
+        c.down(1 - old)
+        await c.up(old)
+        with pytest.raises(RPCError) as caught:
+            await c.agent.classify(big, b"img")
+        assert caught.value.code == StatusCode.UNAVAILABLE
+        there = c.addresses[old]
+        assert caught.value.message == (
+            f"session {big} could not be re-created on {there}: replaying its resources "
+            "failed: resource 2 was too large to keep for replay (see the scheduler's "
+            f"--replay-bytes), so it cannot be registered on {there}"
+        )
+
+
+async def test_a_worker_that_loses_the_session_while_it_is_replayed_is_passed_over() -> None:
+    a, b, d = Fake("a"), Fake("b", first_session=200), Fake("d", first_session=300)
+    async with cluster(a, b, d) as c:
+        session = await c.agent.create_session()
+        await c.register(session)
+        old = c.where(session)
+        lost = RPCError(StatusCode.NOT_FOUND, "gone", reason=Reason.UNKNOWN_SESSION)
+        others = [f for i, f in enumerate(c.fakes) if i != old]
+        for fake in others:
+            fake.errors["RegisterResource"] = [lost]
+        c.down(old)
+        # Each of the others loses the new session as its resource is replayed there:
+        # each is passed over for the next, and then none is left.
+        with pytest.raises(RPCError) as caught:
+            await c.agent.classify(session, b"img")
+        assert caught.value.code == StatusCode.UNAVAILABLE
+        assert caught.value.message.startswith(
+            f"no healthy worker for session {session} (3 known) (last error: "
+        )
+        assert [len(f.created) for f in others] == [1, 1]
+        # The next call finds one willing.
+        assert await c.agent.classify(session, b"img") in {f.instance for f in others}
+        assert sorted(len(f.created) for f in others) == [1, 2]
+        assert sum(len(f.classified) for f in others) == 1
+
+
+async def test_every_worker_with_the_operations_full_is_resource_exhausted() -> None:
+    a, b = Fake("a", ops=("classify",)), Fake("b", ops=("classify", "genop"), first_session=200)
+    b.errors["CreateSession"] = [RPCError(StatusCode.RESOURCE_EXHAUSTED, "b is full")]
+    async with cluster(a, b) as c:
+        # a cannot run genop: only b counts, and b is full.
+        with pytest.raises(RPCError) as caught:
+            await with_ops(c, "genop").create_session()
+        assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert caught.value.message == (
+            "every worker supporting genop is full: none took session 1 "
+            f"(last error: {c.addresses[1]}: b is full)"
+        )
+        assert a.created == []
