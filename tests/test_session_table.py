@@ -53,6 +53,8 @@ class Fake:
     unregistered: list[pb.UnregisterResourceRequest] = field(default_factory=list)
     #: The worker session of each ImageClassification.
     classified: list[int] = field(default_factory=list)
+    #: (method, the "x-test" metadata and whether a deadline came) of each call.
+    seen: list[tuple[str, str | None, bool]] = field(default_factory=list)
     #: method -> errors raised by its next calls, in turn.
     errors: dict[str, list[BaseException]] = field(default_factory=dict)
     #: When set, CreateSession waits for it (after setting at_gate).
@@ -60,7 +62,8 @@ class Fake:
     at_gate: anyio.Event = field(default_factory=anyio.Event)
     _resources: int = 500
 
-    def _fail(self, method: str) -> None:
+    def _fail(self, method: str, ctx: CallContext) -> None:
+        self.seen.append((method, ctx.get_metadata("x-test"), ctx.deadline is not None))
         queued = self.errors.get(method)
         if queued:
             raise queued.pop(0)
@@ -76,7 +79,7 @@ class Fake:
             if gate is not None:
                 self.at_gate.set()
                 await gate.wait()
-            self._fail("CreateSession")
+            self._fail("CreateSession", ctx)
             session = self.first_session + len(self.created)
             self.created.append(session)
             self.created_flags.append(pb.CreateSessionRequest.FromString(payload).flags)
@@ -86,14 +89,14 @@ class Fake:
         def destroy(payload: bytes, ctx: CallContext) -> bytes:
             session = pb.DestroySessionRequest.FromString(payload).session_id
             self.destroyed.append(session)
-            self._fail("DestroySession")
+            self._fail("DestroySession", ctx)
             self.sessions.discard(session)
             return b""
 
         def register(payload: bytes, ctx: CallContext) -> bytes:
             request = pb.RegisterResourceRequest.FromString(payload)
             self.registered.append(request)
-            self._fail("RegisterResource")
+            self._fail("RegisterResource", ctx)
             resource = request.resource_id
             if not resource:
                 self._resources += 1
@@ -102,13 +105,13 @@ class Fake:
 
         def unregister(payload: bytes, ctx: CallContext) -> bytes:
             self.unregistered.append(pb.UnregisterResourceRequest.FromString(payload))
-            self._fail("UnregisterResource")
+            self._fail("UnregisterResource", ctx)
             return b""
 
         def classify(payload: bytes, ctx: CallContext) -> bytes:
             session = pb.ImageClassificationRequest.FromString(payload).session_id
             self.classified.append(session)
-            self._fail("ImageClassification")
+            self._fail("ImageClassification", ctx)
             return pb.ImageClassificationResponse(tags=self.instance.encode()).SerializeToString()
 
         agent = {
@@ -560,7 +563,8 @@ async def test_the_session_tables_log_tells_where_each_session_went(
         worker_b.errors["DestroySession"] = [stuck]
         await c.agent.destroy_session(session)
         await c.up(first)
-        await eventually(lambda: worker_a.destroyed == [100], "the leftover destroyed")
+        a0 = worker_a.first_session
+        await eventually(lambda: worker_a.destroyed == [a0], "the leftover destroyed")
         async with connect(c.sched.addresses[0]) as other:
             gone = await AgentClient(other).create_session()
             there = c.addresses[c.where(gone)]
@@ -569,7 +573,7 @@ async def test_the_session_tables_log_tells_where_each_session_went(
         owner = next(r for r in caplog.records if "closed" in r.getMessage()).args[0]  # type: ignore[index]
     b0 = worker_b.first_session
     assert [r.getMessage() for r in caplog.records if r.name == "vaccelray.sessions"] == [
-        f"Created session 1 on {A} (worker session 100)",
+        f"Created session 1 on {A} (worker session {a0})",
         "session:1 Registered resource 1",
         f"Moved session 1 from {A} (lost) to {B} (worker session {b0})",
         f"Session 1 is lost on {B}; re-creating it",
@@ -578,7 +582,7 @@ async def test_the_session_tables_log_tells_where_each_session_went(
         "session:1 Registered resource 2",
         "Destroyed session 1",
         f"Destroying worker session {b0 + 1} on {B} failed: {stuck}",
-        f"Destroying worker session 100 left on {A}",
+        f"Destroying worker session {a0} left on {A}",
         f"Created session 2 on {there} (worker session {made})",
         f"Connection {owner} closed: destroying its 1 sessions",
     ]
@@ -661,3 +665,31 @@ async def test_every_worker_with_the_operations_full_is_resource_exhausted() -> 
             f"(last error: {c.addresses[1]}: b is full)"
         )
         assert a.created == []
+
+
+async def test_the_clients_metadata_and_deadline_reach_the_worker_on_every_path() -> None:
+    a, b = two()
+    async with cluster(a, b) as c:
+        agent = AgentClient(c.client, timeout=60, metadata=[("x-test", "token")])
+        session = await agent.create_session()
+        request = registration(b"w")
+        request.session_id = session
+        resource = int((await agent.call(REGISTER_RESOURCE, request)).resource_id)
+        old = c.where(session)
+        c.down(old)
+        await agent.classify(session, b"img")  # moved: made and replayed on the other
+        request = pb.UnregisterResourceRequest(session_id=session, resource_id=resource)
+        await agent.call(UNREGISTER_RESOURCE, request)
+        await agent.destroy_session(session)
+    assert c.fakes[old].seen == [
+        ("CreateSession", "token", True),
+        ("RegisterResource", "token", True),
+    ]
+    assert c.fakes[1 - old].seen == [
+        ("CreateSession", "token", True),
+        ("RegisterResource", "token", True),
+        ("ImageClassification", "token", True),
+        ("UnregisterResource", "token", True),
+        # The scheduler's own clean-up: its own deadline, not the client's token.
+        ("DestroySession", None, True),
+    ]
