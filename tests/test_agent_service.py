@@ -181,3 +181,25 @@ async def test_a_blocking_backend_that_runs_sessions_side_by_side_still_releases
         assert backend.release_threads
         assert threading.get_ident() not in backend.release_threads
     assert sorted(backend.released) == ["h1", "h2"]  # and not again at shutdown
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["inline", "threaded"])
+async def test_no_answer_larger_than_the_agents_limit_is_sent(blocking: bool) -> None:
+    backend = Recorder(blocking)
+    agent = Agent(backend, max_message_size=1000)
+    async with connected_client(agent.services()) as (raw, _):
+        client = AgentClient(raw)
+        session = await client.create_session()
+        request = pb.GenopRequest(session_id=session)
+        request.read_args.add(buf=b"op", size=2)
+        request.write_args.add(size=10)
+        backend.outputs = [b"x" * 990]
+        with pytest.raises(RPCError) as caught:
+            await client.call(GENOP, request)
+        assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert caught.value.message.startswith("Genop response of ")
+        assert caught.value.message.endswith(" bytes exceeds the limit of 1000 bytes")
+        backend.outputs = [b"x" * 900]
+        reply = await client.call(GENOP, request)
+        assert reply.write_args[0].buf == b"x" * 900
+    agent.release_all()
