@@ -693,3 +693,44 @@ async def test_the_clients_metadata_and_deadline_reach_the_worker_on_every_path(
         # The scheduler's own clean-up: its own deadline, not the client's token.
         ("DestroySession", None, True),
     ]
+
+
+async def test_a_worker_that_cannot_be_reached_is_passed_over_and_cleaned_up_on_return() -> None:
+    a, b = two()
+    address_a = f"tcp://127.0.0.1:{free_port()}"
+    async with serve(b.services(), ["tcp://127.0.0.1:0"]) as other:
+        config = SchedulerConfig(
+            addresses=("tcp://127.0.0.1:0",),
+            workers=(address_a, other.addresses[0]),
+            grace=1.0,
+            health_interval=3600,
+            health_timeout=60,
+        )
+        async with run_scheduler(config) as sched, connect(sched.addresses[0]) as client:
+            agent = AgentClient(client)
+
+            def on_a(session: int) -> bool:
+                binding = sched.table.sessions[session].binding
+                return binding is not None and binding.address == address_a
+
+            async with serve(a.services(), [address_a]):
+                await sched.health.check(address_a)
+                await sched.health.check(other.addresses[0])
+                sessions = [await agent.create_session() for _ in range(2)]  # one on each
+                await agent.destroy_session(next(s for s in sessions if on_a(s)))
+            # a is gone but still thought up, and the least loaded: it is tried first.
+            sched.pool.drop_client(address_a)
+            assert not on_a(await agent.create_session())
+            assert len(a.created) == 1
+            async with serve(a.services(), [address_a]):
+                await sched.health.check(address_a)
+                doomed = await agent.create_session()  # a is the least loaded again
+                assert on_a(doomed)
+                [left] = a.created[1:]
+            # Destroyed while a is gone but thought up: destroyed there once it is back.
+            sched.pool.drop_client(address_a)
+            await agent.destroy_session(doomed)
+            assert left not in a.destroyed
+            async with serve(a.services(), [address_a]):
+                await sched.health.check(address_a)
+                await eventually(lambda: left in a.destroyed, "the session left on a destroyed")
