@@ -734,3 +734,27 @@ async def test_a_worker_that_cannot_be_reached_is_passed_over_and_cleaned_up_on_
             async with serve(a.services(), [address_a]):
                 await sched.health.check(address_a)
                 await eventually(lambda: left in a.destroyed, "the session left on a destroyed")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RPCError(StatusCode.NOT_FOUND, "Unknown session 999"),  # another session's words
+        RPCError(StatusCode.INTERNAL, "Unknown session 100"),  # the words, not the code
+        RPCError(StatusCode.NOT_FOUND, "no such model"),
+    ],
+    ids=["other-session", "other-code", "other-words"],
+)
+async def test_a_plain_agents_error_that_does_not_say_it_lost_the_session_reaches_the_client(
+    error: RPCError,
+) -> None:
+    fake = Fake("a")
+    async with cluster(fake) as c:
+        session = await c.agent.create_session()
+        fake.errors["ImageClassification"] = [error]
+        with pytest.raises(RPCError) as caught:
+            await c.agent.classify(session, b"img")
+        assert (caught.value.code, caught.value.message) == (error.code, error.message)
+        assert fake.created == [100]
+        assert await c.agent.classify(session, b"img") == "a"
+        assert fake.classified == [100, 100]
