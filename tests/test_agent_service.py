@@ -7,9 +7,13 @@ and its message, or which backend session a call reached.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 
@@ -21,7 +25,8 @@ from vaccelray.protocol.classify import ClassifyReply, ClassifyRequest
 from vaccelray.protocol.services import CLASSIFY, GENOP, REGISTER_RESOURCE, UNREGISTER_RESOURCE
 from vaccelray.testing import agent_client, connected_client
 from vaccelray.transport import connect
-from vaccelray.worker.agent import Agent
+from vaccelray.transport.client import client_from_socket
+from vaccelray.worker.agent import Agent, AgentLimits
 from vaccelray.worker.backend import Arg, Classification, SessionHandle
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NoopBackend
@@ -202,4 +207,64 @@ async def test_no_answer_larger_than_the_agents_limit_is_sent(blocking: bool) ->
         backend.outputs = [b"x" * 900]
         reply = await client.call(GENOP, request)
         assert reply.write_args[0].buf == b"x" * 900
+    agent.release_all()
+
+
+async def refused(call: Any) -> str:
+    with pytest.raises(RPCError) as caught:
+        await call
+    assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+    return caught.value.message
+
+
+async def test_each_bound_refuses_in_words_naming_it_and_its_option() -> None:
+    limits = AgentLimits(
+        max_sessions=3,
+        max_sessions_per_connection=2,
+        max_resources=3,
+        max_resources_per_connection=2,
+        max_resource_bytes=10,
+    )
+    agent = Agent(Recorder(), limits=limits)
+    async with (
+        connected_client(agent.services()) as (one, server),
+        AsyncExitStack() as stack,
+    ):
+        first = AgentClient(one)
+        sessions = [await first.create_session() for _ in range(2)]
+        assert await refused(first.create_session()) == (
+            "too many sessions on this connection: it holds 2, the limit per connection "
+            "(raise it with --max-sessions-per-connection)"
+        )
+
+        async def register(client: AgentClient, session: int, data: bytes) -> int:
+            request = pb.RegisterResourceRequest(session_id=session)
+            request.blobs.add(name="b", data=data, size=len(data))
+            return int((await client.call(REGISTER_RESOURCE, request)).resource_id)
+
+        await register(first, sessions[0], b"12345")
+        assert await refused(register(first, sessions[0], b"123456")) == (
+            "resource blobs over budget: 6 bytes more would make 11, over this worker's 10 "
+            "(raise it with --max-resource-bytes)"
+        )
+        await register(first, sessions[1], b"12345")  # exactly the budget
+        assert await refused(register(first, sessions[0], b"")) == (
+            "too many resources on this connection: it registered 2, the limit per "
+            "connection (raise it with --max-resources-per-connection)"
+        )
+        sock_server, sock_client = socket.socketpair()
+        await server.accept_socket(sock_server)
+        second = AgentClient(
+            await stack.enter_async_context(
+                contextlib.aclosing(await client_from_socket(sock_client))
+            )
+        )
+        theirs = await second.create_session()
+        assert await refused(second.create_session()) == (
+            "too many sessions: this worker holds 3, its limit (raise it with --max-sessions)"
+        )
+        await register(second, theirs, b"")
+        assert await refused(register(second, theirs, b"")) == (
+            "too many resources: this worker holds 3, its limit (raise it with --max-resources)"
+        )
     agent.release_all()
