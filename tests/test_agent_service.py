@@ -8,6 +8,7 @@ and its message, or which backend session a call reached.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import threading
@@ -268,3 +269,10 @@ async def test_each_bound_refuses_in_words_naming_it_and_its_option() -> None:
             "too many resources: this worker holds 3, its limit (raise it with --max-resources)"
         )
     agent.release_all()
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(AgentLimits)])
+def test_each_agent_limit_is_0_for_no_bound_or_more(name: str) -> None:
+    assert getattr(AgentLimits(**{name: 0}), name) == 0
+    with pytest.raises(ValueError, match=f"^{name} must be 0 \\(no bound\\) or more, got -1$"):
+        AgentLimits(**{name: -1})

@@ -11,6 +11,7 @@ replayed there, what the client is told.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -758,3 +759,10 @@ async def test_a_plain_agents_error_that_does_not_say_it_lost_the_session_reache
         assert fake.created == [100]
         assert await c.agent.classify(session, b"img") == "a"
         assert fake.classified == [100, 100]
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(SessionLimits)])
+def test_each_session_limit_is_0_for_no_bound_or_more(name: str) -> None:
+    assert getattr(SessionLimits(**{name: 0}), name) == 0
+    with pytest.raises(ValueError, match=f"^{name} must be 0 \\(no bound\\) or more, got -1$"):
+        SessionLimits(**{name: -1})
