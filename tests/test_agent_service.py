@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.waiting import eventually
+from tests.waiting import LIVENESS, eventually
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
@@ -276,3 +276,34 @@ def test_each_agent_limit_is_0_for_no_bound_or_more(name: str) -> None:
     assert getattr(AgentLimits(**{name: 0}), name) == 0
     with pytest.raises(ValueError, match=f"^{name} must be 0 \\(no bound\\) or more, got -1$"):
         AgentLimits(**{name: -1})
+
+
+class SlowCreate(Recorder):
+    """A blocking backend whose session_create waits until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__(blocking=True)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def session_create(self, session_id: int, flags: int) -> SessionHandle:
+        self.entered.set()
+        assert self.gate.wait(LIVENESS)
+        return super().session_create(session_id, flags)
+
+
+async def test_a_session_made_in_a_thread_after_its_call_gave_up_is_still_released() -> None:
+    backend = SlowCreate()
+    config = WorkerConfig(addresses=("tcp://127.0.0.1:0",), pool_size=0, announce=False)
+    async with run_worker(config, backend=backend) as running:
+        async with connect(running.addresses[0]) as raw:
+            with pytest.raises(RPCError) as caught:
+                await AgentClient(raw, timeout=0.5).create_session()
+            assert caught.value.code == StatusCode.DEADLINE_EXCEEDED
+            assert backend.entered.is_set()
+            backend.gate.set()
+            # The backend made it all the same: the agent holds it for the connection...
+            await eventually(lambda: backend.created == [(1, 0)], "the session made")
+            await eventually(lambda: list(running.agent.sessions) == [1], "the session held")
+        # ...and releases it when the connection closes.
+        await eventually(lambda: backend.released == ["h1"], "the session released")
