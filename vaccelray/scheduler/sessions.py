@@ -157,7 +157,7 @@ class Rebind(Exception):
     ``bury`` says the worker may still hold the session (to destroy if it returns).
     """
 
-    def __init__(self, *, bury: bool) -> None:
+    def __init__(self, *, bury: bool = False) -> None:
         super().__init__()
         self.bury = bury
 
@@ -393,7 +393,7 @@ class SessionTable:
             raise
         except RPCError as exc:
             if session_lost(exc, binding.worker_session):
-                raise Rebind(bury=False) from exc
+                raise Rebind() from exc
             raise
 
     async def in_session(
@@ -427,7 +427,7 @@ class SessionTable:
                 raise
             except RPCError as exc:
                 if exc.reason is Reason.UNKNOWN_SESSION:
-                    raise Rebind(bury=False) from exc
+                    raise Rebind() from exc
                 raise
 
         return await self.run(session, ctx, method, guarded)
