@@ -27,7 +27,7 @@ from vaccelray.protocol.services import CLASSIFY, GENOP, REGISTER_RESOURCE, UNRE
 from vaccelray.testing import agent_client, connected_client
 from vaccelray.transport import connect
 from vaccelray.transport.client import client_from_socket
-from vaccelray.worker.agent import Agent, AgentLimits
+from vaccelray.worker.agent import Agent, AgentLimits, Resource
 from vaccelray.worker.backend import Arg, Classification, SessionHandle
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NoopBackend
@@ -307,3 +307,45 @@ async def test_a_session_made_in_a_thread_after_its_call_gave_up_is_still_releas
             await eventually(lambda: list(running.agent.sessions) == [1], "the session held")
         # ...and releases it when the connection closes.
         await eventually(lambda: backend.released == ["h1"], "the session released")
+
+
+async def test_a_registered_resource_is_held_as_the_client_sent_it() -> None:
+    agent = Agent(Recorder())
+    async with connected_client(agent.services()) as (raw, _):
+        client = AgentClient(raw)
+        session = await client.create_session()
+        request = pb.RegisterResourceRequest(session_id=session, resource_type=pb.MODEL)
+        request.paths.extend(["/m/a", "/m/b"])
+        request.blobs.add(name="w", data=b"weights", size=7)
+        request.blobs.add(name="x", data=b"", size=0)
+        assert (await client.call(REGISTER_RESOURCE, request)).resource_id == 1
+        owner = agent.sessions[session].owner
+        assert owner[1] != 0
+        assert agent.resources == {
+            1: Resource(1, pb.MODEL, ("/m/a", "/m/b"), (("w", b"weights"), ("x", b"")), owner, 7)
+        }
+    agent.release_all()
+    assert agent.resources == {}
+
+
+async def test_releases_that_fail_at_shutdown_are_logged_each_by_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Failing(Recorder):
+        def session_release(self, handle: SessionHandle) -> None:
+            super().session_release(handle)
+            raise RuntimeError(f"cannot release {handle}")
+
+    backend = Failing()
+    agent = Agent(backend)
+    async with connected_client([agent.worker_service(), *agent.services()]) as (raw, _):
+        await AgentClient(raw).create_session()
+        await raw.call_rpc(CLASSIFY, ClassifyRequest(image=b"img", top_k=1))
+    agent.release_all()
+    assert backend.released == ["h1", "h0"]
+    failures = [r for r in caplog.records if r.name == "vaccelray.agent" and r.exc_info]
+    assert [r.getMessage() for r in failures] == [
+        "Releasing session 1 failed",
+        "Releasing session shared failed",
+    ]
+    assert agent.sessions == {}
