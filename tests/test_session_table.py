@@ -766,3 +766,19 @@ def test_each_session_limit_is_0_for_no_bound_or_more(name: str) -> None:
     assert getattr(SessionLimits(**{name: 0}), name) == 0
     with pytest.raises(ValueError, match=f"^{name} must be 0 \\(no bound\\) or more, got -1$"):
         SessionLimits(**{name: -1})
+
+
+async def test_a_worker_restarting_forgets_only_its_own_leftovers() -> None:
+    a, b = two()
+    async with cluster(a, b) as c:
+        sessions = [await c.agent.create_session() for _ in range(2)]  # one on each
+        for index in (0, 1):
+            c.down(index)
+        for session in sessions:
+            await c.agent.destroy_session(session)  # left on their workers, which are down
+        b.instance = "b2"
+        await c.up(1)  # a new process: nothing of the old one is left to destroy
+        await c.up(0)  # the same process: its leftover is destroyed
+        await eventually(lambda: a.destroyed == a.created, "a's leftover destroyed")
+        assert b.destroyed == []
+        assert b.seen[-1][0] == "CreateSession"  # nothing reached b after its session
