@@ -17,6 +17,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import pytest
@@ -782,3 +783,48 @@ async def test_a_worker_restarting_forgets_only_its_own_leftovers() -> None:
         await eventually(lambda: a.destroyed == a.created, "a's leftover destroyed")
         assert b.destroyed == []
         assert b.seen[-1][0] == "CreateSession"  # nothing reached b after its session
+
+
+async def test_each_scheduler_bound_refuses_in_words_naming_it_and_its_option() -> None:
+    limits = SessionLimits(
+        max_sessions=4,
+        max_sessions_per_connection=2,
+        max_resources=2,
+        max_resources_per_connection=1,
+        replay_bytes=1,  # nothing fits: no resource is kept, each still counts
+    )
+
+    async def refused(call: Any) -> str:
+        with pytest.raises(RPCError) as caught:
+            await call
+        assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+        return caught.value.message
+
+    async with (
+        cluster(Fake("a"), limits=limits) as c,
+        connect(c.sched.addresses[0]) as raw2,
+        connect(c.sched.addresses[0]) as raw3,
+    ):
+        two = Cluster(c.sched, c.fakes, c.addresses, raw2, AgentClient(raw2))
+        three = Cluster(c.sched, c.fakes, c.addresses, raw3, AgentClient(raw3))
+        first, _ = await c.agent.create_session(), await c.agent.create_session()
+        assert await refused(c.agent.create_session()) == (
+            "this connection holds 2 sessions (the limit is 2; the scheduler's "
+            "--max-sessions-per-connection raises it)"
+        )
+        await c.register(first)
+        assert c.sched.table.kept_bytes == 0
+        assert await refused(c.register(first)) == (
+            "this connection holds 1 resources (the limit is 1; the scheduler's "
+            "--max-resources-per-connection raises it)"
+        )
+        await two.register(await two.agent.create_session())
+        last = await three.agent.create_session()
+        assert await refused(three.agent.create_session()) == (
+            "the scheduler holds 4 sessions (the limit is 4; the scheduler's "
+            "--max-sessions raises it)"
+        )
+        assert await refused(three.register(last)) == (
+            "the scheduler holds 2 resources (the limit is 2; the scheduler's "
+            "--max-resources raises it)"
+        )
