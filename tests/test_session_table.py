@@ -62,6 +62,9 @@ class Fake:
     #: When set, CreateSession waits for it (after setting at_gate).
     gate: anyio.Event | None = None
     at_gate: anyio.Event = field(default_factory=anyio.Event)
+    #: The same for RegisterResource.
+    register_gate: anyio.Event | None = None
+    at_register_gate: anyio.Event = field(default_factory=anyio.Event)
     _resources: int = 500
 
     def _fail(self, method: str, ctx: CallContext) -> None:
@@ -95,9 +98,13 @@ class Fake:
             self.sessions.discard(session)
             return b""
 
-        def register(payload: bytes, ctx: CallContext) -> bytes:
+        async def register(payload: bytes, ctx: CallContext) -> bytes:
             request = pb.RegisterResourceRequest.FromString(payload)
             self.registered.append(request)
+            gate = self.register_gate
+            if gate is not None:
+                self.at_register_gate.set()
+                await gate.wait()
             self._fail("RegisterResource", ctx)
             resource = request.resource_id
             if not resource:
@@ -119,7 +126,7 @@ class Fake:
         agent = {
             "CreateSession": Method(create),
             "DestroySession": Method(destroy, inline=True),
-            "RegisterResource": Method(register, inline=True),
+            "RegisterResource": Method(register),
             "UnregisterResource": Method(unregister, inline=True),
             "ImageClassification": Method(classify, inline=True),
         }
@@ -828,3 +835,30 @@ async def test_each_scheduler_bound_refuses_in_words_naming_it_and_its_option() 
             "the scheduler holds 2 resources (the limit is 2; the scheduler's "
             "--max-resources raises it)"
         )
+
+
+async def test_a_worker_lost_while_a_session_is_replayed_there_has_it_destroyed_on_return() -> None:
+    async with cluster(*two()) as c:
+        session = await c.agent.create_session()
+        await c.register(session)
+        old = c.where(session)
+        new = c.fakes[1 - old]
+        new.register_gate = anyio.Event()
+        c.down(old)
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                with pytest.raises(RPCError) as caught:
+                    await c.agent.classify(session, b"img")
+                assert caught.value.code == StatusCode.UNAVAILABLE
+
+            tg.start_soon(call)
+            with liveness("the replay reaching the worker"):
+                await new.at_register_gate.wait()
+            c.down(1 - old)  # lost with the replay under way: it may hold the new session
+        new.register_gate.set()
+        new.register_gate = None
+        [made] = new.created
+        assert new.destroyed == []
+        await c.up(1 - old)
+        await eventually(lambda: new.destroyed == [made], "the half-made session destroyed")
