@@ -187,7 +187,7 @@ class Rebind(Exception):
     ``bury`` says the worker may still hold the session (to destroy if it returns).
     """
 
-    def __init__(self, *, bury: bool) -> None:
+    def __init__(self, *, bury: bool = False) -> None:
         super().__init__()
         self.bury = bury
 
@@ -294,11 +294,12 @@ class SessionTable:
         """Open the session on the least-loaded capable worker, replaying its resources.
 
         A worker that cannot take it (unavailable, or full: RESOURCE_EXHAUSTED)
-        is passed over for the next; when every one was full, so is the answer.
+        is passed over for the next; when every one asked was full, so is the
+        answer (a worker without the session's operations is not asked).
         """
         tried: list[str] = []
         last_error = ""
-        full = 0
+        asked = full = 0
         service = ctx.service
         while True:
             worker = self.pool.pick(None, exclude=tried)
@@ -309,7 +310,7 @@ class SessionTable:
                 known = len(self.pool.registry)
                 need = f" supporting {','.join(sorted(session.ops))}" if session.ops else ""
                 detail = f" (last error: {last_error})" if last_error else ""
-                if full and full == len(tried):
+                if full and full == asked:
                     raise RPCError(
                         StatusCode.RESOURCE_EXHAUSTED,
                         f"every worker{need} is full: none took session {session.id}{detail}",
@@ -320,6 +321,7 @@ class SessionTable:
                 )
             address, instance = worker.address, worker.instance
             tried.append(address)
+            asked += 1
             request = pb.CreateSessionRequest(flags=session.flags)
             try:
                 reply = await self.pool.call(
@@ -492,7 +494,7 @@ class SessionTable:
             raise
         except RPCError as exc:
             if session_lost(exc, binding.worker_session):
-                raise Rebind(bury=False) from exc
+                raise Rebind() from exc
             raise
 
     async def in_session(
@@ -526,7 +528,7 @@ class SessionTable:
                 raise
             except RPCError as exc:
                 if exc.reason is Reason.UNKNOWN_SESSION:
-                    raise Rebind(bury=False) from exc
+                    raise Rebind() from exc
                 raise
 
         return await self.run(session, ctx, method, guarded)

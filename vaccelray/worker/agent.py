@@ -178,6 +178,10 @@ class _Making:
 _EMPTY: Final = pb.EmptyResponse().SerializeToString()
 
 
+def _nothing() -> None:
+    """The backend's part of an operation the agent does alone (its tables, on the loop)."""
+
+
 class Agent:
     """Sessions and resources of one worker, on top of one backend.
 
@@ -370,7 +374,7 @@ class Agent:
             log.info("Updated session %d", session.id)
             return _EMPTY
 
-        return _Plan(None, lambda: None, finish)
+        return _Plan(None, _nothing, finish)
 
     def _destroy_session(self, request: pb.DestroySessionRequest, ctx: CallContext) -> _Plan[None]:
         # Forgotten at once so later calls of this session are refused while it is released.
@@ -639,7 +643,7 @@ class Agent:
             log.info("session:%d Registered resource %d", session.id, resource.id)
             return pb.RegisterResourceResponse(resource_id=resource.id).SerializeToString()
 
-        return _Plan(None, lambda: None, finish)
+        return _Plan(None, _nothing, finish)
 
     def _unregister_resource(
         self, request: pb.UnregisterResourceRequest, ctx: CallContext
@@ -657,7 +661,7 @@ class Agent:
             log.info("session:%d Unregistered resource %d", session.id, request.resource_id)
             return _EMPTY
 
-        return _Plan(None, lambda: None, finish)
+        return _Plan(None, _nothing, finish)
 
     def _sync_resource(self, request: pb.SyncResourceRequest, ctx: CallContext) -> _Plan[None]:
         """The resource's blobs as they are now (ops may write them; ours do not yet)."""
