@@ -322,7 +322,9 @@ async def test_a_registered_resource_is_held_as_the_client_sent_it() -> None:
         owner = agent.sessions[session].owner
         assert owner[1] != 0
         assert agent.resources == {
-            1: Resource(1, pb.MODEL, ("/m/a", "/m/b"), (("w", b"weights"), ("x", b"")), owner, 7)
+            1: Resource(
+                1, pb.MODEL, ("/m/a", "/m/b"), (("w", b"weights"), ("x", b"")), owner, 7, (0, 0)
+            )
         }
     agent.release_all()
     assert agent.resources == {}
