@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from vaccelray.auth import ExecPolicy
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.fields import FieldError, read_varint_field, with_varint_field
@@ -65,10 +66,16 @@ class AgentForwarder:
     """
 
     def __init__(
-        self, table: SessionTable, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+        self,
+        table: SessionTable,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        exec_policy: ExecPolicy | None = None,
     ) -> None:
         self.table = table
         self.max_message_size = max_message_size
+        #: Where requests that load a library may come from (checked before forwarding).
+        self.exec_policy = exec_policy or ExecPolicy(hop="scheduler")
 
     def services(self) -> list[Service]:
         own: dict[Rpc[Any, Any], Callable[[bytes, CallContext], Awaitable[bytes]]] = {
@@ -97,11 +104,15 @@ class AgentForwarder:
         table, limit = self.table, self.max_message_size
         field = rpc.session_field
         assert field is not None
-        check = rpc.limits is not None
+        check = rpc.limits is not None or rpc.loads_library is not None
+        loads_library, policy = rpc.loads_library, self.exec_policy
 
         def forward(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
             if check:
-                rpc.check(rpc.request.decode(payload), limit)
+                request = rpc.request.decode(payload)
+                rpc.check(request, limit)
+                if loads_library is not None and loads_library(request):
+                    policy.check(ctx, f"{rpc.method} (exec)")
             try:
                 session_id = read_varint_field(payload, field)
             except FieldError as exc:
@@ -196,7 +207,6 @@ class _Forward:
                 self._rewrite(binding),
                 self._answered,
                 timeout=ctx.time_left(),
-                metadata=ctx.metadata,
             )
             if started is not None:
                 self.binding, self.started = binding, started

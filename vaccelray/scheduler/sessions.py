@@ -298,7 +298,6 @@ class SessionTable:
                     CREATE_SESSION.method,
                     CREATE_SESSION.request.encode(request),
                     timeout=ctx.time_left(),
-                    metadata=ctx.metadata,
                 )
             except WorkerUnavailable as exc:
                 last_error = str(exc)
@@ -383,7 +382,6 @@ class SessionTable:
                 method,
                 payload,
                 timeout=ctx.time_left(),
-                metadata=ctx.metadata,
             )
         except WorkerUnavailable as exc:
             if not exc.sent:
