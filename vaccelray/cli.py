@@ -48,6 +48,17 @@ DEFAULT_RUN_TIMEOUT = 300.0
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
+def _octal_mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """File permissions given in octal (``600``, ``0660``)."""
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise click.BadParameter(f"{value!r} is not an octal mode from 000 to 777")
+    return mode
+
+
 def _setup_logging(level: str, daemon: str | None = None) -> None:
     """Log to stderr at *level*; a *daemon*'s life-cycle logger stays at INFO.
 
@@ -380,13 +391,28 @@ def task_limit_options(command: _F) -> _F:
     "--token-file",
     type=click.Path(dir_okay=False),
     metavar="PATH",
-    help="File holding the cluster token callers of the task service must present "
-    "(else VACCELRAY_TOKEN). Required to accept tasks on a non-loopback address.",
+    help="File (mode 0600) holding the cluster token callers of the task service must "
+    "present, else VACCELRAY_TOKEN, else the user's default token (made at first start; "
+    "its own user's clients find it). Unix socket peers of the same user need none.",
 )
 @click.option(
     "--protect-vaccel",
     is_flag=True,
     help="Ask the cluster token of vAccel agent calls too (open by default).",
+)
+@click.option(
+    "--allow-exec",
+    is_flag=True,
+    help="Serve vAccel requests that load a library (exec genops) to other hosts too "
+    "(by default only to loopback and unix socket callers).",
+)
+@click.option(
+    "--socket-mode",
+    default="600",
+    callback=_octal_mode,
+    show_default=True,
+    metavar="MODE",
+    help="Permissions of unix socket files the worker listens on (octal).",
 )
 @click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="PEM", help="Serve TLS.")
 @click.option(
@@ -413,6 +439,8 @@ def worker(
     task_timeout: float,
     token_file: str | None,
     protect_vaccel: bool,
+    allow_exec: bool,
+    socket_mode: int,
     tls_cert: str | None,
     tls_key: str | None,
     max_connections: int | None,
@@ -444,6 +472,8 @@ def worker(
         max_queued_per_connection=max_queued_per_connection,
         task_timeout=task_timeout,
         protect_vaccel=protect_vaccel,
+        allow_exec=allow_exec,
+        socket_mode=socket_mode,
         tls_cert=tls_cert,
         tls_key=tls_key,
         max_connections=max_connections,
@@ -780,7 +810,23 @@ health-checked twice a second; one that does not answer leaves routing.
     "--token-file",
     type=click.Path(dir_okay=False),
     metavar="PATH",
-    help="File holding the cluster token task callers must present (else VACCELRAY_TOKEN).",
+    help="File (mode 0600) holding the cluster token: task callers present it, and the "
+    "scheduler presents it to workers. Else VACCELRAY_TOKEN, else the user's default token "
+    "(presented to loopback TCP workers only).",
+)
+@click.option(
+    "--allow-exec",
+    is_flag=True,
+    help="Forward vAccel requests that load a library (exec genops) from other hosts too "
+    "(by default only from loopback and unix socket callers).",
+)
+@click.option(
+    "--socket-mode",
+    default="600",
+    callback=_octal_mode,
+    show_default=True,
+    metavar="MODE",
+    help="Permissions of unix socket files the scheduler listens on (octal).",
 )
 @max_message_size_option
 @grace_option
@@ -795,6 +841,8 @@ def scheduler(
     health_interval: float,
     health_timeout: float,
     token_file: str | None,
+    allow_exec: bool,
+    socket_mode: int,
     max_message_size: int,
     grace: float,
     max_connections: int | None,
@@ -819,6 +867,8 @@ def scheduler(
         health_interval=health_interval,
         health_timeout=health_timeout,
         token=_load_token(token_file),
+        allow_exec=allow_exec,
+        socket_mode=socket_mode,
         max_message_size=max_message_size,
         grace=grace,
         max_connections=max_connections,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,9 +20,17 @@ async def embedded_worker(
     """A worker serving on ``unix://<private temp dir>/worker.sock`` while the block runs.
 
     *pool_size* 0 starts no task pool (for callers that only use the vAccel agent).
+    The worker's token (``worker.config.token``) is made here and kept in
+    memory: its client presents it, no token file is read or made.
     """
     with tempfile.TemporaryDirectory(prefix="vaccelray-") as tmp:
         address = f"unix://{Path(tmp) / 'worker.sock'}"
-        config = WorkerConfig(addresses=(address,), backend=backend, grace=1.0, pool_size=pool_size)
+        config = WorkerConfig(
+            addresses=(address,),
+            backend=backend,
+            grace=1.0,
+            pool_size=pool_size,
+            token=secrets.token_urlsafe(32),
+        )
         async with run_worker(config) as worker:
             yield worker

@@ -30,6 +30,7 @@ from typing import Any, Final, Generic, TypeAlias, TypeVar
 import anyio
 import anyio.abc
 
+from vaccelray.auth import ExecPolicy
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import unknown_resource, unknown_session
@@ -163,6 +164,8 @@ class Agent:
     *max_message_size* is the limit of the transport serving it: arguments and
     blobs may declare no more than that in all, and no answer is larger.
     *limits* bound what clients may make it hold (see :class:`AgentLimits`).
+    *exec_policy* says where requests that load a library come from (default:
+    loopback and unix sockets only).
     """
 
     def __init__(
@@ -171,8 +174,10 @@ class Agent:
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         limits: AgentLimits = AgentLimits(),
+        exec_policy: ExecPolicy | None = None,
     ) -> None:
         self.backend = backend
+        self.exec_policy = exec_policy or ExecPolicy()
         self.max_message_size = max_message_size
         self.limits = limits
         self.sessions: dict[int, AgentSession] = {}
@@ -230,10 +235,13 @@ class Agent:
             rpc.check,
             self.max_message_size,
         )
+        loads_library, policy = rpc.loads_library, self.exec_policy
 
         def plan_call(payload: bytes, ctx: CallContext) -> _Plan[Any]:
             request = decode(payload)
             check(request, limit)
+            if loads_library is not None and loads_library(request):
+                policy.check(ctx, f"{name} (exec)")
             return planner(request, ctx)
 
         if not self.backend.blocking:

@@ -25,6 +25,7 @@ the worker's sessions, and pool processes stay small and need no token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -265,6 +266,7 @@ async def run_task_service(
     *,
     pool_size: int | None = None,
     token: str | None = None,
+    token_path: Path | None = None,
     protect_vaccel: bool = False,
     max_message_size: int | None = None,
     max_queued: int = DEFAULT_MAX_QUEUED,
@@ -273,13 +275,17 @@ async def run_task_service(
 ) -> AsyncIterator[TaskRuntime]:
     """Start the pool and its private agent socket; yield *services* plus the task service.
 
-    The token check follows *addresses* (see :class:`vaccelray.auth.TokenCheck`);
-    with *protect_vaccel* the vAccel agent services among *services* check it
-    too. *pool_size* 0 serves no task service; None is one process per CPU.
+    Task callers present *token* (*token_path*: the default token's file, named
+    in refusals), or are the worker's own user on a unix socket (see
+    :class:`vaccelray.auth.TokenCheck`); with *protect_vaccel* the vAccel
+    agent services among *services* check it too. *pool_size* 0 serves no
+    task service; None is one process per CPU.
     *max_queued*, *max_queued_per_connection* and *task_timeout*: see
     :class:`TaskService`.
     """
     check = TokenCheck.for_addresses(addresses, token)
+    if token_path is not None:
+        check = dataclasses.replace(check, token_path=token_path)
     if protect_vaccel:
         agent_services = [s for s in services if s.name in SERVICE_NAMES]
         others = [s for s in services if s.name not in SERVICE_NAMES]
