@@ -494,3 +494,63 @@ def test_exec_from_another_address_is_refused_unless_allowed() -> None:
                 assert _exec_over(host, local) == "ok"  # loopback: always served
             finally:
                 worker.stop()
+
+
+class _NoSessions:
+    """A session table that knows no session: reaching it means the call got through."""
+
+    def get(self, session_id: int) -> None:
+        raise RPCError(StatusCode.NOT_FOUND, f"Unknown session {session_id}")
+
+
+@pytest.mark.parametrize(
+    ("origin", "allow", "allowed"),
+    [(REMOTE, False, False), (REMOTE, True, True), (LOCAL, False, True)],
+)
+def test_the_scheduler_forwards_exec_off_loopback_only_with_allow_exec(
+    origin: Origin, allow: bool, allowed: bool
+) -> None:
+    from vaccelray.protocol.agent import SERVICE_NAMES
+    from vaccelray.scheduler.forwarding import AgentForwarder
+
+    forwarder = AgentForwarder(
+        _NoSessions(),  # type: ignore[arg-type]
+        exec_policy=ExecPolicy(allow, hop="scheduler"),
+    )
+    genop = forwarder.services()[0].methods["Genop"].handler
+    ctx = CallContext(SERVICE_NAMES[0], "Genop", (), None, "peer", 1, origin)
+    # Not an exec: always on its way.
+    with pytest.raises(RPCError) as info:
+        genop(_genop(2, 9).SerializeToString(), ctx)
+    assert info.value.code == StatusCode.NOT_FOUND
+    with pytest.raises(RPCError) as info:
+        genop(_genop(20, 9).SerializeToString(), ctx)
+    if allowed:
+        assert info.value.code == StatusCode.NOT_FOUND
+    else:
+        assert info.value.code == StatusCode.PERMISSION_DENIED
+        assert info.value.message == (
+            "scheduler tcp://10.1.2.3:8194: Genop (exec) loads a library, which this "
+            "scheduler serves to other hosts only when started with --allow-exec"
+        )
+
+
+def test_the_scheduler_presents_its_own_token_and_the_default_one_only_on_loopback() -> None:
+    from vaccelray.scheduler.pool import WorkerPool
+
+    cluster = WorkerPool(token="cluster")
+    default = WorkerPool(token="mine", token_is_default=True)
+    for address in ("tcp://127.0.0.1:8194", "tcp://10.0.0.3:8194", "unix:@w"):
+        assert cluster.credential(address) == token_metadata("cluster")
+    assert default.credential("tcp://127.0.0.1:8194") == token_metadata("mine")
+    assert default.credential("tcp://[::1]:8194") == token_metadata("mine")
+    for address in ("tcp://10.0.0.3:8194", "unix:@w", "unix:///run/w.sock", "vsock://3:8194"):
+        assert default.credential(address) == (), address
+    assert WorkerPool().credential("tcp://127.0.0.1:8194") == ()
+    # A client's token never goes on: the scheduler's replaces it, other metadata stays.
+    client = (*token_metadata("the client's"), ("x-other", "1"))
+    assert cluster._metadata("tcp://10.0.0.3:8194", client) == (
+        *token_metadata("cluster"),
+        ("x-other", "1"),
+    )
+    assert default._metadata("tcp://10.0.0.3:8194", client) == (("x-other", "1"),)
