@@ -122,9 +122,7 @@ async def task_service(
     try:
         async with Pool(size) as pool:
             service = TaskService(pool, agent, check or TokenCheck())
-            async with connected_client(
-                [service.service(), *agent.services()], origin=origin
-            ) as (
+            async with connected_client([service.service(), *agent.services()], origin=origin) as (
                 client,
                 server,
             ):

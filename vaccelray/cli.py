@@ -570,7 +570,7 @@ def classify(
     A progress bar is shown on a terminal when the results go elsewhere.
     """
     from vaccelray.addressing import resolve_address
-    from vaccelray.auth import load_token
+    from vaccelray.auth import client_token
     from vaccelray.classify import Classified, classify_images
 
     _setup_logging(log_level)
@@ -581,8 +581,13 @@ def classify(
         except OSError as exc:
             _fail(f"cannot read image {path}: {exc.strerror or exc}", EXIT_USAGE)
     target = resolve_address(address)
+    token = None
     if target is not None:
         _check_endpoint(target)
+        try:  # for a --protect-vaccel worker: classification is open otherwise
+            token = client_token(target)
+        except VaccelrayError as exc:
+            _fail(str(exc), EXIT_USAGE)
     show_bar = len(payloads) > 3 and sys.stderr.isatty() and not sys.stdout.isatty()
     failed = 0
     with click.progressbar(
@@ -616,7 +621,7 @@ def classify(
                     concurrency=concurrency,
                     top_k=top_k,
                     on_result=report,
-                    token=load_token(),
+                    token=token,
                     retries=retries,
                 )
             )

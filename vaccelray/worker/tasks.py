@@ -312,6 +312,11 @@ async def run_task_service(
             Pool(size, env={LOCAL_ADDRESS_ENV: local}, max_message_size=limit) as pool,
         ):
             log.info("Task pool: %d processes", size)
+            log.info(
+                "Tasks need the cluster token%s, or uid %d (or root) on a unix socket",
+                f" (the user's default, in {token_path})" if token_path else "",
+                check.uid,
+            )
             tasks = TaskService(
                 pool,
                 agent,
