@@ -287,6 +287,26 @@ def test_default_token_without_a_runtime_dir_lives_in_a_private_temp_dir(
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
 
+def test_a_runtime_dir_that_is_not_the_users_own_is_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fallback = tmp_path / f"vaccelray-{os.geteuid()}" / "token"
+    for runtime in ("relative/dir", str(tmp_path / "missing")):
+        monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+        assert default_token_path() == fallback
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"  # another user's, left in the environment by su
+        theirs.mkdir()
+        os.chown(theirs, NOBODY, NOBODY)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(theirs))
+        assert default_token_path() == fallback
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(mine))
+    assert default_token_path() == mine / "vaccelray" / "token"
+
+
 @pytest.mark.parametrize("mode", [0o755, 0o770, 0o701])
 def test_a_token_dir_others_may_use_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int

@@ -133,13 +133,20 @@ def _private_dir(path: Path) -> Path:
 def default_token_path() -> Path:
     """The user's default token: ``$XDG_RUNTIME_DIR/vaccelray/token``, else under the temp dir.
 
-    Without ``XDG_RUNTIME_DIR`` (root in a container, say) it is
-    ``<temp dir>/vaccelray-<uid>/token``. Nothing is made here.
+    Without an ``XDG_RUNTIME_DIR`` of this user's own (root in a container,
+    or one left by ``su``) it is ``<temp dir>/vaccelray-<uid>/token``.
+    Nothing is made here.
     """
     runtime = os.environ.get("XDG_RUNTIME_DIR")
+    uid = os.geteuid()
     if runtime and os.path.isabs(runtime):
-        return Path(runtime) / "vaccelray" / "token"
-    return Path(tempfile.gettempdir()) / f"vaccelray-{os.geteuid()}" / "token"
+        try:
+            owner = os.stat(runtime).st_uid
+        except OSError:
+            owner = -1
+        if owner == uid:
+            return Path(runtime) / "vaccelray" / "token"
+    return Path(tempfile.gettempdir()) / f"vaccelray-{uid}" / "token"
 
 
 def daemon_token(token: str | None = None) -> tuple[str, Path | None]:
