@@ -668,7 +668,8 @@ def _parse_arg(text: str) -> object:
     "--token-file",
     type=click.Path(dir_okay=False),
     metavar="PATH",
-    help="File holding the cluster token (else VACCELRAY_TOKEN).",
+    help="File (mode 0600) holding the cluster token, else VACCELRAY_TOKEN, else (to a "
+    "loopback TCP address) your default token.",
 )
 @click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
 def run(
@@ -767,9 +768,9 @@ there; when that worker is lost, the session is re-created on another one
 (calls in flight at that moment fail with UNAVAILABLE). Offloaded tasks
 ('vaccelray.init(address)') go to the least-loaded capable worker; a
 task lost with its worker is answered UNAVAILABLE and retried by the
-client. Off loopback, tasks need the cluster token (--token-file or
-VACCELRAY_TOKEN), which the scheduler passes on to workers. Stops
-gracefully on SIGINT/SIGTERM.
+client. Tasks need the cluster token (--token-file or VACCELRAY_TOKEN;
+without one, the user's default token), which the scheduler checks itself
+and presents to the workers as its own. Stops gracefully on SIGINT/SIGTERM.
 
 \b
 Workers: --worker ENDPOINT (repeatable), plus those announced with
