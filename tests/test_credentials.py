@@ -528,7 +528,7 @@ class _NoSessions:
     [(REMOTE, False, False), (REMOTE, True, True), (LOCAL, False, True)],
 )
 def test_the_scheduler_forwards_exec_off_loopback_only_with_allow_exec(
-    origin: Origin, allow: bool, allowed: bool
+    origin: Origin, allow: bool, allowed: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     from vaccelray.protocol.agent import SERVICE_NAMES
     from vaccelray.scheduler.forwarding import AgentForwarder
@@ -553,6 +553,8 @@ def test_the_scheduler_forwards_exec_off_loopback_only_with_allow_exec(
             "scheduler tcp://10.1.2.3:8194: Genop (exec) loads a library, which this "
             "scheduler serves to other hosts only when started with --allow-exec"
         )
+        assert "Refused Genop (exec) from peer: exec off loopback" in caplog.text
+    assert ("Refused" in caplog.text) is not allowed
 
 
 def test_the_scheduler_presents_its_own_token_and_the_default_one_only_on_loopback() -> None:

@@ -42,7 +42,7 @@ import secrets
 import ssl
 import stat
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -246,20 +246,6 @@ class TokenCheck:
     hop: str = "worker"
     token_path: Path | None = None
     uid: int = field(default_factory=os.geteuid)
-
-    @classmethod
-    def for_addresses(
-        cls, addresses: Iterable[str], token: str | None, hop: str = "worker"
-    ) -> TokenCheck:
-        """The check of a daemon listening on *addresses* with *token* (None: unix peers only)."""
-        exposed = [a for a in addresses if not is_loopback(a)]
-        if exposed and token is None:
-            log.warning(
-                "No cluster token for %s: the task service refuses every call there "
-                "(give one with --token-file or VACCELRAY_TOKEN)",
-                ", ".join(exposed),
-            )
-        return cls(token, hop=hop)
 
     def check(self, ctx: CallContext) -> None:
         """Raise UNAUTHENTICATED unless the call presents the token or a uid that passes."""

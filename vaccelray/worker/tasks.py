@@ -25,7 +25,6 @@ the worker's sessions, and pool processes stay small and need no token.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import os
@@ -283,9 +282,7 @@ async def run_task_service(
     *max_queued*, *max_queued_per_connection* and *task_timeout*: see
     :class:`TaskService`.
     """
-    check = TokenCheck.for_addresses(addresses, token)
-    if token_path is not None:
-        check = dataclasses.replace(check, token_path=token_path)
+    check = TokenCheck(token, token_path=token_path)
     if protect_vaccel:
         agent_services = [s for s in services if s.name in SERVICE_NAMES]
         others = [s for s in services if s.name not in SERVICE_NAMES]
