@@ -221,3 +221,23 @@ def test_server_tls_contexts_load_the_pair_or_say_why(tmp_path: Path) -> None:
     missing = tmp_path / "missing.pem"
     with pytest.raises(AuthError, match=f"cannot load TLS certificate {missing}: "):
         server_ssl_context(str(missing), str(key))
+
+
+def test_client_tls_contexts(tmp_path: Path) -> None:
+    from vaccelray.auth import AuthError, client_ssl_context
+
+    assert client_ssl_context(None) is None
+    assert client_ssl_context(False) is None
+    system = client_ssl_context(True)
+    assert system is not None
+    assert system.verify_mode == ssl.CERT_REQUIRED
+    assert system.check_hostname
+    given = ssl.create_default_context()
+    assert client_ssl_context(given) is given
+    cert, _ = _self_signed(tmp_path)
+    pinned = client_ssl_context(str(cert))
+    assert pinned is not None
+    assert [c["subject"] for c in pinned.get_ca_certs()] == [((("commonName", "127.0.0.1"),),)]
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(AuthError, match=f"^cannot load TLS CA file {missing}: "):
+        client_ssl_context(str(missing))

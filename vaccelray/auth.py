@@ -163,7 +163,7 @@ def daemon_token(token: str | None = None) -> tuple[str, Path | None]:
     except AuthError:
         if path.exists():
             raise
-    new = secrets.token_urlsafe(32)
+    new = secrets.token_urlsafe()  # 32 random bytes
     spare = path.with_name(f".token-{secrets.token_hex(4)}")
     fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
