@@ -278,6 +278,36 @@ def test_default_token_is_made_once_private_and_found_by_loopback_tcp_clients(
         daemon_token()
 
 
+def test_the_first_daemon_says_it_made_the_default_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "vaccelray.auth")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    daemon_token()
+    daemon_token()
+    made = [r.getMessage() for r in caplog.records if r.name == "vaccelray.auth"]
+    assert made == [f"Made the default token {default_token_path()} (mode 0600)"]
+
+
+def test_two_daemons_making_the_default_token_at_once_share_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    path = tmp_path / "vaccelray" / "token"
+    link = os.link
+
+    def beaten(spare: str, target: str) -> None:
+        # Another daemon's token lands first; linking ours over it then fails.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"the other daemon's\n")
+        os.close(fd)
+        link(spare, target)
+
+    monkeypatch.setattr(os, "link", beaten)
+    assert daemon_token() == ("the other daemon's", path)
+    assert [p.name for p in path.parent.iterdir()] == ["token"]  # ours was removed
+
+
 def test_default_token_without_a_runtime_dir_lives_in_a_private_temp_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
