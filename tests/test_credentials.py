@@ -240,6 +240,9 @@ def test_empty_and_missing_token_files(tmp_path: Path) -> None:
     path.chmod(0o600)
     with pytest.raises(AuthError, match=f"token file {path} is empty"):
         read_token_file(path)
+    path.write_bytes(b"\xff\xfe token\n")
+    with pytest.raises(AuthError, match=f"cannot read token file {path}: 'utf-8' codec"):
+        read_token_file(path)
 
 
 def test_default_token_is_made_once_private_and_found_by_loopback_tcp_clients(

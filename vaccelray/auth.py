@@ -33,6 +33,7 @@ what a listener demands: TLS and member credentials attach there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import ipaddress
@@ -88,16 +89,17 @@ class AuthError(VaccelrayError):
 def read_token_file(path: str | os.PathLike[str]) -> str:
     """The first line of the token file *path*; refused when other users may read it."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             if mode & 0o077:
                 raise AuthError(
                     f"token file {path} is open to other users (mode {stat.S_IMODE(mode):04o}): "
                     f"run chmod 600 {path}"
                 )
-            text = f.read().strip()
-    except OSError as exc:
-        raise AuthError(f"cannot read token file {path}: {exc.strerror or exc}") from exc
+            text = f.read().decode().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise AuthError(f"cannot read token file {path}: {reason}") from exc
     if not text:
         raise AuthError(f"token file {path} is empty")
     return text.splitlines()[0].strip()
@@ -140,12 +142,9 @@ def default_token_path() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     uid = os.geteuid()
     if runtime and os.path.isabs(runtime):
-        try:
-            owner = os.stat(runtime).st_uid
-        except OSError:
-            owner = -1
-        if owner == uid:
-            return Path(runtime) / "vaccelray" / "token"
+        with contextlib.suppress(OSError):  # missing: not the user's
+            if os.stat(runtime).st_uid == uid:
+                return Path(runtime) / "vaccelray" / "token"
     return Path(tempfile.gettempdir()) / f"vaccelray-{uid}" / "token"
 
 
