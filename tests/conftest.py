@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,11 @@ pytest_plugins = ["tests.leaks"]
 # under a full suite on 2 cores a decoder example can pass 200 ms.
 settings.register_profile("vaccelray", deadline=None)
 settings.load_profile("vaccelray")
+
+# Daemons started without a token make the user's default one in $XDG_RUNTIME_DIR
+# (vaccelray.auth): the tests' daemons and clients share one of their own, not the user's.
+_RUNTIME = tempfile.TemporaryDirectory(prefix="vaccelray-test-runtime-")
+os.environ["XDG_RUNTIME_DIR"] = _RUNTIME.name
 
 
 @pytest.fixture

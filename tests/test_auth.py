@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ TOKEN = "correct horse battery staple"
 def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("auth") / "token"
     path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
     return path
 
 
@@ -61,20 +63,22 @@ def test_loopback_rules() -> None:
         assert is_loopback(address), address
     for address in ("tcp://0.0.0.0:1", "tcp://10.1.2.3:1", "vsock://3:1", "tcp://example.test:1"):
         assert not is_loopback(address), address
-    assert not TokenCheck.for_addresses(["tcp://127.0.0.1:0", "unix:@x"], None).required
-    assert TokenCheck.for_addresses(["tcp://127.0.0.1:0"], "t").required
+    # The task service always asks a credential, loopback included.
+    assert TokenCheck().required
 
 
-def test_exposed_worker_without_token_refuses_everyone(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_check_without_token_refuses_every_token(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "vaccelray.auth")
-    check = TokenCheck.for_addresses(["tcp://0.0.0.0:8194"], None)
-    assert check.required
-    assert "No cluster token for tcp://0.0.0.0:8194" in caplog.text
+    check = TokenCheck(None)
     ctx = CallContext(wire.SERVICE, "Submit", token_metadata("anything"), None, "10.0.0.9:5000")
     with pytest.raises(RPCError) as info:
         check.check(ctx)
     assert info.value.code == StatusCode.UNAUTHENTICATED
-    assert "Refused vaccelray.v1.Worker/Submit from 10.0.0.9:5000" in caplog.text
+    reason = info.value.message.removeprefix("worker ?: ")  # an origin nobody asked
+    assert reason.startswith("this worker has no cluster token")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Refused vaccelray.v1.Worker/Submit from 10.0.0.9:5000: {reason}"
+    ]
 
 
 def test_load_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,6 +86,7 @@ def test_load_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_token("given") == "given"
     assert load_token() == "from-env"
     (tmp_path / "t").write_text("from-file\nignored\n")
+    (tmp_path / "t").chmod(0o600)
     assert load_token(None, tmp_path / "t") == "from-file"
 
 
@@ -201,3 +206,42 @@ def test_protect_keeps_each_method_kind_and_checks_first() -> None:
     assert calls == []
     ctx.metadata = token_metadata("t0ken")
     assert guarded.methods["I"].handler(b"x", ctx) == b"x"
+    # A check that is not required leaves the services as they are.
+    assert protect([service], TokenCheck(required=False)) == [service]
+    TokenCheck(required=False).check(CallContext("s", "F", (), None, "peer"))
+
+
+def test_server_tls_contexts_load_the_pair_or_say_why(tmp_path: Path) -> None:
+    from vaccelray.auth import AuthError, server_ssl_context
+
+    cert, key = _self_signed(tmp_path)
+    context = server_ssl_context(str(cert), str(key))
+    assert context.verify_mode == ssl.CERT_NONE  # a server asks no client certificate
+    both = tmp_path / "both.pem"
+    both.write_text(key.read_text() + cert.read_text())
+    assert server_ssl_context(str(both)).verify_mode == ssl.CERT_NONE
+    with pytest.raises(AuthError, match=f"cannot load TLS certificate {cert}: "):
+        server_ssl_context(str(cert))  # no key in it
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(AuthError, match=f"cannot load TLS certificate {missing}: "):
+        server_ssl_context(str(missing), str(key))
+
+
+def test_client_tls_contexts(tmp_path: Path) -> None:
+    from vaccelray.auth import AuthError, client_ssl_context
+
+    assert client_ssl_context(None) is None
+    assert client_ssl_context(False) is None
+    system = client_ssl_context(True)
+    assert system is not None
+    assert system.verify_mode == ssl.CERT_REQUIRED
+    assert system.check_hostname
+    given = ssl.create_default_context()
+    assert client_ssl_context(given) is given
+    cert, _ = _self_signed(tmp_path)
+    pinned = client_ssl_context(str(cert))
+    assert pinned is not None
+    assert [c["subject"] for c in pinned.get_ca_certs()] == [((("commonName", "127.0.0.1"),),)]
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(AuthError, match=f"^cannot load TLS CA file {missing}: "):
+        client_ssl_context(str(missing))

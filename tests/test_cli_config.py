@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,3 +45,25 @@ def test_the_scheduler_takes_its_session_limits(monkeypatch: pytest.MonkeyPatch)
         "--max-resources-per-connection", "2", "--replay-bytes", "1",
     )  # fmt: skip
     assert config.limits == SessionLimits(5, 4, 3, 2, 1)
+
+
+def test_the_scheduler_takes_its_credential_options(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = scheduler_config(monkeypatch)
+    assert (config.allow_exec, config.socket_mode, config.token) == (False, 0o600, None)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    token.chmod(0o600)
+    config = scheduler_config(
+        monkeypatch, "--allow-exec", "--socket-mode", "0660", "--token-file", str(token)
+    )
+    assert (config.allow_exec, config.socket_mode, config.token) == (True, 0o660, "s3cret")
+    for bad in ("999", "rw", "1000"):
+        result = CliRunner().invoke(cli.main, ["scheduler", "--socket-mode", bad])
+        assert result.exit_code == 2
+        assert f"{bad!r} is not an octal mode from 000 to 777" in result.output
+    token.chmod(0o644)
+    result = CliRunner().invoke(cli.main, ["scheduler", "--token-file", str(token)])
+    assert result.exit_code == 2
+    assert f"run chmod 600 {token}" in result.output

@@ -19,13 +19,14 @@ from tests.clusters import serving_scheduler
 from tests.test_server import Recorder
 from tests.waiting import eventually, liveness
 from vaccelray.agent_client import AgentClient
+from vaccelray.auth import client_token, token_metadata
 from vaccelray.errors import REASON_TYPE_URL, Detail, Reason, RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol._pb import reason_pb2
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
-from vaccelray.scheduler import SchedulerConfig
+from vaccelray.scheduler import Scheduler, SchedulerConfig
 from vaccelray.transport import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
 
@@ -194,6 +195,11 @@ async def test_the_words_alone_do_not_lose_a_session_when_a_reason_says_otherwis
     assert fake.created == 1
 
 
+def own_token(sched: Scheduler) -> tuple[tuple[str, str], ...]:
+    """What a client of the scheduler's user presents (the user's default token)."""
+    return token_metadata(client_token(sched.addresses[0]))
+
+
 def _registration() -> tuple[bytes, str]:
     pickled = cloudpickle.dumps(len)
     digest = hashlib.sha256(pickled).hexdigest()
@@ -224,10 +230,12 @@ async def test_a_task_goes_elsewhere_only_when_the_worker_says_it_never_ran(
         connect(sched.addresses[0]) as client,
     ):
         await eventually(lambda: len(sched.pool.registry) == 1, "the worker known")
-        await client.call(wire.SERVICE, wire.METHOD_REGISTER, registration)
+        await client.call(
+            wire.SERVICE, wire.METHOD_REGISTER, registration, metadata=own_token(sched)
+        )
         submit = wire.encode(wire.Submit("t1", digest, "len"))
         with pytest.raises(RPCError) as info:
-            await client.call(wire.SERVICE, wire.METHOD_SUBMIT, submit)
+            await client.call(wire.SERVICE, wire.METHOD_SUBMIT, submit, metadata=own_token(sched))
     assert info.value.code == StatusCode.UNAVAILABLE
     assert expected in info.value.message
     assert fake.submits == 1
@@ -243,10 +251,12 @@ async def test_a_function_the_worker_lost_is_registered_again() -> None:
         connect(sched.addresses[0]) as client,
     ):
         await eventually(lambda: len(sched.pool.registry) == 1, "the worker known")
-        await client.call(wire.SERVICE, wire.METHOD_REGISTER, registration)
+        await client.call(
+            wire.SERVICE, wire.METHOD_REGISTER, registration, metadata=own_token(sched)
+        )
         submit = wire.encode(wire.Submit("t1", digest, "len"))
         with pytest.raises(RPCError) as info:
-            await client.call(wire.SERVICE, wire.METHOD_SUBMIT, submit)
+            await client.call(wire.SERVICE, wire.METHOD_SUBMIT, submit, metadata=own_token(sched))
     # Registered again and submitted once more; the second refusal reaches the client.
     assert fake.submits == 2
     assert info.value.reason is Reason.UNKNOWN_FUNCTION
@@ -262,9 +272,13 @@ async def test_a_task_whose_session_the_worker_lost_runs_in_the_session_made_aga
         connect(sched.addresses[0]) as client,
     ):
         session = await AgentClient(client).create_session()
-        await client.call(wire.SERVICE, wire.METHOD_REGISTER, registration)
+        await client.call(
+            wire.SERVICE, wire.METHOD_REGISTER, registration, metadata=own_token(sched)
+        )
         submit = wire.encode(wire.Submit("t1", digest, "len", session_id=session))
-        reply = wire.decode_reply(await client.call(wire.SERVICE, wire.METHOD_SUBMIT, submit))
+        reply = wire.decode_reply(
+            await client.call(wire.SERVICE, wire.METHOD_SUBMIT, submit, metadata=own_token(sched))
+        )
     assert isinstance(reply, wire.TaskDone)
     # The worker's second session, which the scheduler made when the first was lost.
     assert pickle.loads(reply.result) == fake.created == 2

@@ -889,3 +889,31 @@ def test_grant_shows_the_agent_socket_to_the_task_user(tmp_path: Path) -> None:
         assert other.sockets == [path]
         assert (os.stat(path).st_uid, os.stat(path).st_gid) == (65534, 65533)
         assert os.stat(folder).st_mode & 0o777 == 0o711  # searchable, not listable
+
+
+@needs_bwrap
+@pytest.mark.skipif(not IS_ROOT, reason="--task-user applies to a worker running as root")
+def test_the_users_default_token_is_hidden_from_tasks_too(
+    tmp_path: Path, outside_tmp: Path
+) -> None:
+    """No --token-file: the token the worker made for its user is masked like a given one.
+
+    Its runtime directory is outside /tmp (which tasks get a private one of),
+    as /run/user/UID is: without the mask a task would read the token there.
+    """
+    runtime = outside_tmp / "runtime"
+    runtime.mkdir(mode=0o700)
+    address = f"unix://{tmp_path / 'worker.sock'}"
+    argv = worker_argv(
+        "-a", address, "--backend", "noop", "--no-announce", "--pool-size", "1",
+        "--task-user", "root",
+    )  # fmt: skip
+    daemon, address = start_daemon(argv, env={"XDG_RUNTIME_DIR": str(runtime)})
+    try:
+        path = runtime / "vaccelray" / "token"
+        assert path.read_text().strip()  # the worker made it there, and it is not empty
+        with vaccelray.Client(address) as client:  # its own user on a unix socket
+            outcome = client.submit(vaccelray.offload(attack), daemon.pid, str(path), True)
+            assert outcome.result(timeout=120)["token"] == "read:"
+    finally:
+        daemon.stop()

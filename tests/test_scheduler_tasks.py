@@ -27,6 +27,7 @@ from tests.clusters import serving_scheduler
 from tests.processes import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
 from tests.test_offload_api import Custom, add, raises, session_used, sleeps
 from tests.test_scheduler_routing import config, wait_until
+from vaccelray.auth import daemon_token
 from vaccelray.client import Client
 from vaccelray.client.remote import function_spec
 from vaccelray.scheduler import Scheduler, run_scheduler
@@ -329,16 +330,39 @@ async def test_functions_are_registered_again_where_they_were_lost(
 
 
 async def test_a_scheduler_with_a_token_asks_for_it(workers: list[tuple[Proc, str]]) -> None:
-    async with cluster(workers, token="s3cret") as (sched, client):
+    token, _ = daemon_token()  # the workers': this user's default token
+    async with cluster(workers, token=token) as (sched, client):
         assert await client.submit(add, 1, 2) == 3
         stranger = await anyio.to_thread.run_sync(
             functools.partial(Client, sched.addresses[0], token="wrong")
         )
         try:
-            with pytest.raises(vaccelray.AuthenticationError, match="wrong cluster token"):
+            with pytest.raises(vaccelray.AuthenticationError) as info:
                 await stranger.submit(add, 1, 2)
+            assert str(info.value) == (
+                f"add refused: scheduler {sched.addresses[0]}: wrong cluster token: present "
+                "this scheduler's token with --token-file FILE or VACCELRAY_TOKEN"
+            )
         finally:
             await anyio.to_thread.run_sync(stranger.shutdown)
+
+
+async def test_workers_refusing_the_schedulers_token_blame_the_scheduler(
+    workers: list[tuple[Proc, str]],
+) -> None:
+    # The client's token is right for the scheduler, which never passes it on: its own
+    # (not the workers') is what the workers see.
+    async with cluster(workers, token="not the workers' token") as (sched, client):
+        with pytest.raises(vaccelray.AuthenticationError) as info:
+            await client.submit(add, 1, 2)
+    worker = re.escape(workers[0][1]) + "|" + re.escape(workers[1][1])
+    assert re.fullmatch(
+        f"add refused: scheduler {re.escape(sched.addresses[0])}: worker ({worker}) refused "
+        r"the scheduler's own credential \(worker \1: wrong cluster token: present this "
+        r"worker's token with --token-file FILE or VACCELRAY_TOKEN\); give the scheduler the "
+        r"workers' cluster token: vaccelray scheduler --token-file FILE \(or VACCELRAY_TOKEN\)",
+        str(info.value),
+    ), str(info.value)
 
 
 def test_init_with_the_scheduler_address_offloads(workers: list[tuple[Proc, str]]) -> None:

@@ -31,7 +31,7 @@ from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
 from vaccelray.testing import connected_client
 from vaccelray.transport.client import Client, client_from_socket
-from vaccelray.transport.server import Method, Server, Service
+from vaccelray.transport.server import Method, Origin, Server, Service
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.noop import NOOP_TAG, NoopBackend
 from vaccelray.worker.pool import Pool
@@ -111,7 +111,10 @@ class Harness:
 
 @asynccontextmanager
 async def task_service(
-    size: int = 1, check: TokenCheck | None = None, backend: NoopBackend | None = None
+    size: int = 1,
+    check: TokenCheck | None = None,
+    backend: NoopBackend | None = None,
+    origin: Origin | None = None,
 ) -> AsyncIterator[Harness]:
     backend = backend or NoopBackend()
     backend.start()
@@ -119,13 +122,17 @@ async def task_service(
     try:
         async with Pool(size) as pool:
             service = TaskService(pool, agent, check or TokenCheck())
-            async with connected_client([service.service(), *agent.services()]) as (
+            async with connected_client([service.service(), *agent.services()], origin=origin) as (
                 client,
                 server,
             ):
                 yield Harness(client, service, pool, agent, server)
     finally:
         backend.close()
+
+
+#: A caller on another host, as the server sees it.
+REMOTE = Origin("tcp://10.1.2.3:8194", loopback=False)
 
 
 def getpid() -> int:
@@ -327,7 +334,7 @@ async def test_requirements_are_checked_before_running() -> None:
 
 
 async def test_every_method_asks_for_the_token() -> None:
-    async with task_service(check=TokenCheck("s3cret", required=True)) as h:
+    async with task_service(check=TokenCheck("s3cret", required=True), origin=REMOTE) as h:
         digest = hashlib.sha256(b"x").hexdigest()
         calls = [
             (wire.METHOD_REGISTER, wire.RegisterFunction(digest, "x", b"x")),
@@ -421,7 +428,7 @@ async def test_run_task_service_serves_tasks_that_reach_the_workers_backend() ->
                 *(s.name for s in services),
                 wire.SERVICE,
             ]
-            async with connected_client(rt.services) as (client, _):
+            async with connected_client(rt.services, origin=REMOTE) as (client, _):
                 # The vAccel agent asks for the token too; other services do not.
                 with pytest.raises(RPCError) as info:
                     await AgentClient(client).create_session()
@@ -434,7 +441,7 @@ async def test_run_task_service_serves_tasks_that_reach_the_workers_backend() ->
         async with run_task_service(agent, services, ["tcp://10.1.2.3:9"]) as rt:
             assert rt.tasks is not None
             assert rt.tasks.pool.size == default_pool_size()
-            async with connected_client(rt.services) as (client, _):
+            async with connected_client(rt.services, origin=REMOTE) as (client, _):
                 # Reachable from other hosts and no token: no task is accepted...
                 with pytest.raises(RPCError) as info:
                     await client.call(

@@ -49,6 +49,17 @@ DEFAULT_RUN_TIMEOUT = 300.0
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
+def _octal_mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """File permissions given in octal (``600``, ``0660``)."""
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise click.BadParameter(f"{value!r} is not an octal mode from 000 to 777")
+    return mode
+
+
 def _setup_logging(level: str, daemon: str | None = None) -> None:
     """Log to stderr at *level*; a *daemon*'s life-cycle logger stays at INFO.
 
@@ -475,13 +486,28 @@ def task_sandbox_options(command: _F) -> _F:
     "--token-file",
     type=click.Path(dir_okay=False),
     metavar="PATH",
-    help="File holding the cluster token callers of the task service must present "
-    "(else VACCELRAY_TOKEN). Required to accept tasks on a non-loopback address.",
+    help="File (mode 0600) holding the cluster token callers of the task service must "
+    "present, else VACCELRAY_TOKEN, else the user's default token (made at first start; "
+    "its own user's clients find it). Unix socket peers of the same user need none.",
 )
 @click.option(
     "--protect-vaccel",
     is_flag=True,
     help="Ask the cluster token of vAccel agent calls too (open by default).",
+)
+@click.option(
+    "--allow-exec",
+    is_flag=True,
+    help="Serve vAccel requests that load a library (exec genops) to other hosts too "
+    "(by default only to loopback and unix socket callers).",
+)
+@click.option(
+    "--socket-mode",
+    default="600",
+    callback=_octal_mode,
+    show_default=True,
+    metavar="MODE",
+    help="Permissions of unix socket files the worker listens on (octal).",
 )
 @click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="PEM", help="Serve TLS.")
 @click.option(
@@ -509,6 +535,8 @@ def worker(
     task_timeout: float,
     token_file: str | None,
     protect_vaccel: bool,
+    allow_exec: bool,
+    socket_mode: int,
     tls_cert: str | None,
     tls_key: str | None,
     max_connections: int | None,
@@ -541,6 +569,8 @@ def worker(
         max_queued_per_connection=max_queued_per_connection,
         task_timeout=task_timeout,
         protect_vaccel=protect_vaccel,
+        allow_exec=allow_exec,
+        socket_mode=socket_mode,
         tls_cert=tls_cert,
         tls_key=tls_key,
         max_connections=max_connections,
@@ -639,7 +669,7 @@ def classify(
     A progress bar is shown on a terminal when the results go elsewhere.
     """
     from vaccelray.addressing import resolve_address
-    from vaccelray.auth import load_token
+    from vaccelray.auth import client_token
     from vaccelray.classify import Classified, classify_images
 
     _setup_logging(log_level)
@@ -650,8 +680,13 @@ def classify(
         except OSError as exc:
             _fail(f"cannot read image {path}: {exc.strerror or exc}", EXIT_USAGE)
     target = resolve_address(address)
+    token = None
     if target is not None:
         _check_endpoint(target)
+        try:  # for a --protect-vaccel worker: classification is open otherwise
+            token = client_token(target)
+        except VaccelrayError as exc:
+            _fail(str(exc), EXIT_USAGE)
     show_bar = len(payloads) > 3 and sys.stderr.isatty() and not sys.stdout.isatty()
     failed = 0
     with click.progressbar(
@@ -685,7 +720,7 @@ def classify(
                     concurrency=concurrency,
                     top_k=top_k,
                     on_result=report,
-                    token=load_token(),
+                    token=token,
                     retries=retries,
                 )
             )
@@ -732,7 +767,8 @@ def _parse_arg(text: str) -> object:
     "--token-file",
     type=click.Path(dir_okay=False),
     metavar="PATH",
-    help="File holding the cluster token (else VACCELRAY_TOKEN).",
+    help="File (mode 0600) holding the cluster token, else VACCELRAY_TOKEN, else (to a "
+    "loopback TCP address) your default token.",
 )
 @click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
 def run(
@@ -831,9 +867,9 @@ there; when that worker is lost, the session is re-created on another one
 (calls in flight at that moment fail with UNAVAILABLE). Offloaded tasks
 ('vaccelray.init(address)') go to the least-loaded capable worker; a
 task lost with its worker is answered UNAVAILABLE and retried by the
-client. Off loopback, tasks need the cluster token (--token-file or
-VACCELRAY_TOKEN), which the scheduler passes on to workers. Stops
-gracefully on SIGINT/SIGTERM.
+client. Tasks need the cluster token (--token-file or VACCELRAY_TOKEN;
+without one, the user's default token), which the scheduler checks itself
+and presents to the workers as its own. Stops gracefully on SIGINT/SIGTERM.
 
 \b
 Workers: --worker ENDPOINT (repeatable), plus those announced with
@@ -879,7 +915,23 @@ health-checked twice a second; one that does not answer leaves routing.
     "--token-file",
     type=click.Path(dir_okay=False),
     metavar="PATH",
-    help="File holding the cluster token task callers must present (else VACCELRAY_TOKEN).",
+    help="File (mode 0600) holding the cluster token: task callers present it, and the "
+    "scheduler presents it to workers. Else VACCELRAY_TOKEN, else the user's default token "
+    "(presented to loopback TCP workers only).",
+)
+@click.option(
+    "--allow-exec",
+    is_flag=True,
+    help="Forward vAccel requests that load a library (exec genops) from other hosts too "
+    "(by default only from loopback and unix socket callers).",
+)
+@click.option(
+    "--socket-mode",
+    default="600",
+    callback=_octal_mode,
+    show_default=True,
+    metavar="MODE",
+    help="Permissions of unix socket files the scheduler listens on (octal).",
 )
 @max_message_size_option
 @grace_option
@@ -894,6 +946,8 @@ def scheduler(
     health_interval: float,
     health_timeout: float,
     token_file: str | None,
+    allow_exec: bool,
+    socket_mode: int,
     max_message_size: int,
     grace: float,
     max_connections: int | None,
@@ -918,6 +972,8 @@ def scheduler(
         health_interval=health_interval,
         health_timeout=health_timeout,
         token=_load_token(token_file),
+        allow_exec=allow_exec,
+        socket_mode=socket_mode,
         max_message_size=max_message_size,
         grace=grace,
         max_connections=max_connections,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,8 @@ async def embedded_worker(
 
     *pool_size* 0 starts no task pool (for callers that only use the vAccel agent).
     Its pool processes run the caller's own code: no sandbox, the limits only.
+    The worker's token (``worker.config.token``) is made here and kept in
+    memory: its client presents it, no token file is read or made.
     """
     with tempfile.TemporaryDirectory(prefix="vaccelray-") as tmp:
         address = f"unix://{Path(tmp) / 'worker.sock'}"
@@ -30,6 +33,7 @@ async def embedded_worker(
             grace=1.0,
             pool_size=pool_size,
             sandbox=SandboxConfig(mode="embedded"),
+            token=secrets.token_urlsafe(32),
         )
         async with run_worker(config) as worker:
             yield worker

@@ -51,9 +51,20 @@ def build_double(generation: str, outdir: Path, cc: str | None = None) -> Double
     real = outdir / f"libvaccel.so.{version}"
     flags = ["-std=c11", "-O1", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror", "-shared"]
     subprocess.run(
-        [cc, *flags, f"-DVDOUBLE_ABI={abi}", f"-Wl,-soname,{soname}",
-         "-o", str(real), str(HERE / "libvaccel_double.c"), "-ldl", "-lpthread"],
-        check=True, capture_output=True, text=True,
+        [
+            cc,
+            *flags,
+            f"-DVDOUBLE_ABI={abi}",
+            f"-Wl,-soname,{soname}",
+            "-o",
+            str(real),
+            str(HERE / "libvaccel_double.c"),
+            "-ldl",
+            "-lpthread",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (outdir / "libvaccel.so").symlink_to(real.name)
     (outdir / soname).symlink_to(real.name)
@@ -65,6 +76,8 @@ def build_double(generation: str, outdir: Path, cc: str | None = None) -> Double
     link = [f"-L{outdir}", "-l:" + soname]
     subprocess.run(
         [cc, *flags, "-o", str(plugin), str(HERE / "plugin_double.c"), *link],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return DoubleBuild(generation, version, outdir, outdir / "libvaccel.so", plugin)

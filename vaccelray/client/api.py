@@ -23,7 +23,7 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from vaccelray.addressing import resolve_address
-from vaccelray.auth import client_ssl_context, load_token
+from vaccelray.auth import client_ssl_context, client_token
 from vaccelray.client.core import Core
 from vaccelray.client.refs import TaskRef
 from vaccelray.client.remote import Options, RemoteFunction, function_spec
@@ -83,7 +83,9 @@ class Client:
     *address*: explicit, else ``VACCELRAY_ADDRESS`` (then the vAccel
     variables, see ``vaccelray.addressing``), else an embedded worker is
     started in this process (on a private unix socket, with *backend*).
-    *token*: the cluster token, else ``VACCELRAY_TOKEN``.
+    *token*: the cluster token, else ``VACCELRAY_TOKEN``, else (to a TCP
+    loopback address) the user's default token (see :mod:`vaccelray.auth`);
+    the embedded worker hands its client a token of its own.
     *tls*: True (system CAs), a CA file, or an SSLContext, for a worker
     serving TLS. Use as a context manager, or call :meth:`shutdown`.
     """
@@ -101,7 +103,8 @@ class Client:
         self.requested_address = address
         target = resolve_address(address)
         ssl = client_ssl_context(tls)
-        token = load_token(token)
+        if target is not None:
+            token = client_token(target, token)
         self._thread = _LoopThread()
         self._worker_cm: Any = None
         try:
@@ -114,6 +117,7 @@ class Client:
                 )
                 worker = self._worker_cm.__enter__()
                 target = worker.addresses[0]
+                token = worker.config.token  # in memory only: no file to find
             self._core: Core = self._thread.call(
                 functools.partial(
                     Core.open,

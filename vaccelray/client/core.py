@@ -493,9 +493,8 @@ class Core:
             return await conn.call_rpc(rpc, request, timeout=timeout, metadata=self.metadata)
         except RPCError as exc:
             if exc.code == StatusCode.UNAUTHENTICATED:
-                raise AuthenticationError(
-                    f"{self.address} refused {rpc.method}: {exc.message}"
-                ) from None
+                # The message names the hop that refused and the fix.
+                raise AuthenticationError(f"{rpc.method} refused: {exc.message}") from None
             raise
 
     async def create_session(self, flags: int = 0, timeout: float | None = 30.0) -> int:
@@ -583,7 +582,7 @@ def _rpc_failure(exc: RPCError, name: str, options: Options) -> BaseException:
     if code == StatusCode.FAILED_PRECONDITION:
         return CapabilityError(exc.message, task=name)
     if code == StatusCode.UNAUTHENTICATED:
-        return AuthenticationError(f"the worker refused {name}: {exc.message}")
+        return AuthenticationError(f"{name} refused: {exc.message}")
     if code == StatusCode.CANCELLED:
         return TaskCancelledError(f"{name} was cancelled on the worker", task=name)
     if code == StatusCode.UNIMPLEMENTED:

@@ -76,7 +76,10 @@ class GetTimeoutError(VaccelrayError, TimeoutError):
 
 
 class AuthenticationError(VaccelrayError):
-    """The worker refused the call: the cluster token is missing or wrong."""
+    """A worker or scheduler refused the call: the credential is missing or wrong.
+
+    The message names the hop that refused (``worker tcp://...``) and the fix.
+    """
 
 
 class SerializationError(VaccelrayError, TypeError):

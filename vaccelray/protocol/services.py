@@ -18,6 +18,7 @@ a future by the scheduler.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Protocol, TypeVar
@@ -128,6 +129,9 @@ class Rpc(Generic[Req, Rep]):
     resource_field: int | None = None
     #: What that resource is called when it is unknown: ``Unknown PyTorch model N``.
     resource_noun: str = "resource"
+    #: Says whether a decoded request loads a library (exec): refused off loopback unless
+    #: the daemon allows it (``vaccelray.auth.ExecPolicy``); None: it never does.
+    loads_library: Callable[[Req], bool] | None = None
 
     def check(self, request: Req, limit: int) -> None:
         """Apply :attr:`limits` (RESOURCE_EXHAUSTED past *limit*); nothing when it has none."""
@@ -173,14 +177,39 @@ def _session_rpc(
     limits: Callable[[Any, int], None] | None = None,
     *,
     model: str | None = None,
+    loads_library: Callable[[Any], bool] | None = None,
 ) -> Rpc[_P, _Q]:
     """A method of a session; *model* names what its ``model_id`` field holds."""
     codec = ProtoCodec(request)
-    session = codec.field_number("session_id")
-    if model is None:
-        return Rpc(_AGENT, method, codec, ProtoCodec(reply), session, limits)
-    resource = codec.field_number("model_id")
-    return Rpc(_AGENT, method, codec, ProtoCodec(reply), session, limits, resource, model)
+    return Rpc(
+        _AGENT,
+        method,
+        codec,
+        ProtoCodec(reply),
+        codec.field_number("session_id"),
+        limits,
+        resource_field=None if model is None else codec.field_number("model_id"),
+        resource_noun=model or "resource",
+        loads_library=loads_library,
+    )
+
+
+#: vAccel's operation numbers that run a function of a shared library a client names:
+#: ``VACCEL_EXEC`` and ``VACCEL_EXEC_WITH_RESOURCE``.
+EXEC_OPS: Final = frozenset({7, 20})
+
+
+def genop_loads_library(request: pb.GenopRequest) -> bool:
+    """Whether a Genop is an exec (its first read argument, the op, is one of EXEC_OPS).
+
+    An op that cannot be read counts as an exec: the backend refuses it anyway.
+    """
+    if not request.read_args:
+        return False
+    buf = request.read_args[0].buf
+    if len(buf) not in (4, 8):
+        return True
+    return int.from_bytes(buf, sys.byteorder) in EXEC_OPS
 
 
 # -- the vAccel agent ------------------------------------------------------------------
@@ -198,7 +227,13 @@ DESTROY_SESSION: Final = _session_rpc("DestroySession", pb.DestroySessionRequest
 IMAGE_CLASSIFICATION: Final = _session_rpc(
     "ImageClassification", pb.ImageClassificationRequest, pb.ImageClassificationResponse
 )
-GENOP: Final = _session_rpc("Genop", pb.GenopRequest, pb.GenopResponse, check_declared_sizes)
+GENOP: Final = _session_rpc(
+    "Genop",
+    pb.GenopRequest,
+    pb.GenopResponse,
+    check_declared_sizes,
+    loads_library=genop_loads_library,
+)
 REGISTER_RESOURCE: Final = _session_rpc(
     "RegisterResource",
     pb.RegisterResourceRequest,

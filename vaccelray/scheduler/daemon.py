@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from vaccelray.auth import TokenCheck, protect
+from vaccelray.auth import ExecPolicy, TokenCheck, daemon_token, protect
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.forwarding import AgentForwarder
 from vaccelray.scheduler.health import HealthChecker
@@ -19,7 +19,7 @@ from vaccelray.scheduler.pool import WorkerPool
 from vaccelray.scheduler.sessions import SessionLimits, SessionTable
 from vaccelray.scheduler.status import ClusterView
 from vaccelray.scheduler.tasks import DEFAULT_FUNCTION_CACHE_BYTES, TaskRouter
-from vaccelray.transport.endpoints import ListenError
+from vaccelray.transport.endpoints import SOCKET_MODE, ListenError
 from vaccelray.transport.server import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -57,10 +57,13 @@ class SchedulerConfig:
     grace: float = 5.0
     #: Bytes of pickled functions kept for registering them on workers.
     function_cache_bytes: int = DEFAULT_FUNCTION_CACHE_BYTES
-    #: The cluster token callers of the task service must present; as on a worker, it
-    #: is required on every listener when set, and tasks are refused on a non-loopback
-    #: listener without one (the scheduler would open loopback workers to the network).
+    #: The cluster token callers of the task service must present, and the scheduler
+    #: presents to workers; None: the user's default token (see ``vaccelray.auth``).
     token: str | None = field(default=None, repr=False)
+    #: Forward vAccel requests that load a library (exec) from other hosts too.
+    allow_exec: bool = False
+    #: Permissions of the scheduler's unix socket files (its own user only by default).
+    socket_mode: int = SOCKET_MODE
     #: Connections served at once; None derives it from the descriptor limit, 0 = no cap.
     max_connections: int | None = None
     #: Seconds a frame may take to arrive once begun (0: no limit).
@@ -102,8 +105,12 @@ async def run_scheduler(
     served on the same listeners, next to the vAccel agent routing
     (:class:`AgentForwarder`) and the task service (:class:`TaskRouter`).
     """
+    token, token_path = daemon_token(config.token)
     pool = WorkerPool(
-        connect_timeout=config.health_timeout, max_message_size=config.max_message_size
+        connect_timeout=config.health_timeout,
+        max_message_size=config.max_message_size,
+        token=token,
+        token_is_default=token_path is not None,
     )
     for address in config.workers:
         pool.registry.add_static(address)
@@ -112,10 +119,14 @@ async def run_scheduler(
         async with anyio.create_task_group() as tg:
             table = SessionTable(pool, tg, config.limits)
             view = ClusterView(pool, table)
-            agent = AgentForwarder(table, max_message_size=config.max_message_size)
+            agent = AgentForwarder(
+                table,
+                max_message_size=config.max_message_size,
+                exec_policy=ExecPolicy(config.allow_exec, hop="scheduler"),
+            )
             tasks = TaskRouter(pool, table, tg, cache_bytes=config.function_cache_bytes)
             task_services = protect(
-                [tasks.service()], TokenCheck.for_addresses(config.addresses, config.token)
+                [tasks.service()], TokenCheck(token, hop="scheduler", token_path=token_path)
             )
             with anyio.move_on_after(config.health_timeout + 0.5):
                 async with anyio.create_task_group() as first:
@@ -143,7 +154,9 @@ async def run_scheduler(
                 idle_timeout=config.idle_timeout,
                 holds_state=table.holds_state,
                 max_inflight_per_connection=config.max_inflight,
+                socket_mode=config.socket_mode,
             ) as server:
+                pool.hop = f"scheduler {server.addresses[0]}"
                 for address in server.addresses:
                     log.info("Listening on %s", address)
                 try:

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
+from vaccelray.auth import ExecPolicy
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import unknown_resource
@@ -71,11 +72,17 @@ class AgentForwarder:
     """
 
     def __init__(
-        self, table: SessionTable, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+        self,
+        table: SessionTable,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        exec_policy: ExecPolicy | None = None,
     ) -> None:
         self.table = table
         self.max_message_size = max_message_size
         self.loop = asyncio.get_running_loop()  # made on the loop it serves
+        #: Where requests that load a library may come from (checked before forwarding).
+        self.exec_policy = exec_policy or ExecPolicy(hop="scheduler")
 
     def services(self) -> list[Service]:
         own: dict[Rpc[Any, Any], Method] = {
@@ -105,12 +112,16 @@ class AgentForwarder:
         table, limit = self.table, self.max_message_size
         field = rpc.session_field
         assert field is not None
-        check = rpc.limits is not None
+        check = rpc.limits is not None or rpc.loads_library is not None
+        loads_library, policy = rpc.loads_library, self.exec_policy
         resource_field = rpc.resource_field
 
         def forward(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
             if check:
-                rpc.check(rpc.request.decode(payload), limit)
+                request = rpc.request.decode(payload)
+                rpc.check(request, limit)
+                if loads_library is not None and loads_library(request):
+                    policy.check(ctx, f"{rpc.method} (exec)")
             try:
                 session_id = read_varint_field(payload, field)
                 resource_id = (
@@ -239,7 +250,6 @@ class _Forward(asyncio.Future[bytes]):
                 self._rewrite(binding),
                 self._answered,
                 timeout=ctx.time_left(),
-                metadata=ctx.metadata,
                 expire=False,  # the server cancels this future at the caller's deadline
             )
             if started is not None:

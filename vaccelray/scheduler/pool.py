@@ -12,6 +12,10 @@ too: ``pick(op)`` then ``call(address, ...)``; on ``WorkerUnavailable`` with
 :meth:`WorkerPool.start` is the same call without a task: started from the
 loop on an open connection, answered through a callback (the scheduler's
 forwarding of session calls, its busiest path).
+
+Every call presents the scheduler's own credential (:meth:`WorkerPool.credential`),
+never its client's; a worker refusing it is reported as the scheduler's
+problem, naming the scheduler (:attr:`WorkerPool.hop`) and the fix.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
-from vaccelray.errors import ConnectError, TransportError, VaccelrayError
+from vaccelray.auth import METADATA_KEY, is_loopback, token_metadata
+from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError, VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.registry import Change, Registry, WorkerRecord
 from vaccelray.transport.client import Client, Outcome, PendingCall, open_client
@@ -67,6 +72,8 @@ class StartedCall:
             outcome = WorkerUnavailable(
                 address, f"connection to {address} lost: {outcome}", sent=True
             )
+        elif isinstance(outcome, RPCError) and outcome.code == StatusCode.UNAUTHENTICATED:
+            outcome = pool.refused(address, outcome)
         self._callback(outcome)
 
     def cancel(self) -> None:
@@ -84,8 +91,17 @@ class WorkerPool:
         *,
         connect_timeout: float = 1.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        token: str | None = None,
+        token_is_default: bool = False,
     ) -> None:
         self.registry = registry or Registry()
+        #: The token the scheduler presents to workers; the user's default one
+        #: (*token_is_default*) only to loopback TCP workers (it never leaves the host).
+        self.token = token
+        self.token_is_default = token_is_default
+        self._credentials: dict[str, tuple[tuple[str, str], ...]] = {}
+        #: Names the scheduler in what it says of workers refusing it ("scheduler tcp://...").
+        self.hop = "scheduler"
         self.connect_timeout = connect_timeout
         #: The scheduler's own limit: what it accepts from clients it must accept from workers.
         self.max_message_size = max_message_size
@@ -142,6 +158,37 @@ class WorkerPool:
             self._close_client(address)
         for listener in self._listeners:
             listener(address, Change.DOWN)
+
+    # -- credentials -------------------------------------------------------------
+
+    def credential(self, address: str) -> tuple[tuple[str, str], ...]:
+        """The metadata the scheduler presents to the worker at *address*."""
+        found = self._credentials.get(address)
+        if found is None:
+            share = not self.token_is_default or (
+                address.startswith("tcp://") and is_loopback(address)
+            )
+            found = token_metadata(self.token) if share else ()
+            self._credentials[address] = found
+        return found
+
+    def _metadata(
+        self, address: str, metadata: Sequence[tuple[str, str]]
+    ) -> Sequence[tuple[str, str]]:
+        own = self.credential(address)
+        if not metadata:
+            return own
+        return (*own, *(m for m in metadata if m[0] != METADATA_KEY))
+
+    def refused(self, address: str, exc: RPCError) -> RPCError:
+        """What the scheduler answers when the worker at *address* refused its credential."""
+        log.warning("Worker %s refused the scheduler's credential: %s", address, exc.message)
+        return RPCError(
+            StatusCode.UNAUTHENTICATED,
+            f"{self.hop}: worker {address} refused the scheduler's own credential "
+            f"({exc.message}); give the scheduler the workers' cluster token: "
+            "vaccelray scheduler --token-file FILE (or VACCELRAY_TOKEN)",
+        )
 
     # -- connections -----------------------------------------------------------
 
@@ -223,8 +270,16 @@ class WorkerPool:
         try:
             with scope:
                 return await client.call(
-                    service, method, payload, timeout=timeout, metadata=metadata
+                    service,
+                    method,
+                    payload,
+                    timeout=timeout,
+                    metadata=self._metadata(address, metadata),
                 )
+        except RPCError as exc:
+            if exc.code == StatusCode.UNAUTHENTICATED:
+                raise self.refused(address, exc) from exc
+            raise
         except TransportError as exc:
             self.mark_down(address, f"connection lost: {exc}")
             raise WorkerUnavailable(
@@ -267,7 +322,7 @@ class WorkerPool:
                 payload,
                 call.finish,
                 timeout=timeout,
-                metadata=metadata,
+                metadata=self._metadata(address, metadata),
                 expire=expire,
             )
         except TransportError:

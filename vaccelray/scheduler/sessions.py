@@ -330,7 +330,6 @@ class SessionTable:
                     CREATE_SESSION.method,
                     CREATE_SESSION.request.encode(request),
                     timeout=ctx.time_left(),
-                    metadata=ctx.metadata,
                 )
             except WorkerUnavailable as exc:
                 last_error = str(exc)
@@ -486,7 +485,6 @@ class SessionTable:
                 method,
                 payload,
                 timeout=ctx.time_left(),
-                metadata=ctx.metadata,
             )
         except WorkerUnavailable as exc:
             if not exc.sent:
@@ -611,7 +609,6 @@ class SessionTable:
             request,
             answered,
             timeout=self.housekeeping_timeout(ctx),
-            metadata=ctx.metadata,
         )
         if started is None:  # no open connection yet: the task connects
             self._creation_ended(owner)

@@ -13,19 +13,20 @@ on one worker; the scheduler moves bytes and never unpickles anything.
     has dropped itself is answered the same way, so the client registers it
     again.
 ``Submit``
-    Goes to the least-loaded healthy worker whose backend and operations
-    fit the task, with the caller's remaining deadline and metadata (the
-    cluster token). A task that surely never reached its worker (connection
-    refused, a worker shutting down or without a task service) goes to the
-    next one. A worker lost while it had the task may or may not have run
-    it: the call ends with UNAVAILABLE naming the worker, and the client
-    retries as it does for a lost worker (up to the task's ``retries``), so
-    the scheduler never runs a task twice behind the client's back. When no
-    healthy worker could ever run the task (backend or operations missing):
-    FAILED_PRECONDITION at once; when the capable ones are all down:
-    UNAVAILABLE. A task pinned to a session (``Submit.session_id``, a
-    scheduler session) runs on the worker holding the session, with the
-    worker's own session id, with the session table's affinity and failover.
+    Goes to the least-loaded healthy worker whose backend and operations fit
+    the task, with the caller's remaining deadline and the scheduler's own
+    credential (never the caller's: see ``WorkerPool.credential``). A task
+    that surely never reached its worker (connection refused, a worker
+    shutting down or without a task service) goes to the next one. A worker
+    lost while it had the task may or may not have run it: the call ends with
+    UNAVAILABLE naming the worker, and the client retries as it does for a
+    lost worker (up to the task's ``retries``), so the scheduler never runs a
+    task twice behind the client's back. When no healthy worker could ever run
+    the task (backend or operations missing): FAILED_PRECONDITION at once;
+    when the capable ones are all down: UNAVAILABLE. A task pinned to a
+    session (``Submit.session_id``, a scheduler session) runs on the worker
+    holding the session, with the worker's own session id, with the session
+    table's affinity and failover.
 ``Cancel``
     Forwarded to the worker running the task (tasks are tracked per client
     connection while in flight); a task not yet sent anywhere just ends. A
@@ -184,7 +185,6 @@ class TaskRouter:
                     CLASSIFY.method,
                     payload,
                     timeout=ctx.time_left(),
-                    metadata=ctx.metadata,
                 )
             except WorkerUnavailable as exc:
                 last_error = f"{exc.address}: {exc}"
@@ -212,7 +212,7 @@ class TaskRouter:
             # The client went away (or the scheduler is stopping): stop the task too.
             left = ctx.time_left()
             if flight.address is not None and not flight.cancelled and (left is None or left > 0):
-                self._spawn_cancel(flight, flight.address, ctx.metadata)
+                self._spawn_cancel(flight, flight.address, ())
             raise
         finally:
             flight.done = True
@@ -345,7 +345,6 @@ class TaskRouter:
                     SUBMIT.method,
                     payload,
                     timeout=ctx.time_left(),
-                    metadata=ctx.metadata,
                 )
             except RPCError as exc:
                 if exc.reason is Reason.UNKNOWN_FUNCTION:
@@ -402,7 +401,6 @@ class TaskRouter:
                 REGISTER_FUNCTION.method,
                 function,
                 timeout=ctx.time_left(),
-                metadata=ctx.metadata,
             )
         except WorkerUnavailable as exc:
             # Registering is harmless to repeat: the task itself was not sent.
@@ -432,7 +430,7 @@ class TaskRouter:
             if flight.address is None:
                 flight.scope.cancel()
                 stopped.append(task_id)
-            elif await self._forward_cancel(flight, flight.address, ctx.metadata):
+            elif await self._forward_cancel(flight, flight.address, ()):
                 stopped.append(task_id)
         return CANCEL.reply.encode(wire.Cancelled(tuple(stopped)))
 

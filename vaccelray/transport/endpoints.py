@@ -23,6 +23,7 @@ from typing import Final, TypeAlias, TypeVar
 from vaccelray.errors import ConnectError, VaccelrayError
 
 __all__ = [
+    "SOCKET_MODE",
     "Endpoint",
     "EndpointError",
     "ListenError",
@@ -176,14 +177,21 @@ def tune_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
 
 
-def bind(endpoint: Endpoint, *, backlog: int = 512) -> tuple[socket.socket, Endpoint]:
+#: Permissions of a listening unix socket file: its owner only (connecting needs write).
+SOCKET_MODE: Final = 0o600
+
+
+def bind(
+    endpoint: Endpoint, *, backlog: int = 512, mode: int = SOCKET_MODE
+) -> tuple[socket.socket, Endpoint]:
     """A listening, non-blocking socket on *endpoint* and the endpoint it really bound.
 
     Port 0 is resolved to the port the kernel chose. At a unix socket path, a
     stale socket file (no server accepts on it) is replaced; anything else
     found there is left alone: a live socket is "in use", and a file that is
     not a socket is never removed. A failure to listen is a :class:`ListenError`
-    naming the endpoint.
+    naming the endpoint. A unix socket file gets the permissions *mode*
+    before it listens, so no one else can connect in between.
     """
     address: str | tuple[object, ...]
     if isinstance(endpoint, TcpEndpoint):
@@ -209,6 +217,8 @@ def bind(endpoint: Endpoint, *, backlog: int = 512) -> tuple[socket.socket, Endp
         if isinstance(endpoint, TcpEndpoint):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        if isinstance(endpoint, UnixEndpoint) and not endpoint.abstract:
+            os.chmod(endpoint.path, mode)
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:

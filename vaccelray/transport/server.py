@@ -33,18 +33,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import itertools
 import logging
 import os
 import resource
 import socket
+import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from math import inf
 from ssl import SSLContext
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import anyio
 import anyio.abc
@@ -58,6 +60,7 @@ from vaccelray.protocol import (
     ServerConnection,
 )
 from vaccelray.transport.endpoints import (
+    SOCKET_MODE,
     Endpoint,
     ReadBuffer,
     bind,
@@ -74,9 +77,11 @@ __all__ = [
     "DEFAULT_MAX_INFLIGHT",
     "CallContext",
     "Method",
+    "Origin",
     "Server",
     "Service",
     "default_max_connections",
+    "origin_of",
     "serve",
 ]
 
@@ -110,6 +115,58 @@ class Service:
     methods: Mapping[str, Method]
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who is at the other end of a connection, as the kernel tells it (made once per connection).
+
+    *listener*: the endpoint the connection came in on, as a client would
+    spell it (``tcp://127.0.0.1:8194``, ``unix:@name``). *loopback*: the peer
+    is on this host for sure (a unix socket, or TCP from a loopback address).
+    *uid*: the peer's user id on a unix socket (``SO_PEERCRED``), else None.
+    """
+
+    listener: str
+    loopback: bool
+    uid: int | None = None
+
+
+#: What a connection whose socket cannot be asked is: a remote peer, nothing known.
+UNKNOWN_ORIGIN: Final = Origin("?", loopback=False)
+
+
+def origin_of(sock: Any) -> Origin:
+    """The :class:`Origin` of an accepted connection's socket (asyncio's wrapper of it)."""
+    if sock is None:
+        return UNKNOWN_ORIGIN
+    try:
+        local = sock.getsockname()
+        if sock.family == socket.AF_UNIX:
+            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if isinstance(local, bytes):  # abstract: a leading NUL
+                listener = "unix:@" + local[1:].decode(errors="replace")
+            else:
+                listener = "unix://" + local
+            return Origin(listener, loopback=True, uid=uid)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            peer = sock.getpeername()
+            host = local[0]
+            listener = f"tcp://[{host}]:{local[1]}" if ":" in host else f"tcp://{host}:{local[1]}"
+            return Origin(listener, loopback=_loopback_ip(peer[0]))
+        return Origin(f"vsock://{local[0]}:{local[1]}", loopback=False)
+    except (OSError, ValueError, IndexError, struct.error):
+        return UNKNOWN_ORIGIN
+
+
+def _loopback_ip(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 @dataclass(slots=True)  # not frozen: one is built per call, and frozen init costs 5 setattrs
 class CallContext:
     """What a handler knows about its call."""
@@ -122,6 +179,8 @@ class CallContext:
     peer: str
     #: Identifies the client connection (unique per server); see ``serve(on_disconnect=)``.
     connection_id: int = 0
+    #: Where the connection came in and who is at its other end (see :class:`Origin`).
+    origin: Origin = UNKNOWN_ORIGIN
 
     def get_metadata(self, key: str) -> str | None:
         """The last value sent for *key*, or None."""
@@ -265,11 +324,14 @@ class _TaskCall:
 class _Connection(asyncio.BufferedProtocol):
     """One client connection."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, origin: Origin | None = None) -> None:
         self.server = server
+        #: Who the peer is, when the caller says so (else the socket is asked).
+        self.given_origin = origin
         self.proto = ServerConnection(server.max_message_size)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.origin = UNKNOWN_ORIGIN
         #: Calls in flight off the loop's turn (inline ones finish within it).
         self.tasks: set[_TaskCall] = set()
         self.calls: set[_FutureCall] = set()
@@ -298,6 +360,7 @@ class _Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
+        self.origin = self.given_origin or origin_of(sock)
         peer = transport.get_extra_info("peername")
         self.peer = (
             f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "local"
@@ -508,7 +571,7 @@ class _Connection(asyncio.BufferedProtocol):
             # the loop's clock is anyio's on asyncio, read without a backend lookup
             deadline = self.loop.time() + event.timeout_nano * _NS
         return CallContext(
-            event.service, event.method, event.metadata, deadline, self.peer, self.id
+            event.service, event.method, event.metadata, deadline, self.peer, self.id, self.origin
         )
 
     def _unknown(self, event: RequestReceived, now: float) -> bytes:
@@ -846,8 +909,10 @@ class Server:
                 self._idle = anyio.Event()
             await self._idle.wait()
 
-    async def _listen(self, endpoint: Endpoint, ssl: SSLContext | None = None) -> str:
-        sock, bound = bind(endpoint)
+    async def _listen(
+        self, endpoint: Endpoint, ssl: SSLContext | None = None, socket_mode: int = SOCKET_MODE
+    ) -> str:
+        sock, bound = bind(endpoint, mode=socket_mode)
         try:
             listener = _Listener(self, sock, ssl)
         except BaseException:
@@ -889,10 +954,13 @@ class Server:
         finally:
             self._starting -= 1
 
-    async def accept_socket(self, sock: socket.socket) -> None:
-        """Serve one already connected socket (one end of a ``socketpair``, say)."""
+    async def accept_socket(self, sock: socket.socket, origin: Origin | None = None) -> None:
+        """Serve one already connected socket (one end of a ``socketpair``, say).
+
+        *origin* says who the peer is (else the socket is asked, as for any connection).
+        """
         loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(lambda: _Connection(self), sock)
+        await loop.connect_accepted_socket(lambda: _Connection(self, origin), sock)
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting, let calls in flight finish within *grace* seconds, close."""
@@ -947,6 +1015,7 @@ async def serve(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     holds_state: Callable[[int], bool] | None = None,
     max_inflight_per_connection: int = DEFAULT_MAX_INFLIGHT,
+    socket_mode: int = SOCKET_MODE,
 ) -> AsyncIterator[Server]:
     """Serve *services* on *endpoints* until the block exits (then shut down gracefully).
 
@@ -954,7 +1023,8 @@ async def serve(
     connection's ``CallContext.connection_id`` when that client connection closes.
     *max_connections*, *frame_timeout*, *idle_timeout*, *holds_state* and
     *max_inflight_per_connection* limit what a client may hold (see
-    :class:`Server`; 0 disables a limit).
+    :class:`Server`; 0 disables a limit). A unix socket path is made with
+    the permissions *socket_mode* (only its owner may connect by default).
     """
     server = Server(
         services,
@@ -971,7 +1041,7 @@ async def serve(
             server._task_group = tg
             try:
                 for endpoint in endpoints:
-                    address = await server._listen(parse_endpoint(endpoint), ssl)
+                    address = await server._listen(parse_endpoint(endpoint), ssl, socket_mode)
                     server.addresses.append(address)
                 yield server
             finally:

@@ -30,6 +30,7 @@ from typing import Any, Final, Generic, TypeAlias, TypeVar
 import anyio
 import anyio.abc
 
+from vaccelray.auth import ExecPolicy
 from vaccelray.bounds import Bounds
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
@@ -188,6 +189,8 @@ class Agent:
     *max_message_size* is the limit of the transport serving it: arguments and
     blobs may declare no more than that in all, and no answer is larger.
     *limits* bound what clients may make it hold (see :class:`AgentLimits`).
+    *exec_policy* says where requests that load a library come from (default:
+    loopback and unix sockets only).
     """
 
     def __init__(
@@ -196,8 +199,10 @@ class Agent:
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         limits: AgentLimits = AgentLimits(),
+        exec_policy: ExecPolicy | None = None,
     ) -> None:
         self.backend = backend
+        self.exec_policy = exec_policy or ExecPolicy()
         self.max_message_size = max_message_size
         self.limits = limits
         self.sessions: dict[int, AgentSession] = {}
@@ -261,10 +266,13 @@ class Agent:
             rpc.check,
             self.max_message_size,
         )
+        loads_library, policy = rpc.loads_library, self.exec_policy
 
         def plan_call(payload: bytes, ctx: CallContext) -> _Plan[Any]:
             request = decode(payload)
             check(request, limit)
+            if loads_library is not None and loads_library(request):
+                policy.check(ctx, f"{name} (exec)")
             return planner(request, ctx)
 
         if not self.backend.blocking:

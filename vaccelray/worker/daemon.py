@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from vaccelray.auth import server_ssl_context
+from vaccelray.auth import ExecPolicy, daemon_token, server_ssl_context
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from vaccelray.transport.endpoints import SOCKET_MODE
 from vaccelray.transport.server import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -76,6 +77,10 @@ class WorkerConfig:
     token: str | None = field(default=None, repr=False)
     #: Ask the token of vAccel agent calls too (they are data only, open by default).
     protect_vaccel: bool = False
+    #: Serve vAccel requests that load a library (exec) to other hosts too.
+    allow_exec: bool = False
+    #: Permissions of the worker's unix socket files (its own user only by default).
+    socket_mode: int = SOCKET_MODE
     #: PEM certificate (and key) to serve TLS on every listener.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -136,11 +141,21 @@ async def run_worker(
 
     *backend* overrides ``config.backend`` with an already constructed one;
     *extra_services* are served on the same listeners (task service, health).
+    The task service asks ``config.token``, else the user's default token
+    (made if missing; see :mod:`vaccelray.auth`).
     """
+    token, token_path = config.token, None
+    if config.pool_size != 0 or config.protect_vaccel:
+        token, token_path = daemon_token(config.token)
     backend = backend or load_backend(config.backend, libvaccel=config.libvaccel)
     await _start_backend(backend)
     try:
-        agent = Agent(backend, max_message_size=config.max_message_size, limits=config.agent_limits)
+        agent = Agent(
+            backend,
+            max_message_size=config.max_message_size,
+            limits=config.agent_limits,
+            exec_policy=ExecPolicy(config.allow_exec),
+        )
         log.info("Backend: %s", backend.describe())
         info = InfoService(agent, capacity=config.capacity)
         services = [
@@ -150,7 +165,8 @@ async def run_worker(
             *extra_services,
         ]
         tls = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
-        secrets = tuple(p for p in (config.tls_cert, config.tls_key) if p)
+        # The token file too (given, or the user's default the worker made): tasks never read it.
+        secrets = tuple(str(p) for p in (config.tls_cert, config.tls_key, token_path) if p)
         sandbox = dataclasses.replace(config.sandbox, hide=(*config.sandbox.hide, *secrets))
         # A vAccel client's sessions die with its connection (released by the agent,
         # in the background of agent.running(), which outlives the server).
@@ -161,7 +177,8 @@ async def run_worker(
                 services,
                 config.addresses,
                 pool_size=config.pool_size,
-                token=config.token,
+                token=token,
+                token_path=token_path,
                 protect_vaccel=config.protect_vaccel,
                 max_message_size=config.max_message_size,
                 max_queued=config.max_queued_tasks,
@@ -181,6 +198,7 @@ async def run_worker(
                 holds_state=functools.partial(agent.holds_state, scope=_CLIENTS),
                 on_disconnect=functools.partial(agent.connection_closed, scope=_CLIENTS),
                 max_inflight_per_connection=config.max_inflight,
+                socket_mode=config.socket_mode,
             ) as server,
             anyio.create_task_group() as announcer,
         ):

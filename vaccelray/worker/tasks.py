@@ -268,6 +268,7 @@ async def run_task_service(
     *,
     pool_size: int | None = None,
     token: str | None = None,
+    token_path: Path | None = None,
     protect_vaccel: bool = False,
     max_message_size: int | None = None,
     max_queued: int = DEFAULT_MAX_QUEUED,
@@ -277,15 +278,17 @@ async def run_task_service(
 ) -> AsyncIterator[TaskRuntime]:
     """Start the pool and its private agent socket; yield *services* plus the task service.
 
-    The token check follows *addresses* (see :class:`vaccelray.auth.TokenCheck`);
-    with *protect_vaccel* the vAccel agent services among *services* check it
-    too. *pool_size* 0 serves no task service; None is one process per CPU.
+    Task callers present *token* (*token_path*: the default token's file, named
+    in refusals), or are the worker's own user on a unix socket (see
+    :class:`vaccelray.auth.TokenCheck`); with *protect_vaccel* the vAccel
+    agent services among *services* check it too. *pool_size* 0 serves no
+    task service; None is one process per CPU.
     *max_queued*, *max_queued_per_connection* and *task_timeout*: see
     :class:`TaskService`. Pool processes run as *sandbox* says (by default
     sandboxed: :class:`~vaccelray.worker.sandbox.SandboxUnavailable` is raised
     when the host cannot).
     """
-    check = TokenCheck.for_addresses(addresses, token)
+    check = TokenCheck(token, token_path=token_path)
     if protect_vaccel:
         agent_services = [s for s in services if s.name in SERVICE_NAMES]
         others = [s for s in services if s.name not in SERVICE_NAMES]
@@ -316,6 +319,11 @@ async def run_task_service(
                     size, env={LOCAL_ADDRESS_ENV: local}, max_message_size=limit, sandbox=isolation
                 ) as pool:
                     log.info("Task pool: %d processes", size)
+                    log.info(
+                        "Tasks need the cluster token%s, or uid %d (or root) on a unix socket",
+                        f" (the user's default, in {token_path})" if token_path else "",
+                        check.uid,
+                    )
                     tasks = TaskService(
                         pool,
                         agent,
