@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -95,7 +96,14 @@ def attack(daemon: int, token_path: str, kill: bool) -> dict[str, str]:
             return errno.errorcode.get(exc.errno or 0, str(exc))
         return "ok" if result is None else str(result)
 
+    def write_tmp() -> None:  # the private /tmp is the task's to write
+        path = f"/tmp/vaccelray-attack-{os.getpid()}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(path)
+
     outcome = {
+        "tmp": _attempt(write_tmp),
         "stop": _attempt(lambda: os.kill(daemon, signal.SIGSTOP)),
         "token": _attempt(read_token),
         "mem": _attempt(read_memory),
@@ -210,6 +218,7 @@ def test_a_sandboxed_task_cannot_reach_the_daemon(tmp_path: Path, token_file: Pa
         assert outcome["mem"] == "ENOENT"
         # The token file is covered by an empty file nobody may read.
         assert outcome["token"] == "EACCES"
+        assert outcome["tmp"] == "ok"  # while its own /tmp is writable
         if IS_ROOT:
             assert outcome["uid"] == str(_uid("nobody"))
         _assert_serves(daemon, address)
@@ -557,7 +566,7 @@ def test_the_command_line_of_a_sandbox(tmp_path: Path) -> None:
             "--ro-bind / /",
             "--dev /dev",
             "--proc /proc",
-            "--tmpfs /tmp",
+            "--perms 1777 --tmpfs /tmp",
             f"--ro-bind {data} {data}",
             f"--bind {out} {out}",
             f"--bind {tmp_path}/agent.sock {tmp_path}/agent.sock",
@@ -917,3 +926,17 @@ def test_the_users_default_token_is_hidden_from_tasks_too(
             assert outcome.result(timeout=120)["token"] == "read:"
     finally:
         daemon.stop()
+
+
+@needs_bwrap
+def test_a_token_file_given_by_a_relative_path_is_hidden(tmp_path: Path, token_file: Path) -> None:
+    """--token-file token, run from the token's directory (the README's recipe does so)."""
+    argv = worker_argv(
+        "-a", f"unix://{tmp_path / 'worker.sock'}", "--backend", "noop", "--no-announce",
+        "--pool-size", "1", "--token-file", token_file.name, "--task-user", "root",
+    )  # fmt: skip
+    proc, address = start_daemon(["sh", "-c", f"cd {token_file.parent} && exec {shlex.join(argv)}"])
+    try:  # (exec: the shell's pid is the worker's)
+        assert _run(address, attack, proc.pid, str(token_file), False)["token"] == "read:"
+    finally:
+        proc.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pwd
 import re
 import socket
 import time
@@ -34,11 +35,17 @@ from vaccelray.scheduler import Scheduler, run_scheduler
 
 pytestmark = pytest.mark.anyio
 
+_ME = pwd.getpwuid(os.getuid()).pw_name
+
 
 def task_worker_argv() -> list[str]:
+    # Unsandboxed, tasks as the test's user: they name their worker by os.getppid() (a
+    # sandbox gives them their own pid namespace) and leave marks in the test's tmp_path
+    # (a sandbox gives them their own /tmp). Sandboxing is tested in test_sandbox.py.
     return worker_argv(
-        "-a", "tcp://127.0.0.1:0", "--backend", "noop", "--no-announce", "--pool-size", "2"
-    )
+        "-a", "tcp://127.0.0.1:0", "--backend", "noop", "--no-announce", "--pool-size", "2",
+        "--unsafe-no-sandbox", "--task-user", _ME,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,6 @@ class AgentForwarder:
     ) -> None:
         self.table = table
         self.max_message_size = max_message_size
-        self.loop = asyncio.get_running_loop()  # made on the loop it serves
         #: Where requests that load a library may come from (checked before forwarding).
         self.exec_policy = exec_policy or ExecPolicy(hop="scheduler")
 
@@ -208,7 +207,7 @@ class _Forward(asyncio.Future[bytes]):
         ctx: CallContext,
         resource_id: int = 0,
     ) -> None:
-        super().__init__(loop=forwarder.loop)
+        super().__init__(loop=asyncio.get_running_loop())
         #: The scheduler's id of the resource (model) the call names, if it names one.
         self.resource_id = resource_id
         self.forwarder = forwarder

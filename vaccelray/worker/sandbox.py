@@ -308,7 +308,9 @@ class Sandbox:
         if self.bwrap is None:
             return list(argv)
         userns = () if self.user is not None else _USERNS
-        args = [self.bwrap, *userns, *_NAMESPACES, "--tmpfs", _TMP]
+        # /tmp as a system's is (1777): bwrap makes a tmpfs 0755 and root's, which the
+        # task user could not write.
+        args = [self.bwrap, *userns, *_NAMESPACES, "--perms", "1777", "--tmpfs", _TMP]
         # (path, writable, bound even where / shows it already)
         binds = [(path, False, False) for path in _needed_paths(env)]
         binds += [(mount.path, mount.writable, True) for mount in self.config.mounts]
@@ -349,7 +351,11 @@ class Sandbox:
 
     def _hide_args(self) -> list[str]:
         args: list[str] = []
-        for path in self.config.hide:
+        for given in self.config.hide:
+            # Absolute (bwrap refuses a relative place: a worker given --token-file token
+            # could start no pool process) and resolved (the file a link points to is
+            # the one to cover).
+            path = os.path.realpath(given)
             if os.path.isdir(path):
                 args += ["--perms", "0000", "--tmpfs", path]
             elif os.path.exists(path):
