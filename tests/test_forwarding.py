@@ -44,6 +44,8 @@ class Worker:
         #: The flags of each CreateSession, and each UpdateSession as it came.
         self.created: list[int] = []
         self.destroyed: list[int] = []
+        #: Answer CreateSession with bytes that are no CreateSessionResponse.
+        self.garble_create = False
         self.updates: list[pb.UpdateSessionRequest] = []
 
     def services(self) -> list[Service]:
@@ -52,6 +54,8 @@ class Worker:
 
         def create(payload: bytes, ctx: CallContext) -> bytes:
             self.created.append(pb.CreateSessionRequest.FromString(payload).flags)
+            if self.garble_create:
+                return b"\xff"
             return pb.CreateSessionResponse(session_id=WORKER_SESSION).SerializeToString()
 
         def destroy(payload: bytes, ctx: CallContext) -> bytes:
@@ -337,3 +341,15 @@ async def test_the_calls_of_one_read_reach_the_worker_in_one_write() -> None:
             future.set_result(b"")
         assert [await c.outcome() for c in calls] == [b""] * 5
         assert len(writes) == 1
+
+
+async def test_a_garbled_create_session_answer_fails_that_call_only() -> None:
+    async with cluster() as (worker, _, client, session):
+        agent = AgentClient(client)
+        worker.garble_create = True
+        with pytest.raises(RPCError) as caught:
+            await agent.create_session()
+        assert caught.value.code == StatusCode.INVALID_ARGUMENT
+        assert "undecodable CreateSessionResponse" in caught.value.message
+        worker.garble_create = False
+        assert await agent.create_session() != session  # the connections serve on

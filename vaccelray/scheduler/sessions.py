@@ -581,15 +581,19 @@ class SessionTable:
 
         def answered(outcome: Outcome) -> None:
             if isinstance(outcome, bytes):
-                worker_session = int(CREATE_SESSION.reply.decode(outcome).session_id)
-                session = RoutedSession(next(self._session_ids), owner, flags, ops)
-                session.binding = Binding(address, instance, worker_session)
-                self.pool.registry.session_bound(address)
-                self._created(session)
-                self._creation_ended(owner)
-                if not reply.done():  # else the caller went away: its connection's end drops it
-                    reply.set_result(_created_reply(session.id))
-                return
+                try:
+                    worker_session = int(CREATE_SESSION.reply.decode(outcome).session_id)
+                except RPCError as exc:  # garbled: the caller's error (a callback must not raise)
+                    outcome = exc
+                else:
+                    session = RoutedSession(next(self._session_ids), owner, flags, ops)
+                    session.binding = Binding(address, instance, worker_session)
+                    self.pool.registry.session_bound(address)
+                    self._created(session)
+                    self._creation_ended(owner)
+                    if not reply.done():  # else the caller left: its connection's end drops it
+                        reply.set_result(_created_reply(session.id))
+                    return
             self._creation_ended(owner)
             if reply.done():
                 return
