@@ -24,7 +24,7 @@ from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
 from vaccelray.protocol.services import UPDATE_SESSION
-from vaccelray.scheduler import Change, SchedulerConfig
+from vaccelray.scheduler import Change, SchedulerConfig, SessionLimits
 from vaccelray.scheduler.daemon import Scheduler
 from vaccelray.transport import connect
 from vaccelray.transport.client import Client, Outcome
@@ -111,11 +111,22 @@ class Call:
     """A Genop sent now; the test awaits its outcome (the payload, or the error)."""
 
     def __init__(
-        self, client: Client, request: bytes, *, service: str = SERVICE_NAMES[0], **kw: Any
+        self,
+        client: Client,
+        request: bytes,
+        *,
+        service: str = SERVICE_NAMES[0],
+        method: str = "Genop",
+        **kw: Any,
     ) -> None:
         self._done = anyio.Event()
         self._outcome: Outcome = b""
-        client.start_call(service, "Genop", request, self._finish, **kw)
+        client.start_call(service, method, request, self._finish, **kw)
+
+    @classmethod
+    def create(cls, client: Client, request: bytes, **kw: Any) -> Call:
+        """A CreateSession sent now."""
+        return cls(client, request, method="CreateSession", **kw)
 
     def _finish(self, outcome: Outcome) -> None:
         self._outcome = outcome
@@ -353,3 +364,15 @@ async def test_a_garbled_create_session_answer_fails_that_call_only() -> None:
         assert "undecodable CreateSessionResponse" in caught.value.message
         worker.garble_create = False
         assert await agent.create_session() != session  # the connections serve on
+
+
+async def test_a_create_session_with_no_time_left_holds_nothing_back() -> None:
+    """Refused before anything is sent; the connection's session count is as it was."""
+    limits = SessionLimits(max_sessions_per_connection=2)  # cluster() made one already
+    async with cluster(limits=limits) as (worker, _, client, _):
+        request = pb.CreateSessionRequest().SerializeToString()
+        outcome = await Call.create(client, request, timeout=1e-9, expire=False).outcome()
+        assert isinstance(outcome, RPCError)
+        assert outcome.code == StatusCode.DEADLINE_EXCEEDED
+        assert worker.created == [0]  # nothing reached the worker
+        await AgentClient(client).create_session()  # the second of two: room is left

@@ -606,14 +606,18 @@ class SessionTable:
                 reply.set_exception(outcome)
 
         request = CREATE_SESSION.request.encode(pb.CreateSessionRequest(flags=flags))
-        started = self.pool.start(
-            address,
-            ctx.service,
-            CREATE_SESSION.method,
-            request,
-            answered,
-            timeout=self.housekeeping_timeout(ctx),
-        )
+        try:
+            started = self.pool.start(
+                address,
+                ctx.service,
+                CREATE_SESSION.method,
+                request,
+                answered,
+                timeout=self.housekeeping_timeout(ctx),
+            )
+        except RPCError:  # no time left: nothing was sent
+            self._creation_ended(owner)
+            raise
         if started is None:  # no open connection yet: the task connects
             self._creation_ended(owner)
             self._create_later(reply, flags, ops, ctx)
