@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 from vaccelray.errors import Detail
 from vaccelray.protocol._pb import ttrpc_pb2
-from vaccelray.protocol.fields import encode_varint
+from vaccelray.protocol.fields import FieldError, decode_varint, encode_varint
 
 __all__ = [
     "EnvelopeError",
@@ -76,18 +76,6 @@ def decode_request(body: bytes) -> tuple[str, str, bytes, int, Metadata]:
     )
 
 
-def _varint_at(body: bytes, pos: int) -> tuple[int, int] | None:
-    """(value, position after it) of the varint at *pos*, None when it is cut short."""
-    value = shift = 0
-    for i in range(pos, min(len(body), pos + 10)):
-        byte = body[i]
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i + 1
-        shift += 7
-    return None
-
-
 def _payload_span(body: bytes) -> tuple[int, int, int] | None:
     """(field start, bytes start, end) of a request's payload field, else None.
 
@@ -98,24 +86,23 @@ def _payload_span(body: bytes) -> tuple[int, int, int] | None:
     """
     found = None
     pos = 0
-    while pos < len(body):
-        key = _varint_at(body, pos)
-        if key is None:
-            return None
-        tag, after = key
-        if tag & 7 == 0:  # timeout_nano
-            value = _varint_at(body, after)
-            if value is None:
+    try:
+        while pos < len(body):
+            tag, pos_after = decode_varint(body, pos)
+            if tag & 7 == 0:  # timeout_nano
+                pos = decode_varint(body, pos_after)[1]
+                continue
+            if tag & 7 != _WIRE_LEN:
                 return None
-            pos = value[1]
-            continue
-        length = _varint_at(body, after) if tag & 7 == _WIRE_LEN else None
-        if length is None or length[1] + length[0] > len(body):
-            return None
-        end = length[1] + length[0]
-        if tag == 3 << 3 | _WIRE_LEN:  # the last one wins, as in protobuf
-            found = (pos, length[1], end)
-        pos = end
+            length, start = decode_varint(body, pos_after)
+            end = start + length
+            if end > len(body):
+                return None
+            if tag == 3 << 3 | _WIRE_LEN:  # the last one wins, as in protobuf
+                found = (pos, start, end)
+            pos = end
+    except FieldError:  # a varint cut short
+        return None
     return found
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["FieldError", "encode_varint", "read_varint_field", "with_varint_field"]
+__all__ = ["FieldError", "decode_varint", "encode_varint", "read_varint_field", "with_varint_field"]
 
 _VARINT: Final = 0
 _FIXED64: Final = 1
@@ -27,8 +27,8 @@ class FieldError(ValueError):
     """The bytes are not an encoded protobuf message."""
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    """(value, position after it) of the varint at *pos*."""
+def decode_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at *pos*; FieldError when cut short."""
     value = shift = 0
     end = min(len(data), pos + 10)
     while pos < end:
@@ -61,17 +61,17 @@ def _spans(data: bytes, number: int) -> tuple[list[tuple[int, int]], int | None]
     pos, size = 0, len(data)
     while pos < size:
         start = pos
-        key, pos = _varint(data, pos)
+        key, pos = decode_varint(data, pos)
         field, wire_type = key >> 3, key & 7
         if field == 0:
             raise FieldError("field number 0")
         if wire_type == _VARINT:
-            found, pos = _varint(data, pos)
+            found, pos = decode_varint(data, pos)
             if field == number:
                 spans.append((start, pos))
                 value = found
         elif wire_type == _LEN:
-            length, pos = _varint(data, pos)
+            length, pos = decode_varint(data, pos)
             pos += length
         elif wire_type == _FIXED64:
             pos += 8
