@@ -248,8 +248,12 @@ class SessionTable:
         session.binding = None
         self.pool.registry.session_unbound(binding.address)
         if bury:
-            key = (binding.address, binding.instance)
-            self._graveyard.setdefault(key, set()).add(binding.worker_session)
+            self._bury(binding)
+
+    def _bury(self, binding: Binding) -> None:
+        """Keep *binding*'s worker session to destroy if its worker comes back."""
+        key = (binding.address, binding.instance)
+        self._graveyard.setdefault(key, set()).add(binding.worker_session)
 
     def lost(self, session: RoutedSession, binding: Binding, *, bury: bool) -> None:
         """*binding* no longer holds *session* (its worker said so, or is gone): unbind it."""
@@ -335,10 +339,10 @@ class SessionTable:
                 last_error = str(exc)
                 continue
             except RPCError as exc:
+                if not _passes_over(exc):
+                    raise
                 if exc.code == StatusCode.RESOURCE_EXHAUSTED:
                     full += 1
-                elif exc.code != StatusCode.UNAVAILABLE:
-                    raise
                 last_error = f"{address}: {exc.message}"
                 continue
             worker_session = int(CREATE_SESSION.reply.decode(reply).session_id)
@@ -598,8 +602,7 @@ class SessionTable:
             if reply.done():
                 return
             if isinstance(outcome, WorkerUnavailable) or (
-                isinstance(outcome, RPCError)
-                and outcome.code in (StatusCode.RESOURCE_EXHAUSTED, StatusCode.UNAVAILABLE)
+                isinstance(outcome, RPCError) and _passes_over(outcome)
             ):
                 self._create_later(reply, flags, ops, ctx)  # tries the other workers
             else:
@@ -714,9 +717,7 @@ class SessionTable:
         self._unbind(session, bury=False)
         self._drop_resources(session)
         if binding is not None and not self.valid(binding):
-            self._graveyard.setdefault((binding.address, binding.instance), set()).add(
-                binding.worker_session
-            )
+            self._bury(binding)
         elif binding is not None:
             self._destroy_on_worker(binding, timeout, then)
             return
@@ -730,9 +731,7 @@ class SessionTable:
 
         def answered(outcome: Outcome) -> None:
             if isinstance(outcome, WorkerUnavailable):
-                self._graveyard.setdefault((binding.address, binding.instance), set()).add(
-                    binding.worker_session
-                )
+                self._bury(binding)
             elif isinstance(outcome, RPCError) and outcome.code != StatusCode.NOT_FOUND:
                 log.warning(
                     "Destroying worker session %d on %s failed: %s",
@@ -932,6 +931,15 @@ class SessionTable:
                     HOUSEKEEPING_TIMEOUT,
                     functools.partial(self.pool.registry.session_released, address),
                 )
+
+
+def _passes_over(exc: RPCError) -> bool:
+    """Whether a worker's answer to CreateSession sends the session on to another worker.
+
+    Full (RESOURCE_EXHAUSTED) or unavailable: another worker may take it;
+    any other error is the caller's.
+    """
+    return exc.code in (StatusCode.RESOURCE_EXHAUSTED, StatusCode.UNAVAILABLE)
 
 
 def _created_reply(session_id: int) -> bytes:
