@@ -16,7 +16,7 @@ from tests.processes import Proc
 from vaccelray.auth import TokenCheck, is_loopback, load_token, token_metadata
 from vaccelray.client import Client
 from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError
-from vaccelray.protocol import tasks as wire
+from vaccelray.protocol.services import SUBMIT
 from vaccelray.transport import connect
 from vaccelray.transport.server import CallContext
 from vaccelray.worker.noop import NOOP_TAG
@@ -70,7 +70,9 @@ def test_loopback_rules() -> None:
 def test_a_check_without_token_refuses_every_token(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "vaccelray.auth")
     check = TokenCheck(None)
-    ctx = CallContext(wire.SERVICE, "Submit", token_metadata("anything"), None, "10.0.0.9:5000")
+    ctx = CallContext(
+        SUBMIT.service, SUBMIT.method, token_metadata("anything"), None, "10.0.0.9:5000"
+    )
     with pytest.raises(RPCError) as info:
         check.check(ctx)
     assert info.value.code == StatusCode.UNAUTHENTICATED
@@ -106,13 +108,11 @@ async def test_refused_before_the_payload_is_even_decoded(guarded: Proc) -> None
         for metadata in ((), token_metadata("nope")):
             with pytest.raises(RPCError) as info:
                 await conn.call(
-                    wire.SERVICE, wire.METHOD_SUBMIT, b"\xc1 not msgpack", metadata=metadata
+                    SUBMIT.service, SUBMIT.method, b"\xc1 not msgpack", metadata=metadata
                 )
             assert info.value.code == StatusCode.UNAUTHENTICATED
         with pytest.raises(RPCError) as info:
-            await conn.call(
-                wire.SERVICE, wire.METHOD_SUBMIT, b"\xc1", metadata=token_metadata(TOKEN)
-            )
+            await conn.call(SUBMIT.service, SUBMIT.method, b"\xc1", metadata=token_metadata(TOKEN))
         assert info.value.code == StatusCode.INVALID_ARGUMENT
 
 

@@ -9,16 +9,17 @@ import pytest
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import tasks as wire
+from vaccelray.protocol.services import REGISTER_FUNCTION
 
 
 def registration(name: str, size: int = 10) -> bytes:
     pickled = name.encode().ljust(size, b"x")
     digest = hashlib.sha256(pickled).hexdigest()
-    return wire.encode(wire.RegisterFunction(digest, name, pickled))
+    return REGISTER_FUNCTION.request.encode(wire.RegisterFunction(digest, name, pickled))
 
 
 def digest_of(payload: bytes) -> str:
-    return wire.decode_request(payload, wire.RegisterFunction).digest
+    return REGISTER_FUNCTION.request.decode(payload).digest
 
 
 def test_get_returns_what_was_added_and_unknown_is_not_found() -> None:
@@ -56,7 +57,7 @@ def test_one_registration_larger_than_the_limit_is_still_kept() -> None:
 
 def test_bad_registrations_are_invalid_argument() -> None:
     cache = FunctionCache(1 << 20)
-    forged = wire.encode(wire.RegisterFunction("0" * 64, "f", b"code"))
+    forged = REGISTER_FUNCTION.request.encode(wire.RegisterFunction("0" * 64, "f", b"code"))
     for payload, message in ((forged, "digest does not match"), (b"\xc1", "undecodable")):
         with pytest.raises(RPCError) as info:
             cache.add(payload)

@@ -26,6 +26,7 @@ from vaccelray.protocol._pb import reason_pb2
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
+from vaccelray.protocol.services import REGISTER_FUNCTION, SUBMIT
 from vaccelray.scheduler import Scheduler, SchedulerConfig
 from vaccelray.transport import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
@@ -125,15 +126,15 @@ class FakeWorker:
             return pb.ImageClassificationResponse(tags=b"fake tag").SerializeToString()
 
         def register(payload: bytes, ctx: CallContext) -> bytes:
-            request = wire.decode_request(payload, wire.RegisterFunction)
-            return wire.encode(wire.Registered(request.digest))
+            request = REGISTER_FUNCTION.request.decode(payload)
+            return REGISTER_FUNCTION.reply.encode(wire.Registered(request.digest))
 
         def submit(payload: bytes, ctx: CallContext) -> bytes:
             self.submits += 1
             if self.submit_errors:
                 raise self.submit_errors.pop(0)
-            task = wire.decode_request(payload, wire.Submit)
-            return wire.encode(wire.TaskDone(pickle.dumps(task.session_id)))
+            task = SUBMIT.request.decode(payload)
+            return SUBMIT.reply.encode(wire.TaskDone(pickle.dumps(task.session_id)))
 
         agent = {
             "CreateSession": Method(create, inline=True),
@@ -144,10 +145,10 @@ class FakeWorker:
             Service(WORKER_SERVICE, {INFO_METHOD: Method(_info, inline=True)}),
             Service(SERVICE_NAMES[0], agent),
             Service(
-                wire.SERVICE,
+                SUBMIT.service,
                 {
-                    wire.METHOD_REGISTER: Method(register, inline=True),
-                    wire.METHOD_SUBMIT: Method(submit, inline=True),
+                    REGISTER_FUNCTION.method: Method(register, inline=True),
+                    SUBMIT.method: Method(submit, inline=True),
                 },
             ),
         ]
@@ -200,10 +201,10 @@ def own_token(sched: Scheduler) -> tuple[tuple[str, str], ...]:
     return token_metadata(client_token(sched.addresses[0]))
 
 
-def _registration() -> tuple[bytes, str]:
+def _registration() -> tuple[wire.RegisterFunction, str]:
     pickled = cloudpickle.dumps(len)
     digest = hashlib.sha256(pickled).hexdigest()
-    return wire.encode(wire.RegisterFunction(digest, "len", pickled)), digest
+    return wire.RegisterFunction(digest, "len", pickled), digest
 
 
 @pytest.mark.parametrize(
@@ -230,12 +231,10 @@ async def test_a_task_goes_elsewhere_only_when_the_worker_says_it_never_ran(
         connect(sched.addresses[0]) as client,
     ):
         await eventually(lambda: len(sched.pool.registry) == 1, "the worker known")
-        await client.call(
-            wire.SERVICE, wire.METHOD_REGISTER, registration, metadata=own_token(sched)
-        )
-        submit = wire.encode(wire.Submit("t1", digest, "len"))
+        await client.call_rpc(REGISTER_FUNCTION, registration, metadata=own_token(sched))
+        submit = wire.Submit("t1", digest, "len")
         with pytest.raises(RPCError) as info:
-            await client.call(wire.SERVICE, wire.METHOD_SUBMIT, submit, metadata=own_token(sched))
+            await client.call_rpc(SUBMIT, submit, metadata=own_token(sched))
     assert info.value.code == StatusCode.UNAVAILABLE
     assert expected in info.value.message
     assert fake.submits == 1
@@ -251,12 +250,10 @@ async def test_a_function_the_worker_lost_is_registered_again() -> None:
         connect(sched.addresses[0]) as client,
     ):
         await eventually(lambda: len(sched.pool.registry) == 1, "the worker known")
-        await client.call(
-            wire.SERVICE, wire.METHOD_REGISTER, registration, metadata=own_token(sched)
-        )
-        submit = wire.encode(wire.Submit("t1", digest, "len"))
+        await client.call_rpc(REGISTER_FUNCTION, registration, metadata=own_token(sched))
+        submit = wire.Submit("t1", digest, "len")
         with pytest.raises(RPCError) as info:
-            await client.call(wire.SERVICE, wire.METHOD_SUBMIT, submit, metadata=own_token(sched))
+            await client.call_rpc(SUBMIT, submit, metadata=own_token(sched))
     # Registered again and submitted once more; the second refusal reaches the client.
     assert fake.submits == 2
     assert info.value.reason is Reason.UNKNOWN_FUNCTION
@@ -272,13 +269,9 @@ async def test_a_task_whose_session_the_worker_lost_runs_in_the_session_made_aga
         connect(sched.addresses[0]) as client,
     ):
         session = await AgentClient(client).create_session()
-        await client.call(
-            wire.SERVICE, wire.METHOD_REGISTER, registration, metadata=own_token(sched)
-        )
-        submit = wire.encode(wire.Submit("t1", digest, "len", session_id=session))
-        reply = wire.decode_reply(
-            await client.call(wire.SERVICE, wire.METHOD_SUBMIT, submit, metadata=own_token(sched))
-        )
+        await client.call_rpc(REGISTER_FUNCTION, registration, metadata=own_token(sched))
+        submit = wire.Submit("t1", digest, "len", session_id=session)
+        reply = await client.call_rpc(SUBMIT, submit, metadata=own_token(sched))
     assert isinstance(reply, wire.TaskDone)
     # The worker's second session, which the scheduler made when the first was lost.
     assert pickle.loads(reply.result) == fake.created == 2

@@ -29,6 +29,7 @@ import pytest
 
 from vaccelray.auth import TokenCheck
 from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import services
 from vaccelray.protocol import tasks as wire
 from vaccelray.transport.client import Client, client_from_socket
 from vaccelray.transport.server import Server, serve
@@ -80,12 +81,9 @@ class Worker:
         pickled = cloudpickle.dumps(fn)
         digest = hashlib.sha256(pickled).hexdigest()
         request = wire.RegisterFunction(digest, fn.__name__, pickled)
-        await client.call(wire.SERVICE, wire.METHOD_REGISTER, wire.encode(request))
+        await client.call_rpc(services.REGISTER_FUNCTION, request)
         task = wire.Submit(task_id, digest, fn.__name__, cloudpickle.dumps((args, {})))
-        reply = await client.call(
-            wire.SERVICE, wire.METHOD_SUBMIT, wire.encode(task), timeout=timeout
-        )
-        return wire.decode_reply(reply)
+        return await client.call_rpc(services.SUBMIT, task, timeout=timeout)
 
     async def result(self, client: Client, fn: Callable[..., Any], *args: Any) -> Any:
         reply = await self.submit(client, fn, *args)

@@ -28,6 +28,7 @@ import pytest
 from vaccelray.agent_client import AgentClient
 from vaccelray.auth import TokenCheck, token_metadata
 from vaccelray.errors import Reason, RPCError, StatusCode
+from vaccelray.protocol import services
 from vaccelray.protocol import tasks as wire
 from vaccelray.testing import connected_client
 from vaccelray.transport.client import Client, client_from_socket
@@ -66,10 +67,10 @@ class Harness:
         pickled = cloudpickle.dumps(fn)
         digest = hashlib.sha256(pickled).hexdigest()
         request = wire.RegisterFunction(digest, fn.__name__, pickled)
-        reply = await self.client.call(
-            wire.SERVICE, wire.METHOD_REGISTER, wire.encode(request), metadata=self.metadata
+        reply = await self.client.call_rpc(
+            services.REGISTER_FUNCTION, request, metadata=self.metadata
         )
-        assert wire.Registered(digest) == wire.decode_request(reply, wire.Registered)
+        assert wire.Registered(digest) == reply
         return digest
 
     async def submit(
@@ -83,14 +84,9 @@ class Harness:
     ) -> wire.TaskReply:
         digest = await self.register(fn)
         task = wire.Submit(task_id, digest, fn.__name__, cloudpickle.dumps((args, {})), **fields)
-        reply = await (client or self.client).call(
-            wire.SERVICE,
-            wire.METHOD_SUBMIT,
-            wire.encode(task),
-            timeout=timeout,
-            metadata=self.metadata,
+        return await (client or self.client).call_rpc(
+            services.SUBMIT, task, timeout=timeout, metadata=self.metadata
         )
-        return wire.decode_reply(reply)
 
     async def result(self, fn: Callable[..., Any], *args: Any, **fields: Any) -> Any:
         reply = await self.submit(fn, *args, **fields)
@@ -98,11 +94,10 @@ class Harness:
         return cloudpickle.loads(reply.result)
 
     async def cancel(self, *task_ids: str) -> tuple[str, ...]:
-        request = wire.encode(wire.Cancel(task_ids))
-        reply = await self.client.call(
-            wire.SERVICE, wire.METHOD_CANCEL, request, metadata=self.metadata
+        reply = await self.client.call_rpc(
+            services.CANCEL, wire.Cancel(task_ids), metadata=self.metadata
         )
-        return wire.decode_request(reply, wire.Cancelled).task_ids
+        return reply.task_ids
 
     def only_process(self) -> Any:
         (child,) = self.pool._children
@@ -324,9 +319,8 @@ async def test_requirements_are_checked_before_running() -> None:
         assert info.value.reason is Reason.UNKNOWN_SESSION
         session = await AgentClient(h.client).create_session()
         assert await h.result(getpid, backend="noop", ops=("classify", "exec"), session_id=session)
-        ghost = wire.encode(wire.Submit("t", "0" * 64, "ghost"))
         with pytest.raises(RPCError) as info:
-            await h.client.call(wire.SERVICE, wire.METHOD_SUBMIT, ghost)
+            await h.client.call_rpc(services.SUBMIT, wire.Submit("t", "0" * 64, "ghost"))
         assert info.value.code == StatusCode.NOT_FOUND
         assert info.value.reason is Reason.UNKNOWN_FUNCTION
         assert h.pool.busy == h.pool.queued == 0
@@ -336,34 +330,27 @@ async def test_requirements_are_checked_before_running() -> None:
 async def test_every_method_asks_for_the_token() -> None:
     async with task_service(check=TokenCheck("s3cret", required=True), origin=REMOTE) as h:
         digest = hashlib.sha256(b"x").hexdigest()
-        calls = [
-            (wire.METHOD_REGISTER, wire.RegisterFunction(digest, "x", b"x")),
-            (wire.METHOD_SUBMIT, wire.Submit("t", digest, "x")),
-            (wire.METHOD_CANCEL, wire.Cancel(("t",))),
+        calls: list[tuple[services.Rpc[Any, Any], Any]] = [
+            (services.REGISTER_FUNCTION, wire.RegisterFunction(digest, "x", b"x")),
+            (services.SUBMIT, wire.Submit("t", digest, "x")),
+            (services.CANCEL, wire.Cancel(("t",))),
         ]
-        for method, request in calls:
+        for rpc, request in calls:
             with pytest.raises(RPCError) as info:
-                await h.client.call(wire.SERVICE, method, wire.encode(request))
+                await h.client.call_rpc(rpc, request)
             assert info.value.code == StatusCode.UNAUTHENTICATED
-        reply = await h.client.call(
-            wire.SERVICE,
-            wire.METHOD_CANCEL,
-            wire.encode(wire.Cancel(("t",))),
-            metadata=token_metadata("s3cret"),
+        reply = await h.client.call_rpc(
+            services.CANCEL, wire.Cancel(("t",)), metadata=token_metadata("s3cret")
         )
-        assert wire.decode_request(reply, wire.Cancelled) == wire.Cancelled(())
+        assert reply == wire.Cancelled(())
 
 
 async def test_a_closing_pool_answers_crashed() -> None:
     async with task_service() as h:
         digest = await h.register(getpid)
         await h.pool.aclose()
-        reply = await h.client.call(
-            wire.SERVICE, wire.METHOD_SUBMIT, wire.encode(wire.Submit("t", digest, "getpid"))
-        )
-        assert wire.decode_reply(reply) == wire.TaskFailed(
-            wire.FailureKind.CRASHED, "the worker is shutting down"
-        )
+        reply = await h.client.call_rpc(services.SUBMIT, wire.Submit("t", digest, "getpid"))
+        assert reply == wire.TaskFailed(wire.FailureKind.CRASHED, "the worker is shutting down")
         assert h.service.running == {}
 
 
@@ -418,15 +405,15 @@ async def test_run_task_service_serves_tasks_that_reach_the_workers_backend() ->
         async with run_task_service(agent, [other], ["tcp://127.0.0.1:0"], pool_size=0) as rt:
             assert rt.tasks is None
             assert rt.services == [other]
-        services = [*agent.services(), other]
+        served = [*agent.services(), other]
         async with run_task_service(
-            agent, services, ["unix:///nowhere"], pool_size=1, token="tok", protect_vaccel=True
+            agent, served, ["unix:///nowhere"], pool_size=1, token="tok", protect_vaccel=True
         ) as rt:
             assert rt.tasks is not None
             assert rt.tasks.pool.size == 1
             assert [s.name for s in rt.services] == [
-                *(s.name for s in services),
-                wire.SERVICE,
+                *(s.name for s in served),
+                services.WORKER.name,
             ]
             async with connected_client(rt.services, origin=REMOTE) as (client, _):
                 # The vAccel agent asks for the token too; other services do not.
@@ -438,15 +425,13 @@ async def test_run_task_service_serves_tasks_that_reach_the_workers_backend() ->
                 h = Harness(client, rt.tasks, rt.tasks.pool, agent)
                 h.metadata = token_metadata("tok")
                 assert await h.result(classify_here, session_id=session) == NOOP_TAG
-        async with run_task_service(agent, services, ["tcp://10.1.2.3:9"]) as rt:
+        async with run_task_service(agent, served, ["tcp://10.1.2.3:9"]) as rt:
             assert rt.tasks is not None
             assert rt.tasks.pool.size == default_pool_size()
             async with connected_client(rt.services, origin=REMOTE) as (client, _):
                 # Reachable from other hosts and no token: no task is accepted...
                 with pytest.raises(RPCError) as info:
-                    await client.call(
-                        wire.SERVICE, wire.METHOD_CANCEL, wire.encode(wire.Cancel(()))
-                    )
+                    await client.call_rpc(services.CANCEL, wire.Cancel(()))
                 assert info.value.code == StatusCode.UNAUTHENTICATED
                 # ...while the vAccel agent stays open unless asked.
                 assert await AgentClient(client).create_session() > 0

@@ -344,19 +344,19 @@ CLASSIFY: Final = Rpc(
 )
 REGISTER_FUNCTION: Final = Rpc(
     info.WORKER_SERVICE,
-    tasks.METHOD_REGISTER,
+    "RegisterFunction",
     MsgpackCodec[tasks.RegisterFunction](tasks.RegisterFunction),
     MsgpackCodec[tasks.Registered](tasks.Registered),
 )
 SUBMIT: Final = Rpc(
     info.WORKER_SERVICE,
-    tasks.METHOD_SUBMIT,
+    "Submit",
     MsgpackCodec[tasks.Submit](tasks.Submit),
     MsgpackCodec[tasks.TaskReply](tasks.TaskReply, "TaskReply"),
 )
 CANCEL: Final = Rpc(
     info.WORKER_SERVICE,
-    tasks.METHOD_CANCEL,
+    "Cancel",
     MsgpackCodec[tasks.Cancel](tasks.Cancel),
     MsgpackCodec[tasks.Cancelled](tasks.Cancelled),
 )

@@ -6,7 +6,7 @@ its arguments, its result. A failure travels as structured fields
 (:class:`RemoteError`: the exception type's module and qualified name, its
 message, its traceback text), never as a pickled exception object.
 
-Methods (request → reply):
+Methods (request → reply; declared in :mod:`vaccelray.protocol.services`):
 
 ``RegisterFunction``  :class:`RegisterFunction` → :class:`Registered`
     Cache a pickled function on the worker under its content hash; sent once
@@ -23,18 +23,12 @@ Methods (request → reply):
 from __future__ import annotations
 
 import enum
-from typing import Final, TypeAlias, TypeVar
+from typing import Final, TypeAlias
 
 import msgspec
 
-from vaccelray.errors import RPCError, StatusCode
-
 __all__ = [
     "ARG_LIMIT_MARGIN",
-    "METHOD_CANCEL",
-    "METHOD_REGISTER",
-    "METHOD_SUBMIT",
-    "SERVICE",
     "Cancel",
     "Cancelled",
     "FailureKind",
@@ -45,15 +39,7 @@ __all__ = [
     "TaskDone",
     "TaskFailed",
     "TaskReply",
-    "decode_reply",
-    "decode_request",
-    "encode",
 ]
-
-SERVICE: Final = "vaccelray.v1.Worker"
-METHOD_REGISTER: Final = "RegisterFunction"
-METHOD_SUBMIT: Final = "Submit"
-METHOD_CANCEL: Final = "Cancel"
 
 #: Bytes of a request kept free for the envelope when checking argument sizes.
 ARG_LIMIT_MARGIN: Final = 4096
@@ -134,32 +120,3 @@ class Cancel(msgspec.Struct, array_like=True, frozen=True):
 class Cancelled(msgspec.Struct, array_like=True, frozen=True):
     #: The ids that were queued or running and are now stopped.
     task_ids: tuple[str, ...]
-
-
-_encoder = msgspec.msgpack.Encoder()
-_reply_decoder: msgspec.msgpack.Decoder[TaskReply] = msgspec.msgpack.Decoder(TaskReply)
-
-
-def encode(message: msgspec.Struct) -> bytes:
-    return _encoder.encode(message)
-
-
-def decode_reply(payload: bytes) -> TaskReply:
-    return _reply_decoder.decode(payload)
-
-
-_S = TypeVar("_S", bound=msgspec.Struct)
-_request_decoders: dict[type[msgspec.Struct], msgspec.msgpack.Decoder[msgspec.Struct]] = {}
-
-
-def decode_request(payload: bytes, message_type: type[_S]) -> _S:
-    """A request of this service; INVALID_ARGUMENT when *payload* is not one."""
-    decoder = _request_decoders.get(message_type)
-    if decoder is None:  # one Decoder per type: building one is the costly part
-        decoder = _request_decoders[message_type] = msgspec.msgpack.Decoder(message_type)
-    try:
-        return decoder.decode(payload)  # type: ignore[return-value]
-    except msgspec.DecodeError as exc:
-        raise RPCError(
-            StatusCode.INVALID_ARGUMENT, f"undecodable {message_type.__name__}: {exc}"
-        ) from exc
