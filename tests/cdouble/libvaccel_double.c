@@ -206,7 +206,9 @@ static struct vaccel_plugin *registered[16];
 static int nr_registered;
 static void *op_table[VDOUBLE_OP_MAX];
 
-EXPORT int register_plugin(struct vaccel_plugin *plugin)
+/* Calls inside the library go to static functions: an exported one could be
+ * interposed by another double loaded RTLD_GLOBAL earlier in the process. */
+static int plugin_register(struct vaccel_plugin *plugin)
 {
 	if (!plugin || !plugin->info || !plugin->info->init)
 		BADARG("register_plugin", "not a plugin (NULL, or no info/init)");
@@ -215,6 +217,11 @@ EXPORT int register_plugin(struct vaccel_plugin *plugin)
 	registered[nr_registered++] = plugin;
 	record("register_plugin name=%s", plugin->info->name ? plugin->info->name : "(null)");
 	return 0;
+}
+
+EXPORT int register_plugin(struct vaccel_plugin *plugin)
+{
+	return plugin_register(plugin);
 }
 
 EXPORT int register_plugin_functions(struct vaccel_op *ops, size_t nr_ops)
@@ -274,7 +281,7 @@ static void load_plugins(void)
 #endif
 		}
 		struct vaccel_plugin **plugin = dlsym(dl, "vaccel_plugin");
-		if (!plugin || register_plugin(*plugin) || (*plugin)->info->init()) {
+		if (!plugin || plugin_register(*plugin) || (*plugin)->info->init()) {
 			fprintf(stderr, "[vaccel double] %s is not a working vAccel plugin\n", p);
 #if VDOUBLE_ABI >= 6
 			exit(ELIBBAD);
@@ -952,8 +959,8 @@ EXPORT int vaccel_resource_from_buf(struct vaccel_resource **out, const void *bu
 #else
 static long live_blobs;
 
-EXPORT int vaccel_blob_from_buf(struct vaccel_blob **out, const uint8_t *buf, size_t size,
-				bool own, const char *name, const char *dir, bool randomize)
+static int blob_from_buf(struct vaccel_blob **out, const uint8_t *buf, size_t size, bool own,
+			 const char *name, const char *dir, bool randomize)
 {
 	if (!out || !buf || !size || !name || !*name)
 		BADARG("vaccel_blob_from_buf", "bad arguments");
@@ -977,7 +984,13 @@ EXPORT int vaccel_blob_from_buf(struct vaccel_blob **out, const uint8_t *buf, si
 	return 0;
 }
 
-EXPORT int vaccel_blob_delete(struct vaccel_blob *b)
+EXPORT int vaccel_blob_from_buf(struct vaccel_blob **out, const uint8_t *buf, size_t size,
+				bool own, const char *name, const char *dir, bool randomize)
+{
+	return blob_from_buf(out, buf, size, own, name, dir, randomize);
+}
+
+static int blob_delete(struct vaccel_blob *b)
 {
 	if (!b)
 		BADARG("vaccel_blob_delete", "NULL blob");
@@ -987,6 +1000,11 @@ EXPORT int vaccel_blob_delete(struct vaccel_blob *b)
 	free(b);
 	live_blobs--;
 	return 0;
+}
+
+EXPORT int vaccel_blob_delete(struct vaccel_blob *b)
+{
+	return blob_delete(b);
 }
 
 EXPORT long vdouble_live_blobs(void)
@@ -1009,8 +1027,7 @@ EXPORT int vaccel_resource_from_blobs(struct vaccel_resource **out,
 		if (!b || !b->data || !b->size || !b->name)
 			BADARG("vaccel_resource_from_blobs", "invalid blob");
 		/* copies, as the library does (vaccel_blob_from_buf of each) */
-		if (vaccel_blob_from_buf(&res->blobs[i], b->data, b->size, true, b->name, NULL,
-					 false))
+		if (blob_from_buf(&res->blobs[i], b->data, b->size, true, b->name, NULL, false))
 			return ENOMEM;
 		slot->size += b->size;
 		slot->sum += checksum(b->data, b->size);
@@ -1072,7 +1089,7 @@ EXPORT int vaccel_resource_delete(struct vaccel_resource *res)
 	free(res->paths);
 #if VDOUBLE_ABI >= 8
 	for (size_t i = 0; i < res->nr_blobs; i++)
-		vaccel_blob_delete(res->blobs[i]);
+		blob_delete(res->blobs[i]);
 	free(res->blobs);
 #endif
 	slot->object = NULL;

@@ -96,7 +96,7 @@ _PROBE = (
     "print('loaded', flush=True)\n"
 )
 #: One libvaccel per process: its constructor ran with the first plugin list.
-_LOADED: dict[str, Libvaccel] = {}
+_LOADED: dict[str, tuple[Libvaccel, str]] = {}
 _LOAD_LOCK = threading.Lock()
 
 _T = TypeVar("_T")
@@ -339,17 +339,19 @@ class LibvaccelBackend(Backend):
         plugins = ":".join(self.plugin_paths)
         with _LOAD_LOCK:
             key = os.path.realpath(path) if os.sep in path else path
-            lib = _LOADED.get(key)
-            if lib is None:
+            loaded = _LOADED.get(key)
+            if loaded is None:
                 lib = self._open(path, plugins)
-                _LOADED[key] = lib
-            elif os.environ.get("VACCEL_PLUGINS") != plugins:
-                log.warning(
-                    "libvaccel %s is already loaded in this process with plugins %s; "
-                    "it keeps those",
-                    lib.path,
-                    os.environ.get("VACCEL_PLUGINS"),
-                )
+                _LOADED[key] = (lib, plugins)
+            else:
+                lib, with_plugins = loaded
+                if with_plugins != plugins:
+                    log.warning(
+                        "libvaccel %s is already loaded in this process with plugins %s; "
+                        "it keeps those",
+                        lib.path,
+                        with_plugins,
+                    )
         self.lib = lib
         self._global = threading.Lock() if lib.global_lock else None
         log.info("Loaded %s", self.describe())

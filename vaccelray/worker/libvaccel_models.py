@@ -436,7 +436,7 @@ class ModelOps:
                 for name, data in model.blobs:
                     buf = ctypes.create_string_buffer(data, len(data))
                     native.keep.append(buf)
-                    part = _saved_model_part(name)
+                    part = "model" if len(model.blobs) == 1 else _saved_model_part(name)
                     self._ok(
                         f"vaccel_tf_saved_model_set_{part}",
                         self._saved_model_set[part](native.address, buf, len(data)),
@@ -704,7 +704,10 @@ def _blob_name(name: str, index: int) -> bytes:
 
 
 def _saved_model_part(name: str) -> str:
-    """Which file of a TensorFlow saved model a blob is, by its name (0.5/0.6)."""
+    """Which file of a TensorFlow saved model one of several blobs is, by its name (0.5/0.6).
+
+    A model of one blob is its graph (``set_model``).
+    """
     if name.endswith(".pb") or name.endswith(".pbtxt"):
         return "model"
     if name.endswith(".index"):
