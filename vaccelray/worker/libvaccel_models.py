@@ -134,10 +134,22 @@ _INT = ctypes.c_int
 #: Bytes per element of the types whose width is fixed, per framework (type numbers as
 #: the library and the wire carry them): an input shorter than its shape is refused.
 _ELEMENT_SIZES: Final = {
-    Framework.TENSORFLOW: {1: 4, 2: 8, 3: 4, 4: 1, 5: 2, 6: 1, 9: 8, 10: 1, 17: 2, 19: 2},
-    Framework.TFLITE: {1: 4, 2: 4, 3: 1, 4: 8, 6: 1, 7: 2, 9: 1, 10: 2, 11: 8},
+    # TF_DataType: FLOAT, DOUBLE, INT32, UINT8, INT16, INT8, (STRING), COMPLEX64, INT64,
+    # BOOL, QINT8, QUINT8, QINT32, BFLOAT16, QINT16, QUINT16, UINT16, COMPLEX128, HALF,
+    # (RESOURCE, VARIANT), UINT32, UINT64
+    Framework.TENSORFLOW: {
+        1: 4, 2: 8, 3: 4, 4: 1, 5: 2, 6: 1, 8: 8, 9: 8, 10: 1, 11: 1, 12: 1,
+        13: 4, 14: 2, 15: 2, 16: 2, 17: 2, 18: 16, 19: 2, 22: 4, 23: 8,
+    },
+    # TfLiteType: FLOAT32, INT32, UINT8, INT64, (STRING), BOOL, INT16, COMPLEX64, INT8,
+    # FLOAT16, FLOAT64, COMPLEX128, UINT64, (RESOURCE, VARIANT), UINT32, UINT16
+    Framework.TFLITE: {
+        1: 4, 2: 4, 3: 1, 4: 8, 6: 1, 7: 2, 8: 8, 9: 1, 10: 2, 11: 8, 12: 16, 13: 8,
+        16: 4, 17: 2,
+    },
+    # BYTE, CHAR, SHORT, INT, LONG, HALF, FLOAT
     Framework.TORCH: {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 2, 7: 4},
-}
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,9 +411,9 @@ class ModelOps:
             ret = self._res_from_blobs(ctypes.byref(out), made, len(blobs), _RESOURCE_MODEL)
             return int(ret), "vaccel_resource_from_blobs"
         finally:
-            for blob in made:
-                if blob:
-                    self._blob_delete(blob)
+            for address in made:
+                if address:
+                    self._blob_delete(address)
 
     def _new_legacy(self, framework: Framework, model: Model) -> NativeModel:
         if framework is Framework.TENSORFLOW:
@@ -506,32 +518,30 @@ class ModelOps:
         if framework is Framework.TENSORFLOW:
             status = _TfStatus()
             try:
-                self._ok_status(self._tf["load"], session, native.address, ctypes.byref(status))
+                self._call(self._tf["load"], session, native.address, ctypes.byref(status))
                 return _status_text(status)
             finally:
                 self._release_status(status)
         if framework is Framework.TFLITE:
-            self._ok_named(self._tflite["load"], session, native.address)
+            self._call(self._tflite["load"], session, native.address)
             return ""
         if self._torch["load"] is not None:
-            self._ok_named(self._torch["load"], session, native.address)
+            self._call(self._torch["load"], session, native.address)
         return ""
 
     def unload(self, session: int, framework: Framework, native: NativeModel) -> str:
         if framework is Framework.TENSORFLOW:
             status = _TfStatus()
             try:
-                self._ok_status(self._tf["unload"], session, native.address, ctypes.byref(status))
+                self._call(self._tf["unload"], session, native.address, ctypes.byref(status))
                 return _status_text(status)
             finally:
                 self._release_status(status)
-        self._ok_named(self._tflite["unload"], session, native.address)
+        self._call(self._tflite["unload"], session, native.address)
         return ""
 
-    def _ok_status(self, function: Any, *args: Any) -> None:
-        self._ok(function.__name__, function(*args))
-
-    def _ok_named(self, function: Any, *args: Any) -> None:
+    def _call(self, function: Any, *args: Any) -> None:
+        """Call a declared library function; LibraryError naming it when it fails."""
         self._ok(function.__name__, function(*args))
 
     def _release_status(self, status: _TfStatus) -> None:
