@@ -608,7 +608,7 @@ def _cdouble() -> Any:
     return sys.modules[name]
 
 
-def libvaccel_worker(generation: str, tmp: Any) -> Proc:
+def libvaccel_worker(generation: str, tmp: Any, **env: str) -> Proc:
     """A worker process on the *generation* double (each worker loads its own)."""
     cdouble = _cdouble()
     cc = cdouble.find_cc()
@@ -625,7 +625,7 @@ def libvaccel_worker(generation: str, tmp: Any) -> Proc:
         "--pool-size",
         "0",
     )
-    return start_daemon(argv, env={"VDOUBLE_LOG": str(tmp / "calls.log")})[0]
+    return start_daemon(argv, env={"VDOUBLE_LOG": str(tmp / "calls.log"), **env})[0]
 
 
 async def _unimplemented(agent: AgentClient, rpc: Rpc[Any, Any], request: Any) -> None:
@@ -635,7 +635,9 @@ async def _unimplemented(agent: AgentClient, rpc: Rpc[Any, Any], request: Any) -
     assert caught.value.message == f"backend libvaccel does not support {rpc.method}"
 
 
-async def exercise_libvaccel(agent: AgentClient, generation: str, session: int, model: int) -> None:
+async def exercise_libvaccel(
+    agent: AgentClient, generation: str, session: int, model: int, synced: bytes = b"weights"
+) -> None:
     """Every model method on one generation's double: noop answers, or 12 where it has none."""
     have = LIBVACCEL_FRAMEWORKS[generation]
     tf_load = pb.TensorflowModelLoadRequest(session_id=session, model_id=model)
@@ -694,9 +696,9 @@ async def exercise_libvaccel(agent: AgentClient, generation: str, session: int, 
 
     sync = pb.SyncResourceRequest(resource_id=model)
     if generation == "current":
-        synced = await agent.call(s.SYNC_RESOURCE, sync)
-        assert [(b.type, b.name, bytes(b.data)) for b in synced.blobs] == [
-            (pb.BUFFER, "model.pb", b"weights")
+        answer = await agent.call(s.SYNC_RESOURCE, sync)
+        assert [(b.type, b.name, bytes(b.data)) for b in answer.blobs] == [
+            (pb.BUFFER, "model.pb", synced)
         ]
     else:
         await _unimplemented(agent, s.SYNC_RESOURCE, sync)
@@ -707,13 +709,14 @@ async def exercise_libvaccel(agent: AgentClient, generation: str, session: int, 
 async def test_every_model_method_on_each_libvaccel_generation(
     generation: str, tmp_path: Any
 ) -> None:
-    worker = libvaccel_worker(generation, tmp_path)
+    # the current double's vaccel_resource_sync writes into the blob, as an op could
+    worker = libvaccel_worker(generation, tmp_path, VDOUBLE_SYNC_WRITE="WEIGHT")
     try:
         async with connect(worker.address) as client:
             agent = AgentClient(client, timeout=LIVENESS)
             session = await agent.create_session()
             model = await register(agent, session, ("model.pb", b"weights"))
-            await exercise_libvaccel(agent, generation, session, model)
+            await exercise_libvaccel(agent, generation, session, model, b"WEIGHTs")
             await assert_unknown_models(agent, session, model + 5)
             await agent.call(s.DESTROY_SESSION, pb.DestroySessionRequest(session_id=session))
         worker.wait_for(f"session:{session} TensorFlow model run")
@@ -725,6 +728,9 @@ async def test_every_model_method_on_each_libvaccel_generation(
         generation, "vaccel_tf_session_run"
     )
     assert f"{run} id=1 framework=tf nr_in=2 nr_out=2 options=4" in log
+    torch = {"0.7": "vaccel_torch_jitload_forward", "current": "vaccel_torch_model_run"}
+    if generation in torch:  # PyTorch's run options reach the library too
+        assert f"{torch[generation]} id=1 framework=torch nr_in=2 nr_out=2 options=4" in log
     # the model object went with the session
     unregister = (
         "vaccel_sess_unregister" if generation in ("0.5", "0.6") else "vaccel_resource_unregister"
