@@ -6,6 +6,7 @@ its calls in the file named by VDOUBLE_LOG and checks what it is given.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import struct
@@ -19,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import RPCError, StatusCode, VaccelrayError
 from vaccelray.worker import libvaccel as lv
-from vaccelray.worker.backend import Arg, OpType
+from vaccelray.worker.backend import Arg, Framework, Model, ModelRun, OpType, Tensor
 from vaccelray.worker.libvaccel import (
     LibvaccelBackend,
     LibvaccelLoadError,
@@ -62,7 +63,8 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # The backend sets these for libvaccel; monkeypatch puts the originals back.
     for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS", "VDOUBLE_SKIP_PLUGINS", "VDOUBLE_TAG"):
         monkeypatch.delenv(name, raising=False)
-    for op in ("SESSION_INIT", "SESSION_RELEASE", "CLASSIFY", "GENOP", "EXEC"):
+    monkeypatch.delenv("VDOUBLE_SYNC_WRITE", raising=False)
+    for op in ("SESSION_INIT", "SESSION_RELEASE", "CLASSIFY", "GENOP", "EXEC", "MODEL"):
         monkeypatch.delenv(f"VDOUBLE_FAIL_{op}", raising=False)
     monkeypatch.setenv("VDOUBLE_LOG", str(tmp_path / "calls.log"))
 
@@ -89,11 +91,25 @@ def calls(tmp_path: Path) -> Calls:
     return Calls(tmp_path / "calls.log")
 
 
+@pytest.fixture(scope="session")
+def double_05(cc: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The one 0.5 double of this process.
+
+    A 0.5 plugin finds ``register_plugin_functions`` in the global scope, where
+    the first 0.5 library loaded keeps it: a second 0.5 double in the same
+    process would have its plugin register with the first. (Tests that need a
+    fresh one run in a child process.)
+    """
+    return cdouble.build_double("0.5", tmp_path_factory.mktemp("double05"), cc)
+
+
 @pytest.fixture
-def make_double(cc: str, tmp_path: Path) -> Callable[[str], Any]:
+def make_double(cc: str, tmp_path: Path, double_05: Any) -> Callable[[str], Any]:
     counter = iter(range(1000))
 
     def make(generation: str) -> Any:
+        if generation == "0.5":
+            return double_05
         return cdouble.build_double(generation, tmp_path / f"build{next(counter)}", cc)
 
     return make
@@ -135,15 +151,24 @@ def test_loads_detects_generation_and_describes(
     assert str(double.libdir) in text
     assert f"ABI {generation}" in text
     assert str(double.plugin) in text
+    assert ("exec" in backend.ops) == (generation != "0.5")
+    if generation == "0.5":
+        # loaded in-process without the variables (see test_05_plugin_registered_in_process)
+        assert "VACCEL_PLUGINS" not in os.environ
+        assert "VACCEL_BACKENDS" not in os.environ
+        return
     # the plugin is selected through both variable generations before loading
     assert os.environ["VACCEL_PLUGINS"] == str(double.plugin)
     assert os.environ["VACCEL_BACKENDS"] == str(double.plugin)
-    var = "VACCEL_BACKENDS" if generation in ("0.5", "0.6") else "VACCEL_PLUGINS"
+    var = "VACCEL_BACKENDS" if generation == "0.6" else "VACCEL_PLUGINS"
     inits = [line for line in calls.lines() if line.startswith("init ")]
-    # once in the probe child, once in this process
-    assert inits == [f"init abi={double_abi(generation)} {var}={double.plugin}"] * 2
+    abi = double_abi(generation)
+    # the generation probe (no plugin), the load probe, then this process
+    assert inits == [
+        f"init abi={abi} VACCEL_BACKENDS=(unset)",
+        *[f"init abi={abi} {var}={double.plugin}"] * 2,
+    ]
     assert calls.lines().count(f"plugin_loaded {double.plugin}") == 2
-    assert ("exec" in backend.ops) == (generation != "0.5")
 
 
 def double_abi(generation: str) -> int:
@@ -404,7 +429,7 @@ def test_session_failures(started: Callable[..., Any], monkeypatch: pytest.Monke
         backend.session_release(handle)
 
 
-@pytest.mark.parametrize("generation", ["0.5", "current"])
+@pytest.mark.parametrize("generation", ["0.6", "current"])
 def test_no_plugin_loaded(
     generation: str, started: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -550,29 +575,399 @@ async def test_end_to_end_over_ttrpc(
     _no_bad_args(calls)
 
 
-@pytest.mark.parametrize("generation", GENERATIONS)
-def test_model_ops_are_unimplemented_until_handed_to_the_library(
-    generation: str, started: Callable[..., Any]
-) -> None:
-    """The model methods reach libvaccel's backend; until it implements them: 12 naming both."""
-    from vaccelray.worker.backend import Framework, Model, ModelRun
+# -- models ------------------------------------------------------------------------------
 
+#: What each generation calls for each framework: load, run, unload, and the destructor
+#: of the output tensors (None: the generation has no such function).
+MODEL_FUNCTIONS: dict[str, dict[Framework, tuple[str | None, str, str | None, str]]] = {
+    "0.5": {
+        Framework.TENSORFLOW: (
+            "vaccel_tf_session_load",
+            "vaccel_tf_session_run",
+            "vaccel_tf_session_delete",
+            "vaccel_tf_tensor_destroy",
+        ),
+    },
+    "0.6": {
+        Framework.TENSORFLOW: (
+            "vaccel_tf_session_load",
+            "vaccel_tf_session_run",
+            "vaccel_tf_session_delete",
+            "vaccel_tf_tensor_destroy",
+        ),
+        Framework.TFLITE: (
+            "vaccel_tflite_session_load",
+            "vaccel_tflite_session_run",
+            "vaccel_tflite_session_delete",
+            "vaccel_tflite_tensor_destroy",
+        ),
+    },
+    "0.7": {
+        Framework.TENSORFLOW: (
+            "vaccel_tf_session_load",
+            "vaccel_tf_session_run",
+            "vaccel_tf_session_delete",
+            "vaccel_tf_tensor_delete",
+        ),
+        Framework.TFLITE: (
+            "vaccel_tflite_session_load",
+            "vaccel_tflite_session_run",
+            "vaccel_tflite_session_delete",
+            "vaccel_tflite_tensor_delete",
+        ),
+        Framework.TORCH: (None, "vaccel_torch_jitload_forward", None, "vaccel_torch_tensor_delete"),
+    },
+    "current": {
+        Framework.TENSORFLOW: (
+            "vaccel_tf_model_load",
+            "vaccel_tf_model_run",
+            "vaccel_tf_model_unload",
+            "vaccel_tf_tensor_delete",
+        ),
+        Framework.TFLITE: (
+            "vaccel_tflite_model_load",
+            "vaccel_tflite_model_run",
+            "vaccel_tflite_model_unload",
+            "vaccel_tflite_tensor_delete",
+        ),
+        Framework.TORCH: (
+            "vaccel_torch_model_load",
+            "vaccel_torch_model_run",
+            None,
+            "vaccel_torch_tensor_delete",
+        ),
+    },
+}
+#: A float tensor's type number in each framework.
+FLOAT = {Framework.TENSORFLOW: 1, Framework.TFLITE: 1, Framework.TORCH: 7}
+#: How a generation registers a model with a session, and frees it.
+REGISTER = {"0.5": "vaccel_sess_register", "0.6": "vaccel_sess_register"}
+UNREGISTER = {"0.5": "vaccel_sess_unregister", "0.6": "vaccel_sess_unregister"}
+
+
+def _live_tensors(double: Any) -> int:
+    lib = ctypes.CDLL(str(double.libvaccel))
+    lib.vdouble_live_tensors.restype = ctypes.c_long
+    return int(lib.vdouble_live_tensors())
+
+
+def _run_of(framework: Framework, *tensors: Tensor, outputs: int | None = None) -> ModelRun:
+    n = len(tensors) if outputs is None else outputs
+    if framework is Framework.TENSORFLOW:
+        return ModelRun(
+            tensors,
+            n,
+            b"opts",
+            tuple((f"in{i}", i) for i in range(len(tensors))),
+            tuple((f"out{i}", 10 + i) for i in range(n)),
+        )
+    return ModelRun(tensors, n, b"opts" if framework is Framework.TORCH else None)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+@pytest.mark.parametrize("framework", list(Framework))
+def test_model_ops_call_the_generations_own_functions(
+    generation: str, framework: Framework, started: Callable[..., Any], calls: Calls
+) -> None:
+    backend, double = started(generation)
+    handle = backend.session_create(7, 0)
+    model = Model(3, (), (("model.bin", b"\x01\x02weights"),))
+    functions = MODEL_FUNCTIONS[generation].get(framework)
+    prefix = framework.method_prefix
+    if functions is None:
+        # this generation has no such op: 12 naming the op and the backend, nothing made
+        for op, call in [
+            ("ModelLoad", lambda: backend.model_load(handle, framework, model)),
+            ("ModelRun", lambda: backend.model_run(handle, framework, model, ModelRun((), 0))),
+        ]:
+            with pytest.raises(RPCError) as info:
+                call()
+            assert info.value.code == StatusCode.UNIMPLEMENTED
+            assert info.value.message == f"backend libvaccel does not support {prefix}{op}"
+        assert not [
+            line for line in calls.lines() if line.startswith("vaccel_") and "register" in line
+        ]
+        backend.session_release(handle)
+        return
+    load, run, unload, free = functions
+    message = backend.model_load(handle, framework, model)
+    expected = "Operation handled by noop plugin" if framework is Framework.TENSORFLOW else ""
+    assert message == expected
+    # made once from the blob, registered with this session's struct
+    register = REGISTER.get(generation, "vaccel_resource_register")
+    (reg,) = calls.named(register)
+    assert int(reg["size"]) == len(model.blobs[0][1])
+    assert int(reg["sum"]) == sum(model.blobs[0][1])
+    assert int(reg["id"]) == handle.native.id
+    if load is not None:
+        (loaded,) = calls.named(load)
+        assert loaded["framework"] in ("tf", "tflite", "torch")
+
+    first = Tensor(struct.pack("=4f", 1, 2, 3, 4), (2, 2), FLOAT[framework])
+    second = Tensor(struct.pack("=2f", 5, 6), (2,), FLOAT[framework])
+    outputs = backend.model_run(handle, framework, model, _run_of(framework, first, second))
+    assert outputs == [first, second]  # the plugin echoes: same bytes, dims, type
+    (ran,) = [c for c in calls.named(run) if "nr_in" in c]
+    assert (ran["nr_in"], ran["nr_out"]) == ("2", "2")
+    ins = [line for line in calls.lines() if line.startswith(f"{run} in[")]
+    assert [line.split()[2:5] for line in ins] == [
+        [f"type={FLOAT[framework]}", "dims=2,2", "size=16"],
+        [f"type={FLOAT[framework]}", "dims=2", "size=8"],
+    ]
+    assert int(ran["options"]) == (4 if framework is not Framework.TFLITE else 0)
+    if framework is Framework.TENSORFLOW:
+        assert [line.split()[1:] for line in calls.lines() if "out_node" in line] == [
+            ["out_node[0]", "name=out0", "id=10"],
+            ["out_node[1]", "name=out1", "id=11"],
+        ]
+        assert [line.split()[-1] for line in ins] == ["node=in0", "node=in1"]
+    # the plugin's outputs were freed with the generation's destructor
+    assert calls.lines().count(free) == 2
+    assert _live_tensors(double) == 0
+
+    if unload is not None:
+        assert backend.model_unload(handle, framework, model) == expected
+        assert len(calls.named(unload)) == 1
+    # the model object is made once per session, whatever was called on it
+    assert len(calls.named(register)) == 1
+    backend.session_release(handle)
+    unregister = UNREGISTER.get(generation, "vaccel_resource_unregister")
+    assert len(calls.named(unregister)) == 1
+    _no_bad_args(calls)
+
+
+@pytest.mark.parametrize("generation", ["0.7", "current"])
+def test_pytorch_model_load(generation: str, started: Callable[..., Any], calls: Calls) -> None:
     backend, _ = started(generation)
     handle = backend.session_create(1, 0)
+    with pytest.raises(RPCError) as info:
+        backend.model_load(handle, Framework.TORCH, Model(9, (), ()))
+    assert info.value.code == StatusCode.INVALID_ARGUMENT
+    assert info.value.message == "PyTorch model 9 has no file to load"
+    assert backend.model_load(handle, Framework.TORCH, Model(9, (), (("m.pt", b"x"),))) == ""
+    # 0.7 loads in each run (jitload_forward): nothing to call; current has a load
+    assert len(calls.named("vaccel_torch_model_load")) == (generation == "current")
+    backend.session_release(handle)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_a_model_given_by_path(
+    generation: str, started: Callable[..., Any], calls: Calls, tmp_path: Path
+) -> None:
+    backend, _ = started(generation)
+    handle = backend.session_create(1, 0)
+    path = tmp_path / "model.pb"
+    path.write_bytes(b"on disk")
+    backend.model_load(handle, Framework.TENSORFLOW, Model(4, (str(path),), ()))
+    if generation in ("0.5", "0.6"):
+        (made,) = calls.named("vaccel_tf_saved_model_set_path")
+        assert made["path"] == str(path)
+    else:
+        (made,) = calls.named("vaccel_resource_multi_new")
+        assert (made["nr_paths"], made["size"]) == ("1", "7")
+        assert int(made["sum"]) == sum(b"on disk")
+    backend.session_release(handle)
+    _no_bad_args(calls)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_a_model_of_several_blobs(
+    generation: str, started: Callable[..., Any], calls: Calls
+) -> None:
+    backend, _ = started(generation)
+    handle = backend.session_create(1, 0)
+    blobs = (("saved_model.pb", b"graph"), ("variables.data-0", b"vars"), ("variables.index", b"i"))
+    backend.model_load(handle, Framework.TENSORFLOW, Model(5, (), blobs))
+    if generation in ("0.5", "0.6"):
+        # the saved model's parts, told apart by name
+        parts = [
+            (c, calls.named(f"vaccel_tf_saved_model_set_{c}"))
+            for c in ("model", "checkpoint", "var_index")
+        ]
+        assert [(c, [x["size"] for x in found]) for c, found in parts] == [
+            ("model", ["5"]),
+            ("checkpoint", ["4"]),
+            ("var_index", ["1"]),
+        ]
+    elif generation == "0.7":
+        # 0.7 takes several buffers only as files: written to a directory of the session's
+        (made,) = calls.named("vaccel_resource_multi_new")
+        assert (made["nr_paths"], made["size"]) == ("3", "10")
+    else:
+        made_blobs = calls.named("vaccel_resource_from_blobs")
+        assert [(b["name"], b["size"]) for b in made_blobs] == [
+            ("saved_model.pb", "5"),
+            ("variables.data-0", "4"),
+            ("variables.index", "1"),
+        ]
+    session = handle
+    tmpdirs = [n.tmpdir for n in session.models.values() if n.tmpdir]
+    backend.session_release(handle)
+    assert all(not os.path.exists(d) for d in tmpdirs)
+    assert len(tmpdirs) == (generation == "0.7")
+    _no_bad_args(calls)
+
+
+def test_a_tflite_model_of_two_blobs_is_refused_by_0_6(started: Callable[..., Any]) -> None:
+    backend, _ = started("0.6")
+    handle = backend.session_create(1, 0)
+    with pytest.raises(RPCError) as info:
+        backend.model_load(handle, Framework.TFLITE, Model(2, (), (("a", b"1"), ("b", b"2"))))
+    assert info.value.code == StatusCode.INVALID_ARGUMENT
+    assert "this libvaccel takes a model of one file" in info.value.message
+    backend.session_release(handle)
+
+
+def test_model_run_arguments_are_checked_before_the_library(
+    started: Callable[..., Any], calls: Calls
+) -> None:
+    backend, double = started("current")
+    handle = backend.session_create(1, 0)
     model = Model(1, (), (("m", b"w"),))
-    try:
-        for framework in Framework:
-            prefix = framework.method_prefix
-            for op, call in [
-                ("ModelLoad", backend.model_load),
-                ("ModelUnload", backend.model_unload),
-            ]:
-                with pytest.raises(RPCError) as caught:
-                    call(handle, framework, model)
-                assert caught.value.code == StatusCode.UNIMPLEMENTED
-                assert caught.value.message == f"backend libvaccel does not support {prefix}{op}"
-            with pytest.raises(RPCError) as caught:
-                backend.model_run(handle, framework, model, ModelRun((), 0))
-            assert caught.value.message == f"backend libvaccel does not support {prefix}ModelRun"
-    finally:
-        backend.session_release(handle)
+    tensor = Tensor(bytes(8), (2,), 1)
+    # TensorFlow reads one input node per input tensor
+    with pytest.raises(RPCError) as info:
+        backend.model_run(handle, Framework.TENSORFLOW, model, ModelRun((tensor,), 1))
+    assert info.value.code == StatusCode.INVALID_ARGUMENT
+    assert "1 input tensors but 0 input nodes" in info.value.message
+    # a tensor with fewer bytes than its shape: a plugin would read past it
+    short = Tensor(bytes(7), (2,), 1)
+    with pytest.raises(RPCError) as info:
+        backend.model_run(handle, Framework.TFLITE, model, ModelRun((short,), 1))
+    assert info.value.code == StatusCode.INVALID_ARGUMENT
+    assert "has 7 bytes; its dims [2] and type 1 need 8" in info.value.message
+    assert not calls.named("vaccel_tf_model_run")
+    assert not calls.named("vaccel_tflite_model_run")
+    # a type of no fixed width is the plugin's to check
+    odd = Tensor(b"abc", (2,), 5)  # TFLite STRING
+    assert backend.model_run(handle, Framework.TFLITE, model, ModelRun((odd,), 1)) == [odd]
+    # more outputs than inputs: the noop plugin's EINVAL; nothing leaks
+    with pytest.raises(RPCError) as info:
+        backend.model_run(handle, Framework.TORCH, model, ModelRun((tensor,), 2))
+    assert info.value.code == StatusCode.INVALID_ARGUMENT
+    assert "vaccel_torch_model_run failed: VACCEL_EINVAL" in info.value.message
+    assert _live_tensors(double) == 0
+    backend.session_release(handle)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_a_model_op_failure_becomes_a_status(
+    generation: str, started: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend, double = started(generation)
+    handle = backend.session_create(1, 0)
+    model = Model(1, (), (("m", b"w"),))
+    monkeypatch.setenv("VDOUBLE_FAIL_MODEL", "71")
+    load = MODEL_FUNCTIONS[generation][Framework.TENSORFLOW][0]
+    with pytest.raises(RPCError) as info:
+        backend.model_load(handle, Framework.TENSORFLOW, model)
+    assert info.value.code == StatusCode.INTERNAL
+    assert info.value.message.startswith(f"{load} failed: VACCEL_EBACKEND")
+    with pytest.raises(RPCError) as info:
+        backend.model_run(
+            handle, Framework.TENSORFLOW, model, _run_of(Framework.TENSORFLOW, Tensor(b"", (), 1))
+        )
+    assert info.value.code == StatusCode.INTERNAL
+    assert _live_tensors(double) == 0
+    backend.session_release(handle)
+
+
+def test_sync_resource_reads_the_librarys_blobs(
+    started: Callable[..., Any], calls: Calls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend, _ = started("current")
+    model = Model(6, (), (("m.bin", b"abcdef"),))
+    # no session made it in the library yet: the agent's copy stands
+    assert backend.sync_resource(model) is None
+    handle = backend.session_create(1, 0)
+    backend.model_load(handle, Framework.TORCH, model)
+    assert backend.sync_resource(model) == [(1, "m.bin", b"abcdef")]
+    monkeypatch.setenv("VDOUBLE_SYNC_WRITE", "XY")  # as if an op wrote into the blob
+    assert backend.sync_resource(model) == [(1, "m.bin", b"XYcdef")]
+    assert len(calls.named("vaccel_resource_sync")) == 2
+    backend.session_release(handle)
+    assert backend.sync_resource(model) is None
+
+
+@pytest.mark.parametrize("generation", ["0.5", "0.6", "0.7"])
+def test_sync_resource_is_unimplemented_before_current(
+    generation: str, started: Callable[..., Any]
+) -> None:
+    backend, _ = started(generation)
+    with pytest.raises(RPCError) as info:
+        backend.sync_resource(Model(1, (), (("m", b"w"),)))
+    assert info.value.code == StatusCode.UNIMPLEMENTED
+    assert info.value.message == "backend libvaccel does not support SyncResource"
+
+
+# -- 0.5 plugins ---------------------------------------------------------------------------
+
+
+def test_05_plugin_fails_the_environment_route(make_double: Callable[[str], Any]) -> None:
+    """A 0.5 plugin given through VACCEL_BACKENDS kills the process loading libvaccel."""
+    double = make_double("0.5")
+    with pytest.raises(LibvaccelLoadError) as info:
+        lv._probe(str(double.libvaccel), str(double.plugin))
+    assert "undefined symbol: register_plugin_functions" in str(info.value)
+    # the plugin really does not link libvaccel
+    needed = subprocess.run(
+        ["readelf", "-d", str(double.plugin)], capture_output=True, text=True, check=False
+    ).stdout
+    if needed:
+        assert "libvaccel" not in needed
+
+
+_FRESH_05 = """
+import os, sys
+from vaccelray.worker.libvaccel import LibvaccelBackend
+from vaccelray.worker.backend import Framework, Model, ModelRun, Tensor
+backend = LibvaccelBackend(sys.argv[2], libvaccel=sys.argv[1])
+backend.start()
+handle = backend.session_create(1, 0)
+print(backend.classify(handle, b"img").tag)
+model = Model(1, (), (("saved_model.pb", b"g"),))
+t = Tensor(bytes(4), (1,), 1)
+print(backend.model_run(handle, Framework.TENSORFLOW, model,
+                        ModelRun((t,), 1, None, (("i", 0),), (("o", 0),)))[0] == t)
+backend.session_release(handle)
+print("VACCEL_BACKENDS" in os.environ, "VACCEL_PLUGINS" in os.environ)
+"""
+
+
+def test_05_plugin_registered_in_process(cc: str, tmp_path: Path, calls: Calls) -> None:
+    """In a fresh process: libvaccel global with no plugin variable, then the plugin by hand."""
+    double = cdouble.build_double("0.5", tmp_path / "fresh", cc)
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    out = subprocess.run(
+        [sys.executable, "-c", _FRESH_05, str(double.libvaccel), str(double.plugin)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == [NOOP_TAG, "True", "False False"]
+    # the constructor ran without plugins (generation probe, then this process)
+    assert [line for line in calls.lines() if line.startswith("init ")] == [
+        "init abi=5 VACCEL_BACKENDS=(unset)"
+    ] * 2
+    assert calls.lines().count("register_plugin name=vdouble-noop") == 1
+    assert calls.lines().count("register_plugin_functions nr_ops=4") == 1
+    _no_bad_args(calls)
+
+
+def test_05_a_file_that_is_no_plugin_is_one_line(
+    make_double: Callable[[str], Any], tmp_path: Path
+) -> None:
+    double = make_double("0.5")
+    lib = lv._LOADED.get(os.path.realpath(str(double.libvaccel)))
+    if lib is None:
+        LibvaccelBackend(str(double.plugin), libvaccel=str(double.libvaccel)).start()
+        lib = lv._LOADED[os.path.realpath(str(double.libvaccel))]
+    with pytest.raises(VaccelrayError) as info:
+        lib[0].load_plugin_in_process(str(double.libvaccel))  # a library, not a plugin
+    assert "is not a vAccel plugin (no vaccel_plugin symbol)" in str(info.value)
+    missing = tmp_path / "none.so"
+    with pytest.raises(OSError, match=r"none\.so"):
+        lib[0].load_plugin_in_process(str(missing))

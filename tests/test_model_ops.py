@@ -11,8 +11,11 @@ the worker's, and replays loads in order when a session moves).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,7 +23,7 @@ import anyio.abc
 import pytest
 
 from tests.clusters import serving_scheduler
-from tests.processes import Proc, start_daemons, worker_argv
+from tests.processes import Proc, start_daemon, start_daemons, worker_argv
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
@@ -575,3 +578,182 @@ async def test_a_model_the_worker_side_no_longer_maps_is_unknown_not_sent_as_ano
                 assert caught.value.message == f"Unknown PyTorch model {model}"
         finally:
             stop.set()
+
+
+# -- on libvaccel (the C doubles of each generation) ------------------------------------
+
+#: The frameworks whose model ops each libvaccel generation has (DESIGN §5).
+LIBVACCEL_FRAMEWORKS = {
+    "0.5": {Framework.TENSORFLOW},
+    "0.6": {Framework.TENSORFLOW, Framework.TFLITE},
+    "0.7": set(Framework),
+    "current": set(Framework),
+}
+#: Tensors whose bytes fit their shapes in every framework (the worker checks).
+TF_INPUTS = [(b"\x00\x00\x80?" * 6, [2, 3], 1), (b"\x07", [1], 4)]
+TFLITE_INPUTS = [(b"\x00\x00\x80?" * 6, [2, 3], 1), (b"\x07", [1], 3)]
+TORCH_INPUTS = [(b"\x00\x00\x80?" * 6, [2, 3], 7), (b"\x07", [1], 1)]
+
+
+def _cdouble() -> Any:
+    name = "cdouble_build"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent / "cdouble" / "build.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def libvaccel_worker(generation: str, tmp: Any, **env: str) -> Proc:
+    """A worker process on the *generation* double (each worker loads its own)."""
+    cdouble = _cdouble()
+    cc = cdouble.find_cc()
+    if cc is None:
+        pytest.skip("no C compiler (cc): cannot build the libvaccel test doubles")
+    double = cdouble.build_double(generation, tmp / f"double-{generation}", cc)
+    argv = worker_argv(
+        "-a",
+        "tcp://127.0.0.1:0",
+        "--backend",
+        str(double.plugin),
+        "--libvaccel",
+        str(double.libvaccel),
+        "--pool-size",
+        "0",
+    )
+    return start_daemon(argv, env={"VDOUBLE_LOG": str(tmp / "calls.log"), **env})[0]
+
+
+async def _unimplemented(agent: AgentClient, rpc: Rpc[Any, Any], request: Any) -> None:
+    with pytest.raises(RPCError) as caught:
+        await agent.call(rpc, request)
+    assert caught.value.code == StatusCode.UNIMPLEMENTED, rpc.method
+    assert caught.value.message == f"backend libvaccel does not support {rpc.method}"
+
+
+async def exercise_libvaccel(
+    agent: AgentClient, generation: str, session: int, model: int, synced: bytes = b"weights"
+) -> None:
+    """Every model method on one generation's double: noop answers, or 12 where it has none."""
+    have = LIBVACCEL_FRAMEWORKS[generation]
+    tf_load = pb.TensorflowModelLoadRequest(session_id=session, model_id=model)
+    tf_run = pb.TensorflowModelRunRequest(
+        session_id=session,
+        model_id=model,
+        run_options=b"opts",
+        in_nodes=[pb.TFNode(name="in0", id=0), pb.TFNode(name="in1", id=1)],
+        out_nodes=[pb.TFNode(name="out0", id=0), pb.TFNode(name="out1", id=1)],
+        in_tensors=tensors(pb.TFTensor, *TF_INPUTS),
+    )
+    tf_unload = pb.TensorflowModelUnloadRequest(session_id=session, model_id=model)
+    load = await agent.call(s.TENSORFLOW_MODEL_LOAD, tf_load)
+    assert (load.status.code, load.status.message) == (0, NOOP_STATUS)  # the plugin's status
+    assert shown((await agent.call(s.TENSORFLOW_MODEL_RUN, tf_run)).out_tensors) == TF_INPUTS
+    unload = await agent.call(s.TENSORFLOW_MODEL_UNLOAD, tf_unload)
+    assert (unload.status.code, unload.status.message) == (0, NOOP_STATUS)
+
+    lite_load = pb.TensorflowLiteModelLoadRequest(session_id=session, model_id=model)
+    lite_run = pb.TensorflowLiteModelRunRequest(
+        session_id=session,
+        model_id=model,
+        in_tensors=tensors(pb.TFLiteTensor, *TFLITE_INPUTS),
+        nr_out_tensors=1,
+    )
+    lite_unload = pb.TensorflowLiteModelUnloadRequest(session_id=session, model_id=model)
+    if Framework.TFLITE in have:
+        await agent.call(s.TENSORFLOW_LITE_MODEL_LOAD, lite_load)
+        ran = await agent.call(s.TENSORFLOW_LITE_MODEL_RUN, lite_run)
+        assert shown(ran.out_tensors) == TFLITE_INPUTS[:1]
+        await agent.call(s.TENSORFLOW_LITE_MODEL_UNLOAD, lite_unload)
+    else:
+        await _unimplemented(agent, s.TENSORFLOW_LITE_MODEL_LOAD, lite_load)
+        await _unimplemented(agent, s.TENSORFLOW_LITE_MODEL_RUN, lite_run)
+        await _unimplemented(agent, s.TENSORFLOW_LITE_MODEL_UNLOAD, lite_unload)
+
+    torch_load = pb.TorchModelLoadRequest(session_id=session, model_id=model)
+    torch_run = pb.TorchModelRunRequest(
+        session_id=session,
+        model_id=model,
+        run_options=b"opts",
+        in_tensors=tensors(pb.TorchTensor, *TORCH_INPUTS),
+        nr_out_tensors=2,
+    )
+    if Framework.TORCH in have:
+        await agent.call(s.TORCH_MODEL_LOAD, torch_load)
+        assert shown((await agent.call(s.TORCH_MODEL_RUN, torch_run)).out_tensors) == TORCH_INPUTS
+        # more outputs than inputs: the plugin's EINVAL
+        torch_run.nr_out_tensors = 3
+        with pytest.raises(RPCError) as caught:
+            await agent.call(s.TORCH_MODEL_RUN, torch_run)
+        assert caught.value.code == StatusCode.INVALID_ARGUMENT
+    else:
+        await _unimplemented(agent, s.TORCH_MODEL_LOAD, torch_load)
+        await _unimplemented(agent, s.TORCH_MODEL_RUN, torch_run)
+
+    sync = pb.SyncResourceRequest(resource_id=model)
+    if generation == "current":
+        answer = await agent.call(s.SYNC_RESOURCE, sync)
+        assert [(b.type, b.name, bytes(b.data)) for b in answer.blobs] == [
+            (pb.BUFFER, "model.pb", synced)
+        ]
+    else:
+        await _unimplemented(agent, s.SYNC_RESOURCE, sync)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("generation", list(LIBVACCEL_FRAMEWORKS))
+async def test_every_model_method_on_each_libvaccel_generation(
+    generation: str, tmp_path: Any
+) -> None:
+    # the current double's vaccel_resource_sync writes into the blob, as an op could
+    worker = libvaccel_worker(generation, tmp_path, VDOUBLE_SYNC_WRITE="WEIGHT")
+    try:
+        async with connect(worker.address) as client:
+            agent = AgentClient(client, timeout=LIVENESS)
+            session = await agent.create_session()
+            model = await register(agent, session, ("model.pb", b"weights"))
+            await exercise_libvaccel(agent, generation, session, model, b"WEIGHTs")
+            await assert_unknown_models(agent, session, model + 5)
+            await agent.call(s.DESTROY_SESSION, pb.DestroySessionRequest(session_id=session))
+        worker.wait_for(f"session:{session} TensorFlow model run")
+    finally:
+        worker.stop()
+    log = (tmp_path / "calls.log").read_text()
+    assert "BADARG" not in log
+    run = {"0.5": "vaccel_tf_session_run", "current": "vaccel_tf_model_run"}.get(
+        generation, "vaccel_tf_session_run"
+    )
+    assert f"{run} id=1 framework=tf nr_in=2 nr_out=2 options=4" in log
+    torch = {"0.7": "vaccel_torch_jitload_forward", "current": "vaccel_torch_model_run"}
+    if generation in torch:  # PyTorch's run options reach the library too
+        assert f"{torch[generation]} id=1 framework=torch nr_in=2 nr_out=2 options=4" in log
+    # the model object went with the session
+    unregister = (
+        "vaccel_sess_unregister" if generation in ("0.5", "0.6") else "vaccel_resource_unregister"
+    )
+    assert unregister in log
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("generation", ["0.5", "current"])
+async def test_libvaccel_model_methods_through_the_scheduler(
+    generation: str, tmp_path: Any
+) -> None:
+    worker = libvaccel_worker(generation, tmp_path)
+    try:
+        async with (
+            serving_scheduler(scheduler_config(worker.address)) as sched,
+            connect(sched.addresses[0]) as client,
+        ):
+            agent = AgentClient(client, timeout=LIVENESS)
+            session = await agent.create_session()
+            await register(agent, session, ("other", b"first"))
+            model = await register(agent, session, ("model.pb", b"weights"))
+            await exercise_libvaccel(agent, generation, session, model)
+    finally:
+        worker.stop()
+    assert "BADARG" not in (tmp_path / "calls.log").read_text()

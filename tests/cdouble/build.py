@@ -69,11 +69,11 @@ def build_double(generation: str, outdir: Path, cc: str | None = None) -> Double
     (outdir / "libvaccel.so").symlink_to(real.name)
     (outdir / soname).symlink_to(real.name)
     plugin = outdir / "libvaccel-double.so"
-    # The plugin links the library by soname.  (Real 0.5 plugins did not and
-    # relied on RTLD_GLOBAL, but glibc makes an RTLD_GLOBAL library's symbols
-    # global only after its constructor ran, so a plugin loaded from the
-    # constructor cannot resolve them that way; see the test that shows it.)
-    link = [f"-L{outdir}", "-l:" + soname]
+    # From 0.6 on the plugin links the library by soname.  A 0.5 plugin does
+    # not (no DT_NEEDED): it finds the library's symbols only in the global
+    # scope, so loading it from the library's constructor fails and the
+    # worker registers it itself (LibvaccelBackend, 0.5).
+    link = [] if generation == "0.5" else [f"-L{outdir}", "-l:" + soname]
     subprocess.run(
         [cc, *flags, "-o", str(plugin), str(HERE / "plugin_double.c"), *link],
         check=True,

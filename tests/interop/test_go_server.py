@@ -24,7 +24,9 @@ import pytest
 
 from tests.processes import Proc
 from tests.waiting import LIVENESS, eventually, liveness
+from vaccelray.agent_client import AgentClient
 from vaccelray.errors import ConnectError, Detail, RPCError, StatusCode, TransportError
+from vaccelray.protocol import services as s
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.transport.client import connect
 
@@ -394,3 +396,68 @@ async def test_classify_falls_back_to_the_agent_protocol_on_a_plain_agent(go_ser
 
     results = await classify_images([b"one", b"two", b"three"], go_server, concurrency=2)
     assert results == [Classified("This is a dummy classification tag!")] * 3
+
+
+async def test_model_methods_of_a_go_agent_through_our_client(go_server: str) -> None:
+    """vaccelray's agent client against a Go agent serving the model methods like noop."""
+    async with connect(go_server) as client:
+        agent = AgentClient(client, timeout=LIVENESS)
+        session = await agent.create_session()
+        request = pb.RegisterResourceRequest(session_id=session, resource_type=pb.MODEL)
+        request.blobs.add(type=pb.BUFFER, name="model.pb", data=b"weights", size=7)
+        model = (await agent.call(s.REGISTER_RESOURCE, request)).resource_id
+        load = await agent.call(
+            s.TENSORFLOW_MODEL_LOAD,
+            pb.TensorflowModelLoadRequest(session_id=session, model_id=model),
+        )
+        assert load.status.message == "Operation handled by noop plugin"
+        tensor = pb.TFTensor(data=b"abcd", dims=[1], type=1)
+        ran = await agent.call(
+            s.TENSORFLOW_MODEL_RUN,
+            pb.TensorflowModelRunRequest(
+                session_id=session,
+                model_id=model,
+                in_nodes=[pb.TFNode(name="in")],
+                out_nodes=[pb.TFNode(name="out")],
+                in_tensors=[tensor],
+            ),
+        )
+        assert list(ran.out_tensors) == [tensor]
+        torch = pb.TorchTensor(data=b"x", dims=[1], type=1)
+        await agent.call(
+            s.TORCH_MODEL_LOAD, pb.TorchModelLoadRequest(session_id=session, model_id=model)
+        )
+        out = await agent.call(
+            s.TORCH_MODEL_RUN,
+            pb.TorchModelRunRequest(
+                session_id=session, model_id=model, in_tensors=[torch], nr_out_tensors=1
+            ),
+        )
+        assert list(out.out_tensors) == [torch]
+        lite = pb.TFLiteTensor(data=b"y", dims=[1], type=3)
+        out = await agent.call(
+            s.TENSORFLOW_LITE_MODEL_RUN,
+            pb.TensorflowLiteModelRunRequest(
+                session_id=session, model_id=model, in_tensors=[lite], nr_out_tensors=1
+            ),
+        )
+        assert list(out.out_tensors) == [lite]
+        synced = await agent.call(s.SYNC_RESOURCE, pb.SyncResourceRequest(resource_id=model))
+        assert [(b.name, b.data) for b in synced.blobs] == [("model.pb", b"weights")]
+        with pytest.raises(RPCError) as info:
+            await agent.call(
+                s.TORCH_MODEL_RUN,
+                pb.TorchModelRunRequest(session_id=session, model_id=model + 9, nr_out_tensors=0),
+            )
+        assert (info.value.code, info.value.message) == (
+            StatusCode.NOT_FOUND,
+            f"Unknown PyTorch model {model + 9}",
+        )
+        with pytest.raises(RPCError) as info:
+            await agent.call(
+                s.TORCH_MODEL_RUN,
+                pb.TorchModelRunRequest(
+                    session_id=session, model_id=model, in_tensors=[torch], nr_out_tensors=2
+                ),
+            )
+        assert info.value.code == StatusCode.INVALID_ARGUMENT

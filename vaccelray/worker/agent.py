@@ -671,20 +671,29 @@ class Agent:
 
         return _Plan(None, _nothing, finish)
 
-    def _sync_resource(self, request: pb.SyncResourceRequest, ctx: CallContext) -> _Plan[None]:
+    def _sync_resource(
+        self, request: pb.SyncResourceRequest, ctx: CallContext
+    ) -> _Plan[list[tuple[int, str, bytes]] | None]:
         """The resource's blobs as they are now (ops may write them; ours do not yet)."""
         resource = self.resources.get(request.resource_id)
         if resource is None:
             raise unknown_resource(request.resource_id)
 
-        def finish(_: None) -> bytes:
+        model = resource.model()
+
+        def finish(synced: list[tuple[int, str, bytes]] | None) -> bytes:
             log.info("Synced resource %d", resource.id)
             response = pb.SyncResourceResponse()
-            for (name, data), kind in zip(resource.blobs, resource.blob_types, strict=True):
+            if synced is None:
+                synced = [
+                    (kind, name, data)
+                    for (name, data), kind in zip(resource.blobs, resource.blob_types, strict=True)
+                ]
+            for kind, name, data in synced:
                 response.blobs.add(type=kind, name=name, data=data, size=len(data))
             return response.SerializeToString()
 
-        return _Plan(None, lambda: None, finish)
+        return _Plan(None, lambda: self.backend.sync_resource(model), finish)
 
     # -- models ----------------------------------------------------------------------
 
@@ -773,6 +782,8 @@ PROFILER_COMPONENT: Final = "vaccelray-agent"
 def _model_run(framework: Framework, request: Any) -> ModelRun:
     """What a run request asks of the backend (TensorFlow: one output per output node)."""
     inputs = tuple(Tensor(t.data, tuple(t.dims), t.type) for t in request.in_tensors)
+    if framework is Framework.TORCH:
+        return ModelRun(inputs, request.nr_out_tensors, request.run_options or None)
     if framework is not Framework.TENSORFLOW:
         return ModelRun(inputs, request.nr_out_tensors)
     return ModelRun(

@@ -202,6 +202,14 @@ class Backend(ABC):
         """Run a loaded *model*: ``run.outputs`` output tensors from ``run.inputs``."""
         raise self.unsupported(f"{framework.method_prefix}ModelRun")
 
+    def sync_resource(self, model: Model) -> list[tuple[int, str, bytes]] | None:
+        """A resource's blobs as the backend holds them now: (type, name, bytes) each.
+
+        None (the default) means the backend keeps no copy of its own, and the
+        blobs are what the client registered.
+        """
+        return None
+
     def profile(self, handle: SessionHandle) -> dict[str, list[tuple[int, int]]]:
         """Profiling regions of the session: name -> (start, time) samples (none by default)."""
         return {}

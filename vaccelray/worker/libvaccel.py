@@ -37,12 +37,31 @@ import subprocess
 import sys
 import sysconfig
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import TypeVar
 
 from vaccelray.errors import RPCError, StatusCode, VaccelrayError
-from vaccelray.worker.backend import Arg, Backend, Classification, SessionHandle
-from vaccelray.worker.libvaccel_abi import Libvaccel, NativeSession, VaccelError, open_library
+from vaccelray.worker.backend import (
+    Arg,
+    Backend,
+    Classification,
+    Framework,
+    Model,
+    ModelRun,
+    SessionHandle,
+    Tensor,
+)
+from vaccelray.worker.libvaccel_abi import (
+    MARKER_SYMBOLS,
+    AbiGeneration,
+    Libvaccel,
+    NativeSession,
+    VaccelError,
+    detect_generation,
+    open_library,
+)
+from vaccelray.worker.libvaccel_models import LibraryError, NativeModel
 
 __all__ = [
     "SEARCH_ORDER_HELP",
@@ -66,14 +85,21 @@ SEARCH_ORDER_HELP = (
 )
 
 _LIB_NAMES = ("libvaccel.so", "libvaccel.so.0")
+_SYMBOLS = (
+    "import ctypes, os, sys\n"
+    "lib = ctypes.CDLL(sys.argv[1], mode=os.RTLD_NOW)\n"
+    "print('symbols:', *[n for n in sys.argv[2:] if hasattr(lib, n)], flush=True)\n"
+)
 _PROBE = (
     "import ctypes, os, sys\n"
     "ctypes.CDLL(sys.argv[1], mode=os.RTLD_NOW | os.RTLD_GLOBAL)\n"
     "print('loaded', flush=True)\n"
 )
 #: One libvaccel per process: its constructor ran with the first plugin list.
-_LOADED: dict[str, Libvaccel] = {}
+_LOADED: dict[str, tuple[Libvaccel, str]] = {}
 _LOAD_LOCK = threading.Lock()
+
+_T = TypeVar("_T")
 
 DEFAULT_TEXT_SIZE = 512
 DEFAULT_IMGNAME_SIZE = 512
@@ -173,11 +199,45 @@ def _resolve_plugin(plugin: str, libvaccel: str) -> str:
     return plugin  # leave it to the dynamic loader's own search
 
 
-def _set_plugin_env(plugins: str) -> None:
+def _set_plugin_env(plugins: str | None) -> None:
     # Both generations: VACCEL_PLUGINS (0.7+, wins when both are set) and
-    # VACCEL_BACKENDS (0.5/0.6). Set before the library is loaded.
-    os.environ["VACCEL_PLUGINS"] = plugins
-    os.environ["VACCEL_BACKENDS"] = plugins
+    # VACCEL_BACKENDS (0.5/0.6). Set before the library is loaded; None
+    # unsets them (the constructor then loads no plugin).
+    for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS"):
+        if plugins is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = plugins
+
+
+def _probe_generation(path: str, timeout: float = 30.0) -> AbiGeneration:
+    """The library's generation, read in a child that loads it without plugins.
+
+    It must be known before the library is loaded here: a 0.5 library must
+    not be given its plugins through the environment.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("VACCEL_PLUGINS", "VACCEL_BACKENDS")}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _SYMBOLS, path, *MARKER_SYMBOLS],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise LibvaccelLoadError(f"loading {path} did not finish in {timeout:.0f} s") from exc
+    lines = proc.stdout.splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("symbols:"):
+        errors = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        detail = errors[-1] if errors else f"exit status {proc.returncode}"
+        raise LibvaccelLoadError(f"could not load {path}: {detail}")
+    present = set(lines[-1].split()[1:])
+    try:
+        return detect_generation(present.__contains__)
+    except VaccelrayError as exc:
+        raise LibvaccelLoadError(f"{path}: {exc}") from exc
 
 
 def _probe(path: str, plugins: str, timeout: float = 30.0) -> None:
@@ -214,12 +274,14 @@ def _probe(path: str, plugins: str, timeout: float = 30.0) -> None:
 class _Session:
     """The backend's handle for one agent session."""
 
-    __slots__ = ("agent_id", "lock", "native", "out_imgname", "out_text")
+    __slots__ = ("agent_id", "lock", "models", "native", "out_imgname", "out_text")
 
     def __init__(self, agent_id: int, native: NativeSession, text: int, imgname: int) -> None:
         self.agent_id = agent_id
         self.native = native
         self.lock = threading.Lock()
+        #: Models made in the library for this session: (model id, kind) -> object.
+        self.models: dict[tuple[int, str], NativeModel] = {}
         # Reused by every call of the session (calls are serialised): no
         # per-call allocation, cleared before each call.
         self.out_text = ctypes.create_string_buffer(text)
@@ -277,28 +339,50 @@ class LibvaccelBackend(Backend):
         plugins = ":".join(self.plugin_paths)
         with _LOAD_LOCK:
             key = os.path.realpath(path) if os.sep in path else path
-            lib = _LOADED.get(key)
-            if lib is None:
-                if self.probe:
-                    _probe(path, plugins)
-                _set_plugin_env(plugins)
-                try:
-                    lib = open_library(path)
-                except OSError as exc:
-                    raise LibvaccelLoadError(f"could not load {path}: {exc}") from exc
-                except VaccelrayError as exc:
-                    raise LibvaccelLoadError(f"{path}: {exc}") from exc
-                _LOADED[key] = lib
-            elif os.environ.get("VACCEL_PLUGINS") != plugins:
-                log.warning(
-                    "libvaccel %s is already loaded in this process with plugins %s; "
-                    "it keeps those",
-                    lib.path,
-                    os.environ.get("VACCEL_PLUGINS"),
-                )
+            loaded = _LOADED.get(key)
+            if loaded is None:
+                lib = self._open(path, plugins)
+                _LOADED[key] = (lib, plugins)
+            else:
+                lib, with_plugins = loaded
+                if with_plugins != plugins:
+                    log.warning(
+                        "libvaccel %s is already loaded in this process with plugins %s; "
+                        "it keeps those",
+                        lib.path,
+                        with_plugins,
+                    )
         self.lib = lib
         self._global = threading.Lock() if lib.global_lock else None
         log.info("Loaded %s", self.describe())
+
+    def _open(self, path: str, plugins: str) -> Libvaccel:
+        """Load libvaccel with the plugins, the way its generation needs."""
+        generation = _probe_generation(path)
+        try:
+            if generation.name == "0.5":
+                # 0.5 plugins do not link libvaccel: its constructor cannot load them
+                # (undefined symbol), so load it without them and register them here.
+                _set_plugin_env(None)
+                lib = open_library(path, global_symbols=True)
+                for plugin in self.plugin_paths:
+                    try:
+                        lib.load_plugin_in_process(plugin)
+                    except (OSError, VaccelrayError) as exc:
+                        raise LibvaccelLoadError(
+                            f"loading vAccel plugin {plugin} into {path}: {exc}"
+                        ) from exc
+                return lib
+            if self.probe:
+                _probe(path, plugins)
+            _set_plugin_env(plugins)
+            return open_library(path)
+        except OSError as exc:
+            raise LibvaccelLoadError(f"could not load {path}: {exc}") from exc
+        except LibvaccelLoadError:
+            raise
+        except VaccelrayError as exc:
+            raise LibvaccelLoadError(f"{path}: {exc}") from exc
 
     def close(self) -> None:
         with self._sessions_lock:
@@ -346,6 +430,10 @@ class LibvaccelBackend(Backend):
     def _release(self, session: _Session) -> None:
         lib = self._loaded()
         with session.lock, self._guard():
+            models = list(session.models.values())
+            session.models.clear()
+            for native in models:
+                lib.models.release(native, session.native.address)
             lib.session_free(session.native)
 
     # -- sessions -------------------------------------------------------------------
@@ -432,3 +520,93 @@ class LibvaccelBackend(Backend):
                 return lib.exec(session.native, library, symbol, read, write)
             except VaccelError as exc:
                 raise _rpc_error(exc) from exc
+
+    # -- models ---------------------------------------------------------------------
+
+    def _model(self, session: _Session, framework: Framework, model: Model) -> NativeModel:
+        """The library's object for *model* in *session*: made and registered on first use."""
+        ops = self._loaded().models
+        key = (model.id, ops.kind(framework))
+        native = session.models.get(key)
+        if native is None:
+            native = ops.make(session.native.address, framework, model)
+            session.models[key] = native
+        return native
+
+    def _model_call(
+        self,
+        handle: SessionHandle,
+        framework: Framework,
+        model: Model,
+        op: str,
+        verb: str,
+        call: Callable[[int, NativeModel], _T],
+    ) -> _T:
+        session = self._handle(handle)
+        ops = self._loaded().models
+        ops.check(framework, op, verb)
+        with session.lock, self._guard():
+            try:
+                return call(session.native.address, self._model(session, framework, model))
+            except LibraryError as exc:
+                raise _rpc_error(VaccelError(exc.function, exc.code)) from exc
+
+    def model_load(self, handle: SessionHandle, framework: Framework, model: Model) -> str:
+        ops = self._loaded().models
+        return self._model_call(
+            handle,
+            framework,
+            model,
+            "ModelLoad",
+            "load",
+            lambda sess, native: ops.load(sess, framework, native),
+        )
+
+    def model_unload(self, handle: SessionHandle, framework: Framework, model: Model) -> str:
+        ops = self._loaded().models
+        return self._model_call(
+            handle,
+            framework,
+            model,
+            "ModelUnload",
+            "unload",
+            lambda sess, native: ops.unload(sess, framework, native),
+        )
+
+    def model_run(
+        self, handle: SessionHandle, framework: Framework, model: Model, run: ModelRun
+    ) -> list[Tensor]:
+        ops = self._loaded().models
+        return self._model_call(
+            handle,
+            framework,
+            model,
+            "ModelRun",
+            "run",
+            lambda sess, native: ops.run(sess, framework, native, run),
+        )
+
+    def sync_resource(self, model: Model) -> list[tuple[int, str, bytes]] | None:
+        """``vaccel_resource_sync`` of the library's copy of *model* (current libvaccel).
+
+        None when no session made it in the library yet (the agent's copy is
+        then the resource as it is); UNIMPLEMENTED on a library without it.
+        """
+        ops = self._loaded().models
+        if not ops.can_sync:
+            raise self.unsupported("SyncResource")
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            native = session.models.get((model.id, "resource"))
+            if native is None:
+                continue
+            with session.lock, self._guard():
+                if native is not session.models.get((model.id, "resource")):
+                    continue  # released meanwhile
+                try:
+                    blobs = ops.sync(session.native.address, native)
+                except LibraryError as exc:
+                    raise _rpc_error(VaccelError(exc.function, exc.code)) from exc
+                return [(blob.type, blob.name, blob.data) for blob in blobs]
+        return None

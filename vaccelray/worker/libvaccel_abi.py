@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from vaccelray.errors import VaccelrayError
+from vaccelray.worker.libvaccel_models import ModelOps
 
 __all__ = [
     "GENERATIONS",
@@ -136,6 +137,12 @@ class _ArgCurrent(ctypes.Structure):
 
 
 _U32_MAX: Final = 0xFFFFFFFF
+
+#: 0.5's ``struct vaccel_plugin {void *dl_handle; list entry; list ops; info *}``:
+#: ``info`` after a pointer and two 16-byte list heads; ``init`` is the third
+#: member of ``struct vaccel_plugin_info {name; version; init; ...}``.
+PLUGIN_INFO_OFFSET: Final = 40
+PLUGIN_INIT_OFFSET: Final = 16
 
 #: Bytes reserved for a caller-allocated ``struct vaccel_session`` (4264 today;
 #: 24-48 in old releases): generous, and only the id at offset 0 is read.
@@ -255,6 +262,8 @@ class Libvaccel:
         self.generation = detect_generation(self.has)
         self.global_lock = self.generation.global_lock
         self._lock = threading.Lock()
+        #: Plugins loaded in-process (0.5): kept loaded as long as the library.
+        self._plugins: list[ctypes.CDLL] = []
         if self.has("vaccel_arg_init"):
             self._arg_type: type[ctypes.Structure] = _ArgCurrent
         elif self.has("vaccel_args_init"):
@@ -303,6 +312,7 @@ class Libvaccel:
         )
         self.path = _loaded_file(self._classify) or origin
         self.version, self.version_source = self._find_version()
+        self.models = ModelOps(self.function, self.has)
 
     # -- introspection ---------------------------------------------------------
 
@@ -339,6 +349,50 @@ class Libvaccel:
         func.argtypes = tuple(argtypes)
         func.restype = restype
         return func  # type: ignore[no-any-return]
+
+    def function(
+        self, name: str, argtypes: Sequence[Any], restype: Any = ctypes.c_int
+    ) -> Callable[..., Any] | None:
+        """The library's function *name*, declared; None when the library lacks it."""
+        return self._declare(name, argtypes, restype) if self.has(name) else None
+
+    def load_plugin_in_process(self, path: str) -> None:
+        """Register a 0.5-shaped plugin the way the library's constructor would.
+
+        A 0.5 plugin does not link libvaccel: it finds ``register_plugin_functions``
+        only among global symbols, which this library's are once it is loaded
+        ``RTLD_GLOBAL`` (while its constructor runs they are not yet, so the
+        constructor must not be the one loading it). The plugin exports
+        ``const struct vaccel_plugin *vaccel_plugin``; ``register_plugin`` takes
+        it, then the plugin's ``info->init()`` registers its operations.
+        """
+        register = self.function("register_plugin", (ctypes.c_void_p,))
+        if register is None:
+            raise VaccelrayError(
+                "this libvaccel exports no register_plugin: its plugins load through "
+                "VACCEL_PLUGINS/VACCEL_BACKENDS only"
+            )
+        plugin = ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        try:
+            pointer = ctypes.c_void_p.in_dll(plugin, "vaccel_plugin").value
+        except ValueError as exc:
+            raise VaccelrayError(
+                f"{path} is not a vAccel plugin (no vaccel_plugin symbol)"
+            ) from exc
+        if not pointer:
+            raise VaccelrayError(f"{path}: its vaccel_plugin pointer is NULL")
+        self._check("register_plugin", register(pointer))
+        info = ctypes.c_void_p.from_address(pointer + PLUGIN_INFO_OFFSET).value
+        init_address = (
+            ctypes.c_void_p.from_address(info + PLUGIN_INIT_OFFSET).value if info else None
+        )
+        if not init_address:
+            raise VaccelrayError(f"{path}: its plugin info has no init function")
+        init = ctypes.CFUNCTYPE(ctypes.c_int)(init_address)
+        self._check(f"{os.path.basename(path)} init", init())
+        # The library closes the plugin with this handle at cleanup, as if it had opened it.
+        ctypes.c_void_p.from_address(pointer).value = plugin._handle
+        self._plugins.append(plugin)
 
     def _check(self, function: str, ret: Any) -> None:
         if ret != 0:
@@ -450,12 +504,27 @@ class Libvaccel:
         return [buffer.raw for buffer in write_bufs]
 
 
-def open_library(path: str) -> Libvaccel:
+def open_library(path: str, *, global_symbols: bool = False) -> Libvaccel:
     """Load libvaccel from *path* (a path or a name for the dynamic loader).
 
     The plugin variables must already be set: the library's constructor reads
-    them while this runs. ``RTLD_GLOBAL`` makes libvaccel's symbols available to
-    libraries loaded afterwards (0.5-era plugins relied on it).
+    them while this runs. *global_symbols* (``RTLD_GLOBAL``) makes libvaccel's
+    symbols available to libraries loaded afterwards, which 0.5 plugins need
+    (:meth:`Libvaccel.load_plugin_in_process`); later plugins link libvaccel.
     """
-    lib = ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    mode = os.RTLD_NOW | (os.RTLD_GLOBAL if global_symbols else os.RTLD_LOCAL)
+    lib = ctypes.CDLL(path, mode=mode)
     return Libvaccel(lib, path)
+
+
+#: The symbols that tell the generations apart (:func:`detect_generation`).
+MARKER_SYMBOLS: Final = (
+    "vaccel_session_new",
+    "vaccel_session_delete",
+    "vaccel_session_init",
+    "vaccel_session_release",
+    "vaccel_session_free",
+    "vaccel_sess_init",
+    "vaccel_sess_free",
+    "vaccel_args_init",
+)

@@ -461,8 +461,10 @@ func (c *checker) checkModels() []result {
 	reg["model_id"] = model
 	out = append(out, reg)
 
+	// Each tensor carries the bytes its dims and type need (4 floats; 1 uint8):
+	// a worker on libvaccel refuses fewer, which a plugin would read past.
 	in := []*vaccel.TFTensor{
-		{Data: []byte("abcd"), Dims: []int64{2, 2}, Type: 1},
+		{Data: []byte("abcdefghijklmnop"), Dims: []int64{2, 2}, Type: 1},
 		{Data: []byte("z"), Dims: []int64{1}, Type: 4},
 	}
 	tfLoad := result{"check": "tf_load"}
@@ -477,7 +479,7 @@ func (c *checker) checkModels() []result {
 	var runResp vaccel.TensorflowModelRunResponse
 	outcome(tfRun, "", c.call(mainService, "TensorflowModelRun", &vaccel.TensorflowModelRunRequest{
 		SessionId: id, ModelId: model,
-		InNodes:   []*vaccel.TFNode{{Name: "in", Id: 0}},
+		InNodes:   []*vaccel.TFNode{{Name: "in", Id: 0}, {Name: "in", Id: 1}}, // one per tensor
 		OutNodes:  []*vaccel.TFNode{{Name: "out", Id: 0}, {Name: "out", Id: 1}},
 		InTensors: in,
 	}, &runResp))
@@ -497,7 +499,7 @@ func (c *checker) checkModels() []result {
 	var liteResp vaccel.TensorflowLiteModelRunResponse
 	outcome(lite, "run_", c.call(mainService, "TensorflowLiteModelRun", &vaccel.TensorflowLiteModelRunRequest{
 		SessionId: id, ModelId: model, NrOutTensors: 1,
-		InTensors: []*vaccel.TFLiteTensor{{Data: []byte("lite"), Dims: []int32{4}, Type: 2}},
+		InTensors: []*vaccel.TFLiteTensor{{Data: []byte("lite"), Dims: []int32{4}, Type: 3}},
 	}, &liteResp))
 	liteOut := [][]interface{}{}
 	for _, t := range liteResp.OutTensors {
@@ -512,7 +514,7 @@ func (c *checker) checkModels() []result {
 	var torchResp vaccel.TorchModelRunResponse
 	outcome(torch, "run_", c.call(mainService, "TorchModelRun", &vaccel.TorchModelRunRequest{
 		SessionId: id, ModelId: model, RunOptions: []byte("opts"), NrOutTensors: 2,
-		InTensors: []*vaccel.TorchTensor{{Data: []byte("t0"), Dims: []int64{2}, Type: 1}, {Data: []byte("t1"), Dims: []int64{1, 2}, Type: 7}},
+		InTensors: []*vaccel.TorchTensor{{Data: []byte("t0"), Dims: []int64{2}, Type: 1}, {Data: []byte("t1t1t1t1"), Dims: []int64{1, 2}, Type: 7}},
 	}, &torchResp))
 	torchOut := [][]interface{}{}
 	for _, t := range torchResp.OutTensors {

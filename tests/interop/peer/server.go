@@ -35,10 +35,11 @@ type agent struct {
 	nextSession  int64
 	sessions     map[int64]bool
 	nextResource int64
+	resources    map[int64][]*vaccel.Blob
 }
 
 func newAgent() *agent {
-	return &agent{nextSession: 1, nextResource: 1, sessions: map[int64]bool{}}
+	return &agent{nextSession: 1, nextResource: 1, sessions: map[int64]bool{}, resources: map[int64][]*vaccel.Blob{}}
 }
 
 func (a *agent) check(id int64) error {
@@ -112,6 +113,7 @@ func (a *agent) RegisterResource(ctx context.Context, req *vaccel.RegisterResour
 	defer a.mu.Unlock()
 	id := a.nextResource
 	a.nextResource++
+	a.resources[id] = req.Blobs
 	return &vaccel.RegisterResourceResponse{ResourceId: id}, nil
 }
 
@@ -119,47 +121,121 @@ func (a *agent) UnregisterResource(ctx context.Context, req *vaccel.UnregisterRe
 	return &vaccel.EmptyResponse{}, nil
 }
 
-// The model methods of the newest agent: the generated interface asks for
-// them; the peer's server does not serve them (registerAgent leaves them
-// out), so a client gets UNIMPLEMENTED from it, as from an older agent.
+// The model methods answer like vAccel's noop plugin: loads and unloads
+// succeed (TensorFlow's with the plugin's status), a run echoes input i as
+// output i for each output asked for, a PyTorch model with no blob is EINVAL,
+// and sync returns the blobs as registered. A model id must name a resource.
+
+const noopStatus = "Operation handled by noop plugin"
+
+func (a *agent) model(session, id int64, noun string) ([]*vaccel.Blob, error) {
+	if err := a.check(session); err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	blobs, ok := a.resources[id]
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "Unknown %s %d", noun, id)
+	}
+	return blobs, nil
+}
+
+func echoCount(asked uint64, have int) (int, error) {
+	if asked > uint64(have) {
+		return 0, status.Errorf(codes.InvalidArgument, "%d outputs asked of %d inputs", asked, have)
+	}
+	return int(asked), nil
+}
+
 func (a *agent) SyncResource(ctx context.Context, req *vaccel.SyncResourceRequest) (*vaccel.SyncResourceResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "SyncResource")
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	blobs, ok := a.resources[req.ResourceId]
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "Unknown resource %d", req.ResourceId)
+	}
+	return &vaccel.SyncResourceResponse{Blobs: blobs}, nil
 }
 
 func (a *agent) TensorflowModelLoad(ctx context.Context, req *vaccel.TensorflowModelLoadRequest) (*vaccel.TensorflowModelLoadResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "TensorflowModelLoad")
+	if _, err := a.model(req.SessionId, req.ModelId, "TensorFlow model"); err != nil {
+		return nil, err
+	}
+	return &vaccel.TensorflowModelLoadResponse{Status: &vaccel.OpStatus{Message: noopStatus}}, nil
 }
 
 func (a *agent) TensorflowModelUnload(ctx context.Context, req *vaccel.TensorflowModelUnloadRequest) (*vaccel.TensorflowModelUnloadResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "TensorflowModelUnload")
+	if _, err := a.model(req.SessionId, req.ModelId, "TensorFlow model"); err != nil {
+		return nil, err
+	}
+	return &vaccel.TensorflowModelUnloadResponse{Status: &vaccel.OpStatus{Message: noopStatus}}, nil
 }
 
 func (a *agent) TensorflowModelRun(ctx context.Context, req *vaccel.TensorflowModelRunRequest) (*vaccel.TensorflowModelRunResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "TensorflowModelRun")
+	if _, err := a.model(req.SessionId, req.ModelId, "TensorFlow model"); err != nil {
+		return nil, err
+	}
+	n, err := echoCount(uint64(len(req.OutNodes)), len(req.InTensors))
+	if err != nil {
+		return nil, err
+	}
+	return &vaccel.TensorflowModelRunResponse{OutTensors: req.InTensors[:n], Status: &vaccel.OpStatus{Message: noopStatus}}, nil
 }
 
 func (a *agent) TensorflowLiteModelLoad(ctx context.Context, req *vaccel.TensorflowLiteModelLoadRequest) (*vaccel.EmptyResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "TensorflowLiteModelLoad")
+	if _, err := a.model(req.SessionId, req.ModelId, "TensorFlow Lite model"); err != nil {
+		return nil, err
+	}
+	return &vaccel.EmptyResponse{}, nil
 }
 
 func (a *agent) TensorflowLiteModelUnload(ctx context.Context, req *vaccel.TensorflowLiteModelUnloadRequest) (*vaccel.EmptyResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "TensorflowLiteModelUnload")
+	if _, err := a.model(req.SessionId, req.ModelId, "TensorFlow Lite model"); err != nil {
+		return nil, err
+	}
+	return &vaccel.EmptyResponse{}, nil
 }
 
 func (a *agent) TensorflowLiteModelRun(ctx context.Context, req *vaccel.TensorflowLiteModelRunRequest) (*vaccel.TensorflowLiteModelRunResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "TensorflowLiteModelRun")
+	if _, err := a.model(req.SessionId, req.ModelId, "TensorFlow Lite model"); err != nil {
+		return nil, err
+	}
+	n, err := echoCount(req.NrOutTensors, len(req.InTensors))
+	if err != nil {
+		return nil, err
+	}
+	return &vaccel.TensorflowLiteModelRunResponse{OutTensors: req.InTensors[:n]}, nil
 }
 
 func (a *agent) TorchModelLoad(ctx context.Context, req *vaccel.TorchModelLoadRequest) (*vaccel.EmptyResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "TorchModelLoad")
+	blobs, err := a.model(req.SessionId, req.ModelId, "PyTorch model")
+	if err != nil {
+		return nil, err
+	}
+	if len(blobs) == 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "PyTorch model %d has no file to load", req.ModelId)
+	}
+	return &vaccel.EmptyResponse{}, nil
 }
 
 func (a *agent) TorchModelRun(ctx context.Context, req *vaccel.TorchModelRunRequest) (*vaccel.TorchModelRunResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "TorchModelRun")
+	if _, err := a.model(req.SessionId, req.ModelId, "PyTorch model"); err != nil {
+		return nil, err
+	}
+	n, err := echoCount(req.NrOutTensors, len(req.InTensors))
+	if err != nil {
+		return nil, err
+	}
+	return &vaccel.TorchModelRunResponse{OutTensors: req.InTensors[:n]}, nil
 }
 
+// GetProfiler: the session's profiling regions; the noop peer records none.
 func (a *agent) GetProfiler(ctx context.Context, req *vaccel.ProfilerRequest) (*vaccel.ProfilerResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "GetProfiler")
+	if err := a.check(req.SessionId); err != nil {
+		return nil, err
+	}
+	return &vaccel.ProfilerResponse{Profiler: &vaccel.Profiler{}}, nil
 }
 
 // registerAgent serves one agent under all four vAccel service names (the
@@ -214,6 +290,76 @@ func registerAgent(srv *ttrpc.Server, a *agent) {
 				return nil, err
 			}
 			return a.UnregisterResource(ctx, &req)
+		},
+		"GetProfiler": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.ProfilerRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.GetProfiler(ctx, &req)
+		},
+		"SyncResource": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.SyncResourceRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.SyncResource(ctx, &req)
+		},
+		"TensorflowModelLoad": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.TensorflowModelLoadRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.TensorflowModelLoad(ctx, &req)
+		},
+		"TensorflowModelUnload": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.TensorflowModelUnloadRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.TensorflowModelUnload(ctx, &req)
+		},
+		"TensorflowModelRun": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.TensorflowModelRunRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.TensorflowModelRun(ctx, &req)
+		},
+		"TensorflowLiteModelLoad": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.TensorflowLiteModelLoadRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.TensorflowLiteModelLoad(ctx, &req)
+		},
+		"TensorflowLiteModelUnload": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.TensorflowLiteModelUnloadRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.TensorflowLiteModelUnload(ctx, &req)
+		},
+		"TensorflowLiteModelRun": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.TensorflowLiteModelRunRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.TensorflowLiteModelRun(ctx, &req)
+		},
+		"TorchModelLoad": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.TorchModelLoadRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.TorchModelLoad(ctx, &req)
+		},
+		"TorchModelRun": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+			var req vaccel.TorchModelRunRequest
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			return a.TorchModelRun(ctx, &req)
 		},
 	}
 	for _, name := range agentServices {

@@ -1,0 +1,103 @@
+"""containerd's Go ttrpc client against workers on each libvaccel generation (C doubles).
+
+The worker runs ``--backend <plugin double> --libvaccel <library double>``;
+the Go peer's ``models`` check plays a vAccel application using TensorFlow,
+TFLite and PyTorch, directly and through ``vaccelray scheduler``. Each op the
+generation has answers as vAccel's noop plugin would; the others are
+UNIMPLEMENTED naming the op and the backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.interop.model_checks import LIBVACCEL_FRAMEWORKS, assert_libvaccel_models
+from tests.processes import Proc, scheduler_argv, start_daemon, worker_argv
+
+CDOUBLE = Path(__file__).resolve().parent.parent / "cdouble" / "build.py"
+
+
+def _cdouble() -> Any:
+    name = "cdouble_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, CDOUBLE)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def start_libvaccel_worker(generation: str, tmp: Path) -> Proc:
+    cdouble = _cdouble()
+    cc = cdouble.find_cc()
+    if cc is None:
+        pytest.skip("no C compiler (cc): cannot build the libvaccel test doubles")
+    double = cdouble.build_double(generation, tmp / f"double-{generation}", cc)
+    argv = worker_argv(
+        "-a",
+        "tcp://127.0.0.1:0",
+        "--backend",
+        str(double.plugin),
+        "--libvaccel",
+        str(double.libvaccel),
+        "--pool-size",
+        "0",
+    )
+    return start_daemon(argv, env={"VDOUBLE_LOG": str(tmp / "calls.log")})[0]
+
+
+def models(peer: Path, address: str) -> dict[str, list[dict[str, Any]]]:
+    out = subprocess.run(
+        [str(peer), "client", "-addr", address, "-check", "models"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    by_check: dict[str, list[dict[str, Any]]] = {}
+    for line in out.stdout.splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_check.setdefault(record["check"], []).append(record)
+    return by_check
+
+
+@pytest.mark.parametrize("generation", list(LIBVACCEL_FRAMEWORKS))
+def test_go_client_model_methods_on_a_libvaccel_worker(
+    go_peer: Path, generation: str, tmp_path: Path
+) -> None:
+    worker = start_libvaccel_worker(generation, tmp_path)
+    try:
+        assert_libvaccel_models(models(go_peer, worker.address), generation)
+    finally:
+        worker.stop()
+    assert "BADARG" not in (tmp_path / "calls.log").read_text()
+
+
+@pytest.mark.parametrize("generation", ["0.5", "current"])
+def test_go_client_model_methods_through_the_scheduler_on_libvaccel(
+    go_peer: Path, generation: str, tmp_path: Path
+) -> None:
+    worker = start_libvaccel_worker(generation, tmp_path)
+    try:
+        sched, address = start_daemon(
+            scheduler_argv("-a", "tcp://127.0.0.1:0", "--no-discover", "--worker", worker.address)
+        )
+        try:
+            sched.wait_for(f"Worker {worker.address} is up", timeout=30)
+            assert_libvaccel_models(models(go_peer, address), generation)
+        finally:
+            sched.stop()
+    finally:
+        worker.stop()
+    assert "BADARG" not in (tmp_path / "calls.log").read_text()
