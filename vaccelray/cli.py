@@ -60,20 +60,34 @@ def _octal_mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return mode
 
 
-def _setup_logging(level: str, daemon: str | None = None) -> None:
+LOG_FORMATS = click.Choice(["text", "json"], case_sensitive=False)
+
+log_format_option = click.option(
+    "--log-format",
+    type=LOG_FORMATS,
+    default="text",
+    show_default=True,
+    help="text: 'TIME LEVEL message' lines; json: one JSON object per line (time, level, "
+    "logger, message, request_id) for log shippers.",
+)
+
+
+def _setup_logging(level: str, daemon: str | None = None, log_format: str = "text") -> None:
     """Log to stderr at *level*; a *daemon*'s life-cycle logger stays at INFO.
 
     The life-cycle lines (backend, "Listening on", shutdown) show at any level
     because scripts wait for the ready line; --log-level quietens per-call events.
     """
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
-    if daemon is not None:
-        logging.getLogger(f"vaccelray.{daemon}").setLevel(logging.INFO)
+    from vaccelray import logs
+
+    keep = None if daemon is None else f"vaccelray.{daemon}"
+    logs.setup(level, log_format="json" if log_format.lower() == "json" else "text", keep_info=keep)
 
 
 def _fail(message: str, code: int) -> NoReturn:
+    from vaccelray import logs
+
+    logs.flush()  # the lines logged before it come first
     click.echo(f"vaccelray: {message}", err=True)
     sys.exit(code)
 
@@ -520,6 +534,7 @@ def task_sandbox_options(command: _F) -> _F:
 @agent_limit_options
 @task_sandbox_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@log_format_option
 def worker(
     addresses: tuple[str, ...],
     backend: str | None,
@@ -546,10 +561,11 @@ def worker(
     max_inflight: int,
     sandbox: SandboxConfig,
     log_level: str,
+    log_format: str,
 ) -> None:
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
 
-    _setup_logging(log_level, daemon="worker")
+    _setup_logging(log_level, daemon="worker", log_format=log_format)
     keep_heap()
     if not addresses:
         addresses = (os.environ.get("VACCEL_AGENT_ENDPOINT") or DEFAULT_WORKER_ADDRESS,)
@@ -938,6 +954,7 @@ health-checked twice a second; one that does not answer leaves routing.
 @connection_limit_options
 @session_limit_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@log_format_option
 def scheduler(
     addresses: tuple[str, ...],
     workers: tuple[str, ...],
@@ -956,10 +973,11 @@ def scheduler(
     session_limits: SessionLimits,
     max_inflight: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
 
-    _setup_logging(log_level, daemon="scheduler")
+    _setup_logging(log_level, daemon="scheduler", log_format=log_format)
     keep_heap()
     addresses = addresses or (DEFAULT_SCHEDULER_ADDRESS,)
     for address in (*addresses, *workers):
