@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -40,6 +41,8 @@ _T = TypeVar("_T")
 
 #: Exit codes of ``vaccelray submit`` (documented in its --help).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: Exit code of a run stopped with Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
 #: Default of ``submit classify --retries`` (vaccelray.classify.DEFAULT_RETRIES; not
 #: imported from there so that the CLI starts without the transport).
 DEFAULT_CLASSIFY_RETRIES = 3
@@ -613,7 +616,8 @@ started in this process.
 
 \b
 Exit codes: 0 all done; 1 some work failed (a worker lost mid-run
-included); 2 bad input; 3 the address could not be reached at the start.
+included); 2 bad input; 3 the address could not be reached at the start;
+130 stopped with Ctrl-C.
 """
 
 
@@ -623,7 +627,7 @@ def submit() -> None:
 
 
 @submit.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-a", "--address", metavar="ENDPOINT", help="Worker or scheduler to use.")
 @click.option(
     "--timeout",
@@ -636,7 +640,22 @@ def submit() -> None:
     "--json",
     "as_json",
     is_flag=True,
-    help='Print one JSON object per image: {"path", "tag", "labels"} or {"path", "error"}.',
+    help='Print one JSON object per image: {"path", "tag", "labels"} or {"path", "error", '
+    '"kind"} (kind: the status name, e.g. INVALID_ARGUMENT for a bad image).',
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE.jsonl",
+    help="Append each image's result to FILE as one JSON line (as --json prints) as soon "
+    "as it is done; classifications are then not printed, failures still are.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip the images --output holds a classification of already (failed ones are "
+    "tried again).",
 )
 @click.option(
     "--concurrency",
@@ -665,36 +684,48 @@ def classify(
     address: str | None,
     timeout: float,
     as_json: bool,
+    output: Path | None,
+    resume: bool,
     concurrency: int,
     top_k: int,
     retries: int,
     log_level: str,
 ) -> None:
-    """Classify IMAGES; prints one line per image: PATH: LABEL (SCORE), ...
+    """Classify IMAGES (files, or directories of image files); one line per image.
 
-    Backends without scores (noop, vAccel plugins) print their tag text.
-    Each line is printed as its image is done, in the order they finish.
+    Prints PATH: LABEL (SCORE), ... as each image is done, in the order they
+    finish (backends without scores, noop and vAccel plugins, print their
+    tag text). A directory gives its image files (.jpg, .png, ...), all of
+    its tree, sorted.
+
+    On a terminal a progress bar shows images done, rate, ETA and failures
+    (on stderr, below the results); when stderr is not a terminal a plain
+    progress line comes every 10 s. A summary ends the run: classified,
+    failed by kind, rate. Ctrl-C stops it with the summary; each line
+    of --output is complete, and --resume goes on from there.
 
     An image whose connection or worker is lost (a scheduler there retries
     it on another worker) is tried again on a new connection, after a short
     pause that doubles while reconnecting gets nothing done. An image that
     still fails, or fails for itself (a bad image), is reported on stderr
-    (with --json: an "error" object on stdout), then a summary line; the
-    exit code is 1.
-
-    A progress bar is shown on a terminal when the results go elsewhere.
+    (with --json: an "error" object on stdout); the exit code is then 1.
     """
     from vaccelray.addressing import resolve_address
     from vaccelray.auth import client_token
-    from vaccelray.classify import Classified, classify_images
+    from vaccelray.batch import BatchError, ImageFiles, Progress, ResultLog, Tally, list_images
+    from vaccelray.batch import record as result_record
+    from vaccelray.classify import Result, classify_images
 
     _setup_logging(log_level)
-    payloads: list[tuple[Path, bytes]] = []
-    for path in images:
-        try:
-            payloads.append((path, path.read_bytes()))
-        except OSError as exc:
-            _fail(f"cannot read image {path}: {exc.strerror or exc}", EXIT_USAGE)
+    if resume and output is None:
+        _fail("--resume needs --output (the file to resume)", EXIT_USAGE)
+    try:
+        paths = list_images(images)
+        done_before = ResultLog.classified(output) if resume and output else set()
+        results_log = ResultLog(output) if output else None
+    except BatchError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    todo = [p for p in paths if str(p) not in done_before]
     target = resolve_address(address)
     token = None
     if target is not None:
@@ -703,55 +734,60 @@ def classify(
             token = client_token(target)
         except VaccelrayError as exc:
             _fail(str(exc), EXIT_USAGE)
-    show_bar = len(payloads) > 3 and sys.stderr.isatty() and not sys.stdout.isatty()
-    failed = 0
-    with click.progressbar(
-        length=len(payloads), label="Classifying", file=sys.stderr, hidden=not show_bar
-    ) as bar:
+    tally = Tally(total=len(todo), skipped=len(paths) - len(todo))
+    progress = Progress(tally, sys.stderr, tty=sys.stderr.isatty() and len(todo) > 1)
 
-        def report(i: int, result: Classified | RPCError) -> None:
-            # Printed (and flushed by click.echo) at once: a run cut short loses nothing.
-            nonlocal failed
-            path = payloads[i][0]
-            if isinstance(result, RPCError):
-                failed += 1
-                if as_json:
-                    click.echo(json.dumps({"path": str(path), "error": str(result)}))
-                else:
-                    clear = "\r\x1b[K" if show_bar else ""
-                    click.echo(f"{clear}vaccelray: {path}: {result}", err=True)
-            elif as_json:
-                labels = [{"label": label, "score": score} for label, score in result.labels]
-                click.echo(json.dumps({"path": str(path), "tag": result.tag, "labels": labels}))
-            else:
-                click.echo(f"{path}: {result}")
-            bar.update(1)
+    def report(i: int, result: Result) -> None:
+        # Written (and flushed) at once: a run cut short loses nothing.
+        path = todo[i]
+        body = result_record(path, result)
+        if results_log is not None:
+            results_log.write(body)
+        failed = isinstance(result, RPCError)
+        tally.add(body["kind"] if failed else None)
+        if as_json:
+            progress.above(json.dumps(body), sys.stdout)
+        elif failed:
+            progress.above(f"vaccelray: {path}: {result}")
+        elif results_log is None:
+            progress.above(f"{path}: {result}", sys.stdout)
+        progress.update()
 
-        try:
-            _run(
-                lambda: classify_images(
-                    [data for _, data in payloads],
-                    target,
-                    timeout=timeout,
-                    concurrency=concurrency,
-                    top_k=top_k,
-                    on_result=report,
-                    token=token,
-                    retries=retries,
-                )
+    def finish(code: int, message: str | None = None, *, interrupted: bool = False) -> NoReturn:
+        progress.finish()
+        if results_log is not None:
+            results_log.close()
+        if message is not None:
+            _fail(message, code)
+        summary = tally.summary(time.monotonic(), interrupted=interrupted, output=output)
+        click.echo(f"vaccelray: {summary}", err=True)
+        sys.exit(code)
+
+    if not todo:
+        finish(EXIT_OK)
+    try:
+        _run(
+            lambda: classify_images(
+                ImageFiles(todo),
+                target,
+                timeout=timeout,
+                concurrency=concurrency,
+                top_k=top_k,
+                on_result=report,
+                token=token,
+                retries=retries,
             )
-        except ConnectError as exc:
-            bar.render_finish()
-            _fail(
-                f"{exc} (is a worker running there? start one with: vaccelray worker)",
-                EXIT_UNREACHABLE,
-            )
-        except (RPCError, TransportError, VaccelrayError) as exc:
-            bar.render_finish()
-            _fail(str(exc), EXIT_FAILED)
-    if failed:
-        click.echo(f"vaccelray: {len(payloads) - failed} classified, {failed} failed", err=True)
-    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+        )
+    except KeyboardInterrupt:
+        finish(EXIT_INTERRUPTED, interrupted=True)
+    except ConnectError as exc:
+        finish(
+            EXIT_UNREACHABLE,
+            f"{exc} (is a worker running there? start one with: vaccelray worker)",
+        )
+    except (RPCError, TransportError, VaccelrayError, OSError) as exc:
+        finish(EXIT_FAILED, str(exc))
+    finish(EXIT_FAILED if tally.failures else EXIT_OK)
 
 
 def _parse_arg(text: str) -> object:
