@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -1047,15 +1048,55 @@ def scheduler(
     metavar="ENDPOINT",
     help="Scheduler or worker to ask.  [default: VACCELRAY_ADDRESS, else tcp://127.0.0.1:8190]",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (per refresh).")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
-def status(address: str | None, as_json: bool, timeout: float) -> None:
+@click.option(
+    "-w",
+    "--watch",
+    is_flag=True,
+    help="Refresh until Ctrl-C: in place on a terminal, else printed again each time "
+    "(after a '# TIME' line; with --json, one object per line). An address that does "
+    "not answer is shown as such and asked again.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes of --watch.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1),
+    help="Refreshes of --watch before it exits.  [default: until Ctrl-C]",
+)
+def status(
+    address: str | None,
+    as_json: bool,
+    timeout: float,
+    watch: bool,
+    interval: float,
+    count: int | None,
+) -> None:
     """Show the workers a scheduler sees (health, load, sessions, backend), or one worker."""
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS
-    from vaccelray.status import fetch_status, render, to_json
+    from vaccelray.status import Seen, fetch_status, frame, render, to_json
+    from vaccelray.status import watch as watch_status
 
     target = address or os.environ.get("VACCELRAY_ADDRESS") or DEFAULT_SCHEDULER_ADDRESS
     _check_endpoint(target)
+    if watch:
+        tty = sys.stdout.isatty()
+
+        def show(seen: Seen) -> None:
+            text = frame(seen, address=target, interval=interval, as_json=as_json, tty=tty)
+            click.echo(text)
+
+        with contextlib.suppress(KeyboardInterrupt):
+            _run(
+                lambda: watch_status(target, show, interval=interval, timeout=timeout, count=count)
+            )
+        sys.exit(EXIT_OK)
     try:
         result = _run(lambda: fetch_status(target, timeout=timeout))
     except ConnectError as exc:
