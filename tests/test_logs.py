@@ -401,3 +401,17 @@ def test_a_worker_writes_its_agent_lines_to_a_file_while_it_runs(tmp_path: Path)
         "Destroyed session 1",
     ]
     assert messages[-1] == "Shutting down"
+
+
+def test_a_large_batch_is_written_whole_and_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), interval=HOUR, flush_lines=HOUR_LINES)
+        try:
+            for i in range(1000):
+                sink.event("x", "line %d", (i,))
+            sink.flush()
+        finally:
+            sink.close()
+    messages = [line.split(" INFO ", 1)[1] for line in path.read_text().splitlines()]
+    assert messages == [f"line {i}" for i in range(1000)]

@@ -167,6 +167,9 @@ class JsonFormatter(logging.Formatter):
 # -- the sink ---------------------------------------------------------------
 
 
+#: Lines formatted between two writes (the GIL is let go at each write).
+_CHUNK: Final = 256
+
 #: An info line not formatted yet: (time, logger, message, args, request id).
 _Event = tuple[float, str, str, tuple[object, ...], "str | None"]
 
@@ -272,14 +275,35 @@ class Sink:
                 return
 
     def _write_queued(self) -> None:
-        queue = self._queue
-        popleft = queue.popleft
+        """Write what is queued now, a chunk at a time.
+
+        Formatting holds the GIL; each chunk's write lets it go, so the event
+        loop waits at most a chunk's formatting for it, not a whole batch's.
+        """
+        written: list[threading.Event] = []
+        left = len(self._queue)
+        dropped = self._dropped  # those dropped after the lines queued now
+        while left:
+            count = min(left, _CHUNK)
+            left -= count
+            lines = self._format(count, written)
+            if lines:
+                self._write("".join(lines).encode("utf-8", "backslashreplace"))
+        if dropped:
+            self._dropped -= dropped
+            note = f"({dropped} log lines dropped: stderr did not take them in time)\n"
+            self._write(note.encode())
+        for event in written:
+            event.set()
+
+    def _format(self, count: int, written: list[threading.Event]) -> list[str]:
+        """The next *count* lines of the queue; the flush events among them go to *written*."""
+        popleft = self._queue.popleft
         lines: list[str] = []
         append = lines.append
-        written: list[threading.Event] = []
         json_format = self.log_format == "json"
         stamp_ms, stamp = -1, ""  # most lines of a batch share their millisecond
-        for _ in range(len(queue)):
+        for _ in range(count):
             item = popleft()
             if type(item) is tuple:
                 now, logger, message, args, request_id = item
@@ -296,14 +320,7 @@ class Sink:
             else:
                 assert isinstance(item, threading.Event)
                 written.append(item)
-        dropped = self._dropped
-        if dropped:
-            self._dropped -= dropped
-            lines.append(f"({dropped} log lines dropped: stderr did not take them in time)\n")
-        if lines:
-            self._write("".join(lines).encode("utf-8", "backslashreplace"))
-        for event in written:
-            event.set()
+        return lines
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
