@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import REPO, Proc, child_env, sleepy_argv, start_daemon
+from tests.processes import REPO, Proc, child_env, interruptible_argv, sleepy_argv, start_daemon
 from tests.waiting import LIVENESS, until
 from vaccelray.batch import (
     BatchError,
@@ -347,7 +347,7 @@ def test_ctrl_c_leaves_whole_lines_and_resume_finishes(slow_worker: str, tmp_pat
         (folder / f"{i:02d}.jpg").write_bytes(b"x")
     out = tmp_path / "out.jsonl"
     args = ["-a", slow_worker, "--concurrency", "2", "-o", str(out), str(folder)]
-    proc = Proc([sys.executable, "-m", "vaccelray", "submit", "classify", *args])
+    proc = Proc(interruptible_argv("submit", "classify", *args))
     try:
         until(lambda: out.exists() and out.read_text().count("\n") >= 3, "three results")
         proc.signal(signal.SIGINT)

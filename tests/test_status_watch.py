@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.processes import REPO, Proc, child_env
+from tests.processes import REPO, Proc, child_env, interruptible_argv
 from tests.waiting import LIVENESS
 from vaccelray.errors import ConnectError
 from vaccelray.protocol.info import WorkerInfo
@@ -110,9 +110,7 @@ def test_a_terminal_is_redrawn_in_place(worker_process: Proc) -> None:
 
 
 def test_ctrl_c_ends_a_watch_cleanly(worker_process: Proc) -> None:
-    proc = Proc(
-        [sys.executable, "-m", "vaccelray", "status", "-a", worker_process.address, "--watch"]
-    )
+    proc = Proc(interruptible_argv("status", "-a", worker_process.address, "--watch"))
     try:
         proc.wait_for(r"^worker ", stream="stdout")
         proc.signal(signal.SIGINT)
