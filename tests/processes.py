@@ -179,3 +179,17 @@ def sleepy_argv(*args: str) -> list[str]:
 
 def scheduler_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "vaccelray", "scheduler", *args]
+
+
+#: Sets SIGINT to its default, then runs ``python -m vaccelray ARGS``.
+_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'vaccelray', *sys.argv[1:]])"
+)
+
+
+def interruptible_argv(*args: str) -> list[str]:
+    """``python -m vaccelray ARGS`` that Ctrl-C (SIGINT) reaches, whatever this process
+    inherited: a shell's background job (or mutmut's) ignores SIGINT, and so would the
+    commands it starts."""
+    return [sys.executable, "-c", _DEFAULT_SIGINT, *args]

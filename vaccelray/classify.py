@@ -59,6 +59,9 @@ async def classify_images(
 ) -> list[Result]:
     """The answer for each image, or the error its call ended with, in order.
 
+    *images* may read each image when asked for it (``images[i]``), and
+    raise RPCError for one it cannot have: that is the image's result.
+
     Asks vaccelray's ``Classify`` (top-*top_k* labels with scores, no
     session); a peer that does not serve it (a plain vAccel agent) is asked
     through the vAccel agent protocol instead, in *concurrency* sessions.
@@ -229,12 +232,22 @@ class _Run:
         return Classified(reply.tag, reply.labels)
 
     async def _probe(self, client: Client) -> None:
-        """Classify the next image; learn whether the peer serves Classify (with scores)."""
-        i = self._next()
-        if i is None:
+        """Classify the next image; learn whether the peer serves Classify (with scores).
+
+        An image that cannot even be had (*images* raised RPCError: a file
+        gone) fails at once and the next is taken: it tells nothing of the peer.
+        """
+        while (i := self._next()) is not None:
+            try:
+                image = self.images[i]
+            except RPCError as exc:
+                self._done(i, exc)
+            else:
+                break
+        else:
             return
         try:
-            result = await self._classify(client, self.images[i])
+            result = await self._classify(client, image)
         except TransportError as exc:
             self._failed(i, exc)
             return

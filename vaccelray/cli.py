@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -9,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -40,6 +42,8 @@ _T = TypeVar("_T")
 
 #: Exit codes of ``vaccelray submit`` (documented in its --help).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: Exit code of a run stopped with Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
 #: Default of ``submit classify --retries`` (vaccelray.classify.DEFAULT_RETRIES; not
 #: imported from there so that the CLI starts without the transport).
 DEFAULT_CLASSIFY_RETRIES = 3
@@ -60,20 +64,34 @@ def _octal_mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return mode
 
 
-def _setup_logging(level: str, daemon: str | None = None) -> None:
+LOG_FORMATS = click.Choice(["text", "json"], case_sensitive=False)
+
+log_format_option = click.option(
+    "--log-format",
+    type=LOG_FORMATS,
+    default="text",
+    show_default=True,
+    help="text: 'TIME LEVEL message' lines; json: one JSON object per line (time, level, "
+    "logger, message, request_id) for log shippers.",
+)
+
+
+def _setup_logging(level: str, daemon: str | None = None, log_format: str = "text") -> None:
     """Log to stderr at *level*; a *daemon*'s life-cycle logger stays at INFO.
 
     The life-cycle lines (backend, "Listening on", shutdown) show at any level
     because scripts wait for the ready line; --log-level quietens per-call events.
     """
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
-    if daemon is not None:
-        logging.getLogger(f"vaccelray.{daemon}").setLevel(logging.INFO)
+    from vaccelray import logs
+
+    keep = None if daemon is None else f"vaccelray.{daemon}"
+    logs.setup(level, log_format="json" if log_format.lower() == "json" else "text", keep_info=keep)
 
 
 def _fail(message: str, code: int) -> NoReturn:
+    from vaccelray import logs
+
+    logs.flush()  # the lines logged before it come first
     click.echo(f"vaccelray: {message}", err=True)
     sys.exit(code)
 
@@ -520,6 +538,7 @@ def task_sandbox_options(command: _F) -> _F:
 @agent_limit_options
 @task_sandbox_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@log_format_option
 def worker(
     addresses: tuple[str, ...],
     backend: str | None,
@@ -546,10 +565,11 @@ def worker(
     max_inflight: int,
     sandbox: SandboxConfig,
     log_level: str,
+    log_format: str,
 ) -> None:
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
 
-    _setup_logging(log_level, daemon="worker")
+    _setup_logging(log_level, daemon="worker", log_format=log_format)
     keep_heap()
     if not addresses:
         addresses = (os.environ.get("VACCEL_AGENT_ENDPOINT") or DEFAULT_WORKER_ADDRESS,)
@@ -597,7 +617,8 @@ started in this process.
 
 \b
 Exit codes: 0 all done; 1 some work failed (a worker lost mid-run
-included); 2 bad input; 3 the address could not be reached at the start.
+included); 2 bad input; 3 the address could not be reached at the start;
+130 stopped with Ctrl-C.
 """
 
 
@@ -607,7 +628,7 @@ def submit() -> None:
 
 
 @submit.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-a", "--address", metavar="ENDPOINT", help="Worker or scheduler to use.")
 @click.option(
     "--timeout",
@@ -620,7 +641,22 @@ def submit() -> None:
     "--json",
     "as_json",
     is_flag=True,
-    help='Print one JSON object per image: {"path", "tag", "labels"} or {"path", "error"}.',
+    help='Print one JSON object per image: {"path", "tag", "labels"} or {"path", "error", '
+    '"kind"} (kind: the status name, e.g. INVALID_ARGUMENT for a bad image).',
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE.jsonl",
+    help="Append each image's result to FILE as one JSON line (as --json prints) as soon "
+    "as it is done; classifications are then not printed, failures still are.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip the images --output holds a classification of already (failed ones are "
+    "tried again).",
 )
 @click.option(
     "--concurrency",
@@ -649,36 +685,48 @@ def classify(
     address: str | None,
     timeout: float,
     as_json: bool,
+    output: Path | None,
+    resume: bool,
     concurrency: int,
     top_k: int,
     retries: int,
     log_level: str,
 ) -> None:
-    """Classify IMAGES; prints one line per image: PATH: LABEL (SCORE), ...
+    """Classify IMAGES (files, or directories of image files); one line per image.
 
-    Backends without scores (noop, vAccel plugins) print their tag text.
-    Each line is printed as its image is done, in the order they finish.
+    Prints PATH: LABEL (SCORE), ... as each image is done, in the order they
+    finish (backends without scores, noop and vAccel plugins, print their
+    tag text). A directory gives its image files (.jpg, .png, ...), all of
+    its tree, sorted.
+
+    On a terminal a progress bar shows images done, rate, ETA and failures
+    (on stderr, below the results); when stderr is not a terminal a plain
+    progress line comes every 10 s. A summary ends the run: classified,
+    failed by kind, rate. Ctrl-C stops it with the summary; each line
+    of --output is complete, and --resume goes on from there.
 
     An image whose connection or worker is lost (a scheduler there retries
     it on another worker) is tried again on a new connection, after a short
     pause that doubles while reconnecting gets nothing done. An image that
     still fails, or fails for itself (a bad image), is reported on stderr
-    (with --json: an "error" object on stdout), then a summary line; the
-    exit code is 1.
-
-    A progress bar is shown on a terminal when the results go elsewhere.
+    (with --json: an "error" object on stdout); the exit code is then 1.
     """
     from vaccelray.addressing import resolve_address
     from vaccelray.auth import client_token
-    from vaccelray.classify import Classified, classify_images
+    from vaccelray.batch import BatchError, ImageFiles, Progress, ResultLog, Tally, list_images
+    from vaccelray.batch import record as result_record
+    from vaccelray.classify import Result, classify_images
 
     _setup_logging(log_level)
-    payloads: list[tuple[Path, bytes]] = []
-    for path in images:
-        try:
-            payloads.append((path, path.read_bytes()))
-        except OSError as exc:
-            _fail(f"cannot read image {path}: {exc.strerror or exc}", EXIT_USAGE)
+    if resume and output is None:
+        _fail("--resume needs --output (the file to resume)", EXIT_USAGE)
+    try:
+        paths = list_images(images)
+        done_before = ResultLog.classified(output) if resume and output else set()
+        results_log = ResultLog(output) if output else None
+    except BatchError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    todo = [p for p in paths if str(p) not in done_before]
     target = resolve_address(address)
     token = None
     if target is not None:
@@ -687,55 +735,60 @@ def classify(
             token = client_token(target)
         except VaccelrayError as exc:
             _fail(str(exc), EXIT_USAGE)
-    show_bar = len(payloads) > 3 and sys.stderr.isatty() and not sys.stdout.isatty()
-    failed = 0
-    with click.progressbar(
-        length=len(payloads), label="Classifying", file=sys.stderr, hidden=not show_bar
-    ) as bar:
+    tally = Tally(total=len(todo), skipped=len(paths) - len(todo))
+    progress = Progress(tally, sys.stderr, tty=sys.stderr.isatty() and len(todo) > 1)
 
-        def report(i: int, result: Classified | RPCError) -> None:
-            # Printed (and flushed by click.echo) at once: a run cut short loses nothing.
-            nonlocal failed
-            path = payloads[i][0]
-            if isinstance(result, RPCError):
-                failed += 1
-                if as_json:
-                    click.echo(json.dumps({"path": str(path), "error": str(result)}))
-                else:
-                    clear = "\r\x1b[K" if show_bar else ""
-                    click.echo(f"{clear}vaccelray: {path}: {result}", err=True)
-            elif as_json:
-                labels = [{"label": label, "score": score} for label, score in result.labels]
-                click.echo(json.dumps({"path": str(path), "tag": result.tag, "labels": labels}))
-            else:
-                click.echo(f"{path}: {result}")
-            bar.update(1)
+    def report(i: int, result: Result) -> None:
+        # Written (and flushed) at once: a run cut short loses nothing.
+        path = todo[i]
+        body = result_record(path, result)
+        if results_log is not None:
+            results_log.write(body)
+        failed = isinstance(result, RPCError)
+        tally.add(body["kind"] if failed else None)
+        if as_json:
+            progress.above(json.dumps(body), sys.stdout)
+        elif failed:
+            progress.above(f"vaccelray: {path}: {result}")
+        elif results_log is None:
+            progress.above(f"{path}: {result}", sys.stdout)
+        progress.update()
 
-        try:
-            _run(
-                lambda: classify_images(
-                    [data for _, data in payloads],
-                    target,
-                    timeout=timeout,
-                    concurrency=concurrency,
-                    top_k=top_k,
-                    on_result=report,
-                    token=token,
-                    retries=retries,
-                )
+    def finish(code: int, message: str | None = None, *, interrupted: bool = False) -> NoReturn:
+        progress.finish()
+        if results_log is not None:
+            results_log.close()
+        if message is not None:
+            _fail(message, code)
+        summary = tally.summary(time.monotonic(), interrupted=interrupted, output=output)
+        click.echo(f"vaccelray: {summary}", err=True)
+        sys.exit(code)
+
+    if not todo:
+        finish(EXIT_OK)
+    try:
+        _run(
+            lambda: classify_images(
+                ImageFiles(todo),
+                target,
+                timeout=timeout,
+                concurrency=concurrency,
+                top_k=top_k,
+                on_result=report,
+                token=token,
+                retries=retries,
             )
-        except ConnectError as exc:
-            bar.render_finish()
-            _fail(
-                f"{exc} (is a worker running there? start one with: vaccelray worker)",
-                EXIT_UNREACHABLE,
-            )
-        except (RPCError, TransportError, VaccelrayError) as exc:
-            bar.render_finish()
-            _fail(str(exc), EXIT_FAILED)
-    if failed:
-        click.echo(f"vaccelray: {len(payloads) - failed} classified, {failed} failed", err=True)
-    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+        )
+    except KeyboardInterrupt:
+        finish(EXIT_INTERRUPTED, interrupted=True)
+    except ConnectError as exc:
+        finish(
+            EXIT_UNREACHABLE,
+            f"{exc} (is a worker running there? start one with: vaccelray worker)",
+        )
+    except (RPCError, TransportError, VaccelrayError, OSError) as exc:
+        finish(EXIT_FAILED, str(exc))
+    finish(EXIT_FAILED if tally.failures else EXIT_OK)
 
 
 def _parse_arg(text: str) -> object:
@@ -938,6 +991,7 @@ health-checked twice a second; one that does not answer leaves routing.
 @connection_limit_options
 @session_limit_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@log_format_option
 def scheduler(
     addresses: tuple[str, ...],
     workers: tuple[str, ...],
@@ -956,10 +1010,11 @@ def scheduler(
     session_limits: SessionLimits,
     max_inflight: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
 
-    _setup_logging(log_level, daemon="scheduler")
+    _setup_logging(log_level, daemon="scheduler", log_format=log_format)
     keep_heap()
     addresses = addresses or (DEFAULT_SCHEDULER_ADDRESS,)
     for address in (*addresses, *workers):
@@ -993,15 +1048,55 @@ def scheduler(
     metavar="ENDPOINT",
     help="Scheduler or worker to ask.  [default: VACCELRAY_ADDRESS, else tcp://127.0.0.1:8190]",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (per refresh).")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
-def status(address: str | None, as_json: bool, timeout: float) -> None:
+@click.option(
+    "-w",
+    "--watch",
+    is_flag=True,
+    help="Refresh until Ctrl-C: in place on a terminal, else printed again each time "
+    "(after a '# TIME' line; with --json, one object per line). An address that does "
+    "not answer is shown as such and asked again.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes of --watch.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1),
+    help="Refreshes of --watch before it exits.  [default: until Ctrl-C]",
+)
+def status(
+    address: str | None,
+    as_json: bool,
+    timeout: float,
+    watch: bool,
+    interval: float,
+    count: int | None,
+) -> None:
     """Show the workers a scheduler sees (health, load, sessions, backend), or one worker."""
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS
-    from vaccelray.status import fetch_status, render, to_json
+    from vaccelray.status import Seen, fetch_status, frame, render, to_json
+    from vaccelray.status import watch as watch_status
 
     target = address or os.environ.get("VACCELRAY_ADDRESS") or DEFAULT_SCHEDULER_ADDRESS
     _check_endpoint(target)
+    if watch:
+        tty = sys.stdout.isatty()
+
+        def show(seen: Seen) -> None:
+            text = frame(seen, address=target, interval=interval, as_json=as_json, tty=tty)
+            click.echo(text)
+
+        with contextlib.suppress(KeyboardInterrupt):
+            _run(
+                lambda: watch_status(target, show, interval=interval, timeout=timeout, count=count)
+            )
+        sys.exit(EXIT_OK)
     try:
         result = _run(lambda: fetch_status(target, timeout=timeout))
     except ConnectError as exc:

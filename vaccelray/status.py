@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
+import anyio
 import msgspec
 
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import RPCError, StatusCode, TransportError, VaccelrayError
 from vaccelray.protocol.info import ClusterStatus, InfoRequest, WorkerInfo, WorkersRequest
 from vaccelray.protocol.services import INFO, WORKERS
 from vaccelray.transport.client import connect
 
-__all__ = ["fetch_status", "render", "to_json"]
+__all__ = ["fetch_status", "frame", "render", "to_json", "watch"]
+
+#: What a watch shows each time: the status, or why it could not be had.
+Seen = ClusterStatus | WorkerInfo | VaccelrayError
 
 
 async def fetch_status(address: str, *, timeout: float = 5.0) -> ClusterStatus | WorkerInfo:
@@ -77,3 +83,45 @@ def render(status: ClusterStatus | WorkerInfo) -> str:
         lines += _table(rows)
         lines.append("(inflight and sessions: through this scheduler / reported by the worker)")
     return "\n".join(lines)
+
+
+async def watch(
+    address: str,
+    show: Callable[[Seen], object],
+    *,
+    interval: float,
+    timeout: float = 5.0,
+    count: int | None = None,
+) -> None:
+    """Ask *address* for its status every *interval* seconds, *count* times (None: until
+    cancelled), and *show* each answer, or the error that stood in its place (a
+    scheduler being restarted is shown as such, and watched on)."""
+    shown = 0
+    while count is None or shown < count:
+        started = anyio.current_time()
+        try:
+            seen: Seen = await fetch_status(address, timeout=timeout)
+        except (RPCError, TransportError, VaccelrayError) as exc:
+            seen = exc
+        show(seen)
+        shown += 1
+        if count is None or shown < count:
+            await anyio.sleep(max(0.0, interval - (anyio.current_time() - started)))
+
+
+def frame(seen: Seen, *, address: str, interval: float, as_json: bool, tty: bool) -> str:
+    """One refresh of ``status --watch``.
+
+    On a terminal the screen is cleared first and a header names what is
+    watched; elsewhere each refresh is plain text after a ``# TIME`` line
+    (with --json: one object per line, an error as ``{"error": ...}``).
+    """
+    if as_json:
+        if isinstance(seen, VaccelrayError):
+            return msgspec.json.encode({"error": str(seen), "address": address}).decode()
+        return to_json(seen)
+    body = f"vaccelray: {seen}" if isinstance(seen, VaccelrayError) else render(seen)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    if tty:
+        return f"\x1b[H\x1b[J{address} every {interval:g} s  {stamp}\n\n{body}"
+    return f"# {stamp}\n{body}\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -23,12 +24,14 @@ from typing import Protocol, TypeVar, cast
 import anyio
 
 from vaccelray.errors import ConnectError, ProtocolError, RPCError, StatusCode, TransportError
+from vaccelray.logs import new_request_id, request_id_var
 from vaccelray.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     NEED_DATA,
     ClientConnection,
     ResponseReceived,
 )
+from vaccelray.protocol.request_id import REQUEST_ID_KEY, valid_request_id
 from vaccelray.protocol.services import Rpc
 from vaccelray.transport.endpoints import (
     Endpoint,
@@ -39,6 +42,8 @@ from vaccelray.transport.endpoints import (
 )
 
 __all__ = ["Client", "Outcome", "PendingCall", "client_from_socket", "connect", "open_client"]
+
+log = logging.getLogger("vaccelray.client")
 
 
 class _Message(Protocol):
@@ -202,6 +207,10 @@ class Client:
         caller cancels the call when it passes (a relay whose own deadline
         timer does so saves a timer per call). Raises TransportError when
         the connection is closed.
+
+        The call carries a request id (``vaccelray-request-id``): the current
+        one (a handler's, forwarding its call; one the caller set in
+        :data:`vaccelray.logs.request_id_var`), else a new one.
         """
         protocol = self._protocol
         transport = protocol.transport
@@ -212,8 +221,21 @@ class Client:
             if timeout <= 0:
                 raise RPCError(StatusCode.DEADLINE_EXCEEDED, f"{method}: no time left for the call")
             timeout_nano = max(1, math.ceil(timeout * 1e9))
+        request_id = request_id_var.get()
+        if request_id is None:
+            request_id = _sent_request_id(metadata) or new_request_id()
+        # Last: the receiver takes the last one (a forwarding handler's own wins).
+        metadata = (*metadata, (REQUEST_ID_KEY, request_id))
+        if log.isEnabledFor(logging.DEBUG):
+            traced = request_id_var.set(request_id)  # the debug line names it
+            log.debug("Calling %s/%s on %s", service, method, self.endpoint)
+            request_id_var.reset(traced)
         stream_id, data = protocol.proto.send_request(
-            service, method, payload, timeout_nano=timeout_nano, metadata=metadata
+            service,
+            method,
+            payload,
+            timeout_nano=timeout_nano,
+            metadata=metadata,
         )
         pending = protocol.waiters[stream_id] = PendingCall(protocol, stream_id, callback)
         if protocol.batch is not None:
@@ -392,3 +414,11 @@ async def open_client(
             f"cannot connect to {ep}: no answer within {connect_timeout:g} s"
         ) from None
     return Client(ep, protocol)
+
+
+def _sent_request_id(metadata: Sequence[tuple[str, str]]) -> str | None:
+    """The request id the caller put in *metadata* itself (a valid one), else None."""
+    for key, value in metadata:
+        if key == REQUEST_ID_KEY and valid_request_id(value):
+            return value
+    return None

@@ -52,6 +52,7 @@ import anyio
 import anyio.abc
 
 from vaccelray.errors import Reason, RemoteProtocolError, RPCError, StatusCode
+from vaccelray.logs import request_id_from, request_id_var
 from vaccelray.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     NEED_DATA,
@@ -602,12 +603,15 @@ class _Connection(asyncio.BufferedProtocol):
         )
 
     def _run_inline(self, method: Method, event: RequestReceived) -> bytes:
+        traced = request_id_var.set(request_id_from(event.metadata))
         try:
             payload = method.handler(event.payload, self._context(event))
         except RPCError as exc:
             return self._error(event.stream_id, exc)
         except Exception as exc:
             return self._internal(event, exc)
+        finally:
+            request_id_var.reset(traced)
         assert isinstance(payload, bytes)
         return self.proto.send_response(event.stream_id, payload)
 
@@ -615,7 +619,17 @@ class _Connection(asyncio.BufferedProtocol):
         return self._error(event.stream_id, _NOT_DISPATCHED)
 
     def _start_future(self, method: Method, event: RequestReceived) -> bytes | None:
-        """Start a *future* handler; the answer when it failed at once, else None."""
+        """Start a *future* handler; the answer when it failed at once, else None.
+
+        What the handler starts (callbacks, threads) keeps the call's request id.
+        """
+        traced = request_id_var.set(request_id_from(event.metadata))
+        try:
+            return self._start_traced_future(method, event)
+        finally:
+            request_id_var.reset(traced)
+
+    def _start_traced_future(self, method: Method, event: RequestReceived) -> bytes | None:
         ctx = self._context(event)
         try:
             future = method.handler(event.payload, ctx)
@@ -666,6 +680,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     async def _run_async(self, method: Method, event: RequestReceived) -> None:
         ctx = self._context(event)
+        request_id_var.set(request_id_from(event.metadata))  # this task's own context
         call = _TaskCall(
             event, anyio.CancelScope(deadline=inf if ctx.deadline is None else ctx.deadline)
         )
@@ -711,9 +726,13 @@ class _Connection(asyncio.BufferedProtocol):
         )
 
     def _internal(self, event: RequestReceived, exc: BaseException) -> bytes:
+        """INTERNAL, naming the request: its id finds the traceback in this daemon's log."""
         log.exception("%s/%s failed", event.service, event.method, exc_info=exc)
+        request_id = request_id_var.get() or request_id_from(event.metadata)
         return self.proto.send_response(
-            event.stream_id, code=StatusCode.INTERNAL, message=f"{type(exc).__name__}: {exc}"
+            event.stream_id,
+            code=StatusCode.INTERNAL,
+            message=f"{type(exc).__name__}: {exc} (request {request_id})",
         )
 
     def _write(self, out: list[bytes]) -> None:

@@ -33,6 +33,7 @@ import anyio.abc
 from vaccelray.auth import ExecPolicy
 from vaccelray.bounds import Bounds
 from vaccelray.errors import RPCError, StatusCode
+from vaccelray.logs import EventLog
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import encode_genop_response, unknown_resource, unknown_session
 from vaccelray.protocol.classify import ClassifyReply, ClassifyRequest
@@ -78,6 +79,8 @@ if sys.version_info < (3, 11):
 __all__ = ["Agent", "AgentLimits", "AgentSession"]
 
 log = logging.getLogger("vaccelray.agent")
+#: The agent-style per-event lines, written without a LogRecord each (cheap enough to leave on).
+events = EventLog("vaccelray.agent")
 
 _R = TypeVar("_R")
 _Q = TypeVar("_Q")
@@ -360,12 +363,12 @@ class Agent:
             session = AgentSession(session_id, flags, handle, owner)
             if not made():
                 # Nobody is left to use it or destroy it.
-                log.info("Created session %d for a closed connection", session_id)
+                events.info("Created session %d for a closed connection", session_id)
                 self._release_later(session)
             else:
                 self.sessions[session_id] = session
                 self._owned[owner] = self._owned.get(owner, 0) + 1
-                log.info("Created session %d", session_id)
+                events.info("Created session %d", session_id)
             return pb.CreateSessionResponse(session_id=session_id).SerializeToString()
 
         def undo() -> None:
@@ -379,7 +382,7 @@ class Agent:
 
         def finish(_: None) -> bytes:
             session.flags = request.flags
-            log.info("Updated session %d", session.id)
+            events.info("Updated session %d", session.id)
             return _EMPTY
 
         return _Plan(None, _nothing, finish)
@@ -397,14 +400,14 @@ class Agent:
 
         def finish(_: None) -> bytes:
             self._held -= 1
-            log.info("Destroyed session %d", session.id)
+            events.info("Destroyed session %d", session.id)
             return _EMPTY
 
         def undo() -> None:
             if called:  # the backend failed to release it: nothing more can be done
                 self._held -= 1
             else:  # cancelled before its turn: released all the same
-                log.info("Destroy of session %d cut off: releasing it in turn", session.id)
+                events.info("Destroy of session %d cut off: releasing it in turn", session.id)
                 self._release_later(session)
 
         return _Plan(session, work, finish, undo)
@@ -438,7 +441,7 @@ class Agent:
 
     def _released(self, session: AgentSession) -> None:
         self._held -= 1
-        log.info("Released session %d", session.id)
+        events.info("Released session %d", session.id)
 
     def _release_now(self, session: AgentSession) -> None:
         self._release(session)
@@ -501,7 +504,7 @@ class Agent:
         if owner not in self._owned:
             return
         orphans = [s for s in self.sessions.values() if s.owner == owner]
-        log.info("Connection %d closed: releasing its %d sessions", connection_id, len(orphans))
+        events.info("Connection %d closed: releasing its %d sessions", connection_id, len(orphans))
         for session in orphans:
             self._forget(session)
             self._release_later(session)
@@ -533,7 +536,7 @@ class Agent:
         self, request: pb.ImageClassificationRequest, ctx: CallContext
     ) -> _Plan[Any]:
         session = self._session(request.session_id)
-        log.info("session:%d Image classification", session.id)
+        events.info("session:%d Image classification", session.id)
         image = request.image
         if not image:
             raise RPCError(StatusCode.INVALID_ARGUMENT, f"session:{session.id} empty image")
@@ -550,7 +553,7 @@ class Agent:
             raise RPCError(
                 StatusCode.INVALID_ARGUMENT, f"top_k must be at least 1, got {request.top_k}"
             )
-        log.info("Classify (top %d)", request.top_k)
+        events.info("Classify (top %d)", request.top_k)
 
         def work() -> Classification:
             handle = self._shared_handle()
@@ -571,7 +574,7 @@ class Agent:
 
     def _genop(self, request: pb.GenopRequest, ctx: CallContext) -> _Plan[list[bytes]]:
         session = self._session(request.session_id)
-        log.info("session:%d Genop", session.id)
+        events.info("session:%d Genop", session.id)
         read_args = [_arg(a) for a in request.read_args]
         write_args = [_arg(a) for a in request.write_args]
         # Only these, not the request: its copy of every argument is dropped before the work.
@@ -648,7 +651,7 @@ class Agent:
             self._users[resource.id] += 1
 
         def finish(_: None) -> bytes:
-            log.info("session:%d Registered resource %d", session.id, resource.id)
+            events.info("session:%d Registered resource %d", session.id, resource.id)
             return pb.RegisterResourceResponse(resource_id=resource.id).SerializeToString()
 
         return _Plan(None, _nothing, finish)
@@ -666,7 +669,7 @@ class Agent:
         self._unuse(request.resource_id)
 
         def finish(_: None) -> bytes:
-            log.info("session:%d Unregistered resource %d", session.id, request.resource_id)
+            events.info("session:%d Unregistered resource %d", session.id, request.resource_id)
             return _EMPTY
 
         return _Plan(None, _nothing, finish)
@@ -682,7 +685,7 @@ class Agent:
         model = resource.model()
 
         def finish(synced: list[tuple[int, str, bytes]] | None) -> bytes:
-            log.info("Synced resource %d", resource.id)
+            events.info("Synced resource %d", resource.id)
             response = pb.SyncResourceResponse()
             if synced is None:
                 synced = [
@@ -706,7 +709,7 @@ class Agent:
         if model_id not in session.resources:
             raise unknown_resource(model_id, rpc.resource_noun)
         model = self.resources[model_id].model()
-        log.info("session:%d %s model %s", session.id, framework.value, verb)
+        events.info("session:%d %s model %s", session.id, framework.value, verb)
         backend, handle = self.backend, session.handle
         if verb == "run":
             run = _model_run(framework, request)
@@ -733,7 +736,7 @@ class Agent:
 
     def _get_profiler(self, request: pb.ProfilerRequest, ctx: CallContext) -> _Plan[Any]:
         session = self._session(request.session_id)
-        log.info("session:%d Get profiler", session.id)
+        events.info("session:%d Get profiler", session.id)
 
         def finish(regions: dict[str, list[tuple[int, int]]]) -> bytes:
             response = pb.ProfilerResponse()

@@ -1,0 +1,417 @@
+"""vaccelray.logs: the daemons' log lines, cheap, complete and in order.
+
+The sink is tested on real pipes and files (what stderr is for a user); a
+writer that must not run on its own timer is given a timer of an hour, so
+a line that shows up was written for the reason under test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.processes import REPO, child_env, start_daemon, worker_argv
+from tests.waiting import LIVENESS, until
+from vaccelray import logs
+from vaccelray.protocol.request_id import MAX_REQUEST_ID, REQUEST_ID_KEY
+
+#: logging's default asctime, then the level and the message.
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|DEBUG|WARNING|ERROR) (.*)$")
+HOUR = 3600.0
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    try:
+        yield r, w
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def read_some(fd: int) -> bytes:
+    """What the pipe holds once something is there (liveness deadline only)."""
+    ready, _, _ = select.select([fd], [], [], LIVENESS)
+    assert ready, "nothing was written to the pipe"
+    return os.read(fd, 1 << 20)
+
+
+def read_until(fd: int, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        data += read_some(fd)
+    return data
+
+
+# -- the sink -----------------------------------------------------------------
+
+
+def test_an_urgent_line_is_written_at_once(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR)
+    try:
+        sink.put("quiet\n")
+        sink.put("loud\n", urgent=True)
+        assert read_until(r, b"loud\n") == b"quiet\nloud\n"
+    finally:
+        sink.close()
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_timer(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, flush_lines=3)
+    try:
+        for i in range(3):
+            sink.put(f"{i}\n")
+        assert read_until(r, b"2\n") == b"0\n1\n2\n"
+    finally:
+        sink.close()
+
+
+def test_lines_are_written_by_the_timer(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=0.01)
+    try:
+        sink.put("one\n")
+        assert read_some(r) == b"one\n"
+    finally:
+        sink.close()
+
+
+def test_flush_waits_for_the_lines_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), interval=HOUR)
+        try:
+            sink.event("x", "session:%d Genop", (7,))
+            sink.put("plain\n")
+            assert sink.flush() is True
+            lines = path.read_text().splitlines()
+        finally:
+            sink.close()
+    assert len(lines) == 2
+    match = TEXT_LINE.match(lines[0])
+    assert match is not None
+    assert match.groups() == ("INFO", "session:7 Genop")
+    assert lines[1] == "plain"
+
+
+def test_close_writes_what_is_queued(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), interval=HOUR)
+        for i in range(5):
+            sink.put(f"{i}\n")
+        sink.close()
+    assert path.read_text() == "0\n1\n2\n3\n4\n"
+    assert sink.flush() is False  # nobody is left to write
+
+
+def test_a_pipe_nobody_reads_never_blocks_the_caller(pipe: tuple[int, int]) -> None:
+    """Lines past the bound are dropped and counted; the count shows once stderr takes lines."""
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, max_lines=4, stuck_after=0.0)
+    try:
+        sink.put("x" * (1 << 20) + "\n", urgent=True)  # more than the pipe holds: stuck
+        until(lambda: sink._write_started is not None, "the writer is in its write")
+        for i in range(10):
+            sink.put(f"{i}\n")  # returns: the caller is never held
+        reader = threading.Thread(target=lambda: received.append(read_all()))
+        received: list[bytes] = []
+
+        def read_all() -> bytes:
+            data = b""
+            while b"dropped" not in data or not data.endswith(b"\n"):
+                data += read_some(r)
+            return data
+
+        reader.start()
+        sink.flush()
+        reader.join(LIVENESS)
+    finally:
+        sink.close()
+    text = received[0].decode()
+    assert text.endswith("0\n1\n2\n3\n(6 log lines dropped: stderr did not take them in time)\n")
+
+
+def test_a_writer_only_behind_is_waited_for(tmp_path: Path) -> None:
+    """A full queue while the writer is not stuck: the caller waits and nothing is dropped."""
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), interval=HOUR, max_lines=2, flush_lines=HOUR_LINES)
+        try:
+            for i in range(50):
+                sink.put(f"{i}\n")
+            sink.flush()
+        finally:
+            sink.close()
+    assert path.read_text() == "".join(f"{i}\n" for i in range(50))
+
+
+HOUR_LINES = 1 << 30
+
+
+# -- formats -----------------------------------------------------------------
+
+
+def test_the_text_stamp_is_loggings_asctime() -> None:
+    formatter = logging.Formatter("%(asctime)s")
+    for now in (1700000000.0, 1700000000.999, 1700000001.5, 1700000001.5004):
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = now, int(now * 1000) % 1000
+        assert logs.text_stamp(now) == formatter.format(record)
+
+
+def test_json_stamp() -> None:
+    assert logs.json_stamp(1700000000.25) == "2023-11-14T22:13:20.250Z"
+    assert logs.json_stamp(1700000001.0) == "2023-11-14T22:13:21.000Z"
+
+
+def test_a_json_line_carries_the_request_id() -> None:
+    token = logs.request_id_var.set("abc-1")
+    try:
+        line = json.loads(logs.json_line(1700000000.0, "INFO", "vaccelray.agent", "Genop"))
+        other = json.loads(logs.json_line(0.0, "INFO", "a", "b", "trace", request_id="given"))
+    finally:
+        logs.request_id_var.reset(token)
+    assert line == {
+        "time": "2023-11-14T22:13:20.000Z",
+        "level": "info",
+        "logger": "vaccelray.agent",
+        "message": "Genop",
+        "request_id": "abc-1",
+    }
+    assert other["request_id"] == "given"
+    assert other["exception"] == "trace"
+    assert "request_id" not in json.loads(logs.json_line(0.0, "INFO", "a", "b"))
+
+
+def record(level: int, message: str) -> logging.LogRecord:
+    return logging.LogRecord("vaccelray.x", level, __file__, 1, message, None, None)
+
+
+def test_a_debug_line_inside_a_call_names_its_request() -> None:
+    formatter = logs.TextFormatter()
+    token = logs.request_id_var.set("r-9")
+    try:
+        debug = formatter.format(record(logging.DEBUG, "sent"))
+        info = formatter.format(record(logging.INFO, "Created session 1"))
+    finally:
+        logs.request_id_var.reset(token)
+    assert debug.endswith(" DEBUG sent [request r-9]")
+    assert info.endswith(" INFO Created session 1")
+    assert formatter.format(record(logging.DEBUG, "sent")).endswith(" DEBUG sent")
+
+
+def test_the_json_formatter_keeps_the_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("l", logging.ERROR, __file__, 1, "failed %d", (3,), sys.exc_info())
+    body = json.loads(logs.JsonFormatter().format(rec))
+    assert body["level"] == "error"
+    assert body["message"] == "failed 3"
+    assert "ValueError: boom" in body["exception"]
+
+
+# -- request ids ---------------------------------------------------------------
+
+
+def test_a_request_id_from_the_caller_is_kept() -> None:
+    meta = (("a", "b"), (REQUEST_ID_KEY, "first"), (REQUEST_ID_KEY, "client-42.x:y_z"))
+    assert logs.request_id_from(meta) == "client-42.x:y_z"
+
+
+@pytest.mark.parametrize("bad", ["", "x" * (MAX_REQUEST_ID + 1), "a b", "a\nb", "é"])
+def test_a_request_id_a_peer_garbled_is_replaced(bad: str) -> None:
+    made = logs.request_id_from(((REQUEST_ID_KEY, bad),))
+    assert made != bad
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]+", made)
+
+
+def test_the_longest_request_id_is_kept() -> None:
+    longest = "x" * MAX_REQUEST_ID
+    assert logs.request_id_from(((REQUEST_ID_KEY, longest),)) == longest
+
+
+def test_a_call_without_one_gets_a_new_one_each_time() -> None:
+    ids = {logs.request_id_from(()) for _ in range(100)}
+    assert len(ids) == 100
+
+
+# -- setup and EventLog ----------------------------------------------------------
+
+
+def test_without_a_sink_event_lines_go_through_logging(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vaccelray.t")
+    logs.EventLog("vaccelray.t").info("session:%d Image classification", 4)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("vaccelray.t", "session:4 Image classification")
+    ]
+
+
+def test_an_event_line_below_the_level_is_not_written(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="vaccelray.t")
+    logs.EventLog("vaccelray.t").info("session:%d Genop", 4)
+    assert caplog.records == []
+
+
+SCRIPT = """
+import logging, sys
+from vaccelray import logs
+logs.setup(sys.argv[1], log_format=sys.argv[2], keep_info="vaccelray.worker")
+events = logs.EventLog("vaccelray.agent")
+events.info("Created session %d", 1)
+logging.getLogger("vaccelray.worker").info("Listening on %s", "here")
+logging.getLogger("vaccelray.agent").debug("detail")
+events.info("session:%d Image classification", 1)
+if sys.argv[3] == "crash":
+    raise RuntimeError("fatal")
+"""
+
+
+def run_script(level: str, log_format: str, how: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, level, log_format, how],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=REPO,
+        timeout=LIVENESS,
+        check=False,
+    )
+
+
+def test_every_line_is_written_before_exit() -> None:
+    done = run_script("info", "text", "exit")
+    assert done.returncode == 0
+    lines = done.stderr.splitlines()
+    parsed = [TEXT_LINE.match(line) for line in lines]
+    assert [m.groups() for m in parsed if m] == [
+        ("INFO", "Created session 1"),
+        ("INFO", "Listening on here"),
+        ("INFO", "session:1 Image classification"),
+    ]
+    assert len(lines) == 3
+
+
+def test_a_fatal_error_comes_after_the_lines_before_it() -> None:
+    done = run_script("debug", "text", "crash")
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[0].endswith("INFO Created session 1")
+    assert lines[2].endswith("DEBUG detail")
+    assert lines[3].endswith("INFO session:1 Image classification")
+    assert lines[4] == "Traceback (most recent call last):"
+    assert lines[-1] == "RuntimeError: fatal"
+
+
+def test_the_level_quietens_events_but_not_the_daemon_life_cycle() -> None:
+    done = run_script("warning", "text", "exit")
+    assert [line.split(" ", 2)[2] for line in done.stderr.splitlines()] == [
+        "INFO Listening on here"
+    ]
+
+
+def test_json_format_is_one_object_per_line() -> None:
+    done = run_script("info", "json", "exit")
+    bodies = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(b["level"], b["logger"], b["message"]) for b in bodies] == [
+        ("info", "vaccelray.agent", "Created session 1"),
+        ("info", "vaccelray.worker", "Listening on here"),
+        ("info", "vaccelray.agent", "session:1 Image classification"),
+    ]
+
+
+def test_setup_leaves_someone_elses_logging_alone(caplog: pytest.LogCaptureFixture) -> None:
+    root = logging.getLogger()
+    before = list(root.handlers)
+    level = root.level
+    try:
+        logs.setup("debug")
+        assert root.handlers == before
+        assert logs._state.sink is None
+        assert root.level == logging.DEBUG
+    finally:
+        root.setLevel(level)
+
+
+def test_a_stream_without_a_descriptor_is_written_through_logging() -> None:
+    import io
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    level = root.level
+    stream = io.StringIO()
+    root.handlers.clear()
+    try:
+        logs.setup("info", stream=stream)
+        assert logs._state.sink is None
+        logs.EventLog("vaccelray.t2").info("Created session %d", 3)
+    finally:
+        logs.close()
+        root.handlers[:] = saved
+        root.setLevel(level)
+    match = TEXT_LINE.match(stream.getvalue().rstrip("\n"))
+    assert match is not None
+    assert match.groups() == ("INFO", "Created session 3")
+
+
+def test_a_worker_writes_its_agent_lines_to_a_file_while_it_runs(tmp_path: Path) -> None:
+    """The worker at its default level: its agent lines show while it runs, in order."""
+    import anyio
+
+    from vaccelray.agent_client import AgentClient
+    from vaccelray.transport.client import open_client
+
+    proc, address = start_daemon(worker_argv("-a", "tcp://127.0.0.1:0", "--backend", "noop"))
+
+    async def one_session() -> None:
+        client = await open_client(address)
+        try:
+            agent = AgentClient(client)
+            session = await agent.create_session()
+            await agent.classify(session, b"img")
+            await agent.destroy_session(session)
+        finally:
+            await client.aclose()
+
+    try:
+        anyio.run(one_session)
+        proc.wait_for(r"INFO Destroyed session 1$")  # written with no exit to flush it
+    finally:
+        assert proc.stop() == 0
+    messages = [m.group(2) for line in proc.lines if (m := TEXT_LINE.match(line))]
+    start = messages.index("Created session 1")
+    assert messages[start : start + 4] == [
+        "Created session 1",
+        "session:1 Image classification",
+        "[noop] Calling Image classification for session 1: len_img 3",
+        "Destroyed session 1",
+    ]
+    assert messages[-1] == "Shutting down"
+
+
+def test_a_large_batch_is_written_whole_and_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), interval=HOUR, flush_lines=HOUR_LINES)
+        try:
+            for i in range(1000):
+                sink.event("x", "line %d", (i,))
+            sink.flush()
+        finally:
+            sink.close()
+    messages = [line.split(" INFO ", 1)[1] for line in path.read_text().splitlines()]
+    assert messages == [f"line {i}" for i in range(1000)]

@@ -1,0 +1,461 @@
+"""Log output: the daemons' lines on stderr, cheap enough to leave on.
+
+One module owns what reaches stderr:
+
+- a :class:`Sink` that takes finished lines into a bounded buffer and
+  writes them from its own thread, a batch at a time: at a bounded size,
+  after a short interval, at once for warnings and errors, and always
+  before exit (:func:`close`, run at exit and before a fatal traceback).
+  The event loop never waits on stderr: when stderr is a pipe nobody
+  reads, lines past the bound are dropped and counted, and the count is
+  written when stderr takes lines again;
+- :class:`EventLog`, the agent-style per-event lines (``Created session
+  1``, ``session:1 Image classification``): formatted here straight into
+  the sink, without building a ``logging.LogRecord`` (about 7 µs each);
+- the text format (``2024-01-02 03:04:05,678 INFO Created session 1``) and
+  ``--log-format json`` (one JSON object per line);
+- the request id of the call being served (:func:`current_request_id`),
+  which JSON lines and debug lines carry.
+
+Without :func:`setup` (a library user, a test) every line goes through
+``logging`` as usual.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextvars
+import itertools
+import json
+import logging
+import os
+import secrets
+import select
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Final, Literal, TextIO
+
+from vaccelray.protocol.request_id import REQUEST_ID_KEY, valid_request_id
+
+__all__ = [
+    "EventLog",
+    "LogFormat",
+    "Sink",
+    "close",
+    "current_request_id",
+    "flush",
+    "new_request_id",
+    "request_id_from",
+    "request_id_var",
+    "setup",
+]
+
+LogFormat = Literal["text", "json"]
+
+#: The request id of the call being served or made (None outside one).
+request_id_var: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
+    "vaccelray_request_id", default=None
+)
+
+#: Fresh ids: this process's random prefix and a count (unique, and cheap to make per call).
+_PREFIX: Final = secrets.token_hex(4)
+_count = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_PREFIX}-{next(_count):x}"
+
+
+def current_request_id() -> str | None:
+    return request_id_var.get()
+
+
+def request_id_from(metadata: Sequence[tuple[str, str]]) -> str:
+    """The request id a caller sent in *metadata* (the last one), else a new one.
+
+    One that is too long or has other than ``A-Z a-z 0-9 . _ : -`` is replaced.
+    """
+    for key, value in reversed(metadata):
+        if key == REQUEST_ID_KEY:
+            return value if valid_request_id(value) else new_request_id()
+    return new_request_id()
+
+
+# -- formats ----------------------------------------------------------------
+
+#: (millisecond, its text) of the last stamp made: most lines share it with the one before.
+_local_ms: tuple[int, str] = (-1, "")
+_utc_ms: tuple[int, str] = (-1, "")
+
+
+def text_stamp(now: float) -> str:
+    """``2024-01-02 03:04:05,678`` (local time), as ``logging``'s default ``asctime``."""
+    global _local_ms
+    ms = int(now * 1000)
+    if _local_ms[0] != ms:
+        second = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms // 1000))
+        _local_ms = (ms, f"{second},{ms % 1000:03d}")
+    return _local_ms[1]
+
+
+def json_stamp(now: float) -> str:
+    """``2024-01-02T03:04:05.678Z`` (UTC)."""
+    global _utc_ms
+    ms = int(now * 1000)
+    if _utc_ms[0] != ms:
+        second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000))
+        _utc_ms = (ms, f"{second}.{ms % 1000:03d}Z")
+    return _utc_ms[1]
+
+
+def json_line(
+    now: float,
+    level: str,
+    logger: str,
+    message: str,
+    exception: str | None = None,
+    *,
+    request_id: str | None = None,
+) -> str:
+    """One JSON object (no newline): time, level, logger, message, request_id, exception.
+
+    *request_id* defaults to the current one.
+    """
+    body: dict[str, str] = {
+        "time": json_stamp(now),
+        "level": level.lower(),
+        "logger": logger,
+        "message": message,
+    }
+    if request_id is None:
+        request_id = request_id_var.get()
+    if request_id is not None:
+        body["request_id"] = request_id
+    if exception:
+        body["exception"] = exception
+    return json.dumps(body)
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL message``; a debug line made inside a call ends with its request id."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        request_id = request_id_var.get()
+        if request_id is not None and record.levelno < logging.INFO:
+            return f"{text} [request {request_id}]"
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (a traceback is its ``exception`` field)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return json_line(
+            record.created, record.levelname, record.name, record.getMessage(), exception
+        )
+
+
+# -- the sink ---------------------------------------------------------------
+
+
+#: Lines formatted between two writes (the GIL is let go at each write).
+_CHUNK: Final = 256
+
+#: An info line not formatted yet: (time, logger, message, args, request id).
+_Event = tuple[float, str, str, tuple[object, ...], "str | None"]
+
+
+class Sink:
+    """Lines written to file descriptor *fd* by a thread of their own, a batch at a time.
+
+    :meth:`put` and :meth:`event` never block on *fd* and take no lock (a
+    deque's append is atomic): a batch is written every *interval* seconds,
+    at once when *flush_lines* lines wait or for an *urgent* line. Past
+    *max_lines* waiting (the writer is stuck on a pipe nobody reads) lines
+    are dropped and counted. An :meth:`event` line is formatted (in
+    *log_format*) by the writer, off the caller's thread.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        log_format: LogFormat = "text",
+        flush_lines: int = 1024,
+        interval: float = 0.05,
+        max_lines: int = 65536,
+        stuck_after: float = 1.0,
+    ) -> None:
+        self.fd = fd
+        self.log_format = log_format
+        self.flush_lines = flush_lines
+        self.interval = interval
+        self.max_lines = max_lines
+        self.stuck_after = stuck_after
+        #: Lines, and the events of flush() calls waiting for the lines before them.
+        self._queue: collections.deque[str | _Event | threading.Event] = collections.deque()
+        self._wake = threading.Event()
+        self._dropped = 0
+        #: When the writer's write in progress began (a long one: stderr takes no lines).
+        self._write_started: float | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="vaccelray-log", daemon=True)
+        self._thread.start()
+
+    def put(self, line: str, urgent: bool = False) -> None:
+        """Queue *line* (ending with a newline) to be written."""
+        queue = self._queue
+        waiting = len(queue)
+        if waiting >= self.max_lines and not self._make_room():
+            return
+        queue.append(line)
+        if urgent or waiting + 1 == self.flush_lines:
+            self._wake.set()
+
+    def event(self, logger: str, message: str, args: tuple[object, ...]) -> None:
+        """Queue the info line ``message % args`` of *logger*, stamped now.
+
+        The writer formats it later: *args* must not change meanwhile (numbers, strings).
+        """
+        queue = self._queue
+        if len(queue) >= self.max_lines and not self._make_room():
+            return
+        queue.append((time.time(), logger, message, args, request_id_var.get()))
+        if len(queue) == self.flush_lines:
+            self._wake.set()
+
+    def _make_room(self) -> bool:
+        """The queue is full: wait for the writer, unless it is stuck (then drop the line).
+
+        A writer behind on CPU only (lines come faster than it formats them)
+        or on a slow disk is waited for; one stuck in a write for *stuck_after*
+        seconds (stderr is a pipe nobody reads) is not.
+        """
+        while len(self._queue) >= self.max_lines:
+            started = self._write_started
+            stuck = started is not None and time.monotonic() - started > self.stuck_after
+            if stuck or not self._thread.is_alive():
+                self._dropped += 1
+                return False
+            self._wake.set()
+            time.sleep(0.001)
+        return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the lines queued so far are written; False if *timeout* passed first."""
+        if not self._thread.is_alive():
+            return False
+        written = threading.Event()
+        self._queue.append(written)
+        self._wake.set()
+        return written.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the thread (giving up after *timeout* seconds)."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            closing = self._closing
+            self._write_queued()
+            if closing:
+                return
+
+    def _write_queued(self) -> None:
+        """Write what is queued now, a chunk at a time.
+
+        Formatting holds the GIL; each chunk's write lets it go, so the event
+        loop waits at most a chunk's formatting for it, not a whole batch's.
+        """
+        written: list[threading.Event] = []
+        left = len(self._queue)
+        dropped = self._dropped  # those dropped after the lines queued now
+        while left:
+            count = min(left, _CHUNK)
+            left -= count
+            lines = self._format(count, written)
+            if lines:
+                self._write("".join(lines).encode("utf-8", "backslashreplace"))
+        if dropped:
+            self._dropped -= dropped
+            note = f"({dropped} log lines dropped: stderr did not take them in time)\n"
+            self._write(note.encode())
+        for event in written:
+            event.set()
+
+    def _format(self, count: int, written: list[threading.Event]) -> list[str]:
+        """The next *count* lines of the queue; the flush events among them go to *written*."""
+        popleft = self._queue.popleft
+        lines: list[str] = []
+        append = lines.append
+        json_format = self.log_format == "json"
+        stamp_ms, stamp = -1, ""  # most lines of a batch share their millisecond
+        for _ in range(count):
+            item = popleft()
+            if type(item) is tuple:
+                now, logger, message, args, request_id = item
+                text = message % args if args else message
+                if json_format:
+                    append(json_line(now, "INFO", logger, text, request_id=request_id) + "\n")
+                    continue
+                ms = int(now * 1000)
+                if ms != stamp_ms:
+                    stamp_ms, stamp = ms, text_stamp(now)
+                append(f"{stamp} INFO {text}\n")
+            elif isinstance(item, str):
+                append(item)
+            else:
+                assert isinstance(item, threading.Event)
+                written.append(item)
+        return lines
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        self._write_started = time.monotonic()
+        try:
+            self._write_all(view)
+        finally:
+            self._write_started = None
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:  # a non-blocking stderr: wait until it takes more
+                select.select([], [self.fd], [])
+            except OSError:  # closed or gone: nobody can read these lines
+                return
+
+
+class _SinkHandler(logging.Handler):
+    """Records of ``logging`` into the sink (warnings and worse written at once)."""
+
+    def __init__(self, sink: Sink, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.sink = sink
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        self.sink.put(line, urgent=record.levelno >= logging.WARNING)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+
+class _State:
+    sink: Sink | None = None
+    handler: logging.Handler | None = None
+    excepthook: object = None
+
+
+_state = _State()
+
+
+class EventLog:
+    """The agent-style info lines of logger *name*, straight into the sink.
+
+    ``events.info("session:%d Genop", 3)`` shows as the ``logging`` line it
+    replaces would (same logger level, same text); without a sink it *is*
+    that ``logging`` call.
+    """
+
+    __slots__ = ("logger", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.logger = logging.getLogger(name)
+
+    def info(self, message: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        sink = _state.sink
+        if sink is None:
+            self.logger.info(message, *args, stacklevel=2)
+            return
+        sink.event(self.name, message, args)
+
+
+def setup(
+    level: str,
+    *,
+    log_format: LogFormat = "text",
+    keep_info: str | None = None,
+    stream: TextIO | None = None,
+) -> None:
+    """Log at *level* to *stream* (stderr) through a sink, in *log_format*.
+
+    *keep_info* names a logger kept at INFO whatever the level (a daemon's
+    life-cycle lines: scripts wait for its ready line). Where logging was
+    set up by someone else (a test's capture), only the levels are set.
+    A stream without a file descriptor is written through ``logging``.
+    """
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    if keep_info is not None:
+        logging.getLogger(keep_info).setLevel(logging.INFO)
+    foreign = [h for h in root.handlers if h is not _state.handler]
+    if foreign:
+        return
+    close()
+    stream = sys.stderr if stream is None else stream
+    formatter: logging.Formatter = JsonFormatter() if log_format == "json" else TextFormatter()
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        handler: logging.Handler = logging.StreamHandler(stream)
+        handler.setFormatter(formatter)
+    else:
+        sink = _state.sink = Sink(fd, log_format=log_format)
+        handler = _SinkHandler(sink, formatter)
+        if _state.excepthook is None:
+            _state.excepthook = sys.excepthook
+            sys.excepthook = _flush_then_report
+        atexit.register(close)
+    _state.handler = handler
+    root.addHandler(handler)
+
+
+def flush() -> None:
+    """Write what the sink holds now (before printing to stderr directly, say)."""
+    if _state.sink is not None:
+        _state.sink.flush()
+
+
+def close() -> None:
+    """Write what the sink holds and stop it; lines then go through ``logging`` as usual."""
+    sink, handler = _state.sink, _state.handler
+    _state.sink = _state.handler = None
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+    if sink is not None:
+        sink.close()
+        atexit.unregister(close)
+
+
+def _flush_then_report(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    """A fatal error's traceback comes after the lines logged before it."""
+    close()
+    hook = _state.excepthook
+    _state.excepthook = None
+    sys.excepthook = hook if callable(hook) else sys.__excepthook__
+    sys.excepthook(kind, value, tb)
