@@ -113,6 +113,10 @@ class WorkerPool:
         self._calls: dict[str, set[StartedCall]] = {}
         self._listeners: list[ChangeListener] = []
         self._closing: set[str] = set()
+        #: Tasks sent to another worker after one could not take them, and sessions
+        #: re-created on another worker after theirs was lost (the metrics count them).
+        self.failovers = 0
+        self.moved_sessions = 0
 
     # -- state -------------------------------------------------------------
 
@@ -122,7 +126,10 @@ class WorkerPool:
 
     def pick(self, op: str | None = None, *, exclude: Sequence[str] = ()) -> WorkerRecord | None:
         """The least-loaded healthy worker supporting *op* (None: no such worker)."""
-        return self.registry.pick(op, exclude=frozenset(exclude))
+        record = self.registry.pick(op, exclude=frozenset(exclude))
+        if record is not None:
+            record.placements += 1
+        return record
 
     def changed(self, address: str, change: Change) -> None:
         """Apply a routability change: on DOWN, end the calls waiting on the worker.

@@ -66,6 +66,8 @@ class WorkerRecord:
     released: int = 0
     last_error: str = ""
     last_seen: float | None = None
+    #: Times this scheduler chose the worker for a session or a task.
+    placements: int = 0
     #: From the zeroconf TXT record, until the first health check says better.
     txt: dict[str, str] = field(default_factory=dict)
 

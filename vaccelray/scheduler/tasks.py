@@ -287,6 +287,7 @@ class TaskRouter:
                 last_error = f"{exc.address}: {exc}"
             except _NotServed as exc:
                 last_error = f"{exc.address}: {exc}"
+            self.pool.failovers += 1
             log.info("Task %s (%s) goes elsewhere: %s", task.task_id, task.name, last_error)
 
     async def _submit_in_session(
