@@ -30,6 +30,8 @@ from vaccelray.transport.server import (
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 if TYPE_CHECKING:
+    from vaccelray.dashboard import ObserveConfig
+    from vaccelray.metrics import CallMetrics
     from vaccelray.scheduler.sessions import SessionLimits
     from vaccelray.worker.agent import AgentLimits
     from vaccelray.worker.sandbox import SandboxConfig
@@ -292,6 +294,57 @@ def _limit_options(
     return decorate
 
 
+def observe_options(command: _F) -> _F:
+    """--metrics and --dashboard, passed to *command* as one ``observe`` (ObserveConfig)."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: object) -> object:
+        from vaccelray.dashboard import ObserveConfig
+
+        metrics, dashboard = kwargs.pop("metrics"), kwargs.pop("dashboard")
+        for address in (metrics, dashboard):
+            if address is not None:
+                _check_http_address(str(address))
+        observe = ObserveConfig(
+            metrics=cast("str | None", metrics), dashboard=cast("str | None", dashboard)
+        )
+        return command(observe=observe, **kwargs)
+
+    wrapper = click.option(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="Serve a live dashboard here (read-only). Sign in with the one-time link "
+        "the daemon logs at start (dashboard: http://HOST:PORT/login?once=...).",
+    )(wrapper)
+    wrapper = click.option(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics; scrapers send the "
+        "cluster token (Authorization: Bearer TOKEN).",
+    )(wrapper)
+    return cast(_F, wrapper)
+
+
+def _run_observed(
+    start: Callable[[CallMetrics | None], AbstractAsyncContextManager[object]],
+    observe: ObserveConfig,
+    token: str | None,
+) -> None:
+    """Run a daemon as _run_daemon does, with the metrics and dashboard *observe* asks."""
+    from vaccelray.dashboard import observed
+
+    _run_daemon(lambda: observed(start, dataclasses.replace(observe, token=token)))
+
+
+def _check_http_address(address: str) -> None:
+    from vaccelray.dashboard.http import HttpAddressError, parse_http_address
+
+    try:
+        parse_http_address(address)
+    except HttpAddressError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
 def agent_limit_options(command: _F) -> _F:
     """The options of ``AgentLimits``, passed to *command* as one ``agent_limits`` argument."""
     from vaccelray.worker.agent import AgentLimits
@@ -519,6 +572,7 @@ def task_sandbox_options(command: _F) -> _F:
 @connection_limit_options
 @agent_limit_options
 @task_sandbox_options
+@observe_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def worker(
     addresses: tuple[str, ...],
@@ -545,6 +599,7 @@ def worker(
     agent_limits: AgentLimits,
     max_inflight: int,
     sandbox: SandboxConfig,
+    observe: ObserveConfig,
     log_level: str,
 ) -> None:
     from vaccelray.worker.daemon import DEFAULT_WORKER_ADDRESS, WorkerConfig, run_worker
@@ -585,7 +640,7 @@ def worker(
         _fail("--tls-key needs --tls-cert", EXIT_USAGE)
     config = dataclasses.replace(config, token=_load_token(token_file))
 
-    _run_daemon(lambda: run_worker(config))
+    _run_observed(lambda calls: run_worker(config, metrics=calls), observe, config.token)
 
 
 SUBMIT_HELP = """Submit work to a worker or scheduler.
@@ -937,6 +992,7 @@ health-checked twice a second; one that does not answer leaves routing.
 @grace_option
 @connection_limit_options
 @session_limit_options
+@observe_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def scheduler(
     addresses: tuple[str, ...],
@@ -955,6 +1011,7 @@ def scheduler(
     idle_timeout: float,
     session_limits: SessionLimits,
     max_inflight: int,
+    observe: ObserveConfig,
     log_level: str,
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
@@ -983,7 +1040,7 @@ def scheduler(
         max_inflight=max_inflight,
     )
 
-    _run_daemon(lambda: run_scheduler(config))
+    _run_observed(lambda calls: run_scheduler(config, metrics=calls), observe, config.token)
 
 
 @main.command()
