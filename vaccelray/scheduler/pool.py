@@ -126,10 +126,7 @@ class WorkerPool:
 
     def pick(self, op: str | None = None, *, exclude: Sequence[str] = ()) -> WorkerRecord | None:
         """The least-loaded healthy worker supporting *op* (None: no such worker)."""
-        record = self.registry.pick(op, exclude=frozenset(exclude))
-        if record is not None:
-            record.placements += 1
-        return record
+        return self.registry.pick(op, exclude=frozenset(exclude))
 
     def changed(self, address: str, change: Change) -> None:
         """Apply a routability change: on DOWN, end the calls waiting on the worker.
