@@ -32,11 +32,24 @@ async def raw_request(url: str, data: bytes) -> bytes:
     async with await anyio.connect_tcp(parts.hostname, parts.port) as stream:
         await stream.send(data)
         out = b""
-        while True:
+        while not _whole(out):
             try:
                 out += await stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError):
-                return out
+                break
+        return out
+
+
+def _whole(data: bytes) -> bool:
+    """A whole answer with a Content-Length (a peer that keeps the connection open)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 async def http_get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> Reply:
@@ -44,6 +57,6 @@ async def http_get(url: str, headers: dict[str, str] | None = None, method: str 
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}"]
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return Reply(await raw_request(url, ("\r\n".join(lines) + "\r\n\r\n").encode()))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -15,12 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.clusters import serving_scheduler
 from tests.httpget import http_get, raw_request
 from tests.processes import child_env, scheduler_argv, worker_argv
+from tests.test_task_service import getpid, task_service
 from vaccelray.agent_client import AgentClient
 from vaccelray.dashboard import ObserveConfig, Observed, observed
 from vaccelray.dashboard.http import parse_head, serve_http
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.metrics import BATCH_BOUNDS, LATENCY_BOUNDS, CallMetrics, Family, collector
 from vaccelray.protocol import FrameType, encode_frame
+from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.envelope import encode_request
 from vaccelray.scheduler import SchedulerConfig
 from vaccelray.transport import CallContext, Method, Server, Service, connect, serve
@@ -296,9 +301,10 @@ async def test_scheduler_metrics_show_workers_and_placements() -> None:
         config = SchedulerConfig(
             addresses=("tcp://127.0.0.1:0",), workers=(worker.addresses[0],), token=TOKEN, grace=1.0
         )
-        async with observed(
-            lambda calls: serving_scheduler(config, metrics=calls), OBSERVE
-        ) as seen, connect(seen.daemon.addresses[0]) as client:  # type: ignore[attr-defined]
+        async with (
+            observed(lambda calls: serving_scheduler(config, metrics=calls), OBSERVE) as seen,
+            connect(seen.daemon.addresses[0]) as client,
+        ):  # type: ignore[attr-defined]
             agent = AgentClient(client)
             for _ in range(3):
                 await agent.create_session()
@@ -384,3 +390,42 @@ def test_a_bad_http_address_is_a_usage_error(option: str, command: object) -> No
     done = subprocess.run(argv, capture_output=True, text=True, env=child_env(), timeout=60)
     assert done.returncode == 2
     assert "bad HTTP address 'nowhere': expected HOST:PORT" in done.stderr
+
+
+# -- task outcomes --------------------------------------------------------------------------
+
+
+def boom() -> None:
+    raise ValueError("boom")
+
+
+def die() -> None:
+    os._exit(3)
+
+
+def unpicklable() -> object:
+    return threading.Lock()
+
+
+def nap() -> None:
+    time.sleep(600)
+
+
+async def test_task_outcomes_are_counted_by_kind() -> None:
+    async with task_service() as h:
+        await h.result(getpid)
+        await h.result(getpid, task_id="t2")
+        assert isinstance(await h.submit(boom, task_id="b"), wire.TaskFailed)
+        assert isinstance(await h.submit(unpicklable, task_id="u"), wire.TaskFailed)
+        assert isinstance(await h.submit(die, task_id="d"), wire.TaskFailed)
+        h.service.task_timeout = 0.5
+        with pytest.raises(RPCError) as info:
+            await h.submit(nap, task_id="n")
+        assert info.value.code == StatusCode.DEADLINE_EXCEEDED
+        assert h.service.outcomes == {
+            "ok": 2,
+            "raised": 1,
+            "unpicklable": 1,
+            "process_lost": 1,
+            "timed_out": 1,
+        }
