@@ -31,9 +31,10 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 if TYPE_CHECKING:
     from vaccelray.dashboard import ObserveConfig
-    from vaccelray.metrics import CallMetrics
+    from vaccelray.scheduler.daemon import SchedulerConfig
     from vaccelray.scheduler.sessions import SessionLimits
     from vaccelray.worker.agent import AgentLimits
+    from vaccelray.worker.daemon import WorkerConfig
     from vaccelray.worker.sandbox import SandboxConfig
 
 log = logging.getLogger("vaccelray")
@@ -326,14 +327,18 @@ def observe_options(command: _F) -> _F:
 
 
 def _run_observed(
-    start: Callable[[CallMetrics | None], AbstractAsyncContextManager[object]],
+    run: Callable[..., AbstractAsyncContextManager[object]],
+    config: WorkerConfig | SchedulerConfig,
     observe: ObserveConfig,
-    token: str | None,
 ) -> None:
-    """Run a daemon as _run_daemon does, with the metrics and dashboard *observe* asks."""
+    """``run(config)`` as _run_daemon runs it, with the metrics and dashboard *observe* asks."""
+    if observe.metrics is None and observe.dashboard is None:
+        _run_daemon(lambda: run(config))
+        return
     from vaccelray.dashboard import observed
 
-    _run_daemon(lambda: observed(start, dataclasses.replace(observe, token=token)))
+    observe = dataclasses.replace(observe, token=config.token)
+    _run_daemon(lambda: observed(lambda calls: run(config, metrics=calls), observe))
 
 
 def _check_http_address(address: str) -> None:
@@ -640,7 +645,7 @@ def worker(
         _fail("--tls-key needs --tls-cert", EXIT_USAGE)
     config = dataclasses.replace(config, token=_load_token(token_file))
 
-    _run_observed(lambda calls: run_worker(config, metrics=calls), observe, config.token)
+    _run_observed(run_worker, config, observe)
 
 
 SUBMIT_HELP = """Submit work to a worker or scheduler.
@@ -1040,7 +1045,7 @@ def scheduler(
         max_inflight=max_inflight,
     )
 
-    _run_observed(lambda calls: run_scheduler(config, metrics=calls), observe, config.token)
+    _run_observed(run_scheduler, config, observe)
 
 
 @main.command()
