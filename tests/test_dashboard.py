@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from tests.chromium import chromium, have_chromium
 from tests.clusters import serving_scheduler
 from tests.httpget import http_get
-from tests.processes import start_daemons, worker_argv
+from tests.processes import scheduler_argv, start_daemon, start_daemons, worker_argv
 from tests.waiting import liveness
 from vaccelray.agent_client import AgentClient
 from vaccelray.dashboard import ObserveConfig, Observed, observed
@@ -144,3 +145,31 @@ async def test_a_browser_sees_the_workers_and_a_killed_one_go_down() -> None:
     finally:
         for proc, _ in started:
             proc.stop()
+
+
+async def test_the_daemon_logs_its_links_and_serves_them(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("cli-token\n")
+    token.chmod(0o600)
+    proc, _ = start_daemon(
+        scheduler_argv(
+            "-a", "tcp://127.0.0.1:0", "--no-discover", "--token-file", str(token),
+            "--metrics", "127.0.0.1:0", "--dashboard", "127.0.0.1:0",
+        )
+    )  # fmt: skip
+    try:
+        metrics = await anyio.to_thread.run_sync(proc.wait_for, r"Metrics on (http://\S+/metrics)")
+        login = await anyio.to_thread.run_sync(
+            proc.wait_for, r"dashboard: (http://[^/]+)(/login\?once=\S+)$"
+        )
+        reply = await http_get(metrics.group(1), {"Authorization": "Bearer cli-token"})
+        assert reply.status == 200
+        assert "vaccelray_scheduler_sessions 0.0" in reply.text
+        assert (await http_get(metrics.group(1))).status == 401
+        base = login.group(1)
+        cookie = (await http_get(base + login.group(2))).headers["set-cookie"].split(";")[0]
+        state = json.loads((await http_get(base + "/state.json", {"Cookie": cookie})).body)
+        assert state["kind"] == "scheduler"
+        assert state["workers"] == []
+    finally:
+        proc.stop()
