@@ -12,14 +12,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from tests.waiting import eventually
+from vaccelray.metrics import CallMetrics
 from vaccelray.scheduler import Scheduler, SchedulerConfig, run_scheduler
 
 __all__ = ["serving_scheduler"]
 
 
 @asynccontextmanager
-async def serving_scheduler(config: SchedulerConfig) -> AsyncIterator[Scheduler]:
-    async with run_scheduler(config) as sched:
+async def serving_scheduler(
+    config: SchedulerConfig, *, metrics: CallMetrics | None = None
+) -> AsyncIterator[Scheduler]:
+    async with run_scheduler(config, metrics=metrics) as sched:
         registry = sched.pool.registry
 
         def all_up() -> bool:

@@ -6,12 +6,13 @@
 #     from the repo's .proto files);
 #   - a C compiler (the libvaccel test doubles are compiled at test time);
 #   - iproute2 and nftables (multi-host tests in network namespaces);
-#   - bubblewrap (the worker sandboxes its task processes with it).
+#   - bubblewrap (the worker sandboxes its task processes with it);
+#   - chromium (the dashboard test drives it headless).
 set -eu
 
 PACKAGES="golang-go golang-github-containerd-ttrpc-dev golang-github-gogo-protobuf-dev
 golang-github-golang-protobuf-1-3-dev golang-google-grpc-dev golang-google-genproto-dev
-protobuf-compiler gogottrpc gcc libc6-dev iproute2 nftables bubblewrap"
+protobuf-compiler gogottrpc gcc libc6-dev iproute2 nftables bubblewrap chromium"
 
 missing=""
 for pkg in $PACKAGES; do

@@ -32,8 +32,11 @@ from vaccelray.transport.server import (
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 if TYPE_CHECKING:
+    from vaccelray.dashboard import ObserveConfig
+    from vaccelray.scheduler.daemon import SchedulerConfig
     from vaccelray.scheduler.sessions import SessionLimits
     from vaccelray.worker.agent import AgentLimits
+    from vaccelray.worker.daemon import WorkerConfig
     from vaccelray.worker.sandbox import SandboxConfig
 
 log = logging.getLogger("vaccelray")
@@ -310,6 +313,61 @@ def _limit_options(
     return decorate
 
 
+def observe_options(command: _F) -> _F:
+    """--metrics and --dashboard, passed to *command* as one ``observe`` (ObserveConfig)."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: object) -> object:
+        from vaccelray.dashboard import ObserveConfig
+
+        metrics, dashboard = kwargs.pop("metrics"), kwargs.pop("dashboard")
+        for address in (metrics, dashboard):
+            if address is not None:
+                _check_http_address(str(address))
+        observe = ObserveConfig(
+            metrics=cast("str | None", metrics), dashboard=cast("str | None", dashboard)
+        )
+        return command(observe=observe, **kwargs)
+
+    wrapper = click.option(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="Serve a live dashboard here (read-only). Sign in with the one-time link "
+        "the daemon logs at start (dashboard: http://HOST:PORT/login?once=...).",
+    )(wrapper)
+    wrapper = click.option(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics; scrapers send the "
+        "cluster token (Authorization: Bearer TOKEN).",
+    )(wrapper)
+    return cast(_F, wrapper)
+
+
+def _run_observed(
+    run: Callable[..., AbstractAsyncContextManager[object]],
+    config: WorkerConfig | SchedulerConfig,
+    observe: ObserveConfig,
+) -> None:
+    """``run(config)`` as _run_daemon runs it, with the metrics and dashboard *observe* asks."""
+    if observe.metrics is None and observe.dashboard is None:
+        _run_daemon(lambda: run(config))
+        return
+    from vaccelray.dashboard import observed
+
+    observe = dataclasses.replace(observe, token=config.token)
+    _run_daemon(lambda: observed(lambda calls: run(config, metrics=calls), observe))
+
+
+def _check_http_address(address: str) -> None:
+    from vaccelray.dashboard.http import HttpAddressError, parse_http_address
+
+    try:
+        parse_http_address(address)
+    except HttpAddressError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
 def agent_limit_options(command: _F) -> _F:
     """The options of ``AgentLimits``, passed to *command* as one ``agent_limits`` argument."""
     from vaccelray.worker.agent import AgentLimits
@@ -537,6 +595,7 @@ def task_sandbox_options(command: _F) -> _F:
 @connection_limit_options
 @agent_limit_options
 @task_sandbox_options
+@observe_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 @log_format_option
 def worker(
@@ -564,6 +623,7 @@ def worker(
     agent_limits: AgentLimits,
     max_inflight: int,
     sandbox: SandboxConfig,
+    observe: ObserveConfig,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -605,7 +665,7 @@ def worker(
         _fail("--tls-key needs --tls-cert", EXIT_USAGE)
     config = dataclasses.replace(config, token=_load_token(token_file))
 
-    _run_daemon(lambda: run_worker(config))
+    _run_observed(run_worker, config, observe)
 
 
 SUBMIT_HELP = """Submit work to a worker or scheduler.
@@ -990,6 +1050,7 @@ health-checked twice a second; one that does not answer leaves routing.
 @grace_option
 @connection_limit_options
 @session_limit_options
+@observe_options
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 @log_format_option
 def scheduler(
@@ -1009,6 +1070,7 @@ def scheduler(
     idle_timeout: float,
     session_limits: SessionLimits,
     max_inflight: int,
+    observe: ObserveConfig,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -1038,7 +1100,7 @@ def scheduler(
         max_inflight=max_inflight,
     )
 
-    _run_daemon(lambda: run_scheduler(config))
+    _run_observed(run_scheduler, config, observe)
 
 
 @main.command()

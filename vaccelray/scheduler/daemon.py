@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from vaccelray.auth import ExecPolicy, TokenCheck, daemon_token, protect
+from vaccelray.metrics import CallMetrics
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.forwarding import AgentForwarder
 from vaccelray.scheduler.health import HealthChecker
@@ -96,7 +97,10 @@ class Scheduler:
 
 @asynccontextmanager
 async def run_scheduler(
-    config: SchedulerConfig, *, extra_services: Iterable[Service] = ()
+    config: SchedulerConfig,
+    *,
+    extra_services: Iterable[Service] = (),
+    metrics: CallMetrics | None = None,
 ) -> AsyncIterator[Scheduler]:
     """Start a scheduler, yield it while it serves, shut it down gracefully on exit.
 
@@ -104,6 +108,7 @@ async def run_scheduler(
     client that connects at once finds them routable. *extra_services* are
     served on the same listeners, next to the vAccel agent routing
     (:class:`AgentForwarder`) and the task service (:class:`TaskRouter`).
+    *metrics* counts the calls of its listeners (see :mod:`vaccelray.metrics`).
     """
     token, token_path = daemon_token(config.token)
     pool = WorkerPool(
@@ -155,6 +160,7 @@ async def run_scheduler(
                 holds_state=table.holds_state,
                 max_inflight_per_connection=config.max_inflight,
                 socket_mode=config.socket_mode,
+                metrics=metrics,
             ) as server:
                 pool.hop = f"scheduler {server.addresses[0]}"
                 for address in server.addresses:

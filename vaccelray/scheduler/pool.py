@@ -113,6 +113,10 @@ class WorkerPool:
         self._calls: dict[str, set[StartedCall]] = {}
         self._listeners: list[ChangeListener] = []
         self._closing: set[str] = set()
+        #: Tasks sent to another worker after one could not take them, and sessions
+        #: re-created on another worker after theirs was lost (the metrics count them).
+        self.failovers = 0
+        self.moved_sessions = 0
 
     # -- state -------------------------------------------------------------
 

@@ -66,6 +66,8 @@ class WorkerRecord:
     released: int = 0
     last_error: str = ""
     last_seen: float | None = None
+    #: Sessions this scheduler bound to the worker and tasks it sent there, ever.
+    placements: int = 0
     #: From the zeroconf TXT record, until the first health check says better.
     txt: dict[str, str] = field(default_factory=dict)
 
@@ -230,6 +232,7 @@ class Registry:
         record = self._workers.get(address)
         if record is not None:
             record.sessions += 1
+            record.placements += 1
 
     def session_unbound(self, address: str) -> None:
         record = self._workers.get(address)

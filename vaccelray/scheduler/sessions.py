@@ -285,6 +285,7 @@ class SessionTable:
             self._unbind(session, bury=True)
             binding = await self._create_on_worker(session, ctx)
             if previous is not None:
+                self.pool.moved_sessions += 1
                 log.warning(
                     "Moved session %d from %s (lost) to %s (worker session %d)",
                     session.id,

@@ -178,6 +178,7 @@ class TaskRouter:
                 detail = f" (last error: {last_error})" if last_error else ""
                 raise RPCError(StatusCode.UNAVAILABLE, f"no healthy worker can classify{detail}")
             tried.append(worker.address)
+            worker.placements += 1
             try:
                 return await self.pool.call(
                     worker.address,
@@ -192,6 +193,7 @@ class TaskRouter:
                 if exc.code != StatusCode.UNIMPLEMENTED:  # a plain vAccel agent has no Classify
                     raise
                 last_error = f"{worker.address}: {exc.message}"
+            self.pool.failovers += 1
 
     # -- Submit ------------------------------------------------------------------
 
@@ -273,6 +275,7 @@ class TaskRouter:
         while True:
             worker = self._pick(task, tried, last_error)
             tried.append(worker.address)
+            worker.placements += 1
             try:
                 return await self._run_on(
                     worker.address, worker.instance, task, payload, function, flight, ctx
@@ -287,6 +290,7 @@ class TaskRouter:
                 last_error = f"{exc.address}: {exc}"
             except _NotServed as exc:
                 last_error = f"{exc.address}: {exc}"
+            self.pool.failovers += 1
             log.info("Task %s (%s) goes elsewhere: %s", task.task_id, task.name, last_error)
 
     async def _submit_in_session(

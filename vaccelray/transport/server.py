@@ -46,7 +46,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from math import inf
 from ssl import SSLContext
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import anyio
 import anyio.abc
@@ -71,6 +71,8 @@ from vaccelray.transport.endpoints import (
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
+if TYPE_CHECKING:
+    from vaccelray.metrics import CallMetrics
 
 __all__ = [
     "DEFAULT_FRAME_TIMEOUT",
@@ -329,7 +331,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.server = server
         #: Who the peer is, when the caller says so (else the socket is asked).
         self.given_origin = origin
-        self.proto = ServerConnection(server.max_message_size)
+        metrics = server.metrics
+        self.proto = (
+            ServerConnection(server.max_message_size)
+            if metrics is None
+            else metrics.connection(server.max_message_size)
+        )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.origin = UNKNOWN_ORIGIN
@@ -863,8 +870,11 @@ class Server:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         holds_state: Callable[[int], bool] | None = None,
         max_inflight_per_connection: int = DEFAULT_MAX_INFLIGHT,
+        metrics: CallMetrics | None = None,
     ) -> None:
         self.max_message_size = max_message_size
+        #: Counts every call answered (see :mod:`vaccelray.metrics`), when given.
+        self.metrics = metrics
         #: Called on the loop with a connection's ``CallContext.connection_id`` when it closes.
         self.on_disconnect = on_disconnect
         self.max_connections = (
@@ -906,6 +916,8 @@ class Server:
         self._service_names.add(service.name)
         for name, method in service.methods.items():
             self._methods[(service.name, name)] = method
+            if self.metrics is not None:
+                self.metrics.declare(service.name, name)
 
     @property
     def inflight(self) -> int:
@@ -1035,6 +1047,7 @@ async def serve(
     holds_state: Callable[[int], bool] | None = None,
     max_inflight_per_connection: int = DEFAULT_MAX_INFLIGHT,
     socket_mode: int = SOCKET_MODE,
+    metrics: CallMetrics | None = None,
 ) -> AsyncIterator[Server]:
     """Serve *services* on *endpoints* until the block exits (then shut down gracefully).
 
@@ -1044,6 +1057,7 @@ async def serve(
     *max_inflight_per_connection* limit what a client may hold (see
     :class:`Server`; 0 disables a limit). A unix socket path is made with
     the permissions *socket_mode* (only its owner may connect by default).
+    *metrics* counts every call answered (see :mod:`vaccelray.metrics`).
     """
     server = Server(
         services,
@@ -1054,6 +1068,7 @@ async def serve(
         idle_timeout=idle_timeout,
         holds_state=holds_state,
         max_inflight_per_connection=max_inflight_per_connection,
+        metrics=metrics,
     )
     try:
         async with anyio.create_task_group() as tg:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from vaccelray.auth import ExecPolicy, daemon_token, server_ssl_context
+from vaccelray.metrics import CallMetrics
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.endpoints import SOCKET_MODE
 from vaccelray.transport.server import (
@@ -136,13 +137,15 @@ async def run_worker(
     *,
     backend: Backend | None = None,
     extra_services: Iterable[Service] = (),
+    metrics: CallMetrics | None = None,
 ) -> AsyncIterator[Worker]:
     """Start a worker, yield it while it serves, shut it down gracefully on exit.
 
     *backend* overrides ``config.backend`` with an already constructed one;
     *extra_services* are served on the same listeners (task service, health).
     The task service asks ``config.token``, else the user's default token
-    (made if missing; see :mod:`vaccelray.auth`).
+    (made if missing; see :mod:`vaccelray.auth`). *metrics* counts the calls of the
+    worker's listeners (see :mod:`vaccelray.metrics`).
     """
     token, token_path = config.token, None
     if config.pool_size != 0 or config.protect_vaccel:
@@ -199,6 +202,7 @@ async def run_worker(
                 on_disconnect=functools.partial(agent.connection_closed, scope=_CLIENTS),
                 max_inflight_per_connection=config.max_inflight,
                 socket_mode=config.socket_mode,
+                metrics=metrics,
             ) as server,
             anyio.create_task_group() as announcer,
         ):

@@ -25,6 +25,7 @@ the worker's sessions, and pool processes stay small and need no token.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import os
@@ -46,7 +47,7 @@ from vaccelray.protocol.services import CANCEL, REGISTER_FUNCTION, SUBMIT, WORKE
 from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
-from vaccelray.worker.poolchild import OK, RAISED, SERIALIZATION, TOO_LARGE, Done
+from vaccelray.worker.poolchild import OK, RAISED, REJECTED, SERIALIZATION, TOO_LARGE, Done
 from vaccelray.worker.sandbox import SandboxConfig, prepare
 
 __all__ = [
@@ -102,6 +103,8 @@ class TaskService:
         self.max_message_size = max_message_size
         #: The reply and function name of each task queued or running, by task id.
         self.running: dict[str, tuple[asyncio.Future[bytes], str]] = {}
+        #: Tasks ended, by outcome (the metrics show them).
+        self.outcomes: collections.Counter[str] = collections.Counter()
 
     def service(self) -> Service:
         return Service(
@@ -129,6 +132,7 @@ class TaskService:
 
         def settle(outcome: Done | PoolProcessLost) -> None:
             # Called from the pool's read of its process: an error must not escape.
+            self.outcomes[_outcome(outcome)] += 1
             if reply.done():
                 return
             try:
@@ -233,6 +237,24 @@ class TaskService:
 
 def _crashed(lost: PoolProcessLost) -> bytes:
     return SUBMIT.reply.encode(wire.TaskFailed(wire.FailureKind.CRASHED, str(lost)))
+
+
+#: What a task's end is called in the metrics, by its status.
+_OUTCOMES: Final = {
+    OK: "ok",
+    RAISED: "raised",
+    SERIALIZATION: "unpicklable",
+    REJECTED: "rejected",
+    TOO_LARGE: "too_large",
+}
+
+
+def _outcome(outcome: Done | PoolProcessLost) -> str:
+    if isinstance(outcome, TaskTimedOut):
+        return "timed_out"
+    if isinstance(outcome, PoolProcessLost):
+        return "process_lost"
+    return _OUTCOMES.get(outcome.status, "other")
 
 
 def _reply(done: Done) -> bytes:

@@ -1,0 +1,296 @@
+"""Call metrics of a ttrpc server: plain integers on the hot path, Prometheus families at scrape.
+
+A :class:`CallMetrics` handed to ``serve(metrics=...)`` gives every connection
+a :class:`MeteredConnection`: the server's sans-IO connection, which on each
+request notes the method and the clock, and on each answer adds one to that
+method's count for the status, one to a latency bucket, and the bytes in and
+out. Nothing else runs per call: the library's per-call metric objects cost
+several microseconds a call, so :func:`collector` turns these integers into
+metric families only when Prometheus scrapes (and the dashboard reads them).
+
+Only the methods the server declares get their own counters; calls of any
+other name count under ``service=""``, ``method=""`` (a peer cannot grow the
+table). The last :data:`FAILURES_KEPT` failed calls are kept for the dashboard.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Final, NamedTuple
+
+from vaccelray.errors import StatusCode
+from vaccelray.protocol import NEED_DATA, RequestReceived, ServerConnection
+from vaccelray.protocol.connection import BadRequest, _NeedData
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+    from vaccelray.errors import Detail
+
+__all__ = [
+    "BATCH_BOUNDS",
+    "FAILURES_KEPT",
+    "LATENCY_BOUNDS",
+    "CallMetrics",
+    "Failure",
+    "Family",
+    "MeteredConnection",
+    "MethodStats",
+    "collector",
+    "status_name",
+]
+
+#: Upper bounds (seconds) of the call latency buckets; one more bucket holds the rest.
+LATENCY_BOUNDS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+#: Upper bounds of the batch buckets: requests decoded from one read of a connection.
+BATCH_BOUNDS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
+#: Failed calls kept for the dashboard (the oldest leave first).
+FAILURES_KEPT: Final = 50
+#: Characters of a failure's message kept.
+_MESSAGE_KEPT: Final = 200
+
+_clock = time.perf_counter
+
+
+def status_name(code: int) -> str:
+    """The gRPC name of a status code (``OK``, ``NOT_FOUND``), or its number for an unknown one."""
+    try:
+        return StatusCode(code).name
+    except ValueError:
+        return str(code)
+
+
+class MethodStats:
+    """The counters of one method: calls by status, latency buckets, bytes."""
+
+    __slots__ = ("buckets", "bytes_in", "bytes_out", "codes", "method", "seconds", "service")
+
+    def __init__(self, service: str, method: str) -> None:
+        self.service = service
+        self.method = method
+        #: Calls answered, by status code.
+        self.codes: dict[int, int] = {}
+        #: Calls by latency bucket (not cumulative; the last holds those past every bound).
+        self.buckets = [0] * (len(LATENCY_BOUNDS) + 1)
+        #: Seconds all answered calls took, together.
+        self.seconds = 0.0
+        #: Bytes of request payloads, and of answer frames.
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    @property
+    def calls(self) -> int:
+        return sum(self.codes.values())
+
+
+class Failure(NamedTuple):
+    """A call answered with an error status."""
+
+    #: Wall clock seconds (``time.time()``) when it was answered.
+    time: float
+    service: str
+    method: str
+    code: int
+    message: str
+
+
+class CallMetrics:
+    """The counters of one server's calls (see the module's doc)."""
+
+    def __init__(self) -> None:
+        self.methods: dict[tuple[str, str], MethodStats] = {}
+        #: Calls of methods the server does not declare, and requests it could not decode.
+        self.other = MethodStats("", "")
+        #: Reads by how many requests they held (buckets of :data:`BATCH_BOUNDS`, plus one).
+        self.batches = [0] * (len(BATCH_BOUNDS) + 1)
+        #: Requests decoded by all those reads together.
+        self.batched = 0
+        self.failures: collections.deque[Failure] = collections.deque(maxlen=FAILURES_KEPT)
+
+    def declare(self, service: str, method: str) -> None:
+        """Give *service*/*method* counters of its own."""
+        self.methods.setdefault((service, method), MethodStats(service, method))
+
+    def connection(self, max_message_size: int) -> MeteredConnection:
+        """A server connection whose calls count here."""
+        return MeteredConnection(self, max_message_size)
+
+    def all_methods(self) -> Iterator[MethodStats]:
+        yield from self.methods.values()
+        yield self.other
+
+    def totals(self) -> tuple[int, int, float]:
+        """Calls answered, of them failed, and the seconds they took, over every method."""
+        calls = failed = 0
+        seconds = 0.0
+        for stats in self.all_methods():
+            for code, count in stats.codes.items():
+                calls += count
+                if code:
+                    failed += count
+            seconds += stats.seconds
+        return calls, failed, seconds
+
+    def latency_buckets(self) -> list[int]:
+        """Calls by latency bucket over every method (not cumulative)."""
+        total = [0] * (len(LATENCY_BOUNDS) + 1)
+        for stats in self.all_methods():
+            for i, count in enumerate(stats.buckets):
+                total[i] += count
+        return total
+
+
+class MeteredConnection(ServerConnection):
+    """A :class:`ServerConnection` that counts its calls in a :class:`CallMetrics`."""
+
+    __slots__ = ("_batch", "_metrics", "_started")
+
+    def __init__(self, metrics: CallMetrics, max_message_size: int) -> None:
+        super().__init__(max_message_size)
+        self._metrics = metrics
+        #: Calls in flight: stream id -> (their counters, the clock when they arrived).
+        self._started: dict[int, tuple[MethodStats, float]] = {}
+        #: Requests decoded since the last read ran dry.
+        self._batch = 0
+
+    def next_event(self) -> RequestReceived | BadRequest | _NeedData:
+        event = super().next_event()
+        metrics = self._metrics
+        if event is NEED_DATA:
+            if self._batch:
+                metrics.batches[bisect.bisect_left(BATCH_BOUNDS, self._batch)] += 1
+                metrics.batched += self._batch
+                self._batch = 0
+            return event
+        self._batch += 1
+        if isinstance(event, RequestReceived):
+            stats = metrics.methods.get((event.service, event.method), metrics.other)
+            stats.bytes_in += len(event.payload)
+            self._started[event.stream_id] = (stats, _clock())
+        else:
+            assert isinstance(event, BadRequest)
+            self._started[event.stream_id] = (metrics.other, _clock())
+        return event
+
+    def send_response(
+        self,
+        stream_id: int,
+        payload: bytes = b"",
+        code: int = 0,
+        message: str = "",
+        details: Sequence[Detail] = (),
+    ) -> bytes:
+        data = super().send_response(stream_id, payload, code, message, details)
+        stats, start = self._started.pop(stream_id)
+        elapsed = _clock() - start
+        stats.codes[code] = stats.codes.get(code, 0) + 1
+        stats.buckets[bisect.bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        stats.seconds += elapsed
+        stats.bytes_out += len(data)
+        if code:
+            self._metrics.failures.append(
+                Failure(time.time(), stats.service, stats.method, code, message[:_MESSAGE_KEPT])
+            )
+        return data
+
+
+# -- exposition ------------------------------------------------------------------------
+
+
+class Family(NamedTuple):
+    """A gauge or counter family a daemon adds to its call metrics at scrape time.
+
+    *kind*: ``gauge`` or ``counter``; *samples*: (label values, value) pairs.
+    """
+
+    name: str
+    help: str
+    kind: str
+    labels: tuple[str, ...]
+    samples: Sequence[tuple[tuple[str, ...], float]]
+
+
+def collector(
+    prefix: str, calls: CallMetrics, extra: Callable[[], Iterable[Family]] = tuple
+) -> Collector:
+    """A Prometheus collector of *calls* and of the families *extra* gives, named *prefix*_…."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+
+    class _Collector:
+        def collect(self) -> Iterator[Metric]:
+            labels = ["service", "method"]
+            total = CounterMetricFamily(
+                f"{prefix}_calls",
+                "Calls answered, by method and status.",
+                labels=[*labels, "status"],
+            )
+            latency = HistogramMetricFamily(
+                f"{prefix}_call_seconds", "Time from request to answer, by method.", labels=labels
+            )
+            received = CounterMetricFamily(
+                f"{prefix}_received_bytes", "Bytes of request payloads, by method.", labels=labels
+            )
+            sent = CounterMetricFamily(
+                f"{prefix}_sent_bytes", "Bytes of answers, by method.", labels=labels
+            )
+            for stats in calls.all_methods():
+                names = [stats.service, stats.method]
+                if not stats.codes and stats.service:
+                    continue  # a declared method never called: no series
+                for code, count in sorted(stats.codes.items()):
+                    total.add_metric([*names, status_name(code)], count)
+                latency.add_metric(names, _cumulative(LATENCY_BOUNDS, stats.buckets), stats.seconds)
+                received.add_metric(names, stats.bytes_in)
+                sent.add_metric(names, stats.bytes_out)
+            yield from (total, latency, received, sent)
+            batches = HistogramMetricFamily(
+                f"{prefix}_read_batch_requests",
+                "Requests decoded from one read of a connection (pipelined calls).",
+                labels=[],
+            )
+            batches.add_metric([], _cumulative(BATCH_BOUNDS, calls.batches), calls.batched)
+            yield batches
+            for family in extra():
+                kind = GaugeMetricFamily if family.kind == "gauge" else CounterMetricFamily
+                metric = kind(f"{prefix}_{family.name}", family.help, labels=list(family.labels))
+                for values, value in family.samples:
+                    metric.add_metric(list(values), value)
+                yield metric
+
+    return _Collector()
+
+
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Prometheus histogram buckets (cumulative, ending with ``+Inf``) from per-bucket counts."""
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(bounds, counts[:-1], strict=True):
+        running += count
+        out.append((repr(float(bound)), running))
+    out.append(("+Inf", running + counts[-1]))
+    return out
