@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -473,7 +474,7 @@ def task_sandbox_options(command: _F) -> _F:
 )
 @click.option(
     "--capacity",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 65536),
     help="Calls this worker runs at once, as told to schedulers.  [default: CPU count]",
 )
 @click.option(
@@ -875,6 +876,13 @@ and presents to the workers as its own. Stops gracefully on SIGINT/SIGTERM.
 Workers: --worker ENDPOINT (repeatable), plus those announced with
 zeroconf (_vaccelray._tcp) unless --no-discover. Every worker is
 health-checked twice a second; one that does not answer leaves routing.
+
+\b
+zeroconf records are hints: a discovered worker must announce an address
+in the subnet of an interface browsed (and of --allow-network), never
+loopback or this scheduler's own; records come only from on-link senders,
+at a bounded rate each; a record or goodbye never evicts a worker that
+still answers its health check.
 """
 
 
@@ -896,7 +904,27 @@ health-checked twice a second; one that does not answer leaves routing.
     show_default=True,
     help="Find workers with zeroconf.",
 )
-@click.option("--interface", metavar="IP", help="Browse zeroconf only on this interface.")
+@click.option(
+    "--interface",
+    metavar="IP",
+    help="Browse zeroconf only on the interface with this address (else on every one but "
+    "loopback); workers must announce an address in its subnet.",
+)
+@click.option(
+    "--allow-network",
+    "allow_networks",
+    multiple=True,
+    type=ipaddress.IPv4Network,
+    metavar="CIDR",
+    help="Take discovered workers only inside this subnet too (repeatable).",
+)
+@click.option(
+    "--max-discovered",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="Workers found by zeroconf kept at most (one that never answered makes room).",
+)
 @click.option(
     "--health-interval",
     type=click.FloatRange(0.05),
@@ -943,6 +971,8 @@ def scheduler(
     workers: tuple[str, ...],
     discover: bool,
     interface: str | None,
+    allow_networks: tuple[ipaddress.IPv4Network, ...],
+    max_discovered: int,
     health_interval: float,
     health_timeout: float,
     token_file: str | None,
@@ -969,6 +999,8 @@ def scheduler(
         workers=workers,
         discover=discover,
         interface=interface,
+        allow_networks=allow_networks,
+        max_discovered=max_discovered,
         health_interval=health_interval,
         health_timeout=health_timeout,
         token=_load_token(token_file),
