@@ -97,20 +97,32 @@ def test_a_record_for_a_known_name_never_evicts_a_healthy_worker() -> None:
     registry.discovered("w1", C)
     registry.discovered("w1", A)
     registry.vanished("w1")
-    registry.check_ok(B, info(), now=4.0)  # it answered: the goodbye is void
+    registry.discovered("w1", B)  # announced again: the goodbye is void
     registry.check_failed(B, "timeout", now=5.0)
     assert [w.address for w in registry] == [B]
 
 
 def test_a_spoofed_goodbye_does_not_remove_a_worker_that_answers() -> None:
     registry = Registry()
-    registry.discovered("w1", A)
+    record = registry.discovered("w1", A).record
+    assert record is not None
     registry.check_ok(A, info(), now=1.0)
     assert registry.vanished("w1") == A
+    assert (record.goodbye, record.answered_goodbye) == (True, False)
     assert registry.check_ok(A, info(), now=2.0) is Change.NONE
+    assert registry.check_ok(A, info(), now=2.5) is Change.NONE
+    assert record.answered_goodbye
+    assert registry.routable() == [record]
+    # It said goodbye and has stopped answering: now it goes (a real graceful stop).
     assert registry.check_failed(A, "timeout", now=3.0) is Change.DOWN
-    assert A in registry  # down, but still known: the goodbye was answered
-    assert registry.check_ok(A, info(), now=4.0) is Change.UP
+    assert A not in registry
+    # A record announcing it again voids the goodbye.
+    registry.discovered("w1", A)
+    registry.check_ok(A, info(), now=4.0)
+    registry.vanished("w1")
+    registry.discovered("w1", A)
+    assert registry.check_failed(A, "timeout", now=5.0) is Change.DOWN
+    assert A in registry
 
 
 def test_discovered_workers_are_capped_and_one_never_up_makes_room() -> None:

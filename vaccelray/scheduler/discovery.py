@@ -153,13 +153,13 @@ class AddressPolicy:
         if not 0 < port < 65536:
             return f"port {port} is not a TCP port"
         for bad, what in (
-            (ip.is_loopback, "loopback"),
-            (ip.is_unspecified, "unspecified"),
-            (ip.is_multicast, "multicast"),
-            (ip.is_reserved, "reserved"),
+            (ip.is_loopback, "a loopback"),
+            (ip.is_unspecified, "an unspecified"),
+            (ip.is_multicast, "a multicast"),
+            (ip.is_reserved, "a reserved"),
         ):
             if bad:
-                return f"{ip} is a {what} address"
+                return f"{ip} is {what} address"
         network = self.on_link(ip)
         if network is None:
             subnets = ", ".join(str(n.network) for n in self.networks)

@@ -127,7 +127,9 @@ class HealthChecker:
         """Check one worker now; returns what changed (already applied to the pool)."""
         pool = self.pool
         registry = pool.registry
-        known = address in registry
+        record = registry.get(address)
+        goodbye = record is not None and record.goodbye and not record.answered_goodbye
+        last_error = "" if record is None else record.last_error
         try:
             with anyio.fail_after(self.timeout):
                 client = await pool.probe_client(address, connect_timeout=self.timeout)
@@ -153,11 +155,13 @@ class HealthChecker:
             change = registry.check_failed(address, reason, anyio.current_time())
             if change is Change.DOWN:
                 log.warning("Worker %s is down: %s", address, reason)
-            elif isinstance(exc, _Refused) and registry.get(address) is not None:
-                log.warning("Worker %s refused: %s", address, reason)
+            elif isinstance(exc, _Refused) and record is not None and last_error != reason:
+                log.warning("Worker %s %s", address, reason)
             pool.drop_client(address)
         else:
             change = registry.check_ok(address, info, anyio.current_time())
+            if goodbye:
+                log.info("Worker %s still answers after a goodbye: it stays while it does", address)
             if change is Change.UP:
                 log.info("Worker %s is up (%s, capacity %d)", address, info.backend, info.capacity)
             elif change is Change.RESTARTED:
@@ -167,7 +171,7 @@ class HealthChecker:
                     info.instance,
                 )
         pool.changed(address, change)
-        if known and address not in registry:
+        if record is not None and address not in registry:
             log.info("Worker %s left (it said goodbye, or its name moved)", address)
             pool.forget(address)
         return change

@@ -14,7 +14,8 @@ are one worker.
 zeroconf records are hints anyone can send, so no record takes a healthy
 worker away: a record moving a name whose worker is up is only kept as a
 claim (the name moves when that worker stops answering), and a goodbye
-only asks for a re-check (the worker leaves when that check fails).
+only asks for a re-check (the worker stays while it answers, and leaves at
+the first check that fails, unless a record announced it again since).
 Discovered workers are capped (:attr:`Registry.max_discovered`); past the
 cap a new one takes the place of one that never answered, or is refused.
 """
@@ -78,8 +79,11 @@ class WorkerRecord:
     last_seen: float | None = None
     #: Health checks failed in a row.
     failures: int = 0
-    #: zeroconf said goodbye for its last name: it leaves if the next check fails.
+    #: zeroconf said goodbye for its last name (and no record came since): it stays
+    #: while it answers, and leaves at the first check that fails.
     goodbye: bool = False
+    #: A check answered since that goodbye.
+    answered_goodbye: bool = False
     #: From the zeroconf TXT record, until the first health check says better.
     txt: dict[str, str] = field(default_factory=dict)
 
@@ -184,7 +188,7 @@ class Registry:
                 removed.append(victim.address)
         record = self._workers.setdefault(address, WorkerRecord(address))
         record.discovered = True
-        record.goodbye = False
+        record.goodbye = record.answered_goodbye = False
         record.name = name
         if txt is not None:
             record.txt = dict(txt)
@@ -196,7 +200,9 @@ class Registry:
         """zeroconf saw *name* leave: the address to check again now, if any.
 
         Nothing is removed here (anyone can send a goodbye): a discovered
-        worker whose last name left goes when its next health check fails.
+        worker whose last name left goes at the first health check that fails
+        (a worker says goodbye before it stops serving), unless a record
+        announces it again first.
         """
         self._claims.pop(name, None)
         address = self._names.get(name)
@@ -209,6 +215,7 @@ class Registry:
             record.name = others[0]
         else:
             record.goodbye = True
+            record.answered_goodbye = False
         return address
 
     def _forget_name(self, name: str) -> WorkerRecord | None:
@@ -255,7 +262,7 @@ class Registry:
         record.last_error = ""
         record.last_seen = now
         record.failures = 0
-        record.goodbye = False
+        record.answered_goodbye = record.goodbye
         if restarted:
             return Change.RESTARTED
         return Change.NONE if was_up else Change.UP
