@@ -5,15 +5,20 @@ sends one unsolicited unicast response (PTR, SRV, TXT, A) announcing a
 ``_vaccelray._tcp`` worker, the way an attacker on (or off) the link would;
 ``--goodbye`` sends the same records with TTL 0, ``--raw-ptr NAME`` a bare PTR
 to any name (another service type, control characters, an over-long label).
-Run it inside a network namespace only (``ip netns exec``).
+``python -m tests.mdns flood`` sends many fake workers over and over until
+SIGTERM (the discovery bench). Run it inside a network namespace only
+(``ip netns exec``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
+import signal
 import socket
 import sys
+import time
 
 SERVICE_TYPE = "_vaccelray._tcp.local."
 
@@ -81,6 +86,40 @@ def send(packet: bytes, to: str, source: str) -> None:
         sock.sendto(packet, (to, 5353))
 
 
+def flood(to: str, sources: list[str], prefix: str, count: int, rounds: int | None) -> int:
+    """Announce *count* fake workers (at *prefix*.N, nobody there) from *sources* in turn,
+    round after round (until SIGTERM when *rounds* is None); the packets sent."""
+    stop = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    packets = [
+        response(f"fake-{n}", f"{prefix}.{10 + n % 240}", 20000 + n, message_id=n % 65536)
+        for n in range(count)
+    ]
+    socks = []
+    for source in sources:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+        socks.append(sock)
+    sent = 0
+    done = 0
+    try:
+        while not stop and (rounds is None or done < rounds):
+            for n, packet in enumerate(packets):
+                socks[n % len(socks)].sendto(packet, (to, 5353))
+                sent += 1
+            done += 1
+            time.sleep(0.05)  # pacing between rounds of the flood, not a synchronisation
+    finally:
+        for sock in socks:
+            sock.close()
+    return sent
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.mdns")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +133,17 @@ def main(argv: list[str]) -> None:
     one.add_argument(
         "--raw-ptr", help="instead: a bare PTR to this name (\\n, \\0 escapes allowed)"
     )
+    many = sub.add_parser("flood", help="announce many fake workers until SIGTERM")
+    many.add_argument("--to", required=True)
+    many.add_argument("--sources", required=True, help="comma-separated addresses to send from")
+    many.add_argument("--prefix", required=True, help="first three octets of fake addresses")
+    many.add_argument("--count", type=int, default=2000)
+    many.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.command == "flood":
+        sent = flood(args.to, args.sources.split(","), args.prefix, args.count, args.rounds)
+        print(json.dumps({"sent": sent}), flush=True)
+        return
     if args.raw_ptr is not None:
         target = args.raw_ptr.encode().decode("unicode_escape").encode("latin-1")
         packet = raw_ptr(target)
