@@ -9,6 +9,7 @@ positive control next to it: the same thing done properly is taken.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import subprocess
@@ -26,7 +27,14 @@ from tests.netns import Topology, ip, require_netns, status_json
 from tests.processes import REPO, Proc, child_env, scheduler_argv, start_daemon, worker_argv
 from tests.waiting import eventually
 from vaccelray.errors import RPCError, StatusCode
-from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo
+from vaccelray.protocol.info import (
+    INFO_METHOD,
+    WORKER_SERVICE,
+    ClusterStatus,
+    InfoRequest,
+    WorkerInfo,
+)
+from vaccelray.protocol.services import INFO
 from vaccelray.scheduler import SchedulerConfig, discovery, run_scheduler
 from vaccelray.scheduler.discovery import (
     AddressPolicy,
@@ -39,6 +47,8 @@ from vaccelray.scheduler.discovery import (
 from vaccelray.scheduler.health import MAX_BACKOFF, HealthChecker
 from vaccelray.scheduler.pool import WorkerPool
 from vaccelray.scheduler.registry import Registry
+from vaccelray.status import fetch_status
+from vaccelray.transport.client import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NoopBackend
@@ -583,3 +593,20 @@ def test_self_loopback_and_broadcast_announcements_are_refused(lan: Lan) -> None
     lan.send("--name", "good", "--address", lan.worker_ip, "--port", "8194")
     wait(sched, rf"Worker {re.escape(worker)} is up", mark)
     assert list(names(saddr, lan)) == ["good"]
+
+
+@pytest.mark.anyio
+async def test_the_cluster_status_needs_the_cluster_token() -> None:
+    config = dataclasses.replace(scheduler_config(), token="the-cluster-token")
+    async with run_scheduler(config) as sched:
+        address = sched.addresses[0]
+        for wrong in ("another-token", None):  # None: the user's default one (not this)
+            with pytest.raises(RPCError) as refused:
+                await fetch_status(address, token=wrong)
+            assert refused.value.code == StatusCode.UNAUTHENTICATED
+        # Positive control: with the token it answers (and its Info stays open).
+        status = await fetch_status(address, token="the-cluster-token")
+        assert isinstance(status, ClusterStatus)
+        async with connect(address) as client:
+            info = await client.call_rpc(INFO, InfoRequest())
+        assert (info.backend, info.instance) == ("scheduler", sched.view.instance)

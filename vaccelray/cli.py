@@ -1027,15 +1027,25 @@ def scheduler(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
-def status(address: str | None, as_json: bool, timeout: float) -> None:
-    """Show the workers a scheduler sees (health, load, sessions, backend), or one worker."""
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="File (mode 0600) holding the cluster token a scheduler asks for, else "
+    "VACCELRAY_TOKEN, else (to a loopback TCP address) your default token.",
+)
+def status(address: str | None, as_json: bool, timeout: float, token_file: str | None) -> None:
+    """Show the workers a scheduler sees (health, load, sessions, backend), or one worker.
+
+    A scheduler shows them only to callers with the cluster token (as for tasks)."""
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS
     from vaccelray.status import fetch_status, render, to_json
 
     target = address or os.environ.get("VACCELRAY_ADDRESS") or DEFAULT_SCHEDULER_ADDRESS
     _check_endpoint(target)
+    token = _load_token(token_file)
     try:
-        result = _run(lambda: fetch_status(target, timeout=timeout))
+        result = _run(lambda: fetch_status(target, timeout=timeout, token=token))
     except ConnectError as exc:
         _fail(str(exc), EXIT_UNREACHABLE)
     except (RPCError, TransportError, VaccelrayError) as exc:

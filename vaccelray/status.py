@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 
+from vaccelray.auth import client_token, token_metadata
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol.info import ClusterStatus, InfoRequest, WorkerInfo, WorkersRequest
 from vaccelray.protocol.services import INFO, WORKERS
@@ -14,12 +15,21 @@ from vaccelray.transport.client import connect
 __all__ = ["fetch_status", "render", "to_json"]
 
 
-async def fetch_status(address: str, *, timeout: float = 5.0) -> ClusterStatus | WorkerInfo:
-    """A scheduler's :class:`ClusterStatus`, or a worker's :class:`WorkerInfo`."""
+async def fetch_status(
+    address: str, *, timeout: float = 5.0, token: str | None = None
+) -> ClusterStatus | WorkerInfo:
+    """A scheduler's :class:`ClusterStatus`, or a worker's :class:`WorkerInfo`.
+
+    A scheduler tells only callers with the cluster token (*token*, else as
+    :func:`vaccelray.auth.client_token` finds it).
+    """
+    metadata = token_metadata(client_token(address, token))
     async with connect(address, connect_timeout=timeout) as client:
         request = WORKERS.request.encode(WorkersRequest())
         try:
-            payload = await client.call(WORKERS.service, WORKERS.method, request, timeout=timeout)
+            payload = await client.call(
+                WORKERS.service, WORKERS.method, request, timeout=timeout, metadata=metadata
+            )
         except RPCError as exc:
             if exc.code not in (StatusCode.UNIMPLEMENTED, StatusCode.INVALID_ARGUMENT):
                 raise

@@ -137,7 +137,8 @@ async def run_scheduler(
             )
             tasks = TaskRouter(pool, table, tg, cache_bytes=config.function_cache_bytes)
             task_services = protect(
-                [tasks.service()], TokenCheck(token, hop="scheduler", token_path=token_path)
+                [tasks.service(), view.service()],
+                TokenCheck(token, hop="scheduler", token_path=token_path),
             )
             with anyio.move_on_after(config.health_timeout + 0.5):
                 async with anyio.create_task_group() as first:
@@ -147,7 +148,7 @@ async def run_scheduler(
             async with serve(
                 [
                     *agent.services(),
-                    *view.services(),
+                    view.info_service(),
                     *task_services,
                     tasks.classify_service(),
                     *extra_services,

@@ -4,7 +4,8 @@ The scheduler answers ``vaccelray.v1.Worker/Info`` too, as backend
 ``scheduler`` with its own instance id: a scheduler that finds it (through a
 forged announcement, say) knows it is no worker, and this one knows itself.
 Worker errors it shows are the scheduler's own words (see
-:mod:`vaccelray.scheduler.health`), never bytes a peer sent.
+:mod:`vaccelray.scheduler.health`), never bytes a peer sent, and only to
+callers holding the cluster credential.
 """
 
 from __future__ import annotations
@@ -37,10 +38,18 @@ class ClusterView:
             workers=tuple(self.pool.registry.statuses(anyio.current_time())),
         )
 
-    def services(self) -> list[Service]:
+    def service(self) -> Service:
+        """``Scheduler/Workers``: the daemon serves it behind the task service's credential
+        (what it tells of workers' health says which ports of other hosts answer)."""
+
         def workers(payload: bytes, ctx: CallContext) -> bytes:
             WORKERS.request.decode(payload)
             return WORKERS.reply.encode(self.status())
+
+        return Service(SCHEDULER.name, {WORKERS.method: Method(workers, inline=True)})
+
+    def info_service(self) -> Service:
+        """``Worker/Info``, answered as a scheduler (open, as a worker's is)."""
 
         def info(payload: bytes, ctx: CallContext) -> bytes:
             INFO.request.decode(payload)
@@ -48,7 +57,4 @@ class ClusterView:
                 WorkerInfo(version=__version__, instance=self.instance, backend=SCHEDULER_BACKEND)
             )
 
-        return [
-            Service(SCHEDULER.name, {WORKERS.method: Method(workers, inline=True)}),
-            Service(INFO.service, {INFO.method: Method(info, inline=True)}),
-        ]
+        return Service(INFO.service, {INFO.method: Method(info, inline=True)})
