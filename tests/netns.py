@@ -32,9 +32,25 @@ from tests.processes import REPO, child_env
 
 
 def status_json(address: str, *, netns: str | None = None) -> dict[str, Any]:
+    """``vaccelray status --json``, presenting the user's default token (a scheduler's
+    daemons in the tests use it, and its status needs it from other addresses too)."""
+    from vaccelray.auth import default_token_path
+
     prefix = ["ip", "netns", "exec", netns] if netns else []
+    token = default_token_path()
+    token_args = ["--token-file", str(token)] if token.exists() else []
     out = subprocess.run(
-        [*prefix, sys.executable, "-m", "vaccelray", "status", "--json", "--address", address],
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "vaccelray",
+            "status",
+            "--json",
+            "--address",
+            address,
+            *token_args,
+        ],
         capture_output=True,
         text=True,
         env=child_env(),

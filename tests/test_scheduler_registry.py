@@ -36,8 +36,7 @@ def up_registry(*addresses: str) -> Registry:
 def test_unchecked_workers_are_not_routable() -> None:
     registry = Registry()
     registry.add_static(A)
-    _, moved = registry.discovered("w1", B, {"backend": "noop"})
-    assert moved is None
+    assert registry.discovered("w1", B, {"backend": "noop"}).removed == ()
     assert [w.health for w in registry] == [Health.UNKNOWN, Health.UNKNOWN]
     assert registry.pick() is None
     assert registry.routable() == []
@@ -46,29 +45,110 @@ def test_unchecked_workers_are_not_routable() -> None:
 def test_addresses_are_canonical_and_static_plus_discovered_is_one_worker() -> None:
     registry = Registry()
     registry.add_static("tcp://10.0.0.2:8194")
-    record, _ = registry.discovered("w1", "tcp://10.0.0.2:8194")
+    record = registry.discovered("w1", "tcp://10.0.0.2:8194").record
+    assert record is not None
     assert len(registry) == 1
     assert record.static
     assert record.discovered
     assert record.name == "w1"
-    # Losing the zeroconf name keeps a static worker.
+    # Losing the zeroconf name (a goodbye, then a failed check) keeps a static worker.
+    assert registry.vanished("w1") == A
+    registry.check_failed(A, "refused", now=1.0)
+    assert A in registry
+    assert not record.discovered
+
+
+def test_a_goodbye_asks_for_a_check_and_a_name_of_a_worker_never_up_moves() -> None:
+    registry = Registry()
+    registry.discovered("w1", A)
+    admission = registry.discovered("w1", B)
+    assert admission.removed == (A,)
+    assert A not in registry
+    record = admission.record
+    assert record is not None
+    assert record.address == B
+    assert registry.vanished("w1") == B
+    assert B in registry  # a goodbye alone removes nothing
+    assert registry.check_failed(B, "refused", now=1.0) is Change.NONE
+    assert B not in registry  # ... the check failing after it does
+    assert record.health is Health.DOWN
+    assert len(registry) == 0
+    assert registry.vanished("never-seen") is None
     assert registry.vanished("w1") is None
+
+
+def test_a_record_for_a_known_name_never_evicts_a_healthy_worker() -> None:
+    registry = Registry()
+    registry.discovered("w1", A, {"backend": "noop"})
+    assert registry.check_ok(A, info(), now=1.0) is Change.UP
+    squat = registry.discovered("w1", B, {"backend": "rogue"})
+    assert squat.record is None
+    assert squat.removed == ()
+    assert squat.refused == f"name w1 is held by healthy worker {A}"
+    assert [w.address for w in registry] == [A]
+    assert registry.get(A).name == "w1"  # type: ignore[union-attr]
+    assert registry.pick().address == A  # type: ignore[union-attr]
+    # The claim is kept: when the worker stops answering, the name moves there.
+    assert registry.check_failed(A, "timeout", now=2.0) is Change.DOWN
+    assert [w.address for w in registry] == [B]
+    assert registry.get(B).name == "w1"  # type: ignore[union-attr]
+    # A claim a later record replaced, or a goodbye withdrew, moves nothing.
+    registry.check_ok(B, info(), now=3.0)
+    registry.discovered("w1", C)
+    registry.discovered("w1", A)
+    registry.vanished("w1")
+    registry.discovered("w1", B)  # announced again: the goodbye is void
+    registry.check_failed(B, "timeout", now=5.0)
+    assert [w.address for w in registry] == [B]
+
+
+def test_a_spoofed_goodbye_does_not_remove_a_worker_that_answers() -> None:
+    registry = Registry()
+    record = registry.discovered("w1", A).record
+    assert record is not None
+    registry.check_ok(A, info(), now=1.0)
+    assert registry.vanished("w1") == A
+    assert (record.goodbye, record.answered_goodbye) == (True, False)
+    assert registry.check_ok(A, info(), now=2.0) is Change.NONE
+    assert registry.check_ok(A, info(), now=2.5) is Change.NONE
+    assert record.answered_goodbye
+    assert registry.routable() == [record]
+    # It said goodbye and has stopped answering: now it goes (a real graceful stop).
+    assert registry.check_failed(A, "timeout", now=3.0) is Change.DOWN
+    assert A not in registry
+    # A record announcing it again voids the goodbye.
+    registry.discovered("w1", A)
+    registry.check_ok(A, info(), now=4.0)
+    registry.vanished("w1")
+    registry.discovered("w1", A)
+    assert registry.check_failed(A, "timeout", now=5.0) is Change.DOWN
     assert A in registry
 
 
-def test_vanished_discovered_worker_is_removed_and_a_moved_name_reports_old_address() -> None:
-    registry = Registry()
-    registry.discovered("w1", A)
-    record, moved = registry.discovered("w1", B)
-    assert moved == A
-    assert A not in registry
-    assert record.address == B
-    gone = registry.vanished("w1")
-    assert gone is not None
-    assert gone.address == B
-    assert gone.health is Health.DOWN
-    assert len(registry) == 0
-    assert registry.vanished("never-seen") is None
+def test_discovered_workers_are_capped_and_one_never_up_makes_room() -> None:
+    registry = Registry(max_discovered=2)
+    registry.add_static(C)  # static workers do not count
+    registry.discovered("a", A)
+    registry.discovered("b", B)
+    registry.check_failed(A, "refused", now=1.0)
+    registry.check_failed(A, "refused", now=2.0)
+    registry.check_failed(B, "refused", now=2.0)
+    d = "tcp://10.0.0.5:8194"
+    admission = registry.discovered("d", d)
+    assert admission.removed == (A,)  # the one that failed most
+    assert sorted(w.address for w in registry) == [B, C, d]
+    assert registry.vanished("a") is None  # its name went with it
+    # Workers that answered are never pushed out: past the cap a new one is refused.
+    registry.check_ok(B, info(), now=3.0)
+    registry.check_ok(d, info(), now=3.0)
+    registry.check_failed(d, "timeout", now=4.0)  # down now, but it has answered
+    e = "tcp://10.0.0.6:8194"
+    refused = registry.discovered("e", e)
+    assert refused.record is None
+    assert refused.refused == "2 discovered workers already"
+    assert e not in registry
+    # A known address under a new name is no new worker.
+    assert registry.discovered("b2", B).record is registry.get(B)
 
 
 def test_health_transitions() -> None:
@@ -260,7 +340,8 @@ def test_check_ok_takes_what_the_worker_says() -> None:
 
 def test_a_rediscovered_name_keeps_its_txt_unless_given_a_new_one() -> None:
     registry = Registry()
-    record, _ = registry.discovered("w1", A, {"backend": "onnx"})
+    record = registry.discovered("w1", A, {"backend": "onnx"}).record
+    assert record is not None
     registry.discovered("w1", A)
     assert record.txt == {"backend": "onnx"}
     registry.discovered("w1", A, {"backend": "noop"})
@@ -274,13 +355,13 @@ def test_a_static_worker_losing_its_name_is_no_longer_discovered() -> None:
     assert record.static
     registry.discovered("w1", A)
     assert record.discovered
-    assert registry.vanished("w1") is None
+    assert registry.vanished("w1") == A
+    registry.check_failed(A, "refused", now=1.0)
     assert record.discovered is False
     assert record.static
     # Its name moving elsewhere does not make the static worker "moved".
     registry.discovered("w1", A)
-    _, moved = registry.discovered("w1", B)
-    assert moved is None
+    assert registry.discovered("w1", B).removed == ()
     assert A in registry
     assert B in registry
 
@@ -289,19 +370,21 @@ def test_a_worker_leaves_with_its_last_name() -> None:
     # A worker restarted under a new name while its old one lingers in the caches.
     registry = Registry()
     registry.discovered("old", A)
-    record, _ = registry.discovered("new", A)
-    assert registry.vanished("old") is None
-    assert A in registry
+    record = registry.discovered("new", A).record
+    assert record is not None
+    assert registry.vanished("old") == A
+    registry.check_failed(A, "refused", now=1.0)
+    assert A in registry  # still announced as "new": the goodbye was for a stale name
     assert record.name == "new"
     assert record.discovered
-    # And a name that moves off a worker still announced under another name.
+    # And a name that moves off a worker (never up) still announced under another name.
     registry.discovered("third", A)
-    _, moved = registry.discovered("third", B)
-    assert moved is None
+    assert registry.discovered("third", B).removed == ()
     assert A in registry
-    gone = registry.vanished("new")
-    assert gone is record
+    assert registry.vanished("new") == A
+    registry.check_failed(A, "refused", now=2.0)
     assert A not in registry
+    assert record.health is Health.DOWN
     assert registry.vanished("new") is None
     assert [w.address for w in registry] == [B]
 

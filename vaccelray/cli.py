@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -549,7 +550,7 @@ def task_sandbox_options(command: _F) -> _F:
 )
 @click.option(
     "--capacity",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 65536),
     help="Calls this worker runs at once, as told to schedulers.  [default: CPU count]",
 )
 @click.option(
@@ -988,6 +989,13 @@ and presents to the workers as its own. Stops gracefully on SIGINT/SIGTERM.
 Workers: --worker ENDPOINT (repeatable), plus those announced with
 zeroconf (_vaccelray._tcp) unless --no-discover. Every worker is
 health-checked twice a second; one that does not answer leaves routing.
+
+\b
+zeroconf records are hints: a discovered worker must announce an address
+in the subnet of an interface browsed (and of --allow-network), never
+loopback or this scheduler's own; records come only from on-link senders,
+at a bounded rate each; a record or goodbye never evicts a worker that
+still answers its health check.
 """
 
 
@@ -1009,7 +1017,27 @@ health-checked twice a second; one that does not answer leaves routing.
     show_default=True,
     help="Find workers with zeroconf.",
 )
-@click.option("--interface", metavar="IP", help="Browse zeroconf only on this interface.")
+@click.option(
+    "--interface",
+    metavar="IP",
+    help="Browse zeroconf only on the interface with this address (else on every one but "
+    "loopback); workers must announce an address in its subnet.",
+)
+@click.option(
+    "--allow-network",
+    "allow_networks",
+    multiple=True,
+    type=ipaddress.IPv4Network,
+    metavar="CIDR",
+    help="Take discovered workers only inside this subnet too (repeatable).",
+)
+@click.option(
+    "--max-discovered",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="Workers found by zeroconf kept at most (one that never answered makes room).",
+)
 @click.option(
     "--health-interval",
     type=click.FloatRange(0.05),
@@ -1058,6 +1086,8 @@ def scheduler(
     workers: tuple[str, ...],
     discover: bool,
     interface: str | None,
+    allow_networks: tuple[ipaddress.IPv4Network, ...],
+    max_discovered: int,
     health_interval: float,
     health_timeout: float,
     token_file: str | None,
@@ -1086,6 +1116,8 @@ def scheduler(
         workers=workers,
         discover=discover,
         interface=interface,
+        allow_networks=allow_networks,
+        max_discovered=max_discovered,
         health_interval=health_interval,
         health_timeout=health_timeout,
         token=_load_token(token_file),
@@ -1132,6 +1164,13 @@ def scheduler(
     type=click.IntRange(1),
     help="Refreshes of --watch before it exits.  [default: until Ctrl-C]",
 )
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="File (mode 0600) holding the cluster token a scheduler asks for, else "
+    "VACCELRAY_TOKEN, else (to a loopback TCP address) your default token.",
+)
 def status(
     address: str | None,
     as_json: bool,
@@ -1139,14 +1178,18 @@ def status(
     watch: bool,
     interval: float,
     count: int | None,
+    token_file: str | None,
 ) -> None:
-    """Show the workers a scheduler sees (health, load, sessions, backend), or one worker."""
+    """Show the workers a scheduler sees (health, load, sessions, backend), or one worker.
+
+    A scheduler shows them only to callers with the cluster token (as for tasks)."""
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS
     from vaccelray.status import Seen, fetch_status, frame, render, to_json
     from vaccelray.status import watch as watch_status
 
     target = address or os.environ.get("VACCELRAY_ADDRESS") or DEFAULT_SCHEDULER_ADDRESS
     _check_endpoint(target)
+    token = _load_token(token_file)
     if watch:
         tty = sys.stdout.isatty()
 
@@ -1156,11 +1199,13 @@ def status(
 
         with contextlib.suppress(KeyboardInterrupt):
             _run(
-                lambda: watch_status(target, show, interval=interval, timeout=timeout, count=count)
+                lambda: watch_status(
+                    target, show, interval=interval, timeout=timeout, count=count, token=token
+                )
             )
         sys.exit(EXIT_OK)
     try:
-        result = _run(lambda: fetch_status(target, timeout=timeout))
+        result = _run(lambda: fetch_status(target, timeout=timeout, token=token))
     except ConnectError as exc:
         _fail(str(exc), EXIT_UNREACHABLE)
     except (RPCError, TransportError, VaccelrayError) as exc:

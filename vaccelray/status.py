@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from vaccelray.auth import client_token, token_metadata
 from vaccelray.errors import RPCError, StatusCode, TransportError, VaccelrayError
 from vaccelray.protocol.info import ClusterStatus, InfoRequest, WorkerInfo, WorkersRequest
 from vaccelray.protocol.services import INFO, WORKERS
@@ -20,12 +21,21 @@ __all__ = ["fetch_status", "frame", "render", "to_json", "watch"]
 Seen = ClusterStatus | WorkerInfo | VaccelrayError
 
 
-async def fetch_status(address: str, *, timeout: float = 5.0) -> ClusterStatus | WorkerInfo:
-    """A scheduler's :class:`ClusterStatus`, or a worker's :class:`WorkerInfo`."""
+async def fetch_status(
+    address: str, *, timeout: float = 5.0, token: str | None = None
+) -> ClusterStatus | WorkerInfo:
+    """A scheduler's :class:`ClusterStatus`, or a worker's :class:`WorkerInfo`.
+
+    A scheduler tells only callers with the cluster token (*token*, else as
+    :func:`vaccelray.auth.client_token` finds it).
+    """
+    metadata = token_metadata(client_token(address, token))
     async with connect(address, connect_timeout=timeout) as client:
         request = WORKERS.request.encode(WorkersRequest())
         try:
-            payload = await client.call(WORKERS.service, WORKERS.method, request, timeout=timeout)
+            payload = await client.call(
+                WORKERS.service, WORKERS.method, request, timeout=timeout, metadata=metadata
+            )
         except RPCError as exc:
             if exc.code not in (StatusCode.UNIMPLEMENTED, StatusCode.INVALID_ARGUMENT):
                 raise
@@ -92,6 +102,7 @@ async def watch(
     interval: float,
     timeout: float = 5.0,
     count: int | None = None,
+    token: str | None = None,
 ) -> None:
     """Ask *address* for its status every *interval* seconds, *count* times (None: until
     cancelled), and *show* each answer, or the error that stood in its place (a
@@ -100,7 +111,7 @@ async def watch(
     while count is None or shown < count:
         started = anyio.current_time()
         try:
-            seen: Seen = await fetch_status(address, timeout=timeout)
+            seen: Seen = await fetch_status(address, timeout=timeout, token=token)
         except (RPCError, TransportError, VaccelrayError) as exc:
             seen = exc
         show(seen)

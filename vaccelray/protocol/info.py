@@ -4,16 +4,25 @@
 payload is an :class:`InfoRequest`, or empty). ``vaccelray.v1.Scheduler/Workers``
 answers a :class:`ClusterStatus` listing what the scheduler sees of each
 worker. Fields are only ever added, with defaults, so old peers still decode.
+
+A :class:`WorkerInfo` comes from a peer the scheduler found by a hint (an
+mDNS record anyone can send), so decoding it checks every field against a
+plausible bound: a 3 MiB version string or a capacity of 10**18 fails to
+decode, and the health check with it. A scheduler answers Info too, as
+backend :data:`SCHEDULER_BACKEND`: a scheduler never takes another (or
+itself) for a worker.
 """
 
 from __future__ import annotations
 
-from typing import Final, TypeVar
+from typing import Annotated, Final, TypeVar
 
 import msgspec
 
 __all__ = [
     "INFO_METHOD",
+    "MAX_CAPACITY",
+    "SCHEDULER_BACKEND",
     "SCHEDULER_SERVICE",
     "WORKERS_METHOD",
     "WORKER_SERVICE",
@@ -30,6 +39,16 @@ WORKER_SERVICE: Final = "vaccelray.v1.Worker"
 INFO_METHOD: Final = "Info"
 SCHEDULER_SERVICE: Final = "vaccelray.v1.Scheduler"
 WORKERS_METHOD: Final = "Workers"
+#: The backend a scheduler names in its own Info answer.
+SCHEDULER_BACKEND: Final = "scheduler"
+
+#: The largest capacity (calls at once) a worker may report.
+MAX_CAPACITY: Final = 65536
+#: The largest count (calls, sessions, connections) a report may hold.
+_MAX_COUNT: Final = 1 << 31
+
+_Text = Annotated[str, msgspec.Meta(max_length=128)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_COUNT)]
 
 
 class InfoRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,21 +58,21 @@ class InfoRequest(msgspec.Struct, frozen=True, kw_only=True):
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     """A worker's identity and load at the moment it answered."""
 
-    version: str
+    version: _Text
     #: Random per process start: a new value means the worker restarted and lost its sessions.
-    instance: str
-    backend: str
-    ops: tuple[str, ...] = ()
+    instance: _Text
+    backend: _Text
+    ops: Annotated[tuple[_Text, ...], msgspec.Meta(max_length=64)] = ()
     #: How many calls the worker runs at once before they queue (its slots).
-    capacity: int = 1
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=MAX_CAPACITY)] = 1
     #: Calls being handled right now (off the event loop).
-    inflight: int = 0
+    inflight: _Count = 0
     #: vAccel sessions open on the worker.
-    sessions: int = 0
+    sessions: _Count = 0
     #: Client connections open to the worker.
-    connections: int = 0
-    uptime: float = 0.0
-    addresses: tuple[str, ...] = ()
+    connections: _Count = 0
+    uptime: Annotated[float, msgspec.Meta(ge=0.0, le=1e10)] = 0.0
+    addresses: Annotated[tuple[_Text, ...], msgspec.Meta(max_length=64)] = ()
 
 
 class WorkersRequest(msgspec.Struct, frozen=True, kw_only=True):

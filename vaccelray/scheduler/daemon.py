@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
+import secrets
 import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -17,6 +19,7 @@ from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.forwarding import AgentForwarder
 from vaccelray.scheduler.health import HealthChecker
 from vaccelray.scheduler.pool import WorkerPool
+from vaccelray.scheduler.registry import DEFAULT_MAX_DISCOVERED, Registry
 from vaccelray.scheduler.sessions import SessionLimits, SessionTable
 from vaccelray.scheduler.status import ClusterView
 from vaccelray.scheduler.tasks import DEFAULT_FUNCTION_CACHE_BYTES, TaskRouter
@@ -51,6 +54,10 @@ class SchedulerConfig:
     discover: bool = False
     #: Browse only on the interface with this address.
     interface: str | None = None
+    #: Subnets (CIDR) discovered workers must lie in, besides the interface's subnet.
+    allow_networks: tuple[ipaddress.IPv4Network, ...] = ()
+    #: Workers found by zeroconf kept at most.
+    max_discovered: int = DEFAULT_MAX_DISCOVERED
     #: Seconds between health checks of each worker, and the time each may take.
     health_interval: float = 0.5
     health_timeout: float = 1.0
@@ -111,7 +118,9 @@ async def run_scheduler(
     *metrics* counts the calls of its listeners (see :mod:`vaccelray.metrics`).
     """
     token, token_path = daemon_token(config.token)
+    instance = secrets.token_hex(8)
     pool = WorkerPool(
+        Registry(max_discovered=config.max_discovered),
         connect_timeout=config.health_timeout,
         max_message_size=config.max_message_size,
         token=token,
@@ -119,11 +128,13 @@ async def run_scheduler(
     )
     for address in config.workers:
         pool.registry.add_static(address)
-    health = HealthChecker(pool, interval=config.health_interval, timeout=config.health_timeout)
+    health = HealthChecker(
+        pool, interval=config.health_interval, timeout=config.health_timeout, instance=instance
+    )
     try:
         async with anyio.create_task_group() as tg:
             table = SessionTable(pool, tg, config.limits)
-            view = ClusterView(pool, table)
+            view = ClusterView(pool, table, instance)
             agent = AgentForwarder(
                 table,
                 max_message_size=config.max_message_size,
@@ -131,21 +142,18 @@ async def run_scheduler(
             )
             tasks = TaskRouter(pool, table, tg, cache_bytes=config.function_cache_bytes)
             task_services = protect(
-                [tasks.service()], TokenCheck(token, hop="scheduler", token_path=token_path)
+                [tasks.service(), view.service()],
+                TokenCheck(token, hop="scheduler", token_path=token_path),
             )
             with anyio.move_on_after(config.health_timeout + 0.5):
                 async with anyio.create_task_group() as first:
                     for record in pool.registry:
                         first.start_soon(health.check, record.address)
             await tg.start(health.run)
-            if config.discover:
-                from vaccelray.scheduler.discovery import browse
-
-                await tg.start(functools.partial(browse, pool, health, interface=config.interface))
             async with serve(
                 [
                     *agent.services(),
-                    *view.services(),
+                    view.info_service(),
                     *task_services,
                     tasks.classify_service(),
                     *extra_services,
@@ -163,6 +171,19 @@ async def run_scheduler(
                 metrics=metrics,
             ) as server:
                 pool.hop = f"scheduler {server.addresses[0]}"
+                if config.discover:
+                    from vaccelray.scheduler.discovery import browse
+
+                    await tg.start(
+                        functools.partial(
+                            browse,
+                            pool,
+                            health,
+                            interface=config.interface,
+                            allow=config.allow_networks,
+                            own=server.addresses,
+                        )
+                    )
                 for address in server.addresses:
                     log.info("Listening on %s", address)
                 try:

@@ -10,6 +10,14 @@ connections, re-bind sessions).
 Workers are keyed by their canonical endpoint (``tcp://10.0.0.2:8194``):
 a static ``--worker`` and a zeroconf name that resolve to the same endpoint
 are one worker.
+
+zeroconf records are hints anyone can send, so no record takes a healthy
+worker away: a record moving a name whose worker is up is only kept as a
+claim (the name moves when that worker stops answering), and a goodbye
+only asks for a re-check (the worker stays while it answers, and leaves at
+the first check that fails, unless a record announced it again since).
+Discovered workers are capped (:attr:`Registry.max_discovered`); past the
+cap a new one takes the place of one that never answered, or is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ from vaccelray.protocol.info import WorkerInfo, WorkerStatus
 from vaccelray.scheduler.policy import pick_least_loaded
 from vaccelray.transport.endpoints import parse_endpoint
 
-__all__ = ["Change", "Health", "Registry", "WorkerRecord"]
+__all__ = ["DEFAULT_MAX_DISCOVERED", "Admission", "Change", "Health", "Registry", "WorkerRecord"]
+
+#: Workers found by zeroconf kept at most (static ones do not count).
+DEFAULT_MAX_DISCOVERED = 256
 
 
 class Health(str, enum.Enum):
@@ -68,6 +79,13 @@ class WorkerRecord:
     last_seen: float | None = None
     #: Sessions this scheduler bound to the worker and tasks it sent there, ever.
     placements: int = 0
+    #: Health checks failed in a row.
+    failures: int = 0
+    #: zeroconf said goodbye for its last name (and no record came since): it stays
+    #: while it answers, and leaves at the first check that fails.
+    goodbye: bool = False
+    #: A check answered since that goodbye.
+    answered_goodbye: bool = False
     #: From the zeroconf TXT record, until the first health check says better.
     txt: dict[str, str] = field(default_factory=dict)
 
@@ -104,13 +122,26 @@ def canonical(address: str) -> str:
     return str(parse_endpoint(address))
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What a zeroconf record did: the worker it names (None: refused, and why),
+    and the workers it took out of the registry (their connections must go)."""
+
+    record: WorkerRecord | None
+    removed: tuple[str, ...] = ()
+    refused: str = ""
+
+
 class Registry:
     """Workers by address; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_discovered: int = DEFAULT_MAX_DISCOVERED) -> None:
+        self.max_discovered = max_discovered
         self._workers: dict[str, WorkerRecord] = {}
         #: zeroconf instance name -> address
         self._names: dict[str, str] = {}
+        #: name -> address a record moved it to while its worker was up
+        self._claims: dict[str, str] = {}
         self._turn = 0
 
     def __iter__(self) -> Iterator[WorkerRecord]:
@@ -135,32 +166,59 @@ class Registry:
 
     def discovered(
         self, name: str, address: str, txt: Mapping[str, str] | None = None
-    ) -> tuple[WorkerRecord, str | None]:
-        """zeroconf resolved *name* to *address*: its record, and the address it moved
-        from if that worker left with it (not static, and no other name there)."""
+    ) -> Admission:
+        """zeroconf resolved *name* to *address*; see :class:`Admission`."""
         address = canonical(address)
-        moved_from = None
+        removed: list[str] = []
         old = self._names.get(name)
-        if old is not None and old != address and self._forget_name(name) is not None:
-            moved_from = old
+        if old is not None and old != address:
+            if self._workers[old].routable:
+                self._claims[name] = address
+                return Admission(None, refused=f"name {name} is held by healthy worker {old}")
+            if self._forget_name(name) is not None:
+                removed.append(old)
+        if address not in self._workers:
+            discovered = [w for w in self._workers.values() if not w.static]
+            if len(discovered) >= self.max_discovered:
+                never_up = [w for w in discovered if w.last_seen is None]
+                if not never_up:
+                    return Admission(
+                        None, tuple(removed), f"{self.max_discovered} discovered workers already"
+                    )
+                victim = max(never_up, key=lambda w: w.failures)
+                self._remove(victim)
+                removed.append(victim.address)
         record = self._workers.setdefault(address, WorkerRecord(address))
         record.discovered = True
+        record.goodbye = record.answered_goodbye = False
         record.name = name
         if txt is not None:
             record.txt = dict(txt)
         self._names[name] = address
-        return record, moved_from
+        self._claims.pop(name, None)
+        return Admission(record, tuple(removed))
 
-    def vanished(self, name: str) -> WorkerRecord | None:
-        """zeroconf saw *name* leave; returns the record if it was removed.
+    def vanished(self, name: str) -> str | None:
+        """zeroconf saw *name* leave: the address to check again now, if any.
 
-        A static worker is kept (it came from the command line), and so is one
-        still announced under another name (a restarted worker that took a new
-        name while its old one lingered in the caches).
+        Nothing is removed here (anyone can send a goodbye): a discovered
+        worker whose last name left goes at the first health check that fails
+        (a worker says goodbye before it stops serving), unless a record
+        announces it again first.
         """
-        if name not in self._names:
+        self._claims.pop(name, None)
+        address = self._names.get(name)
+        if address is None:
             return None
-        return self._forget_name(name)
+        record = self._workers[address]
+        others = [n for n, a in self._names.items() if a == address and n != name]
+        if others:  # still announced under another name (a restart that took a new one)
+            del self._names[name]
+            record.name = others[0]
+        else:
+            record.goodbye = True
+            record.answered_goodbye = False
+        return address
 
     def _forget_name(self, name: str) -> WorkerRecord | None:
         # Every name maps to a worker: a worker is removed only with its last name.
@@ -173,9 +231,14 @@ class Registry:
         record.discovered = False
         if record.static:
             return None
-        del self._workers[address]
-        record.health = Health.DOWN
+        self._remove(record)
         return record
+
+    def _remove(self, record: WorkerRecord) -> None:
+        del self._workers[record.address]
+        for name in [n for n, a in self._names.items() if a == record.address]:
+            del self._names[name]
+        record.health = Health.DOWN
 
     # -- health --------------------------------------------------------------
 
@@ -200,20 +263,31 @@ class Registry:
             record.releasing = 0
         record.last_error = ""
         record.last_seen = now
+        record.failures = 0
+        record.answered_goodbye = record.goodbye
         if restarted:
             return Change.RESTARTED
         return Change.NONE if was_up else Change.UP
 
     def check_failed(self, address: str, error: str, now: float) -> Change:
-        """A health check or a call failed in a way that means the worker is unusable."""
+        """A health check or a call failed in a way that means the worker is unusable.
+
+        A discovered worker that said goodbye leaves the registry; names its
+        worker held against a claim move to the claimed address.
+        """
         record = self._workers.get(address)
         if record is None:
             return Change.NONE
         record.last_error = error
-        if record.health is Health.DOWN:
-            return Change.NONE
+        record.failures += 1
         was_up = record.health is Health.UP
         record.health = Health.DOWN
+        for name, claimed in list(self._claims.items()):
+            if self._names.get(name) == address:
+                self.discovered(name, claimed)
+        if record.goodbye and address in self._workers:
+            for name in [n for n, a in self._names.items() if a == address]:
+                self._forget_name(name)
         return Change.DOWN if was_up else Change.NONE
 
     # -- load --------------------------------------------------------------
