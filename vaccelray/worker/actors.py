@@ -163,8 +163,7 @@ class _Actor:
         if limit and len(self.queue) >= limit:
             raise RPCError(
                 StatusCode.RESOURCE_EXHAUSTED,
-                f"actor {self.label()} has {limit} calls waiting (worker option "
-                "--max-pending-calls)",
+                f"actor {self.label()} has {limit} calls waiting, its most",
             )
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         call = _Call(request.call_id, request.method, request.args, reply)
@@ -291,16 +290,13 @@ class ActorService:
         self._graves: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._closing = False
 
-    def service(self) -> Service:
+    def methods(self) -> dict[str, Method]:
         """CreateActor, CallActor and KillActor, for the worker's clients (token checked)."""
-        return Service(
-            WORKER.name,
-            {
-                CREATE_ACTOR.method: Method(self._create, future=True),
-                CALL_ACTOR.method: Method(self._call, future=True),
-                KILL_ACTOR.method: Method(self._kill, inline=True),
-            },
-        )
+        return {
+            CREATE_ACTOR.method: Method(self._create, future=True),
+            CALL_ACTOR.method: Method(self._call, future=True),
+            KILL_ACTOR.method: Method(self._kill, inline=True),
+        }
 
     def local_service(self) -> Service:
         """CallActor and KillActor for tasks and actors (the worker's private socket)."""

@@ -29,7 +29,7 @@ import functools
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,13 +114,15 @@ class TaskService:
         #: The reply and function name of each task queued or running, by task id.
         self.running: dict[str, tuple[asyncio.Future[bytes], str]] = {}
 
-    def service(self) -> Service:
+    def service(self, more: Mapping[str, Method] | None = None) -> Service:
+        """The task methods, and *more* of the same service (the actors')."""
         return Service(
             WORKER.name,
             {
                 REGISTER_FUNCTION.method: Method(self._register, inline=True),
                 SUBMIT.method: Method(self._submit, future=True),
                 CANCEL.method: Method(self._cancel, inline=True),
+                **(more or {}),
             },
         )
 
@@ -339,7 +341,7 @@ async def run_task_service(
                         max_message_size=limit,
                     )
                     yield TaskRuntime(
-                        [*services, tasks.service(), actors.service()],
+                        [*services, tasks.service(actors.methods())],
                         tasks,
                         actors,
                         isolation.describe(),
