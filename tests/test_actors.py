@@ -12,11 +12,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 import vaccelray
 from tests.processes import Proc, start_daemon, worker_argv
 from tests.test_offload_api import ADDRESS_VARS, Custom
+from tests.test_scheduler_tasks import cluster, doomed_workers, logged, workers  # noqa: F401
 from vaccelray.client import Client
 from vaccelray.worker.noop import NOOP_TAG
 
@@ -231,3 +233,66 @@ def test_actor_bounds_refuse_at_once_and_actors_die_with_their_connection(
     with Client(capped.address) as fourth:
         again = Counter.remote_on(fourth, 7)
         assert vaccelray.get(again.add.remote(0)) == 7
+
+
+# -- through the scheduler -------------------------------------------------------------
+
+
+@vaccelray.offload
+class Where:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def worker(self) -> int:
+        self.calls += 1
+        return os.getppid()
+
+    def count(self) -> int:
+        return self.calls
+
+
+@pytest.mark.anyio
+async def test_actors_through_the_scheduler_spread_and_keep_their_worker(
+    workers: list[tuple[Proc, str]],  # noqa: F811
+) -> None:
+    pids = {p.pid for p, _ in workers}
+    async with cluster(workers) as (sched, client):
+        one, two = Where.remote_on(client), Where.remote_on(client)
+        firsts = {await one.worker.remote(), await two.worker.remote()}
+        assert firsts == pids  # one on each worker
+        refs = [one.worker.remote() for _ in range(10)]
+        assert len({await r for r in refs}) == 1
+        assert await one.count.remote() == 11
+        assert await anyio.to_thread.run_sync(vaccelray.kill, one) is True
+        with pytest.raises(vaccelray.ActorDiedError, match="killed"):
+            await one.count.remote()
+        assert len(sched.actors.actors) == 1
+    # The client went away: its actor is killed on its worker, and forgotten.
+    assert sched.actors.actors == {}
+    await logged([p for p, _ in workers], f"Actor Where {two.actor_id} was killed", [0, 0])
+
+
+@pytest.mark.anyio
+async def test_an_actor_whose_worker_dies_is_created_again_elsewhere(
+    doomed_workers: list[tuple[Proc, str]],  # noqa: F811
+) -> None:
+    procs = {p.pid: p for p, _ in doomed_workers}
+    async with cluster(doomed_workers) as (_, client):
+        lasting = Where.options(max_restarts=1).remote_on(client)
+        mortal = Where.remote_on(client)
+        first = await lasting.worker.remote()
+        second = await mortal.worker.remote()
+        assert {first, second} == set(procs)  # one on each worker
+        procs[first].kill()
+        with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
+            await lasting.worker.remote()
+        # Created again on the other worker, constructor re-run.
+        assert await lasting.count.remote() == 0
+        assert await lasting.worker.remote() == second
+        assert await mortal.count.remote() == 1  # untouched
+        procs[second].kill()
+        for actor in (mortal, lasting):  # no restart left for either
+            with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
+                await actor.worker.remote()
+            with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
+                await actor.count.remote()

@@ -958,6 +958,14 @@ health-checked twice a second; one that does not answer leaves routing.
 @grace_option
 @connection_limit_options
 @session_limit_options
+@click.option(
+    "--max-actors-per-connection",
+    type=click.IntRange(0),
+    default=64,
+    show_default=True,
+    help="Actors one client connection may have alive through the scheduler; more are "
+    "refused (RESOURCE_EXHAUSTED). 0: no limit.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def scheduler(
     addresses: tuple[str, ...],
@@ -976,6 +984,7 @@ def scheduler(
     idle_timeout: float,
     session_limits: SessionLimits,
     max_inflight: int,
+    max_actors_per_connection: int,
     log_level: str,
 ) -> None:
     from vaccelray.scheduler.daemon import DEFAULT_SCHEDULER_ADDRESS, SchedulerConfig, run_scheduler
@@ -1002,6 +1011,7 @@ def scheduler(
         idle_timeout=idle_timeout,
         limits=session_limits,
         max_inflight=max_inflight,
+        max_actors_per_connection=max_actors_per_connection,
     )
 
     _run_daemon(lambda: run_scheduler(config))

@@ -64,6 +64,9 @@ class CreateActor(msgspec.Struct, array_like=True, frozen=True):
     #: The backend and operations the actor needs (as a task's).
     backend: str = ""
     ops: tuple[str, ...] = ()
+    #: Who asked, when a scheduler forwards it (its client connection): the worker's
+    #: per-connection bound counts each owner of a connection apart.
+    owner: str = ""
 
 
 class CallActor(msgspec.Struct, array_like=True, frozen=True):

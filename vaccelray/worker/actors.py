@@ -17,7 +17,10 @@ connection that created it, kill it the same way.
 
 Bounds: ``max_actors`` on the worker and ``max_actors_per_connection`` per
 client connection (a CreateActor past either is refused RESOURCE_EXHAUSTED at
-once), and ``max_pending_calls`` queued per actor (likewise).
+once), and ``max_pending_calls`` queued per actor (likewise). Behind a
+scheduler, one connection carries many clients: ``CreateActor.owner`` names
+the scheduler's client, counted apart (the worker-wide bound holds whatever
+a caller claims).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ class _Actor:
         service: ActorService,
         request: wire.CreateActor,
         function: bytes,
-        owner: int,
+        owner: tuple[int, str],
         created: asyncio.Future[bytes],
     ) -> None:
         self.service = service
@@ -310,16 +313,16 @@ class ActorService:
 
     # -- bookkeeping --------------------------------------------------------------
 
-    def owned_by(self, connection_id: int) -> int:
-        return sum(1 for a in self.actors.values() if a.owner == connection_id)
+    def owned_by(self, owner: tuple[int, str]) -> int:
+        return sum(1 for a in self.actors.values() if a.owner == owner)
 
     def holds_state(self, connection_id: int) -> bool:
         """Whether the connection created actors that live (its idle close would kill them)."""
-        return any(a.owner == connection_id for a in self.actors.values())
+        return any(a.owner[0] == connection_id for a in self.actors.values())
 
     def connection_closed(self, connection_id: int) -> None:
         """A client connection closed: the actors it created die with it."""
-        for actor in [a for a in self.actors.values() if a.owner == connection_id]:
+        for actor in [a for a in self.actors.values() if a.owner[0] == connection_id]:
             actor.die("was killed: the connection that created it closed")
 
     def _buried(self, actor: _Actor) -> None:
@@ -361,15 +364,16 @@ class ActorService:
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"this worker holds {limit} actors, its most (worker option --max-actors)",
             )
+        owner = (ctx.connection_id, request.owner)
         limit = self.max_actors_per_connection
-        if limit and self.owned_by(ctx.connection_id) >= limit:
+        if limit and self.owned_by(owner) >= limit:
             raise RPCError(
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"this connection made {limit} actors, its most (worker option "
                 "--max-actors-per-connection)",
             )
         created: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        actor = _Actor(self, request, function.pickled, ctx.connection_id, created)
+        actor = _Actor(self, request, function.pickled, owner, created)
         self.actors[request.actor_id] = actor
         actor.construct()  # queued in its pool until the process is up
         self._tg.start_soon(self._start, actor)
