@@ -252,7 +252,8 @@ def bench_floor(rounds: int, quick: bool) -> None:
         )
         worker = start_worker(f"unix://{tmp}/worker.sock")
         try:
-            assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
+            assert relay.stdout is not None
+            assert relay.stdout.readline().strip() == "ready"
             time.sleep(1.0)  # let the pool finish starting
             with vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
                 f = vaccelray.offload(noop)

@@ -242,12 +242,12 @@ class _Actor:
         self.die(f"died: its process {status}")
         return False
 
-    def die(self, why: str) -> None:
+    def die(self, why: str, *, level: int = logging.WARNING) -> None:
         """Fail its calls, now and later; stop its process."""
         if self.death is not None:
             return
         self.death = why
-        log.warning("Actor %s %s", self.label(), why)
+        log.log(level, "Actor %s %s", self.label(), why)
         created, self.created = self.created, None
         if created is not None and not created.done():
             created.set_exception(_died(self.id, why))
@@ -403,7 +403,7 @@ class ActorService:
         request = KILL_ACTOR.request.decode(payload)
         actor = self.actors.get(request.actor_id)
         if actor is not None:
-            actor.die("was killed")
+            actor.die("was killed", level=logging.INFO)
         return KILL_ACTOR.reply.encode(wire.ActorKilled(actor is not None))
 
     async def aclose(self) -> None:
