@@ -14,6 +14,14 @@ pool (one process per CPU):
 * cold start: ``init()`` with an embedded worker + the first result, in a fresh process
 * idle RSS of the worker process and its pool processes (and their PSS)
 
+``--floor`` measures the sync round trips against the floor of their process
+layout instead: raw bytes from a client through a daemon (an asyncio relay,
+like the worker) to a child process (a blocking echo, like a pool process)
+and back, over unix sockets, with no framing or pickling. It prints the p50
+of a sync no-op task and of a sync actor method call (an actor is a child
+process of its own) as ratios to the floor's (targets <= 1.3), in
+interleaved rounds against one worker.
+
 ``--sandbox-ab`` measures what the task sandbox costs instead: the sync no-op
 rate against a sandboxed worker (the default) and one started with
 ``--unsafe-no-sandbox``, both up at once, in interleaved pairs (the median
@@ -41,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RAY_ANCHORS = {
@@ -156,6 +165,133 @@ def bench_vaccelray(quick: bool) -> dict[str, str]:
     return results
 
 
+FLOOR_CHILD = """
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    s.sendall(data)
+"""
+
+FLOOR_DAEMON = """
+import asyncio, socket, subprocess, sys
+
+async def main(path, child_code):
+    parent, child = socket.socketpair()
+    subprocess.Popen([sys.executable, "-c", child_code, str(child.fileno())],
+                     pass_fds=(child.fileno(),))
+    child.close()
+    loop = asyncio.get_running_loop()
+    clients = []
+
+    class FromChild(asyncio.Protocol):
+        def data_received(self, data):
+            clients[-1].write(data)
+
+    to_child, _ = await loop.create_unix_connection(FromChild, sock=parent)
+
+    class FromClient(asyncio.Protocol):
+        def connection_made(self, transport):
+            clients.append(transport)
+        def data_received(self, data):
+            to_child.write(data)
+
+    await loop.create_unix_server(FromClient, path)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def floor_p50(path: str, n: int) -> float:
+    """p50 seconds of one byte out and back: client -> daemon -> child -> daemon -> client."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    try:
+        lat = []
+        for _ in range(n):
+            t = time.perf_counter()
+            sock.sendall(b"x")
+            sock.recv(1)
+            lat.append(time.perf_counter() - t)
+        return statistics.median(lat)
+    finally:
+        sock.close()
+
+
+def p50_of(call: Callable[[], object], n: int) -> float:
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        lat.append(time.perf_counter() - t)
+    return statistics.median(lat)
+
+
+class Nop:
+    def nop(self) -> None:
+        return None
+
+
+def bench_floor(rounds: int, quick: bool) -> None:
+    """Sync no-op task and actor call p50s as ratios to the raw-bytes floor, interleaved."""
+    import vaccelray
+
+    n = 500 if quick else 2000
+    with tempfile.TemporaryDirectory() as tmp:
+        floor_path = f"{tmp}/floor.sock"
+        relay = subprocess.Popen(
+            [sys.executable, "-c", FLOOR_DAEMON, floor_path, FLOOR_CHILD],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        worker = start_worker(f"unix://{tmp}/worker.sock")
+        try:
+            assert relay.stdout is not None
+            assert relay.stdout.readline().strip() == "ready"
+            time.sleep(1.0)  # let the pool finish starting
+            with vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
+                f = vaccelray.offload(noop)
+                actor = vaccelray.offload(Nop).remote_on(client)
+                actor.ready().result()
+
+                def task() -> None:
+                    client.submit(f).result()
+
+                def method() -> None:
+                    actor.nop.remote().result()
+
+                for warm in (task, method):
+                    p50_of(warm, 200)
+                floor_p50(floor_path, 200)
+                rows = []
+                for i in range(rounds):
+                    row = {
+                        "floor": floor_p50(floor_path, n),
+                        "task": p50_of(task, n),
+                        "actor": p50_of(method, n),
+                    }
+                    rows.append(row)
+                    print(
+                        f"round {i + 1}: floor p50 {row['floor'] * 1e6:.0f} us, "
+                        f"task {row['task'] * 1e6:.0f} us ({row['task'] / row['floor']:.2f}x), "
+                        f"actor call {row['actor'] * 1e6:.0f} us "
+                        f"({row['actor'] / row['floor']:.2f}x)"
+                    )
+                for key, label in (("task", "sync no-op task"), ("actor", "sync actor call")):
+                    ratio = statistics.median(r[key] / r["floor"] for r in rows)
+                    print(f"{label} p50 / floor p50: median {ratio:.2f}x (target <= 1.3)")
+        finally:
+            for process in (relay, worker):
+                process.terminate()
+                process.wait(10)
+
+
 def sync_rate(client: object, fn: object, n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
@@ -239,7 +375,16 @@ def main() -> None:
     parser.add_argument("--sandbox-ab", action="store_true",
                         help="only the cost of the task sandbox (A/B against no sandbox)")
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs (--sandbox-ab)")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="only the sync task and actor call p50s against the raw-bytes floor",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (--floor)")
     args = parser.parse_args()
+    if args.floor:
+        bench_floor(args.rounds, args.quick)
+        return
     if args.sandbox_ab:
         bench_sandbox(args.pairs, args.quick)
         return

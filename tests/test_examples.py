@@ -36,6 +36,17 @@ def test_classify_example(args: tuple[str, ...]) -> None:
     assert lines == [f"{name}: {NOOP_TAG}" for name in names]
 
 
+def test_actor_classifier_example(tmp_path: Path) -> None:
+    for name in ("b.jpeg", "a.JPG"):
+        (tmp_path / name).write_bytes((EXAMPLES / "cat.jpeg").read_bytes())
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert run_example("actor_classifier.py", str(tmp_path)).splitlines() == [
+        f"a.JPG: {NOOP_TAG}",
+        f"b.jpeg: {NOOP_TAG}",
+        "2 images classified by one actor",
+    ]
+
+
 def test_offload_example() -> None:
     out = run_example("offload.py")
     assert out.splitlines() == [

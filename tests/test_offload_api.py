@@ -288,6 +288,10 @@ def test_direct_call_runs_remotely_and_blocks_with_the_default_client() -> None:
 def test_public_api_is_exact() -> None:
     assert sorted(vaccelray.__all__) == sorted(
         [
+            "ActorClass",
+            "ActorDiedError",
+            "ActorHandle",
+            "ActorMethod",
             "AuthenticationError",
             "CapabilityError",
             "Client",
@@ -305,6 +309,7 @@ def test_public_api_is_exact() -> None:
             "get",
             "init",
             "is_initialized",
+            "kill",
             "local",
             "offload",
             "shutdown",

@@ -14,6 +14,10 @@ from vaccelray._version import __version__
 if TYPE_CHECKING:
     from vaccelray import local
     from vaccelray.client import (
+        ActorClass,
+        ActorDiedError,
+        ActorHandle,
+        ActorMethod,
         AuthenticationError,
         CapabilityError,
         Client,
@@ -30,12 +34,17 @@ if TYPE_CHECKING:
         get,
         init,
         is_initialized,
+        kill,
         offload,
         shutdown,
         wait,
     )
 
 __all__ = [
+    "ActorClass",
+    "ActorDiedError",
+    "ActorHandle",
+    "ActorMethod",
     "AuthenticationError",
     "CapabilityError",
     "Client",
@@ -53,6 +62,7 @@ __all__ = [
     "get",
     "init",
     "is_initialized",
+    "kill",
     "local",
     "offload",
     "shutdown",

@@ -391,7 +391,7 @@ DEFAULT_TASK_TIMEOUT = 300.0
 
 
 def task_limit_options(command: _F) -> _F:
-    """--max-queued-tasks, --max-queued-per-connection and --task-timeout (worker)."""
+    """The worker's bounds on tasks and actors (--max-queued-tasks, --max-actors, ...)."""
     for option in (
         click.option(
             "--task-timeout",
@@ -407,6 +407,23 @@ def task_limit_options(command: _F) -> _F:
             default=DEFAULT_MAX_QUEUED_PER_CONNECTION,
             show_default=True,
             help="Tasks of one connection waiting for a pool process; more are refused "
+            "(RESOURCE_EXHAUSTED). 0: no limit.",
+        ),
+        click.option(
+            "--max-actors-per-connection",
+            type=click.IntRange(0),
+            default=8,
+            show_default=True,
+            help="Actors one client connection may have alive on this worker; more are "
+            "refused (RESOURCE_EXHAUSTED). 0: no limit.",
+        ),
+        click.option(
+            "--max-actors",
+            type=click.IntRange(0),
+            default=16,
+            show_default=True,
+            help="Actors (offloaded class instances, one pool process each, beside the "
+            "task pool, with the task limits) alive on this worker; more are refused "
             "(RESOURCE_EXHAUSTED). 0: no limit.",
         ),
         click.option(
@@ -612,6 +629,8 @@ def worker(
     max_queued_tasks: int,
     max_queued_per_connection: int,
     task_timeout: float,
+    max_actors: int,
+    max_actors_per_connection: int,
     token_file: str | None,
     protect_vaccel: bool,
     allow_exec: bool,
@@ -649,6 +668,8 @@ def worker(
         max_queued_tasks=max_queued_tasks,
         max_queued_per_connection=max_queued_per_connection,
         task_timeout=task_timeout,
+        max_actors=max_actors,
+        max_actors_per_connection=max_actors_per_connection,
         protect_vaccel=protect_vaccel,
         allow_exec=allow_exec,
         socket_mode=socket_mode,
@@ -1079,6 +1100,14 @@ still answers its health check.
 @connection_limit_options
 @session_limit_options
 @observe_options
+@click.option(
+    "--max-actors-per-connection",
+    type=click.IntRange(0),
+    default=64,
+    show_default=True,
+    help="Actors one client connection may have alive through the scheduler; more are "
+    "refused (RESOURCE_EXHAUSTED). 0: no limit.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 @log_format_option
 def scheduler(
@@ -1101,6 +1130,7 @@ def scheduler(
     session_limits: SessionLimits,
     max_inflight: int,
     observe: ObserveConfig,
+    max_actors_per_connection: int,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -1130,6 +1160,7 @@ def scheduler(
         idle_timeout=idle_timeout,
         limits=session_limits,
         max_inflight=max_inflight,
+        max_actors_per_connection=max_actors_per_connection,
     )
 
     _run_observed(run_scheduler, config, observe)

@@ -87,6 +87,8 @@ class Reason(enum.IntEnum):
     SHUTTING_DOWN = 4
     #: The resource the call names is not (or no longer) held by the server.
     UNKNOWN_RESOURCE = 5
+    #: The actor the call names is dead (killed, its process or worker lost) or unknown.
+    ACTOR_DIED = 6
 
 
 class VaccelrayError(Exception):

@@ -1,7 +1,9 @@
 """The offload API: clients, ``@offload``, TaskRefs, sessions (re-exported by ``vaccelray``)."""
 
+from vaccelray.client.actors import ActorClass, ActorHandle, ActorMethod, kill
 from vaccelray.client.api import Client, Session, default_client, init, is_initialized, shutdown
 from vaccelray.client.errors import (
+    ActorDiedError,
     AuthenticationError,
     CapabilityError,
     GetTimeoutError,
@@ -15,6 +17,10 @@ from vaccelray.client.refs import TaskRef, get, wait
 from vaccelray.client.remote import Options, RemoteFunction, offload
 
 __all__ = [
+    "ActorClass",
+    "ActorDiedError",
+    "ActorHandle",
+    "ActorMethod",
     "AuthenticationError",
     "CapabilityError",
     "Client",
@@ -32,6 +38,7 @@ __all__ = [
     "get",
     "init",
     "is_initialized",
+    "kill",
     "offload",
     "shutdown",
     "wait",

@@ -150,6 +150,11 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
+    def _live_core(self) -> Core:
+        if self._closed:
+            raise RuntimeError("this client is shut down")
+        return self._core
+
     def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
             raise RuntimeError("this client is shut down")

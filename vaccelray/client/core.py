@@ -32,6 +32,7 @@ from typing import Any, Final, TypeVar
 
 from vaccelray.allocator import keep_heap_for
 from vaccelray.auth import token_metadata
+from vaccelray.client.actorcalls import ActorLines, ActorRequest
 from vaccelray.client.errors import (
     AuthenticationError,
     CapabilityError,
@@ -97,8 +98,10 @@ class Core:
         self._registering: dict[str, asyncio.Future[None]] = {}
         #: The call (fast path) or asyncio task of each task in flight, by task id.
         self._running: dict[str, PendingCall | asyncio.Task[None]] = {}
-        #: Submissions waiting for the loop, and whether it has been woken for them.
-        self._queued: collections.deque[_Queued] = collections.deque()
+        #: Submissions (and actor requests) waiting for the loop, and whether it has been
+        #: woken for them.
+        self._queued: collections.deque[_Queued | ActorRequest] = collections.deque()
+        self.actors = ActorLines(self)
         #: Tasks held while WINDOW are in flight, started as those end.
         self._waiting: collections.deque[_Queued] = collections.deque()
         self._woken = False
@@ -177,6 +180,22 @@ class Core:
             self.loop.call_soon_threadsafe(self._start_queued)
         return ref
 
+    def next_id(self) -> str:
+        """A new id, unique among this client's tasks and calls."""
+        return f"{self._prefix}{next(self._ids)}"
+
+    def submit_actor(self, request: ActorRequest) -> None:
+        """Send an actor's request from any thread, after that actor's earlier ones."""
+        if self._closed:
+            raise RuntimeError("this client is shut down")
+        if threading.get_ident() == self.thread_id:
+            self._start(request)
+            return
+        self._queued.append(request)
+        if not self._woken:
+            self._woken = True
+            self.loop.call_soon_threadsafe(self._start_queued)
+
     def _start_queued(self) -> None:
         self._woken = False
         queued, conn = self._queued, self._conn
@@ -186,7 +205,13 @@ class Core:
             for _ in range(count):
                 self._start(queued.popleft())
 
-    def _start(self, queued: _Queued) -> None:
+    def _start(self, queued: _Queued | ActorRequest) -> None:
+        if isinstance(queued, ActorRequest):
+            if self._closed:
+                _settle(queued.ref._future, error=self._cancelled_error(queued.ref.name))
+            elif not queued.ref.done():
+                self.actors.put(queued)
+            return
         ref, spec, args, kwargs, payload, options, session_id = queued
         if ref.done():  # cancelled before it left the caller's thread
             return
@@ -277,9 +302,12 @@ class Core:
             self._window_freed()
 
     def _cancelled(self, spec: FunctionSpec) -> TaskError:
+        return self._cancelled_error(spec.name)
+
+    def _cancelled_error(self, name: str) -> TaskError:
         if self._closed:
-            return WorkerLostError("the client was shut down", task=spec.name)
-        return TaskCancelledError(f"{spec.name} was cancelled", task=spec.name)
+            return WorkerLostError("the client was shut down", task=name)
+        return TaskCancelledError(f"{name} was cancelled", task=name)
 
     async def _prepare(
         self,
@@ -473,12 +501,14 @@ class Core:
         waiting, self._waiting = self._waiting, collections.deque()
         for queued in waiting:
             self._start(queued)  # fails them too
+        self.actors.cancel_all()
         running, self._running = self._running, {}
         for entry in running.values():
             entry.cancel()  # a fast-path call settles its TaskRef right here
         tasks = [t for t in running.values() if isinstance(t, asyncio.Task)]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self.actors.aclose()
         if self._conn is not None:
             await self._conn.aclose()
             self._conn = None

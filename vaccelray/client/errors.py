@@ -20,6 +20,7 @@ from vaccelray.errors import VaccelrayError
 from vaccelray.protocol.tasks import RemoteError
 
 __all__ = [
+    "ActorDiedError",
     "AuthenticationError",
     "CapabilityError",
     "GetTimeoutError",
@@ -53,6 +54,11 @@ class TaskError(VaccelrayError):
         self.task = task
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
+
+
+class ActorDiedError(TaskError):
+    """The actor is dead: killed, its constructor failed, or its process or worker was lost
+    (and ``max_restarts`` ran out); its pending and later calls raise this."""
 
 
 class WorkerLostError(TaskError):

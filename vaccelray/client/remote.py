@@ -12,13 +12,14 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, ParamSpec, Protocol, TypeVar, overload
 
 import cloudpickle  # type: ignore[import-untyped]
 
 from vaccelray.client.errors import SerializationError
 
 if TYPE_CHECKING:
+    from vaccelray.client.actors import ActorClass
     from vaccelray.client.api import Client
     from vaccelray.client.refs import TaskRef
 
@@ -26,6 +27,7 @@ __all__ = ["FunctionSpec", "Options", "RemoteFunction", "function_spec", "offloa
 
 P = ParamSpec("P")
 R = TypeVar("R")
+C = TypeVar("C")
 
 _PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 #: Argument types the C pickler handles alone (cloudpickle costs ~5 µs a call more).
@@ -45,16 +47,22 @@ class Options:
     ``backend``: the worker backend the task needs (``noop``, ``onnx``, ...).
     ``ops``: operations the worker's backend must support, out of
     ``classify``, ``genop``, ``exec``.
+    ``max_restarts`` (an offloaded class): times an actor is created again
+    (its constructor re-run) when its process is lost; 0 by default. For an
+    actor, ``timeout`` bounds each method call and ``retries`` is unused.
     """
 
     retries: int = 0
     timeout: float | None = None
     backend: str | None = None
     ops: tuple[str, ...] = ()
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"retries must be an integer >= 0, not {self.retries!r}")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be an integer >= 0, not {self.max_restarts!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError(
                 f"timeout must be a number of seconds > 0 or None, not {self.timeout!r}"
@@ -263,25 +271,40 @@ class RemoteFunction(Generic[P, R]):
         return self.remote(*args, **kwargs).result()
 
 
+def _offloaded(fn: Any, options: Options) -> Any:
+    if isinstance(fn, type):
+        from vaccelray.client.actors import ActorClass
+
+        return ActorClass(fn, options)
+    return RemoteFunction(fn, options)
+
+
+class _Decorator(Protocol):
+    @overload
+    def __call__(self, fn: type[C], /) -> ActorClass[C]: ...  # type: ignore[overload-overlap]
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> RemoteFunction[P, R]: ...
+
+
+@overload
+def offload(fn: type[C], /) -> ActorClass[C]: ...  # type: ignore[overload-overlap]
 @overload
 def offload(fn: Callable[P, R], /) -> RemoteFunction[P, R]: ...
 @overload
-def offload(
-    fn: None = None, /, **options: Any
-) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
-def offload(
-    fn: Callable[P, R] | None = None, /, **options: Any
-) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
+def offload(fn: None = None, /, **options: Any) -> _Decorator: ...
+def offload(fn: Any = None, /, **options: Any) -> Any:
     """Make *fn* offloadable: ``@offload`` or ``@offload(retries=2, timeout=30, ...)``.
 
     Options are the fields of :class:`Options` (``retries``, ``timeout``,
-    ``backend``, ``ops``); an unknown one raises TypeError at once.
+    ``backend``, ``ops``, ``max_restarts``); an unknown one raises TypeError at once.
+    On a class it makes an :class:`~vaccelray.client.actors.ActorClass`:
+    ``Cls.remote(*args)`` creates an actor (see :mod:`vaccelray.client.actors`).
     """
     opts = Options().replace(**options)
     if fn is not None:
-        return RemoteFunction(fn, opts)
+        return _offloaded(fn, opts)
 
-    def decorate(f: Callable[P, R]) -> RemoteFunction[P, R]:
-        return RemoteFunction(f, opts)
+    def decorate(f: Any) -> Any:
+        return _offloaded(f, opts)
 
     return decorate

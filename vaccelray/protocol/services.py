@@ -27,7 +27,7 @@ import msgspec
 from google.protobuf.message import DecodeError, Message
 
 from vaccelray.errors import RPCError, StatusCode
-from vaccelray.protocol import classify, info, tasks
+from vaccelray.protocol import actors, classify, info, tasks
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.limits import check_declared_sizes, check_tensor_sizes
@@ -360,10 +360,42 @@ CANCEL: Final = Rpc(
     MsgpackCodec[tasks.Cancel](tasks.Cancel),
     MsgpackCodec[tasks.Cancelled](tasks.Cancelled),
 )
+CREATE_ACTOR: Final = Rpc(
+    info.WORKER_SERVICE,
+    actors.METHOD_CREATE,
+    MsgpackCodec[actors.CreateActor](actors.CreateActor),
+    MsgpackCodec[tasks.TaskReply](tasks.TaskReply, "TaskReply"),
+    limits=actors.check_fields,
+)
+CALL_ACTOR: Final = Rpc(
+    info.WORKER_SERVICE,
+    actors.METHOD_CALL,
+    MsgpackCodec[actors.CallActor](actors.CallActor),
+    MsgpackCodec[tasks.TaskReply](tasks.TaskReply, "TaskReply"),
+    limits=actors.check_fields,
+)
+KILL_ACTOR: Final = Rpc(
+    info.WORKER_SERVICE,
+    actors.METHOD_KILL,
+    MsgpackCodec[actors.KillActor](actors.KillActor),
+    MsgpackCodec[actors.ActorKilled](actors.ActorKilled),
+    limits=actors.check_fields,
+)
 
-#: A worker's own service: health and load, classification with scores, offloaded tasks.
+#: A worker's own service: health and load, classification with scores, offloaded tasks
+#: and actors.
 WORKER: Final = ServiceSpec(
-    (info.WORKER_SERVICE,), (INFO, CLASSIFY, REGISTER_FUNCTION, SUBMIT, CANCEL)
+    (info.WORKER_SERVICE,),
+    (
+        INFO,
+        CLASSIFY,
+        REGISTER_FUNCTION,
+        SUBMIT,
+        CANCEL,
+        CREATE_ACTOR,
+        CALL_ACTOR,
+        KILL_ACTOR,
+    ),
 )
 
 WORKERS: Final = Rpc(

@@ -16,6 +16,7 @@ import anyio
 from vaccelray.auth import ExecPolicy, TokenCheck, daemon_token, protect
 from vaccelray.metrics import CallMetrics
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from vaccelray.scheduler.actors import DEFAULT_MAX_ACTORS_PER_CONNECTION, ActorRouter
 from vaccelray.scheduler.forwarding import AgentForwarder
 from vaccelray.scheduler.health import HealthChecker
 from vaccelray.scheduler.pool import WorkerPool
@@ -82,6 +83,8 @@ class SchedulerConfig:
     limits: SessionLimits = field(default_factory=SessionLimits)
     #: Calls of one connection in flight at once, more are refused (0: no limit).
     max_inflight: int = DEFAULT_MAX_INFLIGHT
+    #: Actors one client connection may have alive (0: no limit).
+    max_actors_per_connection: int = DEFAULT_MAX_ACTORS_PER_CONNECTION
 
 
 @dataclass
@@ -96,10 +99,22 @@ class Scheduler:
     health: HealthChecker
     server: Server
     tasks: TaskRouter
+    actors: ActorRouter
 
     @property
     def addresses(self) -> list[str]:
         return self.server.addresses
+
+
+def _holds_state(table: SessionTable, actors: ActorRouter, connection_id: int) -> bool:
+    """A connection with sessions or actors is not closed for being quiet."""
+    return table.holds_state(connection_id) or actors.holds_state(connection_id)
+
+
+def _disconnected(table: SessionTable, actors: ActorRouter, connection_id: int) -> None:
+    """A client's sessions and actors die with its connection."""
+    table.connection_closed(connection_id)
+    actors.connection_closed(connection_id)
 
 
 @asynccontextmanager
@@ -141,8 +156,11 @@ async def run_scheduler(
                 exec_policy=ExecPolicy(config.allow_exec, hop="scheduler"),
             )
             tasks = TaskRouter(pool, table, tg, cache_bytes=config.function_cache_bytes)
+            actors = ActorRouter(
+                pool, tasks, tg, max_actors_per_connection=config.max_actors_per_connection
+            )
             task_services = protect(
-                [tasks.service(), view.service()],
+                [tasks.service(actors.methods()), view.service()],
                 TokenCheck(token, hop="scheduler", token_path=token_path),
             )
             with anyio.move_on_after(config.health_timeout + 0.5):
@@ -161,11 +179,11 @@ async def run_scheduler(
                 config.addresses,
                 max_message_size=config.max_message_size,
                 grace=config.grace,
-                on_disconnect=table.connection_closed,
+                on_disconnect=functools.partial(_disconnected, table, actors),
                 max_connections=config.max_connections,
                 frame_timeout=config.frame_timeout,
                 idle_timeout=config.idle_timeout,
-                holds_state=table.holds_state,
+                holds_state=functools.partial(_holds_state, table, actors),
                 max_inflight_per_connection=config.max_inflight,
                 socket_mode=config.socket_mode,
                 metrics=metrics,
@@ -187,7 +205,7 @@ async def run_scheduler(
                 for address in server.addresses:
                     log.info("Listening on %s", address)
                 try:
-                    yield Scheduler(config, pool, table, view, health, server, tasks)
+                    yield Scheduler(config, pool, table, view, health, server, tasks, actors)
                 finally:
                     log.info("Shutting down")
             tg.cancel_scope.cancel()

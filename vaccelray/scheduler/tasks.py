@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, Protocol
 
 import anyio
 import anyio.abc
@@ -47,15 +47,16 @@ import msgspec
 
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
+from vaccelray.protocol import actors
 from vaccelray.protocol import tasks as wire
-from vaccelray.protocol.services import CANCEL, CLASSIFY, REGISTER_FUNCTION, SUBMIT, WORKER
+from vaccelray.protocol.services import CANCEL, CLASSIFY, REGISTER_FUNCTION, SUBMIT, WORKER, Rpc
 from vaccelray.scheduler.health import AGENT_INFO
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change, WorkerRecord
 from vaccelray.scheduler.sessions import Binding, SessionTable
 from vaccelray.transport.server import CallContext, Method, Service
 
-__all__ = ["DEFAULT_FUNCTION_CACHE_BYTES", "TaskRouter"]
+__all__ = ["DEFAULT_FUNCTION_CACHE_BYTES", "Flight", "NotServed", "TaskRouter", "Wants"]
 
 log = logging.getLogger("vaccelray.routing")  # per-call lines: --log-level quietens them
 
@@ -66,7 +67,7 @@ CANCEL_TIMEOUT: Final = 5.0
 _CANCEL_ATTEMPTS: Final = 5
 
 
-class _NotServed(Exception):
+class NotServed(Exception):
     """The worker runs no task service (a plain vAccel agent, or ``--pool-size 0``)."""
 
     def __init__(self, address: str, message: str) -> None:
@@ -75,7 +76,7 @@ class _NotServed(Exception):
 
 
 @dataclass(eq=False)
-class _Flight:
+class Flight:
     """A Submit the scheduler is handling."""
 
     task_id: str
@@ -87,7 +88,18 @@ class _Flight:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
-def _capable(worker: WorkerRecord, task: wire.Submit) -> bool:
+class Wants(Protocol):
+    """What a task (or an actor) needs of its worker."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def ops(self) -> tuple[str, ...]: ...
+
+
+def _capable(worker: WorkerRecord, task: Wants) -> bool:
     if worker.backend == AGENT_INFO.backend:  # a plain vAccel agent runs no tasks
         return False
     if task.backend and worker.backend != task.backend:
@@ -95,7 +107,7 @@ def _capable(worker: WorkerRecord, task: wire.Submit) -> bool:
     return set(task.ops) <= worker.ops
 
 
-def _needs(task: wire.Submit) -> str:
+def _needs(task: Wants) -> str:
     parts = []
     if task.backend:
         parts.append(f"backend {task.backend!r}")
@@ -126,18 +138,20 @@ class TaskRouter:
         #: (worker address, instance) that answered UNIMPLEMENTED for the task service.
         self._no_tasks: set[tuple[str, str]] = set()
         #: (client connection id, task id) -> the task while the scheduler handles it.
-        self.inflight: dict[tuple[int, str], _Flight] = {}
+        self.inflight: dict[tuple[int, str], Flight] = {}
         pool.add_listener(self._worker_changed)
 
     # -- wiring ----------------------------------------------------------------
 
-    def service(self) -> Service:
+    def service(self, more: Mapping[str, Method] | None = None) -> Service:
+        """The task methods, and *more* of the same service (the actors')."""
         return Service(
             WORKER.name,
             {
                 REGISTER_FUNCTION.method: Method(self._register, inline=True),
                 SUBMIT.method: Method(self._submit),
                 CANCEL.method: Method(self._cancel),
+                **(more or {}),
             },
         )
 
@@ -203,7 +217,7 @@ class TaskRouter:
         key = (ctx.connection_id, task.task_id)
         if key in self.inflight:
             raise RPCError(StatusCode.ALREADY_EXISTS, f"task {task.task_id} is already running")
-        flight = _Flight(task.task_id, task.name)
+        flight = Flight(task.task_id, task.name)
         self.inflight[key] = flight
         try:
             with flight.scope:
@@ -224,8 +238,8 @@ class TaskRouter:
         log.info("Cancelled task %s (%s) before it was sent", task.task_id, task.name)
         raise RPCError(StatusCode.CANCELLED, f"task {task.name} was cancelled")
 
-    def _pick(self, task: wire.Submit, tried: Sequence[str], last_error: str) -> WorkerRecord:
-        """The worker for *task*, or the RPCError that says why there is none."""
+    def pick(self, task: Wants, tried: Sequence[str], last_error: str) -> WorkerRecord:
+        """The worker for *task* (or actor), or the RPCError that says why there is none."""
         registry = self.pool.registry
         capable = [
             w
@@ -267,17 +281,17 @@ class TaskRouter:
         task: wire.Submit,
         payload: bytes,
         function: bytes,
-        flight: _Flight,
+        flight: Flight,
         ctx: CallContext,
     ) -> bytes:
         tried: list[str] = []
         last_error = ""
         while True:
-            worker = self._pick(task, tried, last_error)
+            worker = self.pick(task, tried, last_error)
             tried.append(worker.address)
             worker.placements += 1
             try:
-                return await self._run_on(
+                return await self.run_on(
                     worker.address, worker.instance, task, payload, function, flight, ctx
                 )
             except WorkerUnavailable as exc:
@@ -288,23 +302,23 @@ class TaskRouter:
                         f"({task.task_id}); it may or may not have run there: {exc}",
                     ) from exc
                 last_error = f"{exc.address}: {exc}"
-            except _NotServed as exc:
+            except NotServed as exc:
                 last_error = f"{exc.address}: {exc}"
             self.pool.failovers += 1
             log.info("Task %s (%s) goes elsewhere: %s", task.task_id, task.name, last_error)
 
     async def _submit_in_session(
-        self, task: wire.Submit, function: bytes, flight: _Flight, ctx: CallContext
+        self, task: wire.Submit, function: bytes, flight: Flight, ctx: CallContext
     ) -> bytes:
         async def attempt(binding: Binding) -> bytes:
             forward = SUBMIT.request.encode(
                 msgspec.structs.replace(task, session_id=binding.worker_session)
             )
             try:
-                return await self._run_on(
+                return await self.run_on(
                     binding.address, binding.instance, task, forward, function, flight, ctx
                 )
-            except _NotServed as exc:
+            except NotServed as exc:
                 raise RPCError(
                     StatusCode.FAILED_PRECONDITION,
                     f"session {task.session_id} is on {exc.address}, which runs no tasks: {exc}",
@@ -312,20 +326,22 @@ class TaskRouter:
 
         return await self.sessions.in_session(task.session_id, ctx, f"task {task.name}", attempt)
 
-    async def _run_on(
+    async def run_on(
         self,
         address: str,
         instance: str,
-        task: wire.Submit,
+        task: wire.Submit | actors.CreateActor,
         payload: bytes,
         function: bytes,
-        flight: _Flight,
+        flight: Flight,
         ctx: CallContext,
+        rpc: Rpc[Any, Any] = SUBMIT,
     ) -> bytes:
-        """Submit *payload* to one worker, registering the function there first if needed.
+        """Send *payload* (a *rpc*: Submit or CreateActor) to one worker, registering the
+        function there first if needed.
 
         Raises WorkerUnavailable (``sent=False`` while the task surely did
-        not reach the worker), _NotServed, or the worker's RPCError.
+        not reach the worker), NotServed, or the worker's RPCError.
         """
         registry = self.pool.registry
         for attempt in range(2):
@@ -345,8 +361,8 @@ class TaskRouter:
             try:
                 return await self.pool.call(
                     address,
-                    SUBMIT.service,
-                    SUBMIT.method,
+                    rpc.service,
+                    rpc.method,
                     payload,
                     timeout=ctx.time_left(),
                 )
@@ -373,7 +389,7 @@ class TaskRouter:
         """Raise what a worker's answer means when the call never ran there."""
         if exc.code == StatusCode.UNIMPLEMENTED:
             self._no_tasks.add((address, instance))
-            raise _NotServed(address, exc.message) from exc
+            raise NotServed(address, exc.message) from exc
         if exc.reason is Reason.NOT_DISPATCHED:
             raise WorkerUnavailable(address, exc.message, sent=False) from exc
 
@@ -381,7 +397,7 @@ class TaskRouter:
         self,
         address: str,
         instance: str,
-        task: wire.Submit,
+        task: wire.Submit | actors.CreateActor,
         function: bytes,
         ctx: CallContext,
         *,
@@ -440,7 +456,7 @@ class TaskRouter:
 
     async def _forward_cancel(
         self,
-        flight: _Flight,
+        flight: Flight,
         address: str,
         metadata: Sequence[tuple[str, str]],
         *,
@@ -476,7 +492,7 @@ class TaskRouter:
         return False
 
     def _spawn_cancel(
-        self, flight: _Flight, address: str, metadata: Sequence[tuple[str, str]]
+        self, flight: Flight, address: str, metadata: Sequence[tuple[str, str]]
     ) -> None:
         self._task_group.start_soon(
             functools.partial(self._forward_cancel, flight, address, metadata, abandoned=True)

@@ -23,6 +23,11 @@ from vaccelray.transport.server import (
     Service,
     serve,
 )
+from vaccelray.worker.actors import (
+    DEFAULT_MAX_ACTORS,
+    DEFAULT_MAX_ACTORS_PER_CONNECTION,
+    ActorService,
+)
 from vaccelray.worker.agent import Agent, AgentLimits
 from vaccelray.worker.announce import announce_until, plan_announcement
 from vaccelray.worker.backend import Backend
@@ -74,6 +79,9 @@ class WorkerConfig:
     max_queued_per_connection: int = DEFAULT_MAX_QUEUED_PER_CONNECTION
     #: Seconds a task may run (0: no limit).
     task_timeout: float = DEFAULT_TASK_TIMEOUT
+    #: Actors alive on the worker, and made by one connection (0: no limit).
+    max_actors: int = DEFAULT_MAX_ACTORS
+    max_actors_per_connection: int = DEFAULT_MAX_ACTORS_PER_CONNECTION
     #: The cluster token callers of the task service present (see ``vaccelray.auth``).
     token: str | None = field(default=None, repr=False)
     #: Ask the token of vAccel agent calls too (they are data only, open by default).
@@ -129,6 +137,20 @@ async def _close_backend(backend: Backend) -> None:
             await anyio.to_thread.run_sync(backend.close)
         else:
             backend.close()
+
+
+def _holds_state(agent: Agent, actors: ActorService | None, connection_id: int) -> bool:
+    """A connection with sessions or actors is not closed for being quiet."""
+    if agent.holds_state(connection_id, scope=_CLIENTS):
+        return True
+    return actors is not None and actors.holds_state(connection_id)
+
+
+def _disconnected(agent: Agent, actors: ActorService | None, connection_id: int) -> None:
+    """A client's sessions and actors die with its connection."""
+    agent.connection_closed(connection_id, scope=_CLIENTS)
+    if actors is not None:
+        actors.connection_closed(connection_id)
 
 
 @asynccontextmanager
@@ -188,6 +210,8 @@ async def run_worker(
                 max_queued_per_connection=config.max_queued_per_connection,
                 task_timeout=config.task_timeout,
                 sandbox=sandbox,
+                max_actors=config.max_actors,
+                max_actors_per_connection=config.max_actors_per_connection,
             ) as runtime,
             serve(
                 runtime.services,
@@ -198,8 +222,8 @@ async def run_worker(
                 max_connections=config.max_connections,
                 frame_timeout=config.frame_timeout,
                 idle_timeout=config.idle_timeout,
-                holds_state=functools.partial(agent.holds_state, scope=_CLIENTS),
-                on_disconnect=functools.partial(agent.connection_closed, scope=_CLIENTS),
+                holds_state=functools.partial(_holds_state, agent, runtime.actors),
+                on_disconnect=functools.partial(_disconnected, agent, runtime.actors),
                 max_inflight_per_connection=config.max_inflight,
                 socket_mode=config.socket_mode,
                 metrics=metrics,

@@ -113,6 +113,7 @@ class _Job:
         "digest",
         "finished",
         "function",
+        "method",
         "name",
         "on_done",
         "owner",
@@ -136,8 +137,10 @@ class _Job:
         on_done: Callable[[Done | PoolProcessLost], object],
         owner: Hashable,
         timeout: float | None,
+        method: str,
     ) -> None:
         self.pool = pool
+        self.method = method
         self.seq = seq
         self.digest = digest
         self.name = name
@@ -262,6 +265,7 @@ class _Child(asyncio.BufferedProtocol):
             job.args,
             job.session_id,
             tuple(forget),
+            job.method,
         )
         self.transport.write(encode_frame(self.pool._encoder, run))
 
@@ -278,6 +282,8 @@ class Pool:
     worker process can (its ``sys.path`` is passed on as ``PYTHONPATH``).
     A frame from a process may be up to *max_message_size* plus
     :data:`FRAME_MARGIN` bytes; each process keeps *max_functions* functions.
+    *on_lost* is called with the exit status of each process lost and says
+    whether to replace it (an actor's pool uses it: its one process held the actor).
     Processes are started as *sandbox* says (see :mod:`vaccelray.worker.sandbox`;
     by default plain children with the default limits, as the embedded worker's).
     """
@@ -290,6 +296,7 @@ class Pool:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_functions: int = DEFAULT_MAX_FUNCTIONS,
         sandbox: Sandbox | None = None,
+        on_lost: Callable[[str], bool] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one process, not {size}")
@@ -316,6 +323,9 @@ class Pool:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Pool processes lost (crashed or killed) since the start.
         self.lost = 0
+        #: Told how each process was lost (its task, if any, has been answered first);
+        #: says whether to spawn a replacement.
+        self._on_lost = on_lost
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -471,18 +481,30 @@ class Pool:
         on_done: Callable[[Done | PoolProcessLost], object],
         owner: Hashable = None,
         timeout: float | None = None,
+        method: str = "",
     ) -> _Job:
         """Queue one task of *owner*; *on_done* gets its Done or PoolProcessLost.
 
         *on_done* is called on the loop, at most once, and never after :meth:`abort`.
         Past *timeout* seconds of running (not queued) the task's process is
         killed and *on_done* gets :class:`TaskTimedOut`.
-        Raises PoolProcessLost at once when the pool is closing.
+        Raises PoolProcessLost at once when the pool is closing. *method*: see
+        :attr:`vaccelray.worker.poolchild.Run.method`.
         """
         if self._closing:
             raise PoolProcessLost("the worker is shutting down")
         job = _Job(
-            self, next(self._seq), digest, name, function, args, session_id, on_done, owner, timeout
+            self,
+            next(self._seq),
+            digest,
+            name,
+            function,
+            args,
+            session_id,
+            on_done,
+            owner,
+            timeout,
+            method,
         )
         state = self._owners.get(owner)
         if state is None:
@@ -596,6 +618,8 @@ class Pool:
                 log.warning("Pool process %d %s while running %s", child.pid, status, job.name)
         elif not self._closing:
             log.warning("Pool process %d %s", child.pid, status)
+        if self._on_lost is not None and not self._closing and not self._on_lost(status):
+            return
         # Never given a task (nothing known), died idle soon after its start.
         quick = not child.known and time.monotonic() - child.started < _QUICK_DEATH and job is None
         if quick:

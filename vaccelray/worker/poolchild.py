@@ -70,6 +70,9 @@ class Run(msgspec.Struct, array_like=True, frozen=True):
     session_id: int = 0
     #: Digests to drop: the worker sends them again if they are needed again.
     forget: tuple[str, ...] = ()
+    #: An actor's process: ``__init__`` makes this process's actor (the function is its
+    #: class); another name calls that method of it (``digest`` is then unused).
+    method: str = ""
 
 
 Scalar = str | int | float | bool | None
@@ -96,6 +99,8 @@ class Done(msgspec.Struct, array_like=True, frozen=True):
 
 
 _SCALARS = (str, int, float, bool, type(None))
+#: ``Run.method`` of an actor's constructor.
+_CREATE: Final = "__init__"
 
 
 _PACKAGE_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,10 +149,21 @@ class _Runner:
         self.max_result = max_result
         #: This process's memory limit (0: none), named to a task that runs out.
         self.memory = memory
+        #: The instance this process holds, when it is an actor's.
+        self.actor: object = None
 
-    def run(self, task: Run) -> Done:
-        for digest in task.forget:
-            self.functions.pop(digest, None)
+    def _callable(self, task: Run) -> Callable[..., Any] | Done:
+        """What *task* calls, or the Done that says why there is nothing to call."""
+        if task.method and task.method != _CREATE:
+            if self.actor is None:
+                return Done(
+                    task.seq, REJECTED, message=f"this process holds no actor ({task.name})"
+                )
+            try:
+                method: Callable[..., Any] = getattr(self.actor, task.method)
+            except AttributeError as exc:
+                return self._failed(task, RAISED, f"{task.name} has no such method", exc)
+            return method
         fn = self.functions.get(task.digest)
         if fn is None:
             if task.function is None:
@@ -160,6 +176,14 @@ class _Runner:
                 message = f"cannot load function {task.name} on the worker"
                 return self._failed(task, SERIALIZATION, message, exc, unloaded=True)
             self.functions[task.digest] = fn
+        return fn
+
+    def run(self, task: Run) -> Done:
+        for digest in task.forget:
+            self.functions.pop(digest, None)
+        fn = self._callable(task)
+        if isinstance(fn, Done):
+            return fn
         try:
             args, kwargs = pickle.loads(task.args) if task.args else ((), {})
         except BaseException as exc:
@@ -180,6 +204,8 @@ class _Runner:
             return Done(task.seq, RAISED, message=f"{task.name} raised", error=error)
         finally:
             task_context.session_id = 0
+        if task.method == _CREATE:
+            self.actor, result = result, None
         try:
             if type(result) in _PLAIN:
                 data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)

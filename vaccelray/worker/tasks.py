@@ -30,7 +30,7 @@ import functools
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +42,18 @@ from vaccelray.functions import FunctionCache
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.agent import SERVICE_NAMES
-from vaccelray.protocol.limits import check_response_size
 from vaccelray.protocol.services import CANCEL, REGISTER_FUNCTION, SUBMIT, WORKER
 from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.worker.actors import (
+    DEFAULT_MAX_ACTORS,
+    DEFAULT_MAX_ACTORS_PER_CONNECTION,
+    ActorService,
+    running_actors,
+)
 from vaccelray.worker.agent import Agent
-from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
-from vaccelray.worker.poolchild import OK, RAISED, REJECTED, SERIALIZATION, TOO_LARGE, Done
+from vaccelray.worker.pool import Pool, PoolProcessLost
+from vaccelray.worker.poolchild import Done
+from vaccelray.worker.replies import crashed, outcome_name, outcome_reply
 from vaccelray.worker.sandbox import SandboxConfig, prepare
 
 __all__ = [
@@ -73,8 +79,8 @@ DEFAULT_MAX_QUEUED: Final = 1024
 DEFAULT_MAX_QUEUED_PER_CONNECTION: Final = 256
 #: Seconds a task may run.
 DEFAULT_TASK_TIMEOUT: Final = 300.0
-
-_FAILURE: Final = {RAISED: wire.FailureKind.RAISED, SERIALIZATION: wire.FailureKind.SERIALIZATION}
+#: Bytes of pickled functions (and actor classes) a worker keeps.
+DEFAULT_CACHE_BYTES: Final = 256 << 20
 
 
 class TaskService:
@@ -86,7 +92,7 @@ class TaskService:
         agent: Agent,
         check: TokenCheck,
         *,
-        cache_bytes: int = 256 << 20,
+        functions: FunctionCache | None = None,
         max_queued: int = DEFAULT_MAX_QUEUED,
         max_queued_per_connection: int = DEFAULT_MAX_QUEUED_PER_CONNECTION,
         task_timeout: float = DEFAULT_TASK_TIMEOUT,
@@ -96,7 +102,12 @@ class TaskService:
         self.pool = pool
         self.agent = agent
         self.check = check
-        self.functions = FunctionCache(cache_bytes, keep_payload=False)
+        #: Functions (and actor classes) registered, by digest.
+        self.functions = (
+            functions
+            if functions is not None
+            else FunctionCache(DEFAULT_CACHE_BYTES, keep_payload=False)
+        )
         self.max_queued = max_queued
         self.max_queued_per_connection = max_queued_per_connection
         self.task_timeout = task_timeout
@@ -106,13 +117,15 @@ class TaskService:
         #: Tasks ended, by outcome (the metrics show them).
         self.outcomes: collections.Counter[str] = collections.Counter()
 
-    def service(self) -> Service:
+    def service(self, more: Mapping[str, Method] | None = None) -> Service:
+        """The task methods, and *more* of the same service (the actors')."""
         return Service(
             WORKER.name,
             {
                 REGISTER_FUNCTION.method: Method(self._register, inline=True),
                 SUBMIT.method: Method(self._submit, future=True),
                 CANCEL.method: Method(self._cancel, inline=True),
+                **(more or {}),
             },
         )
 
@@ -127,31 +140,22 @@ class TaskService:
         self.check.check(ctx)
         task = SUBMIT.request.decode(payload)
         function = self.functions.get(task.digest).request
-        self._check_requirements(task)
+        check_requirements(self.agent, task.name, task.backend, task.ops)
+        if task.session_id and task.session_id not in self.agent.sessions:
+            raise RPCError(
+                StatusCode.NOT_FOUND,
+                f"unknown session {task.session_id} on this worker",
+                reason=Reason.UNKNOWN_SESSION,
+            )
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
         def settle(outcome: Done | PoolProcessLost) -> None:
             # Called from the pool's read of its process: an error must not escape.
-            self.outcomes[_outcome(outcome)] += 1
+            self.outcomes[outcome_name(outcome)] += 1
             if reply.done():
                 return
             try:
-                if isinstance(outcome, TaskTimedOut):
-                    reply.set_exception(
-                        RPCError(
-                            StatusCode.DEADLINE_EXCEEDED,
-                            f"{outcome}, the worker's task timeout (worker option --task-timeout)",
-                        )
-                    )
-                    return
-                if isinstance(outcome, PoolProcessLost):
-                    data = _crashed(outcome)
-                elif outcome.status == TOO_LARGE:
-                    raise RPCError(StatusCode.RESOURCE_EXHAUSTED, outcome.message)
-                else:
-                    data = check_response_size(
-                        SUBMIT.method, _reply(outcome), self.max_message_size
-                    )
+                data = outcome_reply(outcome, SUBMIT.method, self.max_message_size)
             except Exception as exc:
                 reply.set_exception(exc)
             else:
@@ -170,7 +174,7 @@ class TaskService:
                 timeout=self.task_timeout or None,
             )
         except PoolProcessLost as exc:
-            reply.set_result(_crashed(exc))
+            reply.set_result(crashed(exc))
             return reply
         self.running[task.task_id] = (reply, task.name)
 
@@ -183,27 +187,6 @@ class TaskService:
 
         reply.add_done_callback(ended)
         return reply
-
-    def _check_requirements(self, task: wire.Submit) -> None:
-        backend = self.agent.backend
-        if task.backend and task.backend != backend.name:
-            raise RPCError(
-                StatusCode.FAILED_PRECONDITION,
-                f"{task.name} needs backend {task.backend!r}; this worker has {backend.name!r}",
-            )
-        missing = sorted(set(task.ops) - backend.ops)
-        if missing:
-            raise RPCError(
-                StatusCode.FAILED_PRECONDITION,
-                f"{task.name} needs {', '.join(missing)}; backend {backend.name!r} "
-                f"supports {', '.join(sorted(backend.ops)) or 'nothing'}",
-            )
-        if task.session_id and task.session_id not in self.agent.sessions:
-            raise RPCError(
-                StatusCode.NOT_FOUND,
-                f"unknown session {task.session_id} on this worker",
-                reason=Reason.UNKNOWN_SESSION,
-            )
 
     def _check_queue(self, connection_id: int) -> None:
         """RESOURCE_EXHAUSTED when one more task waiting would pass a bound."""
@@ -235,37 +218,21 @@ class TaskService:
         return CANCEL.reply.encode(wire.Cancelled(tuple(stopped)))
 
 
-def _crashed(lost: PoolProcessLost) -> bytes:
-    return SUBMIT.reply.encode(wire.TaskFailed(wire.FailureKind.CRASHED, str(lost)))
-
-
-#: What a task's end is called in the metrics, by its status.
-_OUTCOMES: Final = {
-    OK: "ok",
-    RAISED: "raised",
-    SERIALIZATION: "unpicklable",
-    REJECTED: "rejected",
-    TOO_LARGE: "too_large",
-}
-
-
-def _outcome(outcome: Done | PoolProcessLost) -> str:
-    if isinstance(outcome, TaskTimedOut):
-        return "timed_out"
-    if isinstance(outcome, PoolProcessLost):
-        return "process_lost"
-    return _OUTCOMES.get(outcome.status, "other")
-
-
-def _reply(done: Done) -> bytes:
-    if done.status == OK:
-        return SUBMIT.reply.encode(wire.TaskDone(done.result))
-    kind = _FAILURE.get(done.status, wire.FailureKind.REJECTED)
-    error = None
-    if done.error is not None:
-        e = done.error
-        error = wire.RemoteError(e.module, e.qualname, e.message, e.args, e.traceback, e.attributes)
-    return SUBMIT.reply.encode(wire.TaskFailed(kind, done.message, error))
+def check_requirements(agent: Agent, name: str, wanted: str, ops: Sequence[str]) -> None:
+    """FAILED_PRECONDITION when *name* needs backend *wanted* or *ops* that *agent*'s lacks."""
+    backend = agent.backend
+    if wanted and wanted != backend.name:
+        raise RPCError(
+            StatusCode.FAILED_PRECONDITION,
+            f"{name} needs backend {wanted!r}; this worker has {backend.name!r}",
+        )
+    missing = sorted(set(ops) - backend.ops)
+    if missing:
+        raise RPCError(
+            StatusCode.FAILED_PRECONDITION,
+            f"{name} needs {', '.join(missing)}; backend {backend.name!r} "
+            f"supports {', '.join(sorted(backend.ops)) or 'nothing'}",
+        )
 
 
 @dataclass(frozen=True)
@@ -274,6 +241,8 @@ class TaskRuntime:
 
     services: list[Service]
     tasks: TaskService | None
+    #: The actors (None: no task service).
+    actors: ActorService | None = None
     #: Where pool processes run and their limits (None: no task service).
     isolation: str | None = None
 
@@ -297,6 +266,8 @@ async def run_task_service(
     max_queued_per_connection: int = DEFAULT_MAX_QUEUED_PER_CONNECTION,
     task_timeout: float = DEFAULT_TASK_TIMEOUT,
     sandbox: SandboxConfig | None = None,
+    max_actors: int = DEFAULT_MAX_ACTORS,
+    max_actors_per_connection: int = DEFAULT_MAX_ACTORS_PER_CONNECTION,
 ) -> AsyncIterator[TaskRuntime]:
     """Start the pool and its private agent socket; yield *services* plus the task service.
 
@@ -306,7 +277,9 @@ async def run_task_service(
     agent services among *services* check it too. *pool_size* 0 serves no
     task service; None is one process per CPU.
     *max_queued*, *max_queued_per_connection* and *task_timeout*: see
-    :class:`TaskService`. Pool processes run as *sandbox* says (by default
+    :class:`TaskService`; *max_actors*, *max_actors_per_connection*: see
+    :class:`~vaccelray.worker.actors.ActorService`. Pool processes (and actors) run as
+    *sandbox* says (by default
     sandboxed: :class:`~vaccelray.worker.sandbox.SandboxUnavailable` is raised
     when the host cannot).
     """
@@ -327,19 +300,34 @@ async def run_task_service(
         # A pool process's sessions die with it (its connection), as a vAccel client's do.
         # No idle timeout: a process keeps its connection (and session) between tasks, and
         # vaccelray.local does not reconnect; pool processes are ours and bounded in number.
-        async with serve(
-            agent.services(scope=_POOL),
-            [local],
-            grace=0.5,
-            max_message_size=limit,
-            on_disconnect=functools.partial(agent.connection_closed, scope=_POOL),
-            idle_timeout=0,
+        env = {LOCAL_ADDRESS_ENV: local}
+        functions = FunctionCache(DEFAULT_CACHE_BYTES, keep_payload=False)
+        # Tasks and actors may call actors (their handles are picklable): on the private
+        # socket, no token (the pool processes have none, and run the token holders' code).
+        async with (
+            running_actors(
+                check,
+                functions,
+                functools.partial(check_requirements, agent),
+                sandbox=isolation,
+                env=env,
+                max_message_size=limit,
+                task_timeout=task_timeout,
+                max_actors=max_actors,
+                max_actors_per_connection=max_actors_per_connection,
+            ) as actors,
+            serve(
+                [*agent.services(scope=_POOL), actors.local_service()],
+                [local],
+                grace=0.5,
+                max_message_size=limit,
+                on_disconnect=functools.partial(agent.connection_closed, scope=_POOL),
+                idle_timeout=0,
+            ),
         ):
             isolation.grant(path)
             try:
-                async with Pool(
-                    size, env={LOCAL_ADDRESS_ENV: local}, max_message_size=limit, sandbox=isolation
-                ) as pool:
+                async with Pool(size, env=env, max_message_size=limit, sandbox=isolation) as pool:
                     log.info("Task pool: %d processes", size)
                     log.info(
                         "Tasks need the cluster token%s, or uid %d (or root) on a unix socket",
@@ -350,11 +338,17 @@ async def run_task_service(
                         pool,
                         agent,
                         check,
+                        functions=functions,
                         max_queued=max_queued,
                         max_queued_per_connection=max_queued_per_connection,
                         task_timeout=task_timeout,
                         max_message_size=limit,
                     )
-                    yield TaskRuntime([*services, tasks.service()], tasks, isolation.describe())
+                    yield TaskRuntime(
+                        [*services, tasks.service(actors.methods())],
+                        tasks,
+                        actors,
+                        isolation.describe(),
+                    )
             finally:
                 isolation.close()

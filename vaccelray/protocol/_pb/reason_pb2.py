@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0creason.proto\x12\x0cvaccelray.v1\"\xb2\x01\n\x06Reason\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.vaccelray.v1.Reason.Code\"\x7f\n\x04\x43ode\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\x13\n\x0fUNKNOWN_SESSION\x10\x01\x12\x14\n\x10UNKNOWN_FUNCTION\x10\x02\x12\x12\n\x0eNOT_DISPATCHED\x10\x03\x12\x11\n\rSHUTTING_DOWN\x10\x04\x12\x14\n\x10UNKNOWN_RESOURCE\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0creason.proto\x12\x0cvaccelray.v1\"\xc3\x01\n\x06Reason\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.vaccelray.v1.Reason.Code\"\x8f\x01\n\x04\x43ode\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\x13\n\x0fUNKNOWN_SESSION\x10\x01\x12\x14\n\x10UNKNOWN_FUNCTION\x10\x02\x12\x12\n\x0eNOT_DISPATCHED\x10\x03\x12\x11\n\rSHUTTING_DOWN\x10\x04\x12\x14\n\x10UNKNOWN_RESOURCE\x10\x05\x12\x0e\n\nACTOR_DIED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reason_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REASON']._serialized_start=31
-  _globals['_REASON']._serialized_end=209
-  _globals['_REASON_CODE']._serialized_start=82
-  _globals['_REASON_CODE']._serialized_end=209
+  _globals['_REASON']._serialized_end=226
+  _globals['_REASON_CODE']._serialized_start=83
+  _globals['_REASON_CODE']._serialized_end=226
 # @@protoc_insertion_point(module_scope)

@@ -15,12 +15,14 @@ class Reason(_message.Message):
         NOT_DISPATCHED: _ClassVar[Reason.Code]
         SHUTTING_DOWN: _ClassVar[Reason.Code]
         UNKNOWN_RESOURCE: _ClassVar[Reason.Code]
+        ACTOR_DIED: _ClassVar[Reason.Code]
     UNSPECIFIED: Reason.Code
     UNKNOWN_SESSION: Reason.Code
     UNKNOWN_FUNCTION: Reason.Code
     NOT_DISPATCHED: Reason.Code
     SHUTTING_DOWN: Reason.Code
     UNKNOWN_RESOURCE: Reason.Code
+    ACTOR_DIED: Reason.Code
     CODE_FIELD_NUMBER: _ClassVar[int]
     code: Reason.Code
     def __init__(self, code: _Optional[_Union[Reason.Code, str]] = ...) -> None: ...

@@ -1,0 +1,298 @@
+"""Actors: ordered calls on one instance, handles in tasks, death, restarts, kill, bounds.
+
+Most tests use a client with an embedded worker (noop backend); the bounds
+and the sandbox are tested against real ``vaccelray worker`` processes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import vaccelray
+from tests.processes import Proc, start_daemon, worker_argv
+from tests.test_offload_api import ADDRESS_VARS, Custom
+from tests.test_scheduler_tasks import cluster, doomed_workers, logged, workers  # noqa: F401
+from vaccelray.client import Client
+from vaccelray.worker.noop import NOOP_TAG
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    saved = {k: os.environ.pop(k) for k in ADDRESS_VARS if k in os.environ}
+    try:
+        with Client(backend="noop") as c:
+            yield c
+    finally:
+        os.environ.update(saved)
+
+
+@vaccelray.offload
+class Counter:
+    def __init__(self, start: int = 0) -> None:
+        self.total = start
+        self.log: list[int] = []
+
+    def add(self, k: int) -> int:
+        self.total += k
+        self.log.append(k)
+        return self.total
+
+    def history(self) -> list[int]:
+        return self.log
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def wait_for(self, path: str) -> str:
+        """Runs until *path* exists: the test decides when this call ends."""
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        return "seen"
+
+    def crash(self) -> None:
+        os._exit(3)
+
+    def fail(self, x: int) -> None:
+        raise Custom(f"bad {x}", x)
+
+    def session(self) -> tuple[int, str]:
+        from vaccelray import local
+
+        tag = local.classify(b"image")
+        return local._agent().session(), tag
+
+
+@vaccelray.offload
+class Broken:
+    def __init__(self) -> None:
+        raise Custom("no constructor for you", 7)
+
+    def anything(self) -> int:
+        return 1
+
+
+@vaccelray.offload
+def add_through(handle: vaccelray.ActorHandle[Counter], k: int) -> int:
+    return vaccelray.get(handle.add.remote(k))
+
+
+def test_calls_run_in_order_on_one_instance(client: Client) -> None:
+    counter = Counter.remote_on(client, 10)
+    refs = [counter.add.remote(k) for k in range(1, 51)]
+    assert vaccelray.get(refs) == [10 + k * (k + 1) // 2 for k in range(1, 51)]
+    assert vaccelray.get(counter.history.remote()) == list(range(1, 51))
+    # One process holds it, not the task pool's.
+    assert len({vaccelray.get(counter.pid.remote()) for _ in range(5)}) == 1
+    assert vaccelray.kill(counter)
+
+
+def test_calls_from_threads_and_taskref_arguments_keep_the_actors_state(client: Client) -> None:
+    counter = Counter.remote_on(client)
+    first = counter.add.remote(5)
+    # A TaskRef argument is waited for; the calls after it still run after it.
+    second = counter.add.remote(first)
+    third = counter.add.remote(1)
+    assert vaccelray.get([first, second, third]) == [5, 10, 11]
+    assert vaccelray.kill(counter)
+
+
+def test_a_method_error_is_raised_and_the_actor_lives_on(client: Client) -> None:
+    counter = Counter.remote_on(client, 1)
+    with pytest.raises(Custom) as info:
+        vaccelray.get(counter.fail.remote(3))
+    assert isinstance(info.value, vaccelray.TaskError)
+    assert info.value.code == 3
+    assert vaccelray.get(counter.add.remote(1)) == 2
+    vaccelray.kill(counter)
+
+
+def test_unknown_methods_fail_at_the_call_site(client: Client) -> None:
+    counter = Counter.remote_on(client)
+    with pytest.raises(AttributeError, match="no public method 'nope'"):
+        counter.nope.remote()
+    with pytest.raises(AttributeError):
+        counter._private  # noqa: B018
+    vaccelray.kill(counter)
+
+
+def test_a_failing_constructor_kills_the_actor(client: Client) -> None:
+    broken = Broken.remote_on(client)
+    with pytest.raises(Custom, match="no constructor for you"):
+        broken.ready().result()
+    with pytest.raises(vaccelray.ActorDiedError, match="constructor"):
+        vaccelray.get(broken.anything.remote())
+
+
+def test_a_crash_fails_the_running_pending_and_later_calls(client: Client, tmp_path: Path) -> None:
+    counter = Counter.remote_on(client)
+    release = tmp_path / "release"
+    waiting = counter.wait_for.remote(str(release))
+    crash = counter.crash.remote()
+    pending = counter.add.remote(1)
+    release.touch()
+    assert vaccelray.get(waiting) == "seen"
+    with pytest.raises(vaccelray.ActorDiedError, match="status 3"):
+        vaccelray.get(crash)
+    with pytest.raises(vaccelray.ActorDiedError, match="status 3"):
+        vaccelray.get(pending)
+    with pytest.raises(vaccelray.ActorDiedError):
+        vaccelray.get(counter.add.remote(1))
+    assert not vaccelray.kill(counter)  # dead already
+
+
+def test_max_restarts_re_runs_the_constructor_in_a_new_process(client: Client) -> None:
+    counter = Counter.options(max_restarts=1).remote_on(client, 100)
+    assert vaccelray.get(counter.add.remote(1)) == 101
+    before = vaccelray.get(counter.pid.remote())
+    with pytest.raises(vaccelray.ActorDiedError):
+        vaccelray.get(counter.crash.remote())
+    # Constructed again: the state is the constructor's, the process a new one.
+    assert vaccelray.get(counter.add.remote(1)) == 101
+    assert vaccelray.get(counter.pid.remote()) != before
+    with pytest.raises(vaccelray.ActorDiedError):
+        vaccelray.get(counter.crash.remote())
+    with pytest.raises(vaccelray.ActorDiedError, match="died"):  # no restart left
+        vaccelray.get(counter.add.remote(1))
+
+
+def test_kill_fails_later_calls(client: Client) -> None:
+    counter = Counter.remote_on(client)
+    assert vaccelray.get(counter.add.remote(2)) == 2
+    assert vaccelray.kill(counter) is True
+    with pytest.raises(vaccelray.ActorDiedError, match="killed"):
+        vaccelray.get(counter.add.remote(1))
+    assert vaccelray.kill(counter) is False
+
+
+def test_a_handle_passed_to_a_task_reaches_the_actor(client: Client) -> None:
+    counter = Counter.remote_on(client, 1)
+    assert client.submit(add_through, counter, 10).result() == 11
+    assert vaccelray.get(counter.add.remote(0)) == 11
+    # A handle is its id when pickled: it carries no connection.
+    copy = pickle.loads(pickle.dumps(counter))
+    assert copy.actor_id == counter.actor_id
+    vaccelray.kill(counter)
+    with pytest.raises(vaccelray.ActorDiedError):
+        client.submit(add_through, counter, 1).result()
+
+
+def test_vaccelray_local_in_an_actor_uses_its_own_session(client: Client) -> None:
+    one, two = Counter.remote_on(client), Counter.remote_on(client)
+    first, tag = vaccelray.get(one.session.remote())
+    assert tag == NOOP_TAG
+    assert vaccelray.get(one.session.remote())[0] == first
+    assert vaccelray.get(two.session.remote())[0] not in (0, first)
+    vaccelray.kill(one)
+    vaccelray.kill(two)
+
+
+def test_max_restarts_must_be_a_count() -> None:
+    with pytest.raises(ValueError, match="max_restarts"):
+        Counter.options(max_restarts=-1)
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """A real worker, sandboxed (the default), with room for one actor per connection."""
+    sock = tmp_path_factory.mktemp("capped") / "w.sock"
+    proc, _ = start_daemon(
+        worker_argv(
+            "-a", f"unix://{sock}", "--backend", "noop", "--no-announce", "--pool-size", "1",
+            "--max-actors", "2", "--max-actors-per-connection", "1",
+        )
+    )  # fmt: skip
+    yield proc
+    proc.stop()
+
+
+def test_actor_bounds_refuse_at_once_and_actors_die_with_their_connection(
+    capped: Proc,
+) -> None:
+    with Client(capped.address) as first, Client(capped.address) as second:
+        one = Counter.remote_on(first, 1)
+        assert vaccelray.get(one.add.remote(1)) == 2  # sandboxed like tasks
+        extra = Counter.remote_on(first)
+        with pytest.raises(vaccelray.TaskError, match="--max-actors-per-connection"):
+            extra.ready().result()
+        two = Counter.remote_on(second)
+        assert vaccelray.get(two.add.remote(5)) == 5
+        with (
+            Client(capped.address) as third,
+            pytest.raises(vaccelray.TaskError, match="--max-actors\\)"),
+        ):
+            Counter.remote_on(third).ready().result()
+    # The first client's actor died with its connection: a new one finds room.
+    capped.wait_for("connection that created it closed")
+    with Client(capped.address) as fourth:
+        again = Counter.remote_on(fourth, 7)
+        assert vaccelray.get(again.add.remote(0)) == 7
+
+
+# -- through the scheduler -------------------------------------------------------------
+
+
+@vaccelray.offload
+class Where:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def worker(self) -> int:
+        self.calls += 1
+        return os.getppid()
+
+    def count(self) -> int:
+        return self.calls
+
+
+@pytest.mark.anyio
+async def test_actors_through_the_scheduler_spread_and_keep_their_worker(
+    workers: list[tuple[Proc, str]],  # noqa: F811
+) -> None:
+    pids = {p.pid for p, _ in workers}
+    async with cluster(workers) as (sched, client):
+        one, two = Where.remote_on(client), Where.remote_on(client)
+        firsts = {await one.worker.remote(), await two.worker.remote()}
+        assert firsts == pids  # one on each worker
+        refs = [one.worker.remote() for _ in range(10)]
+        assert len({await r for r in refs}) == 1
+        assert await one.count.remote() == 11
+        assert await anyio.to_thread.run_sync(vaccelray.kill, one) is True
+        with pytest.raises(vaccelray.ActorDiedError, match="killed"):
+            await one.count.remote()
+        assert len(sched.actors.actors) == 1
+    # The client went away: its actor is killed on its worker, and forgotten.
+    assert sched.actors.actors == {}
+    await logged([p for p, _ in workers], f"Actor Where {two.actor_id} was killed", [0, 0])
+
+
+@pytest.mark.anyio
+async def test_an_actor_whose_worker_dies_is_created_again_elsewhere(
+    doomed_workers: list[tuple[Proc, str]],  # noqa: F811
+) -> None:
+    procs = {p.pid: p for p, _ in doomed_workers}
+    async with cluster(doomed_workers) as (_, client):
+        lasting = Where.options(max_restarts=1).remote_on(client)
+        mortal = Where.remote_on(client)
+        first = await lasting.worker.remote()
+        second = await mortal.worker.remote()
+        assert {first, second} == set(procs)  # one on each worker
+        procs[first].kill()
+        with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
+            await lasting.worker.remote()
+        # Created again on the other worker, constructor re-run.
+        assert await lasting.count.remote() == 0
+        assert await lasting.worker.remote() == second
+        assert await mortal.count.remote() == 1  # untouched
+        procs[second].kill()
+        for actor in (mortal, lasting):  # no restart left for either
+            with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
+                await actor.worker.remote()
+            with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
+                await actor.count.remote()

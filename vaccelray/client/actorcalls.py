@@ -1,0 +1,240 @@
+"""The loop half of actors on a client: each actor's requests leave in the order they were made.
+
+A worker runs an actor's calls in the order they arrive on the connection,
+so the client sends them in the order they were made: one *line* per actor.
+A request whose arguments are ready (pickled, no TaskRef among them) while
+nothing of its actor waits before it is written at once from the loop (no
+asyncio task: the sync round trip stays short). Otherwise it waits in the
+line, and one asyncio task per actor sends the line in order: it awaits
+TaskRef arguments, registers the class before the constructor, then writes.
+Nothing waits for a reply before the next request leaves.
+
+Actor requests are not retried: an actor lives in one process of one worker,
+and dies with the connection that created it. A lost connection fails them
+with :class:`ActorDiedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vaccelray.client.errors import ActorDiedError, TaskError
+from vaccelray.client.refs import TaskRef, _settle
+from vaccelray.client.remote import FunctionSpec, Options, pickle_args
+from vaccelray.errors import Reason, RPCError, TransportError
+from vaccelray.protocol import actors as wire
+from vaccelray.protocol.services import CALL_ACTOR, CREATE_ACTOR, KILL_ACTOR, Rpc
+from vaccelray.protocol.tasks import TaskDone
+from vaccelray.transport.client import Client as Connection
+from vaccelray.transport.client import Outcome
+
+if TYPE_CHECKING:
+    from vaccelray.client.core import Core
+
+__all__ = ["ActorLines", "ActorRequest", "Kind"]
+
+
+class Kind(enum.Enum):
+    CREATE = CREATE_ACTOR
+    CALL = CALL_ACTOR
+    KILL = KILL_ACTOR
+
+
+@dataclass(slots=True)
+class ActorRequest:
+    """One request of an actor on its way: its TaskRef, and what to send."""
+
+    kind: Kind
+    ref: TaskRef[Any]
+    actor_id: str
+    #: The class (CREATE), else None.
+    spec: FunctionSpec | None
+    #: The method (CALL), else "".
+    method: str
+    args: Sequence[object]
+    kwargs: Mapping[str, object]
+    #: Pickled arguments; None until TaskRef arguments are resolved.
+    payload: bytes | None
+    options: Options
+
+
+class _Line:
+    __slots__ = ("backlog", "sender")
+
+    def __init__(self) -> None:
+        self.backlog: collections.deque[ActorRequest] = collections.deque()
+        self.sender: asyncio.Task[None] | None = None
+
+
+class ActorLines:
+    """The lines of the actors of one :class:`~vaccelray.client.core.Core` (on its loop)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._lines: dict[str, _Line] = {}
+
+    def put(self, request: ActorRequest) -> None:
+        """Send *request* now when nothing of its actor waits, else queue it in its line."""
+        line = self._lines.get(request.actor_id)
+        conn = self.core._conn
+        if (
+            line is None
+            and request.payload is not None
+            and conn is not None
+            and not conn.is_closed
+            and (request.spec is None or request.spec.digest in self.core._registered)
+        ):
+            self._send(request, conn)
+            return
+        if line is None:
+            line = self._lines[request.actor_id] = _Line()
+        line.backlog.append(request)
+        if line.sender is None:
+            line.sender = self.core.loop.create_task(self._drain(request.actor_id, line))
+
+    async def _drain(self, actor_id: str, line: _Line) -> None:
+        core = self.core
+        try:
+            while line.backlog:
+                request = line.backlog[0]
+                if not request.ref.done():
+                    try:
+                        if request.payload is None:
+                            args = [await a if type(a) is TaskRef else a for a in request.args]
+                            kwargs = {
+                                k: await v if type(v) is TaskRef else v
+                                for k, v in request.kwargs.items()
+                            }
+                            request.payload = pickle_args(
+                                request.ref.name, args, kwargs, core.arg_limit
+                            )
+                        conn = await core.connection()
+                        spec = request.spec
+                        if spec is not None and spec.digest not in core._registered:
+                            await core._register(conn, spec, request.options.timeout)
+                        self._send(request, conn)
+                    except (TransportError, RPCError) as exc:
+                        _settle(request.ref._future, error=_failure(request, exc))
+                    except Exception as exc:
+                        _settle(request.ref._future, error=exc)
+                line.backlog.popleft()
+        except asyncio.CancelledError:
+            for request in line.backlog:
+                _settle(request.ref._future, error=core._cancelled_error(request.ref.name))
+            raise
+        finally:
+            if self._lines.get(actor_id) is line:
+                del self._lines[actor_id]
+
+    def _send(self, request: ActorRequest, conn: Connection) -> None:
+        core = self.core
+        rpc: Rpc[Any, Any] = request.kind.value
+        body = _encode(request)
+        try:
+            core._running[request.ref.task_id] = conn.start_call(
+                rpc.service,
+                rpc.method,
+                body,
+                functools.partial(self._answered, request, conn),
+                timeout=request.options.timeout if request.kind is Kind.CALL else None,
+                metadata=core.metadata,
+            )
+        except (TransportError, RPCError) as exc:
+            self._answered(request, conn, exc)
+
+    def _answered(self, request: ActorRequest, conn: Connection, outcome: Outcome) -> None:
+        core = self.core
+        core._running.pop(request.ref.task_id, None)
+        core._window_freed()
+        ref = request.ref
+        if isinstance(outcome, asyncio.CancelledError):
+            _settle(ref._future, error=core._cancelled_error(ref.name))
+            return
+        if isinstance(outcome, TransportError):
+            core._forget(conn)
+        try:
+            if isinstance(outcome, BaseException):
+                _settle(ref._future, error=_failure(request, outcome))
+            elif request.kind is Kind.KILL:
+                _settle(ref._future, KILL_ACTOR.reply.decode(outcome).killed)
+            else:
+                reply = CALL_ACTOR.reply.decode(outcome)
+                if isinstance(reply, TaskDone):
+                    value = None if request.kind is Kind.CREATE else _load(reply.result, ref.name)
+                    _settle(ref._future, value)
+                else:
+                    _settle(ref._future, error=_reply_failure(reply, ref.name))
+        except Exception as exc:  # raised here, it would break the connection's read loop
+            _settle(ref._future, error=exc)
+
+    def cancel_all(self) -> None:
+        for line in list(self._lines.values()):
+            if line.sender is not None:
+                line.sender.cancel()
+
+    async def aclose(self) -> None:
+        senders = [line.sender for line in self._lines.values() if line.sender is not None]
+        self.cancel_all()
+        if senders:
+            await asyncio.gather(*senders, return_exceptions=True)
+
+
+def _encode(request: ActorRequest) -> bytes:
+    payload = request.payload or b""
+    if request.kind is Kind.CREATE:
+        spec, options = request.spec, request.options
+        assert spec is not None
+        return CREATE_ACTOR.request.encode(
+            wire.CreateActor(
+                request.actor_id,
+                spec.digest,
+                spec.name,
+                payload,
+                options.max_restarts,
+                options.backend or "",
+                options.ops,
+            )
+        )
+    if request.kind is Kind.CALL:
+        return CALL_ACTOR.request.encode(
+            wire.CallActor(request.actor_id, request.ref.task_id, request.method, payload)
+        )
+    return KILL_ACTOR.request.encode(wire.KillActor(request.actor_id))
+
+
+def _load(data: bytes, name: str) -> Any:
+    from vaccelray.client.core import _load_result
+
+    return _load_result(data, name)
+
+
+def _reply_failure(reply: Any, name: str) -> BaseException:
+    from vaccelray.client.core import _task_failure
+
+    return _task_failure(reply, name)
+
+
+def _failure(request: ActorRequest, exc: BaseException) -> BaseException:
+    """What *request* raises for a transport or status error."""
+    name = request.ref.name
+    if isinstance(exc, RPCError):
+        if exc.reason is Reason.ACTOR_DIED:
+            return ActorDiedError(f"{name}: {exc.message}", task=name)
+        from vaccelray.client.core import _rpc_failure
+
+        return _rpc_failure(exc, name, request.options)
+    if isinstance(exc, TransportError):
+        return ActorDiedError(
+            f"{name}: the connection to the actor's worker was lost ({exc}); the actor died "
+            "with it",
+            task=name,
+        )
+    if isinstance(exc, TaskError):
+        return exc
+    return exc

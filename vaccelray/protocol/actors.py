@@ -1,0 +1,104 @@
+"""Messages of the actor methods of ``vaccelray.v1.Worker``, as msgspec structs.
+
+An actor is one instance of an offloaded class, living in its own pool
+process on one worker. Its class travels like a task's function (registered
+once by digest with ``RegisterFunction``); its constructor's and methods'
+arguments and results are pickled fields, like a task's.
+
+Methods (request → reply):
+
+``CreateActor``  :class:`CreateActor` → :data:`~vaccelray.protocol.tasks.TaskReply`
+    Place an instance: the actor exists from the moment the request is read
+    (calls sent after it on the same connection queue behind its constructor);
+    the reply comes once the constructor has run (``TaskDone`` with an empty
+    result) or failed (``TaskFailed``: the actor is then dead). Past the
+    worker's actor bounds: RESOURCE_EXHAUSTED at once.
+``CallActor``    :class:`CallActor` → :data:`~vaccelray.protocol.tasks.TaskReply`
+    Call a method; an actor's calls run one at a time in the order they
+    arrive. A dead or unknown actor: NOT_FOUND with the reason ``ACTOR_DIED``.
+``KillActor``    :class:`KillActor` → :class:`ActorKilled`
+    Stop an actor: its process is killed, its pending calls fail (``ACTOR_DIED``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from vaccelray.errors import RPCError, StatusCode
+
+__all__ = [
+    "MAX_ACTOR_ID",
+    "MAX_METHOD_NAME",
+    "METHOD_CALL",
+    "METHOD_CREATE",
+    "METHOD_KILL",
+    "ActorKilled",
+    "CallActor",
+    "CreateActor",
+    "KillActor",
+    "check_fields",
+]
+
+METHOD_CREATE: Final = "CreateActor"
+METHOD_CALL: Final = "CallActor"
+METHOD_KILL: Final = "KillActor"
+
+#: Characters an actor id may have (clients make 32 hex digits).
+MAX_ACTOR_ID: Final = 64
+#: Characters of a method name.
+MAX_METHOD_NAME: Final = 256
+
+
+class CreateActor(msgspec.Struct, array_like=True, frozen=True):
+    #: Chosen by the client (random, unguessable): names the actor in every later call.
+    actor_id: str = ""
+    #: The class, registered with ``RegisterFunction`` under this digest.
+    digest: str = ""
+    name: str = ""
+    #: cloudpickle of the constructor's ``(args, kwargs)``; empty for none.
+    args: bytes = b""
+    #: Times the actor is created again (constructor re-run) when its process is lost.
+    max_restarts: int = 0
+    #: The backend and operations the actor needs (as a task's).
+    backend: str = ""
+    ops: tuple[str, ...] = ()
+    #: Who asked, when a scheduler forwards it (its client connection): the worker's
+    #: per-connection bound counts each owner of a connection apart.
+    owner: str = ""
+
+
+class CallActor(msgspec.Struct, array_like=True, frozen=True):
+    actor_id: str
+    #: Chosen by the client, unique per client (as a task id); names the call in logs.
+    call_id: str
+    method: str
+    #: cloudpickle of ``(args, kwargs)``; empty for a call without arguments.
+    args: bytes = b""
+
+
+class KillActor(msgspec.Struct, array_like=True, frozen=True):
+    actor_id: str
+
+
+class ActorKilled(msgspec.Struct, array_like=True, frozen=True):
+    #: False when the worker held no such live actor.
+    killed: bool
+
+
+def check_fields(request: Any, limit: int) -> None:
+    """INVALID_ARGUMENT for an actor id or method name out of bounds (an Rpc's limits)."""
+    actor_id: str = request.actor_id
+    if not actor_id or len(actor_id) > MAX_ACTOR_ID:
+        raise RPCError(
+            StatusCode.INVALID_ARGUMENT,
+            f"an actor id has 1 to {MAX_ACTOR_ID} characters, not {len(actor_id)}",
+        )
+    method: str = getattr(request, "method", "x")
+    if not method or len(method) > MAX_METHOD_NAME or method.startswith("_"):
+        raise RPCError(
+            StatusCode.INVALID_ARGUMENT,
+            f"{method[:40]!r} is not a public method name (1 to {MAX_METHOD_NAME} characters, "
+            "not starting with '_')",
+        )

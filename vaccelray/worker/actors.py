@@ -1,0 +1,448 @@
+"""Actors on a worker: instances of offloaded classes, each in a pool process of its own.
+
+``CreateActor`` places an actor: a one-process :class:`~vaccelray.worker.pool.Pool`
+(sandboxed and limited like the task pool's processes, beside it) whose
+process runs the class's constructor and keeps the instance. ``CallActor``
+calls a method of it. The worker keeps each actor's calls in a bounded queue
+and hands its process one call at a time, in the order the calls arrived: a
+method never runs beside another method of the same actor, and later calls
+see what earlier ones did.
+
+An actor whose process is lost (it crashed, was killed, ran past the task
+timeout) is created again, constructor re-run, while ``max_restarts`` allows:
+the call it was running fails, the queued ones run on the new instance.
+Otherwise it is dead: its running and queued calls, and every later one,
+fail with the reason ``ACTOR_DIED``. ``KillActor``, and the close of the
+connection that created it, kill it the same way.
+
+Bounds: ``max_actors`` on the worker and ``max_actors_per_connection`` per
+client connection (a CreateActor past either is refused RESOURCE_EXHAUSTED at
+once), and ``max_pending_calls`` queued per actor (likewise). Behind a
+scheduler, one connection carries many clients: ``CreateActor.owner`` names
+the scheduler's client, counted apart (the worker-wide bound holds whatever
+a caller claims).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Final
+
+import anyio
+from anyio.abc import TaskGroup
+
+from vaccelray.auth import TokenCheck
+from vaccelray.errors import Reason, RPCError, StatusCode
+from vaccelray.functions import FunctionCache
+from vaccelray.protocol import actors as wire
+from vaccelray.protocol import tasks as task_wire
+from vaccelray.protocol.services import CALL_ACTOR, CREATE_ACTOR, KILL_ACTOR, WORKER
+from vaccelray.transport.server import CallContext, Method, Service
+from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
+from vaccelray.worker.poolchild import OK, Done
+from vaccelray.worker.replies import outcome_reply
+from vaccelray.worker.sandbox import Sandbox
+
+__all__ = [
+    "DEFAULT_MAX_ACTORS",
+    "DEFAULT_MAX_ACTORS_PER_CONNECTION",
+    "DEFAULT_MAX_PENDING_CALLS",
+    "ActorService",
+    "running_actors",
+]
+
+log = logging.getLogger("vaccelray.actors")
+
+#: Actors alive on a worker, and created by one connection.
+DEFAULT_MAX_ACTORS: Final = 16
+DEFAULT_MAX_ACTORS_PER_CONNECTION: Final = 8
+#: Calls queued for one actor.
+DEFAULT_MAX_PENDING_CALLS: Final = 1024
+#: Why recently dead actors died, kept to tell their later callers.
+_GRAVES: Final = 1024
+#: The constructor's ``Run.method``.
+_CREATE: Final = "__init__"
+
+
+def _died(actor_id: str, why: str) -> RPCError:
+    return RPCError(StatusCode.ABORTED, f"actor {actor_id} {why}", reason=Reason.ACTOR_DIED)
+
+
+class _Call:
+    __slots__ = ("args", "call_id", "method", "reply")
+
+    def __init__(
+        self, call_id: str, method: str, args: bytes, reply: asyncio.Future[bytes]
+    ) -> None:
+        self.call_id = call_id
+        self.method = method
+        self.args = args
+        self.reply = reply
+
+
+class _Actor:
+    """One actor: its process (a one-process pool), its queue of calls, its restarts."""
+
+    def __init__(
+        self,
+        service: ActorService,
+        request: wire.CreateActor,
+        function: bytes,
+        owner: tuple[int, str],
+        created: asyncio.Future[bytes],
+    ) -> None:
+        self.service = service
+        self.id = request.actor_id
+        self.name = request.name
+        self.request = request
+        self.function = function
+        self.owner = owner
+        self.restarts_left = request.max_restarts
+        self.queue: collections.deque[_Call] = collections.deque()
+        #: The call its process runs; None while idle or (re)constructing.
+        self.running: _Call | None = None
+        #: The reply of CreateActor until the first constructor has run.
+        self.created: asyncio.Future[bytes] | None = created
+        self.constructing = True
+        #: Why it died; None while alive.
+        self.death: str | None = None
+        self.pool = Pool(
+            1,
+            env=service.env,
+            max_message_size=service.max_message_size,
+            sandbox=service.sandbox,
+            on_lost=self._lost,
+        )
+
+    def label(self) -> str:
+        return f"{self.name} {self.id}"
+
+    # -- construction ----------------------------------------------------------
+
+    def construct(self) -> None:
+        """Run the constructor on the (new) process; calls wait until it has run."""
+        self.constructing = True
+        request = self.request
+        try:
+            self.pool.submit(
+                request.digest,
+                request.name,
+                self.function,
+                request.args,
+                on_done=self._constructed,
+                timeout=self.service.task_timeout or None,
+                method=_CREATE,
+            )
+        except PoolProcessLost as exc:
+            self.die(f"could not start: {exc}")
+
+    def _constructed(self, outcome: Done | PoolProcessLost) -> None:
+        if isinstance(outcome, PoolProcessLost):
+            return  # _lost decides (a restart, or death)
+        created, self.created = self.created, None
+        if outcome.status != OK:
+            error = outcome.error
+            what = f": {error.qualname}: {error.message}" if error is not None else ""
+            if created is not None and not created.done():
+                created.set_result(outcome_reply(outcome, CREATE_ACTOR.method, 1 << 62))
+            self.die(f"failed in its constructor ({outcome.message}{what})")
+            return
+        self.constructing = False
+        if created is not None and not created.done():
+            created.set_result(CREATE_ACTOR.reply.encode(task_wire.TaskDone(b"")))
+        log.info("Actor %s ready (pool process %s)", self.label(), self.pool.pids)
+        self._next()
+
+    # -- calls -----------------------------------------------------------------
+
+    def call(self, request: wire.CallActor) -> asyncio.Future[bytes]:
+        limit = self.service.max_pending_calls
+        if limit and len(self.queue) >= limit:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"actor {self.label()} has {limit} calls waiting, its most",
+            )
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        call = _Call(request.call_id, request.method, request.args, reply)
+        self.queue.append(call)
+        reply.add_done_callback(lambda _: self._withdrawn(call))
+        self._next()
+        return reply
+
+    def _withdrawn(self, call: _Call) -> None:
+        """A call's reply is settled: one given up (deadline, client gone) leaves the queue."""
+        if call.reply.cancelled() and call is not self.running:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(call)
+
+    def _next(self) -> None:
+        if self.running is not None or self.constructing or self.death is not None:
+            return
+        while self.queue:
+            call = self.queue.popleft()
+            if call.reply.done():
+                continue
+            self.running = call
+            try:
+                self.pool.submit(
+                    "",
+                    f"{self.name}.{call.method}",
+                    b"",
+                    call.args,
+                    on_done=functools.partial(self._answered, call),
+                    timeout=self.service.task_timeout or None,
+                    method=call.method,
+                )
+            except PoolProcessLost as exc:
+                self.running = None
+                self.die(f"was lost: {exc}")
+            return
+
+    def _answered(self, call: _Call, outcome: Done | PoolProcessLost) -> None:
+        self.running = None
+        reply = call.reply
+        if isinstance(outcome, PoolProcessLost) and not isinstance(outcome, TaskTimedOut):
+            if not reply.done():
+                reply.set_exception(
+                    _died(self.id, f"was lost while running {call.method}: {outcome}")
+                )
+            return  # _lost decides what comes next
+        if not reply.done():
+            try:
+                reply.set_result(
+                    outcome_reply(outcome, CALL_ACTOR.method, self.service.max_message_size)
+                )
+            except Exception as exc:  # an error must not escape into the pool's read
+                reply.set_exception(exc)
+        if not isinstance(outcome, PoolProcessLost):
+            self._next()
+
+    # -- loss and death ----------------------------------------------------------
+
+    def _lost(self, status: str) -> bool:
+        """Its process is gone (the pool's hook): True to create it again in a new one."""
+        if self.death is not None:
+            return False
+        if self.restarts_left > 0:
+            self.restarts_left -= 1
+            log.warning(
+                "Actor %s: its process %s; creating it again (%d restarts left)",
+                self.label(),
+                status,
+                self.restarts_left,
+            )
+            self.construct()
+            return True
+        self.die(f"died: its process {status}")
+        return False
+
+    def die(self, why: str, *, level: int = logging.WARNING) -> None:
+        """Fail its calls, now and later; stop its process."""
+        if self.death is not None:
+            return
+        self.death = why
+        log.log(level, "Actor %s %s", self.label(), why)
+        created, self.created = self.created, None
+        if created is not None and not created.done():
+            created.set_exception(_died(self.id, why))
+        calls = [self.running, *self.queue] if self.running is not None else list(self.queue)
+        self.running = None
+        self.queue.clear()
+        for call in calls:
+            if not call.reply.done():
+                call.reply.set_exception(_died(self.id, why))
+        self.service._buried(self)
+
+
+class ActorService:
+    """The actors of one worker, by id; use through :func:`running_actors`."""
+
+    def __init__(
+        self,
+        tg: TaskGroup,
+        check: TokenCheck,
+        functions: FunctionCache,
+        check_requirements: Callable[[str, str, tuple[str, ...]], None],
+        *,
+        sandbox: Sandbox,
+        env: Mapping[str, str],
+        max_message_size: int,
+        task_timeout: float,
+        max_actors: int = DEFAULT_MAX_ACTORS,
+        max_actors_per_connection: int = DEFAULT_MAX_ACTORS_PER_CONNECTION,
+        max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
+    ) -> None:
+        self._tg = tg
+        self.check = check
+        self.functions = functions
+        self._check_requirements = check_requirements
+        self.sandbox = sandbox
+        self.env = dict(env)
+        self.max_message_size = max_message_size
+        self.task_timeout = task_timeout
+        self.max_actors = max_actors
+        self.max_actors_per_connection = max_actors_per_connection
+        self.max_pending_calls = max_pending_calls
+        self.actors: dict[str, _Actor] = {}
+        self._graves: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._closing = False
+
+    def methods(self) -> dict[str, Method]:
+        """CreateActor, CallActor and KillActor, for the worker's clients (token checked)."""
+        return {
+            CREATE_ACTOR.method: Method(self._create, future=True),
+            CALL_ACTOR.method: Method(self._call, future=True),
+            KILL_ACTOR.method: Method(self._kill, inline=True),
+        }
+
+    def local_service(self) -> Service:
+        """CallActor and KillActor for tasks and actors (the worker's private socket)."""
+        return Service(
+            WORKER.name,
+            {
+                CALL_ACTOR.method: Method(self._call_local, future=True),
+                KILL_ACTOR.method: Method(self._kill_local, inline=True),
+            },
+        )
+
+    # -- bookkeeping --------------------------------------------------------------
+
+    def owned_by(self, owner: tuple[int, str]) -> int:
+        return sum(1 for a in self.actors.values() if a.owner == owner)
+
+    def holds_state(self, connection_id: int) -> bool:
+        """Whether the connection created actors that live (its idle close would kill them)."""
+        return any(a.owner[0] == connection_id for a in self.actors.values())
+
+    def connection_closed(self, connection_id: int) -> None:
+        """A client connection closed: the actors it created die with it."""
+        for actor in [a for a in self.actors.values() if a.owner[0] == connection_id]:
+            actor.die("was killed: the connection that created it closed")
+
+    def _buried(self, actor: _Actor) -> None:
+        if self.actors.get(actor.id) is actor:
+            del self.actors[actor.id]
+        self._graves[actor.id] = actor.death or "died"
+        while len(self._graves) > _GRAVES:
+            self._graves.popitem(last=False)
+        self._tg.start_soon(actor.pool.aclose)
+
+    def _find(self, actor_id: str) -> _Actor:
+        actor = self.actors.get(actor_id)
+        if actor is not None:
+            return actor
+        why = self._graves.get(actor_id)
+        if why is not None:
+            raise _died(actor_id, why)
+        raise RPCError(
+            StatusCode.NOT_FOUND, f"no actor {actor_id} on this worker", reason=Reason.ACTOR_DIED
+        )
+
+    # -- methods ------------------------------------------------------------------
+
+    def _create(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+        self.check.check(ctx)
+        request = CREATE_ACTOR.request.decode(payload)
+        CREATE_ACTOR.check(request, self.max_message_size)
+        function = self.functions.get(request.digest).request
+        self._check_requirements(request.name, request.backend, request.ops)
+        if self._closing:
+            raise RPCError(StatusCode.UNAVAILABLE, "the worker is shutting down")
+        if request.actor_id in self.actors or request.actor_id in self._graves:
+            raise RPCError(StatusCode.ALREADY_EXISTS, f"actor {request.actor_id} exists already")
+        if request.max_restarts < 0:
+            raise RPCError(StatusCode.INVALID_ARGUMENT, "max_restarts must be >= 0")
+        limit = self.max_actors
+        if limit and len(self.actors) >= limit:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"this worker holds {limit} actors, its most (worker option --max-actors)",
+            )
+        owner = (ctx.connection_id, request.owner)
+        limit = self.max_actors_per_connection
+        if limit and self.owned_by(owner) >= limit:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"this connection made {limit} actors, its most (worker option "
+                "--max-actors-per-connection)",
+            )
+        created: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        actor = _Actor(self, request, function.pickled, owner, created)
+        self.actors[request.actor_id] = actor
+        actor.construct()  # queued in its pool until the process is up
+        self._tg.start_soon(self._start, actor)
+        log.info("Creating actor %s", actor.label())
+        return created
+
+    async def _start(self, actor: _Actor) -> None:
+        try:
+            await actor.pool.start()
+        except Exception as exc:
+            actor.die(f"could not start its process: {exc}")
+
+    def _call(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+        self.check.check(ctx)
+        return self._call_local(payload, ctx)
+
+    def _call_local(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+        request = CALL_ACTOR.request.decode(payload)
+        CALL_ACTOR.check(request, self.max_message_size)
+        return self._find(request.actor_id).call(request)
+
+    def _kill(self, payload: bytes, ctx: CallContext) -> bytes:
+        self.check.check(ctx)
+        return self._kill_local(payload, ctx)
+
+    def _kill_local(self, payload: bytes, ctx: CallContext) -> bytes:
+        request = KILL_ACTOR.request.decode(payload)
+        actor = self.actors.get(request.actor_id)
+        if actor is not None:
+            actor.die("was killed", level=logging.INFO)
+        return KILL_ACTOR.reply.encode(wire.ActorKilled(actor is not None))
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for actor in list(self.actors.values()):
+            actor.die("was stopped: the worker is shutting down")
+
+
+@asynccontextmanager
+async def running_actors(
+    check: TokenCheck,
+    functions: FunctionCache,
+    check_requirements: Callable[[str, str, tuple[str, ...]], None],
+    *,
+    sandbox: Sandbox,
+    env: Mapping[str, str],
+    max_message_size: int,
+    task_timeout: float,
+    max_actors: int = DEFAULT_MAX_ACTORS,
+    max_actors_per_connection: int = DEFAULT_MAX_ACTORS_PER_CONNECTION,
+    max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
+) -> AsyncIterator[ActorService]:
+    """An :class:`ActorService` (see it for the arguments); its actors die on exit."""
+    async with anyio.create_task_group() as tg:
+        service = ActorService(
+            tg,
+            check,
+            functions,
+            check_requirements,
+            sandbox=sandbox,
+            env=env,
+            max_message_size=max_message_size,
+            task_timeout=task_timeout,
+            max_actors=max_actors,
+            max_actors_per_connection=max_actors_per_connection,
+            max_pending_calls=max_pending_calls,
+        )
+        try:
+            yield service
+        finally:
+            with anyio.CancelScope(shield=True):
+                await service.aclose()
