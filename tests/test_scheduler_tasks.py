@@ -28,6 +28,7 @@ from tests.clusters import serving_scheduler
 from tests.processes import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
 from tests.test_offload_api import Custom, add, raises, session_used, sleeps
 from tests.test_scheduler_routing import config, wait_until
+from tests.waiting import eventually
 from vaccelray.auth import daemon_token
 from vaccelray.client import Client
 from vaccelray.client.remote import function_spec
@@ -400,6 +401,10 @@ async def test_classify_with_scores_spreads_over_workers_and_needs_no_token(
     async with cluster(workers, token="secret") as (sched, _):
         results = await classify_images([b"img"] * 8, sched.addresses[0], concurrency=4)
     assert results == [Classified(NOOP_TAG)] * 8
-    served = [proc.text().count("Classify (top 3)") for proc, _ in workers]
-    assert sum(served) >= 8
-    assert all(count > 0 for count in served)
+
+    def served() -> list[int]:
+        return [proc.text().count("Classify (top 3)") for proc, _ in workers]
+
+    # The workers write their event lines in batches: wait for all eight.
+    await eventually(lambda: sum(served()) >= 8, "eight Classify lines")
+    assert all(count > 0 for count in served())
