@@ -61,7 +61,8 @@ def test_a_directory_gives_its_image_files_sorted(tmp_path: Path) -> None:
 
 
 def test_nothing_to_classify_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(BatchError, match=r"^no such file or directory: .*missing$"):
+    missing = r"^cannot read image .*missing: No such file or directory$"
+    with pytest.raises(BatchError, match=missing):
         list_images([tmp_path / "missing"])
     (tmp_path / "notes.txt").write_bytes(b"x")
     with pytest.raises(BatchError, match=r"^no images in .* \(looked for \.bmp, .*\.webp\)$"):
@@ -260,7 +261,8 @@ def test_resume_needs_output(images: Path) -> None:
 def test_a_missing_path_is_bad_input(tmp_path: Path) -> None:
     done = classify("-a", "tcp://127.0.0.1:1", str(tmp_path / "nope.jpg"))
     assert done.returncode == 2
-    assert done.stderr == f"vaccelray: no such file or directory: {tmp_path / 'nope.jpg'}\n"
+    missing = tmp_path / "nope.jpg"
+    assert done.stderr == f"vaccelray: cannot read image {missing}: No such file or directory\n"
 
 
 def test_nothing_left_to_resume_is_done(worker_process: Proc, images: Path, tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def list_images(paths: Iterable[Path]) -> list[Path]:
         elif path.exists():
             found.append(path)
         else:
-            raise BatchError(f"no such file or directory: {path}")
+            raise BatchError(f"cannot read image {path}: No such file or directory")
     return found
 
 

@@ -28,6 +28,7 @@ from vaccelray.agent_client import AgentClient
 from vaccelray.errors import ConnectError, Detail, RPCError, StatusCode, TransportError
 from vaccelray.protocol import services as s
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.request_id import REQUEST_ID_KEY
 from vaccelray.transport.client import connect
 
 pytestmark = pytest.mark.anyio
@@ -125,10 +126,14 @@ async def test_metadata_arrives_in_order(go_server: str, echo_pb: types.SimpleNa
     async with connect(go_server) as client:
         answer = await echo(client, echo_pb, b"m", metadata=metadata)
         bare = await echo(client, echo_pb, b"m")
-    seen = [(kv.key, kv.value) for kv in answer.metadata]
+    seen = [(kv.key, kv.value) for kv in answer.metadata if kv.key != REQUEST_ID_KEY]
     # The Go server groups values by key (sorted here); one key's values keep their order.
     assert seen == [("b-key", "zed"), ("unicode", "naïve ✓"), ("x-a", "1"), ("x-a", "2")]
-    assert list(bare.metadata) == []
+    # Every call carries a request id besides (one of its own when the caller gave none).
+    ids = [[kv.value for kv in m.metadata if kv.key == REQUEST_ID_KEY] for m in (answer, bare)]
+    assert [len(i) for i in ids] == [1, 1]
+    assert ids[0] != ids[1]
+    assert [kv.key for kv in bare.metadata] == [REQUEST_ID_KEY]
 
 
 async def test_timeout_is_sent_as_timeout_nano(
