@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from vaccelray.errors import StatusCode
-from vaccelray.protocol import NEED_DATA, RequestReceived, ServerConnection
-from vaccelray.protocol.connection import BadRequest, _NeedData
+from vaccelray.protocol import NEED_DATA, BadRequest, RequestReceived, ServerConnection
+from vaccelray.protocol.connection import _NeedData
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -97,10 +98,6 @@ class MethodStats:
         #: Bytes of request payloads, and of answer frames.
         self.bytes_in = 0
         self.bytes_out = 0
-
-    @property
-    def calls(self) -> int:
-        return sum(self.codes.values())
 
 
 class Failure(NamedTuple):
@@ -230,6 +227,17 @@ class Family(NamedTuple):
     samples: Sequence[tuple[tuple[str, ...], float]]
 
 
+#: The help text of each call family, by its name after the prefix.
+_HELP: Final = {
+    "calls": "Calls answered, by method and status.",
+    "call_seconds": "Time from request to answer, by method.",
+    "received_bytes": "Bytes of request payloads, by method.",
+    "sent_bytes": "Bytes of answers, by method.",
+    "read_batch_requests": "Requests decoded from one read of a connection (pipelined calls).",
+}
+_METHOD_LABELS: Final = ("service", "method")
+
+
 def collector(
     prefix: str, calls: CallMetrics, extra: Callable[[], Iterable[Family]] = tuple
 ) -> Collector:
@@ -241,23 +249,15 @@ def collector(
         Metric,
     )
 
+    def family(kind: Callable[..., Any], name: str, labels: Sequence[str]) -> Any:
+        return kind(f"{prefix}_{name}", _HELP[name], labels=list(labels))
+
     class _Collector:
         def collect(self) -> Iterator[Metric]:
-            labels = ["service", "method"]
-            total = CounterMetricFamily(
-                f"{prefix}_calls",
-                "Calls answered, by method and status.",
-                labels=[*labels, "status"],
-            )
-            latency = HistogramMetricFamily(
-                f"{prefix}_call_seconds", "Time from request to answer, by method.", labels=labels
-            )
-            received = CounterMetricFamily(
-                f"{prefix}_received_bytes", "Bytes of request payloads, by method.", labels=labels
-            )
-            sent = CounterMetricFamily(
-                f"{prefix}_sent_bytes", "Bytes of answers, by method.", labels=labels
-            )
+            total = family(CounterMetricFamily, "calls", (*_METHOD_LABELS, "status"))
+            latency = family(HistogramMetricFamily, "call_seconds", _METHOD_LABELS)
+            received = family(CounterMetricFamily, "received_bytes", _METHOD_LABELS)
+            sent = family(CounterMetricFamily, "sent_bytes", _METHOD_LABELS)
             for stats in calls.all_methods():
                 names = [stats.service, stats.method]
                 if not stats.codes and stats.service:
@@ -268,17 +268,17 @@ def collector(
                 received.add_metric(names, stats.bytes_in)
                 sent.add_metric(names, stats.bytes_out)
             yield from (total, latency, received, sent)
-            batches = HistogramMetricFamily(
-                f"{prefix}_read_batch_requests",
-                "Requests decoded from one read of a connection (pipelined calls).",
-                labels=[],
-            )
+            batches = family(HistogramMetricFamily, "read_batch_requests", ())
             batches.add_metric([], _cumulative(BATCH_BOUNDS, calls.batches), calls.batched)
             yield batches
-            for family in extra():
-                kind = GaugeMetricFamily if family.kind == "gauge" else CounterMetricFamily
-                metric = kind(f"{prefix}_{family.name}", family.help, labels=list(family.labels))
-                for values, value in family.samples:
+            for extra_family in extra():
+                kind = GaugeMetricFamily if extra_family.kind == "gauge" else CounterMetricFamily
+                metric = kind(
+                    f"{prefix}_{extra_family.name}",
+                    extra_family.help,
+                    labels=list(extra_family.labels),
+                )
+                for values, value in extra_family.samples:
                     metric.add_metric(list(values), value)
                 yield metric
 
@@ -287,10 +287,6 @@ def collector(
 
 def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
     """Prometheus histogram buckets (cumulative, ending with ``+Inf``) from per-bucket counts."""
-    out: list[tuple[str, float]] = []
-    running = 0
-    for bound, count in zip(bounds, counts[:-1], strict=True):
-        running += count
-        out.append((repr(float(bound)), running))
-    out.append(("+Inf", running + counts[-1]))
-    return out
+    running = list(itertools.accumulate(counts))
+    buckets = [(repr(float(bound)), float(running[i])) for i, bound in enumerate(bounds)]
+    return [*buckets, ("+Inf", float(running[-1]))]
