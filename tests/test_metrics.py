@@ -288,6 +288,26 @@ async def test_worker_metrics_count_vaccel_calls_exactly(observed_worker: Observ
     assert ("vaccelray_worker_pool_processes", ()) not in after  # no task pool
 
 
+async def test_worker_metrics_show_its_task_pool() -> None:
+    config = worker_config(pool_size=1)
+    async with observed(lambda calls: run_worker(config, metrics=calls), OBSERVE) as seen:
+        worker = seen.daemon
+        assert worker.tasks is not None  # type: ignore[attr-defined]
+        await until_pool_up(worker.tasks.pool)  # type: ignore[attr-defined]
+        worker.tasks.outcomes["ok"] += 2  # type: ignore[attr-defined]
+        samples = await get_metrics(seen)
+    assert samples[("vaccelray_worker_pool_processes", ())] == 1
+    assert samples[("vaccelray_worker_pool_busy_processes", ())] == 0
+    assert samples[("vaccelray_worker_tasks_queued", ())] == 0
+    assert samples[("vaccelray_worker_tasks_total", (("outcome", "ok"),))] == 2
+
+
+async def until_pool_up(pool: object) -> None:
+    from tests.waiting import eventually
+
+    await eventually(lambda: len(pool.pids) == 1, "the pool process started")  # type: ignore[attr-defined]
+
+
 async def test_metrics_ask_the_cluster_token(observed_worker: Observed) -> None:
     url = f"{observed_worker.metrics_url}/metrics"
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
