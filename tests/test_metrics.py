@@ -557,12 +557,15 @@ def test_bytes_out_add_up(clock: FakeClock) -> None:
 
 def test_an_undecodable_request_counts_apart() -> None:
     calls, conn = metered_connection()
-    conn.receive_data(encode_frame(1, FrameType.REQUEST, b"\xff\xff\xff"))
-    event = conn.next_event()
-    assert event.code == StatusCode.INVALID_ARGUMENT  # type: ignore[union-attr]
-    conn.send_response(1, code=event.code, message=event.message)  # type: ignore[union-attr]
-    assert calls.other.codes == {StatusCode.INVALID_ARGUMENT: 1}
+    conn.receive_data(b"".join(encode_frame(i, FrameType.REQUEST, b"\xff\xff\xff") for i in (1, 3)))
+    events = [conn.next_event(), conn.next_event()]
+    assert conn.next_event() is NEED_DATA
+    for event in events:
+        assert event.code == StatusCode.INVALID_ARGUMENT  # type: ignore[union-attr]
+        conn.send_response(event.stream_id, code=event.code, message=event.message)  # type: ignore[union-attr]
+    assert calls.other.codes == {StatusCode.INVALID_ARGUMENT: 2}
     assert calls.methods[("test.Echo", "Echo")].codes == {}
+    assert calls.batched == 2  # one read of two requests
 
 
 def test_reads_count_by_how_many_requests_they_held() -> None:
