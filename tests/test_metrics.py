@@ -555,6 +555,22 @@ def test_bytes_out_add_up(clock: FakeClock) -> None:
     assert calls.methods[("test.Echo", "Echo")].bytes_out == sum(sizes)
 
 
+def test_an_answer_over_the_size_limit_counts_as_refused() -> None:
+    calls = CallMetrics()
+    calls.declare("test.Echo", "Echo")
+    conn, plain = calls.connection(64), ServerConnection(64)
+    for c in (conn, plain):
+        c.receive_data(request(1) + request(3))
+        c.next_event()
+        c.next_event()
+    assert conn.send_response(1, b"x" * 100) == plain.send_response(1, b"x" * 100)
+    assert conn.send_response(3, b"x" * 10) == plain.send_response(3, b"x" * 10)
+    codes = calls.methods[("test.Echo", "Echo")].codes
+    assert codes == {StatusCode.RESOURCE_EXHAUSTED: 1, 0: 1}
+    [failure] = calls.failures
+    assert failure.message == "answer over the message size limit"
+
+
 def test_an_undecodable_request_counts_apart() -> None:
     calls, conn = metered_connection()
     conn.receive_data(b"".join(encode_frame(i, FrameType.REQUEST, b"\xff\xff\xff") for i in (1, 3)))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from vaccelray.errors import StatusCode
 from vaccelray.protocol import NEED_DATA, BadRequest, RequestReceived, ServerConnection
 from vaccelray.protocol.connection import _NeedData
+from vaccelray.protocol.frames import HEADER_SIZE
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -199,6 +200,9 @@ class MeteredConnection(ServerConnection):
         details: Sequence[Detail] = (),
     ) -> bytes:
         data = _send_response(self, stream_id, payload, code, message, details)
+        if not code and len(data) > HEADER_SIZE and data[HEADER_SIZE] == _STATUS_TAG:
+            # An OK answer over the size limit, replaced by an error (see ServerConnection).
+            code, message = StatusCode.RESOURCE_EXHAUSTED, "answer over the message size limit"
         stats, start = self._started.pop(stream_id)
         elapsed = _clock() - start
         codes = stats.codes
@@ -213,6 +217,9 @@ class MeteredConnection(ServerConnection):
         return data
 
 
+#: The first byte of a Response holding a status (field 1, length-delimited): OK answers
+#: have none.
+_STATUS_TAG: Final = 0x0A
 #: The plain connection's methods, called without super()'s lookup (per call, it adds up).
 _next_event = ServerConnection.next_event
 _send_response = ServerConnection.send_response
