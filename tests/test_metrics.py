@@ -19,12 +19,22 @@ from tests.clusters import serving_scheduler
 from tests.httpget import http_get, raw_request
 from tests.processes import child_env, scheduler_argv, worker_argv
 from tests.test_task_service import getpid, task_service
+from vaccelray import metrics as metrics_module
 from vaccelray.agent_client import AgentClient
 from vaccelray.dashboard import ObserveConfig, Observed, observed
 from vaccelray.dashboard.http import parse_head, serve_http
-from vaccelray.errors import RPCError, StatusCode
-from vaccelray.metrics import BATCH_BOUNDS, LATENCY_BOUNDS, CallMetrics, Family, collector
-from vaccelray.protocol import FrameType, encode_frame
+from vaccelray.errors import Detail, RPCError, StatusCode
+from vaccelray.metrics import (
+    BATCH_BOUNDS,
+    FAILURES_KEPT,
+    LATENCY_BOUNDS,
+    CallMetrics,
+    Family,
+    MeteredConnection,
+    collector,
+    status_name,
+)
+from vaccelray.protocol import NEED_DATA, FrameType, ServerConnection, encode_frame
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.envelope import encode_request
 from vaccelray.scheduler import SchedulerConfig
@@ -66,11 +76,15 @@ async def metered() -> AsyncIterator[tuple[Server, CallMetrics]]:
         yield server, calls
 
 
-def scrape(calls: CallMetrics, extra: tuple[Family, ...] = ()) -> dict[tuple[str, tuple], float]:
-    """The samples of *calls* as Prometheus exposes them: (name, sorted labels) -> value."""
+def registry_of(calls: CallMetrics, extra: tuple[Family, ...] = ()) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector("t", calls, lambda: extra))
-    return parse(generate_latest(registry).decode())
+    return registry
+
+
+def scrape(calls: CallMetrics, extra: tuple[Family, ...] = ()) -> dict[tuple[str, tuple], float]:
+    """The samples of *calls* as Prometheus exposes them: (name, sorted labels) -> value."""
+    return parse(generate_latest(registry_of(calls, extra)).decode())
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:
@@ -149,6 +163,13 @@ async def test_exposition_moves_by_exactly_the_calls_made(
     assert after[("t_call_seconds_count", labels)] == 4
     assert after[("t_call_seconds_bucket", (("le", "+Inf"), *labels))] == 4
     assert after[("t_received_bytes_total", labels)] == 4
+    assert after[("t_sent_bytes_total", labels)] == calls.methods[("test.Echo", "Echo")].bytes_out
+    assert after[("t_read_batch_requests_count", ())] == sum(calls.batches)
+    help_texts = {
+        f.name: f.documentation
+        for f in text_string_to_metric_families(generate_latest(registry_of(calls)).decode())
+    }
+    assert help_texts["t_calls"] == "Calls answered, by method and status."
     # A declared method never called shows no series.
     assert ("t_call_seconds_count", (("method", "Later"), ("service", "test.Echo"))) not in after
 
@@ -265,6 +286,26 @@ async def test_worker_metrics_count_vaccel_calls_exactly(observed_worker: Observ
     assert after[("vaccelray_worker_sessions", ())] == 0
     assert middle[("vaccelray_worker_connections", ())] == 1
     assert ("vaccelray_worker_pool_processes", ()) not in after  # no task pool
+
+
+async def test_worker_metrics_show_its_task_pool() -> None:
+    config = worker_config(pool_size=1)
+    async with observed(lambda calls: run_worker(config, metrics=calls), OBSERVE) as seen:
+        worker = seen.daemon
+        assert worker.tasks is not None  # type: ignore[attr-defined]
+        await until_pool_up(worker.tasks.pool)  # type: ignore[attr-defined]
+        worker.tasks.outcomes["ok"] += 2  # type: ignore[attr-defined]
+        samples = await get_metrics(seen)
+    assert samples[("vaccelray_worker_pool_processes", ())] == 1
+    assert samples[("vaccelray_worker_pool_busy_processes", ())] == 0
+    assert samples[("vaccelray_worker_tasks_queued", ())] == 0
+    assert samples[("vaccelray_worker_tasks_total", (("outcome", "ok"),))] == 2
+
+
+async def until_pool_up(pool: object) -> None:
+    from tests.waiting import eventually
+
+    await eventually(lambda: len(pool.pids) == 1, "the pool process started")  # type: ignore[attr-defined]
 
 
 async def test_metrics_ask_the_cluster_token(observed_worker: Observed) -> None:
@@ -429,3 +470,153 @@ async def test_task_outcomes_are_counted_by_kind() -> None:
             "process_lost": 1,
             "timed_out": 1,
         }
+
+
+# -- the metered connection, sans-IO ----------------------------------------------------------
+
+
+def request(stream_id: int, method: str = "Echo", payload: bytes = b"p") -> bytes:
+    return encode_frame(stream_id, FrameType.REQUEST, encode_request("test.Echo", method, payload))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(metrics_module, "_clock", fake)
+    return fake
+
+
+def metered_connection() -> tuple[CallMetrics, MeteredConnection]:
+    calls = CallMetrics()
+    calls.declare("test.Echo", "Echo")
+    return calls, calls.connection(1 << 16)
+
+
+def test_latency_is_the_time_from_request_to_answer(clock: FakeClock) -> None:
+    calls, conn = metered_connection()
+    conn.receive_data(request(1) + request(3))
+    first, second = conn.next_event(), conn.next_event()
+    clock.now += 0.003
+    conn.send_response(first.stream_id, b"a")  # type: ignore[union-attr]
+    clock.now += 2.0
+    conn.send_response(second.stream_id, b"b")  # type: ignore[union-attr]
+    stats = calls.methods[("test.Echo", "Echo")]
+    assert stats.seconds == pytest.approx(0.003 + 2.003)
+    expected = [0] * (len(LATENCY_BOUNDS) + 1)
+    expected[LATENCY_BOUNDS.index(0.005)] = 1
+    expected[LATENCY_BOUNDS.index(2.5)] = 1
+    assert stats.buckets == expected
+    assert calls.latency_buckets() == expected
+    assert calls.totals() == (2, 0, pytest.approx(2.006))
+
+
+def test_totals_and_buckets_add_every_method(clock: FakeClock) -> None:
+    calls, conn = metered_connection()
+    conn.receive_data(request(1) + request(3, "Nope"))
+    first, second = conn.next_event(), conn.next_event()
+    clock.now += 20.0  # past every bound
+    conn.send_response(first.stream_id)  # type: ignore[union-attr]
+    conn.send_response(second.stream_id, code=StatusCode.UNIMPLEMENTED, message="no")  # type: ignore[union-attr]
+    assert calls.latency_buckets()[-1] == 2
+    assert calls.totals() == (2, 1, pytest.approx(40.0))
+
+
+def test_answers_are_the_plain_connections_bytes() -> None:
+    _, conn = metered_connection()
+    plain = ServerConnection(1 << 16)
+    for c in (conn, plain):
+        c.receive_data(request(1) + request(3) + request(5))
+        for _ in range(3):
+            c.next_event()
+    assert conn.send_response(1) == plain.send_response(1)
+    assert conn.send_response(3, b"x", StatusCode.NOT_FOUND, "gone", (Detail("t/x", b"d"),)) == (
+        plain.send_response(3, b"x", StatusCode.NOT_FOUND, "gone", (Detail("t/x", b"d"),))
+    )
+    assert conn.send_response(5, code=StatusCode.INTERNAL) == plain.send_response(
+        5, code=StatusCode.INTERNAL
+    )
+
+
+def test_bytes_out_add_up(clock: FakeClock) -> None:
+    calls, conn = metered_connection()
+    conn.receive_data(request(1) + request(3))
+    sizes = [
+        len(conn.send_response(e.stream_id, b"x" * n))
+        for e, n in ((conn.next_event(), 3), (conn.next_event(), 7))
+    ]  # type: ignore[union-attr]
+    assert calls.methods[("test.Echo", "Echo")].bytes_out == sum(sizes)
+
+
+def test_an_answer_over_the_size_limit_counts_as_refused() -> None:
+    calls = CallMetrics()
+    calls.declare("test.Echo", "Echo")
+    conn, plain = calls.connection(64), ServerConnection(64)
+    for c in (conn, plain):
+        c.receive_data(request(1) + request(3))
+        c.next_event()
+        c.next_event()
+    assert conn.send_response(1, b"x" * 100) == plain.send_response(1, b"x" * 100)
+    assert conn.send_response(3, b"x" * 10) == plain.send_response(3, b"x" * 10)
+    codes = calls.methods[("test.Echo", "Echo")].codes
+    assert codes == {StatusCode.RESOURCE_EXHAUSTED: 1, 0: 1}
+    [failure] = calls.failures
+    assert failure.message == "answer over the message size limit"
+
+
+def test_an_undecodable_request_counts_apart() -> None:
+    calls, conn = metered_connection()
+    conn.receive_data(b"".join(encode_frame(i, FrameType.REQUEST, b"\xff\xff\xff") for i in (1, 3)))
+    events = [conn.next_event(), conn.next_event()]
+    assert conn.next_event() is NEED_DATA
+    for event in events:
+        assert event.code == StatusCode.INVALID_ARGUMENT  # type: ignore[union-attr]
+        conn.send_response(event.stream_id, code=event.code, message=event.message)  # type: ignore[union-attr]
+    assert calls.other.codes == {StatusCode.INVALID_ARGUMENT: 2}
+    assert calls.methods[("test.Echo", "Echo")].codes == {}
+    assert calls.batched == 2  # one read of two requests
+
+
+def test_reads_count_by_how_many_requests_they_held() -> None:
+    calls, conn = metered_connection()
+    for count in (3, 1, 3, 200):
+        conn.receive_data(b"".join(request(2 * i + 1) for i in range(count)))
+        events = [conn.next_event() for _ in range(count)]
+        assert conn.next_event() is NEED_DATA
+        assert conn.next_event() is NEED_DATA  # a read counts once
+        for event in events:
+            conn.send_response(event.stream_id)  # type: ignore[union-attr]
+    expected = [0] * (len(BATCH_BOUNDS) + 1)
+    expected[BATCH_BOUNDS.index(1)] = 1
+    expected[BATCH_BOUNDS.index(4)] = 2
+    expected[-1] = 1
+    assert calls.batches == expected
+    assert calls.batched == 207
+
+
+def test_the_failures_kept_are_the_newest(clock: FakeClock) -> None:
+    calls, conn = metered_connection()
+    before = time.time()
+    for i in range(FAILURES_KEPT + 10):
+        conn.receive_data(request(1))
+        conn.next_event()
+        conn.send_response(1, code=StatusCode.NOT_FOUND, message=f"no {i} " + "x" * 300)
+    after = time.time()
+    assert len(calls.failures) == FAILURES_KEPT
+    assert calls.failures[0].message.startswith("no 10 ")
+    assert calls.failures[-1].message.startswith(f"no {FAILURES_KEPT + 9} ")
+    assert len(calls.failures[-1].message) == 200
+    assert all(before <= f.time <= after for f in calls.failures)
+
+
+def test_status_names() -> None:
+    assert status_name(0) == "OK"
+    assert status_name(StatusCode.NOT_FOUND) == "NOT_FOUND"
+    assert status_name(99) == "99"

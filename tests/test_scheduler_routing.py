@@ -187,6 +187,7 @@ async def test_killed_worker_fails_calls_in_flight_then_sessions_move(
         moved = sched.table.sessions[session].binding
         assert moved is not None
         assert moved.address == other
+        assert sched.pool.moved_sessions == 1  # the metrics' count
         assert await worker_sessions(other) == 2
         resource = sched.table.resources[reply.resource_id]
         assert (other, moved.instance) in resource.on_worker

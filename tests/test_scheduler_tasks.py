@@ -150,11 +150,15 @@ async def test_results_and_exceptions_come_back_through_the_scheduler(
 
 async def test_tasks_spread_over_the_workers(workers: list[tuple[Proc, str]]) -> None:
     pids = {p.pid for p, _ in workers}
-    async with cluster(workers) as (_, client):
+    async with cluster(workers) as (sched, client):
         refs = [client.submit(nap, 0.2) for _ in range(8)]
         ran = [await r for r in refs]
     assert set(ran) == pids
     assert all(ran.count(pid) >= 2 for pid in pids)
+    # The metrics' placements: each task sent once, to the worker that ran it.
+    assert sorted(w.placements for w in sched.pool.registry) == sorted(
+        ran.count(pid) for pid in pids
+    )
 
 
 async def test_capability_mismatch_fails_at_once(workers: list[tuple[Proc, str]]) -> None:
@@ -408,3 +412,4 @@ async def test_classify_with_scores_spreads_over_workers_and_needs_no_token(
     # The workers write their event lines in batches: wait for all eight.
     await eventually(lambda: sum(served()) >= 8, "eight Classify lines")
     assert all(count > 0 for count in served())
+    assert sum(w.placements for w in sched.pool.registry) == 8

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from vaccelray.errors import StatusCode
-from vaccelray.protocol import NEED_DATA, RequestReceived, ServerConnection
-from vaccelray.protocol.connection import BadRequest, _NeedData
+from vaccelray.protocol import NEED_DATA, BadRequest, RequestReceived, ServerConnection
+from vaccelray.protocol.connection import _NeedData
+from vaccelray.protocol.frames import HEADER_SIZE
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -98,10 +100,6 @@ class MethodStats:
         self.bytes_in = 0
         self.bytes_out = 0
 
-    @property
-    def calls(self) -> int:
-        return sum(self.codes.values())
-
 
 class Failure(NamedTuple):
     """A call answered with an error status."""
@@ -174,22 +172,23 @@ class MeteredConnection(ServerConnection):
         self._batch = 0
 
     def next_event(self) -> RequestReceived | BadRequest | _NeedData:
-        event = super().next_event()
-        metrics = self._metrics
-        if event is NEED_DATA:
-            if self._batch:
-                metrics.batches[bisect.bisect_left(BATCH_BOUNDS, self._batch)] += 1
-                metrics.batched += self._batch
-                self._batch = 0
-            return event
-        self._batch += 1
-        if isinstance(event, RequestReceived):
+        event = _next_event(self)
+        if type(event) is RequestReceived:  # the hot path first
+            metrics = self._metrics
             stats = metrics.methods.get((event.service, event.method), metrics.other)
             stats.bytes_in += len(event.payload)
             self._started[event.stream_id] = (stats, _clock())
+            self._batch += 1
+        elif event is NEED_DATA:
+            if self._batch:
+                metrics = self._metrics
+                metrics.batches[bisect.bisect_left(BATCH_BOUNDS, self._batch)] += 1
+                metrics.batched += self._batch
+                self._batch = 0
         else:
             assert isinstance(event, BadRequest)
-            self._started[event.stream_id] = (metrics.other, _clock())
+            self._started[event.stream_id] = (self._metrics.other, _clock())
+            self._batch += 1
         return event
 
     def send_response(
@@ -200,10 +199,14 @@ class MeteredConnection(ServerConnection):
         message: str = "",
         details: Sequence[Detail] = (),
     ) -> bytes:
-        data = super().send_response(stream_id, payload, code, message, details)
+        data = _send_response(self, stream_id, payload, code, message, details)
+        if not code and len(data) > HEADER_SIZE and data[HEADER_SIZE] == _STATUS_TAG:
+            # An OK answer over the size limit, replaced by an error (see ServerConnection).
+            code, message = StatusCode.RESOURCE_EXHAUSTED, "answer over the message size limit"
         stats, start = self._started.pop(stream_id)
         elapsed = _clock() - start
-        stats.codes[code] = stats.codes.get(code, 0) + 1
+        codes = stats.codes
+        codes[code] = codes.get(code, 0) + 1
         stats.buckets[bisect.bisect_left(LATENCY_BOUNDS, elapsed)] += 1
         stats.seconds += elapsed
         stats.bytes_out += len(data)
@@ -212,6 +215,14 @@ class MeteredConnection(ServerConnection):
                 Failure(time.time(), stats.service, stats.method, code, message[:_MESSAGE_KEPT])
             )
         return data
+
+
+#: The first byte of a Response holding a status (field 1, length-delimited): OK answers
+#: have none.
+_STATUS_TAG: Final = 0x0A
+#: The plain connection's methods, called without super()'s lookup (per call, it adds up).
+_next_event = ServerConnection.next_event
+_send_response = ServerConnection.send_response
 
 
 # -- exposition ------------------------------------------------------------------------
@@ -230,6 +241,17 @@ class Family(NamedTuple):
     samples: Sequence[tuple[tuple[str, ...], float]]
 
 
+#: The help text of each call family, by its name after the prefix.
+_HELP: Final = {
+    "calls": "Calls answered, by method and status.",
+    "call_seconds": "Time from request to answer, by method.",
+    "received_bytes": "Bytes of request payloads, by method.",
+    "sent_bytes": "Bytes of answers, by method.",
+    "read_batch_requests": "Requests decoded from one read of a connection (pipelined calls).",
+}
+_METHOD_LABELS: Final = ("service", "method")
+
+
 def collector(
     prefix: str, calls: CallMetrics, extra: Callable[[], Iterable[Family]] = tuple
 ) -> Collector:
@@ -241,23 +263,15 @@ def collector(
         Metric,
     )
 
+    def family(kind: Callable[..., Any], name: str, labels: Sequence[str]) -> Any:
+        return kind(f"{prefix}_{name}", _HELP[name], labels=list(labels))
+
     class _Collector:
         def collect(self) -> Iterator[Metric]:
-            labels = ["service", "method"]
-            total = CounterMetricFamily(
-                f"{prefix}_calls",
-                "Calls answered, by method and status.",
-                labels=[*labels, "status"],
-            )
-            latency = HistogramMetricFamily(
-                f"{prefix}_call_seconds", "Time from request to answer, by method.", labels=labels
-            )
-            received = CounterMetricFamily(
-                f"{prefix}_received_bytes", "Bytes of request payloads, by method.", labels=labels
-            )
-            sent = CounterMetricFamily(
-                f"{prefix}_sent_bytes", "Bytes of answers, by method.", labels=labels
-            )
+            total = family(CounterMetricFamily, "calls", (*_METHOD_LABELS, "status"))
+            latency = family(HistogramMetricFamily, "call_seconds", _METHOD_LABELS)
+            received = family(CounterMetricFamily, "received_bytes", _METHOD_LABELS)
+            sent = family(CounterMetricFamily, "sent_bytes", _METHOD_LABELS)
             for stats in calls.all_methods():
                 names = [stats.service, stats.method]
                 if not stats.codes and stats.service:
@@ -268,17 +282,17 @@ def collector(
                 received.add_metric(names, stats.bytes_in)
                 sent.add_metric(names, stats.bytes_out)
             yield from (total, latency, received, sent)
-            batches = HistogramMetricFamily(
-                f"{prefix}_read_batch_requests",
-                "Requests decoded from one read of a connection (pipelined calls).",
-                labels=[],
-            )
+            batches = family(HistogramMetricFamily, "read_batch_requests", ())
             batches.add_metric([], _cumulative(BATCH_BOUNDS, calls.batches), calls.batched)
             yield batches
-            for family in extra():
-                kind = GaugeMetricFamily if family.kind == "gauge" else CounterMetricFamily
-                metric = kind(f"{prefix}_{family.name}", family.help, labels=list(family.labels))
-                for values, value in family.samples:
+            for extra_family in extra():
+                kind = GaugeMetricFamily if extra_family.kind == "gauge" else CounterMetricFamily
+                metric = kind(
+                    f"{prefix}_{extra_family.name}",
+                    extra_family.help,
+                    labels=list(extra_family.labels),
+                )
+                for values, value in extra_family.samples:
                     metric.add_metric(list(values), value)
                 yield metric
 
@@ -287,10 +301,6 @@ def collector(
 
 def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
     """Prometheus histogram buckets (cumulative, ending with ``+Inf``) from per-bucket counts."""
-    out: list[tuple[str, float]] = []
-    running = 0
-    for bound, count in zip(bounds, counts[:-1], strict=True):
-        running += count
-        out.append((repr(float(bound)), running))
-    out.append(("+Inf", running + counts[-1]))
-    return out
+    running = list(itertools.accumulate(counts))
+    buckets = [(repr(float(bound)), float(running[i])) for i, bound in enumerate(bounds)]
+    return [*buckets, ("+Inf", float(running[-1]))]
