@@ -92,15 +92,9 @@ def calls(tmp_path: Path) -> Calls:
 
 
 @pytest.fixture(scope="session")
-def double_05(cc: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The one 0.5 double of this process.
-
-    A 0.5 plugin finds ``register_plugin_functions`` in the global scope, where
-    the first 0.5 library loaded keeps it: a second 0.5 double in the same
-    process would have its plugin register with the first. (Tests that need a
-    fresh one run in a child process.)
-    """
-    return cdouble.build_double("0.5", tmp_path_factory.mktemp("double05"), cc)
+def double_05(cc: str) -> Any:
+    """The one 0.5 double of this process (see cdouble.shared_double; fresh ones in children)."""
+    return cdouble.shared_double("0.5", cc)
 
 
 @pytest.fixture
