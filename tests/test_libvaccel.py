@@ -64,7 +64,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS", "VDOUBLE_SKIP_PLUGINS", "VDOUBLE_TAG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("VDOUBLE_SYNC_WRITE", raising=False)
-    for op in ("SESSION_INIT", "SESSION_RELEASE", "CLASSIFY", "GENOP", "EXEC", "MODEL"):
+    monkeypatch.delenv("VDOUBLE_SYNC_BREAK", raising=False)
+    monkeypatch.delenv("VDOUBLE_RUN_BREAK", raising=False)
+    for op in ("SESSION_INIT", "SESSION_RELEASE", "CLASSIFY", "GENOP", "EXEC", "MODEL", "SYNC"):
         monkeypatch.delenv(f"VDOUBLE_FAIL_{op}", raising=False)
     monkeypatch.setenv("VDOUBLE_LOG", str(tmp_path / "calls.log"))
 
@@ -881,6 +883,89 @@ def test_sync_resource_reads_the_librarys_blobs(
     assert len(calls.named("vaccel_resource_sync")) == 2
     backend.session_release(handle)
     assert backend.sync_resource(model) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "code", "message"),
+    [
+        (
+            "VDOUBLE_FAIL_SYNC",
+            "71",
+            StatusCode.INTERNAL,
+            "vaccel_resource_sync failed: VACCEL_EBACKEND (EPROTO 71: Protocol error); "
+            "the plugin reported an error",
+        ),
+        (
+            "VDOUBLE_SYNC_BREAK",
+            "array",
+            StatusCode.INTERNAL,
+            "vaccel_resource_sync (no blob array) failed: VACCEL_EBACKEND",
+        ),
+        (
+            "VDOUBLE_SYNC_BREAK",
+            "blob",
+            StatusCode.INTERNAL,
+            "vaccel_resource_sync (a NULL blob) failed: VACCEL_EBACKEND",
+        ),
+    ],
+)
+def test_a_failed_or_broken_sync_is_a_status(
+    env: str,
+    value: str,
+    code: StatusCode,
+    message: str,
+    started: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend, _ = started("current")
+    model = Model(6, (), (("m.bin", b"abcdef"),))
+    handle = backend.session_create(1, 0)
+    backend.model_load(handle, Framework.TORCH, model)
+    monkeypatch.setenv(env, value)
+    with pytest.raises(RPCError) as info:
+        backend.sync_resource(model)
+    assert info.value.code == code
+    assert info.value.message.startswith(message)
+    backend.session_release(handle)
+
+
+@pytest.mark.parametrize("framework", list(Framework))
+@pytest.mark.parametrize(
+    ("brk", "what"), [("null", "(a NULL output tensor)"), ("dims", "(an output of 65 dims)")]
+)
+def test_a_broken_output_is_an_error_and_every_output_is_freed(
+    framework: Framework,
+    brk: str,
+    what: str,
+    started: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend, double = started("current")
+    handle = backend.session_create(1, 0)
+    model = Model(1, (), (("m", b"w"),))
+    monkeypatch.setenv("VDOUBLE_RUN_BREAK", brk)
+    tensor = Tensor(bytes(4), (1,), FLOAT[framework])
+    run = _run_of(framework, tensor, tensor)
+    with pytest.raises(RPCError) as info:
+        backend.model_run(handle, framework, model, run)
+    function = MODEL_FUNCTIONS["current"][framework][1]
+    assert info.value.code == StatusCode.INTERNAL
+    assert info.value.message.startswith(f"{function} {what} failed: VACCEL_EBACKEND")
+    assert _live_tensors(double) == 0
+    backend.session_release(handle)
+
+
+def test_a_saved_models_graph_is_its_pb_or_pbtxt_blob(
+    started: Callable[..., Any], calls: Calls
+) -> None:
+    backend, _ = started("0.5")
+    handle = backend.session_create(1, 0)
+    blobs = (("variables.index", b"ix"), ("graph.pbtxt", b"text graph"))
+    backend.model_load(handle, Framework.TENSORFLOW, Model(8, (), blobs))
+    assert [c["size"] for c in calls.named("vaccel_tf_saved_model_set_model")] == ["10"]
+    assert [c["size"] for c in calls.named("vaccel_tf_saved_model_set_var_index")] == ["2"]
+    backend.session_release(handle)
+    _no_bad_args(calls)
 
 
 @pytest.mark.parametrize("generation", ["0.5", "0.6", "0.7"])
