@@ -7,6 +7,7 @@ its calls in the file named by VDOUBLE_LOG and checks what it is given.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.util
 import os
 import struct
@@ -711,6 +712,7 @@ def test_model_ops_call_the_generations_own_functions(
         [f"type={FLOAT[framework]}", "dims=2", "size=8"],
     ]
     assert int(ran["options"]) == (4 if framework is not Framework.TFLITE else 0)
+    assert int(ran["options_sum"]) == (sum(b"opts") if framework is not Framework.TFLITE else 0)
     if framework is Framework.TENSORFLOW:
         assert [line.split()[1:] for line in calls.lines() if "out_node" in line] == [
             ["out_node[0]", "name=out0", "id=10"],
@@ -730,6 +732,22 @@ def test_model_ops_call_the_generations_own_functions(
     unregister = UNREGISTER.get(generation, "vaccel_resource_unregister")
     assert len(calls.named(unregister)) == 1
     _no_bad_args(calls)
+
+
+@pytest.mark.parametrize("framework", [Framework.TENSORFLOW, Framework.TORCH])
+def test_a_run_without_options_passes_none(
+    framework: Framework, started: Callable[..., Any], calls: Calls
+) -> None:
+    backend, _ = started("current")
+    handle = backend.session_create(1, 0)
+    model = Model(1, (), (("m", b"w"),))
+    tensor = Tensor(bytes(4), (1,), FLOAT[framework])
+    run = dataclasses.replace(_run_of(framework, tensor), run_options=None)
+    assert backend.model_run(handle, framework, model, run) == [tensor]
+    function = MODEL_FUNCTIONS["current"][framework][1]
+    (ran,) = [c for c in calls.named(function) if "nr_in" in c]
+    assert (ran["options"], ran["options_sum"]) == ("0", "0")
+    backend.session_release(handle)
 
 
 @pytest.mark.parametrize("generation", ["0.7", "current"])

@@ -1389,9 +1389,10 @@ static int model_run(const char *fn, int framework, struct vaccel_session *sess,
 		BADARG(fn, "NULL tensor array");
 	if (options && options->size && !options->data)
 		BADARG(fn, "run options with a size and no data");
-	record("%s id=" ID_FMT " framework=%s nr_in=%d nr_out=%d options=%zu", fn,
+	record("%s id=" ID_FMT " framework=%s nr_in=%d nr_out=%d options=%zu options_sum=%lu", fn,
 	       sess->session_id, framework_names[framework], nr_in, nr_out,
-	       options ? options->size : (size_t)0);
+	       options ? options->size : (size_t)0,
+	       options ? checksum(options->data, options->size) : 0ul);
 	struct any_tensor *tensors = calloc((size_t)nr_in + 1, sizeof(*tensors));
 	for (int i = 0; i < nr_in; i++) {
 		if (read_tensor(fn, framework, in[i], &tensors[i])) {

@@ -613,11 +613,7 @@ class ModelOps:
         in_nodes = (node * len(run.in_nodes))(*[node(n.encode(), i) for n, i in run.in_nodes])
         out_nodes = (node * len(run.out_nodes))(*[node(n.encode(), i) for n, i in run.out_nodes])
         outputs = (ctypes.c_void_p * run.outputs)()
-        options = None
-        if run.run_options is not None:
-            opt_buf = ctypes.create_string_buffer(run.run_options, len(run.run_options))
-            keep.append(opt_buf)
-            options = ctypes.byref(_Buffer(ctypes.addressof(opt_buf), len(run.run_options)))
+        options = _buffer(run.run_options, keep)
         status = _TfStatus()
         function = self._tf["run"]
         try:
@@ -664,11 +660,7 @@ class ModelOps:
         keep: list[Any] = []
         inputs = self._inputs(_TorchTensor, ctypes.c_int64, run, keep)
         outputs = (ctypes.c_void_p * run.outputs)()
-        options = None
-        if run.run_options is not None:
-            opt_buf = ctypes.create_string_buffer(run.run_options, len(run.run_options))
-            keep.append(opt_buf)
-            options = ctypes.byref(_Buffer(ctypes.addressof(opt_buf), len(run.run_options)))
+        options = _buffer(run.run_options, keep)
         function = self._torch["run"]
         ret = function(
             session, native.address, options, inputs, len(run.inputs), outputs, run.outputs
@@ -704,6 +696,16 @@ class ModelOps:
             data = ctypes.string_at(blob.data, blob.size) if blob.size else b""
             blobs.append(SyncedBlob(blob.type, (blob.name or b"").decode(errors="replace"), data))
         return blobs
+
+
+def _buffer(data: bytes | None, keep: list[Any]) -> Any:
+    """A ``struct vaccel_{tf,torch}_buffer *`` over a copy of *data* (kept in *keep*); None."""
+    if data is None:
+        return None
+    copy = ctypes.create_string_buffer(data, len(data))
+    struct = _Buffer(ctypes.addressof(copy), len(data))
+    keep.extend((copy, struct))
+    return ctypes.pointer(struct)
 
 
 def _status_text(status: _TfStatus) -> str:
