@@ -7,6 +7,7 @@ its calls in the file named by VDOUBLE_LOG and checks what it is given.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.util
 import os
 import struct
@@ -64,7 +65,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS", "VDOUBLE_SKIP_PLUGINS", "VDOUBLE_TAG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("VDOUBLE_SYNC_WRITE", raising=False)
-    for op in ("SESSION_INIT", "SESSION_RELEASE", "CLASSIFY", "GENOP", "EXEC", "MODEL"):
+    monkeypatch.delenv("VDOUBLE_SYNC_BREAK", raising=False)
+    monkeypatch.delenv("VDOUBLE_RUN_BREAK", raising=False)
+    for op in ("SESSION_INIT", "SESSION_RELEASE", "CLASSIFY", "GENOP", "EXEC", "MODEL", "SYNC"):
         monkeypatch.delenv(f"VDOUBLE_FAIL_{op}", raising=False)
     monkeypatch.setenv("VDOUBLE_LOG", str(tmp_path / "calls.log"))
 
@@ -92,15 +95,9 @@ def calls(tmp_path: Path) -> Calls:
 
 
 @pytest.fixture(scope="session")
-def double_05(cc: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The one 0.5 double of this process.
-
-    A 0.5 plugin finds ``register_plugin_functions`` in the global scope, where
-    the first 0.5 library loaded keeps it: a second 0.5 double in the same
-    process would have its plugin register with the first. (Tests that need a
-    fresh one run in a child process.)
-    """
-    return cdouble.build_double("0.5", tmp_path_factory.mktemp("double05"), cc)
+def double_05(cc: str) -> Any:
+    """The one 0.5 double of this process (see cdouble.shared_double; fresh ones in children)."""
+    return cdouble.shared_double("0.5", cc)
 
 
 @pytest.fixture
@@ -715,6 +712,7 @@ def test_model_ops_call_the_generations_own_functions(
         [f"type={FLOAT[framework]}", "dims=2", "size=8"],
     ]
     assert int(ran["options"]) == (4 if framework is not Framework.TFLITE else 0)
+    assert int(ran["options_sum"]) == (sum(b"opts") if framework is not Framework.TFLITE else 0)
     if framework is Framework.TENSORFLOW:
         assert [line.split()[1:] for line in calls.lines() if "out_node" in line] == [
             ["out_node[0]", "name=out0", "id=10"],
@@ -734,6 +732,22 @@ def test_model_ops_call_the_generations_own_functions(
     unregister = UNREGISTER.get(generation, "vaccel_resource_unregister")
     assert len(calls.named(unregister)) == 1
     _no_bad_args(calls)
+
+
+@pytest.mark.parametrize("framework", [Framework.TENSORFLOW, Framework.TORCH])
+def test_a_run_without_options_passes_none(
+    framework: Framework, started: Callable[..., Any], calls: Calls
+) -> None:
+    backend, _ = started("current")
+    handle = backend.session_create(1, 0)
+    model = Model(1, (), (("m", b"w"),))
+    tensor = Tensor(bytes(4), (1,), FLOAT[framework])
+    run = dataclasses.replace(_run_of(framework, tensor), run_options=None)
+    assert backend.model_run(handle, framework, model, run) == [tensor]
+    function = MODEL_FUNCTIONS["current"][framework][1]
+    (ran,) = [c for c in calls.named(function) if "nr_in" in c]
+    assert (ran["options"], ran["options_sum"]) == ("0", "0")
+    backend.session_release(handle)
 
 
 @pytest.mark.parametrize("generation", ["0.7", "current"])
@@ -887,6 +901,89 @@ def test_sync_resource_reads_the_librarys_blobs(
     assert len(calls.named("vaccel_resource_sync")) == 2
     backend.session_release(handle)
     assert backend.sync_resource(model) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "code", "message"),
+    [
+        (
+            "VDOUBLE_FAIL_SYNC",
+            "71",
+            StatusCode.INTERNAL,
+            "vaccel_resource_sync failed: VACCEL_EBACKEND (EPROTO 71: Protocol error); "
+            "the plugin reported an error",
+        ),
+        (
+            "VDOUBLE_SYNC_BREAK",
+            "array",
+            StatusCode.INTERNAL,
+            "vaccel_resource_sync (no blob array) failed: VACCEL_EBACKEND",
+        ),
+        (
+            "VDOUBLE_SYNC_BREAK",
+            "blob",
+            StatusCode.INTERNAL,
+            "vaccel_resource_sync (a NULL blob) failed: VACCEL_EBACKEND",
+        ),
+    ],
+)
+def test_a_failed_or_broken_sync_is_a_status(
+    env: str,
+    value: str,
+    code: StatusCode,
+    message: str,
+    started: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend, _ = started("current")
+    model = Model(6, (), (("m.bin", b"abcdef"),))
+    handle = backend.session_create(1, 0)
+    backend.model_load(handle, Framework.TORCH, model)
+    monkeypatch.setenv(env, value)
+    with pytest.raises(RPCError) as info:
+        backend.sync_resource(model)
+    assert info.value.code == code
+    assert info.value.message.startswith(message)
+    backend.session_release(handle)
+
+
+@pytest.mark.parametrize("framework", list(Framework))
+@pytest.mark.parametrize(
+    ("brk", "what"), [("null", "(a NULL output tensor)"), ("dims", "(an output of 65 dims)")]
+)
+def test_a_broken_output_is_an_error_and_every_output_is_freed(
+    framework: Framework,
+    brk: str,
+    what: str,
+    started: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend, double = started("current")
+    handle = backend.session_create(1, 0)
+    model = Model(1, (), (("m", b"w"),))
+    monkeypatch.setenv("VDOUBLE_RUN_BREAK", brk)
+    tensor = Tensor(bytes(4), (1,), FLOAT[framework])
+    run = _run_of(framework, tensor, tensor)
+    with pytest.raises(RPCError) as info:
+        backend.model_run(handle, framework, model, run)
+    function = MODEL_FUNCTIONS["current"][framework][1]
+    assert info.value.code == StatusCode.INTERNAL
+    assert info.value.message.startswith(f"{function} {what} failed: VACCEL_EBACKEND")
+    assert _live_tensors(double) == 0
+    backend.session_release(handle)
+
+
+def test_a_saved_models_graph_is_its_pb_or_pbtxt_blob(
+    started: Callable[..., Any], calls: Calls
+) -> None:
+    backend, _ = started("0.5")
+    handle = backend.session_create(1, 0)
+    blobs = (("variables.index", b"ix"), ("graph.pbtxt", b"text graph"))
+    backend.model_load(handle, Framework.TENSORFLOW, Model(8, (), blobs))
+    assert [c["size"] for c in calls.named("vaccel_tf_saved_model_set_model")] == ["10"]
+    assert [c["size"] for c in calls.named("vaccel_tf_saved_model_set_var_index")] == ["2"]
+    backend.session_release(handle)
+    _no_bad_args(calls)
 
 
 @pytest.mark.parametrize("generation", ["0.5", "0.6", "0.7"])

@@ -7,10 +7,12 @@ one for another.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +83,24 @@ def build_double(generation: str, outdir: Path, cc: str | None = None) -> Double
         text=True,
     )
     return DoubleBuild(generation, version, outdir, outdir / "libvaccel.so", plugin)
+
+
+_SHARED: dict[str, DoubleBuild] = {}
+
+
+def shared_double(generation: str, cc: str | None = None) -> DoubleBuild:
+    """The one build of *generation* this process uses (built on first call).
+
+    A 0.5 plugin finds ``register_plugin_functions`` in the global scope, where
+    the first 0.5 library a process loaded keeps it: a second 0.5 build in the
+    same process would have its plugin register with the first library. So a
+    process (several pytest sessions in one, forks of it) shares one 0.5 build,
+    kept outside pytest's temporary directories and removed when the process
+    that made it exits.
+    """
+    if generation not in _SHARED:
+        outdir = Path(tempfile.mkdtemp(prefix=f"vdouble-{generation}-"))
+        owner = os.getpid()
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(outdir, True))
+        _SHARED[generation] = build_double(generation, outdir / "build", cc)
+    return _SHARED[generation]

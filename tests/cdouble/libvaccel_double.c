@@ -1045,6 +1045,22 @@ EXPORT int vaccel_resource_sync(struct vaccel_resource *res, struct vaccel_sessi
 		return EINVAL;
 	if (!res->nr_blobs)
 		BADARG("vaccel_resource_sync", "cannot synchronize non-buffer resources");
+	int code = fail_code("SYNC");
+	if (code)
+		return code;
+	/* VDOUBLE_SYNC_BREAK: leave the resource as a broken library would, its
+	 * blob array (=array) or first blob (=blob) NULL; delete puts it back */
+	const char *brk = getenv("VDOUBLE_SYNC_BREAK");
+	if (brk && !res->plugin_priv && !strcmp(brk, "array")) {
+		res->plugin_priv = res->blobs;
+		res->blobs = NULL;
+		return 0;
+	}
+	if (brk && !res->plugin_priv && !strcmp(brk, "blob")) {
+		res->plugin_priv = res->blobs[0];
+		res->blobs[0] = NULL;
+		return 0;
+	}
 	/* VDOUBLE_SYNC_WRITE: as if an operation had written into the first blob */
 	const char *text = getenv("VDOUBLE_SYNC_WRITE");
 	if (text) {
@@ -1088,6 +1104,10 @@ EXPORT int vaccel_resource_delete(struct vaccel_resource *res)
 		free(res->paths[i]);
 	free(res->paths);
 #if VDOUBLE_ABI >= 8
+	if (res->plugin_priv && !res->blobs) /* VDOUBLE_SYNC_BREAK=array */
+		res->blobs = res->plugin_priv;
+	else if (res->plugin_priv) /* VDOUBLE_SYNC_BREAK=blob */
+		res->blobs[0] = res->plugin_priv;
 	for (size_t i = 0; i < res->nr_blobs; i++)
 		blob_delete(res->blobs[i]);
 	free(res->blobs);
@@ -1369,9 +1389,10 @@ static int model_run(const char *fn, int framework, struct vaccel_session *sess,
 		BADARG(fn, "NULL tensor array");
 	if (options && options->size && !options->data)
 		BADARG(fn, "run options with a size and no data");
-	record("%s id=" ID_FMT " framework=%s nr_in=%d nr_out=%d options=%zu", fn,
+	record("%s id=" ID_FMT " framework=%s nr_in=%d nr_out=%d options=%zu options_sum=%lu", fn,
 	       sess->session_id, framework_names[framework], nr_in, nr_out,
-	       options ? options->size : (size_t)0);
+	       options ? options->size : (size_t)0,
+	       options ? checksum(options->data, options->size) : 0ul);
 	struct any_tensor *tensors = calloc((size_t)nr_in + 1, sizeof(*tensors));
 	for (int i = 0; i < nr_in; i++) {
 		if (read_tensor(fn, framework, in[i], &tensors[i])) {
@@ -1414,6 +1435,18 @@ static int model_run(const char *fn, int framework, struct vaccel_session *sess,
 			ret = ENOMEM;
 	}
 	free(tensors);
+	/* VDOUBLE_RUN_BREAK: succeed with a broken last output, NULL (=null) or
+	 * claiming 65 dims (=dims), as a broken plugin could */
+	const char *brk = getenv("VDOUBLE_RUN_BREAK");
+	if (!ret && nr_out && brk && !strcmp(brk, "null")) {
+		free_tensor("break", framework, out[nr_out - 1]);
+		out[nr_out - 1] = NULL;
+	} else if (!ret && nr_out && brk && !strcmp(brk, "dims")) {
+		if (framework == VDOUBLE_TORCH)
+			((struct vaccel_torch_tensor *)out[nr_out - 1])->nr_dims = 65;
+		else
+			((struct vaccel_tf_tensor *)out[nr_out - 1])->nr_dims = 65;
+	}
 	return ret;
 }
 

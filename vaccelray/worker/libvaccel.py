@@ -10,14 +10,27 @@ which the worker calls off the event loop:
    ``ctypes.util.find_library("vaccel")``;
 2. resolves each plugin named by bare file name against the same
    directories, so that libvaccel gets a full path;
-3. sets ``VACCEL_PLUGINS`` and ``VACCEL_BACKENDS`` (the 0.5/0.6 name) in the
-   worker's environment: libvaccel's ELF constructor reads them while it is
-   being loaded;
-4. loads it once in a throw-away child process first, because the
-   constructor of 0.6+ calls ``exit()`` when a plugin cannot be loaded, which
-   would otherwise end the worker without a word;
-5. loads it for real and detects the ABI generation from its symbols
-   (:mod:`vaccelray.worker.libvaccel_abi`).
+3. reads the library's ABI generation from the symbols it exports, in a
+   throw-away child that loads it with no plugin
+   (:mod:`vaccelray.worker.libvaccel_abi`): it must be known before the
+   library is loaded here;
+4. from 0.6 on: sets ``VACCEL_PLUGINS`` and ``VACCEL_BACKENDS`` (the 0.6
+   name), which libvaccel's ELF constructor reads while it is being loaded,
+   after loading it once in a child with them, because that constructor calls
+   ``exit()`` when a plugin cannot be loaded, which would otherwise end the
+   worker without a word; then loads it;
+5. for 0.5: unsets both and loads libvaccel ``RTLD_GLOBAL``, then registers
+   each plugin itself (:meth:`Libvaccel.load_plugin_in_process`). A 0.5
+   plugin does not link libvaccel; loaded by the constructor it cannot find
+   ``register_plugin_functions`` (the library's symbols are not global yet)
+   and the process dies. This is the constructor's own sequence, run once the
+   symbols are global: it keeps one process, where re-executing the worker
+   with ``LD_PRELOAD`` (the other way) would not fit a worker embedded in a
+   client's process and loses what the process set up before.
+
+Model operations are in :mod:`vaccelray.worker.libvaccel_models`: the
+library's object for a model is made on a session's first use of it and
+released with the session.
 
 Each agent session owns one libvaccel session. The agent runs calls in
 worker threads (``blocking = True``) and one at a time per session

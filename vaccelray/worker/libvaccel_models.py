@@ -577,16 +577,19 @@ class ModelOps:
             array[i] = ctypes.addressof(item)
         return array
 
-    def _outputs(self, struct: type[ctypes.Structure], array: Any, free: Any) -> list[Tensor]:
+    def _outputs(
+        self, function: str, struct: type[ctypes.Structure], array: Any, free: Any
+    ) -> list[Tensor]:
+        """The output tensors *function* left in *array*, copied out; all freed after."""
         out: list[Tensor] = []
         try:
             for address in array:
                 if not address:
-                    raise LibraryError("model run returned no tensor", errno.EPROTO)
+                    raise LibraryError(f"{function} (a NULL output tensor)", errno.EPROTO)
                 item = struct.from_address(address)
                 nr_dims = int(item.nr_dims)
                 if not 0 <= nr_dims <= _MAX_OUTPUT_DIMS:
-                    raise LibraryError("model run returned a tensor with bad dims", errno.EPROTO)
+                    raise LibraryError(f"{function} (an output of {nr_dims} dims)", errno.EPROTO)
                 dims = tuple(int(item.dims[d]) for d in range(nr_dims))
                 size = int(item.size)
                 data = ctypes.string_at(item.data, size) if size else b""
@@ -610,11 +613,7 @@ class ModelOps:
         in_nodes = (node * len(run.in_nodes))(*[node(n.encode(), i) for n, i in run.in_nodes])
         out_nodes = (node * len(run.out_nodes))(*[node(n.encode(), i) for n, i in run.out_nodes])
         outputs = (ctypes.c_void_p * run.outputs)()
-        options = None
-        if run.run_options is not None:
-            opt_buf = ctypes.create_string_buffer(run.run_options, len(run.run_options))
-            keep.append(opt_buf)
-            options = ctypes.byref(_Buffer(ctypes.addressof(opt_buf), len(run.run_options)))
+        options = _buffer(run.run_options, keep)
         status = _TfStatus()
         function = self._tf["run"]
         try:
@@ -633,7 +632,7 @@ class ModelOps:
             if ret != 0:
                 self._free_all(outputs, self._tf_tensor_free)
                 raise LibraryError(function.__name__, int(ret))
-            return self._outputs(_TfTensor, outputs, self._tf_tensor_free)
+            return self._outputs(function.__name__, _TfTensor, outputs, self._tf_tensor_free)
         finally:
             self._release_status(status)
 
@@ -655,17 +654,13 @@ class ModelOps:
         if ret != 0:
             self._free_all(outputs, self._tflite_tensor_free)
             raise LibraryError(function.__name__, int(ret))
-        return self._outputs(_TfliteTensor, outputs, self._tflite_tensor_free)
+        return self._outputs(function.__name__, _TfliteTensor, outputs, self._tflite_tensor_free)
 
     def _run_torch(self, session: int, native: NativeModel, run: ModelRun) -> list[Tensor]:
         keep: list[Any] = []
         inputs = self._inputs(_TorchTensor, ctypes.c_int64, run, keep)
         outputs = (ctypes.c_void_p * run.outputs)()
-        options = None
-        if run.run_options is not None:
-            opt_buf = ctypes.create_string_buffer(run.run_options, len(run.run_options))
-            keep.append(opt_buf)
-            options = ctypes.byref(_Buffer(ctypes.addressof(opt_buf), len(run.run_options)))
+        options = _buffer(run.run_options, keep)
         function = self._torch["run"]
         ret = function(
             session, native.address, options, inputs, len(run.inputs), outputs, run.outputs
@@ -673,7 +668,7 @@ class ModelOps:
         if ret != 0:
             self._free_all(outputs, self._torch_tensor_free)
             raise LibraryError(function.__name__, int(ret))
-        return self._outputs(_TorchTensor, outputs, self._torch_tensor_free)
+        return self._outputs(function.__name__, _TorchTensor, outputs, self._torch_tensor_free)
 
     @staticmethod
     def _free_all(array: Any, free: Any) -> None:
@@ -690,17 +685,27 @@ class ModelOps:
         count = ctypes.c_size_t.from_address(native.resource + _RESOURCE_NR_BLOBS).value
         array = ctypes.c_void_p.from_address(native.resource + _RESOURCE_BLOBS).value or 0
         if count and not array:
-            raise LibraryError("vaccel_resource_sync left no blobs", errno.EPROTO)
+            raise LibraryError("vaccel_resource_sync (no blob array)", errno.EPROTO)
         blobs = []
         for i in range(count):
             slot = array + i * ctypes.sizeof(ctypes.c_void_p)
             address = ctypes.c_void_p.from_address(slot).value
             if not address:
-                raise LibraryError("vaccel_resource_sync left a NULL blob", errno.EPROTO)
+                raise LibraryError("vaccel_resource_sync (a NULL blob)", errno.EPROTO)
             blob = _Blob.from_address(address)
             data = ctypes.string_at(blob.data, blob.size) if blob.size else b""
             blobs.append(SyncedBlob(blob.type, (blob.name or b"").decode(errors="replace"), data))
         return blobs
+
+
+def _buffer(data: bytes | None, keep: list[Any]) -> Any:
+    """A ``struct vaccel_{tf,torch}_buffer *`` over a copy of *data* (kept in *keep*); None."""
+    if data is None:
+        return None
+    copy = ctypes.create_string_buffer(data, len(data))
+    struct = _Buffer(ctypes.addressof(copy), len(data))
+    keep.extend((copy, struct))
+    return ctypes.pointer(struct)
 
 
 def _status_text(status: _TfStatus) -> str:
