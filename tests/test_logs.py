@@ -547,3 +547,66 @@ def test_a_sink_in_json_writes_objects(tmp_path: Path) -> None:
         "vaccelray.agent",
     )
     assert "request_id" not in second
+
+
+def drain(fd: int, sink: logs.Sink) -> None:
+    """Read the pipe until the (closed) sink's writer has ended."""
+    until(lambda: drained(fd) and not sink._thread.is_alive(), "the writer ended")
+
+
+def drained(fd: int) -> bool:
+    ready, _, _ = select.select([fd], [], [], 0)
+    if ready:
+        os.read(fd, 1 << 20)
+    return not ready
+
+
+def nothing_written(fd: int) -> bool:
+    """Whether the pipe stays empty for a moment (only a broken sink would fill it)."""
+    ready, _, _ = select.select([fd], [], [], 0.3)
+    return not ready
+
+
+@pytest.mark.parametrize("kind", ["put", "event"])
+def test_a_batch_waits_for_its_last_line(pipe: tuple[int, int], kind: str) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, flush_lines=3)
+    try:
+        for i in range(3):
+            if kind == "put":
+                sink.put(f"{i}\n")
+            else:
+                sink.event("x", "%d", (i,))
+            if i < 2:
+                assert nothing_written(r), f"written at line {i}"
+        assert read_until(r, b"2\n").endswith(b"2\n")
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("kind", ["put", "event"])
+def test_the_queue_holds_max_lines(pipe: tuple[int, int], kind: str) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, max_lines=3, stuck_after=0.0)
+    try:
+        sink.put("x" * (1 << 20) + "\n", urgent=True)
+        until(lambda: sink._write_started is not None, "the writer is in its write")
+        for i in range(5):
+            sink.put(f"{i}\n") if kind == "put" else sink.event("x", "line", ())
+        assert len(sink._queue) == 3
+        assert sink._dropped == 2
+    finally:
+        sink.close(timeout=0)
+        drain(r, sink)
+
+
+def test_a_stuck_writer_is_given_up_on(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR)
+    sink.put("x" * (1 << 20) + "\n", urgent=True)
+    until(lambda: sink._write_started is not None, "the writer is in its write")
+    sink.put("later\n")
+    assert sink.flush(timeout=0.01) is False
+    sink.close(timeout=0.01)
+    assert sink._thread.is_alive()  # left in its write: the caller went on
+    drain(r, sink)  # let it finish, so nothing outlives the test
