@@ -50,13 +50,13 @@ def test_a_directory_gives_its_image_files_sorted(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     loose = tmp_path / "loose.bin"
     loose.write_bytes(b"x")
-    found = list_images([tmp_path, loose])
+    found = list_images([loose, tmp_path])
     assert found == [
+        loose,  # named: taken whatever its name
         tmp_path / "a.PNG",
         tmp_path / "b.jpg",
         tmp_path / "sub" / "c.jpeg",
         tmp_path / "sub" / "d.tiff",
-        loose,  # named: taken whatever its name
     ]
 
 
@@ -89,7 +89,7 @@ def test_image_files_are_read_when_asked_for(tmp_path: Path) -> None:
     with pytest.raises(RPCError) as gone:
         files[1]
     assert gone.value.code == StatusCode.NOT_FOUND
-    assert gone.value.message.startswith(f"cannot read {tmp_path / 'gone.jpg'}: ")
+    assert gone.value.message == f"cannot read {tmp_path / 'gone.jpg'}: No such file or directory"
     with pytest.raises(RPCError) as odd:
         files[2]
     assert odd.value.code == StatusCode.INVALID_ARGUMENT
@@ -124,7 +124,7 @@ def test_classified_ignores_what_is_not_a_result(tmp_path: Path) -> None:
 
 
 def test_a_results_file_that_cannot_be_opened_is_one_error(tmp_path: Path) -> None:
-    with pytest.raises(BatchError, match=r"^cannot open .*nowhere/out.jsonl: "):
+    with pytest.raises(BatchError, match=r"^cannot use .*nowhere/out.jsonl: No such file"):
         ResultLog(tmp_path / "nowhere" / "out.jsonl")
 
 
@@ -367,3 +367,75 @@ def test_ctrl_c_leaves_whole_lines_and_resume_finishes(slow_worker: str, tmp_pat
     assert again.returncode == 0, again.stderr
     paths = sorted(str(line["path"]) for line in jsonl(out))
     assert paths == sorted(str(p) for p in folder.iterdir())  # each image exactly once
+
+
+class Unreadable(type(Path())):  # type: ignore[misc]
+    def read_bytes(self) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+
+def test_an_image_the_user_may_not_read() -> None:
+    with pytest.raises(RPCError) as denied:
+        ImageFiles([Unreadable("secret.jpg")])[0]
+    assert denied.value.code == StatusCode.PERMISSION_DENIED
+    assert denied.value.message == "cannot read secret.jpg: Permission denied"
+
+
+def test_the_results_file_is_made_readable_by_all(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    umask = os.umask(0o022)
+    try:
+        ResultLog(out).close()
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_results_file_that_cannot_be_read_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(BatchError, match=r"^cannot read .*: Is a directory$"):
+        ResultLog.classified(tmp_path)
+
+
+def test_progress_defaults(tmp_path: Path) -> None:
+    """A bar redrawn at most ten times a second; a plain line every 10 s."""
+    clock = Clock()
+    tally = Tally(total=3, started=0.0)
+    plain, bar = io.StringIO(), io.StringIO()
+    quiet = Progress(tally, plain, tty=False, clock=clock)
+    live = Progress(tally, bar, tty=True, clock=clock)
+    live.update()  # drawn at once
+    clock.now = 9.99
+    quiet.update()
+    live.update()
+    assert plain.getvalue() == ""
+    assert bar.getvalue().count("\r") == 2  # redrawn: 0.1 s had passed
+    clock.now = 10.0
+    quiet.update()
+    assert plain.getvalue() == "vaccelray: 0/3 images, 0.0/s, ETA ?, 0 failed\n"
+    live.update()
+    assert bar.getvalue().count("\r") == 2  # not again: too soon
+
+
+def test_progress_lines_as_they_read() -> None:
+    tally = Tally(total=1, started=0.0)
+    bar = Progress(tally, io.StringIO(), tty=True)
+    assert bar.line(0.0) == "[........................] 0/1 images, 0.0/s, ETA ?, 0 failed"
+    tally.add(None)
+    assert bar.line(0.5) == "[########################] 1/1 images, 2.0/s, ETA 0:00, 0 failed"
+    tally = Tally(total=62, started=0.0)
+    tally.add(None)
+    assert Progress(tally, io.StringIO(), tty=False).line(1.0).endswith(", ETA 1:01, 0 failed")
+
+
+def test_finishing_a_bar_never_drawn_writes_nothing() -> None:
+    stream = io.StringIO()
+    Progress(Tally(total=3), stream, tty=True).finish()
+    assert stream.getvalue() == ""
+
+
+def test_a_summary_without_a_results_file() -> None:
+    tally = Tally(total=1, skipped=4, started=0.0)
+    tally.add(None)
+    assert tally.summary(4.0) == (
+        "1 classified, 0 failed; 1 images in 4.0 s (0.2/s); 4 skipped (classified already)"
+    )

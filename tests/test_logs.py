@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -415,3 +416,197 @@ def test_a_large_batch_is_written_whole_and_in_order(tmp_path: Path) -> None:
             sink.close()
     messages = [line.split(" INFO ", 1)[1] for line in path.read_text().splitlines()]
     assert messages == [f"line {i}" for i in range(1000)]
+
+
+# -- in this process: setup, the handler, the fast path, the fatal-error hook ---------
+
+
+@contextmanager
+def bare_root() -> Iterator[None]:
+    """The root logger with no handler of anyone else's, pytest's own included (restored
+    after; pytest adds its handlers around the test's body, so this is used inside it)."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    hook = sys.excepthook
+    root.handlers.clear()
+    try:
+        yield
+    finally:
+        logs.close()
+        sys.excepthook = hook
+        logs._state.excepthook = None
+        root.handlers[:] = saved
+        root.setLevel(level)
+        logging.getLogger("vaccelray.lifecycle").setLevel(logging.NOTSET)
+
+
+def test_setup_writes_both_kinds_of_line_through_one_sink(tmp_path: Path) -> None:
+    with bare_root():
+        path = tmp_path / "log"
+        with path.open("w") as stream:
+            logs.setup("warning", stream=stream, keep_info="vaccelray.lifecycle")
+            sink = logs._state.sink
+            assert sink is not None
+            assert sink.fd == stream.fileno()
+            assert sink._thread.daemon  # never holds the process up at exit
+            logs.EventLog("vaccelray.quiet").info("session:%d Genop", 1)  # below the level
+            logging.getLogger("vaccelray.lifecycle").info("Listening on %s", "x")
+            logs.EventLog("vaccelray.lifecycle").info("Created session %d", 2)
+            logging.getLogger("vaccelray.other").warning("careful")
+            logs.flush()
+            lines = path.read_text().splitlines()
+            logs.close()
+            assert logs._state.sink is None
+            assert logging.getLogger().handlers == []
+        assert [TEXT_LINE.match(line).groups() for line in lines] == [  # type: ignore[union-attr]
+            ("INFO", "Listening on x"),
+            ("INFO", "Created session 2"),
+            ("WARNING", "careful"),
+        ]
+
+
+def test_setup_again_replaces_the_sink(tmp_path: Path) -> None:
+    with bare_root():
+        with (tmp_path / "a").open("w") as a, (tmp_path / "b").open("w") as b:
+            logs.setup("info", stream=a)
+            first = logs._state.sink
+            logs.setup("info", stream=b, log_format="json")
+            assert logs._state.sink is not first
+            assert len(logging.getLogger().handlers) == 1
+            logs.EventLog("vaccelray.x").info("Genop")
+            logging.getLogger("vaccelray.x").info("plain")
+            logs.close()
+        assert (tmp_path / "a").read_text() == ""
+        bodies = [json.loads(line) for line in (tmp_path / "b").read_text().splitlines()]
+        assert [(b["logger"], b["message"]) for b in bodies] == [
+            ("vaccelray.x", "Genop"),
+            ("vaccelray.x", "plain"),
+        ]
+
+
+def test_a_record_that_cannot_be_formatted_is_reported_not_raised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with bare_root():
+        with (tmp_path / "log").open("w") as stream:
+            logs.setup("info", stream=stream)
+            logging.getLogger("vaccelray.x").info("%d", "not a number")
+            logging.getLogger("vaccelray.x").info("after")
+            logs.close()
+        assert (tmp_path / "log").read_text().endswith(" INFO after\n")
+        assert "TypeError" in capsys.readouterr().err  # logging's own report of a bad record
+
+
+def test_a_fatal_error_flushes_then_reports(tmp_path: Path) -> None:
+    with bare_root():
+        seen: list[tuple[type[BaseException], str]] = []
+        sys.excepthook = lambda kind, value, tb: seen.append((kind, str(value)))
+        path = tmp_path / "log"
+        with path.open("w") as stream:
+            logs.setup("info", stream=stream)
+            logs.EventLog("vaccelray.x").info("before the end")
+            try:
+                raise RuntimeError("fatal")
+            except RuntimeError as exc:
+                sys.excepthook(type(exc), exc, exc.__traceback__)
+            assert path.read_text().endswith(" INFO before the end\n")  # written first
+        assert seen == [(RuntimeError, "fatal")]
+        assert logs._state.sink is None
+
+
+def test_sink_defaults() -> None:
+    """Within 50 ms, at once from 1024 lines, a queue of 65536 lines, stuck after 1 s."""
+    r, w = os.pipe()
+    sink = logs.Sink(w)
+    try:
+        assert (sink.log_format, sink.flush_lines, sink.interval) == ("text", 1024, 0.05)
+        assert (sink.max_lines, sink.stuck_after) == (65536, 1.0)
+        assert sink._thread.name == "vaccelray-log"
+        assert sink._thread.daemon
+    finally:
+        sink.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_sink_in_json_writes_objects(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), log_format="json", interval=HOUR)
+        token = logs.request_id_var.set("rq")
+        try:
+            sink.event("vaccelray.agent", "session:%d Genop", (1,))
+        finally:
+            logs.request_id_var.reset(token)
+        sink.event("vaccelray.agent", "Genop", ())
+        sink.close()
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert (first["message"], first["request_id"], first["logger"]) == (
+        "session:1 Genop",
+        "rq",
+        "vaccelray.agent",
+    )
+    assert "request_id" not in second
+
+
+def drain(fd: int, sink: logs.Sink) -> None:
+    """Read the pipe until the (closed) sink's writer has ended."""
+    until(lambda: drained(fd) and not sink._thread.is_alive(), "the writer ended")
+
+
+def drained(fd: int) -> bool:
+    ready, _, _ = select.select([fd], [], [], 0)
+    if ready:
+        os.read(fd, 1 << 20)
+    return not ready
+
+
+def nothing_written(fd: int) -> bool:
+    """Whether the pipe stays empty for a moment (only a broken sink would fill it)."""
+    ready, _, _ = select.select([fd], [], [], 0.3)
+    return not ready
+
+
+@pytest.mark.parametrize("kind", ["put", "event"])
+def test_a_batch_waits_for_its_last_line(pipe: tuple[int, int], kind: str) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, flush_lines=3)
+    try:
+        for i in range(3):
+            if kind == "put":
+                sink.put(f"{i}\n")
+            else:
+                sink.event("x", "%d", (i,))
+            if i < 2:
+                assert nothing_written(r), f"written at line {i}"
+        assert read_until(r, b"2\n").endswith(b"2\n")
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("kind", ["put", "event"])
+def test_the_queue_holds_max_lines(pipe: tuple[int, int], kind: str) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, max_lines=3, stuck_after=0.0)
+    try:
+        sink.put("x" * (1 << 20) + "\n", urgent=True)
+        until(lambda: sink._write_started is not None, "the writer is in its write")
+        for i in range(5):
+            sink.put(f"{i}\n") if kind == "put" else sink.event("x", "line", ())
+        assert len(sink._queue) == 3
+        assert sink._dropped == 2
+    finally:
+        sink.close(timeout=0)
+        drain(r, sink)
+
+
+def test_a_stuck_writer_is_given_up_on(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR)
+    sink.put("x" * (1 << 20) + "\n", urgent=True)
+    until(lambda: sink._write_started is not None, "the writer is in its write")
+    sink.put("later\n")
+    assert sink.flush(timeout=0.01) is False
+    sink.close(timeout=0.01)
+    assert sink._thread.is_alive()  # left in its write: the caller went on
+    drain(r, sink)  # let it finish, so nothing outlives the test

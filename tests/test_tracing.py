@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -132,9 +133,10 @@ def test_the_id_crosses_the_scheduler_with_debug_lines(worker_json: Proc) -> Non
     ), on_scheduler
 
 
-def test_the_clients_debug_lines_name_the_request(worker_json: Proc, tmp_path: object) -> None:
+def test_the_clients_debug_lines_name_the_request(worker_json: Proc, tmp_path: Path) -> None:
     """``submit classify --log-level debug``: the id of each call, found again on the worker."""
-    image = REPO / "README.md"  # any bytes: the noop backend does not look
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(b"any bytes: the noop backend does not look")
     done = subprocess.run(
         [
             *(sys.executable, "-m", "vaccelray", "submit", "classify"),

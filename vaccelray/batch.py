@@ -118,15 +118,10 @@ class ResultLog:
     """The results file: complete JSON lines, appended as images are done."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise BatchError(f"cannot open {path}: {exc.strerror or exc}") from None
-        try:
             _cut_torn_line(self.fd)
         except OSError as exc:
-            os.close(self.fd)
             raise BatchError(f"cannot use {path}: {exc.strerror or exc}") from None
 
     @staticmethod
@@ -149,11 +144,10 @@ class ResultLog:
         return done
 
     def write(self, body: dict[str, Any]) -> None:
-        """Append *body* as one line, in one write (a line is never left half written)."""
-        data = (json.dumps(body) + "\n").encode()
-        written = os.write(self.fd, data)
-        if written != len(data):  # a full disk: say so rather than leave a torn line
-            raise OSError(f"{self.path}: short write ({written} of {len(data)} bytes)")
+        """Append *body* as one line (one write, unless the disk takes less: then more)."""
+        data = memoryview((json.dumps(body) + "\n").encode())
+        while data:
+            data = data[os.write(self.fd, data) :]
 
     def close(self) -> None:
         os.close(self.fd)
@@ -167,21 +161,9 @@ class ResultLog:
 
 def _cut_torn_line(fd: int) -> None:
     """Cut what follows the last newline of the file (a line a crash left unfinished)."""
-    size = os.fstat(fd).st_size
-    if not size:
-        return
-    tail_start = max(0, size - (1 << 16))
-    while True:
-        tail = os.pread(fd, size - tail_start, tail_start)
-        end = tail.rfind(b"\n")
-        if end >= 0:
-            keep = tail_start + end + 1
-            break
-        if tail_start == 0:
-            keep = 0
-            break
-        tail_start = max(0, tail_start - (1 << 16))
-    if keep != size:
+    data = os.pread(fd, os.fstat(fd).st_size, 0)
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
         os.ftruncate(fd, keep)
 
 
@@ -258,6 +240,7 @@ class Progress:
         self.interval = redraw if tty else every
         self.clock = clock
         self._last = clock()
+        #: Whether the bar is on the terminal's last line.
         self._shown = False
 
     def line(self, now: float) -> str:
@@ -284,7 +267,7 @@ class Progress:
         """Print *text* as a line (on *stream*, else the progress stream), the bar below it."""
         out = stream or self.stream
         # Only a line on the terminal moves the bar (stdout may be a pipe or a file).
-        moves = self.tty and self._shown and (out is self.stream or out.isatty())
+        moves = self._shown and (out is self.stream or out.isatty())
         if moves:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
@@ -295,7 +278,7 @@ class Progress:
 
     def finish(self) -> None:
         """Leave the terminal's line clean (the summary comes next)."""
-        if self.tty and self._shown:
+        if self._shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self._shown = False

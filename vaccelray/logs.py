@@ -213,24 +213,21 @@ class Sink:
 
     def put(self, line: str, urgent: bool = False) -> None:
         """Queue *line* (ending with a newline) to be written."""
-        queue = self._queue
-        waiting = len(queue)
-        if waiting >= self.max_lines and not self._make_room():
-            return
-        queue.append(line)
-        if urgent or waiting + 1 == self.flush_lines:
-            self._wake.set()
+        self._queue_up(line, urgent)
 
     def event(self, logger: str, message: str, args: tuple[object, ...]) -> None:
         """Queue the info line ``message % args`` of *logger*, stamped now.
 
         The writer formats it later: *args* must not change meanwhile (numbers, strings).
         """
+        self._queue_up((time.time(), logger, message, args, request_id_var.get()), False)
+
+    def _queue_up(self, item: str | _Event, urgent: bool) -> None:
         queue = self._queue
         if len(queue) >= self.max_lines and not self._make_room():
             return
-        queue.append((time.time(), logger, message, args, request_id_var.get()))
-        if len(queue) == self.flush_lines:
+        queue.append(item)
+        if urgent or len(queue) == self.flush_lines:
             self._wake.set()
 
     def _make_room(self) -> bool:
