@@ -610,3 +610,44 @@ async def test_the_cluster_status_needs_the_cluster_token() -> None:
         async with connect(address) as client:
             info = await client.call_rpc(INFO, InfoRequest())
         assert (info.backend, info.instance) == ("scheduler", sched.view.instance)
+
+
+@pytest.mark.anyio
+async def test_workers_that_come_and_go_leave_nothing_behind_in_the_pool() -> None:
+    """Fake addresses churn through the cap; the pool keeps nothing per address they had."""
+    registry = Registry(max_discovered=2)
+    pool = WorkerPool(registry, connect_timeout=5.0)
+    health = HealthChecker(pool, timeout=5.0)
+    try:
+        async with fake_info(msgspec.msgpack.encode(SANE)) as honest:
+            registry.discovered("real", honest)
+            await health.check(honest)  # a real worker, checked and kept
+            pool.credential(honest)
+            for n in range(50):
+                address = f"tcp://127.0.0.1:{n + 1}"  # nothing listens there
+                admission = registry.discovered(f"fake-{n}", address)
+                for gone in admission.removed:
+                    pool.forget(gone)
+                pool.credential(address)
+                await health.check(address)
+            assert len(registry) == 2
+            assert set(pool._locks) <= {(honest, True), ("tcp://127.0.0.1:50", True)}
+            assert set(pool._credentials) <= {honest, "tcp://127.0.0.1:50"}
+            # Positive control: the worker that stays keeps its connection and credential.
+            assert (honest, True) in pool._locks
+            assert honest in pool._credentials
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_cap_on_discovered_workers_is_the_one_configured() -> None:
+    config = dataclasses.replace(scheduler_config(), max_discovered=3)
+    async with run_scheduler(config) as sched:
+        registry = sched.pool.registry
+        for n in range(3):
+            assert registry.discovered(f"w{n}", f"tcp://10.9.0.{n + 2}:8194").record is not None
+            registry.check_ok(f"tcp://10.9.0.{n + 2}:8194", WorkerInfo(**SANE), 1.0)
+        assert registry.discovered("w3", "tcp://10.9.0.9:8194").refused == (
+            "3 discovered workers already"
+        )
