@@ -443,6 +443,40 @@ class Lan:
             2,
         )
 
+    def sources(self, count: int) -> list[str]:
+        """*count* more on-link addresses of the sender."""
+        added = [f"10.{self.topo.subnet}.0.{100 + i}" for i in range(count)]
+        for address in added:
+            ip("-n", self.topo.hosts[1], "addr", "add", f"{address}/24", "dev", "eth0")
+        return added
+
+    def flood(self, *args: str) -> None:
+        """``python -m tests.mdns flood ARGS`` on the sender, to the scheduler, until done."""
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.topo.hosts[1],
+                sys.executable,
+                "-m",
+                "tests.mdns",
+                "flood",
+                "--to",
+                self.sched_ip,
+                "--prefix",
+                f"10.{self.topo.subnet}.0",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            cwd=REPO,
+            timeout=LIVENESS,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+
     def send(self, *args: str, source: str | None = None) -> None:
         """One crafted response from the sender host to the scheduler."""
         out = subprocess.run(
@@ -651,3 +685,17 @@ async def test_the_cap_on_discovered_workers_is_the_one_configured() -> None:
         assert registry.discovered("w3", "tcp://10.9.0.9:8194").refused == (
             "3 discovered workers already"
         )
+
+
+@pytest.mark.netns
+def test_a_flood_of_bare_names_never_holds_up_a_complete_announcement(lan: Lan) -> None:
+    worker = lan.worker("--no-announce")
+    sched, saddr = lan.scheduler()
+    # 1,200 names with nothing behind them (each would need asking, 3 s per try, 8 at a
+    # time: over 7 minutes of queue), from 12 on-link sources within their bursts.
+    sources = lan.sources(12)
+    lan.flood("--bare", "--count", "1200", "--rounds", "1", "--sources", ",".join(sources))
+    mark = wait(sched, r"zeroconf: 'fake-\d+' did not resolve")  # the queue is busy
+    lan.send("--name", "good", "--address", lan.worker_ip, "--port", "8194")
+    wait(sched, rf"Worker {re.escape(worker)} is up", mark)
+    assert names(saddr, lan)["good"]["health"] == "up"

@@ -17,7 +17,10 @@ unauthenticated and anyone can send it, so everything it says is a hint:
   the defence there.
 - Names: an instance name must be a single DNS-SD label (at most 63 bytes,
   no control characters) under our service type; any other is ignored, and
-  any failure while resolving one name is logged and ends there.
+  any failure while resolving one name is logged and ends there. A name whose
+  records all came with it is taken at once; the others wait to be asked for
+  (:data:`RESOLVERS` at a time, at most :data:`MAX_WAITING` waiting), so bare
+  names never hold up complete ones.
 - Addresses (:class:`AddressPolicy`): only inside a subnet of an interface
   browsed (and of ``--allow-network`` when given), never loopback,
   unspecified, multicast, broadcast, a subnet's network address, or one of
@@ -313,11 +316,8 @@ async def browse(
     zc = AsyncZeroconf(zc=_gated_zeroconf(SourceGate(policy), [str(n.ip) for n in networks]))
     waiting = _Waiting()
 
-    async def resolve(name: str, short: str) -> None:
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if not await info.async_request(zc.zeroconf, RESOLVE_TIMEOUT_MS):
-            log.warning("zeroconf: %r did not resolve", short)
-            return
+    def admit(short: str, info: AsyncServiceInfo) -> None:
+        """Offer a resolved name to the registry (sync: from the cache or after a request)."""
         if info.port is None:
             log.warning("zeroconf: %r has no port", short)
             return
@@ -348,7 +348,11 @@ async def browse(
         while True:
             name, short = await waiting.get()
             try:
-                await resolve(name, short)
+                info = AsyncServiceInfo(SERVICE_TYPE, name)
+                if await info.async_request(zc.zeroconf, RESOLVE_TIMEOUT_MS):
+                    admit(short, info)
+                else:
+                    log.warning("zeroconf: %r did not resolve", short)
             except Exception as exc:  # one bad record never stops discovery
                 log.warning("zeroconf: %r ignored: %s", short, type(exc).__name__)
 
@@ -368,6 +372,16 @@ async def browse(
                     log.info("zeroconf: %s said goodbye; checking %s again", short, address)
                     health.recheck(address)
             else:
+                # A worker's announcement carries all its records: taken at once from the
+                # cache, it never waits behind names that need asking (a flood of bare PTRs).
+                try:
+                    info = AsyncServiceInfo(SERVICE_TYPE, name)
+                    if info.load_from_cache(zc.zeroconf):
+                        admit(short, info)
+                        return
+                except Exception as exc:  # one bad record never stops discovery
+                    log.warning("zeroconf: %r ignored: %s", short, type(exc).__name__)
+                    return
                 waiting.put(name, short)
 
         handlers: list[Any] = [on_change]
