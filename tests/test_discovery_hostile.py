@@ -9,12 +9,16 @@ positive control next to it: the same thing done properly is taken.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import ipaddress
+import logging
+import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
@@ -25,7 +29,7 @@ import pytest
 
 from tests.netns import Topology, ip, require_netns, status_json
 from tests.processes import REPO, Proc, child_env, scheduler_argv, start_daemon, worker_argv
-from tests.waiting import eventually
+from tests.waiting import eventually, finishes
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol.info import (
     INFO_METHOD,
@@ -699,3 +703,120 @@ def test_a_flood_of_bare_names_never_holds_up_a_complete_announcement(lan: Lan) 
     lan.send("--name", "good", "--address", lan.worker_ip, "--port", "8194")
     wait(sched, rf"Worker {re.escape(worker)} is up", mark)
     assert names(saddr, lan)["good"]["health"] == "up"
+
+
+# -- the browser itself, in this process, inside a namespace -----------------------------
+
+
+def in_netns(netns: str, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run ``fn`` on an asyncio loop in a thread that has entered *netns* (setns(2)):
+    every socket it opens, zeroconf's included, is the namespace's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def run() -> None:
+        fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), f"setns {netns}")
+        finally:
+            os.close(fd)
+        anyio.run(fn, backend="asyncio")
+
+    finishes(run, f"the browser in {netns}", timeout=4 * LIVENESS)
+
+
+@pytest.mark.netns
+def test_the_browser_takes_hints_only(caplog: pytest.LogCaptureFixture) -> None:
+    require_netns()
+    caplog.set_level(logging.INFO, logger="vaccelray.scheduler")
+    with Topology(2) as topo:
+        here, sender = topo.addresses
+        off_link = f"10.{topo.subnet}.1.3"
+        ip("-n", topo.hosts[1], "addr", "add", f"{off_link}/24", "dev", "eth0")
+        ip("-n", topo.hosts[0], "route", "add", f"10.{topo.subnet}.1.0/24", "via", sender)
+
+        def send(*args: str, source: str = sender) -> None:
+            out = subprocess.run(
+                [
+                    *("ip", "netns", "exec", topo.hosts[1], sys.executable, "-m", "tests.mdns"),
+                    *("send", "--to", here, "--source", source, *args),
+                ],
+                capture_output=True,
+                text=True,
+                env=child_env(),
+                cwd=REPO,
+                timeout=LIVENESS,
+                check=False,
+            )
+            assert out.returncode == 0, out.stderr
+
+        def logged(text: str) -> Callable[[], bool]:
+            return lambda: any(text in r.getMessage() for r in caplog.records)
+
+        async def scenario() -> None:
+            registry = Registry()
+            pool = WorkerPool(registry, connect_timeout=LIVENESS)
+            health = HealthChecker(pool, interval=0.2, timeout=LIVENESS)
+            service = Service(
+                WORKER_SERVICE,
+                {INFO_METHOD: Method(lambda p, c: msgspec.msgpack.encode(SANE), inline=True)},
+            )
+            own = f"tcp://{here}:8190"
+            async with (
+                serve([service], [f"tcp://{here}:0"], grace=0.1) as worker,
+                anyio.create_task_group() as tg,
+            ):
+                port = worker.addresses[0].rsplit(":", 1)[1]
+                good = ["--name", "good", "--address", here, "--port", port]
+                await tg.start(health.run)
+                await tg.start(
+                    functools.partial(discovery.browse, pool, health, interface=here, own=[own])
+                )
+
+                async def send_and_see(*args: str, text: str, source: str = sender) -> None:
+                    await anyio.to_thread.run_sync(functools.partial(send, *args, source=source))
+                    await eventually(logged(text), text)
+
+                await send_and_see(*good, source=off_link, text="off-link sources")
+                for target, shown in (
+                    ("w._other._tcp.local", "malformed name 'w._other"),
+                    ("a\\nb._vaccelray._tcp.local", "malformed name 'a\\nb."),
+                ):
+                    await send_and_see("--raw-ptr", target, text=shown)
+                await send_and_see(
+                    "--name",
+                    "self",
+                    "--address",
+                    here,
+                    "--port",
+                    "8190",
+                    text=f"'self' ignored: {here}:8190 is this scheduler's own listener",
+                )
+                await send_and_see(
+                    "--name",
+                    "loop",
+                    "--address",
+                    "127.0.0.1",
+                    "--port",
+                    port,
+                    text="'loop' ignored: 127.0.0.1 is a loopback address",
+                )
+                # Positive control: the same record on the link, at a real worker, is taken.
+                await send_and_see(*good, text=f"Worker {worker.addresses[0]} is up")
+                assert [w.name for w in registry] == ["good"]
+                await send_and_see(
+                    "--name",
+                    "good",
+                    "--address",
+                    sender,
+                    "--port",
+                    port,
+                    text=f"is held by healthy worker {worker.addresses[0]}",
+                )
+                await send_and_see(*good, "--goodbye", text="good said goodbye")
+                await eventually(logged("still answers after a goodbye"), "re-checked")
+                assert [w.address for w in registry.routable()] == [worker.addresses[0]]
+                tg.cancel_scope.cancel()
+            await pool.aclose()
+
+        in_netns(topo.hosts[0], scenario)
