@@ -66,6 +66,7 @@ POLICY = AddressPolicy((NET,), own=(("10.9.0.4", 8190),))
 
 def test_instance_names_are_one_printable_label_of_our_type() -> None:
     assert instance_name("worker-1" + T) == "worker-1"
+    assert instance_name("GPU box #1" + T) == "GPU box #1"  # spaces are printable
     assert instance_name("my.worker" + T) == "my.worker"  # DNS-SD instances may hold dots
     assert instance_name("x" * 63 + T) == "x" * 63
     assert instance_name("é" * 31 + "x" + T) == "é" * 31 + "x"  # 63 bytes
@@ -98,6 +99,8 @@ def test_an_on_link_address_is_taken() -> None:
     assert POLICY.refusal("10.9.0.2", 8194) is None
     assert POLICY.refusal("10.9.0.254", 8194) is None
     assert POLICY.refusal("10.9.0.4", 8194) is None  # our host, another port: a local worker
+    assert POLICY.refusal("10.9.0.2", 1) is None
+    assert POLICY.refusal("10.9.0.2", 65535) is None
 
 
 @pytest.mark.parametrize(
@@ -125,6 +128,9 @@ def test_a_wildcard_listener_of_ours_is_refused_at_each_of_our_addresses_only() 
     assert policy.refusal("10.9.0.4", 8190) == "10.9.0.4:8190 is this scheduler's own listener"
     assert policy.refusal("10.8.0.1", 8190) == "10.8.0.1:8190 is this scheduler's own listener"
     assert policy.refusal("10.9.0.5", 8190) is None  # another host, same port
+    assert policy.refusal("10.10.0.5", 8190) == (
+        "10.10.0.5 is outside the subnets browsed (10.9.0.0/24, 10.8.0.0/16)"
+    )
     assert policy.refusal("10.9.0.4", 8191) is None
 
 
@@ -172,7 +178,7 @@ def test_local_networks_are_the_interface_asked_for_or_all_but_loopback(
 
     adapters = [
         adapter(("127.0.0.1", 8), (("::1", 0, 0), 128)),
-        adapter(("10.9.0.4", 24), (("fe80::1", 0, 2), 64)),
+        adapter((("fe80::1", 0, 2), 64), ("10.9.0.4", 24)),
         adapter(("192.168.5.1", 16)),
     ]
     monkeypatch.setattr(ifaddr, "get_adapters", lambda: adapters)
@@ -210,6 +216,24 @@ def test_each_source_has_a_rate_and_a_burst() -> None:
     assert [gate.admit("10.9.0.2", 100.0) for _ in range(4)] == [True, True, True, False]
 
 
+def test_a_flood_of_ignored_responses_is_logged_at_its_first_and_every_thousandth(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vaccelray.scheduler")
+    gate = SourceGate(POLICY, rate=1.0, burst=1.0)
+    for n in range(2001):
+        gate.admit(f"10.9.1.{n % 200}", 0.0)
+        gate.admit("10.9.0.2", 0.0)
+    assert (gate.off_link, gate.over_rate) == (2001, 2000)
+    assert [r.getMessage() for r in caplog.records] == [
+        "zeroconf: ignored 1 responses from off-link sources (latest 10.9.1.0)",
+        "zeroconf: ignored 1 responses over the rate of their source (latest 10.9.0.2)",
+        "zeroconf: ignored 1001 responses from off-link sources (latest 10.9.1.0)",
+        "zeroconf: ignored 1001 responses over the rate of their source (latest 10.9.0.2)",
+        "zeroconf: ignored 2001 responses from off-link sources (latest 10.9.1.0)",
+    ]
+
+
 def test_the_source_table_is_bounded_forgetting_the_least_recent() -> None:
     gate = SourceGate(POLICY, rate=1.0, burst=1.0, max_sources=2)
     assert gate.admit("10.9.0.2", 0.0)
@@ -231,8 +255,12 @@ async def test_names_wait_once_each_and_the_oldest_goes_past_the_bound() -> None
     waiting.put("a" + T, "a")  # again: once, now the newest
     waiting.put("c" + T, "c")  # past the bound: b (the oldest) goes
     assert waiting.dropped == 1
+    waiting.put("e" + T, "e")  # and a (again the oldest) after it
+    assert waiting.dropped == 2
+    waiting.put("a" + T, "a")  # and then c
+    assert waiting.dropped == 3
+    assert await waiting.get() == ("e" + T, "e")
     assert await waiting.get() == ("a" + T, "a")
-    assert await waiting.get() == ("c" + T, "c")
     got: list[tuple[str, str]] = []
 
     async def take() -> None:

@@ -70,6 +70,8 @@ SOURCE_RATE = 20.0
 SOURCE_BURST = 100.0
 #: Sources whose rate is tracked (the least recently heard is forgotten past it).
 MAX_SOURCES = 4096
+#: A flood of ignored responses is logged at its first and then every LOG_EVERY-th.
+LOG_EVERY = 1000
 #: The longest DNS label (RFC 1035): an instance name is one label.
 MAX_LABEL_BYTES = 63
 #: TXT keys kept from a record, and the characters kept of each value.
@@ -118,7 +120,7 @@ def own_listeners(addresses: Iterable[str]) -> tuple[tuple[str, int], ...]:
     for address in addresses:
         endpoint = parse_endpoint(address)
         if isinstance(endpoint, TcpEndpoint):
-            own.append((endpoint.host or "0.0.0.0", endpoint.port))
+            own.append((endpoint.host, endpoint.port))
     return tuple(own)
 
 
@@ -188,6 +190,11 @@ class AddressPolicy:
         return None, refusals
 
 
+def _worth_a_line(count: int) -> bool:
+    """Whether the *count*-th event of a flood is logged: the first, then every thousandth."""
+    return count % LOG_EVERY == 1
+
+
 class SourceGate:
     """Which mDNS responses are read: from on-link sources, at most a rate per source."""
 
@@ -212,7 +219,7 @@ class SourceGate:
     def admit(self, source: str, now: float) -> bool:
         if not self.policy.source_ok(source):
             self.off_link += 1
-            if self.off_link == 1 or self.off_link % 1000 == 0:
+            if _worth_a_line(self.off_link):
                 log.warning(
                     "zeroconf: ignored %d responses from off-link sources (latest %s)",
                     self.off_link,
@@ -227,7 +234,7 @@ class SourceGate:
             del self._buckets[next(iter(self._buckets))]
         if not admitted:
             self.over_rate += 1
-            if self.over_rate == 1 or self.over_rate % 1000 == 0:
+            if _worth_a_line(self.over_rate):
                 log.warning(
                     "zeroconf: ignored %d responses over the rate of their source (latest %s)",
                     self.over_rate,
