@@ -90,6 +90,7 @@ def test_txt_hints_keep_known_keys_and_cut_long_values() -> None:
         {b"backend": b"x" * 1000, b"version": b"1.0", b"junk": b"y", b"capacity": None}
     )
     assert hints == {"backend": "x" * 128, "version": "1.0", "capacity": ""}
+    assert txt_hints({b"backend": b"\x1b[2Jnoop\x7f\n"}) == {"backend": "?[2Jnoop??"}
 
 
 # -- addresses ---------------------------------------------------------------------------
@@ -356,6 +357,9 @@ SANE = {"version": "1.0", "instance": "abc", "backend": "noop", "capacity": 4}
         {"ops": ["x"] * 65},
         {"ops": ["y" * 200]},
         {"addresses": ["a"] * 65},
+        {"backend": "\x1b[2J\x1b[31mnoop"},  # terminal escapes
+        {"version": "1.0\n"},
+        {"ops": ["classify\x7f"]},
     ],
 )
 async def test_an_implausible_info_answer_fails_the_check(bad: dict[str, Any]) -> None:

@@ -94,8 +94,16 @@ def instance_name(name: str) -> str | None:
 
 
 def txt_hints(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
-    """The TXT keys a scheduler shows before the first health check, values cut short."""
-    return {k: v[:MAX_TXT_VALUE] for k, v in parse_txt(properties).items() if k in TXT_KEYS}
+    """The TXT keys a scheduler shows before the first health check: values cut short,
+    control characters (terminal escapes) made visible."""
+    return {
+        k: v[:MAX_TXT_VALUE].translate(_CONTROLS)
+        for k, v in parse_txt(properties).items()
+        if k in TXT_KEYS
+    }
+
+
+_CONTROLS = {c: "?" for c in (*range(0x20), 0x7F)}
 
 
 def local_networks(interface: str | None = None) -> tuple[ipaddress.IPv4Interface, ...]:
