@@ -86,9 +86,14 @@ def send(packet: bytes, to: str, source: str) -> None:
         sock.sendto(packet, (to, 5353))
 
 
-def flood(to: str, sources: list[str], prefix: str, count: int, rounds: int | None) -> int:
+def flood(
+    to: str, sources: list[str], prefix: str, count: int, rounds: int | None, *, bare: bool = False
+) -> int:
     """Announce *count* fake workers (at *prefix*.N, nobody there) from *sources* in turn,
-    round after round (until SIGTERM when *rounds* is None); the packets sent."""
+    round after round (until SIGTERM when *rounds* is None); the packets sent.
+
+    *bare*: only a PTR to each name (no SRV, TXT, A): the scheduler must ask for the rest.
+    """
     stop = False
 
     def on_term(signum: int, frame: object) -> None:
@@ -97,7 +102,9 @@ def flood(to: str, sources: list[str], prefix: str, count: int, rounds: int | No
 
     signal.signal(signal.SIGTERM, on_term)
     packets = [
-        response(f"fake-{n}", f"{prefix}.{10 + n % 240}", 20000 + n, message_id=n % 65536)
+        raw_ptr(f"fake-{n}.{SERVICE_TYPE}".encode())
+        if bare
+        else response(f"fake-{n}", f"{prefix}.{10 + n % 240}", 20000 + n, message_id=n % 65536)
         for n in range(count)
     ]
     socks = []
@@ -139,9 +146,12 @@ def main(argv: list[str]) -> None:
     many.add_argument("--prefix", required=True, help="first three octets of fake addresses")
     many.add_argument("--count", type=int, default=2000)
     many.add_argument("--rounds", type=int, default=None)
+    many.add_argument("--bare", action="store_true", help="PTR records only")
     args = parser.parse_args(argv)
     if args.command == "flood":
-        sent = flood(args.to, args.sources.split(","), args.prefix, args.count, args.rounds)
+        sent = flood(
+            args.to, args.sources.split(","), args.prefix, args.count, args.rounds, bare=args.bare
+        )
         print(json.dumps({"sent": sent}), flush=True)
         return
     if args.raw_ptr is not None:

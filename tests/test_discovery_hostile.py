@@ -9,12 +9,16 @@ positive control next to it: the same thing done properly is taken.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import ipaddress
+import logging
+import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
@@ -25,7 +29,7 @@ import pytest
 
 from tests.netns import Topology, ip, require_netns, status_json
 from tests.processes import REPO, Proc, child_env, scheduler_argv, start_daemon, worker_argv
-from tests.waiting import eventually
+from tests.waiting import eventually, finishes
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol.info import (
     INFO_METHOD,
@@ -62,6 +66,7 @@ POLICY = AddressPolicy((NET,), own=(("10.9.0.4", 8190),))
 
 def test_instance_names_are_one_printable_label_of_our_type() -> None:
     assert instance_name("worker-1" + T) == "worker-1"
+    assert instance_name("GPU box #1" + T) == "GPU box #1"  # spaces are printable
     assert instance_name("my.worker" + T) == "my.worker"  # DNS-SD instances may hold dots
     assert instance_name("x" * 63 + T) == "x" * 63
     assert instance_name("é" * 31 + "x" + T) == "é" * 31 + "x"  # 63 bytes
@@ -85,6 +90,7 @@ def test_txt_hints_keep_known_keys_and_cut_long_values() -> None:
         {b"backend": b"x" * 1000, b"version": b"1.0", b"junk": b"y", b"capacity": None}
     )
     assert hints == {"backend": "x" * 128, "version": "1.0", "capacity": ""}
+    assert txt_hints({b"backend": b"\x1b[2Jnoop\x7f\n"}) == {"backend": "?[2Jnoop??"}
 
 
 # -- addresses ---------------------------------------------------------------------------
@@ -94,6 +100,8 @@ def test_an_on_link_address_is_taken() -> None:
     assert POLICY.refusal("10.9.0.2", 8194) is None
     assert POLICY.refusal("10.9.0.254", 8194) is None
     assert POLICY.refusal("10.9.0.4", 8194) is None  # our host, another port: a local worker
+    assert POLICY.refusal("10.9.0.2", 1) is None
+    assert POLICY.refusal("10.9.0.2", 65535) is None
 
 
 @pytest.mark.parametrize(
@@ -121,6 +129,9 @@ def test_a_wildcard_listener_of_ours_is_refused_at_each_of_our_addresses_only() 
     assert policy.refusal("10.9.0.4", 8190) == "10.9.0.4:8190 is this scheduler's own listener"
     assert policy.refusal("10.8.0.1", 8190) == "10.8.0.1:8190 is this scheduler's own listener"
     assert policy.refusal("10.9.0.5", 8190) is None  # another host, same port
+    assert policy.refusal("10.10.0.5", 8190) == (
+        "10.10.0.5 is outside the subnets browsed (10.9.0.0/24, 10.8.0.0/16)"
+    )
     assert policy.refusal("10.9.0.4", 8191) is None
 
 
@@ -168,7 +179,7 @@ def test_local_networks_are_the_interface_asked_for_or_all_but_loopback(
 
     adapters = [
         adapter(("127.0.0.1", 8), (("::1", 0, 0), 128)),
-        adapter(("10.9.0.4", 24), (("fe80::1", 0, 2), 64)),
+        adapter((("fe80::1", 0, 2), 64), ("10.9.0.4", 24)),
         adapter(("192.168.5.1", 16)),
     ]
     monkeypatch.setattr(ifaddr, "get_adapters", lambda: adapters)
@@ -206,6 +217,24 @@ def test_each_source_has_a_rate_and_a_burst() -> None:
     assert [gate.admit("10.9.0.2", 100.0) for _ in range(4)] == [True, True, True, False]
 
 
+def test_a_flood_of_ignored_responses_is_logged_at_its_first_and_every_thousandth(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vaccelray.scheduler")
+    gate = SourceGate(POLICY, rate=1.0, burst=1.0)
+    for n in range(2001):
+        gate.admit(f"10.9.1.{n % 200}", 0.0)
+        gate.admit("10.9.0.2", 0.0)
+    assert (gate.off_link, gate.over_rate) == (2001, 2000)
+    assert [r.getMessage() for r in caplog.records] == [
+        "zeroconf: ignored 1 responses from off-link sources (latest 10.9.1.0)",
+        "zeroconf: ignored 1 responses over the rate of their source (latest 10.9.0.2)",
+        "zeroconf: ignored 1001 responses from off-link sources (latest 10.9.1.0)",
+        "zeroconf: ignored 1001 responses over the rate of their source (latest 10.9.0.2)",
+        "zeroconf: ignored 2001 responses from off-link sources (latest 10.9.1.0)",
+    ]
+
+
 def test_the_source_table_is_bounded_forgetting_the_least_recent() -> None:
     gate = SourceGate(POLICY, rate=1.0, burst=1.0, max_sources=2)
     assert gate.admit("10.9.0.2", 0.0)
@@ -227,8 +256,12 @@ async def test_names_wait_once_each_and_the_oldest_goes_past_the_bound() -> None
     waiting.put("a" + T, "a")  # again: once, now the newest
     waiting.put("c" + T, "c")  # past the bound: b (the oldest) goes
     assert waiting.dropped == 1
+    waiting.put("e" + T, "e")  # and a (again the oldest) after it
+    assert waiting.dropped == 2
+    waiting.put("a" + T, "a")  # and then c
+    assert waiting.dropped == 3
+    assert await waiting.get() == ("e" + T, "e")
     assert await waiting.get() == ("a" + T, "a")
-    assert await waiting.get() == ("c" + T, "c")
     got: list[tuple[str, str]] = []
 
     async def take() -> None:
@@ -324,6 +357,9 @@ SANE = {"version": "1.0", "instance": "abc", "backend": "noop", "capacity": 4}
         {"ops": ["x"] * 65},
         {"ops": ["y" * 200]},
         {"addresses": ["a"] * 65},
+        {"backend": "\x1b[2J\x1b[31mnoop"},  # terminal escapes
+        {"version": "1.0\n"},
+        {"ops": ["classify\x7f"]},
     ],
 )
 async def test_an_implausible_info_answer_fails_the_check(bad: dict[str, Any]) -> None:
@@ -442,6 +478,40 @@ class Lan:
             ),
             2,
         )
+
+    def sources(self, count: int) -> list[str]:
+        """*count* more on-link addresses of the sender."""
+        added = [f"10.{self.topo.subnet}.0.{100 + i}" for i in range(count)]
+        for address in added:
+            ip("-n", self.topo.hosts[1], "addr", "add", f"{address}/24", "dev", "eth0")
+        return added
+
+    def flood(self, *args: str) -> None:
+        """``python -m tests.mdns flood ARGS`` on the sender, to the scheduler, until done."""
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.topo.hosts[1],
+                sys.executable,
+                "-m",
+                "tests.mdns",
+                "flood",
+                "--to",
+                self.sched_ip,
+                "--prefix",
+                f"10.{self.topo.subnet}.0",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            cwd=REPO,
+            timeout=LIVENESS,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
 
     def send(self, *args: str, source: str | None = None) -> None:
         """One crafted response from the sender host to the scheduler."""
@@ -610,3 +680,175 @@ async def test_the_cluster_status_needs_the_cluster_token() -> None:
         async with connect(address) as client:
             info = await client.call_rpc(INFO, InfoRequest())
         assert (info.backend, info.instance) == ("scheduler", sched.view.instance)
+
+
+@pytest.mark.anyio
+async def test_workers_that_come_and_go_leave_nothing_behind_in_the_pool() -> None:
+    """Fake addresses churn through the cap; the pool keeps nothing per address they had."""
+    registry = Registry(max_discovered=2)
+    pool = WorkerPool(registry, connect_timeout=5.0)
+    health = HealthChecker(pool, timeout=5.0)
+    try:
+        async with fake_info(msgspec.msgpack.encode(SANE)) as honest:
+            registry.discovered("real", honest)
+            await health.check(honest)  # a real worker, checked and kept
+            pool.credential(honest)
+            for n in range(50):
+                address = f"tcp://127.0.0.1:{n + 1}"  # nothing listens there
+                admission = registry.discovered(f"fake-{n}", address)
+                for gone in admission.removed:
+                    pool.forget(gone)
+                pool.credential(address)
+                await health.check(address)
+            assert len(registry) == 2
+            assert set(pool._locks) <= {(honest, True), ("tcp://127.0.0.1:50", True)}
+            assert set(pool._credentials) <= {honest, "tcp://127.0.0.1:50"}
+            # Positive control: the worker that stays keeps its connection and credential.
+            assert (honest, True) in pool._locks
+            assert honest in pool._credentials
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_cap_on_discovered_workers_is_the_one_configured() -> None:
+    config = dataclasses.replace(scheduler_config(), max_discovered=3)
+    async with run_scheduler(config) as sched:
+        registry = sched.pool.registry
+        for n in range(3):
+            assert registry.discovered(f"w{n}", f"tcp://10.9.0.{n + 2}:8194").record is not None
+            registry.check_ok(f"tcp://10.9.0.{n + 2}:8194", WorkerInfo(**SANE), 1.0)
+        assert registry.discovered("w3", "tcp://10.9.0.9:8194").refused == (
+            "3 discovered workers already"
+        )
+
+
+@pytest.mark.netns
+def test_a_flood_of_bare_names_never_holds_up_a_complete_announcement(lan: Lan) -> None:
+    worker = lan.worker("--no-announce")
+    sched, saddr = lan.scheduler()
+    # 1,200 names with nothing behind them (each would need asking, 3 s per try, 8 at a
+    # time: over 7 minutes of queue), from 12 on-link sources within their bursts.
+    sources = lan.sources(12)
+    lan.flood("--bare", "--count", "1200", "--rounds", "1", "--sources", ",".join(sources))
+    mark = wait(sched, r"zeroconf: 'fake-\d+' did not resolve")  # the queue is busy
+    lan.send("--name", "good", "--address", lan.worker_ip, "--port", "8194")
+    wait(sched, rf"Worker {re.escape(worker)} is up", mark)
+    assert names(saddr, lan)["good"]["health"] == "up"
+
+
+# -- the browser itself, in this process, inside a namespace -----------------------------
+
+
+def in_netns(netns: str, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run ``fn`` on an asyncio loop in a thread that has entered *netns* (setns(2)):
+    every socket it opens, zeroconf's included, is the namespace's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def run() -> None:
+        fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), f"setns {netns}")
+        finally:
+            os.close(fd)
+        anyio.run(fn, backend="asyncio")
+
+    finishes(run, f"the browser in {netns}", timeout=4 * LIVENESS)
+
+
+@pytest.mark.netns
+def test_the_browser_takes_hints_only(caplog: pytest.LogCaptureFixture) -> None:
+    require_netns()
+    caplog.set_level(logging.INFO, logger="vaccelray.scheduler")
+    with Topology(2) as topo:
+        here, sender = topo.addresses
+        off_link = f"10.{topo.subnet}.1.3"
+        ip("-n", topo.hosts[1], "addr", "add", f"{off_link}/24", "dev", "eth0")
+        ip("-n", topo.hosts[0], "route", "add", f"10.{topo.subnet}.1.0/24", "via", sender)
+
+        def send(*args: str, source: str = sender) -> None:
+            out = subprocess.run(
+                [
+                    *("ip", "netns", "exec", topo.hosts[1], sys.executable, "-m", "tests.mdns"),
+                    *("send", "--to", here, "--source", source, *args),
+                ],
+                capture_output=True,
+                text=True,
+                env=child_env(),
+                cwd=REPO,
+                timeout=LIVENESS,
+                check=False,
+            )
+            assert out.returncode == 0, out.stderr
+
+        def logged(text: str) -> Callable[[], bool]:
+            return lambda: any(text in r.getMessage() for r in caplog.records)
+
+        async def scenario() -> None:
+            registry = Registry()
+            pool = WorkerPool(registry, connect_timeout=LIVENESS)
+            health = HealthChecker(pool, interval=0.2, timeout=LIVENESS)
+            service = Service(
+                WORKER_SERVICE,
+                {INFO_METHOD: Method(lambda p, c: msgspec.msgpack.encode(SANE), inline=True)},
+            )
+            own = f"tcp://{here}:8190"
+            async with (
+                serve([service], [f"tcp://{here}:0"], grace=0.1) as worker,
+                anyio.create_task_group() as tg,
+            ):
+                port = worker.addresses[0].rsplit(":", 1)[1]
+                good = ["--name", "good", "--address", here, "--port", port]
+                await tg.start(health.run)
+                await tg.start(
+                    functools.partial(discovery.browse, pool, health, interface=here, own=[own])
+                )
+
+                async def send_and_see(*args: str, text: str, source: str = sender) -> None:
+                    await anyio.to_thread.run_sync(functools.partial(send, *args, source=source))
+                    await eventually(logged(text), text)
+
+                await send_and_see(*good, source=off_link, text="off-link sources")
+                for target, shown in (
+                    ("w._other._tcp.local", "malformed name 'w._other"),
+                    ("a\\nb._vaccelray._tcp.local", "malformed name 'a\\nb."),
+                ):
+                    await send_and_see("--raw-ptr", target, text=shown)
+                await send_and_see(
+                    "--name",
+                    "self",
+                    "--address",
+                    here,
+                    "--port",
+                    "8190",
+                    text=f"'self' ignored: {here}:8190 is this scheduler's own listener",
+                )
+                await send_and_see(
+                    "--name",
+                    "loop",
+                    "--address",
+                    "127.0.0.1",
+                    "--port",
+                    port,
+                    text="'loop' ignored: 127.0.0.1 is a loopback address",
+                )
+                # Positive control: the same record on the link, at a real worker, is taken.
+                await send_and_see(*good, text=f"Worker {worker.addresses[0]} is up")
+                assert [w.name for w in registry] == ["good"]
+                await send_and_see(
+                    "--name",
+                    "good",
+                    "--address",
+                    sender,
+                    "--port",
+                    port,
+                    text=f"is held by healthy worker {worker.addresses[0]}",
+                )
+                await send_and_see(*good, "--goodbye", text="good said goodbye")
+                await eventually(logged("still answers after a goodbye"), "re-checked")
+                assert [w.address for w in registry.routable()] == [worker.addresses[0]]
+                tg.cancel_scope.cancel()
+            await pool.aclose()
+
+        in_netns(topo.hosts[0], scenario)

@@ -117,12 +117,36 @@ def test_a_spoofed_goodbye_does_not_remove_a_worker_that_answers() -> None:
     assert registry.check_failed(A, "timeout", now=3.0) is Change.DOWN
     assert A not in registry
     # A record announcing it again voids the goodbye.
-    registry.discovered("w1", A)
+    record = registry.discovered("w1", A).record
+    assert record is not None
     registry.check_ok(A, info(), now=4.0)
     registry.vanished("w1")
+    registry.check_ok(A, info(), now=4.5)
     registry.discovered("w1", A)
+    assert (record.goodbye, record.answered_goodbye) == (False, False)
     assert registry.check_failed(A, "timeout", now=5.0) is Change.DOWN
     assert A in registry
+
+
+def test_a_claim_ends_when_the_name_is_announced_again_or_leaves() -> None:
+    registry = Registry()
+    registry.discovered("w1", A)
+    registry.check_ok(A, info(), now=1.0)
+    assert registry.discovered("w1", B).record is None  # a claim on the name
+    registry.discovered("w1", A)  # the worker itself announces it again
+    registry.check_failed(A, "timeout", now=2.0)
+    assert [w.address for w in registry] == [A]  # the claim did not survive it
+    registry.check_ok(A, info(), now=3.0)
+    assert registry.discovered("w1", B).record is None
+    registry.vanished("w1")  # a goodbye for the name ends the claim too
+    registry.check_failed(A, "timeout", now=4.0)
+    assert len(registry) == 0
+    # Positive control: an open claim moves the name when its worker stops answering.
+    registry.discovered("w1", A)
+    registry.check_ok(A, info(), now=5.0)
+    registry.discovered("w1", B)
+    registry.check_failed(A, "timeout", now=6.0)
+    assert [w.address for w in registry] == [B]
 
 
 def test_discovered_workers_are_capped_and_one_never_up_makes_room() -> None:
@@ -379,8 +403,10 @@ def test_a_worker_leaves_with_its_last_name() -> None:
     assert record.discovered
     # And a name that moves off a worker (never up) still announced under another name.
     registry.discovered("third", A)
+    assert record.name == "third"
     assert registry.discovered("third", B).removed == ()
     assert A in registry
+    assert record.name == "new"  # the name it is still announced under
     assert registry.vanished("new") == A
     registry.check_failed(A, "refused", now=2.0)
     assert A not in registry

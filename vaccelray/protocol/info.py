@@ -47,7 +47,8 @@ MAX_CAPACITY: Final = 65536
 #: The largest count (calls, sessions, connections) a report may hold.
 _MAX_COUNT: Final = 1 << 31
 
-_Text = Annotated[str, msgspec.Meta(max_length=128)]
+#: Text a peer reports, shown on terminals: short, and no control characters (escapes).
+_Text = Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*\Z")]
 _Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_COUNT)]
 
 

@@ -17,7 +17,10 @@ unauthenticated and anyone can send it, so everything it says is a hint:
   the defence there.
 - Names: an instance name must be a single DNS-SD label (at most 63 bytes,
   no control characters) under our service type; any other is ignored, and
-  any failure while resolving one name is logged and ends there.
+  any failure while resolving one name is logged and ends there. A name whose
+  records all came with it is taken at once; the others wait to be asked for
+  (:data:`RESOLVERS` at a time, at most :data:`MAX_WAITING` waiting), so bare
+  names never hold up complete ones.
 - Addresses (:class:`AddressPolicy`): only inside a subnet of an interface
   browsed (and of ``--allow-network`` when given), never loopback,
   unspecified, multicast, broadcast, a subnet's network address, or one of
@@ -67,6 +70,8 @@ SOURCE_RATE = 20.0
 SOURCE_BURST = 100.0
 #: Sources whose rate is tracked (the least recently heard is forgotten past it).
 MAX_SOURCES = 4096
+#: A flood of ignored responses is logged at its first and then every LOG_EVERY-th.
+LOG_EVERY = 1000
 #: The longest DNS label (RFC 1035): an instance name is one label.
 MAX_LABEL_BYTES = 63
 #: TXT keys kept from a record, and the characters kept of each value.
@@ -89,8 +94,16 @@ def instance_name(name: str) -> str | None:
 
 
 def txt_hints(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
-    """The TXT keys a scheduler shows before the first health check, values cut short."""
-    return {k: v[:MAX_TXT_VALUE] for k, v in parse_txt(properties).items() if k in TXT_KEYS}
+    """The TXT keys a scheduler shows before the first health check: values cut short,
+    control characters (terminal escapes) made visible."""
+    return {
+        k: v[:MAX_TXT_VALUE].translate(_CONTROLS)
+        for k, v in parse_txt(properties).items()
+        if k in TXT_KEYS
+    }
+
+
+_CONTROLS = {c: "?" for c in (*range(0x20), 0x7F)}
 
 
 def local_networks(interface: str | None = None) -> tuple[ipaddress.IPv4Interface, ...]:
@@ -115,7 +128,7 @@ def own_listeners(addresses: Iterable[str]) -> tuple[tuple[str, int], ...]:
     for address in addresses:
         endpoint = parse_endpoint(address)
         if isinstance(endpoint, TcpEndpoint):
-            own.append((endpoint.host or "0.0.0.0", endpoint.port))
+            own.append((endpoint.host, endpoint.port))
     return tuple(own)
 
 
@@ -185,6 +198,11 @@ class AddressPolicy:
         return None, refusals
 
 
+def _worth_a_line(count: int) -> bool:
+    """Whether the *count*-th event of a flood is logged: the first, then every thousandth."""
+    return count % LOG_EVERY == 1
+
+
 class SourceGate:
     """Which mDNS responses are read: from on-link sources, at most a rate per source."""
 
@@ -209,7 +227,7 @@ class SourceGate:
     def admit(self, source: str, now: float) -> bool:
         if not self.policy.source_ok(source):
             self.off_link += 1
-            if self.off_link == 1 or self.off_link % 1000 == 0:
+            if _worth_a_line(self.off_link):
                 log.warning(
                     "zeroconf: ignored %d responses from off-link sources (latest %s)",
                     self.off_link,
@@ -224,7 +242,7 @@ class SourceGate:
             del self._buckets[next(iter(self._buckets))]
         if not admitted:
             self.over_rate += 1
-            if self.over_rate == 1 or self.over_rate % 1000 == 0:
+            if _worth_a_line(self.over_rate):
                 log.warning(
                     "zeroconf: ignored %d responses over the rate of their source (latest %s)",
                     self.over_rate,
@@ -313,11 +331,8 @@ async def browse(
     zc = AsyncZeroconf(zc=_gated_zeroconf(SourceGate(policy), [str(n.ip) for n in networks]))
     waiting = _Waiting()
 
-    async def resolve(name: str, short: str) -> None:
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if not await info.async_request(zc.zeroconf, RESOLVE_TIMEOUT_MS):
-            log.warning("zeroconf: %r did not resolve", short)
-            return
+    def admit(short: str, info: AsyncServiceInfo) -> None:
+        """Offer a resolved name to the registry (sync: from the cache or after a request)."""
         if info.port is None:
             log.warning("zeroconf: %r has no port", short)
             return
@@ -348,7 +363,11 @@ async def browse(
         while True:
             name, short = await waiting.get()
             try:
-                await resolve(name, short)
+                info = AsyncServiceInfo(SERVICE_TYPE, name)
+                if await info.async_request(zc.zeroconf, RESOLVE_TIMEOUT_MS):
+                    admit(short, info)
+                else:
+                    log.warning("zeroconf: %r did not resolve", short)
             except Exception as exc:  # one bad record never stops discovery
                 log.warning("zeroconf: %r ignored: %s", short, type(exc).__name__)
 
@@ -368,6 +387,16 @@ async def browse(
                     log.info("zeroconf: %s said goodbye; checking %s again", short, address)
                     health.recheck(address)
             else:
+                # A worker's announcement carries all its records: taken at once from the
+                # cache, it never waits behind names that need asking (a flood of bare PTRs).
+                try:
+                    info = AsyncServiceInfo(SERVICE_TYPE, name)
+                    if info.load_from_cache(zc.zeroconf):
+                        admit(short, info)
+                        return
+                except Exception as exc:  # one bad record never stops discovery
+                    log.warning("zeroconf: %r ignored: %s", short, type(exc).__name__)
+                    return
                 waiting.put(name, short)
 
         handlers: list[Any] = [on_change]

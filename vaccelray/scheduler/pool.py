@@ -94,7 +94,7 @@ class WorkerPool:
         token: str | None = None,
         token_is_default: bool = False,
     ) -> None:
-        self.registry = registry or Registry()
+        self.registry = registry if registry is not None else Registry()
         #: The token the scheduler presents to workers; the user's default one
         #: (*token_is_default*) only to loopback TCP workers (it never leaves the host).
         self.token = token
@@ -160,6 +160,12 @@ class WorkerPool:
             self._closing.add(address)
         else:
             self._close_client(address)
+        # Nothing kept per address outlives the worker: discovered addresses come and go.
+        self._credentials.pop(address, None)
+        for key in ((address, False), (address, True)):
+            lock = self._locks.get(key)
+            if lock is not None and not lock.locked():
+                del self._locks[key]
         for listener in self._listeners:
             listener(address, Change.DOWN)
 

@@ -181,9 +181,9 @@ class Registry:
             discovered = [w for w in self._workers.values() if not w.static]
             if len(discovered) >= self.max_discovered:
                 never_up = [w for w in discovered if w.last_seen is None]
-                if not never_up:
+                if not never_up:  # (nothing was removed: a removal would have made room)
                     return Admission(
-                        None, tuple(removed), f"{self.max_discovered} discovered workers already"
+                        None, refused=f"{self.max_discovered} discovered workers already"
                     )
                 victim = max(never_up, key=lambda w: w.failures)
                 self._remove(victim)
