@@ -296,3 +296,16 @@ async def test_an_actor_whose_worker_dies_is_created_again_elsewhere(
                 await actor.worker.remote()
             with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
                 await actor.count.remote()
+
+
+def test_the_cli_defaults_are_the_daemons() -> None:
+    from vaccelray import cli
+    from vaccelray.scheduler import actors as scheduler_actors
+    from vaccelray.worker import actors as worker_actors
+
+    assert cli.DEFAULT_MAX_ACTORS == worker_actors.DEFAULT_MAX_ACTORS
+    assert cli.DEFAULT_MAX_ACTORS_PER_CONNECTION == worker_actors.DEFAULT_MAX_ACTORS_PER_CONNECTION
+    assert (
+        cli.DEFAULT_SCHEDULER_ACTORS_PER_CONNECTION
+        == scheduler_actors.DEFAULT_MAX_ACTORS_PER_CONNECTION
+    )

@@ -388,6 +388,11 @@ def session_limit_options(command: _F) -> _F:
 DEFAULT_MAX_QUEUED_TASKS = 1024
 DEFAULT_MAX_QUEUED_PER_CONNECTION = 256
 DEFAULT_TASK_TIMEOUT = 300.0
+#: Likewise vaccelray.worker.actors.DEFAULT_MAX_ACTORS*, and the scheduler's bound
+#: (vaccelray.scheduler.actors.DEFAULT_MAX_ACTORS_PER_CONNECTION).
+DEFAULT_MAX_ACTORS = 16
+DEFAULT_MAX_ACTORS_PER_CONNECTION = 8
+DEFAULT_SCHEDULER_ACTORS_PER_CONNECTION = 64
 
 
 def task_limit_options(command: _F) -> _F:
@@ -412,7 +417,7 @@ def task_limit_options(command: _F) -> _F:
         click.option(
             "--max-actors-per-connection",
             type=click.IntRange(0),
-            default=8,
+            default=DEFAULT_MAX_ACTORS_PER_CONNECTION,
             show_default=True,
             help="Actors one client connection may have alive on this worker; more are "
             "refused (RESOURCE_EXHAUSTED). 0: no limit.",
@@ -420,7 +425,7 @@ def task_limit_options(command: _F) -> _F:
         click.option(
             "--max-actors",
             type=click.IntRange(0),
-            default=16,
+            default=DEFAULT_MAX_ACTORS,
             show_default=True,
             help="Actors (offloaded class instances, one pool process each, beside the "
             "task pool, with the task limits) alive on this worker; more are refused "
@@ -1103,7 +1108,7 @@ still answers its health check.
 @click.option(
     "--max-actors-per-connection",
     type=click.IntRange(0),
-    default=64,
+    default=DEFAULT_SCHEDULER_ACTORS_PER_CONNECTION,
     show_default=True,
     help="Actors one client connection may have alive through the scheduler; more are "
     "refused (RESOURCE_EXHAUSTED). 0: no limit.",

@@ -37,7 +37,7 @@ from vaccelray.transport.client import Outcome
 if TYPE_CHECKING:
     from vaccelray.client.core import Core
 
-__all__ = ["ActorLines", "ActorRequest", "Kind"]
+__all__ = ["ActorLines", "ActorRequest", "Kind", "encode_request"]
 
 
 class Kind(enum.Enum):
@@ -135,7 +135,7 @@ class ActorLines:
     def _send(self, request: ActorRequest, conn: Connection) -> None:
         core = self.core
         rpc: Rpc[Any, Any] = request.kind.value
-        body = _encode(request)
+        body = encode_request(request)
         try:
             core._running[request.ref.task_id] = conn.start_call(
                 rpc.service,
@@ -152,12 +152,16 @@ class ActorLines:
         core = self.core
         core._running.pop(request.ref.task_id, None)
         core._window_freed()
-        ref = request.ref
-        if isinstance(outcome, asyncio.CancelledError):
-            _settle(ref._future, error=core._cancelled_error(ref.name))
-            return
         if isinstance(outcome, TransportError):
             core._forget(conn)
+        self.settle(request, outcome)
+
+    def settle(self, request: ActorRequest, outcome: Outcome | bytes | BaseException) -> None:
+        """Settle *request*'s TaskRef with its outcome (on any thread: a lane's too)."""
+        ref = request.ref
+        if isinstance(outcome, asyncio.CancelledError):
+            _settle(ref._future, error=self.core._cancelled_error(ref.name))
+            return
         try:
             if isinstance(outcome, BaseException):
                 _settle(ref._future, error=_failure(request, outcome))
@@ -185,7 +189,7 @@ class ActorLines:
             await asyncio.gather(*senders, return_exceptions=True)
 
 
-def _encode(request: ActorRequest) -> bytes:
+def encode_request(request: ActorRequest) -> bytes:
     payload = request.payload or b""
     if request.kind is Kind.CREATE:
         spec, options = request.spec, request.options

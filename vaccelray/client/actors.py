@@ -10,14 +10,16 @@ id; there it reaches the actor through the worker's private socket).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import secrets
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from vaccelray.client.actorcalls import ActorRequest, Kind
+from vaccelray.client.actorcalls import ActorRequest, Kind, encode_request
 from vaccelray.client.errors import ActorDiedError
 from vaccelray.client.refs import TaskRef, _settle
 from vaccelray.client.remote import Options, function_spec, in_pool_process, pickle_args
+from vaccelray.protocol.services import CALL_ACTOR
 
 if TYPE_CHECKING:
     from vaccelray.client.api import Client
@@ -102,7 +104,7 @@ class ActorHandle(Generic[C]):
     made through it there go to the worker's private socket, and block.
     """
 
-    __slots__ = ("_core", "_created", "_methods", "actor_id", "name")
+    __slots__ = ("_core", "_created", "_last", "_methods", "actor_id", "name")
 
     def __init__(
         self, actor_id: str, name: str, methods: tuple[str, ...], core: Core | None
@@ -114,6 +116,8 @@ class ActorHandle(Generic[C]):
         self._created: TaskRef[None] = TaskRef(_caller(core), f"{actor_id}-new", name)
         if core is None:  # a copy: the actor was made elsewhere
             _settle(self._created._future, None)
+        #: The TaskRef of the newest request made through this handle.
+        self._last: TaskRef[Any] = self._created
 
     def __repr__(self) -> str:
         return f"<ActorHandle {self.name} {self.actor_id}>"
@@ -139,11 +143,17 @@ class ActorHandle(Generic[C]):
         ref: TaskRef[Any] = TaskRef(core, core.next_id(), f"{self.name}.{method}")
         has_refs = any(type(a) is TaskRef for a in (*args, *kwargs.values()))
         payload = None if has_refs else pickle_args(ref.name, args, kwargs, core.arg_limit)
-        core.submit_actor(
-            ActorRequest(
-                Kind.CALL, ref, self.actor_id, None, method, args, kwargs, payload, options
-            )
+        request = ActorRequest(
+            Kind.CALL, ref, self.actor_id, None, method, args, kwargs, payload, options
         )
+        last, self._last = self._last, ref
+        # With every earlier request answered, no order can be broken: the calling
+        # thread may send this one itself (see vaccelray.client.lane).
+        if payload is not None and last._future.done():
+            on_done = functools.partial(core.actors.settle, request)
+            if core.by_lane(ref, CALL_ACTOR, encode_request(request), on_done, options.timeout):
+                return ref
+        core.submit_actor(request)
         return ref
 
 
@@ -176,6 +186,7 @@ def kill(handle: ActorHandle[Any], *, timeout: float | None = 30.0) -> bool:
     if core is None:
         return bool(_local_call(handle.actor_id, Kind.KILL, "", b"", timeout))
     ref: TaskRef[bool] = TaskRef(core, core.next_id(), f"kill {handle.name}")
+    handle._last = ref
     core.submit_actor(
         ActorRequest(Kind.KILL, ref, handle.actor_id, None, "", (), {}, b"", Options())
     )

@@ -26,7 +26,7 @@ import os
 import pickle
 import secrets
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from ssl import SSLContext
 from typing import Any, Final, TypeVar
 
@@ -42,6 +42,7 @@ from vaccelray.client.errors import (
     WorkerLostError,
     remote_exception,
 )
+from vaccelray.client.lane import MAX_LANES, Lane, LaneOutcome, open_lane
 from vaccelray.client.refs import TaskRef, _settle
 from vaccelray.client.remote import FunctionSpec, Options, pickle_args
 from vaccelray.errors import ConnectError, Reason, RPCError, StatusCode, TransportError
@@ -111,6 +112,9 @@ class Core:
         #: Connections being closed after a transport error (see ``_forget``).
         self._closing: set[asyncio.Task[None]] = set()
         self._session_id = 0
+        #: Each calling thread's lane (None: it gets none), at most MAX_LANES of them.
+        self._lanes: dict[int, Lane | None] = {}
+        self._lanes_lock = threading.Lock()
 
     @classmethod
     async def open(
@@ -168,6 +172,11 @@ class Core:
         payload = None if has_refs else pickle_args(spec.name, args, kwargs, self.arg_limit)
         if payload is not None:
             keep_heap_for(len(payload))
+            if spec.digest in self._registered:
+                request = _request(ref, spec, payload, options, session_id)
+                on_done = functools.partial(self._lane_answered, ref, spec, request, options)
+                if self.by_lane(ref, SUBMIT, request, on_done, options.timeout):
+                    return ref
         queued = (ref, spec, args, kwargs, payload, options, session_id)
         if threading.get_ident() == self.thread_id:
             self._start(queued)
@@ -195,6 +204,93 @@ class Core:
         if not self._woken:
             self._woken = True
             self.loop.call_soon_threadsafe(self._start_queued)
+
+    # -- the blocking path (see vaccelray.client.lane) ------------------------------
+
+    def by_lane(
+        self,
+        ref: TaskRef[Any],
+        rpc: Rpc[Any, Any],
+        request: bytes,
+        on_done: Callable[[LaneOutcome], None],
+        timeout: float | None,
+    ) -> bool:
+        """Send *request* on the calling thread's own lane; False when it cannot go that way.
+
+        Only plain threads get a lane (not the client's loop, not another event loop:
+        there the reply is awaited, not read), and only while their lane is idle.
+        """
+        if self._closed or threading.get_ident() == self.thread_id:
+            return False
+        if asyncio._get_running_loop() is not None:
+            return False
+        lane = self._lane()
+        if lane is None or not lane.idle:
+            return False
+        ref._lane = lane
+        if lane.send(
+            rpc.service, rpc.method, request, on_done, timeout=timeout, metadata=self.metadata
+        ):
+            return True
+        ref._lane = None
+        return False
+
+    def _lane(self) -> Lane | None:
+        thread = threading.get_ident()
+        lane = self._lanes.get(thread)
+        if lane is not None and not lane.closed:
+            return lane
+        with self._lanes_lock:
+            if thread in self._lanes and lane is None:
+                return None  # this thread gets none
+            if lane is None and len(self._lanes) >= MAX_LANES:
+                return None
+            if self.ssl is not None:
+                lane = None  # TLS stays on the loop's connection
+            else:
+                lane = open_lane(self.address, self.max_message_size, self.connect_timeout)
+            if self._closed and lane is not None:
+                lane.close(WorkerLostError("the client was shut down"))
+                lane = None
+            self._lanes[thread] = lane
+            return lane
+
+    def _lane_answered(
+        self,
+        ref: TaskRef[Any],
+        spec: FunctionSpec,
+        request: bytes,
+        options: Options,
+        outcome: LaneOutcome,
+    ) -> None:
+        """A lane's reply (on the thread reading it): a result or a raised error settles the
+        TaskRef here; anything else goes on on the loop, as a fast-path call would."""
+        if isinstance(outcome, bytes):
+            try:
+                reply = SUBMIT.reply.decode(outcome)
+            except RPCError as exc:
+                _settle(ref._future, error=TaskError(f"{spec.name}: {exc}", task=spec.name))
+                return
+            if isinstance(reply, wire.TaskDone):
+                try:
+                    _settle(ref._future, _load_result(reply.result, spec.name))
+                except TaskError as exc:
+                    _settle(ref._future, error=exc)
+                return
+            if reply.kind != wire.FailureKind.CRASHED:
+                _settle(ref._future, error=_task_failure(reply, spec.name))
+                return
+        if self._closed:
+            _settle(ref._future, error=self._cancelled(spec))
+            return
+        self.loop.call_soon_threadsafe(self._answered, ref, spec, request, options, None, outcome)
+
+    def _close_lanes(self) -> None:
+        with self._lanes_lock:
+            lanes, self._lanes = self._lanes, {}
+        for lane in lanes.values():
+            if lane is not None:
+                lane.close(WorkerLostError("the client was shut down"))
 
     def _start_queued(self) -> None:
         self._woken = False
@@ -250,8 +346,8 @@ class Core:
         spec: FunctionSpec,
         request: bytes,
         options: Options,
-        conn: Connection,
-        outcome: Outcome,
+        conn: Connection | None,
+        outcome: Outcome | LaneOutcome,
     ) -> None:
         """The fast path's first attempt ended: settle the TaskRef, or go on in a task."""
         self._running.pop(ref.task_id, None)
@@ -441,14 +537,16 @@ class Core:
     # -- cancelling ----------------------------------------------------------------
 
     def cancel_soon(self, ref: TaskRef[Any]) -> None:
-        self._call_soon(self._cancel, ref.task_id)
+        self._call_soon(self._cancel, ref.task_id, ref._lane is not None)
 
-    def _cancel(self, task_id: str) -> None:
+    def _cancel(self, task_id: str, by_lane: bool = False) -> None:
+        """Stop a task; *by_lane*: it went by a lane (the worker is told all the same)."""
         task = self._running.pop(task_id, None)
-        if task is None:
+        if task is not None:
+            task.cancel()
+            self._window_freed()
+        elif not by_lane:
             return  # ended, or held back: it is dropped when its turn comes (done already)
-        task.cancel()
-        self._window_freed()
         conn = self._conn
         if conn is None:
             return
@@ -497,6 +595,7 @@ class Core:
     async def aclose(self) -> None:
         """Fail the tasks in flight with WorkerLostError, close the connection."""
         self._closed = True
+        self._close_lanes()
         self._start_queued()  # fails them: the client is shut down
         waiting, self._waiting = self._waiting, collections.deque()
         for queued in waiting:

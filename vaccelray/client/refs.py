@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
@@ -12,6 +13,7 @@ from vaccelray.client.errors import GetTimeoutError, TaskCancelledError
 
 if TYPE_CHECKING:
     from vaccelray.client.core import Core
+    from vaccelray.client.lane import Lane
 
 __all__ = ["TaskRef", "get", "wait"]
 
@@ -28,13 +30,15 @@ class TaskRef(Generic[R]):
     that task runs.
     """
 
-    __slots__ = ("_core", "_future", "name", "task_id")
+    __slots__ = ("_core", "_future", "_lane", "name", "task_id")
 
     def __init__(self, core: Core, task_id: str, name: str) -> None:
         self._core = core
         self._future: concurrent.futures.Future[R] = concurrent.futures.Future()
         self.task_id = task_id
         self.name = name
+        #: The lane its call went by, when it went by one (see ``vaccelray.client.lane``).
+        self._lane: Lane | None = None
 
     def __repr__(self) -> str:
         if not self._future.done():
@@ -47,11 +51,33 @@ class TaskRef(Generic[R]):
 
     def done(self) -> bool:
         """True once the task has a result or an error."""
+        self._read_elsewhere()
         return self._future.done()
+
+    def _read_elsewhere(self) -> None:
+        """Someone other than the lane's own thread waits: a helper thread reads its reply."""
+        lane = self._lane
+        if lane is not None and not self._future.done():
+            lane.hand_off()
+
+    def _wait_here(self, timeout: float | None) -> float | None:
+        """Read the lane (its own thread) or hand it off; the time left of *timeout*."""
+        lane = self._lane
+        if lane is None or self._future.done():
+            return timeout
+        if threading.get_ident() != lane.owner:
+            lane.hand_off()
+            return timeout
+        start = time.monotonic()
+        lane.pump(self._future.done, timeout)
+        if not self._future.done():
+            lane.hand_off()  # handed to the loop (a retry), or timed out: not ours to read
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
 
     def result(self, timeout: float | None = None) -> R:
         """The task's return value, or raise its error; :class:`GetTimeoutError` after *timeout*."""
         self._core.check_blocking("TaskRef.result")
+        timeout = self._wait_here(timeout)
         try:
             return self._future.result(timeout)
         except BaseException as exc:
@@ -70,6 +96,7 @@ class TaskRef(Generic[R]):
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The task's error (None when it succeeded), waiting like :meth:`result`."""
         self._core.check_blocking("TaskRef.exception")
+        timeout = self._wait_here(timeout)
         try:
             return self._future.exception(timeout)
         except TimeoutError:
@@ -90,8 +117,10 @@ class TaskRef(Generic[R]):
     def add_done_callback(self, callback: Callable[[TaskRef[R]], object]) -> None:
         """Call *callback(ref)* when the task ends (in the client's thread; keep it short)."""
         self._future.add_done_callback(lambda _: callback(self))
+        self._read_elsewhere()
 
     def __await__(self) -> Generator[Any, None, R]:
+        self._read_elsewhere()
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # another async library (anyio on trio): wait in a thread
@@ -154,6 +183,8 @@ def wait(
     if refs:
         refs[0]._core.check_blocking("wait")
     deadline = None if timeout is None else time.monotonic() + timeout
+    for ref in refs:
+        ref._read_elsewhere()
     futures = {ref._future for ref in refs}
     while sum(1 for f in futures if f.done()) < num_returns:
         left = None if deadline is None else deadline - time.monotonic()

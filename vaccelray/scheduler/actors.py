@@ -16,7 +16,8 @@ fails with ``ACTOR_DIED``; the actor is created again on another worker
 lost *process* on its own, counting apart), else it is dead. Actors belong
 to the client connection that made them: bounded per connection
 (``max_actors_per_connection``, RESOURCE_EXHAUSTED past it), killed on their
-workers when it closes.
+workers when it closes. Any connection that knows an actor's id (128 random
+bits) may call it, as on a worker: the client's own blocking lanes do.
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ class ActorRouter:
         self.tasks = tasks
         self._task_group = task_group
         self.max_actors_per_connection = max_actors_per_connection
-        #: (client connection id, actor id) -> the actor.
-        self.actors: dict[tuple[int, str], _Placed] = {}
-        self._graves: collections.OrderedDict[tuple[int, str], str] = collections.OrderedDict()
+        #: The actors by id (random, unguessable: knowing one is the right to call it,
+        #: as on a worker, so a client's other connections and its tasks may).
+        self.actors: dict[str, _Placed] = {}
+        self._graves: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     def methods(self) -> dict[str, Method]:
         return {
@@ -105,11 +107,11 @@ class ActorRouter:
     # -- the table ------------------------------------------------------------------
 
     def holds_state(self, connection_id: int) -> bool:
-        return any(owner == connection_id for owner, _ in self.actors)
+        return any(p.owner == connection_id for p in self.actors.values())
 
     def connection_closed(self, connection_id: int) -> None:
-        """A client connection closed: its actors are killed on their workers."""
-        for key in [k for k in self.actors if k[0] == connection_id]:
+        """A client connection closed: the actors it made are killed on their workers."""
+        for key in [k for k, p in self.actors.items() if p.owner == connection_id]:
             placed = self.actors.pop(key)
             if placed.address is not None:
                 self._task_group.start_soon(self._kill_on, placed.address, placed.request.actor_id)
@@ -123,22 +125,22 @@ class ActorRouter:
         except (WorkerUnavailable, RPCError) as exc:
             log.info("Kill of actor %s on %s failed: %s", actor_id, address, exc)
 
-    def _bury(self, key: tuple[int, str], placed: _Placed, why: str) -> None:
+    def _bury(self, key: str, placed: _Placed, why: str) -> None:
         if self.actors.get(key) is placed:
             del self.actors[key]
         self._graves[key] = why
         while len(self._graves) > _GRAVES:
             self._graves.popitem(last=False)
 
-    def _find(self, key: tuple[int, str]) -> _Placed:
+    def _find(self, key: str) -> _Placed:
         placed = self.actors.get(key)
         if placed is not None:
             return placed
         why = self._graves.get(key)
         if why is not None:
-            raise _died(key[1], why)
+            raise _died(key, why)
         raise RPCError(
-            StatusCode.NOT_FOUND, f"no actor {key[1]} on this scheduler", reason=Reason.ACTOR_DIED
+            StatusCode.NOT_FOUND, f"no actor {key} on this scheduler", reason=Reason.ACTOR_DIED
         )
 
     # -- CreateActor ------------------------------------------------------------------
@@ -147,11 +149,11 @@ class ActorRouter:
         request = CREATE_ACTOR.request.decode(payload)
         CREATE_ACTOR.check(request, 0)
         function = self.tasks.functions.get(request.digest).payload
-        key = (ctx.connection_id, request.actor_id)
+        key = request.actor_id
         if key in self.actors or key in self._graves:
             raise RPCError(StatusCode.ALREADY_EXISTS, f"actor {request.actor_id} exists already")
         limit = self.max_actors_per_connection
-        if limit and sum(1 for owner, _ in self.actors if owner == ctx.connection_id) >= limit:
+        if limit and sum(1 for p in self.actors.values() if p.owner == ctx.connection_id) >= limit:
             raise RPCError(
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"this connection made {limit} actors, its most (scheduler option "
@@ -231,7 +233,7 @@ class ActorRouter:
     async def _call(self, payload: bytes, ctx: CallContext) -> bytes:
         request = CALL_ACTOR.request.decode(payload)
         CALL_ACTOR.check(request, 0)
-        key = (ctx.connection_id, request.actor_id)
+        key = request.actor_id
         placed = self._find(key)
         before, mine = placed.turn()
         try:
@@ -259,7 +261,7 @@ class ActorRouter:
 
     async def _worker_lost(
         self,
-        key: tuple[int, str],
+        key: str,
         placed: _Placed,
         request: wire.CallActor,
         exc: WorkerUnavailable,
@@ -289,7 +291,7 @@ class ActorRouter:
     async def _kill(self, payload: bytes, ctx: CallContext) -> bytes:
         request = KILL_ACTOR.request.decode(payload)
         KILL_ACTOR.check(request, 0)
-        key = (ctx.connection_id, request.actor_id)
+        key = request.actor_id
         placed = self.actors.get(key)
         if placed is None:
             return KILL_ACTOR.reply.encode(wire.ActorKilled(False))

@@ -1,0 +1,198 @@
+"""The worker's actor methods over their wire: fields, bounds, order, death, refusals."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import cloudpickle
+import pytest
+
+from vaccelray.auth import TokenCheck
+from vaccelray.errors import Reason, RPCError, StatusCode
+from vaccelray.functions import FunctionCache
+from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from vaccelray.protocol import actors as wire
+from vaccelray.protocol import tasks as task_wire
+from vaccelray.protocol.services import CALL_ACTOR, CREATE_ACTOR, KILL_ACTOR, WORKER
+from vaccelray.testing import connected_client
+from vaccelray.transport.client import Client
+from vaccelray.transport.server import Service
+from vaccelray.worker.actors import ActorService, running_actors
+from vaccelray.worker.agent import Agent
+from vaccelray.worker.noop import NoopBackend
+from vaccelray.worker.sandbox import SandboxConfig, prepare
+from vaccelray.worker.tasks import check_requirements
+
+pytestmark = pytest.mark.anyio
+
+
+class Box:
+    def __init__(self, start: int) -> None:
+        self.items = [start]
+
+    def put(self, item: int) -> list[int]:
+        self.items.append(item)
+        return self.items
+
+    def wait_for(self, path: str) -> str:
+        Path(path + ".started").touch()
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        return "seen"
+
+
+@dataclass
+class Harness:
+    client: Client
+    actors: ActorService
+    digest: str
+
+    async def create(self, actor_id: str, *args: Any, **fields: Any) -> task_wire.TaskReply:
+        request = wire.CreateActor(
+            actor_id, self.digest, "Box", cloudpickle.dumps((args, {})), **fields
+        )
+        reply = await self.client.call_rpc(CREATE_ACTOR, request)
+        return reply
+
+    async def call(self, actor_id: str, method: str, *args: Any) -> Any:
+        request = wire.CallActor(actor_id, "c", method, cloudpickle.dumps((args, {})))
+        reply = await self.client.call_rpc(CALL_ACTOR, request)
+        assert isinstance(reply, task_wire.TaskDone), reply
+        return cloudpickle.loads(reply.result)
+
+    async def kill(self, actor_id: str) -> bool:
+        return (await self.client.call_rpc(KILL_ACTOR, wire.KillActor(actor_id))).killed
+
+
+@asynccontextmanager
+async def actor_service(**bounds: int) -> AsyncIterator[Harness]:
+    backend = NoopBackend()
+    backend.start()
+    agent = Agent(backend)
+    functions = FunctionCache(1 << 20, keep_payload=False)
+    pickled = cloudpickle.dumps(Box)
+    digest = hashlib.sha256(pickled).hexdigest()
+    functions.add(task_wire.encode(task_wire.RegisterFunction(digest, "Box", pickled)))
+    try:
+        async with (
+            running_actors(
+                TokenCheck(),
+                functions,
+                functools.partial(check_requirements, agent),
+                sandbox=prepare(SandboxConfig(mode="embedded"), 1),
+                env={},
+                max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+                task_timeout=0,
+                **bounds,
+            ) as actors,
+            connected_client([Service(WORKER.name, actors.methods())]) as (client, _),
+        ):
+            yield Harness(client, actors, digest)
+    finally:
+        backend.close()
+
+
+async def test_an_actor_keeps_its_state_and_dies_when_killed() -> None:
+    async with actor_service() as h:
+        assert await h.create("a1", 5) == task_wire.TaskDone(b"")
+        assert await h.call("a1", "put", 6) == [5, 6]
+        assert await h.call("a1", "put", 7) == [5, 6, 7]
+        assert h.actors.holds_state(next(iter(h.actors.actors.values())).owner[0])
+        assert await h.kill("a1") is True
+        assert await h.kill("a1") is False
+        with pytest.raises(RPCError) as info:
+            await h.call("a1", "put", 8)
+        assert info.value.reason is Reason.ACTOR_DIED
+        assert "a1 was killed" in info.value.message
+        assert h.actors.actors == {}
+        with pytest.raises(RPCError) as info:
+            await h.call("nobody", "put", 1)
+        assert (info.value.code, info.value.reason) == (StatusCode.NOT_FOUND, Reason.ACTOR_DIED)
+        with pytest.raises(RPCError) as info:
+            await h.create("a1", 1)
+        assert info.value.code == StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize(
+    ("actor_id", "method"),
+    [("", "put"), ("x" * 65, "put"), ("a", ""), ("a", "_secret"), ("a", "m" * 257)],
+)
+async def test_ids_and_method_names_out_of_bounds_are_refused(actor_id: str, method: str) -> None:
+    async with actor_service() as h:
+        assert await h.create("a", 1) == task_wire.TaskDone(b"")
+        with pytest.raises(RPCError) as info:
+            await h.client.call_rpc(CALL_ACTOR, wire.CallActor(actor_id, "c", method))
+        assert info.value.code == StatusCode.INVALID_ARGUMENT
+        assert await h.call("a", "put", 2) == [1, 2]
+
+
+async def test_a_missing_method_raises_and_the_actor_lives_on() -> None:
+    async with actor_service() as h:
+        await h.create("a", 1)
+        request = wire.CallActor("a", "c", "nope", cloudpickle.dumps(((), {})))
+        reply = await h.client.call_rpc(CALL_ACTOR, request)
+        assert isinstance(reply, task_wire.TaskFailed)
+        assert reply.error is not None
+        assert reply.error.qualname == "AttributeError"
+        assert await h.call("a", "put", 2) == [1, 2]
+
+
+async def test_actor_bounds_refuse_at_once() -> None:
+    async with actor_service(max_actors=2, max_actors_per_connection=1) as h:
+        assert await h.create("a", 1, owner="alice") == task_wire.TaskDone(b"")
+        with pytest.raises(RPCError) as info:
+            await h.create("b", 1, owner="alice")
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-actors-per-connection" in info.value.message
+        assert await h.create("c", 1, owner="bob") == task_wire.TaskDone(b"")
+        with pytest.raises(RPCError) as info:
+            await h.create("d", 1, owner="carol")
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-actors)" in info.value.message
+        await h.kill("a")  # room again
+        assert await h.create("e", 1, owner="alice") == task_wire.TaskDone(b"")
+
+
+async def test_needs_the_worker_lacks_are_refused() -> None:
+    async with actor_service() as h:
+        with pytest.raises(RPCError) as info:
+            await h.create("a", 1, backend="onnx")
+        assert info.value.code == StatusCode.FAILED_PRECONDITION
+        with pytest.raises(RPCError) as info:
+            await h.create("b", 1, max_restarts=-1)
+        assert info.value.code == StatusCode.INVALID_ARGUMENT
+
+
+async def test_calls_queue_in_order_up_to_the_bound(tmp_path: Path) -> None:
+    async with actor_service(max_pending_calls=2) as h:
+        await h.create("a", 0)
+        release = tmp_path / "go"
+        results: dict[str, Any] = {}
+
+        async def call(name: str, method: str, *args: Any) -> None:
+            results[name] = await h.call("a", method, *args)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "held", "wait_for", str(release))
+            with anyio.fail_after(30):
+                while not os.path.exists(f"{release}.started"):  # noqa: ASYNC110, ASYNC240
+                    await anyio.sleep(0.01)
+            tg.start_soon(call, "one", "put", 1)
+            tg.start_soon(call, "two", "put", 2)
+            with anyio.fail_after(30):
+                while len(h.actors.actors["a"].queue) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            with pytest.raises(RPCError) as info:
+                await h.call("a", "put", 3)
+            assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+            release.touch()
+        assert results == {"held": "seen", "one": [0, 1], "two": [0, 1, 2]}
