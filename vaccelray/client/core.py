@@ -31,7 +31,6 @@ from ssl import SSLContext
 from typing import Any, Final, TypeVar
 
 from vaccelray.allocator import keep_heap_for
-from vaccelray.auth import token_metadata
 from vaccelray.client.errors import (
     AuthenticationError,
     CapabilityError,
@@ -44,6 +43,7 @@ from vaccelray.client.errors import (
 from vaccelray.client.refs import TaskRef, _settle
 from vaccelray.client.remote import FunctionSpec, Options, pickle_args
 from vaccelray.errors import ConnectError, Reason, RPCError, StatusCode, TransportError
+from vaccelray.membership import Credential, MembershipError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol._pb import vaccel_pb2 as pb
@@ -82,12 +82,14 @@ class Core:
         ssl: SSLContext | None,
         connect_timeout: float,
         max_message_size: int,
+        ca: str | None = None,
     ) -> None:
         self.address = address
         self.loop = asyncio.get_running_loop()
         self.thread_id = threading.get_ident()
-        self.metadata = token_metadata(token)
-        self.ssl = ssl
+        #: TLS and the membership proof to TCP addresses; the token only on unix sockets.
+        self.credential = Credential(token, ca=ca, tls=ssl)
+        self.metadata = self.credential.metadata_for(address)
         self.connect_timeout = connect_timeout
         self.max_message_size = max_message_size
         self.arg_limit = max_message_size - wire.ARG_LIMIT_MARGIN
@@ -118,12 +120,15 @@ class Core:
         ssl: SSLContext | None = None,
         connect_timeout: float = 5.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        ca: str | None = None,
     ) -> Core:
-        """A core connected to *address* (raises ConnectError when it cannot be reached)."""
+        """A core connected to *address* (raises ConnectError when it cannot be reached,
+        AuthenticationError when the peer does not prove it holds the cluster token)."""
         core = cls(
             address,
             token=token,
             ssl=ssl,
+            ca=ca,
             connect_timeout=connect_timeout,
             max_message_size=max_message_size,
         )
@@ -445,12 +450,16 @@ class Core:
         async with self._connect_lock:
             conn = self._conn
             if conn is None or conn.is_closed:
-                conn = await open_client(
-                    self.address,
-                    connect_timeout=self.connect_timeout,
-                    max_message_size=self.max_message_size,
-                    ssl=self.ssl,
-                )
+                try:
+                    conn = await open_client(
+                        self.address,
+                        connect_timeout=self.connect_timeout,
+                        max_message_size=self.max_message_size,
+                        ssl=self.credential.ssl_for(self.address),
+                        setup=self.credential.setup_for(self.address),
+                    )
+                except MembershipError as exc:  # nothing was sent: results come from members
+                    raise AuthenticationError(str(exc)) from None
                 if self._closed:  # shut down while connecting: nobody would close it
                     conn.close()
                     raise TransportError("the client was shut down")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from vaccelray.auth import ExecPolicy, TokenCheck, daemon_token, protect
+from vaccelray.membership import node_credential
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.forwarding import AgentForwarder
 from vaccelray.scheduler.health import HealthChecker
@@ -60,6 +61,12 @@ class SchedulerConfig:
     #: The cluster token callers of the task service must present, and the scheduler
     #: presents to workers; None: the user's default token (see ``vaccelray.auth``).
     token: str | None = field(default=None, repr=False)
+    #: PEM certificate (and key) the scheduler serves TLS with and shows workers;
+    #: None: its own self-signed one (see ``vaccelray.tls``).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: The cluster CA: TLS peers that show a certificate must have one it signed.
+    tls_ca: str | None = None
     #: Forward vAccel requests that load a library (exec) from other hosts too.
     allow_exec: bool = False
     #: Permissions of the scheduler's unix socket files (its own user only by default).
@@ -106,11 +113,17 @@ async def run_scheduler(
     (:class:`AgentForwarder`) and the task service (:class:`TaskRouter`).
     """
     token, token_path = daemon_token(config.token)
+    credential = node_credential(
+        token,
+        cert=config.tls_cert,
+        key=config.tls_key,
+        ca=config.tls_ca,
+        default=token_path is not None,
+    )
     pool = WorkerPool(
         connect_timeout=config.health_timeout,
         max_message_size=config.max_message_size,
-        token=token,
-        token_is_default=token_path is not None,
+        credential=credential,
     )
     for address in config.workers:
         pool.registry.add_static(address)
@@ -143,9 +156,11 @@ async def run_scheduler(
                     *view.services(),
                     *task_services,
                     tasks.classify_service(),
+                    credential.service("scheduler"),
                     *extra_services,
                 ],
                 config.addresses,
+                ssl=credential.server_ssl(),
                 max_message_size=config.max_message_size,
                 grace=config.grace,
                 on_disconnect=table.connection_closed,

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import os
 import socket
+import ssl as ssl_module
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -324,6 +325,11 @@ async def open_connection(
                 ssl=ssl,
                 server_hostname="localhost" if ssl is not None else None,
             )
+    except ssl_module.SSLError as exc:
+        detail = getattr(exc, "verify_message", None) or exc.reason or exc
+        raise ConnectError(
+            f"cannot connect to {endpoint}: TLS handshake failed ({detail})"
+        ) from exc
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConnectError(f"cannot connect to {endpoint}: {reason}") from exc

@@ -76,11 +76,13 @@ __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_INFLIGHT",
     "CallContext",
+    "Link",
     "Method",
     "Origin",
     "Server",
     "Service",
     "default_max_connections",
+    "is_tls_hello",
     "origin_of",
     "serve",
 ]
@@ -128,6 +130,32 @@ class Origin:
     listener: str
     loopback: bool
     uid: int | None = None
+
+
+@dataclass(slots=True)
+class Link:
+    """What one connection has established beyond its socket (one per connection).
+
+    *tls*: it speaks TLS; *peer_cert*: the DER certificate the peer showed
+    in the handshake, if any. *member*: the peer proved it holds the cluster
+    token on this connection (``vaccelray.membership``, which keeps the
+    proof's state between its two calls in *challenge*).
+    """
+
+    tls: bool = False
+    peer_cert: bytes = b""
+    member: bool = False
+    challenge: object = None
+
+
+#: The first byte of every TLS connection (a handshake record). Read as the first byte
+#: of a ttrpc frame's length it would announce a body of at least 352 MiB: never valid.
+_TLS_HANDSHAKE: Final = b"\x16"
+
+
+def is_tls_hello(first: bytes) -> bool:
+    """Whether a connection's first bytes open a TLS handshake (else: plaintext ttrpc)."""
+    return first[:1] == _TLS_HANDSHAKE
 
 
 #: What a connection whose socket cannot be asked is: a remote peer, nothing known.
@@ -181,6 +209,8 @@ class CallContext:
     connection_id: int = 0
     #: Where the connection came in and who is at its other end (see :class:`Origin`).
     origin: Origin = UNKNOWN_ORIGIN
+    #: What the connection established: TLS, membership (see :class:`Link`).
+    link: Link | None = None
 
     def get_metadata(self, key: str) -> str | None:
         """The last value sent for *key*, or None."""
@@ -332,6 +362,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.origin = UNKNOWN_ORIGIN
+        self.link = Link()
         #: Calls in flight off the loop's turn (inline ones finish within it).
         self.tasks: set[_TaskCall] = set()
         self.calls: set[_FutureCall] = set()
@@ -361,6 +392,10 @@ class _Connection(asyncio.BufferedProtocol):
         if sock is not None:
             tune_socket(sock)
         self.origin = self.given_origin or origin_of(sock)
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            self.link.tls = True
+            self.link.peer_cert = tls.getpeercert(binary_form=True) or b""
         peer = transport.get_extra_info("peername")
         self.peer = (
             f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "local"
@@ -571,7 +606,14 @@ class _Connection(asyncio.BufferedProtocol):
             # the loop's clock is anyio's on asyncio, read without a backend lookup
             deadline = self.loop.time() + event.timeout_nano * _NS
         return CallContext(
-            event.service, event.method, event.metadata, deadline, self.peer, self.id, self.origin
+            event.service,
+            event.method,
+            event.metadata,
+            deadline,
+            self.peer,
+            self.id,
+            self.origin,
+            self.link,
         )
 
     def _unknown(self, event: RequestReceived, now: float) -> bytes:
@@ -944,6 +986,8 @@ class Server:
     async def _connect(self, sock: socket.socket, ssl: SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
         try:
+            if ssl is not None and not is_tls_hello(await self._first_byte(sock)):
+                ssl = None  # plaintext: a vAccel client, or one of ours without TLS
             await loop.connect_accepted_socket(lambda: _Connection(self), sock, ssl=ssl)
         except Exception as exc:  # a TLS handshake that failed, say
             log.debug("Connection closed before it was served: %s", exc)
@@ -953,6 +997,30 @@ class Server:
             raise
         finally:
             self._starting -= 1
+
+    async def _first_byte(self, sock: socket.socket) -> bytes:
+        """The connection's first byte, left in the socket (empty at EOF).
+
+        Waits at most ``frame_timeout`` (a client speaks first, in either
+        protocol): a silent connection holds no slot past it (TimeoutError).
+        """
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        fd = sock.fileno()
+        loop.add_reader(fd, ready)
+        try:
+            await asyncio.wait_for(readable, self.frame_timeout or None)
+        finally:
+            loop.remove_reader(fd)
+        try:
+            return sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return b"\0"  # readable, yet nothing: not TLS either way
 
     async def accept_socket(self, sock: socket.socket, origin: Origin | None = None) -> None:
         """Serve one already connected socket (one end of a ``socketpair``, say).
@@ -1019,7 +1087,9 @@ async def serve(
 ) -> AsyncIterator[Server]:
     """Serve *services* on *endpoints* until the block exits (then shut down gracefully).
 
-    With *ssl*, every listener speaks TLS. *on_disconnect* is called with a
+    With *ssl*, every listener speaks TLS to clients that open with a TLS
+    handshake and plaintext to the others (told apart by the first byte).
+    *on_disconnect* is called with a
     connection's ``CallContext.connection_id`` when that client connection closes.
     *max_connections*, *frame_timeout*, *idle_timeout*, *holds_state* and
     *max_inflight_per_connection* limit what a client may hold (see
