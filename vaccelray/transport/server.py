@@ -1001,8 +1001,8 @@ class Server:
     async def _first_byte(self, sock: socket.socket) -> bytes:
         """The connection's first byte, left in the socket (empty at EOF).
 
-        Waits at most ``frame_timeout`` (a client speaks first, in either
-        protocol): a silent connection holds no slot past it (TimeoutError).
+        A client speaks first in either protocol; until it does, the
+        connection is idle: past ``idle_timeout`` it is closed (TimeoutError).
         """
         loop = asyncio.get_running_loop()
         readable: asyncio.Future[None] = loop.create_future()
@@ -1014,7 +1014,7 @@ class Server:
         fd = sock.fileno()
         loop.add_reader(fd, ready)
         try:
-            await asyncio.wait_for(readable, self.frame_timeout or None)
+            await asyncio.wait_for(readable, self.idle_timeout or None)
         finally:
             loop.remove_reader(fd)
         try:
