@@ -292,7 +292,8 @@ def part_idle(args: argparse.Namespace) -> dict[str, Any]:
     }
     log(
         f"a. {count} idle {'TLS' if args.tls else 'plaintext'} connections (opened in "
-        f"{opened_s:.1f} s, {kept} still open at the end): worker RSS {mib(before)} -> {mib(after)} MiB "
+        f"{opened_s:.1f} s, {kept} still open at the end): "
+        f"worker RSS {mib(before)} -> {mib(after)} MiB "
         f"[target <= 200 MiB: {verdict(after <= 200 * MiB)}], "
         f"{per_connection / KiB:.2f} KiB per connection "
         f"[target <= 16 KiB: {verdict(per_connection <= 16 * KiB)}]; "
