@@ -194,16 +194,22 @@ def task_rate(tree: Path, token_file: Path, in_flight: int, duration: float) -> 
     """No-op task round trips per second through a scheduler, all of *tree*'s code."""
     env = {"PYTHONPATH": str(tree)}
     token = ("--token-file", str(token_file))
-    worker = worker_argv("--backend", "noop", "--pool-size", "1", *token)
+
+    def of_tree(argv: list[str]) -> list[str]:
+        return [argv[0], "-P", *argv[1:]]  # -P: the code of PYTHONPATH, not of the cwd
+
+    worker = of_tree(worker_argv("--backend", "noop", "--pool-size", "1", *token))
     with (
         daemon(worker, env) as (_, waddr),
-        daemon([*scheduler([waddr]), *token], env) as (_, saddr),
+        daemon(of_tree([*scheduler([waddr]), *token]), env) as (_, saddr),
     ):
         out = subprocess.run(
-            [sys.executable, "-c", TASK_LOAD, saddr, token_file.read_text().strip(),
+            [sys.executable, "-P", "-c", TASK_LOAD, saddr, token_file.read_text().strip(),
              str(duration), str(in_flight)],
-            capture_output=True, text=True, env={**os.environ, **env}, cwd="/", check=True,
+            capture_output=True, text=True, env={**os.environ, **env}, cwd="/", check=False,
         )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"the task load failed on {tree}:\n{out.stderr}")
     return float(out.stdout.strip().splitlines()[-1])
 
 

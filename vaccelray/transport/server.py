@@ -67,6 +67,7 @@ from vaccelray.transport.endpoints import (
     parse_endpoint,
     tune_socket,
 )
+from vaccelray.transport.tls_layer import TlsLayer
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -985,18 +986,36 @@ class Server:
 
     async def _connect(self, sock: socket.socket, ssl: SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
+        layer: TlsLayer | None = None
         try:
-            if ssl is not None and not is_tls_hello(await self._first_byte(sock)):
-                ssl = None  # plaintext: a vAccel client, or one of ours without TLS
-            await loop.connect_accepted_socket(lambda: _Connection(self), sock, ssl=ssl)
-        except Exception as exc:  # a TLS handshake that failed, say
+            if ssl is not None and is_tls_hello(await self._first_byte(sock)):
+                # Still starting until its handshake ends (the layer says when).
+                self._starting += 1
+                layer = TlsLayer(
+                    ssl,
+                    _Connection(self),
+                    self._reads.view,
+                    timeout=self.frame_timeout,
+                    on_start=self._started,
+                )
+                await loop.connect_accepted_socket(lambda: layer, sock)
+            else:  # plaintext: a vAccel client, or one of ours without TLS
+                await loop.connect_accepted_socket(lambda: _Connection(self), sock)
+        except Exception as exc:
             log.debug("Connection closed before it was served: %s", exc)
             sock.close()
+            if layer is not None:
+                layer.started()
         except asyncio.CancelledError:
             sock.close()
+            if layer is not None:
+                layer.started()
             raise
         finally:
             self._starting -= 1
+
+    def _started(self) -> None:
+        self._starting -= 1
 
     async def _first_byte(self, sock: socket.socket) -> bytes:
         """The connection's first byte, left in the socket (empty at EOF).
