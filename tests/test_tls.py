@@ -10,12 +10,14 @@ agent service on the same listeners.
 from __future__ import annotations
 
 import json
+import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -25,12 +27,14 @@ from cryptography import x509
 import vaccelray
 from tests.conftest import start_worker
 from tests.processes import REPO, Proc, child_env, scheduler_argv, start_daemon
+from tests.waiting import eventually
 from vaccelray.agent_client import AgentClient
 from vaccelray.cli import main
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
-from vaccelray.tls import TlsError, load_identity, node_identity
+from vaccelray.tls import TlsError, client_context, load_identity, node_identity, server_context
 from vaccelray.transport.client import connect
+from vaccelray.transport.server import Method, Server, Service, serve
 from vaccelray.worker.noop import NOOP_TAG
 
 TOKEN = "a cluster token for the TLS tests"
@@ -252,3 +256,56 @@ def test_the_daemons_document_their_tls_options() -> None:
         for option in ("--tls-cert", "--tls-key", "--tls-ca"):
             assert option in result.output, (command, option)
     assert "--tls-ca" in CliRunner().invoke(main, ["submit", "run", "--help"]).output
+
+
+# -- the listener: sniff and handshake ------------------------------------------------------
+
+
+@asynccontextmanager
+async def tls_listener(tmp_path: Path, **options: Any) -> AsyncIterator[Server]:
+    identity = node_identity(tmp_path / "node")
+    echo = Service("test.Echo", {"Echo": Method(lambda p, ctx: p, inline=True)})
+    async with serve(
+        [echo], ["tcp://127.0.0.1:0"], ssl=server_context(identity), grace=0.5, **options
+    ) as server:
+        yield server
+
+
+def _closed_by_peer(address: str, first: bytes) -> bytes:
+    """Send *first*, then read until the server closes the connection."""
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(first)
+        got = b""
+        while chunk := sock.recv(4096):
+            got += chunk
+        return got
+
+
+@pytest.mark.anyio
+async def test_a_stalled_tls_handshake_is_closed_and_frees_its_slot(tmp_path: Path) -> None:
+    async with tls_listener(tmp_path, frame_timeout=0.2, max_connections=1) as server:
+        address = server.addresses[0]
+        # A handshake record that never completes: closed at the frame timeout, no answer.
+        assert await anyio.to_thread.run_sync(_closed_by_peer, address, b"\x16\x03\x01") == b""
+        await eventually(lambda: server._starting == 0, "the slot given back")
+        # The one slot serves again: a whole TLS client echoes.
+        async with connect(address, ssl=client_context()) as client:
+            assert await client.call("test.Echo", "Echo", b"hi") == b"hi"
+            assert client.peer_cert is not None
+        # And plaintext on the same listener.
+        async with connect(address) as client:
+            assert await client.call("test.Echo", "Echo", b"plain") == b"plain"
+            assert client.peer_cert is None
+
+
+@pytest.mark.anyio
+async def test_garbage_after_a_tls_first_byte_is_dropped(tmp_path: Path) -> None:
+    async with tls_listener(tmp_path) as server:
+        # 0x16, then not a TLS record: the handshake fails, the connection is closed.
+        junk = b"\x16" + b"\xff" * 64
+        answer = await anyio.to_thread.run_sync(_closed_by_peer, server.addresses[0], junk)
+        assert b"\xff" * 8 not in answer  # nothing of ours echoed, at most a TLS alert
+        await eventually(lambda: server._starting == 0 and server.connections == 0, "dropped")
+        async with connect(server.addresses[0], ssl=client_context()) as client:
+            assert await client.call("test.Echo", "Echo", b"ok") == b"ok"
