@@ -288,7 +288,7 @@ async def test_a_stalled_tls_handshake_is_closed_and_frees_its_slot(tmp_path: Pa
         address = server.addresses[0]
         # A handshake record that never completes: closed at the frame timeout, no answer.
         assert await anyio.to_thread.run_sync(_closed_by_peer, address, b"\x16\x03\x01") == b""
-        await eventually(lambda: server._starting == 0, "the slot given back")
+        await eventually(lambda: server.connections == 0, "the slot given back")
         # The one slot serves again: a whole TLS client echoes.
         async with connect(address, ssl=client_context()) as client:
             assert await client.call("test.Echo", "Echo", b"hi") == b"hi"
@@ -306,6 +306,6 @@ async def test_garbage_after_a_tls_first_byte_is_dropped(tmp_path: Path) -> None
         junk = b"\x16" + b"\xff" * 64
         answer = await anyio.to_thread.run_sync(_closed_by_peer, server.addresses[0], junk)
         assert b"\xff" * 8 not in answer  # nothing of ours echoed, at most a TLS alert
-        await eventually(lambda: server._starting == 0 and server.connections == 0, "dropped")
+        await eventually(lambda: server.connections == 0, "dropped")
         async with connect(server.addresses[0], ssl=client_context()) as client:
             assert await client.call("test.Echo", "Echo", b"ok") == b"ok"

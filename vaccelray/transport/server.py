@@ -83,7 +83,6 @@ __all__ = [
     "Server",
     "Service",
     "default_max_connections",
-    "is_tls_hello",
     "origin_of",
     "serve",
 ]
@@ -151,12 +150,7 @@ class Link:
 
 #: The first byte of every TLS connection (a handshake record). Read as the first byte
 #: of a ttrpc frame's length it would announce a body of at least 352 MiB: never valid.
-_TLS_HANDSHAKE: Final = b"\x16"
-
-
-def is_tls_hello(first: bytes) -> bool:
-    """Whether a connection's first bytes open a TLS handshake (else: plaintext ttrpc)."""
-    return first[:1] == _TLS_HANDSHAKE
+_TLS_HANDSHAKE: Final = 0x16
 
 
 #: What a connection whose socket cannot be asked is: a remote peer, nothing known.
@@ -355,8 +349,12 @@ class _TaskCall:
 class _Connection(asyncio.BufferedProtocol):
     """One client connection."""
 
-    def __init__(self, server: Server, origin: Origin | None = None) -> None:
+    def __init__(
+        self, server: Server, origin: Origin | None = None, tls: SSLContext | None = None
+    ) -> None:
         self.server = server
+        #: The TLS context, until the first read says whether the client speaks TLS.
+        self.sniff = tls
         #: Who the peer is, when the caller says so (else the socket is asked).
         self.given_origin = origin
         self.proto = ServerConnection(server.max_message_size)
@@ -405,6 +403,8 @@ class _Connection(asyncio.BufferedProtocol):
         now = self.loop.time()
         server._connections.add(self)
         self.last_active = now
+        if self.idle_timer is not None:  # made again, over TLS
+            self.idle_timer.cancel()
         if server.idle_timeout > 0:
             self.idle_timer = self.loop.call_at(now + server.idle_timeout, self._idle_check)
 
@@ -523,8 +523,28 @@ class _Connection(asyncio.BufferedProtocol):
         return self.reads.view
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.sniff is not None:
+            tls, self.sniff = self.sniff, None
+            if self.reads.view[0] == _TLS_HANDSHAKE:
+                self._start_tls(tls, nbytes)
+                return
         self.proto.receive_data(self.reads.take(nbytes))
         self._handle_requests()
+
+    def _start_tls(self, context: SSLContext, nbytes: int) -> None:
+        """The client opened with a TLS handshake: put a TLS layer under this connection.
+
+        The layer takes the socket's transport and the bytes read so far, and
+        makes this connection again once the handshake is done (so it sees
+        the peer's certificate); until then it is an idle connection holding
+        nothing, and the handshake must end within ``frame_timeout``.
+        """
+        raw = self.transport
+        assert raw is not None
+        layer = TlsLayer(context, self, self.reads.view, timeout=self.server.frame_timeout)
+        raw.set_protocol(layer)
+        layer.adopt(raw)
+        layer.buffer_updated(nbytes)
 
     def _handle_requests(self) -> None:
         """Answer the requests received, until the client stops reading the answers.
@@ -986,60 +1006,17 @@ class Server:
 
     async def _connect(self, sock: socket.socket, ssl: SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
-        layer: TlsLayer | None = None
         try:
-            if ssl is not None and is_tls_hello(await self._first_byte(sock)):
-                # Still starting until its handshake ends (the layer says when).
-                self._starting += 1
-                layer = TlsLayer(
-                    ssl,
-                    _Connection(self),
-                    self._reads.view,
-                    timeout=self.frame_timeout,
-                    on_start=self._started,
-                )
-                await loop.connect_accepted_socket(lambda: layer, sock)
-            else:  # plaintext: a vAccel client, or one of ours without TLS
-                await loop.connect_accepted_socket(lambda: _Connection(self), sock)
+            # Plaintext until the first byte says TLS (see _Connection.buffer_updated).
+            await loop.connect_accepted_socket(lambda: _Connection(self, tls=ssl), sock)
         except Exception as exc:
             log.debug("Connection closed before it was served: %s", exc)
             sock.close()
-            if layer is not None:
-                layer.started()
         except asyncio.CancelledError:
             sock.close()
-            if layer is not None:
-                layer.started()
             raise
         finally:
             self._starting -= 1
-
-    def _started(self) -> None:
-        self._starting -= 1
-
-    async def _first_byte(self, sock: socket.socket) -> bytes:
-        """The connection's first byte, left in the socket (empty at EOF).
-
-        A client speaks first in either protocol; until it does, the
-        connection is idle: past ``idle_timeout`` it is closed (TimeoutError).
-        """
-        loop = asyncio.get_running_loop()
-        readable: asyncio.Future[None] = loop.create_future()
-
-        def ready() -> None:
-            if not readable.done():
-                readable.set_result(None)
-
-        fd = sock.fileno()
-        loop.add_reader(fd, ready)
-        try:
-            await asyncio.wait_for(readable, self.idle_timeout or None)
-        finally:
-            loop.remove_reader(fd)
-        try:
-            return sock.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return b"\0"  # readable, yet nothing: not TLS either way
 
     async def accept_socket(self, sock: socket.socket, origin: Origin | None = None) -> None:
         """Serve one already connected socket (one end of a ``socketpair``, say).

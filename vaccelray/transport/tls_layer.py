@@ -15,9 +15,7 @@ The inner protocol is made (``connection_made``) once the handshake is
 done, so it sees the peer's certificate; a handshake that does not finish
 within *timeout* seconds closes the connection (:attr:`TlsLayer.ready`
 says how it ended). The server side is the default; given a
-*server_hostname*, the layer is a client's. *on_start* is called once
-the handshake has ended, whichever way (a server counts the connections
-still starting against its cap).
+*server_hostname*, the layer is a client's.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
 from typing import Any, cast
 
 __all__ = ["TlsLayer"]
@@ -84,7 +81,6 @@ class TlsLayer(asyncio.BufferedProtocol):
         buffer: memoryview,
         *,
         timeout: float,
-        on_start: Callable[[], None] = lambda: None,
         server_hostname: str | None = None,
     ) -> None:
         self.incoming = ssl.MemoryBIO()
@@ -105,10 +101,17 @@ class TlsLayer(asyncio.BufferedProtocol):
         self.raw: asyncio.Transport = cast(asyncio.Transport, None)
         self.transport: _TlsTransport | None = None  # once the handshake is done
         self.timer: asyncio.TimerHandle | None = None
-        #: Called once, when the handshake ends (done, failed or cut off).
-        self._on_start: Callable[[], None] | None = on_start
+        #: The inner protocol was made on the plain transport already (see :meth:`adopt`).
+        self.adopted = False
 
     # -- from the socket --------------------------------------------------------
+
+    def adopt(self, transport: asyncio.Transport) -> None:
+        """Take over the transport of a connection whose inner protocol is made already
+        (a server that saw the first byte of a handshake); it is made again once the
+        handshake is done, and told when the connection is lost, whenever that is."""
+        self.adopted = True
+        self.connection_made(transport)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = cast(asyncio.Transport, transport)
@@ -167,13 +170,10 @@ class TlsLayer(asyncio.BufferedProtocol):
         return False  # close
 
     def started(self) -> None:
-        """The handshake ended (or never will): stop its timer, tell *on_start* (once)."""
+        """The handshake ended (or never will): stop its timer."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        on_start, self._on_start = self._on_start, None
-        if on_start is not None:
-            on_start()
 
     def _failed(self, exc: BaseException) -> None:
         if not self.ready.done():
@@ -183,8 +183,9 @@ class TlsLayer(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.started()
         self._failed(exc or ConnectionResetError("connection closed during the TLS handshake"))
-        if self.transport is not None:
+        if self.transport is not None or self.adopted:
             self.transport = None
+            self.adopted = False
             self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
