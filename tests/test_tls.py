@@ -309,3 +309,25 @@ async def test_garbage_after_a_tls_first_byte_is_dropped(tmp_path: Path) -> None
         await eventually(lambda: server.connections == 0, "dropped")
         async with connect(server.addresses[0], ssl=client_context()) as client:
             assert await client.call("test.Echo", "Echo", b"ok") == b"ok"
+
+
+@pytest.mark.anyio
+async def test_tls_carries_large_and_pipelined_calls_whole(tmp_path: Path) -> None:
+    async with (
+        tls_listener(tmp_path) as server,
+        connect(server.addresses[0], ssl=client_context()) as client,
+    ):
+        # Larger than the shared read buffer (256 KiB): delivered in several goes.
+        big = bytes(range(256)) * 4096  # 1 MiB
+        assert await client.call("test.Echo", "Echo", big) == big
+        # Many calls in flight: their records arrive together, each answered once.
+        payloads = [str(i).encode() * (i % 7 + 1) for i in range(200)]
+        answers: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            answers[i] = await client.call("test.Echo", "Echo", payloads[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(payloads)):
+                tg.start_soon(one, i)
+        assert [answers[i] for i in range(len(payloads))] == payloads

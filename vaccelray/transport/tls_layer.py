@@ -150,20 +150,37 @@ class TlsLayer(asyncio.BufferedProtocol):
         return True
 
     def _deliver(self) -> None:
-        """Hand every cleartext byte decrypted so far to the inner protocol."""
+        """Hand every cleartext byte decrypted so far to the inner protocol, in one go.
+
+        The records of one read are decrypted one after the other into the
+        buffer and handed over together, as one plaintext read would be: the
+        server then answers all the requests in them with one write.
+        """
         buffer, inner, tls, incoming = self.buffer, self.inner, self.tls, self.incoming
+        size = len(buffer)
+        filled = 0
+        closing = False
         # While records wait: checking first spares an exception per read that drains them.
-        while self.transport is not None and (incoming.pending or tls.pending()):
+        while incoming.pending or tls.pending():
             try:
-                n = cast(int, tls.read(len(buffer), buffer))
+                n = cast(int, tls.read(size - filled, buffer[filled:]))
             except ssl.SSLWantReadError:
                 break  # a record part way in
             except ssl.SSLZeroReturnError:  # the peer's close_notify
-                self.close()
+                closing = True
                 break
             if not n:
                 break
-            inner.buffer_updated(n)
+            filled += n
+            if filled == size:  # full: hand it over, and go on
+                inner.buffer_updated(filled)
+                filled = 0
+                if self.transport is None:
+                    return
+        if filled and self.transport is not None:
+            inner.buffer_updated(filled)
+        if closing:
+            self.close()
         self._flush()  # session tickets, key updates
 
     def eof_received(self) -> bool:
