@@ -6,7 +6,8 @@ so for the daemon it starts), and reads the daemon's memory from
 /proc/PID/status (VmRSS, VmHWM). Only the daemon's memory counts: the
 clients may use what they like.
 
-a. ``idle``: 10,000 silent plaintext connections, opened in batches (each
+a. ``idle``: 10,000 silent plaintext connections (``--tls``: connections that
+   did a TLS handshake, then nothing), opened in batches (each
    batch waits until the worker has accepted it, so the listen backlog never
    overflows), held by this process; the worker runs with ``--idle-timeout 0``
    so none is closed however slow the run. Worker RSS before and after, per
@@ -42,6 +43,7 @@ import json
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -63,6 +65,7 @@ from vaccelray.protocol.frames import HEADER_SIZE
 from vaccelray.protocol.classify import ClassifyRequest
 from vaccelray.protocol.services import CLASSIFY, GENOP, IMAGE_CLASSIFICATION, REGISTER_RESOURCE
 from vaccelray.protocol.services import UNREGISTER_RESOURCE
+from vaccelray.tls import client_context
 from vaccelray.transport.client import Client, Outcome, open_client
 from vaccelray.transport.server import default_max_connections
 
@@ -192,15 +195,24 @@ class Sampler:
 # -- a. idle connections --------------------------------------------------------------------
 
 
-def open_idle(address: str, pid: int, count: int, batch: int) -> list[socket.socket]:
-    """*count* silent connections, each batch accepted by the worker before the next."""
+def open_idle(
+    address: str, pid: int, count: int, batch: int, tls: bool = False
+) -> list[socket.socket]:
+    """*count* silent connections, each batch accepted by the worker before the next.
+
+    With *tls*, each has done its TLS handshake (and sends nothing after it).
+    """
     target = host_port(address)
+    context = client_context() if tls else None
     socks: list[socket.socket] = []
     base = fd_count(pid)
     try:
         while len(socks) < count:
             for _ in range(min(batch, count - len(socks))):
-                socks.append(socket.create_connection(target, timeout=30))
+                sock = socket.create_connection(target, timeout=30)
+                if context is not None:
+                    sock = context.wrap_socket(sock)  # the handshake, then silence
+                socks.append(sock)
             accepted = functools.partial(lambda want: fd_count(pid) >= want, base + len(socks))
             wait_until(f"the worker to accept {len(socks)} connections", accepted)
     except BaseException:
@@ -217,7 +229,7 @@ def still_open(socks: list[socket.socket]) -> int:
         sock.setblocking(False)
         try:
             n += sock.recv(1) != b""  # data: not idle, but open
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError):
             n += 1
         except OSError:
             pass
@@ -236,7 +248,7 @@ def part_idle(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(classify_latencies(address, 200))  # warm-up
         before = proc_status(pid, "VmRSS") or 0
         start = time.monotonic()
-        socks = open_idle(address, pid, count, args.batch)
+        socks = open_idle(address, pid, count, args.batch, args.tls)
         opened_s = time.monotonic() - start
         try:
             # A round trip on a fresh connection: connections accepted before it are made.
@@ -254,6 +266,7 @@ def part_idle(args: argparse.Namespace) -> dict[str, Any]:
     per_connection = (after - before) / count
     result = {
         "connections": count,
+        "tls": args.tls,
         "daemon_options": extra,
         "opened_in_s": round(opened_s, 1),
         "still_open_at_end": kept,
@@ -278,8 +291,9 @@ def part_idle(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     log(
-        f"a. {count} idle connections (opened in {opened_s:.1f} s, {kept} still open at the "
-        f"end): worker RSS {mib(before)} -> {mib(after)} MiB "
+        f"a. {count} idle {'TLS' if args.tls else 'plaintext'} connections (opened in "
+        f"{opened_s:.1f} s, {kept} still open at the end): "
+        f"worker RSS {mib(before)} -> {mib(after)} MiB "
         f"[target <= 200 MiB: {verdict(after <= 200 * MiB)}], "
         f"{per_connection / KiB:.2f} KiB per connection "
         f"[target <= 16 KiB: {verdict(per_connection <= 16 * KiB)}]; "
@@ -540,6 +554,9 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(PARTS), help="parts to run: idle,peak,flood")
     parser.add_argument("--connections", type=int, help="idle connections (default 10000)")
     parser.add_argument("--batch", type=int, default=256, help="connections opened per batch")
+    parser.add_argument(
+        "--tls", action="store_true", help="idle connections that did a TLS handshake"
+    )
     parser.add_argument("--flood", type=int, help="calls of the non-reading client (100000)")
     parser.add_argument("--hold", type=float, help="seconds the flood is measured (20)")
     parser.add_argument("--repeat", type=int, help="big requests of each kind (3)")

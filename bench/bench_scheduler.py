@@ -17,7 +17,16 @@ direct and the scheduled figure of each pair.
 3. Scale-out: workers that run one call at a time (``--slots 1``), 5 ms per
    call, 8 in flight through the scheduler: 3 workers vs 1 (target >= 2.5x).
 
+4. ``--membership-ab TREE``: the cost of TLS and the membership proof on the
+   task path. Task round trips (a no-op task, *in-flight* at a time, through
+   the scheduler to one worker, all over TCP with a token file) with this
+   tree against TREE, a tree without them (``git archive BASE | tar -x -C
+   TREE``), in interleaved pairs (fresh daemons and client each run, the
+   first of each pair alternating); the median of the pairs' ratios, target
+   >= 0.9.
+
     python bench/bench_scheduler.py [--duration 3] [--in-flight 8] [--json]
+    python bench/bench_scheduler.py --membership-ab /tmp/base [--pairs 5]
 """
 
 from __future__ import annotations
@@ -60,10 +69,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def daemon(argv: Sequence[str]) -> Iterator[tuple[Proc, str]]:
+def daemon(argv: Sequence[str], env: dict[str, str] | None = None) -> Iterator[tuple[Proc, str]]:
     """A daemon at warning level (no ready line): its address once it accepts connections."""
     port = _free_port()
-    proc = Proc([*argv, "-a", f"tcp://127.0.0.1:{port}", *QUIET])
+    proc = Proc([*argv, "-a", f"tcp://127.0.0.1:{port}", *QUIET], env=env)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -150,13 +159,103 @@ def go_session_mix(peer: Path, address: str, in_flight: int, duration: float) ->
     return float(result["calls_per_s"])
 
 
+#: The task load of part 4, run by the interpreter of the tree measured.
+TASK_LOAD = """
+import sys, time, vaccelray
+address, token, duration, in_flight = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+def noop():
+    return None
+with vaccelray.Client(address, token=token) as client:
+    deadline = time.monotonic() + 60
+    while True:  # until the scheduler routes to the worker
+        try:
+            client.submit(noop).result(timeout=30)
+            break
+        except vaccelray.TaskError:
+            raise
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    for _ in range(100):
+        client.submit(noop).result(timeout=30)
+    done, t0 = 0, time.monotonic()
+    stop = t0 + duration
+    while time.monotonic() < stop:
+        refs = [client.submit(noop) for _ in range(in_flight)]
+        for ref in refs:
+            ref.result(timeout=30)
+        done += in_flight
+    print(done / (time.monotonic() - t0))
+"""
+
+
+def task_rate(tree: Path, token_file: Path, in_flight: int, duration: float) -> float:
+    """No-op task round trips per second through a scheduler, all of *tree*'s code."""
+    env = {"PYTHONPATH": str(tree)}
+    token = ("--token-file", str(token_file))
+
+    def of_tree(argv: list[str]) -> list[str]:
+        return [argv[0], "-P", *argv[1:]]  # -P: the code of PYTHONPATH, not of the cwd
+
+    worker = of_tree(worker_argv("--backend", "noop", "--pool-size", "1", *token))
+    with (
+        daemon(worker, env) as (_, waddr),
+        daemon(of_tree([*scheduler([waddr]), *token]), env) as (_, saddr),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-P", "-c", TASK_LOAD, saddr, token_file.read_text().strip(),
+             str(duration), str(in_flight)],
+            capture_output=True, text=True, env={**os.environ, **env}, cwd="/", check=False,
+        )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"the task load failed on {tree}:\n{out.stderr}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def membership_ab(base: Path, pairs: int, in_flight: int, duration: float) -> dict[str, object]:
+    """Part 4: this tree (TLS and membership) against *base*, interleaved pairs."""
+    import statistics
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        token_file = Path(tmp) / "token"
+        token_file.write_text(f"bench-{os.getpid()}-{time.time_ns()}\n")
+        token_file.chmod(0o600)
+        rows = []
+        for i in range(pairs):
+            order = [("base", base), ("tls", REPO)]
+            if i % 2:
+                order.reverse()
+            rates = {name: task_rate(tree, token_file, in_flight, duration) for name, tree in order}
+            rows.append({**rates, "ratio": rates["tls"] / rates["base"], "first": order[0][0]})
+            print(
+                f"pair {i + 1} ({order[0][0]} first): base {rates['base']:,.0f} tasks/s, "
+                f"tls+membership {rates['tls']:,.0f} tasks/s, ratio {rows[-1]['ratio']:.3f}",
+                file=sys.stderr,
+            )
+    median = statistics.median(r["ratio"] for r in rows)
+    return {"pairs": rows, "median_ratio": median, "target": ">= 0.9", "ok": median >= 0.9,
+            "loadavg": os.getloadavg()}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--membership-ab", type=Path, metavar="TREE", help="part 4 only")
+    parser.add_argument("--pairs", type=int, default=5, help="A/B pairs of part 4")
     args = parser.parse_args()
     n, d = args.in_flight, args.duration
+    if args.membership_ab is not None:
+        result = membership_ab(args.membership_ab, args.pairs, n, d)
+        print(json.dumps(result) if args.json else (
+            f"median ratio tls+membership / base: {result['median_ratio']:.3f} "
+            f"(target >= 0.9: {'ok' if result['ok'] else 'MISSED'}); "
+            f"load average {result['loadavg']}"
+        ))  # fmt: skip
+        return
     figures: dict[str, float] = {}
     ratios: dict[str, float] = {}
     peer = go_peer()

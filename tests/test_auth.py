@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +14,12 @@ from tests.conftest import start_worker
 from tests.processes import Proc
 from vaccelray.auth import TokenCheck, is_loopback, load_token, token_metadata
 from vaccelray.client import Client
-from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.membership import Credential
 from vaccelray.protocol.services import SUBMIT
 from vaccelray.transport import connect
-from vaccelray.transport.server import CallContext
+from vaccelray.transport.client import open_client
+from vaccelray.transport.server import CallContext, Link
 from vaccelray.worker.noop import NOOP_TAG
 
 TOKEN = "correct horse battery staple"
@@ -93,8 +94,12 @@ def test_load_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_tasks_need_the_token_but_vaccel_calls_stay_open(guarded: Proc) -> None:
-    with Client(guarded.address, token="wrong") as client:
-        with pytest.raises(vaccelray.AuthenticationError, match="wrong cluster token"):
+    # A wrong token: the worker cannot prove holding the client's, so nothing is sent.
+    with pytest.raises(vaccelray.AuthenticationError, match="did not prove it holds your"):
+        Client(guarded.address, token="wrong")
+    # Plaintext, no token: the data-only vAccel ops, not the task service.
+    with Client(guarded.address, tls=False) as client:
+        with pytest.raises(vaccelray.AuthenticationError, match="none was presented"):
             client.submit(add, 1, 2).result(timeout=10)
         assert client.classify(b"\xff\xd8") == NOOP_TAG  # data-only vAccel op: open
     with Client(guarded.address, token=TOKEN) as client:
@@ -104,16 +109,25 @@ def test_tasks_need_the_token_but_vaccel_calls_stay_open(guarded: Proc) -> None:
 
 @pytest.mark.anyio
 async def test_refused_before_the_payload_is_even_decoded(guarded: Proc) -> None:
-    async with connect(guarded.address) as conn:
-        for metadata in ((), token_metadata("nope")):
+    async with connect(guarded.address) as conn:  # plaintext: even the right token is refused
+        for metadata in ((), token_metadata("nope"), token_metadata(TOKEN)):
             with pytest.raises(RPCError) as info:
                 await conn.call(
                     SUBMIT.service, SUBMIT.method, b"\xc1 not msgpack", metadata=metadata
                 )
             assert info.value.code == StatusCode.UNAUTHENTICATED
+    member = Credential(TOKEN)
+    conn = await open_client(
+        guarded.address,
+        ssl=member.ssl_for(guarded.address),
+        setup=member.setup_for(guarded.address),
+    )
+    try:
         with pytest.raises(RPCError) as info:
-            await conn.call(SUBMIT.service, SUBMIT.method, b"\xc1", metadata=token_metadata(TOKEN))
+            await conn.call(SUBMIT.service, SUBMIT.method, b"\xc1")
         assert info.value.code == StatusCode.INVALID_ARGUMENT
+    finally:
+        await conn.aclose()
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -169,12 +183,15 @@ def test_tls_and_protected_vaccel(tmp_path: Path, token_file: Path) -> None:
             pytest.raises(vaccelray.AuthenticationError),
         ):
             client.classify(b"\xff\xd8")
-        no_tls = (ConnectError, TransportError, vaccelray.WorkerLostError)
+        # Without the CA, the worker's certificate is taken on the membership proof alone.
+        with Client(worker.address, token=TOKEN) as client:
+            assert client.submit(add, 1, 1).result(timeout=30) == 2
+        # Plaintext: --protect-vaccel asks a proof there too, which plaintext cannot carry.
         with (
-            pytest.raises(no_tls),
-            Client(worker.address, token=TOKEN, connect_timeout=2) as client,
+            Client(worker.address, tls=False) as client,
+            pytest.raises(vaccelray.AuthenticationError),
         ):
-            client.submit(add, 1, 1).result(timeout=5)
+            client.classify(b"\xff\xd8")
     finally:
         worker.stop()
 
@@ -204,44 +221,11 @@ def test_protect_keeps_each_method_kind_and_checks_first() -> None:
             guarded.methods[name].handler(b"x", ctx)
         assert info.value.code == StatusCode.UNAUTHENTICATED
     assert calls == []
-    ctx.metadata = token_metadata("t0ken")
+    ctx.metadata = token_metadata("t0ken")  # sent over the network: never taken
+    with pytest.raises(RPCError, match="never taken"):
+        guarded.methods["I"].handler(b"x", ctx)
+    ctx.link = Link(tls=True, member=True)  # proved on its TLS connection instead
     assert guarded.methods["I"].handler(b"x", ctx) == b"x"
     # A check that is not required leaves the services as they are.
     assert protect([service], TokenCheck(required=False)) == [service]
     TokenCheck(required=False).check(CallContext("s", "F", (), None, "peer"))
-
-
-def test_server_tls_contexts_load_the_pair_or_say_why(tmp_path: Path) -> None:
-    from vaccelray.auth import AuthError, server_ssl_context
-
-    cert, key = _self_signed(tmp_path)
-    context = server_ssl_context(str(cert), str(key))
-    assert context.verify_mode == ssl.CERT_NONE  # a server asks no client certificate
-    both = tmp_path / "both.pem"
-    both.write_text(key.read_text() + cert.read_text())
-    assert server_ssl_context(str(both)).verify_mode == ssl.CERT_NONE
-    with pytest.raises(AuthError, match=f"cannot load TLS certificate {cert}: "):
-        server_ssl_context(str(cert))  # no key in it
-    missing = tmp_path / "missing.pem"
-    with pytest.raises(AuthError, match=f"cannot load TLS certificate {missing}: "):
-        server_ssl_context(str(missing), str(key))
-
-
-def test_client_tls_contexts(tmp_path: Path) -> None:
-    from vaccelray.auth import AuthError, client_ssl_context
-
-    assert client_ssl_context(None) is None
-    assert client_ssl_context(False) is None
-    system = client_ssl_context(True)
-    assert system is not None
-    assert system.verify_mode == ssl.CERT_REQUIRED
-    assert system.check_hostname
-    given = ssl.create_default_context()
-    assert client_ssl_context(given) is given
-    cert, _ = _self_signed(tmp_path)
-    pinned = client_ssl_context(str(cert))
-    assert pinned is not None
-    assert [c["subject"] for c in pinned.get_ca_certs()] == [((("commonName", "127.0.0.1"),),)]
-    missing = tmp_path / "missing.pem"
-    with pytest.raises(AuthError, match=f"^cannot load TLS CA file {missing}: "):
-        client_ssl_context(str(missing))

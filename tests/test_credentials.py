@@ -38,7 +38,7 @@ from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.services import GENOP, genop_loads_library
 from vaccelray.testing import connected_client
-from vaccelray.transport.server import CallContext, Origin
+from vaccelray.transport.server import CallContext, Link, Origin
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.noop import NoopBackend
 
@@ -403,20 +403,31 @@ def test_unix_peers_pass_by_uid_others_by_token() -> None:
         "scheduler's user (uid 1000) and presented no cluster token: pass it with "
         "--token-file FILE or VACCELRAY_TOKEN",
         Origin("tcp://127.0.0.1:8190", loopback=True): "scheduler tcp://127.0.0.1:8190: the "
-        "cluster token is required and none was presented: pass it with --token-file FILE "
-        "or VACCELRAY_TOKEN",
+        "cluster token is required and none was presented (over the network a vaccelray "
+        "client holding it proves it over TLS, never sends it): pass it with --token-file "
+        "FILE or VACCELRAY_TOKEN",
     }
     for origin, message in cases.items():
         with pytest.raises(RPCError) as info:
             check.check(_ctx(origin))
         assert info.value.code == StatusCode.UNAUTHENTICATED
         assert info.value.message == message
-    with pytest.raises(RPCError) as info:
-        check.check(_ctx(Origin("tcp://127.0.0.1:8190", loopback=True), "nope"))
-    assert info.value.message == (
-        "scheduler tcp://127.0.0.1:8190: wrong cluster token: present this scheduler's "
-        "token with --token-file FILE or VACCELRAY_TOKEN"
-    )
+    # Over the network a token sent as metadata is refused, even the right one: it is
+    # proved over TLS (a member's connection passes whatever it sends).
+    for sent in ("nope", "t0ken"):
+        with pytest.raises(RPCError) as info:
+            check.check(_ctx(Origin("tcp://127.0.0.1:8190", loopback=True), sent))
+        assert info.value.message == (
+            "scheduler tcp://127.0.0.1:8190: a token sent over the network is never taken "
+            "(it would cross the wire in clear): a vaccelray client holding it proves it "
+            "over TLS instead"
+        )
+    member = _ctx(Origin("tcp://10.0.0.9:8190", loopback=False))
+    member.link = Link(tls=True, member=True)
+    check.check(member)
+    member.link = Link(tls=True)  # TLS alone is not membership
+    with pytest.raises(RPCError, match="none was presented"):
+        check.check(member)
     # A token presented on a unix socket is checked like any other.
     with pytest.raises(RPCError, match="wrong cluster token"):
         check.check(_ctx(Origin("unix:@s", loopback=True, uid=1000), "nope"))
@@ -438,8 +449,9 @@ def test_the_default_token_refusal_says_where_it_is() -> None:
     with pytest.raises(RPCError) as info:
         check.check(_ctx(Origin("tcp://0.0.0.0:8194", loopback=False)))
     assert info.value.message == (
-        "worker tcp://0.0.0.0:8194: the cluster token is required and none was presented: its "
-        "own user finds the token without flags, others pass a copy of "
+        "worker tcp://0.0.0.0:8194: the cluster token is required and none was presented "
+        "(over the network a vaccelray client holding it proves it over TLS, never sends "
+        "it): its own user finds the token without flags, others pass a copy of "
         "/run/user/0/vaccelray/token with --token-file FILE or VACCELRAY_TOKEN"
     )
 
@@ -607,22 +619,25 @@ def test_the_scheduler_forwards_exec_off_loopback_only_with_allow_exec(
     assert refusals == expected
 
 
-def test_the_scheduler_presents_its_own_token_and_the_default_one_only_on_loopback() -> None:
+def test_the_scheduler_sends_its_token_only_on_unix_sockets_and_never_the_default() -> None:
+    from vaccelray.membership import Credential
     from vaccelray.scheduler.pool import WorkerPool
 
-    cluster = WorkerPool(token="cluster")
-    default = WorkerPool(token="mine", token_is_default=True)
-    for address in ("tcp://127.0.0.1:8194", "tcp://10.0.0.3:8194", "unix:@w"):
-        assert cluster.credential(address) == token_metadata("cluster")
-    assert default.credential("tcp://127.0.0.1:8194") == token_metadata("mine")
-    assert default.credential("tcp://[::1]:8194") == token_metadata("mine")
-    for address in ("tcp://10.0.0.3:8194", "unix:@w", "unix:///run/w.sock", "vsock://3:8194"):
+    cluster = WorkerPool(credential=Credential("cluster"))
+    default = WorkerPool(credential=Credential("mine", default=True))
+    # Over the network the token is proved over TLS, never sent.
+    for address in ("tcp://127.0.0.1:8194", "tcp://10.0.0.3:8194", "vsock://3:8194"):
+        for pool in (cluster, default):
+            assert pool.credential(address) == (), address
+    assert cluster.credential("unix:@w") == token_metadata("cluster")
+    # The user's default token stays home: on a unix socket the uid speaks.
+    for address in ("unix:@w", "unix:///run/w.sock"):
         assert default.credential(address) == (), address
-    assert WorkerPool().credential("tcp://127.0.0.1:8194") == ()
+    assert WorkerPool().credential("unix:@w") == ()
     # A client's token never goes on: the scheduler's replaces it, other metadata stays.
     client = (*token_metadata("the client's"), ("x-other", "1"))
-    assert cluster._metadata("tcp://10.0.0.3:8194", client) == (
+    assert cluster._metadata("unix:@w", client) == (
         *token_metadata("cluster"),
         ("x-other", "1"),
     )
-    assert default._metadata("tcp://10.0.0.3:8194", client) == (("x-other", "1"),)
+    assert cluster._metadata("tcp://10.0.0.3:8194", client) == (("x-other", "1"),)

@@ -36,10 +36,10 @@ from vaccelray.protocol.limits import (
     response_body_size,
 )
 from vaccelray.scheduler import SchedulerConfig
-from vaccelray.testing import agent_client
+from vaccelray.testing import agent_client, serve_member
 from vaccelray.transport import connect
 from vaccelray.transport.client import Client
-from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.transport.server import CallContext, Method, Service
 from vaccelray.worker.backend import OpType
 from vaccelray.worker.noop import NOOP_TAG, NoopBackend
 
@@ -410,7 +410,7 @@ async def test_the_scheduler_refuses_before_forwarding_or_keeping() -> None:
             },
         ),
     ]
-    async with serve(services, ["tcp://127.0.0.1:0"]) as fake:
+    async with serve_member(services, ["tcp://127.0.0.1:0"]) as fake:
         config = SchedulerConfig(
             addresses=("tcp://127.0.0.1:0",), workers=(fake.addresses[0],), grace=1.0
         )

@@ -26,9 +26,10 @@ from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, enc
 from vaccelray.protocol.services import UPDATE_SESSION
 from vaccelray.scheduler import Change, SchedulerConfig, SessionLimits
 from vaccelray.scheduler.daemon import Scheduler
+from vaccelray.testing import serve_member
 from vaccelray.transport import connect
 from vaccelray.transport.client import Client, Outcome
-from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.transport.server import CallContext, Method, Service
 
 pytestmark = pytest.mark.anyio
 
@@ -93,7 +94,7 @@ class Worker:
 @asynccontextmanager
 async def cluster(**settings: Any) -> AsyncIterator[tuple[Worker, Scheduler, Client, int]]:
     worker = Worker()
-    async with serve(worker.services(), ["tcp://127.0.0.1:0"]) as fake:
+    async with serve_member(worker.services(), ["tcp://127.0.0.1:0"]) as fake:
         config = SchedulerConfig(
             addresses=("tcp://127.0.0.1:0",), workers=(fake.addresses[0],), grace=1.0, **settings
         )

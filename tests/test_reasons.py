@@ -28,6 +28,7 @@ from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, encode
 from vaccelray.protocol.services import REGISTER_FUNCTION, SUBMIT
 from vaccelray.scheduler import Scheduler, SchedulerConfig
+from vaccelray.testing import connect_member, serve_member
 from vaccelray.transport import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
 
@@ -170,9 +171,9 @@ def _config(address: str) -> SchedulerConfig:
 async def test_a_session_the_worker_lost_is_made_again(lost: RPCError) -> None:
     fake = FakeWorker([lost], [])
     async with (
-        serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
+        serve_member(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
         serving_scheduler(_config(worker.addresses[0])) as sched,
-        connect(sched.addresses[0]) as client,
+        connect_member(sched.addresses[0]) as client,
     ):
         agent = AgentClient(client)
         session = await agent.create_session()
@@ -184,9 +185,9 @@ async def test_the_words_alone_do_not_lose_a_session_when_a_reason_says_otherwis
     other = RPCError(StatusCode.NOT_FOUND, "Unknown session 1", reason=Reason.UNKNOWN_FUNCTION)
     fake = FakeWorker([other], [])
     async with (
-        serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
+        serve_member(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
         serving_scheduler(_config(worker.addresses[0])) as sched,
-        connect(sched.addresses[0]) as client,
+        connect_member(sched.addresses[0]) as client,
     ):
         agent = AgentClient(client)
         session = await agent.create_session()
@@ -226,9 +227,9 @@ async def test_a_task_goes_elsewhere_only_when_the_worker_says_it_never_ran(
     fake = FakeWorker([], [answer])
     registration, digest = _registration()
     async with (
-        serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
+        serve_member(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
         serving_scheduler(_config(worker.addresses[0])) as sched,
-        connect(sched.addresses[0]) as client,
+        connect_member(sched.addresses[0]) as client,
     ):
         await eventually(lambda: len(sched.pool.registry) == 1, "the worker known")
         await client.call_rpc(REGISTER_FUNCTION, registration, metadata=own_token(sched))
@@ -245,9 +246,9 @@ async def test_a_function_the_worker_lost_is_registered_again() -> None:
     fake = FakeWorker([], [lost, lost])
     registration, digest = _registration()
     async with (
-        serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
+        serve_member(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
         serving_scheduler(_config(worker.addresses[0])) as sched,
-        connect(sched.addresses[0]) as client,
+        connect_member(sched.addresses[0]) as client,
     ):
         await eventually(lambda: len(sched.pool.registry) == 1, "the worker known")
         await client.call_rpc(REGISTER_FUNCTION, registration, metadata=own_token(sched))
@@ -264,9 +265,9 @@ async def test_a_task_whose_session_the_worker_lost_runs_in_the_session_made_aga
     fake = FakeWorker([], [lost])
     registration, digest = _registration()
     async with (
-        serve(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
+        serve_member(fake.services(), ["tcp://127.0.0.1:0"]) as worker,
         serving_scheduler(_config(worker.addresses[0])) as sched,
-        connect(sched.addresses[0]) as client,
+        connect_member(sched.addresses[0]) as client,
     ):
         session = await AgentClient(client).create_session()
         await client.call_rpc(REGISTER_FUNCTION, registration, metadata=own_token(sched))

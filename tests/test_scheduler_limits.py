@@ -21,8 +21,9 @@ from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, enc
 from vaccelray.protocol.services import REGISTER_RESOURCE
 from vaccelray.scheduler import SchedulerConfig, SessionLimits
 from vaccelray.scheduler.daemon import Scheduler
+from vaccelray.testing import serve_member
 from vaccelray.transport import connect
-from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.transport.server import CallContext, Method, Service
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NOOP_TAG, NoopBackend
 
@@ -165,7 +166,7 @@ def _full_worker() -> list[Service]:
 @pytest.mark.parametrize("room_elsewhere", [True, False])
 async def test_a_full_worker_is_passed_over_for_one_with_room(room_elsewhere: bool) -> None:
     async with AsyncExitStack() as stack:
-        full = await stack.enter_async_context(serve(_full_worker(), ["tcp://127.0.0.1:0"]))
+        full = await stack.enter_async_context(serve_member(_full_worker(), ["tcp://127.0.0.1:0"]))
         other = _full_worker()
         if room_elsewhere:
             config = WorkerConfig(addresses=("tcp://127.0.0.1:0",), announce=False, pool_size=0)
@@ -173,7 +174,7 @@ async def test_a_full_worker_is_passed_over_for_one_with_room(room_elsewhere: bo
             second = worker.addresses[0]
         else:
             second = (
-                await stack.enter_async_context(serve(other, ["tcp://127.0.0.1:0"]))
+                await stack.enter_async_context(serve_member(other, ["tcp://127.0.0.1:0"]))
             ).addresses[0]
         sched = await stack.enter_async_context(
             serving_scheduler(

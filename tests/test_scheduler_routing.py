@@ -25,8 +25,9 @@ from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, decode, encode
 from vaccelray.scheduler import Change, Health, SchedulerConfig, run_scheduler
 from vaccelray.status import fetch_status
+from vaccelray.testing import serve_member
 from vaccelray.transport.client import connect
-from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.transport.server import CallContext, Method, Service
 
 NOOP_TAG = "This is a dummy classification tag!"
 #: Only so that a hang fails the test instead of blocking it: never a speed requirement.
@@ -305,7 +306,7 @@ async def test_deadline_is_carried_to_the_worker() -> None:
         ),
     ]
     async with (
-        serve(services, ["tcp://127.0.0.1:0"]) as fake,
+        serve_member(services, ["tcp://127.0.0.1:0"]) as fake,
         run_scheduler(config(fake.addresses[0])) as sched,
         connect(sched.addresses[0]) as client,
     ):

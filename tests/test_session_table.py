@@ -32,9 +32,10 @@ from vaccelray.protocol.info import INFO_METHOD, WORKER_SERVICE, WorkerInfo, enc
 from vaccelray.protocol.services import REGISTER_RESOURCE, UNREGISTER_RESOURCE
 from vaccelray.scheduler import SchedulerConfig, SessionLimits, run_scheduler
 from vaccelray.scheduler.daemon import Scheduler
+from vaccelray.testing import serve_member
 from vaccelray.transport import connect
 from vaccelray.transport.client import Client
-from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.transport.server import CallContext, Method, Service
 
 pytestmark = pytest.mark.anyio
 
@@ -193,7 +194,9 @@ async def cluster(*fakes: Fake, limits: SessionLimits | None = None) -> AsyncIte
     async with AsyncExitStack() as stack:
         addresses = []
         for fake in fakes:
-            server = await stack.enter_async_context(serve(fake.services(), ["tcp://127.0.0.1:0"]))
+            server = await stack.enter_async_context(
+                serve_member(fake.services(), ["tcp://127.0.0.1:0"])
+            )
             addresses.append(server.addresses[0])
         config = SchedulerConfig(
             addresses=("tcp://127.0.0.1:0",),
@@ -521,7 +524,7 @@ async def test_a_session_on_a_worker_gone_away_moves_and_is_destroyed_there_when
 ):
     a, b = two()
     address_a = f"tcp://127.0.0.1:{free_port()}"
-    async with serve(b.services(), ["tcp://127.0.0.1:0"]) as other:
+    async with serve_member(b.services(), ["tcp://127.0.0.1:0"]) as other:
         config = SchedulerConfig(
             addresses=("tcp://127.0.0.1:0",),
             workers=(address_a, other.addresses[0]),
@@ -531,7 +534,7 @@ async def test_a_session_on_a_worker_gone_away_moves_and_is_destroyed_there_when
         )
         async with run_scheduler(config) as sched, connect(sched.addresses[0]) as client:
             agent = AgentClient(client)
-            async with serve(a.services(), [address_a]):
+            async with serve_member(a.services(), [address_a]):
                 await sched.health.check(address_a)
                 await sched.health.check(other.addresses[0])
                 sessions = [await agent.create_session() for _ in range(2)]  # one on each
@@ -545,7 +548,7 @@ async def test_a_session_on_a_worker_gone_away_moves_and_is_destroyed_there_when
             assert await agent.classify(on_a, b"img") == "b"
             assert b.classified == [b.created[-1]]
             # a comes back, the same process (instance): the session left there goes.
-            async with serve(a.services(), [address_a]):
+            async with serve_member(a.services(), [address_a]):
                 await sched.health.check(address_a)
                 await eventually(lambda: a.destroyed == [left], "the session left on a destroyed")
             assert a.classified == []
@@ -708,7 +711,7 @@ async def test_the_clients_deadline_reaches_the_worker_on_every_path_its_metadat
 async def test_a_worker_that_cannot_be_reached_is_passed_over_and_cleaned_up_on_return() -> None:
     a, b = two()
     address_a = f"tcp://127.0.0.1:{free_port()}"
-    async with serve(b.services(), ["tcp://127.0.0.1:0"]) as other:
+    async with serve_member(b.services(), ["tcp://127.0.0.1:0"]) as other:
         config = SchedulerConfig(
             addresses=("tcp://127.0.0.1:0",),
             workers=(address_a, other.addresses[0]),
@@ -723,7 +726,7 @@ async def test_a_worker_that_cannot_be_reached_is_passed_over_and_cleaned_up_on_
                 binding = sched.table.sessions[session].binding
                 return binding is not None and binding.address == address_a
 
-            async with serve(a.services(), [address_a]):
+            async with serve_member(a.services(), [address_a]):
                 await sched.health.check(address_a)
                 await sched.health.check(other.addresses[0])
                 sessions = [await agent.create_session() for _ in range(2)]  # one on each
@@ -732,7 +735,7 @@ async def test_a_worker_that_cannot_be_reached_is_passed_over_and_cleaned_up_on_
             sched.pool.drop_client(address_a)
             assert not on_a(await agent.create_session())
             assert len(a.created) == 1
-            async with serve(a.services(), [address_a]):
+            async with serve_member(a.services(), [address_a]):
                 await sched.health.check(address_a)
                 doomed = await agent.create_session()  # a is the least loaded again
                 assert on_a(doomed)
@@ -741,7 +744,7 @@ async def test_a_worker_that_cannot_be_reached_is_passed_over_and_cleaned_up_on_
             sched.pool.drop_client(address_a)
             await agent.destroy_session(doomed)
             assert left not in a.destroyed
-            async with serve(a.services(), [address_a]):
+            async with serve_member(a.services(), [address_a]):
                 await sched.health.check(address_a)
                 await eventually(lambda: left in a.destroyed, "the session left on a destroyed")
 

@@ -128,6 +128,8 @@ async def task_service(
 
 #: A caller on another host, as the server sees it.
 REMOTE = Origin("tcp://10.1.2.3:8194", loopback=False)
+#: Another user on a unix socket: a token it presents is taken (it never left the host).
+ANOTHER_USER = Origin("unix:@w", loopback=True, uid=54321)
 
 
 def getpid() -> int:
@@ -328,7 +330,7 @@ async def test_requirements_are_checked_before_running() -> None:
 
 
 async def test_every_method_asks_for_the_token() -> None:
-    async with task_service(check=TokenCheck("s3cret", required=True), origin=REMOTE) as h:
+    async with task_service(check=TokenCheck("s3cret", required=True), origin=ANOTHER_USER) as h:
         digest = hashlib.sha256(b"x").hexdigest()
         calls: list[tuple[services.Rpc[Any, Any], Any]] = [
             (services.REGISTER_FUNCTION, wire.RegisterFunction(digest, "x", b"x")),
@@ -415,7 +417,7 @@ async def test_run_task_service_serves_tasks_that_reach_the_workers_backend() ->
                 *(s.name for s in served),
                 services.WORKER.name,
             ]
-            async with connected_client(rt.services, origin=REMOTE) as (client, _):
+            async with connected_client(rt.services, origin=ANOTHER_USER) as (client, _):
                 # The vAccel agent asks for the token too; other services do not.
                 with pytest.raises(RPCError) as info:
                     await AgentClient(client).create_session()

@@ -58,15 +58,15 @@ __all__ = [
     "AuthError",
     "ExecPolicy",
     "TokenCheck",
-    "client_ssl_context",
+    "client_tls",
     "client_token",
     "daemon_token",
     "default_token_path",
     "is_loopback",
     "load_token",
+    "private_dir",
     "protect",
     "read_token_file",
-    "server_ssl_context",
     "token_metadata",
 ]
 
@@ -130,6 +130,11 @@ def _private_dir(path: Path) -> Path:
             f"mode {stat.S_IMODE(found.st_mode):04o}): remove it, or give a token with {_HOW}"
         )
     return path
+
+
+def private_dir() -> Path:
+    """The user's private directory of the default token (and node identity), made if missing."""
+    return _private_dir(default_token_path().parent)
 
 
 def default_token_path() -> Path:
@@ -250,6 +255,9 @@ class TokenCheck:
         """Raise UNAUTHENTICATED unless the call presents the token or a uid that passes."""
         if not self.required:
             return
+        link = ctx.link
+        if link is not None and link.member:
+            return  # proved the token on this TLS connection (vaccelray.membership)
         presented = ctx.get_metadata(METADATA_KEY)
         origin = ctx.origin
         if presented is None and origin.uid is not None and origin.uid in (self.uid, 0):
@@ -261,6 +269,11 @@ class TokenCheck:
             )
         elif presented is None:
             reason = self._missing(ctx)
+        elif origin.uid is None:
+            reason = (
+                "a token sent over the network is never taken (it would cross the wire in "
+                "clear): a vaccelray client holding it proves it over TLS instead"
+            )
         elif not hmac.compare_digest(presented.encode(), (_SCHEME + self.token).encode()):
             reason = f"wrong cluster token: present this {self.hop}'s token with {_HOW}"
         else:
@@ -269,12 +282,13 @@ class TokenCheck:
         raise RPCError(StatusCode.UNAUTHENTICATED, f"{self.hop} {origin.listener}: {reason}")
 
     def _missing(self, ctx: CallContext) -> str:
-        origin = ctx.origin
+        uid = ctx.origin.uid
         who = (
-            f"uid {origin.uid} is not this {self.hop}'s user (uid {self.uid}) and presented "
+            f"uid {uid} is not this {self.hop}'s user (uid {self.uid}) and presented "
             "no cluster token"
-            if origin.uid is not None
-            else "the cluster token is required and none was presented"
+            if uid is not None
+            else "the cluster token is required and none was presented (over the network "
+            "a vaccelray client holding it proves it over TLS, never sends it)"
         )
         if self.token_path is not None:
             return (
@@ -337,25 +351,19 @@ class ExecPolicy:
         )
 
 
-def server_ssl_context(cert: str, key: str | None = None) -> ssl.SSLContext:
-    """A TLS server context from a PEM certificate (chain) and key."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise AuthError(f"cannot load TLS certificate {cert}: {exc}") from exc
-    return context
+def client_tls(tls: bool | str | ssl.SSLContext | None) -> tuple[ssl.SSLContext | None, str | None]:
+    """``tls=`` of the client API as (a context of the caller's, the cluster CA's file).
 
-
-def client_ssl_context(tls: bool | str | ssl.SSLContext | None) -> ssl.SSLContext | None:
-    """The client context for ``tls=``: True (system CAs), a CA file path, or a context."""
+    None or False: neither (TLS with the membership proof is the default to
+    TCP addresses, see ``vaccelray.membership``); a path: the cluster CA;
+    True: the system CAs with the host name checked; a context: itself.
+    """
     if tls is None or tls is False:
-        return None
+        return None, None
     if isinstance(tls, ssl.SSLContext):
-        return tls
+        return tls, None
     if tls is True:
-        return ssl.create_default_context()
-    try:
-        return ssl.create_default_context(cafile=tls)
-    except (OSError, ssl.SSLError) as exc:
-        raise AuthError(f"cannot load TLS CA file {tls}: {exc}") from exc
+        return ssl.create_default_context(), None
+    if not os.path.isfile(tls):
+        raise AuthError(f"cannot load TLS CA file {tls}: no such file")
+    return None, tls

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import anyio
 
 from vaccelray.agent_client import AgentClient
-from vaccelray.auth import token_metadata
 from vaccelray.embedded import embedded_worker
 from vaccelray.errors import RPCError, StatusCode, TransportError
+from vaccelray.membership import Credential
 from vaccelray.protocol.classify import ClassifyRequest
 from vaccelray.protocol.services import CLASSIFY
 from vaccelray.transport.client import Client, open_client
@@ -68,8 +68,8 @@ async def classify_images(
     At most *concurrency* images are in flight; as image *i* is done (with
     its answer or its final error) *on_result(i, result)* then *progress(i)*
     are called, in completion order. With *address* None an embedded worker
-    serves the calls. *token* is presented to workers that protect their
-    services.
+    serves the calls. With a *token*, the connection (to a TCP address) is
+    TLS and proves membership, for workers that protect their services.
 
     An image whose call ended because the connection was lost or with
     UNAVAILABLE (its worker was lost) is tried again on a new connection to
@@ -127,7 +127,8 @@ class _Run:
         self.on_result = on_result
         self.retries = retries
         self.backoff = backoff
-        self.metadata = token_metadata(token)
+        self.credential = Credential(token)
+        self.metadata: tuple[tuple[str, str], ...] = ()
         self.results: list[Result | None] = [None] * len(images)
         #: Images not sent in this round yet; those to send again in the next one.
         self.pending = collections.deque(range(len(images)))
@@ -144,11 +145,17 @@ class _Run:
     async def at(self, address: str) -> list[Result]:
         first = True
         stalls = 0  # rounds in a row that got nothing done
+        credential = self.credential
+        self.metadata = credential.metadata_for(address)
         while self.pending:
             finished = self.finished
             self.stopped = None
             try:
-                client = await open_client(address)
+                client = await open_client(
+                    address,
+                    ssl=credential.ssl_for(address),
+                    setup=credential.setup_for(address),
+                )
             except TransportError as exc:
                 if first:
                     raise  # nothing there at all: the caller says so

@@ -539,6 +539,38 @@ def task_sandbox_options(command: _F) -> _F:
     return cast(_F, wrapper)
 
 
+def tls_options(command: _F) -> _F:
+    """TLS of a daemon: its certificate (else its own self-signed one) and the cluster CA."""
+    for option in reversed(
+        (
+            click.option(
+                "--tls-cert",
+                type=click.Path(dir_okay=False),
+                metavar="PEM",
+                help="Certificate (chain) to serve TLS with and show peers, e.g. one made "
+                "with 'vaccelray cert node'. Default: the node's own self-signed one, made at "
+                "first start beside the default token; with the cluster token alone, peers "
+                "are authenticated by the membership proof.",
+            ),
+            click.option(
+                "--tls-key",
+                type=click.Path(dir_okay=False),
+                metavar="PEM",
+                help="Key of --tls-cert (when not in the same file).",
+            ),
+            click.option(
+                "--tls-ca",
+                type=click.Path(dir_okay=False),
+                metavar="PEM",
+                help="Cluster CA ('vaccelray cert ca'): TLS peers that show a certificate must "
+                "have one it signed, and servers always.",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 @main.command(help=WORKER_HELP)
 @click.option(
     "-a",
@@ -608,13 +640,7 @@ def task_sandbox_options(command: _F) -> _F:
     metavar="MODE",
     help="Permissions of unix socket files the worker listens on (octal).",
 )
-@click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="PEM", help="Serve TLS.")
-@click.option(
-    "--tls-key",
-    type=click.Path(dir_okay=False),
-    metavar="PEM",
-    help="Key of --tls-cert (when not in the same file).",
-)
+@tls_options
 @connection_limit_options
 @agent_limit_options
 @task_sandbox_options
@@ -642,6 +668,7 @@ def worker(
     socket_mode: int,
     tls_cert: str | None,
     tls_key: str | None,
+    tls_ca: str | None,
     max_connections: int | None,
     frame_timeout: float,
     idle_timeout: float,
@@ -680,6 +707,7 @@ def worker(
         socket_mode=socket_mode,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        tls_ca=tls_ca,
         max_connections=max_connections,
         frame_timeout=frame_timeout,
         idle_timeout=idle_timeout,
@@ -799,7 +827,7 @@ def classify(
     (with --json: an "error" object on stdout); the exit code is then 1.
     """
     from vaccelray.addressing import resolve_address
-    from vaccelray.auth import client_token
+    from vaccelray.auth import load_token
     from vaccelray.batch import BatchError, ImageFiles, Progress, ResultLog, Tally, list_images
     from vaccelray.batch import record as result_record
     from vaccelray.classify import Result, classify_images
@@ -818,10 +846,10 @@ def classify(
     token = None
     if target is not None:
         _check_endpoint(target)
-        try:  # for a --protect-vaccel worker: classification is open otherwise
-            token = client_token(target)
-        except VaccelrayError as exc:
-            _fail(str(exc), EXIT_USAGE)
+        # Only a token given (VACCELRAY_TOKEN), for a --protect-vaccel worker: with one the
+        # connection is TLS and proves it, which a plain vAccel agent cannot answer, and
+        # classification is open otherwise.
+        token = load_token()
     tally = Tally(total=len(todo), skipped=len(paths) - len(todo))
     progress = Progress(tally, sys.stderr, tty=sys.stderr.isatty() and len(todo) > 1)
 
@@ -908,7 +936,13 @@ def _parse_arg(text: str) -> object:
     type=click.Path(dir_okay=False),
     metavar="PATH",
     help="File (mode 0600) holding the cluster token, else VACCELRAY_TOKEN, else (to a "
-    "loopback TCP address) your default token.",
+    "loopback TCP address) your default token. Over TCP it is proved over TLS, never sent.",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False, exists=True),
+    metavar="PEM",
+    help="Cluster CA: the peer's certificate must be one it signed.",
 )
 @click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
 def run(
@@ -919,6 +953,7 @@ def run(
     retries: int,
     as_json: bool,
     token_file: str | None,
+    tls_ca: str | None,
     log_level: str,
 ) -> None:
     """Run MODULE:FUNCTION(ARGS...) on a worker and print its result.
@@ -969,7 +1004,7 @@ def run(
     if target_address := address:
         _check_endpoint(target_address)
     try:
-        client = Client(address, token=load_token(None, token_file))
+        client = Client(address, token=load_token(None, token_file), tls=tls_ca)
     except ConnectError as exc:
         _fail(
             f"{exc} (is a worker running there? start one with: vaccelray worker)", EXIT_UNREACHABLE
@@ -1102,6 +1137,7 @@ still answers its health check.
 )
 @max_message_size_option
 @grace_option
+@tls_options
 @connection_limit_options
 @session_limit_options
 @observe_options
@@ -1129,6 +1165,9 @@ def scheduler(
     socket_mode: int,
     max_message_size: int,
     grace: float,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
     max_connections: int | None,
     frame_timeout: float,
     idle_timeout: float,
@@ -1166,7 +1205,12 @@ def scheduler(
         limits=session_limits,
         max_inflight=max_inflight,
         max_actors_per_connection=max_actors_per_connection,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
     )
+    if tls_key and not tls_cert:
+        _fail("--tls-key needs --tls-cert", EXIT_USAGE)
 
     _run_observed(run_scheduler, config, observe)
 
@@ -1247,3 +1291,71 @@ def status(
     except (RPCError, TransportError, VaccelrayError) as exc:
         _fail(str(exc), EXIT_FAILED)
     click.echo(to_json(result) if as_json else render(result))
+
+
+CERT_HELP = """Make a cluster CA and node certificates (optional).
+
+A cluster needs none: with the cluster token alone, every daemon makes its
+own key pair at first start, all hops speak TLS, and peers prove the token
+to each other without sending it. A CA adds per-node identities: each
+node's certificate must be signed by it (--tls-ca on every daemon).
+
+\b
+  vaccelray cert ca ./ca                           # ca.pem, ca-key.pem (0600)
+  vaccelray cert node --ca ./ca gpu1 -o gpu1.pem   # key + certificate (0600)
+  vaccelray worker --tls-cert gpu1.pem --tls-ca ./ca/ca.pem --token-file token
+"""
+
+
+@main.group(help=CERT_HELP)
+def cert() -> None:
+    pass
+
+
+@cert.command("ca")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default="vaccelray cluster CA", show_default=True, help="CA's name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the files made as JSON.")
+def cert_ca(directory: Path, name: str, as_json: bool) -> None:
+    """Make a cluster CA in DIRECTORY: ca.pem (give it to every node) and ca-key.pem."""
+    from vaccelray.tls import TlsError, make_ca
+
+    try:
+        made = make_ca(directory, name)
+    except (TlsError, OSError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    key = directory / "ca-key.pem"
+    if as_json:
+        click.echo(json.dumps({"cert": str(made), "key": str(key)}))
+    else:
+        click.echo(f"CA certificate {made} (give it to every node: --tls-ca); key {key} (0600)")
+
+
+@cert.command("node")
+@click.argument("name")
+@click.option(
+    "--ca",
+    "ca_dir",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Directory of the CA ('vaccelray cert ca').",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File for the node's key and certificate (mode 0600).  [default: NAME.pem]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the file made as JSON.")
+def cert_node(name: str, ca_dir: Path, out: Path | None, as_json: bool) -> None:
+    """Issue NAME's key and certificate, signed by the CA (for --tls-cert)."""
+    from vaccelray.tls import TlsError, issue_certificate
+
+    try:
+        made = issue_certificate(ca_dir, name, out or Path(f"{name}.pem"))
+    except (TlsError, OSError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps({"name": name, "cert": str(made)}))
+    else:
+        click.echo(f"Node {name}: key and certificate in {made} (0600): --tls-cert {made}")

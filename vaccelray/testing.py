@@ -10,15 +10,17 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from vaccelray.agent_client import AgentClient
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.client import Client, client_from_socket
+from vaccelray.transport.endpoints import Endpoint
 from vaccelray.transport.server import Origin, Server, Service, serve
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.backend import Backend
 
-__all__ = ["agent_client", "connected_client"]
+__all__ = ["agent_client", "connect_member", "connected_client", "serve_member"]
 
 
 @asynccontextmanager
@@ -55,3 +57,48 @@ async def agent_client(
             yield AgentClient(client, service), agent
     finally:
         backend.close()
+
+
+@asynccontextmanager
+async def serve_member(
+    services: Iterable[Service],
+    endpoints: Iterable[str | Endpoint],
+    *,
+    token: str | None = None,
+    **options: Any,
+) -> AsyncIterator[Server]:
+    """``serve()`` as a cluster member: TLS beside plaintext, and the membership proof.
+
+    A stand-in worker a scheduler routes to must prove the cluster *token*
+    (default: the user's default token, which a scheduler started without
+    one uses too; see :mod:`vaccelray.membership`).
+    """
+    from vaccelray.auth import daemon_token
+    from vaccelray.membership import node_credential
+
+    credential = node_credential(token or daemon_token()[0])
+    async with serve(
+        [*services, credential.service()],
+        list(endpoints),
+        ssl=credential.server_ssl(),
+        **options,
+    ) as server:
+        yield server
+
+
+@asynccontextmanager
+async def connect_member(address: str, token: str | None = None) -> AsyncIterator[Client]:
+    """A connection to *address* as vaccelray's clients make it: over TCP, TLS and the
+    membership proof of *token* (default: what a client finds, see ``client_token``)."""
+    from vaccelray.auth import client_token
+    from vaccelray.membership import Credential
+    from vaccelray.transport.client import open_client
+
+    credential = Credential(client_token(address, token))
+    client = await open_client(
+        address, ssl=credential.ssl_for(address), setup=credential.setup_for(address)
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()

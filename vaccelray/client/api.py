@@ -23,7 +23,7 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from vaccelray.addressing import resolve_address
-from vaccelray.auth import client_ssl_context, client_token
+from vaccelray.auth import client_tls, client_token
 from vaccelray.client.core import Core
 from vaccelray.client.refs import TaskRef
 from vaccelray.client.remote import Options, RemoteFunction, function_spec
@@ -86,8 +86,13 @@ class Client:
     *token*: the cluster token, else ``VACCELRAY_TOKEN``, else (to a TCP
     loopback address) the user's default token (see :mod:`vaccelray.auth`);
     the embedded worker hands its client a token of its own.
-    *tls*: True (system CAs), a CA file, or an SSLContext, for a worker
-    serving TLS. Use as a context manager, or call :meth:`shutdown`.
+    To a TCP address, a client holding a token speaks TLS and proves it
+    holds the token (the peer proves it first; the token never crosses the
+    wire, see :mod:`vaccelray.membership`). *tls*: None (that default), the
+    cluster CA's file (the peer's certificate must chain to it), an
+    SSLContext of your own, True (system CAs, host name checked), or False
+    (plaintext: the vAccel agent service and Classify only, no token sent).
+    Use as a context manager, or call :meth:`shutdown`.
     """
 
     def __init__(
@@ -102,9 +107,9 @@ class Client:
     ) -> None:
         self.requested_address = address
         target = resolve_address(address)
-        ssl = client_ssl_context(tls)
+        ssl, ca = client_tls(tls)
         if target is not None:
-            token = client_token(target, token)
+            token = client_token(target, token) if tls is not False else None
         self._thread = _LoopThread()
         self._worker_cm: Any = None
         try:
@@ -124,6 +129,7 @@ class Client:
                     target,
                     token=token,
                     ssl=ssl,
+                    ca=ca,
                     connect_timeout=connect_timeout,
                     max_message_size=max_message_size,
                 )

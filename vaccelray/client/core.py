@@ -31,7 +31,6 @@ from ssl import SSLContext
 from typing import Any, Final, TypeVar
 
 from vaccelray.allocator import keep_heap_for
-from vaccelray.auth import token_metadata
 from vaccelray.client.actorcalls import ActorLines, ActorRequest
 from vaccelray.client.errors import (
     AuthenticationError,
@@ -46,6 +45,7 @@ from vaccelray.client.lane import MAX_LANES, Lane, LaneOutcome, open_lane
 from vaccelray.client.refs import TaskRef, _settle
 from vaccelray.client.remote import FunctionSpec, Options, pickle_args
 from vaccelray.errors import ConnectError, Reason, RPCError, StatusCode, TransportError
+from vaccelray.membership import Credential, MembershipError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol._pb import vaccel_pb2 as pb
@@ -84,12 +84,14 @@ class Core:
         ssl: SSLContext | None,
         connect_timeout: float,
         max_message_size: int,
+        ca: str | None = None,
     ) -> None:
         self.address = address
         self.loop = asyncio.get_running_loop()
         self.thread_id = threading.get_ident()
-        self.metadata = token_metadata(token)
-        self.ssl = ssl
+        #: TLS and the membership proof to TCP addresses; the token only on unix sockets.
+        self.credential = Credential(token, ca=ca, tls=ssl)
+        self.metadata = self.credential.metadata_for(address)
         self.connect_timeout = connect_timeout
         self.max_message_size = max_message_size
         self.arg_limit = max_message_size - wire.ARG_LIMIT_MARGIN
@@ -125,12 +127,15 @@ class Core:
         ssl: SSLContext | None = None,
         connect_timeout: float = 5.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        ca: str | None = None,
     ) -> Core:
-        """A core connected to *address* (raises ConnectError when it cannot be reached)."""
+        """A core connected to *address* (raises ConnectError when it cannot be reached,
+        AuthenticationError when the peer does not prove it holds the cluster token)."""
         core = cls(
             address,
             token=token,
             ssl=ssl,
+            ca=ca,
             connect_timeout=connect_timeout,
             max_message_size=max_message_size,
         )
@@ -245,8 +250,8 @@ class Core:
                 return None  # this thread gets none
             if lane is None and len(self._lanes) >= MAX_LANES:
                 return None
-            if self.ssl is not None:
-                lane = None  # TLS stays on the loop's connection
+            if self.credential.ssl_for(self.address) is not None:
+                lane = None  # TLS and its membership proof stay on the loop's connection
             else:
                 lane = open_lane(self.address, self.max_message_size, self.connect_timeout)
             if self._closed and lane is not None:
@@ -571,12 +576,16 @@ class Core:
         async with self._connect_lock:
             conn = self._conn
             if conn is None or conn.is_closed:
-                conn = await open_client(
-                    self.address,
-                    connect_timeout=self.connect_timeout,
-                    max_message_size=self.max_message_size,
-                    ssl=self.ssl,
-                )
+                try:
+                    conn = await open_client(
+                        self.address,
+                        connect_timeout=self.connect_timeout,
+                        max_message_size=self.max_message_size,
+                        ssl=self.credential.ssl_for(self.address),
+                        setup=self.credential.setup_for(self.address),
+                    )
+                except MembershipError as exc:  # nothing was sent: results come from members
+                    raise AuthenticationError(str(exc)) from None
                 if self._closed:  # shut down while connecting: nobody would close it
                     conn.close()
                     raise TransportError("the client was shut down")

@@ -27,13 +27,14 @@ import msgspec
 from google.protobuf.message import DecodeError, Message
 
 from vaccelray.errors import RPCError, StatusCode
-from vaccelray.protocol import actors, classify, info, tasks
+from vaccelray.protocol import actors, classify, info, membership, tasks
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.limits import check_declared_sizes, check_tensor_sizes
 
 __all__ = [
     "AGENT",
+    "MEMBERSHIP",
     "SCHEDULER",
     "WORKER",
     "Codec",
@@ -407,3 +408,19 @@ WORKERS: Final = Rpc(
 
 #: The scheduler's own service (it serves WORKER's Classify and tasks too, forwarded).
 SCHEDULER: Final = ServiceSpec((info.SCHEDULER_SERVICE,), (WORKERS,))
+
+HELLO: Final = Rpc(
+    membership.MEMBERSHIP_SERVICE,
+    membership.HELLO_METHOD,
+    MsgpackCodec[membership.Hello](membership.Hello),
+    MsgpackCodec[membership.Challenge](membership.Challenge),
+)
+PROVE: Final = Rpc(
+    membership.MEMBERSHIP_SERVICE,
+    membership.PROVE_METHOD,
+    MsgpackCodec[membership.Proof](membership.Proof),
+    MsgpackCodec[membership.Proven](membership.Proven),
+)
+
+#: Proof of holding the cluster token, first on every TLS connection (``vaccelray.membership``).
+MEMBERSHIP: Final = ServiceSpec((membership.MEMBERSHIP_SERVICE,), (HELLO, PROVE))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from vaccelray.auth import ExecPolicy, TokenCheck, daemon_token, protect
+from vaccelray.membership import node_credential
 from vaccelray.metrics import CallMetrics
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.actors import DEFAULT_MAX_ACTORS_PER_CONNECTION, ActorRouter
@@ -69,6 +70,12 @@ class SchedulerConfig:
     #: The cluster token callers of the task service must present, and the scheduler
     #: presents to workers; None: the user's default token (see ``vaccelray.auth``).
     token: str | None = field(default=None, repr=False)
+    #: PEM certificate (and key) the scheduler serves TLS with and shows workers;
+    #: None: its own self-signed one (see ``vaccelray.tls``).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: The cluster CA: TLS peers that show a certificate must have one it signed.
+    tls_ca: str | None = None
     #: Forward vAccel requests that load a library (exec) from other hosts too.
     allow_exec: bool = False
     #: Permissions of the scheduler's unix socket files (its own user only by default).
@@ -134,12 +141,18 @@ async def run_scheduler(
     """
     token, token_path = daemon_token(config.token)
     instance = secrets.token_hex(8)
+    credential = node_credential(
+        token,
+        cert=config.tls_cert,
+        key=config.tls_key,
+        ca=config.tls_ca,
+        default=token_path is not None,
+    )
     pool = WorkerPool(
         Registry(max_discovered=config.max_discovered),
         connect_timeout=config.health_timeout,
         max_message_size=config.max_message_size,
-        token=token,
-        token_is_default=token_path is not None,
+        credential=credential,
     )
     for address in config.workers:
         pool.registry.add_static(address)
@@ -174,9 +187,11 @@ async def run_scheduler(
                     view.info_service(),
                     *task_services,
                     tasks.classify_service(),
+                    credential.service("scheduler"),
                     *extra_services,
                 ],
                 config.addresses,
+                ssl=credential.server_ssl(),
                 max_message_size=config.max_message_size,
                 grace=config.grace,
                 on_disconnect=functools.partial(_disconnected, table, actors),

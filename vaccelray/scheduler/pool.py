@@ -13,9 +13,13 @@ too: ``pick(op)`` then ``call(address, ...)``; on ``WorkerUnavailable`` with
 loop on an open connection, answered through a callback (the scheduler's
 forwarding of session calls, its busiest path).
 
-Every call presents the scheduler's own credential (:meth:`WorkerPool.credential`),
-never its client's; a worker refusing it is reported as the scheduler's
-problem, naming the scheduler (:attr:`WorkerPool.hop`) and the fix.
+Every connection carries the scheduler's own credential, never its client's:
+to a TCP (or vsock) worker it is TLS and the membership proof, made before
+the connection is used at all, the health check's included, so a worker that
+cannot prove it holds the cluster token is never routed to and is sent
+nothing (:mod:`vaccelray.membership`); to a unix socket worker, the token as
+metadata (:meth:`WorkerPool.credential`). A worker refusing it is reported as
+the scheduler's problem, naming the scheduler (:attr:`WorkerPool.hop`) and the fix.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
-from vaccelray.auth import METADATA_KEY, is_loopback, token_metadata
+from vaccelray.auth import METADATA_KEY
 from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError, VaccelrayError
+from vaccelray.membership import Credential, MembershipError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.registry import Change, Registry, WorkerRecord
 from vaccelray.transport.client import Client, Outcome, PendingCall, open_client
@@ -91,14 +96,11 @@ class WorkerPool:
         *,
         connect_timeout: float = 1.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        token: str | None = None,
-        token_is_default: bool = False,
+        credential: Credential | None = None,
     ) -> None:
         self.registry = registry if registry is not None else Registry()
-        #: The token the scheduler presents to workers; the user's default one
-        #: (*token_is_default*) only to loopback TCP workers (it never leaves the host).
-        self.token = token
-        self.token_is_default = token_is_default
+        #: What the scheduler proves to workers (the token never leaves the host).
+        self.own = credential or Credential()
         self._credentials: dict[str, tuple[tuple[str, str], ...]] = {}
         #: Names the scheduler in what it says of workers refusing it ("scheduler tcp://...").
         self.hop = "scheduler"
@@ -113,6 +115,8 @@ class WorkerPool:
         self._calls: dict[str, set[StartedCall]] = {}
         self._listeners: list[ChangeListener] = []
         self._closing: set[str] = set()
+        #: Workers whose last connection failed the membership proof (logged once each).
+        self._unproven: set[str] = set()
         #: Tasks sent to another worker after one could not take them, and sessions
         #: re-created on another worker after theirs was lost (the metrics count them).
         self.failovers = 0
@@ -156,6 +160,7 @@ class WorkerPool:
         Calls in flight finish (a worker says goodbye before it stops serving);
         the connection is closed once they have.
         """
+        self._unproven.discard(address)
         if self._scopes.get(address) or self._calls.get(address):
             self._closing.add(address)
         else:
@@ -175,11 +180,7 @@ class WorkerPool:
         """The metadata the scheduler presents to the worker at *address*."""
         found = self._credentials.get(address)
         if found is None:
-            share = not self.token_is_default or (
-                address.startswith("tcp://") and is_loopback(address)
-            )
-            found = token_metadata(self.token) if share else ()
-            self._credentials[address] = found
+            found = self._credentials[address] = self.own.metadata_for(address)
         return found
 
     def _metadata(
@@ -209,7 +210,8 @@ class WorkerPool:
                 client.abort()
 
     async def client(self, address: str, *, connect_timeout: float | None = None) -> Client:
-        """The open connection to *address*, connecting if needed (raises ConnectError)."""
+        """The open connection to *address*, connecting if needed (raises ConnectError;
+        MembershipError when the worker does not prove it holds the cluster token)."""
         return await self._connection(address, False, connect_timeout)
 
     async def probe_client(self, address: str, *, connect_timeout: float | None = None) -> Client:
@@ -230,12 +232,21 @@ class WorkerPool:
             client = table.get(address)
             if client is not None and not client.is_closed:
                 return client
-            client = await open_client(
-                address,
-                connect_timeout=timeout or self.connect_timeout,
-                max_message_size=self.max_message_size,
-                coalesce=not probe,  # the calls forwarded from one read leave in one write
-            )
+            try:
+                client = await open_client(
+                    address,
+                    connect_timeout=timeout or self.connect_timeout,
+                    max_message_size=self.max_message_size,
+                    coalesce=not probe,  # the calls forwarded from one read leave in one write
+                    ssl=self.own.ssl_for(address),
+                    setup=self.own.setup_for(address),  # the worker proves itself first
+                )
+            except MembershipError as exc:
+                if address not in self._unproven:  # once, not at every health check
+                    self._unproven.add(address)
+                    log.warning("Worker %s is not routed to: %s", address, exc)
+                raise
+            self._unproven.discard(address)
             table[address] = client
             return client
 

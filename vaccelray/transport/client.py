@@ -16,7 +16,7 @@ import functools
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from ssl import SSLContext
 from typing import Protocol, TypeVar, cast
@@ -172,6 +172,15 @@ class Client:
     @property
     def is_closed(self) -> bool:
         return self._protocol.transport is None
+
+    @property
+    def peer_cert(self) -> bytes | None:
+        """On a TLS connection, the server's DER certificate as this end sees it; else None."""
+        transport = self._protocol.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if tls is None:
+            return None
+        return tls.getpeercert(binary_form=True) or b""
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -393,6 +402,7 @@ async def open_client(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ssl: SSLContext | None = None,
     coalesce: bool = False,
+    setup: Callable[[Client], Awaitable[None]] | None = None,
 ) -> Client:
     """Like :func:`connect` for long-lived clients the caller closes with ``aclose``.
 
@@ -402,18 +412,32 @@ async def open_client(
     starts one call per turn pays a loop callback per call for it (about a
     third of an asyncio client's calls per second, measured), so it is off
     by default.
+
+    *setup* runs on the new connection before it is returned, within the
+    connect timeout (the membership proof, say); when it fails the
+    connection is closed and its error raised.
     """
     ep = parse_endpoint(endpoint)
+    client: Client | None = None
     try:
         with anyio.fail_after(connect_timeout):
             _, protocol = await open_connection(
                 ep, lambda: _ClientProtocol(max_message_size, coalesce), ssl=ssl
             )
+            client = Client(ep, protocol)
+            if setup is not None:
+                await setup(client)
     except TimeoutError:
+        if client is not None:
+            client.abort()
         raise ConnectError(
             f"cannot connect to {ep}: no answer within {connect_timeout:g} s"
         ) from None
-    return Client(ep, protocol)
+    except BaseException:
+        if client is not None:
+            client.abort()
+        raise
+    return client
 
 
 def _sent_request_id(metadata: Sequence[tuple[str, str]]) -> str | None:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import socket
+import ssl as ssl_module
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from ssl import SSLContext
-from typing import Final, TypeAlias, TypeVar
+from typing import Final, TypeAlias, TypeVar, cast
 
 from vaccelray.errors import ConnectError, VaccelrayError
+from vaccelray.transport.tls_layer import TlsLayer
 
 __all__ = [
     "SOCKET_MODE",
@@ -295,21 +298,28 @@ async def open_connection(
 ) -> tuple[asyncio.Transport, _P]:
     """Connect *endpoint* to a new protocol; raises :class:`ConnectError` naming it.
 
-    With *ssl*, the connection speaks TLS (server name: the TCP host).
+    With *ssl*, the connection speaks TLS (server name: the TCP host, else
+    ``localhost``) through a :class:`~vaccelray.transport.tls_layer.TlsLayer`
+    reading into the protocol's own buffer (a ``BufferedProtocol``);
+    returned once the handshake is done.
     """
     loop = asyncio.get_running_loop()
+    layer: TlsLayer | None = None
+    factory: Callable[[], asyncio.BaseProtocol] = protocol_factory
+    if ssl is not None:
+        inner = protocol_factory()
+        assert isinstance(inner, asyncio.BufferedProtocol)
+        name = endpoint.host if isinstance(endpoint, TcpEndpoint) else "localhost"
+        buffer = memoryview(inner.get_buffer(-1))
+        layer = TlsLayer(ssl, inner, buffer, timeout=0, server_hostname=name)
+        factory = functools.partial(lambda layer: layer, layer)
     try:
         if isinstance(endpoint, TcpEndpoint):
             transport, protocol = await loop.create_connection(
-                protocol_factory, endpoint.host, endpoint.port, ssl=ssl
+                factory, endpoint.host, endpoint.port
             )
         elif isinstance(endpoint, UnixEndpoint):
-            transport, protocol = await loop.create_unix_connection(
-                protocol_factory,
-                endpoint.sockaddr,
-                ssl=ssl,
-                server_hostname="localhost" if ssl is not None else None,
-            )
+            transport, protocol = await loop.create_unix_connection(factory, endpoint.sockaddr)
         else:
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
             try:
@@ -318,16 +328,24 @@ async def open_connection(
             except BaseException:
                 sock.close()
                 raise
-            transport, protocol = await loop.create_connection(
-                protocol_factory,
-                sock=sock,
-                ssl=ssl,
-                server_hostname="localhost" if ssl is not None else None,
-            )
+            transport, protocol = await loop.create_connection(factory, sock=sock)
+        if layer is not None:
+            try:
+                await layer.ready
+            except BaseException:
+                transport.abort()
+                raise
+            assert layer.transport is not None
+            transport, protocol = layer.transport, layer.inner
+    except ssl_module.SSLError as exc:
+        detail = getattr(exc, "verify_message", None) or exc.reason or exc
+        raise ConnectError(
+            f"cannot connect to {endpoint}: TLS handshake failed ({detail})"
+        ) from exc
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConnectError(f"cannot connect to {endpoint}: {reason}") from exc
     sock = transport.get_extra_info("socket")
     if sock is not None:
         tune_socket(sock)
-    return transport, protocol
+    return transport, cast(_P, protocol)

@@ -68,6 +68,7 @@ from vaccelray.transport.endpoints import (
     parse_endpoint,
     tune_socket,
 )
+from vaccelray.transport.tls_layer import TlsLayer
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -79,6 +80,7 @@ __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_INFLIGHT",
     "CallContext",
+    "Link",
     "Method",
     "Origin",
     "Server",
@@ -133,6 +135,27 @@ class Origin:
     uid: int | None = None
 
 
+@dataclass(slots=True)
+class Link:
+    """What one connection has established beyond its socket (one per connection).
+
+    *tls*: it speaks TLS; *peer_cert*: the DER certificate the peer showed
+    in the handshake, if any. *member*: the peer proved it holds the cluster
+    token on this connection (``vaccelray.membership``, which keeps the
+    proof's state between its two calls in *challenge*).
+    """
+
+    tls: bool = False
+    peer_cert: bytes = b""
+    member: bool = False
+    challenge: object = None
+
+
+#: The first byte of every TLS connection (a handshake record). Read as the first byte
+#: of a ttrpc frame's length it would announce a body of at least 352 MiB: never valid.
+_TLS_HANDSHAKE: Final = 0x16
+
+
 #: What a connection whose socket cannot be asked is: a remote peer, nothing known.
 UNKNOWN_ORIGIN: Final = Origin("?", loopback=False)
 
@@ -184,6 +207,8 @@ class CallContext:
     connection_id: int = 0
     #: Where the connection came in and who is at its other end (see :class:`Origin`).
     origin: Origin = UNKNOWN_ORIGIN
+    #: What the connection established: TLS, membership (see :class:`Link`).
+    link: Link | None = None
 
     def get_metadata(self, key: str) -> str | None:
         """The last value sent for *key*, or None."""
@@ -327,8 +352,12 @@ class _TaskCall:
 class _Connection(asyncio.BufferedProtocol):
     """One client connection."""
 
-    def __init__(self, server: Server, origin: Origin | None = None) -> None:
+    def __init__(
+        self, server: Server, origin: Origin | None = None, tls: SSLContext | None = None
+    ) -> None:
         self.server = server
+        #: The TLS context, until the first read says whether the client speaks TLS.
+        self.sniff = tls
         #: Who the peer is, when the caller says so (else the socket is asked).
         self.given_origin = origin
         metrics = server.metrics
@@ -340,6 +369,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.origin = UNKNOWN_ORIGIN
+        self.link = Link()
         #: Calls in flight off the loop's turn (inline ones finish within it).
         self.tasks: set[_TaskCall] = set()
         self.calls: set[_FutureCall] = set()
@@ -369,6 +399,10 @@ class _Connection(asyncio.BufferedProtocol):
         if sock is not None:
             tune_socket(sock)
         self.origin = self.given_origin or origin_of(sock)
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            self.link.tls = True
+            self.link.peer_cert = tls.getpeercert(binary_form=True) or b""
         peer = transport.get_extra_info("peername")
         self.peer = (
             f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "local"
@@ -377,6 +411,8 @@ class _Connection(asyncio.BufferedProtocol):
         now = self.loop.time()
         server._connections.add(self)
         self.last_active = now
+        if self.idle_timer is not None:  # made again, over TLS
+            self.idle_timer.cancel()
         if server.idle_timeout > 0:
             self.idle_timer = self.loop.call_at(now + server.idle_timeout, self._idle_check)
 
@@ -495,8 +531,28 @@ class _Connection(asyncio.BufferedProtocol):
         return self.reads.view
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.sniff is not None:
+            tls, self.sniff = self.sniff, None
+            if self.reads.view[0] == _TLS_HANDSHAKE:
+                self._start_tls(tls, nbytes)
+                return
         self.proto.receive_data(self.reads.take(nbytes))
         self._handle_requests()
+
+    def _start_tls(self, context: SSLContext, nbytes: int) -> None:
+        """The client opened with a TLS handshake: put a TLS layer under this connection.
+
+        The layer takes the socket's transport and the bytes read so far, and
+        makes this connection again once the handshake is done (so it sees
+        the peer's certificate); until then it is an idle connection holding
+        nothing, and the handshake must end within ``frame_timeout``.
+        """
+        raw = self.transport
+        assert raw is not None
+        layer = TlsLayer(context, self, self.reads.view, timeout=self.server.frame_timeout)
+        raw.set_protocol(layer)
+        layer.adopt(raw)
+        layer.buffer_updated(nbytes)
 
     def _handle_requests(self) -> None:
         """Answer the requests received, until the client stops reading the answers.
@@ -579,7 +635,14 @@ class _Connection(asyncio.BufferedProtocol):
             # the loop's clock is anyio's on asyncio, read without a backend lookup
             deadline = self.loop.time() + event.timeout_nano * _NS
         return CallContext(
-            event.service, event.method, event.metadata, deadline, self.peer, self.id, self.origin
+            event.service,
+            event.method,
+            event.metadata,
+            deadline,
+            self.peer,
+            self.id,
+            self.origin,
+            self.link,
         )
 
     def _unknown(self, event: RequestReceived, now: float) -> bytes:
@@ -975,8 +1038,9 @@ class Server:
     async def _connect(self, sock: socket.socket, ssl: SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(lambda: _Connection(self), sock, ssl=ssl)
-        except Exception as exc:  # a TLS handshake that failed, say
+            # Plaintext until the first byte says TLS (see _Connection.buffer_updated).
+            await loop.connect_accepted_socket(lambda: _Connection(self, tls=ssl), sock)
+        except Exception as exc:
             log.debug("Connection closed before it was served: %s", exc)
             sock.close()
         except asyncio.CancelledError:
@@ -1051,7 +1115,9 @@ async def serve(
 ) -> AsyncIterator[Server]:
     """Serve *services* on *endpoints* until the block exits (then shut down gracefully).
 
-    With *ssl*, every listener speaks TLS. *on_disconnect* is called with a
+    With *ssl*, every listener speaks TLS to clients that open with a TLS
+    handshake and plaintext to the others (told apart by the first byte).
+    *on_disconnect* is called with a
     connection's ``CallContext.connection_id`` when that client connection closes.
     *max_connections*, *frame_timeout*, *idle_timeout*, *holds_state* and
     *max_inflight_per_connection* limit what a client may hold (see

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from vaccelray.auth import ExecPolicy, daemon_token, server_ssl_context
+from vaccelray.auth import ExecPolicy, daemon_token
+from vaccelray.membership import node_credential
 from vaccelray.metrics import CallMetrics
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.endpoints import SOCKET_MODE
@@ -90,9 +91,12 @@ class WorkerConfig:
     allow_exec: bool = False
     #: Permissions of the worker's unix socket files (its own user only by default).
     socket_mode: int = SOCKET_MODE
-    #: PEM certificate (and key) to serve TLS on every listener.
+    #: PEM certificate (and key) to serve TLS with; None: with a token, the node's own
+    #: self-signed one (see ``vaccelray.tls``). TLS is served beside plaintext.
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: The cluster CA: TLS peers that show a certificate must have one it signed.
+    tls_ca: str | None = None
     #: Connections served at once; None derives it from the descriptor limit, 0 = no cap.
     max_connections: int | None = None
     #: Seconds a frame may take to arrive once begun (0: no limit).
@@ -166,12 +170,13 @@ async def run_worker(
     *backend* overrides ``config.backend`` with an already constructed one;
     *extra_services* are served on the same listeners (task service, health).
     The task service asks ``config.token``, else the user's default token
-    (made if missing; see :mod:`vaccelray.auth`). *metrics* counts the calls of the
-    worker's listeners (see :mod:`vaccelray.metrics`).
+    (made if missing; see :mod:`vaccelray.auth`); every listener serves TLS
+    beside plaintext, and cluster members prove that token over it
+    (:mod:`vaccelray.membership`). *metrics* counts the calls of the worker's
+    listeners (see :mod:`vaccelray.metrics`).
     """
-    token, token_path = config.token, None
-    if config.pool_size != 0 or config.protect_vaccel:
-        token, token_path = daemon_token(config.token)
+    # Always: besides the task service, the token is what the worker proves to schedulers.
+    token, token_path = daemon_token(config.token)
     backend = backend or load_backend(config.backend, libvaccel=config.libvaccel)
     await _start_backend(backend)
     try:
@@ -183,15 +188,23 @@ async def run_worker(
         )
         log.info("Backend: %s", backend.describe())
         info = InfoService(agent, capacity=config.capacity)
+        credential = node_credential(
+            token, cert=config.tls_cert, key=config.tls_key, ca=config.tls_ca
+        )
+        tls = credential.server_ssl()
         services = [
             *agent.services(scope=_CLIENTS),
             agent.worker_service(),
             info.service(),
             *extra_services,
         ]
-        tls = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        if tls is not None:
+            services.append(credential.service("worker"))
         # The token file too (given, or the user's default the worker made): tasks never read it.
-        secrets = tuple(str(p) for p in (config.tls_cert, config.tls_key, token_path) if p)
+        identity = credential.identity.cert if credential.identity is not None else None
+        secrets = tuple(
+            str(p) for p in (config.tls_cert, config.tls_key, token_path, identity) if p
+        )
         sandbox = dataclasses.replace(config.sandbox, hide=(*config.sandbox.hide, *secrets))
         # A vAccel client's sessions die with its connection (released by the agent,
         # in the background of agent.running(), which outlives the server).
