@@ -36,7 +36,7 @@ from vaccelray.errors import RPCError, StatusCode
 
 NOOP_TAG = "This is a dummy classification tag!"
 SUMMARY = re.compile(
-    r"^vaccelray: (\d+) classified, (\d+) failed(?: \(([^)]*)\))?; (\d+) images in [\d.]+ s "
+    r"^vaccelray: (\d+) classified, (\d+) failed(?: \(([^)]*)\))?; (\d+) images? in [\d.]+ s "
     r"\([\d.]+/s\)(.*)$"
 )
 
@@ -139,7 +139,7 @@ def test_the_summary() -> None:
     tally = Tally(total=4, started=0.0)
     tally.add(None)
     assert tally.summary(0.0, interrupted=True) == (
-        "1 classified, 0 failed; 1 images in 0.0 s (0.0/s); interrupted with 3 not done"
+        "1 classified, 0 failed; 1 image in 0.0 s (0.0/s); interrupted with 3 not done"
     )
 
 
@@ -437,5 +437,5 @@ def test_a_summary_without_a_results_file() -> None:
     tally = Tally(total=1, skipped=4, started=0.0)
     tally.add(None)
     assert tally.summary(4.0) == (
-        "1 classified, 0 failed; 1 images in 4.0 s (0.2/s); 4 skipped (classified already)"
+        "1 classified, 0 failed; 1 image in 4.0 s (0.2/s); 4 skipped (classified already)"
     )

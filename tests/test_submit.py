@@ -48,7 +48,7 @@ BEFORE_KILL = 4
 DELAY = "1.0"
 #: The summary line ends every run: counts, failures by kind, then the rate.
 SUMMARY = re.compile(
-    r"^vaccelray: (\d+) classified, (\d+) failed\b(?: \(([^)]*)\))?; (\d+) images in "
+    r"^vaccelray: (\d+) classified, (\d+) failed\b(?: \(([^)]*)\))?; (\d+) images? in "
 )
 #: A piped run's progress line, every 10 s.
 PROGRESS = re.compile(r"^vaccelray: \d+/\d+ images, ")

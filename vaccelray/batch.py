@@ -198,7 +198,8 @@ class Tally:
         if failed:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.failures.items()))
             text += f" ({kinds})"
-        text += f"; {self.done} images in {now - self.started:.1f} s ({self.rate(now):.1f}/s)"
+        images = "image" if self.done == 1 else "images"
+        text += f"; {self.done} {images} in {now - self.started:.1f} s ({self.rate(now):.1f}/s)"
         if self.skipped:
             where = f" in {output}" if output else ""
             text += f"; {self.skipped} skipped (classified already{where})"
