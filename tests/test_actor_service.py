@@ -22,7 +22,13 @@ from vaccelray.functions import FunctionCache
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import actors as wire
 from vaccelray.protocol import tasks as task_wire
-from vaccelray.protocol.services import CALL_ACTOR, CREATE_ACTOR, KILL_ACTOR, WORKER
+from vaccelray.protocol.services import (
+    CALL_ACTOR,
+    CREATE_ACTOR,
+    KILL_ACTOR,
+    REGISTER_FUNCTION,
+    WORKER,
+)
 from vaccelray.testing import connected_client
 from vaccelray.transport.client import Client
 from vaccelray.transport.server import Service
@@ -81,7 +87,9 @@ async def actor_service(**bounds: int) -> AsyncIterator[Harness]:
     functions = FunctionCache(1 << 20, keep_payload=False)
     pickled = cloudpickle.dumps(Box)
     digest = hashlib.sha256(pickled).hexdigest()
-    functions.add(task_wire.encode(task_wire.RegisterFunction(digest, "Box", pickled)))
+    functions.add(
+        REGISTER_FUNCTION.request.encode(task_wire.RegisterFunction(digest, "Box", pickled))
+    )
     try:
         async with (
             running_actors(

@@ -30,15 +30,18 @@ import pytest
 from tests.netns import Topology, ip, require_netns, status_json
 from tests.processes import REPO, Proc, child_env, scheduler_argv, start_daemon, worker_argv
 from tests.waiting import eventually, finishes
+from vaccelray.auth import token_metadata
 from vaccelray.errors import RPCError, StatusCode
+from vaccelray.membership import MembershipError
 from vaccelray.protocol.info import (
     INFO_METHOD,
     WORKER_SERVICE,
     ClusterStatus,
     InfoRequest,
     WorkerInfo,
+    WorkersRequest,
 )
-from vaccelray.protocol.services import INFO
+from vaccelray.protocol.services import INFO, WORKERS
 from vaccelray.scheduler import SchedulerConfig, discovery, run_scheduler
 from vaccelray.scheduler.discovery import (
     AddressPolicy,
@@ -52,6 +55,7 @@ from vaccelray.scheduler.health import MAX_BACKOFF, HealthChecker
 from vaccelray.scheduler.pool import WorkerPool
 from vaccelray.scheduler.registry import Registry
 from vaccelray.status import fetch_status
+from vaccelray.testing import serve_member
 from vaccelray.transport.client import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.daemon import WorkerConfig, run_worker
@@ -314,7 +318,7 @@ async def fake_info(answer: Any) -> AsyncIterator[str]:
         return bytes(answer)
 
     service = Service(WORKER_SERVICE, {INFO_METHOD: Method(handle, inline=True)})
-    async with serve([service], ["tcp://127.0.0.1:0"], grace=0.1) as server:
+    async with serve_member([service], ["tcp://127.0.0.1:0"], grace=0.1) as server:
         yield server.addresses[0]
 
 
@@ -422,6 +426,7 @@ async def test_what_a_failed_check_records_holds_no_peer_bytes() -> None:
     assert rows[failing] == "health check answered INTERNAL"
     assert rows[garbled] == "refused: its Info answer is garbled or implausible"
     assert rows[banner] in (
+        "health check cannot connect",  # its TLS handshake fails
         "health check connection failed",
         "no answer to the health check within 60 s",
     )
@@ -671,8 +676,13 @@ async def test_the_cluster_status_needs_the_cluster_token() -> None:
     async with run_scheduler(config) as sched:
         address = sched.addresses[0]
         for wrong in ("another-token", None):  # None: the user's default one (not this)
-            with pytest.raises(RPCError) as refused:
+            with pytest.raises(MembershipError):  # proofs differ: nothing is asked
                 await fetch_status(address, token=wrong)
+        async with connect(address) as plain:  # and the token itself is never taken
+            with pytest.raises(RPCError) as refused:
+                await plain.call_rpc(
+                    WORKERS, WorkersRequest(), metadata=token_metadata("the-cluster-token")
+                )
             assert refused.value.code == StatusCode.UNAUTHENTICATED
         # Positive control: with the token it answers (and its Info stays open).
         status = await fetch_status(address, token="the-cluster-token")

@@ -396,4 +396,6 @@ async def _through_scheduler(honest: str, rogue: str) -> list[int]:
         results = await anyio.to_thread.run_sync(submit)
         assert rogue in registry
         assert not _routable(sched, rogue)
+        rows = {row.address: row for row in sched.view.status().workers}
+        assert rows[rogue].last_error == "refused: it did not prove it holds the cluster token"
         return results

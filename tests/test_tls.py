@@ -31,7 +31,7 @@ from tests.waiting import eventually
 from vaccelray.agent_client import AgentClient
 from vaccelray.cli import main
 from vaccelray.errors import RPCError, StatusCode
-from vaccelray.protocol import tasks as wire
+from vaccelray.protocol.services import SUBMIT
 from vaccelray.tls import TlsError, client_context, load_identity, node_identity, server_context
 from vaccelray.transport.client import connect
 from vaccelray.transport.server import Method, Server, Service, serve
@@ -209,7 +209,7 @@ async def _plaintext_agent_but_no_tasks(address: str) -> None:
         session = await agent.create_session()
         assert await agent.classify(session, b"\xff\xd8") == NOOP_TAG
         with pytest.raises(RPCError) as info:
-            await conn.call(wire.SERVICE, wire.METHOD_SUBMIT, b"")
+            await conn.call(SUBMIT.service, SUBMIT.method, b"")
         assert info.value.code == StatusCode.UNAUTHENTICATED
 
 

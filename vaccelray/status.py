@@ -9,11 +9,12 @@ from typing import Any
 import anyio
 import msgspec
 
-from vaccelray.auth import client_token, token_metadata
+from vaccelray.auth import client_token
 from vaccelray.errors import RPCError, StatusCode, TransportError, VaccelrayError
+from vaccelray.membership import Credential
 from vaccelray.protocol.info import ClusterStatus, InfoRequest, WorkerInfo, WorkersRequest
 from vaccelray.protocol.services import INFO, WORKERS
-from vaccelray.transport.client import connect
+from vaccelray.transport.client import open_client
 
 __all__ = ["fetch_status", "frame", "render", "to_json", "watch"]
 
@@ -29,9 +30,17 @@ async def fetch_status(
     A scheduler tells only callers with the cluster token (*token*, else as
     :func:`vaccelray.auth.client_token` finds it).
     """
-    metadata = token_metadata(client_token(address, token))
-    async with connect(address, connect_timeout=timeout) as client:
+    # As every client connects: TLS and the membership proof over TCP, the token on unix.
+    credential = Credential(client_token(address, token))
+    client = await open_client(
+        address,
+        connect_timeout=timeout,
+        ssl=credential.ssl_for(address),
+        setup=credential.setup_for(address),
+    )
+    try:
         request = WORKERS.request.encode(WorkersRequest())
+        metadata = credential.metadata_for(address)
         try:
             payload = await client.call(
                 WORKERS.service, WORKERS.method, request, timeout=timeout, metadata=metadata
@@ -42,6 +51,8 @@ async def fetch_status(
         else:
             return WORKERS.reply.decode(payload)  # not inside the try: a bad answer is an error
         return await client.call_rpc(INFO, InfoRequest(), timeout=timeout)
+    finally:
+        await client.aclose()
 
 
 def to_json(status: ClusterStatus | WorkerInfo) -> str:

@@ -27,6 +27,7 @@ import anyio
 import anyio.abc
 
 from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError
+from vaccelray.membership import MembershipError
 from vaccelray.protocol.info import SCHEDULER_BACKEND, InfoRequest, WorkerInfo
 from vaccelray.protocol.services import INFO
 from vaccelray.scheduler.pool import WorkerPool
@@ -187,6 +188,8 @@ class HealthChecker:
                 return f"health check answered {StatusCode(exc.code).name}"
             except ValueError:
                 return f"health check answered status {int(exc.code)}"
+        if isinstance(exc, MembershipError):
+            return "refused: it did not prove it holds the cluster token"
         if isinstance(exc, ConnectError):
             return "health check cannot connect"
         return "health check connection failed"
