@@ -41,6 +41,8 @@ from vaccelray.protocol.info import (
     WorkerInfo,
     WorkersRequest,
 )
+from vaccelray.protocol.info import decode as info_decode
+from vaccelray.protocol.info import encode as info_encode
 from vaccelray.protocol.services import INFO, WORKERS
 from vaccelray.scheduler import SchedulerConfig, discovery, run_scheduler
 from vaccelray.scheduler.discovery import (
@@ -862,3 +864,71 @@ def test_the_browser_takes_hints_only(caplog: pytest.LogCaptureFixture) -> None:
             await pool.aclose()
 
         in_netns(topo.hosts[0], scenario)
+
+
+def test_an_empty_info_payload_is_the_message_with_its_defaults() -> None:
+    assert info_decode(b"", InfoRequest) == InfoRequest()
+    assert info_decode(b"", WorkersRequest) == WorkersRequest()
+    assert info_decode(info_encode(WorkerInfo(**SANE)), WorkerInfo) == WorkerInfo(**SANE)
+
+
+@pytest.mark.anyio
+async def test_a_goodbye_is_checked_once_and_the_worker_leaves_when_it_stops_answering(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="vaccelray.scheduler")
+    registry = Registry()
+    pool = WorkerPool(registry, connect_timeout=LIVENESS)
+    health = HealthChecker(pool, timeout=LIVENESS)
+    gone: list[str] = []
+    pool.add_listener(lambda address, change: gone.append(address))
+    try:
+        async with fake_info(msgspec.msgpack.encode(SANE)) as worker:
+            registry.discovered("w", worker)
+            await health.check(worker)
+            assert registry.vanished("w") == worker
+            await health.check(worker)
+            await health.check(worker)  # the goodbye was answered: said once
+            lines = [r.getMessage() for r in caplog.records]
+            assert (
+                lines.count(
+                    f"Worker {worker} still answers after a goodbye: it stays while it does"
+                )
+                == 1
+            )
+            assert registry.get(worker).routable  # type: ignore[union-attr]
+        await health.check(worker)  # it stopped answering: it leaves, and the pool forgets it
+        assert worker not in registry
+        assert f"Worker {worker} left (it said goodbye, or its name moved)" in [
+            r.getMessage() for r in caplog.records
+        ]
+        assert worker in gone
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_plain_agent_is_up_and_a_refusal_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vaccelray.scheduler")
+    registry = Registry()
+    pool = WorkerPool(registry, connect_timeout=LIVENESS)
+    health = HealthChecker(pool, timeout=LIVENESS, instance="me")
+    scheduler = {**SANE, "backend": "scheduler"}
+    try:
+        async with (
+            fake_info(RPCError(StatusCode.UNIMPLEMENTED, "no Info here")) as agent,
+            fake_info(msgspec.msgpack.encode(scheduler)) as other,
+        ):
+            registry.add_static(agent)
+            registry.add_static(other)
+            await health.check(agent)
+            assert registry.get(agent).backend == "vaccel-agent"  # type: ignore[union-attr]
+            assert registry.get(agent).routable  # type: ignore[union-attr]
+            for _ in range(3):
+                await health.check(other)
+            refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+            assert refused == [f"Worker {other} refused: it is a scheduler, not a worker"]
+    finally:
+        await pool.aclose()
