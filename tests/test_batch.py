@@ -97,11 +97,12 @@ def test_image_files_are_read_when_asked_for(tmp_path: Path) -> None:
 
 def test_the_results_file_takes_whole_lines_and_cuts_a_torn_one(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    out.write_bytes(b'{"path": "a", "tag": "t"}\n{"path": "b", "ta')  # a crash mid-line
+    out.write_bytes(b'{"path": "a", "tag": "t"}\n\n{"path": "b", "ta')  # a crash mid-line
     with ResultLog(out) as log:
         log.write({"path": "c", "error": "E", "kind": "UNAVAILABLE"})
     assert out.read_text().splitlines() == [
         '{"path": "a", "tag": "t"}',
+        "",
         '{"path": "c", "error": "E", "kind": "UNAVAILABLE"}',
     ]
     assert ResultLog.classified(out) == {"a"}  # a failure is not done: resume tries it again
@@ -404,16 +405,19 @@ def test_progress_defaults(tmp_path: Path) -> None:
     quiet = Progress(tally, plain, tty=False, clock=clock)
     live = Progress(tally, bar, tty=True, clock=clock)
     live.update()  # drawn at once
+    clock.now = 0.1
+    live.update()
+    assert bar.getvalue().count("\r") == 2  # redrawn: 0.1 s had passed
     clock.now = 9.99
     quiet.update()
     live.update()
     assert plain.getvalue() == ""
-    assert bar.getvalue().count("\r") == 2  # redrawn: 0.1 s had passed
+    assert bar.getvalue().count("\r") == 3
     clock.now = 10.0
     quiet.update()
     assert plain.getvalue() == "vaccelray: 0/3 images, 0.0/s, ETA ?, 0 failed\n"
     live.update()
-    assert bar.getvalue().count("\r") == 2  # not again: too soon
+    assert bar.getvalue().count("\r") == 3  # not again: too soon
 
 
 def test_progress_lines_as_they_read() -> None:
@@ -425,12 +429,25 @@ def test_progress_lines_as_they_read() -> None:
     tally = Tally(total=62, started=0.0)
     tally.add(None)
     assert Progress(tally, io.StringIO(), tty=False).line(1.0).endswith(", ETA 1:01, 0 failed")
+    tally = Tally(total=121, started=0.0)
+    tally.add(None)
+    assert Progress(tally, io.StringIO(), tty=False).line(1.0).endswith(", ETA 2:00, 0 failed")
 
 
 def test_finishing_a_bar_never_drawn_writes_nothing() -> None:
     stream = io.StringIO()
     Progress(Tally(total=3), stream, tty=True).finish()
     assert stream.getvalue() == ""
+
+
+def test_after_finishing_lines_go_plainly() -> None:
+    stream = io.StringIO()
+    progress = Progress(Tally(total=3), stream, tty=True)
+    progress.update()
+    progress.finish()
+    drawn = stream.getvalue()
+    progress.above("vaccelray: 2 classified")
+    assert stream.getvalue() == drawn + "vaccelray: 2 classified\n"
 
 
 def test_a_summary_without_a_results_file() -> None:

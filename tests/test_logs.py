@@ -434,7 +434,7 @@ def bare_root() -> Iterator[None]:
     finally:
         logs.close()
         sys.excepthook = hook
-        logs._state.excepthook = None
+        logs._state.hooked = False
         root.handlers[:] = saved
         root.setLevel(level)
         logging.getLogger("vaccelray.lifecycle").setLevel(logging.NOTSET)
@@ -449,6 +449,9 @@ def test_setup_writes_both_kinds_of_line_through_one_sink(tmp_path: Path) -> Non
             assert sink is not None
             assert sink.fd == stream.fileno()
             assert sink._thread.daemon  # never holds the process up at exit
+            records: list[str] = []
+            assert logs._state.handler is not None
+            logs._state.handler.addFilter(lambda r: records.append(r.getMessage()) or True)
             logs.EventLog("vaccelray.quiet").info("session:%d Genop", 1)  # below the level
             logging.getLogger("vaccelray.lifecycle").info("Listening on %s", "x")
             logs.EventLog("vaccelray.lifecycle").info("Created session %d", 2)
@@ -456,6 +459,7 @@ def test_setup_writes_both_kinds_of_line_through_one_sink(tmp_path: Path) -> Non
             logs.flush()
             lines = path.read_text().splitlines()
             logs.close()
+            assert records == ["Listening on x", "careful"]  # the event line made no record
             assert logs._state.sink is None
             assert logging.getLogger().handlers == []
         assert [TEXT_LINE.match(line).groups() for line in lines] == [  # type: ignore[union-attr]
@@ -610,3 +614,24 @@ def test_a_stuck_writer_is_given_up_on(pipe: tuple[int, int]) -> None:
     sink.close(timeout=0.01)
     assert sink._thread.is_alive()  # left in its write: the caller went on
     drain(r, sink)  # let it finish, so nothing outlives the test
+
+
+def test_warnings_are_written_at_once_and_info_lines_in_batches(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR)
+    handler = logs._SinkHandler(sink, logging.Formatter("%(levelname)s %(message)s"))
+    try:
+        handler.handle(record(logging.INFO, "batched"))
+        assert nothing_written(r)
+        handler.handle(record(logging.WARNING, "now"))
+        assert read_until(r, b"now\n") == b"INFO batched\nWARNING now\n"
+    finally:
+        sink.close()
+
+
+def test_without_a_sink_the_line_names_its_caller(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vaccelray.t")
+    logs.EventLog("vaccelray.t").info("Genop")
+    [rec] = caplog.records
+    assert rec.filename == "test_logs.py"
+    assert rec.funcName == "test_without_a_sink_the_line_names_its_caller"

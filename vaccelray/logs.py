@@ -35,7 +35,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final, Literal, TextIO
 
@@ -87,29 +87,16 @@ def request_id_from(metadata: Sequence[tuple[str, str]]) -> str:
 
 # -- formats ----------------------------------------------------------------
 
-#: (millisecond, its text) of the last stamp made: most lines share it with the one before.
-_local_ms: tuple[int, str] = (-1, "")
-_utc_ms: tuple[int, str] = (-1, "")
-
 
 def text_stamp(now: float) -> str:
     """``2024-01-02 03:04:05,678`` (local time), as ``logging``'s default ``asctime``."""
-    global _local_ms
-    ms = int(now * 1000)
-    if _local_ms[0] != ms:
-        second = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms // 1000))
-        _local_ms = (ms, f"{second},{ms % 1000:03d}")
-    return _local_ms[1]
+    second = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    return f"{second},{int(now * 1000) % 1000:03d}"
 
 
 def json_stamp(now: float) -> str:
     """``2024-01-02T03:04:05.678Z`` (UTC)."""
-    global _utc_ms
-    ms = int(now * 1000)
-    if _utc_ms[0] != ms:
-        second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000))
-        _utc_ms = (ms, f"{second}.{ms % 1000:03d}Z")
-    return _utc_ms[1]
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}Z"
 
 
 def json_line(
@@ -360,7 +347,8 @@ class _SinkHandler(logging.Handler):
 class _State:
     sink: Sink | None = None
     handler: logging.Handler | None = None
-    excepthook: object = None
+    #: Whether the exit and fatal-error hooks are in (once per process).
+    hooked: bool = False
 
 
 _state = _State()
@@ -422,10 +410,10 @@ def setup(
     else:
         sink = _state.sink = Sink(fd, log_format=log_format)
         handler = _SinkHandler(sink, formatter)
-        if _state.excepthook is None:
-            _state.excepthook = sys.excepthook
-            sys.excepthook = _flush_then_report
-        atexit.register(close)
+        if not _state.hooked:
+            _state.hooked = True
+            _report_after_flushing(sys.excepthook)
+            atexit.register(close)
     _state.handler = handler
     root.addHandler(handler)
 
@@ -444,15 +432,16 @@ def close() -> None:
         logging.getLogger().removeHandler(handler)
     if sink is not None:
         sink.close()
-        atexit.unregister(close)
 
 
-def _flush_then_report(
-    kind: type[BaseException], value: BaseException, tb: TracebackType | None
-) -> None:
-    """A fatal error's traceback comes after the lines logged before it."""
-    close()
-    hook = _state.excepthook
-    _state.excepthook = None
-    sys.excepthook = hook if callable(hook) else sys.__excepthook__
-    sys.excepthook(kind, value, tb)
+def _report_after_flushing(report: Callable[..., object]) -> None:
+    """A fatal error's traceback (by *report*, the hook before) comes after the lines
+    logged before it."""
+
+    def flush_then_report(
+        kind: type[BaseException], value: BaseException, tb: TracebackType | None
+    ) -> None:
+        close()
+        report(kind, value, tb)
+
+    sys.excepthook = flush_then_report
