@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vaccelray.client.errors import ActorDiedError, TaskError
+from vaccelray.client.outcomes import load_result, rpc_failure, task_failure
 from vaccelray.client.refs import TaskRef, _settle
 from vaccelray.client.remote import FunctionSpec, Options, pickle_args
 from vaccelray.errors import Reason, RPCError, TransportError
@@ -170,10 +171,12 @@ class ActorLines:
             else:
                 reply = CALL_ACTOR.reply.decode(outcome)
                 if isinstance(reply, TaskDone):
-                    value = None if request.kind is Kind.CREATE else _load(reply.result, ref.name)
+                    value = (
+                        None if request.kind is Kind.CREATE else load_result(reply.result, ref.name)
+                    )
                     _settle(ref._future, value)
                 else:
-                    _settle(ref._future, error=_reply_failure(reply, ref.name))
+                    _settle(ref._future, error=task_failure(reply, ref.name))
         except Exception as exc:  # raised here, it would break the connection's read loop
             _settle(ref._future, error=exc)
 
@@ -213,15 +216,13 @@ def encode_request(request: ActorRequest) -> bytes:
 
 
 def _load(data: bytes, name: str) -> Any:
-    from vaccelray.client.core import _load_result
 
-    return _load_result(data, name)
+    return load_result(data, name)
 
 
 def _reply_failure(reply: Any, name: str) -> BaseException:
-    from vaccelray.client.core import _task_failure
 
-    return _task_failure(reply, name)
+    return task_failure(reply, name)
 
 
 def _failure(request: ActorRequest, exc: BaseException) -> BaseException:
@@ -230,9 +231,8 @@ def _failure(request: ActorRequest, exc: BaseException) -> BaseException:
     if isinstance(exc, RPCError):
         if exc.reason is Reason.ACTOR_DIED:
             return ActorDiedError(f"{name}: {exc.message}", task=name)
-        from vaccelray.client.core import _rpc_failure
 
-        return _rpc_failure(exc, name, request.options)
+        return rpc_failure(exc, name, request.options)
     if isinstance(exc, TransportError):
         return ActorDiedError(
             f"{name}: the connection to the actor's worker was lost ({exc}); the actor died "

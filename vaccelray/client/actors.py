@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from vaccelray.client.actorcalls import ActorRequest, Kind, encode_request
 from vaccelray.client.errors import ActorDiedError
+from vaccelray.client.outcomes import load_result, rpc_failure, task_failure
 from vaccelray.client.refs import TaskRef, _settle
 from vaccelray.client.remote import Options, function_spec, in_pool_process, pickle_args
 from vaccelray.protocol.services import CALL_ACTOR
@@ -240,7 +241,6 @@ def _local_call(
 ) -> Any:
     """One actor request through the worker's private socket, from a task or an actor."""
     from vaccelray import local
-    from vaccelray.client.core import _load_result, _rpc_failure, _task_failure
     from vaccelray.errors import Reason, RPCError
     from vaccelray.protocol import actors as wire
     from vaccelray.protocol.services import CALL_ACTOR, KILL_ACTOR
@@ -256,7 +256,7 @@ def _local_call(
     except RPCError as exc:
         if exc.reason is Reason.ACTOR_DIED:
             raise ActorDiedError(f"{name}: {exc.message}", task=name) from None
-        raise _rpc_failure(exc, name, Options(timeout=timeout)) from None
+        raise rpc_failure(exc, name, Options(timeout=timeout)) from None
     if isinstance(reply, TaskDone):
-        return _load_result(reply.result, name)
-    raise _task_failure(reply, name)
+        return load_result(reply.result, name)
+    raise task_failure(reply, name)

@@ -23,7 +23,6 @@ import functools
 import itertools
 import logging
 import os
-import pickle
 import secrets
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -34,14 +33,12 @@ from vaccelray.allocator import keep_heap_for
 from vaccelray.client.actorcalls import ActorLines, ActorRequest
 from vaccelray.client.errors import (
     AuthenticationError,
-    CapabilityError,
     TaskCancelledError,
     TaskError,
-    TaskTimeoutError,
     WorkerLostError,
-    remote_exception,
 )
 from vaccelray.client.lane import MAX_LANES, Lane, LaneOutcome, open_lane
+from vaccelray.client.outcomes import load_result, rpc_failure, task_failure
 from vaccelray.client.refs import TaskRef, _settle
 from vaccelray.client.remote import FunctionSpec, Options, pickle_args
 from vaccelray.errors import ConnectError, Reason, RPCError, StatusCode, TransportError
@@ -278,12 +275,12 @@ class Core:
                 return
             if isinstance(reply, wire.TaskDone):
                 try:
-                    _settle(ref._future, _load_result(reply.result, spec.name))
+                    _settle(ref._future, load_result(reply.result, spec.name))
                 except TaskError as exc:
                     _settle(ref._future, error=exc)
                 return
             if reply.kind != wire.FailureKind.CRASHED:
-                _settle(ref._future, error=_task_failure(reply, spec.name))
+                _settle(ref._future, error=task_failure(reply, spec.name))
                 return
         if self._closed:
             _settle(ref._future, error=self._cancelled(spec))
@@ -489,11 +486,11 @@ class Core:
             reply = SUBMIT.reply.decode(outcome)
             if isinstance(reply, wire.TaskDone):
                 try:
-                    return _Verdict.DONE, _load_result(reply.result, spec.name)
+                    return _Verdict.DONE, load_result(reply.result, spec.name)
                 except TaskError as exc:
                     return _Verdict.FAILED, exc
             if reply.kind != wire.FailureKind.CRASHED:
-                return _Verdict.FAILED, _task_failure(reply, spec.name)
+                return _Verdict.FAILED, task_failure(reply, spec.name)
             return _Verdict.LOST, reply.message
         if isinstance(outcome, ConnectError):
             return _Verdict.LOST, outcome
@@ -505,7 +502,7 @@ class Core:
                 self._registered.discard(spec.digest)  # the worker dropped it from its cache
                 return _Verdict.UNKNOWN, None
             if outcome.code != StatusCode.UNAVAILABLE:
-                return _Verdict.FAILED, _rpc_failure(outcome, spec.name, options)
+                return _Verdict.FAILED, rpc_failure(outcome, spec.name, options)
             return _Verdict.LOST, outcome
         return _Verdict.FAILED, outcome
 
@@ -687,42 +684,3 @@ def _request(
             session_id,
         )
     )
-
-
-def _load_result(data: bytes, name: str) -> Any:
-    keep_heap_for(len(data))
-    try:
-        return pickle.loads(data)
-    except Exception as exc:
-        raise TaskError(
-            f"the result of {name} cannot be unpickled here: {type(exc).__name__}: {exc}", task=name
-        ) from exc
-
-
-def _task_failure(reply: wire.TaskFailed, name: str) -> BaseException:
-    if reply.error is not None and reply.kind == wire.FailureKind.RAISED:
-        return remote_exception(reply.error, name)
-    detail = ""
-    if reply.error is not None:
-        detail = f": {reply.error.module}.{reply.error.qualname}: {reply.error.message}"
-    exc = TaskError(f"{reply.message}{detail}", task=name)
-    if reply.error is not None:
-        exc.remote_type = f"{reply.error.module}.{reply.error.qualname}"
-        exc.remote_traceback = reply.error.traceback
-    return exc
-
-
-def _rpc_failure(exc: RPCError, name: str, options: Options) -> BaseException:
-    code = exc.code
-    if code == StatusCode.DEADLINE_EXCEEDED:
-        limit = f" within {options.timeout:g} s" if options.timeout is not None else ""
-        return TaskTimeoutError(f"{name} did not finish{limit}", task=name)
-    if code == StatusCode.FAILED_PRECONDITION:
-        return CapabilityError(exc.message, task=name)
-    if code == StatusCode.UNAUTHENTICATED:
-        return AuthenticationError(f"{name} refused: {exc.message}")
-    if code == StatusCode.CANCELLED:
-        return TaskCancelledError(f"{name} was cancelled on the worker", task=name)
-    if code == StatusCode.UNIMPLEMENTED:
-        return CapabilityError(f"the server does not run tasks ({exc.message})", task=name)
-    return TaskError(f"{name}: {exc}", task=name)
