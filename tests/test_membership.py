@@ -101,6 +101,7 @@ async def test_a_member_proves_once_then_calls_freely(tmp_path: Path) -> None:
             with pytest.raises(RPCError) as info:
                 await client.call_rpc(HELLO, Hello(nonce=b"n" * NONCE_SIZE))
             assert info.value.code == StatusCode.FAILED_PRECONDITION
+            assert info.value.message == "Hello was sent on this connection already"
         finally:
             await client.aclose()
 
@@ -128,6 +129,7 @@ async def test_a_wrong_proof_is_refused_and_the_connection_stays_unproved(
             with pytest.raises(RPCError) as info:
                 await client.call_rpc(PROVE, Proof(proof=b"p" * 32))
             assert info.value.code == StatusCode.FAILED_PRECONDITION
+            assert info.value.message == "Prove comes once, after Hello, on a connection"
         finally:
             await client.aclose()
         client = await open_client(address, ssl=client_context())
@@ -135,6 +137,7 @@ async def test_a_wrong_proof_is_refused_and_the_connection_stays_unproved(
             with pytest.raises(RPCError) as info:
                 await client.call_rpc(HELLO, Hello(nonce=b"short"))
             assert info.value.code == StatusCode.INVALID_ARGUMENT
+            assert info.value.message == "Hello: the nonce must be 32 bytes"
             challenge = await client.call_rpc(HELLO, Hello(nonce=b"n" * NONCE_SIZE))
             with pytest.raises(RPCError) as info:
                 await client.call_rpc(PROVE, Proof(proof=challenge.proof))  # the server's own
@@ -399,3 +402,74 @@ async def _through_scheduler(honest: str, rogue: str) -> list[int]:
         rows = {row.address: row for row in sched.view.status().workers}
         assert rows[rogue].last_error == "refused: it did not prove it holds the cluster token"
         return results
+
+
+# -- what a node holds ----------------------------------------------------------------------
+
+
+def test_a_credential_says_how_to_reach_each_kind_of_address(tmp_path: Path) -> None:
+    from vaccelray.auth import token_metadata
+    from vaccelray.membership import node_credential
+    from vaccelray.protocol.membership import MEMBERSHIP_SERVICE
+
+    token = Credential("t0ken")
+    for address in ("tcp://10.0.0.3:8194", "tcp://127.0.0.1:1", "vsock://3:1"):
+        assert token.uses_tls(address)
+        assert token.ssl_for(address) is not None
+        assert token.setup_for(address) is not None
+        assert token.metadata_for(address) == ()  # never sent over the network
+    for address in ("unix:@w", "unix:///run/w.sock"):
+        assert not token.uses_tls(address)
+        assert token.ssl_for(address) is None
+        assert token.setup_for(address) is None
+        assert token.metadata_for(address) == token_metadata("t0ken")
+    assert Credential("mine", default=True).metadata_for("unix:@w") == ()
+    # No token, no CA: plaintext everywhere, nothing to prove or send.
+    none = Credential()
+    assert none.ssl_for("tcp://10.0.0.3:1") is None
+    assert none.setup_for("tcp://10.0.0.3:1") is None
+    assert none.metadata_for("unix:@w") == ()
+    assert none.server_ssl() is None
+    # A daemon's: its own identity beside the default token, or the one it is given.
+    own = node_credential("t0ken")
+    assert own.identity is not None
+    assert own.identity.name.startswith("vaccelray-node-")
+    assert own.server_ssl() is not None
+    assert node_credential("t0ken").identity == own.identity  # kept
+    assert node_credential(None).identity is None
+    given = node_identity(tmp_path / "given")
+    named = node_credential("t0ken", cert=given.cert)
+    assert named.identity is not None
+    assert named.identity.fingerprint == given.fingerprint
+    service = named.service("scheduler")
+    assert service.name == MEMBERSHIP_SERVICE
+    assert set(service.methods) == {"Hello", "Prove"}
+
+
+@pytest.mark.anyio
+async def test_a_daemon_credential_proves_itself_to_a_client_holding_the_token(
+    tmp_path: Path,
+) -> None:
+    from vaccelray.membership import node_credential
+
+    daemon = node_credential(TOKEN, cert=node_identity(tmp_path / "d").cert)
+    guarded = protect([Service(ECHO, {"Echo": Method(_echo, inline=True)})], TokenCheck(TOKEN))
+    async with serve(
+        [*guarded, daemon.service("scheduler")],
+        ["tcp://127.0.0.1:0"],
+        ssl=daemon.server_ssl(),
+        grace=0.5,
+    ) as server:
+        client = await _member(server.addresses[0])
+        try:
+            assert await client.call(ECHO, "Echo", b"member") == b"member"
+        finally:
+            await client.aclose()
+        # The refusal names the daemon by its hop.
+        plain = await open_client(server.addresses[0])
+        try:
+            with pytest.raises(RPCError) as info:
+                await plain.call_rpc(HELLO, Hello(nonce=b"n" * NONCE_SIZE))
+            assert info.value.message.startswith(f"scheduler {server.addresses[0]}: ")
+        finally:
+            await plain.aclose()
