@@ -178,9 +178,10 @@ def test_tls_and_protected_vaccel(tmp_path: Path, token_file: Path) -> None:
         with Client(worker.address, token=TOKEN, tls=str(cert)) as client:
             assert client.submit(add, 2, 3).result(timeout=30) == 5
             assert client.classify(b"\xff\xd8") == NOOP_TAG
+        # Refused when it connects (the proof) or at the latest when it calls.
         with (
-            Client(worker.address, tls=str(cert)) as client,
             pytest.raises(vaccelray.AuthenticationError),
+            Client(worker.address, tls=str(cert)) as client,
         ):
             client.classify(b"\xff\xd8")
         # Without the CA, the worker's certificate is taken on the membership proof alone.
@@ -188,8 +189,8 @@ def test_tls_and_protected_vaccel(tmp_path: Path, token_file: Path) -> None:
             assert client.submit(add, 1, 1).result(timeout=30) == 2
         # Plaintext: --protect-vaccel asks a proof there too, which plaintext cannot carry.
         with (
-            Client(worker.address, tls=False) as client,
             pytest.raises(vaccelray.AuthenticationError),
+            Client(worker.address, tls=False) as client,
         ):
             client.classify(b"\xff\xd8")
     finally:

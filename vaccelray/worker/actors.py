@@ -112,6 +112,8 @@ class _Actor:
         self.constructing = True
         #: Why it died; None while alive.
         self.death: str | None = None
+        #: Its pool's start has ended: from then on, whoever buries it closes the pool.
+        self.started = False
         self.pool = Pool(
             1,
             env=service.env,
@@ -331,7 +333,8 @@ class ActorService:
         self._graves[actor.id] = actor.death or "died"
         while len(self._graves) > _GRAVES:
             self._graves.popitem(last=False)
-        self._tg.start_soon(actor.pool.aclose)
+        if actor.started:  # else _start closes it when its start ends
+            self._tg.start_soon(actor.pool.aclose)
 
     def _find(self, actor_id: str) -> _Actor:
         actor = self.actors.get(actor_id)
@@ -381,10 +384,14 @@ class ActorService:
         return created
 
     async def _start(self, actor: _Actor) -> None:
-        try:
-            await actor.pool.start()
-        except Exception as exc:
-            actor.die(f"could not start its process: {exc}")
+        if actor.death is None:
+            try:
+                await actor.pool.start()
+            except Exception as exc:
+                actor.die(f"could not start its process: {exc}")
+        actor.started = True
+        if actor.death is not None:  # it died while its process was being started
+            await actor.pool.aclose()
 
     def _call(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         self.check.check(ctx)
