@@ -433,7 +433,7 @@ def test_a_credential_says_how_to_reach_each_kind_of_address(tmp_path: Path) -> 
     # A daemon's: its own identity beside the default token, or the one it is given.
     own = node_credential("t0ken")
     assert own.identity is not None
-    assert own.identity.name.startswith("vaccelray-node-")
+    assert own.identity.cert.endswith("node.pem")
     assert own.server_ssl() is not None
     assert node_credential("t0ken").identity == own.identity  # kept
     assert node_credential(None).identity is None

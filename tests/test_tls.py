@@ -9,6 +9,7 @@ agent service on the same listeners.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import stat
@@ -23,6 +24,7 @@ import anyio
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import vaccelray
 from tests.conftest import start_worker
@@ -55,13 +57,18 @@ def token_file(tmp_path: Path) -> Path:
 # -- identities ---------------------------------------------------------------------------
 
 
+def _name(path: Path) -> str:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return str(cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value)
+
+
 def test_a_node_identity_is_made_once_private_and_kept(tmp_path: Path) -> None:
     first = node_identity(tmp_path / "state")
     path = tmp_path / "state" / "node.pem"
     assert first.cert == str(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
-    assert first.name.startswith("vaccelray-node-")
+    assert _name(path).startswith("vaccelray-node-")
     assert len(first.fingerprint) == 32
     assert node_identity(tmp_path / "state") == first  # the same key pair at every start
     assert node_identity(tmp_path / "other").fingerprint != first.fingerprint
@@ -100,7 +107,11 @@ def test_the_cert_command_makes_a_ca_and_node_certificates_it_signed(tmp_path: P
     assert stat.S_IMODE(node.stat().st_mode) == 0o600
     issued = x509.load_pem_x509_certificate(node.read_bytes())
     issued.verify_directly_issued_by(ca)  # raises unless the CA signed it
-    assert load_identity(str(node)).name == "gpu1"
+    assert _name(node) == "gpu1"
+    assert (
+        load_identity(str(node)).fingerprint
+        == hashlib.sha256(issued.public_bytes(serialization.Encoding.DER)).digest()
+    )
     assert not issued.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     # Nothing is overwritten, and bad input is one line with exit code 2.
     code, out = _cert("ca", str(ca_dir))

@@ -65,24 +65,26 @@ class Identity:
     cert: str
     key: str | None
     fingerprint: bytes
-    #: The certificate's common name: the node it names.
-    name: str
+
+
+_PEM_CERT: Final = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def load_identity(cert: str, key: str | None = None) -> Identity:
-    """The identity in *cert* (and *key*, when not in the same file)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-    from cryptography.x509.oid import NameOID
+    """The identity in *cert* (and *key*, when not in the same file).
 
+    Read with the ssl module alone: a daemon loads ``cryptography`` only to
+    make a key pair (~10 MiB of memory it would otherwise keep).
+    """
     try:
-        with open(cert, "rb") as f:
-            parsed = x509.load_pem_x509_certificate(f.read())
-    except (OSError, ValueError) as exc:
+        with open(cert) as f:
+            found = _PEM_CERT.search(f.read())
+        if found is None:
+            raise ValueError("no PEM certificate in it")
+        der = ssl.PEM_cert_to_DER_cert(found.group(0))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise TlsError(f"cannot load TLS certificate {cert}: {exc}") from exc
-    names = parsed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    name = str(names[0].value) if names else ""
-    return Identity(cert, key, fingerprint(parsed.public_bytes(Encoding.DER)), name)
+    return Identity(cert, key, fingerprint(der))
 
 
 def _write_private(path: Path, data: bytes) -> None:

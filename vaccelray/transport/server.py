@@ -369,7 +369,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.origin = UNKNOWN_ORIGIN
-        self.link = Link()
+        #: Made when the connection turns out to speak TLS (plaintext ones hold none).
+        self.link: Link | None = None
         #: Calls in flight off the loop's turn (inline ones finish within it).
         self.tasks: set[_TaskCall] = set()
         self.calls: set[_FutureCall] = set()
@@ -401,8 +402,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.origin = self.given_origin or origin_of(sock)
         tls = transport.get_extra_info("ssl_object")
         if tls is not None:
-            self.link.tls = True
-            self.link.peer_cert = tls.getpeercert(binary_form=True) or b""
+            self.link = Link(tls=True, peer_cert=tls.getpeercert(binary_form=True) or b"")
         peer = transport.get_extra_info("peername")
         self.peer = (
             f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "local"
