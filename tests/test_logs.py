@@ -627,11 +627,3 @@ def test_warnings_are_written_at_once_and_info_lines_in_batches(pipe: tuple[int,
         assert read_until(r, b"now\n") == b"INFO batched\nWARNING now\n"
     finally:
         sink.close()
-
-
-def test_without_a_sink_the_line_names_its_caller(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="vaccelray.t")
-    logs.EventLog("vaccelray.t").info("Genop")
-    [rec] = caplog.records
-    assert rec.filename == "test_logs.py"
-    assert rec.funcName == "test_without_a_sink_the_line_names_its_caller"

@@ -373,7 +373,7 @@ class EventLog:
             return
         sink = _state.sink
         if sink is None:
-            self.logger.info(message, *args, stacklevel=2)
+            self.logger.info(message, *args)
             return
         sink.event(self.name, message, args)
 
