@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import os
 import sys
 import tempfile
@@ -26,16 +25,6 @@ import anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_MIB = 5.0
-
-
-def _load_build() -> object:
-    spec = importlib.util.spec_from_file_location("cdouble_build", ROOT / "tests/cdouble/build.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cdouble_build"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def rss_kib() -> int:
@@ -119,13 +108,15 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=64 * 1024)
     args = parser.parse_args()
     os.environ.pop("VDOUBLE_LOG", None)  # no call log: measure the binding only
-    build = _load_build()
+    sys.path.insert(0, str(ROOT))
+    from tests.cdouble import build
+
     image = os.urandom(args.image_size)
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        direct = build.build_double(args.generation, Path(tmp) / "direct")  # type: ignore[attr-defined]
+        direct = build.build_double(args.generation, Path(tmp) / "direct")
         ok &= bench_direct(str(direct.plugin), str(direct.libvaccel), args.calls, image)
-        e2e = build.build_double(args.generation, Path(tmp) / "e2e")  # type: ignore[attr-defined]
+        e2e = build.build_double(args.generation, Path(tmp) / "e2e")
         ok &= anyio.run(bench_worker, str(e2e.plugin), str(e2e.libvaccel), args.calls, image)
     return 0 if ok else 1
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import importlib.util
 import os
 import struct
 import subprocess
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.cdouble import build as cdouble
 from vaccelray.errors import RPCError, StatusCode, VaccelrayError
 from vaccelray.worker import libvaccel as lv
 from vaccelray.worker.backend import Arg, Framework, Model, ModelRun, OpType, Tensor
@@ -32,12 +32,6 @@ from vaccelray.worker.libvaccel import (
 )
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("cdouble_build", HERE / "cdouble" / "build.py")
-assert _spec is not None
-assert _spec.loader is not None
-cdouble = importlib.util.module_from_spec(_spec)
-sys.modules["cdouble_build"] = cdouble
-_spec.loader.exec_module(cdouble)
 
 GENERATIONS = list(cdouble.GENERATIONS)
 NOOP_TAG = "This is a dummy classification tag!"

@@ -11,19 +11,17 @@ the worker's, and replays loads in order when a session moves).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
 
+from tests.cdouble import libvaccel_worker
 from tests.clusters import serving_scheduler
-from tests.processes import Proc, start_daemon, start_daemons, worker_argv
+from tests.processes import Proc, start_daemons, worker_argv
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
@@ -593,39 +591,6 @@ LIBVACCEL_FRAMEWORKS = {
 TF_INPUTS = [(b"\x00\x00\x80?" * 6, [2, 3], 1), (b"\x07", [1], 4)]
 TFLITE_INPUTS = [(b"\x00\x00\x80?" * 6, [2, 3], 1), (b"\x07", [1], 3)]
 TORCH_INPUTS = [(b"\x00\x00\x80?" * 6, [2, 3], 7), (b"\x07", [1], 1)]
-
-
-def _cdouble() -> Any:
-    name = "cdouble_build"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parent / "cdouble" / "build.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def libvaccel_worker(generation: str, tmp: Any, **env: str) -> Proc:
-    """A worker process on the *generation* double (each worker loads its own)."""
-    cdouble = _cdouble()
-    cc = cdouble.find_cc()
-    if cc is None:
-        pytest.skip("no C compiler (cc): cannot build the libvaccel test doubles")
-    double = cdouble.build_double(generation, tmp / f"double-{generation}", cc)
-    argv = worker_argv(
-        "-a",
-        "tcp://127.0.0.1:0",
-        "--backend",
-        str(double.plugin),
-        "--libvaccel",
-        str(double.libvaccel),
-        "--pool-size",
-        "0",
-    )
-    return start_daemon(argv, env={"VDOUBLE_LOG": str(tmp / "calls.log"), **env})[0]
 
 
 async def _unimplemented(agent: AgentClient, rpc: Rpc[Any, Any], request: Any) -> None:

@@ -9,50 +9,16 @@ UNIMPLEMENTED naming the op and the backend.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cdouble import libvaccel_worker
 from tests.interop.model_checks import LIBVACCEL_FRAMEWORKS, assert_libvaccel_models
-from tests.processes import Proc, scheduler_argv, start_daemon, worker_argv
-
-CDOUBLE = Path(__file__).resolve().parent.parent / "cdouble" / "build.py"
-
-
-def _cdouble() -> Any:
-    name = "cdouble_build"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, CDOUBLE)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def start_libvaccel_worker(generation: str, tmp: Path) -> Proc:
-    cdouble = _cdouble()
-    cc = cdouble.find_cc()
-    if cc is None:
-        pytest.skip("no C compiler (cc): cannot build the libvaccel test doubles")
-    double = cdouble.build_double(generation, tmp / f"double-{generation}", cc)
-    argv = worker_argv(
-        "-a",
-        "tcp://127.0.0.1:0",
-        "--backend",
-        str(double.plugin),
-        "--libvaccel",
-        str(double.libvaccel),
-        "--pool-size",
-        "0",
-    )
-    return start_daemon(argv, env={"VDOUBLE_LOG": str(tmp / "calls.log")})[0]
+from tests.processes import scheduler_argv, start_daemon
 
 
 def models(peer: Path, address: str) -> dict[str, list[dict[str, Any]]]:
@@ -76,7 +42,7 @@ def models(peer: Path, address: str) -> dict[str, list[dict[str, Any]]]:
 def test_go_client_model_methods_on_a_libvaccel_worker(
     go_peer: Path, generation: str, tmp_path: Path
 ) -> None:
-    worker = start_libvaccel_worker(generation, tmp_path)
+    worker = libvaccel_worker(generation, tmp_path)
     try:
         assert_libvaccel_models(models(go_peer, worker.address), generation)
     finally:
@@ -88,7 +54,7 @@ def test_go_client_model_methods_on_a_libvaccel_worker(
 def test_go_client_model_methods_through_the_scheduler_on_libvaccel(
     go_peer: Path, generation: str, tmp_path: Path
 ) -> None:
-    worker = start_libvaccel_worker(generation, tmp_path)
+    worker = libvaccel_worker(generation, tmp_path)
     try:
         sched, address = start_daemon(
             scheduler_argv("-a", "tcp://127.0.0.1:0", "--no-discover", "--worker", worker.address)
