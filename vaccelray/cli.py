@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from vaccelray.scheduler.sessions import SessionLimits
     from vaccelray.worker.agent import AgentLimits
     from vaccelray.worker.daemon import WorkerConfig
+    from vaccelray.worker.objects import ObjectLimits
     from vaccelray.worker.sandbox import SandboxConfig
 
 log = logging.getLogger("vaccelray")
@@ -454,6 +455,52 @@ def _size(text: str) -> int:
         raise click.BadParameter(str(exc)) from None
 
 
+def object_store_options(command: _F) -> _F:
+    """The worker's object store bounds (vaccelray.worker.objects), as one ``objects``."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: object) -> object:
+        from vaccelray.worker.objects import ObjectLimits
+
+        limits = ObjectLimits(
+            memory=_size(cast(str, kwargs.pop("object_memory"))),
+            disk=_size(cast(str, kwargs.pop("object_disk"))),
+            grace=cast(float, kwargs.pop("object_grace")),
+        )
+        return command(objects=limits, **kwargs)
+
+    for option in reversed(
+        (
+            click.option(
+                "--object-memory",
+                default="512M",
+                show_default=True,
+                metavar="SIZE",
+                help="Bytes of objects (puts, task results kept for their refs) the worker "
+                "holds in memory; past it the least recently used are spilled to files.",
+            ),
+            click.option(
+                "--object-disk",
+                default="4G",
+                show_default=True,
+                metavar="SIZE",
+                help="Bytes of objects spilled to files (in a private directory); past it and "
+                "--object-memory, puts and kept results are refused (RESOURCE_EXHAUSTED).",
+            ),
+            click.option(
+                "--object-grace",
+                type=click.FloatRange(0),
+                default=60.0,
+                show_default=True,
+                help="Seconds a client's objects outlive its last connection (a client that "
+                "reconnects meanwhile keeps them).",
+            ),
+        )
+    ):
+        wrapper = option(wrapper)
+    return cast(_F, wrapper)
+
+
 def task_sandbox_options(command: _F) -> _F:
     """How the worker's pool processes run (vaccelray.worker.sandbox), as one ``sandbox``."""
 
@@ -613,6 +660,7 @@ def tls_options(command: _F) -> _F:
     help="Processes running offloaded tasks; 0 serves no task service.  [default: CPU count]",
 )
 @task_limit_options
+@object_store_options
 @click.option(
     "--token-file",
     type=click.Path(dir_okay=False),
@@ -662,6 +710,7 @@ def worker(
     task_timeout: float,
     max_actors: int,
     max_actors_per_connection: int,
+    objects: ObjectLimits,
     token_file: str | None,
     protect_vaccel: bool,
     allow_exec: bool,
@@ -702,6 +751,7 @@ def worker(
         task_timeout=task_timeout,
         max_actors=max_actors,
         max_actors_per_connection=max_actors_per_connection,
+        objects=objects,
         protect_vaccel=protect_vaccel,
         allow_exec=allow_exec,
         socket_mode=socket_mode,

@@ -27,7 +27,7 @@ import msgspec
 from google.protobuf.message import DecodeError, Message
 
 from vaccelray.errors import RPCError, StatusCode
-from vaccelray.protocol import actors, classify, info, membership, tasks
+from vaccelray.protocol import actors, classify, info, membership, objects, tasks
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.limits import check_declared_sizes, check_tensor_sizes
@@ -383,8 +383,30 @@ KILL_ACTOR: Final = Rpc(
     limits=actors.check_fields,
 )
 
-#: A worker's own service: health and load, classification with scores, offloaded tasks
-#: and actors.
+PUT_OBJECT: Final = Rpc(
+    info.WORKER_SERVICE,
+    objects.METHOD_PUT,
+    MsgpackCodec[objects.PutObject](objects.PutObject),
+    MsgpackCodec[objects.ObjectPut](objects.ObjectPut),
+    limits=objects.check_fields,
+)
+GET_OBJECT: Final = Rpc(
+    info.WORKER_SERVICE,
+    objects.METHOD_GET,
+    MsgpackCodec[objects.GetObject](objects.GetObject),
+    MsgpackCodec[objects.ObjectChunk](objects.ObjectChunk),
+    limits=objects.check_fields,
+)
+RELEASE_OBJECTS: Final = Rpc(
+    info.WORKER_SERVICE,
+    objects.METHOD_RELEASE,
+    MsgpackCodec[objects.ReleaseObjects](objects.ReleaseObjects),
+    MsgpackCodec[objects.Released](objects.Released),
+    limits=objects.check_fields,
+)
+
+#: A worker's own service: health and load, classification with scores, offloaded tasks,
+#: actors and objects.
 WORKER: Final = ServiceSpec(
     (info.WORKER_SERVICE,),
     (
@@ -396,6 +418,9 @@ WORKER: Final = ServiceSpec(
         CREATE_ACTOR,
         CALL_ACTOR,
         KILL_ACTOR,
+        PUT_OBJECT,
+        GET_OBJECT,
+        RELEASE_OBJECTS,
     ),
 )
 

@@ -24,21 +24,19 @@ from vaccelray.transport.server import (
     Service,
     serve,
 )
-from vaccelray.worker.actors import (
-    DEFAULT_MAX_ACTORS,
-    DEFAULT_MAX_ACTORS_PER_CONNECTION,
-    ActorService,
-)
+from vaccelray.worker.actors import DEFAULT_MAX_ACTORS, DEFAULT_MAX_ACTORS_PER_CONNECTION
 from vaccelray.worker.agent import Agent, AgentLimits
 from vaccelray.worker.announce import announce_until, plan_announcement
 from vaccelray.worker.backend import Backend
 from vaccelray.worker.backends import load_backend
 from vaccelray.worker.info import InfoService
+from vaccelray.worker.objects import ObjectLimits
 from vaccelray.worker.sandbox import SandboxConfig
 from vaccelray.worker.tasks import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_MAX_QUEUED_PER_CONNECTION,
     DEFAULT_TASK_TIMEOUT,
+    TaskRuntime,
     TaskService,
     run_task_service,
 )
@@ -83,6 +81,8 @@ class WorkerConfig:
     #: Actors alive on the worker, and made by one connection (0: no limit).
     max_actors: int = DEFAULT_MAX_ACTORS
     max_actors_per_connection: int = DEFAULT_MAX_ACTORS_PER_CONNECTION
+    #: The object store's bounds (see ``vaccelray.worker.objects``).
+    objects: ObjectLimits = field(default_factory=ObjectLimits)
     #: The cluster token callers of the task service present (see ``vaccelray.auth``).
     token: str | None = field(default=None, repr=False)
     #: Ask the token of vAccel agent calls too (they are data only, open by default).
@@ -143,18 +143,22 @@ async def _close_backend(backend: Backend) -> None:
             backend.close()
 
 
-def _holds_state(agent: Agent, actors: ActorService | None, connection_id: int) -> bool:
-    """A connection with sessions or actors is not closed for being quiet."""
+def _holds_state(agent: Agent, runtime: TaskRuntime, connection_id: int) -> bool:
+    """A connection with sessions, actors or objects is not closed for being quiet."""
     if agent.holds_state(connection_id, scope=_CLIENTS):
         return True
-    return actors is not None and actors.holds_state(connection_id)
+    if runtime.objects is not None and runtime.objects.holds_state(connection_id):
+        return True
+    return runtime.actors is not None and runtime.actors.holds_state(connection_id)
 
 
-def _disconnected(agent: Agent, actors: ActorService | None, connection_id: int) -> None:
-    """A client's sessions and actors die with its connection."""
+def _disconnected(agent: Agent, runtime: TaskRuntime, connection_id: int) -> None:
+    """A client's sessions and actors die with its connection (its objects after a grace)."""
     agent.connection_closed(connection_id, scope=_CLIENTS)
-    if actors is not None:
-        actors.connection_closed(connection_id)
+    if runtime.actors is not None:
+        runtime.actors.connection_closed(connection_id)
+    if runtime.objects is not None:
+        runtime.objects.connection_closed(connection_id)
 
 
 @asynccontextmanager
@@ -225,6 +229,8 @@ async def run_worker(
                 sandbox=sandbox,
                 max_actors=config.max_actors,
                 max_actors_per_connection=config.max_actors_per_connection,
+                instance=info.instance,
+                object_limits=config.objects,
             ) as runtime,
             serve(
                 runtime.services,
@@ -235,8 +241,8 @@ async def run_worker(
                 max_connections=config.max_connections,
                 frame_timeout=config.frame_timeout,
                 idle_timeout=config.idle_timeout,
-                holds_state=functools.partial(_holds_state, agent, runtime.actors),
-                on_disconnect=functools.partial(_disconnected, agent, runtime.actors),
+                holds_state=functools.partial(_holds_state, agent, runtime),
+                on_disconnect=functools.partial(_disconnected, agent, runtime),
                 max_inflight_per_connection=config.max_inflight,
                 socket_mode=config.socket_mode,
                 metrics=metrics,

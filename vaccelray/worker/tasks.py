@@ -29,6 +29,7 @@ import collections
 import functools
 import logging
 import os
+import secrets
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from vaccelray.auth import TokenCheck, protect
+from vaccelray.auth import TokenCheck, private_dir, protect
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
@@ -51,6 +52,7 @@ from vaccelray.worker.actors import (
     running_actors,
 )
 from vaccelray.worker.agent import Agent
+from vaccelray.worker.objects import ObjectLimits, ObjectStore, object_store
 from vaccelray.worker.pool import Pool, PoolProcessLost
 from vaccelray.worker.poolchild import Done
 from vaccelray.worker.replies import crashed, outcome_name, outcome_reply
@@ -97,9 +99,12 @@ class TaskService:
         max_queued_per_connection: int = DEFAULT_MAX_QUEUED_PER_CONNECTION,
         task_timeout: float = DEFAULT_TASK_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        objects: ObjectStore | None = None,
     ) -> None:
-        """Bounds and the timeout are off when 0; no reply is larger than *max_message_size*."""
+        """Bounds and the timeout are off when 0; no reply is larger than *max_message_size*.
+        Tasks' object arguments come from *objects*, and results asked to be kept go there."""
         self.pool = pool
+        self.objects = objects
         self.agent = agent
         self.check = check
         #: Functions (and actor classes) registered, by digest.
@@ -118,7 +123,7 @@ class TaskService:
         self.outcomes: collections.Counter[str] = collections.Counter()
 
     def service(self, more: Mapping[str, Method] | None = None) -> Service:
-        """The task methods, and *more* of the same service (the actors')."""
+        """The task methods, and *more* of the same service (the actors', the objects')."""
         return Service(
             WORKER.name,
             {
@@ -245,6 +250,17 @@ class TaskRuntime:
     actors: ActorService | None = None
     #: Where pool processes run and their limits (None: no task service).
     isolation: str | None = None
+    #: The object store (None: no task service).
+    objects: ObjectStore | None = None
+
+
+@asynccontextmanager
+async def _objects(instance: str, limits: ObjectLimits | None) -> AsyncIterator[ObjectStore]:
+    """The worker's object store, spilling under the user's private runtime directory."""
+    with object_store(
+        instance or secrets.token_hex(8), limits or ObjectLimits(), private_dir()
+    ) as store:
+        yield store
 
 
 def default_pool_size() -> int:
@@ -268,6 +284,8 @@ async def run_task_service(
     sandbox: SandboxConfig | None = None,
     max_actors: int = DEFAULT_MAX_ACTORS,
     max_actors_per_connection: int = DEFAULT_MAX_ACTORS_PER_CONNECTION,
+    instance: str = "",
+    object_limits: ObjectLimits | None = None,
 ) -> AsyncIterator[TaskRuntime]:
     """Start the pool and its private agent socket; yield *services* plus the task service.
 
@@ -278,7 +296,9 @@ async def run_task_service(
     task service; None is one process per CPU.
     *max_queued*, *max_queued_per_connection* and *task_timeout*: see
     :class:`TaskService`; *max_actors*, *max_actors_per_connection*: see
-    :class:`~vaccelray.worker.actors.ActorService`. Pool processes (and actors) run as
+    :class:`~vaccelray.worker.actors.ActorService`; *object_limits* bound the object store,
+    whose ids start with *instance* (see :mod:`vaccelray.worker.objects`). Pool processes
+    (and actors) run as
     *sandbox* says (by default
     sandboxed: :class:`~vaccelray.worker.sandbox.SandboxUnavailable` is raised
     when the host cannot).
@@ -316,6 +336,7 @@ async def run_task_service(
                 max_actors=max_actors,
                 max_actors_per_connection=max_actors_per_connection,
             ) as actors,
+            _objects(instance, object_limits) as objects,
             serve(
                 [*agent.services(scope=_POOL), actors.local_service()],
                 [local],
@@ -343,12 +364,15 @@ async def run_task_service(
                         max_queued_per_connection=max_queued_per_connection,
                         task_timeout=task_timeout,
                         max_message_size=limit,
+                        objects=objects,
                     )
+                    more = {**actors.methods(), **objects.methods(check, limit)}
                     yield TaskRuntime(
-                        [*services, tasks.service(actors.methods())],
+                        [*services, tasks.service(more)],
                         tasks,
                         actors,
                         isolation.describe(),
+                        objects,
                     )
             finally:
                 isolation.close()

@@ -1,0 +1,442 @@
+"""The worker's object store: puts and task results kept for the clients holding refs.
+
+Objects are byte strings (pickled values; the daemon never unpickles them),
+named by ids the store makes (:mod:`vaccelray.protocol.objects`). The store
+is bounded three ways, and a caller past a bound is refused at once with
+RESOURCE_EXHAUSTED:
+
+* **memory** (``--object-memory``): past it, the least recently used sealed
+  objects are written to files in a private (0700) directory, and read from
+  there afterwards; an object that cannot fit in memory at all is written
+  to a file from its first chunk;
+* **disk** (``--object-disk``): an object that fits in neither is refused
+  ("object store full: ...");
+* **count**: objects held at once, and objects one connection is still
+  sending (an unsealed object dies with its connection).
+
+Each object has owners: the clients (by the id they send, not their
+connection) holding refs to it. A client's release drops its ownership, and
+an object no client owns is dropped. When a client's last connection closes,
+its objects are released after ``grace`` seconds (``--object-grace``) unless
+it has connected again meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from vaccelray.auth import TokenCheck
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import objects as wire
+from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS
+from vaccelray.transport.server import CallContext, Method
+
+__all__ = [
+    "DEFAULT_GRACE",
+    "DEFAULT_MAX_OBJECTS",
+    "DEFAULT_MAX_PARTIAL",
+    "DEFAULT_OBJECT_DISK",
+    "DEFAULT_OBJECT_MEMORY",
+    "ObjectLimits",
+    "ObjectStore",
+    "object_store",
+]
+
+log = logging.getLogger("vaccelray.objects")
+
+#: Bytes of objects held in memory, and in spill files.
+DEFAULT_OBJECT_MEMORY: Final = 512 << 20
+DEFAULT_OBJECT_DISK: Final = 4 << 30
+#: Seconds a gone client's objects are kept for it to come back.
+DEFAULT_GRACE: Final = 60.0
+#: Objects held at once (each costs a little memory however small).
+DEFAULT_MAX_OBJECTS: Final = 65536
+#: Unsealed objects one connection may be sending at once.
+DEFAULT_MAX_PARTIAL: Final = 16
+
+
+@dataclass(frozen=True)
+class ObjectLimits:
+    """The store's bounds (see the module's docstring); grace in seconds."""
+
+    memory: int = DEFAULT_OBJECT_MEMORY
+    disk: int = DEFAULT_OBJECT_DISK
+    grace: float = DEFAULT_GRACE
+    max_objects: int = DEFAULT_MAX_OBJECTS
+    max_partial: int = DEFAULT_MAX_PARTIAL
+
+
+@dataclass(eq=False)
+class _Object:
+    size: int
+    #: The bytes, while in memory (for an unsealed object: the room for all of them).
+    data: bytearray | None
+    #: The spill file, once on disk.
+    path: Path | None = None
+    received: int = 0
+    #: The connection sending it, until it is sealed (0: sealed).
+    sender: int = 0
+    owners: set[str] = field(default_factory=set)
+
+
+class ObjectStore:
+    """Objects by id, their owners, and the clients' connections; lives on one loop."""
+
+    def __init__(self, instance: str, directory: Path, limits: ObjectLimits) -> None:
+        """*instance* prefixes every id; spill files go in *directory* (private, made by
+        the caller, removed by it)."""
+        self.instance = instance
+        self.directory = directory
+        self.limits = limits
+        #: Every object; sealed ones in memory are in least recently used order.
+        self._objects: collections.OrderedDict[str, _Object] = collections.OrderedDict()
+        self.memory_used = 0
+        self.disk_used = 0
+        #: The ids each client owns, and the live connections each client has used.
+        self._owned: dict[str, set[str]] = {}
+        self._connections: dict[str, set[int]] = {}
+        self._client_of: dict[int, set[str]] = {}
+        #: The timers releasing the objects of clients with no connection left.
+        self._expiring: dict[str, asyncio.TimerHandle] = {}
+        #: Unsealed object ids by the connection sending them.
+        self._partial: dict[int, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def __contains__(self, object_id: object) -> bool:
+        return object_id in self._objects
+
+    def spilled(self) -> int:
+        """Objects held in files."""
+        return sum(1 for o in self._objects.values() if o.path is not None)
+
+    # -- clients -----------------------------------------------------------------
+
+    def claim(self, client: str, connection_id: int) -> None:
+        """*client* speaks on *connection_id*: its objects are not released while it does."""
+        conns = self._connections.setdefault(client, set())
+        if connection_id not in conns:
+            conns.add(connection_id)
+            self._client_of.setdefault(connection_id, set()).add(client)
+        timer = self._expiring.pop(client, None)
+        if timer is not None:
+            timer.cancel()
+
+    def connection_closed(self, connection_id: int) -> None:
+        """Drop what *connection_id* was sending; start the grace of clients it was the last of."""
+        for object_id in list(self._partial.get(connection_id, ())):
+            self._drop(object_id)
+        for client in self._client_of.pop(connection_id, ()):
+            conns = self._connections[client]
+            conns.discard(connection_id)
+            if conns:
+                continue
+            del self._connections[client]
+            owned = self._owned.get(client)
+            if owned:
+                log.info(
+                    "Client %s has no connection left: its %d objects are released in %g s "
+                    "unless it comes back",
+                    client,
+                    len(owned),
+                    self.limits.grace,
+                )
+                loop = asyncio.get_running_loop()
+                self._expiring[client] = loop.call_later(self.limits.grace, self._expire, client)
+
+    def in_grace(self) -> frozenset[str]:
+        """The clients with objects and no connection left, whose grace is running."""
+        return frozenset(self._expiring)
+
+    def holds_state(self, connection_id: int) -> bool:
+        """Whether a client speaking on *connection_id* owns objects (keep it open)."""
+        return any(self._owned.get(c) for c in self._client_of.get(connection_id, ()))
+
+    def _expire(self, client: str) -> None:
+        del self._expiring[client]
+        ids = self._owned.get(client, set())
+        log.info("Released %d objects of client %s (gone for its grace period)", len(ids), client)
+        self.release(client, list(ids))
+
+    def close(self) -> None:
+        for timer in self._expiring.values():
+            timer.cancel()
+        self._expiring.clear()
+
+    # -- objects -----------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        return f"{self.instance}-{secrets.token_hex(16)}"
+
+    def create(self, size: int, client: str, connection_id: int) -> str:
+        """Room for an object of *size* bytes that *connection_id* will send; its id."""
+        partial = self._partial.get(connection_id, set())
+        if len(partial) >= self.limits.max_partial:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"this connection is already sending {len(partial)} objects, the limit",
+            )
+        obj = self._place(size)
+        obj.sender = connection_id
+        object_id = self._admit(obj, client, connection_id)
+        self._partial.setdefault(connection_id, set()).add(object_id)
+        return object_id
+
+    def add(self, data: bytes, client: str, connection_id: int) -> str:
+        """A sealed object holding *data* (a task's result) owned by *client*; its id."""
+        obj = self._place(len(data))
+        self._write(obj, 0, data)
+        obj.received = obj.size
+        return self._admit(obj, client, connection_id)
+
+    def append(self, object_id: str, offset: int, data: bytes, final: bool) -> int:
+        """Write a chunk of an unsealed object; seal it when *final*. Bytes received."""
+        obj = self._objects.get(object_id)
+        if obj is None or not obj.sender:
+            raise RPCError(StatusCode.NOT_FOUND, f"no object {object_id} is being sent")
+        if offset != obj.received:
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT,
+                f"object {object_id} has {obj.received} bytes; a chunk at {offset} does not "
+                "follow them",
+            )
+        end = offset + len(data)
+        if end > obj.size or (final and end != obj.size):
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT,
+                f"object {object_id} was declared {obj.size} bytes; a chunk would make it {end}"
+                + (" and seal it" if final else ""),
+            )
+        self._write(obj, offset, data)
+        obj.received = end
+        if final:
+            self._unsent(obj, object_id)
+            obj.sender = 0
+            self._objects.move_to_end(object_id)
+        return end
+
+    def read(self, object_id: str, offset: int, max_bytes: int) -> tuple[bytes, int]:
+        """Up to *max_bytes* of a sealed object from *offset*, and its size."""
+        obj = self._sealed(object_id)
+        offset = min(offset, obj.size)
+        count = min(max_bytes, obj.size - offset)
+        if obj.data is not None:
+            self._objects.move_to_end(object_id)
+            return bytes(obj.data[offset : offset + count]), obj.size
+        assert obj.path is not None
+        with obj.path.open("rb") as f:
+            f.seek(offset)
+            return f.read(count), obj.size
+
+    def whole(self, object_id: str) -> bytes:
+        """A sealed object's bytes."""
+        return self.read(object_id, 0, self._sealed(object_id).size)[0]
+
+    def size_of(self, object_id: str) -> int:
+        return self._sealed(object_id).size
+
+    def _sealed(self, object_id: str) -> _Object:
+        obj = self._objects.get(object_id)
+        if obj is None or obj.sender:
+            raise RPCError(
+                StatusCode.NOT_FOUND,
+                f"object {object_id} is not held by this worker (released, lost, or never sealed)",
+            )
+        return obj
+
+    def release(self, client: str, object_ids: Iterable[str]) -> int:
+        """*client* holds no refs to *object_ids* any more; how many it held."""
+        owned = self._owned.get(client)
+        count = 0
+        for object_id in object_ids:
+            if owned is None or object_id not in owned:
+                continue
+            owned.discard(object_id)
+            count += 1
+            obj = self._objects[object_id]
+            obj.owners.discard(client)
+            if not obj.owners:
+                self._drop(object_id)
+        if owned is not None and not owned:
+            self._owned.pop(client, None)
+        return count
+
+    def share(self, object_id: str, client: str) -> None:
+        """*client* holds a ref to *object_id* too (a task it submitted was passed it)."""
+        obj = self._objects.get(object_id)
+        if obj is not None and client not in obj.owners:
+            obj.owners.add(client)
+            self._owned.setdefault(client, set()).add(object_id)
+
+    # -- placement -----------------------------------------------------------------
+
+    def _full(self, size: int) -> RPCError:
+        return RPCError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"object store full: {self.memory_used} bytes in memory and {self.disk_used} on "
+            f"disk, the limits {self.limits.memory} and {self.limits.disk}, have no room for "
+            f"{size} more; raise --object-disk or release refs",
+        )
+
+    def _place(self, size: int) -> _Object:
+        """An object of *size* bytes with its room: in memory (spilling others), else on disk."""
+        if len(self._objects) >= self.limits.max_objects:
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"object store full: {len(self._objects)} objects, the limit; release refs",
+            )
+        limits = self.limits
+        if size <= limits.memory:
+            spill = list(self._spill_plan(self.memory_used + size - limits.memory))
+            spilled = sum(self._objects[i].size for i in spill)
+            if self.memory_used - spilled + size <= limits.memory:
+                if self.disk_used + spilled > limits.disk:
+                    raise self._full(size)
+                for object_id in spill:
+                    self._spill(object_id)
+                self.memory_used += size
+                return _Object(size, bytearray(size))
+        if self.disk_used + size > limits.disk:
+            raise self._full(size)
+        path = self.directory / secrets.token_hex(16)
+        with path.open("wb") as f:
+            f.truncate(size)
+        self.disk_used += size
+        return _Object(size, None, path)
+
+    def _spill_plan(self, excess: int) -> Iterator[str]:
+        """Sealed objects in memory, least recently used first, until *excess* bytes."""
+        for object_id, obj in self._objects.items():
+            if excess <= 0:
+                return
+            if obj.data is not None and not obj.sender:
+                excess -= obj.size
+                yield object_id
+
+    def _spill(self, object_id: str) -> None:
+        obj = self._objects[object_id]
+        assert obj.data is not None
+        path = self.directory / secrets.token_hex(16)
+        with path.open("wb") as f:
+            f.write(obj.data)
+        obj.data, obj.path = None, path
+        self.memory_used -= obj.size
+        self.disk_used += obj.size
+        log.debug("Spilled object %s (%d bytes) to disk", object_id, obj.size)
+
+    def _write(self, obj: _Object, offset: int, data: bytes) -> None:
+        if obj.data is not None:
+            obj.data[offset : offset + len(data)] = data
+            return
+        assert obj.path is not None
+        with obj.path.open("r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+    def _admit(self, obj: _Object, client: str, connection_id: int) -> str:
+        object_id = self._new_id()
+        self._objects[object_id] = obj
+        obj.owners.add(client)
+        self._owned.setdefault(client, set()).add(object_id)
+        self.claim(client, connection_id)
+        return object_id
+
+    def _unsent(self, obj: _Object, object_id: str) -> None:
+        """*object_id* is no longer being sent (sealed or dropped)."""
+        partial = self._partial[obj.sender]
+        partial.discard(object_id)
+        if not partial:
+            del self._partial[obj.sender]
+
+    def _drop(self, object_id: str) -> None:
+        obj = self._objects.pop(object_id)
+        for client in obj.owners:
+            owned = self._owned[client]
+            owned.discard(object_id)
+            if not owned:
+                del self._owned[client]
+        if obj.sender:
+            self._unsent(obj, object_id)
+        if obj.data is not None:
+            self.memory_used -= obj.size
+        else:
+            assert obj.path is not None
+            obj.path.unlink(missing_ok=True)
+            self.disk_used -= obj.size
+
+    # -- the service's methods -------------------------------------------------------
+
+    def methods(self, check: TokenCheck, max_message_size: int) -> dict[str, Method]:
+        """PutObject, GetObject and ReleaseObjects for the worker's service; callers
+        present the cluster token (*check*), as the tasks' do."""
+        chunk = max(1, max_message_size - wire.CHUNK_MARGIN)
+
+        def client_of(client: str, ctx: CallContext) -> str:
+            return client or f"connection-{ctx.connection_id}"
+
+        def put(payload: bytes, ctx: CallContext) -> bytes:
+            check.check(ctx)
+            request = PUT_OBJECT.request.decode(payload)
+            PUT_OBJECT.check(request, max_message_size)
+            client = client_of(request.client, ctx)
+            object_id = request.object_id
+            if not object_id:
+                object_id = self.create(request.size, client, ctx.connection_id)
+            else:
+                self.claim(client, ctx.connection_id)
+            received = self.append(object_id, request.offset, request.data, request.final)
+            return PUT_OBJECT.reply.encode(wire.ObjectPut(object_id, received))
+
+        def get(payload: bytes, ctx: CallContext) -> bytes:
+            check.check(ctx)
+            request = GET_OBJECT.request.decode(payload)
+            GET_OBJECT.check(request, max_message_size)
+            self.claim(client_of(request.client, ctx), ctx.connection_id)
+            wanted = min(request.max_bytes or chunk, chunk)
+            data, size = self.read(request.object_id, request.offset, wanted)
+            return GET_OBJECT.reply.encode(wire.ObjectChunk(data, size))
+
+        def release(payload: bytes, ctx: CallContext) -> bytes:
+            check.check(ctx)
+            request = RELEASE_OBJECTS.request.decode(payload)
+            RELEASE_OBJECTS.check(request, max_message_size)
+            count = self.release(client_of(request.client, ctx), request.object_ids)
+            return RELEASE_OBJECTS.reply.encode(wire.Released(count))
+
+        return {
+            PUT_OBJECT.method: Method(put, inline=True),
+            GET_OBJECT.method: Method(get, inline=True),
+            RELEASE_OBJECTS.method: Method(release, inline=True),
+        }
+
+
+@contextmanager
+def object_store(instance: str, limits: ObjectLimits, parent: Path) -> Iterator[ObjectStore]:
+    """A store spilling to a new private directory under *parent* (removed on exit)."""
+    directory = Path(tempfile.mkdtemp(prefix="vaccelray-objects-", dir=parent))
+    os.chmod(directory, 0o700)
+    store = ObjectStore(instance, directory, limits)
+    log.info(
+        "Objects: %d bytes in memory, %d on disk in %s, kept %g s for a gone client",
+        limits.memory,
+        limits.disk,
+        directory,
+        limits.grace,
+    )
+    try:
+        yield store
+    finally:
+        store.close()
+        shutil.rmtree(directory, ignore_errors=True)
