@@ -37,9 +37,13 @@ def keep_heap() -> bool:
     """Raise glibc's mmap and trim thresholds; False where that is not possible."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes  # here, not at import: pool processes import this module and start fast
-    import ctypes.util
-
+    try:
+        # Here, not at import: pool processes import this module and start fast. One that
+        # became another user may not read the standard library's directory any more.
+        import ctypes
+        import ctypes.util
+    except ImportError:
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
