@@ -406,7 +406,7 @@ def start(tmp: Path, *options: str) -> Proc:
     proc, _ = start_daemon(
         worker_argv(
             "-a", f"unix://{tmp / 'w.sock'}", "--backend", "noop", "--no-announce",
-            "--pool-size", "1", "--unsafe-no-sandbox", *options,
+            "--pool-size", "1", *options,
         )
     )  # fmt: skip
     return proc

@@ -362,7 +362,10 @@ async def test_a_worker_applies_its_task_limits() -> None:
         assert (service.max_queued, service.max_queued_per_connection) == (5, 2)
         assert service.task_timeout == 9.0
         assert service.max_message_size == 2048
-        assert service.pool._max_frame == 2048 + FRAME_MARGIN
+        # Pool processes send results as large as the object store takes (kept there).
+        assert service.objects is not None
+        largest = max(service.objects.limits.memory, service.objects.limits.disk)
+        assert service.pool._max_frame == largest + FRAME_MARGIN
 
 
 # -- the function cache ---------------------------------------------------------------

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
         CapabilityError,
         Client,
         GetTimeoutError,
+        ObjectLostError,
+        ObjectRef,
         Options,
         RemoteFunction,
         SerializationError,
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
         is_initialized,
         kill,
         offload,
+        put,
         shutdown,
         wait,
     )
@@ -49,6 +52,8 @@ __all__ = [
     "CapabilityError",
     "Client",
     "GetTimeoutError",
+    "ObjectLostError",
+    "ObjectRef",
     "Options",
     "RemoteFunction",
     "SerializationError",
@@ -65,6 +70,7 @@ __all__ = [
     "kill",
     "local",
     "offload",
+    "put",
     "shutdown",
     "wait",
 ]

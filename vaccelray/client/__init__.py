@@ -1,18 +1,28 @@
 """The offload API: clients, ``@offload``, TaskRefs, sessions (re-exported by ``vaccelray``)."""
 
 from vaccelray.client.actors import ActorClass, ActorHandle, ActorMethod, kill
-from vaccelray.client.api import Client, Session, default_client, init, is_initialized, shutdown
+from vaccelray.client.api import (
+    Client,
+    Session,
+    default_client,
+    init,
+    is_initialized,
+    put,
+    shutdown,
+)
 from vaccelray.client.errors import (
     ActorDiedError,
     AuthenticationError,
     CapabilityError,
     GetTimeoutError,
+    ObjectLostError,
     SerializationError,
     TaskCancelledError,
     TaskError,
     TaskTimeoutError,
     WorkerLostError,
 )
+from vaccelray.client.objects import ObjectRef
 from vaccelray.client.refs import TaskRef, get, wait
 from vaccelray.client.remote import Options, RemoteFunction, offload
 
@@ -25,6 +35,8 @@ __all__ = [
     "CapabilityError",
     "Client",
     "GetTimeoutError",
+    "ObjectLostError",
+    "ObjectRef",
     "Options",
     "RemoteFunction",
     "SerializationError",
@@ -40,6 +52,7 @@ __all__ = [
     "is_initialized",
     "kill",
     "offload",
+    "put",
     "shutdown",
     "wait",
 ]

@@ -25,6 +25,7 @@ from anyio.from_thread import BlockingPortal
 from vaccelray.addressing import resolve_address
 from vaccelray.auth import client_tls, client_token
 from vaccelray.client.core import Core
+from vaccelray.client.objects import ObjectRef, dumps
 from vaccelray.client.refs import TaskRef
 from vaccelray.client.remote import Options, RemoteFunction, function_spec
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
@@ -200,6 +201,14 @@ class Client:
             spec, options = function_spec(fn), _DEFAULT_OPTIONS
         return self._core.submit(spec, args, kwargs, options, session_id=session_id)
 
+    def put(self, value: T) -> ObjectRef[T]:
+        """Store *value* on the worker; its :class:`ObjectRef` (pass it to tasks, or
+        ``vaccelray.get`` it). Pickled here, sent in chunks whatever its size."""
+        core = self._live_core()
+        data = dumps(value)
+        object_id = self._call(functools.partial(core.objects.put_bytes, data))
+        return ObjectRef(core.objects, object_id, len(data))
+
     def classify(self, image: bytes, *, timeout: float | None = None) -> str:
         """Classify one encoded image on the worker's backend (in a session kept by this client)."""
         core = self._core
@@ -363,6 +372,11 @@ def default_client() -> Client:
     """The default client, started by :func:`init` (with no arguments if needed)."""
     client = _default
     return client if client is not None else init()
+
+
+def put(value: T) -> ObjectRef[T]:
+    """Store *value* in the cluster through the default client (see :meth:`Client.put`)."""
+    return default_client().put(value)
 
 
 def shutdown() -> None:

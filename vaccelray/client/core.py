@@ -38,9 +38,17 @@ from vaccelray.client.errors import (
     WorkerLostError,
 )
 from vaccelray.client.lane import MAX_LANES, Lane, LaneOutcome, open_lane
+from vaccelray.client.objects import (
+    INLINE,
+    ObjectRef,
+    Objects,
+    Pending,
+    Stored,
+    pickle_task_args,
+)
 from vaccelray.client.outcomes import load_result, rpc_failure, task_failure
 from vaccelray.client.refs import TaskRef, _settle
-from vaccelray.client.remote import FunctionSpec, Options, pickle_args
+from vaccelray.client.remote import FunctionSpec, Options
 from vaccelray.errors import ConnectError, Reason, RPCError, StatusCode, TransportError
 from vaccelray.membership import Credential, MembershipError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
@@ -111,6 +119,10 @@ class Core:
         #: Connections being closed after a transport error (see ``_forget``).
         self._closing: set[asyncio.Task[None]] = set()
         self._session_id = 0
+        #: Names this client to workers: it owns the objects it puts and the results kept
+        #: for it, across reconnections (see ``vaccelray.client.objects``).
+        self.client_id = secrets.token_hex(16)
+        self.objects = Objects(self)
         #: Each calling thread's lane (None: it gets none), at most MAX_LANES of them.
         self._lanes: dict[int, Lane | None] = {}
         self._lanes_lock = threading.Lock()
@@ -167,15 +179,16 @@ class Core:
         if self._closed:
             raise RuntimeError("this client is shut down")
         ref: TaskRef[Any] = TaskRef(self, f"{self._prefix}{next(self._ids)}", spec.name)
-        has_refs = any(type(a) is TaskRef for a in args) or any(
-            type(v) is TaskRef for v in kwargs.values()
-        )
         # Pickled here, in the caller's thread: a pickling error raises at the call site.
-        payload = None if has_refs else pickle_args(spec.name, args, kwargs, self.arg_limit)
-        if payload is not None:
+        payload: bytes | None
+        try:
+            payload = self._pickle(ref, spec, args, kwargs)
+        except Pending:
+            payload = None  # pickled again once the TaskRef has its result
+        if payload is not None and len(payload) <= self.arg_limit:
             keep_heap_for(len(payload))
             if spec.digest in self._registered:
-                request = _request(ref, spec, payload, options, session_id)
+                request = _request(ref, spec, payload, options, session_id, self.client_id)
                 on_done = functools.partial(self._lane_answered, ref, spec, request, options)
                 if self.by_lane(ref, SUBMIT, request, on_done, options.timeout):
                     return ref
@@ -190,6 +203,27 @@ class Core:
             self._woken = True
             self.loop.call_soon_threadsafe(self._start_queued)
         return ref
+
+    def _pickle(
+        self,
+        ref: TaskRef[Any],
+        spec: FunctionSpec,
+        args: Sequence[object],
+        kwargs: Mapping[str, object],
+    ) -> bytes:
+        """The task's pickled arguments; raises :class:`Pending` when a TaskRef among them
+        has no result yet. The refs among them are kept alive (their objects held) until
+        the task ends.
+        """
+        payload, refs = pickle_task_args(spec.name, args, kwargs)
+        if refs:
+            ref.inputs(refs)
+        return payload
+
+    def live_connection(self) -> Connection | None:
+        """The connection, when one is open (nothing is opened here)."""
+        conn = self._conn
+        return None if conn is None or conn.is_closed else conn
 
     def next_id(self) -> str:
         """A new id, unique among this client's tasks and calls."""
@@ -275,7 +309,7 @@ class Core:
                 return
             if isinstance(reply, wire.TaskDone):
                 try:
-                    _settle(ref._future, load_result(reply.result, spec.name))
+                    _settle(ref._future, self.task_value(reply, spec.name))
                 except TaskError as exc:
                     _settle(ref._future, error=exc)
                 return
@@ -322,11 +356,12 @@ class Core:
         conn = self._conn
         if (
             payload is not None
+            and len(payload) <= self.arg_limit
             and conn is not None
             and spec.digest in self._registered
             and not conn.is_closed
         ):
-            request = _request(ref, spec, payload, options, session_id)
+            request = _request(ref, spec, payload, options, session_id, self.client_id)
             try:
                 self._running[ref.task_id] = conn.start_call(
                     SUBMIT.service,
@@ -417,12 +452,21 @@ class Core:
         options: Options,
         session_id: int,
     ) -> Any:
-        """The slow path from the start: wait for TaskRef arguments, then :meth:`_attempts`."""
-        if payload is None:
-            args = [await a if type(a) is TaskRef else a for a in args]
-            kwargs = {k: await v if type(v) is TaskRef else v for k, v in kwargs.items()}
-            payload = pickle_args(spec.name, args, kwargs, self.arg_limit)
-        request = _request(ref, spec, payload, options, session_id)
+        """The slow path from the start: wait for TaskRef arguments, put arguments too large
+        for a message, then :meth:`_attempts`."""
+        while payload is None:
+            try:
+                payload = self._pickle(ref, spec, args, kwargs)
+            except Pending as pending:  # a failed one raises its error here
+                await pending.ref
+        args_object = ""
+        if len(payload) > self.arg_limit:
+            stored: ObjectRef[bytes] = ObjectRef(
+                self.objects, await self.objects.put_bytes(payload), len(payload)
+            )
+            ref.inputs({stored.object_id: stored})
+            args_object, payload = stored.object_id, b""
+        request = _request(ref, spec, payload, options, session_id, self.client_id, args_object)
         return await self._attempts(spec, request, options)
 
     async def _attempts(
@@ -473,6 +517,12 @@ class Core:
             else:
                 lost = value
 
+    def task_value(self, reply: wire.TaskDone, name: str) -> Any:
+        """A task's value, or the :class:`Stored` ref to it when its worker kept it."""
+        if reply.object_id:
+            return Stored(self.objects, reply.object_id, reply.size, name)
+        return load_result(reply.result, name)
+
     def _judge(
         self,
         conn: Connection | None,
@@ -486,7 +536,7 @@ class Core:
             reply = SUBMIT.reply.decode(outcome)
             if isinstance(reply, wire.TaskDone):
                 try:
-                    return _Verdict.DONE, load_result(reply.result, spec.name)
+                    return _Verdict.DONE, self.task_value(reply, spec.name)
                 except TaskError as exc:
                     return _Verdict.FAILED, exc
             if reply.kind != wire.FailureKind.CRASHED:
@@ -671,7 +721,13 @@ _Queued = tuple[
 
 
 def _request(
-    ref: TaskRef[Any], spec: FunctionSpec, payload: bytes, options: Options, session_id: int
+    ref: TaskRef[Any],
+    spec: FunctionSpec,
+    payload: bytes,
+    options: Options,
+    session_id: int,
+    client: str,
+    args_object: str = "",
 ) -> bytes:
     return SUBMIT.request.encode(
         wire.Submit(
@@ -682,5 +738,9 @@ def _request(
             options.backend or "",
             options.ops,
             session_id,
+            client,
+            INLINE,
+            ref.object_ids(),
+            args_object,
         )
     )

@@ -24,6 +24,7 @@ __all__ = [
     "AuthenticationError",
     "CapabilityError",
     "GetTimeoutError",
+    "ObjectLostError",
     "RemoteTraceback",
     "SerializationError",
     "TaskCancelledError",
@@ -59,6 +60,11 @@ class TaskError(VaccelrayError):
 class ActorDiedError(TaskError):
     """The actor is dead: killed, its constructor failed, or its process or worker was lost
     (and ``max_restarts`` ran out); its pending and later calls raise this."""
+
+
+class ObjectLostError(TaskError):
+    """An object (a task's result kept on its worker, or a put) is gone: released, or its
+    worker was lost; ``task`` names the task whose result it was."""
 
 
 class WorkerLostError(TaskError):

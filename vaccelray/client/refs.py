@@ -10,6 +10,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from vaccelray.client.errors import GetTimeoutError, TaskCancelledError
+from vaccelray.client.objects import ObjectRef, Stored
 
 if TYPE_CHECKING:
     from vaccelray.client.core import Core
@@ -26,11 +27,12 @@ class TaskRef(Generic[R]):
     ``ref.result(timeout)`` or ``vaccelray.get(ref)`` blocks for it;
     ``await ref`` waits for it inside async code (asyncio, or anyio on any
     backend); ``ref.cancel()`` stops the task. A TaskRef passed as an
-    argument to another ``.remote()`` call is replaced by its result before
-    that task runs.
+    argument to another ``.remote()`` call (anywhere inside its arguments)
+    is replaced by its result before that task runs: a large result, kept on
+    its worker, goes from there (see :mod:`vaccelray.client.objects`).
     """
 
-    __slots__ = ("_core", "_future", "_lane", "name", "task_id")
+    __slots__ = ("__weakref__", "_core", "_future", "_inputs", "_lane", "name", "task_id")
 
     def __init__(self, core: Core, task_id: str, name: str) -> None:
         self._core = core
@@ -39,6 +41,17 @@ class TaskRef(Generic[R]):
         self.name = name
         #: The lane its call went by, when it went by one (see ``vaccelray.client.lane``).
         self._lane: Lane | None = None
+        #: The refs its arguments hold, by object id (held until it ends).
+        self._inputs: dict[str, object] = {}
+
+    def inputs(self, refs: dict[str, object]) -> None:
+        """Hold *refs* (the objects its arguments name) until the task ends."""
+        self._inputs = holder = dict(refs)
+        self._future.add_done_callback(lambda _: holder.clear())
+
+    def object_ids(self) -> tuple[str, ...]:
+        """The objects its arguments name."""
+        return tuple(self._inputs)
 
     def __repr__(self) -> str:
         if not self._future.done():
@@ -79,7 +92,10 @@ class TaskRef(Generic[R]):
         self._core.check_blocking("TaskRef.result")
         timeout = self._wait_here(timeout)
         try:
-            return self._future.result(timeout)
+            value: Any = self._future.result(timeout)
+            if type(value) is Stored:
+                return value.load(timeout)  # type: ignore[no-any-return]
+            return value  # type: ignore[no-any-return]
         except BaseException as exc:
             # (concurrent.futures.TimeoutError is TimeoutError: tell waiting from the task's error.)
             if isinstance(exc, TimeoutError) and not self._is_outcome(exc):
@@ -126,8 +142,14 @@ class TaskRef(Generic[R]):
         except RuntimeError:  # another async library (anyio on trio): wait in a thread
             import anyio.to_thread
 
-            return anyio.to_thread.run_sync(self._future.result, abandon_on_cancel=True).__await__()
-        return asyncio.wrap_future(self._future).__await__()
+            return anyio.to_thread.run_sync(self.result, abandon_on_cancel=True).__await__()
+        return self._value().__await__()
+
+    async def _value(self) -> R:
+        value: Any = await asyncio.wrap_future(self._future)
+        if type(value) is Stored:
+            return await value.aload()  # type: ignore[no-any-return]
+        return value  # type: ignore[no-any-return]
 
 
 def _settle(
@@ -149,13 +171,13 @@ def get(refs: TaskRef[R], *, timeout: float | None = None) -> R: ...
 @overload
 def get(refs: Sequence[TaskRef[R]], *, timeout: float | None = None) -> list[R]: ...
 def get(refs: TaskRef[R] | Sequence[TaskRef[R]], *, timeout: float | None = None) -> R | list[R]:
-    """The result of one task, or the results of a list of tasks in order.
+    """The result of one task (or the value of an ObjectRef), or those of a list in order.
 
     Raises the first failed task's error (in list order), or
     :class:`GetTimeoutError` when *timeout* seconds pass first (the tasks go on).
     Inside async code use ``await ref`` (or ``asyncio.gather(*refs)``) instead.
     """
-    if isinstance(refs, TaskRef):
+    if isinstance(refs, (TaskRef, ObjectRef)):
         return refs.result(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     results = []

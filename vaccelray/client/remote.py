@@ -157,15 +157,24 @@ def function_spec(fn: Callable[..., Any]) -> FunctionSpec:
 
 
 def pickle_args(
-    name: str, args: Sequence[object], kwargs: Mapping[str, object], limit: int
+    name: str,
+    args: Sequence[object],
+    kwargs: Mapping[str, object],
+    limit: int,
+    dumps: Callable[[object], bytes] | None = None,
 ) -> bytes:
-    """``(args, kwargs)`` pickled (empty bytes for none); SerializationError names the culprit."""
+    """``(args, kwargs)`` pickled (empty bytes for none); SerializationError names the culprit.
+
+    *dumps* pickles what the C pickler cannot (default: cloudpickle).
+    """
     if not args and not kwargs:
         return b""
     plain = all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values())
     try:
         if plain:
             data = pickle.dumps((tuple(args), dict(kwargs)), protocol=_PROTOCOL)
+        elif dumps is not None:
+            data = dumps((tuple(args), dict(kwargs)))
         else:
             data = cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=_PROTOCOL)
     except Exception as exc:

@@ -83,6 +83,16 @@ class Submit(msgspec.Struct, array_like=True, frozen=True):
     ops: tuple[str, ...] = ()
     #: vAccel session of the worker that ``vaccelray.local`` uses in the task; 0: its own.
     session_id: int = 0
+    #: The client (its random id): it owns the result when the worker keeps it.
+    client: str = ""
+    #: A result pickled larger than this stays in the worker's object store and the reply
+    #: names it (:mod:`vaccelray.protocol.objects`); 0: every result travels back.
+    keep: int = 0
+    #: Objects of the worker's store the arguments refer to (by id), handed to the task.
+    objects: tuple[str, ...] = ()
+    #: An object of the worker's store holding the pickled arguments (too large for a
+    #: message), instead of ``args``.
+    args_object: str = ""
 
 
 class RemoteError(msgspec.Struct, array_like=True, frozen=True):
@@ -100,8 +110,12 @@ class RemoteError(msgspec.Struct, array_like=True, frozen=True):
 
 
 class TaskDone(msgspec.Struct, tag="done", array_like=True, frozen=True):
-    #: cloudpickle of the return value.
+    #: cloudpickle of the return value (empty when the worker kept it).
     result: bytes
+    #: The object of the worker's store holding the result, when it was kept there
+    #: (``Submit.keep``), and its size.
+    object_id: str = ""
+    size: int = 0
 
 
 class TaskFailed(msgspec.Struct, tag="failed", array_like=True, frozen=True):

@@ -213,6 +213,15 @@ class TaskRouter:
 
     async def _submit(self, payload: bytes, ctx: CallContext) -> bytes:
         task = SUBMIT.request.decode(payload)
+        if task.objects or task.args_object:
+            raise RPCError(
+                StatusCode.FAILED_PRECONDITION,
+                f"task {task.name} refers to objects of a worker's store: a scheduler does not "
+                "forward them yet (connect to the worker)",
+            )
+        if task.keep:  # its client reaches no worker's store through here: results come back
+            task = msgspec.structs.replace(task, keep=0)
+            payload = SUBMIT.request.encode(task)
         function = self.functions.get(task.digest).payload
         key = (ctx.connection_id, task.task_id)
         if key in self.inflight:

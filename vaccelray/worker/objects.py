@@ -124,6 +124,11 @@ class ObjectStore:
 
     # -- clients -----------------------------------------------------------------
 
+    @staticmethod
+    def owner(client: str, connection_id: int) -> str:
+        """Who owns what a request makes: its client, or its connection when it names none."""
+        return client or f"connection-{connection_id}"
+
     def claim(self, client: str, connection_id: int) -> None:
         """*client* speaks on *connection_id*: its objects are not released while it does."""
         conns = self._connections.setdefault(client, set())
@@ -383,14 +388,11 @@ class ObjectStore:
         present the cluster token (*check*), as the tasks' do."""
         chunk = max(1, max_message_size - wire.CHUNK_MARGIN)
 
-        def client_of(client: str, ctx: CallContext) -> str:
-            return client or f"connection-{ctx.connection_id}"
-
         def put(payload: bytes, ctx: CallContext) -> bytes:
             check.check(ctx)
             request = PUT_OBJECT.request.decode(payload)
             PUT_OBJECT.check(request, max_message_size)
-            client = client_of(request.client, ctx)
+            client = self.owner(request.client, ctx.connection_id)
             object_id = request.object_id
             if not object_id:
                 object_id = self.create(request.size, client, ctx.connection_id)
@@ -403,7 +405,7 @@ class ObjectStore:
             check.check(ctx)
             request = GET_OBJECT.request.decode(payload)
             GET_OBJECT.check(request, max_message_size)
-            self.claim(client_of(request.client, ctx), ctx.connection_id)
+            self.claim(self.owner(request.client, ctx.connection_id), ctx.connection_id)
             wanted = min(request.max_bytes or chunk, chunk)
             data, size = self.read(request.object_id, request.offset, wanted)
             return GET_OBJECT.reply.encode(wire.ObjectChunk(data, size))
@@ -412,7 +414,7 @@ class ObjectStore:
             check.check(ctx)
             request = RELEASE_OBJECTS.request.decode(payload)
             RELEASE_OBJECTS.check(request, max_message_size)
-            count = self.release(client_of(request.client, ctx), request.object_ids)
+            count = self.release(self.owner(request.client, ctx.connection_id), request.object_ids)
             return RELEASE_OBJECTS.reply.encode(wire.Released(count))
 
         return {

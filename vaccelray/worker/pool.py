@@ -115,6 +115,7 @@ class _Job:
         "function",
         "method",
         "name",
+        "objects",
         "on_done",
         "owner",
         "pool",
@@ -138,9 +139,11 @@ class _Job:
         owner: Hashable,
         timeout: float | None,
         method: str,
+        objects: dict[str, bytes],
     ) -> None:
         self.pool = pool
         self.method = method
+        self.objects = objects
         self.seq = seq
         self.digest = digest
         self.name = name
@@ -266,6 +269,7 @@ class _Child(asyncio.BufferedProtocol):
             job.session_id,
             tuple(forget),
             job.method,
+            job.objects,
         )
         self.transport.write(encode_frame(self.pool._encoder, run))
 
@@ -482,8 +486,10 @@ class Pool:
         owner: Hashable = None,
         timeout: float | None = None,
         method: str = "",
+        objects: dict[str, bytes] | None = None,
     ) -> _Job:
         """Queue one task of *owner*; *on_done* gets its Done or PoolProcessLost.
+        *objects*: pickled objects its arguments refer to, by id.
 
         *on_done* is called on the loop, at most once, and never after :meth:`abort`.
         Past *timeout* seconds of running (not queued) the task's process is
@@ -505,6 +511,7 @@ class Pool:
             owner,
             timeout,
             method,
+            objects or {},
         )
         state = self._owners.get(owner)
         if state is None:

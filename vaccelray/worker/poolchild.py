@@ -41,6 +41,7 @@ __all__ = [
     "describe_exception",
     "encode_frame",
     "main",
+    "too_large",
 ]
 
 #: Done.status values (the same numbers as ``FailureKind``; 0 is success).
@@ -73,6 +74,8 @@ class Run(msgspec.Struct, array_like=True, frozen=True):
     #: An actor's process: ``__init__`` makes this process's actor (the function is its
     #: class); another name calls that method of it (``digest`` is then unused).
     method: str = ""
+    #: Pickled objects the arguments refer to, by id (see ``task_context.object_value``).
+    objects: dict[str, bytes] = {}
 
 
 Scalar = str | int | float | bool | None
@@ -184,6 +187,8 @@ class _Runner:
         fn = self._callable(task)
         if isinstance(fn, Done):
             return fn
+        if task.objects or task_context.objects:
+            task_context.set_objects(task.objects)
         try:
             args, kwargs = pickle.loads(task.args) if task.args else ((), {})
         except BaseException as exc:
@@ -219,8 +224,7 @@ class _Runner:
             return Done(
                 task.seq,
                 TOO_LARGE,
-                message=f"the result of {task.name} is {len(data)} bytes, more than the "
-                f"{self.max_result} a reply may carry (worker option --max-message-size)",
+                message=too_large(task.name, len(data), self.max_result),
             )
         return Done(task.seq, OK, data)
 
@@ -230,6 +234,14 @@ class _Runner:
     ) -> Done:
         error = describe_exception(exc, exc.__traceback__)
         return Done(task.seq, status, message=message, error=error, unloaded=unloaded)
+
+
+def too_large(name: str, size: int, limit: int) -> str:
+    """Why a result of *size* bytes is not sent back (answered RESOURCE_EXHAUSTED)."""
+    return (
+        f"the result of {name} is {size} bytes, more than the {limit} a reply may carry "
+        "(worker option --max-message-size)"
+    )
 
 
 def encode_frame(encoder: msgspec.msgpack.Encoder, message: msgspec.Struct) -> bytearray:

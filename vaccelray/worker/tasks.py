@@ -54,7 +54,7 @@ from vaccelray.worker.actors import (
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.objects import ObjectLimits, ObjectStore, object_store
 from vaccelray.worker.pool import Pool, PoolProcessLost
-from vaccelray.worker.poolchild import Done
+from vaccelray.worker.poolchild import OK, Done, too_large
 from vaccelray.worker.replies import crashed, outcome_name, outcome_reply
 from vaccelray.worker.sandbox import SandboxConfig, prepare
 
@@ -152,6 +152,8 @@ class TaskService:
                 f"unknown session {task.session_id} on this worker",
                 reason=Reason.UNKNOWN_SESSION,
             )
+        args, objects = self._inputs(task, ctx)
+        owner = ctx.connection_id
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
         def settle(outcome: Done | PoolProcessLost) -> None:
@@ -160,7 +162,9 @@ class TaskService:
             if reply.done():
                 return
             try:
-                data = outcome_reply(outcome, SUBMIT.method, self.max_message_size)
+                data = self._kept(task, outcome, owner) or outcome_reply(
+                    outcome, SUBMIT.method, self.max_message_size
+                )
             except Exception as exc:
                 reply.set_exception(exc)
             else:
@@ -172,11 +176,12 @@ class TaskService:
                 task.digest,
                 task.name,
                 function.pickled,
-                task.args,
+                args,
                 session_id=task.session_id,
                 on_done=settle,
-                owner=ctx.connection_id,
+                owner=owner,
                 timeout=self.task_timeout or None,
+                objects=objects,
             )
         except PoolProcessLost as exc:
             reply.set_result(crashed(exc))
@@ -192,6 +197,40 @@ class TaskService:
 
         reply.add_done_callback(ended)
         return reply
+
+    def _inputs(self, task: wire.Submit, ctx: CallContext) -> tuple[bytes, dict[str, bytes]]:
+        """The task's pickled arguments and the objects they refer to, from the store."""
+        if not task.objects and not task.args_object:
+            return task.args, {}
+        store = self.objects
+        if store is None:
+            raise RPCError(StatusCode.FAILED_PRECONDITION, "this worker keeps no objects")
+        objects = {object_id: store.whole(object_id) for object_id in task.objects}
+        args = store.whole(task.args_object) if task.args_object else task.args
+        return args, objects
+
+    def _kept(self, task: wire.Submit, outcome: Done | PoolProcessLost, owner: int) -> bytes:
+        """The reply naming the result kept in the store, when the task asked for it (else
+        empty: the result travels back, if it fits)."""
+        if not isinstance(outcome, Done) or outcome.status != OK:
+            return b""
+        size = len(outcome.result)
+        fits = size <= self.max_message_size
+        store = self.objects
+        if store is None or not task.keep or size <= task.keep:
+            if fits:
+                return b""
+            # Pool processes send results as large as the store takes: not this one.
+            raise RPCError(
+                StatusCode.RESOURCE_EXHAUSTED, too_large(task.name, size, self.max_message_size)
+            )
+        try:
+            object_id = store.add(outcome.result, store.owner(task.client, owner), owner)
+        except RPCError:
+            if not fits:
+                raise
+            return b""  # the store is full: it travels back
+        return SUBMIT.reply.encode(wire.TaskDone(b"", object_id, size))
 
     def _check_queue(self, connection_id: int) -> None:
         """RESOURCE_EXHAUSTED when one more task waiting would pass a bound."""
@@ -348,7 +387,9 @@ async def run_task_service(
         ):
             isolation.grant(path)
             try:
-                async with Pool(size, env=env, max_message_size=limit, sandbox=isolation) as pool:
+                # Results kept in the object store may be as large as it takes.
+                largest = max(limit, objects.limits.memory, objects.limits.disk)
+                async with Pool(size, env=env, max_message_size=largest, sandbox=isolation) as pool:
                     log.info("Task pool: %d processes", size)
                     log.info(
                         "Tasks need the cluster token%s, or uid %d (or root) on a unix socket",

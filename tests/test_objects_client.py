@@ -1,0 +1,231 @@
+"""Objects from the offload API, on a real worker: put and get, results kept on the worker,
+refs (anywhere inside arguments) resolved there, arguments past the message size, and
+refs released when the client drops them."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import vaccelray
+from tests.processes import Proc, start_daemon, worker_argv
+from vaccelray.client.objects import INLINE, Stored
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import objects as wire
+from vaccelray.protocol.services import GET_OBJECT, RELEASE_OBJECTS
+from vaccelray.transport.client import open_client
+
+MIB = 1 << 20
+#: Liveness only.
+PATIENCE = 60.0
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    sock = tmp_path_factory.mktemp("objects") / "w.sock"
+    proc, _ = start_daemon(
+        worker_argv(
+            "-a", f"unix://{sock}", "--backend", "noop", "--no-announce", "--pool-size", "1",
+        )
+    )  # fmt: skip
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(worker: Proc) -> Iterator[vaccelray.Client]:
+    with vaccelray.Client(worker.address) as c:
+        yield c
+
+
+@vaccelray.offload
+def blob(size: int, fill: int = 1) -> bytes:
+    return bytes([fill]) * size
+
+
+def _total(value: Any) -> int:
+    """The sum of the lengths (or values) of everything inside *value*."""
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return sum(_total(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_total(v) for v in value)
+    return _total(vars(value))
+
+
+total = vaccelray.offload(_total)
+
+
+@vaccelray.offload
+def fail() -> int:
+    raise ValueError("no value")
+
+
+@dataclass
+class Box:
+    content: Any
+    extra: int = 0
+
+
+def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {PATIENCE} s: {what}"
+        time.sleep(0.02)
+
+
+def held_by_worker(worker: Proc, object_id: str) -> bool:
+    async def ask() -> bool:
+        conn = await open_client(worker.address)
+        try:
+            await conn.call_rpc(GET_OBJECT, wire.GetObject(object_id, 0, 1, "watcher"))
+        except RPCError as exc:
+            if exc.code != StatusCode.NOT_FOUND:
+                raise
+            return False
+        finally:
+            await conn.aclose()
+        return True
+
+    return anyio.run(ask)
+
+
+def stored(ref: vaccelray.TaskRef[Any]) -> Stored | None:
+    """What the TaskRef holds, when its result stayed on the worker."""
+    ref.exception()  # wait for it
+    value = ref._future.result()
+    return value if type(value) is Stored else None
+
+
+def test_put_and_get_any_size(client: vaccelray.Client) -> None:
+    small = client.put({"a": 1})
+    assert vaccelray.get(small) == {"a": 1}
+    big = client.put(b"x" * (9 * MIB))  # past the 4 MiB message size: in chunks
+    assert big.size > 9 * MIB
+    assert vaccelray.get(big) == b"x" * (9 * MIB)
+    assert big.result() == b"x" * (9 * MIB)  # read again: it stays until dropped
+    assert repr(big) == f"<ObjectRef {big.object_id} ({big.size} bytes)>"
+    assert big.done()
+
+
+def test_a_small_result_comes_back_a_large_one_stays(client: vaccelray.Client) -> None:
+    small = client.submit(blob, INLINE // 2)
+    assert stored(small) is None
+    assert small.result() == b"\x01" * (INLINE // 2)
+    large = client.submit(blob, 2 * INLINE)
+    kept = stored(large)
+    assert kept is not None
+    assert kept.size > 2 * INLINE
+    assert large.result() == b"\x01" * (2 * INLINE)  # fetched on demand
+    assert vaccelray.get([large, small]) == [b"\x01" * (2 * INLINE), b"\x01" * (INLINE // 2)]
+
+
+@pytest.mark.anyio
+async def test_await_fetches_a_kept_result(client: vaccelray.Client) -> None:
+    large = client.submit(blob, 2 * INLINE, 3)
+    assert await large == b"\x03" * (2 * INLINE)
+    ref = client.put([1, 2, 3])
+    assert await ref == [1, 2, 3]
+
+
+def test_refs_anywhere_inside_arguments_are_resolved_on_the_worker(
+    client: vaccelray.Client,
+) -> None:
+    kept = client.submit(blob, 3 * INLINE)  # stays on the worker
+    inline = client.submit(blob, 10)  # comes back
+    put = client.put(b"y" * 1000)
+    pending = client.submit(blob, 7)  # perhaps not done yet when submitted below
+    value = [kept, {"put": put, "box": Box(inline, 5)}, (pending,)]
+    assert client.submit(total, value).result() == 3 * INLINE + 1000 + 10 + 5 + 7
+    assert client.submit(total, kept).result() == 3 * INLINE
+    assert client.submit(total, value=Box(put)).result() == 1000
+
+
+def test_a_failed_ref_in_the_arguments_fails_the_task(client: vaccelray.Client) -> None:
+    failed = client.submit(fail)
+    with pytest.raises(ValueError, match="no value"):
+        client.submit(total, [failed]).result()
+
+
+def test_arguments_past_the_message_size_are_put_first(client: vaccelray.Client) -> None:
+    assert client.submit(total, b"z" * (6 * MIB)).result() == 6 * MIB
+
+
+def test_an_object_ref_is_not_pickled_otherwise(client: vaccelray.Client) -> None:
+    ref = client.put(1)
+    with pytest.raises(TypeError, match="passed to tasks"):
+        pickle.dumps(ref)
+
+
+def test_dropping_the_last_ref_releases_the_object(client: vaccelray.Client, worker: Proc) -> None:
+    ref = client.put(b"drop me")
+    object_id = ref.object_id
+    copy = ref
+    assert held_by_worker(worker, object_id)
+    del ref
+    gc.collect()
+    assert client._core.objects.held(object_id) == 1  # the copy still holds it
+    assert held_by_worker(worker, object_id)
+    del copy
+    wait_until(lambda: not held_by_worker(worker, object_id), "the object released")
+
+    large = client.submit(blob, 2 * INLINE)
+    kept = stored(large)
+    assert kept is not None
+    kept_id = kept.object_id
+    del kept
+    passed = client.submit(total, [large])
+    del large
+    gc.collect()
+    assert passed.result() == 2 * INLINE  # held until the task that was passed it ended
+    del passed
+    gc.collect()
+    wait_until(lambda: not held_by_worker(worker, kept_id), "the kept result released")
+
+
+def test_a_released_object_is_lost(client: vaccelray.Client, worker: Proc) -> None:
+    large = client.submit(blob, 2 * INLINE)
+    kept = stored(large)
+    assert kept is not None
+    core = client._core
+
+    async def release() -> None:
+        conn = await open_client(worker.address)
+        try:
+            request = wire.ReleaseObjects((kept.object_id,), core.client_id)
+            assert (await conn.call_rpc(RELEASE_OBJECTS, request)).released == 1
+        finally:
+            await conn.aclose()
+
+    anyio.run(release)
+    with pytest.raises(vaccelray.ObjectLostError, match="blob is lost") as caught:
+        large.result()
+    assert caught.value.task == "blob"
+
+
+def test_put_through_the_default_client(worker: Proc, tmp_path: Path) -> None:
+    vaccelray.init(worker.address)
+    try:
+        ref = vaccelray.put("hello")
+        assert vaccelray.get(ref) == "hello"
+    finally:
+        vaccelray.shutdown()
+
+
+def test_results_past_the_message_size_stay_and_are_fetched_in_chunks(
+    client: vaccelray.Client,
+) -> None:
+    large = client.submit(blob, 6 * MIB, 2)  # the message size is 4 MiB
+    assert client.submit(total, large).result() == 6 * MIB  # never through the client
+    assert large.result() == b"\x02" * (6 * MIB)

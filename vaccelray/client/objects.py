@@ -1,0 +1,350 @@
+"""Objects in the cluster, from the client: refs, puts and gets in chunks, ref counting.
+
+``vaccelray.put(value)`` pickles *value*, sends it to the worker's object
+store in chunks (:mod:`vaccelray.protocol.objects`) and returns an
+:class:`ObjectRef`; a task's result larger than :data:`INLINE` pickled stays
+in the store too, its :class:`TaskRef` holding a :class:`Stored` ref. Either
+ref passed to another task (as an argument, or anywhere inside one: lists,
+dicts, dataclasses) travels as its id: the worker hands the object to the
+task, and the bytes never come back through the client. ``get`` fetches the
+value in chunks, only when asked.
+
+The client counts its refs to each object; when the last one is garbage
+collected, the object's id is handed to the client's loop (never sent from
+the collecting thread) and released, with others released meanwhile, in one
+``ReleaseObjects``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import io
+import logging
+import operator
+import pickle
+import threading
+import weakref
+from collections.abc import Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+
+import cloudpickle  # type: ignore[import-untyped]
+
+from vaccelray.client.errors import GetTimeoutError, ObjectLostError, TaskError
+from vaccelray.client.outcomes import load_result
+from vaccelray.client.remote import pickle_args
+from vaccelray.errors import RPCError, StatusCode, TransportError
+from vaccelray.protocol import objects as wire
+from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS
+from vaccelray.task_context import object_value
+
+if TYPE_CHECKING:
+    from vaccelray.client.core import Core
+    from vaccelray.transport.client import Outcome
+
+__all__ = [
+    "CHUNK",
+    "INLINE",
+    "ObjectRef",
+    "Objects",
+    "Pending",
+    "RefPickler",
+    "Stored",
+    "pickle_task_args",
+]
+
+log = logging.getLogger("vaccelray.client")
+
+R = TypeVar("R")
+
+#: Bytes of a pickled result that still travel back with the reply; larger ones stay.
+INLINE: Final = 100 << 10
+#: Bytes of one PutObject or GetObject chunk at most.
+CHUNK: Final = 1 << 20
+
+
+class ObjectRef(Generic[R]):
+    """A value stored in the cluster by ``vaccelray.put``.
+
+    ``vaccelray.get(ref)`` (or ``ref.result()``, ``await ref``) fetches it;
+    passed to ``.remote()`` (anywhere inside the arguments) the task gets the
+    value, read on the worker. The object is released when the last ref to it
+    in this client is gone.
+    """
+
+    __slots__ = ("__weakref__", "_objects", "object_id", "size")
+
+    def __init__(self, objects: Objects, object_id: str, size: int) -> None:
+        self._objects = objects
+        self.object_id = object_id
+        self.size = size
+        objects.hold(self, object_id)
+
+    def __repr__(self) -> str:
+        return f"<ObjectRef {self.object_id} ({self.size} bytes)>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "an ObjectRef is passed to tasks (anywhere inside their arguments) or read with "
+            "vaccelray.get(), not pickled otherwise"
+        )
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> R:
+        """The value (fetched from the worker)."""
+        return self._objects.value_sync(self.object_id, "this object", timeout)  # type: ignore[no-any-return]
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self._objects.value_async(self.object_id, "this object").__await__()
+
+
+class Stored:
+    """A task's result kept on the worker: its id, and its value once fetched."""
+
+    __slots__ = ("__weakref__", "_lock", "_objects", "_value", "name", "object_id", "size")
+
+    _MISSING: Final = object()
+
+    def __init__(self, objects: Objects, object_id: str, size: int, name: str) -> None:
+        self._objects = objects
+        self.object_id = object_id
+        self.size = size
+        self.name = name
+        self._value: Any = self._MISSING
+        self._lock = threading.Lock()
+        objects.hold(self, object_id)
+
+    def load(self, timeout: float | None = None) -> Any:
+        with self._lock:
+            if self._value is self._MISSING:
+                self._value = self._objects.value_sync(self.object_id, self.name, timeout)
+            return self._value
+
+    async def aload(self) -> Any:
+        if self._value is self._MISSING:
+            value = await self._objects.value_async(self.object_id, self.name)
+            with self._lock:
+                if self._value is self._MISSING:
+                    self._value = value
+        return self._value
+
+
+class Pending(BaseException):
+    """A TaskRef in the arguments has no result yet (or failed): wait for it, then pickle
+    again. (Not an Exception: pickling errors are reported apart.)"""
+
+    def __init__(self, ref: Any) -> None:
+        super().__init__(ref)
+        self.ref = ref
+
+
+class RefPickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+    """cloudpickle, with refs (anywhere in the value) pickled as what the worker resolves.
+
+    An ObjectRef, or a TaskRef whose result the worker kept, becomes its id
+    (:func:`vaccelray.task_context.object_value` on the worker) and is listed
+    in :attr:`objects`; a TaskRef whose result came back becomes that value.
+    A TaskRef without a result yet (or that failed) raises :class:`Pending`.
+    """
+
+    def __init__(self, file: Any, protocol: int) -> None:
+        super().__init__(file, protocol=protocol)
+        #: The ids of the objects referred to, and the refs (kept alive until the task ends).
+        self.objects: dict[str, object] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        from vaccelray.client.refs import TaskRef
+
+        cls = type(obj)
+        if cls is ObjectRef:
+            self.objects[obj.object_id] = obj
+            return object_value, (obj.object_id,)
+        if cls is TaskRef:
+            future = obj._future
+            if not future.done() or future.exception() is not None:
+                raise Pending(obj)
+            value = future.result()
+            if type(value) is Stored:
+                self.objects[value.object_id] = value
+                return object_value, (value.object_id,)
+            return operator.getitem, ((value,), 0)
+        return super().reducer_override(obj)
+
+
+def pickle_task_args(
+    name: str, args: Sequence[object], kwargs: Mapping[str, object]
+) -> tuple[bytes, dict[str, object]]:
+    """``(args, kwargs)`` pickled with their refs (see :class:`RefPickler`), and those refs
+    by object id; raises :class:`Pending` for a TaskRef without a result."""
+    refs: dict[str, object] = {}
+
+    def dumps(value: object) -> bytes:
+        buffer = io.BytesIO()
+        pickler = RefPickler(buffer, pickle.HIGHEST_PROTOCOL)
+        pickler.dump(value)
+        refs.update(pickler.objects)
+        return buffer.getvalue()
+
+    return pickle_args(name, args, kwargs, _NO_LIMIT, dumps), refs
+
+
+_NO_LIMIT: Final = 1 << 62
+
+
+class Objects:
+    """A client's objects: its ref counts, and the calls that put, get and release."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        #: Refs alive in this client, by object id.
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        #: Ids whose last ref is gone, to release in the next batch.
+        self._released: list[str] = []
+
+    # -- ref counting --------------------------------------------------------------
+
+    def hold(self, ref: object, object_id: str) -> None:
+        """Count *ref*; its collection (in whatever thread) hands the id to the loop."""
+        with self._lock:
+            self._counts[object_id] = self._counts.get(object_id, 0) + 1
+        weakref.finalize(ref, self._dropped_soon, object_id)
+
+    def held(self, object_id: str) -> int:
+        """Refs to *object_id* alive in this client."""
+        with self._lock:
+            return self._counts.get(object_id, 0)
+
+    def _dropped_soon(self, object_id: str) -> None:
+        # A finalizer: any thread, any time. Only hand the id to the loop.
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the worker's grace ends it
+            self.core.loop.call_soon_threadsafe(self._dropped, object_id)
+
+    def _dropped(self, object_id: str) -> None:
+        with self._lock:
+            count = self._counts[object_id] - 1
+            if count:
+                self._counts[object_id] = count
+                return
+            del self._counts[object_id]
+        if not self._released:
+            self.core.loop.call_soon(self._release)
+        self._released.append(object_id)
+
+    def _release(self) -> None:
+        released, self._released = self._released, []
+        conn = self.core.live_connection()
+        if conn is None:
+            return  # no connection: the worker releases them after its grace period
+        for start in range(0, len(released), wire.MAX_RELEASE):
+            batch = tuple(released[start : start + wire.MAX_RELEASE])
+            request = RELEASE_OBJECTS.request.encode(
+                wire.ReleaseObjects(batch, self.core.client_id)
+            )
+            with contextlib.suppress(TransportError):  # closed: the worker saw the client go
+                conn.start_call(
+                    RELEASE_OBJECTS.service,
+                    RELEASE_OBJECTS.method,
+                    request,
+                    functools.partial(_release_answered, len(batch)),
+                    metadata=self.core.metadata,
+                    timeout=30.0,
+                )
+
+    # -- put and get ---------------------------------------------------------------
+
+    async def put_bytes(self, data: bytes | memoryview) -> str:
+        """Store *data* in chunks; the new object's id."""
+        core = self.core
+        conn = await core.connection()
+        chunk = max(1, min(CHUNK, core.max_message_size - wire.CHUNK_MARGIN))
+        view = memoryview(data)
+        object_id = ""
+        offset = 0
+        while True:
+            piece = bytes(view[offset : offset + chunk])
+            final = offset + len(piece) == len(view)
+            request = wire.PutObject(object_id, offset, piece, len(view), final, core.client_id)
+            reply = await self._call(conn, PUT_OBJECT, request)
+            object_id = str(reply.object_id)
+            offset += len(piece)
+            if final:
+                return object_id
+
+    async def fetch(self, object_id: str, name: str) -> bytes:
+        """The bytes of *object_id*, in chunks."""
+        core = self.core
+        conn = await core.connection()
+        parts = []
+        offset = 0
+        while True:
+            request = wire.GetObject(object_id, offset, CHUNK, core.client_id)
+            try:
+                reply = await self._call(conn, GET_OBJECT, request)
+            except RPCError as exc:
+                if exc.code == StatusCode.NOT_FOUND:
+                    raise ObjectLostError(
+                        f"the result of {name} is lost: {exc.message}", task=name
+                    ) from None
+                raise
+            parts.append(reply.data)
+            offset += len(reply.data)
+            if offset >= reply.size or not reply.data:
+                return b"".join(parts)
+
+    async def _call(self, conn: Any, rpc: Any, request: Any) -> Any:
+        try:
+            return await conn.call_rpc(rpc, request, metadata=self.core.metadata)
+        except RPCError as exc:
+            if exc.code == StatusCode.UNIMPLEMENTED:
+                raise TaskError(
+                    f"{self.core.address} keeps no objects (a scheduler does not forward them "
+                    "yet): connect to a worker"
+                ) from None
+            raise
+
+    async def value_async(self, object_id: str, name: str) -> Any:
+        data = await self._in_loop(self.fetch(object_id, name))
+        return loads(data, name)
+
+    def value_sync(self, object_id: str, name: str, timeout: float | None) -> Any:
+        core = self.core
+        core.check_blocking("vaccelray.get")
+        future = asyncio.run_coroutine_threadsafe(self.fetch(object_id, name), core.loop)
+        try:
+            data = future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise GetTimeoutError(f"{name} was not fetched within {timeout or 0:g} s") from None
+        return loads(data, name)
+
+    async def _in_loop(self, work: Any) -> Any:
+        loop = self.core.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return await work
+        future = asyncio.run_coroutine_threadsafe(work, loop)
+        if running is None:  # another async library: wait in a thread
+            import anyio.to_thread
+
+            return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        return await asyncio.wrap_future(future)
+
+
+def dumps(value: object) -> bytes:
+    """*value* pickled as a task's argument would be (refs inside it included)."""
+    return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+
+
+loads: Final = load_result
+
+
+def _release_answered(count: int, outcome: Outcome) -> None:
+    if isinstance(outcome, BaseException):
+        log.debug("Release of %d objects not delivered: %s", count, outcome)
