@@ -11,6 +11,9 @@ pool (one process per CPU):
 * sync no-op round trip: ``f.remote().result()`` in a loop (tasks/s, p50)
 * 10,000 async no-op tasks: submit all, then ``get`` all (tasks/s)
 * 1 MiB argument echo, one at a time (tasks/s)
+* a three-stage pipeline passing 16 MiB intermediates: the input put once, each
+  stage given the previous one's ref, only the last (small) result fetched
+  (pipelines/s)
 * cold start: ``init()`` with an embedded worker + the first result, in a fresh process
 * idle RSS of the worker process and its pool processes (and their PSS)
 
@@ -21,6 +24,11 @@ and back, over unix sockets, with no framing or pickling. It prints the p50
 of a sync no-op task and of a sync actor method call (an actor is a child
 process of its own) as ratios to the floor's (targets <= 1.3), in
 interleaved rounds against one worker.
+
+``--object-memory`` checks the object store's memory instead: 1 GiB of 16 MiB
+puts (every ref kept) into a worker with ``--object-memory 256M``; it prints the
+worker's RSS growth against that budget (the target: within 10%) and what was
+spilled to disk.
 
 ``--sandbox-ab`` measures what the task sandbox costs instead: the sync no-op
 rate against a sandboxed worker (the default) and one started with
@@ -58,11 +66,25 @@ RAY_ANCHORS = {
     "cold": "2.6 s",
     "rss": "~770 MiB over 10 processes",
     "echo": "(Go ttrpc 1 MiB echo, 1 in flight: ~140 calls/s)",
+    "pipeline": "(not measured here: run with Ray installed)",
 }
 
 
 def noop() -> None:
     return None
+
+
+def stage(data: bytes) -> bytes:
+    """A pipeline stage: as large as its input."""
+    return data[::-1]
+
+
+def size_of(data: bytes) -> int:
+    """The pipeline's last stage: a small result."""
+    return len(data)
+
+
+PIPELINE_MIB = 16
 
 
 def echo(data: bytes) -> bytes:
@@ -76,9 +98,12 @@ def start_worker(address: str, *extra: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE, text=True,
     )
     assert process.stderr is not None
+    startup = []
     for line in process.stderr:
+        startup.append(line)
         if "Listening on" in line:
             break
+    process.startup = startup  # type: ignore[attr-defined]
     threading.Thread(target=lambda: [None for _ in process.stderr or ()], daemon=True).start()
     return process
 
@@ -154,6 +179,20 @@ def bench_vaccelray(quick: bool) -> dict[str, str]:
                 for _ in range(n_echo):
                     client.submit(e, blob).result()
                 results["echo"] = f"{n_echo / (time.perf_counter() - start):,.0f} tasks/s"
+
+                first, last = vaccelray.offload(stage), vaccelray.offload(size_of)
+                n_pipe = 5 if quick else 20
+                data = os.urandom(PIPELINE_MIB << 20)
+
+                def pipeline() -> int:
+                    middle = client.submit(first, client.submit(first, client.put(data)))
+                    return client.submit(last, middle).result()
+
+                assert pipeline() == len(data)
+                start = time.perf_counter()
+                for _ in range(n_pipe):
+                    pipeline()
+                results["pipeline"] = f"{n_pipe / (time.perf_counter() - start):,.1f} pipelines/s"
             time.sleep(0.5)
             rss, pss = memory(worker.pid)
             results["rss"] = f"{rss:.0f} MiB RSS ({pss:.0f} MiB PSS), worker + pool"
@@ -336,6 +375,39 @@ def bench_sandbox(pairs: int, quick: bool) -> None:
           f"of {len(colds)} (target <= 0.5 s): " + ", ".join(f"{c:.3f}" for c in colds))
 
 
+def bench_store_memory(budget_mib: int = 256, total_mib: int = 1024) -> None:
+    """1 GiB of 16 MiB puts (refs kept) into a store of *budget_mib* in memory."""
+    import vaccelray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = start_worker(
+            f"unix://{tmp}/worker.sock", "--object-memory", f"{budget_mib}M",
+            "--object-disk", f"{2 * total_mib}M",
+        )  # fmt: skip
+        try:
+            time.sleep(1.0)
+            startup = "".join(worker.startup)  # type: ignore[attr-defined]
+            found = re.search(r"Objects: .* on disk in (\S+),", startup)
+            spill = Path(found.group(1)) if found else None
+            with vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
+                client.put(b"warm up")
+                before = memory(worker.pid)[0]
+                chunk = os.urandom(PIPELINE_MIB << 20)
+                refs = [client.put(chunk) for _ in range(total_mib // PIPELINE_MIB)]
+                time.sleep(0.5)
+                grown = memory(worker.pid)[0] - before
+                spilled = sum(p.stat().st_size for p in spill.iterdir()) if spill else 0
+                print(
+                    f"object store: {total_mib} MiB put in {len(refs)} objects, budget "
+                    f"{budget_mib} MiB in memory: worker RSS grew {grown:.0f} MiB "
+                    f"({grown / budget_mib - 1:+.1%} of the budget; target within 10%), "
+                    f"{spilled / (1 << 20):.0f} MiB spilled to disk"
+                )
+        finally:
+            worker.terminate()
+            worker.wait(10)
+
+
 def bench_ray(quick: bool) -> dict[str, str]:
     import ray
 
@@ -364,6 +436,18 @@ def bench_ray(quick: bool) -> dict[str, str]:
     for _ in range(n_echo):
         ray.get(e.remote(blob))
     results["echo"] = f"{n_echo / (time.perf_counter() - start):,.0f} tasks/s"
+    first, last = ray.remote(stage), ray.remote(size_of)
+    n_pipe = 5 if quick else 20
+    data = os.urandom(PIPELINE_MIB << 20)
+
+    def pipeline() -> int:
+        return ray.get(last.remote(first.remote(first.remote(ray.put(data)))))  # type: ignore[no-any-return]
+
+    assert pipeline() == len(data)
+    start = time.perf_counter()
+    for _ in range(n_pipe):
+        pipeline()
+    results["pipeline"] = f"{n_pipe / (time.perf_counter() - start):,.1f} pipelines/s"
     ray.shutdown()
     results["rss"] = "(see DESIGN.md §10)"
     return results
@@ -381,7 +465,15 @@ def main() -> None:
         help="only the sync task and actor call p50s against the raw-bytes floor",
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (--floor)")
+    parser.add_argument(
+        "--object-memory",
+        action="store_true",
+        help="only the object store's memory under 1 GiB of puts, against its budget",
+    )
     args = parser.parse_args()
+    if args.object_memory:
+        bench_store_memory()
+        return
     if args.floor:
         bench_floor(args.rounds, args.quick)
         return
@@ -400,6 +492,7 @@ def main() -> None:
         "sync": "sync no-op round trip",
         "async": "10,000 async no-op tasks" if not args.quick else "2,000 async no-op tasks",
         "echo": "1 MiB argument echo",
+        "pipeline": f"3-stage pipeline, {PIPELINE_MIB} MiB",
         "cold": "cold start + first result",
         "rss": "idle memory, worker + pool",
     }
