@@ -5,10 +5,7 @@ refs released when the client drops them."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import pickle
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,8 +16,7 @@ import anyio
 import pytest
 
 import vaccelray
-from tests.processes import Proc, child_env, start_daemon, worker_argv
-from tests.test_examples import ADDRESS_VARS, EXAMPLES
+from tests.processes import Proc, start_daemon, worker_argv
 from vaccelray.client.objects import INLINE, Stored
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
@@ -233,19 +229,3 @@ def test_results_past_the_message_size_stay_and_are_fetched_in_chunks(
     large = client.submit(blob, 6 * MIB, 2)  # the message size is 4 MiB
     assert client.submit(total, large).result() == 6 * MIB  # never through the client
     assert large.result() == b"\x02" * (6 * MIB)
-
-
-def test_the_pipeline_example() -> None:
-    raw = bytes(range(256)) * (4 * MIB // 256)
-    decoded = bytes(b ^ 0xFF for b in raw[:4096]) + raw[4096:]
-    digest = hashlib.sha256(bytes(reversed(decoded))).hexdigest()[:16]
-    env = {k: v for k, v in child_env().items() if k not in ADDRESS_VARS}
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "pipeline.py"), "4"],
-        capture_output=True,
-        text=True,
-        env={**env, "VACCEL_PLUGINS": "noop"},
-        timeout=PATIENCE,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"pipeline: {4 * MIB} bytes, sha256 {digest}"]

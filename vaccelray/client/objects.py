@@ -18,6 +18,7 @@ the collecting thread) and released, with others released meanwhile, in one
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import io
@@ -36,11 +37,12 @@ from vaccelray.client.outcomes import load_result
 from vaccelray.client.remote import pickle_args
 from vaccelray.errors import RPCError, StatusCode, TransportError
 from vaccelray.protocol import objects as wire
-from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS
+from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS, Rpc
 from vaccelray.task_context import object_value
 
 if TYPE_CHECKING:
     from vaccelray.client.core import Core
+    from vaccelray.transport.client import Client as Connection
     from vaccelray.transport.client import Outcome
 
 __all__ = [
@@ -62,6 +64,10 @@ R = TypeVar("R")
 INLINE: Final = 100 << 10
 #: Bytes of one PutObject or GetObject chunk at most.
 CHUNK: Final = 1 << 20
+#: Chunks of one put or get in flight at once.
+WINDOW: Final = 8
+#: Seconds one chunk may take.
+_CALL_TIMEOUT: Final = 60.0
 
 
 class ObjectRef(Generic[R]):
@@ -257,47 +263,87 @@ class Objects:
     # -- put and get ---------------------------------------------------------------
 
     async def put_bytes(self, data: bytes | memoryview) -> str:
-        """Store *data* in chunks; the new object's id."""
+        """Store *data* in chunks (up to :data:`WINDOW` in flight); the new object's id."""
         core = self.core
         conn = await core.connection()
         chunk = max(1, min(CHUNK, core.max_message_size - wire.CHUNK_MARGIN))
         view = memoryview(data)
-        object_id = ""
-        offset = 0
-        while True:
+        size = len(view)
+
+        def request(object_id: str, offset: int) -> wire.PutObject:
             piece = bytes(view[offset : offset + chunk])
-            final = offset + len(piece) == len(view)
-            request = wire.PutObject(object_id, offset, piece, len(view), final, core.client_id)
-            reply = await self._call(conn, PUT_OBJECT, request)
-            object_id = str(reply.object_id)
-            offset += len(piece)
-            if final:
-                return object_id
+            final = offset + len(piece) == size
+            return wire.PutObject(object_id, offset, piece, size, final, core.client_id)
+
+        first = await self._checked(self._send(conn, PUT_OBJECT, request("", 0)))
+        object_id = str(first.object_id)
+        pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        for offset in range(chunk, size, chunk):
+            if len(pending) >= WINDOW:
+                await self._checked(pending.popleft())
+            pending.append(self._send(conn, PUT_OBJECT, request(object_id, offset)))
+        while pending:
+            await self._checked(pending.popleft())
+        return object_id
 
     async def fetch(self, object_id: str, name: str) -> bytes:
-        """The bytes of *object_id*, in chunks."""
+        """The bytes of *object_id*, in chunks (up to :data:`WINDOW` in flight)."""
         core = self.core
         conn = await core.connection()
-        parts = []
-        offset = 0
-        while True:
-            request = wire.GetObject(object_id, offset, CHUNK, core.client_id)
-            try:
-                reply = await self._call(conn, GET_OBJECT, request)
-            except RPCError as exc:
-                if exc.code == StatusCode.NOT_FOUND:
-                    raise ObjectLostError(
-                        f"the result of {name} is lost: {exc.message}", task=name
-                    ) from None
-                raise
-            parts.append(reply.data)
-            offset += len(reply.data)
-            if offset >= reply.size or not reply.data:
-                return b"".join(parts)
 
-    async def _call(self, conn: Any, rpc: Any, request: Any) -> Any:
+        def request(offset: int) -> wire.GetObject:
+            return wire.GetObject(object_id, offset, CHUNK, core.client_id)
+
         try:
-            return await conn.call_rpc(rpc, request, metadata=self.core.metadata)
+            first = await self._checked(self._send(conn, GET_OBJECT, request(0)))
+            parts = [first.data]
+            received = len(first.data)
+            pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+            for offset in range(received, first.size, max(received, 1)):
+                if len(pending) >= WINDOW:
+                    parts.append((await self._checked(pending.popleft())).data)
+                pending.append(self._send(conn, GET_OBJECT, request(offset)))
+            while pending:
+                parts.append((await self._checked(pending.popleft())).data)
+        except RPCError as exc:
+            if exc.code == StatusCode.NOT_FOUND:
+                message = f"{name} is lost: {exc.message}"
+                raise ObjectLostError(message, task=name) from None
+            raise
+        return b"".join(parts)
+
+    def _send(self, conn: Connection, rpc: Rpc[Any, Any], request: Any) -> asyncio.Future[Any]:
+        """Send *request* now (after those sent before it); its decoded reply, later."""
+        future: asyncio.Future[Any] = self.core.loop.create_future()
+
+        def answered(outcome: Outcome) -> None:
+            if future.done():
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+                return
+            try:
+                future.set_result(rpc.reply.decode(outcome))
+            except RPCError as exc:
+                future.set_exception(exc)
+
+        try:
+            conn.start_call(
+                rpc.service,
+                rpc.method,
+                rpc.request.encode(request),
+                answered,
+                metadata=self.core.metadata,
+                timeout=_CALL_TIMEOUT,
+            )
+        except (TransportError, RPCError) as exc:
+            future.set_exception(exc)
+        return future
+
+    async def _checked(self, reply: asyncio.Future[Any]) -> Any:
+        """*reply*'s message; a peer without object methods is named in a clear error."""
+        try:
+            return await reply
         except RPCError as exc:
             if exc.code == StatusCode.UNIMPLEMENTED:
                 raise TaskError(
