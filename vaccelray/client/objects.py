@@ -347,8 +347,8 @@ class Objects:
         except RPCError as exc:
             if exc.code == StatusCode.UNIMPLEMENTED:
                 raise TaskError(
-                    f"{self.core.address} keeps no objects (a scheduler does not forward them "
-                    "yet): connect to a worker"
+                    f"{self.core.address} keeps no objects (a vaccelray older than objects): "
+                    "upgrade it, or pass values instead of refs"
                 ) from None
             raise
 

@@ -9,6 +9,7 @@ from vaccelray.allocator import keep_heap_for
 from vaccelray.client.errors import (
     AuthenticationError,
     CapabilityError,
+    ObjectLostError,
     TaskCancelledError,
     TaskError,
     TaskTimeoutError,
@@ -55,6 +56,8 @@ def rpc_failure(exc: RPCError, name: str, options: Options) -> BaseException:
         return AuthenticationError(f"{name} refused: {exc.message}")
     if code == StatusCode.CANCELLED:
         return TaskCancelledError(f"{name} was cancelled on the worker", task=name)
+    if code == StatusCode.NOT_FOUND and exc.reason is None:  # an object its arguments name
+        return ObjectLostError(f"{name}: {exc.message}", task=name)
     if code == StatusCode.UNIMPLEMENTED:
         return CapabilityError(f"the server does not run tasks ({exc.message})", task=name)
     return TaskError(f"{name}: {exc}", task=name)

@@ -20,6 +20,7 @@ from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.actors import DEFAULT_MAX_ACTORS_PER_CONNECTION, ActorRouter
 from vaccelray.scheduler.forwarding import AgentForwarder
 from vaccelray.scheduler.health import HealthChecker
+from vaccelray.scheduler.objects import ANY_WORKER, ObjectRouter
 from vaccelray.scheduler.pool import WorkerPool
 from vaccelray.scheduler.registry import DEFAULT_MAX_DISCOVERED, Registry
 from vaccelray.scheduler.sessions import SessionLimits, SessionTable
@@ -172,8 +173,9 @@ async def run_scheduler(
             actors = ActorRouter(
                 pool, tasks, tg, max_actors_per_connection=config.max_actors_per_connection
             )
+            objects = ObjectRouter(pool, functools.partial(tasks.pick, ANY_WORKER, (), ""))
             task_services = protect(
-                [tasks.service(actors.methods()), view.service()],
+                [tasks.service({**actors.methods(), **objects.methods()}), view.service()],
                 TokenCheck(token, hop="scheduler", token_path=token_path),
             )
             with anyio.move_on_after(config.health_timeout + 0.5):

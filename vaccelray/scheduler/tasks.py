@@ -35,6 +35,7 @@ on one worker; the scheduler moves bytes and never unpickles anything.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,7 @@ from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import actors
 from vaccelray.protocol import tasks as wire
+from vaccelray.protocol.objects import worker_of
 from vaccelray.protocol.services import CANCEL, CLASSIFY, REGISTER_FUNCTION, SUBMIT, WORKER, Rpc
 from vaccelray.scheduler.health import AGENT_INFO
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
@@ -105,6 +107,13 @@ def _capable(worker: WorkerRecord, task: Wants) -> bool:
     if task.backend and worker.backend != task.backend:
         return False
     return set(task.ops) <= worker.ops
+
+
+def _holding(task: Wants) -> collections.Counter[str]:
+    """How many of the task's objects (its arguments refer to) each worker instance holds."""
+    ids: tuple[str, ...] = getattr(task, "objects", ())
+    args_object: str = getattr(task, "args_object", "")
+    return collections.Counter(worker_of(i) for i in (*ids, args_object) if i)
 
 
 def _needs(task: Wants) -> str:
@@ -213,15 +222,6 @@ class TaskRouter:
 
     async def _submit(self, payload: bytes, ctx: CallContext) -> bytes:
         task = SUBMIT.request.decode(payload)
-        if task.objects or task.args_object:
-            raise RPCError(
-                StatusCode.FAILED_PRECONDITION,
-                f"task {task.name} refers to objects of a worker's store: a scheduler does not "
-                "forward them yet (connect to the worker)",
-            )
-        if task.keep:  # its client reaches no worker's store through here: results come back
-            task = msgspec.structs.replace(task, keep=0)
-            payload = SUBMIT.request.encode(task)
         function = self.functions.get(task.digest).payload
         key = (ctx.connection_id, task.task_id)
         if key in self.inflight:
@@ -255,6 +255,12 @@ class TaskRouter:
             for w in registry
             if _capable(w, task) and (w.address, w.instance) not in self._no_tasks
         ]
+        holding = _holding(task)
+        if holding:  # the capable worker holding the most of the task's objects, if up
+            for instance, _ in holding.most_common():
+                for w in capable:
+                    if w.instance == instance and w.routable and w.address not in tried:
+                        return w
         excluded = {w.address for w in registry} - {w.address for w in capable}
         worker = self.pool.pick(None, exclude=[*excluded, *tried])
         if worker is not None:

@@ -1,0 +1,97 @@
+"""Objects through a scheduler: each object call goes to the worker holding the object,
+tasks go where their objects are, and an object whose worker died is lost."""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Any
+
+import anyio
+import pytest
+
+import vaccelray
+from tests.processes import Proc
+from tests.test_scheduler_tasks import cluster, doomed_workers, workers  # noqa: F401
+from vaccelray.client.objects import INLINE, Stored
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import objects as wire
+from vaccelray.protocol.services import GET_OBJECT
+from vaccelray.testing import connect_member
+
+pytestmark = pytest.mark.anyio
+
+MIB = 1 << 20
+
+
+@vaccelray.offload
+def where(value: Any) -> tuple[int, int]:
+    """This task's worker (pid) and the size of *value*."""
+    return os.getppid(), len(value)
+
+
+@vaccelray.offload
+def blob(size: int) -> bytes:
+    return b"b" * size
+
+
+async def held_by(address: str, object_id: str) -> bool:
+    async with connect_member(address) as conn:
+        try:
+            await conn.call_rpc(GET_OBJECT, wire.GetObject(object_id, 0, 1, "watcher"))
+        except RPCError as exc:
+            if exc.code != StatusCode.NOT_FOUND:
+                raise
+            return False
+    return True
+
+
+async def holder_of(procs: list[tuple[Proc, str]], object_id: str) -> tuple[Proc, str]:
+    found = [(p, a) for p, a in procs if await held_by(a, object_id)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def test_objects_and_the_tasks_using_them_go_to_their_worker(
+    workers: list[tuple[Proc, str]],  # noqa: F811
+) -> None:
+    async with cluster(workers) as (_, client):
+        ref = await anyio.to_thread.run_sync(client.put, b"p" * (6 * MIB))  # in chunks
+        proc, address = await holder_of(workers, ref.object_id)
+        assert await ref == b"p" * (6 * MIB)
+        for _ in range(4):  # wherever the least loaded is, the task goes to its object
+            assert await client.submit(where, [ref]) == (proc.pid, 1)
+            assert await client.submit(where, ref) == (proc.pid, 6 * MIB)
+        # A result kept on its worker; the next task goes there, and get() fetches it.
+        large = client.submit(blob, 2 * INLINE)
+        await large
+        kept = large._future.result()
+        assert type(kept) is Stored
+        kept_proc, kept_address = await holder_of(workers, kept.object_id)
+        assert await client.submit(where, large) == (kept_proc.pid, 2 * INLINE)
+        assert await large == b"b" * (2 * INLINE)
+        object_id, kept_id = ref.object_id, kept.object_id
+        del ref, large, kept
+        gc.collect()  # released through the scheduler, each on its worker
+
+        async def released() -> bool:
+            return not await held_by(address, object_id) and not await held_by(
+                kept_address, kept_id
+            )
+
+        with anyio.fail_after(60):  # liveness only
+            while not await released():  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+
+
+async def test_an_object_whose_worker_died_is_lost(
+    doomed_workers: list[tuple[Proc, str]],  # noqa: F811
+) -> None:
+    async with cluster(doomed_workers) as (_, client):
+        ref = await anyio.to_thread.run_sync(client.put, b"doomed")
+        proc, _ = await holder_of(doomed_workers, ref.object_id)
+        proc.kill()
+        with pytest.raises(vaccelray.ObjectLostError, match="is lost"):
+            await ref
+        with pytest.raises(vaccelray.ObjectLostError, match="where"):
+            await client.submit(where, ref)

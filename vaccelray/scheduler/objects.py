@@ -1,0 +1,151 @@
+"""The object methods on the scheduler: each call goes to the worker holding the object.
+
+An object id starts with the instance id of the worker holding it
+(:func:`vaccelray.protocol.objects.worker_of`), so the scheduler keeps no
+table of objects: a new object (a put's first chunk) goes to the
+least-loaded healthy worker running tasks, every later call to the worker
+whose instance the id names. Chunks of one put are forwarded in the order
+they arrive (sent at once on the scheduler's connection to that worker, never
+from separate tasks), so a client may keep several in flight. An object whose
+worker is gone (or restarted: a new instance) is NOT_FOUND: the client raises
+``ObjectLostError``.
+
+The worker sees the client's id in each request: the client owns its
+objects there, through the scheduler's connection (a gone client's objects
+are released when the scheduler's connection to the worker closes, after the
+worker's grace period, or when the client releases them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+from typing import Any, Final
+
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import objects as wire
+from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS, Rpc
+from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
+from vaccelray.scheduler.registry import WorkerRecord
+from vaccelray.transport.client import Outcome
+from vaccelray.transport.server import CallContext, Method
+
+__all__ = ["ANY_WORKER", "ObjectRouter", "holder"]
+
+
+@dataclass(frozen=True)
+class _AnyWorker:
+    """What a new object needs of its worker: a task service (``TaskRouter.pick``'s Wants)."""
+
+    name: str = "an object"
+    backend: str = ""
+    ops: tuple[str, ...] = ()
+
+
+ANY_WORKER: Final = _AnyWorker()
+
+
+def holder(pool: WorkerPool, object_id: str) -> WorkerRecord:
+    """The healthy worker holding *object_id*; NOT_FOUND when it is gone."""
+    instance = wire.worker_of(object_id)
+    for record in pool.registry:
+        if instance and record.instance == instance and record.routable:
+            return record
+    raise RPCError(
+        StatusCode.NOT_FOUND,
+        f"object {object_id} is lost: the worker that held it is gone (or restarted)",
+    )
+
+
+class ObjectRouter:
+    """PutObject, GetObject and ReleaseObjects, forwarded to the workers holding the objects."""
+
+    def __init__(self, pool: WorkerPool, pick: Any) -> None:
+        """*pick()* is the worker a new object goes to (raises RPCError when there is none)."""
+        self.pool = pool
+        self._pick = pick
+
+    def methods(self) -> dict[str, Method]:
+        return {
+            PUT_OBJECT.method: Method(self._put, future=True),
+            GET_OBJECT.method: Method(self._get, future=True),
+            RELEASE_OBJECTS.method: Method(self._release),
+        }
+
+    def _put(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+        request = PUT_OBJECT.request.decode(payload)
+        PUT_OBJECT.check(request, 0)
+        if request.object_id:
+            return self._forward(holder(self.pool, request.object_id), PUT_OBJECT, payload, ctx)
+        record: WorkerRecord = self._pick()
+        return asyncio.ensure_future(self._call(record, PUT_OBJECT, payload, ctx))
+
+    def _get(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+        request = GET_OBJECT.request.decode(payload)
+        GET_OBJECT.check(request, 0)
+        return self._forward(holder(self.pool, request.object_id), GET_OBJECT, payload, ctx)
+
+    async def _release(self, payload: bytes, ctx: CallContext) -> bytes:
+        request = RELEASE_OBJECTS.request.decode(payload)
+        RELEASE_OBJECTS.check(request, 0)
+        by_worker: dict[str, list[str]] = collections.defaultdict(list)
+        records = {}
+        for object_id in request.object_ids:
+            try:
+                record = holder(self.pool, object_id)
+            except RPCError:
+                continue  # gone with its worker
+            by_worker[record.address].append(object_id)
+            records[record.address] = record
+        released = 0
+        for address, ids in by_worker.items():
+            forward = wire.ReleaseObjects(tuple(ids), request.client)
+            answer = await self._call(
+                records[address], RELEASE_OBJECTS, RELEASE_OBJECTS.request.encode(forward), ctx
+            )
+            released += RELEASE_OBJECTS.reply.decode(answer).released
+        return RELEASE_OBJECTS.reply.encode(wire.Released(released))
+
+    def _forward(
+        self, record: WorkerRecord, rpc: Rpc[Any, Any], payload: bytes, ctx: CallContext
+    ) -> asyncio.Future[bytes]:
+        """Send *payload* now, on the open connection to *record* (else in a task)."""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def answered(outcome: Outcome) -> None:
+            if future.done():
+                return
+            if isinstance(outcome, WorkerUnavailable):
+                future.set_exception(_lost(outcome))
+            elif isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        call = self.pool.start(
+            record.address, rpc.service, rpc.method, payload, answered, timeout=ctx.time_left()
+        )
+        if call is None:
+            return asyncio.ensure_future(self._call(record, rpc, payload, ctx))
+
+        def abandoned(done: asyncio.Future[bytes]) -> None:
+            if done.cancelled():  # the client went away (or its deadline passed)
+                call.cancel()
+
+        future.add_done_callback(abandoned)
+        return future
+
+    async def _call(
+        self, record: WorkerRecord, rpc: Rpc[Any, Any], payload: bytes, ctx: CallContext
+    ) -> bytes:
+        try:
+            return await self.pool.call(
+                record.address, rpc.service, rpc.method, payload, timeout=ctx.time_left()
+            )
+        except WorkerUnavailable as exc:
+            raise _lost(exc) from exc
+
+
+def _lost(exc: WorkerUnavailable) -> RPCError:
+    return RPCError(StatusCode.NOT_FOUND, f"the worker holding the object is gone: {exc}")
