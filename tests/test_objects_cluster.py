@@ -95,3 +95,30 @@ async def test_an_object_whose_worker_died_is_lost(
             await ref
         with pytest.raises(vaccelray.ObjectLostError, match="where"):
             await client.submit(where, ref)
+
+
+@vaccelray.offload
+def sizes(*values: Any) -> tuple[int, ...]:
+    return tuple(len(v) for v in values)
+
+
+async def test_a_task_reads_objects_of_another_worker_from_it(
+    workers: list[tuple[Proc, str]],  # noqa: F811
+) -> None:
+    (first_proc, first), (second_proc, second) = workers
+    async with cluster(workers) as (_, client):
+        # One object on each worker (put there directly), one task naming both.
+        one = await anyio.to_thread.run_sync(vaccelray.Client, first)
+        two = await anyio.to_thread.run_sync(vaccelray.Client, second)
+        try:
+            a = await anyio.to_thread.run_sync(one.put, b"a" * (3 * MIB))
+            b = await anyio.to_thread.run_sync(two.put, b"b" * 5)
+            c = await anyio.to_thread.run_sync(two.put, b"c" * 7)
+            # It runs where most of them are (the second), reading the first's from there.
+            assert await client.submit(where, [a, b, c]) == (second_proc.pid, 3)
+            assert await client.submit(sizes, a, b, c) == (3 * MIB, 5, 7)
+            assert await client.submit(sizes, a) == (3 * MIB,)
+            assert await client.submit(where, a) == (first_proc.pid, 3 * MIB)
+        finally:
+            await anyio.to_thread.run_sync(one.shutdown)
+            await anyio.to_thread.run_sync(two.shutdown)

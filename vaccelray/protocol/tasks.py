@@ -93,6 +93,9 @@ class Submit(msgspec.Struct, array_like=True, frozen=True):
     #: An object of the worker's store holding the pickled arguments (too large for a
     #: message), instead of ``args``.
     args_object: str = ""
+    #: The addresses of other workers holding ``objects``, by instance id (a scheduler
+    #: adds them): the worker reads those objects from there.
+    sources: dict[str, str] = {}
 
 
 class RemoteError(msgspec.Struct, array_like=True, frozen=True):

@@ -247,6 +247,18 @@ class TaskRouter:
         log.info("Cancelled task %s (%s) before it was sent", task.task_id, task.name)
         raise RPCError(StatusCode.CANCELLED, f"task {task.name} was cancelled")
 
+    def _with_sources(self, task: wire.Submit, payload: bytes, instance: str) -> bytes:
+        """*payload*, naming where the objects the task refers to and *instance* lacks are."""
+        sources = {}
+        for holding in _holding(task):
+            if holding != instance:
+                for record in self.pool.registry:
+                    if record.instance == holding and record.routable:
+                        sources[holding] = record.address
+        if not sources:
+            return payload
+        return SUBMIT.request.encode(msgspec.structs.replace(task, sources=sources))
+
     def pick(self, task: Wants, tried: Sequence[str], last_error: str) -> WorkerRecord:
         """The worker for *task* (or actor), or the RPCError that says why there is none."""
         registry = self.pool.registry
@@ -307,7 +319,13 @@ class TaskRouter:
             worker.placements += 1
             try:
                 return await self.run_on(
-                    worker.address, worker.instance, task, payload, function, flight, ctx
+                    worker.address,
+                    worker.instance,
+                    task,
+                    self._with_sources(task, payload, worker.instance),
+                    function,
+                    flight,
+                    ctx,
                 )
             except WorkerUnavailable as exc:
                 if exc.sent:

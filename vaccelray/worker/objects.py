@@ -30,16 +30,18 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from vaccelray.auth import TokenCheck
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import ConnectError, RPCError, StatusCode
+from vaccelray.membership import Credential, MembershipError
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS
+from vaccelray.transport.client import open_client
 from vaccelray.transport.server import CallContext, Method
 
 __all__ = [
@@ -48,8 +50,10 @@ __all__ = [
     "DEFAULT_MAX_PARTIAL",
     "DEFAULT_OBJECT_DISK",
     "DEFAULT_OBJECT_MEMORY",
+    "Fetch",
     "ObjectLimits",
     "ObjectStore",
+    "fetcher",
     "object_store",
 ]
 
@@ -422,6 +426,49 @@ class ObjectStore:
             GET_OBJECT.method: Method(get, inline=True),
             RELEASE_OBJECTS.method: Method(release, inline=True),
         }
+
+
+#: Reads objects from another worker: its address and their ids -> their bytes by id.
+Fetch = Callable[[str, list[str]], Awaitable[dict[str, bytes]]]
+
+
+def fetcher(token: str | None, max_message_size: int) -> Fetch:
+    """How a worker reads another worker's objects: as a cluster member (proving *token*
+    over TLS, :mod:`vaccelray.membership`), in chunks; NOT_FOUND when one is gone."""
+
+    async def fetch(address: str, object_ids: list[str]) -> dict[str, bytes]:
+        credential = Credential(token)
+        try:
+            conn = await open_client(
+                address,
+                ssl=credential.ssl_for(address),
+                setup=credential.setup_for(address),
+                max_message_size=max_message_size,
+            )
+        except (ConnectError, MembershipError) as exc:
+            raise RPCError(
+                StatusCode.NOT_FOUND, f"the worker holding objects, {address}, is gone: {exc}"
+            ) from exc
+        chunk = max(1, max_message_size - wire.CHUNK_MARGIN)
+        try:
+            found = {}
+            for object_id in object_ids:
+                parts = []
+                offset, size = 0, -1
+                while offset != size:
+                    reply = await conn.call_rpc(
+                        GET_OBJECT,
+                        wire.GetObject(object_id, offset, chunk),
+                        metadata=credential.metadata_for(address),
+                    )
+                    parts.append(reply.data)
+                    offset, size = offset + len(reply.data), reply.size
+                found[object_id] = b"".join(parts)
+            return found
+        finally:
+            await conn.aclose()
+
+    return fetch
 
 
 @contextmanager

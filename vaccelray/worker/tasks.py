@@ -43,6 +43,7 @@ from vaccelray.functions import FunctionCache
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.agent import SERVICE_NAMES
+from vaccelray.protocol.objects import worker_of
 from vaccelray.protocol.services import CANCEL, REGISTER_FUNCTION, SUBMIT, WORKER
 from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.actors import (
@@ -52,8 +53,8 @@ from vaccelray.worker.actors import (
     running_actors,
 )
 from vaccelray.worker.agent import Agent
-from vaccelray.worker.objects import ObjectLimits, ObjectStore, object_store
-from vaccelray.worker.pool import Pool, PoolProcessLost
+from vaccelray.worker.objects import Fetch, ObjectLimits, ObjectStore, fetcher, object_store
+from vaccelray.worker.pool import Pool, PoolProcessLost, _Job
 from vaccelray.worker.poolchild import OK, Done, too_large
 from vaccelray.worker.replies import crashed, outcome_name, outcome_reply
 from vaccelray.worker.sandbox import SandboxConfig, prepare
@@ -100,11 +101,14 @@ class TaskService:
         task_timeout: float = DEFAULT_TASK_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         objects: ObjectStore | None = None,
+        fetch: Fetch | None = None,
     ) -> None:
         """Bounds and the timeout are off when 0; no reply is larger than *max_message_size*.
         Tasks' object arguments come from *objects*, and results asked to be kept go there."""
         self.pool = pool
         self.objects = objects
+        #: Reads objects of another worker (its address, their ids), for tasks naming them.
+        self.fetch = fetch
         self.agent = agent
         self.check = check
         #: Functions (and actor classes) registered, by digest.
@@ -152,9 +156,54 @@ class TaskService:
                 f"unknown session {task.session_id} on this worker",
                 reason=Reason.UNKNOWN_SESSION,
             )
-        args, objects = self._inputs(task, ctx)
+        args, objects, elsewhere = self._inputs(task)
         owner = ctx.connection_id
+        self._check_queue(owner)
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.running[task.task_id] = (reply, task.name)
+        jobs: list[_Job] = []
+
+        def ended(_: object) -> None:
+            # Answered, cancelled (Cancel, deadline, client gone) or shut down: stop the job.
+            current = self.running.get(task.task_id)
+            if current is not None and current[0] is reply:
+                del self.running[task.task_id]
+            for job in jobs:
+                self.pool.abort(job)
+
+        reply.add_done_callback(ended)
+        if not elsewhere:
+            self._run(task, function.pickled, args, objects, reply, owner, jobs)
+            return reply
+
+        async def fetch_then_run() -> None:
+            assert self.fetch is not None
+            try:
+                for address, ids in elsewhere.items():
+                    objects.update(await self.fetch(address, ids))
+            except Exception as exc:
+                if not reply.done():
+                    reply.set_exception(exc)
+                return
+            if not reply.done():
+                given = objects.pop(task.args_object, args)
+                self._run(task, function.pickled, given, objects, reply, owner, jobs)
+
+        fetching = asyncio.ensure_future(fetch_then_run())
+        reply.add_done_callback(lambda _: fetching.cancel())
+        return reply
+
+    def _run(
+        self,
+        task: wire.Submit,
+        function: bytes,
+        args: bytes,
+        objects: dict[str, bytes],
+        reply: asyncio.Future[bytes],
+        owner: int,
+        jobs: list[_Job],
+    ) -> None:
+        """Hand the task to the pool; its outcome settles *reply*."""
 
         def settle(outcome: Done | PoolProcessLost) -> None:
             # Called from the pool's read of its process: an error must not escape.
@@ -170,44 +219,41 @@ class TaskService:
             else:
                 reply.set_result(data)
 
-        self._check_queue(ctx.connection_id)
         try:
-            job = self.pool.submit(
-                task.digest,
-                task.name,
-                function.pickled,
-                args,
-                session_id=task.session_id,
-                on_done=settle,
-                owner=owner,
-                timeout=self.task_timeout or None,
-                objects=objects,
+            jobs.append(
+                self.pool.submit(
+                    task.digest,
+                    task.name,
+                    function,
+                    args,
+                    session_id=task.session_id,
+                    on_done=settle,
+                    owner=owner,
+                    timeout=self.task_timeout or None,
+                    objects=objects,
+                )
             )
         except PoolProcessLost as exc:
             reply.set_result(crashed(exc))
-            return reply
-        self.running[task.task_id] = (reply, task.name)
 
-        def ended(_: object) -> None:
-            # Answered, cancelled (Cancel, deadline, client gone) or shut down: stop the job.
-            current = self.running.get(task.task_id)
-            if current is not None and current[0] is reply:
-                del self.running[task.task_id]
-            self.pool.abort(job)
-
-        reply.add_done_callback(ended)
-        return reply
-
-    def _inputs(self, task: wire.Submit, ctx: CallContext) -> tuple[bytes, dict[str, bytes]]:
-        """The task's pickled arguments and the objects they refer to, from the store."""
+    def _inputs(self, task: wire.Submit) -> tuple[bytes, dict[str, bytes], dict[str, list[str]]]:
+        """The task's pickled arguments, the objects they refer to that this worker holds,
+        and the ids of the others by the address of the worker holding them."""
         if not task.objects and not task.args_object:
-            return task.args, {}
+            return task.args, {}, {}
         store = self.objects
         if store is None:
             raise RPCError(StatusCode.FAILED_PRECONDITION, "this worker keeps no objects")
-        objects = {object_id: store.whole(object_id) for object_id in task.objects}
-        args = store.whole(task.args_object) if task.args_object else task.args
-        return args, objects
+        objects = {}
+        elsewhere: dict[str, list[str]] = {}
+        for object_id in (*task.objects, task.args_object):
+            address = task.sources.get(worker_of(object_id))
+            if address and self.fetch is not None and object_id not in store:
+                elsewhere.setdefault(address, []).append(object_id)
+            elif object_id:
+                objects[object_id] = store.whole(object_id)
+        args = objects.pop(task.args_object, task.args)
+        return args, objects, elsewhere
 
     def _kept(self, task: wire.Submit, outcome: Done | PoolProcessLost, owner: int) -> bytes:
         """The reply naming the result kept in the store, when the task asked for it (else
@@ -406,6 +452,7 @@ async def run_task_service(
                         task_timeout=task_timeout,
                         max_message_size=limit,
                         objects=objects,
+                        fetch=fetcher(token, limit),
                     )
                     more = {**actors.methods(), **objects.methods(check, limit)}
                     yield TaskRuntime(
