@@ -164,8 +164,12 @@ def test_arguments_past_the_message_size_are_put_first(client: vaccelray.Client)
 
 def test_an_object_ref_is_not_pickled_otherwise(client: vaccelray.Client) -> None:
     ref = client.put(1)
-    with pytest.raises(TypeError, match="passed to tasks"):
+    with pytest.raises(TypeError) as caught:
         pickle.dumps(ref)
+    assert str(caught.value) == (
+        "an ObjectRef is passed to tasks (anywhere inside their arguments) or read with "
+        "vaccelray.get(), not pickled otherwise"
+    )
 
 
 def test_dropping_the_last_ref_releases_the_object(client: vaccelray.Client, worker: Proc) -> None:
@@ -229,3 +233,45 @@ def test_results_past_the_message_size_stay_and_are_fetched_in_chunks(
     large = client.submit(blob, 6 * MIB, 2)  # the message size is 4 MiB
     assert client.submit(total, large).result() == 6 * MIB  # never through the client
     assert large.result() == b"\x02" * (6 * MIB)
+
+
+def release_on(worker: Proc, client: vaccelray.Client, object_id: str) -> None:
+    """Release *object_id* on the worker as *client* would (its refs stay alive)."""
+
+    async def release() -> None:
+        conn = await open_client(worker.address)
+        try:
+            request = wire.ReleaseObjects((object_id,), client._core.client_id)
+            assert (await conn.call_rpc(RELEASE_OBJECTS, request)).released == 1
+        finally:
+            await conn.aclose()
+
+    anyio.run(release)
+
+
+@pytest.mark.anyio
+async def test_a_lost_object_raises_when_awaited(client: vaccelray.Client, worker: Proc) -> None:
+    large = client.submit(blob, 2 * INLINE)
+    kept = stored(large)
+    assert kept is not None
+    await anyio.to_thread.run_sync(release_on, worker, client, kept.object_id)
+    with pytest.raises(vaccelray.ObjectLostError, match=r"^blob is lost: object "):
+        await large
+    put = client.put(b"p")
+    await anyio.to_thread.run_sync(release_on, worker, client, put.object_id)
+    with pytest.raises(vaccelray.ObjectLostError, match=r"^this object is lost: object "):
+        await put
+    with pytest.raises(vaccelray.ObjectLostError, match=r"^this object is lost: object "):
+        await anyio.to_thread.run_sync(put.result)
+
+
+def test_a_get_past_its_timeout(client: vaccelray.Client) -> None:
+    ref = client.put(b"x" * (4 * MIB))
+    with pytest.raises(vaccelray.GetTimeoutError) as caught:
+        ref.result(timeout=1e-9)
+    assert str(caught.value) == "this object was not fetched within 1e-09 s"
+    large = client.submit(blob, 2 * INLINE)
+    large.exception()
+    with pytest.raises(vaccelray.GetTimeoutError, match=r"^blob did not finish within"):
+        large.result(timeout=1e-9)  # the fetch did not
+    assert large.result(timeout=60) == b"\x01" * (2 * INLINE)

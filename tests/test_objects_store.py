@@ -196,6 +196,7 @@ def test_fields_at_their_bounds_pass() -> None:
 
 def test_an_id_names_its_worker() -> None:
     assert wire.worker_of("abcd-0123") == "abcd"
+    assert wire.worker_of("ab-cd-ef") == "ab"
     assert wire.worker_of("abcd") == ""
     assert wire.worker_of("abcd-") == ""
 
@@ -260,8 +261,7 @@ async def test_past_memory_objects_spill_to_files_and_stay_readable(small: Serve
     blobs = [payload(400 * KIB, seed) for seed in range(4)]  # 1.6 MiB, past 1 MiB in memory
     async with small.connect() as client:
         ids = [await put(client, blob) for blob in blobs]
-        files = os.listdir(directory)
-        assert len(files) == 2  # the two least recently used
+        assert sorted(os.listdir(directory)) == sorted(ids[:2])  # the least recently used
         for object_id, blob in zip(ids, blobs, strict=True):
             assert await get(client, object_id, chunk=150 * KIB) == blob
         assert await release(client, *ids) == 4
@@ -273,7 +273,7 @@ async def test_an_object_larger_than_memory_goes_to_disk(small: Served) -> None:
     data = payload(MIB + 1)
     async with small.connect() as client:
         object_id = await put(client, data)
-        assert len(os.listdir(directory)) == 1
+        assert os.listdir(directory) == [object_id]
         assert await get(client, object_id) == data
         assert await release(client, object_id) == 1
 
@@ -446,3 +446,48 @@ async def test_a_workers_options_bound_its_store(tmp_path: Path) -> None:
     finally:
         proc.stop()
     assert not await anyio.Path(directory).exists()  # removed on shutdown
+
+
+async def test_the_store_keeps_results_for_their_client(tmp_path: Path) -> None:
+    limits = ObjectLimits(memory=100, disk=100, grace=0.01)
+    with object_store("e" * 16, limits, tmp_path) as store:
+        kept = store.add(b"result", "c1", 7)
+        assert kept in store
+        assert "e" * 16 + "-nothing" not in store
+        assert store.whole(kept) == b"result"
+        assert store.read(kept, 2, 3) == (b"sul", 6)
+        assert store.holds_state(7)  # its client owns objects: keep the connection open
+        assert not store.holds_state(8)
+        assert store.in_grace() == frozenset()
+        store.connection_closed(7)
+        assert store.in_grace() == {"c1"}
+        assert not store.holds_state(7)
+        store.claim("c1", 9)  # back within the grace
+        assert store.in_grace() == frozenset()
+        assert store.holds_state(9)
+        assert store.owner("", 9) == "connection-9"
+        assert store.owner("c1", 9) == "c1"
+        assert store.release("c2", [kept]) == 0  # not its object
+        assert store.release("c1", [kept, "e" * 16 + "-nothing"]) == 1
+        assert kept not in store
+        assert not store.holds_state(9)
+        assert (store.memory_used, store.disk_used) == (0, 0)
+        # Past both budgets: refused, nothing kept.
+        with pytest.raises(RPCError, match="object store full") as caught:
+            store.add(b"x" * 101, "c1", 9)
+        assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert len(store) == 0
+
+
+async def test_the_store_bounds_its_objects(tmp_path: Path) -> None:
+    with object_store("e" * 16, ObjectLimits(max_objects=2, max_partial=1), tmp_path) as store:
+        store.add(b"", "c", 1)
+        store.create(0, "c", 1)
+        with pytest.raises(RPCError, match="2 objects, the limit") as caught:
+            store.add(b"", "c", 1)
+        assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+    with object_store("e" * 16, ObjectLimits(max_partial=1), tmp_path) as store:
+        store.create(0, "c", 1)
+        with pytest.raises(RPCError, match="already sending 1 objects"):
+            store.create(0, "c", 1)
+        store.create(0, "c", 2)  # another connection has its own

@@ -27,7 +27,7 @@ import operator
 import pickle
 import threading
 import weakref
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -104,6 +104,7 @@ class ObjectRef(Generic[R]):
         return self._objects.value_sync(self.object_id, "this object", timeout)  # type: ignore[no-any-return]
 
     def __await__(self) -> Generator[Any, None, R]:
+        """The value, in asyncio code."""
         return self._objects.value_async(self.object_id, "this object").__await__()
 
 
@@ -367,20 +368,9 @@ class Objects:
             raise GetTimeoutError(f"{name} was not fetched within {timeout or 0:g} s") from None
         return loads(data, name)
 
-    async def _in_loop(self, work: Any) -> Any:
-        loop = self.core.loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            return await work
-        future = asyncio.run_coroutine_threadsafe(work, loop)
-        if running is None:  # another async library: wait in a thread
-            import anyio.to_thread
-
-            return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
-        return await asyncio.wrap_future(future)
+    async def _in_loop(self, work: Coroutine[Any, Any, Any]) -> Any:
+        """Await *work* on the client's loop from asyncio code on another (or the same) loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.core.loop))
 
 
 def dumps(value: object) -> bytes:

@@ -122,10 +122,6 @@ class ObjectStore:
     def __contains__(self, object_id: object) -> bool:
         return object_id in self._objects
 
-    def spilled(self) -> int:
-        """Objects held in files."""
-        return sum(1 for o in self._objects.values() if o.path is not None)
-
     # -- clients -----------------------------------------------------------------
 
     @staticmethod
@@ -197,18 +193,21 @@ class ObjectStore:
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"this connection is already sending {len(partial)} objects, the limit",
             )
-        obj = self._place(size)
+        object_id = self._new_id()
+        obj = self._place(object_id, size)
         obj.sender = connection_id
-        object_id = self._admit(obj, client, connection_id)
+        self._admit(object_id, obj, client, connection_id)
         self._partial.setdefault(connection_id, set()).add(object_id)
         return object_id
 
     def add(self, data: bytes, client: str, connection_id: int) -> str:
         """A sealed object holding *data* (a task's result) owned by *client*; its id."""
-        obj = self._place(len(data))
+        object_id = self._new_id()
+        obj = self._place(object_id, len(data))
         self._write(obj, 0, data)
         obj.received = obj.size
-        return self._admit(obj, client, connection_id)
+        self._admit(object_id, obj, client, connection_id)
+        return object_id
 
     def append(self, object_id: str, offset: int, data: bytes, final: bool) -> int:
         """Write a chunk of an unsealed object; seal it when *final*. Bytes received."""
@@ -253,9 +252,6 @@ class ObjectStore:
         """A sealed object's bytes."""
         return self.read(object_id, 0, self._sealed(object_id).size)[0]
 
-    def size_of(self, object_id: str) -> int:
-        return self._sealed(object_id).size
-
     def _sealed(self, object_id: str) -> _Object:
         obj = self._objects.get(object_id)
         if obj is None or obj.sender:
@@ -299,8 +295,9 @@ class ObjectStore:
             f"{size} more; raise --object-disk or release refs",
         )
 
-    def _place(self, size: int) -> _Object:
-        """An object of *size* bytes with its room: in memory (spilling others), else on disk."""
+    def _place(self, object_id: str, size: int) -> _Object:
+        """Object *object_id* of *size* bytes with its room: in memory (spilling others),
+        else in a file (named by its id, as spill files are)."""
         if len(self._objects) >= self.limits.max_objects:
             raise RPCError(
                 StatusCode.RESOURCE_EXHAUSTED,
@@ -319,7 +316,7 @@ class ObjectStore:
                 return _Object(size, bytearray(size))
         if self.disk_used + size > limits.disk:
             raise self._full(size)
-        path = self.directory / secrets.token_hex(16)
+        path = self.directory / object_id
         with path.open("wb") as f:
             f.truncate(size)
         self.disk_used += size
@@ -337,13 +334,12 @@ class ObjectStore:
     def _spill(self, object_id: str) -> None:
         obj = self._objects[object_id]
         assert obj.data is not None
-        path = self.directory / secrets.token_hex(16)
+        path = self.directory / object_id
         with path.open("wb") as f:
             f.write(obj.data)
         obj.data, obj.path = None, path
         self.memory_used -= obj.size
         self.disk_used += obj.size
-        log.debug("Spilled object %s (%d bytes) to disk", object_id, obj.size)
 
     def _write(self, obj: _Object, offset: int, data: bytes) -> None:
         if obj.data is not None:
@@ -354,13 +350,11 @@ class ObjectStore:
             f.seek(offset)
             f.write(data)
 
-    def _admit(self, obj: _Object, client: str, connection_id: int) -> str:
-        object_id = self._new_id()
+    def _admit(self, object_id: str, obj: _Object, client: str, connection_id: int) -> None:
         self._objects[object_id] = obj
         obj.owners.add(client)
         self._owned.setdefault(client, set()).add(object_id)
         self.claim(client, connection_id)
-        return object_id
 
     def _unsent(self, obj: _Object, object_id: str) -> None:
         """*object_id* is no longer being sent (sealed or dropped)."""
