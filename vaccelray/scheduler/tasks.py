@@ -109,10 +109,13 @@ def _capable(worker: WorkerRecord, task: Wants) -> bool:
     return set(task.ops) <= worker.ops
 
 
-def _holding(task: Wants) -> collections.Counter[str]:
-    """How many of the task's objects (its arguments refer to) each worker instance holds."""
+def _holding(task: Wants) -> collections.Counter[str] | None:
+    """How many of the task's objects (its arguments refer to) each worker instance holds;
+    None when it refers to none (most tasks: nothing to count)."""
     ids: tuple[str, ...] = getattr(task, "objects", ())
     args_object: str = getattr(task, "args_object", "")
+    if not ids and not args_object:
+        return None
     return collections.Counter(worker_of(i) for i in (*ids, args_object) if i)
 
 
@@ -249,8 +252,11 @@ class TaskRouter:
 
     def _with_sources(self, task: wire.Submit, payload: bytes, instance: str) -> bytes:
         """*payload*, naming where the objects the task refers to and *instance* lacks are."""
+        holding_workers = _holding(task)
+        if holding_workers is None:
+            return payload
         sources = {}
-        for holding in _holding(task):
+        for holding in holding_workers:
             if holding != instance:
                 for record in self.pool.registry:
                     if record.instance == holding and record.routable:
