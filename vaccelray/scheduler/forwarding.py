@@ -31,7 +31,12 @@ from vaccelray.auth import ExecPolicy
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import unknown_resource
-from vaccelray.protocol.fields import FieldError, read_varint_field, with_varint_field
+from vaccelray.protocol.fields import (
+    FieldError,
+    VarintField,
+    find_varint_field,
+    replace_varint_field,
+)
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.services import (
     AGENT,
@@ -122,18 +127,20 @@ class AgentForwarder:
                 if loads_library is not None and loads_library(request):
                     policy.check(ctx, f"{rpc.method} (exec)")
             try:
-                session_id = read_varint_field(payload, field)
-                resource_id = (
-                    read_varint_field(payload, resource_field) if resource_field is not None else 0
+                session_id = find_varint_field(payload, field)
+                resource = (
+                    find_varint_field(payload, resource_field)
+                    if resource_field is not None
+                    else None
                 )
             except FieldError as exc:
                 raise RPCError(
                     StatusCode.INVALID_ARGUMENT, f"undecodable {rpc.request.name}: {exc}"
                 ) from exc
-            session = table.get(session_id)
-            if resource_field is not None and resource_id not in session.resources:
-                raise unknown_resource(resource_id, rpc.resource_noun)
-            call = _Forward(self, rpc, session, payload, ctx, resource_id)
+            session = table.get(session_id.value)
+            if resource is not None and resource.value not in session.resources:
+                raise unknown_resource(resource.value, rpc.resource_noun)
+            call = _Forward(self, rpc, session, payload, ctx, session_id, resource)
             call.start()
             return call
 
@@ -205,11 +212,15 @@ class _Forward(asyncio.Future[bytes]):
         session: RoutedSession,
         payload: bytes,
         ctx: CallContext,
-        resource_id: int = 0,
+        session_field: VarintField,
+        resource: VarintField | None = None,
     ) -> None:
         super().__init__(loop=asyncio.get_running_loop())
-        #: The scheduler's id of the resource (model) the call names, if it names one.
-        self.resource_id = resource_id
+        #: Where the request has the session id, and the resource (model) id if it names one.
+        self.session_field = session_field
+        self.resource = resource
+        #: The scheduler's id of that resource (0: none).
+        self.resource_id = resource.value if resource is not None else 0
         self.forwarder = forwarder
         self.rpc = rpc
         self.session = session
@@ -227,15 +238,17 @@ class _Forward(asyncio.Future[bytes]):
 
     def _rewrite(self, binding: Binding) -> bytes:
         """The request for *binding*'s worker: its session id, and its id of the resource."""
-        rpc = self.rpc
-        assert rpc.session_field is not None
-        payload = with_varint_field(self.payload, rpc.session_field, binding.worker_session)
-        if rpc.resource_field is None:
-            return payload
-        worker_id = self.forwarder.table.worker_resource(self.resource_id, binding)
+        resource = self.resource
+        if resource is None:
+            return replace_varint_field(self.payload, self.session_field, binding.worker_session)
+        worker_id = self.forwarder.table.worker_resource(resource.value, binding)
         if worker_id is None:  # unregistered meanwhile
-            raise unknown_resource(self.resource_id, rpc.resource_noun)
-        return with_varint_field(payload, rpc.resource_field, worker_id)
+            raise unknown_resource(resource.value, self.rpc.resource_noun)
+        payload = replace_varint_field(self.payload, resource, worker_id)
+        # The resource field was rewritten first: the session field is found again.
+        return replace_varint_field(
+            payload, find_varint_field(payload, self.session_field.number), binding.worker_session
+        )
 
     def start(self) -> None:
         table = self.forwarder.table
