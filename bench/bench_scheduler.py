@@ -17,6 +17,12 @@ direct and the scheduled figure of each pair.
 3. Scale-out: workers that run one call at a time (``--slots 1``), 5 ms per
    call, 8 in flight through the scheduler: 3 workers vs 1 (target >= 2.5x).
 
+With ``--relay-floor``, also the floor of any asyncio relay: a process that
+only copies bytes between the client's connection and one of its own to the
+worker (plaintext, no frame parsed), measured beside the scheduler in the
+same run, its rate against direct and its CPU per call against the worker's.
+What the scheduler does above that floor is its own cost.
+
 4. ``--membership-ab TREE``: the cost of TLS and the membership proof on the
    task path. Task round trips (a no-op task, *in-flight* at a time, through
    the scheduler to one worker, all over TCP with a token file) with this
@@ -25,7 +31,7 @@ direct and the scheduled figure of each pair.
    first of each pair alternating); the median of the pairs' ratios, target
    >= 0.9.
 
-    python bench/bench_scheduler.py [--duration 3] [--in-flight 8] [--json]
+    python bench/bench_scheduler.py [--duration 3] [--in-flight 8] [--relay-floor] [--json]
     python bench/bench_scheduler.py --membership-ab /tmp/base [--pairs 5]
 """
 
@@ -159,6 +165,49 @@ def go_session_mix(peer: Path, address: str, in_flight: int, duration: float) ->
     return float(result["calls_per_s"])
 
 
+#: The relay floor: copies bytes both ways, one worker connection per client connection.
+#: Argument as a daemon's: ``-a tcp://127.0.0.1:PORT`` (then the worker's address).
+RELAY = """
+import asyncio, socket, sys
+port = int(sys.argv[sys.argv.index("-a") + 1].rsplit(":", 1)[1])
+worker_host, worker_port = sys.argv[1].removeprefix("tcp://").rsplit(":", 1)
+READS = memoryview(bytearray(256 << 10))  # one read buffer, as the daemons have
+
+class Pipe(asyncio.BufferedProtocol):
+    def __init__(self):
+        self.peer, self.transport, self.held = None, None, []
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def get_buffer(self, sizehint):
+        return READS
+    def buffer_updated(self, nbytes):
+        data = READS[:nbytes].tobytes()
+        if self.peer is None:
+            self.held.append(data)
+        else:
+            self.peer.transport.write(data)
+    def connection_lost(self, exc):
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+        self.transport = None
+
+async def main():
+    loop = asyncio.get_running_loop()
+    def accepted():
+        down = Pipe()
+        async def link():
+            _, up = await loop.create_connection(Pipe, worker_host, int(worker_port))
+            up.peer, down.peer = down, up
+            up.transport.write(b"".join(down.held))
+        loop.create_task(link())
+        return down
+    server = await loop.create_server(accepted, "127.0.0.1", port)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
 #: The task load of part 4, run by the interpreter of the tree measured.
 TASK_LOAD = """
 import sys, time, vaccelray
@@ -261,6 +310,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--relay-floor", action="store_true", help="also the floor: a relay copying bytes"
+    )
     parser.add_argument("--membership-ab", type=Path, metavar="TREE", help="part 4 only")
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs of part 4")
     args = parser.parse_args()
@@ -289,6 +341,17 @@ def main() -> None:
         figures["cpu_us_per_call_scheduler"] = spent[1] / calls * 1e6
         ratios["noop_classify"] = calls / d / figures["noop_classify_direct"]
         ratios["cpu_per_call_scheduler_vs_worker"] = spent[1] / spent[0]
+        if args.relay_floor:
+            relay = [sys.executable, "-c", RELAY, waddr]
+            with daemon(relay) as (floor, faddr):
+                before = cpu_seconds(worker.pid), cpu_seconds(floor.pid)
+                calls = classify_load(faddr, n, d) * d
+                spent = cpu_seconds(worker.pid) - before[0], cpu_seconds(floor.pid) - before[1]
+            figures["noop_classify_relay_floor"] = calls / d
+            figures["cpu_us_per_call_relay_floor"] = spent[1] / calls * 1e6
+            figures["cpu_us_per_call_worker_behind_floor"] = spent[0] / calls * 1e6
+            ratios["relay_floor_classify"] = calls / d / figures["noop_classify_direct"]
+            ratios["cpu_per_call_relay_floor_vs_worker"] = spent[1] / spent[0]
         if peer is not None:
             figures["noop_go_session_mix_direct"] = go_session_mix(peer, waddr, n, d)
             figures["noop_go_session_mix_scheduler"] = go_session_mix(peer, saddr, n, d)
@@ -316,12 +379,28 @@ def main() -> None:
     ratios["scaleout_3_vs_1"] = figures["scaleout_3_workers"] / figures["scaleout_1_workers"]
 
     if args.json:
-        print(json.dumps({"in_flight": n, "duration": d, "figures": figures, "ratios": ratios}))
+        print(
+            json.dumps(
+                {
+                    "in_flight": n,
+                    "duration": d,
+                    "figures": figures,
+                    "ratios": ratios,
+                    "loadavg": os.getloadavg(),
+                }
+            )
+        )
         return
-    print(f"{n} in flight, {d:g} s each, noop worker unless said (calls/s; CPU µs/call)")
+    print(
+        f"{n} in flight, {d:g} s each, noop worker unless said (calls/s; CPU µs/call); "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     for name, value in figures.items():
         print(f"  {name:32s} {value:9.1f}")
     for name, value in ratios.items():
+        if name not in TARGETS:  # the relay floor's: what no relay does better
+            print(f"  {name:32s} {value:9.2f}x")
+            continue
         op, target = TARGETS[name]
         met = value >= target if op == ">=" else value <= target
         print(f"  {name:32s} {value:9.2f}x  (target {op} {target}: {'ok' if met else 'MISSED'})")

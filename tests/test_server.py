@@ -7,7 +7,7 @@ import os
 import random
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
@@ -17,6 +17,7 @@ from vaccelray.errors import ConnectError, Reason, RPCError, StatusCode
 from vaccelray.protocol import ClientConnection, FrameType, ResponseReceived, encode_frame
 from vaccelray.transport import CallContext, Method, Server, Service, connect, serve
 from vaccelray.transport.endpoints import parse_endpoint
+from vaccelray.transport.server import Answer
 
 pytestmark = pytest.mark.anyio
 
@@ -314,33 +315,74 @@ def test_worker_process_exits_zero_on_sigterm_and_sigint() -> None:
 
 
 class Futures:
-    """A service of *future* handlers whose futures the test settles by hand."""
+    """A service of handlers whose answers the test settles by hand, through futures:
+    ``Later`` is a *future* handler, ``Relay`` a *callback* handler whose work
+    answers when its future is settled (and cancels it when cancelled)."""
 
-    def __init__(self) -> None:
+    def __init__(self, method: str = "Later") -> None:
+        #: The method the tests call.
+        self.method = method
         self.pending: list[asyncio.Future[bytes]] = []
         self.started = anyio.Event()
 
+    def _future(self, payload: bytes) -> asyncio.Future[bytes]:
+        if payload == b"refuse":
+            raise RPCError(StatusCode.FAILED_PRECONDITION, "refused at once")
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        self.started.set()
+        return future
+
     def services(self) -> list[Service]:
         def later(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
-            if payload == b"refuse":
-                raise RPCError(StatusCode.FAILED_PRECONDITION, "refused at once")
-            future = asyncio.get_running_loop().create_future()
-            self.pending.append(future)
-            self.started.set()
-            return future
+            return self._future(payload)
 
-        return [Service("test.Later", {"Later": Method(later, future=True)})]
+        def relay(payload: bytes, ctx: CallContext) -> FutureWork:
+            return FutureWork(self._future(payload), payload)
+
+        methods = {"Later": Method(later, future=True), "Relay": Method(relay, callback=True)}
+        return [Service("test.Later", methods)]
 
     async def next_started(self) -> asyncio.Future[bytes]:
-        with liveness("a Later call started"):
+        with liveness("a call started"):
             await self.started.wait()
         self.started = anyio.Event()
         return self.pending[-1]
 
 
-@pytest.fixture
-async def futures() -> AsyncIterator[tuple[Server, Futures]]:
-    handlers = Futures()
+class FutureWork:
+    """The work of a *callback* handler: it answers what its future holds.
+
+    Started with the payload ``now`` it answers within ``start``; with
+    ``raise`` its ``start`` raises; with ``stubborn`` a cancel does not stop it.
+    """
+
+    def __init__(self, future: asyncio.Future[bytes], payload: bytes) -> None:
+        self.future = future
+        self.payload = payload
+
+    def start(self, done: Callable[[Answer], None]) -> None:
+        if self.payload == b"now":
+            done(b"answered within start")
+            return
+        if self.payload == b"raise":
+            raise RPCError(StatusCode.ABORTED, "start failed")
+
+        def settle(future: asyncio.Future[bytes]) -> None:
+            if not future.cancelled():  # else the server cancelled the work
+                exc = future.exception()
+                done(future.result() if exc is None else exc)
+
+        self.future.add_done_callback(settle)
+
+    def cancel(self) -> None:
+        if self.payload != b"stubborn":  # a work that goes on, and answers, when cancelled
+            self.future.cancel()
+
+
+@pytest.fixture(params=["Later", "Relay"])
+async def futures(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Server, Futures]]:
+    handlers = Futures(request.param)
     async with serve(handlers.services(), ["tcp://127.0.0.1:0"]) as srv:
         yield srv, handlers
 
@@ -354,7 +396,7 @@ async def test_future_handler_answers_with_its_result_or_error(
 
         async def call(payload: bytes) -> None:
             try:
-                answers.append(await client.call("test.Later", "Later", payload))
+                answers.append(await client.call("test.Later", handlers.method, payload))
             except RPCError as exc:
                 answers.append(exc)
 
@@ -389,7 +431,7 @@ async def test_future_handler_is_cancelled_at_its_deadline(futures: tuple[Server
 
         async def call() -> None:
             with pytest.raises(RPCError) as info:
-                await client.call("test.Later", "Later", b"", timeout=0.2)
+                await client.call("test.Later", handlers.method, b"", timeout=0.2)
             assert info.value.code == StatusCode.DEADLINE_EXCEEDED
 
         tg.start_soon(call)
@@ -405,11 +447,11 @@ async def test_future_handler_deadline_answers_deadline_exceeded(
 ) -> None:
     srv, handlers = futures
     stream, _ = await raw_call(
-        srv.addresses[0], request(1, "test.Later", "Later", b"", timeout_nano=200_000_000)
+        srv.addresses[0], request(1, "test.Later", handlers.method, b"", timeout_nano=200_000_000)
     )
     response = await read_response(stream, 1)
     assert response.code == StatusCode.DEADLINE_EXCEEDED
-    assert response.message == "Later exceeded its deadline"
+    assert response.message == f"{handlers.method} exceeded its deadline"
     assert handlers.pending[-1].cancelled()
     await stream.aclose()
 
@@ -418,7 +460,7 @@ async def test_future_handler_is_cancelled_when_the_client_disconnects(
     futures: tuple[Server, Futures],
 ) -> None:
     srv, handlers = futures
-    stream, _ = await raw_call(srv.addresses[0], request(1, "test.Later", "Later", b""))
+    stream, _ = await raw_call(srv.addresses[0], request(1, "test.Later", handlers.method, b""))
     future = await handlers.next_started()
     await stream.aclose()
     with liveness("the future cancelled on disconnect"):
@@ -427,8 +469,9 @@ async def test_future_handler_is_cancelled_when_the_client_disconnects(
     assert srv.inflight == 0
 
 
-async def test_shutdown_cancels_future_calls_past_the_grace_period() -> None:
-    handlers = Futures()
+@pytest.mark.parametrize("method", ["Later", "Relay"])
+async def test_shutdown_cancels_future_calls_past_the_grace_period(method: str) -> None:
+    handlers = Futures(method)
     async with (
         serve(handlers.services(), ["tcp://127.0.0.1:0"]) as srv,
         connect(srv.addresses[0]) as client,
@@ -437,9 +480,9 @@ async def test_shutdown_cancels_future_calls_past_the_grace_period() -> None:
 
         async def call() -> None:
             with pytest.raises(RPCError) as info:
-                await client.call("test.Later", "Later", b"")
+                await client.call("test.Later", method, b"")
             assert info.value.code == StatusCode.UNAVAILABLE
-            assert info.value.message == "Later stopped: the server is shutting down"
+            assert info.value.message == f"{method} stopped: the server is shutting down"
             assert info.value.reason is Reason.SHUTTING_DOWN
 
         tg.start_soon(call)
@@ -447,6 +490,36 @@ async def test_shutdown_cancels_future_calls_past_the_grace_period() -> None:
         with liveness("shutdown with a 0.2 s grace period"):
             await srv.shutdown(0.2)
         assert future.cancelled()
+        assert srv.inflight == 0
+
+
+async def test_callback_work_may_answer_or_raise_within_start() -> None:
+    handlers = Futures("Relay")
+    async with (
+        serve(handlers.services(), ["tcp://127.0.0.1:0"]) as srv,
+        connect(srv.addresses[0]) as client,
+    ):
+        assert await client.call("test.Later", "Relay", b"now") == b"answered within start"
+        with pytest.raises(RPCError) as info:
+            await client.call("test.Later", "Relay", b"raise")
+        assert (info.value.code, info.value.message) == (StatusCode.ABORTED, "start failed")
+        assert srv.inflight == 0
+
+
+async def test_callback_work_answering_after_its_deadline_is_not_answered_twice() -> None:
+    handlers = Futures("Relay")
+    async with serve(handlers.services(), ["tcp://127.0.0.1:0"]) as srv:
+        stream, _ = await raw_call(
+            srv.addresses[0],
+            request(1, "test.Later", "Relay", b"stubborn", timeout_nano=100_000_000),
+        )
+        assert (await read_response(stream, 1)).code == StatusCode.DEADLINE_EXCEEDED
+        assert srv.inflight == 0
+        handlers.pending[-1].set_result(b"late")  # its cancel did not stop it
+        await stream.send(request(3, "test.Later", "Relay", b"now"))
+        assert (await read_response(stream, 3)).payload == b"answered within start"
+        assert srv.inflight == 0
+        await stream.aclose()
 
 
 async def test_a_call_started_just_before_close_still_leaves(

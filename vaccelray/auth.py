@@ -43,10 +43,10 @@ import secrets
 import ssl
 import stat
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from vaccelray.errors import RPCError, StatusCode, VaccelrayError
 from vaccelray.transport.endpoints import TcpEndpoint, UnixEndpoint, parse_endpoint
@@ -309,20 +309,18 @@ def protect(services: Sequence[Service], check: TokenCheck) -> list[Service]:
 
 def _guarded(method: Method, check: TokenCheck) -> Method:
     handler = method.handler
-    if method.inline or method.future:
-        # Both run on the loop as plain functions: check, then pass on what the
-        # handler returns (the answer, or the future of it), keeping the kind.
+    if method.inline or method.future or method.callback:
+        # All run on the loop as plain functions: check, then pass on what the
+        # handler returns (the answer, its future, its work), keeping the kind.
         def on_loop(payload: bytes, ctx: CallContext) -> Any:
             check.check(ctx)
             return handler(payload, ctx)
 
-        return Method(on_loop, inline=method.inline, future=method.future)
+        return replace(method, handler=on_loop)
 
     async def guarded(payload: bytes, ctx: CallContext) -> bytes:
         check.check(ctx)
-        result = handler(payload, ctx)
-        assert not isinstance(result, bytes)
-        return await result
+        return await cast(Awaitable[bytes], handler(payload, ctx))
 
     return Method(guarded)
 

@@ -15,6 +15,7 @@ against the generated code with hypothesis.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Final
 
@@ -106,8 +107,16 @@ def _payload_span(body: bytes) -> tuple[int, int, int] | None:
     return found
 
 
+#: The tag of each length-delimited field of the envelope (numbers 1 to 5)...
+_TAGS: Final = tuple(bytes(((number << 3) | _WIRE_LEN,)) for number in range(6))
+#: ...and with each one-byte length after it: most prefixes are made once.
+_SHORT_PREFIXES: Final = tuple(tuple(tag + bytes((n,)) for n in range(0x80)) for tag in _TAGS)
+
+
 def _len_prefix(number: int, size: int) -> bytes:
-    return bytes(((number << 3) | _WIRE_LEN,)) + encode_varint(size)
+    if size < 0x80:
+        return _SHORT_PREFIXES[number][size]
+    return _TAGS[number] + encode_varint(size)
 
 
 def _len_field(number: int, value: bytes) -> bytes:
@@ -115,6 +124,17 @@ def _len_field(number: int, value: bytes) -> bytes:
     if not value:
         return b""
     return _len_prefix(number, len(value)) + value
+
+
+@functools.lru_cache(maxsize=64)
+def _names(service: str, method: str) -> bytes:
+    """The service and method fields of a request (a client calls a few methods, often)."""
+    return _len_field(1, service.encode()) + _len_field(2, method.encode())
+
+
+@functools.lru_cache(maxsize=64)
+def _key_field(key: str) -> bytes:
+    return _len_field(1, key.encode())
 
 
 def request_parts(
@@ -125,13 +145,13 @@ def request_parts(
     metadata: Sequence[tuple[str, str]] = (),
 ) -> list[bytes]:
     """:func:`encode_request` as parts to join, the payload among them as it is."""
-    parts = [_len_field(1, service.encode()), _len_field(2, method.encode())]
+    parts = [_names(service, method)]
     if payload:
         parts += (_len_prefix(3, len(payload)), payload)
     if timeout_nano:
         parts.append(b"\x20" + encode_varint(timeout_nano))
     for key, value in metadata:
-        entry = _len_field(1, key.encode()) + _len_field(2, value.encode())
+        entry = _key_field(key) + _len_field(2, value.encode())
         # an all-default entry is still an element of the list
         parts.append(_len_field(5, entry) if entry else b"\x2a\x00")
     return parts

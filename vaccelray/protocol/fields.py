@@ -11,9 +11,18 @@ the last was. Bytes that are not a protobuf message raise
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NamedTuple
 
-__all__ = ["FieldError", "decode_varint", "encode_varint", "read_varint_field", "with_varint_field"]
+__all__ = [
+    "FieldError",
+    "VarintField",
+    "decode_varint",
+    "encode_varint",
+    "find_varint_field",
+    "read_varint_field",
+    "replace_varint_field",
+    "with_varint_field",
+]
 
 _VARINT: Final = 0
 _FIXED64: Final = 1
@@ -54,14 +63,32 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _spans(data: bytes, number: int) -> tuple[list[tuple[int, int]], int | None]:
-    """(start, end) of each occurrence of varint field *number*, and the last one's value."""
+class VarintField(NamedTuple):
+    """Where a varint field is in one encoded message (see :func:`find_varint_field`)."""
+
+    number: int
+    #: Its value as an int64 (0 when absent, as proto3 reads it).
+    value: int
+    #: (start, end) of each occurrence, in order.
+    spans: tuple[tuple[int, int], ...]
+
+
+def find_varint_field(data: bytes, number: int) -> VarintField:
+    """Varint field *number* of *data*: its value and where it is, in one walk.
+
+    Keys below 0x80 (fields 1 to 15) are read inline: the walk of a small
+    request makes a call or two, not one per varint.
+    """
     spans: list[tuple[int, int]] = []
-    value: int | None = None
+    value = 0
     pos, size = 0, len(data)
     while pos < size:
         start = pos
-        key, pos = decode_varint(data, pos)
+        key = data[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = decode_varint(data, pos)
         field, wire_type = key >> 3, key & 7
         if field == 0:
             raise FieldError("field number 0")
@@ -70,7 +97,8 @@ def _spans(data: bytes, number: int) -> tuple[list[tuple[int, int]], int | None]
             if field == number:
                 spans.append((start, pos))
                 value = found
-        elif wire_type == _LEN:
+            continue
+        if wire_type == _LEN:
             length, pos = decode_varint(data, pos)
             pos += length
         elif wire_type == _FIXED64:
@@ -81,33 +109,38 @@ def _spans(data: bytes, number: int) -> tuple[list[tuple[int, int]], int | None]
             raise FieldError(f"unsupported wire type {wire_type}")
         if pos > size:
             raise FieldError("truncated field")
-        if field == number and wire_type != _VARINT:
+        if field == number:
             raise FieldError(f"field {number} is not a varint")
-    return spans, value
+    if value >= 1 << 63:
+        value -= _UINT64
+    return VarintField(number, value, tuple(spans))
 
 
 def read_varint_field(data: bytes, number: int) -> int:
     """The value of varint field *number* as an int64 (0 when absent, as proto3 reads it)."""
-    value = _spans(data, number)[1]
-    if value is None:
-        return 0
-    return value - _UINT64 if value >= 1 << 63 else value
+    return find_varint_field(data, number).value
+
+
+def replace_varint_field(data: bytes, found: VarintField, value: int) -> bytes:
+    """*data*, where *found* was read, with that field set to *value* (left out when 0).
+
+    The new field takes the place of the last occurrence (or goes at the end),
+    so a message protobuf wrote keeps its field order; the rest is copied once.
+    """
+    field = encode_varint(found.number << 3 | _VARINT) + encode_varint(value) if value else b""
+    spans = found.spans
+    if not spans:
+        return data + field
+    view = memoryview(data)
+    parts: list[bytes | memoryview] = []
+    pos = 0
+    for start, end in spans:
+        parts.append(view[pos:start])
+        pos = end
+    parts += (field, view[pos:])
+    return b"".join(parts)
 
 
 def with_varint_field(data: bytes, number: int, value: int) -> bytes:
-    """*data* with varint field *number* set to *value* (left out when 0, as proto3 writes it).
-
-    The new field takes the place of the last occurrence (or goes at the end),
-    so a message protobuf wrote keeps its field order.
-    """
-    spans, _ = _spans(data, number)
-    field = encode_varint(number << 3 | _VARINT) + encode_varint(value) if value else b""
-    if not spans:
-        return data + field
-    parts = []
-    pos = 0
-    for start, end in spans:
-        parts.append(data[pos:start])
-        pos = end
-    parts += (field, data[pos:])
-    return b"".join(parts)
+    """*data* with varint field *number* set to *value* (see :func:`replace_varint_field`)."""
+    return replace_varint_field(data, find_varint_field(data, number), value)

@@ -7,9 +7,10 @@ Every other session-bound method is forwarded as it is: its declared
 session field is rewritten to the worker's session id in the encoded bytes
 (images and tensors are not decoded), and so is its declared resource
 field (a model id) to the worker's id of that resource, and the call is started on the
-worker's open connection from the loop, its answer passed back through a
-future: no task per call (creating and destroying a session take none
-either, when the worker's connection is open). Only when that cannot be
+worker's open connection from the loop, its answer passed back to the
+server's callback (a *callback* method): no future and no task per call
+(creating and destroying a session take no task either, when the
+worker's connection is open). Only when that cannot be
 done (no binding, no connection) or the worker says it lost the session
 does the call take the slower path that re-creates the session elsewhere
 (:meth:`SessionTable.run`). A method added to the declaration with a
@@ -31,7 +32,12 @@ from vaccelray.auth import ExecPolicy
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
 from vaccelray.protocol.agent import unknown_resource
-from vaccelray.protocol.fields import FieldError, read_varint_field, with_varint_field
+from vaccelray.protocol.fields import (
+    FieldError,
+    VarintField,
+    find_varint_field,
+    replace_varint_field,
+)
 from vaccelray.protocol.frames import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol.services import (
     AGENT,
@@ -48,12 +54,11 @@ from vaccelray.scheduler.sessions import (
     Binding,
     RoutedSession,
     SessionTable,
-    follow,
     session_lost,
     worker_lost,
 )
 from vaccelray.transport.client import Outcome
-from vaccelray.transport.server import CallContext, Method, Service
+from vaccelray.transport.server import Answer, CallContext, Method, Service
 
 __all__ = ["OPS_METADATA_KEY", "AgentForwarder"]
 
@@ -98,16 +103,14 @@ class AgentForwarder:
             if method is not None:
                 methods[rpc.method] = method
             elif rpc.session_field is not None:
-                methods[rpc.method] = Method(self._forwarder(rpc), future=True)
+                methods[rpc.method] = Method(self._forwarder(rpc), callback=True)
             else:
                 raise AssertionError(f"no way to route {rpc.method}: it names no session")
         return [Service(name, methods) for name in AGENT.names]
 
     # -- forwarded as they are ----------------------------------------------------------
 
-    def _forwarder(
-        self, rpc: Rpc[Any, Any]
-    ) -> Callable[[bytes, CallContext], asyncio.Future[bytes]]:
+    def _forwarder(self, rpc: Rpc[Any, Any]) -> Callable[[bytes, CallContext], _Forward]:
         table, limit = self.table, self.max_message_size
         field = rpc.session_field
         assert field is not None
@@ -115,27 +118,27 @@ class AgentForwarder:
         loads_library, policy = rpc.loads_library, self.exec_policy
         resource_field = rpc.resource_field
 
-        def forward(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+        def forward(payload: bytes, ctx: CallContext) -> _Forward:
             if check:
                 request = rpc.request.decode(payload)
                 rpc.check(request, limit)
                 if loads_library is not None and loads_library(request):
                     policy.check(ctx, f"{rpc.method} (exec)")
             try:
-                session_id = read_varint_field(payload, field)
-                resource_id = (
-                    read_varint_field(payload, resource_field) if resource_field is not None else 0
+                session_id = find_varint_field(payload, field)
+                resource = (
+                    find_varint_field(payload, resource_field)
+                    if resource_field is not None
+                    else None
                 )
             except FieldError as exc:
                 raise RPCError(
                     StatusCode.INVALID_ARGUMENT, f"undecodable {rpc.request.name}: {exc}"
                 ) from exc
-            session = table.get(session_id)
-            if resource_field is not None and resource_id not in session.resources:
-                raise unknown_resource(resource_id, rpc.resource_noun)
-            call = _Forward(self, rpc, session, payload, ctx, resource_id)
-            call.start()
-            return call
+            session = table.get(session_id.value)
+            if resource is not None and resource.value not in session.resources:
+                raise unknown_resource(resource.value, rpc.resource_noun)
+            return _Forward(self, rpc, session, payload, ctx, session_id, resource)
 
         return forward
 
@@ -190,13 +193,31 @@ class AgentForwarder:
         return _EMPTY
 
 
-class _Forward(asyncio.Future[bytes]):
-    """One forwarded call, the future of its answer.
+class _Forward:
+    """One forwarded call: the work of a *callback* method, answering through *done*.
 
     Tried on the bound worker's open connection, else on the slow path.
     Cancelling it (the server does, when the caller leaves or its deadline
     passes) abandons the worker's call.
     """
+
+    done: Callable[[Answer], None]  # given by start
+
+    __slots__ = (
+        "binding",
+        "cancelled",
+        "ctx",
+        "done",
+        "forwarder",
+        "payload",
+        "resource",
+        "resource_id",
+        "rpc",
+        "session",
+        "session_field",
+        "started",
+        "task",
+    )
 
     def __init__(
         self,
@@ -205,39 +226,47 @@ class _Forward(asyncio.Future[bytes]):
         session: RoutedSession,
         payload: bytes,
         ctx: CallContext,
-        resource_id: int = 0,
+        session_field: VarintField,
+        resource: VarintField | None = None,
     ) -> None:
-        super().__init__(loop=asyncio.get_running_loop())
-        #: The scheduler's id of the resource (model) the call names, if it names one.
-        self.resource_id = resource_id
         self.forwarder = forwarder
         self.rpc = rpc
         self.session = session
         self.payload = payload
         self.ctx = ctx
+        #: Where the request has the session id, and the resource (model) id if it names one.
+        self.session_field = session_field
+        self.resource = resource
+        #: The scheduler's id of that resource (0: none).
+        self.resource_id = resource.value if resource is not None else 0
         self.binding: Binding | None = None
         self.started: StartedCall | None = None  # the call on the bound worker
+        self.task: asyncio.Task[bytes] | None = None  # the slow path
+        self.cancelled = False
 
-    def cancel(self, msg: Any | None = None) -> bool:
-        if not super().cancel(msg):
-            return False
+    def cancel(self) -> None:
+        self.cancelled = True
         if self.started is not None:
             self.started.cancel()
-        return True
+        if self.task is not None:
+            self.task.cancel()
 
     def _rewrite(self, binding: Binding) -> bytes:
         """The request for *binding*'s worker: its session id, and its id of the resource."""
-        rpc = self.rpc
-        assert rpc.session_field is not None
-        payload = with_varint_field(self.payload, rpc.session_field, binding.worker_session)
-        if rpc.resource_field is None:
-            return payload
-        worker_id = self.forwarder.table.worker_resource(self.resource_id, binding)
+        resource = self.resource
+        if resource is None:
+            return replace_varint_field(self.payload, self.session_field, binding.worker_session)
+        worker_id = self.forwarder.table.worker_resource(resource.value, binding)
         if worker_id is None:  # unregistered meanwhile
-            raise unknown_resource(self.resource_id, rpc.resource_noun)
-        return with_varint_field(payload, rpc.resource_field, worker_id)
+            raise unknown_resource(resource.value, self.rpc.resource_noun)
+        payload = replace_varint_field(self.payload, resource, worker_id)
+        # The resource field was rewritten first: the session field is found again.
+        return replace_varint_field(
+            payload, find_varint_field(payload, self.session_field.number), binding.worker_session
+        )
 
-    def start(self) -> None:
+    def start(self, done: Callable[[Answer], None]) -> None:
+        self.done = done
         table = self.forwarder.table
         binding = self.session.binding
         if binding is not None and table.valid(binding):
@@ -249,7 +278,7 @@ class _Forward(asyncio.Future[bytes]):
                 self._rewrite(binding),
                 self._answered,
                 timeout=ctx.time_left(),
-                expire=False,  # the server cancels this future at the caller's deadline
+                expire=False,  # the server cancels this call at the caller's deadline
             )
             if started is not None:
                 self.binding, self.started = binding, started
@@ -257,12 +286,12 @@ class _Forward(asyncio.Future[bytes]):
         self._go_slow()
 
     def _answered(self, outcome: Outcome) -> None:
-        if self.done():  # cancelled by the server: the client left or the deadline passed
+        if self.cancelled:  # by the server: the client left or the deadline passed
             return
         if isinstance(outcome, bytes):
             if self.resource_id:
                 self.forwarder.table.model_called(self.session, self.rpc, self.resource_id)
-            self.set_result(outcome)
+            self.done(outcome)
             return
         binding = self.binding
         assert binding is not None
@@ -270,9 +299,9 @@ class _Forward(asyncio.Future[bytes]):
             self.forwarder.table.lost(self.session, binding, bury=False)
             self._go_slow()
         elif isinstance(outcome, WorkerUnavailable):
-            self.set_exception(worker_lost(outcome, self.rpc.method, self.session))
+            self.done(worker_lost(outcome, self.rpc.method, self.session))
         else:
-            self.set_exception(outcome)
+            self.done(outcome)
 
     def _go_slow(self) -> None:
         table, rpc, ctx = self.forwarder.table, self.rpc, self.ctx
@@ -283,6 +312,15 @@ class _Forward(asyncio.Future[bytes]):
                 table.model_called(self.session, rpc, self.resource_id)
             return reply
 
-        # Referenced while it runs: the server holds this future, this future the task.
         self.started = None
-        follow(asyncio.ensure_future(table.run(self.session, ctx, rpc.method, attempt)), self)
+        self.task = asyncio.ensure_future(table.run(self.session, ctx, rpc.method, attempt))
+        self.task.add_done_callback(self._slow_done)
+
+    def _slow_done(self, task: asyncio.Task[bytes]) -> None:
+        if self.cancelled:
+            return
+        if task.cancelled():  # not by this call (the loop is closing)
+            self.done(RPCError(StatusCode.CANCELLED, f"{self.rpc.method} was cancelled"))
+            return
+        exc = task.exception()
+        self.done(task.result() if exc is None else exc)

@@ -343,12 +343,17 @@ class WorkerPool:
                 payload,
                 call.finish,
                 timeout=timeout,
-                metadata=self._metadata(address, metadata),
+                metadata=self._metadata(address, metadata)
+                if metadata
+                else self.credential(address),
                 expire=expire,
             )
         except TransportError:
             return None
-        self._calls.setdefault(address, set()).add(call)
+        calls = self._calls.get(address)
+        if calls is None:
+            calls = self._calls[address] = set()
+        calls.add(call)
         self.registry.call_started(address)
         return call
 

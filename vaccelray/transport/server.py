@@ -46,7 +46,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from math import inf
 from ssl import SSLContext
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import anyio
 import anyio.abc
@@ -79,12 +79,14 @@ __all__ = [
     "DEFAULT_FRAME_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_INFLIGHT",
+    "Answer",
     "CallContext",
     "Link",
     "Method",
     "Origin",
     "Server",
     "Service",
+    "Work",
     "default_max_connections",
     "origin_of",
     "serve",
@@ -93,9 +95,24 @@ __all__ = [
 log = logging.getLogger("vaccelray.server")
 
 Metadata = tuple[tuple[str, str], ...]
+#: What a *callback* handler's work answers: the reply's payload, or the error to answer.
+Answer = bytes | BaseException
+
+
+class Work(Protocol):
+    """What a *callback* handler returns: the call's work, which the server starts."""
+
+    def start(self, done: Callable[[Answer], None]) -> None:
+        """Begin; call *done* once, on the loop, with the answer (raising answers too)."""
+
+    def cancel(self) -> object:
+        """Stop: the server gave up the call (it answered it itself)."""
+
+
 InlineHandler = Callable[[bytes, "CallContext"], bytes]
 AsyncHandler = Callable[[bytes, "CallContext"], Awaitable[bytes]]
 FutureHandler = Callable[[bytes, "CallContext"], "asyncio.Future[bytes]"]
+CallbackHandler = Callable[[bytes, "CallContext"], Work]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +123,19 @@ class Method:
     ``future``: a plain function run on the loop returning an ``asyncio.Future[bytes]``
     (raising RPCError answers at once); the server answers with its result or
     exception, and cancels it at the deadline, on disconnect and on shutdown.
+    ``callback``: the same without a future, for a relay's hot path: a plain
+    function run on the loop returning a :class:`Work`, which the server
+    starts with a *done* callback; the work calls ``done(answer)`` once, on
+    the loop, and the answer leaves from that call (no loop callback between).
+    At the deadline, on disconnect and on shutdown the server answers itself
+    and cancels the work; a ``done`` after that is ignored.
     Otherwise: an ``async`` function, run as a task.
     """
 
-    handler: InlineHandler | AsyncHandler | FutureHandler
+    handler: InlineHandler | AsyncHandler | FutureHandler | CallbackHandler
     inline: bool = False
     future: bool = False
+    callback: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,27 +335,46 @@ class _Throttle:
             self.held = 0
 
 
-class _FutureCall:
-    """A *future* handler's call in flight: why it was cancelled, if it was."""
+class _LoopCall:
+    """A *future* or *callback* handler's call in flight; :meth:`done` ends it, once."""
 
-    __slots__ = ("answered", "event", "future", "reason", "timer")
+    __slots__ = ("answered", "conn", "ended", "event", "timer", "work")
 
-    def __init__(self, event: RequestReceived, future: asyncio.Future[bytes]) -> None:
+    def __init__(self, conn: _Connection, event: RequestReceived) -> None:
+        self.conn = conn
         self.event = event
-        self.future = future
+        #: The future, or the callback handler's work.
+        self.work: Work | None = None
         self.timer: asyncio.TimerHandle | None = None
-        #: The status to answer when the future ends cancelled (None: CANCELLED).
-        self.reason: tuple[StatusCode, str] | None = None
         #: Answered already (on shutdown): what the handler returns later is dropped.
         self.answered = False
+        self.ended = False
+
+    def done(self, answer: Answer) -> None:
+        """Answer the call (unless it ended already): the handler's *done*."""
+        if not self.ended:
+            self.ended = True
+            self.conn._call_ended(self, answer)
+
+    def future_done(self, future: asyncio.Future[bytes]) -> None:
+        """The future's done callback: answer with what it holds."""
+        if future.cancelled():  # by the handler's own code (the server ends the call first)
+            self.done(RPCError(StatusCode.CANCELLED, f"{self.event.method} was cancelled"))
+            return
+        exc = future.exception()
+        self.done(future.result() if exc is None else exc)
 
     def cancel(self, code: StatusCode, message: str) -> None:
-        if self.reason is None:
-            self.reason = (code, message)
-        self.future.cancel()
+        """Answer *code*, *message* now (deadline, disconnect) and cancel the work."""
+        if not self.ended:
+            self.ended = True
+            if self.work is not None:
+                self.work.cancel()
+            self.conn._call_ended(self, RPCError(code, message))
 
     def stop(self) -> None:
-        self.future.cancel()
+        """Cancel the work: ``stop_calls`` answered already."""
+        self.cancel(StatusCode.UNAVAILABLE, "the server is shutting down")
 
 
 class _TaskCall:
@@ -373,7 +416,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.link: Link | None = None
         #: Calls in flight off the loop's turn (inline ones finish within it).
         self.tasks: set[_TaskCall] = set()
-        self.calls: set[_FutureCall] = set()
+        self.calls: set[_LoopCall] = set()
         # Shared by every connection of the server: an idle connection holds no buffer.
         self.reads = server._reads
         # The decoder says whether a frame is part way in (the frame-progress timeout).
@@ -438,7 +481,7 @@ class _Connection(asyncio.BufferedProtocol):
         what it returns later is dropped.
         """
         out: list[bytes] = []
-        calls: list[_TaskCall | _FutureCall] = [*self.tasks, *self.calls]
+        calls: list[_TaskCall | _LoopCall] = [*self.tasks, *self.calls]
         for call in calls:
             call.answered = True
             out.append(
@@ -606,7 +649,7 @@ class _Connection(asyncio.BufferedProtocol):
             elif limit and proto.open_streams > limit:
                 # open_streams counts this request too: *limit* others are in flight.
                 out.append(self._too_many(event, limit, now))
-            elif method.future:
+            elif method.future or method.callback:
                 answer = self._start_future(method, event)
                 if answer is not None:
                     out.append(answer)
@@ -689,7 +732,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self._error(event.stream_id, _NOT_DISPATCHED)
 
     def _start_future(self, method: Method, event: RequestReceived) -> bytes | None:
-        """Start a *future* handler; the answer when it failed at once, else None.
+        """Start a *future* or *callback* handler; the answer when it failed at once, else None.
 
         What the handler starts (callbacks, threads) keeps the call's request id.
         """
@@ -701,14 +744,26 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _start_traced_future(self, method: Method, event: RequestReceived) -> bytes | None:
         ctx = self._context(event)
+        call = _LoopCall(self, event)
         try:
-            future = method.handler(event.payload, ctx)
+            work = method.handler(event.payload, ctx)
+            if not method.callback:
+                assert isinstance(work, asyncio.Future)
+                work.add_done_callback(call.future_done)
         except RPCError as exc:
             return self._error(event.stream_id, exc)
         except Exception as exc:
             return self._internal(event, exc)
-        assert isinstance(future, asyncio.Future)
-        call = _FutureCall(event, future)
+        call.work = cast(Work, work)
+        self.calls.add(call)
+        self.server._inflight += 1
+        if method.callback:
+            try:
+                call.work.start(call.done)
+            except Exception as exc:  # answered as the handler's own raise would be
+                call.done(exc)
+            if call.ended:
+                return None
         if ctx.deadline is not None:
             call.timer = self.loop.call_at(
                 ctx.deadline,
@@ -716,12 +771,9 @@ class _Connection(asyncio.BufferedProtocol):
                 StatusCode.DEADLINE_EXCEEDED,
                 f"{event.method} exceeded its deadline",
             )
-        self.calls.add(call)
-        self.server._inflight += 1
-        future.add_done_callback(lambda _: self._future_done(call))
         return None
 
-    def _future_done(self, call: _FutureCall) -> None:
+    def _call_ended(self, call: _LoopCall, answer: Answer) -> None:
         self.calls.discard(call)
         self.last_active = self.loop.time()
         if call.timer is not None:
@@ -729,21 +781,13 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             if self.transport is None or call.answered:
                 return
-            future, stream_id = call.future, call.event.stream_id
-            if future.cancelled():
-                code, message = call.reason or (
-                    StatusCode.CANCELLED,
-                    f"{call.event.method} was cancelled",
-                )
-                data = self.proto.send_response(stream_id, code=code, message=message)
+            stream_id = call.event.stream_id
+            if isinstance(answer, bytes):
+                data = self.proto.send_response(stream_id, answer)
+            elif isinstance(answer, RPCError):
+                data = self._error(stream_id, answer)
             else:
-                exc = future.exception()
-                if exc is None:
-                    data = self.proto.send_response(stream_id, future.result())
-                elif isinstance(exc, RPCError):
-                    data = self._error(stream_id, exc)
-                else:
-                    data = self._internal(call.event, exc)
+                data = self._internal(call.event, answer)
             self._answer(data)
         finally:
             self.server._call_done()
@@ -760,9 +804,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             with call.scope:
                 try:
-                    result = method.handler(event.payload, ctx)
-                    assert not isinstance(result, bytes)
-                    payload = await result
+                    payload = await cast(Awaitable[bytes], method.handler(event.payload, ctx))
                 except Exception as exc:
                     failure = exc
             if call.answered:  # on shutdown, while the handler ran on
