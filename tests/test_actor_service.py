@@ -49,6 +49,12 @@ class Box:
         self.items.append(item)
         return self.items
 
+    def pid(self) -> int:
+        return os.getpid()
+
+    def crash(self) -> None:
+        os._exit(3)
+
     def wait_for(self, path: str) -> str:
         Path(path + ".started").touch()
         while not os.path.exists(path):
@@ -204,3 +210,44 @@ async def test_calls_queue_in_order_up_to_the_bound(tmp_path: Path) -> None:
             assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
             release.touch()
         assert results == {"held": "seen", "one": [0, 1], "two": [0, 1, 2]}
+
+
+async def test_the_codes_say_lost_or_dead_and_whether_the_call_ran() -> None:
+    """What a scheduler restarts by: UNAVAILABLE, lost with the call; NOT_FOUND, lost before."""
+    async with actor_service() as h:
+        await h.create("a", 1)
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "crash")
+        assert (info.value.code, info.value.reason) == (StatusCode.UNAVAILABLE, Reason.ACTOR_DIED)
+        assert "was lost while running crash" in info.value.message
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "put", 2)
+        assert (info.value.code, info.value.reason) == (StatusCode.NOT_FOUND, Reason.ACTOR_DIED)
+        assert "died: its process exited with status 3" in info.value.message
+        # A lost actor may be created again under its id (by the scheduler that placed it).
+        assert await h.create("a", 5) == task_wire.TaskDone(b"")
+        assert await h.call("a", "put", 6) == [5, 6]
+        # A killed one is dead for good: ABORTED, and its id stays taken.
+        await h.kill("a")
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "put", 7)
+        assert (info.value.code, info.value.reason) == (StatusCode.ABORTED, Reason.ACTOR_DIED)
+        with pytest.raises(RPCError) as info:
+            await h.create("a", 1)
+        assert info.value.code == StatusCode.ALREADY_EXISTS
+
+
+async def test_a_restart_in_the_worker_keeps_the_id_and_counts_down() -> None:
+    async with actor_service() as h:
+        await h.create("a", 1, max_restarts=1)
+        first = await h.call("a", "pid")
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "crash")
+        assert info.value.code == StatusCode.UNAVAILABLE
+        assert await h.call("a", "put", 2) == [1, 2]  # constructed again
+        assert await h.call("a", "pid") != first
+        with pytest.raises(RPCError):
+            await h.call("a", "crash")
+        with pytest.raises(RPCError) as info:  # no restart left
+            await h.call("a", "put", 3)
+        assert info.value.code == StatusCode.NOT_FOUND

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,9 @@ import vaccelray
 from tests.processes import Proc, start_daemon, worker_argv
 from tests.test_offload_api import ADDRESS_VARS, Custom
 from tests.test_scheduler_tasks import cluster, doomed_workers, logged, workers  # noqa: F401
+from tests.waiting import eventually
 from vaccelray.client import Client
+from vaccelray.scheduler import Scheduler
 from vaccelray.worker.noop import NOOP_TAG
 
 
@@ -277,18 +280,19 @@ async def test_an_actor_whose_worker_dies_is_created_again_elsewhere(
     doomed_workers: list[tuple[Proc, str]],  # noqa: F811
 ) -> None:
     procs = {p.pid: p for p, _ in doomed_workers}
-    async with cluster(doomed_workers) as (_, client):
+    addresses = {p.pid: a for p, a in doomed_workers}
+    async with cluster(doomed_workers) as (sched, client):
         lasting = Where.options(max_restarts=1).remote_on(client)
         mortal = Where.remote_on(client)
         first = await lasting.worker.remote()
         second = await mortal.worker.remote()
         assert {first, second} == set(procs)  # one on each worker
         procs[first].kill()
-        with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
-            await lasting.worker.remote()
-        # Created again on the other worker, constructor re-run.
-        assert await lasting.count.remote() == 0
+        await marked_down(sched, addresses[first])
+        # A call made after the loss (it cannot have run on the lost instance) goes to the
+        # instance created again on the other worker, constructor re-run.
         assert await lasting.worker.remote() == second
+        assert await lasting.count.remote() == 1
         assert await mortal.count.remote() == 1  # untouched
         procs[second].kill()
         for actor in (mortal, lasting):  # no restart left for either
@@ -296,6 +300,15 @@ async def test_an_actor_whose_worker_dies_is_created_again_elsewhere(
                 await actor.worker.remote()
             with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
                 await actor.count.remote()
+
+
+async def marked_down(sched: Scheduler, address: str) -> None:
+    """Wait until the scheduler has seen the worker at *address* go (its health checks)."""
+
+    def down() -> bool:
+        return not any(w.routable for w in sched.pool.registry if w.address == address)
+
+    await eventually(down, f"the scheduler marks {address} down")
 
 
 def test_the_cli_defaults_are_the_daemons() -> None:
@@ -309,3 +322,112 @@ def test_the_cli_defaults_are_the_daemons() -> None:
         cli.DEFAULT_SCHEDULER_ACTORS_PER_CONNECTION
         == scheduler_actors.DEFAULT_MAX_ACTORS_PER_CONNECTION
     )
+
+
+# -- restarts: one loss, one restart, whoever notices it -----------------------------------
+
+
+@vaccelray.offload
+class Logged:
+    """Each construction appends its worker's pid to *log*: the test counts them."""
+
+    def __init__(self, log: str) -> None:
+        with open(log, "a") as f:
+            f.write(f"{os.getppid()}\n")
+        self.calls = 0
+
+    def worker(self) -> int:
+        self.calls += 1
+        return os.getppid()
+
+    def count(self) -> int:
+        return self.calls
+
+    def wait_for(self, path: str) -> str:
+        Path(path + ".started").touch()
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        return "seen"
+
+    def crash(self) -> None:
+        os._exit(3)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def constructions(log: Path) -> list[int]:
+    return [int(line) for line in log.read_text().split()] if log.exists() else []
+
+
+@pytest.mark.anyio
+async def test_a_lost_worker_makes_one_restart_and_queued_calls_reach_it(
+    doomed_workers: list[tuple[Proc, str]],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    procs = {p.pid: p for p, _ in doomed_workers}
+    log, release = tmp_path / "log", tmp_path / "release"
+    async with cluster(doomed_workers) as (sched, client):
+        actor = Logged.options(max_restarts=3).remote_on(client, str(log))
+        first = await actor.worker.remote()
+        running = actor.wait_for.remote(str(release))
+        await eventually(lambda: Path(f"{release}.started").exists(), "the call runs")
+        queued = [actor.worker.remote() for _ in range(4)]
+        procs[first].kill()
+        with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
+            await running
+        (second,) = set(procs) - {first}
+        # The calls made after the running one run on the new instance, in order.
+        assert [await r for r in queued] == [second] * 4
+        assert await actor.count.remote() == 4
+        assert constructions(log) == [first, second]  # one loss: one restart
+        assert sched.actors.actors[actor.actor_id].restarts_left == 2
+
+
+@pytest.mark.anyio
+async def test_a_process_crash_through_the_scheduler_restarts_once_and_counts(
+    doomed_workers: list[tuple[Proc, str]],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # One worker: were it to restart the actor itself beside the scheduler, the scheduler's
+    # restart would find it there (and two workers would each hold an instance).
+    (proc, _), *_ = doomed_workers
+    log = tmp_path / "log"
+    async with cluster(doomed_workers[:1]) as (_, client):
+        actor = Logged.options(max_restarts=1).remote_on(client, str(log))
+        await actor.worker.remote()
+        with pytest.raises(vaccelray.ActorDiedError, match="was lost while running crash"):
+            await actor.crash.remote()
+        # Created again (constructor re-run), and later calls reach it.
+        assert await actor.count.remote() == 0
+        assert await actor.worker.remote() == proc.pid
+        assert constructions(log) == [proc.pid, proc.pid]
+        # That was its one restart: losing its worker now ends it.
+        proc.kill()
+        with pytest.raises(vaccelray.ActorDiedError, match="lost its worker"):
+            await actor.worker.remote()
+        with pytest.raises(vaccelray.ActorDiedError):
+            await actor.count.remote()
+        assert len(constructions(log)) == 2
+
+
+@pytest.mark.anyio
+async def test_an_idle_actor_whose_process_dies_is_restarted_for_the_next_call(
+    workers: list[tuple[Proc, str]],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    procs = {p.pid: p for p, _ in workers}
+    log = tmp_path / "log"
+    async with cluster(workers) as (_, client):
+        actor = Logged.options(max_restarts=1).remote_on(client, str(log))
+        home = procs[await actor.worker.remote()]
+        os.kill(await actor.pid.remote(), signal.SIGKILL)
+        died = f"Actor Logged {actor.actor_id} died: its process was killed"
+        await anyio.to_thread.run_sync(home.wait_for, died)
+        # The call made after the loss did not run on the lost instance: it runs on the new.
+        assert await actor.count.remote() == 0
+        assert len(constructions(log)) == 2
+        os.kill(await actor.pid.remote(), signal.SIGKILL)
+        with pytest.raises(vaccelray.ActorDiedError, match="killed by signal SIGKILL"):
+            await actor.count.remote()
+        assert len(constructions(log)) == 2

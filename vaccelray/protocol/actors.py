@@ -15,7 +15,9 @@ Methods (request → reply):
     worker's actor bounds: RESOURCE_EXHAUSTED at once.
 ``CallActor``    :class:`CallActor` → :data:`~vaccelray.protocol.tasks.TaskReply`
     Call a method; an actor's calls run one at a time in the order they
-    arrive. A dead or unknown actor: NOT_FOUND with the reason ``ACTOR_DIED``.
+    arrive. A lost, dead or unknown actor: the reason ``ACTOR_DIED``, with
+    UNAVAILABLE (lost with the call, which may have run), NOT_FOUND (unknown,
+    or lost before the call: it did not run) or ABORTED (killed: dead for good).
 ``KillActor``    :class:`KillActor` → :class:`ActorKilled`
     Stop an actor: its process is killed, its pending calls fail (``ACTOR_DIED``).
 """

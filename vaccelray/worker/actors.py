@@ -15,6 +15,14 @@ Otherwise it is dead: its running and queued calls, and every later one,
 fail with the reason ``ACTOR_DIED``. ``KillActor``, and the close of the
 connection that created it, kill it the same way.
 
+The status code says what its caller may do (a scheduler restarts the actors
+it placed itself, so it forwards them with no restarts of their own):
+UNAVAILABLE, the actor was *lost* (its process, or the worker stopping) with
+the call accepted, which may have run; NOT_FOUND, no actor by that id here,
+never one or one lost before the call came, which did not run; ABORTED, it
+was killed or its constructor failed: dead for good. A lost actor's id may
+be created again; a dead one's may not.
+
 Bounds: ``max_actors`` on the worker and ``max_actors_per_connection`` per
 client connection (a CreateActor past either is refused RESOURCE_EXHAUSTED at
 once), and ``max_pending_calls`` queued per actor (likewise). Behind a
@@ -70,8 +78,10 @@ _GRAVES: Final = 1024
 _CREATE: Final = "__init__"
 
 
-def _died(actor_id: str, why: str) -> RPCError:
-    return RPCError(StatusCode.ABORTED, f"actor {actor_id} {why}", reason=Reason.ACTOR_DIED)
+def _died(actor_id: str, why: str, *, lost: bool) -> RPCError:
+    """The error of a call the actor had accepted: UNAVAILABLE when *lost*, else ABORTED."""
+    code = StatusCode.UNAVAILABLE if lost else StatusCode.ABORTED
+    return RPCError(code, f"actor {actor_id} {why}", reason=Reason.ACTOR_DIED)
 
 
 class _Call:
@@ -112,6 +122,8 @@ class _Actor:
         self.constructing = True
         #: Why it died; None while alive.
         self.death: str | None = None
+        #: It died for the loss of its process (not killed, not failed): it may be created again.
+        self.lost = False
         #: Its pool's start has ended: from then on, whoever buries it closes the pool.
         self.started = False
         self.pool = Pool(
@@ -142,7 +154,7 @@ class _Actor:
                 method=_CREATE,
             )
         except PoolProcessLost as exc:
-            self.die(f"could not start: {exc}")
+            self.die(f"could not start: {exc}", lost=True)
 
     def _constructed(self, outcome: Done | PoolProcessLost) -> None:
         if isinstance(outcome, PoolProcessLost):
@@ -203,7 +215,7 @@ class _Actor:
                 )
             except PoolProcessLost as exc:
                 self.running = None
-                self.die(f"was lost: {exc}")
+                self.die(f"was lost: {exc}", lost=True)
             return
 
     def _answered(self, call: _Call, outcome: Done | PoolProcessLost) -> None:
@@ -212,7 +224,7 @@ class _Actor:
         if isinstance(outcome, PoolProcessLost) and not isinstance(outcome, TaskTimedOut):
             if not reply.done():
                 reply.set_exception(
-                    _died(self.id, f"was lost while running {call.method}: {outcome}")
+                    _died(self.id, f"was lost while running {call.method}: {outcome}", lost=True)
                 )
             return  # _lost decides what comes next
         if not reply.done():
@@ -241,24 +253,24 @@ class _Actor:
             )
             self.construct()
             return True
-        self.die(f"died: its process {status}")
+        self.die(f"died: its process {status}", lost=True)
         return False
 
-    def die(self, why: str, *, level: int = logging.WARNING) -> None:
-        """Fail its calls, now and later; stop its process."""
+    def die(self, why: str, *, lost: bool = False, level: int = logging.WARNING) -> None:
+        """Fail its calls, now and later; stop its process. *lost*: see the module."""
         if self.death is not None:
             return
-        self.death = why
+        self.death, self.lost = why, lost
         log.log(level, "Actor %s %s", self.label(), why)
         created, self.created = self.created, None
         if created is not None and not created.done():
-            created.set_exception(_died(self.id, why))
+            created.set_exception(_died(self.id, why, lost=lost))
         calls = [self.running, *self.queue] if self.running is not None else list(self.queue)
         self.running = None
         self.queue.clear()
         for call in calls:
             if not call.reply.done():
-                call.reply.set_exception(_died(self.id, why))
+                call.reply.set_exception(_died(self.id, why, lost=lost))
         self.service._buried(self)
 
 
@@ -292,7 +304,8 @@ class ActorService:
         self.max_actors_per_connection = max_actors_per_connection
         self.max_pending_calls = max_pending_calls
         self.actors: dict[str, _Actor] = {}
-        self._graves: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: Why recently dead actors died, and whether they were lost (see the module).
+        self._graves: collections.OrderedDict[str, tuple[str, bool]] = collections.OrderedDict()
         self._closing = False
 
     def methods(self) -> dict[str, Method]:
@@ -330,7 +343,7 @@ class ActorService:
     def _buried(self, actor: _Actor) -> None:
         if self.actors.get(actor.id) is actor:
             del self.actors[actor.id]
-        self._graves[actor.id] = actor.death or "died"
+        self._graves[actor.id] = (actor.death or "died", actor.lost)
         while len(self._graves) > _GRAVES:
             self._graves.popitem(last=False)
         if actor.started:  # else _start closes it when its start ends
@@ -340,12 +353,13 @@ class ActorService:
         actor = self.actors.get(actor_id)
         if actor is not None:
             return actor
-        why = self._graves.get(actor_id)
-        if why is not None:
-            raise _died(actor_id, why)
-        raise RPCError(
-            StatusCode.NOT_FOUND, f"no actor {actor_id} on this worker", reason=Reason.ACTOR_DIED
-        )
+        grave = self._graves.get(actor_id)
+        if grave is None:
+            why, code = "is not on this worker", StatusCode.NOT_FOUND
+        else:
+            why, lost = grave
+            code = StatusCode.NOT_FOUND if lost else StatusCode.ABORTED
+        raise RPCError(code, f"actor {actor_id} {why}", reason=Reason.ACTOR_DIED)
 
     # -- methods ------------------------------------------------------------------
 
@@ -357,7 +371,8 @@ class ActorService:
         self._check_requirements(request.name, request.backend, request.ops)
         if self._closing:
             raise RPCError(StatusCode.UNAVAILABLE, "the worker is shutting down")
-        if request.actor_id in self.actors or request.actor_id in self._graves:
+        grave = self._graves.get(request.actor_id)
+        if request.actor_id in self.actors or (grave is not None and not grave[1]):
             raise RPCError(StatusCode.ALREADY_EXISTS, f"actor {request.actor_id} exists already")
         if request.max_restarts < 0:
             raise RPCError(StatusCode.INVALID_ARGUMENT, "max_restarts must be >= 0")
@@ -377,6 +392,7 @@ class ActorService:
             )
         created: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         actor = _Actor(self, request, function.pickled, owner, created)
+        self._graves.pop(request.actor_id, None)  # a lost one, created again
         self.actors[request.actor_id] = actor
         actor.construct()  # queued in its pool until the process is up
         self._tg.start_soon(self._start, actor)
@@ -388,7 +404,7 @@ class ActorService:
             try:
                 await actor.pool.start()
             except Exception as exc:
-                actor.die(f"could not start its process: {exc}")
+                actor.die(f"could not start its process: {exc}", lost=True)
         actor.started = True
         if actor.death is not None:  # it died while its process was being started
             await actor.pool.aclose()
@@ -416,7 +432,7 @@ class ActorService:
     async def aclose(self) -> None:
         self._closing = True
         for actor in list(self.actors.values()):
-            actor.die("was stopped: the worker is shutting down")
+            actor.die("was stopped: the worker is shutting down", lost=True)
 
 
 @asynccontextmanager
