@@ -24,6 +24,7 @@ from vaccelray.protocol import actors as wire
 from vaccelray.protocol import tasks as task_wire
 from vaccelray.protocol.services import (
     CALL_ACTOR,
+    CANCEL_ACTOR_CALL,
     CREATE_ACTOR,
     KILL_ACTOR,
     REGISTER_FUNCTION,
@@ -250,4 +251,61 @@ async def test_a_restart_in_the_worker_keeps_the_id_and_counts_down() -> None:
             await h.call("a", "crash")
         with pytest.raises(RPCError) as info:  # no restart left
             await h.call("a", "put", 3)
+        assert info.value.code == StatusCode.NOT_FOUND
+
+
+async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force(
+    tmp_path: Path,
+) -> None:
+    async def cancel(call_id: str, force: bool = False) -> wire.CallState:
+        request = wire.CancelActorCall("a", call_id, force)
+        return (await h.client.call_rpc(CANCEL_ACTOR_CALL, request)).state
+
+    async with actor_service() as h:
+        await h.create("a", 0)
+        release = tmp_path / "go"
+        outcomes: dict[str, Any] = {}
+
+        async def call(call_id: str, method: str, *args: Any) -> None:
+            request = wire.CallActor("a", call_id, method, cloudpickle.dumps((args, {})))
+            try:
+                outcomes[call_id] = await h.client.call_rpc(CALL_ACTOR, request)
+            except RPCError as exc:
+                outcomes[call_id] = exc.code
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "held", "wait_for", str(release))
+            with anyio.fail_after(30):
+                while not os.path.exists(f"{release}.started"):  # noqa: ASYNC110, ASYNC240
+                    await anyio.sleep(0.01)
+            tg.start_soon(call, "one", "put", 1)
+            tg.start_soon(call, "two", "put", 2)
+            with anyio.fail_after(30):
+                while len(h.actors.actors["a"].queue) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            assert await cancel("one") == wire.CallState.DROPPED
+            assert await cancel("one") == wire.CallState.ENDED
+            assert await cancel("held") == wire.CallState.RUNNING
+            release.touch()
+        assert outcomes["one"] == StatusCode.CANCELLED
+        assert cloudpickle.loads(outcomes["held"].result) == "seen"
+        assert cloudpickle.loads(outcomes["two"].result) == [0, 2]  # "one" never ran
+        assert await cancel("nobody") == wire.CallState.ENDED
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "stuck", "wait_for", str(tmp_path / "never"))
+            with anyio.fail_after(30):
+                while not os.path.exists(f"{tmp_path / 'never'}.started"):  # noqa: ASYNC110, ASYNC240
+                    await anyio.sleep(0.01)
+            tg.start_soon(call, "behind", "put", 3)
+            with anyio.fail_after(30):
+                while len(h.actors.actors["a"].queue) < 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            assert await cancel("stuck", force=True) == wire.CallState.KILLED
+        # No restarts: the actor was lost with it (a scheduler may create it again), and so
+        # was the call behind it.
+        assert outcomes["stuck"] == StatusCode.UNAVAILABLE
+        assert outcomes["behind"] == StatusCode.UNAVAILABLE
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "put", 4)
         assert info.value.code == StatusCode.NOT_FOUND

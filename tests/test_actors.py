@@ -20,7 +20,7 @@ import vaccelray
 from tests.processes import Proc, start_daemon, worker_argv
 from tests.test_offload_api import ADDRESS_VARS, Custom
 from tests.test_scheduler_tasks import cluster, doomed_workers, logged, workers  # noqa: F401
-from tests.waiting import eventually
+from tests.waiting import eventually, until
 from vaccelray.client import Client
 from vaccelray.scheduler import Scheduler
 from vaccelray.worker.noop import NOOP_TAG
@@ -55,6 +55,7 @@ class Counter:
 
     def wait_for(self, path: str) -> str:
         """Runs until *path* exists: the test decides when this call ends."""
+        Path(path + ".started").touch()
         while not os.path.exists(path):
             time.sleep(0.01)
         return "seen"
@@ -430,4 +431,90 @@ async def test_an_idle_actor_whose_process_dies_is_restarted_for_the_next_call(
         os.kill(await actor.pid.remote(), signal.SIGKILL)
         with pytest.raises(vaccelray.ActorDiedError, match="killed by signal SIGKILL"):
             await actor.count.remote()
+        assert len(constructions(log)) == 2
+
+
+# -- cancel ------------------------------------------------------------------------------
+
+
+def started(release: Path) -> None:
+    until(lambda: Path(f"{release}.started").exists(), "the call runs")
+
+
+def test_cancel_drops_a_waiting_call_and_says_a_running_one_runs_on(
+    client: Client, tmp_path: Path
+) -> None:
+    counter = Counter.remote_on(client)
+    release = tmp_path / "release"
+    running = counter.wait_for.remote(str(release))
+    started(release)
+    dropped = counter.add.remote(5)
+    after = counter.add.remote(1)
+    assert dropped.cancel() is True
+    with pytest.raises(vaccelray.TaskCancelledError):
+        vaccelray.get(dropped)
+    with pytest.raises(vaccelray.CallRunningError, match=r"is running: .* not interrupted"):
+        running.cancel()
+    release.touch()
+    assert vaccelray.get(running) == "seen"  # it ran on
+    assert vaccelray.get(after) == 1  # the dropped call never ran
+    assert dropped.cancel() is False  # ended
+    assert after.cancel() is False
+    vaccelray.kill(counter)
+
+
+def test_cancel_with_force_kills_the_actor_and_a_restart_takes_the_next_calls(
+    client: Client, tmp_path: Path
+) -> None:
+    counter = Counter.options(max_restarts=1).remote_on(client, 10)
+    before = vaccelray.get(counter.pid.remote())
+    running = counter.wait_for.remote(str(tmp_path / "never"))
+    started(tmp_path / "never")
+    waiting = counter.add.remote(1)
+    assert running.cancel(force=True) is True
+    with pytest.raises(vaccelray.TaskCancelledError):
+        vaccelray.get(running)
+    assert vaccelray.get(waiting) == 11  # on the instance created again
+    assert vaccelray.get(counter.pid.remote()) != before
+    # No restart left: the next forced cancel ends the actor, and its waiting calls.
+    running = counter.wait_for.remote(str(tmp_path / "never again"))
+    started(tmp_path / "never again")
+    waiting = counter.add.remote(1)
+    assert running.cancel(force=True) is True
+    with pytest.raises(vaccelray.ActorDiedError):
+        vaccelray.get(waiting)
+    with pytest.raises(vaccelray.ActorDiedError):
+        vaccelray.get(counter.add.remote(1))
+
+
+@pytest.mark.anyio
+async def test_cancel_through_the_scheduler_drops_calls_waiting_there_and_forces(
+    workers: list[tuple[Proc, str]],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    log, release = tmp_path / "log", tmp_path / "release"
+    async with cluster(workers) as (_, client):
+        actor = Logged.options(max_restarts=1).remote_on(client, str(log))
+        home = await actor.worker.remote()
+        running = actor.wait_for.remote(str(release))
+        await eventually(lambda: Path(f"{release}.started").exists(), "the call runs")
+        dropped = actor.worker.remote()  # waits its turn at the scheduler
+        after = actor.worker.remote()
+        assert await anyio.to_thread.run_sync(dropped.cancel) is True
+        with pytest.raises(vaccelray.CallRunningError):
+            await anyio.to_thread.run_sync(running.cancel)
+        release.touch()
+        assert await running == "seen"
+        with pytest.raises(vaccelray.TaskCancelledError):
+            await dropped
+        assert await after == home
+        assert await actor.count.remote() == 2  # the dropped call never ran
+        # Forced: its process is killed, and the scheduler creates it again (one restart).
+        forced = actor.wait_for.remote(str(tmp_path / "never"))
+        await eventually(lambda: (tmp_path / "never.started").exists(), "the call runs")
+        queued = actor.count.remote()
+        assert await anyio.to_thread.run_sync(lambda: forced.cancel(force=True)) is True
+        with pytest.raises(vaccelray.TaskCancelledError):
+            await forced
+        assert await queued == 0
         assert len(constructions(log)) == 2

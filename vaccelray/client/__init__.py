@@ -5,6 +5,7 @@ from vaccelray.client.api import Client, Session, default_client, init, is_initi
 from vaccelray.client.errors import (
     ActorDiedError,
     AuthenticationError,
+    CallRunningError,
     CapabilityError,
     GetTimeoutError,
     SerializationError,
@@ -22,6 +23,7 @@ __all__ = [
     "ActorHandle",
     "ActorMethod",
     "AuthenticationError",
+    "CallRunningError",
     "CapabilityError",
     "Client",
     "GetTimeoutError",

@@ -147,6 +147,7 @@ class ActorHandle(Generic[C]):
         request = ActorRequest(
             Kind.CALL, ref, self.actor_id, None, method, args, kwargs, payload, options
         )
+        core.actors.track(request)
         last, self._last = self._last, ref
         # With every earlier request answered, no order can be broken: the calling
         # thread may send this one itself (see vaccelray.client.lane).

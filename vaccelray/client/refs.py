@@ -102,11 +102,16 @@ class TaskRef(Generic[R]):
         except TimeoutError:
             raise self._get_timeout(timeout) from None
 
-    def cancel(self) -> bool:
+    def cancel(self, *, force: bool = False) -> bool:
         """Stop the task (killing its pool process if it runs); False if it already ended.
 
-        Waiting on a cancelled task raises :class:`TaskCancelledError`.
+        Waiting on a cancelled task raises :class:`TaskCancelledError`. An actor's
+        call is dropped while it waits its turn; a running method is not interrupted
+        (:class:`CallRunningError`) unless *force*, which kills the actor's process
+        (see :meth:`vaccelray.client.actorcalls.ActorLines.cancel`).
         """
+        if not self._future.done() and self.task_id in self._core.actors.calls:
+            return self._core.actors.cancel(self, force)
         if not _settle(
             self._future, error=TaskCancelledError(f"{self.name} was cancelled", task=self.name)
         ):

@@ -382,6 +382,13 @@ KILL_ACTOR: Final = Rpc(
     MsgpackCodec[actors.ActorKilled](actors.ActorKilled),
     limits=actors.check_fields,
 )
+CANCEL_ACTOR_CALL: Final = Rpc(
+    info.WORKER_SERVICE,
+    actors.METHOD_CANCEL_CALL,
+    MsgpackCodec[actors.CancelActorCall](actors.CancelActorCall),
+    MsgpackCodec[actors.ActorCallCancelled](actors.ActorCallCancelled),
+    limits=actors.check_fields,
+)
 
 #: A worker's own service: health and load, classification with scores, offloaded tasks
 #: and actors.
@@ -396,6 +403,7 @@ WORKER: Final = ServiceSpec(
         CREATE_ACTOR,
         CALL_ACTOR,
         KILL_ACTOR,
+        CANCEL_ACTOR_CALL,
     ),
 )
 

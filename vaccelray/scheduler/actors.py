@@ -39,7 +39,7 @@ import msgspec
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol import actors as wire
 from vaccelray.protocol import tasks as task_wire
-from vaccelray.protocol.services import CALL_ACTOR, CREATE_ACTOR, KILL_ACTOR
+from vaccelray.protocol.services import CALL_ACTOR, CANCEL_ACTOR_CALL, CREATE_ACTOR, KILL_ACTOR
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import WorkerRecord
 from vaccelray.scheduler.tasks import Flight, NotServed, TaskRouter
@@ -74,6 +74,8 @@ class _Placed:
         #: Set when the request before the newest one has been answered.
         self.tail = anyio.Event()
         self.tail.set()
+        #: The calls here by call id: False while waiting their turn, True once forwarded.
+        self.calls: dict[str, bool] = {}
 
     def turn(self) -> tuple[anyio.Event, anyio.Event]:
         """(the event to wait for, the event to set when done): taken in arrival order."""
@@ -107,6 +109,7 @@ class ActorRouter:
             CREATE_ACTOR.method: Method(self._create),
             CALL_ACTOR.method: Method(self._call),
             KILL_ACTOR.method: Method(self._kill),
+            CANCEL_ACTOR_CALL.method: Method(self._cancel_call),
         }
 
     # -- the table ------------------------------------------------------------------
@@ -247,9 +250,16 @@ class ActorRouter:
         CALL_ACTOR.check(request, 0)
         key = request.actor_id
         placed = self._find(key)
+        call_id = request.call_id
+        placed.calls[call_id] = False
         before, mine = placed.turn()
         try:
             await before.wait()
+            if call_id not in placed.calls:  # cancelled while it waited
+                raise RPCError(
+                    StatusCode.CANCELLED, f"call {request.method} of actor {key} was cancelled"
+                )
+            placed.calls[call_id] = True
             while True:
                 if self.actors.get(key) is not placed:  # died while this call waited
                     self._find(key)
@@ -281,7 +291,33 @@ class ActorRouter:
                     raise _died(key, why)
                 # It never reached the lost instance: on to the new one (or the grave).
         finally:
+            placed.calls.pop(call_id, None)
             mine.set()
+
+    async def _cancel_call(self, payload: bytes, ctx: CallContext) -> bytes:
+        """Drop a call waiting its turn here; for one forwarded, ask its worker."""
+        request = CANCEL_ACTOR_CALL.request.decode(payload)
+        CANCEL_ACTOR_CALL.check(request, 0)
+        placed = self.actors.get(request.actor_id)
+        forwarded = None if placed is None else placed.calls.get(request.call_id)
+        if placed is None or forwarded is None:
+            state = wire.CallState.ENDED
+        elif not forwarded:
+            del placed.calls[request.call_id]
+            state = wire.CallState.DROPPED
+        else:
+            assert placed.address is not None
+            try:
+                return await self.pool.call(
+                    placed.address,
+                    CANCEL_ACTOR_CALL.service,
+                    CANCEL_ACTOR_CALL.method,
+                    payload,
+                    timeout=ctx.time_left(),
+                )
+            except WorkerUnavailable:  # the call fails with its worker
+                state = wire.CallState.ENDED
+        return CANCEL_ACTOR_CALL.reply.encode(wire.ActorCallCancelled(state))
 
     async def _restart(
         self, key: str, placed: _Placed, why: str, ctx: CallContext, exclude: Sequence[str]

@@ -40,7 +40,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 from anyio.abc import TaskGroup
@@ -50,12 +50,21 @@ from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import actors as wire
 from vaccelray.protocol import tasks as task_wire
-from vaccelray.protocol.services import CALL_ACTOR, CREATE_ACTOR, KILL_ACTOR, WORKER
+from vaccelray.protocol.services import (
+    CALL_ACTOR,
+    CANCEL_ACTOR_CALL,
+    CREATE_ACTOR,
+    KILL_ACTOR,
+    WORKER,
+)
 from vaccelray.transport.server import CallContext, Method, Service
 from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
 from vaccelray.worker.poolchild import OK, Done
 from vaccelray.worker.replies import outcome_reply
 from vaccelray.worker.sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from vaccelray.worker.pool import _Job
 
 __all__ = [
     "DEFAULT_MAX_ACTORS",
@@ -82,6 +91,13 @@ def _died(actor_id: str, why: str, *, lost: bool) -> RPCError:
     """The error of a call the actor had accepted: UNAVAILABLE when *lost*, else ABORTED."""
     code = StatusCode.UNAVAILABLE if lost else StatusCode.ABORTED
     return RPCError(code, f"actor {actor_id} {why}", reason=Reason.ACTOR_DIED)
+
+
+def _cancelled(call: _Call, label: str) -> None:
+    if not call.reply.done():
+        call.reply.set_exception(
+            RPCError(StatusCode.CANCELLED, f"call {call.method} of actor {label} was cancelled")
+        )
 
 
 class _Call:
@@ -115,8 +131,9 @@ class _Actor:
         self.owner = owner
         self.restarts_left = request.max_restarts
         self.queue: collections.deque[_Call] = collections.deque()
-        #: The call its process runs; None while idle or (re)constructing.
+        #: The call its process runs, and its pool job; None while idle or (re)constructing.
         self.running: _Call | None = None
+        self.job: _Job | None = None
         #: The reply of CreateActor until the first constructor has run.
         self.created: asyncio.Future[bytes] | None = created
         self.constructing = True
@@ -204,7 +221,7 @@ class _Actor:
                 continue
             self.running = call
             try:
-                self.pool.submit(
+                self.job = self.pool.submit(
                     "",
                     f"{self.name}.{call.method}",
                     b"",
@@ -236,6 +253,29 @@ class _Actor:
                 reply.set_exception(exc)
         if not isinstance(outcome, PoolProcessLost):
             self._next()
+
+    def cancel(self, call_id: str, force: bool) -> wire.CallState:
+        """Drop the call *call_id* if it waits; if it runs, kill the process when *force*."""
+        for call in self.queue:
+            if call.call_id == call_id:
+                self.queue.remove(call)
+                _cancelled(call, self.label())
+                return wire.CallState.DROPPED
+        running, job = self.running, self.job
+        if running is None or running.call_id != call_id or job is None:
+            return wire.CallState.ENDED
+        if not force:
+            return wire.CallState.RUNNING
+        why = f"was killed to stop {running.method} (cancelled with force)"
+        running.reply.set_exception(_died(self.id, why, lost=True))
+        self.running = None
+        if self.restarts_left > 0:
+            log.warning("Actor %s %s", self.label(), why)
+            self.constructing = True  # no call goes to the process: _lost restarts it
+            self.pool.abort(job)
+        else:  # dead at once: a scheduler may create it again under its id now
+            self.die(why, lost=True)
+        return wire.CallState.KILLED
 
     # -- loss and death ----------------------------------------------------------
 
@@ -314,6 +354,7 @@ class ActorService:
             CREATE_ACTOR.method: Method(self._create, future=True),
             CALL_ACTOR.method: Method(self._call, future=True),
             KILL_ACTOR.method: Method(self._kill, inline=True),
+            CANCEL_ACTOR_CALL.method: Method(self._cancel_call, inline=True),
         }
 
     def local_service(self) -> Service:
@@ -428,6 +469,16 @@ class ActorService:
         if actor is not None:
             actor.die("was killed", level=logging.INFO)
         return KILL_ACTOR.reply.encode(wire.ActorKilled(actor is not None))
+
+    def _cancel_call(self, payload: bytes, ctx: CallContext) -> bytes:
+        self.check.check(ctx)
+        request = CANCEL_ACTOR_CALL.request.decode(payload)
+        CANCEL_ACTOR_CALL.check(request, 0)
+        actor = self.actors.get(request.actor_id)
+        state = wire.CallState.ENDED
+        if actor is not None:
+            state = actor.cancel(request.call_id, request.force)
+        return CANCEL_ACTOR_CALL.reply.encode(wire.ActorCallCancelled(state))
 
     async def aclose(self) -> None:
         self._closing = True
