@@ -11,14 +11,17 @@ import pickle
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
 import pytest
 
 import vaccelray
+from tests.clusters import serving_scheduler
 from tests.processes import Proc, start_daemon, worker_argv
 from tests.test_offload_api import ADDRESS_VARS, Custom
+from tests.test_scheduler_routing import config
 from tests.test_scheduler_tasks import cluster, doomed_workers, logged, workers  # noqa: F401
 from tests.waiting import eventually, until
 from vaccelray.client import Client
@@ -223,8 +226,10 @@ def test_actor_bounds_refuse_at_once_and_actors_die_with_their_connection(
         one = Counter.remote_on(first, 1)
         assert vaccelray.get(one.add.remote(1)) == 2  # sandboxed like tasks
         extra = Counter.remote_on(first)
-        with pytest.raises(vaccelray.TaskError, match="--max-actors-per-connection"):
+        with pytest.raises(vaccelray.TaskError, match="--max-actors-per-connection") as info:
             extra.ready().result()
+        assert "RESOURCE_EXHAUSTED" in str(info.value)
+        assert "\n" not in str(info.value)  # one line
         two = Counter.remote_on(second)
         assert vaccelray.get(two.add.remote(5)) == 5
         with (
@@ -518,3 +523,38 @@ async def test_cancel_through_the_scheduler_drops_calls_waiting_there_and_forces
             await forced
         assert await queued == 0
         assert len(constructions(log)) == 2
+
+
+# -- bounds through the scheduler ----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_scheduler_caps_actors_per_client_connection_at_once(
+    workers: list[tuple[Proc, str]],  # noqa: F811
+) -> None:
+    cfg = replace(config(*(a for _, a in workers)), max_actors_per_connection=1)
+    async with serving_scheduler(cfg) as sched:
+        address = sched.addresses[0]
+        first = await anyio.to_thread.run_sync(Client, address)
+        second = await anyio.to_thread.run_sync(Client, address)
+        try:
+            one = Where.remote_on(first)
+            await one.ready()
+            extra = Where.remote_on(first)
+            with pytest.raises(vaccelray.TaskError) as info:
+                await extra.ready()
+            # The scheduler's bound, not a worker's: refused before any placement.
+            message = str(info.value)
+            assert "RESOURCE_EXHAUSTED" in message
+            assert "(scheduler option --max-actors-per-connection)" in message
+            assert "\n" not in message
+            assert extra.actor_id not in sched.actors.actors
+            # Counted per connection: another client has its own room.
+            assert await Where.remote_on(second).worker.remote() in {p.pid for p, _ in workers}
+            # A killed actor frees its room.
+            assert await anyio.to_thread.run_sync(vaccelray.kill, one)
+            again = Where.remote_on(first)
+            assert await again.count.remote() == 0
+        finally:
+            for c in (first, second):
+                await anyio.to_thread.run_sync(c.shutdown)
