@@ -96,10 +96,15 @@ class ActorLines:
         self.calls: dict[str, ActorRequest] = {}
 
     def track(self, request: ActorRequest) -> None:
-        """Keep *request* (a call) findable by :meth:`cancel` until it is answered."""
-        task_id = request.ref.task_id
-        self.calls[task_id] = request
-        request.ref._future.add_done_callback(lambda _: self.calls.pop(task_id, None))
+        """Keep *request* (a call) findable by :meth:`cancel` until it is settled here."""
+        self.calls[request.ref.task_id] = request
+
+    def _end(
+        self, request: ActorRequest, value: Any = None, error: BaseException | None = None
+    ) -> None:
+        """Settle *request*'s TaskRef: it is no longer a call to cancel."""
+        self.calls.pop(request.ref.task_id, None)
+        _settle(request.ref._future, value, error)
 
     def cancel(self, ref: TaskRef[Any], force: bool) -> bool:
         """Cancel an actor's call (on any thread but the loop's; blocks for the answer).
@@ -117,7 +122,7 @@ class ActorLines:
         ask = asyncio.run_coroutine_threadsafe(self._cancel(request, force), core.loop)
         state = ask.result()
         if state in (wire.CallState.DROPPED, wire.CallState.KILLED):
-            _settle(ref._future, error=core._cancelled_error(ref.name))
+            self._end(request, error=core._cancelled_error(ref.name))
             return True
         request.cancelling = False  # its answer, whatever it is, stands
         if state is wire.CallState.RUNNING:
@@ -187,13 +192,13 @@ class ActorLines:
                         if not request.ref.done():  # cancelled meanwhile
                             self._send(request, conn)
                     except (TransportError, RPCError) as exc:
-                        _settle(request.ref._future, error=_failure(request, exc))
+                        self._end(request, error=_failure(request, exc))
                     except Exception as exc:
-                        _settle(request.ref._future, error=exc)
+                        self._end(request, error=exc)
                 line.backlog.popleft()
         except asyncio.CancelledError:
             for request in line.backlog:
-                _settle(request.ref._future, error=core._cancelled_error(request.ref.name))
+                self._end(request, error=core._cancelled_error(request.ref.name))
             raise
         finally:
             if self._lines.get(actor_id) is line:
@@ -229,24 +234,24 @@ class ActorLines:
         if isinstance(outcome, asyncio.CancelledError) or (
             request.cancelling and isinstance(outcome, RPCError)
         ):
-            _settle(ref._future, error=self.core._cancelled_error(ref.name))
+            self._end(request, error=self.core._cancelled_error(ref.name))
             return
         try:
             if isinstance(outcome, BaseException):
-                _settle(ref._future, error=_failure(request, outcome))
+                self._end(request, error=_failure(request, outcome))
             elif request.kind is Kind.KILL:
-                _settle(ref._future, KILL_ACTOR.reply.decode(outcome).killed)
+                self._end(request, KILL_ACTOR.reply.decode(outcome).killed)
             else:
                 reply = CALL_ACTOR.reply.decode(outcome)
                 if isinstance(reply, TaskDone):
                     value = (
                         None if request.kind is Kind.CREATE else load_result(reply.result, ref.name)
                     )
-                    _settle(ref._future, value)
+                    self._end(request, value)
                 else:
-                    _settle(ref._future, error=task_failure(reply, ref.name))
+                    self._end(request, error=task_failure(reply, ref.name))
         except Exception as exc:  # raised here, it would break the connection's read loop
-            _settle(ref._future, error=exc)
+            self._end(request, error=exc)
 
     def cancel_all(self) -> None:
         for line in list(self._lines.values()):

@@ -142,7 +142,7 @@ class ActorHandle(Generic[C]):
         if core is None:
             return _call_local(self, method, args, kwargs, options)
         ref: TaskRef[Any] = TaskRef(core, core.next_id(), f"{self.name}.{method}")
-        has_refs = any(type(a) is TaskRef for a in (*args, *kwargs.values()))
+        has_refs = (args or kwargs) and any(type(a) is TaskRef for a in (*args, *kwargs.values()))
         payload = None if has_refs else pickle_args(ref.name, args, kwargs, core.arg_limit)
         request = ActorRequest(
             Kind.CALL, ref, self.actor_id, None, method, args, kwargs, payload, options
@@ -159,6 +159,10 @@ class ActorHandle(Generic[C]):
         return ref
 
 
+#: The options of a method called without ``.options()`` (frozen: shared).
+_NO_OPTIONS = Options()
+
+
 class ActorMethod(Generic[C]):
     """``handle.method``: ``.remote(*args, **kwargs)`` calls it and returns a TaskRef."""
 
@@ -169,7 +173,7 @@ class ActorMethod(Generic[C]):
     ) -> None:
         self._handle = handle
         self._method = method
-        self._options = options or Options()
+        self._options = options or _NO_OPTIONS
 
     def options(self, **changes: Any) -> ActorMethod[C]:
         """A copy with other call options (``timeout``)."""

@@ -34,6 +34,8 @@ __all__ = ["MAX_LANES", "Lane", "LaneOutcome", "open_lane"]
 MAX_LANES: Final = 8
 #: What a lane's call ends with: the reply's payload, or the error.
 LaneOutcome = bytes | BaseException
+#: recv flags of the look at an idle lane (an int: a Flag's ``|`` costs on every call).
+_PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def open_lane(address: str, max_message_size: int, timeout: float) -> Lane | None:
@@ -107,7 +109,7 @@ class Lane:
     def _peer_closed(self) -> bool:
         """The server closed the lane while it was idle (its idle timeout, a restart)."""
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = self.sock.recv(1, _PEEK)
         except BlockingIOError:
             return False
         except OSError:
@@ -153,7 +155,9 @@ class Lane:
                     else:
                         on_done(event.payload)
                 return
-            self.sock.settimeout(timeout)
+            # The socket blocks; a timeout is set only for this read (each change is a syscall).
+            if timeout is not None:
+                self.sock.settimeout(timeout)
             try:
                 chunk = self.sock.recv(1 << 16)
             except TimeoutError:
@@ -162,7 +166,7 @@ class Lane:
                 self._fail(TransportError(f"the connection was lost: {exc}"))
                 return
             finally:
-                if not self.closed:
+                if timeout is not None and not self.closed:
                     self.sock.settimeout(None)
             if not chunk:
                 self._fail(TransportError("the worker closed the connection"))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -195,22 +194,18 @@ class _Actor:
     def call(self, request: wire.CallActor) -> asyncio.Future[bytes]:
         limit = self.service.max_pending_calls
         if limit and len(self.queue) >= limit:
-            raise RPCError(
-                StatusCode.RESOURCE_EXHAUSTED,
-                f"actor {self.label()} has {limit} calls waiting, its most",
-            )
+            # Calls given up while waiting (deadline, client gone) leave the queue only
+            # here or at their turn: no callback per call for the rare case.
+            self.queue = collections.deque(c for c in self.queue if not c.reply.done())
+            if len(self.queue) >= limit:
+                raise RPCError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"actor {self.label()} has {limit} calls waiting, its most",
+                )
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        call = _Call(request.call_id, request.method, request.args, reply)
-        self.queue.append(call)
-        reply.add_done_callback(lambda _: self._withdrawn(call))
+        self.queue.append(_Call(request.call_id, request.method, request.args, reply))
         self._next()
         return reply
-
-    def _withdrawn(self, call: _Call) -> None:
-        """A call's reply is settled: one given up (deadline, client gone) leaves the queue."""
-        if call.reply.cancelled() and call is not self.running:
-            with contextlib.suppress(ValueError):
-                self.queue.remove(call)
 
     def _next(self) -> None:
         if self.running is not None or self.constructing or self.death is not None:
