@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -558,3 +559,37 @@ async def test_the_scheduler_caps_actors_per_client_connection_at_once(
         finally:
             for c in (first, second):
                 await anyio.to_thread.run_sync(c.shutdown)
+
+
+# -- the blocking path ---------------------------------------------------------------------
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+
+
+def test_a_call_after_the_worker_closed_an_idle_lane_goes_another_way(tmp_path: Path) -> None:
+    proc, _ = start_daemon(
+        worker_argv(
+            "-a", f"unix://{tmp_path}/w.sock", "--backend", "noop", "--no-announce",
+            "--pool-size", "1", "--idle-timeout", "0.5",
+        )
+    )  # fmt: skip
+    try:
+        with Client(proc.address) as client:
+            counter = Counter.remote_on(client, 1)
+            assert vaccelray.get(counter.add.remote(1)) == 2
+            ref = counter.add.remote(1)  # the calling thread's lane (its first call went by)
+            assert vaccelray.get(ref) == 3
+            lane = ref._lane
+            assert lane is not None
+            # The lane says nothing: the worker closes it (the connection holding the actor
+            # stays open). The next call must not be lost on it.
+            until(lambda: closed_by_peer(lane.sock), "the worker closes the idle lane")
+            assert vaccelray.get(counter.add.remote(1)) == 4
+            assert vaccelray.get(counter.add.remote(1)) == 5
+    finally:
+        proc.stop()

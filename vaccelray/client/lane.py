@@ -66,6 +66,8 @@ class Lane:
 
     def __init__(self, sock: socket.socket, max_message_size: int) -> None:
         self.sock = sock
+        #: A unix socket whose peer closed refuses a write (EPIPE): no need to look first.
+        self._unix = sock.family == socket.AF_UNIX
         self.owner = threading.get_ident()
         self._proto = ClientConnection(max_message_size)
         #: What to do with each outstanding call's outcome, by stream id.
@@ -93,7 +95,7 @@ class Lane:
         """Write one call; False (nothing sent) when the lane cannot take it."""
         timeout_nano = 0 if timeout is None else max(1, math.ceil(timeout * 1e9))
         with self._lock:
-            if self._pending or self.closed or self._peer_closed():
+            if self._pending or self.closed or (not self._unix and self._peer_closed()):
                 return False
             stream_id, data = self._proto.send_request(
                 service, method, payload, timeout_nano=timeout_nano, metadata=metadata
@@ -107,7 +109,11 @@ class Lane:
             return True
 
     def _peer_closed(self) -> bool:
-        """The server closed the lane while it was idle (its idle timeout, a restart)."""
+        """The server closed the lane while it was idle (its idle timeout, a restart).
+
+        Over TCP a write to a closed peer succeeds and the call would be lost with
+        the reset: look first (a recv that does not wait).
+        """
         try:
             data = self.sock.recv(1, _PEEK)
         except BlockingIOError:
