@@ -120,7 +120,11 @@ class ActorLines:
         core.check_blocking(f"cancel() of {ref.name}")
         request.cancelling = True
         ask = asyncio.run_coroutine_threadsafe(self._cancel(request, force), core.loop)
-        state = ask.result()
+        try:  # bounded by the cancel's own connect and call timeouts, unless the loop is gone
+            state = ask.result(2 * core.connect_timeout + 5)
+        except TimeoutError:
+            ask.cancel()
+            state = wire.CallState.ENDED
         if state in (wire.CallState.DROPPED, wire.CallState.KILLED):
             self._end(request, error=core._cancelled_error(ref.name))
             return True

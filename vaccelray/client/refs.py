@@ -110,8 +110,9 @@ class TaskRef(Generic[R]):
         (:class:`CallRunningError`) unless *force*, which kills the actor's process
         (see :meth:`vaccelray.client.actorcalls.ActorLines.cancel`).
         """
-        if not self._future.done() and self.task_id in self._core.actors.calls:
-            return self._core.actors.cancel(self, force)
+        actors = getattr(self._core, "actors", None)  # a Core's; refs settled at once have none
+        if actors is not None and not self._future.done() and self.task_id in actors.calls:
+            return bool(actors.cancel(self, force))
         if not _settle(
             self._future, error=TaskCancelledError(f"{self.name} was cancelled", task=self.name)
         ):
