@@ -202,7 +202,7 @@ class _Actor:
                     StatusCode.RESOURCE_EXHAUSTED,
                     f"actor {self.label()} has {limit} calls waiting, its most",
                 )
-        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        reply: asyncio.Future[bytes] = self.service.loop.create_future()
         self.queue.append(_Call(request.call_id, request.method, request.args, reply))
         self._next()
         return reply
@@ -328,6 +328,8 @@ class ActorService:
         max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
     ) -> None:
         self._tg = tg
+        #: Its event loop (asyncio.get_running_loop() per call costs a getpid syscall).
+        self.loop = asyncio.get_running_loop()
         self.check = check
         self.functions = functions
         self._check_requirements = check_requirements
