@@ -105,7 +105,7 @@ class ActorHandle(Generic[C]):
     made through it there go to the worker's private socket, and block.
     """
 
-    __slots__ = ("_core", "_created", "_last", "_methods", "actor_id", "name")
+    __slots__ = ("_bound", "_core", "_created", "_last", "_methods", "actor_id", "name")
 
     def __init__(
         self, actor_id: str, name: str, methods: tuple[str, ...], core: Core | None
@@ -113,6 +113,8 @@ class ActorHandle(Generic[C]):
         self.actor_id = actor_id
         self.name = name
         self._methods = methods
+        #: ``handle.method`` objects made so far (one per public method at most).
+        self._bound: dict[str, ActorMethod[Any]] = {}
         self._core = core
         self._created: TaskRef[None] = TaskRef(_caller(core), f"{actor_id}-new", name)
         if core is None:  # a copy: the actor was made elsewhere
@@ -127,9 +129,14 @@ class ActorHandle(Generic[C]):
         return (ActorHandle, (self.actor_id, self.name, self._methods, None))
 
     def __getattr__(self, method: str) -> ActorMethod[Any]:
-        if method.startswith("_") or method not in self._methods:
+        if method.startswith("_"):  # (a slot not set yet comes here too)
             raise AttributeError(f"actor class {self.name} has no public method {method!r}")
-        return ActorMethod(self, method)
+        bound = self._bound.get(method)
+        if bound is None:
+            if method not in self._methods:
+                raise AttributeError(f"actor class {self.name} has no public method {method!r}")
+            bound = self._bound[method] = ActorMethod(self, method)
+        return bound
 
     def ready(self) -> TaskRef[None]:
         """Done once its constructor has run; raises its error when it failed."""
