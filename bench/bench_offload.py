@@ -23,7 +23,9 @@ like the worker) to a child process (a blocking echo, like a pool process)
 and back, over unix sockets, with no framing or pickling. It prints the p50
 of a sync no-op task and of a sync actor method call (an actor is a child
 process of its own) as ratios to the floor's (targets <= 1.3), in
-interleaved rounds against one worker.
+interleaved rounds against one worker, and beside them the CPU a round trip
+takes in the client, the daemon and its child (robust where the p50s swing
+with the machine's load).
 
 ``--object-memory`` checks the object store's memory instead: 1 GiB of 16 MiB
 puts (every ref kept) into a worker with ``--object-memory 256M``; it prints the
@@ -49,8 +51,10 @@ private network namespace, so that Ray's node address is loopback:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -245,24 +249,6 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-def floor_p50(path: str, n: int) -> float:
-    """p50 seconds of one byte out and back: client -> daemon -> child -> daemon -> client."""
-    import socket
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    try:
-        lat = []
-        for _ in range(n):
-            t = time.perf_counter()
-            sock.sendall(b"x")
-            sock.recv(1)
-            lat.append(time.perf_counter() - t)
-        return statistics.median(lat)
-    finally:
-        sock.close()
-
-
 def p50_of(call: Callable[[], object], n: int) -> float:
     lat = []
     for _ in range(n):
@@ -272,13 +258,56 @@ def p50_of(call: Callable[[], object], n: int) -> float:
     return statistics.median(lat)
 
 
+def descendants(pid: int) -> list[int]:
+    """*pid*'s children, theirs, and so on (a sandboxed pool process sits under bwrap)."""
+    found, todo = [], [pid]
+    while todo:
+        children = Path(f"/proc/{todo.pop()}/task")
+        for task in children.iterdir() if children.exists() else ():
+            with contextlib.suppress(OSError):
+                kids = [int(c) for c in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of *pids* (all their threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def measured(
+    call: Callable[[], object], n: int, daemon: int, children: list[int]
+) -> dict[str, float]:
+    """The p50 of *n* calls and the CPU per call of the client, the daemon and its *children*."""
+    client, own, kids = time.process_time(), cpu_seconds([daemon]), cpu_seconds(children)
+    p50 = p50_of(call, n)
+    return {
+        "p50": p50,
+        "client": (time.process_time() - client) / n,
+        "daemon": (cpu_seconds([daemon]) - own) / n,
+        "child": (cpu_seconds(children) - kids) / n,
+    }
+
+
 class Nop:
     def nop(self) -> None:
         return None
 
 
 def bench_floor(rounds: int, quick: bool) -> None:
-    """Sync no-op task and actor call p50s as ratios to the raw-bytes floor, interleaved."""
+    """Sync no-op task and actor call p50s as ratios to the raw-bytes floor, interleaved.
+
+    Beside each p50, the CPU one round trip takes in each process (client,
+    daemon, child): on a loaded machine the p50s swing with the scheduler,
+    the CPU much less, and the work a round trip costs is what can be cut.
+    """
     import vaccelray
 
     n = 500 if quick else 2000
@@ -294,10 +323,18 @@ def bench_floor(rounds: int, quick: bool) -> None:
             assert relay.stdout is not None
             assert relay.stdout.readline().strip() == "ready"
             time.sleep(1.0)  # let the pool finish starting
-            with vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(floor_path)
+            with sock, vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
+                pool = descendants(worker.pid)
                 f = vaccelray.offload(noop)
                 actor = vaccelray.offload(Nop).remote_on(client)
                 actor.ready().result()
+                actor_tree = [p for p in descendants(worker.pid) if p not in pool]
+
+                def floor() -> None:
+                    sock.sendall(b"x")
+                    sock.recv(1)
 
                 def task() -> None:
                     client.submit(f).result()
@@ -305,30 +342,46 @@ def bench_floor(rounds: int, quick: bool) -> None:
                 def method() -> None:
                     actor.nop.remote().result()
 
-                for warm in (task, method):
+                for warm in (floor, task, method):
                     p50_of(warm, 200)
-                floor_p50(floor_path, 200)
+                layouts = {
+                    "floor": (floor, relay.pid, descendants(relay.pid)),
+                    "task": (task, worker.pid, pool),
+                    "actor": (method, worker.pid, actor_tree),
+                }
                 rows = []
                 for i in range(rounds):
-                    row = {
-                        "floor": floor_p50(floor_path, n),
-                        "task": p50_of(task, n),
-                        "actor": p50_of(method, n),
-                    }
+                    row = {k: measured(c, n, d, kids) for k, (c, d, kids) in layouts.items()}
                     rows.append(row)
-                    print(
-                        f"round {i + 1}: floor p50 {row['floor'] * 1e6:.0f} us, "
-                        f"task {row['task'] * 1e6:.0f} us ({row['task'] / row['floor']:.2f}x), "
-                        f"actor call {row['actor'] * 1e6:.0f} us "
-                        f"({row['actor'] / row['floor']:.2f}x)"
-                    )
+                    print(f"round {i + 1}:", ", ".join(
+                        f"{k} p50 {r['p50'] * 1e6:.0f} us (cpu {cpu_of(r) * 1e6:.0f} us)"
+                        for k, r in row.items()
+                    ))  # fmt: skip
+                print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
                 for key, label in (("task", "sync no-op task"), ("actor", "sync actor call")):
-                    ratio = statistics.median(r[key] / r["floor"] for r in rows)
-                    print(f"{label} p50 / floor p50: median {ratio:.2f}x (target <= 1.3)")
+                    ratio = statistics.median(r[key]["p50"] / r["floor"]["p50"] for r in rows)
+                    cpu = statistics.median(cpu_of(r[key]) / cpu_of(r["floor"]) for r in rows)
+                    parts = " + ".join(
+                        f"{part} {statistics.median(r[key][part] for r in rows) * 1e6:.0f}"
+                        for part in ("client", "daemon", "child")
+                    )
+                    print(
+                        f"{label} p50 / floor p50: median {ratio:.2f}x (target <= 1.3); "
+                        f"CPU per call / floor's: {cpu:.2f}x ({parts} us)"
+                    )
+                floor_parts = " + ".join(
+                    f"{part} {statistics.median(r['floor'][part] for r in rows) * 1e6:.0f}"
+                    for part in ("client", "daemon", "child")
+                )
+                print(f"floor CPU per round trip: {floor_parts} us")
         finally:
             for process in (relay, worker):
                 process.terminate()
                 process.wait(10)
+
+
+def cpu_of(row: dict[str, float]) -> float:
+    return row["client"] + row["daemon"] + row["child"]
 
 
 def sync_rate(client: object, fn: object, n: int) -> float:

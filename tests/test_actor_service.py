@@ -24,6 +24,7 @@ from vaccelray.protocol import actors as wire
 from vaccelray.protocol import tasks as task_wire
 from vaccelray.protocol.services import (
     CALL_ACTOR,
+    CANCEL_ACTOR_CALL,
     CREATE_ACTOR,
     KILL_ACTOR,
     REGISTER_FUNCTION,
@@ -48,6 +49,12 @@ class Box:
     def put(self, item: int) -> list[int]:
         self.items.append(item)
         return self.items
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def crash(self) -> None:
+        os._exit(3)
 
     def wait_for(self, path: str) -> str:
         Path(path + ".started").touch()
@@ -204,3 +211,101 @@ async def test_calls_queue_in_order_up_to_the_bound(tmp_path: Path) -> None:
             assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
             release.touch()
         assert results == {"held": "seen", "one": [0, 1], "two": [0, 1, 2]}
+
+
+async def test_the_codes_say_lost_or_dead_and_whether_the_call_ran() -> None:
+    """What a scheduler restarts by: UNAVAILABLE, lost with the call; NOT_FOUND, lost before."""
+    async with actor_service() as h:
+        await h.create("a", 1)
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "crash")
+        assert (info.value.code, info.value.reason) == (StatusCode.UNAVAILABLE, Reason.ACTOR_DIED)
+        assert "was lost while running crash" in info.value.message
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "put", 2)
+        assert (info.value.code, info.value.reason) == (StatusCode.NOT_FOUND, Reason.ACTOR_DIED)
+        assert "died: its process exited with status 3" in info.value.message
+        # A lost actor may be created again under its id (by the scheduler that placed it).
+        assert await h.create("a", 5) == task_wire.TaskDone(b"")
+        assert await h.call("a", "put", 6) == [5, 6]
+        # A killed one is dead for good: ABORTED, and its id stays taken.
+        await h.kill("a")
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "put", 7)
+        assert (info.value.code, info.value.reason) == (StatusCode.ABORTED, Reason.ACTOR_DIED)
+        with pytest.raises(RPCError) as info:
+            await h.create("a", 1)
+        assert info.value.code == StatusCode.ALREADY_EXISTS
+
+
+async def test_a_restart_in_the_worker_keeps_the_id_and_counts_down() -> None:
+    async with actor_service() as h:
+        await h.create("a", 1, max_restarts=1)
+        first = await h.call("a", "pid")
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "crash")
+        assert info.value.code == StatusCode.UNAVAILABLE
+        assert await h.call("a", "put", 2) == [1, 2]  # constructed again
+        assert await h.call("a", "pid") != first
+        with pytest.raises(RPCError):
+            await h.call("a", "crash")
+        with pytest.raises(RPCError) as info:  # no restart left
+            await h.call("a", "put", 3)
+        assert info.value.code == StatusCode.NOT_FOUND
+
+
+async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force(
+    tmp_path: Path,
+) -> None:
+    async def cancel(call_id: str, force: bool = False) -> wire.CallState:
+        request = wire.CancelActorCall("a", call_id, force)
+        return (await h.client.call_rpc(CANCEL_ACTOR_CALL, request)).state
+
+    async with actor_service() as h:
+        await h.create("a", 0)
+        release = tmp_path / "go"
+        outcomes: dict[str, Any] = {}
+
+        async def call(call_id: str, method: str, *args: Any) -> None:
+            request = wire.CallActor("a", call_id, method, cloudpickle.dumps((args, {})))
+            try:
+                outcomes[call_id] = await h.client.call_rpc(CALL_ACTOR, request)
+            except RPCError as exc:
+                outcomes[call_id] = exc.code
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "held", "wait_for", str(release))
+            with anyio.fail_after(30):
+                while not os.path.exists(f"{release}.started"):  # noqa: ASYNC110, ASYNC240
+                    await anyio.sleep(0.01)
+            tg.start_soon(call, "one", "put", 1)
+            tg.start_soon(call, "two", "put", 2)
+            with anyio.fail_after(30):
+                while len(h.actors.actors["a"].queue) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            assert await cancel("one") == wire.CallState.DROPPED
+            assert await cancel("one") == wire.CallState.ENDED
+            assert await cancel("held") == wire.CallState.RUNNING
+            release.touch()
+        assert outcomes["one"] == StatusCode.CANCELLED
+        assert cloudpickle.loads(outcomes["held"].result) == "seen"
+        assert cloudpickle.loads(outcomes["two"].result) == [0, 2]  # "one" never ran
+        assert await cancel("nobody") == wire.CallState.ENDED
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "stuck", "wait_for", str(tmp_path / "never"))
+            with anyio.fail_after(30):
+                while not os.path.exists(f"{tmp_path / 'never'}.started"):  # noqa: ASYNC110, ASYNC240
+                    await anyio.sleep(0.01)
+            tg.start_soon(call, "behind", "put", 3)
+            with anyio.fail_after(30):
+                while len(h.actors.actors["a"].queue) < 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            assert await cancel("stuck", force=True) == wire.CallState.KILLED
+        # No restarts: the actor was lost with it (a scheduler may create it again), and so
+        # was the call behind it.
+        assert outcomes["stuck"] == StatusCode.UNAVAILABLE
+        assert outcomes["behind"] == StatusCode.UNAVAILABLE
+        with pytest.raises(RPCError) as info:
+            await h.call("a", "put", 4)
+        assert info.value.code == StatusCode.NOT_FOUND

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +13,13 @@ import pytest
 
 import vaccelray
 from tests.processes import start_daemon, worker_argv
-from tests.test_actors import Counter
+from tests.test_actors import Counter, closed_by_peer
 from tests.test_offload_api import ADDRESS_VARS, add, waits_for
 from tests.test_scheduler_tasks import _ME
+from tests.waiting import until
 from vaccelray.client import Client
+from vaccelray.client.lane import open_lane
+from vaccelray.errors import TransportError
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +128,39 @@ def test_shutdown_fails_a_lane_call_in_flight(tmp_path: Path) -> None:
             ref.result(timeout=60)
     finally:
         os.environ.update(saved)
+
+
+@pytest.mark.parametrize("scheme", ["unix", "tcp"])
+def test_a_lane_whose_server_closed_it_sends_nothing(scheme: str, tmp_path: Path) -> None:
+    """The caller then goes by the loop: over TCP the write would succeed and the call be lost."""
+    family = socket.AF_UNIX if scheme == "unix" else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as server:
+        server.bind(str(tmp_path / "s.sock") if scheme == "unix" else ("127.0.0.1", 0))
+        server.listen()
+        name = server.getsockname()
+        address = f"unix://{name}" if scheme == "unix" else f"tcp://{name[0]}:{name[1]}"
+        lane = open_lane(address, 1 << 20, 10.0)
+        assert lane is not None
+        peer, _ = server.accept()
+        answers: list[object] = []
+        assert lane.send("s", "m", b"1", answers.append, timeout=None, metadata=())
+        assert not lane.idle
+        peer.recv(1 << 16)  # the request came
+        peer.close()
+        lane.pump(lambda: bool(answers), 30)
+        assert isinstance(answers[0], vaccelray.WorkerLostError | TransportError)
+        assert lane.closed
+    # A lane found closed while idle: nothing is written, the caller is told.
+    with socket.socket(family, socket.SOCK_STREAM) as server:
+        server.bind(str(tmp_path / "t.sock") if scheme == "unix" else ("127.0.0.1", 0))
+        server.listen()
+        name = server.getsockname()
+        address = f"unix://{name}" if scheme == "unix" else f"tcp://{name[0]}:{name[1]}"
+        lane = open_lane(address, 1 << 20, 10.0)
+        assert lane is not None
+        peer, _ = server.accept()
+        peer.close()
+        until(lambda: closed_by_peer(lane.sock), "the close reaches the lane")
+        assert lane.send("s", "m", b"2", answers.append, timeout=None, metadata=()) is False
+        assert lane.closed
+        assert not lane.idle

@@ -293,6 +293,7 @@ def test_public_api_is_exact() -> None:
             "ActorHandle",
             "ActorMethod",
             "AuthenticationError",
+            "CallRunningError",
             "CapabilityError",
             "Client",
             "GetTimeoutError",

@@ -13,6 +13,7 @@ from vaccelray.client.api import (
 from vaccelray.client.errors import (
     ActorDiedError,
     AuthenticationError,
+    CallRunningError,
     CapabilityError,
     GetTimeoutError,
     ObjectLostError,
@@ -32,6 +33,7 @@ __all__ = [
     "ActorHandle",
     "ActorMethod",
     "AuthenticationError",
+    "CallRunningError",
     "CapabilityError",
     "Client",
     "GetTimeoutError",

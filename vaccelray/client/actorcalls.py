@@ -12,6 +12,11 @@ Nothing waits for a reply before the next request leaves.
 Actor requests are not retried: an actor lives in one process of one worker,
 and dies with the connection that created it. A lost connection fails them
 with :class:`ActorDiedError`.
+
+``ref.cancel()`` of a call (:meth:`ActorLines.cancel`) drops it while it
+waits (here, at the scheduler or at the worker); a running method is not
+interrupted, and ``cancel()`` says so (:class:`CallRunningError`) unless
+``force=True``, which kills the actor's process: a loss like any other.
 """
 
 from __future__ import annotations
@@ -24,13 +29,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vaccelray.client.errors import ActorDiedError, TaskError
+from vaccelray.client.errors import ActorDiedError, CallRunningError, TaskError
 from vaccelray.client.outcomes import load_result, rpc_failure, task_failure
 from vaccelray.client.refs import TaskRef, _settle
 from vaccelray.client.remote import FunctionSpec, Options, pickle_args
 from vaccelray.errors import Reason, RPCError, TransportError
 from vaccelray.protocol import actors as wire
-from vaccelray.protocol.services import CALL_ACTOR, CREATE_ACTOR, KILL_ACTOR, Rpc
+from vaccelray.protocol.services import (
+    CALL_ACTOR,
+    CANCEL_ACTOR_CALL,
+    CREATE_ACTOR,
+    KILL_ACTOR,
+    Rpc,
+)
 from vaccelray.protocol.tasks import TaskDone
 from vaccelray.transport.client import Client as Connection
 from vaccelray.transport.client import Outcome
@@ -63,6 +74,8 @@ class ActorRequest:
     #: Pickled arguments; None until TaskRef arguments are resolved.
     payload: bytes | None
     options: Options
+    #: ``ref.cancel()`` asks for it to stop: an error answer means it was stopped.
+    cancelling: bool = False
 
 
 class _Line:
@@ -79,6 +92,67 @@ class ActorLines:
     def __init__(self, core: Core) -> None:
         self.core = core
         self._lines: dict[str, _Line] = {}
+        #: The calls not answered yet, by task id (what ``ref.cancel()`` looks for).
+        self.calls: dict[str, ActorRequest] = {}
+
+    def track(self, request: ActorRequest) -> None:
+        """Keep *request* (a call) findable by :meth:`cancel` until it is settled here."""
+        self.calls[request.ref.task_id] = request
+
+    def _end(
+        self, request: ActorRequest, value: Any = None, error: BaseException | None = None
+    ) -> None:
+        """Settle *request*'s TaskRef: it is no longer a call to cancel."""
+        self.calls.pop(request.ref.task_id, None)
+        _settle(request.ref._future, value, error)
+
+    def cancel(self, ref: TaskRef[Any], force: bool) -> bool:
+        """Cancel an actor's call (on any thread but the loop's; blocks for the answer).
+
+        True when it was dropped (or, *force*, its actor's process killed): waiting
+        on *ref* raises TaskCancelledError. False when it had ended. Raises
+        :class:`CallRunningError` when it runs (without *force*): it runs on.
+        """
+        request = self.calls.get(ref.task_id)
+        if request is None:
+            return False
+        core = self.core
+        core.check_blocking(f"cancel() of {ref.name}")
+        request.cancelling = True
+        ask = asyncio.run_coroutine_threadsafe(self._cancel(request, force), core.loop)
+        try:  # bounded by the cancel's own connect and call timeouts, unless the loop is gone
+            state = ask.result(2 * core.connect_timeout + 5)
+        except TimeoutError:
+            ask.cancel()
+            state = wire.CallState.ENDED
+        if state in (wire.CallState.DROPPED, wire.CallState.KILLED):
+            self._end(request, error=core._cancelled_error(ref.name))
+            return True
+        request.cancelling = False  # its answer, whatever it is, stands
+        if state is wire.CallState.RUNNING:
+            raise CallRunningError(
+                f"{ref.name} is running: a running actor method is not interrupted; "
+                "cancel(force=True) kills its actor (its other calls then go to the actor "
+                "created again while max_restarts allows, else fail with ActorDiedError)"
+            )
+        return False
+
+    async def _cancel(self, request: ActorRequest, force: bool) -> wire.CallState:
+        ref, core = request.ref, self.core
+        line = self._lines.get(request.actor_id)
+        if line is not None and request in line.backlog:  # not sent: its turn skips it
+            return wire.CallState.DROPPED if not ref.done() else wire.CallState.ENDED
+        try:
+            conn = await core.connection()
+            reply = await conn.call_rpc(
+                CANCEL_ACTOR_CALL,
+                wire.CancelActorCall(request.actor_id, ref.task_id, force),
+                timeout=core.connect_timeout,
+                metadata=core.metadata,
+            )
+        except (TransportError, RPCError):
+            return wire.CallState.ENDED  # the call fails with the connection, or is answered
+        return reply.state
 
     def put(self, request: ActorRequest) -> None:
         """Send *request* now when nothing of its actor waits, else queue it in its line."""
@@ -119,15 +193,16 @@ class ActorLines:
                         spec = request.spec
                         if spec is not None and spec.digest not in core._registered:
                             await core._register(conn, spec, request.options.timeout)
-                        self._send(request, conn)
+                        if not request.ref.done():  # cancelled meanwhile
+                            self._send(request, conn)
                     except (TransportError, RPCError) as exc:
-                        _settle(request.ref._future, error=_failure(request, exc))
+                        self._end(request, error=_failure(request, exc))
                     except Exception as exc:
-                        _settle(request.ref._future, error=exc)
+                        self._end(request, error=exc)
                 line.backlog.popleft()
         except asyncio.CancelledError:
             for request in line.backlog:
-                _settle(request.ref._future, error=core._cancelled_error(request.ref.name))
+                self._end(request, error=core._cancelled_error(request.ref.name))
             raise
         finally:
             if self._lines.get(actor_id) is line:
@@ -160,25 +235,27 @@ class ActorLines:
     def settle(self, request: ActorRequest, outcome: Outcome | bytes | BaseException) -> None:
         """Settle *request*'s TaskRef with its outcome (on any thread: a lane's too)."""
         ref = request.ref
-        if isinstance(outcome, asyncio.CancelledError):
-            _settle(ref._future, error=self.core._cancelled_error(ref.name))
+        if isinstance(outcome, asyncio.CancelledError) or (
+            request.cancelling and isinstance(outcome, RPCError)
+        ):
+            self._end(request, error=self.core._cancelled_error(ref.name))
             return
         try:
             if isinstance(outcome, BaseException):
-                _settle(ref._future, error=_failure(request, outcome))
+                self._end(request, error=_failure(request, outcome))
             elif request.kind is Kind.KILL:
-                _settle(ref._future, KILL_ACTOR.reply.decode(outcome).killed)
+                self._end(request, KILL_ACTOR.reply.decode(outcome).killed)
             else:
                 reply = CALL_ACTOR.reply.decode(outcome)
                 if isinstance(reply, TaskDone):
                     value = (
                         None if request.kind is Kind.CREATE else load_result(reply.result, ref.name)
                     )
-                    _settle(ref._future, value)
+                    self._end(request, value)
                 else:
-                    _settle(ref._future, error=task_failure(reply, ref.name))
+                    self._end(request, error=task_failure(reply, ref.name))
         except Exception as exc:  # raised here, it would break the connection's read loop
-            _settle(ref._future, error=exc)
+            self._end(request, error=exc)
 
     def cancel_all(self) -> None:
         for line in list(self._lines.values()):
@@ -213,16 +290,6 @@ def encode_request(request: ActorRequest) -> bytes:
             wire.CallActor(request.actor_id, request.ref.task_id, request.method, payload)
         )
     return KILL_ACTOR.request.encode(wire.KillActor(request.actor_id))
-
-
-def _load(data: bytes, name: str) -> Any:
-
-    return load_result(data, name)
-
-
-def _reply_failure(reply: Any, name: str) -> BaseException:
-
-    return task_failure(reply, name)
 
 
 def _failure(request: ActorRequest, exc: BaseException) -> BaseException:

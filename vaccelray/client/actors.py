@@ -105,7 +105,7 @@ class ActorHandle(Generic[C]):
     made through it there go to the worker's private socket, and block.
     """
 
-    __slots__ = ("_core", "_created", "_last", "_methods", "actor_id", "name")
+    __slots__ = ("_bound", "_core", "_created", "_last", "_methods", "actor_id", "name")
 
     def __init__(
         self, actor_id: str, name: str, methods: tuple[str, ...], core: Core | None
@@ -113,6 +113,8 @@ class ActorHandle(Generic[C]):
         self.actor_id = actor_id
         self.name = name
         self._methods = methods
+        #: ``handle.method`` objects made so far (one per public method at most).
+        self._bound: dict[str, ActorMethod[Any]] = {}
         self._core = core
         self._created: TaskRef[None] = TaskRef(_caller(core), f"{actor_id}-new", name)
         if core is None:  # a copy: the actor was made elsewhere
@@ -127,9 +129,14 @@ class ActorHandle(Generic[C]):
         return (ActorHandle, (self.actor_id, self.name, self._methods, None))
 
     def __getattr__(self, method: str) -> ActorMethod[Any]:
-        if method.startswith("_") or method not in self._methods:
+        if method.startswith("_"):  # (a slot not set yet comes here too)
             raise AttributeError(f"actor class {self.name} has no public method {method!r}")
-        return ActorMethod(self, method)
+        bound = self._bound.get(method)
+        if bound is None:
+            if method not in self._methods:
+                raise AttributeError(f"actor class {self.name} has no public method {method!r}")
+            bound = self._bound[method] = ActorMethod(self, method)
+        return bound
 
     def ready(self) -> TaskRef[None]:
         """Done once its constructor has run; raises its error when it failed."""
@@ -142,11 +149,12 @@ class ActorHandle(Generic[C]):
         if core is None:
             return _call_local(self, method, args, kwargs, options)
         ref: TaskRef[Any] = TaskRef(core, core.next_id(), f"{self.name}.{method}")
-        has_refs = any(type(a) is TaskRef for a in (*args, *kwargs.values()))
+        has_refs = (args or kwargs) and any(type(a) is TaskRef for a in (*args, *kwargs.values()))
         payload = None if has_refs else pickle_args(ref.name, args, kwargs, core.arg_limit)
         request = ActorRequest(
             Kind.CALL, ref, self.actor_id, None, method, args, kwargs, payload, options
         )
+        core.actors.track(request)
         last, self._last = self._last, ref
         # With every earlier request answered, no order can be broken: the calling
         # thread may send this one itself (see vaccelray.client.lane).
@@ -156,6 +164,10 @@ class ActorHandle(Generic[C]):
                 return ref
         core.submit_actor(request)
         return ref
+
+
+#: The options of a method called without ``.options()`` (frozen: shared).
+_NO_OPTIONS = Options()
 
 
 class ActorMethod(Generic[C]):
@@ -168,7 +180,7 @@ class ActorMethod(Generic[C]):
     ) -> None:
         self._handle = handle
         self._method = method
-        self._options = options or Options()
+        self._options = options or _NO_OPTIONS
 
     def options(self, **changes: Any) -> ActorMethod[C]:
         """A copy with other call options (``timeout``)."""

@@ -22,6 +22,7 @@ from vaccelray.protocol.tasks import RemoteError
 __all__ = [
     "ActorDiedError",
     "AuthenticationError",
+    "CallRunningError",
     "CapabilityError",
     "GetTimeoutError",
     "ObjectLostError",
@@ -73,6 +74,10 @@ class WorkerLostError(TaskError):
 
 class TaskTimeoutError(TaskError, TimeoutError):
     """The task did not finish within its ``timeout``; it was stopped on the worker."""
+
+
+class CallRunningError(VaccelrayError):
+    """``ref.cancel()`` of an actor's running call: it runs on (``force=True`` kills the actor)."""
 
 
 class TaskCancelledError(TaskError):

@@ -34,6 +34,8 @@ __all__ = ["MAX_LANES", "Lane", "LaneOutcome", "open_lane"]
 MAX_LANES: Final = 8
 #: What a lane's call ends with: the reply's payload, or the error.
 LaneOutcome = bytes | BaseException
+#: recv flags of the look at an idle lane (an int: a Flag's ``|`` costs on every call).
+_PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def open_lane(address: str, max_message_size: int, timeout: float) -> Lane | None:
@@ -64,6 +66,8 @@ class Lane:
 
     def __init__(self, sock: socket.socket, max_message_size: int) -> None:
         self.sock = sock
+        #: A unix socket whose peer closed refuses a write (EPIPE): no need to look first.
+        self._unix = sock.family == socket.AF_UNIX
         self.owner = threading.get_ident()
         self._proto = ClientConnection(max_message_size)
         #: What to do with each outstanding call's outcome, by stream id.
@@ -91,7 +95,7 @@ class Lane:
         """Write one call; False (nothing sent) when the lane cannot take it."""
         timeout_nano = 0 if timeout is None else max(1, math.ceil(timeout * 1e9))
         with self._lock:
-            if self._pending or self.closed or self._peer_closed():
+            if self._pending or self.closed or (not self._unix and self._peer_closed()):
                 return False
             stream_id, data = self._proto.send_request(
                 service, method, payload, timeout_nano=timeout_nano, metadata=metadata
@@ -105,9 +109,13 @@ class Lane:
             return True
 
     def _peer_closed(self) -> bool:
-        """The server closed the lane while it was idle (its idle timeout, a restart)."""
+        """The server closed the lane while it was idle (its idle timeout, a restart).
+
+        Over TCP a write to a closed peer succeeds and the call would be lost with
+        the reset: look first (a recv that does not wait).
+        """
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = self.sock.recv(1, _PEEK)
         except BlockingIOError:
             return False
         except OSError:
@@ -153,7 +161,9 @@ class Lane:
                     else:
                         on_done(event.payload)
                 return
-            self.sock.settimeout(timeout)
+            # The socket blocks; a timeout is set only for this read (each change is a syscall).
+            if timeout is not None:
+                self.sock.settimeout(timeout)
             try:
                 chunk = self.sock.recv(1 << 16)
             except TimeoutError:
@@ -162,7 +172,7 @@ class Lane:
                 self._fail(TransportError(f"the connection was lost: {exc}"))
                 return
             finally:
-                if not self.closed:
+                if timeout is not None and not self.closed:
                     self.sock.settimeout(None)
             if not chunk:
                 self._fail(TransportError("the worker closed the connection"))

@@ -118,11 +118,17 @@ class TaskRef(Generic[R]):
         except TimeoutError:
             raise self._get_timeout(timeout) from None
 
-    def cancel(self) -> bool:
+    def cancel(self, *, force: bool = False) -> bool:
         """Stop the task (killing its pool process if it runs); False if it already ended.
 
-        Waiting on a cancelled task raises :class:`TaskCancelledError`.
+        Waiting on a cancelled task raises :class:`TaskCancelledError`. An actor's
+        call is dropped while it waits its turn; a running method is not interrupted
+        (:class:`CallRunningError`) unless *force*, which kills the actor's process
+        (see :meth:`vaccelray.client.actorcalls.ActorLines.cancel`).
         """
+        actors = getattr(self._core, "actors", None)  # a Core's; refs settled at once have none
+        if actors is not None and not self._future.done() and self.task_id in actors.calls:
+            return bool(actors.cancel(self, force))
         if not _settle(
             self._future, error=TaskCancelledError(f"{self.name} was cancelled", task=self.name)
         ):

@@ -15,13 +15,21 @@ Methods (request → reply):
     worker's actor bounds: RESOURCE_EXHAUSTED at once.
 ``CallActor``    :class:`CallActor` → :data:`~vaccelray.protocol.tasks.TaskReply`
     Call a method; an actor's calls run one at a time in the order they
-    arrive. A dead or unknown actor: NOT_FOUND with the reason ``ACTOR_DIED``.
+    arrive. A lost, dead or unknown actor: the reason ``ACTOR_DIED``, with
+    UNAVAILABLE (lost with the call, which may have run), NOT_FOUND (unknown,
+    or lost before the call: it did not run) or ABORTED (killed: dead for good).
 ``KillActor``    :class:`KillActor` → :class:`ActorKilled`
     Stop an actor: its process is killed, its pending calls fail (``ACTOR_DIED``).
+``CancelActorCall``  :class:`CancelActorCall` → :class:`ActorCallCancelled`
+    Cancel one call (by its ``call_id``): one waiting its turn is dropped (it
+    fails CANCELLED); a running one runs on (a method is not interrupted)
+    unless ``force``, which kills the actor's process: a loss like any other
+    (the actor is created again while ``max_restarts`` allows, else it dies).
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Final
 
 import msgspec
@@ -30,12 +38,17 @@ from vaccelray.errors import RPCError, StatusCode
 
 __all__ = [
     "MAX_ACTOR_ID",
+    "MAX_CALL_ID",
     "MAX_METHOD_NAME",
     "METHOD_CALL",
+    "METHOD_CANCEL_CALL",
     "METHOD_CREATE",
     "METHOD_KILL",
+    "ActorCallCancelled",
     "ActorKilled",
     "CallActor",
+    "CallState",
+    "CancelActorCall",
     "CreateActor",
     "KillActor",
     "check_fields",
@@ -44,11 +57,14 @@ __all__ = [
 METHOD_CREATE: Final = "CreateActor"
 METHOD_CALL: Final = "CallActor"
 METHOD_KILL: Final = "KillActor"
+METHOD_CANCEL_CALL: Final = "CancelActorCall"
 
 #: Characters an actor id may have (clients make 32 hex digits).
 MAX_ACTOR_ID: Final = 64
 #: Characters of a method name.
 MAX_METHOD_NAME: Final = 256
+#: Characters of a call id (clients make ``<pid>-<6 hex digits>-<count>``).
+MAX_CALL_ID: Final = 64
 
 
 class CreateActor(msgspec.Struct, array_like=True, frozen=True):
@@ -87,6 +103,31 @@ class ActorKilled(msgspec.Struct, array_like=True, frozen=True):
     killed: bool
 
 
+class CancelActorCall(msgspec.Struct, array_like=True, frozen=True):
+    actor_id: str
+    #: The ``CallActor.call_id`` of the call.
+    call_id: str
+    #: Kill the actor's process if the call runs (else a running call runs on).
+    force: bool = False
+
+
+class CallState(enum.IntEnum):
+    """What became of a call a CancelActorCall named."""
+
+    #: Not waiting or running there (it ended, or never came): nothing done.
+    ENDED = 0
+    #: It was waiting its turn: dropped, it fails CANCELLED.
+    DROPPED = 1
+    #: It runs, and runs on (no ``force``): its answer will come.
+    RUNNING = 2
+    #: It was running: the actor's process was killed (``force``).
+    KILLED = 3
+
+
+class ActorCallCancelled(msgspec.Struct, array_like=True, frozen=True):
+    state: CallState
+
+
 def check_fields(request: Any, limit: int) -> None:
     """INVALID_ARGUMENT for an actor id or method name out of bounds (an Rpc's limits)."""
     actor_id: str = request.actor_id
@@ -94,6 +135,12 @@ def check_fields(request: Any, limit: int) -> None:
         raise RPCError(
             StatusCode.INVALID_ARGUMENT,
             f"an actor id has 1 to {MAX_ACTOR_ID} characters, not {len(actor_id)}",
+        )
+    call_id: str = getattr(request, "call_id", "x")
+    if not call_id or len(call_id) > MAX_CALL_ID:
+        raise RPCError(
+            StatusCode.INVALID_ARGUMENT,
+            f"a call id has 1 to {MAX_CALL_ID} characters, not {len(call_id)}",
         )
     method: str = getattr(request, "method", "x")
     if not method or len(method) > MAX_METHOD_NAME or method.startswith("_"):

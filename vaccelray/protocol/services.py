@@ -382,6 +382,13 @@ KILL_ACTOR: Final = Rpc(
     MsgpackCodec[actors.ActorKilled](actors.ActorKilled),
     limits=actors.check_fields,
 )
+CANCEL_ACTOR_CALL: Final = Rpc(
+    info.WORKER_SERVICE,
+    actors.METHOD_CANCEL_CALL,
+    MsgpackCodec[actors.CancelActorCall](actors.CancelActorCall),
+    MsgpackCodec[actors.ActorCallCancelled](actors.ActorCallCancelled),
+    limits=actors.check_fields,
+)
 
 PUT_OBJECT: Final = Rpc(
     info.WORKER_SERVICE,
@@ -421,6 +428,7 @@ WORKER: Final = ServiceSpec(
         PUT_OBJECT,
         GET_OBJECT,
         RELEASE_OBJECTS,
+        CANCEL_ACTOR_CALL,
     ),
 )
 

@@ -10,10 +10,15 @@ arrived: each waits for the one before it to be answered (the actor runs one
 call at a time anyway), so the order holds whatever the connections to the
 workers do.
 
-A worker lost while holding an actor loses the actor: the call in flight
-fails with ``ACTOR_DIED``; the actor is created again on another worker
-(constructor re-run) while its ``max_restarts`` allows (the worker restarts a
-lost *process* on its own, counting apart), else it is dead. Actors belong
+An actor is lost with its worker, or with its process (the worker says so:
+see :mod:`vaccelray.worker.actors`). The scheduler alone restarts the actors
+it places (it forwards them with no restarts of their own), so one loss makes
+one restart and ``max_restarts`` counts them all: the call that noticed the
+loss creates the actor again (constructor re-run; on another worker when its
+worker was lost) while its ``max_restarts`` allows, else buries it. That call
+fails with ``ACTOR_DIED`` when it may have run on the lost instance, else it
+goes to the new one; the calls behind it wait their turn and go to the new
+one. Killed, or failed in its constructor, an actor is dead for good. Actors belong
 to the client connection that made them: bounded per connection
 (``max_actors_per_connection``, RESOURCE_EXHAUSTED past it), killed on their
 workers when it closes. Any connection that knows an actor's id (128 random
@@ -34,7 +39,7 @@ import msgspec
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol import actors as wire
 from vaccelray.protocol import tasks as task_wire
-from vaccelray.protocol.services import CALL_ACTOR, CREATE_ACTOR, KILL_ACTOR
+from vaccelray.protocol.services import CALL_ACTOR, CANCEL_ACTOR_CALL, CREATE_ACTOR, KILL_ACTOR
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import WorkerRecord
 from vaccelray.scheduler.tasks import Flight, NotServed, TaskRouter
@@ -69,6 +74,8 @@ class _Placed:
         #: Set when the request before the newest one has been answered.
         self.tail = anyio.Event()
         self.tail.set()
+        #: The calls here by call id: False while waiting their turn, True once forwarded.
+        self.calls: dict[str, bool] = {}
 
     def turn(self) -> tuple[anyio.Event, anyio.Event]:
         """(the event to wait for, the event to set when done): taken in arrival order."""
@@ -102,6 +109,7 @@ class ActorRouter:
             CREATE_ACTOR.method: Method(self._create),
             CALL_ACTOR.method: Method(self._call),
             KILL_ACTOR.method: Method(self._kill),
+            CANCEL_ACTOR_CALL.method: Method(self._cancel_call),
         }
 
     # -- the table ------------------------------------------------------------------
@@ -181,7 +189,7 @@ class ActorRouter:
         """Create the actor on the best worker not in *exclude*; its CreateActor reply."""
         request = placed.request
         forward = CREATE_ACTOR.request.encode(
-            msgspec.structs.replace(request, owner=str(placed.owner))
+            msgspec.structs.replace(request, owner=str(placed.owner), max_restarts=0)
         )
         tried = list(exclude)
         last_error = ""
@@ -206,9 +214,16 @@ class ActorRouter:
             except NotServed as exc:
                 last_error = f"{exc.address}: {exc}"
             except RPCError as exc:
-                if exc.code != StatusCode.RESOURCE_EXHAUSTED:
+                if exc.reason is Reason.ACTOR_DIED and exc.code == StatusCode.UNAVAILABLE:
+                    if placed.restarts_left <= 0:  # its process lost in its constructor
+                        raise
+                    placed.restarts_left -= 1
+                    tried.remove(worker.address)  # the worker is fine: it may go there again
+                    last_error = f"{worker.address}: {exc.message}"
+                elif exc.code != StatusCode.RESOURCE_EXHAUSTED:
                     raise
-                last_error = f"{worker.address}: {exc.message}"
+                else:
+                    last_error = f"{worker.address}: {exc.message}"
             else:
                 placed.address, placed.instance = worker.address, worker.instance
                 log.info("Actor %s %s is on %s", request.name, request.actor_id, worker.address)
@@ -235,58 +250,96 @@ class ActorRouter:
         CALL_ACTOR.check(request, 0)
         key = request.actor_id
         placed = self._find(key)
+        call_id = request.call_id
+        placed.calls[call_id] = False
         before, mine = placed.turn()
         try:
             await before.wait()
-            if self.actors.get(key) is not placed:  # died while this call waited
-                self._find(key)
-            address = placed.address
-            assert address is not None
+            if call_id not in placed.calls:  # cancelled while it waited
+                raise RPCError(
+                    StatusCode.CANCELLED, f"call {request.method} of actor {key} was cancelled"
+                )
+            placed.calls[call_id] = True
+            while True:
+                if self.actors.get(key) is not placed:  # died while this call waited
+                    self._find(key)
+                address = placed.address
+                assert address is not None
+                try:
+                    return await self.pool.call(
+                        address,
+                        CALL_ACTOR.service,
+                        CALL_ACTOR.method,
+                        payload,
+                        timeout=ctx.time_left(),
+                    )
+                except WorkerUnavailable as exc:
+                    why = f"lost its worker {exc.address} ({exc})"
+                    if exc.sent:
+                        why = f"{why} while running {request.method}"
+                    ran, exclude = exc.sent, [exc.address]
+                except RPCError as exc:
+                    if exc.reason is not Reason.ACTOR_DIED:
+                        raise
+                    why = exc.message.removeprefix(f"actor {key} ")
+                    if exc.code not in (StatusCode.UNAVAILABLE, StatusCode.NOT_FOUND):
+                        self._bury(key, placed, why)  # killed, or failed: dead for good
+                        raise
+                    ran, exclude = exc.code == StatusCode.UNAVAILABLE, []
+                await self._restart(key, placed, why, ctx, exclude)
+                if ran:
+                    raise _died(key, why)
+                # It never reached the lost instance: on to the new one (or the grave).
+        finally:
+            placed.calls.pop(call_id, None)
+            mine.set()
+
+    async def _cancel_call(self, payload: bytes, ctx: CallContext) -> bytes:
+        """Drop a call waiting its turn here; for one forwarded, ask its worker."""
+        request = CANCEL_ACTOR_CALL.request.decode(payload)
+        CANCEL_ACTOR_CALL.check(request, 0)
+        placed = self.actors.get(request.actor_id)
+        forwarded = None if placed is None else placed.calls.get(request.call_id)
+        if placed is None or forwarded is None:
+            state = wire.CallState.ENDED
+        elif not forwarded:
+            del placed.calls[request.call_id]
+            state = wire.CallState.DROPPED
+        else:
+            assert placed.address is not None
             try:
                 return await self.pool.call(
-                    address,
-                    CALL_ACTOR.service,
-                    CALL_ACTOR.method,
+                    placed.address,
+                    CANCEL_ACTOR_CALL.service,
+                    CANCEL_ACTOR_CALL.method,
                     payload,
                     timeout=ctx.time_left(),
                 )
-            except WorkerUnavailable as exc:
-                raise await self._worker_lost(key, placed, request, exc, ctx) from exc
-            except RPCError as exc:
-                if exc.reason is Reason.ACTOR_DIED:
-                    self._bury(key, placed, exc.message.removeprefix(f"actor {request.actor_id} "))
-                raise
-        finally:
-            mine.set()
+            except WorkerUnavailable:  # the call fails with its worker
+                state = wire.CallState.ENDED
+        return CANCEL_ACTOR_CALL.reply.encode(wire.ActorCallCancelled(state))
 
-    async def _worker_lost(
-        self,
-        key: str,
-        placed: _Placed,
-        request: wire.CallActor,
-        exc: WorkerUnavailable,
-        ctx: CallContext,
-    ) -> RPCError:
-        """The error of the call in flight when the actor's worker was lost; restart it."""
-        why = f"lost its worker {exc.address} ({exc})"
+    async def _restart(
+        self, key: str, placed: _Placed, why: str, ctx: CallContext, exclude: Sequence[str]
+    ) -> None:
+        """The actor was lost: create it again while its restarts allow, else bury it."""
         if placed.restarts_left <= 0:
             self._bury(key, placed, why)
-            return _died(request.actor_id, why)
+            return
         placed.restarts_left -= 1
         log.warning(
-            "Actor %s %s; creating it again elsewhere (%d restarts left)",
-            request.actor_id,
-            why,
-            placed.restarts_left,
+            "Actor %s %s; creating it again (%d restarts left)", key, why, placed.restarts_left
         )
         try:
-            reply = await self._place(placed, ctx, (exc.address,))
+            reply = await self._place(placed, ctx, exclude)
         except Exception as error:
             self._bury(key, placed, f"{why} and could not be created again: {error}")
-        else:
-            if isinstance(CREATE_ACTOR.reply.decode(reply), task_wire.TaskFailed):
-                self._bury(key, placed, f"{why} and failed in its constructor again")
-        return _died(request.actor_id, f"{why} while running {request.method}")
+            return
+        if self.actors.get(key) is not placed:  # killed, or its client gone, meanwhile
+            assert placed.address is not None
+            self._task_group.start_soon(self._kill_on, placed.address, key)
+        elif isinstance(CREATE_ACTOR.reply.decode(reply), task_wire.TaskFailed):
+            self._bury(key, placed, f"{why} and failed in its constructor again")
 
     async def _kill(self, payload: bytes, ctx: CallContext) -> bytes:
         request = KILL_ACTOR.request.decode(payload)

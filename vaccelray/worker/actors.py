@@ -15,6 +15,14 @@ Otherwise it is dead: its running and queued calls, and every later one,
 fail with the reason ``ACTOR_DIED``. ``KillActor``, and the close of the
 connection that created it, kill it the same way.
 
+The status code says what its caller may do (a scheduler restarts the actors
+it placed itself, so it forwards them with no restarts of their own):
+UNAVAILABLE, the actor was *lost* (its process, or the worker stopping) with
+the call accepted, which may have run; NOT_FOUND, no actor by that id here,
+never one or one lost before the call came, which did not run; ABORTED, it
+was killed or its constructor failed: dead for good. A lost actor's id may
+be created again; a dead one's may not.
+
 Bounds: ``max_actors`` on the worker and ``max_actors_per_connection`` per
 client connection (a CreateActor past either is refused RESOURCE_EXHAUSTED at
 once), and ``max_pending_calls`` queued per actor (likewise). Behind a
@@ -27,12 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 from anyio.abc import TaskGroup
@@ -42,12 +49,21 @@ from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
 from vaccelray.protocol import actors as wire
 from vaccelray.protocol import tasks as task_wire
-from vaccelray.protocol.services import CALL_ACTOR, CREATE_ACTOR, KILL_ACTOR, WORKER
+from vaccelray.protocol.services import (
+    CALL_ACTOR,
+    CANCEL_ACTOR_CALL,
+    CREATE_ACTOR,
+    KILL_ACTOR,
+    WORKER,
+)
 from vaccelray.transport.server import CallContext, Method, Service
 from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
 from vaccelray.worker.poolchild import OK, Done
 from vaccelray.worker.replies import outcome_reply
 from vaccelray.worker.sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from vaccelray.worker.pool import _Job
 
 __all__ = [
     "DEFAULT_MAX_ACTORS",
@@ -70,8 +86,17 @@ _GRAVES: Final = 1024
 _CREATE: Final = "__init__"
 
 
-def _died(actor_id: str, why: str) -> RPCError:
-    return RPCError(StatusCode.ABORTED, f"actor {actor_id} {why}", reason=Reason.ACTOR_DIED)
+def _died(actor_id: str, why: str, *, lost: bool) -> RPCError:
+    """The error of a call the actor had accepted: UNAVAILABLE when *lost*, else ABORTED."""
+    code = StatusCode.UNAVAILABLE if lost else StatusCode.ABORTED
+    return RPCError(code, f"actor {actor_id} {why}", reason=Reason.ACTOR_DIED)
+
+
+def _cancelled(call: _Call, label: str) -> None:
+    if not call.reply.done():
+        call.reply.set_exception(
+            RPCError(StatusCode.CANCELLED, f"call {call.method} of actor {label} was cancelled")
+        )
 
 
 class _Call:
@@ -105,13 +130,16 @@ class _Actor:
         self.owner = owner
         self.restarts_left = request.max_restarts
         self.queue: collections.deque[_Call] = collections.deque()
-        #: The call its process runs; None while idle or (re)constructing.
+        #: The call its process runs, and its pool job; None while idle or (re)constructing.
         self.running: _Call | None = None
+        self.job: _Job | None = None
         #: The reply of CreateActor until the first constructor has run.
         self.created: asyncio.Future[bytes] | None = created
         self.constructing = True
         #: Why it died; None while alive.
         self.death: str | None = None
+        #: It died for the loss of its process (not killed, not failed): it may be created again.
+        self.lost = False
         #: Its pool's start has ended: from then on, whoever buries it closes the pool.
         self.started = False
         self.pool = Pool(
@@ -142,7 +170,7 @@ class _Actor:
                 method=_CREATE,
             )
         except PoolProcessLost as exc:
-            self.die(f"could not start: {exc}")
+            self.die(f"could not start: {exc}", lost=True)
 
     def _constructed(self, outcome: Done | PoolProcessLost) -> None:
         if isinstance(outcome, PoolProcessLost):
@@ -166,22 +194,18 @@ class _Actor:
     def call(self, request: wire.CallActor) -> asyncio.Future[bytes]:
         limit = self.service.max_pending_calls
         if limit and len(self.queue) >= limit:
-            raise RPCError(
-                StatusCode.RESOURCE_EXHAUSTED,
-                f"actor {self.label()} has {limit} calls waiting, its most",
-            )
-        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        call = _Call(request.call_id, request.method, request.args, reply)
-        self.queue.append(call)
-        reply.add_done_callback(lambda _: self._withdrawn(call))
+            # Calls given up while waiting (deadline, client gone) leave the queue only
+            # here or at their turn: no callback per call for the rare case.
+            self.queue = collections.deque(c for c in self.queue if not c.reply.done())
+            if len(self.queue) >= limit:
+                raise RPCError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"actor {self.label()} has {limit} calls waiting, its most",
+                )
+        reply: asyncio.Future[bytes] = self.service.loop.create_future()
+        self.queue.append(_Call(request.call_id, request.method, request.args, reply))
         self._next()
         return reply
-
-    def _withdrawn(self, call: _Call) -> None:
-        """A call's reply is settled: one given up (deadline, client gone) leaves the queue."""
-        if call.reply.cancelled() and call is not self.running:
-            with contextlib.suppress(ValueError):
-                self.queue.remove(call)
 
     def _next(self) -> None:
         if self.running is not None or self.constructing or self.death is not None:
@@ -192,7 +216,7 @@ class _Actor:
                 continue
             self.running = call
             try:
-                self.pool.submit(
+                self.job = self.pool.submit(
                     "",
                     f"{self.name}.{call.method}",
                     b"",
@@ -203,7 +227,7 @@ class _Actor:
                 )
             except PoolProcessLost as exc:
                 self.running = None
-                self.die(f"was lost: {exc}")
+                self.die(f"was lost: {exc}", lost=True)
             return
 
     def _answered(self, call: _Call, outcome: Done | PoolProcessLost) -> None:
@@ -212,7 +236,7 @@ class _Actor:
         if isinstance(outcome, PoolProcessLost) and not isinstance(outcome, TaskTimedOut):
             if not reply.done():
                 reply.set_exception(
-                    _died(self.id, f"was lost while running {call.method}: {outcome}")
+                    _died(self.id, f"was lost while running {call.method}: {outcome}", lost=True)
                 )
             return  # _lost decides what comes next
         if not reply.done():
@@ -224,6 +248,29 @@ class _Actor:
                 reply.set_exception(exc)
         if not isinstance(outcome, PoolProcessLost):
             self._next()
+
+    def cancel(self, call_id: str, force: bool) -> wire.CallState:
+        """Drop the call *call_id* if it waits; if it runs, kill the process when *force*."""
+        for call in self.queue:
+            if call.call_id == call_id:
+                self.queue.remove(call)
+                _cancelled(call, self.label())
+                return wire.CallState.DROPPED
+        running, job = self.running, self.job
+        if running is None or running.call_id != call_id or job is None:
+            return wire.CallState.ENDED
+        if not force:
+            return wire.CallState.RUNNING
+        why = f"was killed to stop {running.method} (cancelled with force)"
+        running.reply.set_exception(_died(self.id, why, lost=True))
+        self.running = None
+        if self.restarts_left > 0:
+            log.warning("Actor %s %s", self.label(), why)
+            self.constructing = True  # no call goes to the process: _lost restarts it
+            self.pool.abort(job)
+        else:  # dead at once: a scheduler may create it again under its id now
+            self.die(why, lost=True)
+        return wire.CallState.KILLED
 
     # -- loss and death ----------------------------------------------------------
 
@@ -241,24 +288,24 @@ class _Actor:
             )
             self.construct()
             return True
-        self.die(f"died: its process {status}")
+        self.die(f"died: its process {status}", lost=True)
         return False
 
-    def die(self, why: str, *, level: int = logging.WARNING) -> None:
-        """Fail its calls, now and later; stop its process."""
+    def die(self, why: str, *, lost: bool = False, level: int = logging.WARNING) -> None:
+        """Fail its calls, now and later; stop its process. *lost*: see the module."""
         if self.death is not None:
             return
-        self.death = why
+        self.death, self.lost = why, lost
         log.log(level, "Actor %s %s", self.label(), why)
         created, self.created = self.created, None
         if created is not None and not created.done():
-            created.set_exception(_died(self.id, why))
+            created.set_exception(_died(self.id, why, lost=lost))
         calls = [self.running, *self.queue] if self.running is not None else list(self.queue)
         self.running = None
         self.queue.clear()
         for call in calls:
             if not call.reply.done():
-                call.reply.set_exception(_died(self.id, why))
+                call.reply.set_exception(_died(self.id, why, lost=lost))
         self.service._buried(self)
 
 
@@ -281,6 +328,8 @@ class ActorService:
         max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
     ) -> None:
         self._tg = tg
+        #: Its event loop (asyncio.get_running_loop() per call costs a getpid syscall).
+        self.loop = asyncio.get_running_loop()
         self.check = check
         self.functions = functions
         self._check_requirements = check_requirements
@@ -292,7 +341,8 @@ class ActorService:
         self.max_actors_per_connection = max_actors_per_connection
         self.max_pending_calls = max_pending_calls
         self.actors: dict[str, _Actor] = {}
-        self._graves: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: Why recently dead actors died, and whether they were lost (see the module).
+        self._graves: collections.OrderedDict[str, tuple[str, bool]] = collections.OrderedDict()
         self._closing = False
 
     def methods(self) -> dict[str, Method]:
@@ -301,6 +351,7 @@ class ActorService:
             CREATE_ACTOR.method: Method(self._create, future=True),
             CALL_ACTOR.method: Method(self._call, future=True),
             KILL_ACTOR.method: Method(self._kill, inline=True),
+            CANCEL_ACTOR_CALL.method: Method(self._cancel_call, inline=True),
         }
 
     def local_service(self) -> Service:
@@ -330,7 +381,7 @@ class ActorService:
     def _buried(self, actor: _Actor) -> None:
         if self.actors.get(actor.id) is actor:
             del self.actors[actor.id]
-        self._graves[actor.id] = actor.death or "died"
+        self._graves[actor.id] = (actor.death or "died", actor.lost)
         while len(self._graves) > _GRAVES:
             self._graves.popitem(last=False)
         if actor.started:  # else _start closes it when its start ends
@@ -340,12 +391,13 @@ class ActorService:
         actor = self.actors.get(actor_id)
         if actor is not None:
             return actor
-        why = self._graves.get(actor_id)
-        if why is not None:
-            raise _died(actor_id, why)
-        raise RPCError(
-            StatusCode.NOT_FOUND, f"no actor {actor_id} on this worker", reason=Reason.ACTOR_DIED
-        )
+        grave = self._graves.get(actor_id)
+        if grave is None:
+            why, code = "is not on this worker", StatusCode.NOT_FOUND
+        else:
+            why, lost = grave
+            code = StatusCode.NOT_FOUND if lost else StatusCode.ABORTED
+        raise RPCError(code, f"actor {actor_id} {why}", reason=Reason.ACTOR_DIED)
 
     # -- methods ------------------------------------------------------------------
 
@@ -357,7 +409,8 @@ class ActorService:
         self._check_requirements(request.name, request.backend, request.ops)
         if self._closing:
             raise RPCError(StatusCode.UNAVAILABLE, "the worker is shutting down")
-        if request.actor_id in self.actors or request.actor_id in self._graves:
+        grave = self._graves.get(request.actor_id)
+        if request.actor_id in self.actors or (grave is not None and not grave[1]):
             raise RPCError(StatusCode.ALREADY_EXISTS, f"actor {request.actor_id} exists already")
         if request.max_restarts < 0:
             raise RPCError(StatusCode.INVALID_ARGUMENT, "max_restarts must be >= 0")
@@ -377,6 +430,7 @@ class ActorService:
             )
         created: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         actor = _Actor(self, request, function.pickled, owner, created)
+        self._graves.pop(request.actor_id, None)  # a lost one, created again
         self.actors[request.actor_id] = actor
         actor.construct()  # queued in its pool until the process is up
         self._tg.start_soon(self._start, actor)
@@ -388,7 +442,7 @@ class ActorService:
             try:
                 await actor.pool.start()
             except Exception as exc:
-                actor.die(f"could not start its process: {exc}")
+                actor.die(f"could not start its process: {exc}", lost=True)
         actor.started = True
         if actor.death is not None:  # it died while its process was being started
             await actor.pool.aclose()
@@ -413,10 +467,20 @@ class ActorService:
             actor.die("was killed", level=logging.INFO)
         return KILL_ACTOR.reply.encode(wire.ActorKilled(actor is not None))
 
+    def _cancel_call(self, payload: bytes, ctx: CallContext) -> bytes:
+        self.check.check(ctx)
+        request = CANCEL_ACTOR_CALL.request.decode(payload)
+        CANCEL_ACTOR_CALL.check(request, 0)
+        actor = self.actors.get(request.actor_id)
+        state = wire.CallState.ENDED
+        if actor is not None:
+            state = actor.cancel(request.call_id, request.force)
+        return CANCEL_ACTOR_CALL.reply.encode(wire.ActorCallCancelled(state))
+
     async def aclose(self) -> None:
         self._closing = True
         for actor in list(self.actors.values()):
-            actor.die("was stopped: the worker is shutting down")
+            actor.die("was stopped: the worker is shutting down", lost=True)
 
 
 @asynccontextmanager
