@@ -24,9 +24,10 @@ from vaccelray.auth import TokenCheck
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS, WORKER
+from vaccelray.testing import serve_member
 from vaccelray.transport.client import Client, client_from_socket, open_client
 from vaccelray.transport.server import Server, Service, serve
-from vaccelray.worker.objects import ObjectLimits, ObjectStore, object_store
+from vaccelray.worker.objects import ObjectLimits, ObjectStore, fetcher, object_store
 
 pytestmark = pytest.mark.anyio
 
@@ -452,6 +453,7 @@ async def test_the_store_keeps_results_for_their_client(tmp_path: Path) -> None:
     limits = ObjectLimits(memory=100, disk=100, grace=0.01)
     with object_store("e" * 16, limits, tmp_path) as store:
         kept = store.add(b"result", "c1", 7)
+        assert re.fullmatch(r"e{16}-[0-9a-f]{32}", kept)
         assert kept in store
         assert "e" * 16 + "-nothing" not in store
         assert store.whole(kept) == b"result"
@@ -477,6 +479,37 @@ async def test_the_store_keeps_results_for_their_client(tmp_path: Path) -> None:
             store.add(b"x" * 101, "c1", 9)
         assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
         assert len(store) == 0
+    # Past memory alone: in a file named by the object.
+    with object_store("e" * 16, ObjectLimits(memory=3, disk=10), tmp_path) as store:
+        on_disk = store.add(b"four", "c1", 7)
+        assert os.listdir(store.directory) == [on_disk]
+        assert store.whole(on_disk) == b"four"
+
+
+async def test_a_worker_reads_another_workers_objects_as_a_member(tmp_path: Path) -> None:
+    token = "the-cluster-token"
+    with object_store("d" * 16, ObjectLimits(), tmp_path) as store:
+        big = store.add(payload(5 * MIB), "c1", 1)  # more than one message
+        small = store.add(b"small", "c1", 1)
+        service = Service(WORKER.name, store.methods(TokenCheck(token), 4 * MIB))
+        async with serve_member([service], ["tcp://127.0.0.1:0"], token=token) as server:
+            address = server.addresses[0]
+            fetch = fetcher(token, 4 * MIB)
+            assert await fetch(address, [big, small]) == {
+                big: payload(5 * MIB),
+                small: b"small",
+            }
+            assert await fetch(address, []) == {}
+            with pytest.raises(RPCError, match="not held") as caught:
+                await fetch(address, [small, "d" * 16 + "-gone"])
+            assert caught.value.code == StatusCode.NOT_FOUND
+            # Not a member: refused before anything is read.
+            with pytest.raises(RPCError) as caught:
+                await fetcher("another-token", 4 * MIB)(address, [small])
+            assert caught.value.code == StatusCode.NOT_FOUND
+            assert "cannot be reached" in caught.value.message
+    with pytest.raises(RPCError, match=f"the worker holding objects, {address}, cannot be reached"):
+        await fetch(address, [small])
 
 
 async def test_the_store_bounds_its_objects(tmp_path: Path) -> None:
