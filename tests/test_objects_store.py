@@ -479,6 +479,22 @@ async def test_the_store_keeps_results_for_their_client(tmp_path: Path) -> None:
             store.add(b"x" * 101, "c1", 9)
         assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
         assert len(store) == 0
+    # Past memory: the least recently used spilled, the accounts moved.
+    with object_store("e" * 16, ObjectLimits(memory=100, disk=100), tmp_path) as store:
+        first = store.add(b"1" * 60, "c1", 7)
+        second = store.add(b"2" * 30, "c1", 7)
+        assert (store.memory_used, store.disk_used) == (90, 0)
+        store.whole(first)  # used: the second is now the least recently used
+        third = store.add(b"3" * 20, "c1", 7)
+        assert os.listdir(store.directory) == [second]
+        assert (store.memory_used, store.disk_used) == (80, 30)
+        assert [store.whole(i) for i in (first, second, third)] == [
+            b"1" * 60,
+            b"2" * 30,
+            b"3" * 20,
+        ]
+        assert store.release("c1", [second]) == 1
+        assert (store.memory_used, store.disk_used) == (80, 0)
     # Past memory alone: in a file named by the object.
     with object_store("e" * 16, ObjectLimits(memory=3, disk=10), tmp_path) as store:
         on_disk = store.add(b"four", "c1", 7)
