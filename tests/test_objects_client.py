@@ -160,6 +160,8 @@ def test_a_failed_ref_in_the_arguments_fails_the_task(client: vaccelray.Client) 
 
 def test_arguments_past_the_message_size_are_put_first(client: vaccelray.Client) -> None:
     assert client.submit(total, b"z" * (6 * MIB)).result() == 6 * MIB
+    ref = client.put(b"r" * 10)  # a ref inside arguments that are put too
+    assert client.submit(total, [ref, b"z" * (6 * MIB)]).result() == 6 * MIB + 10
 
 
 def test_an_object_ref_is_not_pickled_otherwise(client: vaccelray.Client) -> None:

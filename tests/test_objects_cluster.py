@@ -131,8 +131,10 @@ async def test_a_task_reads_objects_of_another_worker_from_it(
             a = await anyio.to_thread.run_sync(one.put, b"a" * (3 * MIB))
             b = await anyio.to_thread.run_sync(two.put, b"b" * 5)
             c = await anyio.to_thread.run_sync(two.put, b"c" * 7)
-            # It runs where most of them are (the second), reading the first's from there.
-            assert await client.submit(where, [a, b, c]) == (second_proc.pid, 3)
+            # It runs where most of their bytes are (the first), reading the others from
+            # the second.
+            assert await client.submit(where, [a, b, c]) == (first_proc.pid, 3)
+            assert await client.submit(where, [b, c]) == (second_proc.pid, 2)
             assert await client.submit(sizes, a, b, c) == (3 * MIB, 5, 7)
             assert await client.submit(sizes, a) == (3 * MIB,)
             assert await client.submit(where, a) == (first_proc.pid, 3 * MIB)

@@ -749,5 +749,6 @@ def _request(
             INLINE,
             ref.object_ids(),
             args_object,
+            ref.object_sizes(),
         )
     )
