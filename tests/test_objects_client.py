@@ -182,6 +182,7 @@ def test_dropping_the_last_ref_releases_the_object(client: vaccelray.Client, wor
     del ref
     gc.collect()
     assert client._core.objects.held(object_id) == 1  # the copy still holds it
+    assert client._core.objects.held("unknown") == 0
     assert held_by_worker(worker, object_id)
     del copy
     wait_until(lambda: not held_by_worker(worker, object_id), "the object released")

@@ -4,6 +4,7 @@ worker processes for the options that set it up."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -348,7 +349,10 @@ async def test_an_unsealed_object_dies_with_its_connection(small: Served) -> Non
         await until(room, "the gone sender's object was dropped")
 
 
-async def test_a_gone_clients_objects_are_released_after_the_grace(small: Served) -> None:
+async def test_a_gone_clients_objects_are_released_after_the_grace(
+    small: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "vaccelray.objects")
     async with small.connect() as watcher:
         async with small.connect() as first, small.connect() as second:
             kept = await put(first, b"kept", who="twice")
@@ -361,11 +365,46 @@ async def test_a_gone_clients_objects_are_released_after_the_grace(small: Served
             # ... which has passed for the first connection too: "twice" still has one.
             assert await get(second, kept, who="twice") == b"kept"
         await until(lambda: gone(watcher, kept), "the object of the client now gone released")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "Released 1 objects of client once (gone for its grace period)" in messages
+    assert "Released 1 objects of client twice (gone for its grace period)" in messages
+
+
+async def test_a_grace_ends_quietly_for_a_client_that_released_everything(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "vaccelray.objects")
+    async with served(tmp_path, grace=LONG_GRACE) as small, small.connect() as other:
+        async with small.connect() as first:
+            mine = await put(first, b"mine", who="leaving")
+        await until(lambda: _in_grace(small.store, "leaving"), "its grace started")
+        assert await release(other, mine, who="leaving") == 1  # released from elsewhere
+        await until(lambda: _not_in_grace(small.store, "leaving"), "its grace ended")
+    assert "Released 0 objects of client leaving (gone for its grace period)" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+async def _in_grace(store: ObjectStore, client: str) -> bool:
+    return client in store.in_grace()
+
+
+async def _not_in_grace(store: ObjectStore, client: str) -> bool:
+    return client not in store.in_grace()
+
+
+#: A grace period that a step of a test surely takes less than (it waits for one to end).
+LONG_GRACE = 5.0
 
 
 async def test_a_client_that_comes_back_within_the_grace_keeps_its_objects(
-    small: Served,
+    tmp_path: Path,
 ) -> None:
+    async with served(tmp_path, grace=LONG_GRACE) as small:
+        await _comes_back(small)
+
+
+async def _comes_back(small: Served) -> None:
     store = small.store
 
     async def in_grace(client: str) -> bool:
