@@ -167,7 +167,6 @@ class Pending(BaseException):
     again. (Not an Exception: pickling errors are reported apart.)"""
 
     def __init__(self, ref: Any) -> None:
-        super().__init__(ref)
         self.ref = ref
 
 
