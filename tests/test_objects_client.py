@@ -160,6 +160,8 @@ def test_a_failed_ref_in_the_arguments_fails_the_task(client: vaccelray.Client) 
 
 def test_arguments_past_the_message_size_are_put_first(client: vaccelray.Client) -> None:
     assert client.submit(total, b"z" * (6 * MIB)).result() == 6 * MIB
+    ref = client.put(b"r" * 10)  # a ref inside arguments that are put too
+    assert client.submit(total, [ref, b"z" * (6 * MIB)]).result() == 6 * MIB + 10
 
 
 def test_an_object_ref_is_not_pickled_otherwise(client: vaccelray.Client) -> None:
@@ -180,6 +182,7 @@ def test_dropping_the_last_ref_releases_the_object(client: vaccelray.Client, wor
     del ref
     gc.collect()
     assert client._core.objects.held(object_id) == 1  # the copy still holds it
+    assert client._core.objects.held("unknown") == 0
     assert held_by_worker(worker, object_id)
     del copy
     wait_until(lambda: not held_by_worker(worker, object_id), "the object released")
@@ -265,13 +268,21 @@ async def test_a_lost_object_raises_when_awaited(client: vaccelray.Client, worke
         await anyio.to_thread.run_sync(put.result)
 
 
-def test_a_get_past_its_timeout(client: vaccelray.Client) -> None:
-    ref = client.put(b"x" * (4 * MIB))
-    with pytest.raises(vaccelray.GetTimeoutError) as caught:
-        ref.result(timeout=1e-9)
-    assert str(caught.value) == "this object was not fetched within 1e-09 s"
-    large = client.submit(blob, 2 * INLINE)
-    large.exception()
-    with pytest.raises(vaccelray.GetTimeoutError, match=r"^blob did not finish within"):
-        large.result(timeout=1e-9)  # the fetch did not
-    assert large.result(timeout=60) == b"\x01" * (2 * INLINE)
+def test_a_lost_result_of_a_task_that_may_be_retried_is_computed_again(
+    client: vaccelray.Client, worker: Proc
+) -> None:
+    again = blob.options(retries=1)
+    for waiting in (False, True):
+        large = client.submit(again, 2 * INLINE, 5)
+        kept = stored(large)
+        assert kept is not None
+        release_on(worker, client, kept.object_id)  # as if its worker were lost
+        if waiting:
+            assert anyio.run(awaited, large) == b"\x05" * (2 * INLINE)
+        else:
+            assert large.result() == b"\x05" * (2 * INLINE)
+        assert not held_by_worker(worker, kept.object_id)
+
+
+async def awaited(ref: vaccelray.TaskRef[Any]) -> Any:
+    return await ref

@@ -84,17 +84,34 @@ async def test_objects_and_the_tasks_using_them_go_to_their_worker(
                 await anyio.sleep(0.05)
 
 
-async def test_an_object_whose_worker_died_is_lost(
+async def test_an_object_whose_worker_died_is_lost_or_computed_again(
     doomed_workers: list[tuple[Proc, str]],  # noqa: F811
 ) -> None:
     async with cluster(doomed_workers) as (_, client):
         ref = await anyio.to_thread.run_sync(client.put, b"doomed")
         proc, _ = await holder_of(doomed_workers, ref.object_id)
+        # Results kept on that worker: one of a task that may be retried, one not.
+        retried = lost = None
+        while retried is None or lost is None:  # until each has landed there
+            candidate = client.submit(blob.options(retries=1), 2 * INLINE)
+            other = client.submit(blob, 2 * INLINE)
+            for task in (candidate, other):
+                await anyio.to_thread.run_sync(task.exception)
+            for task, again in ((candidate, True), (other, False)):
+                kept = task._future.result()
+                if (await holder_of(doomed_workers, kept.object_id))[0] is proc:
+                    if again:
+                        retried = retried or task
+                    else:
+                        lost = lost or task
         proc.kill()
         with pytest.raises(vaccelray.ObjectLostError, match="is lost"):
             await ref
         with pytest.raises(vaccelray.ObjectLostError, match="where"):
             await client.submit(where, ref)
+        with pytest.raises(vaccelray.ObjectLostError, match=r"^blob is lost"):
+            await lost
+        assert await retried == b"b" * (2 * INLINE)  # run again, on the other worker
 
 
 @vaccelray.offload
@@ -114,8 +131,10 @@ async def test_a_task_reads_objects_of_another_worker_from_it(
             a = await anyio.to_thread.run_sync(one.put, b"a" * (3 * MIB))
             b = await anyio.to_thread.run_sync(two.put, b"b" * 5)
             c = await anyio.to_thread.run_sync(two.put, b"c" * 7)
-            # It runs where most of them are (the second), reading the first's from there.
-            assert await client.submit(where, [a, b, c]) == (second_proc.pid, 3)
+            # It runs where most of their bytes are (the first), reading the others from
+            # the second.
+            assert await client.submit(where, [a, b, c]) == (first_proc.pid, 3)
+            assert await client.submit(where, [b, c]) == (second_proc.pid, 2)
             assert await client.submit(sizes, a, b, c) == (3 * MIB, 5, 7)
             assert await client.submit(sizes, a) == (3 * MIB,)
             assert await client.submit(where, a) == (first_proc.pid, 3 * MIB)

@@ -4,6 +4,7 @@ worker processes for the options that set it up."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -24,9 +25,10 @@ from vaccelray.auth import TokenCheck
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS, WORKER
+from vaccelray.testing import serve_member
 from vaccelray.transport.client import Client, client_from_socket, open_client
 from vaccelray.transport.server import Server, Service, serve
-from vaccelray.worker.objects import ObjectLimits, ObjectStore, object_store
+from vaccelray.worker.objects import ObjectLimits, ObjectStore, fetcher, object_store
 
 pytestmark = pytest.mark.anyio
 
@@ -235,9 +237,12 @@ async def test_a_chunk_must_follow_and_fit(small: Served) -> None:
         with pytest.raises(RPCError, match="does not follow") as caught:
             await client.call_rpc(PUT_OBJECT, wire.PutObject(object_id, 2, b"d", 6, False, "c1"))
         assert caught.value.code == StatusCode.INVALID_ARGUMENT
-        with pytest.raises(RPCError, match="declared 6 bytes") as caught:
+        with pytest.raises(RPCError) as caught:
             await client.call_rpc(PUT_OBJECT, wire.PutObject(object_id, 3, b"defg", 6, False))
         assert caught.value.code == StatusCode.INVALID_ARGUMENT
+        assert caught.value.message == (
+            f"object {object_id} was declared 6 bytes; a chunk would make it 7"
+        )
         with pytest.raises(RPCError, match="and seal it"):
             await client.call_rpc(PUT_OBJECT, wire.PutObject(object_id, 3, b"de", 6, True))
         # Unsealed: not readable.
@@ -347,7 +352,10 @@ async def test_an_unsealed_object_dies_with_its_connection(small: Served) -> Non
         await until(room, "the gone sender's object was dropped")
 
 
-async def test_a_gone_clients_objects_are_released_after_the_grace(small: Served) -> None:
+async def test_a_gone_clients_objects_are_released_after_the_grace(
+    small: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "vaccelray.objects")
     async with small.connect() as watcher:
         async with small.connect() as first, small.connect() as second:
             kept = await put(first, b"kept", who="twice")
@@ -360,11 +368,50 @@ async def test_a_gone_clients_objects_are_released_after_the_grace(small: Served
             # ... which has passed for the first connection too: "twice" still has one.
             assert await get(second, kept, who="twice") == b"kept"
         await until(lambda: gone(watcher, kept), "the object of the client now gone released")
+    messages = [r.getMessage() for r in caplog.records]
+    assert (
+        "Client once has no connection left: its 1 objects are released in 0.2 s unless it "
+        "comes back" in messages
+    )
+    assert "Released 1 objects of client once (gone for its grace period)" in messages
+    assert "Released 1 objects of client twice (gone for its grace period)" in messages
+
+
+async def test_a_grace_ends_quietly_for_a_client_that_released_everything(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "vaccelray.objects")
+    async with served(tmp_path, grace=LONG_GRACE) as small, small.connect() as other:
+        async with small.connect() as first:
+            mine = await put(first, b"mine", who="leaving")
+        await until(lambda: _in_grace(small.store, "leaving"), "its grace started")
+        assert await release(other, mine, who="leaving") == 1  # released from elsewhere
+        await until(lambda: _not_in_grace(small.store, "leaving"), "its grace ended")
+    assert "Released 0 objects of client leaving (gone for its grace period)" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+async def _in_grace(store: ObjectStore, client: str) -> bool:
+    return client in store.in_grace()
+
+
+async def _not_in_grace(store: ObjectStore, client: str) -> bool:
+    return client not in store.in_grace()
+
+
+#: A grace period that a step of a test surely takes less than (it waits for one to end).
+LONG_GRACE = 5.0
 
 
 async def test_a_client_that_comes_back_within_the_grace_keeps_its_objects(
-    small: Served,
+    tmp_path: Path,
 ) -> None:
+    async with served(tmp_path, grace=LONG_GRACE) as small:
+        await _comes_back(small)
+
+
+async def _comes_back(small: Served) -> None:
     store = small.store
 
     async def in_grace(client: str) -> bool:
@@ -452,6 +499,7 @@ async def test_the_store_keeps_results_for_their_client(tmp_path: Path) -> None:
     limits = ObjectLimits(memory=100, disk=100, grace=0.01)
     with object_store("e" * 16, limits, tmp_path) as store:
         kept = store.add(b"result", "c1", 7)
+        assert re.fullmatch(r"e{16}-[0-9a-f]{32}", kept)
         assert kept in store
         assert "e" * 16 + "-nothing" not in store
         assert store.whole(kept) == b"result"
@@ -468,7 +516,7 @@ async def test_the_store_keeps_results_for_their_client(tmp_path: Path) -> None:
         assert store.owner("", 9) == "connection-9"
         assert store.owner("c1", 9) == "c1"
         assert store.release("c2", [kept]) == 0  # not its object
-        assert store.release("c1", [kept, "e" * 16 + "-nothing"]) == 1
+        assert store.release("c1", ["e" * 16 + "-nothing", kept]) == 1
         assert kept not in store
         assert not store.holds_state(9)
         assert (store.memory_used, store.disk_used) == (0, 0)
@@ -477,6 +525,53 @@ async def test_the_store_keeps_results_for_their_client(tmp_path: Path) -> None:
             store.add(b"x" * 101, "c1", 9)
         assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
         assert len(store) == 0
+    # Past memory: the least recently used spilled, the accounts moved.
+    with object_store("e" * 16, ObjectLimits(memory=100, disk=100), tmp_path) as store:
+        first = store.add(b"1" * 60, "c1", 7)
+        second = store.add(b"2" * 30, "c1", 7)
+        assert (store.memory_used, store.disk_used) == (90, 0)
+        store.whole(first)  # used: the second is now the least recently used
+        third = store.add(b"3" * 20, "c1", 7)
+        assert os.listdir(store.directory) == [second]
+        assert (store.memory_used, store.disk_used) == (80, 30)
+        assert [store.whole(i) for i in (first, second, third)] == [
+            b"1" * 60,
+            b"2" * 30,
+            b"3" * 20,
+        ]
+        assert store.release("c1", [second]) == 1
+        assert (store.memory_used, store.disk_used) == (80, 0)
+    # Past memory alone: in a file named by the object.
+    with object_store("e" * 16, ObjectLimits(memory=3, disk=10), tmp_path) as store:
+        on_disk = store.add(b"four", "c1", 7)
+        assert os.listdir(store.directory) == [on_disk]
+        assert store.whole(on_disk) == b"four"
+
+
+async def test_a_worker_reads_another_workers_objects_as_a_member(tmp_path: Path) -> None:
+    token = "the-cluster-token"
+    with object_store("d" * 16, ObjectLimits(), tmp_path) as store:
+        big = store.add(payload(5 * MIB), "c1", 1)  # more than one message
+        small = store.add(b"small", "c1", 1)
+        service = Service(WORKER.name, store.methods(TokenCheck(token), 4 * MIB))
+        async with serve_member([service], ["tcp://127.0.0.1:0"], token=token) as server:
+            address = server.addresses[0]
+            fetch = fetcher(token, 4 * MIB)
+            assert await fetch(address, [big, small]) == {
+                big: payload(5 * MIB),
+                small: b"small",
+            }
+            assert await fetch(address, []) == {}
+            with pytest.raises(RPCError, match="not held") as caught:
+                await fetch(address, [small, "d" * 16 + "-gone"])
+            assert caught.value.code == StatusCode.NOT_FOUND
+            # Not a member: refused before anything is read.
+            with pytest.raises(RPCError) as caught:
+                await fetcher("another-token", 4 * MIB)(address, [small])
+            assert caught.value.code == StatusCode.NOT_FOUND
+            assert "cannot be reached" in caught.value.message
+    with pytest.raises(RPCError, match=f"the worker holding objects, {address}, cannot be reached"):
+        await fetch(address, [small])
 
 
 async def test_the_store_bounds_its_objects(tmp_path: Path) -> None:

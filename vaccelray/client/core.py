@@ -309,7 +309,7 @@ class Core:
                 return
             if isinstance(reply, wire.TaskDone):
                 try:
-                    _settle(ref._future, self.task_value(reply, spec.name))
+                    _settle(ref._future, self.task_value(reply, spec, request, options))
                 except TaskError as exc:
                     _settle(ref._future, error=exc)
                 return
@@ -392,7 +392,7 @@ class Core:
             _settle(ref._future, error=self._cancelled(spec))
             return  # _cancel or aclose frees the window
         try:
-            verdict, value = self._judge(conn, spec, options, outcome, 0)
+            verdict, value = self._judge(conn, spec, request, options, outcome, 0)
         except Exception as exc:  # raised here, it would break the connection's read loop
             verdict, value = _Verdict.FAILED, exc
         if verdict is _Verdict.DONE:
@@ -506,7 +506,7 @@ class Core:
                 )
             except (TransportError, RPCError) as exc:
                 outcome = exc
-            verdict, value = self._judge(conn, spec, options, outcome, unknown)
+            verdict, value = self._judge(conn, spec, request, options, outcome, unknown)
             if verdict is _Verdict.DONE:
                 return value
             if verdict is _Verdict.FAILED:
@@ -517,16 +517,23 @@ class Core:
             else:
                 lost = value
 
-    def task_value(self, reply: wire.TaskDone, name: str) -> Any:
-        """A task's value, or the :class:`Stored` ref to it when its worker kept it."""
+    def task_value(
+        self, reply: wire.TaskDone, spec: FunctionSpec, request: bytes, options: Options
+    ) -> Any:
+        """A task's value, or the :class:`Stored` ref to it when its worker kept it (a task
+        that may be retried is run again, *request* once more, if that is lost)."""
         if reply.object_id:
-            return Stored(self.objects, reply.object_id, reply.size, name)
-        return load_result(reply.result, name)
+            again = None
+            if options.retries:
+                again = functools.partial(self._attempts, spec, request, options)
+            return Stored(self.objects, reply.object_id, reply.size, spec.name, again)
+        return load_result(reply.result, spec.name)
 
     def _judge(
         self,
         conn: Connection | None,
         spec: FunctionSpec,
+        request: bytes,
         options: Options,
         outcome: bytes | BaseException,
         unknown: int,
@@ -536,7 +543,7 @@ class Core:
             reply = SUBMIT.reply.decode(outcome)
             if isinstance(reply, wire.TaskDone):
                 try:
-                    return _Verdict.DONE, self.task_value(reply, spec.name)
+                    return _Verdict.DONE, self.task_value(reply, spec, request, options)
                 except TaskError as exc:
                     return _Verdict.FAILED, exc
             if reply.kind != wire.FailureKind.CRASHED:
@@ -742,5 +749,6 @@ def _request(
             INLINE,
             ref.object_ids(),
             args_object,
+            ref.object_sizes(),
         )
     )

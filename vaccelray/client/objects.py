@@ -27,7 +27,7 @@ import operator
 import pickle
 import threading
 import weakref
-from collections.abc import Coroutine, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -109,17 +109,38 @@ class ObjectRef(Generic[R]):
 
 
 class Stored:
-    """A task's result kept on the worker: its id, and its value once fetched."""
+    """A task's result kept on the worker: its id, and its value once fetched.
 
-    __slots__ = ("__weakref__", "_lock", "_objects", "_value", "name", "object_id", "size")
+    *again* runs the task once more (a task that may be retried): when the
+    object is lost, its value is that run's.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_again",
+        "_lock",
+        "_objects",
+        "_value",
+        "name",
+        "object_id",
+        "size",
+    )
 
     _MISSING: Final = object()
 
-    def __init__(self, objects: Objects, object_id: str, size: int, name: str) -> None:
+    def __init__(
+        self,
+        objects: Objects,
+        object_id: str,
+        size: int,
+        name: str,
+        again: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
         self._objects = objects
         self.object_id = object_id
         self.size = size
         self.name = name
+        self._again = again
         self._value: Any = self._MISSING
         self._lock = threading.Lock()
         objects.hold(self, object_id)
@@ -127,12 +148,14 @@ class Stored:
     def load(self, timeout: float | None = None) -> Any:
         with self._lock:
             if self._value is self._MISSING:
-                self._value = self._objects.value_sync(self.object_id, self.name, timeout)
+                self._value = self._objects.value_sync(
+                    self.object_id, self.name, timeout, self._again
+                )
             return self._value
 
     async def aload(self) -> Any:
         if self._value is self._MISSING:
-            value = await self._objects.value_async(self.object_id, self.name)
+            value = await self._objects.value_async(self.object_id, self.name, self._again)
             with self._lock:
                 if self._value is self._MISSING:
                     self._value = value
@@ -144,7 +167,6 @@ class Pending(BaseException):
     again. (Not an Exception: pickling errors are reported apart.)"""
 
     def __init__(self, ref: Any) -> None:
-        super().__init__(ref)
         self.ref = ref
 
 
@@ -353,20 +375,41 @@ class Objects:
                 ) from None
             raise
 
-    async def value_async(self, object_id: str, name: str) -> Any:
-        data = await self._in_loop(self.fetch(object_id, name))
-        return loads(data, name)
+    async def value(
+        self, object_id: str, name: str, again: Callable[[], Awaitable[Any]] | None
+    ) -> Any:
+        """The value of *object_id*; when it is lost, that of *again()* if given."""
+        try:
+            return loads(await self.fetch(object_id, name), name)
+        except ObjectLostError as exc:
+            if again is None:
+                raise
+            log.info("Running %s again: %s", name, exc)
+        value = await again()
+        if type(value) is Stored:  # kept on its worker too: fetched (and released) here
+            return loads(await self.fetch(value.object_id, name), name)
+        return value
 
-    def value_sync(self, object_id: str, name: str, timeout: float | None) -> Any:
+    async def value_async(
+        self, object_id: str, name: str, again: Callable[[], Awaitable[Any]] | None = None
+    ) -> Any:
+        return await self._in_loop(self.value(object_id, name, again))
+
+    def value_sync(
+        self,
+        object_id: str,
+        name: str,
+        timeout: float | None,
+        again: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Any:
         core = self.core
         core.check_blocking("vaccelray.get")
-        future = asyncio.run_coroutine_threadsafe(self.fetch(object_id, name), core.loop)
+        future = asyncio.run_coroutine_threadsafe(self.value(object_id, name, again), core.loop)
         try:
-            data = future.result(timeout)
+            return future.result(timeout)
         except TimeoutError:
             future.cancel()
             raise GetTimeoutError(f"{name} was not fetched within {timeout or 0:g} s") from None
-        return loads(data, name)
 
     async def _in_loop(self, work: Coroutine[Any, Any, Any]) -> Any:
         """Await *work* on the client's loop from asyncio code on another (or the same) loop."""

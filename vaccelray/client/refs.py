@@ -42,16 +42,23 @@ class TaskRef(Generic[R]):
         #: The lane its call went by, when it went by one (see ``vaccelray.client.lane``).
         self._lane: Lane | None = None
         #: The refs its arguments hold, by object id (held until it ends).
-        self._inputs: dict[str, object] = {}
+        self._inputs: dict[str, Any] = {}
 
-    def inputs(self, refs: dict[str, object]) -> None:
-        """Hold *refs* (the objects its arguments name) until the task ends."""
-        self._inputs = holder = dict(refs)
-        self._future.add_done_callback(lambda _: holder.clear())
+    def inputs(self, refs: dict[str, Any]) -> None:
+        """Hold *refs* (objects its arguments name, by id) too, until the task ends."""
+        if not self._inputs:
+            holder: dict[str, Any] = {}
+            self._inputs = holder
+            self._future.add_done_callback(lambda _: holder.clear())
+        self._inputs.update(refs)
 
     def object_ids(self) -> tuple[str, ...]:
         """The objects its arguments name."""
         return tuple(self._inputs)
+
+    def object_sizes(self) -> tuple[int, ...]:
+        """Their sizes, in the same order."""
+        return tuple(ref.size for ref in self._inputs.values())
 
     def __repr__(self) -> str:
         if not self._future.done():

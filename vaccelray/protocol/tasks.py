@@ -93,6 +93,9 @@ class Submit(msgspec.Struct, array_like=True, frozen=True):
     #: An object of the worker's store holding the pickled arguments (too large for a
     #: message), instead of ``args``.
     args_object: str = ""
+    #: The sizes of ``objects``, in their order: a scheduler sends the task to the worker
+    #: holding the most bytes of them.
+    sizes: tuple[int, ...] = ()
     #: The addresses of other workers holding ``objects``, by instance id (a scheduler
     #: adds them): the worker reads those objects from there.
     sources: dict[str, str] = {}

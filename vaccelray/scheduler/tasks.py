@@ -110,13 +110,18 @@ def _capable(worker: WorkerRecord, task: Wants) -> bool:
 
 
 def _holding(task: Wants) -> collections.Counter[str] | None:
-    """How many of the task's objects (its arguments refer to) each worker instance holds;
-    None when it refers to none (most tasks: nothing to count)."""
+    """How many bytes of the task's objects (its arguments refer to) each worker instance
+    holds (an object of unknown size counts 1); None when it refers to none (most tasks)."""
     ids: tuple[str, ...] = getattr(task, "objects", ())
     args_object: str = getattr(task, "args_object", "")
     if not ids and not args_object:
         return None
-    return collections.Counter(worker_of(i) for i in (*ids, args_object) if i)
+    sizes: tuple[int, ...] = getattr(task, "sizes", ())
+    held: collections.Counter[str] = collections.Counter()
+    for i, object_id in enumerate((*ids, args_object)):
+        if object_id:
+            held[worker_of(object_id)] += max(1, sizes[i] if i < len(sizes) else 1)
+    return held
 
 
 def _needs(task: Wants) -> str:

@@ -88,6 +88,7 @@ class _Object:
     data: bytearray | None
     #: The spill file, once on disk.
     path: Path | None = None
+    #: Bytes received, while it is being sent.
     received: int = 0
     #: The connection sending it, until it is sealed (0: sealed).
     sender: int = 0
@@ -205,7 +206,6 @@ class ObjectStore:
         object_id = self._new_id()
         obj = self._place(object_id, len(data))
         self._write(obj, 0, data)
-        obj.received = obj.size
         self._admit(object_id, obj, client, connection_id)
         return object_id
 
@@ -441,7 +441,8 @@ def fetcher(token: str | None, max_message_size: int) -> Fetch:
             )
         except (ConnectError, MembershipError) as exc:
             raise RPCError(
-                StatusCode.NOT_FOUND, f"the worker holding objects, {address}, is gone: {exc}"
+                StatusCode.NOT_FOUND,
+                f"the worker holding objects, {address}, cannot be reached: {exc}",
             ) from exc
         chunk = max(1, max_message_size - wire.CHUNK_MARGIN)
         try:
