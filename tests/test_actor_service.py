@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -261,6 +262,8 @@ async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force
         request = wire.CancelActorCall("a", call_id, force)
         return (await h.client.call_rpc(CANCEL_ACTOR_CALL, request)).state
 
+    messages: dict[str, str] = {}
+
     async with actor_service() as h:
         await h.create("a", 0)
         release = tmp_path / "go"
@@ -271,7 +274,7 @@ async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force
             try:
                 outcomes[call_id] = await h.client.call_rpc(CALL_ACTOR, request)
             except RPCError as exc:
-                outcomes[call_id] = exc.code
+                outcomes[call_id], messages[call_id] = exc.code, exc.message
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call, "held", "wait_for", str(release))
@@ -288,6 +291,7 @@ async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force
             assert await cancel("held") == wire.CallState.RUNNING
             release.touch()
         assert outcomes["one"] == StatusCode.CANCELLED
+        assert messages["one"] == "call put of actor Box a was cancelled"
         assert cloudpickle.loads(outcomes["held"].result) == "seen"
         assert cloudpickle.loads(outcomes["two"].result) == [0, 2]  # "one" never ran
         assert await cancel("nobody") == wire.CallState.ENDED
@@ -305,7 +309,35 @@ async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force
         # No restarts: the actor was lost with it (a scheduler may create it again), and so
         # was the call behind it.
         assert outcomes["stuck"] == StatusCode.UNAVAILABLE
+        assert messages["stuck"] == "actor a was killed to stop wait_for (cancelled with force)"
         assert outcomes["behind"] == StatusCode.UNAVAILABLE
         with pytest.raises(RPCError) as info:
             await h.call("a", "put", 4)
         assert info.value.code == StatusCode.NOT_FOUND
+        assert info.value.message == "actor a was killed to stop wait_for (cancelled with force)"
+
+
+async def test_cancel_with_force_of_an_actor_with_restarts_creates_it_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with actor_service() as h:
+        await h.create("b", 0, max_restarts=1)
+        await h.call("b", "put", 1)
+        never = tmp_path / "never"
+
+        async def held() -> None:
+            with pytest.raises(RPCError) as info:
+                await h.call("b", "wait_for", str(never))
+            assert info.value.code == StatusCode.UNAVAILABLE  # lost with its process
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(held)
+            with anyio.fail_after(30):
+                while not os.path.exists(f"{never}.started"):  # noqa: ASYNC110, ASYNC240
+                    await anyio.sleep(0.01)
+            request = wire.CancelActorCall("b", "c", True)  # Harness.call's call id
+            with caplog.at_level(logging.WARNING, logger="vaccelray.actors"):
+                reply = await h.client.call_rpc(CANCEL_ACTOR_CALL, request)
+            assert reply.state == wire.CallState.KILLED
+        assert "Actor Box b was killed to stop wait_for (cancelled with force)" in caplog.messages
+        assert await h.call("b", "put", 2) == [0, 2]  # constructed again
