@@ -295,6 +295,8 @@ async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force
         assert cloudpickle.loads(outcomes["held"].result) == "seen"
         assert cloudpickle.loads(outcomes["two"].result) == [0, 2]  # "one" never ran
         assert await cancel("nobody") == wire.CallState.ENDED
+        unknown = wire.CancelActorCall("no such actor", "c", True)
+        assert (await h.client.call_rpc(CANCEL_ACTOR_CALL, unknown)).state == wire.CallState.ENDED
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call, "stuck", "wait_for", str(tmp_path / "never"))
