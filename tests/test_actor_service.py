@@ -214,7 +214,7 @@ async def test_calls_queue_in_order_up_to_the_bound(tmp_path: Path) -> None:
         assert results == {"held": "seen", "one": [0, 1], "two": [0, 1, 2]}
 
 
-async def test_the_codes_say_lost_or_dead_and_whether_the_call_ran() -> None:
+async def test_the_codes_say_lost_or_dead_and_whether_the_call_ran(tmp_path: Path) -> None:
     """What a scheduler restarts by: UNAVAILABLE, lost with the call; NOT_FOUND, lost before."""
     async with actor_service() as h:
         await h.create("a", 1)
@@ -229,8 +229,23 @@ async def test_the_codes_say_lost_or_dead_and_whether_the_call_ran() -> None:
         # A lost actor may be created again under its id (by the scheduler that placed it).
         assert await h.create("a", 5) == task_wire.TaskDone(b"")
         assert await h.call("a", "put", 6) == [5, 6]
-        # A killed one is dead for good: ABORTED, and its id stays taken.
-        await h.kill("a")
+        # A killed one is dead for good: ABORTED (its running call too), and its id stays taken.
+        never = tmp_path / "never"
+        outcome: list[RPCError] = []
+
+        async def held() -> None:
+            with pytest.raises(RPCError) as info:
+                await h.call("a", "wait_for", str(never))
+            outcome.append(info.value)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(held)
+            with anyio.fail_after(30):
+                while not os.path.exists(f"{never}.started"):  # noqa: ASYNC110, ASYNC240
+                    await anyio.sleep(0.01)
+            await h.kill("a")
+        assert outcome[0].code == StatusCode.ABORTED
+        assert outcome[0].message == "actor a was killed"
         with pytest.raises(RPCError) as info:
             await h.call("a", "put", 7)
         assert (info.value.code, info.value.reason) == (StatusCode.ABORTED, Reason.ACTOR_DIED)
