@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -213,7 +214,7 @@ async def test_calls_queue_in_order_up_to_the_bound(tmp_path: Path) -> None:
         assert results == {"held": "seen", "one": [0, 1], "two": [0, 1, 2]}
 
 
-async def test_the_codes_say_lost_or_dead_and_whether_the_call_ran() -> None:
+async def test_the_codes_say_lost_or_dead_and_whether_the_call_ran(tmp_path: Path) -> None:
     """What a scheduler restarts by: UNAVAILABLE, lost with the call; NOT_FOUND, lost before."""
     async with actor_service() as h:
         await h.create("a", 1)
@@ -228,8 +229,23 @@ async def test_the_codes_say_lost_or_dead_and_whether_the_call_ran() -> None:
         # A lost actor may be created again under its id (by the scheduler that placed it).
         assert await h.create("a", 5) == task_wire.TaskDone(b"")
         assert await h.call("a", "put", 6) == [5, 6]
-        # A killed one is dead for good: ABORTED, and its id stays taken.
-        await h.kill("a")
+        # A killed one is dead for good: ABORTED (its running call too), and its id stays taken.
+        never = tmp_path / "never"
+        outcome: list[RPCError] = []
+
+        async def held() -> None:
+            with pytest.raises(RPCError) as info:
+                await h.call("a", "wait_for", str(never))
+            outcome.append(info.value)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(held)
+            with anyio.fail_after(30):
+                while not os.path.exists(f"{never}.started"):  # noqa: ASYNC110, ASYNC240
+                    await anyio.sleep(0.01)
+            await h.kill("a")
+        assert outcome[0].code == StatusCode.ABORTED
+        assert outcome[0].message == "actor a was killed"
         with pytest.raises(RPCError) as info:
             await h.call("a", "put", 7)
         assert (info.value.code, info.value.reason) == (StatusCode.ABORTED, Reason.ACTOR_DIED)
@@ -261,6 +277,8 @@ async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force
         request = wire.CancelActorCall("a", call_id, force)
         return (await h.client.call_rpc(CANCEL_ACTOR_CALL, request)).state
 
+    messages: dict[str, str] = {}
+
     async with actor_service() as h:
         await h.create("a", 0)
         release = tmp_path / "go"
@@ -271,7 +289,7 @@ async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force
             try:
                 outcomes[call_id] = await h.client.call_rpc(CALL_ACTOR, request)
             except RPCError as exc:
-                outcomes[call_id] = exc.code
+                outcomes[call_id], messages[call_id] = exc.code, exc.message
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call, "held", "wait_for", str(release))
@@ -288,9 +306,12 @@ async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force
             assert await cancel("held") == wire.CallState.RUNNING
             release.touch()
         assert outcomes["one"] == StatusCode.CANCELLED
+        assert messages["one"] == "call put of actor Box a was cancelled"
         assert cloudpickle.loads(outcomes["held"].result) == "seen"
         assert cloudpickle.loads(outcomes["two"].result) == [0, 2]  # "one" never ran
         assert await cancel("nobody") == wire.CallState.ENDED
+        unknown = wire.CancelActorCall("no such actor", "c", True)
+        assert (await h.client.call_rpc(CANCEL_ACTOR_CALL, unknown)).state == wire.CallState.ENDED
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call, "stuck", "wait_for", str(tmp_path / "never"))
@@ -305,7 +326,35 @@ async def test_cancel_drops_a_waiting_call_and_kills_a_running_one_only_by_force
         # No restarts: the actor was lost with it (a scheduler may create it again), and so
         # was the call behind it.
         assert outcomes["stuck"] == StatusCode.UNAVAILABLE
+        assert messages["stuck"] == "actor a was killed to stop wait_for (cancelled with force)"
         assert outcomes["behind"] == StatusCode.UNAVAILABLE
         with pytest.raises(RPCError) as info:
             await h.call("a", "put", 4)
         assert info.value.code == StatusCode.NOT_FOUND
+        assert info.value.message == "actor a was killed to stop wait_for (cancelled with force)"
+
+
+async def test_cancel_with_force_of_an_actor_with_restarts_creates_it_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with actor_service() as h:
+        await h.create("b", 0, max_restarts=1)
+        await h.call("b", "put", 1)
+        never = tmp_path / "never"
+
+        async def held() -> None:
+            with pytest.raises(RPCError) as info:
+                await h.call("b", "wait_for", str(never))
+            assert info.value.code == StatusCode.UNAVAILABLE  # lost with its process
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(held)
+            with anyio.fail_after(30):
+                while not os.path.exists(f"{never}.started"):  # noqa: ASYNC110, ASYNC240
+                    await anyio.sleep(0.01)
+            request = wire.CancelActorCall("b", "c", True)  # Harness.call's call id
+            with caplog.at_level(logging.WARNING, logger="vaccelray.actors"):
+                reply = await h.client.call_rpc(CANCEL_ACTOR_CALL, request)
+            assert reply.state == wire.CallState.KILLED
+        assert "Actor Box b was killed to stop wait_for (cancelled with force)" in caplog.messages
+        assert await h.call("b", "put", 2) == [0, 2]  # constructed again

@@ -164,3 +164,13 @@ def test_a_lane_whose_server_closed_it_sends_nothing(scheme: str, tmp_path: Path
         assert lane.send("s", "m", b"2", answers.append, timeout=None, metadata=()) is False
         assert lane.closed
         assert not lane.idle
+
+
+def test_an_actor_calls_timeout_holds_on_the_lane(client: Client, tmp_path: Path) -> None:
+    counter = Counter.remote_on(client)
+    assert vaccelray.get(counter.add.remote(1)) == 1
+    ref = counter.wait_for.options(timeout=0.5).remote(str(tmp_path / "never"))
+    assert ref._lane is not None
+    with pytest.raises(vaccelray.TaskTimeoutError):
+        vaccelray.get(ref)  # the worker applied the deadline the lane sent
+    vaccelray.kill(counter)
