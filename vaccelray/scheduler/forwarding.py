@@ -313,8 +313,7 @@ class _Forward:
         self.task.add_done_callback(self._slow_done)
 
     def _slow_done(self, task: asyncio.Task[bytes]) -> None:
-        if task.cancelled():  # by cancel(), or the loop closing
-            self.done(RPCError(StatusCode.CANCELLED, f"{self.rpc.method} was cancelled"))
+        if task.cancelled():  # by cancel(): the server gave the call up (or the loop closes)
             return
         exc = task.exception()
         self.done(task.result() if exc is None else exc)
