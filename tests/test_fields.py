@@ -7,7 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vaccelray.protocol._pb import vaccel_pb2 as pb
-from vaccelray.protocol.fields import FieldError, read_varint_field, with_varint_field
+from vaccelray.protocol.fields import (
+    FieldError,
+    find_varint_field,
+    read_varint_field,
+    replace_varint_field,
+    with_varint_field,
+)
 
 int64s = st.integers(-(2**63), 2**63 - 1)
 
@@ -120,3 +126,25 @@ def test_any_bytes_parse_or_raise_field_error(data: bytes) -> None:
         return
     assert -(2**63) <= value < 2**63
     assert read_varint_field(with_varint_field(data, 1, 42), 1) == 42
+
+
+def test_fields_past_15_have_two_byte_keys() -> None:
+    field_16 = b"\x80\x01\x05"  # field 16, varint 5: its key takes two bytes
+    data = field_16 + b"\x08\x07" + b"\x82\x01\x01x"  # field 1 = 7, field 16 bytes "x"
+    assert read_varint_field(data, 1) == 7
+    with pytest.raises(FieldError, match="field 16 is not a varint"):
+        read_varint_field(data, 16)
+    data = field_16 + b"\x08\x07"
+    assert read_varint_field(data, 16) == 5
+    assert with_varint_field(data, 16, 9) == b"\x80\x01\x09\x08\x07"
+    assert with_varint_field(data, 1, 300) == field_16 + b"\x08\xac\x02"
+
+
+def test_a_found_field_is_replaced_where_it_was_found() -> None:
+    data = pb.ImageClassificationRequest(session_id=3, image=b"abc").SerializeToString()
+    found = find_varint_field(data, 1)
+    assert (found.number, found.value, found.spans) == (1, 3, ((0, 2),))
+    assert replace_varint_field(data, found, 4) == b"\x08\x04" + data[2:]
+    absent = find_varint_field(data, 3)
+    assert (absent.value, absent.spans) == (0, ())
+    assert replace_varint_field(data, absent, 1) == data + b"\x18\x01"

@@ -456,6 +456,46 @@ async def test_future_handler_deadline_answers_deadline_exceeded(
     await stream.aclose()
 
 
+async def test_each_call_ends_at_its_own_deadline(futures: tuple[Server, Futures]) -> None:
+    """The connection's one deadline timer: a later call due sooner is ended first, and
+    one due after the call the timer was armed for is ended when its own time comes."""
+    srv, handlers = futures
+    method = handlers.method
+    stream, _ = await raw_call(
+        srv.addresses[0],
+        request(1, "test.Later", method, b"", timeout_nano=60_000_000_000)
+        + request(3, "test.Later", method, b"", timeout_nano=200_000_000),
+    )
+    soon = await read_response(stream, 3)
+    assert (soon.code, soon.message) == (
+        StatusCode.DEADLINE_EXCEEDED,
+        f"{method} exceeded its deadline",
+    )
+    first = handlers.pending[0]
+    assert not first.done()  # its deadline is far: it runs on
+    first.set_result(b"in time")
+    assert (await read_response(stream, 1)).payload == b"in time"
+    await stream.send(
+        request(5, "test.Later", method, b"", timeout_nano=100_000_000)
+        + request(7, "test.Later", method, b"", timeout_nano=300_000_000)
+    )
+    answers = ClientConnection()
+    answers._next_stream_id = 5  # expect answers on streams 5 and 7 (in one read or two)
+    answers.send_request("", "", b"")
+    answers.send_request("", "", b"")
+    codes: dict[int, int] = {}
+    with liveness("answers on streams 5 and 7"):
+        while len(codes) < 2:
+            event = answers.next_event()
+            if isinstance(event, ResponseReceived):
+                codes[event.stream_id] = event.code
+            else:
+                answers.receive_data(await stream.receive())
+    assert codes == {5: StatusCode.DEADLINE_EXCEEDED, 7: StatusCode.DEADLINE_EXCEEDED}
+    assert srv.inflight == 0
+    await stream.aclose()
+
+
 async def test_future_handler_is_cancelled_when_the_client_disconnects(
     futures: tuple[Server, Futures],
 ) -> None:

@@ -205,7 +205,6 @@ class _Forward:
 
     __slots__ = (
         "binding",
-        "cancelled",
         "ctx",
         "done",
         "forwarder",
@@ -242,10 +241,9 @@ class _Forward:
         self.binding: Binding | None = None
         self.started: StartedCall | None = None  # the call on the bound worker
         self.task: asyncio.Task[bytes] | None = None  # the slow path
-        self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Abandon the worker's call or the slow path (what they answer then, the server drops)."""
         if self.started is not None:
             self.started.cancel()
         if self.task is not None:
@@ -286,8 +284,6 @@ class _Forward:
         self._go_slow()
 
     def _answered(self, outcome: Outcome) -> None:
-        if self.cancelled:  # by the server: the client left or the deadline passed
-            return
         if isinstance(outcome, bytes):
             if self.resource_id:
                 self.forwarder.table.model_called(self.session, self.rpc, self.resource_id)
@@ -317,10 +313,7 @@ class _Forward:
         self.task.add_done_callback(self._slow_done)
 
     def _slow_done(self, task: asyncio.Task[bytes]) -> None:
-        if self.cancelled:
-            return
-        if task.cancelled():  # not by this call (the loop is closing)
-            self.done(RPCError(StatusCode.CANCELLED, f"{self.rpc.method} was cancelled"))
+        if task.cancelled():  # by cancel(): the server gave the call up (or the loop closes)
             return
         exc = task.exception()
         self.done(task.result() if exc is None else exc)

@@ -338,14 +338,15 @@ class _Throttle:
 class _LoopCall:
     """A *future* or *callback* handler's call in flight; :meth:`done` ends it, once."""
 
-    __slots__ = ("answered", "conn", "ended", "event", "timer", "work")
+    __slots__ = ("answered", "conn", "deadline", "ended", "event", "work")
 
     def __init__(self, conn: _Connection, event: RequestReceived) -> None:
         self.conn = conn
         self.event = event
         #: The future, or the callback handler's work.
         self.work: Work | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        #: Loop time of the call's deadline, if it has one (see _Connection.deadline_due).
+        self.deadline: float | None = None
         #: Answered already (on shutdown): what the handler returns later is dropped.
         self.answered = False
         self.ended = False
@@ -429,6 +430,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.frame_start: float | None = None
         self.frame_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
+        #: One timer for the deadlines of every future and callback call of the
+        #: connection, due at the earliest (a timer per call would cost one each).
+        self.deadline_timer: asyncio.TimerHandle | None = None
+        self.deadline_at = inf
         #: Reading paused because the client does not read its answers.
         self.paused = False
         #: Answers held back until the end of the loop turn (see _answer).
@@ -462,10 +467,10 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.server._connections.discard(self)
-        for timer in (self.frame_timer, self.idle_timer):
+        for timer in (self.frame_timer, self.idle_timer, self.deadline_timer):
             if timer is not None:
                 timer.cancel()
-        self.frame_timer = self.idle_timer = None
+        self.frame_timer = self.idle_timer = self.deadline_timer = None
         if self.server.on_disconnect is not None:
             self.server.on_disconnect(self.id)
         for task in self.tasks:
@@ -764,20 +769,46 @@ class _Connection(asyncio.BufferedProtocol):
                 call.done(exc)
             if call.ended:
                 return None
-        if ctx.deadline is not None:
-            call.timer = self.loop.call_at(
-                ctx.deadline,
-                call.cancel,
-                StatusCode.DEADLINE_EXCEEDED,
-                f"{event.method} exceeded its deadline",
-            )
+        deadline = ctx.deadline
+        if deadline is not None:
+            call.deadline = deadline
+            if deadline < self.deadline_at:
+                self._deadline_timer(deadline)
         return None
+
+    def _deadline_timer(self, when: float) -> None:
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+        self.deadline_at = when
+        self.deadline_timer = self.loop.call_at(when, self.deadline_due)
+
+    def deadline_due(self) -> None:
+        """The deadline timer: end the calls whose deadline passed, wait for the next one.
+
+        It is due at the earliest deadline it was armed for; calls that ended
+        meanwhile are simply gone from ``calls``, and none is checked before
+        its time (so a burst of calls costs no timer each, only a comparison).
+        """
+        self.deadline_timer = None
+        self.deadline_at = inf
+        now = self.loop.time()
+        following = inf
+        for call in list(self.calls):
+            deadline = call.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                call.cancel(
+                    StatusCode.DEADLINE_EXCEEDED, f"{call.event.method} exceeded its deadline"
+                )
+            elif deadline < following:
+                following = deadline
+        if following < inf and self.transport is not None:
+            self._deadline_timer(following)
 
     def _call_ended(self, call: _LoopCall, answer: Answer) -> None:
         self.calls.discard(call)
         self.last_active = self.loop.time()
-        if call.timer is not None:
-            call.timer.cancel()
         try:
             if self.transport is None or call.answered:
                 return
