@@ -247,8 +247,22 @@ def test_the_longest_request_id_is_kept() -> None:
 
 
 def test_a_call_without_one_gets_a_new_one_each_time() -> None:
-    ids = {logs.request_id_from(()) for _ in range(100)}
+    ids = {str(logs.request_id_from(())) for _ in range(100)}
     assert len(ids) == 100
+    assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]+", made) for made in ids)
+
+
+def test_a_made_id_is_made_once_when_first_asked_for() -> None:
+    pending = logs.request_id_from((("other", "x"),))
+    token = logs.request_id_var.set(pending)
+    try:
+        first = logs.current_request_id()
+        assert first is not None
+        assert logs.current_request_id() == first == str(pending)
+        assert json.loads(logs.json_line(0.0, "INFO", "a", "b"))["request_id"] == first
+    finally:
+        logs.request_id_var.reset(token)
+    assert logs.current_request_id() is None
 
 
 # -- setup and EventLog ----------------------------------------------------------

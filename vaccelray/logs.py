@@ -46,6 +46,7 @@ from vaccelray.protocol.request_id import REQUEST_ID_KEY, valid_request_id
 __all__ = [
     "EventLog",
     "LogFormat",
+    "PendingRequestId",
     "Sink",
     "close",
     "current_request_id",
@@ -58,9 +59,30 @@ __all__ = [
 
 LogFormat = Literal["text", "json"]
 
+
+class PendingRequestId:
+    """The id of a call that came without one, made when first asked for.
+
+    Most calls never show theirs (text lines do not), and making an id costs
+    more than this placeholder: ``str()`` of it is the id.
+    """
+
+    #: Made by the first str() (a class default: no __init__ to run per call).
+    _id: str | None = None
+
+    def __str__(self) -> str:
+        if self._id is None:
+            with _minting:  # asked from two threads at once: one id all the same
+                if self._id is None:
+                    self._id = new_request_id()
+        return self._id
+
+
+_minting = threading.Lock()
+
 #: The request id of the call being served or made (None outside one).
-request_id_var: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
-    "vaccelray_request_id", default=None
+request_id_var: Final[contextvars.ContextVar[str | PendingRequestId | None]] = (
+    contextvars.ContextVar("vaccelray_request_id", default=None)
 )
 
 #: Fresh ids: this process's random prefix and a count (unique, and cheap to make per call).
@@ -73,10 +95,11 @@ def new_request_id() -> str:
 
 
 def current_request_id() -> str | None:
-    return request_id_var.get()
+    request_id = request_id_var.get()
+    return request_id if request_id is None else str(request_id)
 
 
-def request_id_from(metadata: Sequence[tuple[str, str]]) -> str:
+def request_id_from(metadata: Sequence[tuple[str, str]]) -> str | PendingRequestId:
     """The request id a caller sent in *metadata* (the last one), else a new one.
 
     One that is too long or has other than ``A-Z a-z 0-9 . _ : -`` is replaced.
@@ -84,7 +107,7 @@ def request_id_from(metadata: Sequence[tuple[str, str]]) -> str:
     for key, value in reversed(metadata):
         if key == REQUEST_ID_KEY:
             return value if valid_request_id(value) else new_request_id()
-    return new_request_id()
+    return PendingRequestId()
 
 
 # -- formats ----------------------------------------------------------------
@@ -131,7 +154,7 @@ def json_line(
         "message": message,
     }
     if request_id is None:
-        request_id = request_id_var.get()
+        request_id = current_request_id()
     if request_id is not None:
         body["request_id"] = request_id
     if exception:
@@ -147,7 +170,7 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         text = super().formatMessage(record)
-        request_id = request_id_var.get()
+        request_id = current_request_id()
         if request_id is not None and record.levelno < logging.INFO:
             return f"{text} [request {request_id}]"
         return text
@@ -227,7 +250,7 @@ class Sink:
         The writer formats it later: *args* must not change meanwhile (numbers, strings).
         """
         if self.log_format == "json":
-            self._queue_up((_time(), message, args, logger, request_id_var.get()), False)
+            self._queue_up((_time(), message, args, logger, current_request_id()), False)
         else:
             self._queue_up((_time(), message, args), False)
 
