@@ -247,8 +247,22 @@ def test_the_longest_request_id_is_kept() -> None:
 
 
 def test_a_call_without_one_gets_a_new_one_each_time() -> None:
-    ids = {logs.request_id_from(()) for _ in range(100)}
+    ids = {str(logs.request_id_from(())) for _ in range(100)}
     assert len(ids) == 100
+    assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]+", made) for made in ids)
+
+
+def test_a_made_id_is_made_once_when_first_asked_for() -> None:
+    pending = logs.request_id_from((("other", "x"),))
+    token = logs.request_id_var.set(pending)
+    try:
+        first = logs.current_request_id()
+        assert first is not None
+        assert logs.current_request_id() == first == str(pending)
+        assert json.loads(logs.json_line(0.0, "INFO", "a", "b"))["request_id"] == first
+    finally:
+        logs.request_id_var.reset(token)
+    assert logs.current_request_id() is None
 
 
 # -- setup and EventLog ----------------------------------------------------------
@@ -626,4 +640,104 @@ def test_warnings_are_written_at_once_and_info_lines_in_batches(pipe: tuple[int,
         handler.handle(record(logging.WARNING, "now"))
         assert read_until(r, b"now\n") == b"INFO batched\nWARNING now\n"
     finally:
+        sink.close()
+
+
+def written_events(
+    tmp_path: Path, events: list[tuple[float, str, tuple[object, ...]]], log_format: str = "text"
+) -> list[str]:
+    """The lines a sink writes for *events* (time, message, args), queued as EventLog does."""
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), interval=HOUR, log_format=log_format)  # type: ignore[arg-type]
+        try:
+            for now, message, args in events:
+                sink._queue.append((now, message, args))
+            sink.flush()
+        finally:
+            sink.close()
+    return path.read_text().splitlines()
+
+
+def test_each_millisecond_of_a_batch_has_its_own_stamp(tmp_path: Path) -> None:
+    t = 1700000000.0
+    times = [t + 0.0001, t + 0.0004, t + 0.0012, t + 0.0012, t + 0.5, t + 1.25, t + 1.2504]
+    lines = written_events(tmp_path, [(now, "line %d", (i,)) for i, now in enumerate(times)])
+    assert lines == [f"{logs.text_stamp(now)} INFO line {i}" for i, now in enumerate(times)]
+
+
+def test_a_line_whose_arguments_do_not_fit_is_noted_and_the_others_written(
+    tmp_path: Path,
+) -> None:
+    t = 1700000000.0
+    lines = written_events(
+        tmp_path,
+        [(t, "before %d", (1,)), (t, "session:%d Genop", ("x",)), (t, "after %s", ("y",))],
+    )
+    assert [line.split(" INFO ", 1)[1] for line in lines] == [
+        "before 1",
+        "'session:%d Genop' % ('x',): %d format: a real number is required, not str",
+        "after y",
+    ]
+
+
+def test_a_message_without_arguments_is_written_as_it_is(tmp_path: Path) -> None:
+    t = 1700000000.0
+    lines = written_events(tmp_path, [(t, "100%% sure, %d", ()), (t, "took %d%%", (5,))])
+    assert [line.split(" INFO ", 1)[1] for line in lines] == ["100%% sure, %d", "took 5%"]
+
+
+def test_event_lines_and_other_lines_keep_their_order(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), interval=HOUR)
+        try:
+            sink.event("x", "one %d", (1,))
+            sink.put("two\n")
+            sink.event("x", "three", ())
+            sink.event("x", "four %s", ("4",))
+            sink.flush()
+        finally:
+            sink.close()
+    assert [line.split(" INFO ", 1)[-1] for line in path.read_text().splitlines()] == [
+        "one 1",
+        "two",
+        "three",
+        "four 4",
+    ]
+
+
+def test_the_event_fast_path_writes_what_the_sink_would(tmp_path: Path) -> None:
+    """EventLog's inlined append and Sink.event queue the same line."""
+    with bare_root():
+        path = tmp_path / "log"
+        with path.open("w") as stream:
+            logs.setup("info", stream=stream)
+            sink = logs._state.sink
+            assert sink is not None
+            logs.EventLog("vaccelray.x").info("session:%d Genop", 3)
+            sink.event("vaccelray.x", "session:%d Genop", (4,))
+            logs.close()
+        messages = [line.split(" INFO ", 1)[1] for line in path.read_text().splitlines()]
+        assert messages == ["session:3 Genop", "session:4 Genop"]
+
+
+def test_event_lines_of_a_full_batch_are_written_without_waiting(pipe: tuple[int, int]) -> None:
+    """EventLog's fast path stops short of the batch size: the line that fills it wakes
+    the writer."""
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, flush_lines=3)
+    logger = logging.getLogger("vaccelray.batch")
+    logger.setLevel(logging.INFO)
+    logs._state.sink = sink
+    try:
+        events = logs.EventLog("vaccelray.batch")
+        for i in range(3):
+            events.info("line %d", i)
+            if i < 2:
+                assert nothing_written(r), f"written at line {i}"
+        assert read_until(r, b"line 2\n").endswith(b"line 2\n")
+    finally:
+        logs._state.sink = None
+        logger.setLevel(logging.NOTSET)
         sink.close()

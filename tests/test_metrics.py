@@ -37,6 +37,7 @@ from vaccelray.metrics import (
 from vaccelray.protocol import NEED_DATA, FrameType, ServerConnection, encode_frame
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.envelope import encode_request
+from vaccelray.protocol.frames import HEADER_SIZE
 from vaccelray.scheduler import SchedulerConfig
 from vaccelray.transport import CallContext, Method, Server, Service, connect, serve
 from vaccelray.worker.daemon import WorkerConfig, run_worker
@@ -178,7 +179,7 @@ def test_histogram_buckets_are_cumulative() -> None:
     calls = CallMetrics()
     calls.declare("s", "m")
     stats = calls.methods[("s", "m")]
-    stats.codes[0] = 3
+    stats.ok = 3
     stats.buckets[0] = 1  # at most the first bound
     stats.buckets[2] = 1
     stats.buckets[-1] = 1  # past the last bound
@@ -620,3 +621,68 @@ def test_status_names() -> None:
     assert status_name(0) == "OK"
     assert status_name(StatusCode.NOT_FOUND) == "NOT_FOUND"
     assert status_name(99) == "99"
+
+
+def test_latency_runs_from_the_read_that_brought_the_request(clock: FakeClock) -> None:
+    calls, conn = metered_connection()
+    conn.receive_data(request(1))
+    clock.now += 0.3  # decoded later in the same loop turn: still arrived at the read
+    event = conn.next_event()
+    conn.send_response(event.stream_id)  # type: ignore[union-attr]
+    assert calls.methods[("test.Echo", "Echo")].seconds == pytest.approx(0.3)
+    conn.receive_data(request(3))
+    clock.now += 0.001
+    conn.send_response(conn.next_event().stream_id)  # type: ignore[union-attr]
+    assert calls.methods[("test.Echo", "Echo")].seconds == pytest.approx(0.301)
+
+
+def test_calls_count_under_their_own_method_whatever_came_before() -> None:
+    calls = CallMetrics()
+    calls.declare("test.Echo", "Echo")
+    calls.declare("test.Echo", "Other")
+    calls.declare("test.Again", "Echo")
+    conn = calls.connection(1 << 16)
+    sent = [
+        ("test.Echo", "Echo"),
+        ("test.Echo", "Echo"),
+        ("test.Again", "Echo"),  # same method, other service
+        ("test.Echo", "Other"),  # same service, other method
+        ("test.Nope", "Other"),
+        ("test.Echo", "Echo"),
+    ]
+    conn.receive_data(
+        b"".join(
+            encode_frame(2 * i + 1, FrameType.REQUEST, encode_request(service, method, b"x" * i))
+            for i, (service, method) in enumerate(sent)
+        )
+    )
+    for _ in sent:
+        conn.send_response(conn.next_event().stream_id)  # type: ignore[union-attr]
+    counted = {key: (stats.ok, stats.bytes_in) for key, stats in calls.methods.items()}
+    assert counted == {
+        ("test.Echo", "Echo"): (3, 0 + 1 + 5),
+        ("test.Echo", "Other"): (1, 3),
+        ("test.Again", "Echo"): (1, 2),
+    }
+    assert (calls.other.ok, calls.other.bytes_in) == (1, 4)
+
+
+def test_an_answer_at_the_size_limit_counts_as_ok() -> None:
+    """The largest OK answer the limit allows is sent and counted OK; one byte more is
+    refused (and counted so), exactly as the plain connection decides."""
+    limit = 200
+    calls = CallMetrics()
+    calls.declare("test.Echo", "Echo")
+    conn, plain = calls.connection(limit), ServerConnection(limit)
+    for c in (conn, plain):
+        c.receive_data(b"".join(request(2 * i + 1) for i in range(12)))
+        for _ in range(12):
+            c.next_event()
+    outcomes = []
+    for i, size in enumerate(range(limit - 8, limit + 4)):
+        answer = conn.send_response(2 * i + 1, b"x" * size)
+        assert answer == plain.send_response(2 * i + 1, b"x" * size)
+        outcomes.append(answer[HEADER_SIZE] != 0x0A)
+    assert outcomes == [True] * 6 + [False] * 6  # 197 bytes and a 3-byte field head fit
+    stats = calls.methods[("test.Echo", "Echo")]
+    assert stats.codes == {0: 6, StatusCode.RESOURCE_EXHAUSTED: 6}

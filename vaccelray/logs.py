@@ -24,26 +24,29 @@ Without :func:`setup` (a library user, a test) every line goes through
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import contextvars
 import itertools
 import json
 import logging
+import operator
 import os
 import secrets
 import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Final, Literal, TextIO
+from typing import Final, Literal, TextIO, cast
 
 from vaccelray.protocol.request_id import REQUEST_ID_KEY, valid_request_id
 
 __all__ = [
     "EventLog",
     "LogFormat",
+    "PendingRequestId",
     "Sink",
     "close",
     "current_request_id",
@@ -56,9 +59,30 @@ __all__ = [
 
 LogFormat = Literal["text", "json"]
 
+
+class PendingRequestId:
+    """The id of a call that came without one, made when first asked for.
+
+    Most calls never show theirs (text lines do not), and making an id costs
+    more than this placeholder: ``str()`` of it is the id.
+    """
+
+    #: Made by the first str() (a class default: no __init__ to run per call).
+    _id: str | None = None
+
+    def __str__(self) -> str:
+        if self._id is None:
+            with _minting:  # asked from two threads at once: one id all the same
+                if self._id is None:
+                    self._id = new_request_id()
+        return self._id
+
+
+_minting = threading.Lock()
+
 #: The request id of the call being served or made (None outside one).
-request_id_var: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
-    "vaccelray_request_id", default=None
+request_id_var: Final[contextvars.ContextVar[str | PendingRequestId | None]] = (
+    contextvars.ContextVar("vaccelray_request_id", default=None)
 )
 
 #: Fresh ids: this process's random prefix and a count (unique, and cheap to make per call).
@@ -71,10 +95,11 @@ def new_request_id() -> str:
 
 
 def current_request_id() -> str | None:
-    return request_id_var.get()
+    request_id = request_id_var.get()
+    return request_id if request_id is None else str(request_id)
 
 
-def request_id_from(metadata: Sequence[tuple[str, str]]) -> str:
+def request_id_from(metadata: Sequence[tuple[str, str]]) -> str | PendingRequestId:
     """The request id a caller sent in *metadata* (the last one), else a new one.
 
     One that is too long or has other than ``A-Z a-z 0-9 . _ : -`` is replaced.
@@ -82,7 +107,7 @@ def request_id_from(metadata: Sequence[tuple[str, str]]) -> str:
     for key, value in reversed(metadata):
         if key == REQUEST_ID_KEY:
             return value if valid_request_id(value) else new_request_id()
-    return new_request_id()
+    return PendingRequestId()
 
 
 # -- formats ----------------------------------------------------------------
@@ -90,8 +115,18 @@ def request_id_from(metadata: Sequence[tuple[str, str]]) -> str:
 
 def text_stamp(now: float) -> str:
     """``2024-01-02 03:04:05,678`` (local time), as ``logging``'s default ``asctime``."""
-    second = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-    return f"{second},{int(now * 1000) % 1000:03d}"
+    global _stamped_second
+    second, text = _stamped_second
+    if second != int(now):  # one strftime a second
+        second, text = _stamped_second = (
+            int(now),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+        )
+    return f"{text},{int(now * 1000) % 1000:03d}"
+
+
+#: The last second :func:`text_stamp` made, and its text (replaced whole: threads share it).
+_stamped_second: tuple[int, str] = (-1, "")
 
 
 def json_stamp(now: float) -> str:
@@ -119,7 +154,7 @@ def json_line(
         "message": message,
     }
     if request_id is None:
-        request_id = request_id_var.get()
+        request_id = current_request_id()
     if request_id is not None:
         body["request_id"] = request_id
     if exception:
@@ -135,7 +170,7 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         text = super().formatMessage(record)
-        request_id = request_id_var.get()
+        request_id = current_request_id()
         if request_id is not None and record.levelno < logging.INFO:
             return f"{text} [request {request_id}]"
         return text
@@ -157,8 +192,12 @@ class JsonFormatter(logging.Formatter):
 #: Lines formatted between two writes (the GIL is let go at each write).
 _CHUNK: Final = 256
 
-#: An info line not formatted yet: (time, logger, message, args, request id).
-_Event = tuple[float, str, str, tuple[object, ...], "str | None"]
+#: An info line not formatted yet: (time, message, args) in text, and
+#: (time, message, args, logger, request id) in JSON.
+_Event = (
+    tuple[float, str, tuple[object, ...]] | tuple[float, str, tuple[object, ...], str, "str | None"]
+)
+_popleft = collections.deque.popleft
 
 
 class Sink:
@@ -169,7 +208,7 @@ class Sink:
     at once when *flush_lines* lines wait or for an *urgent* line. Past
     *max_lines* waiting (the writer is stuck on a pipe nobody reads) lines
     are dropped and counted. An :meth:`event` line is formatted (in
-    *log_format*) by the writer, off the caller's thread.
+    *log_format*) by the writer, off the caller's path.
     """
 
     def __init__(
@@ -190,6 +229,9 @@ class Sink:
         self.stuck_after = stuck_after
         #: Lines, and the events of flush() calls waiting for the lines before them.
         self._queue: collections.deque[str | _Event | threading.Event] = collections.deque()
+        #: Text events shorter than this queue (EventLog's fast path) wake nobody and
+        #: drop nothing; the others go through :meth:`event`.
+        self.fast_below = flush_lines - 1 if log_format == "text" else 0
         self._wake = threading.Event()
         self._dropped = 0
         #: When the writer's write in progress began (a long one: stderr takes no lines).
@@ -207,14 +249,17 @@ class Sink:
 
         The writer formats it later: *args* must not change meanwhile (numbers, strings).
         """
-        self._queue_up((time.time(), logger, message, args, request_id_var.get()), False)
+        if self.log_format == "json":
+            self._queue_up((_time(), message, args, logger, current_request_id()), False)
+        else:
+            self._queue_up((_time(), message, args), False)
 
     def _queue_up(self, item: str | _Event, urgent: bool) -> None:
         queue = self._queue
         if len(queue) >= self.max_lines and not self._make_room():
             return
         queue.append(item)
-        if urgent or len(queue) == self.flush_lines:
+        if urgent or len(queue) >= self.flush_lines:
             self._wake.set()
 
     def _make_room(self) -> bool:
@@ -265,14 +310,15 @@ class Sink:
         loop waits at most a chunk's formatting for it, not a whole batch's.
         """
         written: list[threading.Event] = []
-        left = len(self._queue)
+        queue = self._queue
+        left = len(queue)
         dropped = self._dropped  # those dropped after the lines queued now
         while left:
             count = min(left, _CHUNK)
             left -= count
-            lines = self._format(count, written)
-            if lines:
-                self._write("".join(lines).encode("utf-8", "backslashreplace"))
+            text = self._format(list(map(_popleft, itertools.repeat(queue, count))), written)
+            if text:
+                self._write(text.encode("utf-8", "backslashreplace"))
         if dropped:
             self._dropped -= dropped
             note = f"({dropped} log lines dropped: stderr did not take them in time)\n"
@@ -280,31 +326,50 @@ class Sink:
         for event in written:
             event.set()
 
-    def _format(self, count: int, written: list[threading.Event]) -> list[str]:
-        """The next *count* lines of the queue; the flush events among them go to *written*."""
-        popleft = self._queue.popleft
-        lines: list[str] = []
-        append = lines.append
-        json_format = self.log_format == "json"
-        stamp_ms, stamp = -1, ""  # most lines of a batch share their millisecond
-        for _ in range(count):
-            item = popleft()
-            if type(item) is tuple:
-                now, logger, message, args, request_id = item
-                text = message % args if args else message
-                if json_format:
-                    append(json_line(now, "INFO", logger, text, request_id=request_id) + "\n")
-                    continue
-                ms = int(now * 1000)
-                if ms != stamp_ms:
-                    stamp_ms, stamp = ms, text_stamp(now)
-                append(f"{stamp} INFO {text}\n")
-            elif isinstance(item, str):
-                append(item)
+    def _format(
+        self, items: list[str | _Event | threading.Event], written: list[threading.Event]
+    ) -> str:
+        """The text of *items*, in order; the flush events among them go to *written*."""
+        parts: list[str] = []
+        for kind, run in itertools.groupby(items, type):
+            if kind is tuple:
+                events = cast("list[_Event]", list(run))
+                if self.log_format == "json":
+                    parts.extend(_json_event(*event) for event in events)
+                else:
+                    parts.append(self._text_events(events))
+            elif kind is str:
+                parts.extend(cast("Iterator[str]", run))
             else:
-                assert isinstance(item, threading.Event)
-                written.append(item)
-        return lines
+                written.extend(cast("Iterator[threading.Event]", run))
+        return "".join(parts)
+
+    def _text_events(self, events: list[_Event]) -> str:
+        """``TIME INFO message % args`` lines of *events*.
+
+        The interpreter's work per line is what costs, so each step is one
+        pass in C over the lot: ``%`` by ``map``, and each millisecond's lines
+        joined behind their shared stamp (found by bisection: lines come in
+        time order).
+        """
+        nows = list(map(_first, events))
+        messages = list(map(_second, events))
+        argss = list(map(_third, events))
+        try:
+            if () in argss:  # a message without arguments is not a format: its % stays
+                raise ValueError
+            texts = list(map(operator.mod, messages, argss))
+        except (TypeError, ValueError, KeyError):  # a line whose arguments do not fit
+            texts = list(map(_text_of, messages, argss))
+        parts: list[str] = []
+        start, end = 0, len(nows)
+        while start < end:
+            ms = _millisecond(nows[start])
+            stop = bisect.bisect_right(nows, ms, start, end, key=_millisecond)
+            prefix = text_stamp(nows[start]) + " INFO "
+            parts += (prefix, ("\n" + prefix).join(texts[start:stop]), "\n")
+            start = stop
+        return "".join(parts)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -322,6 +387,30 @@ class Sink:
                 select.select([], [self.fd], [])
             except OSError:  # closed or gone: nobody can read these lines
                 return
+
+
+def _text_of(message: str, args: tuple[object, ...]) -> str:
+    """``message % args``; *message* as it is without *args*; a note where they do not fit."""
+    try:
+        return message % args if args else message
+    except (TypeError, ValueError, KeyError) as exc:
+        return f"{message!r} % {args!r}: {exc}"
+
+
+def _json_event(
+    now: float, message: str, args: tuple[object, ...], logger: str, request_id: str | None
+) -> str:
+    return json_line(now, "INFO", logger, _text_of(message, args), request_id=request_id) + "\n"
+
+
+def _millisecond(now: float) -> int:
+    return int(now * 1000)
+
+
+_first, _second, _third = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
+
+
+_time = time.time
 
 
 class _SinkHandler(logging.Handler):
@@ -375,7 +464,11 @@ class EventLog:
         if sink is None:
             self.logger.info(message, *args)
             return
-        sink.event(self.name, message, args)
+        queue = sink._queue
+        if len(queue) < sink.fast_below:  # the hot path: Sink.event, inlined
+            queue.append((_time(), message, args))
+        else:
+            sink.event(self.name, message, args)
 
 
 def setup(

@@ -72,6 +72,7 @@ FAILURES_KEPT: Final = 50
 _MESSAGE_KEPT: Final = 200
 
 _clock = time.perf_counter
+_bisect = bisect.bisect_left
 
 
 def status_name(code: int) -> str:
@@ -85,13 +86,14 @@ def status_name(code: int) -> str:
 class MethodStats:
     """The counters of one method: calls by status, latency buckets, bytes."""
 
-    __slots__ = ("buckets", "bytes_in", "bytes_out", "codes", "method", "seconds", "service")
+    __slots__ = ("buckets", "bytes_in", "bytes_out", "errors", "method", "ok", "seconds", "service")
 
     def __init__(self, service: str, method: str) -> None:
         self.service = service
         self.method = method
-        #: Calls answered, by status code.
-        self.codes: dict[int, int] = {}
+        #: Calls answered OK, and the others by status code.
+        self.ok = 0
+        self.errors: dict[int, int] = {}
         #: Calls by latency bucket (not cumulative; the last holds those past every bound).
         self.buckets = [0] * (len(LATENCY_BOUNDS) + 1)
         #: Seconds all answered calls took, together.
@@ -99,6 +101,11 @@ class MethodStats:
         #: Bytes of request payloads, and of answer frames.
         self.bytes_in = 0
         self.bytes_out = 0
+
+    @property
+    def codes(self) -> dict[int, int]:
+        """Calls answered, by status code (those never answered have none)."""
+        return {0: self.ok, **self.errors} if self.ok else dict(self.errors)
 
 
 class Failure(NamedTuple):
@@ -159,35 +166,54 @@ class CallMetrics:
 
 
 class MeteredConnection(ServerConnection):
-    """A :class:`ServerConnection` that counts its calls in a :class:`CallMetrics`."""
+    """A :class:`ServerConnection` that counts its calls in a :class:`CallMetrics`.
 
-    __slots__ = ("_batch", "_metrics", "_started")
+    A call's latency runs from the read that completed its request (one
+    clock reading a read, however many requests it held) to its answer.
+    """
+
+    __slots__ = ("_arrived", "_batch", "_big", "_last", "_metrics", "_started")
 
     def __init__(self, metrics: CallMetrics, max_message_size: int) -> None:
         super().__init__(max_message_size)
         self._metrics = metrics
+        #: OK payloads this long or longer may be over the size limit once framed (field tag
+        #: and length: at most 6 bytes), and replaced by an error.
+        self._big = max(max_message_size - 6, 1)
         #: Calls in flight: stream id -> (their counters, the clock when they arrived).
         self._started: dict[int, tuple[MethodStats, float]] = {}
         #: Requests decoded since the last read ran dry.
         self._batch = 0
+        #: The clock at the last read.
+        self._arrived = _clock()
+        #: The service, method and counters of the last request (most repeat it): comparing
+        #: names costs less than hashing the new ones.
+        self._last = ("", "", metrics.other)
+
+    def receive_data(self, data: bytes) -> None:
+        self._arrived = _clock()
+        _receive_data(self, data)
 
     def next_event(self) -> RequestReceived | BadRequest | _NeedData:
         event = _next_event(self)
         if type(event) is RequestReceived:  # the hot path first
-            metrics = self._metrics
-            stats = metrics.methods.get((event.service, event.method), metrics.other)
+            service, method, stats = self._last
+            if event.method != method or event.service != service:
+                metrics = self._metrics
+                stats = metrics.methods.get((event.service, event.method), metrics.other)
+                self._last = (event.service, event.method, stats)
             stats.bytes_in += len(event.payload)
-            self._started[event.stream_id] = (stats, _clock())
+            self._started[event.stream_id] = (stats, self._arrived)
             self._batch += 1
         elif event is NEED_DATA:
             if self._batch:
                 metrics = self._metrics
-                metrics.batches[bisect.bisect_left(BATCH_BOUNDS, self._batch)] += 1
+                metrics.batches[_bisect(BATCH_BOUNDS, self._batch)] += 1
                 metrics.batched += self._batch
                 self._batch = 0
         else:
             assert isinstance(event, BadRequest)
-            self._started[event.stream_id] = (self._metrics.other, _clock())
+            self._started[event.stream_id] = (self._metrics.other, self._arrived)
             self._batch += 1
         return event
 
@@ -200,20 +226,22 @@ class MeteredConnection(ServerConnection):
         details: Sequence[Detail] = (),
     ) -> bytes:
         data = _send_response(self, stream_id, payload, code, message, details)
-        if not code and len(data) > HEADER_SIZE and data[HEADER_SIZE] == _STATUS_TAG:
-            # An OK answer over the size limit, replaced by an error (see ServerConnection).
-            code, message = StatusCode.RESOURCE_EXHAUSTED, "answer over the message size limit"
         stats, start = self._started.pop(stream_id)
         elapsed = _clock() - start
-        codes = stats.codes
-        codes[code] = codes.get(code, 0) + 1
-        stats.buckets[bisect.bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        stats.buckets[_bisect(LATENCY_BOUNDS, elapsed)] += 1
         stats.seconds += elapsed
         stats.bytes_out += len(data)
-        if code:
-            self._metrics.failures.append(
-                Failure(time.time(), stats.service, stats.method, code, message[:_MESSAGE_KEPT])
-            )
+        if not code:
+            if len(payload) < self._big or data[HEADER_SIZE] != _STATUS_TAG:
+                stats.ok += 1
+                return data
+            # An OK answer over the size limit, replaced by an error (see ServerConnection).
+            code, message = StatusCode.RESOURCE_EXHAUSTED, "answer over the message size limit"
+        errors = stats.errors
+        errors[code] = errors.get(code, 0) + 1
+        self._metrics.failures.append(
+            Failure(time.time(), stats.service, stats.method, code, message[:_MESSAGE_KEPT])
+        )
         return data
 
 
@@ -221,6 +249,7 @@ class MeteredConnection(ServerConnection):
 #: have none.
 _STATUS_TAG: Final = 0x0A
 #: The plain connection's methods, called without super()'s lookup (per call, it adds up).
+_receive_data = ServerConnection.receive_data
 _next_event = ServerConnection.next_event
 _send_response = ServerConnection.send_response
 

@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar, cast
 import anyio
 
 from vaccelray.errors import ConnectError, ProtocolError, RPCError, StatusCode, TransportError
-from vaccelray.logs import new_request_id, request_id_var
+from vaccelray.logs import current_request_id, new_request_id, request_id_var
 from vaccelray.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     NEED_DATA,
@@ -230,7 +230,7 @@ class Client:
             if timeout <= 0:
                 raise RPCError(StatusCode.DEADLINE_EXCEEDED, f"{method}: no time left for the call")
             timeout_nano = max(1, math.ceil(timeout * 1e9))
-        request_id = request_id_var.get()
+        request_id = current_request_id()
         if request_id is None:
             request_id = _sent_request_id(metadata) or new_request_id()
         # Last: the receiver takes the last one (a forwarding handler's own wins).
