@@ -36,7 +36,12 @@ from vaccelray.transport.server import Method, Origin, Server, Service
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.noop import NOOP_TAG, NoopBackend
 from vaccelray.worker.pool import Pool
-from vaccelray.worker.tasks import TaskService, default_pool_size, run_task_service
+from vaccelray.worker.tasks import (
+    MAX_CANCELLED_EARLY,
+    TaskService,
+    default_pool_size,
+    run_task_service,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -210,6 +215,24 @@ async def test_a_cancelled_task_has_its_process_killed(
         await assert_killed_and_replaced(h, process, caplog)
         # Cancelling it again (or any task that ended) stops nothing.
         assert await h.cancel("doomed") == ()
+
+
+async def test_a_task_cancelled_before_it_arrived_is_not_run() -> None:
+    # A client's cancel may go by another connection than its call, and arrive first.
+    async with task_service() as h:
+        assert await h.cancel("early") == ()
+        with pytest.raises(RPCError) as info:
+            await h.submit(getpid, task_id="early")
+        assert info.value.code == StatusCode.CANCELLED
+        assert info.value.message == "task getpid was cancelled"
+        # Once: the id is forgotten with that answer.
+        assert isinstance(await h.submit(getpid, task_id="early"), wire.TaskDone)
+        # Bounded: the oldest of more than MAX_CANCELLED_EARLY ids is forgotten.
+        await h.cancel(*(f"id{i}" for i in range(MAX_CANCELLED_EARLY + 1)))
+        assert len(h.service.cancelled_early) == MAX_CANCELLED_EARLY
+        assert isinstance(await h.submit(getpid, task_id="id0"), wire.TaskDone)
+        with pytest.raises(RPCError, match="cancelled"):
+            await h.submit(getpid, task_id="id1")
 
 
 async def test_a_task_of_a_client_that_went_away_has_its_process_killed(

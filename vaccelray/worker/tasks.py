@@ -84,6 +84,8 @@ DEFAULT_MAX_QUEUED_PER_CONNECTION: Final = 256
 DEFAULT_TASK_TIMEOUT: Final = 300.0
 #: Bytes of pickled functions (and actor classes) a worker keeps.
 DEFAULT_CACHE_BYTES: Final = 256 << 20
+#: Ids of tasks cancelled before they arrived that are remembered (a few KiB).
+MAX_CANCELLED_EARLY: Final = 1024
 
 
 class TaskService:
@@ -123,6 +125,9 @@ class TaskService:
         self.max_message_size = max_message_size
         #: The reply and function name of each task queued or running, by task id.
         self.running: dict[str, tuple[asyncio.Future[bytes], str]] = {}
+        #: Ids cancelled before their Submit was read (a client's cancel and its call may go
+        #: by different connections): that Submit is answered CANCELLED. Oldest dropped first.
+        self.cancelled_early: dict[str, None] = {}
         #: Tasks ended, by outcome (the metrics show them).
         self.outcomes: collections.Counter[str] = collections.Counter()
 
@@ -148,6 +153,10 @@ class TaskService:
     def _submit(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         self.check.check(ctx)
         task = SUBMIT.request.decode(payload)
+        early = self.cancelled_early
+        if early and task.task_id in early:
+            del early[task.task_id]
+            raise RPCError(StatusCode.CANCELLED, f"task {task.name} was cancelled")
         function = self.functions.get(task.digest).request
         check_requirements(self.agent, task.name, task.backend, task.ops)
         if task.session_id and task.session_id not in self.agent.sessions:
@@ -305,7 +314,15 @@ class TaskService:
                 log.info("Cancelled task %s (%s)", task_id, name)
                 reply.set_exception(RPCError(StatusCode.CANCELLED, f"task {name} was cancelled"))
                 stopped.append(task_id)
+            elif reply is None:
+                self._cancel_early(task_id)
         return CANCEL.reply.encode(wire.Cancelled(tuple(stopped)))
+
+    def _cancel_early(self, task_id: str) -> None:
+        early = self.cancelled_early
+        early[task_id] = None
+        if len(early) > MAX_CANCELLED_EARLY:
+            del early[next(iter(early))]
 
 
 def check_requirements(agent: Agent, name: str, wanted: str, ops: Sequence[str]) -> None:
