@@ -8,15 +8,13 @@ deadlines and concurrency must look exactly as they do against one agent.
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.interop.go_client import by_check, run_go_client
 from tests.interop.model_checks import assert_noop_models
 from tests.processes import Proc, scheduler_argv, start_daemon, start_daemons, worker_argv
 
@@ -44,28 +42,12 @@ def scheduler() -> Iterator[tuple[Proc, list[str], str]]:
             worker_proc.stop()
 
 
-def run_checks(peer: Path, address: str, checks: str) -> dict[str, list[dict[str, Any]]]:
-    out = subprocess.run(
-        [str(peer), "client", "-addr", address, "-check", checks],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    by_check: dict[str, list[dict[str, Any]]] = {}
-    for line in out.stdout.splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_check.setdefault(record["check"], []).append(record)
-    return by_check
-
-
 def test_go_vaccel_client_through_the_scheduler(
     go_peer: Path, scheduler: tuple[Proc, list[str], str]
 ) -> None:
     proc, workers, address = scheduler
-    results = run_checks(go_peer, address, "sessions,genop,unknown,deadlines,concurrent,models")
+    checks = "sessions,genop,unknown,deadlines,concurrent,models"
+    results = by_check(run_go_client(go_peer, address, checks))
     assert_noop_models(results)  # model ids rewritten to each worker's, loads recorded
 
     sessions = results["session"]

@@ -8,16 +8,15 @@ installs it, except in CI (``CI`` set), where a missing toolchain fails.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.interop.build import PEER_DIR
+from tests.interop.go_client import run_go_client
 from tests.processes import Proc, start_daemon, worker_argv
 
 
@@ -65,21 +64,6 @@ def start_python_worker(*extra: str, log_level: str = "info") -> tuple[Proc, str
             "-a", "tcp://127.0.0.1:0", "--backend", "noop", "--log-level", log_level, *extra
         )
     )
-
-
-def run_go_client(
-    peer: Path, address: str, check: str = "all", timeout: float = 60.0
-) -> list[dict[str, Any]]:
-    """Run ``peer client`` and parse its JSON lines."""
-    proc = subprocess.run(
-        [str(peer), "client", "-addr", address, "-check", check],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, f"Go client failed ({proc.returncode}): {proc.stderr}"
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session")

@@ -9,33 +9,19 @@ UNIMPLEMENTED naming the op and the backend.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cdouble import libvaccel_worker
+from tests.interop.go_client import by_check, run_go_client
 from tests.interop.model_checks import LIBVACCEL_FRAMEWORKS, assert_libvaccel_models
 from tests.processes import scheduler_argv, start_daemon
 
 
 def models(peer: Path, address: str) -> dict[str, list[dict[str, Any]]]:
-    out = subprocess.run(
-        [str(peer), "client", "-addr", address, "-check", "models"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    by_check: dict[str, list[dict[str, Any]]] = {}
-    for line in out.stdout.splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_check.setdefault(record["check"], []).append(record)
-    return by_check
+    return by_check(run_go_client(peer, address, "models"))
 
 
 @pytest.mark.parametrize("generation", list(LIBVACCEL_FRAMEWORKS))
