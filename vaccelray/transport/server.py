@@ -69,6 +69,7 @@ from vaccelray.transport.endpoints import (
     tune_socket,
 )
 from vaccelray.transport.tls_layer import TlsLayer
+from vaccelray.transport.writes import WriteBatch, defer
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -585,7 +586,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self._start_tls(tls, nbytes)
                 return
         self.proto.receive_data(self.reads.take(nbytes))
-        self._handle_requests()
+        with WriteBatch():  # a call answered as it starts leaves with this read's answers
+            self._handle_requests()
 
     def _start_tls(self, context: SSLContext, nbytes: int) -> None:
         """The client opened with a TLS handshake: put a TLS layer under this connection.
@@ -883,19 +885,22 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _answer(self, data: bytes) -> None:
-        """Write an answer that ends off the read path, with the others of this loop turn.
+        """Write an answer that ends off the read path, with the others that end with it.
 
         Answers that finish together (a scheduler reading a worker's batch of
-        them, say) leave in one write instead of one each.
+        them, say) leave in one write instead of one each: at the end of the
+        read that made them (see :mod:`vaccelray.transport.writes`), else at
+        the end of the loop turn.
         """
         if self.held is None:
             self.held = [data]
-            self.loop.call_soon(self.flush)
+            if not defer(self.flush):
+                self.loop.call_soon(self.flush)
         else:
             self.held.append(data)
 
     def flush(self) -> None:
-        """Write the answers held back for the end of the loop turn."""
+        """Write the answers held back for the end of the read or of the loop turn."""
         held, self.held = self.held, None
         if held:
             self._write(held)

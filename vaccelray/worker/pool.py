@@ -51,6 +51,7 @@ import msgspec
 from vaccelray.errors import VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.endpoints import tune_socket
+from vaccelray.transport.writes import WriteBatch
 from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
 from vaccelray.worker.sandbox import Sandbox, SandboxConfig, prepare
 
@@ -206,6 +207,10 @@ class _Child(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.fault is not None:  # killed: what it still sends is not read
             return
+        with WriteBatch():  # the answers of the tasks read leave at the end of this read
+            self._read(nbytes)
+
+    def _read(self, nbytes: int) -> None:
         large = self._large
         if large is not None:
             self._large_filled += nbytes

@@ -31,7 +31,7 @@ import logging
 import os
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,7 @@ from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.agent import SERVICE_NAMES
 from vaccelray.protocol.objects import worker_of
 from vaccelray.protocol.services import CANCEL, REGISTER_FUNCTION, SUBMIT, WORKER
-from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.transport.server import Answer, CallContext, Method, Service, serve
 from vaccelray.worker.actors import (
     DEFAULT_MAX_ACTORS,
     DEFAULT_MAX_ACTORS_PER_CONNECTION,
@@ -123,8 +123,8 @@ class TaskService:
         self.max_queued_per_connection = max_queued_per_connection
         self.task_timeout = task_timeout
         self.max_message_size = max_message_size
-        #: The reply and function name of each task queued or running, by task id.
-        self.running: dict[str, tuple[asyncio.Future[bytes], str]] = {}
+        #: Each task queued or running (or fetching its objects), by task id.
+        self.running: dict[str, _Task] = {}
         #: Ids cancelled before their Submit was read (a client's cancel and its call may go
         #: by different connections): that Submit is answered CANCELLED. Oldest dropped first.
         self.cancelled_early: dict[str, None] = {}
@@ -137,7 +137,7 @@ class TaskService:
             WORKER.name,
             {
                 REGISTER_FUNCTION.method: Method(self._register, inline=True),
-                SUBMIT.method: Method(self._submit, future=True),
+                SUBMIT.method: Method(self._submit, callback=True),
                 CANCEL.method: Method(self._cancel, inline=True),
                 **(more or {}),
             },
@@ -150,7 +150,7 @@ class TaskService:
         request = self.functions.add(payload)
         return REGISTER_FUNCTION.reply.encode(wire.Registered(request.digest))
 
-    def _submit(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+    def _submit(self, payload: bytes, ctx: CallContext) -> _Task:
         self.check.check(ctx)
         task = SUBMIT.request.decode(payload)
         early = self.cancelled_early
@@ -168,82 +168,7 @@ class TaskService:
         args, objects, elsewhere = self._inputs(task)
         owner = ctx.connection_id
         self._check_queue(owner)
-        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.running[task.task_id] = (reply, task.name)
-        jobs: list[_Job] = []
-
-        def ended(_: object) -> None:
-            # Answered, cancelled (Cancel, deadline, client gone) or shut down: stop the job.
-            current = self.running.get(task.task_id)
-            if current is not None and current[0] is reply:
-                del self.running[task.task_id]
-            for job in jobs:
-                self.pool.abort(job)
-
-        reply.add_done_callback(ended)
-        if not elsewhere:
-            self._run(task, function.pickled, args, objects, reply, owner, jobs)
-            return reply
-
-        async def fetch_then_run() -> None:
-            assert self.fetch is not None
-            try:
-                for address, ids in elsewhere.items():
-                    objects.update(await self.fetch(address, ids))
-            except Exception as exc:
-                if not reply.done():
-                    reply.set_exception(exc)
-                return
-            if not reply.done():
-                given = objects.pop(task.args_object, args)
-                self._run(task, function.pickled, given, objects, reply, owner, jobs)
-
-        fetching = asyncio.ensure_future(fetch_then_run())
-        reply.add_done_callback(lambda _: fetching.cancel())
-        return reply
-
-    def _run(
-        self,
-        task: wire.Submit,
-        function: bytes,
-        args: bytes,
-        objects: dict[str, bytes],
-        reply: asyncio.Future[bytes],
-        owner: int,
-        jobs: list[_Job],
-    ) -> None:
-        """Hand the task to the pool; its outcome settles *reply*."""
-
-        def settle(outcome: Done | PoolProcessLost) -> None:
-            # Called from the pool's read of its process: an error must not escape.
-            self.outcomes[outcome_name(outcome)] += 1
-            if reply.done():
-                return
-            try:
-                data = self._kept(task, outcome, owner) or outcome_reply(
-                    outcome, SUBMIT.method, self.max_message_size
-                )
-            except Exception as exc:
-                reply.set_exception(exc)
-            else:
-                reply.set_result(data)
-
-        try:
-            jobs.append(
-                self.pool.submit(
-                    task.digest,
-                    task.name,
-                    function,
-                    args,
-                    session_id=task.session_id,
-                    on_done=settle,
-                    owner=owner,
-                    timeout=self.task_timeout or None,
-                    objects=objects,
-                )
-            )
-        except PoolProcessLost as exc:
-            reply.set_result(crashed(exc))
+        return _Task(self, task, function.pickled, args, objects, elsewhere, owner)
 
     def _inputs(self, task: wire.Submit) -> tuple[bytes, dict[str, bytes], dict[str, list[str]]]:
         """The task's pickled arguments, the objects they refer to that this worker holds,
@@ -309,12 +234,13 @@ class TaskService:
         request = CANCEL.request.decode(payload)
         stopped = []
         for task_id in request.task_ids:
-            reply, name = self.running.pop(task_id, (None, ""))
-            if reply is not None and not reply.done():
+            running = self.running.get(task_id)
+            if running is not None:
+                name = running.task.name
                 log.info("Cancelled task %s (%s)", task_id, name)
-                reply.set_exception(RPCError(StatusCode.CANCELLED, f"task {name} was cancelled"))
+                running.end(RPCError(StatusCode.CANCELLED, f"task {name} was cancelled"))
                 stopped.append(task_id)
-            elif reply is None:
+            else:
                 self._cancel_early(task_id)
         return CANCEL.reply.encode(wire.Cancelled(tuple(stopped)))
 
@@ -323,6 +249,122 @@ class TaskService:
         early[task_id] = None
         if len(early) > MAX_CANCELLED_EARLY:
             del early[next(iter(early))]
+
+
+class _Task:
+    """One Submit's work (the server's *callback* kind): fetch the objects it names that
+    other workers hold, run it on the pool, answer with its outcome. Ended early (Cancel,
+    its deadline, its client gone, shutdown) it stops what it was doing: the fetch, or its
+    job (which leaves the queue, or has its process killed)."""
+
+    __slots__ = (
+        "args",
+        "done",
+        "elsewhere",
+        "ended",
+        "fetching",
+        "function",
+        "job",
+        "objects",
+        "owner",
+        "service",
+        "task",
+    )
+
+    def __init__(
+        self,
+        service: TaskService,
+        task: wire.Submit,
+        function: bytes,
+        args: bytes,
+        objects: dict[str, bytes],
+        elsewhere: dict[str, list[str]],
+        owner: int,
+    ) -> None:
+        self.service = service
+        self.task = task
+        self.function = function
+        self.args = args
+        self.objects = objects
+        self.elsewhere = elsewhere
+        self.owner = owner
+        self.done: Callable[[Answer], None] | None = None
+        self.job: _Job | None = None
+        self.fetching: asyncio.Future[None] | None = None
+        self.ended = False
+
+    def start(self, done: Callable[[Answer], None]) -> None:
+        self.done = done
+        self.service.running[self.task.task_id] = self
+        if self.elsewhere:
+            self.fetching = asyncio.ensure_future(self._fetch_then_run())
+        else:
+            self._run(self.args)
+
+    def cancel(self) -> None:
+        """The server answered the call itself (deadline, client gone, shutdown)."""
+        self._stop()
+
+    def end(self, answer: Answer) -> None:
+        """Answer the call (once) and stop what the task was doing."""
+        if not self.ended:
+            self._stop()
+            assert self.done is not None
+            self.done(answer)
+
+    def _stop(self) -> None:
+        self.ended = True
+        running = self.service.running
+        if running.get(self.task.task_id) is self:
+            del running[self.task.task_id]
+        if self.job is not None:
+            self.service.pool.abort(self.job)
+        if self.fetching is not None:
+            self.fetching.cancel()
+
+    async def _fetch_then_run(self) -> None:
+        fetch = self.service.fetch
+        assert fetch is not None
+        objects = self.objects
+        try:
+            for address, ids in self.elsewhere.items():
+                objects.update(await fetch(address, ids))
+        except Exception as exc:
+            self.end(exc)
+            return
+        if not self.ended:
+            self._run(objects.pop(self.task.args_object, self.args))
+
+    def _run(self, args: bytes) -> None:
+        """Hand the task to the pool; its outcome answers the call."""
+        service, task = self.service, self.task
+        try:
+            self.job = service.pool.submit(
+                task.digest,
+                task.name,
+                self.function,
+                args,
+                session_id=task.session_id,
+                on_done=self._settle,
+                owner=self.owner,
+                timeout=service.task_timeout or None,
+                objects=self.objects,
+            )
+        except PoolProcessLost as exc:
+            self.end(crashed(exc))
+
+    def _settle(self, outcome: Done | PoolProcessLost) -> None:
+        # Called from the pool's read of its process: an error must not escape.
+        service = self.service
+        service.outcomes[outcome_name(outcome)] += 1
+        try:
+            data = service._kept(self.task, outcome, self.owner) or outcome_reply(
+                outcome, SUBMIT.method, service.max_message_size
+            )
+        except Exception as exc:
+            self.end(exc)
+        else:
+            self.end(data)
 
 
 def check_requirements(agent: Agent, name: str, wanted: str, ops: Sequence[str]) -> None:
