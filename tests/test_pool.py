@@ -660,6 +660,27 @@ async def test_a_task_past_its_timeout_has_its_process_killed(
         ]
 
 
+async def test_each_running_task_is_stopped_at_its_own_timeout() -> None:
+    """One timer serves every running task: a shorter timeout that starts later still
+    ends first, and the longer one after it."""
+    digest, fn = _fn(wait_for)
+    ended: list[str] = []
+
+    async def run(name: str, timeout: float) -> None:
+        with pytest.raises(TaskTimedOut) as info:
+            await pool.run(digest, name, fn, _args("/nonexistent"), timeout=timeout)
+        ended.append(str(info.value))
+
+    async with Pool(2) as pool, anyio.create_task_group() as tg:
+        with anyio.fail_after(PATIENCE):
+            tg.start_soon(run, "long", 3.0)
+            await until(lambda: pool.busy == 1, "the long task runs")
+            await run("short", 0.2)
+            assert ended == ["short ran past its timeout of 0.2 s"]  # the long one runs on
+            await until(lambda: len(ended) == 2, "the long task ends")
+    assert ended[1] == "long ran past its timeout of 3 s"
+
+
 def exactly(n: int) -> bytes:
     """Bytes that pickle to exactly *n* bytes."""
     import pickle

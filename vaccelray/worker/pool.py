@@ -35,6 +35,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -112,6 +113,7 @@ class _Job:
         "args",
         "child",
         "digest",
+        "expires",
         "finished",
         "function",
         "method",
@@ -124,7 +126,6 @@ class _Job:
         "seq",
         "session_id",
         "timeout",
-        "timer",
     )
 
     def __init__(
@@ -154,7 +155,8 @@ class _Job:
         self.on_done = on_done
         self.owner = owner
         self.timeout = timeout
-        self.timer: asyncio.TimerHandle | None = None
+        #: Loop time past which its run is stopped (set when it starts running).
+        self.expires = math.inf
         self.child: _Child | None = None
         self.queued = True
         self.finished = False
@@ -329,6 +331,9 @@ class Pool:
         self._closing = False
         self._failures = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The one timer of the running tasks' timeouts, due at the earliest (see _arm).
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._tasks: set[asyncio.Task[None]] = set()
         #: Pool processes lost (crashed or killed) since the start.
         self.lost = 0
@@ -423,6 +428,9 @@ class Pool:
         if self._closing:
             return
         self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for job in [job for state in self._owners.values() for job in state.queue]:
             job.finish(PoolProcessLost("the worker is shutting down"))
         for task in self._tasks:
@@ -538,8 +546,6 @@ class Pool:
 
     def _ended(self, job: _Job) -> None:
         """*job* will not be answered any more: it leaves its queue or its owner's running."""
-        if job.timer is not None:
-            job.timer.cancel()
         state = self._owners[job.owner]
         if job.queued:
             state.queue.remove(job)
@@ -570,7 +576,35 @@ class Pool:
             child.send(job)
             if job.timeout is not None:
                 assert self._loop is not None
-                job.timer = self._loop.call_later(job.timeout, self._expired, job)
+                job.expires = self._loop.time() + job.timeout
+                if job.expires < self._timer_at:
+                    self._arm(job.expires)
+
+    def _arm(self, when: float) -> None:
+        """Check the running tasks' timeouts at loop time *when* (one timer for all of them:
+        a timer per task would cost one made and cancelled per task)."""
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        """The timer: stop the tasks that ran past their timeout, wait for the next one."""
+        assert self._loop is not None
+        self._timer, self._timer_at = None, math.inf
+        now = self._loop.time()
+        following = math.inf
+        for child in list(self._children):
+            job = child.job
+            if job is None or job.finished:
+                continue
+            if job.expires <= now:
+                self._expired(job)
+            elif job.expires < following:
+                following = job.expires
+        if following < math.inf:
+            self._arm(following)
 
     def _expired(self, job: _Job) -> None:
         child = job.child
