@@ -56,7 +56,7 @@ from vaccelray.protocol.services import (
     KILL_ACTOR,
     WORKER,
 )
-from vaccelray.transport.server import CallContext, Method, Service
+from vaccelray.transport.server import Answer, CallContext, Method, Service
 from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
 from vaccelray.worker.poolchild import OK, Done
 from vaccelray.worker.replies import outcome_reply
@@ -92,23 +92,36 @@ def _died(actor_id: str, why: str, *, lost: bool) -> RPCError:
     return RPCError(code, f"actor {actor_id} {why}", reason=Reason.ACTOR_DIED)
 
 
-def _cancelled(call: _Call, label: str) -> None:
-    if not call.reply.done():
-        call.reply.set_exception(
-            RPCError(StatusCode.CANCELLED, f"call {call.method} of actor {label} was cancelled")
-        )
-
-
 class _Call:
-    __slots__ = ("args", "call_id", "method", "reply")
+    """One method call (the server's *callback* kind of work): it waits its turn in its
+    actor's queue, runs, and answers through ``done``."""
 
-    def __init__(
-        self, call_id: str, method: str, args: bytes, reply: asyncio.Future[bytes]
-    ) -> None:
+    __slots__ = ("actor", "args", "call_id", "done", "ended", "method")
+
+    def __init__(self, actor: _Actor, call_id: str, method: str, args: bytes) -> None:
+        self.actor = actor
         self.call_id = call_id
         self.method = method
         self.args = args
-        self.reply = reply
+        self.done: Callable[[Answer], None] | None = None
+        #: Answered, or given up by the server (its deadline, its client gone, shutdown).
+        self.ended = False
+
+    def start(self, done: Callable[[Answer], None]) -> None:
+        self.done = done
+        self.actor.queue.append(self)
+        self.actor._next()
+
+    def cancel(self) -> None:
+        """The server answered it: dropped at its turn; a running method is not interrupted."""
+        self.ended = True
+
+    def end(self, answer: Answer) -> None:
+        """Answer it, unless it ended already."""
+        if not self.ended:
+            self.ended = True
+            assert self.done is not None
+            self.done(answer)
 
 
 class _Actor:
@@ -191,28 +204,25 @@ class _Actor:
 
     # -- calls -----------------------------------------------------------------
 
-    def call(self, request: wire.CallActor) -> asyncio.Future[bytes]:
+    def call(self, request: wire.CallActor) -> _Call:
         limit = self.service.max_pending_calls
         if limit and len(self.queue) >= limit:
             # Calls given up while waiting (deadline, client gone) leave the queue only
             # here or at their turn: no callback per call for the rare case.
-            self.queue = collections.deque(c for c in self.queue if not c.reply.done())
+            self.queue = collections.deque(c for c in self.queue if not c.ended)
             if len(self.queue) >= limit:
                 raise RPCError(
                     StatusCode.RESOURCE_EXHAUSTED,
                     f"actor {self.label()} has {limit} calls waiting, its most",
                 )
-        reply: asyncio.Future[bytes] = self.service.loop.create_future()
-        self.queue.append(_Call(request.call_id, request.method, request.args, reply))
-        self._next()
-        return reply
+        return _Call(self, request.call_id, request.method, request.args)
 
     def _next(self) -> None:
         if self.running is not None or self.constructing or self.death is not None:
             return
         while self.queue:
             call = self.queue.popleft()
-            if call.reply.done():
+            if call.ended:
                 continue
             self.running = call
             try:
@@ -232,20 +242,17 @@ class _Actor:
 
     def _answered(self, call: _Call, outcome: Done | PoolProcessLost) -> None:
         self.running = None
-        reply = call.reply
         if isinstance(outcome, PoolProcessLost) and not isinstance(outcome, TaskTimedOut):
-            if not reply.done():
-                reply.set_exception(
-                    _died(self.id, f"was lost while running {call.method}: {outcome}", lost=True)
-                )
+            call.end(_died(self.id, f"was lost while running {call.method}: {outcome}", lost=True))
             return  # _lost decides what comes next
-        if not reply.done():
+        if not call.ended:
             try:
-                reply.set_result(
-                    outcome_reply(outcome, CALL_ACTOR.method, self.service.max_message_size)
+                answer: Answer = outcome_reply(
+                    outcome, CALL_ACTOR.method, self.service.max_message_size
                 )
             except Exception as exc:  # an error must not escape into the pool's read
-                reply.set_exception(exc)
+                answer = exc
+            call.end(answer)
         if not isinstance(outcome, PoolProcessLost):
             self._next()
 
@@ -254,7 +261,12 @@ class _Actor:
         for call in self.queue:
             if call.call_id == call_id:
                 self.queue.remove(call)
-                _cancelled(call, self.label())
+                call.end(
+                    RPCError(
+                        StatusCode.CANCELLED,
+                        f"call {call.method} of actor {self.label()} was cancelled",
+                    )
+                )
                 return wire.CallState.DROPPED
         running, job = self.running, self.job
         if running is None or running.call_id != call_id or job is None:
@@ -262,7 +274,7 @@ class _Actor:
         if not force:
             return wire.CallState.RUNNING
         why = f"was killed to stop {running.method} (cancelled with force)"
-        running.reply.set_exception(_died(self.id, why, lost=True))
+        running.end(_died(self.id, why, lost=True))
         self.running = None
         if self.restarts_left > 0:
             log.warning("Actor %s %s", self.label(), why)
@@ -304,8 +316,7 @@ class _Actor:
         self.running = None
         self.queue.clear()
         for call in calls:
-            if not call.reply.done():
-                call.reply.set_exception(_died(self.id, why, lost=lost))
+            call.end(_died(self.id, why, lost=lost))
         self.service._buried(self)
 
 
@@ -349,7 +360,7 @@ class ActorService:
         """CreateActor, CallActor and KillActor, for the worker's clients (token checked)."""
         return {
             CREATE_ACTOR.method: Method(self._create, future=True),
-            CALL_ACTOR.method: Method(self._call, future=True),
+            CALL_ACTOR.method: Method(self._call, callback=True),
             KILL_ACTOR.method: Method(self._kill, inline=True),
             CANCEL_ACTOR_CALL.method: Method(self._cancel_call, inline=True),
         }
@@ -359,7 +370,7 @@ class ActorService:
         return Service(
             WORKER.name,
             {
-                CALL_ACTOR.method: Method(self._call_local, future=True),
+                CALL_ACTOR.method: Method(self._call_local, callback=True),
                 KILL_ACTOR.method: Method(self._kill_local, inline=True),
             },
         )
@@ -447,11 +458,11 @@ class ActorService:
         if actor.death is not None:  # it died while its process was being started
             await actor.pool.aclose()
 
-    def _call(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+    def _call(self, payload: bytes, ctx: CallContext) -> _Call:
         self.check.check(ctx)
         return self._call_local(payload, ctx)
 
-    def _call_local(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+    def _call_local(self, payload: bytes, ctx: CallContext) -> _Call:
         request = CALL_ACTOR.request.decode(payload)
         CALL_ACTOR.check(request, self.max_message_size)
         return self._find(request.actor_id).call(request)
