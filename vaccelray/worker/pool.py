@@ -560,10 +560,14 @@ class Pool:
         while idle and self._queued:
             # Fair share: the owner with the fewest tasks running, then the one served
             # longest ago (round-robin among owners that each run as many).
-            state = min(
-                (s for s in self._owners.values() if s.queue),
-                key=lambda s: (s.running, s.served),
-            )
+            owners = self._owners
+            if len(owners) == 1:  # the one owner with tasks (the common case): no choice
+                (state,) = owners.values()
+            else:
+                state = min(
+                    (s for s in owners.values() if s.queue),
+                    key=lambda s: (s.running, s.served),
+                )
             job = state.queue.popleft()
             job.queued = False
             self._queued -= 1

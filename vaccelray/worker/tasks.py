@@ -375,7 +375,7 @@ def check_requirements(agent: Agent, name: str, wanted: str, ops: Sequence[str])
             StatusCode.FAILED_PRECONDITION,
             f"{name} needs backend {wanted!r}; this worker has {backend.name!r}",
         )
-    missing = sorted(set(ops) - backend.ops)
+    missing = sorted(set(ops) - backend.ops) if ops else None
     if missing:
         raise RPCError(
             StatusCode.FAILED_PRECONDITION,
