@@ -131,7 +131,7 @@ class Lane:
         import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not done():
+        while True:  # done() is asked under the lock (its caller has just asked it)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
