@@ -96,16 +96,16 @@ class _Call:
     """One method call (the server's *callback* kind of work): it waits its turn in its
     actor's queue, runs, and answers through ``done``."""
 
-    __slots__ = ("actor", "args", "call_id", "done", "ended", "method")
+    __slots__ = ("actor", "args", "call_id", "done", "method")
+    #: What answers it, given by the server when it starts it; None once it ended (answered,
+    #: or given up by the server: its deadline, its client gone, shutdown).
+    done: Callable[[Answer], None] | None
 
     def __init__(self, actor: _Actor, call_id: str, method: str, args: bytes) -> None:
         self.actor = actor
         self.call_id = call_id
         self.method = method
         self.args = args
-        self.done: Callable[[Answer], None] | None = None
-        #: Answered, or given up by the server (its deadline, its client gone, shutdown).
-        self.ended = False
 
     def start(self, done: Callable[[Answer], None]) -> None:
         self.done = done
@@ -114,14 +114,13 @@ class _Call:
 
     def cancel(self) -> None:
         """The server answered it: dropped at its turn; a running method is not interrupted."""
-        self.ended = True
+        self.done = None
 
     def end(self, answer: Answer) -> None:
         """Answer it, unless it ended already."""
-        if not self.ended:
-            self.ended = True
-            assert self.done is not None
-            self.done(answer)
+        done, self.done = self.done, None
+        if done is not None:
+            done(answer)
 
 
 class _Actor:
@@ -209,7 +208,7 @@ class _Actor:
         if limit and len(self.queue) >= limit:
             # Calls given up while waiting (deadline, client gone) leave the queue only
             # here or at their turn: no callback per call for the rare case.
-            self.queue = collections.deque(c for c in self.queue if not c.ended)
+            self.queue = collections.deque(c for c in self.queue if c.done is not None)
             if len(self.queue) >= limit:
                 raise RPCError(
                     StatusCode.RESOURCE_EXHAUSTED,
@@ -222,7 +221,7 @@ class _Actor:
             return
         while self.queue:
             call = self.queue.popleft()
-            if call.ended:
+            if call.done is None:
                 continue
             self.running = call
             try:
@@ -245,7 +244,7 @@ class _Actor:
         if isinstance(outcome, PoolProcessLost) and not isinstance(outcome, TaskTimedOut):
             call.end(_died(self.id, f"was lost while running {call.method}: {outcome}", lost=True))
             return  # _lost decides what comes next
-        if not call.ended:
+        if call.done is not None:
             try:
                 answer: Answer = outcome_reply(
                     outcome, CALL_ACTOR.method, self.service.max_message_size

@@ -261,7 +261,6 @@ class _Task:
         "args",
         "done",
         "elsewhere",
-        "ended",
         "fetching",
         "function",
         "job",
@@ -270,6 +269,9 @@ class _Task:
         "service",
         "task",
     )
+    #: Given by the server when it starts the task: answers the call (once: the server
+    #: drops what comes after).
+    done: Callable[[Answer], None]
 
     def __init__(
         self,
@@ -288,10 +290,8 @@ class _Task:
         self.objects = objects
         self.elsewhere = elsewhere
         self.owner = owner
-        self.done: Callable[[Answer], None] | None = None
         self.job: _Job | None = None
         self.fetching: asyncio.Future[None] | None = None
-        self.ended = False
 
     def start(self, done: Callable[[Answer], None]) -> None:
         self.done = done
@@ -306,14 +306,11 @@ class _Task:
         self._stop()
 
     def end(self, answer: Answer) -> None:
-        """Answer the call (once) and stop what the task was doing."""
-        if not self.ended:
-            self._stop()
-            assert self.done is not None
-            self.done(answer)
+        """Answer the call and stop what the task was doing (the server takes one answer)."""
+        self._stop()
+        self.done(answer)
 
     def _stop(self) -> None:
-        self.ended = True
         running = self.service.running
         if running.get(self.task.task_id) is self:
             del running[self.task.task_id]
@@ -332,8 +329,8 @@ class _Task:
         except Exception as exc:
             self.end(exc)
             return
-        if not self.ended:
-            self._run(objects.pop(self.task.args_object, self.args))
+        # (Ended meanwhile, the fetch was cancelled: it does not get here.)
+        self._run(objects.pop(self.task.args_object, self.args))
 
     def _run(self, args: bytes) -> None:
         """Hand the task to the pool; its outcome answers the call."""
