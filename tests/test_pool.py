@@ -673,12 +673,14 @@ async def test_each_running_task_is_stopped_at_its_own_timeout() -> None:
         ended.append(str(info.value))
 
     async with Pool(2) as pool, anyio.create_task_group() as tg:
+        processes = [c.process for c in pool._children]
         with anyio.fail_after(PATIENCE):
             tg.start_soon(run, "long", 3.0)
             await until(lambda: pool.busy == 1, "the long task runs")
             await run("short", 0.2)
             assert ended == ["short ran past its timeout of 0.2 s"]  # the long one runs on
             await until(lambda: len(ended) == 2, "the long task ends")
+        await until(lambda: all(p.poll() is not None for p in processes), "both are killed")
     assert ended[1] == "long ran past its timeout of 3 s"
 
 

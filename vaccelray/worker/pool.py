@@ -598,17 +598,17 @@ class Pool:
         assert self._loop is not None
         self._timer, self._timer_at = None, math.inf
         now = self._loop.time()
-        following = math.inf
+        following = []
         for child in list(self._children):
             job = child.job
             if job is None or job.finished:
                 continue
             if job.expires <= now:
                 self._expired(job)
-            elif job.expires < following:
-                following = job.expires
-        if following < math.inf:
-            self._arm(following)
+            else:
+                following.append(job.expires)
+        if following:
+            self._arm(min(following))
 
     def _expired(self, job: _Job) -> None:
         child = job.child
