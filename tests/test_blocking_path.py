@@ -174,3 +174,16 @@ def test_an_actor_calls_timeout_holds_on_the_lane(client: Client, tmp_path: Path
     with pytest.raises(vaccelray.TaskTimeoutError):
         vaccelray.get(ref)  # the worker applied the deadline the lane sent
     vaccelray.kill(counter)
+
+
+def test_a_lane_call_waited_on_with_a_timeout_times_out_then_comes_back(
+    client: Client, tmp_path: Path
+) -> None:
+    gate = tmp_path / "go"
+    assert client.submit(waits_for, str(tmp_path)).result() == "seen"  # registered
+    ref = client.submit(waits_for, str(gate))
+    assert ref._lane is not None  # it went by this thread's lane
+    with pytest.raises(vaccelray.GetTimeoutError):
+        ref.result(timeout=0.05)  # the lane's read gives up at the timeout
+    gate.touch()
+    assert ref.result() == "seen"
