@@ -320,6 +320,8 @@ class Pool:
         self._env = dict(env or {})
         self.sandbox = sandbox or prepare(SandboxConfig(mode="embedded"), size)
         self._children: set[_Child] = set()
+        #: Processes lost and not reaped yet (their _replace does it; aclose, if it comes first).
+        self._reaping: set[_Child] = set()
         self._idle: collections.deque[_Child] = collections.deque()
         #: Each owner with tasks queued or running; _queued counts the queued ones.
         self._owners: dict[Hashable, _Owner] = {}
@@ -435,7 +437,7 @@ class Pool:
             job.finish(PoolProcessLost("the worker is shutting down"))
         for task in self._tasks:
             task.cancel()
-        children = list(self._children)
+        children = [*self._children, *self._reaping]
         for child in children:
             if child.transport is not None:
                 child.transport.close()
@@ -641,6 +643,7 @@ class Pool:
 
     def _lost(self, child: _Child) -> None:
         self._children.discard(child)
+        self._reaping.add(child)
         with contextlib.suppress(ValueError):
             self._idle.remove(child)
         if self._closing:  # its task (if any) cannot answer any more
@@ -660,6 +663,8 @@ class Pool:
         if process.poll() is None:  # closed its socket but lives on: not usable
             child.kill()
             await asyncio.sleep(0.05)
+        if process.poll() is not None:
+            self._reaping.discard(child)
         status = child.fault or _exit_status(process.poll())
         job = child.job
         if job is not None:
