@@ -49,7 +49,7 @@ from vaccelray.protocol.services import (
     UPDATE_SESSION,
     Rpc,
 )
-from vaccelray.scheduler.pool import StartedCall, WorkerUnavailable
+from vaccelray.scheduler.pool import WorkerUnavailable
 from vaccelray.scheduler.sessions import (
     Binding,
     RoutedSession,
@@ -57,7 +57,7 @@ from vaccelray.scheduler.sessions import (
     session_lost,
     worker_lost,
 )
-from vaccelray.transport.client import Outcome
+from vaccelray.transport.client import Client, Outcome
 from vaccelray.transport.server import Answer, CallContext, Method, Service
 
 __all__ = ["OPS_METADATA_KEY", "AgentForwarder"]
@@ -212,9 +212,9 @@ class _Forward:
         "resource",
         "resource_id",
         "rpc",
+        "sent",
         "session",
         "session_field",
-        "started",
         "task",
     )
 
@@ -239,13 +239,14 @@ class _Forward:
         #: The scheduler's id of that resource (0: none).
         self.resource_id = resource.value if resource is not None else 0
         self.binding: Binding | None = None
-        self.started: StartedCall | None = None  # the call on the bound worker
+        self.sent: tuple[Client, int] | None = None  # the call on the bound worker
         self.task: asyncio.Task[bytes] | None = None  # the slow path
 
     def cancel(self) -> None:
         """Abandon the worker's call or the slow path (what they answer then, the server drops)."""
-        if self.started is not None:
-            self.started.cancel()
+        if self.sent is not None:
+            assert self.binding is not None
+            self.forwarder.table.pool.abandon(self.binding.address, self.sent, self)
         if self.task is not None:
             self.task.cancel()
 
@@ -269,28 +270,30 @@ class _Forward:
         binding = self.session.binding
         if binding is not None and table.valid(binding):
             ctx = self.ctx
-            started = table.pool.start(
+            # Only sent on: the server cancels this call at the caller's deadline.
+            sent = table.pool.send(
                 binding.address,
                 ctx.service,
                 self.rpc.method,
                 self._rewrite(binding),
-                self._answered,
+                self,
                 timeout=ctx.time_left(),
-                expire=False,  # the server cancels this call at the caller's deadline
             )
-            if started is not None:
-                self.binding, self.started = binding, started
+            if sent is not None:
+                self.binding, self.sent = binding, sent
                 return
         self._go_slow()
 
-    def _answered(self, outcome: Outcome) -> None:
+    def finish(self, outcome: Outcome) -> None:
+        """The worker's answer (the pool's outcome of it, once that call ended)."""
+        binding = self.binding
+        assert binding is not None
+        outcome = self.forwarder.table.pool.ended(binding.address, outcome)
         if isinstance(outcome, bytes):
             if self.resource_id:
                 self.forwarder.table.model_called(self.session, self.rpc, self.resource_id)
             self.done(outcome)
             return
-        binding = self.binding
-        assert binding is not None
         if isinstance(outcome, RPCError) and session_lost(outcome, binding.worker_session):
             self.forwarder.table.lost(self.session, binding, bury=False)
             self._go_slow()
@@ -308,7 +311,7 @@ class _Forward:
                 table.model_called(self.session, rpc, self.resource_id)
             return reply
 
-        self.started = None
+        self.sent = None
         self.task = asyncio.ensure_future(table.run(self.session, ctx, rpc.method, attempt))
         self.task.add_done_callback(self._slow_done)
 
