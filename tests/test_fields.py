@@ -148,3 +148,23 @@ def test_a_found_field_is_replaced_where_it_was_found() -> None:
     absent = find_varint_field(data, 3)
     assert (absent.value, absent.spans) == (0, ())
     assert replace_varint_field(data, absent, 1) == data + b"\x18\x01"
+
+
+@pytest.mark.parametrize("value", [0, 1, 0x7F, 0x80, 0xFF, 0x3FFF, 0x4000])
+def test_values_and_lengths_around_one_byte_are_read(value: int) -> None:
+    # A value and a field length of one varint byte are read inline, longer ones not.
+    image = bytes(value)
+    data = pb.ImageClassificationRequest(image=image, session_id=value).SerializeToString()
+    data += b"\x18\x01"  # a field after them: the walk stepped over them by their sizes
+    found = find_varint_field(data, 1)
+    assert found.value == value
+    assert read_varint_field(data, 3) == 1
+    replaced = replace_varint_field(data, found, value + 1)
+    assert pb.ImageClassificationRequest.FromString(replaced).session_id == value + 1
+    assert pb.ImageClassificationRequest.FromString(replaced).image == image
+
+
+@pytest.mark.parametrize("data", [b"\x10", b"\x12", b"\x12\x80", b"\x12\x02x"])
+def test_a_message_cut_after_a_key_or_in_a_length_is_refused(data: bytes) -> None:
+    with pytest.raises(FieldError):
+        find_varint_field(data, 1)
