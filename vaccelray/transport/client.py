@@ -27,7 +27,6 @@ from vaccelray.errors import ConnectError, ProtocolError, RPCError, StatusCode, 
 from vaccelray.logs import current_request_id, new_request_id, request_id_var
 from vaccelray.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
-    NEED_DATA,
     ClientConnection,
     ResponseReceived,
 )
@@ -139,9 +138,8 @@ class _ClientProtocol(asyncio.BufferedProtocol):
                 if self.transport is not None:
                     self.transport.close()
                 return
-            if event is NEED_DATA:
+            if not isinstance(event, ResponseReceived):  # NEED_DATA
                 return
-            assert isinstance(event, ResponseReceived)
             waiter = self.waiters.pop(event.stream_id, None)
             if waiter is not None:
                 if event.code != 0:
