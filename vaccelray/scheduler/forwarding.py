@@ -7,9 +7,10 @@ Every other session-bound method is forwarded as it is: its declared
 session field is rewritten to the worker's session id in the encoded bytes
 (images and tensors are not decoded), and so is its declared resource
 field (a model id) to the worker's id of that resource, and the call is started on the
-worker's open connection from the loop, its answer passed back to the
-server's callback (a *callback* method): no future and no task per call
-(creating and destroying a session take no task either, when the
+worker's open connection from the loop (:meth:`~vaccelray.scheduler.pool.WorkerPool.send`), the
+forwarded call itself waiting for the answer, which it passes to the
+server's callback (a *callback* method): no future, no task and no other
+record per call (creating and destroying a session take no task either, when the
 worker's connection is open). Only when that cannot be
 done (no binding, no connection) or the worker says it lost the session
 does the call take the slower path that re-creates the session elsewhere
