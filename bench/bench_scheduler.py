@@ -17,6 +17,13 @@ direct and the scheduled figure of each pair.
 3. Scale-out: workers that run one call at a time (``--slots 1``), 5 ms per
    call, 8 in flight through the scheduler: 3 workers vs 1 (target >= 2.5x).
 
+With ``--instructions N``, only the scheduler's instructions per forwarded
+call, a figure the machine's load does not move: the scheduler runs under
+``valgrind --tool=callgrind`` (noop worker, *in-flight* classify loops)
+and its counters cover exactly N calls (``callgrind_control`` zeroes them
+before and dumps them after). Compare two trees in the same run with
+``--ab-tree TREE`` (the other tree's scheduler, the same worker and load).
+
 With ``--relay-floor``, also the floor of any asyncio relay: a process that
 only copies bytes between the client's connection and one of its own to the
 worker (plaintext, no frame parsed), measured beside the scheduler in the
@@ -33,6 +40,7 @@ What the scheduler does above that floor is its own cost.
 
     python bench/bench_scheduler.py [--duration 3] [--in-flight 8] [--relay-floor] [--json]
     python bench/bench_scheduler.py --membership-ab /tmp/base [--pairs 5]
+    python bench/bench_scheduler.py --instructions 3000 [--ab-tree /tmp/base]
 """
 
 from __future__ import annotations
@@ -41,9 +49,11 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -75,12 +85,15 @@ def _free_port() -> int:
 
 
 @contextmanager
-def daemon(argv: Sequence[str], env: dict[str, str] | None = None) -> Iterator[tuple[Proc, str]]:
-    """A daemon at warning level (no ready line): its address once it accepts connections."""
+def daemon(
+    argv: Sequence[str], env: dict[str, str] | None = None, patience: float = 60
+) -> Iterator[tuple[Proc, str]]:
+    """A daemon at warning level (no ready line): its address once it accepts connections
+    (within *patience* seconds)."""
     port = _free_port()
     proc = Proc([*argv, "-a", f"tcp://127.0.0.1:{port}", *QUIET], env=env)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + patience
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -126,6 +139,60 @@ async def drive(address: str, in_flight: int, duration: float) -> float:
         for session in sessions:
             await agent.destroy_session(session)
     return done / elapsed
+
+
+async def counted_calls(address: str, pid: int, in_flight: int, calls: int) -> None:
+    """Exactly *calls* classifications, *in_flight* at a time, counted by callgrind in *pid*."""
+    async with connect(address) as client:
+        agent = AgentClient(client)
+        for _ in range(600):  # until the scheduler (slow under valgrind) routes to the worker
+            try:
+                await agent.destroy_session(await agent.create_session())
+                break
+            except Exception:
+                await anyio.sleep(0.5)
+        sessions = [await agent.create_session() for _ in range(in_flight)]
+        image = b"\0" * 256
+        for session in sessions:  # warm up every path
+            await agent.classify(session, image)
+        left = calls
+
+        async def loop(session: int) -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await agent.classify(session, image)
+
+        await anyio.run_process(["callgrind_control", "-z", str(pid)])
+        async with anyio.create_task_group() as tg:
+            for session in sessions:
+                tg.start_soon(loop, session)
+        await anyio.run_process(["callgrind_control", "-d", str(pid)])
+        for session in sessions:
+            await agent.destroy_session(session)
+
+
+def instructions_per_call(tree: Path, calls: int, in_flight: int) -> float:
+    """Instructions (callgrind's Ir) *tree*'s scheduler runs per forwarded classify."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    env = {"PYTHONPATH": str(tree)}
+    noop = worker_argv("--backend", "noop", "--pool-size", "0")
+    with tempfile.TemporaryDirectory() as tmp, daemon(noop) as (_, waddr):
+        out = Path(tmp) / "callgrind.out"
+        # -P: the code of PYTHONPATH (the tree), not of the cwd; health checks seldom
+        # (they are counted too) and patient (everything is some 50 times slower).
+        sched = scheduler([waddr])
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", sched[0], "-P",
+                *sched[1:], "--health-interval", "5", "--health-timeout", "60"]  # fmt: skip
+        with daemon(argv, env, patience=600) as (proc, saddr):
+            anyio.run(counted_calls, saddr, proc.pid, in_flight, calls, backend="asyncio")
+        for dump in Path(tmp).iterdir():
+            text = dump.read_text()
+            if "Trigger: dump" in text:
+                totals = next(line for line in text.splitlines() if line.startswith("totals:"))
+                return int(totals.split()[1]) / calls
+    raise RuntimeError("callgrind wrote no dump of the counted calls")
 
 
 def classify_load(address: str, in_flight: int, duration: float) -> float:
@@ -315,8 +382,34 @@ def main() -> None:
     )
     parser.add_argument("--membership-ab", type=Path, metavar="TREE", help="part 4 only")
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs of part 4")
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        metavar="CALLS",
+        help="only the scheduler's instructions per forwarded call, over CALLS calls (callgrind)",
+    )
+    parser.add_argument(
+        "--ab-tree",
+        type=Path,
+        metavar="TREE",
+        help="with --instructions: also TREE's scheduler (git archive BASE | tar -x -C TREE)",
+    )
     args = parser.parse_args()
     n, d = args.in_flight, args.duration
+    if args.instructions is not None:
+        trees = {"this": REPO} if args.ab_tree is None else {"this": REPO, "other": args.ab_tree}
+        counts = {
+            name: instructions_per_call(tree, args.instructions, n) for name, tree in trees.items()
+        }
+        if args.json:
+            result = {"calls": args.instructions, "in_flight": n, "instructions_per_call": counts}
+            print(json.dumps(result))
+        else:
+            for name, count in counts.items():
+                print(f"scheduler instructions per forwarded classify, {name} tree: {count:,.0f}")
+            if "other" in counts:
+                print(f"this / other: {counts['this'] / counts['other']:.3f}")
+        return
     if args.membership_ab is not None:
         result = membership_ab(args.membership_ab, args.pairs, n, d)
         print(json.dumps(result) if args.json else (

@@ -102,13 +102,13 @@ def test_fixed_width_fields_are_stepped_over() -> None:
 @pytest.mark.parametrize(
     ("data", "why"),
     [
-        (b"\x08", "truncated"),
-        (b"\x08" + b"\xff" * 10 + b"\x01", "overlong"),
-        (b"\x12\x05ab", "truncated field"),
-        (b"\x00\x01", "field number 0"),
-        (b"\x0b", "wire type 3"),
-        (b"\x0a\x01x", "not a varint"),
-        (b"\x11" + bytes(7), "truncated field"),
+        (b"\x08", "^truncated or overlong varint$"),
+        (b"\x08" + b"\xff" * 10 + b"\x01", "^truncated or overlong varint$"),
+        (b"\x12\x05ab", "^truncated field$"),
+        (b"\x00\x01", "^field number 0$"),
+        (b"\x0b", "^unsupported wire type 3$"),
+        (b"\x0a\x01x", "^field 1 is not a varint$"),
+        (b"\x11" + bytes(7), "^truncated field$"),
     ],
 )
 def test_bytes_that_are_not_a_message_are_refused(data: bytes, why: str) -> None:
@@ -148,3 +148,37 @@ def test_a_found_field_is_replaced_where_it_was_found() -> None:
     absent = find_varint_field(data, 3)
     assert (absent.value, absent.spans) == (0, ())
     assert replace_varint_field(data, absent, 1) == data + b"\x18\x01"
+
+
+@pytest.mark.parametrize("value", [-(2**63), -1, 2**63 - 1])
+def test_int64_extremes_read_as_protobuf_reads_them(value: int) -> None:
+    data = pb.ImageClassificationRequest(session_id=value).SerializeToString()
+    assert read_varint_field(data, 1) == value
+
+
+@pytest.mark.parametrize("value", [0, 1, 0x7F, 0x80, 0xFF, 0x3FFF, 0x4000])
+def test_values_and_lengths_around_one_byte_are_read(value: int) -> None:
+    # A value and a field length of one varint byte are read inline, longer ones not.
+    image = bytes(value)
+    data = pb.ImageClassificationRequest(image=image, session_id=value).SerializeToString()
+    data += b"\x18\x01"  # a field after them: the walk stepped over them by their sizes
+    found = find_varint_field(data, 1)
+    assert found.value == value
+    assert read_varint_field(data, 3) == 1
+    replaced = replace_varint_field(data, found, value + 1)
+    assert pb.ImageClassificationRequest.FromString(replaced).session_id == value + 1
+    assert pb.ImageClassificationRequest.FromString(replaced).image == image
+
+
+@pytest.mark.parametrize("data", [b"\x10", b"\x12", b"\x12\x80", b"\x12\x02x"])
+def test_a_message_cut_after_a_key_or_in_a_length_is_refused(data: bytes) -> None:
+    with pytest.raises(FieldError):
+        find_varint_field(data, 1)
+
+
+def test_repeated_occurrences_among_other_fields_leave_those_in_place() -> None:
+    # Before, between and after the occurrences: the other fields stay, in order.
+    data = b"\x12\x01a" + b"\x08\x05" + b"\x12\x01b" + b"\x08\x06" + b"\x12\x01c"
+    found = find_varint_field(data, 1)
+    assert (found.value, found.spans) == (6, ((3, 5), (8, 10)))
+    assert replace_varint_field(data, found, 9) == b"\x12\x01a\x12\x01b\x08\x09\x12\x01c"

@@ -68,12 +68,18 @@ def decode_request(body: bytes) -> tuple[str, str, bytes, int, Metadata]:
     except DecodeError as exc:
         raise EnvelopeError(str(exc)) from exc
     metadata = request.metadata
+    pairs: Metadata = ()
+    if len(metadata) == 1:  # the usual: a request id
+        kv = metadata[0]
+        pairs = ((kv.key, kv.value),)
+    elif metadata:
+        pairs = tuple([(kv.key, kv.value) for kv in metadata])
     return (
         request.service,
         request.method,
         request.payload if payload is None else payload,
         request.timeout_nano,
-        tuple([(kv.key, kv.value) for kv in metadata]) if metadata else (),
+        pairs,
     )
 
 
@@ -151,9 +157,12 @@ def request_parts(
     if timeout_nano:
         parts.append(b"\x20" + encode_varint(timeout_nano))
     for key, value in metadata:
-        entry = _key_field(key) + _len_field(2, value.encode())
+        entry = _key_field(key)
+        if value:
+            raw = value.encode()
+            entry += _len_prefix(2, len(raw)) + raw
         # an all-default entry is still an element of the list
-        parts.append(_len_field(5, entry) if entry else b"\x2a\x00")
+        parts += (_len_prefix(5, len(entry)), entry)
     return parts
 
 
@@ -191,16 +200,11 @@ def _ok_payload(body: bytes) -> bytes | None:
     """The payload of a body that is the payload field and nothing else, else None."""
     if body[:1] != b"\x12":
         return None
-    size = shift = 0
-    pos = 1
-    while pos < min(len(body), 11):  # a varint of up to 10 bytes
-        byte = body[pos]
-        pos += 1
-        size |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return body[pos:] if pos + size == len(body) else None
-        shift += 7
-    return None
+    try:
+        size, pos = decode_varint(body, 1)
+    except FieldError:
+        return None
+    return body[pos:] if pos + size == len(body) else None
 
 
 def decode_response(body: bytes) -> tuple[int, str, tuple[Detail, ...], bytes]:

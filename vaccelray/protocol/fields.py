@@ -76,8 +76,9 @@ class VarintField(NamedTuple):
 def find_varint_field(data: bytes, number: int) -> VarintField:
     """Varint field *number* of *data*: its value and where it is, in one walk.
 
-    Keys below 0x80 (fields 1 to 15) are read inline: the walk of a small
-    request makes a call or two, not one per varint.
+    Keys, values and lengths below 0x80 (fields 1 to 15, small ids, short
+    fields) are read inline: the walk of a small request makes no call per
+    field, only per longer varint.
     """
     spans: list[tuple[int, int]] = []
     value = 0
@@ -93,14 +94,21 @@ def find_varint_field(data: bytes, number: int) -> VarintField:
         if field == 0:
             raise FieldError("field number 0")
         if wire_type == _VARINT:
-            found, pos = decode_varint(data, pos)
+            if pos < size and data[pos] < 0x80:
+                found = data[pos]
+                pos += 1
+            else:
+                found, pos = decode_varint(data, pos)
             if field == number:
                 spans.append((start, pos))
                 value = found
             continue
         if wire_type == _LEN:
-            length, pos = decode_varint(data, pos)
-            pos += length
+            if pos < size and data[pos] < 0x80:
+                pos += data[pos] + 1
+            else:
+                length, pos = decode_varint(data, pos)
+                pos += length
         elif wire_type == _FIXED64:
             pos += 8
         elif wire_type == _FIXED32:
@@ -132,6 +140,9 @@ def replace_varint_field(data: bytes, found: VarintField, value: int) -> bytes:
     if not spans:
         return data + field
     view = memoryview(data)
+    if len(spans) == 1:  # as protobuf writes it: what is before the field, and after
+        start, end = spans[0]
+        return b"".join((view[:start], field, view[end:]))
     parts: list[bytes | memoryview] = []
     pos = 0
     for start, end in spans:

@@ -7,9 +7,10 @@ Every other session-bound method is forwarded as it is: its declared
 session field is rewritten to the worker's session id in the encoded bytes
 (images and tensors are not decoded), and so is its declared resource
 field (a model id) to the worker's id of that resource, and the call is started on the
-worker's open connection from the loop, its answer passed back to the
-server's callback (a *callback* method): no future and no task per call
-(creating and destroying a session take no task either, when the
+worker's open connection from the loop (:meth:`~vaccelray.scheduler.pool.WorkerPool.send`), the
+forwarded call itself waiting for the answer, which it passes to the
+server's callback (a *callback* method): no future, no task and no other
+record per call (creating and destroying a session take no task either, when the
 worker's connection is open). Only when that cannot be
 done (no binding, no connection) or the worker says it lost the session
 does the call take the slower path that re-creates the session elsewhere
@@ -49,7 +50,7 @@ from vaccelray.protocol.services import (
     UPDATE_SESSION,
     Rpc,
 )
-from vaccelray.scheduler.pool import StartedCall, WorkerUnavailable
+from vaccelray.scheduler.pool import WorkerUnavailable
 from vaccelray.scheduler.sessions import (
     Binding,
     RoutedSession,
@@ -57,7 +58,7 @@ from vaccelray.scheduler.sessions import (
     session_lost,
     worker_lost,
 )
-from vaccelray.transport.client import Outcome
+from vaccelray.transport.client import Client, Outcome
 from vaccelray.transport.server import Answer, CallContext, Method, Service
 
 __all__ = ["OPS_METADATA_KEY", "AgentForwarder"]
@@ -212,9 +213,9 @@ class _Forward:
         "resource",
         "resource_id",
         "rpc",
+        "sent",
         "session",
         "session_field",
-        "started",
         "task",
     )
 
@@ -239,13 +240,14 @@ class _Forward:
         #: The scheduler's id of that resource (0: none).
         self.resource_id = resource.value if resource is not None else 0
         self.binding: Binding | None = None
-        self.started: StartedCall | None = None  # the call on the bound worker
+        self.sent: tuple[Client, int] | None = None  # the call on the bound worker
         self.task: asyncio.Task[bytes] | None = None  # the slow path
 
     def cancel(self) -> None:
         """Abandon the worker's call or the slow path (what they answer then, the server drops)."""
-        if self.started is not None:
-            self.started.cancel()
+        if self.sent is not None:
+            assert self.binding is not None
+            self.forwarder.table.pool.abandon(self.binding.address, self.sent, self)
         if self.task is not None:
             self.task.cancel()
 
@@ -269,28 +271,30 @@ class _Forward:
         binding = self.session.binding
         if binding is not None and table.valid(binding):
             ctx = self.ctx
-            started = table.pool.start(
+            # Only sent on: the server cancels this call at the caller's deadline.
+            sent = table.pool.send(
                 binding.address,
                 ctx.service,
                 self.rpc.method,
                 self._rewrite(binding),
-                self._answered,
+                self,
                 timeout=ctx.time_left(),
-                expire=False,  # the server cancels this call at the caller's deadline
             )
-            if started is not None:
-                self.binding, self.started = binding, started
+            if sent is not None:
+                self.binding, self.sent = binding, sent
                 return
         self._go_slow()
 
-    def _answered(self, outcome: Outcome) -> None:
+    def finish(self, outcome: Outcome) -> None:
+        """The worker's answer (the pool's outcome of it, once that call ended)."""
+        binding = self.binding
+        assert binding is not None
+        outcome = self.forwarder.table.pool.ended(binding.address, outcome)
         if isinstance(outcome, bytes):
             if self.resource_id:
                 self.forwarder.table.model_called(self.session, self.rpc, self.resource_id)
             self.done(outcome)
             return
-        binding = self.binding
-        assert binding is not None
         if isinstance(outcome, RPCError) and session_lost(outcome, binding.worker_session):
             self.forwarder.table.lost(self.session, binding, bury=False)
             self._go_slow()
@@ -308,7 +312,7 @@ class _Forward:
                 table.model_called(self.session, rpc, self.resource_id)
             return reply
 
-        self.started = None
+        self.sent = None
         self.task = asyncio.ensure_future(table.run(self.session, ctx, rpc.method, attempt))
         self.task.add_done_callback(self._slow_done)
 

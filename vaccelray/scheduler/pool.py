@@ -24,6 +24,7 @@ the scheduler's problem, naming the scheduler (:attr:`WorkerPool.hop`) and the f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
@@ -34,7 +35,7 @@ from vaccelray.errors import ConnectError, RPCError, StatusCode, TransportError,
 from vaccelray.membership import Credential, MembershipError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.registry import Change, Registry, WorkerRecord
-from vaccelray.transport.client import Client, Outcome, PendingCall, open_client
+from vaccelray.transport.client import Client, Outcome, PendingCall, Waiter, open_client
 
 __all__ = ["ChangeListener", "StartedCall", "WorkerPool", "WorkerUnavailable"]
 
@@ -69,17 +70,7 @@ class StartedCall:
 
     def finish(self, outcome: Outcome) -> None:
         """The connection's answer (its PendingCall calls this exactly once)."""
-        pool, address = self._pool, self.address
-        pool._calls[address].discard(self)
-        pool._call_ended(address)
-        if isinstance(outcome, TransportError):
-            pool.mark_down(address, f"connection lost: {outcome}")
-            outcome = WorkerUnavailable(
-                address, f"connection to {address} lost: {outcome}", sent=True
-            )
-        elif isinstance(outcome, RPCError) and outcome.code == StatusCode.UNAUTHENTICATED:
-            outcome = pool.refused(address, outcome)
-        self._callback(outcome)
+        self._callback(self._pool.ended(self.address, outcome))
 
     def cancel(self) -> None:
         """Abandon the call (the caller went away); the callback gets CancelledError."""
@@ -112,7 +103,8 @@ class WorkerPool:
         self._probes: dict[str, Client] = {}
         self._locks: dict[tuple[str, bool], anyio.Lock] = {}
         self._scopes: dict[str, set[anyio.CancelScope]] = {}
-        self._calls: dict[str, set[StartedCall]] = {}
+        #: Calls started without a task (start, send) and not ended, per worker.
+        self._started: dict[str, int] = {}
         self._listeners: list[ChangeListener] = []
         self._closing: set[str] = set()
         #: Workers whose last connection failed the membership proof (logged once each).
@@ -161,7 +153,7 @@ class WorkerPool:
         the connection is closed once they have.
         """
         self._unproven.discard(address)
-        if self._scopes.get(address) or self._calls.get(address):
+        if self._scopes.get(address) or self._started.get(address):
             self._closing.add(address)
         else:
             self._close_client(address)
@@ -350,12 +342,70 @@ class WorkerPool:
             )
         except TransportError:
             return None
-        calls = self._calls.get(address)
-        if calls is None:
-            calls = self._calls[address] = set()
-        calls.add(call)
-        self.registry.call_started(address)
+        self._call_started(address)
         return call
+
+    def send(
+        self,
+        address: str,
+        service: str,
+        method: str,
+        payload: bytes,
+        waiter: Waiter,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[Client, int] | None:
+        """:meth:`start` at its leanest, for a relay's hot path: *waiter* answers itself.
+
+        The request leaves on the open connection to *address* (None if none
+        is); returned are that connection and the call's stream id (to
+        :meth:`abandon` it). ``waiter.finish`` gets the connection's outcome,
+        which it passes through :meth:`ended` first (where the call ends,
+        and an outcome of the worker's connection becomes what :meth:`call`
+        raises). *timeout* is only sent to the worker.
+        """
+        client = self._clients.get(address)
+        if client is None:
+            return None
+        try:
+            stream_id = client.send(
+                service, method, payload, waiter, timeout=timeout, metadata=self.credential(address)
+            )
+        except TransportError:
+            return None
+        self._call_started(address)
+        return client, stream_id
+
+    def abandon(self, address: str, sent: tuple[Client, int], waiter: Waiter) -> None:
+        """Abandon a call :meth:`send` started (if it is still waiting): it ends now."""
+        client, stream_id = sent
+        if client.abandon(stream_id, waiter):
+            self.ended(address, asyncio.CancelledError())
+
+    def ended(self, address: str, outcome: Outcome) -> Outcome:
+        """A call :meth:`start` or :meth:`send` started ended with *outcome*: what the caller gets.
+
+        A broken connection marks the worker down (WorkerUnavailable, ``sent=True``);
+        a worker refusing the scheduler's credential is the scheduler's problem.
+        """
+        left = self._started[address] - 1
+        if left:
+            self._started[address] = left
+        else:
+            del self._started[address]
+        self._call_ended(address)
+        if isinstance(outcome, bytes):
+            return outcome
+        if isinstance(outcome, TransportError):
+            self.mark_down(address, f"connection lost: {outcome}")
+            return WorkerUnavailable(address, f"connection to {address} lost: {outcome}", sent=True)
+        if isinstance(outcome, RPCError) and outcome.code == StatusCode.UNAUTHENTICATED:
+            return self.refused(address, outcome)
+        return outcome
+
+    def _call_started(self, address: str) -> None:
+        self._started[address] = self._started.get(address, 0) + 1
+        self.registry.call_started(address)
 
     def _call_ended(self, address: str) -> None:
         registry = self.registry
@@ -363,7 +413,7 @@ class WorkerPool:
         if (
             address in self._closing
             and not self._scopes.get(address)
-            and not self._calls.get(address)
+            and not self._started.get(address)
         ):
             self._closing.discard(address)
             if address not in registry:
