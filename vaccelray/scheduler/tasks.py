@@ -61,6 +61,7 @@ from vaccelray.protocol import actors
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.objects import worker_of
 from vaccelray.protocol.services import CANCEL, CLASSIFY, REGISTER_FUNCTION, SUBMIT, WORKER, Rpc
+from vaccelray.scheduler.clients import ClientTable
 from vaccelray.scheduler.health import AGENT_INFO
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change, WorkerRecord
@@ -78,6 +79,20 @@ CANCEL_TIMEOUT: Final = 5.0
 _CANCEL_ATTEMPTS: Final = 5
 #: (client id, task id) cancelled before their Submit arrived that are remembered.
 MAX_CANCELLED_EARLY: Final = 1024
+
+
+class _Kept(msgspec.Struct, tag="done", array_like=True):
+    """Of a task's reply, whether the worker kept its result (for a client's objects)."""
+
+    result: msgspec.Raw
+    object_id: str = ""
+
+
+class _Failed(msgspec.Struct, tag="failed", array_like=True):
+    pass
+
+
+_peek: Final = msgspec.msgpack.Decoder(_Kept | _Failed)
 
 
 class NotServed(Exception):
@@ -172,6 +187,8 @@ class TaskRouter:
         self.by_client: dict[tuple[str, str], Flight] = {}
         #: (client id, task id) cancelled before their Submit arrived; oldest dropped first.
         self.cancelled_early: dict[tuple[str, str], None] = {}
+        #: The clients behind the connections, and the workers they use.
+        self.clients = ClientTable(pool)
         pool.add_listener(self._worker_changed)
 
     # -- wiring ----------------------------------------------------------------
@@ -250,6 +267,7 @@ class TaskRouter:
         key = (ctx.connection_id, task.task_id)
         if key in self.inflight:
             raise RPCError(StatusCode.ALREADY_EXISTS, f"task {task.task_id} is already running")
+        self.clients.seen(task.client, ctx.connection_id)
         client_key = (task.client, task.task_id)
         if task.client and client_key in self.cancelled_early:
             del self.cancelled_early[client_key]
@@ -262,8 +280,14 @@ class TaskRouter:
         try:
             with flight.scope:
                 if task.session_id:
-                    return await self._submit_in_session(task, function, flight, ctx)
-                return await self._submit_anywhere(task, payload, function, flight, ctx)
+                    reply = await self._submit_in_session(task, function, flight, ctx)
+                else:
+                    reply = await self._submit_anywhere(task, payload, function, flight, ctx)
+                if task.client and task.keep and flight.address is not None:
+                    peeked = _peek.decode(reply)
+                    if isinstance(peeked, _Kept) and peeked.object_id:
+                        self.clients.used(task.client, flight.address, owns=True)
+                return reply
         except anyio.get_cancelled_exc_class():
             # The client went away (or the scheduler is stopping): stop the task too.
             left = ctx.time_left()
@@ -427,6 +451,8 @@ class TaskRouter:
             finally:
                 registry.call_ended(address)
             flight.address = address
+            if isinstance(task, wire.Submit):
+                self.clients.used(task.client, address)
             try:
                 return await self.pool.call(
                     address,
