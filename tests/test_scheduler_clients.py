@@ -270,3 +270,20 @@ def test_a_connection_names_few_clients_and_few_gone_ones_are_remembered(
         table.seen(f"g{i}", 20)
     # The oldest gone one was forgotten: its worker learns it is back by its next request.
     assert pool.sent == [("w", "g1", True), ("w", "g2", True)]
+
+
+def test_wait_takes_object_refs_beside_task_refs(
+    scheduled: tuple[Proc, str], tmp_path: Path
+) -> None:
+    _, address = scheduled
+    with Client(address) as client:
+        stored = client.put([1, 2])
+        assert vaccelray.wait([stored]) == ([stored], [])
+        ref = client.submit(held.options(retries=0), str(tmp_path))  # runs until "go"
+        # The stored object is done at once; the task is not.
+        assert vaccelray.wait([ref, stored], timeout=60) == ([stored], [ref])
+        assert vaccelray.get(stored) == [1, 2]
+        with pytest.raises(TypeError, match="takes TaskRefs and ObjectRefs, not int"):
+            vaccelray.wait([stored, 3])  # type: ignore[list-item]
+        (tmp_path / "go").touch()
+        assert vaccelray.wait([ref, stored], num_returns=2, timeout=60) == ([ref, stored], [])
