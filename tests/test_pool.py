@@ -702,15 +702,11 @@ async def test_a_result_larger_than_a_message_is_refused_by_its_process() -> Non
 async def test_processes_import_the_workers_vaccelray_not_one_in_the_cwd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A checkout of another version (named as a clone is): its package is in the cwd. (The
-    # name matters under mutmut too: its stats phase makes the pool process find its source
-    # directory from the cwd's name, and fails when there is none.)
-    checkout = tmp_path / "vaccelray"
-    fake = checkout / "vaccelray"
-    fake.mkdir(parents=True)
+    fake = tmp_path / "vaccelray"
+    fake.mkdir()
     (fake / "__init__.py").write_text("raise SystemExit('another vaccelray')\n")
-    (checkout / "beside.py").write_text("WHERE = 'cwd'\n")
-    monkeypatch.chdir(checkout)
+    (tmp_path / "beside.py").write_text("WHERE = 'cwd'\n")
+    monkeypatch.chdir(tmp_path)
 
     def where() -> str:
         import beside  # type: ignore[import-not-found]
