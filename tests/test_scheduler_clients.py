@@ -18,7 +18,7 @@ import pytest
 import vaccelray
 from tests.processes import Proc, scheduler_argv, start_daemon
 from tests.test_objects_store import get, put, served
-from tests.test_offload_api import add
+from tests.test_offload_api import Custom, add, raises
 from tests.test_scheduler_tasks import held, running_on, task_worker_argv
 from tests.waiting import until
 from vaccelray.client import Client
@@ -287,3 +287,44 @@ def test_wait_takes_object_refs_beside_task_refs(
             vaccelray.wait([stored, 3])  # type: ignore[list-item]
         (tmp_path / "go").touch()
         assert vaccelray.wait([ref, stored], num_returns=2, timeout=60) == ([ref, stored], [])
+
+
+# -- refs in an actor's arguments ----------------------------------------------------------
+
+
+@vaccelray.offload
+class Keeper:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def combine(self, items: list[Any], extra: Any = None) -> tuple[Any, list[Any], Any]:
+        return self.config, items, extra
+
+
+def test_refs_in_an_actors_arguments_stand_for_their_values(
+    scheduled: tuple[Proc, str], tmp_path: Path
+) -> None:
+    worker, address = scheduled
+    with Client(address) as client:
+        stored = client.put({"w": [1, 2]})
+        keeper = Keeper.remote_on(client, {"weights": stored})
+        done = client.submit(add, 2, 3)
+        large = client.submit(blob, INLINE + 1000)  # its result stays on the worker
+        call = keeper.combine.remote([done, stored], extra=large)
+        assert vaccelray.get(call, timeout=60) == (
+            {"weights": {"w": [1, 2]}},
+            [5, {"w": [1, 2]}],
+            b"b" * (INLINE + 1000),
+        )
+        # A TaskRef without a result yet: the call waits for it, the next one behind it.
+        waiting = client.submit(held.options(retries=0), str(tmp_path))
+        first = keeper.combine.remote({"k": (waiting,)})  # type: ignore[arg-type]
+        second = keeper.combine.remote([])
+        (tmp_path / "go").touch()
+        assert vaccelray.get([first, second], timeout=60) == [
+            ({"weights": {"w": [1, 2]}}, {"k": (worker.pid,)}, None),
+            ({"weights": {"w": [1, 2]}}, [], None),
+        ]
+        # A failed one fails the call with its error.
+        with pytest.raises(Custom, match="bad 4"):
+            vaccelray.get(keeper.combine.remote([client.submit(raises, 4)]), timeout=60)
