@@ -90,10 +90,9 @@ class ObjectRouter:
     def _get(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         request = GET_OBJECT.request.decode(payload)
         GET_OBJECT.check(request, 0)
+        # (A get makes the client own nothing: the worker need not hear when it leaves.)
         self.clients.seen(request.client, ctx.connection_id)
-        record = holder(self.pool, request.object_id)
-        self.clients.used(request.client, record.address)
-        return self._forward(record, GET_OBJECT, payload, ctx)
+        return self._forward(holder(self.pool, request.object_id), GET_OBJECT, payload, ctx)
 
     async def _release(self, payload: bytes, ctx: CallContext) -> bytes:
         request = RELEASE_OBJECTS.request.decode(payload)
