@@ -19,14 +19,27 @@ import vaccelray
 from tests.processes import Proc, scheduler_argv, start_daemon
 from tests.test_objects_store import get, put, served
 from tests.test_offload_api import Custom, add, raises
-from tests.test_scheduler_tasks import held, running_on, task_worker_argv
+from tests.test_scheduler_tasks import (  # noqa: F401
+    cluster,
+    held,
+    running_on,
+    task_worker_argv,
+    workers,
+)
 from tests.waiting import until
 from vaccelray.client import Client
 from vaccelray.client.objects import INLINE
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as objects_wire
 from vaccelray.protocol import tasks as wire
-from vaccelray.protocol.services import CANCEL, CLIENT_PRESENCE, GET_OBJECT, SUBMIT
+from vaccelray.protocol.services import (
+    CANCEL,
+    CLIENT_PRESENCE,
+    GET_OBJECT,
+    PUT_OBJECT,
+    RELEASE_OBJECTS,
+    SUBMIT,
+)
 from vaccelray.scheduler import clients as clients_module
 from vaccelray.scheduler.clients import MAX_CLIENTS_PER_CONNECTION, ClientTable
 from vaccelray.testing import connect_member
@@ -328,3 +341,34 @@ def test_refs_in_an_actors_arguments_stand_for_their_values(
         # A failed one fails the call with its error.
         with pytest.raises(Custom, match="bad 4"):
             vaccelray.get(keeper.combine.remote([client.submit(raises, 4)]), timeout=60)
+
+
+# -- the object methods on the scheduler -----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_object_calls_are_checked_at_the_scheduler_and_released_on_each_worker(
+    workers: list[tuple[Proc, str]],  # noqa: F811
+) -> None:
+    async with cluster(workers) as (sched, _), connect_member(sched.addresses[0]) as conn:
+        # Out-of-bounds fields are refused at the door (not looked up: NOT_FOUND).
+        long_id = "0" * (objects_wire.MAX_OBJECT_ID + 1)
+        for rpc, request in (
+            (PUT_OBJECT, objects_wire.PutObject(long_id, 0, b"x", 1, True, "c")),
+            (GET_OBJECT, objects_wire.GetObject(long_id, 0, 1, "c")),
+            (RELEASE_OBJECTS, objects_wire.ReleaseObjects((long_id,), "c")),
+        ):
+            with pytest.raises(RPCError) as refused:
+                await conn.call_rpc(rpc, request)
+            assert refused.value.code == StatusCode.INVALID_ARGUMENT, rpc.method
+        # One object on each worker; one release names both, and one of a worker gone.
+        ids = []
+        for _, address in workers:
+            async with connect_member(address) as direct:
+                ids.append(await put(direct, b"mine", who="c"))
+        lost = "0" * 16 + "-" + "1" * 32
+        reply = await conn.call_rpc(RELEASE_OBJECTS, objects_wire.ReleaseObjects((lost, *ids), "c"))
+        assert reply.released == 2
+        assert not any(
+            [await _held(address, i) for (_, address), i in zip(workers, ids, strict=True)]
+        )
