@@ -24,6 +24,17 @@ _RUNTIME = tempfile.TemporaryDirectory(prefix="vaccelray-test-runtime-")
 os.environ["XDG_RUNTIME_DIR"] = _RUNTIME.name
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # mutmut's stats phase (MUTANT_UNDER_TEST=stats) records which tests reach which
+    # functions, in this process. Processes the tests start inherit the variable and would
+    # record too, loading mutmut's config from their cwd: outside the checkout (a test's
+    # tmp_path) that raises, and the run stops. Their hits were lost anyway; this process
+    # keeps recording (mutmut also keeps the phase in-process for tests that scrub the
+    # environment). Every other phase sets the variable afresh.
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        del os.environ["MUTANT_UNDER_TEST"]
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     # The transport is built on asyncio protocols (and zeroconf needs asyncio).

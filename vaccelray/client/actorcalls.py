@@ -2,11 +2,12 @@
 
 A worker runs an actor's calls in the order they arrive on the connection,
 so the client sends them in the order they were made: one *line* per actor.
-A request whose arguments are ready (pickled, no TaskRef among them) while
+A request whose arguments are ready (pickled, no ref among them) while
 nothing of its actor waits before it is written at once from the loop (no
 asyncio task: the sync round trip stays short). Otherwise it waits in the
-line, and one asyncio task per actor sends the line in order: it awaits
-TaskRef arguments, registers the class before the constructor, then writes.
+line, and one asyncio task per actor sends the line in order: it resolves
+the refs among the arguments (:mod:`vaccelray.client.actorargs`), registers
+the class before the constructor, then writes.
 Nothing waits for a reply before the next request leaves.
 
 Actor requests are not retried: an actor lives in one process of one worker,
@@ -29,10 +30,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vaccelray.client.actorargs import resolved_actor_args
 from vaccelray.client.errors import ActorDiedError, CallRunningError, TaskError
 from vaccelray.client.outcomes import load_result, rpc_failure, task_failure
 from vaccelray.client.refs import TaskRef, _settle
-from vaccelray.client.remote import FunctionSpec, Options, pickle_args
+from vaccelray.client.remote import FunctionSpec, Options
 from vaccelray.errors import Reason, RPCError, TransportError
 from vaccelray.protocol import actors as wire
 from vaccelray.protocol.services import (
@@ -71,7 +73,7 @@ class ActorRequest:
     method: str
     args: Sequence[object]
     kwargs: Mapping[str, object]
-    #: Pickled arguments; None until TaskRef arguments are resolved.
+    #: Pickled arguments; None until the refs among them are resolved.
     payload: bytes | None
     options: Options
     #: ``ref.cancel()`` asks for it to stop: an error answer means it was stopped.
@@ -180,14 +182,9 @@ class ActorLines:
                 request = line.backlog[0]
                 if not request.ref.done():
                     try:
-                        if request.payload is None:
-                            args = [await a if type(a) is TaskRef else a for a in request.args]
-                            kwargs = {
-                                k: await v if type(v) is TaskRef else v
-                                for k, v in request.kwargs.items()
-                            }
-                            request.payload = pickle_args(
-                                request.ref.name, args, kwargs, core.arg_limit
+                        if request.payload is None:  # refs among them: their values
+                            request.payload = await resolved_actor_args(
+                                request.ref.name, request.args, request.kwargs, core.arg_limit
                             )
                         conn = await core.connection()
                         spec = request.spec

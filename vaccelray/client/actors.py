@@ -5,7 +5,8 @@ its own on a worker and returns an :class:`ActorHandle` at once;
 ``handle.method.remote(...)`` returns a :class:`TaskRef`. The calls of one
 actor run one at a time, in the order they were made. A handle can be passed
 to tasks and to other actors on the same worker (it pickles to the actor's
-id; there it reaches the actor through the worker's private socket).
+id; there it reaches the actor through the worker's private socket). Refs
+in the arguments stand for their values (see :mod:`vaccelray.client.actorargs`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import inspect
 import secrets
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from vaccelray.client.actorargs import pickle_actor_args
 from vaccelray.client.actorcalls import ActorRequest, Kind, encode_request
 from vaccelray.client.errors import ActorDiedError
 from vaccelray.client.outcomes import load_result, rpc_failure, task_failure
@@ -80,8 +82,7 @@ class ActorClass(Generic[C]):
         spec = function_spec(self._cls)
         actor_id = secrets.token_hex(16)
         handle: ActorHandle[C] = ActorHandle(actor_id, spec.name, self._methods, core)
-        has_refs = any(type(a) is TaskRef for a in (*args, *kwargs.values()))
-        payload = None if has_refs else pickle_args(spec.name, args, kwargs, core.arg_limit)
+        payload = pickle_actor_args(spec.name, args, kwargs, core.arg_limit)
         core.submit_actor(
             ActorRequest(
                 Kind.CREATE,
@@ -149,8 +150,7 @@ class ActorHandle(Generic[C]):
         if core is None:
             return _call_local(self, method, args, kwargs, options)
         ref: TaskRef[Any] = TaskRef(core, core.next_id(), f"{self.name}.{method}")
-        has_refs = (args or kwargs) and any(type(a) is TaskRef for a in (*args, *kwargs.values()))
-        payload = None if has_refs else pickle_args(ref.name, args, kwargs, core.arg_limit)
+        payload = pickle_actor_args(ref.name, args, kwargs, core.arg_limit)
         request = ActorRequest(
             Kind.CALL, ref, self.actor_id, None, method, args, kwargs, payload, options
         )

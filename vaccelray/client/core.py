@@ -609,8 +609,9 @@ class Core:
         conn = self._conn
         if conn is None:
             return
-        # Sent from here, its answer only logged: no task to keep or wait for.
-        request = CANCEL.request.encode(wire.Cancel((task_id,)))
+        # Sent from here, its answer only logged: no task to keep or wait for. The client id
+        # lets a scheduler find a task that went by a lane (another connection).
+        request = CANCEL.request.encode(wire.Cancel((task_id,), self.client_id))
         with contextlib.suppress(TransportError):  # closed: the worker saw the client go
             conn.start_call(
                 CANCEL.service,

@@ -204,6 +204,10 @@ def _settle(
     return True
 
 
+#: What ``wait`` takes: a TaskRef, or an ObjectRef (done at once).
+_Ref = TypeVar("_Ref", bound="TaskRef[Any] | ObjectRef[Any]")
+
+
 @overload
 def get(refs: TaskRef[R], *, timeout: float | None = None) -> R: ...
 @overload
@@ -232,21 +236,29 @@ def get(refs: TaskRef[R] | Sequence[TaskRef[R]], *, timeout: float | None = None
 
 
 def wait(
-    refs: Sequence[TaskRef[R]], *, num_returns: int = 1, timeout: float | None = None
-) -> tuple[list[TaskRef[R]], list[TaskRef[R]]]:
+    refs: Sequence[_Ref], *, num_returns: int = 1, timeout: float | None = None
+) -> tuple[list[_Ref], list[_Ref]]:
     """Wait until *num_returns* of *refs* are done or *timeout* passes: ``(done, pending)``.
 
     Both lists keep the order of *refs*; ``done`` holds at most *num_returns*.
+    An ObjectRef (of ``vaccelray.put``) is done at once: it exists once stored.
     """
     if not 0 <= num_returns <= len(refs):
         raise ValueError(f"num_returns must be between 0 and {len(refs)}, not {num_returns}")
-    if refs:
-        refs[0]._core.check_blocking("wait")
-    deadline = None if timeout is None else time.monotonic() + timeout
+    tasks: list[TaskRef[Any]] = []
     for ref in refs:
-        ref._read_elsewhere()
-    futures = {ref._future for ref in refs}
-    while sum(1 for f in futures if f.done()) < num_returns:
+        if isinstance(ref, TaskRef):
+            tasks.append(ref)
+        elif not isinstance(ref, ObjectRef):
+            raise TypeError(f"wait() takes TaskRefs and ObjectRefs, not {type(ref).__name__}")
+    if tasks:
+        tasks[0]._core.check_blocking("wait")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for task in tasks:
+        task._read_elsewhere()
+    futures = {task._future for task in tasks}
+    stored = len(refs) - len(tasks)
+    while stored + sum(1 for f in futures if f.done()) < num_returns:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             break
@@ -255,8 +267,8 @@ def wait(
             left,
             return_when=concurrent.futures.FIRST_COMPLETED,
         )
-    done: list[TaskRef[R]] = []
-    pending: list[TaskRef[R]] = []
+    done: list[_Ref] = []
+    pending: list[_Ref] = []
     for ref in refs:
         (done if ref.done() and len(done) < num_returns else pending).append(ref)
     return done, pending

@@ -21,6 +21,12 @@ Methods (request → reply):
     An unknown (or released) object: NOT_FOUND.
 ``ReleaseObjects``  :class:`ReleaseObjects` → :class:`Released`
     The client holds no more refs to these objects; one no client holds is dropped.
+``ClientPresence``  :class:`ClientPresence` → :class:`Presence`
+    From a scheduler: whether a client that speaks through the calling
+    connection still has a connection to the scheduler. Gone, the calling
+    connection no longer counts as the client's (its objects' grace starts
+    when it was the client's last); present again, it counts once more (the
+    grace stops). Other connections' claims are untouched.
 """
 
 from __future__ import annotations
@@ -37,11 +43,14 @@ __all__ = [
     "MAX_OBJECT_ID",
     "MAX_RELEASE",
     "METHOD_GET",
+    "METHOD_PRESENCE",
     "METHOD_PUT",
     "METHOD_RELEASE",
+    "ClientPresence",
     "GetObject",
     "ObjectChunk",
     "ObjectPut",
+    "Presence",
     "PutObject",
     "ReleaseObjects",
     "Released",
@@ -52,6 +61,7 @@ __all__ = [
 METHOD_PUT: Final = "PutObject"
 METHOD_GET: Final = "GetObject"
 METHOD_RELEASE: Final = "ReleaseObjects"
+METHOD_PRESENCE: Final = "ClientPresence"
 
 #: Characters of an object id (a worker makes 16 + 1 + 32).
 MAX_OBJECT_ID: Final = 64
@@ -104,6 +114,17 @@ class ReleaseObjects(msgspec.Struct, array_like=True, frozen=True):
 class Released(msgspec.Struct, array_like=True, frozen=True):
     #: How many of the ids named an object the client held.
     released: int
+
+
+class ClientPresence(msgspec.Struct, array_like=True, frozen=True):
+    client: str
+    #: False: the client's last connection to the scheduler closed; True: it has one again.
+    present: bool
+
+
+class Presence(msgspec.Struct, array_like=True, frozen=True):
+    #: How many objects the client owns on the worker.
+    objects: int
 
 
 def worker_of(object_id: str) -> str:

@@ -411,6 +411,13 @@ RELEASE_OBJECTS: Final = Rpc(
     MsgpackCodec[objects.Released](objects.Released),
     limits=objects.check_fields,
 )
+CLIENT_PRESENCE: Final = Rpc(
+    info.WORKER_SERVICE,
+    objects.METHOD_PRESENCE,
+    MsgpackCodec[objects.ClientPresence](objects.ClientPresence),
+    MsgpackCodec[objects.Presence](objects.Presence),
+    limits=objects.check_fields,
+)
 
 #: A worker's own service: health and load, classification with scores, offloaded tasks,
 #: actors and objects.
@@ -429,6 +436,7 @@ WORKER: Final = ServiceSpec(
         GET_OBJECT,
         RELEASE_OBJECTS,
         CANCEL_ACTOR_CALL,
+        CLIENT_PRESENCE,
     ),
 )
 

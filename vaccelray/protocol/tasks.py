@@ -135,6 +135,9 @@ TaskReply: TypeAlias = TaskDone | TaskFailed
 
 class Cancel(msgspec.Struct, array_like=True, frozen=True):
     task_ids: tuple[str, ...]
+    #: The client (its random id, as in ``Submit.client``): a scheduler then finds its tasks
+    #: whichever connection they came by (a blocking lane's, say). "": this connection's.
+    client: str = ""
 
 
 class Cancelled(msgspec.Struct, array_like=True, frozen=True):

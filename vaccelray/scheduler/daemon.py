@@ -18,6 +18,7 @@ from vaccelray.membership import node_credential
 from vaccelray.metrics import CallMetrics
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.scheduler.actors import DEFAULT_MAX_ACTORS_PER_CONNECTION, ActorRouter
+from vaccelray.scheduler.clients import ClientTable
 from vaccelray.scheduler.forwarding import AgentForwarder
 from vaccelray.scheduler.health import HealthChecker
 from vaccelray.scheduler.objects import ANY_WORKER, ObjectRouter
@@ -114,15 +115,25 @@ class Scheduler:
         return self.server.addresses
 
 
-def _holds_state(table: SessionTable, actors: ActorRouter, connection_id: int) -> bool:
-    """A connection with sessions or actors is not closed for being quiet."""
-    return table.holds_state(connection_id) or actors.holds_state(connection_id)
+def _holds_state(
+    table: SessionTable, actors: ActorRouter, clients: ClientTable, connection_id: int
+) -> bool:
+    """A connection with sessions, actors or objects is not closed for being quiet."""
+    return (
+        table.holds_state(connection_id)
+        or actors.holds_state(connection_id)
+        or clients.holds_state(connection_id)
+    )
 
 
-def _disconnected(table: SessionTable, actors: ActorRouter, connection_id: int) -> None:
-    """A client's sessions and actors die with its connection."""
+def _disconnected(
+    table: SessionTable, actors: ActorRouter, clients: ClientTable, connection_id: int
+) -> None:
+    """A client's sessions and actors die with its connection; its objects' grace starts
+    with its last."""
     table.connection_closed(connection_id)
     actors.connection_closed(connection_id)
+    clients.connection_closed(connection_id)
 
 
 @asynccontextmanager
@@ -173,7 +184,9 @@ async def run_scheduler(
             actors = ActorRouter(
                 pool, tasks, tg, max_actors_per_connection=config.max_actors_per_connection
             )
-            objects = ObjectRouter(pool, functools.partial(tasks.pick, ANY_WORKER, (), ""))
+            objects = ObjectRouter(
+                pool, functools.partial(tasks.pick, ANY_WORKER, (), ""), tasks.clients
+            )
             task_services = protect(
                 [tasks.service({**actors.methods(), **objects.methods()}), view.service()],
                 TokenCheck(token, hop="scheduler", token_path=token_path),
@@ -196,11 +209,11 @@ async def run_scheduler(
                 ssl=credential.server_ssl(),
                 max_message_size=config.max_message_size,
                 grace=config.grace,
-                on_disconnect=functools.partial(_disconnected, table, actors),
+                on_disconnect=functools.partial(_disconnected, table, actors, tasks.clients),
                 max_connections=config.max_connections,
                 frame_timeout=config.frame_timeout,
                 idle_timeout=config.idle_timeout,
-                holds_state=functools.partial(_holds_state, table, actors),
+                holds_state=functools.partial(_holds_state, table, actors, tasks.clients),
                 max_inflight_per_connection=config.max_inflight,
                 socket_mode=config.socket_mode,
                 metrics=metrics,

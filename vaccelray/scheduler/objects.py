@@ -11,9 +11,10 @@ worker is gone (or restarted: a new instance) is NOT_FOUND: the client raises
 ``ObjectLostError``.
 
 The worker sees the client's id in each request: the client owns its
-objects there, through the scheduler's connection (a gone client's objects
-are released when the scheduler's connection to the worker closes, after the
-worker's grace period, or when the client releases them).
+objects there, through the scheduler's connection. The scheduler tells the
+worker when the client's own last connection closes, so its objects are
+released after the worker's grace period (see
+:mod:`vaccelray.scheduler.clients`), or when the client releases them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Final
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS, Rpc
+from vaccelray.scheduler.clients import ClientTable
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import WorkerRecord
 from vaccelray.transport.client import Outcome
@@ -61,10 +63,12 @@ def holder(pool: WorkerPool, object_id: str) -> WorkerRecord:
 class ObjectRouter:
     """PutObject, GetObject and ReleaseObjects, forwarded to the workers holding the objects."""
 
-    def __init__(self, pool: WorkerPool, pick: Any) -> None:
-        """*pick()* is the worker a new object goes to (raises RPCError when there is none)."""
+    def __init__(self, pool: WorkerPool, pick: Any, clients: ClientTable) -> None:
+        """*pick()* is the worker a new object goes to (raises RPCError when there is none);
+        *clients* learns which clients use which workers."""
         self.pool = pool
         self._pick = pick
+        self.clients = clients
 
     def methods(self) -> dict[str, Method]:
         return {
@@ -76,14 +80,18 @@ class ObjectRouter:
     def _put(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         request = PUT_OBJECT.request.decode(payload)
         PUT_OBJECT.check(request, 0)
+        self.clients.seen(request.client, ctx.connection_id)
         if request.object_id:
             return self._forward(holder(self.pool, request.object_id), PUT_OBJECT, payload, ctx)
         record: WorkerRecord = self._pick()
+        self.clients.used(request.client, record.address, owns=True)
         return asyncio.ensure_future(self._call(record, PUT_OBJECT, payload, ctx))
 
     def _get(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
         request = GET_OBJECT.request.decode(payload)
         GET_OBJECT.check(request, 0)
+        # (A get makes the client own nothing: the worker need not hear when it leaves.)
+        self.clients.seen(request.client, ctx.connection_id)
         return self._forward(holder(self.pool, request.object_id), GET_OBJECT, payload, ctx)
 
     async def _release(self, payload: bytes, ctx: CallContext) -> bytes:

@@ -28,9 +28,18 @@ on one worker; the scheduler moves bytes and never unpickles anything.
     holding the session, with the worker's own session id, with the session
     table's affinity and failover.
 ``Cancel``
-    Forwarded to the worker running the task (tasks are tracked per client
-    connection while in flight); a task not yet sent anywhere just ends. A
-    task whose client goes away is cancelled on its worker too.
+    Forwarded to the worker running the task; a task not yet sent anywhere
+    just ends. Tasks are tracked per client connection while in flight, and
+    by client id (``Submit.client``) when they name one: a Cancel reaches a
+    task of its own connection, or of another connection when it names the
+    client id the task was submitted with (128 random bits that only the
+    client, the scheduler and the workers see), so a client's blocking lane
+    (a connection per calling thread) is cancelled through its main
+    connection, and no client can cancel another's task. A Cancel naming
+    its client that finds no such task is remembered (the newest
+    ``MAX_CANCELLED_EARLY``): a Submit that comes by another connection after
+    it is answered CANCELLED at once. A task whose client goes away is
+    cancelled on its worker too.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from vaccelray.protocol import actors
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.objects import worker_of
 from vaccelray.protocol.services import CANCEL, CLASSIFY, REGISTER_FUNCTION, SUBMIT, WORKER, Rpc
+from vaccelray.scheduler.clients import ClientTable
 from vaccelray.scheduler.health import AGENT_INFO
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import Change, WorkerRecord
@@ -67,6 +77,22 @@ DEFAULT_FUNCTION_CACHE_BYTES: Final = 256 << 20
 CANCEL_TIMEOUT: Final = 5.0
 #: Attempts at cancelling a task the worker has not started yet (it is on its way).
 _CANCEL_ATTEMPTS: Final = 5
+#: (client id, task id) cancelled before their Submit arrived that are remembered.
+MAX_CANCELLED_EARLY: Final = 1024
+
+
+class _Kept(msgspec.Struct, tag="done", array_like=True):
+    """Of a task's reply, whether the worker kept its result (for a client's objects)."""
+
+    result: msgspec.Raw
+    object_id: str = ""
+
+
+class _Failed(msgspec.Struct, tag="failed", array_like=True):
+    pass
+
+
+_peek: Final = msgspec.msgpack.Decoder(_Kept | _Failed)
 
 
 class NotServed(Exception):
@@ -156,6 +182,13 @@ class TaskRouter:
         self._no_tasks: set[tuple[str, str]] = set()
         #: (client connection id, task id) -> the task while the scheduler handles it.
         self.inflight: dict[tuple[int, str], Flight] = {}
+        #: (client id, task id) -> the same tasks, those whose Submit named their client
+        #: (as many as ``inflight``: the newest Submit of an id wins).
+        self.by_client: dict[tuple[str, str], Flight] = {}
+        #: (client id, task id) cancelled before their Submit arrived; oldest dropped first.
+        self.cancelled_early: dict[tuple[str, str], None] = {}
+        #: The clients behind the connections, and the workers they use.
+        self.clients = ClientTable(pool)
         pool.add_listener(self._worker_changed)
 
     # -- wiring ----------------------------------------------------------------
@@ -234,13 +267,27 @@ class TaskRouter:
         key = (ctx.connection_id, task.task_id)
         if key in self.inflight:
             raise RPCError(StatusCode.ALREADY_EXISTS, f"task {task.task_id} is already running")
+        self.clients.seen(task.client, ctx.connection_id)
+        client_key = (task.client, task.task_id)
+        if task.client and client_key in self.cancelled_early:
+            del self.cancelled_early[client_key]
+            log.info("Cancelled task %s (%s) before it arrived", task.task_id, task.name)
+            raise RPCError(StatusCode.CANCELLED, f"task {task.name} was cancelled")
         flight = Flight(task.task_id, task.name)
         self.inflight[key] = flight
+        if task.client:
+            self.by_client[client_key] = flight
         try:
             with flight.scope:
                 if task.session_id:
-                    return await self._submit_in_session(task, function, flight, ctx)
-                return await self._submit_anywhere(task, payload, function, flight, ctx)
+                    reply = await self._submit_in_session(task, function, flight, ctx)
+                else:
+                    reply = await self._submit_anywhere(task, payload, function, flight, ctx)
+                if task.client and task.keep and flight.address is not None:
+                    peeked = _peek.decode(reply)
+                    if isinstance(peeked, _Kept) and peeked.object_id:
+                        self.clients.used(task.client, flight.address, owns=True)
+                return reply
         except anyio.get_cancelled_exc_class():
             # The client went away (or the scheduler is stopping): stop the task too.
             left = ctx.time_left()
@@ -251,6 +298,8 @@ class TaskRouter:
             flight.done = True
             if self.inflight.get(key) is flight:
                 del self.inflight[key]
+            if self.by_client.get(client_key) is flight:
+                del self.by_client[client_key]
         # Only reached when Cancel stopped it before it was sent to a worker.
         log.info("Cancelled task %s (%s) before it was sent", task.task_id, task.name)
         raise RPCError(StatusCode.CANCELLED, f"task {task.name} was cancelled")
@@ -402,6 +451,8 @@ class TaskRouter:
             finally:
                 registry.call_ended(address)
             flight.address = address
+            if isinstance(task, wire.Submit):
+                self.clients.used(task.client, address)
             try:
                 return await self.pool.call(
                     address,
@@ -488,6 +539,10 @@ class TaskRouter:
         stopped: list[str] = []
         for task_id in request.task_ids:
             flight = self.inflight.get((ctx.connection_id, task_id))
+            if flight is None and request.client:
+                flight = self.by_client.get((request.client, task_id))
+                if flight is None:
+                    self._cancel_early((request.client, task_id))
             if flight is None or flight.cancelled:
                 continue
             flight.cancelled = True
@@ -497,6 +552,12 @@ class TaskRouter:
             elif await self._forward_cancel(flight, flight.address, ()):
                 stopped.append(task_id)
         return CANCEL.reply.encode(wire.Cancelled(tuple(stopped)))
+
+    def _cancel_early(self, key: tuple[str, str]) -> None:
+        early = self.cancelled_early
+        early[key] = None
+        if len(early) > MAX_CANCELLED_EARLY:
+            del early[next(iter(early))]
 
     async def _forward_cancel(
         self,

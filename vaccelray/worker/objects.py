@@ -18,7 +18,11 @@ Each object has owners: the clients (by the id they send, not their
 connection) holding refs to it. A client's release drops its ownership, and
 an object no client owns is dropped. When a client's last connection closes,
 its objects are released after ``grace`` seconds (``--object-grace``) unless
-it has connected again meanwhile.
+it has connected again meanwhile. A client that comes through a scheduler
+speaks on the scheduler's connection, shared with other clients: the
+scheduler says when the client's own last connection to it closes (and when
+it has one again) with ``ClientPresence``, which ends (or renews) that
+connection's claim for that client alone.
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ from vaccelray.auth import TokenCheck
 from vaccelray.errors import ConnectError, RPCError, StatusCode
 from vaccelray.membership import Credential, MembershipError
 from vaccelray.protocol import objects as wire
-from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS
+from vaccelray.protocol.services import (
+    CLIENT_PRESENCE,
+    GET_OBJECT,
+    PUT_OBJECT,
+    RELEASE_OBJECTS,
+)
 from vaccelray.transport.client import open_client
 from vaccelray.transport.server import CallContext, Method
 
@@ -145,22 +154,39 @@ class ObjectStore:
         for object_id in list(self._partial.get(connection_id, ())):
             self._drop(object_id)
         for client in self._client_of.pop(connection_id, ()):
-            conns = self._connections[client]
-            conns.discard(connection_id)
-            if conns:
-                continue
-            del self._connections[client]
-            owned = self._owned.get(client)
-            if owned:
-                log.info(
-                    "Client %s has no connection left: its %d objects are released in %g s "
-                    "unless it comes back",
-                    client,
-                    len(owned),
-                    self.limits.grace,
-                )
-                loop = asyncio.get_running_loop()
-                self._expiring[client] = loop.call_later(self.limits.grace, self._expire, client)
+            self._left(client, connection_id)
+
+    def client_left(self, client: str, connection_id: int) -> None:
+        """*client* no longer speaks on *connection_id* (a scheduler's: the client left it)."""
+        clients = self._client_of.get(connection_id)
+        if clients is None or client not in clients:
+            return
+        clients.discard(client)
+        if not clients:
+            del self._client_of[connection_id]
+        self._left(client, connection_id)
+
+    def _left(self, client: str, connection_id: int) -> None:
+        conns = self._connections[client]
+        conns.discard(connection_id)
+        if conns:
+            return
+        del self._connections[client]
+        owned = self._owned.get(client)
+        if owned:
+            log.info(
+                "Client %s has no connection left: its %d objects are released in %g s "
+                "unless it comes back",
+                client,
+                len(owned),
+                self.limits.grace,
+            )
+            loop = asyncio.get_running_loop()
+            self._expiring[client] = loop.call_later(self.limits.grace, self._expire, client)
+
+    def owned_by(self, client: str) -> int:
+        """How many objects *client* owns here."""
+        return len(self._owned.get(client, ()))
 
     def in_grace(self) -> frozenset[str]:
         """The clients with objects and no connection left, whose grace is running."""
@@ -382,8 +408,8 @@ class ObjectStore:
     # -- the service's methods -------------------------------------------------------
 
     def methods(self, check: TokenCheck, max_message_size: int) -> dict[str, Method]:
-        """PutObject, GetObject and ReleaseObjects for the worker's service; callers
-        present the cluster token (*check*), as the tasks' do."""
+        """PutObject, GetObject, ReleaseObjects and ClientPresence for the worker's service;
+        callers present the cluster token (*check*), as the tasks' do."""
         chunk = max(1, max_message_size - wire.CHUNK_MARGIN)
 
         def put(payload: bytes, ctx: CallContext) -> bytes:
@@ -415,10 +441,23 @@ class ObjectStore:
             count = self.release(self.owner(request.client, ctx.connection_id), request.object_ids)
             return RELEASE_OBJECTS.reply.encode(wire.Released(count))
 
+        def presence(payload: bytes, ctx: CallContext) -> bytes:
+            check.check(ctx)
+            request = CLIENT_PRESENCE.request.decode(payload)
+            CLIENT_PRESENCE.check(request, max_message_size)
+            if not request.client:
+                pass  # a connection's own objects: they go with it
+            elif request.present:
+                self.claim(request.client, ctx.connection_id)
+            else:
+                self.client_left(request.client, ctx.connection_id)
+            return CLIENT_PRESENCE.reply.encode(wire.Presence(self.owned_by(request.client)))
+
         return {
             PUT_OBJECT.method: Method(put, inline=True),
             GET_OBJECT.method: Method(get, inline=True),
             RELEASE_OBJECTS.method: Method(release, inline=True),
+            CLIENT_PRESENCE.method: Method(presence, inline=True),
         }
 
 
