@@ -50,13 +50,6 @@ def _load(name: str, path: Path) -> Any:
 bench_worker = _load("vaccelray_bench_worker", HERE / "bench_worker.py")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds the process *pid* has used (``/proc/PID/stat``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def start_worker(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
     port = bench_worker._free_port()
     env = {**os.environ}
@@ -153,17 +146,17 @@ def main(argv: list[str] | None = None) -> int:
                     order.reverse()  # neither side always runs on a warmer machine
                 runs = {}
                 for proc, address in order:
-                    before = cpu_seconds(proc.pid)
-                    result = bench_worker.run_bench(peer, address, scenario, args.duration)
-                    runs[address] = (result, cpu_seconds(proc.pid) - before)
-                (off, off_cpu), (on, on_cpu) = runs[plain_address], runs[metered_address]
+                    runs[address] = bench_worker.run_bench(
+                        peer, address, scenario, args.duration, proc.pid
+                    )
+                off, on = runs[plain_address], runs[metered_address]
                 ratios.append(on["calls_per_s"] / off["calls_per_s"])
                 # calls per CPU second, metrics over plain
-                efficiency.append((on["calls"] / on_cpu) / (off["calls"] / off_cpu))
+                efficiency.append(off["cpu_us"] / on["cpu_us"])
                 print(f"{name}: plain {off['calls_per_s']:,.0f} calls/s "
-                      f"({off['calls'] / off_cpu:,.0f} per CPU s), metrics "
+                      f"({off['cpu_us']:.1f} CPU µs a call), metrics "
                       f"{on['calls_per_s']:,.0f} calls/s "
-                      f"({on['calls'] / on_cpu:,.0f} per CPU s)")  # fmt: skip
+                      f"({on['cpu_us']:.1f} CPU µs a call)")  # fmt: skip
             median, per_cpu = statistics.median(ratios), statistics.median(efficiency)
             met = met and per_cpu >= TARGET
             print(f"{name}: metrics/plain median over {args.rounds} pairs: calls/s {median:.3f}, "

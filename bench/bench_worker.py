@@ -150,12 +150,33 @@ def stop(proc: subprocess.Popen[Any]) -> None:
             stream.close()
 
 
-def run_bench(peer: Path, address: str, scenario: Scenario, duration: float) -> dict[str, Any]:
+#: Seconds of calls the Go client makes before it starts counting.
+WARMUP = 0.3
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process *pid* has used, all threads (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_bench(
+    peer: Path, address: str, scenario: Scenario, duration: float, pid: int | None = None
+) -> dict[str, Any]:
+    """The Go client's figures; with the server's *pid*, also its CPU µs a call (``cpu_us``).
+
+    The client counts the calls of *duration* only, after its warm-up: the
+    server's CPU time over the whole run is shared by the calls of the
+    warm-up too, estimated at the measured rate.
+    """
+    before = cpu_seconds(pid) if pid is not None else 0.0
     proc = subprocess.run(
         [
             str(peer), "bench", "-addr", address,
             "-concurrency", str(scenario.concurrency),
             "-duration", f"{duration}s",
+            "-warmup", f"{WARMUP}s",
             "-image-size", str(scenario.image_size),
         ],
         capture_output=True,
@@ -168,6 +189,9 @@ def run_bench(peer: Path, address: str, scenario: Scenario, duration: float) -> 
     result: dict[str, Any] = json.loads(proc.stdout)
     if result["errors"]:
         raise RuntimeError(f"Go bench against {address}: {result['errors']} errors: {result}")
+    if pid is not None:
+        calls = max(result["calls"], 1) * (duration + WARMUP) / duration
+        result["cpu_us"] = (cpu_seconds(pid) - before) / calls * 1e6
     return result
 
 
@@ -229,16 +253,24 @@ def _measure(
         procs.append(quiet_proc)
         info_proc, info_addr = start_python_worker(max_size, "info", stderr=log_file)
         procs.append(info_proc)
-        servers = [("go", go_addr), ("warning", quiet_addr), ("info", info_addr)]
+        servers = [
+            ("go", go_addr, None),
+            ("warning", quiet_addr, quiet_proc.pid),
+            ("info", info_addr, info_proc.pid),
+        ]
         for scenario in scenarios:
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in servers}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in servers}
             for i in range(args.rounds):
                 # Rotate so no server always runs on a warmer (or busier) machine.
-                for name, address in servers[i % 3 :] + servers[: i % 3]:
-                    runs[name].append(run_bench(peer, address, scenario, args.duration))
+                for name, address, pid in servers[i % 3 :] + servers[: i % 3]:
+                    runs[name].append(run_bench(peer, address, scenario, args.duration, pid))
             go, py, info = (median_run(runs[name]) for name in ("go", "warning", "info"))
             ratio = py["calls_per_s"] / go["calls_per_s"] if go["calls_per_s"] else 0.0
             kept = info["calls_per_s"] / py["calls_per_s"] if py["calls_per_s"] else 0.0
+            # CPU a call: the median of each side's rounds (less moved by other load).
+            warn_cpu, info_cpu = (
+                statistics.median(r["cpu_us"] for r in runs[name]) for name in ("warning", "info")
+            )
             rows.append({
                 "scenario": scenario.name,
                 "concurrency": scenario.concurrency,
@@ -249,6 +281,9 @@ def _measure(
                 "ratio": ratio,
                 "info_ratio": info["calls_per_s"] / go["calls_per_s"] if go["calls_per_s"] else 0.0,
                 "logging_kept": kept,
+                "warning_cpu_us": warn_cpu,
+                "info_cpu_us": info_cpu,
+                "logging_kept_cpu": warn_cpu / info_cpu if info_cpu else 0.0,
                 "target": scenario.target,
                 "met": ratio >= scenario.target,
                 "logging_met": kept >= LOGGING_TARGET,
@@ -288,6 +323,13 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, logged: int) ->
             f"{'; '.join(marks) or 'ok'}"
         )
     print(f"(the info-level worker wrote {logged:,} log lines)")
+    print("worker CPU µs a call (median of the rounds; utime + stime of every thread):")
+    for row in rows:
+        print(
+            f"  {row['scenario']}: warning {row['warning_cpu_us']:.1f}, "
+            f"info {row['info_cpu_us']:.1f}: info keeps {row['logging_kept_cpu']:.3f} "
+            "of the warning level's calls per CPU second"
+        )
     if args.rounds > 1:
         for r in rows:
             g, p, i = r["go_all"], r["python_all"], r["python_info_all"]

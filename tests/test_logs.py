@@ -741,3 +741,132 @@ def test_event_lines_of_a_full_batch_are_written_without_waiting(pipe: tuple[int
         logs._state.sink = None
         logger.setLevel(logging.NOTSET)
         sink.close()
+
+
+def test_repeated_event_lines_are_written_alike(tmp_path: Path) -> None:
+    """The texts the writer keeps by message and args: a repeat, equal args, and new ones."""
+    t = 1700000000.0
+    events = [
+        (t, "session:%d Genop", (1,)),
+        (t, "session:%d Genop", (2,)),
+        (t, "session:%d Genop", (1,)),
+        (t, "len %s of %d", ("a", 3)),
+        (t, "session:%d Genop", (1,)),
+        (t, "len %s of %d", ("b", 3)),
+    ]
+    lines = written_events(tmp_path, events)
+    assert [line.split(" INFO ", 1)[1] for line in lines] == [
+        "session:1 Genop",
+        "session:2 Genop",
+        "session:1 Genop",
+        "len a of 3",
+        "session:1 Genop",
+        "len b of 3",
+    ]
+
+
+def test_event_lines_whose_args_cannot_be_kept_are_written(tmp_path: Path) -> None:
+    t = 1700000000.0
+    lines = written_events(tmp_path, [(t, "ids %s", ([1, 2],)), (t, "after %d", (1,))])
+    assert [line.split(" INFO ", 1)[1] for line in lines] == ["ids [1, 2]", "after 1"]
+
+
+def test_the_texts_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "_TEXTS_KEPT", 3)
+    r, w = os.pipe()
+    sink = logs.Sink(w, interval=HOUR)
+    sink.close()
+    try:
+        assert sink._texts(["a %d"] * 3, [(1,), (2,), (1,)]) == ["a 1", "a 2", "a 1"]
+        assert sum(map(len, sink._made.values())) == 2
+        assert sink._texts(["b %d", "a %d"], [(1,), (3,)]) == ["b 1", "a 3"]
+        assert sum(map(len, sink._made.values())) == 1  # forgotten at 3, then one made
+        more = [(i,) for i in range(5)]  # more new ones in one batch than are kept
+        assert sink._texts(["c %d"] * 5, more) == [f"c {i}" for i in range(5)]
+        assert sum(map(len, sink._made.values())) <= 3
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_millisecond_ends_where_the_next_begins(tmp_path: Path) -> None:
+    """Lines of three milliseconds, several each, each behind its own stamp."""
+    t = 1700000000.0
+    times = [t + 0.0101, t + 0.0105, t + 0.0109, t + 0.0111, t + 0.0111, t + 0.0125]
+    lines = written_events(tmp_path, [(now, "l %d", (i,)) for i, now in enumerate(times)])
+    assert lines == [f"{logs.text_stamp(now)} INFO l {i}" for i, now in enumerate(times)]
+    assert [line.split(" ")[1] for line in lines] == [
+        lines[0].split(" ")[1][:-3] + ms for ms in ("010", "010", "010", "011", "011", "012")
+    ]
+
+
+def test_an_event_line_follows_the_level_as_it_changes(tmp_path: Path) -> None:
+    with bare_root():
+        path = tmp_path / "log"
+        logger = logging.getLogger("vaccelray.changing")
+        with path.open("w") as stream:
+            logs.setup("info", stream=stream)
+            events = logs.EventLog("vaccelray.changing")
+            try:
+                events.info("one")
+                logger.setLevel(logging.WARNING)
+                events.info("two")
+                logger.setLevel(logging.NOTSET)
+                events.info("three")
+                logger.disabled = True
+                events.info("four")
+            finally:
+                logger.disabled = False
+                logger.setLevel(logging.NOTSET)
+            logs.close()
+        assert [line.split(" INFO ", 1)[1] for line in path.read_text().splitlines()] == [
+            "one",
+            "three",
+        ]
+
+
+class CountingEvent(threading.Event):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+def test_lines_after_a_full_batch_wake_the_writer_once(pipe: tuple[int, int]) -> None:
+    """Until the writer has written the batch, the lines after it are queued as they come."""
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, flush_lines=3, max_lines=8)
+    asleep = sink._wake  # the writer sleeps on this one for the test's length
+    sink._wake = wake = CountingEvent()
+    logger = logging.getLogger("vaccelray.batch")
+    logger.setLevel(logging.INFO)
+    logs._state.sink = sink
+    try:
+        events = logs.EventLog("vaccelray.batch")
+        for i in range(7):
+            events.info("line %d", i)
+        assert wake.sets == 1  # by the line that filled the batch; after it, none
+        assert len(sink._queue) == 7
+        assert sink.fast_below == 7  # short of the bound
+    finally:
+        logs._state.sink = None
+        logger.setLevel(logging.NOTSET)
+        sink._wake = asleep
+        sink.close()
+    assert read_until(r, b"line 6\n").count(b"\n") == 7
+    assert sink.fast_below == 2  # asleep again, after writing
+
+
+def test_a_short_queue_bounds_the_fast_path(pipe: tuple[int, int]) -> None:
+    _r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, max_lines=4, flush_lines=10)
+    json_sink = logs.Sink(w, log_format="json", interval=HOUR, max_lines=4)
+    try:
+        assert sink.fast_below == 3
+        assert json_sink.fast_below == 0  # a JSON line carries more: never the fast path
+    finally:
+        sink.close()
+        json_sink.close()

@@ -122,11 +122,13 @@ def text_stamp(now: float) -> str:
             int(now),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
         )
-    return f"{text},{int(now * 1000) % 1000:03d}"
+    return text + _MILLIS[int(now * 1000) % 1000]
 
 
 #: The last second :func:`text_stamp` made, and its text (replaced whole: threads share it).
 _stamped_second: tuple[int, str] = (-1, "")
+#: ``,000`` to ``,999``: a stamp's milliseconds.
+_MILLIS: Final = tuple(f",{ms:03d}" for ms in range(1000))
 
 
 def json_stamp(now: float) -> str:
@@ -191,6 +193,8 @@ class JsonFormatter(logging.Formatter):
 
 #: Lines formatted between two writes (the GIL is let go at each write).
 _CHUNK: Final = 256
+#: Texts of event lines a sink keeps, by (message, args).
+_TEXTS_KEPT: Final = 4096
 
 #: An info line not formatted yet: (time, message, args) in text, and
 #: (time, message, args, logger, request id) in JSON.
@@ -229,10 +233,17 @@ class Sink:
         self.stuck_after = stuck_after
         #: Lines, and the events of flush() calls waiting for the lines before them.
         self._queue: collections.deque[str | _Event | threading.Event] = collections.deque()
-        #: Text events shorter than this queue (EventLog's fast path) wake nobody and
-        #: drop nothing; the others go through :meth:`event`.
-        self.fast_below = flush_lines - 1 if log_format == "text" else 0
+        #: Text events while the queue is shorter than this (EventLog's fast path) wake
+        #: nobody and drop nothing; the others go through :meth:`event`. Short of a
+        #: batch while the writer sleeps; short of the bound once it is woken (the
+        #: lines before it runs need not wake it again).
+        self.fast_below = self._fast_asleep = (
+            min(flush_lines, max_lines) - 1 if log_format == "text" else 0
+        )
+        self._fast_woken = max_lines - 1 if log_format == "text" else 0
         self._wake = threading.Event()
+        #: Texts of event lines made, by message and args (the writer's own: see :meth:`_texts`).
+        self._made: dict[str, dict[tuple[object, ...], str]] = {}
         self._dropped = 0
         #: When the writer's write in progress began (a long one: stderr takes no lines).
         self._write_started: float | None = None
@@ -261,6 +272,7 @@ class Sink:
         queue.append(item)
         if urgent or len(queue) >= self.flush_lines:
             self._wake.set()
+            self.fast_below = self._fast_woken
 
     def _make_room(self) -> bool:
         """The queue is full: wait for the writer, unless it is stuck (then drop the line).
@@ -300,6 +312,7 @@ class Sink:
             self._wake.clear()
             closing = self._closing
             self._write_queued()
+            self.fast_below = self._fast_asleep
             if closing:
                 return
 
@@ -348,28 +361,54 @@ class Sink:
         """``TIME INFO message % args`` lines of *events*.
 
         The interpreter's work per line is what costs, so each step is one
-        pass in C over the lot: ``%`` by ``map``, and each millisecond's lines
-        joined behind their shared stamp (found by bisection: lines come in
-        time order).
+        pass in C over the lot: the texts looked up by ``map`` (see
+        :meth:`_texts`), and each millisecond's lines joined behind their
+        shared stamp. Lines come in time order: a millisecond's last line is
+        found by bisection for the time the next one begins (to within a
+        float's rounding there).
         """
-        nows = list(map(_first, events))
-        messages = list(map(_second, events))
-        argss = list(map(_third, events))
-        try:
-            if () in argss:  # a message without arguments is not a format: its % stays
-                raise ValueError
-            texts = list(map(operator.mod, messages, argss))
-        except (TypeError, ValueError, KeyError):  # a line whose arguments do not fit
-            texts = list(map(_text_of, messages, argss))
+        nows, messages, argss = zip(*events, strict=True)
+        texts = self._texts(messages, argss)
         parts: list[str] = []
         start, end = 0, len(nows)
         while start < end:
-            ms = _millisecond(nows[start])
-            stop = bisect.bisect_right(nows, ms, start, end, key=_millisecond)
-            prefix = text_stamp(nows[start]) + " INFO "
+            now = nows[start]
+            stop = bisect.bisect_left(nows, (int(now * 1000) + 1) / 1000, start + 1, end)
+            prefix = text_stamp(now) + " INFO "
             parts += (prefix, ("\n" + prefix).join(texts[start:stop]), "\n")
             start = stop
         return "".join(parts)
+
+    def _texts(self, messages: Sequence[str], argss: Sequence[tuple[object, ...]]) -> list[str]:
+        """``message % args`` of each message and args, most of them made before.
+
+        Event lines repeat (the same message of the same session), and two
+        dict lookups cost a fraction of a ``%``: the texts made are kept by
+        message, then by args, at most :data:`_TEXTS_KEPT` of them (all
+        forgotten at once past that). Arguments equal in value share a text,
+        so EventLog's arguments must format alike when equal (ints and strs).
+        """
+        made = self._made
+        try:
+            return list(map(_lookup, map(made.__getitem__, messages), argss))
+        except KeyError:  # texts to make first
+            pass
+        except TypeError:  # an argument that cannot be a key (a list): made each time
+            return list(map(_text_of, messages, argss))
+        kept = sum(map(len, made.values()))
+        try:
+            for message, args in zip(messages, argss, strict=True):
+                texts = made.setdefault(message, {})
+                if args not in texts:
+                    if kept >= _TEXTS_KEPT:
+                        made.clear()
+                        texts = made[message] = {}
+                        kept = 0
+                    texts[args] = _text_of(message, args)
+                    kept += 1
+            return list(map(_lookup, map(made.__getitem__, messages), argss))
+        except (KeyError, TypeError):  # more new texts than are kept; or one a key cannot be
+            return list(map(_text_of, messages, argss))
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -403,11 +442,8 @@ def _json_event(
     return json_line(now, "INFO", logger, _text_of(message, args), request_id=request_id) + "\n"
 
 
-def _millisecond(now: float) -> int:
-    return int(now * 1000)
-
-
 _first, _second, _third = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
+_lookup = dict.__getitem__
 
 
 _time = time.time
@@ -448,17 +484,23 @@ class EventLog:
 
     ``events.info("session:%d Genop", 3)`` shows as the ``logging`` line it
     replaces would (same logger level, same text); without a sink it *is*
-    that ``logging`` call.
+    that ``logging`` call. Its arguments are ints and strs: the sink keeps
+    the texts it made by (message, args), and equal arguments share one.
     """
 
-    __slots__ = ("logger", "name")
+    __slots__ = ("_levels", "logger", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.logger = logging.getLogger(name)
+        #: logging's own memo of ``logger.isEnabledFor`` by level (emptied, never replaced,
+        #: whenever a level changes): one lookup instead of a call.
+        self._levels: dict[int, bool] = self.logger._cache  # type: ignore[attr-defined]
 
     def info(self, message: str, *args: object) -> None:
-        if not self.logger.isEnabledFor(logging.INFO):
+        if (
+            self._levels.get(_INFO) is not True or self.logger.disabled
+        ) and not self.logger.isEnabledFor(_INFO):
             return
         sink = _state.sink
         if sink is None:
@@ -469,6 +511,9 @@ class EventLog:
             queue.append((_time(), message, args))
         else:
             sink.event(self.name, message, args)
+
+
+_INFO: Final = logging.INFO
 
 
 def setup(
