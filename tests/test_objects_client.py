@@ -5,7 +5,9 @@ refs released when the client drops them."""
 from __future__ import annotations
 
 import gc
+import os
 import pickle
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, RELEASE_OBJECTS
 from vaccelray.transport.client import open_client
+from vaccelray.worker.tasks import LOCAL_ADDRESS_ENV
 
 MIB = 1 << 20
 #: Liveness only.
@@ -219,6 +222,51 @@ def test_a_released_object_is_lost(client: vaccelray.Client, worker: Proc) -> No
     with pytest.raises(vaccelray.ObjectLostError, match="blob is lost") as caught:
         large.result()
     assert caught.value.task == "blob"
+
+
+def _in_a_pool_process(data: bytes) -> PoolOnly:
+    if LOCAL_ADDRESS_ENV not in os.environ:
+        raise RuntimeError("a PoolOnly value was loaded outside the worker's pool")
+    return PoolOnly(data)
+
+
+class PoolOnly:
+    """A value that loads only in a worker's pool process: loaded in the client, it raises."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> Any:
+        return _in_a_pool_process, (self.data,)
+
+
+@vaccelray.offload
+def pool_only_when_told(port: int, size: int) -> PoolOnly:
+    """A large PoolOnly value, once the test's listener on *port* says go."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+        sock.recv(1)
+    return PoolOnly(b"p" * size)
+
+
+@vaccelray.offload
+def length(value: PoolOnly) -> int:
+    return len(value.data)
+
+
+def test_a_kept_result_still_running_when_passed_on_never_reaches_the_client(
+    client: vaccelray.Client,
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(PATIENCE)
+        first = client.submit(pool_only_when_told, listener.getsockname()[1], 2 * INLINE)
+        second = client.submit(length, first)  # pickled again once first has its result
+        assert not first.done()
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"g")
+            assert second.result() == 2 * INLINE
+    with pytest.raises(vaccelray.TaskError, match="loaded outside the worker's pool"):
+        first.result()  # what fetching it to the client would have done
 
 
 def test_put_through_the_default_client(worker: Proc, tmp_path: Path) -> None:
