@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from vaccelray import segments
 from vaccelray.auth import TokenCheck, private_dir, protect
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
@@ -53,7 +54,14 @@ from vaccelray.worker.actors import (
     running_actors,
 )
 from vaccelray.worker.agent import Agent
-from vaccelray.worker.objects import Fetch, ObjectLimits, ObjectStore, fetcher, object_store
+from vaccelray.worker.objects import (
+    Fetch,
+    Loan,
+    ObjectLimits,
+    ObjectStore,
+    fetcher,
+    object_store,
+)
 from vaccelray.worker.pool import Pool, PoolProcessLost, _Job
 from vaccelray.worker.poolchild import OK, Done, too_large
 from vaccelray.worker.replies import crashed, outcome_name, outcome_reply
@@ -195,8 +203,7 @@ class TaskService:
                     reply.set_exception(exc)
                 return
             if not reply.done():
-                given = objects.pop(task.args_object, args)
-                self._run(task, function.pickled, given, objects, reply, owner, jobs)
+                self._run(task, function.pickled, args, objects, reply, owner, jobs)
 
         fetching = asyncio.ensure_future(fetch_then_run())
         reply.add_done_callback(lambda _: fetching.cancel())
@@ -207,26 +214,36 @@ class TaskService:
         task: wire.Submit,
         function: bytes,
         args: bytes,
-        objects: dict[str, bytes],
+        objects: dict[str, bytes | Loan],
         reply: asyncio.Future[bytes],
         owner: int,
         jobs: list[_Job],
     ) -> None:
         """Hand the task to the pool; its outcome settles *reply*."""
+        segment: list[tuple[int, int]] = []  # the result's, when it comes as one
 
         def settle(outcome: Done | PoolProcessLost) -> None:
             # Called from the pool's read of its process: an error must not escape.
             self.outcomes[outcome_name(outcome)] += 1
+            kept = segment.pop() if segment else None
             if reply.done():
+                if kept is not None:
+                    os.close(kept[0])
                 return
             try:
-                data = self._kept(task, outcome, owner) or outcome_reply(
-                    outcome, SUBMIT.method, self.max_message_size
-                )
+                if kept is not None:
+                    data = self._kept_segment(task, kept[0], kept[1], owner)
+                else:
+                    data = self._kept(task, outcome, owner) or outcome_reply(
+                        outcome, SUBMIT.method, self.max_message_size
+                    )
             except Exception as exc:
                 reply.set_exception(exc)
             else:
                 reply.set_result(data)
+
+        store = self.objects
+        keep = store is not None and task.keep
 
         try:
             jobs.append(
@@ -240,29 +257,34 @@ class TaskService:
                     owner=owner,
                     timeout=self.task_timeout or None,
                     objects=objects,
+                    args_object=task.args_object,
+                    segment_min=max(task.keep + 1, segments.MIN_SEGMENT) if keep else 0,
+                    on_segment=lambda fd, size: segment.append((fd, size)),
                 )
             )
         except PoolProcessLost as exc:
             reply.set_result(crashed(exc))
 
-    def _inputs(self, task: wire.Submit) -> tuple[bytes, dict[str, bytes], dict[str, list[str]]]:
-        """The task's pickled arguments, the objects they refer to that this worker holds,
-        and the ids of the others by the address of the worker holding them."""
+    def _inputs(
+        self, task: wire.Submit
+    ) -> tuple[bytes, dict[str, bytes | Loan], dict[str, list[str]]]:
+        """The task's pickled arguments (unless they are an object), the objects they refer
+        to that this worker holds (large ones lent), and the ids of the others by the
+        address of the worker holding them."""
         if not task.objects and not task.args_object:
             return task.args, {}, {}
         store = self.objects
         if store is None:
             raise RPCError(StatusCode.FAILED_PRECONDITION, "this worker keeps no objects")
-        objects = {}
+        objects: dict[str, bytes | Loan] = {}
         elsewhere: dict[str, list[str]] = {}
         for object_id in (*task.objects, task.args_object):
             address = task.sources.get(worker_of(object_id))
             if address and self.fetch is not None and object_id not in store:
                 elsewhere.setdefault(address, []).append(object_id)
             elif object_id:
-                objects[object_id] = store.whole(object_id)
-        args = objects.pop(task.args_object, task.args)
-        return args, objects, elsewhere
+                objects[object_id] = store.lend(object_id)
+        return task.args, objects, elsewhere
 
     def _kept(self, task: wire.Submit, outcome: Done | PoolProcessLost, owner: int) -> bytes:
         """The reply naming the result kept in the store, when the task asked for it (else
@@ -285,6 +307,21 @@ class TaskService:
             if not fits:
                 raise
             return b""  # the store is full: it travels back
+        return SUBMIT.reply.encode(wire.TaskDone(b"", object_id, size))
+
+    def _kept_segment(self, task: wire.Submit, fd: int, size: int, owner: int) -> bytes:
+        """The reply naming the result that came as the segment *fd* (taken by the store);
+        when the store is full, the result itself if it fits in a reply."""
+        store = self.objects
+        assert store is not None  # segments are asked for only with a store
+        try:
+            object_id = store.adopt(os.dup(fd), size, store.owner(task.client, owner), owner)
+        except RPCError:
+            if size > self.max_message_size:
+                raise
+            return SUBMIT.reply.encode(wire.TaskDone(segments.read(fd, 0, size)))
+        finally:
+            os.close(fd)
         return SUBMIT.reply.encode(wire.TaskDone(b"", object_id, size))
 
     def _check_queue(self, connection_id: int) -> None:
