@@ -150,6 +150,8 @@ class SegmentWriter:
         self.size = 0
         #: The segment, once there is one (:meth:`finish` seals it; the caller closes it).
         self.fd = -1
+        #: What was written, once finished, when it stayed in memory.
+        self.data = b""
         self._parts: list[bytes] = []
 
     def write(self, data: bytes | memoryview) -> int:
@@ -170,8 +172,10 @@ class SegmentWriter:
         """The bytes written, when they stayed in memory; else b"" with the segment sealed."""
         if self.fd >= 0:
             seal(self.fd)
-            return b""
-        return b"".join(self._parts)
+        else:
+            self.data = b"".join(self._parts)
+            self._parts = []
+        return self.data
 
     def close(self) -> None:
         """Drop the segment, if any (after a failure, or once it was sent)."""

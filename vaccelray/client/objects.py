@@ -324,28 +324,54 @@ class Objects:
         return object_id
 
     async def _put_segment(self, conn: Connection, view: memoryview) -> str:
-        """Put *view* as a segment the worker opens; "" when it cannot (then no segment
-        is tried again: a scheduler in between, a worker in another PID namespace)."""
+        """Put *view* as a segment the worker opens; "" when it cannot."""
         fd = segments.create(view)
         try:
-            request = wire.PutObject(
-                size=len(view),
-                final=True,
-                client=self.core.client_id,
-                fd=fd,
-                inode=os.fstat(fd).st_ino,
-            )
-            try:
-                reply = await self._checked(self._send(conn, PUT_OBJECT, request))
-            except RPCError as exc:
-                if exc.code not in (StatusCode.FAILED_PRECONDITION, StatusCode.INVALID_ARGUMENT):
-                    raise
-                log.info("Large objects go in chunks to %s: %s", self.core.address, exc.message)
-                self.segments = False
-                return ""
-            return str(reply.object_id)
+            return await self._put_fd(conn, fd, len(view))
         finally:
             os.close(fd)
+
+    async def _put_fd(self, conn: Connection, fd: int, size: int) -> str:
+        """Put the sealed segment *fd* of *size* bytes (the worker opens it); "" when the
+        worker cannot (then no segment is tried again: a scheduler in between, a worker in
+        another PID namespace)."""
+        request = wire.PutObject(
+            size=size, final=True, client=self.core.client_id, fd=fd, inode=os.fstat(fd).st_ino
+        )
+        try:
+            reply = await self._checked(self._send(conn, PUT_OBJECT, request))
+        except RPCError as exc:
+            if exc.code not in (StatusCode.FAILED_PRECONDITION, StatusCode.INVALID_ARGUMENT):
+                raise
+            log.info("Large objects go in chunks to %s: %s", self.core.address, exc.message)
+            self.segments = False
+            return ""
+        return str(reply.object_id)
+
+    def pickled(self, value: object) -> segments.SegmentWriter:
+        """*value* pickled (in the caller's thread) for :meth:`put_pickled`: a large one
+        straight into a sealed segment when the worker may take one, else in memory."""
+        out = segments.SegmentWriter(segments.MIN_SEGMENT if self.segments else _NO_LIMIT)
+        try:
+            cloudpickle.CloudPickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+            out.finish()
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    async def put_pickled(self, pickled: segments.SegmentWriter) -> str:
+        """Store what :meth:`pickled` made (and close its segment); the new object's id."""
+        try:
+            if pickled.fd < 0:
+                return await self.put_bytes(pickled.data)
+            conn = await self.core.connection()
+            object_id = await self._put_fd(conn, pickled.fd, pickled.size)
+            if object_id:
+                return object_id
+            return await self.put_bytes(segments.read(pickled.fd, 0, pickled.size))
+        finally:
+            pickled.close()
 
     async def fetch(self, object_id: str, name: str) -> bytes:
         """The bytes of *object_id*, in chunks (up to :data:`WINDOW` in flight)."""
@@ -452,11 +478,6 @@ class Objects:
     async def _in_loop(self, work: Coroutine[Any, Any, Any]) -> Any:
         """Await *work* on the client's loop from asyncio code on another (or the same) loop."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.core.loop))
-
-
-def dumps(value: object) -> bytes:
-    """*value* pickled as a task's argument would be (refs inside it included)."""
-    return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
 
 
 loads: Final = load_result
