@@ -448,9 +448,16 @@ def bench_pipeline(rounds: int, n: int) -> None:
                             f"{row['client'] * 1e3:.0f} + worker {row['daemon'] * 1e3:.0f} + "
                             f"pool {row['child'] * 1e3:.0f} ms)")
                     if theirs is not None:
+                        mine = {worker.pid, *descendants(worker.pid)}
+                        ray_pids = [p for p in descendants(os.getpid()) if p not in mine]
+                        driver, cpu = time.process_time(), cpu_seconds(ray_pids)
                         p50 = p50_of(theirs, n)
+                        cpu = cpu_seconds(ray_pids) - cpu + time.process_time() - driver
                         ratios.append(p50 / row["p50"])
-                        line += f", ray {1 / p50:.1f} pipelines/s, ratio {ratios[-1]:.2f}"
+                        line += (
+                            f", ray {1 / p50:.1f} pipelines/s (cpu {cpu / n * 1e3:.0f} ms), "
+                            f"ratio {ratios[-1]:.2f}"
+                        )
                     print(line, flush=True)
                 print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
                 if ratios:
