@@ -96,6 +96,8 @@ _BOOT: Final = (
 #: A process that dies sooner than this after its start, having run nothing, counts
 #: as failing to start: replacements then back off (0.05 s doubling, up to 5 s).
 _QUICK_DEATH: Final = 1.0
+#: The objects of a task that has none (never changed).
+_NO_OBJECTS: Final[dict[str, bytes]] = {}
 #: Functions each pool process keeps unpickled.
 DEFAULT_MAX_FUNCTIONS: Final = 64
 
@@ -344,12 +346,15 @@ class _Child(asyncio.BufferedProtocol):
     def send(self, job: _Job) -> str:
         """Send *job* to this process; why it could not be sent ("" when it was)."""
         assert self.transport is not None
-        try:
-            objects, sent = self._send_segments(job)
-        except RPCError as exc:
-            return exc.message
-        except OSError as exc:
-            return f"cannot hand {job.name} its objects: {exc}"
+        objects: dict[str, bytes] = _NO_OBJECTS
+        sent: tuple[str, ...] = ()
+        if job.objects:
+            try:
+                objects, sent = self._send_segments(job)
+            except RPCError as exc:
+                return exc.message
+            except OSError as exc:
+                return f"cannot hand {job.name} its objects: {exc}"
         known = self.known
         first = job.digest not in known
         known.setdefault(job.digest)
