@@ -234,7 +234,7 @@ class ObjectStore:
         self._expiring.clear()
         for obj in self._objects.values():
             if obj.fd >= 0:
-                self._close_segment(obj)
+                self._close_segment(obj, now=True)
 
     # -- objects -----------------------------------------------------------------
 
@@ -463,10 +463,19 @@ class ObjectStore:
         self.memory_used -= obj.size
         self.disk_used += obj.size
 
-    def _close_segment(self, obj: _Object) -> None:
-        os.close(obj.fd)
-        obj.fd = -1
+    def _close_segment(self, obj: _Object, *, now: bool = False) -> None:
+        """Close *obj*'s segment. Its memory is freed when the last fd goes, which for a
+        large one takes milliseconds: in a thread, unless *now* (or off a loop)."""
+        fd, obj.fd = obj.fd, -1
         self.segments -= 1
+        try:
+            loop = None if now else asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            os.close(fd)
+        else:
+            loop.run_in_executor(None, os.close, fd)
 
     @staticmethod
     def _sealed_now(obj: _Object) -> None:
