@@ -9,6 +9,7 @@ import pickle
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -86,6 +87,8 @@ async def test_large_objects_live_in_segments_spill_and_close(tmp_path: Path) ->
             assert store.segments == 0
             await held(before)
             assert (store.memory_used, store.disk_used) == (0, 0)
+            assert "segment-closer" in {t.name for t in threading.enumerate()}
+    assert "segment-closer" not in {t.name for t in threading.enumerate()}  # stopped
 
 
 async def test_past_max_segments_large_objects_stay_in_the_heap(tmp_path: Path) -> None:

@@ -32,9 +32,11 @@ import asyncio
 import collections
 import logging
 import os
+import queue
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -134,6 +136,12 @@ class Loan:
         )
 
 
+def _close_all(fds: queue.SimpleQueue[int]) -> None:
+    """Close the fds put in *fds* until -1 comes."""
+    while (fd := fds.get()) >= 0:
+        os.close(fd)
+
+
 def _copy(fd: int, path: Path, size: int) -> None:
     """The *size* bytes of the file *fd* into a new file *path* (in the kernel)."""
     with path.open("wb") as f:
@@ -168,6 +176,9 @@ class ObjectStore:
         self._partial: dict[int, set[str]] = {}
         #: Objects held in shared-memory segments.
         self.segments = 0
+        #: The fds of dropped segments, and the thread closing them (started when needed).
+        self._closing: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._closer: threading.Thread | None = None
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -235,6 +246,10 @@ class ObjectStore:
         for obj in self._objects.values():
             if obj.fd >= 0:
                 self._close_segment(obj, now=True)
+        if self._closer is not None:
+            self._closing.put(-1)
+            self._closer.join()
+            self._closer = None
 
     # -- objects -----------------------------------------------------------------
 
@@ -465,17 +480,18 @@ class ObjectStore:
 
     def _close_segment(self, obj: _Object, *, now: bool = False) -> None:
         """Close *obj*'s segment. Its memory is freed when the last fd goes, which for a
-        large one takes milliseconds: in a thread, unless *now* (or off a loop)."""
+        large one takes milliseconds: in the closing thread, unless *now*."""
         fd, obj.fd = obj.fd, -1
         self.segments -= 1
-        try:
-            loop = None if now else asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is None:
+        if now:
             os.close(fd)
-        else:
-            loop.run_in_executor(None, os.close, fd)
+            return
+        if self._closer is None:
+            self._closer = threading.Thread(
+                target=_close_all, args=(self._closing,), name="segment-closer", daemon=True
+            )
+            self._closer.start()
+        self._closing.put(fd)
 
     @staticmethod
     def _sealed_now(obj: _Object) -> None:
