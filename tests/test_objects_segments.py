@@ -64,6 +64,100 @@ def read_fd(fd: int) -> bytes:
     return segments.read(fd, 0, os.fstat(fd).st_size)
 
 
+# -- segments -----------------------------------------------------------------------------
+
+
+def test_a_segment_is_sealed_read_and_mapped_read_only() -> None:
+    fd = segments.create(b"0123456789", "test-lent")
+    try:
+        segments.check(fd, 10)
+        with pytest.raises(segments.SegmentError, match="a segment of 10 bytes, not the 9"):
+            segments.check(fd, 9)
+        assert segments.read(fd, 3, 4) == b"3456"
+        assert segments.read(fd, 8, 5) == b"89"  # fewer at its end
+        assert segments.read(fd, 10, 5) == b""
+        view = segments.view(fd, 0)
+        try:
+            assert view[:] == b"0123456789"
+            with pytest.raises(TypeError):
+                view[0] = 0  # read-only
+        finally:
+            view.close()
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"x", 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 20)
+    finally:
+        os.close(fd)
+    room = segments.room(6)
+    try:
+        segments.write_at(room, 2, memoryview(b"abcd"))
+        segments.seal(room)
+        assert segments.read(room, 0, 6) == b"\0\0abcd"
+        segments.check(room, 6)
+    finally:
+        os.close(room)
+
+
+def test_a_writer_keeps_what_is_small_and_puts_the_rest_in_a_segment() -> None:
+    small = segments.SegmentWriter(10)
+    assert small.write(b"abc") == 3
+    assert small.write(memoryview(b"defg")) == 4
+    assert (small.finish(), small.data, small.fd, small.size) == (b"abcdefg", b"abcdefg", -1, 7)
+    small.close()  # nothing to close
+    large = segments.SegmentWriter(10)
+    large.write(b"abcdef")
+    large.write(b"ghij")  # reaches the threshold: all of it to a segment
+    large.write(b"k")
+    try:
+        assert large.finish() == b""
+        assert large.size == 11
+        segments.check(large.fd, 11)
+        assert segments.read(large.fd, 0, 11) == b"abcdefghijk"
+    finally:
+        large.close()
+    assert large.fd == -1
+
+
+def test_fds_go_with_their_tag_or_not_at_all() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = segments.create(b"x", "test-lent")
+    before = memfds("test-lent")
+    try:
+        segments.send_fds(left, b"objects", [fd, fd])
+        got = segments.receive_fds(right, b"objects", 2)
+        assert len(got) == 2
+        assert memfds("test-lent") == before + 2
+        for received in got:
+            os.close(received)
+        segments.send_fds(left, b"other", [fd])
+        with pytest.raises(segments.SegmentError, match=r"expected 1 fds tagged b'result', got 1"):
+            segments.receive_fds(right, b"result", 1)
+        segments.send_fds(left, b"result", [fd, fd])
+        with pytest.raises(segments.SegmentError, match=r"\(truncated\)"):
+            segments.receive_fds(right, b"result", 1)
+        assert memfds("test-lent") == before  # what did not fit was closed
+    finally:
+        os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_a_plain_file_or_an_unsealed_memfd_is_no_segment(tmp_path: Path) -> None:
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"abc")
+        f.flush()
+        with pytest.raises(segments.SegmentError, match="not a shared-memory segment"):
+            segments.check(f.fileno(), 3)
+    fd = os.memfd_create("test-lent", os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, b"abc")
+        with pytest.raises(segments.SegmentError, match="that is not sealed"):
+            segments.check(fd, 3)
+    finally:
+        os.close(fd)
+
+
 # -- the store ----------------------------------------------------------------------------
 
 
