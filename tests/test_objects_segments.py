@@ -40,16 +40,21 @@ pytestmark = pytest.mark.anyio
 PATIENCE = 60.0
 
 
-def memfds(name: str = "vaccelray-object") -> int:
-    """The segments named *name* this process holds open."""
-    count = 0
+def segment_fds(name: str = "vaccelray-object") -> list[int]:
+    """The fds of segments named *name* this process holds open."""
+    found = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{name}"):
-                count += 1
-        except OSError:
+                found.append(int(fd))
+        except OSError:  # the directory's own fd, closed since
             pass
-    return count
+    return found
+
+
+def memfds(name: str = "vaccelray-object") -> int:
+    """The segments named *name* this process holds open."""
+    return len(segment_fds(name))
 
 
 async def held(count: int) -> None:
@@ -221,6 +226,7 @@ async def test_lent_objects_open_where_they_are(tmp_path: Path) -> None:
             assert read_fd(fd) == b"L" * (2 * MIB)
             with pytest.raises(PermissionError):
                 os.write(fd, b"no")  # sealed
+            assert not os.get_inheritable(fd)  # a pool process spawned meanwhile gets none
         finally:
             os.close(fd)
         other = store.add(b"O" * (2 * MIB), "c1", 1)  # spills the first two
@@ -230,6 +236,7 @@ async def test_lent_objects_open_where_they_are(tmp_path: Path) -> None:
             assert read_fd(fd) == b"L" * (2 * MIB)
             with pytest.raises(OSError, match="Bad file descriptor"):
                 os.write(fd, b"no")  # read-only
+            assert not os.get_inheritable(fd)
         finally:
             os.close(fd)
         store.release("c1", [large])
@@ -241,6 +248,12 @@ async def test_lent_objects_open_where_they_are(tmp_path: Path) -> None:
         with pytest.raises(RPCError) as caught:
             fresh.open()  # a segment dropped
         assert caught.value.code == StatusCode.NOT_FOUND
+        exact = store.add(b"E" * segments.MIN_SEGMENT, "c1", 1)  # the smallest segment
+        assert isinstance(store.lend(exact), Loan)
+    limits = ObjectLimits(memory=3 * MIB, disk=4 * MIB, max_segments=0)
+    with object_store("b" * 16, limits, tmp_path) as store:
+        in_heap = store.add(b"H" * (2 * MIB), "c1", 1)  # large, but no segment to hold it
+        assert store.lend(in_heap) == b"H" * (2 * MIB)
 
 
 async def test_adopted_segments_are_kept_copied_to_disk_or_refused(tmp_path: Path) -> None:
@@ -284,6 +297,9 @@ async def test_a_client_on_the_host_puts_a_segment_whole(tmp_path: Path) -> None
             os.close(fd)  # the worker holds its own
         assert reply.received == len(data)
         assert harness.store.segments == 1
+        held_fds = segment_fds()
+        assert held_fds  # the store's own fd of it, opened through /proc
+        assert not any(os.get_inheritable(fd) for fd in held_fds)
         assert await get(client, reply.object_id) == data
         assert await release(client, reply.object_id) == 1
 

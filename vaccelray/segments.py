@@ -208,7 +208,7 @@ def open_peer(pid: int, fd: int, inode: int, size: int, uid: int) -> int:
     as ``SO_PEERCRED`` names it): opened read-only through ``/proc``, and checked to be
     the sealed segment of inode *inode* and *size* bytes that user *uid* made."""
     try:
-        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise SegmentError(f"cannot open fd {fd} of process {pid}: {exc.strerror}") from None
     try:

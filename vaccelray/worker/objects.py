@@ -101,8 +101,8 @@ class _Object:
     data: bytearray | None
     #: The spill file, once on disk.
     path: Path | None = None
-    #: The shared-memory segment holding it instead of *data* (-1: none).
-    fd: int = -1
+    #: The shared-memory segment holding it instead of *data*.
+    fd: int | None = None
     #: Bytes received, while it is being sent.
     received: int = 0
     #: The connection sending it, until it is sealed (0: sealed).
@@ -127,7 +127,7 @@ class Loan:
     def open(self) -> int:
         """A new fd of the object (the caller closes it); NOT_FOUND once it is dropped."""
         obj = self._obj
-        if obj.fd >= 0:
+        if obj.fd is not None:
             return os.dup(obj.fd)
         if obj.path is not None:
             return os.open(obj.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -136,9 +136,9 @@ class Loan:
         )
 
 
-def _close_all(fds: queue.SimpleQueue[int]) -> None:
-    """Close the fds put in *fds* until -1 comes."""
-    while (fd := fds.get()) >= 0:
+def _close_all(fds: queue.SimpleQueue[int | None]) -> None:
+    """Close the fds put in *fds* until None comes."""
+    while (fd := fds.get()) is not None:
         os.close(fd)
 
 
@@ -177,7 +177,7 @@ class ObjectStore:
         #: Objects held in shared-memory segments.
         self.segments = 0
         #: The fds of dropped segments, and the thread closing them (started when needed).
-        self._closing: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._closing: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._closer: threading.Thread | None = None
 
     def __len__(self) -> int:
@@ -244,10 +244,10 @@ class ObjectStore:
             timer.cancel()
         self._expiring.clear()
         for obj in self._objects.values():
-            if obj.fd >= 0:
+            if obj.fd is not None:
                 self._close_segment(obj, now=True)
         if self._closer is not None:
-            self._closing.put(-1)
+            self._closing.put(None)
             self._closer.join()
             self._closer = None
 
@@ -284,12 +284,12 @@ class ObjectStore:
         """A sealed object of the segment *fd* (of *size* bytes; this store owns it from
         now on, whatever happens) owned by *client*; its id. Kept as it is when it fits
         in memory, else copied to a file."""
+        obj = _Object(size, None)
         try:
             object_id = self._new_id()
             in_memory = self._room(size)
-            obj = _Object(size, None)
             if in_memory and self.segments < self.limits.max_segments:
-                obj.fd, fd = fd, -1
+                obj.fd = fd
                 self.segments += 1
             elif in_memory:
                 obj.data = bytearray(segments.read(fd, 0, size))
@@ -299,7 +299,7 @@ class ObjectStore:
             self._admit(object_id, obj, client, connection_id)
             return object_id
         finally:
-            if fd >= 0:
+            if obj.fd is None:  # not kept as it is
                 os.close(fd)
 
     def adopt_peer(
@@ -351,7 +351,7 @@ class ObjectStore:
         if obj.data is not None:
             self._objects.move_to_end(object_id)
             return bytes(obj.data[offset : offset + count]), obj.size
-        if obj.fd >= 0:
+        if obj.fd is not None:
             self._objects.move_to_end(object_id)
             return segments.read(obj.fd, offset, count), obj.size
         assert obj.path is not None
@@ -419,17 +419,17 @@ class ObjectStore:
         """Object *object_id* of *size* bytes with its room: in memory (spilling others; a
         segment when it is large), else in a file (named by its id, as spill files are)."""
         if not self._room(size):
-            return _Object(size, None, self._file(object_id, size))
+            return _Object(size, None, self._file(object_id))
         if size >= segments.MIN_SEGMENT and self.segments < self.limits.max_segments:
             fd = segments.room(size)
             self.segments += 1
             return _Object(size, None, fd=fd)
         return _Object(size, bytearray(size))
 
-    def _file(self, object_id: str, size: int) -> Path:
+    def _file(self, object_id: str) -> Path:
+        """A new empty spill file for *object_id* (its chunks are written at their offsets)."""
         path = self.directory / object_id
-        with path.open("wb") as f:
-            f.truncate(size)
+        path.touch()
         return path
 
     def _room(self, size: int) -> bool:
@@ -472,6 +472,7 @@ class ObjectStore:
             with path.open("wb") as f:
                 f.write(obj.data)
         else:
+            assert obj.fd is not None
             _copy(obj.fd, path, obj.size)
             self._close_segment(obj)
         obj.data, obj.path = None, path
@@ -481,7 +482,8 @@ class ObjectStore:
     def _close_segment(self, obj: _Object, *, now: bool = False) -> None:
         """Close *obj*'s segment. Its memory is freed when the last fd goes, which for a
         large one takes milliseconds: in the closing thread, unless *now*."""
-        fd, obj.fd = obj.fd, -1
+        fd, obj.fd = obj.fd, None
+        assert fd is not None
         self.segments -= 1
         if now:
             os.close(fd)
@@ -496,14 +498,14 @@ class ObjectStore:
     @staticmethod
     def _sealed_now(obj: _Object) -> None:
         """*obj* has all its bytes: a segment holding it is sealed (tasks get its fd)."""
-        if obj.fd >= 0:
+        if obj.fd is not None:
             segments.seal(obj.fd)
 
     def _write(self, obj: _Object, offset: int, data: bytes) -> None:
         if obj.data is not None:
             obj.data[offset : offset + len(data)] = data
             return
-        if obj.fd >= 0:
+        if obj.fd is not None:
             segments.write_at(obj.fd, offset, data)
             return
         assert obj.path is not None
@@ -536,7 +538,7 @@ class ObjectStore:
         if obj.path is None:
             self.memory_used -= obj.size
             obj.data = None
-            if obj.fd >= 0:
+            if obj.fd is not None:
                 self._close_segment(obj)
         else:
             obj.path.unlink(missing_ok=True)
