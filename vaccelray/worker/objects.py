@@ -142,15 +142,10 @@ def _close_all(fds: queue.SimpleQueue[int | None]) -> None:
         os.close(fd)
 
 
-def _copy(fd: int, path: Path, size: int) -> None:
-    """The *size* bytes of the file *fd* into a new file *path* (in the kernel)."""
-    with path.open("wb") as f:
-        offset = 0
-        while offset < size:
-            sent = os.sendfile(f.fileno(), fd, offset, size - offset)
-            if not sent:
-                raise OSError(f"{path}: its source ended at {offset} of {size} bytes")
-            offset += sent
+def _copy(fd: int, path: Path) -> None:
+    """The bytes of the file *fd* (a segment) into a new file *path*, in the kernel
+    (``shutil.copyfile`` uses sendfile)."""
+    shutil.copyfile(f"/proc/self/fd/{fd}", path)
 
 
 class ObjectStore:
@@ -295,7 +290,7 @@ class ObjectStore:
                 obj.data = bytearray(segments.read(fd, 0, size))
             else:
                 obj.path = self.directory / object_id
-                _copy(fd, obj.path, size)
+                _copy(fd, obj.path)
             self._admit(object_id, obj, client, connection_id)
             return object_id
         finally:
@@ -473,7 +468,7 @@ class ObjectStore:
                 f.write(obj.data)
         else:
             assert obj.fd is not None
-            _copy(obj.fd, path, obj.size)
+            _copy(obj.fd, path)
             self._close_segment(obj)
         obj.data, obj.path = None, path
         self.memory_used -= obj.size
@@ -558,12 +553,13 @@ class ObjectStore:
                 StatusCode.INVALID_ARGUMENT,
                 "a put naming a segment is a whole object: no object id, data or later chunks",
             )
-        if not origin.pid or origin.uid is None:
+        if not origin.pid:  # (SO_PEERCRED gives the uid with it)
             raise RPCError(
                 StatusCode.FAILED_PRECONDITION,
                 "cannot take the client's segment: it is not a process of this host's "
                 "(a unix socket in this PID namespace)",
             )
+        assert origin.uid is not None
         self.claim(client, ctx.connection_id)
         object_id = self.adopt_peer(
             origin.pid,
