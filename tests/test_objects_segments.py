@@ -104,6 +104,15 @@ def test_a_segment_is_sealed_read_and_mapped_read_only() -> None:
         os.close(room)
 
 
+def test_a_segment_that_cannot_be_made_leaves_no_fd() -> None:
+    before = memfds()
+    with pytest.raises(OSError, match="Invalid argument"):
+        segments.room(-1)
+    with pytest.raises(TypeError):
+        segments.create(12)  # type: ignore[arg-type]
+    assert memfds() == before
+
+
 def test_a_writer_keeps_what_is_small_and_puts_the_rest_in_a_segment() -> None:
     small = segments.SegmentWriter(10)
     assert small.write(b"abc") == 3

@@ -63,7 +63,7 @@ def _new(name: str) -> int:
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data).cast("B")
+    view = memoryview(data).cast("B")  # what is written is counted in bytes
     while view:
         view = view[os.write(fd, view) :]
 
@@ -135,9 +135,7 @@ def read(fd: int, offset: int, count: int) -> bytes:
 
 def view(fd: int, size: int) -> mmap.mmap:
     """A read-only mapping of the *size* bytes of the file *fd* (close it when done)."""
-    return mmap.mmap(
-        fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ
-    )
+    return mmap.mmap(fd, size, prot=mmap.PROT_READ)  # MAP_SHARED
 
 
 class SegmentWriter:
@@ -208,7 +206,7 @@ def open_peer(pid: int, fd: int, inode: int, size: int, uid: int) -> int:
     as ``SO_PEERCRED`` names it): opened read-only through ``/proc``, and checked to be
     the sealed segment of inode *inode* and *size* bytes that user *uid* made."""
     try:
-        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)  # (Python adds O_CLOEXEC)
     except OSError as exc:
         raise SegmentError(f"cannot open fd {fd} of process {pid}: {exc.strerror}") from None
     try:

@@ -130,7 +130,7 @@ class Loan:
         if obj.fd is not None:
             return os.dup(obj.fd)
         if obj.path is not None:
-            return os.open(obj.path, os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(obj.path, os.O_RDONLY)  # (Python adds O_CLOEXEC)
         raise RPCError(
             StatusCode.NOT_FOUND, f"object {self.object_id} was released before its task ran"
         )
