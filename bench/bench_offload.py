@@ -27,6 +27,11 @@ interleaved rounds against one worker, and beside them the CPU a round trip
 takes in the client, the daemon and its child (robust where the p50s swing
 with the machine's load).
 
+``--pipeline`` measures only the three-stage pipeline, in interleaved rounds
+of ``--rounds`` (each of ``--n`` pipelines) against Ray when it is installed:
+pipelines/s of each and their ratio (target >= 2), and beside vaccelray's the
+CPU one pipeline takes in the client, the worker and its pool processes.
+
 ``--object-memory`` checks the object store's memory instead: 1 GiB of 16 MiB
 puts (every ref kept) into a worker with ``--object-memory 256M``; it prints the
 worker's RSS growth against that budget (the target: within 10%) and what was
@@ -112,8 +117,25 @@ def start_worker(address: str, *extra: str) -> subprocess.Popen[str]:
     return process
 
 
+def segment_bytes(pids: list[int]) -> int:
+    """Bytes of the shared-memory segments (memfds) *pids* hold open, each counted once:
+    the object store keeps large objects in them, outside any process's RSS."""
+    seen, total = set(), 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{p}/fd/{fd}").startswith("/memfd:"):
+                        info = os.stat(f"/proc/{p}/fd/{fd}")
+                        if info.st_ino not in seen:
+                            seen.add(info.st_ino)
+                            total += info.st_blocks * 512
+    return total
+
+
 def memory(pid: int) -> tuple[float, float]:
-    """RSS and PSS of *pid* and its descendants (pool processes, their sandboxes), in MiB."""
+    """RSS and PSS of *pid* and its descendants (pool processes, their sandboxes), in MiB,
+    each with the shared-memory segments they hold added."""
     pids, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -126,7 +148,8 @@ def memory(pid: int) -> tuple[float, float]:
         text = Path(f"/proc/{p}/smaps_rollup").read_text()
         rss += int(re.search(r"^Rss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
         pss += int(re.search(r"^Pss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
-    return rss / 1024, pss / 1024
+    shared = segment_bytes(pids) / 1024
+    return (rss + shared) / 1024, (pss + shared) / 1024
 
 
 COLD = """
@@ -383,6 +406,70 @@ def bench_floor(rounds: int, quick: bool) -> None:
                 process.wait(10)
 
 
+def bench_pipeline(rounds: int, n: int) -> None:
+    """The 16 MiB three-stage pipeline alone, interleaved rounds against Ray if installed."""
+    import vaccelray
+
+    try:
+        import ray
+    except ImportError:
+        ray = None
+    data = os.urandom(PIPELINE_MIB << 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = start_worker(f"unix://{tmp}/worker.sock")
+        try:
+            time.sleep(1.0)  # let the pool finish starting
+            pool = descendants(worker.pid)
+            with vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
+                first, last = vaccelray.offload(stage), vaccelray.offload(size_of)
+
+                def ours() -> int:
+                    middle = client.submit(first, client.submit(first, client.put(data)))
+                    return client.submit(last, middle).result()
+
+                theirs: Callable[[], int] | None = None
+                if ray is not None:
+                    ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                             log_to_driver=False)
+                    r_first, r_last = ray.remote(stage), ray.remote(size_of)
+
+                    def theirs() -> int:
+                        return ray.get(r_last.remote(r_first.remote(r_first.remote(
+                            ray.put(data)))))  # type: ignore[no-any-return]
+
+                for call in (ours, theirs):
+                    if call is not None:
+                        assert call() == len(data)
+                ratios = []
+                for i in range(rounds):
+                    row = measured(ours, n, worker.pid, pool)
+                    line = (f"round {i + 1}: vaccelray {1 / row['p50']:.1f} pipelines/s "
+                            f"(p50 {row['p50'] * 1e3:.0f} ms; cpu per pipeline: client "
+                            f"{row['client'] * 1e3:.0f} + worker {row['daemon'] * 1e3:.0f} + "
+                            f"pool {row['child'] * 1e3:.0f} ms)")
+                    if theirs is not None:
+                        mine = {worker.pid, *descendants(worker.pid)}
+                        ray_pids = [p for p in descendants(os.getpid()) if p not in mine]
+                        driver, cpu = time.process_time(), cpu_seconds(ray_pids)
+                        p50 = p50_of(theirs, n)
+                        cpu = cpu_seconds(ray_pids) - cpu + time.process_time() - driver
+                        ratios.append(p50 / row["p50"])
+                        line += (
+                            f", ray {1 / p50:.1f} pipelines/s (cpu {cpu / n * 1e3:.0f} ms), "
+                            f"ratio {ratios[-1]:.2f}"
+                        )
+                    print(line, flush=True)
+                print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+                if ratios:
+                    print(f"vaccelray / ray: median {statistics.median(ratios):.2f}x "
+                          "(target >= 2)")
+                if ray is not None:
+                    ray.shutdown()
+        finally:
+            worker.terminate()
+            worker.wait(10)
+
+
 def cpu_of(row: dict[str, float]) -> float:
     return row["client"] + row["daemon"] + row["child"]
 
@@ -455,7 +542,7 @@ def bench_store_memory(budget_mib: int = 256, total_mib: int = 1024) -> None:
                 spilled = sum(p.stat().st_size for p in spill.iterdir()) if spill else 0
                 print(
                     f"object store: {total_mib} MiB put in {len(refs)} objects, budget "
-                    f"{budget_mib} MiB in memory: worker RSS grew {grown:.0f} MiB "
+                    f"{budget_mib} MiB in memory: worker RSS + segments grew {grown:.0f} MiB "
                     f"({grown / budget_mib - 1:+.1%} of the budget; target within 10%), "
                     f"{spilled / (1 << 20):.0f} MiB spilled to disk"
                 )
@@ -520,7 +607,13 @@ def main() -> None:
         action="store_true",
         help="only the sync task and actor call p50s against the raw-bytes floor",
     )
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (--floor)")
+    parser.add_argument(
+        "--pipeline", action="store_true", help="only the 16 MiB pipeline (against Ray if there)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds (--floor, --pipeline)"
+    )
+    parser.add_argument("--n", type=int, default=10, help="pipelines a round (--pipeline)")
     parser.add_argument(
         "--object-memory",
         action="store_true",
@@ -529,6 +622,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.object_memory:
         bench_store_memory()
+        return
+    if args.pipeline:
+        bench_pipeline(args.rounds, args.n)
         return
     if args.floor:
         bench_floor(args.rounds, args.quick)

@@ -5,7 +5,13 @@ refs released when the client drops them."""
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import pickle
+import re
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +28,7 @@ from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, RELEASE_OBJECTS
 from vaccelray.transport.client import open_client
+from vaccelray.worker.tasks import LOCAL_ADDRESS_ENV
 
 MIB = 1 << 20
 #: Liveness only.
@@ -219,6 +226,124 @@ def test_a_released_object_is_lost(client: vaccelray.Client, worker: Proc) -> No
     with pytest.raises(vaccelray.ObjectLostError, match="blob is lost") as caught:
         large.result()
     assert caught.value.task == "blob"
+
+
+def _in_a_pool_process(data: bytes) -> PoolOnly:
+    if LOCAL_ADDRESS_ENV not in os.environ:
+        raise RuntimeError("a PoolOnly value was loaded outside the worker's pool")
+    return PoolOnly(data)
+
+
+class PoolOnly:
+    """A value that loads only in a worker's pool process: loaded in the client, it raises."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> Any:
+        return _in_a_pool_process, (self.data,)
+
+
+@vaccelray.offload
+def pool_only_when_told(port: int, size: int) -> PoolOnly:
+    """A large PoolOnly value, once the test's listener on *port* says go."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+        sock.recv(1)
+    return PoolOnly(b"p" * size)
+
+
+@vaccelray.offload
+def length(value: PoolOnly) -> int:
+    return len(value.data)
+
+
+def test_a_kept_result_still_running_when_passed_on_never_reaches_the_client(
+    client: vaccelray.Client,
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(PATIENCE)
+        first = client.submit(pool_only_when_told, listener.getsockname()[1], 2 * INLINE)
+        second = client.submit(length, first)  # pickled again once first has its result
+        assert not first.done()
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"g")
+            assert second.result() == 2 * INLINE
+    with pytest.raises(vaccelray.TaskError, match="loaded outside the worker's pool"):
+        first.result()  # what fetching it to the client would have done
+
+
+def test_a_large_put_to_a_worker_on_this_host_goes_as_a_segment(
+    client: vaccelray.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, "vaccelray.client"):
+        ref = client.put(b"s" * (3 * MIB))
+        assert client.submit(total, ref).result() == 3 * MIB
+        assert ref.result() == b"s" * (3 * MIB)
+    assert client._core.objects.segments  # the worker took it: segments go on
+    assert "Large objects go in chunks" not in caplog.text
+
+
+#: A unix socket relay: the worker sees its pid, not the client's.
+RELAY = """
+import socket, sys, threading
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sys.argv[1])
+listener.listen()
+print("ready", flush=True)
+def pump(a, b):
+    try:
+        while data := a.recv(1 << 16):
+            b.sendall(data)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+while True:
+    conn, _ = listener.accept()
+    up = socket.socket(socket.AF_UNIX)
+    up.connect(sys.argv[2])
+    threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+    threading.Thread(target=pump, args=(up, conn), daemon=True).start()
+"""
+
+
+def test_a_put_the_worker_cannot_take_as_a_segment_goes_in_chunks(
+    worker: Proc, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "relay.sock"
+    relay = subprocess.Popen(
+        [sys.executable, "-c", RELAY, str(path), worker.address.removeprefix("unix://")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert relay.stdout is not None
+        assert relay.stdout.readline() == "ready\n"
+        with (
+            caplog.at_level(logging.INFO, "vaccelray.client"),
+            vaccelray.Client(f"unix://{path}") as relayed,
+        ):
+            first = relayed.put(b"1" * (3 * MIB))
+            assert not relayed._core.objects.segments
+            assert re.search(
+                r"Large objects go in chunks to unix://\S+: cannot take the client's segment: ",
+                caplog.text,
+            )
+            second = relayed.put(b"2" * (3 * MIB))  # in chunks from the start
+            assert caplog.text.count("Large objects go in chunks") == 1
+            assert relayed.submit(total, [first, second]).result() == 6 * MIB
+            assert first.result() == b"1" * (3 * MIB)
+            # Arguments too large for a message are put the same way.
+            assert relayed.submit(total, b"z" * (6 * MIB)).result() == 6 * MIB
+    finally:
+        relay.kill()
+        relay.wait()
+        if relay.stdout is not None:
+            relay.stdout.close()
 
 
 def test_put_through_the_default_client(worker: Proc, tmp_path: Path) -> None:

@@ -416,7 +416,7 @@ def test_frames_are_read_whatever_the_chunks(chunk: int) -> None:
     encoder = msgspec.msgpack.Encoder()
     stream = b"".join(encode_frame(encoder, d) for d in expected)
     frames = _Frames()
-    child = _Child(frames, _Process())  # type: ignore[arg-type]
+    child = _Child(frames, _Process(), None)  # type: ignore[arg-type]
     fed = 0
     while fed < len(stream):
         buffer = child.get_buffer(-1)

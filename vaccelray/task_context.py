@@ -8,14 +8,16 @@ without importing each other.
 
 from __future__ import annotations
 
+import mmap
 import pickle
 from typing import Any
 
 #: The running task's vAccel session id on the worker (0: none).
 session_id = 0
 
-#: The pickled objects of the worker's store the running task's arguments refer to, by id.
-objects: dict[str, bytes] = {}
+#: The pickled objects of the worker's store the running task's arguments refer to, by id
+#: (a large one as a read-only mapping of its shared-memory segment).
+objects: dict[str, bytes | mmap.mmap] = {}
 _loaded: dict[str, Any] = {}
 
 
@@ -34,7 +36,7 @@ def object_value(object_id: str) -> Any:
     return value
 
 
-def set_objects(given: dict[str, bytes]) -> None:
+def set_objects(given: dict[str, bytes | mmap.mmap]) -> None:
     """The objects of the next task (those of the last one are forgotten)."""
     global objects
     objects = given

@@ -25,7 +25,7 @@ from anyio.from_thread import BlockingPortal
 from vaccelray.addressing import resolve_address
 from vaccelray.auth import client_tls, client_token
 from vaccelray.client.core import Core
-from vaccelray.client.objects import ObjectRef, dumps
+from vaccelray.client.objects import ObjectRef
 from vaccelray.client.refs import TaskRef
 from vaccelray.client.remote import Options, RemoteFunction, function_spec
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
@@ -203,11 +203,12 @@ class Client:
 
     def put(self, value: T) -> ObjectRef[T]:
         """Store *value* on the worker; its :class:`ObjectRef` (pass it to tasks, or
-        ``vaccelray.get`` it). Pickled here, sent in chunks whatever its size."""
+        ``vaccelray.get`` it). Pickled here, sent in chunks whatever its size (a large
+        one to a worker on this host: as a shared-memory segment)."""
         core = self._live_core()
-        data = dumps(value)
-        object_id = self._call(functools.partial(core.objects.put_bytes, data))
-        return ObjectRef(core.objects, object_id, len(data))
+        pickled = core.objects.pickled(value)
+        object_id = self._call(functools.partial(core.objects.put_pickled, pickled))
+        return ObjectRef(core.objects, object_id, pickled.size)
 
     def classify(self, image: bytes, *, timeout: float | None = None) -> str:
         """Classify one encoded image on the worker's backend (in a session kept by this client)."""

@@ -458,7 +458,7 @@ class Core:
             try:
                 payload = self._pickle(ref, spec, args, kwargs)
             except Pending as pending:  # a failed one raises its error here
-                await pending.ref
+                await pending.ref.ended()  # its kept result stays on its worker
         args_object = ""
         if len(payload) > self.arg_limit:
             stored: ObjectRef[bytes] = ObjectRef(

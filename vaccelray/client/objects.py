@@ -2,11 +2,13 @@
 
 ``vaccelray.put(value)`` pickles *value*, sends it to the worker's object
 store in chunks (:mod:`vaccelray.protocol.objects`) and returns an
-:class:`ObjectRef`; a task's result larger than :data:`INLINE` pickled stays
-in the store too, its :class:`TaskRef` holding a :class:`Stored` ref. Either
-ref passed to another task (as an argument, or anywhere inside one: lists,
-dicts, dataclasses) travels as its id: the worker hands the object to the
-task, and the bytes never come back through the client. ``get`` fetches the
+:class:`ObjectRef` (a large one, to a worker on this host's unix socket, goes
+as a shared-memory segment the worker takes over: :mod:`vaccelray.segments`);
+a task's result larger than :data:`INLINE` pickled stays in the store too,
+its :class:`TaskRef` holding a :class:`Stored` ref. Either ref passed to
+another task (as an argument, or anywhere inside one: lists, dicts,
+dataclasses) travels as its id: the worker hands the object to the task, and
+the bytes never come back through the client. ``get`` fetches the
 value in chunks, only when asked.
 
 The client counts its refs to each object; when the last one is garbage
@@ -24,6 +26,7 @@ import functools
 import io
 import logging
 import operator
+import os
 import pickle
 import threading
 import weakref
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import cloudpickle  # type: ignore[import-untyped]
 
+from vaccelray import segments
 from vaccelray.client.errors import GetTimeoutError, ObjectLostError, TaskError
 from vaccelray.client.outcomes import load_result
 from vaccelray.client.remote import pickle_args
@@ -39,6 +43,7 @@ from vaccelray.errors import RPCError, StatusCode, TransportError
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS, Rpc
 from vaccelray.task_context import object_value
+from vaccelray.transport.endpoints import UnixEndpoint, parse_endpoint
 
 if TYPE_CHECKING:
     from vaccelray.client.core import Core
@@ -235,6 +240,8 @@ class Objects:
         self._lock = threading.Lock()
         #: Ids whose last ref is gone, to release in the next batch.
         self._released: list[str] = []
+        #: Large puts go as segments: the peer is on a unix socket, and has not refused one.
+        self.segments = isinstance(parse_endpoint(core.address), UnixEndpoint)
 
     # -- ref counting --------------------------------------------------------------
 
@@ -288,12 +295,17 @@ class Objects:
     # -- put and get ---------------------------------------------------------------
 
     async def put_bytes(self, data: bytes | memoryview) -> str:
-        """Store *data* in chunks (up to :data:`WINDOW` in flight); the new object's id."""
+        """Store *data* as a segment, or in chunks (up to :data:`WINDOW` in flight); the new
+        object's id."""
         core = self.core
         conn = await core.connection()
-        chunk = max(1, min(CHUNK, core.max_message_size - wire.CHUNK_MARGIN))
         view = memoryview(data)
         size = len(view)
+        if self.segments and size >= segments.MIN_SEGMENT:
+            object_id = await self._put_segment(conn, view)
+            if object_id:
+                return object_id
+        chunk = max(1, min(CHUNK, core.max_message_size - wire.CHUNK_MARGIN))
 
         def request(object_id: str, offset: int) -> wire.PutObject:
             piece = bytes(view[offset : offset + chunk])
@@ -310,6 +322,56 @@ class Objects:
         while pending:
             await self._checked(pending.popleft())
         return object_id
+
+    async def _put_segment(self, conn: Connection, view: memoryview) -> str:
+        """Put *view* as a segment the worker opens; "" when it cannot."""
+        fd = segments.create(view)
+        try:
+            return await self._put_fd(conn, fd, len(view))
+        finally:
+            os.close(fd)
+
+    async def _put_fd(self, conn: Connection, fd: int, size: int) -> str:
+        """Put the sealed segment *fd* of *size* bytes (the worker opens it); "" when the
+        worker cannot (then no segment is tried again: a scheduler in between, a worker in
+        another PID namespace)."""
+        request = wire.PutObject(
+            size=size, final=True, client=self.core.client_id, fd=fd, inode=os.fstat(fd).st_ino
+        )
+        try:
+            reply = await self._checked(self._send(conn, PUT_OBJECT, request))
+        except RPCError as exc:
+            if exc.code not in (StatusCode.FAILED_PRECONDITION, StatusCode.INVALID_ARGUMENT):
+                raise
+            log.info("Large objects go in chunks to %s: %s", self.core.address, exc.message)
+            self.segments = False
+            return ""
+        return str(reply.object_id)
+
+    def pickled(self, value: object) -> segments.SegmentWriter:
+        """*value* pickled (in the caller's thread) for :meth:`put_pickled`: a large one
+        straight into a sealed segment when the worker may take one, else in memory."""
+        out = segments.SegmentWriter(segments.MIN_SEGMENT if self.segments else _NO_LIMIT)
+        try:
+            cloudpickle.CloudPickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+            out.finish()
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    async def put_pickled(self, pickled: segments.SegmentWriter) -> str:
+        """Store what :meth:`pickled` made (and close its segment); the new object's id."""
+        try:
+            if pickled.fd < 0:
+                return await self.put_bytes(pickled.data)
+            conn = await self.core.connection()
+            object_id = await self._put_fd(conn, pickled.fd, pickled.size)
+            if object_id:
+                return object_id
+            return await self.put_bytes(segments.read(pickled.fd, 0, pickled.size))
+        finally:
+            pickled.close()
 
     async def fetch(self, object_id: str, name: str) -> bytes:
         """The bytes of *object_id*, in chunks (up to :data:`WINDOW` in flight)."""
@@ -416,11 +478,6 @@ class Objects:
     async def _in_loop(self, work: Coroutine[Any, Any, Any]) -> Any:
         """Await *work* on the client's loop from asyncio code on another (or the same) loop."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.core.loop))
-
-
-def dumps(value: object) -> bytes:
-    """*value* pickled as a task's argument would be (refs inside it included)."""
-    return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
 
 
 loads: Final = load_result

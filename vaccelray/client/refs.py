@@ -183,6 +183,12 @@ class TaskRef(Generic[R]):
             return anyio.to_thread.run_sync(self.result, abandon_on_cancel=True).__await__()
         return self._value().__await__()
 
+    async def ended(self) -> None:
+        """Wait on the client's loop until the task ends, raising its error; a result its
+        worker kept stays there (unlike ``await``, which fetches it)."""
+        self._read_elsewhere()
+        await asyncio.wrap_future(self._future)
+
     async def _value(self) -> R:
         value: Any = await asyncio.wrap_future(self._future)
         if type(value) is Stored:

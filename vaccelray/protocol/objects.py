@@ -15,7 +15,11 @@ Methods (request → reply):
     the whole size (past the store's bounds: RESOURCE_EXHAUSTED at once); the
     reply names the new object. Each chunk is appended at its explicit
     offset (the bytes received so far); the one with ``final`` seals it. An
-    unsealed object dies with the connection that sent it.
+    unsealed object dies with the connection that sent it. A client on the
+    worker's host may instead name a sealed memfd of its own (``fd``, its
+    ``inode``) holding the whole object (:mod:`vaccelray.segments`): the
+    worker opens it through ``/proc`` as the connection's peer process, or
+    answers FAILED_PRECONDITION (then the client sends chunks).
 ``GetObject``       :class:`GetObject` → :class:`ObjectChunk`
     Up to ``max_bytes`` of a sealed object from ``offset``, and its size.
     An unknown (or released) object: NOT_FOUND.
@@ -84,6 +88,10 @@ class PutObject(msgspec.Struct, array_like=True, frozen=True):
     #: This chunk is the last: the object is sealed (it must then have ``size`` bytes).
     final: bool = False
     client: str = ""
+    #: The client's fd of a segment holding the whole object (-1: the bytes are sent).
+    fd: int = -1
+    #: That segment's inode number (checked by the worker).
+    inode: int = 0
 
 
 class ObjectPut(msgspec.Struct, array_like=True, frozen=True):

@@ -152,12 +152,15 @@ class Origin:
     *listener*: the endpoint the connection came in on, as a client would
     spell it (``tcp://127.0.0.1:8194``, ``unix:@name``). *loopback*: the peer
     is on this host for sure (a unix socket, or TCP from a loopback address).
-    *uid*: the peer's user id on a unix socket (``SO_PEERCRED``), else None.
+    *uid*, *pid*: the peer's user and process ids on a unix socket (``SO_PEERCRED``,
+    when it connected; the pid is 0 when the peer is in a PID namespace this one does
+    not see), else None.
     """
 
     listener: str
     loopback: bool
     uid: int | None = None
+    pid: int | None = None
 
 
 @dataclass(slots=True)
@@ -192,12 +195,14 @@ def origin_of(sock: Any) -> Origin:
     try:
         local = sock.getsockname()
         if sock.family == socket.AF_UNIX:
-            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            pid, uid, _ = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
             if isinstance(local, bytes):  # abstract: a leading NUL
                 listener = "unix:@" + local[1:].decode(errors="replace")
             else:
                 listener = "unix://" + local
-            return Origin(listener, loopback=True, uid=uid)
+            return Origin(listener, loopback=True, uid=uid, pid=pid)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             peer = sock.getpeername()
             host = local[0]

@@ -8,7 +8,12 @@ RESOURCE_EXHAUSTED:
 * **memory** (``--object-memory``): past it, the least recently used sealed
   objects are written to files in a private (0700) directory, and read from
   there afterwards; an object that cannot fit in memory at all is written
-  to a file from its first chunk;
+  to a file from its first chunk. In memory, an object of at least
+  :data:`~vaccelray.segments.MIN_SEGMENT` bytes is a shared-memory segment
+  (:mod:`vaccelray.segments`, at most ``max_segments`` of them): a task
+  is handed it as an fd (:meth:`ObjectStore.lend`), a pool process's large
+  result comes as one and is kept as it is (:meth:`ObjectStore.adopt`), and
+  a client on this host may put one (``PutObject.fd``);
 * **disk** (``--object-disk``): an object that fits in neither is refused
   ("object store full: ...");
 * **count**: objects held at once, and objects one connection is still
@@ -31,15 +36,18 @@ import asyncio
 import collections
 import logging
 import os
+import queue
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from vaccelray import segments
 from vaccelray.auth import TokenCheck
 from vaccelray.errors import ConnectError, RPCError, StatusCode
 from vaccelray.membership import Credential, MembershipError
@@ -57,9 +65,11 @@ __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_MAX_OBJECTS",
     "DEFAULT_MAX_PARTIAL",
+    "DEFAULT_MAX_SEGMENTS",
     "DEFAULT_OBJECT_DISK",
     "DEFAULT_OBJECT_MEMORY",
     "Fetch",
+    "Loan",
     "ObjectLimits",
     "ObjectStore",
     "fetcher",
@@ -77,6 +87,8 @@ DEFAULT_GRACE: Final = 60.0
 DEFAULT_MAX_OBJECTS: Final = 65536
 #: Unsealed objects one connection may be sending at once.
 DEFAULT_MAX_PARTIAL: Final = 16
+#: Objects kept in shared-memory segments at once (an fd each); more stay in the heap.
+DEFAULT_MAX_SEGMENTS: Final = 1024
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,7 @@ class ObjectLimits:
     grace: float = DEFAULT_GRACE
     max_objects: int = DEFAULT_MAX_OBJECTS
     max_partial: int = DEFAULT_MAX_PARTIAL
+    max_segments: int = DEFAULT_MAX_SEGMENTS
 
 
 @dataclass(eq=False)
@@ -97,11 +110,51 @@ class _Object:
     data: bytearray | None
     #: The spill file, once on disk.
     path: Path | None = None
+    #: The shared-memory segment holding it instead of *data*.
+    fd: int | None = None
     #: Bytes received, while it is being sent.
     received: int = 0
     #: The connection sending it, until it is sealed (0: sealed).
     sender: int = 0
     owners: set[str] = field(default_factory=set)
+
+
+class Loan:
+    """A large object lent to a task: :meth:`open` gives an fd of it, read-only in effect
+    (a sealed segment, or its spill file opened read-only), when the task is sent."""
+
+    __slots__ = ("_obj", "object_id")
+
+    def __init__(self, object_id: str, obj: _Object) -> None:
+        self.object_id = object_id
+        self._obj = obj
+
+    @property
+    def size(self) -> int:
+        return self._obj.size
+
+    def open(self) -> int:
+        """A new fd of the object (the caller closes it); NOT_FOUND once it is dropped."""
+        obj = self._obj
+        if obj.fd is not None:
+            return os.dup(obj.fd)
+        if obj.path is not None:
+            return os.open(obj.path, os.O_RDONLY)  # (Python adds O_CLOEXEC)
+        raise RPCError(
+            StatusCode.NOT_FOUND, f"object {self.object_id} was released before its task ran"
+        )
+
+
+def _close_all(fds: queue.SimpleQueue[int | None]) -> None:
+    """Close the fds put in *fds* until None comes."""
+    while (fd := fds.get()) is not None:
+        os.close(fd)
+
+
+def _copy(fd: int, path: Path) -> None:
+    """The bytes of the file *fd* (a segment) into a new file *path*, in the kernel
+    (``shutil.copyfile`` uses sendfile)."""
+    shutil.copyfile(f"/proc/self/fd/{fd}", path)
 
 
 class ObjectStore:
@@ -125,6 +178,11 @@ class ObjectStore:
         self._expiring: dict[str, asyncio.TimerHandle] = {}
         #: Unsealed object ids by the connection sending them.
         self._partial: dict[int, set[str]] = {}
+        #: Objects held in shared-memory segments.
+        self.segments = 0
+        #: The fds of dropped segments, and the thread closing them (started when needed).
+        self._closing: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._closer: threading.Thread | None = None
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -206,6 +264,13 @@ class ObjectStore:
         for timer in self._expiring.values():
             timer.cancel()
         self._expiring.clear()
+        for obj in self._objects.values():
+            if obj.fd is not None:
+                self._close_segment(obj, now=True)
+        if self._closer is not None:
+            self._closing.put(None)
+            self._closer.join()
+            self._closer = None
 
     # -- objects -----------------------------------------------------------------
 
@@ -232,8 +297,45 @@ class ObjectStore:
         object_id = self._new_id()
         obj = self._place(object_id, len(data))
         self._write(obj, 0, data)
+        self._sealed_now(obj)
         self._admit(object_id, obj, client, connection_id)
         return object_id
+
+    def adopt(self, fd: int, size: int, client: str, connection_id: int) -> str:
+        """A sealed object of the segment *fd* (of *size* bytes; this store owns it from
+        now on, whatever happens) owned by *client*; its id. Kept as it is when it fits
+        in memory, else copied to a file."""
+        obj = _Object(size, None)
+        try:
+            object_id = self._new_id()
+            in_memory = self._room(size)
+            if in_memory and self.segments < self.limits.max_segments:
+                obj.fd = fd
+                self.segments += 1
+            elif in_memory:
+                obj.data = bytearray(segments.read(fd, 0, size))
+            else:
+                obj.path = self.directory / object_id
+                _copy(fd, obj.path)
+            self._admit(object_id, obj, client, connection_id)
+            return object_id
+        finally:
+            if obj.fd is None:  # not kept as it is
+                os.close(fd)
+
+    def adopt_peer(
+        self, pid: int, fd: int, inode: int, size: int, uid: int, client: str, connection_id: int
+    ) -> str:
+        """:meth:`adopt` the segment that process *pid* (a peer on this host, of user *uid*)
+        holds as its fd *fd*; FAILED_PRECONDITION when that is not the segment announced
+        (the client then sends it in chunks)."""
+        try:
+            own = segments.open_peer(pid, fd, inode, size, uid)
+        except segments.SegmentError as exc:
+            raise RPCError(
+                StatusCode.FAILED_PRECONDITION, f"cannot take the client's segment: {exc}"
+            ) from None
+        return self.adopt(own, size, client, connection_id)
 
     def append(self, object_id: str, offset: int, data: bytes, final: bool) -> int:
         """Write a chunk of an unsealed object; seal it when *final*. Bytes received."""
@@ -256,6 +358,7 @@ class ObjectStore:
         self._write(obj, offset, data)
         obj.received = end
         if final:
+            self._sealed_now(obj)
             self._unsent(obj, object_id)
             obj.sender = 0
             self._objects.move_to_end(object_id)
@@ -269,6 +372,9 @@ class ObjectStore:
         if obj.data is not None:
             self._objects.move_to_end(object_id)
             return bytes(obj.data[offset : offset + count]), obj.size
+        if obj.fd is not None:
+            self._objects.move_to_end(object_id)
+            return segments.read(obj.fd, offset, count), obj.size
         assert obj.path is not None
         with obj.path.open("rb") as f:
             f.seek(offset)
@@ -277,6 +383,15 @@ class ObjectStore:
     def whole(self, object_id: str) -> bytes:
         """A sealed object's bytes."""
         return self.read(object_id, 0, self._sealed(object_id).size)[0]
+
+    def lend(self, object_id: str) -> bytes | Loan:
+        """A sealed object for a task: its bytes, or when it is large a :class:`Loan`
+        that opens an fd of it (read where it is, not copied here)."""
+        obj = self._sealed(object_id)
+        if obj.data is not None or obj.size < segments.MIN_SEGMENT:
+            return self.whole(object_id)
+        self._objects.move_to_end(object_id)
+        return Loan(object_id, obj)
 
     def _sealed(self, object_id: str) -> _Object:
         obj = self._objects.get(object_id)
@@ -322,8 +437,25 @@ class ObjectStore:
         )
 
     def _place(self, object_id: str, size: int) -> _Object:
-        """Object *object_id* of *size* bytes with its room: in memory (spilling others),
-        else in a file (named by its id, as spill files are)."""
+        """Object *object_id* of *size* bytes with its room: in memory (spilling others; a
+        segment when it is large), else in a file (named by its id, as spill files are)."""
+        if not self._room(size):
+            return _Object(size, None, self._file(object_id))
+        if size >= segments.MIN_SEGMENT and self.segments < self.limits.max_segments:
+            fd = segments.room(size)
+            self.segments += 1
+            return _Object(size, None, fd=fd)
+        return _Object(size, bytearray(size))
+
+    def _file(self, object_id: str) -> Path:
+        """A new empty spill file for *object_id* (its chunks are written at their offsets)."""
+        path = self.directory / object_id
+        path.touch()
+        return path
+
+    def _room(self, size: int) -> bool:
+        """Count *size* bytes more: True in memory (others spilled to make room), False
+        on disk; RESOURCE_EXHAUSTED when neither has room."""
         if len(self._objects) >= self.limits.max_objects:
             raise RPCError(
                 StatusCode.RESOURCE_EXHAUSTED,
@@ -336,40 +468,66 @@ class ObjectStore:
             if self.memory_used - spilled + size <= limits.memory:
                 if self.disk_used + spilled > limits.disk:
                     raise self._full(size)
-                for object_id in spill:
-                    self._spill(object_id)
+                for spilled_id in spill:
+                    self._spill(spilled_id)
                 self.memory_used += size
-                return _Object(size, bytearray(size))
+                return True
         if self.disk_used + size > limits.disk:
             raise self._full(size)
-        path = self.directory / object_id
-        with path.open("wb") as f:
-            f.truncate(size)
         self.disk_used += size
-        return _Object(size, None, path)
+        return False
 
     def _spill_plan(self, excess: int) -> Iterator[str]:
         """Sealed objects in memory, least recently used first, until *excess* bytes."""
         for object_id, obj in self._objects.items():
             if excess <= 0:
                 return
-            if obj.data is not None and not obj.sender:
+            if obj.path is None and not obj.sender:
                 excess -= obj.size
                 yield object_id
 
     def _spill(self, object_id: str) -> None:
         obj = self._objects[object_id]
-        assert obj.data is not None
         path = self.directory / object_id
-        with path.open("wb") as f:
-            f.write(obj.data)
+        if obj.data is not None:
+            with path.open("wb") as f:
+                f.write(obj.data)
+        else:
+            assert obj.fd is not None
+            _copy(obj.fd, path)
+            self._close_segment(obj)
         obj.data, obj.path = None, path
         self.memory_used -= obj.size
         self.disk_used += obj.size
 
+    def _close_segment(self, obj: _Object, *, now: bool = False) -> None:
+        """Close *obj*'s segment. Its memory is freed when the last fd goes, which for a
+        large one takes milliseconds: in the closing thread, unless *now*."""
+        fd, obj.fd = obj.fd, None
+        assert fd is not None
+        self.segments -= 1
+        if now:
+            os.close(fd)
+            return
+        if self._closer is None:
+            self._closer = threading.Thread(
+                target=_close_all, args=(self._closing,), name="segment-closer", daemon=True
+            )
+            self._closer.start()
+        self._closing.put(fd)
+
+    @staticmethod
+    def _sealed_now(obj: _Object) -> None:
+        """*obj* has all its bytes: a segment holding it is sealed (tasks get its fd)."""
+        if obj.fd is not None:
+            segments.seal(obj.fd)
+
     def _write(self, obj: _Object, offset: int, data: bytes) -> None:
         if obj.data is not None:
             obj.data[offset : offset + len(data)] = data
+            return
+        if obj.fd is not None:
+            segments.write_at(obj.fd, offset, data)
             return
         assert obj.path is not None
         with obj.path.open("r+b") as f:
@@ -398,14 +556,47 @@ class ObjectStore:
                 del self._owned[client]
         if obj.sender:
             self._unsent(obj, object_id)
-        if obj.data is not None:
+        if obj.path is None:
             self.memory_used -= obj.size
+            obj.data = None
+            if obj.fd is not None:
+                self._close_segment(obj)
         else:
-            assert obj.path is not None
             obj.path.unlink(missing_ok=True)
+            obj.path = None
             self.disk_used -= obj.size
 
     # -- the service's methods -------------------------------------------------------
+
+    def _put_segment(
+        self, request: wire.PutObject, client: str, ctx: CallContext
+    ) -> wire.ObjectPut:
+        """A put naming a segment of the client's instead of sending bytes (a peer on
+        this host: its pid and uid are the connection's, ``SO_PEERCRED``)."""
+        origin = ctx.origin
+        if request.object_id or request.data or not request.final:
+            raise RPCError(
+                StatusCode.INVALID_ARGUMENT,
+                "a put naming a segment is a whole object: no object id, data or later chunks",
+            )
+        if not origin.pid:  # (SO_PEERCRED gives the uid with it)
+            raise RPCError(
+                StatusCode.FAILED_PRECONDITION,
+                "cannot take the client's segment: it is not a process of this host's "
+                "(a unix socket in this PID namespace)",
+            )
+        assert origin.uid is not None
+        self.claim(client, ctx.connection_id)
+        object_id = self.adopt_peer(
+            origin.pid,
+            request.fd,
+            request.inode,
+            request.size,
+            origin.uid,
+            client,
+            ctx.connection_id,
+        )
+        return wire.ObjectPut(object_id, request.size)
 
     def methods(self, check: TokenCheck, max_message_size: int) -> dict[str, Method]:
         """PutObject, GetObject, ReleaseObjects and ClientPresence for the worker's service;
@@ -418,6 +609,8 @@ class ObjectStore:
             PUT_OBJECT.check(request, max_message_size)
             client = self.owner(request.client, ctx.connection_id)
             object_id = request.object_id
+            if request.fd >= 0:
+                return PUT_OBJECT.reply.encode(self._put_segment(request, client, ctx))
             if not object_id:
                 object_id = self.create(request.size, client, ctx.connection_id)
             else:

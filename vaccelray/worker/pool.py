@@ -21,6 +21,12 @@ so one client's backlog never starves another's task. A task may have a
 timeout on its run (not its time in the queue): past it its process is killed
 and the task fails with :class:`TaskTimedOut`.
 
+Each process has a second socket, its *channel*, for the fds of shared-memory
+segments (:mod:`vaccelray.segments`): large objects a task is given
+(:class:`Lent`, opened when the task is sent) and a task's large result, when
+the caller asks for one (``segment_min``): checked to be a sealed segment of
+the size announced, and handed to ``on_segment``.
+
 A pool process is untrusted (it runs user code that can write to its socket):
 a frame it declares larger than the max message size plus a margin is never
 allocated; the process is killed and its task fails as lost. Each process
@@ -44,19 +50,35 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Hashable, Mapping
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
 import msgspec
 
-from vaccelray.errors import VaccelrayError
+from vaccelray import segments
+from vaccelray.errors import RPCError, VaccelrayError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.transport.endpoints import tune_socket
 from vaccelray.transport.writes import WriteBatch
-from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
+from vaccelray.worker.poolchild import (
+    FRAME_MARGIN,
+    OBJECTS_TAG,
+    REJECTED,
+    RESULT_TAG,
+    Done,
+    Run,
+    encode_frame,
+)
 from vaccelray.worker.sandbox import Sandbox, SandboxConfig, prepare
 
-__all__ = ["DEFAULT_MAX_FUNCTIONS", "FRAME_MARGIN", "Pool", "PoolProcessLost", "TaskTimedOut"]
+__all__ = [
+    "DEFAULT_MAX_FUNCTIONS",
+    "FRAME_MARGIN",
+    "Lent",
+    "Pool",
+    "PoolProcessLost",
+    "TaskTimedOut",
+]
 
 log = logging.getLogger("vaccelray.pool")
 
@@ -70,13 +92,25 @@ _BOOT: Final = (
     "if sys.path[:1] == ['']:\n"
     "    sys.path.append(sys.path.pop(0))\n"
     "from vaccelray.worker.poolchild import main\n"
-    "main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])\n"
+    "main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5],\n"
+    "     int(sys.argv[6]))\n"
 )
 #: A process that dies sooner than this after its start, having run nothing, counts
 #: as failing to start: replacements then back off (0.05 s doubling, up to 5 s).
 _QUICK_DEATH: Final = 1.0
+#: The objects of a task that has none (never changed).
+_NO_OBJECTS: Final[dict[str, bytes]] = {}
 #: Functions each pool process keeps unpickled.
 DEFAULT_MAX_FUNCTIONS: Final = 64
+
+
+class Lent(Protocol):
+    """A large object a task is given as an fd (see ``ObjectStore.lend``)."""
+
+    def open(self) -> int:
+        """A new fd of it, read-only in effect (the pool closes it once sent); raises
+        RPCError when it is gone."""
+        ...
 
 
 class PoolProcessLost(VaccelrayError):
@@ -111,6 +145,7 @@ class _Job:
     __slots__ = (
         "aborted",
         "args",
+        "args_object",
         "child",
         "digest",
         "expires",
@@ -120,9 +155,11 @@ class _Job:
         "name",
         "objects",
         "on_done",
+        "on_segment",
         "owner",
         "pool",
         "queued",
+        "segment_min",
         "seq",
         "session_id",
         "timeout",
@@ -141,11 +178,16 @@ class _Job:
         owner: Hashable,
         timeout: float | None,
         method: str,
-        objects: dict[str, bytes],
+        objects: Mapping[str, bytes | Lent],
     ) -> None:
         self.pool = pool
         self.method = method
         self.objects = objects
+        #: The args are this object's (see ``Run.args_object``).
+        self.args_object = ""
+        #: Results of at least this many bytes come as segments, handed to *on_segment*.
+        self.segment_min = 0
+        self.on_segment: Callable[[int, int], object] | None = None
         self.seq = seq
         self.digest = digest
         self.name = name
@@ -177,9 +219,13 @@ class _Child(asyncio.BufferedProtocol):
     further copy before it is decoded.
     """
 
-    def __init__(self, pool: Pool, process: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, pool: Pool, process: subprocess.Popen[bytes], channel: socket.socket
+    ) -> None:
         self.pool = pool
         self.process = process
+        #: The parent end of its channel (non-blocking).
+        self.channel = channel
         self.pid = process.pid
         self.started = time.monotonic()
         self.transport: asyncio.Transport | None = None
@@ -250,14 +296,72 @@ class _Child(asyncio.BufferedProtocol):
         self.kill()
 
     def _received(self, body: memoryview) -> None:
-        self.pool._finished(self, self.pool._decoder.decode(body))
+        done = self.pool._decoder.decode(body)
+        if not done.segment:
+            self.pool._finished(self, done)
+            return
+        job = self.job
+        try:
+            if job is None or not job.segment_min or done.segment < job.segment_min:
+                raise segments.SegmentError("a result segment it was not asked for")
+            (fd,) = segments.receive_fds(self.channel, RESULT_TAG, 1)
+            try:
+                segments.check(fd, done.segment)
+            except segments.SegmentError:
+                os.close(fd)
+                raise
+        except (segments.SegmentError, OSError) as exc:
+            self.fault = f"sent a bad result ({exc}) and was killed"
+            log.error("Pool process %d %s", self.pid, self.fault)
+            self.kill()
+            return
+        self.pool._finished(self, done, fd)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.channel.close()
         self.pool._lost(self)
 
-    def send(self, job: _Job) -> None:
+    def _send_segments(self, job: _Job) -> tuple[dict[str, bytes], tuple[str, ...]]:
+        """Send the fds of the job's lent objects on the channel; the other objects, and
+        the ids of those sent. Raises RPCError (one is gone) or OSError."""
+        objects: dict[str, bytes] = {}
+        lent: list[tuple[str, Lent]] = []
+        for object_id, value in job.objects.items():
+            if isinstance(value, bytes):
+                objects[object_id] = value
+            else:
+                lent.append((object_id, value))
+        if not lent:
+            return objects, ()
+        fds: list[int] = []
+        try:
+            for _, value in lent[: segments.MAX_FDS]:
+                fds.append(value.open())
+            for object_id, value in lent[segments.MAX_FDS :]:  # past what one message carries
+                fd = value.open()
+                try:
+                    objects[object_id] = segments.read(fd, 0, os.fstat(fd).st_size)
+                finally:
+                    os.close(fd)
+            segments.send_fds(self.channel, OBJECTS_TAG, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return objects, tuple(object_id for object_id, _ in lent[: segments.MAX_FDS])
+
+    def send(self, job: _Job) -> str:
+        """Send *job* to this process; why it could not be sent ("" when it was)."""
         assert self.transport is not None
+        objects: dict[str, bytes] = _NO_OBJECTS
+        sent: tuple[str, ...] = ()
+        if job.objects:
+            try:
+                objects, sent = self._send_segments(job)
+            except RPCError as exc:
+                return exc.message
+            except OSError as exc:
+                return f"cannot hand {job.name} its objects: {exc}"
         known = self.known
         first = job.digest not in known
         known.setdefault(job.digest)
@@ -276,9 +380,13 @@ class _Child(asyncio.BufferedProtocol):
             job.session_id,
             tuple(forget),
             job.method,
-            job.objects,
+            objects,
+            sent,
+            job.args_object,
+            job.segment_min,
         )
         self.transport.write(encode_frame(self.pool._encoder, run))
+        return ""
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -385,6 +493,8 @@ class Pool:
         parent, child = socket.socketpair()  # AF_UNIX, SOCK_STREAM
         for sock in (parent, child):
             tune_socket(sock)
+        channel, child_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        channel.setblocking(False)
         try:
             # Popen with pass_fds uses vfork/posix_spawn: fast enough to call on the loop.
             sandbox = self.sandbox
@@ -399,25 +509,29 @@ class Pool:
                 sandbox.limits.encode(),
                 str(worker_pid),
                 sandbox.child_user(),
+                str(child_channel.fileno()),
             ]
             process = subprocess.Popen(  # noqa: ASYNC220
                 sandbox.command(argv, self._spawn_env),
-                pass_fds=(child.fileno(),),
+                pass_fds=(child.fileno(), child_channel.fileno()),
                 env=self._spawn_env,
                 stdin=subprocess.DEVNULL,
                 **sandbox.popen_kwargs(),
             )
         except BaseException:
             parent.close()
+            channel.close()
             raise
         finally:
             child.close()
-        proto = _Child(self, process)
+            child_channel.close()
+        proto = _Child(self, process, channel)
         try:
             await self._loop.create_unix_connection(lambda: proto, sock=parent)
         except BaseException:  # cancelled (the pool is closing): leave no process behind
             proto.kill()
             parent.close()
+            channel.close()
             process.wait()  # killed: reaped at once (a Popen left running warns)
             raise
         self._children.add(proto)
@@ -501,10 +615,16 @@ class Pool:
         owner: Hashable = None,
         timeout: float | None = None,
         method: str = "",
-        objects: dict[str, bytes] | None = None,
+        objects: Mapping[str, bytes | Lent] | None = None,
+        args_object: str = "",
+        segment_min: int = 0,
+        on_segment: Callable[[int, int], object] | None = None,
     ) -> _Job:
         """Queue one task of *owner*; *on_done* gets its Done or PoolProcessLost.
-        *objects*: pickled objects its arguments refer to, by id.
+        *objects*: pickled objects its arguments refer to, by id (large ones lent);
+        *args_object*: the one of them that is its pickled arguments (*args* unused).
+        A pickled result of at least *segment_min* bytes (0: none) comes as a segment:
+        ``on_segment(fd, size)`` gets it (and owns its fd) just before *on_done*.
 
         *on_done* is called on the loop, at most once, and never after :meth:`abort`.
         Past *timeout* seconds of running (not queued) the task's process is
@@ -528,6 +648,10 @@ class Pool:
             method,
             objects or {},
         )
+        if args_object:
+            job.args_object = args_object
+        if segment_min:
+            job.segment_min, job.on_segment = segment_min, on_segment
         state = self._owners.get(owner)
         if state is None:
             state = self._owners[owner] = _Owner()
@@ -579,7 +703,12 @@ class Pool:
             child = idle.pop()  # connected: connection_lost takes a process out of _idle
             job.child = child
             child.job = job
-            child.send(job)
+            unsent = child.send(job)
+            if unsent:
+                child.job = job.child = None
+                idle.append(child)
+                job.finish(Done(job.seq, REJECTED, message=unsent))
+                continue
             if job.timeout is not None:
                 assert self._loop is not None
                 job.expires = self._loop.time() + job.timeout
@@ -625,19 +754,25 @@ class Pool:
         job.finish(TaskTimedOut(f"{job.name} ran past its timeout of {job.timeout:g} s"))
         child.kill()
 
-    def _finished(self, child: _Child, done: Done) -> None:
+    def _finished(self, child: _Child, done: Done, segment: int = -1) -> None:
+        """*child* answered *done* (its result in the fd *segment*, when not -1)."""
         job = child.job
-        if job is None or job.seq != done.seq:
+        if job is None or job.seq != done.seq or job.aborted:
+            if segment >= 0:
+                os.close(segment)
+            if job is not None and job.aborted:
+                return  # answered as it was being killed: not idle, its death is no news
             log.error("Pool process %d answered a task it was not given; killing it", child.pid)
             child.kill()
-            return
-        if job.aborted:  # answered as it was being killed: it is not idle, its death is no news
             return
         child.job = None
         self._failures = 0
         if done.unloaded:
             child.known.discard(job.digest)
         self._idle.append(child)
+        if segment >= 0:
+            assert job.on_segment is not None  # a segment comes only when asked for
+            job.on_segment(segment, done.segment)
         job.finish(done)  # first: its owner runs one task less when the next is chosen
         self._dispatch()
 

@@ -6,6 +6,12 @@ transport, protobuf and backend stay out of it), then loops: read a
 :class:`Run`, call the function, write a :class:`Done`. Frames are a 4-byte
 big-endian length and a MessagePack body.
 
+Large objects a task is given (:mod:`vaccelray.segments`) come as fds on a
+second socket, the *channel* (``SCM_RIGHTS``, just before the ``Run`` naming
+them in ``segments``), and are read from read-only mappings; a result of at
+least ``Run.segment_min`` bytes is pickled into a new sealed segment sent back
+on the channel just before its ``Done`` (``Done.segment``: its size).
+
 Functions arrive pickled once per process (``Run.function`` is set the first
 time this process sees a digest) and are kept unpickled by digest, until the
 worker says to forget them (``Run.forget``: it keeps a bounded number). Whatever
@@ -15,6 +21,7 @@ process dying (segfault, ``os._exit``), which fails that one task.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -29,7 +36,7 @@ from typing import Any, Final
 import cloudpickle  # type: ignore[import-untyped]
 import msgspec
 
-from vaccelray import task_context
+from vaccelray import segments, task_context
 from vaccelray.allocator import keep_heap_for
 from vaccelray.worker.sandbox import TaskLimits, apply_limits, memory_note
 
@@ -76,6 +83,12 @@ class Run(msgspec.Struct, array_like=True, frozen=True):
     method: str = ""
     #: Pickled objects the arguments refer to, by id (see ``task_context.object_value``).
     objects: dict[str, bytes] = {}
+    #: More of them, whose fds come on the channel, in this order.
+    segments: tuple[str, ...] = ()
+    #: The pickled arguments are this object's (``args`` is then empty).
+    args_object: str = ""
+    #: A pickled result of at least this many bytes goes in a segment (0: never).
+    segment_min: int = 0
 
 
 Scalar = str | int | float | bool | None
@@ -99,6 +112,8 @@ class Done(msgspec.Struct, array_like=True, frozen=True):
     error: ErrorInfo | None = None
     #: The task's function could not be loaded: this process does not hold it.
     unloaded: bool = False
+    #: The result's size, when it is in a segment sent on the channel (``result`` empty).
+    segment: int = 0
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -145,8 +160,19 @@ def describe_exception(exc: BaseException, tb: TracebackType | None) -> ErrorInf
     return ErrorInfo(cls.__module__, cls.__qualname__, message, args, text, attributes)
 
 
+#: The tags of the channel's messages: a task's objects, a result.
+OBJECTS_TAG: Final = b"objects"
+RESULT_TAG: Final = b"result"
+
+
 class _Runner:
-    def __init__(self, max_result: int, memory: int = 0) -> None:
+    def __init__(
+        self, max_result: int, memory: int = 0, channel: socket.socket | None = None
+    ) -> None:
+        #: Where segments come and go (None: this process gets none).
+        self.channel = channel
+        #: The segment of the last result, to send before its Done (-1: none).
+        self.segment = -1
         self.functions: dict[str, Callable[..., Any]] = {}
         #: Bytes a pickled result may have: the worker's max message size.
         self.max_result = max_result
@@ -182,15 +208,43 @@ class _Runner:
         return fn
 
     def run(self, task: Run) -> Done:
+        views = self._views(task) if task.segments else {}
+        try:
+            return self._run(task, views)
+        finally:
+            if views or task_context.objects:
+                task_context.set_objects({})
+            for view in views.values():
+                # The task kept a view of it: the mapping goes when that does.
+                with contextlib.suppress(BufferError):
+                    view.close()
+
+    def _views(self, task: Run) -> dict[str, Any]:
+        """Mappings of the task's segments, by object id (their fds are closed)."""
+        assert self.channel is not None, "segments sent to a process without a channel"
+        fds = segments.receive_fds(self.channel, OBJECTS_TAG, len(task.segments))
+        views: dict[str, Any] = {}
+        try:
+            for object_id, fd in zip(task.segments, fds, strict=True):
+                views[object_id] = segments.view(fd, 0)
+                keep_heap_for(len(views[object_id]))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return views
+
+    def _run(self, task: Run, views: dict[str, Any]) -> Done:
         for digest in task.forget:
             self.functions.pop(digest, None)
         fn = self._callable(task)
         if isinstance(fn, Done):
             return fn
-        if task.objects or task_context.objects:
-            task_context.set_objects(task.objects)
+        objects: dict[str, Any] = {**task.objects, **views} if views else dict(task.objects)
+        raw = objects.pop(task.args_object, b"") if task.args_object else task.args
+        if objects or task_context.objects:
+            task_context.set_objects(objects)
         try:
-            args, kwargs = pickle.loads(task.args) if task.args else ((), {})
+            args, kwargs = pickle.loads(raw) if raw else ((), {})
         except BaseException as exc:
             return self._failed(
                 task, SERIALIZATION, f"cannot load the arguments of {task.name} on the worker", exc
@@ -211,6 +265,8 @@ class _Runner:
             task_context.session_id = 0
         if task.method == _CREATE:
             self.actor, result = result, None
+        if task.segment_min and self.channel is not None:
+            return self._pickled_to_segment(task, result)
         try:
             if type(result) in _PLAIN:
                 data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
@@ -227,6 +283,29 @@ class _Runner:
                 message=too_large(task.name, len(data), self.max_result),
             )
         return Done(task.seq, OK, data)
+
+    def _pickled_to_segment(self, task: Run, result: object) -> Done:
+        """Pickle *result* into the Done, or when it has ``segment_min`` bytes or more into
+        a segment (:attr:`segment`, sent before the Done)."""
+        out = segments.SegmentWriter(task.segment_min)
+        pickler = pickle.Pickler if type(result) in _PLAIN else cloudpickle.CloudPickler
+        try:
+            pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(result)
+            data = out.finish()
+        except BaseException as exc:
+            out.close()
+            return self._failed(
+                task, SERIALIZATION, f"cannot pickle the result of {task.name}", exc
+            )
+        if out.size > self.max_result:
+            out.close()
+            return Done(
+                task.seq, TOO_LARGE, message=too_large(task.name, out.size, self.max_result)
+            )
+        if out.fd < 0:
+            return Done(task.seq, OK, data)
+        self.segment = out.fd
+        return Done(task.seq, OK, segment=out.size)
 
     @staticmethod
     def _failed(
@@ -261,8 +340,11 @@ def _read_frame(reader: Any) -> bytearray | None:
     return body if reader.readinto(body) == len(body) else None
 
 
-def main(fd: int, max_result: int, limits: str = "", parent: int = 0, user: str = "-") -> None:
-    """Serve tasks on the socket *fd* until the worker closes it.
+def main(
+    fd: int, max_result: int, limits: str = "", parent: int = 0, user: str = "-", channel: int = -1
+) -> None:
+    """Serve tasks on the socket *fd* until the worker closes it; segments come and go
+    on the socket *channel* (-1: none).
 
     A result may have *max_result* bytes (the worker's max message size), a
     whole answer that plus :data:`FRAME_MARGIN`. *limits* (a
@@ -279,7 +361,11 @@ def main(fd: int, max_result: int, limits: str = "", parent: int = 0, user: str 
     reader = sock.makefile("rb", buffering=1 << 16)
     decoder = msgspec.msgpack.Decoder(Run)
     encoder = msgspec.msgpack.Encoder()
-    runner = _Runner(max_result, task_limits.memory or 0)
+    runner = _Runner(
+        max_result,
+        task_limits.memory or 0,
+        socket.socket(fileno=channel) if channel >= 0 else None,
+    )
     while True:
         body = _read_frame(reader)
         if body is None:
@@ -308,6 +394,13 @@ def main(fd: int, max_result: int, limits: str = "", parent: int = 0, user: str 
                 ),
             )
         try:
+            if runner.segment >= 0:
+                assert runner.channel is not None
+                try:
+                    segments.send_fds(runner.channel, RESULT_TAG, [runner.segment])
+                finally:
+                    os.close(runner.segment)
+                    runner.segment = -1
             sock.sendall(out)
         except OSError:
             break

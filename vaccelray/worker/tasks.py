@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from vaccelray import segments
 from vaccelray.auth import TokenCheck, private_dir, protect
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.functions import FunctionCache
@@ -53,7 +54,14 @@ from vaccelray.worker.actors import (
     running_actors,
 )
 from vaccelray.worker.agent import Agent
-from vaccelray.worker.objects import Fetch, ObjectLimits, ObjectStore, fetcher, object_store
+from vaccelray.worker.objects import (
+    Fetch,
+    Loan,
+    ObjectLimits,
+    ObjectStore,
+    fetcher,
+    object_store,
+)
 from vaccelray.worker.pool import Pool, PoolProcessLost, _Job
 from vaccelray.worker.poolchild import OK, Done, too_large
 from vaccelray.worker.replies import crashed, outcome_name, outcome_reply
@@ -170,24 +178,26 @@ class TaskService:
         self._check_queue(owner)
         return _Task(self, task, function.pickled, args, objects, elsewhere, owner)
 
-    def _inputs(self, task: wire.Submit) -> tuple[bytes, dict[str, bytes], dict[str, list[str]]]:
-        """The task's pickled arguments, the objects they refer to that this worker holds,
-        and the ids of the others by the address of the worker holding them."""
+    def _inputs(
+        self, task: wire.Submit
+    ) -> tuple[bytes, dict[str, bytes | Loan], dict[str, list[str]]]:
+        """The task's pickled arguments (unless they are an object), the objects they refer
+        to that this worker holds (large ones lent), and the ids of the others by the
+        address of the worker holding them."""
         if not task.objects and not task.args_object:
             return task.args, {}, {}
         store = self.objects
         if store is None:
             raise RPCError(StatusCode.FAILED_PRECONDITION, "this worker keeps no objects")
-        objects = {}
+        objects: dict[str, bytes | Loan] = {}
         elsewhere: dict[str, list[str]] = {}
         for object_id in (*task.objects, task.args_object):
             address = task.sources.get(worker_of(object_id))
             if address and self.fetch is not None and object_id not in store:
                 elsewhere.setdefault(address, []).append(object_id)
             elif object_id:
-                objects[object_id] = store.whole(object_id)
-        args = objects.pop(task.args_object, task.args)
-        return args, objects, elsewhere
+                objects[object_id] = store.lend(object_id)
+        return task.args, objects, elsewhere
 
     def _kept(self, task: wire.Submit, outcome: Done | PoolProcessLost, owner: int) -> bytes:
         """The reply naming the result kept in the store, when the task asked for it (else
@@ -210,6 +220,21 @@ class TaskService:
             if not fits:
                 raise
             return b""  # the store is full: it travels back
+        return SUBMIT.reply.encode(wire.TaskDone(b"", object_id, size))
+
+    def _kept_segment(self, task: wire.Submit, fd: int, size: int, owner: int) -> bytes:
+        """The reply naming the result that came as the segment *fd* (taken by the store);
+        when the store is full, the result itself if it fits in a reply."""
+        store = self.objects
+        assert store is not None  # segments are asked for only with a store
+        try:
+            object_id = store.adopt(os.dup(fd), size, store.owner(task.client, owner), owner)
+        except RPCError:
+            if size > self.max_message_size:
+                raise
+            return SUBMIT.reply.encode(wire.TaskDone(segments.read(fd, 0, size)))
+        finally:
+            os.close(fd)
         return SUBMIT.reply.encode(wire.TaskDone(b"", object_id, size))
 
     def _check_queue(self, connection_id: int) -> None:
@@ -266,6 +291,7 @@ class _Task:
         "job",
         "objects",
         "owner",
+        "segment",
         "service",
         "task",
     )
@@ -279,7 +305,7 @@ class _Task:
         task: wire.Submit,
         function: bytes,
         args: bytes,
-        objects: dict[str, bytes],
+        objects: dict[str, bytes | Loan],
         elsewhere: dict[str, list[str]],
         owner: int,
     ) -> None:
@@ -292,6 +318,8 @@ class _Task:
         self.owner = owner
         self.job: _Job | None = None
         self.fetching: asyncio.Future[None] | None = None
+        #: The result's segment (fd, size), when it came as one (just before its Done).
+        self.segment: tuple[int, int] | None = None
 
     def start(self, done: Callable[[Answer], None]) -> None:
         self.done = done
@@ -330,11 +358,12 @@ class _Task:
             self.end(exc)
             return
         # (Ended meanwhile, the fetch was cancelled: it does not get here.)
-        self._run(objects.pop(self.task.args_object, self.args))
+        self._run(self.args)
 
     def _run(self, args: bytes) -> None:
         """Hand the task to the pool; its outcome answers the call."""
         service, task = self.service, self.task
+        keep = service.objects is not None and task.keep
         try:
             self.job = service.pool.submit(
                 task.digest,
@@ -346,18 +375,28 @@ class _Task:
                 owner=self.owner,
                 timeout=service.task_timeout or None,
                 objects=self.objects,
+                args_object=task.args_object,
+                segment_min=max(task.keep + 1, segments.MIN_SEGMENT) if keep else 0,
+                on_segment=self._segment,
             )
         except PoolProcessLost as exc:
             self.end(crashed(exc))
+
+    def _segment(self, fd: int, size: int) -> None:
+        self.segment = (fd, size)
 
     def _settle(self, outcome: Done | PoolProcessLost) -> None:
         # Called from the pool's read of its process: an error must not escape.
         service = self.service
         service.outcomes[outcome_name(outcome)] += 1
+        kept, self.segment = self.segment, None
         try:
-            data = service._kept(self.task, outcome, self.owner) or outcome_reply(
-                outcome, SUBMIT.method, service.max_message_size
-            )
+            if kept is not None:
+                data = service._kept_segment(self.task, kept[0], kept[1], self.owner)
+            else:
+                data = service._kept(self.task, outcome, self.owner) or outcome_reply(
+                    outcome, SUBMIT.method, service.max_message_size
+                )
         except Exception as exc:
             self.end(exc)
         else:
