@@ -187,3 +187,25 @@ def test_a_lane_call_waited_on_with_a_timeout_times_out_then_comes_back(
         ref.result(timeout=0.05)  # the lane's read gives up at the timeout
     gate.touch()
     assert ref.result() == "seen"
+
+
+def test_a_lane_read_by_a_helper_for_a_long_call_blocks_no_one(
+    client: Client, tmp_path: Path
+) -> None:
+    """While a helper thread waits in recv for a lane call that runs on, this thread's
+    next calls, its looks at that call and a wait() go on (they used to wait for its lock)."""
+    gate = tmp_path / "go"
+    assert client.submit(waits_for, str(tmp_path)).result() == "seen"  # registered
+    long = client.submit(waits_for, str(gate))
+    lane = long._lane
+    assert lane is not None  # it went by this thread's lane
+    assert not long.done()  # someone else waits: a helper thread reads the lane
+    # The helper holds the lane's read lock while it waits in recv for the long call.
+    until(lambda: lane._lock.locked(), "the helper reads the lane")
+    assert not long.done()
+    short = client.submit(add, 2, 3)
+    assert short.result(timeout=60) == 5
+    done, pending = vaccelray.wait([long, short], num_returns=1, timeout=60)
+    assert (done, pending) == ([short], [long])
+    gate.touch()
+    assert long.result(timeout=60) == "seen"

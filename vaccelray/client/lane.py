@@ -72,8 +72,12 @@ class Lane:
         self._proto = ClientConnection(max_message_size)
         #: What to do with each outstanding call's outcome, by stream id.
         self._pending: dict[int, Callable[[LaneOutcome], None]] = {}
-        #: Held by whoever reads (and by a sender): one reader at a time.
+        #: Held by whoever reads (and by a sender): one reader at a time. A reader holds it
+        #: while it waits in recv, for as long as the call runs: a thread that must not wait
+        #: for someone else's call never blocks on it (see send and hand_off).
         self._lock = threading.Lock()
+        #: Guards starting the helper thread, apart from the read lock.
+        self._helper_lock = threading.Lock()
         self._helper: threading.Thread | None = None
         self.closed = False
 
@@ -94,7 +98,11 @@ class Lane:
     ) -> bool:
         """Write one call; False (nothing sent) when the lane cannot take it."""
         timeout_nano = 0 if timeout is None else max(1, math.ceil(timeout * 1e9))
-        with self._lock:
+        # Held by a reader, the lane has a call outstanding (one at a time): it cannot take
+        # this one, and waiting for the lock would wait for that call to end.
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
             if self._pending or self.closed or (not self._unix and self._peer_closed()):
                 return False
             stream_id, data = self._proto.send_request(
@@ -107,6 +115,8 @@ class Lane:
                 return False
             self._pending[stream_id] = on_done
             return True
+        finally:
+            self._lock.release()
 
     def _peer_closed(self) -> bool:
         """The server closed the lane while it was idle (its idle timeout, a restart).
@@ -180,8 +190,11 @@ class Lane:
             proto.receive_data(chunk)
 
     def hand_off(self) -> None:
-        """Read the lane in a helper thread until nothing is outstanding (someone else waits)."""
-        with self._lock:
+        """Read the lane in a helper thread until nothing is outstanding (someone else waits).
+
+        Never waits itself: the lane's reader may be blocked in recv until its call ends.
+        """
+        with self._helper_lock:
             if self._helper is not None and self._helper.is_alive():
                 return
             if not self._pending:
