@@ -276,6 +276,7 @@ async def test_actors_through_the_scheduler_spread_and_keep_their_worker(
         assert await anyio.to_thread.run_sync(vaccelray.kill, one) is True
         with pytest.raises(vaccelray.ActorDiedError, match="killed"):
             await one.count.remote()
+        assert await anyio.to_thread.run_sync(vaccelray.kill, one) is False  # dead already
         assert len(sched.actors.actors) == 1
     # The client went away: its actor is killed on its worker, and forgotten.
     assert sched.actors.actors == {}
