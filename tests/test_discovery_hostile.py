@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -33,6 +34,7 @@ from tests.waiting import eventually, finishes
 from vaccelray.auth import token_metadata
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.membership import MembershipError
+from vaccelray.protocol.announcement import SERVICE_TYPE
 from vaccelray.protocol.info import (
     INFO_METHOD,
     WORKER_SERVICE,
@@ -60,6 +62,7 @@ from vaccelray.status import fetch_status
 from vaccelray.testing import serve_member
 from vaccelray.transport.client import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
+from vaccelray.worker.announce import AnnouncePlan, announce
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.noop import NoopBackend
 
@@ -767,6 +770,66 @@ def in_netns(netns: str, fn: Callable[[], Awaitable[None]]) -> None:
         anyio.run(fn, backend="asyncio")
 
     finishes(run, f"the browser in {netns}", timeout=4 * LIVENESS)
+
+
+@pytest.mark.netns
+def test_a_withdrawn_worker_says_goodbye_last_and_past_the_duplicate_window() -> None:
+    """A reply zeroconf queued before the withdrawal may leave after the first goodbye;
+    listeners drop the repeats of that goodbye as duplicates. A later goodbye is the
+    last word on the name, or it would stay in their caches (CI saw the worker kept)."""
+    from zeroconf import DNSIncoming, DNSOutgoing, DNSPointer, DNSQuestion, const
+
+    require_netns()
+    full = f"w1.{SERVICE_TYPE}"
+    seen: list[tuple[float, int]] = []  # (arrival, TTL) of each PTR naming the worker
+    with Topology(1) as topo:
+        [here] = topo.addresses
+
+        async def scenario() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(("", 5353))
+                group = socket.inet_aton("224.0.0.251") + socket.inet_aton(here)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+                sock.setblocking(False)
+
+                def drain() -> None:
+                    while True:
+                        try:
+                            data = sock.recv(9000)
+                        except BlockingIOError:
+                            return
+                        for record in DNSIncoming(data).answers():
+                            if isinstance(record, DNSPointer) and record.alias == full:
+                                seen.append((anyio.current_time(), record.ttl))
+
+                async def collect() -> None:
+                    while True:
+                        await anyio.wait_readable(sock)
+                        drain()
+
+                query = DNSOutgoing(const._FLAGS_QR_QUERY)
+                query.add_question(DNSQuestion(SERVICE_TYPE, const._TYPE_PTR, const._CLASS_IN))
+                info = WorkerInfo(**SANE)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(collect)
+                    async with announce(
+                        info, AnnouncePlan((here,), 8194, (here,)), instance_name="w1"
+                    ):
+                        await eventually(lambda: bool(seen), "the worker's announcement")
+                        # Asked just before the withdrawal: zeroconf queues a reply.
+                        sock.sendto(query.packets()[0], ("224.0.0.251", 5353))
+                    tg.cancel_scope.cancel()
+                drain()
+
+        in_netns(topo.hosts[0], scenario)
+    goodbyes = [t for t, ttl in seen if ttl == 0]
+    assert goodbyes, seen
+    assert seen[-1][1] == 0, seen  # nothing announces the name after its last goodbye
+    # ...and that goodbye is no repeat a listener drops (it arrives past the window).
+    window = const._DUPLICATE_PACKET_SUPPRESSION_INTERVAL / 1000
+    assert goodbyes[-1] - goodbyes[0] >= window, seen
 
 
 @pytest.mark.netns

@@ -33,6 +33,11 @@ __all__ = ["AnnouncePlan", "Announcement", "announce", "announce_until", "plan_a
 
 log = logging.getLogger("vaccelray.announce")
 
+#: When the last goodbye leaves, in seconds after the withdrawal: past the latest a
+#: reply queued before it can go out (zeroconf holds a multicast answer up to 1.2 s)
+#: and past the 0.8 s in which a listener drops a repeated packet as a duplicate.
+LAST_GOODBYE_AFTER = 1.3
+
 
 @dataclass(frozen=True, slots=True)
 class AnnouncePlan:
@@ -128,7 +133,13 @@ async def announce(
         with anyio.CancelScope(shield=True):
             try:
                 if zc.zeroconf.registry.async_get_info_name(service.name) is not None:
+                    withdrawn = anyio.current_time()
                     await (await zc.async_unregister_service(service))
+                    # An answer zeroconf queued before the withdrawal can still leave after
+                    # the first goodbye, and listeners drop the repeats of that goodbye as
+                    # duplicates: without a later one the name would stay in their caches.
+                    await anyio.sleep(withdrawn + LAST_GOODBYE_AFTER - anyio.current_time())
+                    zc.zeroconf.async_send(zc.zeroconf.generate_service_broadcast(service, 0))
                     log.info("Withdrew zeroconf announcement %s", service.name)
             except Exception as exc:  # the goodbye is best effort
                 log.warning("zeroconf unregister failed: %s", exc)
