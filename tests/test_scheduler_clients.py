@@ -172,6 +172,18 @@ def test_a_gone_clients_objects_are_released_after_the_grace_through_a_scheduler
         assert staying._core.client_id not in worker.text()
 
 
+def test_a_client_that_only_put_objects_is_told_gone_to_their_worker(tmp_path: Path) -> None:
+    """Its puts alone tie it to its connection (no task named it)."""
+    with behind_a_scheduler(tmp_path, "--object-grace", "1") as (worker, address):
+        with Client(address) as leaving:
+            put = leaving.put(b"l" * 1000)
+            me = leaving._core.client_id
+            assert asyncio.run(_held(worker.address, put.object_id))
+            start = len(worker.lines)
+        worker.wait_for(f"Released 1 objects of client {me} ", start=start)
+        assert not asyncio.run(_held(worker.address, put.object_id))
+
+
 async def _held(address: str, object_id: str) -> bool:
     async with connect_member(address) as conn:
         try:
