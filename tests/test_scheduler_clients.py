@@ -7,7 +7,9 @@ scheduler, not the scheduler's to the worker."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,23 +49,33 @@ from vaccelray.transport.client import Client as TransportClient
 
 
 @contextmanager
-def behind_a_scheduler(tmp_path: Path, *worker_args: str) -> Iterator[tuple[Proc, str]]:
-    """A task worker behind a scheduler on a unix socket: (the worker, the scheduler's
-    address), once the scheduler has seen the worker up."""
+def scheduler_and_worker(
+    tmp_path: Path, *worker_args: str, scheduler_args: Sequence[str] = ()
+) -> Iterator[tuple[Proc, Proc, str]]:
+    """A task worker behind a scheduler on a unix socket: (the worker, the scheduler,
+    its address), once the scheduler has seen the worker up."""
     worker, worker_address = start_daemon([*task_worker_argv(), *worker_args])
     try:
         sched, address = start_daemon(
             scheduler_argv(
-                "-a", f"unix://{tmp_path}/sched.sock", "--no-discover", "--worker", worker_address
+                "-a", f"unix://{tmp_path}/sched.sock", "--no-discover", "--worker", worker_address,
+                *scheduler_args,
             )
         )  # fmt: skip
         try:
             sched.wait_for(f"Worker {worker_address} is up")
-            yield worker, address
+            yield worker, sched, address
         finally:
             sched.stop()
     finally:
         worker.stop()
+
+
+@contextmanager
+def behind_a_scheduler(tmp_path: Path, *worker_args: str) -> Iterator[tuple[Proc, str]]:
+    """The same, without the scheduler: (the worker, the scheduler's address)."""
+    with scheduler_and_worker(tmp_path, *worker_args) as (worker, _, address):
+        yield worker, address
 
 
 @pytest.fixture
@@ -184,6 +196,32 @@ def test_a_client_that_only_put_objects_is_told_gone_to_their_worker(tmp_path: P
         assert not asyncio.run(_held(worker.address, put.object_id))
 
 
+def test_a_clients_objects_outlive_its_worker_being_down_a_while(tmp_path: Path) -> None:
+    """The scheduler closed its connection to a worker it saw down, and the worker began
+    the grace of every client on it: once up again, the scheduler renews the claims of
+    the clients still present at once (not at their next call, which may come late)."""
+    quick = ("--health-interval", "0.2", "--health-timeout", "0.5")
+    with (
+        scheduler_and_worker(tmp_path, "--object-grace", "600", scheduler_args=quick) as (
+            worker,
+            sched,
+            address,
+        ),
+        Client(address) as client,
+    ):
+        kept = client.put(b"k" * 1000)
+        me = client._core.client_id
+        start, mark = len(worker.lines), len(sched.lines)
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            sched.wait_for(f"Worker {worker.address} is down", start=mark)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        worker.wait_for(f"Client {me} has no connection left", start=start)
+        worker.wait_for(f"Client {me} is back: its 1 objects are kept", start=start)
+        assert vaccelray.get(kept, timeout=60) == b"k" * 1000
+
+
 async def _held(address: str, object_id: str) -> bool:
     async with connect_member(address) as conn:
         try:
@@ -234,6 +272,10 @@ class _Pool:
     def __init__(self, *open_to: str) -> None:
         self.open_to = open_to
         self.sent: list[tuple[str, str, bool]] = []
+        self.connected: list[Callable[[str], None]] = []
+
+    def add_connected_listener(self, listener: Callable[[str], None]) -> None:
+        self.connected.append(listener)
 
     def start(
         self, address: str, service: str, method: str, payload: bytes, *args: Any, **kw: Any
@@ -270,6 +312,16 @@ def test_the_scheduler_tells_the_workers_a_client_used_when_its_last_connection_
     pool.sent.clear()
     table.seen("c", 5)
     table.seen("", 5)  # names no client: nothing to track
+    assert pool.sent == []
+    # A new connection to a worker: the clients owning objects there claim them on it.
+    table.seen("e", 6)
+    table.used("e", "w2", owns=True)
+    table.used("d", "w2", owns=True)  # d is gone: its claims ended (its grace runs)
+    [connected] = pool.connected
+    connected("w2")
+    assert sorted(pool.sent) == [("w2", "c", True), ("w2", "e", True)]
+    pool.sent.clear()
+    connected("w3")  # no client used it
     assert pool.sent == []
 
 

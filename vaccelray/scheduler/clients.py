@@ -64,6 +64,7 @@ class ClientTable:
         self._on: dict[int, set[str]] = {}
         #: Gone clients (oldest first), to tell their workers if they come back.
         self._gone: collections.OrderedDict[str, _Client] = collections.OrderedDict()
+        pool.add_connected_listener(self._connected)
 
     def seen(self, client: str, connection_id: int) -> None:
         """*client* speaks on *connection_id*; RESOURCE_EXHAUSTED past the bound."""
@@ -115,6 +116,13 @@ class ClientTable:
             self._gone[client] = state
             while len(self._gone) > MAX_GONE:
                 self._gone.popitem(last=False)
+
+    def _connected(self, address: str) -> None:
+        """A new connection to the worker at *address*: the claims of the clients owning
+        objects there ended with the last one (their grace runs); renew them on this one."""
+        for client, state in self._clients.items():
+            if state.owns and address in state.workers:
+                self._tell(client, {address}, present=True)
 
     def _tell(self, client: str, workers: set[str], *, present: bool) -> None:
         """Send ClientPresence to each of *workers* now, on the open connection to it (one

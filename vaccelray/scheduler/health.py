@@ -172,10 +172,23 @@ class HealthChecker:
                     info.instance,
                 )
         pool.changed(address, change)
+        if change is Change.UP:
+            await self._connect(address)
         if record is not None and address not in registry:
             log.info("Worker %s left (it said goodbye, or its name moved)", address)
             pool.forget(address)
         return change
+
+    async def _connect(self, address: str) -> None:
+        """Open the calls connection to a worker that came up, rather than at its next call:
+        the clients owning objects there renew their claims on it at once (see
+        :mod:`vaccelray.scheduler.clients`), before the grace that began when the last
+        connection closed runs out."""
+        try:
+            with anyio.fail_after(self.timeout):
+                await self.pool.client(address, connect_timeout=self.timeout)
+        except (TimeoutError, ConnectError, MembershipError, OSError) as exc:
+            log.info("Worker %s is up, but its calls connection is not yet: %s", address, exc)
 
     def _reason(self, exc: BaseException) -> str:
         """Why a check failed, in the scheduler's words (no peer bytes)."""

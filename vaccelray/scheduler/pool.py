@@ -106,6 +106,8 @@ class WorkerPool:
         #: Calls started without a task (start, send) and not ended, per worker.
         self._started: dict[str, int] = {}
         self._listeners: list[ChangeListener] = []
+        #: Called with a worker's address when a calls connection to it opens.
+        self._connected: list[Callable[[str], None]] = []
         self._closing: set[str] = set()
         #: Workers whose last connection failed the membership proof (logged once each).
         self._unproven: set[str] = set()
@@ -119,6 +121,11 @@ class WorkerPool:
     def add_listener(self, listener: ChangeListener) -> None:
         """Call *listener(address, change)* whenever a worker's routability changes."""
         self._listeners.append(listener)
+
+    def add_connected_listener(self, listener: Callable[[str], None]) -> None:
+        """Call *listener(address)* when a new calls connection to a worker opens (what the
+        worker tied to the last one ended with it)."""
+        self._connected.append(listener)
 
     def pick(self, op: str | None = None, *, exclude: Sequence[str] = ()) -> WorkerRecord | None:
         """The least-loaded healthy worker supporting *op* (None: no such worker)."""
@@ -240,6 +247,9 @@ class WorkerPool:
                 raise
             self._unproven.discard(address)
             table[address] = client
+            if not probe:
+                for listener in self._connected:
+                    listener(address)
             return client
 
     def drop_client(self, address: str) -> None:

@@ -206,6 +206,7 @@ class ObjectStore:
         timer = self._expiring.pop(client, None)
         if timer is not None:
             timer.cancel()
+            log.info("Client %s is back: its %d objects are kept", client, self.owned_by(client))
 
     def connection_closed(self, connection_id: int) -> None:
         """Drop what *connection_id* was sending; start the grace of clients it was the last of."""
