@@ -43,7 +43,11 @@ from vaccelray.protocol.services import (
     SUBMIT,
 )
 from vaccelray.scheduler import clients as clients_module
-from vaccelray.scheduler.clients import MAX_CLIENTS_PER_CONNECTION, ClientTable
+from vaccelray.scheduler.clients import (
+    MAX_CANCELLED_EARLY,
+    MAX_CLIENTS_PER_CONNECTION,
+    ClientTable,
+)
 from vaccelray.testing import connect_member
 from vaccelray.transport.client import Client as TransportClient
 
@@ -436,3 +440,34 @@ async def test_object_calls_are_checked_at_the_scheduler_and_released_on_each_wo
         assert not any(
             [await _held(address, i) for (_, address), i in zip(workers, ids, strict=True)]
         )
+
+
+def test_each_client_has_its_own_early_cancels_while_it_is_connected() -> None:
+    table = ClientTable(_Pool())  # type: ignore[arg-type]
+    table.cancel_early("me", 1, "t0")
+    # Another client's flood pushes out none of mine.
+    for i in range(MAX_CANCELLED_EARLY + 10):
+        table.cancel_early("flood", 2, f"x{i}")
+    assert not table.cancelled_before("flood", "x9")  # its own oldest went
+    assert table.cancelled_before("flood", f"x{MAX_CANCELLED_EARLY + 9}")
+    assert not table.cancelled_before("other", "t0")  # by client: not another's
+    assert table.cancelled_before("me", "t0")
+    assert not table.cancelled_before("me", "t0")  # once
+    # A client's own are bounded: its newest are kept.
+    for i in range(MAX_CANCELLED_EARLY + 1):
+        table.cancel_early("me", 1, f"t{i}")
+    assert not table.cancelled_before("me", "t0")
+    assert table.cancelled_before("me", "t1")
+    assert table.cancelled_before("me", f"t{MAX_CANCELLED_EARLY}")
+    # Named by a connection like any request: a few clients each.
+    for i in range(MAX_CLIENTS_PER_CONNECTION - 1):
+        table.cancel_early(f"c{i}", 1, "t")
+    with pytest.raises(RPCError) as refused:
+        table.cancel_early("one-more", 1, "t")
+    assert refused.value.code == StatusCode.RESOURCE_EXHAUSTED
+    # Gone with the client's last connection (back, it has none).
+    table.cancel_early("me", 1, "late")
+    table.used("me", "w")  # (remembered while gone, to tell w when it comes back)
+    table.connection_closed(1)
+    table.seen("me", 3)
+    assert not table.cancelled_before("me", "late")

@@ -15,10 +15,15 @@ A connection whose client owns objects on some worker (it put one, or a
 result was kept for it) holds state: the scheduler does not close it for
 being quiet, as a worker would not.
 
+It also remembers the tasks a client cancelled before their Submit came (a
+lane's Submit and the main connection's Cancel race by two connections): the
+newest ``MAX_CANCELLED_EARLY`` of each client, for as long as it has a
+connection, so no client's cancels push out another's.
+
 Bounds: a connection names at most ``MAX_CLIENTS_PER_CONNECTION`` clients (a
 real client names one); one more is RESOURCE_EXHAUSTED. So the table holds at
 most that many clients per open connection, each with at most the workers
-the registry knows.
+the registry knows and ``MAX_CANCELLED_EARLY`` task ids.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from vaccelray.protocol.services import CLIENT_PRESENCE
 from vaccelray.scheduler.pool import WorkerPool
 from vaccelray.transport.client import Outcome
 
-__all__ = ["MAX_CLIENTS_PER_CONNECTION", "MAX_GONE", "ClientTable"]
+__all__ = ["MAX_CANCELLED_EARLY", "MAX_CLIENTS_PER_CONNECTION", "MAX_GONE", "ClientTable"]
 
 log = logging.getLogger("vaccelray.routing")
 
@@ -42,6 +47,8 @@ log = logging.getLogger("vaccelray.routing")
 MAX_CLIENTS_PER_CONNECTION: Final = 4
 #: Gone clients remembered, to tell their workers when they come back.
 MAX_GONE: Final = 4096
+#: Tasks of one client remembered as cancelled before their Submit came.
+MAX_CANCELLED_EARLY: Final = 256
 #: Seconds a ClientPresence may take.
 _PRESENCE_TIMEOUT: Final = 5.0
 
@@ -53,6 +60,8 @@ class _Client:
     workers: set[str] = field(default_factory=set)
     #: Whether it owns objects on one of them (as far as the scheduler saw).
     owns: bool = False
+    #: Its tasks cancelled before their Submit came (task ids, oldest first).
+    cancelled_early: dict[str, None] = field(default_factory=dict)
 
 
 class ClientTable:
@@ -97,6 +106,23 @@ class ClientTable:
             state.workers.add(address)
             state.owns = state.owns or owns
 
+    def cancel_early(self, client: str, connection_id: int, task_id: str) -> None:
+        """*client*'s Cancel on *connection_id* found no task *task_id*: its Submit may
+        still be on its way by another connection (RESOURCE_EXHAUSTED as for :meth:`seen`)."""
+        self.seen(client, connection_id)
+        early = self._clients[client].cancelled_early
+        early[task_id] = None
+        if len(early) > MAX_CANCELLED_EARLY:
+            del early[next(iter(early))]
+
+    def cancelled_before(self, client: str, task_id: str) -> bool:
+        """Whether *client* cancelled *task_id* before its Submit came (forgotten once asked)."""
+        state = self._clients.get(client)
+        if state is None or task_id not in state.cancelled_early:
+            return False
+        del state.cancelled_early[task_id]
+        return True
+
     def holds_state(self, connection_id: int) -> bool:
         """Whether a client speaking on *connection_id* owns objects on a worker."""
         clients = self._clients
@@ -110,6 +136,7 @@ class ClientTable:
             if state.connections:
                 continue
             del self._clients[client]
+            state.cancelled_early.clear()
             if not state.workers:
                 continue
             self._tell(client, state.workers, present=False)

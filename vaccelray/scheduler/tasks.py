@@ -36,10 +36,10 @@ on one worker; the scheduler moves bytes and never unpickles anything.
     client, the scheduler and the workers see), so a client's blocking lane
     (a connection per calling thread) is cancelled through its main
     connection, and no client can cancel another's task. A Cancel naming
-    its client that finds no such task is remembered (the newest
-    ``MAX_CANCELLED_EARLY``): a Submit that comes by another connection after
-    it is answered CANCELLED at once. A task whose client goes away is
-    cancelled on its worker too.
+    its client that finds no such task is remembered for that client
+    (:class:`~vaccelray.scheduler.clients.ClientTable`): a Submit of it that
+    comes by another connection after it is answered CANCELLED at once. A
+    task whose client goes away is cancelled on its worker too.
 """
 
 from __future__ import annotations
@@ -77,8 +77,6 @@ DEFAULT_FUNCTION_CACHE_BYTES: Final = 256 << 20
 CANCEL_TIMEOUT: Final = 5.0
 #: Attempts at cancelling a task the worker has not started yet (it is on its way).
 _CANCEL_ATTEMPTS: Final = 5
-#: (client id, task id) cancelled before their Submit arrived that are remembered.
-MAX_CANCELLED_EARLY: Final = 1024
 
 
 class _Kept(msgspec.Struct, tag="done", array_like=True):
@@ -185,8 +183,6 @@ class TaskRouter:
         #: (client id, task id) -> the same tasks, those whose Submit named their client
         #: (as many as ``inflight``: the newest Submit of an id wins).
         self.by_client: dict[tuple[str, str], Flight] = {}
-        #: (client id, task id) cancelled before their Submit arrived; oldest dropped first.
-        self.cancelled_early: dict[tuple[str, str], None] = {}
         #: The clients behind the connections, and the workers they use.
         self.clients = ClientTable(pool)
         pool.add_listener(self._worker_changed)
@@ -269,8 +265,7 @@ class TaskRouter:
             raise RPCError(StatusCode.ALREADY_EXISTS, f"task {task.task_id} is already running")
         self.clients.seen(task.client, ctx.connection_id)
         client_key = (task.client, task.task_id)
-        if task.client and client_key in self.cancelled_early:
-            del self.cancelled_early[client_key]
+        if task.client and self.clients.cancelled_before(task.client, task.task_id):
             log.info("Cancelled task %s (%s) before it arrived", task.task_id, task.name)
             raise RPCError(StatusCode.CANCELLED, f"task {task.name} was cancelled")
         flight = Flight(task.task_id, task.name)
@@ -542,7 +537,7 @@ class TaskRouter:
             if flight is None and request.client:
                 flight = self.by_client.get((request.client, task_id))
                 if flight is None:
-                    self._cancel_early((request.client, task_id))
+                    self.clients.cancel_early(request.client, ctx.connection_id, task_id)
             if flight is None or flight.cancelled:
                 continue
             flight.cancelled = True
@@ -552,12 +547,6 @@ class TaskRouter:
             elif await self._forward_cancel(flight, flight.address, ()):
                 stopped.append(task_id)
         return CANCEL.reply.encode(wire.Cancelled(tuple(stopped)))
-
-    def _cancel_early(self, key: tuple[str, str]) -> None:
-        early = self.cancelled_early
-        early[key] = None
-        if len(early) > MAX_CANCELLED_EARLY:
-            del early[next(iter(early))]
 
     async def _forward_cancel(
         self,
