@@ -3,6 +3,7 @@ tasks go where their objects are, and an object whose worker died is lost."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 from typing import Any
@@ -18,6 +19,7 @@ from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT
 from vaccelray.testing import connect_member
+from vaccelray.worker.daemon import WorkerConfig, run_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -138,6 +140,38 @@ async def test_a_task_reads_objects_of_another_worker_from_it(
             assert await client.submit(sizes, a, b, c) == (3 * MIB, 5, 7)
             assert await client.submit(sizes, a) == (3 * MIB,)
             assert await client.submit(where, a) == (first_proc.pid, 3 * MIB)
+        finally:
+            await anyio.to_thread.run_sync(one.shutdown)
+            await anyio.to_thread.run_sync(two.shutdown)
+
+
+async def test_objects_read_from_another_worker_go_when_the_task_ends() -> None:
+    """Read into the running worker's store (counted against its limits), they are dropped
+    with the task: the worker keeps only what is its own."""
+    token = "the-cluster-token"
+    config = WorkerConfig(
+        addresses=("tcp://127.0.0.1:0",), backend="noop", pool_size=1, token=token, grace=1.0
+    )
+    async with run_worker(config) as first, run_worker(config) as second:
+        stores = [w.tasks.objects for w in (first, second) if w.tasks is not None]
+        assert len(stores) == 2
+        held, other = stores
+        one = await anyio.to_thread.run_sync(
+            functools.partial(vaccelray.Client, first.addresses[0], token=token)
+        )
+        two = await anyio.to_thread.run_sync(
+            functools.partial(vaccelray.Client, second.addresses[0], token=token)
+        )
+        try:
+            a = await anyio.to_thread.run_sync(one.put, b"a" * (3 * MIB))
+            b = await anyio.to_thread.run_sync(two.put, b"b" * (2 * MIB))
+            members: Any = [(None, w.addresses[0]) for w in (first, second)]  # (no Proc)
+            async with cluster(members, token=token) as (_, client):
+                own = (len(held), held.memory_used, held.disk_used)
+                # It runs on the first (most of the bytes), reading b from the second.
+                assert await client.submit(sizes, a, b) == (3 * MIB, 2 * MIB)
+                assert (len(held), held.memory_used, held.disk_used) == own
+                assert len(other) == 1
         finally:
             await anyio.to_thread.run_sync(one.shutdown)
             await anyio.to_thread.run_sync(two.shutdown)

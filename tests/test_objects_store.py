@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -21,14 +22,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.processes import Proc, start_daemon, worker_argv
+from vaccelray import segments
 from vaccelray.auth import TokenCheck
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS, WORKER
 from vaccelray.testing import serve_member
 from vaccelray.transport.client import Client, client_from_socket, open_client
-from vaccelray.transport.server import Server, Service, serve
-from vaccelray.worker.objects import ObjectLimits, ObjectStore, fetcher, object_store
+from vaccelray.transport.server import Method, Server, Service, serve
+from vaccelray.worker.objects import (
+    Borrowed,
+    Loan,
+    ObjectLimits,
+    ObjectStore,
+    fetcher,
+    object_store,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -550,28 +559,92 @@ async def test_the_store_keeps_results_for_their_client(tmp_path: Path) -> None:
 
 async def test_a_worker_reads_another_workers_objects_as_a_member(tmp_path: Path) -> None:
     token = "the-cluster-token"
-    with object_store("d" * 16, ObjectLimits(), tmp_path) as store:
+    with (
+        object_store("d" * 16, ObjectLimits(), tmp_path) as store,
+        object_store("a" * 16, ObjectLimits(), tmp_path) as mine,
+    ):
         big = store.add(payload(5 * MIB), "c1", 1)  # more than one message
         small = store.add(b"small", "c1", 1)
         service = Service(WORKER.name, store.methods(TokenCheck(token), 4 * MIB))
         async with serve_member([service], ["tcp://127.0.0.1:0"], token=token) as server:
             address = server.addresses[0]
             fetch = fetcher(token, 4 * MIB)
-            assert await fetch(address, [big, small]) == {
-                big: payload(5 * MIB),
-                small: b"small",
-            }
-            assert await fetch(address, []) == {}
+            into = Borrowed(mine)
+            got = await fetch(address, [big, small], into)
+            assert got[small] == b"small"
+            # A large one is lent as local ones are: where it lies, in this store.
+            loan = got[big]
+            assert isinstance(loan, Loan)
+            fd = loan.open()
+            try:
+                assert segments.read(fd, 0, 6 * MIB) == payload(5 * MIB)
+            finally:
+                os.close(fd)
+            assert (len(mine), mine.memory_used) == (2, 5 * MIB + 5)
+            assert await fetch(address, [], into) == {}
             with pytest.raises(RPCError, match="not held") as caught:
-                await fetch(address, [small, "d" * 16 + "-gone"])
+                await fetch(address, [small, "d" * 16 + "-gone"], into)
             assert caught.value.code == StatusCode.NOT_FOUND
             # Not a member: refused before anything is read.
             with pytest.raises(RPCError) as caught:
-                await fetcher("another-token", 4 * MIB)(address, [small])
+                await fetcher("another-token", 4 * MIB)(address, [small], into)
             assert caught.value.code == StatusCode.NOT_FOUND
             assert "cannot be reached" in caught.value.message
+            into.close()  # the task ended: nothing of it is left
+            assert (len(mine), mine.memory_used, mine.in_grace()) == (0, 0, frozenset())
+            assert len(store) == 2  # the other's are its own
     with pytest.raises(RPCError, match=f"the worker holding objects, {address}, cannot be reached"):
-        await fetch(address, [small])
+        await fetch(address, [small], Borrowed(mine))
+
+
+async def test_objects_read_from_another_worker_count_against_the_stores_limits(
+    tmp_path: Path,
+) -> None:
+    token = "the-cluster-token"
+    with (
+        object_store("d" * 16, ObjectLimits(), tmp_path) as store,
+        object_store("a" * 16, ObjectLimits(memory=2 * MIB, disk=2 * MIB), tmp_path) as mine,
+    ):
+        big = store.add(payload(3 * MIB), "c1", 1)
+        service = Service(WORKER.name, store.methods(TokenCheck(token), 4 * MIB))
+        async with serve_member([service], ["tcp://127.0.0.1:0"], token=token) as server:
+            into = Borrowed(mine)
+            with pytest.raises(RPCError, match="object store full") as caught:
+                await fetcher(token, 1 * MIB)(server.addresses[0], [big], into)
+            assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+            into.close()
+            assert (len(mine), mine.memory_used, mine.disk_used) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [wire.ObjectChunk(b"ab", 4), wire.ObjectChunk(b"", 4)],  # no progress: never ends
+        [wire.ObjectChunk(b"ab", 4), wire.ObjectChunk(b"cde", 4)],  # past its size
+        [wire.ObjectChunk(b"ab", 4), wire.ObjectChunk(b"cd", 6)],  # its size changed
+    ],
+    ids=["stalls", "overruns", "resizes"],
+)
+async def test_a_worker_sending_an_object_garbled_is_data_loss(
+    tmp_path: Path, chunks: list[wire.ObjectChunk]
+) -> None:
+    """Whatever the other worker sends, the read ends and takes no more room than declared."""
+    token = "the-cluster-token"
+    answers = iter(chunks)
+
+    def get(payload: bytes, ctx: Any) -> bytes:
+        return GET_OBJECT.reply.encode(next(answers))
+
+    service = Service(WORKER.name, {GET_OBJECT.method: Method(get, inline=True)})
+    with object_store("a" * 16, ObjectLimits(), tmp_path) as mine:
+        async with serve_member([service], ["tcp://127.0.0.1:0"], token=token) as server:
+            into = Borrowed(mine)
+            with pytest.raises(RPCError, match="garbled") as caught:
+                await fetcher(token, 4 * MIB)(server.addresses[0], ["d" * 16 + "-x"], into)
+            assert caught.value.code == StatusCode.DATA_LOSS
+            assert mine.memory_used == 4
+            into.close()
+            assert (len(mine), mine.memory_used) == (0, 0)
 
 
 async def test_the_store_bounds_its_objects(tmp_path: Path) -> None:

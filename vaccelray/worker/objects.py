@@ -68,6 +68,7 @@ __all__ = [
     "DEFAULT_MAX_SEGMENTS",
     "DEFAULT_OBJECT_DISK",
     "DEFAULT_OBJECT_MEMORY",
+    "Borrowed",
     "Fetch",
     "Loan",
     "ObjectLimits",
@@ -180,12 +181,19 @@ class ObjectStore:
         self._partial: dict[int, set[str]] = {}
         #: Objects held in shared-memory segments.
         self.segments = 0
+        #: The last connection id given to a :class:`Borrowed` (they count down from -1).
+        self._borrowers = 0
         #: The fds of dropped segments, and the thread closing them (started when needed).
         self._closing: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._closer: threading.Thread | None = None
 
     def __len__(self) -> int:
         return len(self._objects)
+
+    def borrower(self) -> int:
+        """A connection id for a :class:`Borrowed`, never a real connection's."""
+        self._borrowers -= 1
+        return self._borrowers
 
     def __contains__(self, object_id: object) -> bool:
         return object_id in self._objects
@@ -655,15 +663,43 @@ class ObjectStore:
         }
 
 
-#: Reads objects from another worker: its address and their ids -> their bytes by id.
-Fetch = Callable[[str, list[str]], Awaitable[dict[str, bytes]]]
+class Borrowed:
+    """Objects of other workers read into this store for one task: counted, spilled and
+    refused like any other ("object store full"), and dropped by :meth:`close` when the
+    task ends. They belong to an owner and a connection id of their own (negative: never
+    a real connection's), so the store's bounds and clean-up apply to them unchanged."""
+
+    __slots__ = ("_connection", "_ids", "_owner", "store")
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._owner = f"borrowed-{secrets.token_hex(8)}"
+        self._connection = store.borrower()
+        self._ids: list[str] = []
+
+    def room(self, size: int) -> str:
+        """A new object of *size* bytes to write with :meth:`ObjectStore.append`; its id."""
+        object_id = self.store.create(size, self._owner, self._connection)
+        self._ids.append(object_id)
+        return object_id
+
+    def close(self) -> None:
+        self.store.release(self._owner, self._ids)
+        self._ids = []
+        self.store.connection_closed(self._connection)
+
+
+#: Reads objects from another worker into this one's store for a task: its address, their
+#: ids and where they go -> what the task is lent of each (:meth:`ObjectStore.lend`) by id.
+Fetch = Callable[[str, list[str], Borrowed], Awaitable[dict[str, "bytes | Loan"]]]
 
 
 def fetcher(token: str | None, max_message_size: int) -> Fetch:
     """How a worker reads another worker's objects: as a cluster member (proving *token*
-    over TLS, :mod:`vaccelray.membership`), in chunks; NOT_FOUND when one is gone."""
+    over TLS, :mod:`vaccelray.membership`), in chunks written into its own store as they
+    come; NOT_FOUND when one is gone, DATA_LOSS when the other sends what does not fit."""
 
-    async def fetch(address: str, object_ids: list[str]) -> dict[str, bytes]:
+    async def fetch(address: str, object_ids: list[str], into: Borrowed) -> dict[str, bytes | Loan]:
         credential = Credential(token)
         try:
             conn = await open_client(
@@ -678,20 +714,31 @@ def fetcher(token: str | None, max_message_size: int) -> Fetch:
                 f"the worker holding objects, {address}, cannot be reached: {exc}",
             ) from exc
         chunk = max(1, max_message_size - wire.CHUNK_MARGIN)
+        store = into.store
         try:
-            found = {}
+            found: dict[str, bytes | Loan] = {}
             for object_id in object_ids:
-                parts = []
-                offset, size = 0, -1
+                local, offset, size = "", 0, -1
                 while offset != size:
                     reply = await conn.call_rpc(
                         GET_OBJECT,
                         wire.GetObject(object_id, offset, chunk),
                         metadata=credential.metadata_for(address),
                     )
-                    parts.append(reply.data)
-                    offset, size = offset + len(reply.data), reply.size
-                found[object_id] = b"".join(parts)
+                    if not local:
+                        size = reply.size
+                        local = into.room(size)  # RESOURCE_EXHAUSTED when it has none
+                    end = offset + len(reply.data)
+                    stalled = end == offset and end != size
+                    if reply.size != size or end > size or stalled:
+                        raise RPCError(
+                            StatusCode.DATA_LOSS,
+                            f"{address} sent object {object_id} garbled (declared {size} "
+                            f"bytes; {len(reply.data)} at {offset} declaring {reply.size})",
+                        )
+                    store.append(local, offset, reply.data, end == size)
+                    offset = end
+                found[object_id] = store.lend(local)
             return found
         finally:
             await conn.aclose()

@@ -55,6 +55,7 @@ from vaccelray.worker.actors import (
 )
 from vaccelray.worker.agent import Agent
 from vaccelray.worker.objects import (
+    Borrowed,
     Fetch,
     Loan,
     ObjectLimits,
@@ -284,6 +285,7 @@ class _Task:
 
     __slots__ = (
         "args",
+        "borrowed",
         "done",
         "elsewhere",
         "fetching",
@@ -318,6 +320,8 @@ class _Task:
         self.owner = owner
         self.job: _Job | None = None
         self.fetching: asyncio.Future[None] | None = None
+        #: The objects read from other workers into this one's store, while the task lasts.
+        self.borrowed: Borrowed | None = None
         #: The result's segment (fd, size), when it came as one (just before its Done).
         self.segment: tuple[int, int] | None = None
 
@@ -346,14 +350,19 @@ class _Task:
             self.service.pool.abort(self.job)
         if self.fetching is not None:
             self.fetching.cancel()
+        if self.borrowed is not None:
+            self.borrowed.close()
+            self.borrowed = None
 
     async def _fetch_then_run(self) -> None:
-        fetch = self.service.fetch
+        fetch, store = self.service.fetch, self.service.objects
         assert fetch is not None
+        assert store is not None
         objects = self.objects
+        borrowed = self.borrowed = Borrowed(store)
         try:
             for address, ids in self.elsewhere.items():
-                objects.update(await fetch(address, ids))
+                objects.update(await fetch(address, ids, borrowed))
         except Exception as exc:
             self.end(exc)
             return
