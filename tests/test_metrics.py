@@ -296,7 +296,14 @@ async def test_worker_metrics_show_its_task_pool() -> None:
         assert worker.tasks is not None  # type: ignore[attr-defined]
         await until_pool_up(worker.tasks.pool)  # type: ignore[attr-defined]
         worker.tasks.outcomes["ok"] += 2  # type: ignore[attr-defined]
+        empty = await get_metrics(seen)
+        worker.tasks.objects.add(b"o" * 10, "c", 1)  # type: ignore[attr-defined]
         samples = await get_metrics(seen)
+    assert empty[("vaccelray_worker_objects", ())] == 0
+    assert empty[("vaccelray_worker_object_bytes", (("place", "memory"),))] == 0
+    assert samples[("vaccelray_worker_objects", ())] == 1
+    assert samples[("vaccelray_worker_object_bytes", (("place", "memory"),))] == 10
+    assert samples[("vaccelray_worker_object_bytes", (("place", "disk"),))] == 0
     assert samples[("vaccelray_worker_pool_processes", ())] == 1
     assert samples[("vaccelray_worker_pool_busy_processes", ())] == 0
     assert samples[("vaccelray_worker_tasks_queued", ())] == 0

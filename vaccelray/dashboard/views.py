@@ -85,6 +85,17 @@ class WorkerView:
             ("outcome",),
             [((outcome,), count) for outcome, count in sorted(tasks.outcomes.items())],
         )
+        store = tasks.objects
+        if store is None:
+            return
+        yield _gauge("objects", "Objects in the store (being sent or sealed).", len(store))
+        yield Family(
+            "object_bytes",
+            "Bytes of the store's objects, in memory or spilled to disk.",
+            "gauge",
+            ("place",),
+            [(("memory",), store.memory_used), (("disk",), store.disk_used)],
+        )
 
 
 class SchedulerView:
