@@ -190,15 +190,15 @@ class ObjectStore:
     def __len__(self) -> int:
         return len(self._objects)
 
-    def borrower(self) -> int:
-        """A connection id for a :class:`Borrowed`, never a real connection's."""
-        self._borrowers -= 1
-        return self._borrowers
-
     def __contains__(self, object_id: object) -> bool:
         return object_id in self._objects
 
     # -- clients -----------------------------------------------------------------
+
+    def borrower(self) -> int:
+        """A connection id for a :class:`Borrowed`, never a real connection's."""
+        self._borrowers -= 1
+        return self._borrowers
 
     @staticmethod
     def owner(client: str, connection_id: int) -> str:
