@@ -34,7 +34,7 @@ import collections
 import functools
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -295,16 +295,23 @@ class SessionTable:
                 )
             return binding
 
-    async def _create_on_worker(self, session: RoutedSession, ctx: CallContext) -> Binding:
+    async def _create_on_worker(
+        self,
+        session: RoutedSession,
+        ctx: CallContext,
+        passed: Sequence[tuple[str, Exception]] = (),
+    ) -> Binding:
         """Open the session on the least-loaded capable worker, replaying its resources.
 
         A worker that cannot take it (unavailable, or full: RESOURCE_EXHAUSTED)
         is passed over for the next; when every one asked was full, so is the
         answer (a worker without the session's operations is not asked).
+        *passed*: the workers asked already and their refusals.
         """
-        tried: list[str] = []
-        last_error = ""
-        asked = full = 0
+        tried = [address for address, _ in passed]
+        last_error = _refusal(*passed[-1]) if passed else ""
+        asked = len(passed)
+        full = sum(_full(exc) for _, exc in passed)
         service = ctx.service
         while True:
             worker = self.pool.pick(None, exclude=tried)
@@ -337,14 +344,13 @@ class SessionTable:
                     timeout=ctx.time_left(),
                 )
             except WorkerUnavailable as exc:
-                last_error = str(exc)
+                last_error = _refusal(address, exc)
                 continue
             except RPCError as exc:
                 if not _passes_over(exc):
                     raise
-                if exc.code == StatusCode.RESOURCE_EXHAUSTED:
-                    full += 1
-                last_error = f"{address}: {exc.message}"
+                full += _full(exc)
+                last_error = _refusal(address, exc)
                 continue
             worker_session = int(CREATE_SESSION.reply.decode(reply).session_id)
             binding = Binding(address, instance, worker_session)
@@ -605,7 +611,7 @@ class SessionTable:
             if isinstance(outcome, WorkerUnavailable) or (
                 isinstance(outcome, RPCError) and _passes_over(outcome)
             ):
-                self._create_later(reply, flags, ops, ctx)  # tries the other workers
+                self._create_later(reply, flags, ops, ctx, ((address, outcome),))  # the others
             else:
                 reply.set_exception(outcome)
 
@@ -633,14 +639,22 @@ class SessionTable:
         flags: int,
         ops: frozenset[str] | None,
         ctx: CallContext,
+        passed: Sequence[tuple[str, Exception]] = (),
     ) -> None:
         async def create() -> bytes:
-            return _created_reply(await self.create(flags, ops, ctx))
+            return _created_reply(await self.create(flags, ops, ctx, passed))
 
         follow(asyncio.ensure_future(create()), reply)
 
-    async def create(self, flags: int, ops: frozenset[str] | None, ctx: CallContext) -> int:
-        """Open a session for the caller's connection on a worker; its scheduler id."""
+    async def create(
+        self,
+        flags: int,
+        ops: frozenset[str] | None,
+        ctx: CallContext,
+        passed: Sequence[tuple[str, Exception]] = (),
+    ) -> int:
+        """Open a session for the caller's connection on a worker; its scheduler id
+        (*passed*: the workers that refused it already, see :meth:`_create_on_worker`)."""
         owner = ctx.connection_id
         self._check_session_bounds(owner)
         session = RoutedSession(next(self._session_ids), owner, flags, ops)
@@ -649,7 +663,7 @@ class SessionTable:
             # Shielded: a session the worker made is recorded (and cleaned up) even if
             # the caller goes away meanwhile.
             with anyio.CancelScope(shield=True), anyio.fail_after(self.housekeeping_timeout(ctx)):
-                await self._create_on_worker(session, ctx)
+                await self._create_on_worker(session, ctx, passed)
         except TimeoutError:
             self._unbind(session, bury=True)
             raise RPCError(
@@ -941,6 +955,18 @@ def _passes_over(exc: RPCError) -> bool:
     any other error is the caller's.
     """
     return exc.code in (StatusCode.RESOURCE_EXHAUSTED, StatusCode.UNAVAILABLE)
+
+
+def _full(exc: Exception) -> int:
+    """1 when a worker refused a session for being full (RESOURCE_EXHAUSTED), else 0."""
+    return int(isinstance(exc, RPCError) and exc.code == StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _refusal(address: str, exc: Exception) -> str:
+    """A worker's refusal of a session as the caller's error names it (``last error: …``)."""
+    if isinstance(exc, RPCError):
+        return f"{address}: {exc.message}"
+    return str(exc)  # WorkerUnavailable names its worker
 
 
 def _created_reply(session_id: int) -> bytes:
