@@ -727,10 +727,11 @@ def fetcher(token: str | None, max_message_size: int) -> Fetch:
                     )
                     if not local:
                         size = reply.size
-                        local = into.room(size)  # RESOURCE_EXHAUSTED when it has none
+                        if size >= 0:
+                            local = into.room(size)  # RESOURCE_EXHAUSTED when it has none
                     end = offset + len(reply.data)
                     stalled = end == offset and end != size
-                    if reply.size != size or end > size or stalled:
+                    if not local or reply.size != size or end > size or stalled:
                         raise RPCError(
                             StatusCode.DATA_LOSS,
                             f"{address} sent object {object_id} garbled (declared {size} "
