@@ -320,6 +320,8 @@ def test_the_scheduler_tells_the_workers_a_client_used_when_its_last_connection_
     # A new connection to a worker: the clients owning objects there claim them on it.
     table.seen("e", 6)
     table.used("e", "w2", owns=True)
+    table.seen("f", 7)
+    table.used("f", "w2")  # sent tasks there, owns nothing: no claim to renew
     table.used("d", "w2", owns=True)  # d is gone: its claims ended (its grace runs)
     [connected] = pool.connected
     connected("w2")
