@@ -206,7 +206,14 @@ class ObjectStore:
         return client or f"connection-{connection_id}"
 
     def claim(self, client: str, connection_id: int) -> None:
-        """*client* speaks on *connection_id*: its objects are not released while it does."""
+        """*client* speaks on *connection_id*: its objects are not released while it does.
+
+        Only a client owning objects here is recorded (there is nothing else to keep),
+        and it is forgotten when it owns none: a connection naming ever new client ids
+        grows nothing.
+        """
+        if client not in self._owned:
+            return
         conns = self._connections.setdefault(client, set())
         if connection_id not in conns:
             conns.add(connection_id)
@@ -250,6 +257,18 @@ class ObjectStore:
             )
             loop = asyncio.get_running_loop()
             self._expiring[client] = loop.call_later(self.limits.grace, self._expire, client)
+
+    def _owns_nothing(self, client: str) -> None:
+        """*client* owns no object here any more: its claims and grace go with them."""
+        del self._owned[client]
+        for connection_id in self._connections.pop(client, ()):
+            clients = self._client_of[connection_id]
+            clients.discard(client)
+            if not clients:
+                del self._client_of[connection_id]
+        timer = self._expiring.pop(client, None)
+        if timer is not None:
+            timer.cancel()
 
     def owned_by(self, client: str) -> int:
         """How many objects *client* owns here."""
@@ -425,7 +444,7 @@ class ObjectStore:
             if not obj.owners:
                 self._drop(object_id)
         if owned is not None and not owned:
-            self._owned.pop(client, None)
+            self._owns_nothing(client)
         return count
 
     def share(self, object_id: str, client: str) -> None:
@@ -562,7 +581,7 @@ class ObjectStore:
             owned = self._owned[client]
             owned.discard(object_id)
             if not owned:
-                del self._owned[client]
+                self._owns_nothing(client)
         if obj.sender:
             self._unsent(obj, object_id)
         if obj.path is None:
