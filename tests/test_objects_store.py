@@ -451,17 +451,6 @@ async def test_a_connection_naming_ever_new_client_ids_grows_no_table(small: Ser
         assert not store.holds_state(connection_id)
 
 
-async def test_an_object_two_clients_hold_stays_until_both_release_it(small: Served) -> None:
-    async with small.connect() as client:
-        object_id = await put(client, b"shared", who="one")
-        small.store.share(object_id, "two")
-        small.store.share("f" * 16 + "-nothing", "two")  # a gone object: nothing to share
-        assert await release(client, object_id, who="one") == 1
-        assert await get(client, object_id, who="two") == b"shared"
-        assert await release(client, object_id, who="two") == 1
-        assert await gone(client, object_id)
-
-
 async def gone_from(store: ObjectStore, object_id: str) -> bool:
     return object_id not in store
 

@@ -447,13 +447,6 @@ class ObjectStore:
             self._owns_nothing(client)
         return count
 
-    def share(self, object_id: str, client: str) -> None:
-        """*client* holds a ref to *object_id* too (a task it submitted was passed it)."""
-        obj = self._objects.get(object_id)
-        if obj is not None and client not in obj.owners:
-            obj.owners.add(client)
-            self._owned.setdefault(client, set()).add(object_id)
-
     # -- placement -----------------------------------------------------------------
 
     def _full(self, size: int) -> RPCError:
