@@ -19,6 +19,7 @@ import pytest
 
 import vaccelray
 from tests.processes import Proc, scheduler_argv, start_daemon
+from tests.test_objects_cluster import blob, held_by
 from tests.test_objects_store import get, put, served
 from tests.test_offload_api import Custom, add, raises
 from tests.test_scheduler_tasks import (  # noqa: F401
@@ -154,11 +155,6 @@ def test_a_cancel_that_comes_before_its_submit_stops_it(scheduled: tuple[Proc, s
 # -- a gone client's objects ------------------------------------------------------------
 
 
-@vaccelray.offload
-def blob(size: int) -> bytes:
-    return b"b" * size
-
-
 def test_a_gone_clients_objects_are_released_after_the_grace_through_a_scheduler(
     tmp_path: Path,
 ) -> None:
@@ -174,7 +170,7 @@ def test_a_gone_clients_objects_are_released_after_the_grace_through_a_scheduler
             large.result(timeout=60)
             gone_ids = [put.object_id, large._future.result().object_id]
             me = leaving._core.client_id
-            assert all(asyncio.run(_held(worker_address, i)) for i in gone_ids)
+            assert all(asyncio.run(held_by(worker_address, i)) for i in gone_ids)
             start = len(worker.lines)
         # Its connections to the scheduler closed; the scheduler's to the worker did not.
         worker.wait_for(
@@ -182,7 +178,7 @@ def test_a_gone_clients_objects_are_released_after_the_grace_through_a_scheduler
             start=start,
         )
         worker.wait_for(f"Released 2 objects of client {me} ", start=start)
-        assert not any(asyncio.run(_held(worker_address, i)) for i in gone_ids)
+        assert not any(asyncio.run(held_by(worker_address, i)) for i in gone_ids)
         # The other client's are not.
         assert vaccelray.get(kept, timeout=60) == b"s" * 1000
         assert staying._core.client_id not in worker.text()
@@ -194,10 +190,10 @@ def test_a_client_that_only_put_objects_is_told_gone_to_their_worker(tmp_path: P
         with Client(address) as leaving:
             put = leaving.put(b"l" * 1000)
             me = leaving._core.client_id
-            assert asyncio.run(_held(worker.address, put.object_id))
+            assert asyncio.run(held_by(worker.address, put.object_id))
             start = len(worker.lines)
         worker.wait_for(f"Released 1 objects of client {me} ", start=start)
-        assert not asyncio.run(_held(worker.address, put.object_id))
+        assert not asyncio.run(held_by(worker.address, put.object_id))
 
 
 def test_a_clients_objects_outlive_its_worker_being_down_a_while(tmp_path: Path) -> None:
@@ -224,17 +220,6 @@ def test_a_clients_objects_outlive_its_worker_being_down_a_while(tmp_path: Path)
         worker.wait_for(f"Client {me} has no connection left", start=start)
         worker.wait_for(f"Client {me} is back: its 1 objects are kept", start=start)
         assert vaccelray.get(kept, timeout=60) == b"k" * 1000
-
-
-async def _held(address: str, object_id: str) -> bool:
-    async with connect_member(address) as conn:
-        try:
-            await conn.call_rpc(GET_OBJECT, objects_wire.GetObject(object_id, 0, 1, "watcher"))
-        except RPCError as exc:
-            if exc.code != StatusCode.NOT_FOUND:
-                raise
-            return False
-    return True
 
 
 @pytest.mark.anyio
@@ -440,7 +425,7 @@ async def test_object_calls_are_checked_at_the_scheduler_and_released_on_each_wo
         reply = await conn.call_rpc(RELEASE_OBJECTS, objects_wire.ReleaseObjects((lost, *ids), "c"))
         assert reply.released == 2
         assert not any(
-            [await _held(address, i) for (_, address), i in zip(workers, ids, strict=True)]
+            [await held_by(address, i) for (_, address), i in zip(workers, ids, strict=True)]
         )
 
 
