@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import pickle
 import re
 import socket
 import subprocess
@@ -169,16 +168,6 @@ def test_arguments_past_the_message_size_are_put_first(client: vaccelray.Client)
     assert client.submit(total, b"z" * (6 * MIB)).result() == 6 * MIB
     ref = client.put(b"r" * 10)  # a ref inside arguments that are put too
     assert client.submit(total, [ref, b"z" * (6 * MIB)]).result() == 6 * MIB + 10
-
-
-def test_an_object_ref_is_not_pickled_otherwise(client: vaccelray.Client) -> None:
-    ref = client.put(1)
-    with pytest.raises(TypeError) as caught:
-        pickle.dumps(ref)
-    assert str(caught.value) == (
-        "an ObjectRef is passed to tasks (anywhere inside their arguments) or read with "
-        "vaccelray.get(), not pickled otherwise"
-    )
 
 
 def test_dropping_the_last_ref_releases_the_object(client: vaccelray.Client, worker: Proc) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -194,6 +195,28 @@ def test_a_client_that_only_put_objects_is_told_gone_to_their_worker(tmp_path: P
             start = len(worker.lines)
         worker.wait_for(f"Released 1 objects of client {me} ", start=start)
         assert not asyncio.run(held_by(worker.address, put.object_id))
+
+
+def test_a_ref_handed_to_another_client_outlives_its_maker_through_a_scheduler(
+    tmp_path: Path,
+) -> None:
+    with behind_a_scheduler(tmp_path, "--object-grace", "1") as (worker, address):
+        taker = vaccelray.init(address)
+        try:
+            with Client(address) as maker:
+                ref = maker.put(b"h" * 1000)
+                maker_id = maker._core.client_id
+                handed = pickle.loads(pickle.dumps(ref))  # a ref of the default client
+                start = len(worker.lines)
+            worker.wait_for(f"Released 1 objects of client {maker_id} ", start=start)
+            assert vaccelray.get(handed, timeout=60) == b"h" * 1000
+            taker_id = taker._core.client_id
+            start = len(worker.lines)
+        finally:
+            vaccelray.shutdown()
+        # The taker left holding its ref: the scheduler told the worker, whose grace ends it.
+        worker.wait_for(f"Released 1 objects of client {taker_id} ", start=start)
+        assert not asyncio.run(held_by(worker.address, handed.object_id))
 
 
 def test_a_clients_objects_outlive_its_worker_being_down_a_while(tmp_path: Path) -> None:

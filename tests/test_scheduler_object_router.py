@@ -17,7 +17,7 @@ import pytest
 from tests.waiting import liveness
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
-from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT
+from vaccelray.protocol.services import GET_OBJECT, HOLD_OBJECTS, PUT_OBJECT, RELEASE_OBJECTS
 from vaccelray.scheduler.objects import ObjectRouter, holder
 from vaccelray.scheduler.pool import WorkerUnavailable
 from vaccelray.scheduler.registry import Health, WorkerRecord
@@ -89,11 +89,15 @@ def _router(pool: _Pool) -> ObjectRouter:
 
 
 class _Clients:
+    def __init__(self) -> None:
+        self.seen_on: list[tuple[str, int]] = []
+        self.used_at: list[tuple[str, str, bool]] = []
+
     def seen(self, client: str, connection_id: int) -> None:
-        pass
+        self.seen_on.append((client, connection_id))
 
     def used(self, client: str, address: str, *, owns: bool = False) -> None:
-        pass
+        self.used_at.append((client, address, owns))
 
 
 def _ctx() -> CallContext:
@@ -177,3 +181,29 @@ def test_an_object_of_no_healthy_worker_is_lost_naming_it() -> None:
     pool.registry = [WorkerRecord(HOLDER.address, instance=HOLDER.instance, health=Health.DOWN)]
     with pytest.raises(RPCError, match="is lost"):
         holder(pool, OBJECT_ID)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rpc", [HOLD_OBJECTS, RELEASE_OBJECTS], ids=lambda r: r.method)
+async def test_holds_and_releases_go_to_each_holder_once_and_a_gone_ones_are_passed_over(
+    rpc: Any,
+) -> None:
+    holding = rpc is HOLD_OBJECTS
+    reply = wire.Held(2) if holding else wire.Released(2)
+    pool = _Pool(rpc.reply.encode(reply))
+    clients = _Clients()
+    router = ObjectRouter(pool, None, clients)  # type: ignore[arg-type]
+    ids = (OBJECT_ID, "bbbb-1", "cccc-1", "aaaa-8")  # cccc: no such worker
+    message = wire.HoldObjects(ids, "me") if holding else wire.ReleaseObjects(ids, "me")
+    answer = await router.methods()[rpc.method].handler(rpc.request.encode(message), _ctx())
+    assert answer == rpc.reply.encode(wire.Held(4) if holding else wire.Released(4))
+    sent = [(a, rpc.request.decode(p), t) for a, _, m, p, t in pool.called if m == rpc.method]
+    kind = type(message)
+    assert [(a, m) for a, m, _ in sent] == [
+        (HOLDER.address, kind((OBJECT_ID, "aaaa-8"), "me")),
+        (OTHER.address, kind(("bbbb-1",), "me")),
+    ]
+    assert all(_within_deadline(t) for _, _, t in sent)
+    # A holder must hear when the client leaves: the scheduler records where it owns objects.
+    expected = [("me", HOLDER.address, True), ("me", OTHER.address, True)] if holding else []
+    assert clients.used_at == expected
+    assert clients.seen_on == ([("me", 1)] if holding else [])

@@ -210,6 +210,11 @@ class Client:
         object_id = self._call(functools.partial(core.objects.put_pickled, pickled))
         return ObjectRef(core.objects, object_id, pickled.size)
 
+    def adopt(self, object_id: str, size: int) -> ObjectRef[Any]:
+        """A ref to an object another client handed this one (what an unpickled
+        :class:`ObjectRef` becomes): this client owns the object too from now on."""
+        return self._live_core().objects.adopt(object_id, size)
+
     def classify(self, image: bytes, *, timeout: float | None = None) -> str:
         """Classify one encoded image on the worker's backend (in a session kept by this client)."""
         core = self._core

@@ -41,7 +41,13 @@ from vaccelray.client.outcomes import load_result
 from vaccelray.client.remote import pickle_args
 from vaccelray.errors import RPCError, StatusCode, TransportError
 from vaccelray.protocol import objects as wire
-from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS, Rpc
+from vaccelray.protocol.services import (
+    GET_OBJECT,
+    HOLD_OBJECTS,
+    PUT_OBJECT,
+    RELEASE_OBJECTS,
+    Rpc,
+)
 from vaccelray.task_context import object_value
 from vaccelray.transport.endpoints import UnixEndpoint, parse_endpoint
 
@@ -84,6 +90,12 @@ class ObjectRef(Generic[R]):
     passed to ``.remote()`` (anywhere inside the arguments) the task gets the
     value, read on the worker. The object is released when the last ref to it
     in this client is gone.
+
+    Pickled otherwise (to hand it to another program of the cluster), it is
+    its id; unpickled, it is a ref of that program's default client, which
+    owns the object from then on beside the clients that already do: the
+    object stays while any of them holds a ref (or is within its grace
+    period). The sender keeps its ref until the receiver has unpickled it.
     """
 
     __slots__ = ("__weakref__", "_objects", "object_id", "size")
@@ -98,10 +110,7 @@ class ObjectRef(Generic[R]):
         return f"<ObjectRef {self.object_id} ({self.size} bytes)>"
 
     def __reduce__(self) -> Any:
-        raise TypeError(
-            "an ObjectRef is passed to tasks (anywhere inside their arguments) or read with "
-            "vaccelray.get(), not pickled otherwise"
-        )
+        return handed, (self.object_id, self.size)
 
     def done(self) -> bool:
         return True
@@ -113,6 +122,20 @@ class ObjectRef(Generic[R]):
     def __await__(self) -> Generator[Any, None, R]:
         """The value, in asyncio code."""
         return self._objects.value_async(self.object_id, "this object").__await__()
+
+
+def handed(object_id: str, size: int) -> ObjectRef[Any]:
+    """An :class:`ObjectRef` unpickled: a ref of this program's default client, which owns
+    the object too (see :meth:`Objects.adopt`)."""
+    from vaccelray.client.api import default_client
+    from vaccelray.client.remote import in_pool_process
+
+    if in_pool_process():
+        raise TypeError(
+            f"object {object_id}: a ref unpickled inside a task or actor is not owned by "
+            "anything there; pass refs as the arguments (they arrive as their values)"
+        )
+    return default_client().adopt(object_id, size)
 
 
 class Stored:
@@ -291,6 +314,45 @@ class Objects:
                     metadata=self.core.metadata,
                     timeout=30.0,
                 )
+
+    def adopt(self, object_id: str, size: int) -> ObjectRef[Any]:
+        """A ref to *object_id* (of *size* bytes) that another client handed this one: this
+        client owns the object from now on, beside the others (``HoldObjects``), unless it
+        already holds refs to it. Waits for the worker's answer (the sender may drop its
+        ref then), except on the client's loop, where it is sent at once. An object
+        already gone is left to ``get`` to report (ObjectLostError)."""
+        if not self.held(object_id):
+            core = self.core
+            if threading.get_ident() == core.thread_id:
+                self._hold_soon(object_id)
+            else:
+                hold = asyncio.run_coroutine_threadsafe(self._hold(object_id), core.loop)
+                hold.result(2 * _CALL_TIMEOUT)
+        return ObjectRef(self, object_id, size)
+
+    def _hold_soon(self, object_id: str) -> None:
+        """Send the HoldObjects of :meth:`adopt` at once, on the client's loop (unanswered)."""
+        conn = self.core.live_connection()
+        if conn is None:
+            log.warning("Object %s is not owned by this client: it has no connection", object_id)
+            return
+        request = HOLD_OBJECTS.request.encode(wire.HoldObjects((object_id,), self.core.client_id))
+        with contextlib.suppress(TransportError):  # closed: as above
+            conn.start_call(
+                HOLD_OBJECTS.service,
+                HOLD_OBJECTS.method,
+                request,
+                functools.partial(_hold_answered, object_id),
+                metadata=self.core.metadata,
+                timeout=_CALL_TIMEOUT,
+            )
+
+    async def _hold(self, object_id: str) -> None:
+        conn = await self.core.connection()
+        request = wire.HoldObjects((object_id,), self.core.client_id)
+        held = await self._checked(self._send(conn, HOLD_OBJECTS, request))
+        if not held.held:
+            log.info("Object %s was gone when this client took a ref to it", object_id)
 
     # -- put and get ---------------------------------------------------------------
 
@@ -481,6 +543,11 @@ class Objects:
 
 
 loads: Final = load_result
+
+
+def _hold_answered(object_id: str, outcome: Outcome) -> None:
+    if isinstance(outcome, BaseException):
+        log.warning("Object %s is not owned by this client: %s", object_id, outcome)
 
 
 def _release_answered(count: int, outcome: Outcome) -> None:

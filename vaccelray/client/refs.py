@@ -69,6 +69,21 @@ class TaskRef(Generic[R]):
         #: The refs its arguments hold, by object id (held until it ends).
         self._inputs: dict[str, Any] = {}
 
+    def __reduce__(self) -> Any:
+        """Pickled outside a task's arguments (handed to another program): an ObjectRef of
+        its result kept in the cluster (see ``ObjectRef``)."""
+        from vaccelray.client.objects import Stored, handed
+
+        future = self._future
+        if future.done() and future.exception() is None:
+            value: Any = future.result()
+            if type(value) is Stored:
+                return handed, (value.object_id, value.size)
+        raise TypeError(
+            f"{self.name}: a TaskRef is pickled (handed to another program) only once its "
+            "result is kept in the cluster; pickle vaccelray.get(ref), or vaccelray.put it"
+        )
+
     def inputs(self, refs: dict[str, Any]) -> None:
         """Hold *refs* (objects its arguments name, by id) too, until the task ends."""
         if not self._inputs:

@@ -25,6 +25,10 @@ Methods (request → reply):
     An unknown (or released) object: NOT_FOUND.
 ``ReleaseObjects``  :class:`ReleaseObjects` → :class:`Released`
     The client holds no more refs to these objects; one no client holds is dropped.
+``HoldObjects``     :class:`HoldObjects` → :class:`Held`
+    The client holds refs to these objects too (refs another client handed
+    it): it owns them beside their other owners, so they stay while any owner
+    holds them. Ids of objects the worker no longer holds are passed over.
 ``ClientPresence``  :class:`ClientPresence` → :class:`Presence`
     From a scheduler: whether a client that speaks through the calling
     connection still has a connection to the scheduler. Gone, the calling
@@ -47,11 +51,14 @@ __all__ = [
     "MAX_OBJECT_ID",
     "MAX_RELEASE",
     "METHOD_GET",
+    "METHOD_HOLD",
     "METHOD_PRESENCE",
     "METHOD_PUT",
     "METHOD_RELEASE",
     "ClientPresence",
     "GetObject",
+    "Held",
+    "HoldObjects",
     "ObjectChunk",
     "ObjectPut",
     "Presence",
@@ -66,12 +73,13 @@ METHOD_PUT: Final = "PutObject"
 METHOD_GET: Final = "GetObject"
 METHOD_RELEASE: Final = "ReleaseObjects"
 METHOD_PRESENCE: Final = "ClientPresence"
+METHOD_HOLD: Final = "HoldObjects"
 
 #: Characters of an object id (a worker makes 16 + 1 + 32).
 MAX_OBJECT_ID: Final = 64
 #: Characters of a client id (clients make 32 hex digits).
 MAX_CLIENT_ID: Final = 64
-#: Object ids one ReleaseObjects names at most.
+#: Object ids one ReleaseObjects (or HoldObjects) names at most.
 MAX_RELEASE: Final = 4096
 #: Bytes of a message kept free for the rest of a chunk's fields.
 CHUNK_MARGIN: Final = 4096
@@ -124,6 +132,16 @@ class Released(msgspec.Struct, array_like=True, frozen=True):
     released: int
 
 
+class HoldObjects(msgspec.Struct, array_like=True, frozen=True):
+    object_ids: tuple[str, ...] = ()
+    client: str = ""
+
+
+class Held(msgspec.Struct, array_like=True, frozen=True):
+    #: How many of the ids named an object the worker holds (the client now owns it).
+    held: int
+
+
 class ClientPresence(msgspec.Struct, array_like=True, frozen=True):
     client: str
     #: False: the client's last connection to the scheduler closed; True: it has one again.
@@ -154,7 +172,7 @@ def check_fields(request: Any, limit: int) -> None:
     if len(ids) > MAX_RELEASE:
         raise RPCError(
             StatusCode.RESOURCE_EXHAUSTED,
-            f"one ReleaseObjects names at most {MAX_RELEASE} objects, not {len(ids)}",
+            f"one {type(request).__name__} names at most {MAX_RELEASE} objects, not {len(ids)}",
         )
     single: str | None = getattr(request, "object_id", None)
     for object_id in ids if single is None else (single,):

@@ -411,6 +411,13 @@ RELEASE_OBJECTS: Final = Rpc(
     MsgpackCodec[objects.Released](objects.Released),
     limits=objects.check_fields,
 )
+HOLD_OBJECTS: Final = Rpc(
+    info.WORKER_SERVICE,
+    objects.METHOD_HOLD,
+    MsgpackCodec[objects.HoldObjects](objects.HoldObjects),
+    MsgpackCodec[objects.Held](objects.Held),
+    limits=objects.check_fields,
+)
 CLIENT_PRESENCE: Final = Rpc(
     info.WORKER_SERVICE,
     objects.METHOD_PRESENCE,
@@ -437,6 +444,7 @@ WORKER: Final = ServiceSpec(
         RELEASE_OBJECTS,
         CANCEL_ACTOR_CALL,
         CLIENT_PRESENCE,
+        HOLD_OBJECTS,
     ),
 )
 

@@ -20,13 +20,18 @@ released after the worker's grace period (see
 from __future__ import annotations
 
 import asyncio
-import collections
 from dataclasses import dataclass
 from typing import Any, Final
 
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
-from vaccelray.protocol.services import GET_OBJECT, PUT_OBJECT, RELEASE_OBJECTS, Rpc
+from vaccelray.protocol.services import (
+    GET_OBJECT,
+    HOLD_OBJECTS,
+    PUT_OBJECT,
+    RELEASE_OBJECTS,
+    Rpc,
+)
 from vaccelray.scheduler.clients import ClientTable
 from vaccelray.scheduler.pool import WorkerPool, WorkerUnavailable
 from vaccelray.scheduler.registry import WorkerRecord
@@ -61,7 +66,8 @@ def holder(pool: WorkerPool, object_id: str) -> WorkerRecord:
 
 
 class ObjectRouter:
-    """PutObject, GetObject and ReleaseObjects, forwarded to the workers holding the objects."""
+    """PutObject, GetObject, ReleaseObjects and HoldObjects, forwarded to the workers holding
+    the objects."""
 
     def __init__(self, pool: WorkerPool, pick: Any, clients: ClientTable) -> None:
         """*pick()* is the worker a new object goes to (raises RPCError when there is none);
@@ -75,6 +81,7 @@ class ObjectRouter:
             PUT_OBJECT.method: Method(self._put, future=True),
             GET_OBJECT.method: Method(self._get, future=True),
             RELEASE_OBJECTS.method: Method(self._release),
+            HOLD_OBJECTS.method: Method(self._hold),
         }
 
     def _put(self, payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
@@ -97,23 +104,40 @@ class ObjectRouter:
     async def _release(self, payload: bytes, ctx: CallContext) -> bytes:
         request = RELEASE_OBJECTS.request.decode(payload)
         RELEASE_OBJECTS.check(request, 0)
-        by_worker: dict[str, list[str]] = collections.defaultdict(list)
-        records = {}
-        for object_id in request.object_ids:
+        released = 0
+        for record, ids in self._by_holder(request.object_ids):
+            forward = wire.ReleaseObjects(ids, request.client)
+            answer = await self._call(
+                record, RELEASE_OBJECTS, RELEASE_OBJECTS.request.encode(forward), ctx
+            )
+            released += RELEASE_OBJECTS.reply.decode(answer).released
+        return RELEASE_OBJECTS.reply.encode(wire.Released(released))
+
+    async def _hold(self, payload: bytes, ctx: CallContext) -> bytes:
+        request = HOLD_OBJECTS.request.decode(payload)
+        HOLD_OBJECTS.check(request, 0)
+        self.clients.seen(request.client, ctx.connection_id)
+        held = 0
+        for record, ids in self._by_holder(request.object_ids):
+            # (Before the call: the worker must hear when this client leaves.)
+            self.clients.used(request.client, record.address, owns=True)
+            forward = wire.HoldObjects(ids, request.client)
+            answer = await self._call(
+                record, HOLD_OBJECTS, HOLD_OBJECTS.request.encode(forward), ctx
+            )
+            held += HOLD_OBJECTS.reply.decode(answer).held
+        return HOLD_OBJECTS.reply.encode(wire.Held(held))
+
+    def _by_holder(self, object_ids: tuple[str, ...]) -> list[tuple[WorkerRecord, tuple[str, ...]]]:
+        """*object_ids* by the healthy worker holding them (those of gone workers left out)."""
+        by_worker: dict[str, tuple[WorkerRecord, list[str]]] = {}
+        for object_id in object_ids:
             try:
                 record = holder(self.pool, object_id)
             except RPCError:
                 continue  # gone with its worker
-            by_worker[record.address].append(object_id)
-            records[record.address] = record
-        released = 0
-        for address, ids in by_worker.items():
-            forward = wire.ReleaseObjects(tuple(ids), request.client)
-            answer = await self._call(
-                records[address], RELEASE_OBJECTS, RELEASE_OBJECTS.request.encode(forward), ctx
-            )
-            released += RELEASE_OBJECTS.reply.decode(answer).released
-        return RELEASE_OBJECTS.reply.encode(wire.Released(released))
+            by_worker.setdefault(record.address, (record, []))[1].append(object_id)
+        return [(record, tuple(ids)) for record, ids in by_worker.values()]
 
     def _forward(
         self, record: WorkerRecord, rpc: Rpc[Any, Any], payload: bytes, ctx: CallContext

@@ -20,8 +20,9 @@ RESOURCE_EXHAUSTED:
   sending (an unsealed object dies with its connection).
 
 Each object has owners: the clients (by the id they send, not their
-connection) holding refs to it. A client's release drops its ownership, and
-an object no client owns is dropped. When a client's last connection closes,
+connection) holding refs to it: the one that made it, and those it handed
+refs to (``HoldObjects``; at most ``max_owners``). A client's release drops
+its ownership, and an object no client owns is dropped. When a client's last connection closes,
 its objects are released after ``grace`` seconds (``--object-grace``) unless
 it has connected again meanwhile. A client that comes through a scheduler
 speaks on the scheduler's connection, shared with other clients: the
@@ -55,6 +56,7 @@ from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import (
     CLIENT_PRESENCE,
     GET_OBJECT,
+    HOLD_OBJECTS,
     PUT_OBJECT,
     RELEASE_OBJECTS,
 )
@@ -64,6 +66,7 @@ from vaccelray.transport.server import CallContext, Method
 __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_MAX_OBJECTS",
+    "DEFAULT_MAX_OWNERS",
     "DEFAULT_MAX_PARTIAL",
     "DEFAULT_MAX_SEGMENTS",
     "DEFAULT_OBJECT_DISK",
@@ -90,6 +93,8 @@ DEFAULT_MAX_OBJECTS: Final = 65536
 DEFAULT_MAX_PARTIAL: Final = 16
 #: Objects kept in shared-memory segments at once (an fd each); more stay in the heap.
 DEFAULT_MAX_SEGMENTS: Final = 1024
+#: Clients owning one object at once (its putter, and those it handed refs to).
+DEFAULT_MAX_OWNERS: Final = 64
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class ObjectLimits:
     max_objects: int = DEFAULT_MAX_OBJECTS
     max_partial: int = DEFAULT_MAX_PARTIAL
     max_segments: int = DEFAULT_MAX_SEGMENTS
+    max_owners: int = DEFAULT_MAX_OWNERS
 
 
 @dataclass(eq=False)
@@ -430,6 +436,30 @@ class ObjectStore:
             )
         return obj
 
+    def hold(self, client: str, connection_id: int, object_ids: Iterable[str]) -> int:
+        """*client* (speaking on *connection_id*) holds refs to *object_ids* too: it owns
+        those this store holds, beside their other owners; how many (an id of an object
+        gone, or still being sent, is passed over)."""
+        count = 0
+        try:
+            for object_id in object_ids:
+                obj = self._objects.get(object_id)
+                if obj is None or obj.sender:
+                    continue
+                if client not in obj.owners:
+                    if len(obj.owners) >= self.limits.max_owners:
+                        raise RPCError(
+                            StatusCode.RESOURCE_EXHAUSTED,
+                            f"object {object_id} already has {len(obj.owners)} owners, the "
+                            "limit: a client holding a ref to it must release it first",
+                        )
+                    obj.owners.add(client)
+                    self._owned.setdefault(client, set()).add(object_id)
+                count += 1
+        finally:
+            self.claim(client, connection_id)  # (what it came to own is its, whatever failed)
+        return count
+
     def release(self, client: str, object_ids: Iterable[str]) -> int:
         """*client* holds no refs to *object_ids* any more; how many it held."""
         owned = self._owned.get(client)
@@ -620,8 +650,8 @@ class ObjectStore:
         return wire.ObjectPut(object_id, request.size)
 
     def methods(self, check: TokenCheck, max_message_size: int) -> dict[str, Method]:
-        """PutObject, GetObject, ReleaseObjects and ClientPresence for the worker's service;
-        callers present the cluster token (*check*), as the tasks' do."""
+        """PutObject, GetObject, ReleaseObjects, HoldObjects and ClientPresence for the
+        worker's service; callers present the cluster token (*check*), as the tasks' do."""
         chunk = max(1, max_message_size - wire.CHUNK_MARGIN)
 
         def put(payload: bytes, ctx: CallContext) -> bytes:
@@ -655,6 +685,15 @@ class ObjectStore:
             count = self.release(self.owner(request.client, ctx.connection_id), request.object_ids)
             return RELEASE_OBJECTS.reply.encode(wire.Released(count))
 
+        def hold(payload: bytes, ctx: CallContext) -> bytes:
+            check.check(ctx)
+            request = HOLD_OBJECTS.request.decode(payload)
+            HOLD_OBJECTS.check(request, max_message_size)
+            client = self.owner(request.client, ctx.connection_id)
+            return HOLD_OBJECTS.reply.encode(
+                wire.Held(self.hold(client, ctx.connection_id, request.object_ids))
+            )
+
         def presence(payload: bytes, ctx: CallContext) -> bytes:
             check.check(ctx)
             request = CLIENT_PRESENCE.request.decode(payload)
@@ -671,6 +710,7 @@ class ObjectStore:
             PUT_OBJECT.method: Method(put, inline=True),
             GET_OBJECT.method: Method(get, inline=True),
             RELEASE_OBJECTS.method: Method(release, inline=True),
+            HOLD_OBJECTS.method: Method(hold, inline=True),
             CLIENT_PRESENCE.method: Method(presence, inline=True),
         }
 

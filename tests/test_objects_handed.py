@@ -1,0 +1,244 @@
+"""Refs handed from one client to another: the receiver owns the object too, so it stays
+while any of its owners holds a ref (or is within its grace period).
+
+On a store served in this process (each test its own) for the store's rules, and on a
+real worker process with real client programs for the pickled refs.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+import vaccelray
+from tests.processes import Proc, start_daemon, worker_argv
+from tests.test_objects_client import blob, held_by_worker, stored, wait_until
+from tests.test_objects_store import gone, put, release, served, until
+from vaccelray.client.objects import INLINE
+from vaccelray.errors import RPCError, StatusCode
+from vaccelray.protocol import objects as wire
+from vaccelray.protocol.services import HOLD_OBJECTS, PUT_OBJECT
+from vaccelray.transport.client import Client, open_client
+from vaccelray.worker.objects import DEFAULT_MAX_OWNERS
+
+#: Liveness only.
+PATIENCE = 60.0
+
+
+async def hold(client: Client, *ids: str, who: str) -> int:
+    return int((await client.call_rpc(HOLD_OBJECTS, wire.HoldObjects(ids, who))).held)
+
+
+# -- the store's rules -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_object_stays_while_any_of_its_owners_holds_it(tmp_path: Path) -> None:
+    async with served(tmp_path) as small, small.connect() as maker, small.connect() as taker:
+        object_id = await put(maker, b"shared", who="maker")
+        assert await hold(taker, object_id, "f" * 16 + "-unknown", who="taker") == 1
+        assert await hold(taker, object_id, who="taker") == 1  # once more: still one owner
+        assert await release(maker, object_id, who="maker") == 1
+        assert not await gone(taker, object_id)  # the taker holds it
+        assert await release(taker, object_id, who="taker") == 1
+        assert await gone(taker, object_id)  # its last owner released it
+
+
+@pytest.mark.anyio
+async def test_a_handed_object_outlives_its_makers_grace(tmp_path: Path) -> None:
+    async with served(tmp_path) as small, small.connect() as watcher:
+        store = small.store
+        async with small.connect() as taker:
+            async with small.connect() as maker:
+                object_id = await put(maker, b"shared", who="maker")
+                assert await hold(taker, object_id, who="taker") == 1
+
+            async def makers_grace_over() -> bool:
+                return store.owned_by("maker") == 0 and "maker" not in store.in_grace()
+
+            await until(makers_grace_over, "the maker's grace ended")
+            assert not await gone(watcher, object_id)
+        await until(lambda: gone(watcher, object_id), "the taker left: the object released")
+
+
+@pytest.mark.anyio
+async def test_what_is_being_sent_or_gone_is_not_held(tmp_path: Path) -> None:
+    async with served(tmp_path) as small, small.connect() as maker, small.connect() as taker:
+        sending = await maker.call_rpc(PUT_OBJECT, wire.PutObject("", 0, b"par", 6, False, "maker"))
+        released = await put(maker, b"gone", who="maker")
+        assert await release(maker, released, who="maker") == 1
+        assert await hold(taker, sending.object_id, released, who="taker") == 0
+        assert small.store.owned_by("taker") == 0  # nothing recorded for it
+        assert await release(taker, sending.object_id, who="taker") == 0
+
+
+@pytest.mark.anyio
+async def test_owners_are_bounded_and_what_was_held_before_the_bound_stays_owned(
+    tmp_path: Path,
+) -> None:
+    async with served(tmp_path, max_owners=2) as small, small.connect() as maker:
+        store = small.store
+        crowded = await put(maker, b"crowded", who="maker")
+        other = await put(maker, b"other", who="maker")
+        async with small.connect() as first:
+            assert await hold(first, crowded, who="first") == 1
+        async with small.connect() as late:
+            with pytest.raises(RPCError) as refused:
+                await hold(late, other, crowded, who="late")
+            assert refused.value.code == StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.message == (
+                f"object {crowded} already has 2 owners, the limit: a client holding a ref to "
+                "it must release it first"
+            )
+            assert store.owned_by("late") == 1  # *other*, held before the refusal
+            assert await release(maker, other, who="maker") == 1
+            assert not await gone(maker, other)
+        # Its connection closed, "late" is gone after its grace, and *other* with it.
+        await until(lambda: gone(maker, other), "the late client's object released")
+
+
+# -- pickled refs, between client programs -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    sock = tmp_path_factory.mktemp("handed") / "w.sock"
+    proc, _ = start_daemon(
+        worker_argv(
+            "-a", f"unix://{sock}", "--backend", "noop", "--no-announce", "--pool-size", "1",
+            "--object-grace", "0.2", "--log-level", "info",
+        )
+    )  # fmt: skip
+    yield proc
+    proc.stop()
+
+
+#: A client program: it takes the pickled ref in the file argv[1], says so, and at SIGUSR1
+#: prints the length of the value and exits.
+RECEIVER = """
+import pickle, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # (before any thread starts)
+import vaccelray
+with open(sys.argv[1], "rb") as f:
+    ref = pickle.load(f)
+print("holding", type(ref).__name__, flush=True)
+signal.sigwait({signal.SIGUSR1})
+print("got", len(vaccelray.get(ref)), flush=True)
+"""
+
+
+def test_a_ref_pickled_to_another_program_keeps_the_object_after_its_maker_left(
+    worker: Proc, tmp_path: Path
+) -> None:
+    start = len(worker.lines)
+    with vaccelray.Client(worker.address) as maker:
+        ref = maker.put(b"handed" * 1000)
+        object_id, maker_id = ref.object_id, maker._core.client_id
+        (tmp_path / "ref").write_bytes(pickle.dumps(ref))
+        receiver = Proc(
+            [sys.executable, "-c", RECEIVER, str(tmp_path / "ref")],
+            env={"VACCELRAY_ADDRESS": worker.address},
+        )
+        try:
+            receiver.wait_for(r"^holding ObjectRef$", stream="stdout")
+        except BaseException:
+            receiver.kill()
+            raise
+    # The maker has left; once its grace is over, the receiver still owns the object.
+    worker.wait_for(f"Released 1 objects of client {maker_id} ", start=start, timeout=PATIENCE)
+    assert held_by_worker(worker, object_id)
+    receiver.signal(signal.SIGUSR1)
+    receiver.wait_for(r"^got 6000$", stream="stdout")
+    assert receiver.process.wait(PATIENCE) == 0
+    receiver.stop()
+    # The receiver released it as it exited (or the worker did, after its grace).
+    wait_until(lambda: not held_by_worker(worker, object_id), "the object released")
+
+
+async def _unpickled_on_the_loop(data: bytes) -> Any:
+    return pickle.loads(data)
+
+
+@pytest.mark.parametrize("where", ["a thread of the program", "the client's loop"])
+def test_a_kept_result_pickled_is_an_object_ref_its_taker_owns(worker: Proc, where: str) -> None:
+    start = len(worker.lines)
+    taker = vaccelray.init(worker.address)
+    try:
+        with vaccelray.Client(worker.address) as maker:
+            large = maker.submit(blob, INLINE + 1, 3)
+            kept = stored(large)
+            assert kept is not None
+            maker_id = maker._core.client_id
+            data = pickle.dumps(large)
+            if where == "the client's loop":
+                ref = taker._thread.call(lambda: _unpickled_on_the_loop(data))
+            else:
+                ref = pickle.loads(data)
+            assert type(ref) is vaccelray.ObjectRef
+            assert (ref.object_id, ref.size) == (kept.object_id, kept.size)
+            if where == "the client's loop":  # (sent, not waited for: a get comes after it)
+                assert taker._core.objects.held(ref.object_id) == 1
+        worker.wait_for(f"Released 1 objects of client {maker_id} ", start=start)
+        assert vaccelray.get(ref) == bytes([3]) * (INLINE + 1)
+    finally:
+        vaccelray.shutdown()
+
+
+@vaccelray.offload
+def unpickle(data: bytes) -> object:
+    return pickle.loads(data)
+
+
+def test_a_ref_is_pickled_only_for_a_kept_result_and_unpickled_outside_tasks(
+    worker: Proc,
+) -> None:
+    with vaccelray.Client(worker.address) as client:
+        small = client.submit(blob, 10)
+        small.result()
+        with pytest.raises(TypeError) as inline:
+            pickle.dumps(small)
+        assert str(inline.value) == (
+            "blob: a TaskRef is pickled (handed to another program) only once its result is "
+            "kept in the cluster; pickle vaccelray.get(ref), or vaccelray.put it"
+        )
+        ref = client.put(b"inside")
+        with pytest.raises(TypeError) as inside:
+            client.submit(unpickle, pickle.dumps(ref)).result()
+        assert str(inside.value) == (
+            f"object {ref.object_id}: a ref unpickled inside a task or actor is not owned by "
+            "anything there; pass refs as the arguments (they arrive as their values)"
+        )
+
+
+@pytest.mark.anyio
+async def test_a_ref_past_the_owners_bound_is_refused_when_unpickled(worker: Proc) -> None:
+    taker = vaccelray.init(worker.address)
+    try:
+        with vaccelray.Client(worker.address) as maker:
+            ref = maker.put(b"popular")
+            crowd = await open_client(worker.address)
+            try:
+                for n in range(1, DEFAULT_MAX_OWNERS):  # (the maker is the first owner)
+                    request = wire.HoldObjects((ref.object_id,), f"crowd-{n}")
+                    assert (await crowd.call_rpc(HOLD_OBJECTS, request)).held == 1
+                data = pickle.dumps(ref)
+                with pytest.raises(RPCError) as refused:
+                    await anyio.to_thread.run_sync(pickle.loads, data)
+            finally:
+                await crowd.aclose()
+        assert refused.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.message == (
+            f"object {ref.object_id} already has {DEFAULT_MAX_OWNERS} owners, the limit: a "
+            "client holding a ref to it must release it first"
+        )
+        assert taker._core.objects.held(ref.object_id) == 0  # no ref was made
+    finally:
+        vaccelray.shutdown()
