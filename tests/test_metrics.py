@@ -19,7 +19,6 @@ from tests.clusters import serving_scheduler
 from tests.httpget import http_get, raw_request
 from tests.processes import child_env, scheduler_argv, worker_argv
 from tests.test_task_service import getpid, task_service
-from vaccelray import metrics as metrics_module
 from vaccelray.agent_client import AgentClient
 from vaccelray.dashboard import ObserveConfig, Observed, observed
 from vaccelray.dashboard.http import parse_head, serve_http
@@ -30,11 +29,11 @@ from vaccelray.metrics import (
     LATENCY_BOUNDS,
     CallMetrics,
     Family,
-    MeteredConnection,
     collector,
     status_name,
 )
 from vaccelray.protocol import NEED_DATA, FrameType, ServerConnection, encode_frame
+from vaccelray.protocol import connection as connection_module
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.envelope import encode_request
 from vaccelray.protocol.frames import HEADER_SIZE
@@ -498,11 +497,11 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(metrics_module, "_clock", fake)
+    monkeypatch.setattr(connection_module, "_clock", fake)
     return fake
 
 
-def metered_connection() -> tuple[CallMetrics, MeteredConnection]:
+def metered_connection() -> tuple[CallMetrics, ServerConnection]:
     calls = CallMetrics()
     calls.declare("test.Echo", "Echo")
     return calls, calls.connection(1 << 16)
@@ -576,7 +575,7 @@ def test_an_answer_over_the_size_limit_counts_as_refused() -> None:
     codes = calls.methods[("test.Echo", "Echo")].codes
     assert codes == {StatusCode.RESOURCE_EXHAUSTED: 1, 0: 1}
     [failure] = calls.failures
-    assert failure.message == "answer over the message size limit"
+    assert failure.message == "response of 102 bytes exceeds the limit of 64 bytes"
 
 
 def test_an_undecodable_request_counts_apart() -> None:

@@ -1,12 +1,13 @@
 """Call metrics of a ttrpc server: plain integers on the hot path, Prometheus families at scrape.
 
-A :class:`CallMetrics` handed to ``serve(metrics=...)`` gives every connection
-a :class:`MeteredConnection`: the server's sans-IO connection, which on each
-request notes the method and the clock, and on each answer adds one to that
-method's count for the status, one to a latency bucket, and the bytes in and
-out. Nothing else runs per call: the library's per-call metric objects cost
-several microseconds a call, so :func:`collector` turns these integers into
-metric families only when Prometheus scrapes (and the dashboard reads them).
+A :class:`CallMetrics` handed to ``serve(metrics=...)`` is given to every
+connection's sans-IO :class:`~vaccelray.protocol.ServerConnection`, which on
+each request notes the method and the clock, and on each answer adds one to
+that method's count for the status, one to a latency bucket, and the bytes in
+and out. Nothing else runs per call: the library's per-call metric objects
+cost several microseconds a call, so :func:`collector` turns these integers
+into metric families only when Prometheus scrapes (and the dashboard reads
+them).
 
 Only the methods the server declares get their own counters; calls of any
 other name count under ``service=""``, ``method=""`` (a peer cannot grow the
@@ -23,14 +24,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from vaccelray.errors import StatusCode
-from vaccelray.protocol import NEED_DATA, BadRequest, RequestReceived, ServerConnection
-from vaccelray.protocol.connection import _NeedData
-from vaccelray.protocol.frames import HEADER_SIZE
+from vaccelray.protocol.connection import LATENCY_BOUNDS, ServerConnection
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
-    from vaccelray.errors import Detail
 
 __all__ = [
     "BATCH_BOUNDS",
@@ -39,31 +37,11 @@ __all__ = [
     "CallMetrics",
     "Failure",
     "Family",
-    "MeteredConnection",
     "MethodStats",
     "collector",
     "status_name",
 ]
 
-#: Upper bounds (seconds) of the call latency buckets; one more bucket holds the rest.
-LATENCY_BOUNDS: Final = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 #: Upper bounds of the batch buckets: requests decoded from one read of a connection.
 BATCH_BOUNDS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
 #: Failed calls kept for the dashboard (the oldest leave first).
@@ -71,7 +49,6 @@ FAILURES_KEPT: Final = 50
 #: Characters of a failure's message kept.
 _MESSAGE_KEPT: Final = 200
 
-_clock = time.perf_counter
 _bisect = bisect.bisect_left
 
 
@@ -136,9 +113,22 @@ class CallMetrics:
         """Give *service*/*method* counters of its own."""
         self.methods.setdefault((service, method), MethodStats(service, method))
 
-    def connection(self, max_message_size: int) -> MeteredConnection:
+    def connection(self, max_message_size: int) -> ServerConnection:
         """A server connection whose calls count here."""
-        return MeteredConnection(self, max_message_size)
+        return ServerConnection(max_message_size, self)
+
+    def read(self, requests: int) -> None:
+        """One read of a connection held *requests* requests."""
+        self.batches[_bisect(BATCH_BOUNDS, requests)] += 1
+        self.batched += requests
+
+    def failed(self, stats: MethodStats, code: int, message: str) -> None:
+        """A call of *stats*' method was answered with the error *code*."""
+        errors = stats.errors
+        errors[code] = errors.get(code, 0) + 1
+        self.failures.append(
+            Failure(time.time(), stats.service, stats.method, code, message[:_MESSAGE_KEPT])
+        )
 
     def all_methods(self) -> Iterator[MethodStats]:
         yield from self.methods.values()
@@ -163,95 +153,6 @@ class CallMetrics:
             for i, count in enumerate(stats.buckets):
                 total[i] += count
         return total
-
-
-class MeteredConnection(ServerConnection):
-    """A :class:`ServerConnection` that counts its calls in a :class:`CallMetrics`.
-
-    A call's latency runs from the read that completed its request (one
-    clock reading a read, however many requests it held) to its answer.
-    """
-
-    __slots__ = ("_arrived", "_batch", "_big", "_last", "_metrics", "_started")
-
-    def __init__(self, metrics: CallMetrics, max_message_size: int) -> None:
-        super().__init__(max_message_size)
-        self._metrics = metrics
-        #: OK payloads this long or longer may be over the size limit once framed (field tag
-        #: and length: at most 6 bytes), and replaced by an error.
-        self._big = max(max_message_size - 6, 1)
-        #: Calls in flight: stream id -> (their counters, the clock when they arrived).
-        self._started: dict[int, tuple[MethodStats, float]] = {}
-        #: Requests decoded since the last read ran dry.
-        self._batch = 0
-        #: The clock at the last read.
-        self._arrived = _clock()
-        #: The service, method and counters of the last request (most repeat it): comparing
-        #: names costs less than hashing the new ones.
-        self._last = ("", "", metrics.other)
-
-    def receive_data(self, data: bytes) -> None:
-        self._arrived = _clock()
-        _receive_data(self, data)
-
-    def next_event(self) -> RequestReceived | BadRequest | _NeedData:
-        event = _next_event(self)
-        if type(event) is RequestReceived:  # the hot path first
-            service, method, stats = self._last
-            if event.method != method or event.service != service:
-                metrics = self._metrics
-                stats = metrics.methods.get((event.service, event.method), metrics.other)
-                self._last = (event.service, event.method, stats)
-            stats.bytes_in += len(event.payload)
-            self._started[event.stream_id] = (stats, self._arrived)
-            self._batch += 1
-        elif event is NEED_DATA:
-            if self._batch:
-                metrics = self._metrics
-                metrics.batches[_bisect(BATCH_BOUNDS, self._batch)] += 1
-                metrics.batched += self._batch
-                self._batch = 0
-        else:
-            assert isinstance(event, BadRequest)
-            self._started[event.stream_id] = (self._metrics.other, self._arrived)
-            self._batch += 1
-        return event
-
-    def send_response(
-        self,
-        stream_id: int,
-        payload: bytes = b"",
-        code: int = 0,
-        message: str = "",
-        details: Sequence[Detail] = (),
-    ) -> bytes:
-        data = _send_response(self, stream_id, payload, code, message, details)
-        stats, start = self._started.pop(stream_id)
-        elapsed = _clock() - start
-        stats.buckets[_bisect(LATENCY_BOUNDS, elapsed)] += 1
-        stats.seconds += elapsed
-        stats.bytes_out += len(data)
-        if not code:
-            if len(payload) < self._big or data[HEADER_SIZE] != _STATUS_TAG:
-                stats.ok += 1
-                return data
-            # An OK answer over the size limit, replaced by an error (see ServerConnection).
-            code, message = StatusCode.RESOURCE_EXHAUSTED, "answer over the message size limit"
-        errors = stats.errors
-        errors[code] = errors.get(code, 0) + 1
-        self._metrics.failures.append(
-            Failure(time.time(), stats.service, stats.method, code, message[:_MESSAGE_KEPT])
-        )
-        return data
-
-
-#: The first byte of a Response holding a status (field 1, length-delimited): OK answers
-#: have none.
-_STATUS_TAG: Final = 0x0A
-#: The plain connection's methods, called without super()'s lookup (per call, it adds up).
-_receive_data = ServerConnection.receive_data
-_next_event = ServerConnection.next_event
-_send_response = ServerConnection.send_response
 
 
 # -- exposition ------------------------------------------------------------------------
