@@ -160,8 +160,9 @@ class ServerConnection:
         while True:
             frame = self._decoder.next_frame()
             if frame is None:
-                if self._batch:
-                    self._read_counted()
+                if self._batch:  # (only a metered connection counts them)
+                    self._metrics.read(self._batch)  # type: ignore[union-attr]
+                    self._batch = 0
                 return NEED_DATA
             stream_id = frame.stream_id
             if not stream_id & 1:
@@ -205,11 +206,6 @@ class ServerConnection:
             self._open_streams[stream_id] = (metrics.other, self._arrived)
             self._batch += 1
         return BadRequest(stream_id, code, message)
-
-    def _read_counted(self) -> None:
-        assert self._metrics is not None
-        self._metrics.read(self._batch)
-        self._batch = 0
 
     def send_response(
         self,
