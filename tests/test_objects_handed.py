@@ -22,6 +22,7 @@ import vaccelray
 from tests.processes import Proc, start_daemon, worker_argv
 from tests.test_objects_client import blob, held_by_worker, stored, wait_until
 from tests.test_objects_store import gone, put, release, served, until
+from vaccelray.addressing import ADDRESS_ENV_VARS
 from vaccelray.client.objects import INLINE
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
@@ -242,3 +243,26 @@ async def test_a_ref_past_the_owners_bound_is_refused_when_unpickled(worker: Pro
         assert taker._core.objects.held(ref.object_id) == 0  # no ref was made
     finally:
         vaccelray.shutdown()
+
+
+def test_a_ref_is_unpickled_only_by_a_client_of_the_cluster(
+    worker: Proc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with vaccelray.Client(worker.address) as maker:
+        ref = maker.put(b"far away")
+        data = pickle.dumps(ref)
+        for name in ADDRESS_ENV_VARS:
+            monkeypatch.delenv(name, raising=False)
+        assert not vaccelray.is_initialized()
+        with pytest.raises(RuntimeError) as nowhere:
+            pickle.loads(data)
+        assert str(nowhere.value) == (
+            f"object {ref.object_id}: a ref is unpickled by a client of the cluster holding "
+            "it; call vaccelray.init(address) first, or set VACCELRAY_ADDRESS"
+        )
+        assert not vaccelray.is_initialized()  # no embedded worker was started for it
+        monkeypatch.setenv("VACCELRAY_ADDRESS", worker.address)
+        try:
+            assert pickle.loads(data).object_id == ref.object_id
+        finally:
+            vaccelray.shutdown()

@@ -127,13 +127,20 @@ class ObjectRef(Generic[R]):
 def handed(object_id: str, size: int) -> ObjectRef[Any]:
     """An :class:`ObjectRef` unpickled: a ref of this program's default client, which owns
     the object too (see :meth:`Objects.adopt`)."""
-    from vaccelray.client.api import default_client
+    from vaccelray.addressing import resolve_address
+    from vaccelray.client.api import default_client, is_initialized
     from vaccelray.client.remote import in_pool_process
 
     if in_pool_process():
         raise TypeError(
             f"object {object_id}: a ref unpickled inside a task or actor is not owned by "
             "anything there; pass refs as the arguments (they arrive as their values)"
+        )
+    if not is_initialized() and resolve_address() is None:
+        # (An embedded worker, started now, would never hold it.)
+        raise RuntimeError(
+            f"object {object_id}: a ref is unpickled by a client of the cluster holding it; "
+            "call vaccelray.init(address) first, or set VACCELRAY_ADDRESS"
         )
     return default_client().adopt(object_id, size)
 
