@@ -23,11 +23,13 @@ from tests.processes import Proc, start_daemon, worker_argv
 from tests.test_objects_client import blob, held_by_worker, stored, wait_until
 from tests.test_objects_store import gone, put, release, served, until
 from vaccelray.addressing import ADDRESS_ENV_VARS
-from vaccelray.client.objects import INLINE
+from vaccelray.client.errors import ObjectLostError
+from vaccelray.client.objects import INLINE, ObjectRef
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
-from vaccelray.protocol.services import HOLD_OBJECTS, PUT_OBJECT
+from vaccelray.protocol.services import GET_OBJECT, HOLD_OBJECTS, PUT_OBJECT, WORKER
 from vaccelray.transport.client import Client, open_client
+from vaccelray.transport.server import CallContext, Method, Service, serve
 from vaccelray.worker.objects import DEFAULT_MAX_OWNERS
 
 #: Liveness only.
@@ -266,3 +268,29 @@ def test_a_ref_is_unpickled_only_by_a_client_of_the_cluster(
             assert pickle.loads(data).object_id == ref.object_id
         finally:
             vaccelray.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_ref_whose_worker_is_gone_is_taken_and_found_lost_on_get(tmp_path: Path) -> None:
+    """A scheduler answers NOT_FOUND when the worker holding the object dies mid-call."""
+
+    def gone(payload: bytes, ctx: CallContext) -> bytes:
+        raise RPCError(StatusCode.NOT_FOUND, "the worker holding the object is gone: killed")
+
+    methods = {rpc.method: Method(gone, inline=True) for rpc in (HOLD_OBJECTS, GET_OBJECT)}
+    address = f"unix://{tmp_path}/gone.sock"
+
+    def take_and_get() -> None:
+        with vaccelray.Client(address) as maker:
+            data = pickle.dumps(ObjectRef(maker._core.objects, "aaaa-1", 5))
+            taker = vaccelray.init(address)
+            try:
+                ref = pickle.loads(data)  # taken all the same
+                assert taker._core.objects.held(ref.object_id) == 1
+                with pytest.raises(ObjectLostError, match="the worker holding the object is gone"):
+                    vaccelray.get(ref)
+            finally:
+                vaccelray.shutdown()
+
+    async with serve([Service(WORKER.name, methods)], [address]):
+        await anyio.to_thread.run_sync(take_and_get)

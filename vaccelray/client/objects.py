@@ -357,8 +357,13 @@ class Objects:
     async def _hold(self, object_id: str) -> None:
         conn = await self.core.connection()
         request = wire.HoldObjects((object_id,), self.core.client_id)
-        held = await self._checked(self._send(conn, HOLD_OBJECTS, request))
-        if not held.held:
+        try:
+            held = (await self._checked(self._send(conn, HOLD_OBJECTS, request))).held
+        except RPCError as exc:
+            if exc.code != StatusCode.NOT_FOUND:  # (its worker is gone: as below)
+                raise
+            held = 0
+        if not held:  # its get will say so (ObjectLostError)
             log.info("Object %s was gone when this client took a ref to it", object_id)
 
     # -- put and get ---------------------------------------------------------------
