@@ -35,6 +35,7 @@ from vaccelray.metrics import (
 from vaccelray.protocol import NEED_DATA, FrameType, ServerConnection, encode_frame
 from vaccelray.protocol import connection as connection_module
 from vaccelray.protocol import tasks as wire
+from vaccelray.protocol.connection import FOLD_AT
 from vaccelray.protocol.envelope import encode_request
 from vaccelray.protocol.frames import HEADER_SIZE
 from vaccelray.scheduler import SchedulerConfig
@@ -179,10 +180,9 @@ def test_histogram_buckets_are_cumulative() -> None:
     calls.declare("s", "m")
     stats = calls.methods[("s", "m")]
     stats.ok = 3
-    stats.buckets[0] = 1  # at most the first bound
-    stats.buckets[2] = 1
-    stats.buckets[-1] = 1  # past the last bound
-    stats.seconds = 20.5
+    # At the first bound (a bucket holds what is at most its bound), in the third bucket,
+    # and past the last bound; in no order, as calls end.
+    stats.latencies += [0.0004, LATENCY_BOUNDS[0], 20.0]
     samples = scrape(calls)
     labels = (("method", "m"), ("service", "s"))
 
@@ -194,7 +194,8 @@ def test_histogram_buckets_are_cumulative() -> None:
     assert bucket(repr(LATENCY_BOUNDS[2])) == 2
     assert bucket(repr(LATENCY_BOUNDS[-1])) == 2
     assert bucket("+Inf") == 3
-    assert samples[("t_call_seconds_sum", labels)] == 20.5
+    assert samples[("t_call_seconds_sum", labels)] == pytest.approx(20.0005)
+    assert stats.latencies == []  # sorted into the buckets
 
 
 def test_extra_families_are_exposed_with_their_labels() -> None:
@@ -523,6 +524,23 @@ def test_latency_is_the_time_from_request_to_answer(clock: FakeClock) -> None:
     assert stats.buckets == expected
     assert calls.latency_buckets() == expected
     assert calls.totals() == (2, 0, pytest.approx(2.006))
+
+
+def test_latencies_wait_to_be_bucketed_at_most_fold_at_calls(clock: FakeClock) -> None:
+    calls, conn = metered_connection()
+    stats = calls.methods[("test.Echo", "Echo")]
+    for i in range(FOLD_AT + 1):
+        conn.receive_data(request(1))
+        conn.next_event()
+        clock.now += 0.002 if i % 2 else 20.0
+        conn.send_response(1)
+        # Never more than FOLD_AT wait: the one that makes FOLD_AT sorts them all in.
+        assert len(stats.latencies) == (i + 1) % FOLD_AT
+    assert sum(stats._buckets) == FOLD_AT  # the last one still waits...
+    assert stats.buckets[LATENCY_BOUNDS.index(0.0025)] == FOLD_AT // 2  # ... until read
+    assert stats.buckets[-1] == FOLD_AT // 2 + 1
+    assert stats.latencies == []
+    assert stats.seconds == pytest.approx(FOLD_AT // 2 * 0.002 + (FOLD_AT // 2 + 1) * 20.0)
 
 
 def test_totals_and_buckets_add_every_method(clock: FakeClock) -> None:

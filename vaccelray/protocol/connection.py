@@ -14,7 +14,6 @@ call (``bench/bench_metrics.py --micro``).
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple
@@ -117,8 +116,9 @@ LATENCY_BOUNDS: Final = (
     5.0,
     10.0,
 )
+#: Latencies a method keeps before they are sorted into its buckets (``MethodStats.fold``).
+FOLD_AT: Final = 256
 _clock = time.perf_counter
-_bisect = bisect.bisect_left
 
 
 class ServerConnection:
@@ -240,9 +240,10 @@ class ServerConnection:
             data = encode_frame(stream_id, FrameType.RESPONSE, body)
         if metered is not None:
             stats, start = metered
-            elapsed = _clock() - start
-            stats.buckets[_bisect(LATENCY_BOUNDS, elapsed)] += 1
-            stats.seconds += elapsed
+            latencies = stats.latencies
+            latencies.append(_clock() - start)
+            if len(latencies) >= FOLD_AT:
+                stats.fold()
             stats.bytes_out += len(data)
             if code:
                 assert self._metrics is not None
