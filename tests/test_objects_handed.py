@@ -7,6 +7,7 @@ real worker process with real client programs for the pickled refs.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import signal
 import sys
@@ -191,8 +192,28 @@ def test_a_kept_result_pickled_is_an_object_ref_its_taker_owns(worker: Proc, whe
                 assert taker._core.objects.held(ref.object_id) == 1
         worker.wait_for(f"Released 1 objects of client {maker_id} ", start=start)
         assert vaccelray.get(ref) == bytes([3]) * (INLINE + 1)
+        taker_id, start = taker._core.client_id, len(worker.lines)
     finally:
         vaccelray.shutdown()
+    # The taker, by its own id, owned it: gone with its ref alive, its grace ends it.
+    worker.wait_for(f"Released 1 objects of client {taker_id} ", start=start)
+
+
+def test_a_ref_taken_on_the_loop_without_a_connection_says_it_is_not_owned(
+    worker: Proc, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with vaccelray.Client(worker.address) as maker:
+        data = pickle.dumps(maker.put(b"unowned"))
+        taker = vaccelray.init(worker.address)
+        try:
+            monkeypatch.setattr(taker._core, "live_connection", lambda: None)
+            with caplog.at_level(logging.WARNING, "vaccelray.client"):
+                ref = taker._thread.call(lambda: _unpickled_on_the_loop(data))
+            assert [r.getMessage() for r in caplog.records] == [
+                f"Object {ref.object_id} is not owned by this client: it has no connection"
+            ]
+        finally:
+            vaccelray.shutdown()
 
 
 @vaccelray.offload
