@@ -7,6 +7,7 @@ real worker process with real client programs for the pickled refs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pickle
 import signal
@@ -22,8 +23,12 @@ import pytest
 import vaccelray
 from tests.processes import Proc, start_daemon, worker_argv
 from tests.test_objects_client import blob, held_by_worker, stored, wait_until
-from tests.test_objects_store import gone, put, release, served, until
+from tests.test_objects_store import gone, put, release, served
+from tests.test_objects_store import until as until_async
+from tests.waiting import until
 from vaccelray.addressing import ADDRESS_ENV_VARS
+from vaccelray.auth import token_metadata
+from vaccelray.client import objects as objects_module
 from vaccelray.client.errors import ObjectLostError
 from vaccelray.client.objects import INLINE, ObjectRef
 from vaccelray.errors import RPCError, StatusCode
@@ -68,9 +73,9 @@ async def test_a_handed_object_outlives_its_makers_grace(tmp_path: Path) -> None
             async def makers_grace_over() -> bool:
                 return store.owned_by("maker") == 0 and "maker" not in store.in_grace()
 
-            await until(makers_grace_over, "the maker's grace ended")
+            await until_async(makers_grace_over, "the maker's grace ended")
             assert not await gone(watcher, object_id)
-        await until(lambda: gone(watcher, object_id), "the taker left: the object released")
+        await until_async(lambda: gone(watcher, object_id), "the taker left: the object released")
 
 
 @pytest.mark.anyio
@@ -106,7 +111,7 @@ async def test_owners_are_bounded_and_what_was_held_before_the_bound_stays_owned
             assert await release(maker, other, who="maker") == 1
             assert not await gone(maker, other)
         # Its connection closed, "late" is gone after its grace, and *other* with it.
-        await until(lambda: gone(maker, other), "the late client's object released")
+        await until_async(lambda: gone(maker, other), "the late client's object released")
 
 
 # -- pickled refs, between client programs -------------------------------------------------
@@ -315,3 +320,39 @@ async def test_a_ref_whose_worker_is_gone_is_taken_and_found_lost_on_get(tmp_pat
 
     async with serve([Service(WORKER.name, methods)], [address]):
         await anyio.to_thread.run_sync(take_and_get)
+
+
+@pytest.mark.anyio
+async def test_a_hold_sent_from_the_loop_carries_the_credential_and_gives_up_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that never answers: the hold ends at the call timeout, and says so."""
+    seen: list[tuple[tuple[str, str], ...]] = []
+
+    def never(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+        seen.append(ctx.metadata)
+        return asyncio.get_running_loop().create_future()
+
+    address = f"unix://{tmp_path}/mute.sock"
+    monkeypatch.setattr(objects_module, "_CALL_TIMEOUT", 0.2)
+    caplog.set_level(logging.WARNING, "vaccelray.client")
+
+    def take() -> None:
+        with vaccelray.Client(address, token="hold-token") as maker:
+            data = pickle.dumps(ObjectRef(maker._core.objects, "aaaa-2", 5))
+            taker = vaccelray.init(address, token="hold-token")
+            try:
+                ref = taker._thread.call(lambda: _unpickled_on_the_loop(data))
+                warning = f"Object {ref.object_id} is not owned by this client: "
+                until(
+                    lambda: any(r.getMessage().startswith(warning) for r in caplog.records),
+                    "the hold given up",
+                )
+            finally:
+                vaccelray.shutdown()
+
+    methods = {HOLD_OBJECTS.method: Method(never, future=True)}
+    async with serve([Service(WORKER.name, methods)], [address]):
+        await anyio.to_thread.run_sync(take)
+    [metadata] = seen  # (beside the token: the call's request id)
+    assert set(token_metadata("hold-token")) <= set(metadata)
