@@ -150,26 +150,26 @@ def test_a_ref_pickled_to_another_program_keeps_the_object_after_its_maker_left(
     worker: Proc, tmp_path: Path
 ) -> None:
     start = len(worker.lines)
-    with vaccelray.Client(worker.address) as maker:
-        ref = maker.put(b"handed" * 1000)
-        object_id, maker_id = ref.object_id, maker._core.client_id
-        (tmp_path / "ref").write_bytes(pickle.dumps(ref))
-        receiver = Proc(
-            [sys.executable, "-c", RECEIVER, str(tmp_path / "ref")],
-            env={"VACCELRAY_ADDRESS": worker.address},
-        )
-        try:
+    receiver: Proc | None = None
+    try:
+        with vaccelray.Client(worker.address) as maker:
+            ref = maker.put(b"handed" * 1000)
+            object_id, maker_id = ref.object_id, maker._core.client_id
+            (tmp_path / "ref").write_bytes(pickle.dumps(ref))
+            receiver = Proc(
+                [sys.executable, "-c", RECEIVER, str(tmp_path / "ref")],
+                env={"VACCELRAY_ADDRESS": worker.address},
+            )
             receiver.wait_for(r"^holding ObjectRef$", stream="stdout")
-        except BaseException:
-            receiver.kill()
-            raise
-    # The maker has left; once its grace is over, the receiver still owns the object.
-    worker.wait_for(f"Released 1 objects of client {maker_id} ", start=start, timeout=PATIENCE)
-    assert held_by_worker(worker, object_id)
-    receiver.signal(signal.SIGUSR1)
-    receiver.wait_for(r"^got 6000$", stream="stdout")
-    assert receiver.process.wait(PATIENCE) == 0
-    receiver.stop()
+        # The maker has left; once its grace is over, the receiver still owns the object.
+        worker.wait_for(f"Released 1 objects of client {maker_id} ", start=start)
+        assert held_by_worker(worker, object_id)
+        receiver.signal(signal.SIGUSR1)
+        receiver.wait_for(r"^got 6000$", stream="stdout")
+        assert receiver.process.wait(PATIENCE) == 0
+    finally:
+        if receiver is not None:
+            receiver.stop()  # (at once, when the test failed before it exited)
     # The receiver released it as it exited (or the worker did, after its grace).
     wait_until(lambda: not held_by_worker(worker, object_id), "the object released")
 
