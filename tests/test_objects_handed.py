@@ -302,12 +302,24 @@ def test_a_ref_is_unpickled_only_by_a_client_of_the_cluster(
 async def test_a_ref_whose_worker_is_gone_is_taken_and_found_lost_on_get(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A scheduler answers NOT_FOUND when the worker holding the object dies mid-call."""
+    """A scheduler answers NOT_FOUND when the worker holding the object dies mid-call
+    (here a tenth of a second after the hold came: loads waits for the answer)."""
+    lost = RPCError(StatusCode.NOT_FOUND, "the worker holding the object is gone: killed")
+    holds: list[bytes] = []
 
-    def gone(payload: bytes, ctx: CallContext) -> bytes:
-        raise RPCError(StatusCode.NOT_FOUND, "the worker holding the object is gone: killed")
+    def hold_lost(payload: bytes, ctx: CallContext) -> asyncio.Future[bytes]:
+        holds.append(payload)
+        answer = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.1, answer.set_exception, lost)
+        return answer
 
-    methods = {rpc.method: Method(gone, inline=True) for rpc in (HOLD_OBJECTS, GET_OBJECT)}
+    def get_lost(payload: bytes, ctx: CallContext) -> bytes:
+        raise lost
+
+    methods = {
+        HOLD_OBJECTS.method: Method(hold_lost, future=True),
+        GET_OBJECT.method: Method(get_lost, inline=True),
+    }
     address = f"unix://{tmp_path}/gone.sock"
 
     def take_and_get() -> None:
@@ -321,8 +333,11 @@ async def test_a_ref_whose_worker_is_gone_is_taken_and_found_lost_on_get(
                     r.getMessage() for r in caplog.records
                 ]
                 assert taker._core.objects.held(ref.object_id) == 1
+                again = pickle.loads(data)  # already its: no second HoldObjects
+                assert taker._core.objects.held(ref.object_id) == 2
+                assert len(holds) == 1
                 with pytest.raises(ObjectLostError, match="the worker holding the object is gone"):
-                    vaccelray.get(ref)
+                    vaccelray.get(again)
             finally:
                 vaccelray.shutdown()
 
