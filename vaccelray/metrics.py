@@ -3,11 +3,11 @@
 A :class:`CallMetrics` handed to ``serve(metrics=...)`` is given to every
 connection's sans-IO :class:`~vaccelray.protocol.ServerConnection`, which on
 each request notes the method and the clock, and on each answer adds one to
-that method's count for the status, one to a latency bucket, and the bytes in
-and out. Nothing else runs per call: the library's per-call metric objects
-cost several microseconds a call, so :func:`collector` turns these integers
-into metric families only when Prometheus scrapes (and the dashboard reads
-them).
+that method's count for the status, appends its latency (bucketed by the
+batch, see :class:`MethodStats`), and adds the bytes in and out. Nothing else
+runs per call: the library's per-call metric objects cost several
+microseconds a call, so :func:`collector` turns these integers into metric
+families only when Prometheus scrapes (and the dashboard reads them).
 
 Only the methods the server declares get their own counters; calls of any
 other name count under ``service=""``, ``method=""`` (a peer cannot grow the
@@ -66,8 +66,8 @@ class MethodStats:
 
     A call's latency is only appended to :attr:`latencies`; they are sorted
     into buckets (:meth:`fold`) by the batch, when ``FOLD_AT`` (256) are
-    waiting or the buckets are read: per call, that costs a third of
-    finding its bucket.
+    waiting or the buckets are read: per call, that costs about half of
+    finding its bucket (``bench/bench_metrics.py --micro``, callgrind).
     """
 
     __slots__ = (
