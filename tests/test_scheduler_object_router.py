@@ -184,7 +184,7 @@ def test_an_object_of_no_healthy_worker_is_lost_naming_it() -> None:
 
 
 @pytest.mark.parametrize("rpc", [HOLD_OBJECTS, RELEASE_OBJECTS], ids=lambda r: r.method)
-async def test_holds_and_releases_go_to_each_holder_once_and_a_gone_ones_are_passed_over(
+async def test_holds_and_releases_go_to_each_holder_once_and_a_gone_workers_ids_are_passed_over(
     rpc: Any,
 ) -> None:
     holding = rpc is HOLD_OBJECTS
