@@ -22,13 +22,13 @@ RESOURCE_EXHAUSTED:
 Each object has owners: the clients (by the id they send, not their
 connection) holding refs to it: the one that made it, and those it handed
 refs to (``HoldObjects``; at most ``max_owners``). A client's release drops
-its ownership, and an object no client owns is dropped. When a client's last connection closes,
-its objects are released after ``grace`` seconds (``--object-grace``) unless
-it has connected again meanwhile. A client that comes through a scheduler
-speaks on the scheduler's connection, shared with other clients: the
-scheduler says when the client's own last connection to it closes (and when
-it has one again) with ``ClientPresence``, which ends (or renews) that
-connection's claim for that client alone.
+its ownership, and an object no client owns is dropped. When a client's last
+connection closes, its objects are released after ``grace`` seconds
+(``--object-grace``) unless it has connected again meanwhile. A client that
+comes through a scheduler speaks on the scheduler's connection, shared with
+other clients: the scheduler says when the client's own last connection to it
+closes (and when it has one again) with ``ClientPresence``, which ends (or
+renews) that connection's claim for that client alone.
 """
 
 from __future__ import annotations
@@ -453,8 +453,7 @@ class ObjectStore:
                             f"object {object_id} already has {len(obj.owners)} owners, the "
                             "limit: a client holding a ref to it must release it first",
                         )
-                    obj.owners.add(client)
-                    self._owned.setdefault(client, set()).add(object_id)
+                    self._own(object_id, obj, client)
                 count += 1
         finally:
             self.claim(client, connection_id)  # (what it came to own is its, whatever failed)
@@ -587,9 +586,13 @@ class ObjectStore:
 
     def _admit(self, object_id: str, obj: _Object, client: str, connection_id: int) -> None:
         self._objects[object_id] = obj
+        self._own(object_id, obj, client)
+        self.claim(client, connection_id)
+
+    def _own(self, object_id: str, obj: _Object, client: str) -> None:
+        """*client* is one more owner of *obj*."""
         obj.owners.add(client)
         self._owned.setdefault(client, set()).add(object_id)
-        self.claim(client, connection_id)
 
     def _unsent(self, obj: _Object, object_id: str) -> None:
         """*object_id* is no longer being sent (sealed or dropped)."""
