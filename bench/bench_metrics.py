@@ -63,7 +63,7 @@ def start_worker(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
             sys.executable, "-m", "vaccelray", "worker",
             "-a", f"tcp://127.0.0.1:{port}",
             "--backend", "noop", "--pool-size", "0",
-            "--log-level", "warning",
+            "--log-level", "warning", "--no-announce",
             *extra,
         ],
         env=env,

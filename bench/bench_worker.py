@@ -120,7 +120,7 @@ def start_python_worker(
         [
             sys.executable, "-m", "vaccelray", "worker",
             "-a", f"tcp://127.0.0.1:{port}",
-            "--backend", "noop",
+            "--backend", "noop", "--no-announce",
             "--log-level", log_level,
             "--max-message-size", str(max_message_size),
         ],

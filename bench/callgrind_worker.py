@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--callgrind-out-file={out}",
             sys.executable, "-m", "vaccelray", "worker",
             "-a", f"tcp://127.0.0.1:{port}", "--backend", "noop", "--pool-size", "0",
+            "--no-announce",
             "--log-level", args.log_level, "--log-format", args.log_format,
         ]  # fmt: skip
         if args.metrics:
