@@ -38,7 +38,14 @@ What the scheduler does above that floor is its own cost.
    first of each pair alternating); the median of the pairs' ratios, target
    >= 0.9.
 
-    python bench/bench_scheduler.py [--duration 3] [--in-flight 8] [--relay-floor] [--json]
+``--plaintext`` puts every daemon on a unix socket, so that no hop is TLS
+(the issue's condition for the targets above); by default they listen on
+loopback TCP, where the scheduler's link to the worker is TLS with the
+membership proof, as in a cluster. Applies to parts 1-3, ``--relay-floor``
+and ``--instructions``.
+
+    python bench/bench_scheduler.py [--duration 3] [--in-flight 8] [--relay-floor]
+        [--plaintext] [--json]
     python bench/bench_scheduler.py --membership-ab /tmp/base [--pairs 5]
     python bench/bench_scheduler.py --instructions 3000 [--ab-tree /tmp/base]
 """
@@ -84,25 +91,55 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Where the daemons listen: loopback TCP (the scheduler's link to a worker is then TLS,
+#: as a cluster's is), or with ``--plaintext`` unix sockets in this directory (every hop
+#: plaintext: the scheduler shows a unix worker its token as metadata).
+UNIX_DIR: Path | None = None
+
+
+def _listen_address() -> str:
+    if UNIX_DIR is None:
+        return f"tcp://127.0.0.1:{_free_port()}"
+    return f"unix://{tempfile.mktemp(suffix='.sock', dir=UNIX_DIR)}"
+
+
+def _link() -> str:
+    """How the daemons are reached, as the figures say it."""
+    if UNIX_DIR is None:
+        return "loopback TCP (TLS from the scheduler to the worker)"
+    return "unix sockets (every hop plaintext)"
+
+
+def _accepts(address: str) -> bool:
+    """Whether a daemon accepts connections at *address* (tcp:// or unix://) now."""
+    try:
+        if address.startswith("unix://"):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(1)
+                sock.connect(address.removeprefix("unix://"))
+        else:
+            host, port = address.removeprefix("tcp://").rsplit(":", 1)
+            socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 @contextmanager
 def daemon(
     argv: Sequence[str], env: dict[str, str] | None = None, patience: float = 60
 ) -> Iterator[tuple[Proc, str]]:
     """A daemon at warning level (no ready line): its address once it accepts connections
     (within *patience* seconds)."""
-    port = _free_port()
-    proc = Proc([*argv, "-a", f"tcp://127.0.0.1:{port}", *QUIET], env=env)
+    address = _listen_address()
+    proc = Proc([*argv, "-a", address, *QUIET], env=env)
     try:
         deadline = time.monotonic() + patience
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("\n".join(proc.lines[-20:])) from None
-                time.sleep(0.05)
-        yield proc, f"tcp://127.0.0.1:{port}"
+        while not _accepts(address):
+            if proc.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("\n".join(proc.lines[-20:]))
+            time.sleep(0.05)
+        yield proc, address
     finally:
         proc.stop()
 
@@ -233,11 +270,10 @@ def go_session_mix(peer: Path, address: str, in_flight: int, duration: float) ->
 
 
 #: The relay floor: copies bytes both ways, one worker connection per client connection.
-#: Argument as a daemon's: ``-a tcp://127.0.0.1:PORT`` (then the worker's address).
+#: Argument as a daemon's: ``-a ADDRESS`` (then the worker's address); tcp:// or unix://.
 RELAY = """
 import asyncio, socket, sys
-port = int(sys.argv[sys.argv.index("-a") + 1].rsplit(":", 1)[1])
-worker_host, worker_port = sys.argv[1].removeprefix("tcp://").rsplit(":", 1)
+listen, worker = sys.argv[sys.argv.index("-a") + 1], sys.argv[1]
 READS = memoryview(bytearray(256 << 10))  # one read buffer, as the daemons have
 
 class Pipe(asyncio.BufferedProtocol):
@@ -245,7 +281,9 @@ class Pipe(asyncio.BufferedProtocol):
         self.peer, self.transport, self.held = None, None, []
     def connection_made(self, transport):
         self.transport = transport
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = transport.get_extra_info("socket")
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     def get_buffer(self, sizehint):
         return READS
     def buffer_updated(self, nbytes):
@@ -264,12 +302,19 @@ async def main():
     def accepted():
         down = Pipe()
         async def link():
-            _, up = await loop.create_connection(Pipe, worker_host, int(worker_port))
+            if worker.startswith("unix://"):
+                _, up = await loop.create_unix_connection(Pipe, worker.removeprefix("unix://"))
+            else:
+                host, port = worker.removeprefix("tcp://").rsplit(":", 1)
+                _, up = await loop.create_connection(Pipe, host, int(port))
             up.peer, down.peer = down, up
             up.transport.write(b"".join(down.held))
         loop.create_task(link())
         return down
-    server = await loop.create_server(accepted, "127.0.0.1", port)
+    if listen.startswith("unix://"):
+        server = await loop.create_unix_server(accepted, listen.removeprefix("unix://"))
+    else:
+        server = await loop.create_server(accepted, "127.0.0.1", int(listen.rsplit(":", 1)[1]))
     await server.serve_forever()
 
 asyncio.run(main())
@@ -380,6 +425,12 @@ def main() -> None:
     parser.add_argument(
         "--relay-floor", action="store_true", help="also the floor: a relay copying bytes"
     )
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="every daemon on a unix socket: no hop is TLS (the issue's condition); "
+        "by default loopback TCP, where the scheduler's link to the worker is TLS",
+    )
     parser.add_argument("--membership-ab", type=Path, metavar="TREE", help="part 4 only")
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs of part 4")
     parser.add_argument(
@@ -396,6 +447,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     n, d = args.in_flight, args.duration
+    if args.plaintext:
+        if args.membership_ab is not None:
+            parser.error("--membership-ab measures TLS: it runs over TCP, not with --plaintext")
+        global UNIX_DIR
+        with tempfile.TemporaryDirectory() as sockets:
+            UNIX_DIR = Path(sockets)
+            run(args, n, d)
+        return
+    run(args, n, d)
+
+
+def run(args: argparse.Namespace, n: int, d: float) -> None:
+    """The figures *args* ask for, *n* calls in flight, *d* seconds each."""
     if args.instructions is not None:
         trees = {"this": REPO} if args.ab_tree is None else {"this": REPO, "other": args.ab_tree}
         counts = {
@@ -477,6 +541,7 @@ def main() -> None:
                 {
                     "in_flight": n,
                     "duration": d,
+                    "link": _link(),
                     "figures": figures,
                     "ratios": ratios,
                     "loadavg": os.getloadavg(),
@@ -485,8 +550,8 @@ def main() -> None:
         )
         return
     print(
-        f"{n} in flight, {d:g} s each, noop worker unless said (calls/s; CPU µs/call); "
-        f"load average {os.getloadavg()[0]:.2f}"
+        f"{n} in flight, {d:g} s each, noop worker unless said (calls/s; CPU µs/call), "
+        f"{_link()}; load average {os.getloadavg()[0]:.2f}"
     )
     for name, value in figures.items():
         print(f"  {name:32s} {value:9.1f}")
