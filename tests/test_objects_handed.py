@@ -8,6 +8,7 @@ real worker process with real client programs for the pickled refs.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import pickle
 import signal
@@ -204,6 +205,33 @@ def test_a_kept_result_pickled_is_an_object_ref_its_taker_owns(worker: Proc, whe
         vaccelray.shutdown()
     # The taker, by its own id, owned it: gone with its ref alive, its grace ends it.
     worker.wait_for(f"Released 1 objects of client {taker_id} ", start=start)
+
+
+def test_a_ref_dropped_and_taken_back_in_one_turn_keeps_its_object(worker: Proc) -> None:
+    """The client's last ref to an object is dropped, and a ref to it is taken (unpickled)
+    on the client's loop before the release of the first has left: the client still owns
+    the object, so neither the release nor a hold is sent (else the worker may take the
+    hold, then the release, and drop the object)."""
+    with vaccelray.Client(worker.address) as client:
+        objects, loop = client._core.objects, client._core.loop
+        refs = [client.put(b"kept" * 64)]
+        object_id, size = refs[0].object_id, refs[0].size
+        taken: concurrent.futures.Future[tuple[int, ObjectRef[Any]]] = concurrent.futures.Future()
+
+        def take() -> None:
+            # After the drop (its finalizer queued it first) and before the release
+            # the drop queued: how many refs were alive, and the ref taken.
+            taken.set_result((objects.held(object_id), objects.adopt(object_id, size)))
+
+        def drop_then_take() -> None:
+            refs.clear()  # the last ref: its finalizer hands the id to the loop, next in line
+            loop.call_soon(take)
+
+        loop.call_soon_threadsafe(drop_then_take)
+        alive, ref = taken.result(PATIENCE)
+        assert alive == 0  # the ref was gone, its release on its way
+        assert objects.held(object_id) == 1
+        assert ref.result() == b"kept" * 64
 
 
 def test_a_ref_taken_on_the_loop_without_a_connection_says_it_is_not_owned(

@@ -268,7 +268,8 @@ class Objects:
         #: Refs alive in this client, by object id.
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
-        #: Ids whose last ref is gone, to release in the next batch.
+        #: Ids whose last ref is gone, to release in the next batch (under the lock too:
+        #: a ref taken back meanwhile takes its id out, see :meth:`adopt`).
         self._released: list[str] = []
         #: Large puts go as segments: the peer is on a unix socket, and has not refused one.
         self.segments = isinstance(parse_endpoint(core.address), UnixEndpoint)
@@ -298,12 +299,26 @@ class Objects:
                 self._counts[object_id] = count
                 return
             del self._counts[object_id]
-        if not self._released:
+            first = not self._released
+            self._released.append(object_id)
+        if first:
             self.core.loop.call_soon(self._release)
-        self._released.append(object_id)
+
+    def _reclaim(self, object_id: str) -> bool:
+        """Whether this client still owns *object_id*: refs to it are alive, or its release
+        has not been sent yet (then it is not sent at all)."""
+        with self._lock:
+            if object_id in self._counts:
+                return True
+            try:
+                self._released.remove(object_id)
+            except ValueError:
+                return False
+            return True
 
     def _release(self) -> None:
-        released, self._released = self._released, []
+        with self._lock:
+            released, self._released = self._released, []
         conn = self.core.live_connection()
         if conn is None:
             return  # no connection: the worker releases them after its grace period
@@ -325,10 +340,11 @@ class Objects:
     def adopt(self, object_id: str, size: int) -> ObjectRef[Any]:
         """A ref to *object_id* (of *size* bytes) that another client handed this one: this
         client owns the object from now on, beside the others (``HoldObjects``), unless it
-        already holds refs to it. Waits for the worker's answer (the sender may drop its
-        ref then), except on the client's loop, where it is sent at once. An object
-        already gone is left to ``get`` to report (ObjectLostError)."""
-        if not self.held(object_id):
+        already owns it (refs to it alive, or their release not sent yet: a ref dropped
+        and taken back in one turn keeps its object). Waits for the worker's answer (the
+        sender may drop its ref then), except on the client's loop, where it is sent at
+        once. An object already gone is left to ``get`` to report (ObjectLostError)."""
+        if not self._reclaim(object_id):
             core = self.core
             if threading.get_ident() == core.thread_id:
                 self._hold_soon(object_id)
