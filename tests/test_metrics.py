@@ -691,6 +691,18 @@ def test_calls_count_under_their_own_method_whatever_came_before() -> None:
     assert (calls.other.ok, calls.other.bytes_in) == (1, 4)
 
 
+def test_a_first_request_naming_no_service_nor_method_counts_under_no_method() -> None:
+    """Empty names are what the connection's memo of the last method starts with: the
+    first request is looked up all the same (a hostile client's empty names included)."""
+    calls = CallMetrics()
+    calls.declare("test.Echo", "Echo")
+    conn = calls.connection(1 << 16)
+    conn.receive_data(encode_frame(1, FrameType.REQUEST, encode_request("", "", b"abc")))
+    conn.send_response(conn.next_event().stream_id)  # type: ignore[union-attr]
+    assert (calls.other.ok, calls.other.bytes_in) == (1, 3)
+    assert calls.methods[("test.Echo", "Echo")].codes == {}
+
+
 def test_an_answer_at_the_size_limit_counts_as_ok() -> None:
     """The largest OK answer the limit allows is sent and counted OK; one byte more is
     refused (and counted so), exactly as the plain connection decides."""
