@@ -1,6 +1,7 @@
 """Objects from the offload API, on a real worker: put and get, results kept on the worker,
 refs (anywhere inside arguments) resolved there, arguments past the message size, and
-refs released when the client drops them."""
+refs released when the client drops them (and, on a connection that records the calls
+started on it, how many releases one call names)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -22,7 +24,7 @@ import pytest
 
 import vaccelray
 from tests.processes import Proc, start_daemon, worker_argv
-from vaccelray.client.objects import INLINE, Stored
+from vaccelray.client.objects import INLINE, Objects, Stored
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, RELEASE_OBJECTS
@@ -215,6 +217,41 @@ def test_a_released_object_is_lost(client: vaccelray.Client, worker: Proc) -> No
     with pytest.raises(vaccelray.ObjectLostError, match="blob is lost") as caught:
         large.result()
     assert caught.value.task == "blob"
+
+
+class _Recording:
+    """A connection that records the ReleaseObjects calls started on it."""
+
+    def __init__(self) -> None:
+        self.released: list[wire.ReleaseObjects] = []
+
+    def start_call(self, service: str, method: str, payload: bytes, *_: Any, **__: Any) -> None:
+        assert (service, method) == (RELEASE_OBJECTS.service, RELEASE_OBJECTS.method)
+        self.released.append(RELEASE_OBJECTS.request.decode(payload))
+
+
+def test_releases_leave_in_calls_of_at_most_the_ids_one_call_may_name() -> None:
+    conn = _Recording()
+    scheduled: list[Callable[[], None]] = []
+    core = SimpleNamespace(
+        address="unix:///nowhere",
+        loop=SimpleNamespace(call_soon=scheduled.append),
+        live_connection=lambda: conn,
+        client_id="me",
+        metadata=(),
+    )
+    objects = Objects(core)  # type: ignore[arg-type]
+    ids = [f"{i:016x}-id" for i in range(wire.MAX_RELEASE + 2)]
+    for object_id in ids:  # the last refs of these, dropped in one turn of the loop
+        objects._counts[object_id] = 1
+        objects._dropped(object_id)
+    assert scheduled == [objects._release]  # once, for all of them
+    scheduled[0]()
+    assert [r.object_ids for r in conn.released] == [
+        tuple(ids[: wire.MAX_RELEASE]),
+        tuple(ids[wire.MAX_RELEASE :]),
+    ]
+    assert {r.client for r in conn.released} == {"me"}
 
 
 def _in_a_pool_process(data: bytes) -> PoolOnly:

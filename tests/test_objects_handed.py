@@ -207,13 +207,17 @@ def test_a_kept_result_pickled_is_an_object_ref_its_taker_owns(worker: Proc, whe
     worker.wait_for(f"Released 1 objects of client {taker_id} ", start=start)
 
 
-def test_a_ref_dropped_and_taken_back_in_one_turn_keeps_its_object(worker: Proc) -> None:
+def test_a_ref_dropped_and_taken_back_in_one_turn_keeps_its_object(
+    worker: Proc, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The client's last ref to an object is dropped, and a ref to it is taken (unpickled)
     on the client's loop before the release of the first has left: the client still owns
     the object, so neither the release nor a hold is sent (else the worker may take the
     hold, then the release, and drop the object)."""
     with vaccelray.Client(worker.address) as client:
         objects, loop = client._core.objects, client._core.loop
+        holds: list[str] = []
+        monkeypatch.setattr(objects, "_hold_soon", holds.append)
         refs = [client.put(b"kept" * 64)]
         object_id, size = refs[0].object_id, refs[0].size
         taken: concurrent.futures.Future[tuple[int, ObjectRef[Any]]] = concurrent.futures.Future()
@@ -231,7 +235,24 @@ def test_a_ref_dropped_and_taken_back_in_one_turn_keeps_its_object(worker: Proc)
         alive, ref = taken.result(PATIENCE)
         assert alive == 0  # the ref was gone, its release on its way
         assert objects.held(object_id) == 1
+        assert holds == []  # owned still: nothing to hold
         assert ref.result() == b"kept" * 64
+
+
+def test_an_object_stays_while_any_ref_of_its_client_is_alive(worker: Proc) -> None:
+    with vaccelray.Client(worker.address) as client:
+        objects = client._core.objects
+        refs = [client.put(b"twice")]
+        object_id = refs[0].object_id
+        refs.append(client.adopt(object_id, refs[0].size))  # a second ref, not a copy
+        assert objects.held(object_id) == 2
+        refs.pop()
+        wait_until(lambda: objects.held(object_id) != 2, "the dropped ref counted")
+        assert objects.held(object_id) == 1
+        assert held_by_worker(worker, object_id)
+        refs.pop()
+        wait_until(lambda: not held_by_worker(worker, object_id), "the object released")
+        assert objects.held(object_id) == 0
 
 
 def test_a_ref_taken_on_the_loop_without_a_connection_says_it_is_not_owned(

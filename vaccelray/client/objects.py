@@ -299,8 +299,8 @@ class Objects:
                 self._counts[object_id] = count
                 return
             del self._counts[object_id]
-            first = not self._released
             self._released.append(object_id)
+            first = len(self._released) == 1
         if first:
             self.core.loop.call_soon(self._release)
 
