@@ -25,7 +25,7 @@ import pytest
 import vaccelray
 from tests.processes import Proc, start_daemon, worker_argv
 from vaccelray.client.objects import INLINE, Objects, Stored
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.errors import RPCError, StatusCode, TransportError
 from vaccelray.protocol import objects as wire
 from vaccelray.protocol.services import GET_OBJECT, RELEASE_OBJECTS
 from vaccelray.transport.client import open_client
@@ -220,27 +220,49 @@ def test_a_released_object_is_lost(client: vaccelray.Client, worker: Proc) -> No
 
 
 class _Recording:
-    """A connection that records the ReleaseObjects calls started on it."""
+    """A connection that records the ReleaseObjects calls started on it (or, *closed*,
+    raises as a closed connection does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, closed: bool = False) -> None:
+        self.closed = closed
         self.released: list[wire.ReleaseObjects] = []
+        self.callbacks: list[Callable[[Any], object]] = []
+        self.options: list[dict[str, Any]] = []
 
-    def start_call(self, service: str, method: str, payload: bytes, *_: Any, **__: Any) -> None:
+    def start_call(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        callback: Callable[[Any], object],
+        **options: Any,
+    ) -> None:
+        if self.closed:
+            raise TransportError("connection closed")
         assert (service, method) == (RELEASE_OBJECTS.service, RELEASE_OBJECTS.method)
         self.released.append(RELEASE_OBJECTS.request.decode(payload))
+        self.callbacks.append(callback)
+        self.options.append(options)
 
 
-def test_releases_leave_in_calls_of_at_most_the_ids_one_call_may_name() -> None:
-    conn = _Recording()
+def _recorded(conn: _Recording) -> tuple[Objects, list[Callable[[], None]]]:
+    """Objects of a client whose connection is *conn*, and the callbacks it schedules."""
     scheduled: list[Callable[[], None]] = []
     core = SimpleNamespace(
         address="unix:///nowhere",
         loop=SimpleNamespace(call_soon=scheduled.append),
         live_connection=lambda: conn,
         client_id="me",
-        metadata=(),
+        metadata=(("vaccelray-token", "secret"),),
     )
-    objects = Objects(core)  # type: ignore[arg-type]
+    return Objects(core), scheduled  # type: ignore[arg-type]
+
+
+def test_releases_leave_in_calls_of_at_most_the_ids_one_call_may_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conn = _Recording()
+    objects, scheduled = _recorded(conn)
     ids = [f"{i:016x}-id" for i in range(wire.MAX_RELEASE + 2)]
     for object_id in ids:  # the last refs of these, dropped in one turn of the loop
         objects._counts[object_id] = 1
@@ -252,6 +274,19 @@ def test_releases_leave_in_calls_of_at_most_the_ids_one_call_may_name() -> None:
         tuple(ids[wire.MAX_RELEASE :]),
     ]
     assert {r.client for r in conn.released} == {"me"}
+    for options in conn.options:  # the client's credential, and a bound on the wait
+        assert options["metadata"] == (("vaccelray-token", "secret"),)
+        assert 0 < options["timeout"] < PATIENCE
+    with caplog.at_level(logging.DEBUG, "vaccelray.client"):
+        conn.callbacks[1](TransportError("lost"))
+    assert "Release of 2 objects not delivered: lost" in caplog.messages
+
+
+def test_a_release_on_a_closed_connection_is_left_to_the_workers_grace() -> None:
+    objects, scheduled = _recorded(_Recording(closed=True))
+    objects._counts["0123456789abcdef-id"] = 1
+    objects._dropped("0123456789abcdef-id")
+    scheduled[0]()  # raises nothing: the worker saw the client go
 
 
 def _in_a_pool_process(data: bytes) -> PoolOnly:
