@@ -283,10 +283,12 @@ def test_releases_leave_in_calls_of_at_most_the_ids_one_call_may_name(
 
 
 def test_a_release_on_a_closed_connection_is_left_to_the_workers_grace() -> None:
-    objects, scheduled = _recorded(_Recording(closed=True))
+    conn = _Recording(closed=True)
+    objects, scheduled = _recorded(conn)
     objects._counts["0123456789abcdef-id"] = 1
     objects._dropped("0123456789abcdef-id")
     scheduled[0]()  # raises nothing: the worker saw the client go
+    assert (conn.released, objects._released, objects.held("0123456789abcdef-id")) == ([], [], 0)
 
 
 def _in_a_pool_process(data: bytes) -> PoolOnly:
