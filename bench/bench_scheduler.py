@@ -74,6 +74,7 @@ sys.path.insert(0, str(REPO))
 from tests.processes import Proc, scheduler_argv, sleepy_argv, worker_argv  # noqa: E402
 from vaccelray.agent_client import AgentClient  # noqa: E402
 from vaccelray.transport.client import connect  # noqa: E402
+from vaccelray.transport.endpoints import TcpEndpoint, UnixEndpoint, parse_endpoint  # noqa: E402
 
 QUIET = ("--log-level", "warning")
 TARGETS = {
@@ -112,14 +113,15 @@ def _link() -> str:
 
 def _accepts(address: str) -> bool:
     """Whether a daemon accepts connections at *address* (tcp:// or unix://) now."""
+    endpoint = parse_endpoint(address)
     try:
-        if address.startswith("unix://"):
+        if isinstance(endpoint, UnixEndpoint):
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.settimeout(1)
-                sock.connect(address.removeprefix("unix://"))
+                sock.connect(endpoint.sockaddr)
         else:
-            host, port = address.removeprefix("tcp://").rsplit(":", 1)
-            socket.create_connection((host, int(port)), timeout=1).close()
+            assert isinstance(endpoint, TcpEndpoint)
+            socket.create_connection((endpoint.host, endpoint.port), timeout=1).close()
     except OSError:
         return False
     return True
