@@ -80,6 +80,68 @@ def test_a_full_batch_is_written_without_waiting_for_the_timer(pipe: tuple[int, 
         sink.close()
 
 
+def recording_writes(sink: logs.Sink) -> list[int]:
+    """The threads (idents) of *sink*'s writes from now on, in order."""
+    writers: list[int] = []
+    write = sink._write
+
+    def recorded(data: bytes) -> None:
+        writers.append(threading.get_ident())
+        write(data)
+
+    sink._write = recorded  # type: ignore[method-assign]
+    return writers
+
+
+def test_a_batch_filled_on_a_file_is_written_by_its_caller(tmp_path: Path) -> None:
+    """On local disk the caller whose line fills a batch writes it: no thread is woken."""
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), interval=HOUR, flush_lines=2)
+        writers = recording_writes(sink)
+        try:
+            sink.put("0\n")
+            sink.event("x", "session:%d Genop", (7,))
+            written = path.read_text()  # at once: nobody else wrote it
+        finally:
+            sink.close()
+    assert written.startswith("0\n")
+    assert written.endswith(" INFO session:7 Genop\n")
+    assert writers == [threading.get_ident()]
+
+
+def test_a_batch_filled_while_the_thread_writes_is_left_to_it(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), interval=HOUR, flush_lines=2)
+        asleep = sink._wake
+        sink._wake = wake = CountingEvent()
+        try:
+            with sink._writing:  # as the thread holds it in its write
+                sink.put("0\n")
+                sink.put("1\n")
+            assert wake.sets == 1
+            assert path.read_text() == ""
+        finally:
+            sink._wake = asleep
+            sink.close()
+    assert path.read_text() == "0\n1\n"
+
+
+def test_a_batch_filled_on_a_pipe_is_written_by_the_thread(pipe: tuple[int, int]) -> None:
+    """Nobody may be reading a pipe: its caller never writes to it."""
+    r, w = pipe
+    sink = logs.Sink(w, interval=HOUR, flush_lines=2)
+    writers = recording_writes(sink)
+    try:
+        sink.put("0\n")
+        sink.put("1\n")
+        assert read_until(r, b"1\n") == b"0\n1\n"
+    finally:
+        sink.close()
+    assert writers == [sink._thread.ident]
+
+
 def test_lines_are_written_by_the_timer(pipe: tuple[int, int]) -> None:
     r, w = pipe
     sink = logs.Sink(w, interval=0.01)

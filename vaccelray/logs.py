@@ -6,9 +6,11 @@ One module owns what reaches stderr:
   writes them from its own thread, a batch at a time: at a bounded size,
   after a short interval, at once for warnings and errors, and always
   before exit (:func:`close`, run at exit and before a fatal traceback).
-  The event loop never waits on stderr: when stderr is a pipe nobody
-  reads, lines past the bound are dropped and counted, and the count is
-  written when stderr takes lines again;
+  The event loop never waits on a pipe or a terminal: when stderr is a
+  pipe nobody reads, lines past the bound are dropped and counted, and the
+  count is written when stderr takes lines again. When stderr is a file,
+  the caller whose line fills a batch writes the batch itself (a write to
+  local disk does not wait for a reader, and waking the thread costs more);
 - :class:`EventLog`, the agent-style per-event lines (``Created session
   1``, ``session:1 Image classification``): formatted here straight into
   the sink, without building a ``logging.LogRecord`` (about 7 µs each);
@@ -34,6 +36,7 @@ import operator
 import os
 import secrets
 import select
+import stat
 import sys
 import threading
 import time
@@ -207,12 +210,16 @@ _popleft = collections.deque.popleft
 class Sink:
     """Lines written to file descriptor *fd* by a thread of their own, a batch at a time.
 
-    :meth:`put` and :meth:`event` never block on *fd* and take no lock (a
-    deque's append is atomic): a batch is written every *interval* seconds,
-    at once when *flush_lines* lines wait or for an *urgent* line. Past
-    *max_lines* waiting (the writer is stuck on a pipe nobody reads) lines
-    are dropped and counted. An :meth:`event` line is formatted (in
-    *log_format*) by the writer, off the caller's path.
+    :meth:`put` and :meth:`event` wait for no lock (a deque's append is atomic)
+    and never write to a pipe: a batch is written every *interval* seconds,
+    at once when *flush_lines* lines wait or for an *urgent* line, by the
+    thread; or, when *fd* is a regular file (:attr:`inline`), by the caller
+    whose line completes the batch, unless the thread is writing (waking the
+    thread for every batch and handing it the GIL cost the worker more CPU
+    than the writing itself). Past *max_lines* waiting (the writer is stuck
+    on a pipe nobody reads) lines are dropped and counted. An :meth:`event`
+    line is formatted (in *log_format*) when its batch is written, not when
+    it is queued.
     """
 
     def __init__(
@@ -247,6 +254,10 @@ class Sink:
         self._dropped = 0
         #: When the writer's write in progress began (a long one: stderr takes no lines).
         self._write_started: float | None = None
+        #: Held by whoever writes the queue: the writer, or a caller that filled a batch.
+        self._writing = threading.Lock()
+        #: Whether a caller that fills a batch writes it itself (see :meth:`_queue_up`).
+        self.inline = _is_regular_file(fd)
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="vaccelray-log", daemon=True)
         self._thread.start()
@@ -271,6 +282,12 @@ class Sink:
             return
         queue.append(item)
         if urgent or len(queue) >= self.flush_lines:
+            if self.inline and self._writing.acquire(blocking=False):
+                try:
+                    self._write_queued()
+                finally:
+                    self._writing.release()
+                return
             self._wake.set()
             self.fast_below = self._fast_woken
 
@@ -311,7 +328,8 @@ class Sink:
             self._wake.wait(self.interval)
             self._wake.clear()
             closing = self._closing
-            self._write_queued()
+            with self._writing:
+                self._write_queued()
             self.fast_below = self._fast_asleep
             if closing:
                 return
@@ -426,6 +444,13 @@ class Sink:
                 select.select([], [self.fd], [])
             except OSError:  # closed or gone: nobody can read these lines
                 return
+
+
+def _is_regular_file(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _text_of(message: str, args: tuple[object, ...]) -> str:
