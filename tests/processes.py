@@ -3,11 +3,16 @@
 ``Proc`` runs a command (optionally inside a network namespace with ``ip
 netns exec``) and collects its stdout and stderr lines from reader threads,
 so a test can wait for a line (the ready line of a daemon, say) and read the
-log afterwards without the pipes ever filling up.
+log afterwards without the pipes ever filling up. Its process is killed when
+the test process dies, however it dies: a run stopped by hand or a test
+killed by the mutation tool leaves no daemon behind (left over, a worker's
+sandboxed pool processes count against the sandbox tests' process limit).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import os
 import re
 import signal
@@ -23,6 +28,21 @@ REPO = Path(__file__).resolve().parent.parent
 READY = re.compile(r"Listening on (\S+)")
 #: Waits here are for liveness only (a hung daemon fails instead of blocking), so they
 #: are generous: a loaded 2-core machine may take many seconds to start an interpreter.
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the thread that started it ends."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+#: The one thread that starts every Proc. The kernel's "parent" of a child is the
+#: thread that forked it: a daemon started from a worker thread that exits later
+#: (anyio's idle ones do) would die with it, not with the test process.
+_spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="proc-spawner")
 
 
 def child_env() -> dict[str, str]:
@@ -45,7 +65,8 @@ class Proc:
     ) -> None:
         prefix = ["ip", "netns", "exec", netns] if netns else []
         self.argv = [*prefix, *argv]
-        self.process = subprocess.Popen(
+        self.process: subprocess.Popen[str] = _spawner.submit(
+            subprocess.Popen,
             self.argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -53,7 +74,8 @@ class Proc:
             text=True,
             env={**child_env(), **(env or {})},
             cwd=REPO,
-        )
+            preexec_fn=_die_with_parent,
+        ).result()
         #: The address of a daemon's ready line, once start_daemon has seen it.
         self.address = ""
         self.lines: list[str] = []
