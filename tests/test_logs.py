@@ -932,3 +932,27 @@ def test_a_short_queue_bounds_the_fast_path(pipe: tuple[int, int]) -> None:
     finally:
         sink.close()
         json_sink.close()
+
+
+def test_json_event_lines_after_a_full_batch_stay_json(pipe: tuple[int, int]) -> None:
+    """Past a full batch the text fast path lets lines queue as they come; a JSON line
+    never takes it (it carries its logger and request id)."""
+    r, w = pipe
+    sink = logs.Sink(w, log_format="json", interval=HOUR, flush_lines=2)
+    asleep = sink._wake  # the writer sleeps on this one until close
+    sink._wake = CountingEvent()
+    logger = logging.getLogger("vaccelray.batch")
+    logger.setLevel(logging.INFO)
+    logs._state.sink = sink
+    try:
+        events = logs.EventLog("vaccelray.batch")
+        for i in range(3):
+            events.info("line %d", i)
+        assert sink.fast_below == 0
+    finally:
+        logs._state.sink = None
+        logger.setLevel(logging.NOTSET)
+        sink._wake = asleep
+        sink.close()
+    lines = read_until(r, b'"line 2"}\n').decode().splitlines()
+    assert [json.loads(line)["logger"] for line in lines] == ["vaccelray.batch"] * 3
