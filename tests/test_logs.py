@@ -110,6 +110,25 @@ def test_a_batch_filled_on_a_file_is_written_by_its_caller(tmp_path: Path) -> No
     assert writers == [threading.get_ident()]
 
 
+def test_a_batch_of_json_lines_is_written_by_the_thread(tmp_path: Path) -> None:
+    """A JSON line costs several microseconds to make: a batch of them never holds the caller."""
+    path = tmp_path / "log"
+    with path.open("wb") as f:
+        sink = logs.Sink(f.fileno(), log_format="json", interval=HOUR, flush_lines=2)
+        writers = recording_writes(sink)
+        try:
+            sink.event("x", "session:%d Genop", (7,))
+            sink.event("x", "session:%d Genop", (8,))
+            assert sink.flush() is True
+        finally:
+            sink.close()
+    assert [json.loads(line)["message"] for line in path.read_text().splitlines()] == [
+        "session:7 Genop",
+        "session:8 Genop",
+    ]
+    assert writers == [sink._thread.ident]
+
+
 def test_a_batch_filled_while_the_thread_writes_is_left_to_it(tmp_path: Path) -> None:
     path = tmp_path / "log"
     with path.open("wb") as f:

@@ -213,7 +213,7 @@ class Sink:
     :meth:`put` and :meth:`event` wait for no lock (a deque's append is atomic)
     and never write to a pipe: a batch is written every *interval* seconds,
     at once when *flush_lines* lines wait or for an *urgent* line, by the
-    thread; or, when *fd* is a regular file (:attr:`inline`), by the caller
+    thread; or, text lines into a regular file (:attr:`inline`), by the caller
     whose line completes the batch, unless the thread is writing (waking the
     thread for every batch and handing it the GIL cost the worker more CPU
     than the writing itself). Past *max_lines* waiting (the writer is stuck
@@ -256,8 +256,10 @@ class Sink:
         self._write_started: float | None = None
         #: Held by whoever writes the queue: the writer, or a caller that filled a batch.
         self._writing = threading.Lock()
-        #: Whether a caller that fills a batch writes it itself (see :meth:`_queue_up`).
-        self.inline = _is_regular_file(fd)
+        #: Whether a caller that fills a batch writes it itself (see :meth:`_queue_up`): text
+        #: lines into a file. A JSON line takes about 7 µs to make: a batch of them made
+        #: inline would hold the event loop for milliseconds.
+        self.inline = log_format == "text" and _is_regular_file(fd)
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="vaccelray-log", daemon=True)
         self._thread.start()
