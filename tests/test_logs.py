@@ -296,6 +296,13 @@ def test_a_debug_line_inside_a_call_names_its_request() -> None:
     assert formatter.format(record(logging.DEBUG, "sent")).endswith(" DEBUG sent")
 
 
+def test_a_json_line_keeps_text_that_is_not_utf8() -> None:
+    """A lone surrogate (undecodable bytes of a file name, say) is escaped, not lost."""
+    line = logs.json_line(0.0, "INFO", "a", "no such file b'\udcff'", request_id="r")
+    assert json.loads(line)["message"] == "no such file b'\udcff'"
+    assert json.loads(logs.json_line(0.0, "INFO", "a", "café", request_id="r"))["message"] == "café"
+
+
 def test_the_json_formatter_keeps_the_traceback() -> None:
     try:
         raise ValueError("boom")

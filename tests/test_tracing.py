@@ -27,7 +27,7 @@ from vaccelray.protocol.request_id import REQUEST_ID_KEY
 from vaccelray.transport.client import connect
 from vaccelray.transport.server import CallContext, Method, Service, serve
 
-READY_JSON = r'"message": "Listening on ([^"\s]+)"'
+READY_JSON = r'"message":\s*"Listening on ([^"\s]+)"'
 
 
 def start_json(argv: list[str]) -> Proc:
@@ -119,7 +119,7 @@ def test_the_id_crosses_the_scheduler_with_debug_lines(worker_json: Proc) -> Non
         scheduler.wait_for(r"Worker \S+ is up")
         anyio.run(classify_once, scheduler.address, ((REQUEST_ID_KEY, "hop-7"),))
         worker_json.wait_for(r'"session:\d+ Image classification"')
-        scheduler.wait_for(r'"request_id": "hop-7"')
+        scheduler.wait_for(r'"request_id":\s*"hop-7"')
     finally:
         scheduler.stop()
     on_worker = [b for b in json_lines(worker_json) if b.get("request_id") == "hop-7"]
