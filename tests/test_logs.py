@@ -7,6 +7,7 @@ a line that shows up was written for the reason under test.
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -253,6 +255,27 @@ def test_the_text_stamp_is_loggings_asctime() -> None:
         record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
         record.created, record.msecs = now, int(now * 1000) % 1000
         assert logs.text_stamp(now) == formatter.format(record)
+
+
+def test_a_stamper_makes_each_seconds_text_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[float] = []
+    strftime = time.strftime
+
+    def counted(layout: str, moment: time.struct_time) -> str:
+        made.append(calendar.timegm(moment))
+        return strftime(layout, moment)
+
+    monkeypatch.setattr(time, "strftime", counted)
+    stamp = logs._Stamper("%H:%M:%S", time.gmtime, ".%03d")
+    times = (0.5, 0.75, 1.25, 3600.0, 3600.999)
+    assert [stamp(t) for t in times] == [
+        "00:00:00.500",
+        "00:00:00.750",
+        "00:00:01.250",
+        "01:00:00.000",
+        "01:00:00.999",
+    ]
+    assert made == [0, 1, 3600]  # the first second's when made, then one a new second
 
 
 def test_json_stamp() -> None:

@@ -134,7 +134,7 @@ class _Stamper:
         self._layout = layout
         self._clock = clock
         self._millis = tuple(millis % ms for ms in range(1000))
-        self._last: tuple[int, str] = (-1, "")
+        self._last = (0, time.strftime(layout, clock(0)))
 
     def __call__(self, now: float) -> str:
         second, text = self._last
