@@ -11,7 +11,8 @@ Two Python workers run beside the Go server: one at ``--log-level warning``
 its stderr going to a file on local disk (``--log-file``, else a temporary
 file) — its agent-style lines cost what they cost there. Each round runs
 the three servers one after the other, in a rotating order, so none always
-gets the warmer machine; the median of the rounds is kept.
+gets the warmer machine; the median of the rounds is kept (for info/warn, the
+median of each round's own ratio).
 
     python bench/bench_worker.py [--duration 3] [--rounds 1] [--json FILE] [--check]
 
@@ -266,7 +267,12 @@ def _measure(
                     runs[name].append(run_bench(peer, address, scenario, args.duration, pid))
             go, py, info = (median_run(runs[name]) for name in ("go", "warning", "info"))
             ratio = py["calls_per_s"] / go["calls_per_s"] if go["calls_per_s"] else 0.0
-            kept = info["calls_per_s"] / py["calls_per_s"] if py["calls_per_s"] else 0.0
+            # Each round runs the two Python workers back to back: the median of the rounds'
+            # own ratios, not the ratio of two medians, which other load moves far more.
+            kept = statistics.median(
+                i["calls_per_s"] / w["calls_per_s"] if w["calls_per_s"] else 0.0
+                for w, i in zip(runs["warning"], runs["info"], strict=True)
+            )
             # CPU a call: the median of each side's rounds (less moved by other load).
             warn_cpu, info_cpu = (
                 statistics.median(r["cpu_us"] for r in runs[name]) for name in ("warning", "info")
