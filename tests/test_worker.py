@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from tests.processes import Proc
-from tests.waiting import LIVENESS, liveness
+from tests.waiting import LIVENESS, liveness, until
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol._pb import vaccel_pb2 as pb
@@ -316,6 +316,8 @@ def test_submit_against_a_running_worker(worker_process: Proc, tmp_path: Path) -
     assert result.stdout.splitlines() == [f"{image}: {NOOP_TAG}" for image in images]
     result = submit(str(images[0]), env={"VACCEL_RPC_ADDRESS": worker_process.address})
     assert result.returncode == 0, result.stderr
+    # Its lines reach stderr in batches (within 50 ms of the call): wait for the third.
+    until(lambda: worker_process.text().count("Classify (top 3)") >= 3, "the third line")
     assert worker_process.text().count("Classify (top 3)") == 3  # two images, then one
 
 
