@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -33,7 +35,7 @@ def killed(pid: int) -> bool:
     except FileNotFoundError:
         return True
     pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
-    return fields["State"].split()[0] in ("Z", "X") or bool(pending & (1 << (9 - 1)))
+    return fields["State"].split()[0] in ("Z", "X") or bool(pending & (1 << (signal.SIGKILL - 1)))
 
 
 def test_a_proc_dies_with_the_test_process_not_with_the_thread_that_started_it() -> None:
@@ -54,7 +56,7 @@ def test_a_proc_dies_with_the_test_process_not_with_the_thread_that_started_it()
         until(lambda: killed(pid), f"process {pid} started by a killed test process ends")
     finally:
         if not killed(pid):
-            subprocess.run(["kill", "-9", str(pid)], check=False)
+            os.kill(pid, signal.SIGKILL)
         assert starter.stdin is not None
         starter.stdin.close()
         starter.stdout.close()
