@@ -833,24 +833,32 @@ def test_the_event_fast_path_writes_what_the_sink_would(tmp_path: Path) -> None:
         assert messages == ["session:3 Genop", "session:4 Genop"]
 
 
+@contextmanager
+def events_into(sink: logs.Sink) -> Iterator[logs.EventLog]:
+    """An EventLog of an INFO logger whose lines go to *sink* (as after setup), until the end."""
+    logger = logging.getLogger("vaccelray.batch")
+    logger.setLevel(logging.INFO)
+    logs._state.sink = sink
+    try:
+        yield logs.EventLog("vaccelray.batch")
+    finally:
+        logs._state.sink = None
+        logger.setLevel(logging.NOTSET)
+
+
 def test_event_lines_of_a_full_batch_are_written_without_waiting(pipe: tuple[int, int]) -> None:
     """EventLog's fast path stops short of the batch size: the line that fills it wakes
     the writer."""
     r, w = pipe
     sink = logs.Sink(w, interval=HOUR, flush_lines=3)
-    logger = logging.getLogger("vaccelray.batch")
-    logger.setLevel(logging.INFO)
-    logs._state.sink = sink
     try:
-        events = logs.EventLog("vaccelray.batch")
-        for i in range(3):
-            events.info("line %d", i)
-            if i < 2:
-                assert nothing_written(r), f"written at line {i}"
-        assert read_until(r, b"line 2\n").endswith(b"line 2\n")
+        with events_into(sink) as events:
+            for i in range(3):
+                events.info("line %d", i)
+                if i < 2:
+                    assert nothing_written(r), f"written at line {i}"
+            assert read_until(r, b"line 2\n").endswith(b"line 2\n")
     finally:
-        logs._state.sink = None
-        logger.setLevel(logging.NOTSET)
         sink.close()
 
 
@@ -952,19 +960,14 @@ def test_lines_after_a_full_batch_wake_the_writer_once(pipe: tuple[int, int]) ->
     sink = logs.Sink(w, interval=HOUR, flush_lines=3, max_lines=8)
     asleep = sink._wake  # the writer sleeps on this one for the test's length
     sink._wake = wake = CountingEvent()
-    logger = logging.getLogger("vaccelray.batch")
-    logger.setLevel(logging.INFO)
-    logs._state.sink = sink
     try:
-        events = logs.EventLog("vaccelray.batch")
-        for i in range(7):
-            events.info("line %d", i)
+        with events_into(sink) as events:
+            for i in range(7):
+                events.info("line %d", i)
         assert wake.sets == 1  # by the line that filled the batch; after it, none
         assert len(sink._queue) == 7
         assert sink.fast_below == 7  # short of the bound
     finally:
-        logs._state.sink = None
-        logger.setLevel(logging.NOTSET)
         sink._wake = asleep
         sink.close()
     assert read_until(r, b"line 6\n").count(b"\n") == 7
@@ -990,17 +993,12 @@ def test_json_event_lines_after_a_full_batch_stay_json(pipe: tuple[int, int]) ->
     sink = logs.Sink(w, log_format="json", interval=HOUR, flush_lines=2)
     asleep = sink._wake  # the writer sleeps on this one until close
     sink._wake = CountingEvent()
-    logger = logging.getLogger("vaccelray.batch")
-    logger.setLevel(logging.INFO)
-    logs._state.sink = sink
     try:
-        events = logs.EventLog("vaccelray.batch")
-        for i in range(3):
-            events.info("line %d", i)
+        with events_into(sink) as events:
+            for i in range(3):
+                events.info("line %d", i)
         assert sink.fast_below == 0
     finally:
-        logs._state.sink = None
-        logger.setLevel(logging.NOTSET)
         sink._wake = asleep
         sink.close()
     lines = read_until(r, b'"line 2"}\n').decode().splitlines()
