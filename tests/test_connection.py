@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vaccelray.errors import Detail, LocalProtocolError, RemoteProtocolError, StatusCode
+from vaccelray.metrics import CallMetrics
 from vaccelray.protocol import (
     NEED_DATA,
     BadRequest,
@@ -38,6 +39,22 @@ def test_request_reaches_server_and_response_reaches_client() -> None:
     assert client.next_event() == ResponseReceived(sid, 0, "", (), b"answer")
     assert client.pending == 0
     assert server.open_streams == 0
+
+
+@pytest.mark.parametrize("metered", [False, True], ids=["plain", "metered"])
+def test_each_request_carries_what_the_table_holds_for_its_method(metered: bool) -> None:
+    """The connection remembers the last method's target: the next request naming
+    another service or method is looked up all the same, and one the table lacks has none."""
+    table = {("s", "m"): "first", ("s", "n"): "second", ("t", "m"): "third"}
+    server = (
+        CallMetrics().connection(1 << 16, table) if metered else ServerConnection(methods=table)
+    )
+    client = ClientConnection()
+    names = [("s", "m"), ("s", "m"), ("s", "n"), ("t", "m"), ("u", "m"), ("s", "m"), ("", "")]
+    for service, method in names:
+        server.receive_data(client.send_request(service, method, b"")[1])
+    targets = [server.next_event().target for _ in names]  # type: ignore[union-attr]
+    assert targets == ["first", "first", "second", "third", None, "first", None]
 
 
 def test_error_status_with_details_travels() -> None:

@@ -24,7 +24,6 @@ from vaccelray.dashboard import ObserveConfig, Observed, observed
 from vaccelray.dashboard.http import parse_head, serve_http
 from vaccelray.errors import Detail, RPCError, StatusCode
 from vaccelray.metrics import (
-    BATCH_BOUNDS,
     FAILURES_KEPT,
     LATENCY_BOUNDS,
     CallMetrics,
@@ -116,16 +115,13 @@ async def test_calls_are_counted_by_method_and_status(
             await client.call("test.Nope", "Echo", b"12345")
     echo = calls.methods[("test.Echo", "Echo")]
     assert echo.codes == {0: 5}
-    assert echo.bytes_in == 15
     assert sum(echo.buckets) == 5
     assert echo.seconds > 0
     assert calls.methods[("test.Echo", "Fail")].codes == {StatusCode.NOT_FOUND: 2}
     later = calls.methods[("test.Echo", "Later")]
     assert later.codes == {0: 1}
-    assert later.bytes_in == 2
     # An unknown method counts apart, and makes no counters of its own.
     assert calls.other.codes == {StatusCode.UNIMPLEMENTED: 1}
-    assert calls.other.bytes_in == 5
     assert set(calls.methods) == {("test.Echo", m) for m in ("Echo", "Fail", "Later")}
     assert calls.totals()[:2] == (9, 3)
     assert [(f.service, f.method, f.code, f.message) for f in calls.failures] == [
@@ -140,7 +136,7 @@ async def test_answer_bytes_are_the_frames_sent(metered: tuple[Server, CallMetri
     async with connect(server.addresses[0]) as client:
         await client.call("test.Echo", "Echo", b"z" * 100)
     # A 10-byte header, then the Response: field 2 (tag, length 100) holding the payload.
-    assert calls.methods[("test.Echo", "Echo")].bytes_out == 10 + 2 + 100
+    assert calls.bytes_out == 10 + 2 + 100
 
 
 async def test_exposition_moves_by_exactly_the_calls_made(
@@ -163,9 +159,9 @@ async def test_exposition_moves_by_exactly_the_calls_made(
     labels = (("method", "Echo"), ("service", "test.Echo"))
     assert after[("t_call_seconds_count", labels)] == 4
     assert after[("t_call_seconds_bucket", (("le", "+Inf"), *labels))] == 4
-    assert after[("t_received_bytes_total", labels)] == 4
-    assert after[("t_sent_bytes_total", labels)] == calls.methods[("test.Echo", "Echo")].bytes_out
-    assert after[("t_read_batch_requests_count", ())] == sum(calls.batches)
+    assert after[("t_received_bytes_total", ())] == calls.bytes_in > 0
+    assert after[("t_sent_bytes_total", ())] == calls.bytes_out > 0
+    assert after[("t_reads_total", ())] == calls.reads > 0
     help_texts = {
         f.name: f.documentation
         for f in text_string_to_metric_families(generate_latest(registry_of(calls)).decode())
@@ -179,7 +175,6 @@ def test_histogram_buckets_are_cumulative() -> None:
     calls = CallMetrics()
     calls.declare("s", "m")
     stats = calls.methods[("s", "m")]
-    stats.ok = 3
     # At the first bound (a bucket holds what is at most its bound), in the third bucket,
     # and past the last bound; in no order, as calls end.
     stats.latencies += [0.0004, LATENCY_BOUNDS[0], 20.0]
@@ -209,7 +204,7 @@ def test_extra_families_are_exposed_with_their_labels() -> None:
     assert samples[("t_moves_total", ())] == 7.0
 
 
-async def test_requests_of_one_read_count_as_one_batch(
+async def test_reads_and_bytes_are_those_of_the_socket(
     metered: tuple[Server, CallMetrics],
 ) -> None:
     server, calls = metered
@@ -221,16 +216,14 @@ async def test_requests_of_one_read_count_as_one_batch(
     async with await anyio.connect_tcp(host, int(port)) as stream:
         await stream.send(frames)
         got = b""
-        while got.count(b"\x02\x00") < 3 and len(got) < 3 * 13:  # three 13-byte answers
+        while len(got) < 3 * 13:  # three 13-byte answers
             got += await stream.receive()
     assert calls.methods[("test.Echo", "Echo")].codes == {0: 3}
-    assert calls.batched == 3
-    # One read holding the three, unless the kernel split them (then two reads or three).
-    assert sum(calls.batches) in (1, 2, 3)
-    if sum(calls.batches) == 1:
-        assert calls.batches[BATCH_BOUNDS.index(4)] == 1
+    assert (calls.bytes_in, calls.bytes_out) == (len(frames), len(got))
+    # One read holding the three, unless the kernel split them.
+    assert 1 <= calls.reads <= len(frames)
     samples = scrape(calls)
-    assert samples[("t_read_batch_requests_sum", ())] == 3
+    assert samples[("t_reads_total", ())] == calls.reads
 
 
 # -- a worker's and a scheduler's /metrics ----------------------------------------------
@@ -534,8 +527,8 @@ def test_latencies_wait_to_be_bucketed_at_most_fold_at_calls(clock: FakeClock) -
         conn.next_event()
         clock.now += 0.002 if i % 2 else 20.0
         conn.send_response(1)
-        # Never more than FOLD_AT wait: the one that makes FOLD_AT sorts them all in.
-        assert len(stats.latencies) == (i + 1) % FOLD_AT
+        # Never more than FOLD_AT wait: the read after the one that makes FOLD_AT sorts them in.
+        assert len(stats.latencies) == i % FOLD_AT + 1
     assert sum(stats._buckets) == FOLD_AT  # the last one still waits...
     assert stats.buckets[LATENCY_BOUNDS.index(0.0025)] == FOLD_AT // 2  # ... until read
     assert stats.buckets[-1] == FOLD_AT // 2 + 1
@@ -570,14 +563,41 @@ def test_answers_are_the_plain_connections_bytes() -> None:
     )
 
 
-def test_bytes_out_add_up(clock: FakeClock) -> None:
+def test_a_method_turned_from_is_folded() -> None:
+    """A method's latencies wait no longer than a turn of a connection to another method
+    (a read folds only the method its connection called last)."""
     calls, conn = metered_connection()
-    conn.receive_data(request(1) + request(3))
-    sizes = [
-        len(conn.send_response(e.stream_id, b"x" * n))
-        for e, n in ((conn.next_event(), 3), (conn.next_event(), 7))
-    ]  # type: ignore[union-attr]
-    assert calls.methods[("test.Echo", "Echo")].bytes_out == sum(sizes)
+    calls.declare("test.Echo", "Other")
+    echo = calls.methods[("test.Echo", "Echo")]
+    conn.receive_data(request(1) + request(3, "Other"))
+    conn.next_event()
+    echo.latencies += [1.0] * FOLD_AT  # as if answered, on this connection or others
+    conn.next_event()
+    assert (echo.latencies, echo.ok, echo.seconds) == ([], FOLD_AT, FOLD_AT)
+
+
+def test_a_bad_request_folds_the_calls_of_no_method() -> None:
+    calls, conn = metered_connection()
+    calls.other.latencies += [1.0] * FOLD_AT
+    conn.receive_data(encode_frame(1, FrameType.REQUEST, b"\xff"))
+    assert len(calls.other.latencies) == FOLD_AT  # no method called yet: the read folds none
+    assert conn.next_event().code == StatusCode.INVALID_ARGUMENT  # type: ignore[union-attr]
+    assert (calls.other.latencies, calls.other.ok) == ([], FOLD_AT)
+
+
+def test_reads_and_their_bytes_add_up() -> None:
+    calls, conn = metered_connection()
+    sizes = []
+    for count in (3, 1, 200):
+        data = b"".join(request(2 * i + 1) for i in range(count))
+        conn.receive_data(data)
+        sizes.append(len(data))
+        events = [conn.next_event() for _ in range(count)]
+        assert conn.next_event() is NEED_DATA
+        for event in events:
+            conn.send_response(event.stream_id)  # type: ignore[union-attr]
+    assert (calls.reads, calls.bytes_in) == (3, sum(sizes))
+    assert calls.bytes_out == 0  # the transport counts what it writes
 
 
 def test_an_answer_over_the_size_limit_counts_as_refused() -> None:
@@ -606,24 +626,7 @@ def test_an_undecodable_request_counts_apart() -> None:
         conn.send_response(event.stream_id, code=event.code, message=event.message)  # type: ignore[union-attr]
     assert calls.other.codes == {StatusCode.INVALID_ARGUMENT: 2}
     assert calls.methods[("test.Echo", "Echo")].codes == {}
-    assert calls.batched == 2  # one read of two requests
-
-
-def test_reads_count_by_how_many_requests_they_held() -> None:
-    calls, conn = metered_connection()
-    for count in (3, 1, 3, 200):
-        conn.receive_data(b"".join(request(2 * i + 1) for i in range(count)))
-        events = [conn.next_event() for _ in range(count)]
-        assert conn.next_event() is NEED_DATA
-        assert conn.next_event() is NEED_DATA  # a read counts once
-        for event in events:
-            conn.send_response(event.stream_id)  # type: ignore[union-attr]
-    expected = [0] * (len(BATCH_BOUNDS) + 1)
-    expected[BATCH_BOUNDS.index(1)] = 1
-    expected[BATCH_BOUNDS.index(4)] = 2
-    expected[-1] = 1
-    assert calls.batches == expected
-    assert calls.batched == 207
+    assert calls.reads == 1
 
 
 def test_the_failures_kept_are_the_newest(clock: FakeClock) -> None:
@@ -682,13 +685,13 @@ def test_calls_count_under_their_own_method_whatever_came_before() -> None:
     )
     for _ in sent:
         conn.send_response(conn.next_event().stream_id)  # type: ignore[union-attr]
-    counted = {key: (stats.ok, stats.bytes_in) for key, stats in calls.methods.items()}
+    counted = {key: stats.ok for key, stats in calls.methods.items()}
     assert counted == {
-        ("test.Echo", "Echo"): (3, 0 + 1 + 5),
-        ("test.Echo", "Other"): (1, 3),
-        ("test.Again", "Echo"): (1, 2),
+        ("test.Echo", "Echo"): 3,
+        ("test.Echo", "Other"): 1,
+        ("test.Again", "Echo"): 1,
     }
-    assert (calls.other.ok, calls.other.bytes_in) == (1, 4)
+    assert calls.other.ok == 1
 
 
 def test_a_first_request_naming_no_service_nor_method_counts_under_no_method() -> None:
@@ -699,7 +702,7 @@ def test_a_first_request_naming_no_service_nor_method_counts_under_no_method() -
     conn = calls.connection(1 << 16)
     conn.receive_data(encode_frame(1, FrameType.REQUEST, encode_request("", "", b"abc")))
     conn.send_response(conn.next_event().stream_id)  # type: ignore[union-attr]
-    assert (calls.other.ok, calls.other.bytes_in) == (1, 3)
+    assert calls.other.ok == 1
     assert calls.methods[("test.Echo", "Echo")].codes == {}
 
 

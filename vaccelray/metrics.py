@@ -2,10 +2,11 @@
 
 A :class:`CallMetrics` handed to ``serve(metrics=...)`` is given to every
 connection's sans-IO :class:`~vaccelray.protocol.ServerConnection`, which on
-each request notes the method and the clock, and on each answer adds one to
-that method's count for the status, appends its latency (bucketed by the
-batch, see :class:`MethodStats`), and adds the bytes in and out. Nothing else
-runs per call: the library's per-call metric objects cost several
+each request notes the method and the clock, and on each answer appends its
+latency to that method's (bucketed by the batch, see :class:`MethodStats`;
+an error is counted apart, by status). Nothing else runs per call: reads and
+the bytes read are counted per read, and the bytes of answers per write (by
+the transport). The library's per-call metric objects cost several
 microseconds a call, so :func:`collector` turns these integers into metric
 families only when Prometheus scrapes (and the dashboard reads them).
 
@@ -20,7 +21,7 @@ import bisect
 import collections
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from vaccelray.errors import StatusCode
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "BATCH_BOUNDS",
     "FAILURES_KEPT",
     "LATENCY_BOUNDS",
     "CallMetrics",
@@ -42,14 +42,11 @@ __all__ = [
     "status_name",
 ]
 
-#: Upper bounds of the batch buckets: requests decoded from one read of a connection.
-BATCH_BOUNDS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
 #: Failed calls kept for the dashboard (the oldest leave first).
 FAILURES_KEPT: Final = 50
 #: Characters of a failure's message kept.
 _MESSAGE_KEPT: Final = 200
 
-_bisect = bisect.bisect_left
 _bisect_right = bisect.bisect_right
 
 
@@ -62,39 +59,34 @@ def status_name(code: int) -> str:
 
 
 class MethodStats:
-    """The counters of one method: calls by status, latency buckets, bytes.
+    """The counters of one method: calls by status, latency buckets.
 
-    A call's latency is only appended to :attr:`latencies`; they are sorted
-    into buckets (:meth:`fold`) by the batch, when ``FOLD_AT`` (256) are
-    waiting or the buckets are read: per call, that costs about half of
-    finding its bucket (``bench/bench_metrics.py --micro``, callgrind).
+    An answered call only appends its latency to :attr:`latencies` (an error
+    is also counted in :attr:`errors`: the calls answered OK are the others).
+    The latencies are sorted into buckets (:meth:`fold`) by the batch, when
+    ``FOLD_AT`` (256) are waiting or the buckets are read: per call, that
+    costs about half of finding its bucket (``bench/bench_metrics.py --micro``,
+    callgrind).
     """
 
-    __slots__ = (
-        "_buckets",
-        "_seconds",
-        "bytes_in",
-        "bytes_out",
-        "errors",
-        "latencies",
-        "method",
-        "ok",
-        "service",
-    )
+    __slots__ = ("_answered", "_buckets", "_seconds", "errors", "latencies", "method", "service")
 
     def __init__(self, service: str, method: str) -> None:
         self.service = service
         self.method = method
-        #: Calls answered OK, and the others by status code.
-        self.ok = 0
+        #: Calls answered with an error, by status code.
         self.errors: dict[int, int] = {}
         #: Seconds each call answered since the last fold took.
         self.latencies: list[float] = []
+        #: Calls answered up to the last fold.
+        self._answered = 0
         self._buckets = [0] * (len(LATENCY_BOUNDS) + 1)
         self._seconds = 0.0
-        #: Bytes of request payloads, and of answer frames.
-        self.bytes_in = 0
-        self.bytes_out = 0
+
+    @property
+    def ok(self) -> int:
+        """Calls answered OK."""
+        return self._answered + len(self.latencies) - sum(self.errors.values())
 
     @property
     def buckets(self) -> list[int]:
@@ -114,6 +106,7 @@ class MethodStats:
         if not waiting:
             return
         self.latencies = []
+        self._answered += len(waiting)
         waiting.sort()
         self._seconds += sum(waiting)
         buckets = self._buckets
@@ -127,7 +120,8 @@ class MethodStats:
     @property
     def codes(self) -> dict[int, int]:
         """Calls answered, by status code (those never answered have none)."""
-        return {0: self.ok, **self.errors} if self.ok else dict(self.errors)
+        ok = self.ok
+        return {0: ok, **self.errors} if ok else dict(self.errors)
 
 
 class Failure(NamedTuple):
@@ -144,28 +138,28 @@ class Failure(NamedTuple):
 class CallMetrics:
     """The counters of one server's calls (see the module's doc)."""
 
+    __slots__ = ("bytes_in", "bytes_out", "failures", "methods", "other", "reads")
+
     def __init__(self) -> None:
         self.methods: dict[tuple[str, str], MethodStats] = {}
         #: Calls of methods the server does not declare, and requests it could not decode.
         self.other = MethodStats("", "")
-        #: Reads by how many requests they held (buckets of :data:`BATCH_BOUNDS`, plus one).
-        self.batches = [0] * (len(BATCH_BOUNDS) + 1)
-        #: Requests decoded by all those reads together.
-        self.batched = 0
+        #: Reads of client connections (calls / reads: the requests a read held on
+        #: average), the bytes they brought, and the bytes of the answers written.
+        self.reads = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
         self.failures: collections.deque[Failure] = collections.deque(maxlen=FAILURES_KEPT)
 
     def declare(self, service: str, method: str) -> None:
         """Give *service*/*method* counters of its own."""
         self.methods.setdefault((service, method), MethodStats(service, method))
 
-    def connection(self, max_message_size: int) -> ServerConnection:
-        """A server connection whose calls count here."""
-        return ServerConnection(max_message_size, self)
-
-    def read(self, requests: int) -> None:
-        """One read of a connection held *requests* requests."""
-        self.batches[_bisect(BATCH_BOUNDS, requests)] += 1
-        self.batched += requests
+    def connection(
+        self, max_message_size: int, methods: Mapping[tuple[str, str], object] | None = None
+    ) -> ServerConnection:
+        """A server connection whose calls count here (*methods*: see ServerConnection)."""
+        return ServerConnection(max_message_size, self, {} if methods is None else methods)
 
     def failed(self, stats: MethodStats, code: int, message: str) -> None:
         """A call of *stats*' method was answered with the error *code*."""
@@ -220,9 +214,9 @@ class Family(NamedTuple):
 _HELP: Final = {
     "calls": "Calls answered, by method and status.",
     "call_seconds": "Time from request to answer, by method.",
-    "received_bytes": "Bytes of request payloads, by method.",
-    "sent_bytes": "Bytes of answers, by method.",
-    "read_batch_requests": "Requests decoded from one read of a connection (pipelined calls).",
+    "reads": "Reads of client connections (calls / reads: requests a read held, on average).",
+    "received_bytes": "Bytes read from client connections.",
+    "sent_bytes": "Bytes of answers written to client connections.",
 }
 _METHOD_LABELS: Final = ("service", "method")
 
@@ -245,8 +239,6 @@ def collector(
         def collect(self) -> Iterator[Metric]:
             total = family(CounterMetricFamily, "calls", (*_METHOD_LABELS, "status"))
             latency = family(HistogramMetricFamily, "call_seconds", _METHOD_LABELS)
-            received = family(CounterMetricFamily, "received_bytes", _METHOD_LABELS)
-            sent = family(CounterMetricFamily, "sent_bytes", _METHOD_LABELS)
             for stats in calls.all_methods():
                 names = [stats.service, stats.method]
                 if not stats.codes and stats.service:
@@ -254,12 +246,15 @@ def collector(
                 for code, count in sorted(stats.codes.items()):
                     total.add_metric([*names, status_name(code)], count)
                 latency.add_metric(names, _cumulative(LATENCY_BOUNDS, stats.buckets), stats.seconds)
-                received.add_metric(names, stats.bytes_in)
-                sent.add_metric(names, stats.bytes_out)
-            yield from (total, latency, received, sent)
-            batches = family(HistogramMetricFamily, "read_batch_requests", ())
-            batches.add_metric([], _cumulative(BATCH_BOUNDS, calls.batches), calls.batched)
-            yield batches
+            yield from (total, latency)
+            for name, count in (
+                ("reads", calls.reads),
+                ("received_bytes", calls.bytes_in),
+                ("sent_bytes", calls.bytes_out),
+            ):
+                counter = family(CounterMetricFamily, name, ())
+                counter.add_metric([], count)
+                yield counter
             for extra_family in extra():
                 kind = GaugeMetricFamily if extra_family.kind == "gauge" else CounterMetricFamily
                 metric = kind(

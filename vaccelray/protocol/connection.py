@@ -7,15 +7,15 @@ requests (odd stream ids from 1, step 2), encodes them, and turns the
 server's bytes into :class:`ResponseReceived`. Neither does any I/O.
 
 A server connection given a :class:`~vaccelray.metrics.CallMetrics` counts
-its calls there as it decodes and answers them: here, in the two methods
-every call passes through, because a layer around them costs twice as much a
-call (``bench/bench_metrics.py --micro``).
+its reads and calls there as it decodes and answers them: here, in the
+methods every call passes through, because a layer around them costs twice
+as much a call (``bench/bench_metrics.py --micro``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from vaccelray.errors import Detail, LocalProtocolError, RemoteProtocolError, StatusCode
@@ -70,6 +70,8 @@ class RequestReceived(NamedTuple):
     payload: bytes
     timeout_nano: int
     metadata: Metadata
+    #: What the connection's table of methods holds for (service, method); None if nothing.
+    target: object = None
 
 
 class BadRequest(NamedTuple):
@@ -119,31 +121,40 @@ LATENCY_BOUNDS: Final = (
 #: Latencies a method keeps before they are sorted into its buckets (``MethodStats.fold``).
 FOLD_AT: Final = 256
 _clock = time.perf_counter
+#: The table of a connection given none: every request's target is None.
+_NOTHING: Final[Mapping[tuple[str, str], object]] = {}
 
 
 class ServerConnection:
     """The server side of one ttrpc connection; its calls counted in *metrics* when given.
 
-    A call's latency runs from the read that completed its request (one
-    clock reading a read, however many requests it held) to its answer.
+    Each request's :attr:`RequestReceived.target` is what *methods* holds for
+    its (service, method) (a server's handlers), looked up here once for the
+    server's dispatch and the metering alike. A call's latency runs from the
+    read that completed its request (one clock reading a read, however many
+    requests it held) to its answer.
     """
 
-    __slots__ = ("_arrived", "_batch", "_decoder", "_last", "_metrics", "_open_streams")
+    __slots__ = ("_arrived", "_decoder", "_last", "_methods", "_metrics", "_open_streams")
 
     def __init__(
-        self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, metrics: CallMetrics | None = None
+        self,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        metrics: CallMetrics | None = None,
+        methods: Mapping[tuple[str, str], object] = _NOTHING,
     ) -> None:
         self._decoder = FrameDecoder(max_message_size)
+        self._methods = methods
         #: Requests received and not yet answered, by stream id: when metered, their
         #: method's counters and the clock when they arrived.
         self._open_streams: dict[int, tuple[MethodStats, float] | None] = {}
         self._metrics = metrics
-        #: The clock at the last read, and the requests decoded since the last ran dry.
+        #: The clock at the last read.
         self._arrived = 0.0
-        self._batch = 0
-        #: The service, method and counters of the last request (most repeat it): comparing
-        #: names costs less than hashing the new ones.
-        self._last: tuple[str, str, MethodStats | None] = ("", "", None)
+        #: The service, method, target and counters of the last request (most repeat it):
+        #: comparing names costs less than hashing the new ones. None never equals a name.
+        self._last: tuple[str | None, str | None, object, MethodStats | None]
+        self._last = (None, None, None, None)
 
     @property
     def open_streams(self) -> int:
@@ -151,8 +162,17 @@ class ServerConnection:
         return len(self._open_streams)
 
     def receive_data(self, data: bytes) -> None:
-        if self._metrics is not None:
+        metrics = self._metrics
+        if metrics is not None:
             self._arrived = _clock()
+            metrics.reads += 1
+            metrics.bytes_in += len(data)
+            # The latencies of the method this connection called last are folded (by the
+            # batch) here, and any other's when a connection turns from it in next_event:
+            # a method's answers since its last fold are at most its calls in flight.
+            last = self._last[3]
+            if last is not None and len(last.latencies) >= FOLD_AT:
+                last.fold()
         self._decoder.feed(data)
 
     def next_event(self) -> RequestReceived | BadRequest | _NeedData:
@@ -160,9 +180,6 @@ class ServerConnection:
         while True:
             frame = self._decoder.next_frame()
             if frame is None:
-                if self._batch:  # (only a metered connection counts them)
-                    self._metrics.read(self._batch)  # type: ignore[union-attr]
-                    self._batch = 0
                 return NEED_DATA
             stream_id = frame.stream_id
             if not stream_id & 1:
@@ -184,18 +201,25 @@ class ServerConnection:
             service, method, payload, timeout_nano, metadata = decode_request(frame.body)
         except EnvelopeError as exc:
             return self._bad(stream_id, StatusCode.INVALID_ARGUMENT, f"undecodable request: {exc}")
+        last_service, last_method, target, stats = self._last
+        if method != last_method or service != last_service:
+            target, stats = self._resolve(service, method, stats)
+        self._open_streams[stream_id] = None if stats is None else (stats, self._arrived)
+        return RequestReceived(stream_id, service, method, payload, timeout_nano, metadata, target)
+
+    def _resolve(
+        self, service: str, method: str, last: MethodStats | None
+    ) -> tuple[object, MethodStats | None]:
+        """The target and counters of a request naming another method than the last."""
+        key = (service, method)
+        target = self._methods.get(key)
+        stats = None
         metrics = self._metrics
-        if metrics is None:
-            self._open_streams[stream_id] = None
-        else:
-            last_service, last_method, stats = self._last
-            if stats is None or method != last_method or service != last_service:
-                stats = metrics.methods.get((service, method), metrics.other)
-                self._last = (service, method, stats)
-            stats.bytes_in += len(payload)
-            self._open_streams[stream_id] = (stats, self._arrived)
-            self._batch += 1
-        return RequestReceived(stream_id, service, method, payload, timeout_nano, metadata)
+        if metrics is not None:
+            _fold_full(last)  # (see receive_data)
+            stats = metrics.methods.get(key, metrics.other)
+        self._last = (service, method, target, stats)
+        return target, stats
 
     def _bad(self, stream_id: int, code: StatusCode, message: str) -> BadRequest:
         """A request that cannot be dispatched (counted under no method)."""
@@ -203,8 +227,8 @@ class ServerConnection:
         if metrics is None:
             self._open_streams[stream_id] = None
         else:
+            _fold_full(metrics.other)
             self._open_streams[stream_id] = (metrics.other, self._arrived)
-            self._batch += 1
         return BadRequest(stream_id, code, message)
 
     def send_response(
@@ -243,17 +267,17 @@ class ServerConnection:
                 return data
         assert metered is not None
         stats, start = metered
-        latencies = stats.latencies
-        latencies.append(_clock() - start)
-        if len(latencies) >= FOLD_AT:
-            stats.fold()
-        stats.bytes_out += len(data)
+        stats.latencies.append(_clock() - start)  # (see receive_data for the fold)
         if code:
             assert self._metrics is not None
             self._metrics.failed(stats, code, message)
-        else:
-            stats.ok += 1
         return data
+
+
+def _fold_full(stats: MethodStats | None) -> None:
+    """Fold *stats*' latencies when ``FOLD_AT`` wait."""
+    if stats is not None and len(stats.latencies) >= FOLD_AT:
+        stats.fold()
 
 
 class ClientConnection:

@@ -410,11 +410,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.sniff = tls
         #: Who the peer is, when the caller says so (else the socket is asked).
         self.given_origin = origin
-        metrics = server.metrics
+        #: Counts the bytes of the answers written (the connection counts the rest).
+        self.metrics = metrics = server.metrics
         self.proto = (
-            ServerConnection(server.max_message_size)
+            ServerConnection(server.max_message_size, methods=server._methods)
             if metrics is None
-            else metrics.connection(server.max_message_size)
+            else metrics.connection(server.max_message_size, server._methods)
         )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -651,7 +652,7 @@ class _Connection(asyncio.BufferedProtocol):
                 )
                 continue
             assert isinstance(event, RequestReceived)
-            method = server._methods.get((event.service, event.method))
+            method: Method | None = event.target  # type: ignore[assignment]  # server._methods
             if method is None:
                 out.append(self._unknown(event, now))
             elif method.inline:
@@ -887,7 +888,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _write(self, out: list[bytes]) -> None:
         if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if self.metrics is not None:
+                self.metrics.bytes_out += len(data)
+            self.transport.write(data)
 
     def _answer(self, data: bytes) -> None:
         """Write an answer that ends off the read path, with the others that end with it.
