@@ -534,6 +534,7 @@ def test_latencies_wait_to_be_bucketed_at_most_fold_at_calls(clock: FakeClock) -
     assert stats.buckets[-1] == FOLD_AT // 2 + 1
     assert stats.latencies == []
     assert stats.seconds == pytest.approx(FOLD_AT // 2 * 0.002 + (FOLD_AT // 2 + 1) * 20.0)
+    assert stats.ok == FOLD_AT + 1  # the calls of both folds
 
 
 def test_totals_and_buckets_add_every_method(clock: FakeClock) -> None:
