@@ -46,9 +46,7 @@ def test_each_request_carries_what_the_table_holds_for_its_method(metered: bool)
     """The connection remembers the last method's target: the next request naming
     another service or method is looked up all the same, and one the table lacks has none."""
     table = {("s", "m"): "first", ("s", "n"): "second", ("t", "m"): "third"}
-    server = (
-        CallMetrics().connection(1 << 16, table) if metered else ServerConnection(methods=table)
-    )
+    server = ServerConnection(1 << 16, CallMetrics() if metered else None, table)
     client = ClientConnection()
     names = [("s", "m"), ("s", "m"), ("s", "n"), ("t", "m"), ("u", "m"), ("s", "m"), ("", "")]
     for service, method in names:

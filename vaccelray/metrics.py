@@ -21,7 +21,7 @@ import bisect
 import collections
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from vaccelray.errors import StatusCode
@@ -155,11 +155,9 @@ class CallMetrics:
         """Give *service*/*method* counters of its own."""
         self.methods.setdefault((service, method), MethodStats(service, method))
 
-    def connection(
-        self, max_message_size: int, methods: Mapping[tuple[str, str], object] | None = None
-    ) -> ServerConnection:
-        """A server connection whose calls count here (*methods*: see ServerConnection)."""
-        return ServerConnection(max_message_size, self, {} if methods is None else methods)
+    def connection(self, max_message_size: int) -> ServerConnection:
+        """A server connection whose calls count here."""
+        return ServerConnection(max_message_size, self)
 
     def failed(self, stats: MethodStats, code: int, message: str) -> None:
         """A call of *stats*' method was answered with the error *code*."""

@@ -170,6 +170,7 @@ class ServerConnection:
             # The latencies of the method this connection called last are folded (by the
             # batch) here, and any other's when a connection turns from it in next_event:
             # a method's answers since its last fold are at most its calls in flight.
+            # (_fold_full written out: a call on every read costs more than the check.)
             last = self._last[3]
             if last is not None and len(last.latencies) >= FOLD_AT:
                 last.fold()

@@ -412,11 +412,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.given_origin = origin
         #: Counts the bytes of the answers written (the connection counts the rest).
         self.metrics = metrics = server.metrics
-        self.proto = (
-            ServerConnection(server.max_message_size, methods=server._methods)
-            if metrics is None
-            else metrics.connection(server.max_message_size, server._methods)
-        )
+        self.proto = ServerConnection(server.max_message_size, metrics, server._methods)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.origin = UNKNOWN_ORIGIN
