@@ -24,11 +24,21 @@ and its counters cover exactly N calls (``callgrind_control`` zeroes them
 before and dumps them after). Compare two trees in the same run with
 ``--ab-tree TREE`` (the other tree's scheduler, the same worker and load).
 
-With ``--relay-floor``, also the floor of any asyncio relay: a process that
-only copies bytes between the client's connection and one of its own to the
-worker (plaintext, no frame parsed), measured beside the scheduler in the
-same run, its rate against direct and its CPU per call against the worker's.
-What the scheduler does above that floor is its own cost.
+With ``--relay-floor``, also two floors, measured beside the scheduler in
+the same run (their rates against direct, Go session mix included, and their
+CPU per call against the worker's):
+
+- the floor of any asyncio relay: a process that only copies bytes between
+  the client's connection and one of its own to the worker (plaintext, no
+  frame parsed);
+- the parsing floor: the least a relay that routes by session must do, in
+  Python (``PARSING_RELAY``: frames parsed, envelopes decoded, session ids
+  swapped in the bytes, answers passed back as they are), and nothing the
+  scheduler does besides (deadlines, limits, metrics, credentials, failover).
+
+What the scheduler does above them is its own cost. ``--cost-curve 0,5,10``
+runs the copying relay spending that many CPU µs per frame: the rate a hop of
+a given cost allows, to read a CPU figure as a rate.
 
 4. ``--membership-ab TREE``: the cost of TLS and the membership proof on the
    task path. Task round trips (a no-op task, *in-flight* at a time, through
@@ -45,7 +55,7 @@ membership proof, as in a cluster. Applies to parts 1-3, ``--relay-floor``
 and ``--instructions``.
 
     python bench/bench_scheduler.py [--duration 3] [--in-flight 8] [--relay-floor]
-        [--plaintext] [--json]
+        [--cost-curve 0,5,10,20] [--plaintext] [--json]
     python bench/bench_scheduler.py --membership-ab /tmp/base [--pairs 5]
     python bench/bench_scheduler.py --instructions 3000 [--ab-tree /tmp/base]
 """
@@ -234,6 +244,26 @@ def instructions_per_call(tree: Path, calls: int, in_flight: int) -> float:
     raise RuntimeError("callgrind wrote no dump of the counted calls")
 
 
+def hop_figures(
+    worker: int, hop: int, address: str, peer: Path | None, in_flight: int, duration: float
+) -> dict[str, float]:
+    """What a relay process *hop* in front of the *worker* process allows, at its *address*:
+    the classify load's rate, its CPU per call (and the worker's, and their ratio), and
+    the Go session mix's rate when there is a Go peer."""
+    before = cpu_seconds(worker), cpu_seconds(hop)
+    calls = classify_load(address, in_flight, duration) * duration
+    spent = cpu_seconds(worker) - before[0], cpu_seconds(hop) - before[1]
+    figures = {
+        "noop_classify": calls / duration,
+        "cpu_us_per_call": spent[1] / calls * 1e6,
+        "cpu_us_per_call_worker_behind": spent[0] / calls * 1e6,
+        "cpu_per_call_vs_worker": spent[1] / spent[0],
+    }
+    if peer is not None:
+        figures["noop_go_session_mix"] = go_session_mix(peer, address, in_flight, duration)
+    return figures
+
+
 def classify_load(address: str, in_flight: int, duration: float) -> float:
     return anyio.run(drive, address, in_flight, duration, backend="asyncio")
 
@@ -273,14 +303,18 @@ def go_session_mix(peer: Path, address: str, in_flight: int, duration: float) ->
 
 #: The relay floor: copies bytes both ways, one worker connection per client connection.
 #: Argument as a daemon's: ``-a ADDRESS`` (then the worker's address); tcp:// or unix://.
+#: With ``SPIN_US`` in its environment it also spends that much CPU per frame (it reads
+#: the frame headers to count them): the cost curve, what a hop of a given cost allows.
 RELAY = """
-import asyncio, socket, sys
+import asyncio, os, socket, sys, time
 listen, worker = sys.argv[sys.argv.index("-a") + 1], sys.argv[1]
 READS = memoryview(bytearray(256 << 10))  # one read buffer, as the daemons have
+SPIN = float(os.environ.get("SPIN_US", "0")) * 1e-6
 
 class Pipe(asyncio.BufferedProtocol):
     def __init__(self):
         self.peer, self.transport, self.held = None, None, []
+        self.skip = 0  # bytes of a frame begun in an earlier read (SPIN only)
     def connection_made(self, transport):
         self.transport = transport
         sock = transport.get_extra_info("socket")
@@ -290,10 +324,21 @@ class Pipe(asyncio.BufferedProtocol):
         return READS
     def buffer_updated(self, nbytes):
         data = READS[:nbytes].tobytes()
+        if SPIN:
+            self.spin(data)
         if self.peer is None:
             self.held.append(data)
         else:
             self.peer.transport.write(data)
+    def spin(self, data):
+        pos, frames = self.skip, 0
+        while pos + 10 <= len(data):  # a header split across reads is not counted
+            pos += 10 + int.from_bytes(data[pos:pos + 4], "big")
+            frames += 1
+        self.skip = max(0, pos - len(data))
+        end = time.thread_time() + frames * SPIN
+        while time.thread_time() < end:
+            pass
     def connection_lost(self, exc):
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()
@@ -317,6 +362,108 @@ async def main():
         server = await loop.create_unix_server(accepted, listen.removeprefix("unix://"))
     else:
         server = await loop.create_server(accepted, "127.0.0.1", int(listen.rsplit(":", 1)[1]))
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+#: The parsing floor: the least a relay that routes by session does, in Python. Every
+#: frame is parsed, a request's envelope decoded (upb) and its session id swapped for
+#: the worker's in the bytes (``vaccelray.protocol.fields``), CreateSession's reply
+#: mapped, the worker's answers passed back as they are with the caller's stream id.
+#: Nothing else: no deadline, limit, metric, credential, failover or error check.
+#: All client connections share one worker connection, as the scheduler's do.
+#: Arguments as RELAY's.
+PARSING_RELAY = """
+import asyncio, socket, struct, sys
+from vaccelray.protocol._pb import ttrpc_pb2, vaccel_pb2
+from vaccelray.protocol.fields import find_varint_field, replace_varint_field
+listen, worker = sys.argv[sys.argv.index("-a") + 1], sys.argv[1]
+READS = memoryview(bytearray(256 << 10))
+HEADER = struct.Struct(">IIBB")
+Request, Response = ttrpc_pb2.Request, ttrpc_pb2.Response
+Created = vaccel_pb2.CreateSessionResponse
+sessions, ids = {}, iter(range(1, 1 << 62))  # ours -> the worker's
+up = None
+
+class Link(asyncio.BufferedProtocol):
+    def __init__(self):
+        self.transport, self.rest, self.out = None, b"", []
+    def connection_made(self, transport):
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def get_buffer(self, sizehint):
+        return READS
+    def buffer_updated(self, nbytes):
+        data = self.rest + READS[:nbytes].tobytes() if self.rest else READS[:nbytes].tobytes()
+        pos = 0
+        while pos + 10 <= len(data):
+            length, stream_id, _, _ = HEADER.unpack_from(data, pos)
+            end = pos + 10 + length
+            if end > len(data):
+                break
+            self.frame(stream_id, data[pos + 10:end])
+            pos = end
+        self.rest = data[pos:]
+        self.flushed()
+    def flush(self):
+        out, self.out = self.out, []
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+    def connection_lost(self, exc):
+        self.transport = None
+
+class Worker(Link):
+    def __init__(self):
+        super().__init__()
+        self.waiting, self.next_id, self.touched = {}, 1, set()
+    def frame(self, stream_id, body):
+        caller, caller_stream, create = self.waiting.pop(stream_id)
+        if create:  # our id for the worker's session
+            reply = Response.FromString(body)
+            ours = next(ids)
+            sessions[ours] = Created.FromString(reply.payload).session_id
+            reply.payload = Created(session_id=ours).SerializeToString()
+            body = reply.SerializeToString()
+        caller.out += (HEADER.pack(len(body), caller_stream, 2, 0), body)
+        self.touched.add(caller)
+    def flushed(self):
+        for caller in self.touched:
+            caller.flush()
+        self.touched.clear()
+    def send(self, caller, caller_stream, request, create):
+        stream_id, self.next_id = self.next_id, self.next_id + 2
+        self.waiting[stream_id] = (caller, caller_stream, create)
+        body = request.SerializeToString()
+        self.out += (HEADER.pack(len(body), stream_id, 1, 0), body)
+
+class Caller(Link):
+    def frame(self, stream_id, body):
+        request = Request.FromString(body)
+        create = request.method == "CreateSession"
+        if not create:
+            field = find_varint_field(request.payload, 1)
+            if request.method == "DestroySession":
+                worker_id = sessions.pop(field.value)
+            else:
+                worker_id = sessions[field.value]
+            request.payload = replace_varint_field(request.payload, field, worker_id)
+        up.send(self, stream_id, request, create)
+    def flushed(self):
+        up.flush()
+
+async def main():
+    global up
+    loop = asyncio.get_running_loop()
+    if worker.startswith("unix://"):
+        _, up = await loop.create_unix_connection(Worker, worker.removeprefix("unix://"))
+        server = await loop.create_unix_server(Caller, listen.removeprefix("unix://"))
+    else:
+        host, port = worker.removeprefix("tcp://").rsplit(":", 1)
+        _, up = await loop.create_connection(Worker, host, int(port))
+        server = await loop.create_server(Caller, "127.0.0.1", int(listen.rsplit(":", 1)[1]))
     await server.serve_forever()
 
 asyncio.run(main())
@@ -425,7 +572,17 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
-        "--relay-floor", action="store_true", help="also the floor: a relay copying bytes"
+        "--relay-floor",
+        action="store_true",
+        help="also the floors: a relay copying bytes, and one that parses and maps sessions",
+    )
+    parser.add_argument(
+        "--cost-curve",
+        type=lambda text: [float(v) for v in text.split(",")],
+        default=[],
+        metavar="US,US,...",
+        help="also the copying relay spending each of these CPU µs per frame: the rate a "
+        "hop of that cost allows (Go session mix, else the classify load)",
     )
     parser.add_argument(
         "--plaintext",
@@ -500,23 +657,35 @@ def run(args: argparse.Namespace, n: int, d: float) -> None:
         figures["cpu_us_per_call_scheduler"] = spent[1] / calls * 1e6
         ratios["noop_classify"] = calls / d / figures["noop_classify_direct"]
         ratios["cpu_per_call_scheduler_vs_worker"] = spent[1] / spent[0]
-        if args.relay_floor:
-            relay = [sys.executable, "-c", RELAY, waddr]
-            with daemon(relay) as (floor, faddr):
-                before = cpu_seconds(worker.pid), cpu_seconds(floor.pid)
-                calls = classify_load(faddr, n, d) * d
-                spent = cpu_seconds(worker.pid) - before[0], cpu_seconds(floor.pid) - before[1]
-            figures["noop_classify_relay_floor"] = calls / d
-            figures["cpu_us_per_call_relay_floor"] = spent[1] / calls * 1e6
-            figures["cpu_us_per_call_worker_behind_floor"] = spent[0] / calls * 1e6
-            ratios["relay_floor_classify"] = calls / d / figures["noop_classify_direct"]
-            ratios["cpu_per_call_relay_floor_vs_worker"] = spent[1] / spent[0]
         if peer is not None:
             figures["noop_go_session_mix_direct"] = go_session_mix(peer, waddr, n, d)
             figures["noop_go_session_mix_scheduler"] = go_session_mix(peer, saddr, n, d)
             ratios["noop_go_session_mix"] = (
                 figures["noop_go_session_mix_scheduler"] / figures["noop_go_session_mix_direct"]
             )
+        if args.relay_floor:
+            for name, script in (("relay_floor", RELAY), ("parsing_floor", PARSING_RELAY)):
+                with daemon([sys.executable, "-c", script, waddr]) as (floor, faddr):
+                    hop = hop_figures(worker.pid, floor.pid, faddr, peer, n, d)
+                ratios[f"{name}_classify"] = hop["noop_classify"] / figures["noop_classify_direct"]
+                ratios[f"cpu_per_call_{name}_vs_worker"] = hop.pop("cpu_per_call_vs_worker")
+                for figure, value in hop.items():
+                    figures[f"{figure}_{name}"] = value
+                if peer is not None:
+                    ratios[f"{name}_go_session_mix"] = (
+                        hop["noop_go_session_mix"] / figures["noop_go_session_mix_direct"]
+                    )
+        for spin in args.cost_curve:
+            env = {**os.environ, "SPIN_US": str(spin)}
+            with daemon([sys.executable, "-c", RELAY, waddr], env) as (floor, faddr):
+                hop = hop_figures(worker.pid, floor.pid, faddr, peer, n, d)
+            name = f"cost_curve_{spin:g}us_per_frame"
+            ratios[f"{name}_cpu_vs_worker"] = hop["cpu_per_call_vs_worker"]
+            if peer is not None:
+                mix = hop["noop_go_session_mix"] / figures["noop_go_session_mix_direct"]
+                ratios[f"{name}_go_session_mix"] = mix
+            else:
+                ratios[f"{name}_classify"] = hop["noop_classify"] / figures["noop_classify_direct"]
 
     sleepy = sleepy_argv("--delay", "0.005")
     with daemon(sleepy) as (_, waddr), daemon(scheduler([waddr])) as (_, saddr):
@@ -556,14 +725,14 @@ def run(args: argparse.Namespace, n: int, d: float) -> None:
         f"{_link()}; load average {os.getloadavg()[0]:.2f}"
     )
     for name, value in figures.items():
-        print(f"  {name:32s} {value:9.1f}")
+        print(f"  {name:48s} {value:9.1f}")
     for name, value in ratios.items():
-        if name not in TARGETS:  # the relay floor's: what no relay does better
-            print(f"  {name:32s} {value:9.2f}x")
+        if name not in TARGETS:  # the floors' and the cost curve's: what a relay allows
+            print(f"  {name:48s} {value:9.2f}x")
             continue
         op, target = TARGETS[name]
         met = value >= target if op == ">=" else value <= target
-        print(f"  {name:32s} {value:9.2f}x  (target {op} {target}: {'ok' if met else 'MISSED'})")
+        print(f"  {name:48s} {value:9.2f}x  (target {op} {target}: {'ok' if met else 'MISSED'})")
 
 
 if __name__ == "__main__":
