@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from vaccelray.auth import TokenCheck, is_loopback, load_token, token_metadata
 from vaccelray.client import Client
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.membership import Credential
-from vaccelray.protocol.services import SUBMIT
+from vaccelray.protocol.services import CREATE_SESSION, SUBMIT
 from vaccelray.transport import connect
 from vaccelray.transport.client import open_client
 from vaccelray.transport.server import CallContext, Link
@@ -195,6 +196,32 @@ def test_tls_and_protected_vaccel(tmp_path: Path, token_file: Path) -> None:
             client.classify(b"\xff\xd8")
     finally:
         worker.stop()
+
+
+@pytest.mark.anyio
+async def test_a_flood_of_refused_calls_logs_one_line_and_a_count(token_file: Path) -> None:
+    # A peer without the token decides how often it is refused, not how much is logged.
+    worker = start_worker(
+        "-a", "tcp://127.0.0.1:0", "--backend", "noop", "--pool-size", "0",
+        "--token-file", str(token_file), "--protect-vaccel",
+    )  # fmt: skip
+    refused = 200
+    try:
+        async with connect(worker.address) as conn:  # plaintext: no proof
+            for _ in range(refused):
+                with pytest.raises(RPCError) as info:
+                    await conn.call(CREATE_SESSION.service, CREATE_SESSION.method, b"")
+                assert info.value.code == StatusCode.UNAUTHENTICATED
+    finally:
+        worker.stop()  # the refusals held back are counted on the way out
+    lines = [line for line in worker.lines if "Refused" in line]
+    counted = [
+        int(m.group(1))
+        for line in worker.lines
+        if (m := re.search(r"(\d+) more calls refused since the last report", line))
+    ]
+    assert len(lines) == 1
+    assert len(lines) + sum(counted) == refused
 
 
 def test_protect_keeps_each_method_kind_and_checks_first() -> None:

@@ -326,10 +326,10 @@ async def test_no_idle_timeout_when_zero() -> None:
 LIMITED_SERVER = """
 import logging, resource, sys
 import anyio
-from vaccelray.transport import server as server_module
+from vaccelray import logs
 from vaccelray.transport.server import Method, Service, serve
 
-server_module._LOG_INTERVAL = 0.0  # log every pause of accepting, to see how they are paced
+logs.LOG_INTERVAL = 0.0  # log every pause of accepting, to see how they are paced
 limit, cap = int(sys.argv[1]), int(sys.argv[2])
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(created)f %(message)s")
 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

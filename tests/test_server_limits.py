@@ -21,11 +21,12 @@ import anyio.abc
 import pytest
 
 from tests.waiting import eventually, liveness
+from vaccelray import logs as logs_module
 from vaccelray.agent_client import AgentClient
 from vaccelray.errors import Reason, RPCError, StatusCode
+from vaccelray.logs import Throttle
 from vaccelray.protocol import ClientConnection, FrameType, ResponseReceived, encode_frame
 from vaccelray.transport import CallContext, Client, Method, Server, Service, connect, serve
-from vaccelray.transport import server as server_module
 from vaccelray.transport.endpoints import parse_endpoint
 from vaccelray.transport.server import DEFAULT_MAX_INFLIGHT
 from vaccelray.worker.backend import Classification, SessionHandle
@@ -259,7 +260,7 @@ BURST = 200
 @pytest.fixture
 def long_log_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     """A log interval no test outlasts: what is held back is summarized on shutdown."""
-    monkeypatch.setattr(server_module, "_LOG_INTERVAL", 3600.0)
+    monkeypatch.setattr(logs_module, "LOG_INTERVAL", 3600.0)
 
 
 async def flood(
@@ -350,7 +351,7 @@ async def test_lines_held_back_are_counted_when_the_interval_ends(
 ) -> None:
     # A short interval: the summary comes from the interval's end, not from shutdown;
     # however the requests fall into intervals, every one is logged or counted.
-    monkeypatch.setattr(server_module, "_LOG_INTERVAL", 0.05)
+    monkeypatch.setattr(logs_module, "LOG_INTERVAL", 0.05)
     caplog.set_level(logging.INFO, SERVER_LOG)
 
     def accounted() -> int:
@@ -370,7 +371,7 @@ async def test_lines_held_back_are_counted_when_the_interval_ends(
 async def test_one_line_held_back_is_counted_when_the_interval_ends(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(server_module, "_LOG_INTERVAL", 0.05)
+    monkeypatch.setattr(logs_module, "LOG_INTERVAL", 0.05)
     caplog.set_level(logging.INFO, SERVER_LOG)
     async with held_server() as (server, _), RawClient.open(server.addresses[0]) as raw:
         await raw.stream.send(raw.undecodable() + raw.undecodable())  # one read: one window
@@ -385,9 +386,9 @@ async def test_throttle_windows_on_the_loop_clock(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The clock is injected: each call says what time it is on the loop's clock.
-    monkeypatch.setattr(server_module, "_LOG_INTERVAL", 3600.0)
+    monkeypatch.setattr(logs_module, "LOG_INTERVAL", 3600.0)
     caplog.set_level(logging.INFO, SERVER_LOG)
-    throttle = server_module._Throttle(logging.INFO, "things")
+    throttle = Throttle(logging.INFO, "things", logging.getLogger(SERVER_LOG))
     loop = asyncio.get_running_loop()
     past = loop.time() - 3600.0  # a line an interval ago: its window ends now
     assert throttle(past)
@@ -402,6 +403,20 @@ async def test_throttle_windows_on_the_loop_clock(
     # Once that window is over, a line passes at once.
     assert throttle(loop.time() + 3600.0)
     assert [r.levelno for r in caplog.records] == [logging.INFO] * 2
+
+
+def test_a_throttle_off_a_loop_holds_lines_back_for_the_next_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A check made off the loop (no timer to arm) still counts what it holds back.
+    caplog.set_level(logging.INFO, SERVER_LOG)
+    throttle = Throttle(logging.INFO, "things", logging.getLogger(SERVER_LOG))
+    assert throttle(0.0)
+    assert not throttle(1.0)
+    assert not throttle(2.0)
+    assert held_back(caplog, "things") == []
+    throttle.flush()
+    assert held_back(caplog, "things") == [2]
 
 
 # -- shutdown answers every call -------------------------------------------------------

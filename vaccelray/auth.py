@@ -43,12 +43,14 @@ import secrets
 import ssl
 import stat
 import tempfile
+import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, cast
 
 from vaccelray.errors import RPCError, StatusCode, VaccelrayError
+from vaccelray.logs import Throttle
 from vaccelray.transport.endpoints import TcpEndpoint, UnixEndpoint, parse_endpoint
 from vaccelray.transport.server import CallContext, Method, Service
 
@@ -250,6 +252,12 @@ class TokenCheck:
     hop: str = "worker"
     token_path: Path | None = None
     uid: int = field(default_factory=os.geteuid)
+    #: Refusal lines: a peer without the token must not decide how much the daemon logs.
+    refusals: Throttle = field(
+        default_factory=lambda: Throttle(logging.WARNING, "calls refused", log),
+        repr=False,
+        compare=False,
+    )
 
     def check(self, ctx: CallContext) -> None:
         """Raise UNAUTHENTICATED unless the call presents the token or a uid that passes."""
@@ -278,7 +286,9 @@ class TokenCheck:
             reason = f"wrong cluster token: present this {self.hop}'s token with {_HOW}"
         else:
             return
-        log.warning("Refused %s/%s from %s: %s", ctx.service, ctx.method, ctx.peer, reason)
+        # time.monotonic() is the loop's clock on asyncio, and needs no running loop.
+        if self.refusals(time.monotonic()):
+            log.warning("Refused %s/%s from %s: %s", ctx.service, ctx.method, ctx.peer, reason)
         raise RPCError(StatusCode.UNAUTHENTICATED, f"{self.hop} {origin.listener}: {reason}")
 
     def _missing(self, ctx: CallContext) -> str:

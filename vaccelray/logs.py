@@ -25,6 +25,7 @@ Without :func:`setup` (a library user, a test) every line goes through
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import bisect
 import collections
@@ -41,6 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from math import inf
 from types import TracebackType
 from typing import Final, Literal, TextIO, cast
 
@@ -53,6 +55,7 @@ __all__ = [
     "LogFormat",
     "PendingRequestId",
     "Sink",
+    "Throttle",
     "close",
     "current_request_id",
     "flush",
@@ -63,6 +66,9 @@ __all__ = [
 ]
 
 LogFormat = Literal["text", "json"]
+
+#: Seconds between two log lines of the same kind (dropped connections, refused calls).
+LOG_INTERVAL: Final = 10.0
 
 
 class PendingRequestId:
@@ -113,6 +119,59 @@ def request_id_from(metadata: Sequence[tuple[str, str]]) -> str | PendingRequest
         if key == REQUEST_ID_KEY:
             return value if valid_request_id(value) else new_request_id()
     return PendingRequestId()
+
+
+class Throttle:
+    """Rate-limits one kind of log line: the first at once, then a summary per interval.
+
+    A line passes when none of its kind did in the last ``LOG_INTERVAL``;
+    the others are counted, and when the interval ends a summary line in
+    *logger* says how many there were (at most one line of a kind per
+    interval, however many events). :meth:`flush` logs the count held back
+    so far (shutdown). What a peer can make a daemon log goes through one.
+    """
+
+    __slots__ = ("held", "level", "logger", "next", "timer", "what")
+
+    def __init__(self, level: int, what: str, logger: logging.Logger) -> None:
+        self.level = level
+        self.logger = logger
+        #: What the summary line counts, in the plural ("rejected requests").
+        self.what = what
+        self.next = -inf
+        self.held = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, now: float) -> bool:
+        """Whether to log a line of this kind now (*now*: the loop's clock); else it is counted."""
+        if now < self.next:
+            if not self.held:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # off a loop: the next line that passes, or flush, counts it
+                    pass
+                else:
+                    self.timer = loop.call_at(self.next, self._due)
+            self.held += 1
+            return False
+        self.flush()
+        self.next = now + LOG_INTERVAL
+        return True
+
+    def _due(self) -> None:
+        """The interval ended with lines held back: summarize them, and start another."""
+        self.timer = None
+        self.flush()
+        self.next = asyncio.get_running_loop().time() + LOG_INTERVAL
+
+    def flush(self) -> None:
+        """Log how many lines were held back, if any."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.held:
+            self.logger.log(self.level, "%d more %s since the last report", self.held, self.what)
+            self.held = 0
 
 
 # -- formats ----------------------------------------------------------------

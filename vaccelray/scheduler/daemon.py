@@ -171,6 +171,7 @@ async def run_scheduler(
     health = HealthChecker(
         pool, interval=config.health_interval, timeout=config.health_timeout, instance=instance
     )
+    check = TokenCheck(token, hop="scheduler", token_path=token_path)
     try:
         async with anyio.create_task_group() as tg:
             table = SessionTable(pool, tg, config.limits)
@@ -188,9 +189,9 @@ async def run_scheduler(
                 pool, functools.partial(tasks.pick, ANY_WORKER, (), ""), tasks.clients
             )
             task_services = protect(
-                [tasks.service({**actors.methods(), **objects.methods()}), view.service()],
-                TokenCheck(token, hop="scheduler", token_path=token_path),
+                [tasks.service({**actors.methods(), **objects.methods()}), view.service()], check
             )
+            agent_services = agent.services()
             with anyio.move_on_after(config.health_timeout + 0.5):
                 async with anyio.create_task_group() as first:
                     for record in pool.registry:
@@ -198,7 +199,7 @@ async def run_scheduler(
             await tg.start(health.run)
             async with serve(
                 [
-                    *agent.services(),
+                    *agent_services,
                     view.info_service(),
                     *task_services,
                     tasks.classify_service(),
@@ -245,4 +246,5 @@ async def run_scheduler(
             raise group.exceptions[0] from None
         raise
     finally:
+        check.refusals.flush()  # the refusals held back since the last summary line
         await pool.aclose()

@@ -52,7 +52,7 @@ import anyio
 import anyio.abc
 
 from vaccelray.errors import Reason, RemoteProtocolError, RPCError, StatusCode
-from vaccelray.logs import request_id_from, request_id_var
+from vaccelray.logs import Throttle, request_id_from, request_id_var
 from vaccelray.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     NEED_DATA,
@@ -271,8 +271,6 @@ DEFAULT_IDLE_TIMEOUT: Final = 300.0
 _FD_RESERVE: Final = 32
 #: Calls of one connection in flight at once (inline calls do not count).
 DEFAULT_MAX_INFLIGHT: Final = 256
-#: Seconds between two log lines of the same kind (dropped connections, refused calls).
-_LOG_INTERVAL: Final = 10.0
 #: Bytes of answers to the requests of one read written before the next is handled: a
 #: client that does not read its answers stops the handling (not only the reading) at once.
 _WRITE_AT: Final = 64 << 10
@@ -293,52 +291,6 @@ def default_max_connections() -> int:
     if soft == resource.RLIM_INFINITY:
         return 1 << 20
     return max(1, soft - max(_FD_RESERVE, soft // 10))
-
-
-class _Throttle:
-    """Rate-limits one kind of log line: the first at once, then a summary per interval.
-
-    A line passes when none of its kind did in the last ``_LOG_INTERVAL``;
-    the others are counted, and when the interval ends a summary line says
-    how many there were (at most one line of a kind per interval, however
-    many events). :meth:`flush` logs the count held back so far (shutdown).
-    """
-
-    __slots__ = ("held", "level", "next", "timer", "what")
-
-    def __init__(self, level: int, what: str) -> None:
-        self.level = level
-        #: What the summary line counts, in the plural ("rejected requests").
-        self.what = what
-        self.next = -inf
-        self.held = 0
-        self.timer: asyncio.TimerHandle | None = None
-
-    def __call__(self, now: float) -> bool:
-        """Whether to log a line of this kind now (*now*: the loop's clock); else it is counted."""
-        if now < self.next:
-            if not self.held:
-                self.timer = asyncio.get_running_loop().call_at(self.next, self._due)
-            self.held += 1
-            return False
-        self.flush()
-        self.next = now + _LOG_INTERVAL
-        return True
-
-    def _due(self) -> None:
-        """The interval ended with lines held back: summarize them, and start another."""
-        self.timer = None
-        self.flush()
-        self.next = asyncio.get_running_loop().time() + _LOG_INTERVAL
-
-    def flush(self) -> None:
-        """Log how many lines were held back, if any."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.held:
-            log.log(self.level, "%d more %s since the last report", self.held, self.what)
-            self.held = 0
 
 
 class _LoopCall:
@@ -1033,14 +985,14 @@ class Server:
         self._reads = ReadBuffer()
         self.max_inflight_per_connection = max_inflight_per_connection
         # Log lines a peer can cause at will, each kind rate-limited.
-        self._refusals = _Throttle(logging.WARNING, "connections refused")
-        self._stalls = _Throttle(logging.WARNING, "connections closed for a stalled frame")
-        self._idles = _Throttle(logging.INFO, "idle connections closed")
-        self._starved = _Throttle(logging.ERROR, "failed accepts")
-        self._broken = _Throttle(logging.WARNING, "connections closed for protocol errors")
-        self._rejects = _Throttle(logging.INFO, "rejected requests")
-        self._unknowns = _Throttle(logging.INFO, "calls of unknown methods")
-        self._busy = _Throttle(logging.WARNING, "calls refused for too many in flight")
+        self._refusals = Throttle(logging.WARNING, "connections refused", log)
+        self._stalls = Throttle(logging.WARNING, "connections closed for a stalled frame", log)
+        self._idles = Throttle(logging.INFO, "idle connections closed", log)
+        self._starved = Throttle(logging.ERROR, "failed accepts", log)
+        self._broken = Throttle(logging.WARNING, "connections closed for protocol errors", log)
+        self._rejects = Throttle(logging.INFO, "rejected requests", log)
+        self._unknowns = Throttle(logging.INFO, "calls of unknown methods", log)
+        self._busy = Throttle(logging.WARNING, "calls refused for too many in flight", log)
         #: Accepted connections not yet made (a TLS handshake, say), and their tasks.
         self._starting = 0
         self._start_tasks: set[asyncio.Task[None]] = set()
@@ -1166,7 +1118,7 @@ class Server:
         for throttle in self._throttles():
             throttle.flush()
 
-    def _throttles(self) -> tuple[_Throttle, ...]:
+    def _throttles(self) -> tuple[Throttle, ...]:
         return (
             self._refusals,
             self._stalls,

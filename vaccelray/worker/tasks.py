@@ -499,7 +499,10 @@ async def run_task_service(
         services = [*protect(agent_services, check), *others]
     size = default_pool_size() if pool_size is None else pool_size
     if size == 0:
-        yield TaskRuntime(list(services), None)
+        try:
+            yield TaskRuntime(list(services), None)
+        finally:
+            check.refusals.flush()  # the refusals held back since the last summary line
         return
     limit = DEFAULT_MAX_MESSAGE_SIZE if max_message_size is None else max_message_size
     isolation = prepare(sandbox or SandboxConfig(), size)
@@ -568,3 +571,4 @@ async def run_task_service(
                     )
             finally:
                 isolation.close()
+                check.refusals.flush()  # the refusals held back since the last summary line
