@@ -12,7 +12,7 @@ import pytest
 
 import vaccelray
 from tests.conftest import start_worker
-from tests.processes import Proc
+from tests.processes import Proc, scheduler_argv, start_daemon
 from vaccelray.auth import TokenCheck, is_loopback, load_token, token_metadata
 from vaccelray.client import Client
 from vaccelray.errors import RPCError, StatusCode
@@ -222,6 +222,33 @@ async def test_a_flood_of_refused_calls_logs_one_line_and_a_count(token_file: Pa
     ]
     assert len(lines) == 1
     assert len(lines) + sum(counted) == refused
+
+
+def test_a_scheduler_with_protect_vaccel_serves_vaccel_calls_to_token_holders_only(
+    token_file: Path,
+) -> None:
+    worker = start_worker(
+        "-a", "tcp://127.0.0.1:0", "--backend", "noop", "--pool-size", "0",
+        "--token-file", str(token_file),
+    )  # fmt: skip
+    scheduler, address = start_daemon(
+        scheduler_argv(
+            "-a", "tcp://127.0.0.1:0", "--no-discover", "--worker", worker.address,
+            "--token-file", str(token_file), "--protect-vaccel",
+        )
+    )  # fmt: skip
+    try:
+        with Client(address, token=TOKEN) as client:  # proves the token over TLS
+            assert client.classify(b"\xff\xd8") == NOOP_TAG
+        with (
+            pytest.raises(vaccelray.AuthenticationError),
+            Client(address, tls=False) as client,
+        ):
+            client.classify(b"\xff\xd8")
+    finally:
+        scheduler.stop()
+        worker.stop()
+    assert "Refused vaccel.VaccelAgent/CreateSession" in scheduler.text()
 
 
 def test_protect_keeps_each_method_kind_and_checks_first() -> None:

@@ -1172,6 +1172,12 @@ still answers its health check.
     "(presented to loopback TCP workers only).",
 )
 @click.option(
+    "--protect-vaccel",
+    is_flag=True,
+    help="Ask the cluster token of vAccel agent calls too (open by default): plaintext "
+    "vAccel clients are then refused, and only token holders may use its sessions.",
+)
+@click.option(
     "--allow-exec",
     is_flag=True,
     help="Forward vAccel requests that load a library (exec genops) from other hosts too "
@@ -1211,6 +1217,7 @@ def scheduler(
     health_interval: float,
     health_timeout: float,
     token_file: str | None,
+    protect_vaccel: bool,
     allow_exec: bool,
     socket_mode: int,
     max_message_size: int,
@@ -1245,6 +1252,7 @@ def scheduler(
         health_interval=health_interval,
         health_timeout=health_timeout,
         token=_load_token(token_file),
+        protect_vaccel=protect_vaccel,
         allow_exec=allow_exec,
         socket_mode=socket_mode,
         max_message_size=max_message_size,

@@ -80,6 +80,8 @@ class SchedulerConfig:
     tls_ca: str | None = None
     #: Forward vAccel requests that load a library (exec) from other hosts too.
     allow_exec: bool = False
+    #: Ask the token of vAccel agent callers too (as of task callers).
+    protect_vaccel: bool = False
     #: Permissions of the scheduler's unix socket files (its own user only by default).
     socket_mode: int = SOCKET_MODE
     #: Connections served at once; None derives it from the descriptor limit, 0 = no cap.
@@ -192,6 +194,8 @@ async def run_scheduler(
                 [tasks.service({**actors.methods(), **objects.methods()}), view.service()], check
             )
             agent_services = agent.services()
+            if config.protect_vaccel:
+                agent_services = protect(agent_services, check)
             with anyio.move_on_after(config.health_timeout + 0.5):
                 async with anyio.create_task_group() as first:
                     for record in pool.registry:
