@@ -417,6 +417,7 @@ def test_a_throttle_off_a_loop_holds_lines_back_for_the_next_report(
     assert held_back(caplog, "things") == []
     throttle.flush()
     assert held_back(caplog, "things") == [2]
+    assert throttle(logs_module.LOG_INTERVAL)  # the window ends where it began, plus one interval
 
 
 # -- shutdown answers every call -------------------------------------------------------
