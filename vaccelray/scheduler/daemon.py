@@ -80,7 +80,7 @@ class SchedulerConfig:
     tls_ca: str | None = None
     #: Forward vAccel requests that load a library (exec) from other hosts too.
     allow_exec: bool = False
-    #: Ask the token of vAccel agent callers too (as of task callers).
+    #: Ask vAccel agent callers for the token too, as task callers are.
     protect_vaccel: bool = False
     #: Permissions of the scheduler's unix socket files (its own user only by default).
     socket_mode: int = SOCKET_MODE
