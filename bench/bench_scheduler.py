@@ -301,20 +301,16 @@ def go_session_mix(peer: Path, address: str, in_flight: int, duration: float) ->
     return float(result["calls_per_s"])
 
 
-#: The relay floor: copies bytes both ways, one worker connection per client connection.
-#: Argument as a daemon's: ``-a ADDRESS`` (then the worker's address); tcp:// or unix://.
-#: With ``SPIN_US`` in its environment it also spends that much CPU per frame (it reads
-#: the frame headers to count them): the cost curve, what a hop of a given cost allows.
-RELAY = """
-import asyncio, os, socket, sys, time
+#: What both relays below start with: their arguments as a daemon's (``-a ADDRESS``,
+#: then the worker's address; tcp:// or unix://), one read buffer as the daemons have,
+#: a protocol that reads into it, and dialling and listening at either kind of address.
+_RELAY_BASE = """
+import asyncio, socket, sys
 listen, worker = sys.argv[sys.argv.index("-a") + 1], sys.argv[1]
-READS = memoryview(bytearray(256 << 10))  # one read buffer, as the daemons have
-SPIN = float(os.environ.get("SPIN_US", "0")) * 1e-6
+READS = memoryview(bytearray(256 << 10))
 
-class Pipe(asyncio.BufferedProtocol):
-    def __init__(self):
-        self.peer, self.transport, self.held = None, None, []
-        self.skip = 0  # bytes of a frame begun in an earlier read (SPIN only)
+class Socket(asyncio.BufferedProtocol):
+    transport = None
     def connection_made(self, transport):
         self.transport = transport
         sock = transport.get_extra_info("socket")
@@ -322,6 +318,36 @@ class Pipe(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     def get_buffer(self, sizehint):
         return READS
+
+async def dial(factory, address):
+    loop = asyncio.get_running_loop()
+    if address.startswith("unix://"):
+        return (await loop.create_unix_connection(factory, address.removeprefix("unix://")))[1]
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    return (await loop.create_connection(factory, host, int(port)))[1]
+
+async def serve(factory, address):
+    loop = asyncio.get_running_loop()
+    if address.startswith("unix://"):
+        server = await loop.create_unix_server(factory, address.removeprefix("unix://"))
+    else:
+        server = await loop.create_server(factory, "127.0.0.1", int(address.rsplit(":", 1)[1]))
+    await server.serve_forever()
+"""
+
+#: The relay floor: copies bytes both ways, one worker connection per client connection.
+#: With ``SPIN_US`` in its environment it also spends that much CPU per frame (it reads
+#: the frame headers to count them): the cost curve, what a hop of a given cost allows.
+RELAY = (
+    _RELAY_BASE
+    + """
+import os, time
+SPIN = float(os.environ.get("SPIN_US", "0")) * 1e-6
+
+class Pipe(Socket):
+    def __init__(self):
+        self.peer, self.held = None, []
+        self.skip = 0  # bytes of a frame begun in an earlier read (SPIN only)
     def buffer_updated(self, nbytes):
         data = READS[:nbytes].tobytes()
         if SPIN:
@@ -344,28 +370,18 @@ class Pipe(asyncio.BufferedProtocol):
             self.peer.transport.close()
         self.transport = None
 
-async def main():
-    loop = asyncio.get_running_loop()
-    def accepted():
-        down = Pipe()
-        async def link():
-            if worker.startswith("unix://"):
-                _, up = await loop.create_unix_connection(Pipe, worker.removeprefix("unix://"))
-            else:
-                host, port = worker.removeprefix("tcp://").rsplit(":", 1)
-                _, up = await loop.create_connection(Pipe, host, int(port))
-            up.peer, down.peer = down, up
-            up.transport.write(b"".join(down.held))
-        loop.create_task(link())
-        return down
-    if listen.startswith("unix://"):
-        server = await loop.create_unix_server(accepted, listen.removeprefix("unix://"))
-    else:
-        server = await loop.create_server(accepted, "127.0.0.1", int(listen.rsplit(":", 1)[1]))
-    await server.serve_forever()
+def accepted():
+    down = Pipe()
+    async def link():
+        up = await dial(Pipe, worker)
+        up.peer, down.peer = down, up
+        up.transport.write(b"".join(down.held))
+    asyncio.get_running_loop().create_task(link())
+    return down
 
-asyncio.run(main())
+asyncio.run(serve(accepted, listen))
 """
+)
 
 #: The parsing floor: the least a relay that routes by session does, in Python. Every
 #: frame is parsed, a request's envelope decoded (upb) and its session id swapped for
@@ -373,29 +389,21 @@ asyncio.run(main())
 #: mapped, the worker's answers passed back as they are with the caller's stream id.
 #: Nothing else: no deadline, limit, metric, credential, failover or error check.
 #: All client connections share one worker connection, as the scheduler's do.
-#: Arguments as RELAY's.
-PARSING_RELAY = """
-import asyncio, socket, struct, sys
+PARSING_RELAY = (
+    _RELAY_BASE
+    + """
+import struct
 from vaccelray.protocol._pb import ttrpc_pb2, vaccel_pb2
 from vaccelray.protocol.fields import find_varint_field, replace_varint_field
-listen, worker = sys.argv[sys.argv.index("-a") + 1], sys.argv[1]
-READS = memoryview(bytearray(256 << 10))
 HEADER = struct.Struct(">IIBB")
 Request, Response = ttrpc_pb2.Request, ttrpc_pb2.Response
 Created = vaccel_pb2.CreateSessionResponse
 sessions, ids = {}, iter(range(1, 1 << 62))  # ours -> the worker's
 up = None
 
-class Link(asyncio.BufferedProtocol):
+class Link(Socket):
     def __init__(self):
-        self.transport, self.rest, self.out = None, b"", []
-    def connection_made(self, transport):
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    def get_buffer(self, sizehint):
-        return READS
+        self.rest, self.out = b"", []
     def buffer_updated(self, nbytes):
         data = self.rest + READS[:nbytes].tobytes() if self.rest else READS[:nbytes].tobytes()
         pos = 0
@@ -456,18 +464,12 @@ class Caller(Link):
 
 async def main():
     global up
-    loop = asyncio.get_running_loop()
-    if worker.startswith("unix://"):
-        _, up = await loop.create_unix_connection(Worker, worker.removeprefix("unix://"))
-        server = await loop.create_unix_server(Caller, listen.removeprefix("unix://"))
-    else:
-        host, port = worker.removeprefix("tcp://").rsplit(":", 1)
-        _, up = await loop.create_connection(Worker, host, int(port))
-        server = await loop.create_server(Caller, "127.0.0.1", int(listen.rsplit(":", 1)[1]))
-    await server.serve_forever()
+    up = await dial(Worker, worker)
+    await serve(Caller, listen)
 
 asyncio.run(main())
 """
+)
 
 #: The task load of part 4, run by the interpreter of the tree measured.
 TASK_LOAD = """
