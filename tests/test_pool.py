@@ -27,7 +27,7 @@ from vaccelray.worker.pool import (
     PoolProcessLost,
     TaskTimedOut,
     _Child,
-    _exit_status,
+    exit_status,
 )
 from vaccelray.worker.poolchild import (
     OK,
@@ -382,12 +382,12 @@ def test_a_pool_needs_a_process() -> None:
 
 
 def test_exit_status_in_words() -> None:
-    assert _exit_status(None) == "stopped answering"
-    assert _exit_status(0) == "exited with status 0"
-    assert _exit_status(3) == "exited with status 3"
-    assert _exit_status(-signal.SIGSEGV) == "was killed by signal SIGSEGV"
-    assert _exit_status(-1) == "was killed by signal SIGHUP"
-    assert _exit_status(-200) == "was killed by signal 200"
+    assert exit_status(None) == "stopped answering"
+    assert exit_status(0) == "exited with status 0"
+    assert exit_status(3) == "exited with status 3"
+    assert exit_status(-signal.SIGSEGV) == "was killed by signal SIGSEGV"
+    assert exit_status(-1) == "was killed by signal SIGHUP"
+    assert exit_status(-200) == "was killed by signal 200"
 
 
 class _Frames:

@@ -394,11 +394,30 @@ DEFAULT_TASK_TIMEOUT = 300.0
 DEFAULT_MAX_ACTORS = 16
 DEFAULT_MAX_ACTORS_PER_CONNECTION = 8
 DEFAULT_SCHEDULER_ACTORS_PER_CONNECTION = 64
+#: Likewise vaccelray.worker.leases.DEFAULT_MAX_LEASES_PER_CONNECTION.
+DEFAULT_MAX_LEASES_PER_CONNECTION = 4
 
 
 def task_limit_options(command: _F) -> _F:
     """The worker's bounds on tasks and actors (--max-queued-tasks, --max-actors, ...)."""
     for option in (
+        click.option(
+            "--max-leases-per-connection",
+            type=click.IntRange(0),
+            default=DEFAULT_MAX_LEASES_PER_CONNECTION,
+            show_default=True,
+            help="Pool processes one client connection may lease; more are refused "
+            "(RESOURCE_EXHAUSTED: its calls go through the worker). 0: no limit.",
+        ),
+        click.option(
+            "--max-leases",
+            type=click.IntRange(0),
+            default=None,
+            help="Pool processes leased to clients on this host, beside the task pool: a "
+            "client's thread that waits on its calls then talks to a process of its own, "
+            "the worker out of the path (same sandbox, limits and task timeout). More are "
+            "refused (RESOURCE_EXHAUSTED). 0: none. [default: one per pool process]",
+        ),
         click.option(
             "--task-timeout",
             type=click.FloatRange(0),
@@ -710,6 +729,8 @@ def worker(
     task_timeout: float,
     max_actors: int,
     max_actors_per_connection: int,
+    max_leases: int | None,
+    max_leases_per_connection: int,
     objects: ObjectLimits,
     token_file: str | None,
     protect_vaccel: bool,
@@ -751,6 +772,8 @@ def worker(
         task_timeout=task_timeout,
         max_actors=max_actors,
         max_actors_per_connection=max_actors_per_connection,
+        max_leases=max_leases,
+        max_leases_per_connection=max_leases_per_connection,
         objects=objects,
         protect_vaccel=protect_vaccel,
         allow_exec=allow_exec,

@@ -361,6 +361,19 @@ CANCEL: Final = Rpc(
     MsgpackCodec[tasks.Cancel](tasks.Cancel),
     MsgpackCodec[tasks.Cancelled](tasks.Cancelled),
 )
+LEASE: Final = Rpc(
+    info.WORKER_SERVICE,
+    "Lease",
+    MsgpackCodec[tasks.Lease](tasks.Lease),
+    MsgpackCodec[tasks.Leased](tasks.Leased),
+    limits=objects.check_fields,
+)
+END_LEASE: Final = Rpc(
+    info.WORKER_SERVICE,
+    "EndLease",
+    MsgpackCodec[tasks.EndLease](tasks.EndLease),
+    MsgpackCodec[tasks.LeaseEnded](tasks.LeaseEnded),
+)
 CREATE_ACTOR: Final = Rpc(
     info.WORKER_SERVICE,
     actors.METHOD_CREATE,
@@ -445,6 +458,8 @@ WORKER: Final = ServiceSpec(
         CANCEL_ACTOR_CALL,
         CLIENT_PRESENCE,
         HOLD_OBJECTS,
+        LEASE,
+        END_LEASE,
     ),
 )
 

@@ -18,6 +18,11 @@ Methods (request → reply; declared in :mod:`vaccelray.protocol.services`):
     a capability the worker lacks is answered FAILED_PRECONDITION.
 ``Cancel``            :class:`Cancel` → :class:`Cancelled`
     Stop tasks by id: dropped from the queue, or their pool process killed.
+``Lease``             :class:`Lease` → :class:`Leased`
+    A pool process of the caller's own, which it then talks to directly
+    (:mod:`vaccelray.worker.leases`): only on a unix socket.
+``EndLease``          :class:`EndLease` → :class:`LeaseEnded`
+    Kill a leased process (a cancelled task, a lane lost); its exit status.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ __all__ = [
     "ARG_LIMIT_MARGIN",
     "Cancel",
     "Cancelled",
+    "EndLease",
     "FailureKind",
+    "Lease",
+    "LeaseEnded",
+    "Leased",
     "RegisterFunction",
     "Registered",
     "RemoteError",
@@ -143,3 +152,27 @@ class Cancel(msgspec.Struct, array_like=True, frozen=True):
 class Cancelled(msgspec.Struct, array_like=True, frozen=True):
     #: The ids that were queued or running and are now stopped.
     task_ids: tuple[str, ...]
+
+
+class Lease(msgspec.Struct, array_like=True, frozen=True):
+    #: The client (its random id, as in ``Submit.client``): it owns the results kept.
+    client: str
+
+
+class Leased(msgspec.Struct, array_like=True, frozen=True):
+    lease_id: str
+    #: The secret that fetches the process's socket, once, from ``path``.
+    ticket: bytes
+    #: The unix socket (``@name``: abstract) that hands it over (``SCM_RIGHTS``).
+    path: str
+    #: Seconds a task may run there (the worker's task timeout; 0: no limit).
+    task_timeout: float = 0.0
+
+
+class EndLease(msgspec.Struct, array_like=True, frozen=True):
+    lease_id: str
+
+
+class LeaseEnded(msgspec.Struct, array_like=True, frozen=True):
+    #: How its process ended (``was killed by signal SIGKILL``, ...).
+    status: str

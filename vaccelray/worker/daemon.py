@@ -30,6 +30,7 @@ from vaccelray.worker.announce import announce_until, plan_announcement
 from vaccelray.worker.backend import Backend
 from vaccelray.worker.backends import load_backend
 from vaccelray.worker.info import InfoService
+from vaccelray.worker.leases import DEFAULT_MAX_LEASES_PER_CONNECTION
 from vaccelray.worker.objects import ObjectLimits
 from vaccelray.worker.sandbox import SandboxConfig
 from vaccelray.worker.tasks import (
@@ -81,6 +82,10 @@ class WorkerConfig:
     #: Actors alive on the worker, and made by one connection (0: no limit).
     max_actors: int = DEFAULT_MAX_ACTORS
     max_actors_per_connection: int = DEFAULT_MAX_ACTORS_PER_CONNECTION
+    #: Pool processes leased to clients on this host, on the worker (None: one per pool
+    #: process; 0: none) and per connection (0: no limit).
+    max_leases: int | None = None
+    max_leases_per_connection: int = DEFAULT_MAX_LEASES_PER_CONNECTION
     #: The object store's bounds (see ``vaccelray.worker.objects``).
     objects: ObjectLimits = field(default_factory=ObjectLimits)
     #: The cluster token callers of the task service present (see ``vaccelray.auth``).
@@ -149,14 +154,19 @@ def _holds_state(agent: Agent, runtime: TaskRuntime, connection_id: int) -> bool
         return True
     if runtime.objects is not None and runtime.objects.holds_state(connection_id):
         return True
+    if runtime.leases is not None and runtime.leases.holds_state(connection_id):
+        return True
     return runtime.actors is not None and runtime.actors.holds_state(connection_id)
 
 
 def _disconnected(agent: Agent, runtime: TaskRuntime, connection_id: int) -> None:
-    """A client's sessions and actors die with its connection (its objects after a grace)."""
+    """A client's sessions, actors and leased processes die with its connection (its objects
+    after a grace)."""
     agent.connection_closed(connection_id, scope=_CLIENTS)
     if runtime.actors is not None:
         runtime.actors.connection_closed(connection_id)
+    if runtime.leases is not None:
+        runtime.leases.connection_closed(connection_id)
     if runtime.objects is not None:
         runtime.objects.connection_closed(connection_id)
 
@@ -231,6 +241,8 @@ async def run_worker(
                 max_actors_per_connection=config.max_actors_per_connection,
                 instance=info.instance,
                 object_limits=config.objects,
+                max_leases=config.max_leases,
+                max_leases_per_connection=config.max_leases_per_connection,
             ) as runtime,
             serve(
                 runtime.services,

@@ -78,6 +78,7 @@ __all__ = [
     "Pool",
     "PoolProcessLost",
     "TaskTimedOut",
+    "exit_status",
 ]
 
 log = logging.getLogger("vaccelray.pool")
@@ -93,7 +94,7 @@ _BOOT: Final = (
     "    sys.path.append(sys.path.pop(0))\n"
     "from vaccelray.worker.poolchild import main\n"
     "main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5],\n"
-    "     int(sys.argv[6]))\n"
+    "     int(sys.argv[6]), float(sys.argv[7]))\n"
 )
 #: A process that dies sooner than this after its start, having run nothing, counts
 #: as failing to start: replacements then back off (0.05 s doubling, up to 5 s).
@@ -488,6 +489,36 @@ class Pool:
         state = self._owners.get(owner)
         return 0 if state is None else len(state.queue)
 
+    def spawn_process(
+        self, sock: socket.socket, channel: socket.socket, lease_timeout: float = -1.0
+    ) -> subprocess.Popen[bytes]:
+        """Start a pool process serving *sock*, with *channel* for segments (both are the
+        process's ends: close them once it has started); *lease_timeout*: see
+        :func:`vaccelray.worker.poolchild.main`. Sandboxed and limited as the pool's."""
+        # Popen with pass_fds uses vfork/posix_spawn: fast enough to call on the loop.
+        sandbox = self.sandbox
+        # Its parent is this process unless a sandbox stands between (then 0).
+        worker_pid = 0 if sandbox.isolated else os.getpid()
+        argv = [
+            sys.executable,
+            "-c",
+            _BOOT,
+            str(sock.fileno()),
+            str(self.max_message_size),
+            sandbox.limits.encode(),
+            str(worker_pid),
+            sandbox.child_user(),
+            str(channel.fileno()),
+            repr(lease_timeout),
+        ]
+        return subprocess.Popen(
+            sandbox.command(argv, self._spawn_env),
+            pass_fds=(sock.fileno(), channel.fileno()),
+            env=self._spawn_env,
+            stdin=subprocess.DEVNULL,
+            **sandbox.popen_kwargs(),
+        )
+
     async def _spawn(self) -> None:
         assert self._loop is not None
         parent, child = socket.socketpair()  # AF_UNIX, SOCK_STREAM
@@ -496,28 +527,7 @@ class Pool:
         channel, child_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         channel.setblocking(False)
         try:
-            # Popen with pass_fds uses vfork/posix_spawn: fast enough to call on the loop.
-            sandbox = self.sandbox
-            # Its parent is this process unless a sandbox stands between (then 0).
-            worker_pid = 0 if sandbox.isolated else os.getpid()
-            argv = [
-                sys.executable,
-                "-c",
-                _BOOT,
-                str(child.fileno()),
-                str(self.max_message_size),
-                sandbox.limits.encode(),
-                str(worker_pid),
-                sandbox.child_user(),
-                str(child_channel.fileno()),
-            ]
-            process = subprocess.Popen(  # noqa: ASYNC220
-                sandbox.command(argv, self._spawn_env),
-                pass_fds=(child.fileno(), child_channel.fileno()),
-                env=self._spawn_env,
-                stdin=subprocess.DEVNULL,
-                **sandbox.popen_kwargs(),
-            )
+            process = self.spawn_process(child, child_channel)
         except BaseException:
             parent.close()
             channel.close()
@@ -800,7 +810,7 @@ class Pool:
             await asyncio.sleep(0.05)
         if process.poll() is not None:
             self._reaping.discard(child)
-        status = child.fault or _exit_status(process.poll())
+        status = child.fault or exit_status(process.poll())
         job = child.job
         if job is not None:
             job.finish(PoolProcessLost(f"the pool process running {job.name} {status}"))
@@ -819,7 +829,8 @@ class Pool:
             await self._spawn()
 
 
-def _exit_status(code: int | None) -> str:
+def exit_status(code: int | None) -> str:
+    """How a process with exit code *code* (``Popen.poll``) ended, as a log line says it."""
     if code is None:
         return "stopped answering"
     if code < 0:

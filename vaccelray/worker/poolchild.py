@@ -89,6 +89,8 @@ class Run(msgspec.Struct, array_like=True, frozen=True):
     args_object: str = ""
     #: A pickled result of at least this many bytes goes in a segment (0: never).
     segment_min: int = 0
+    #: Seconds the task may run, in a leased process (0: its lease's limit).
+    timeout: float = 0.0
 
 
 Scalar = str | int | float | bool | None
@@ -114,6 +116,8 @@ class Done(msgspec.Struct, array_like=True, frozen=True):
     unloaded: bool = False
     #: The result's size, when it is in a segment sent on the channel (``result`` empty).
     segment: int = 0
+    #: A leased process's: the object of the worker's store now holding that segment.
+    kept: str = ""
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -167,8 +171,15 @@ RESULT_TAG: Final = b"result"
 
 class _Runner:
     def __init__(
-        self, max_result: int, memory: int = 0, channel: socket.socket | None = None
+        self,
+        max_result: int,
+        memory: int = 0,
+        channel: socket.socket | None = None,
+        timeout: float = 0.0,
     ) -> None:
+        #: Seconds a task may run before SIGALRM ends this process (0: no limit; a leased
+        #: process's, see :func:`main`).
+        self.timeout = timeout
         #: Where segments come and go (None: this process gets none).
         self.channel = channel
         #: The segment of the last result, to send before its Done (-1: none).
@@ -250,6 +261,11 @@ class _Runner:
                 task, SERIALIZATION, f"cannot load the arguments of {task.name} on the worker", exc
             )
         task_context.session_id = task.session_id
+        timeout = self.timeout
+        if task.timeout > 0 and (not timeout or task.timeout < timeout):
+            timeout = task.timeout
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
@@ -262,6 +278,8 @@ class _Runner:
                 error = msgspec.structs.replace(error, message=text)
             return Done(task.seq, RAISED, message=f"{task.name} raised", error=error)
         finally:
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             task_context.session_id = 0
         if task.method == _CREATE:
             self.actor, result = result, None
@@ -307,6 +325,26 @@ class _Runner:
         self.segment = out.fd
         return Done(task.seq, OK, segment=out.size)
 
+    def deposit(self, done: Done) -> Done:
+        """A leased process's *done* once its result's segment is in the worker's store.
+
+        The worker answers the segment sent on the channel with ``+`` and the object's
+        id, or ``-`` and why it did not take it (its store is full).
+        """
+        assert self.channel is not None
+        try:
+            segments.send_fds(self.channel, RESULT_TAG, [self.segment])
+            answer = self.channel.recv(1024)
+        except OSError as exc:
+            answer = f"-cannot hand the result to the worker: {exc}".encode()
+        finally:
+            os.close(self.segment)
+            self.segment = -1
+        text = answer[1:].decode("utf-8", "replace")
+        if answer[:1] != b"+":
+            return Done(done.seq, TOO_LARGE, message=text or "the worker did not keep the result")
+        return msgspec.structs.replace(done, kept=text)
+
     @staticmethod
     def _failed(
         task: Run, status: int, message: str, exc: BaseException, *, unloaded: bool = False
@@ -341,7 +379,13 @@ def _read_frame(reader: Any) -> bytearray | None:
 
 
 def main(
-    fd: int, max_result: int, limits: str = "", parent: int = 0, user: str = "-", channel: int = -1
+    fd: int,
+    max_result: int,
+    limits: str = "",
+    parent: int = 0,
+    user: str = "-",
+    channel: int = -1,
+    lease_timeout: float = -1.0,
 ) -> None:
     """Serve tasks on the socket *fd* until the worker closes it; segments come and go
     on the socket *channel* (-1: none).
@@ -351,6 +395,12 @@ def main(
     :meth:`TaskLimits.encode`) are applied first; *parent* is the worker's pid
     when it is this process's parent, *user* the ``uid:gid`` to become (see
     :func:`apply_limits`).
+
+    *lease_timeout* >= 0: a leased process (:mod:`vaccelray.worker.leases`), whose
+    socket is its client's. It says it is ready with an empty frame, and a task
+    running longer than *lease_timeout* seconds (0: no limit), or than its
+    ``Run.timeout``, ends the process with SIGALRM: nobody else is there to kill it.
+    A large result's segment goes to the worker's store (see :meth:`_Runner.deposit`).
     """
     task_limits = TaskLimits.decode(limits) if limits else TaskLimits()
     apply_limits(task_limits, parent, user)
@@ -358,6 +408,10 @@ def main(
     # worker decides when we stop (by closing the socket), not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
+    if lease_timeout >= 0:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        with contextlib.suppress(OSError):
+            sock.sendall(_HEADER.pack(0))
     reader = sock.makefile("rb", buffering=1 << 16)
     decoder = msgspec.msgpack.Decoder(Run)
     encoder = msgspec.msgpack.Encoder()
@@ -365,6 +419,7 @@ def main(
         max_result,
         task_limits.memory or 0,
         socket.socket(fileno=channel) if channel >= 0 else None,
+        max(lease_timeout, 0.0),
     )
     while True:
         body = _read_frame(reader)
@@ -374,6 +429,8 @@ def main(
         keep_heap_for(len(body))
         done = runner.run(decoder.decode(body))
         del body
+        if lease_timeout >= 0 and runner.segment >= 0:
+            done = runner.deposit(done)
         try:
             out = encode_frame(encoder, done)
         except BaseException as exc:  # an unencodable message: report it, never die

@@ -54,6 +54,11 @@ from vaccelray.worker.actors import (
     running_actors,
 )
 from vaccelray.worker.agent import Agent
+from vaccelray.worker.leases import (
+    DEFAULT_MAX_LEASES_PER_CONNECTION,
+    LeaseService,
+    running_leases,
+)
 from vaccelray.worker.objects import (
     Borrowed,
     Fetch,
@@ -441,6 +446,8 @@ class TaskRuntime:
     isolation: str | None = None
     #: The object store (None: no task service).
     objects: ObjectStore | None = None
+    #: The leased pool processes (None: no task service).
+    leases: LeaseService | None = None
 
 
 @asynccontextmanager
@@ -475,6 +482,8 @@ async def run_task_service(
     max_actors_per_connection: int = DEFAULT_MAX_ACTORS_PER_CONNECTION,
     instance: str = "",
     object_limits: ObjectLimits | None = None,
+    max_leases: int | None = None,
+    max_leases_per_connection: int = DEFAULT_MAX_LEASES_PER_CONNECTION,
 ) -> AsyncIterator[TaskRuntime]:
     """Start the pool and its private agent socket; yield *services* plus the task service.
 
@@ -486,7 +495,9 @@ async def run_task_service(
     *max_queued*, *max_queued_per_connection* and *task_timeout*: see
     :class:`TaskService`; *max_actors*, *max_actors_per_connection*: see
     :class:`~vaccelray.worker.actors.ActorService`; *object_limits* bound the object store,
-    whose ids start with *instance* (see :mod:`vaccelray.worker.objects`). Pool processes
+    whose ids start with *instance* (see :mod:`vaccelray.worker.objects`); *max_leases*
+    (None: one per pool process) and *max_leases_per_connection* bound the pool processes
+    leased to clients (see :mod:`vaccelray.worker.leases`). Pool processes
     (and actors) run as
     *sandbox* says (by default
     sandboxed: :class:`~vaccelray.worker.sandbox.SandboxUnavailable` is raised
@@ -542,7 +553,17 @@ async def run_task_service(
             try:
                 # Results kept in the object store may be as large as it takes.
                 largest = max(limit, objects.limits.memory, objects.limits.disk)
-                async with Pool(size, env=env, max_message_size=largest, sandbox=isolation) as pool:
+                async with (
+                    Pool(size, env=env, max_message_size=largest, sandbox=isolation) as pool,
+                    running_leases(
+                        pool,
+                        check,
+                        objects,
+                        max_leases=size if max_leases is None else max_leases,
+                        max_per_connection=max_leases_per_connection,
+                        task_timeout=task_timeout,
+                    ) as leases,
+                ):
                     log.info("Task pool: %d processes", size)
                     log.info(
                         "Tasks need the cluster token%s, or uid %d (or root) on a unix socket",
@@ -561,13 +582,18 @@ async def run_task_service(
                         objects=objects,
                         fetch=fetcher(token, limit),
                     )
-                    more = {**actors.methods(), **objects.methods(check, limit)}
+                    more = {
+                        **actors.methods(),
+                        **objects.methods(check, limit),
+                        **leases.methods(),
+                    }
                     yield TaskRuntime(
                         [*services, tasks.service(more)],
                         tasks,
                         actors,
                         isolation.describe(),
                         objects,
+                        leases,
                     )
             finally:
                 isolation.close()
