@@ -23,6 +23,12 @@ settings.load_profile("vaccelray")
 _RUNTIME = tempfile.TemporaryDirectory(prefix="vaccelray-test-runtime-")
 os.environ["XDG_RUNTIME_DIR"] = _RUNTIME.name
 
+# A client of this process sends its calls by the worker, so that what a test sees of the
+# worker's task path (its pool, its logs, its cancels) does not depend on whether a
+# thread's leased pool process has started yet: tests/test_direct.py leases them. The
+# processes the tests start (examples, CLI commands) lease as users' programs do.
+os.environ["VACCELRAY_DIRECT"] = "0"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # mutmut's stats phase (MUTANT_UNDER_TEST=stats) records which tests reach which

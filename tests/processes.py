@@ -48,7 +48,7 @@ _spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="proc-spa
 def child_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS", "VACCELRAY_ADDRESS"):
+    for name in ("VACCEL_PLUGINS", "VACCEL_BACKENDS", "VACCELRAY_ADDRESS", "VACCELRAY_DIRECT"):
         env.pop(name, None)
     return env
 

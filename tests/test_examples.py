@@ -17,6 +17,7 @@ ADDRESS_VARS = ("VACCELRAY_ADDRESS", "VACCEL_RPC_ADDRESS", "VACCEL_RPC_ADDR", "V
 
 def run_example(name: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ADDRESS_VARS}
+    env.pop("VACCELRAY_DIRECT", None)  # run as a user runs it (see conftest)
     env["VACCEL_PLUGINS"] = "noop"
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args],

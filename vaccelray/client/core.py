@@ -31,6 +31,7 @@ from typing import Any, Final, TypeVar
 
 from vaccelray.allocator import keep_heap_for
 from vaccelray.client.actorcalls import ActorLines, ActorRequest
+from vaccelray.client.direct import DirectLane, fetch_lane
 from vaccelray.client.errors import (
     AuthenticationError,
     TaskCancelledError,
@@ -59,13 +60,16 @@ from vaccelray.protocol.services import (
     CANCEL,
     CREATE_SESSION,
     DESTROY_SESSION,
+    END_LEASE,
     IMAGE_CLASSIFICATION,
+    LEASE,
     REGISTER_FUNCTION,
     SUBMIT,
     Rpc,
 )
 from vaccelray.transport.client import Client as Connection
 from vaccelray.transport.client import Outcome, PendingCall, open_client
+from vaccelray.transport.endpoints import UnixEndpoint, parse_endpoint
 
 __all__ = ["Core"]
 
@@ -75,6 +79,14 @@ _BACKOFF: Final = 0.1
 #: Tasks in flight on the connection at once; the client holds the others (a worker
 #: refuses a connection's queue past --max-queued-per-connection, 256 by default).
 WINDOW: Final = 128
+#: Set to 0, no pool process is leased: every call goes by the worker (see
+#: vaccelray.client.direct).
+DIRECT_ENV: Final = "VACCELRAY_DIRECT"
+#: Seconds each step of leasing a pool process may take (asking, fetching, its start).
+_LEASE_TIMEOUT: Final = 30.0
+#: A thread's entry in Core._direct while its process is being leased, and when it has none.
+_LEASING: Final = object()
+_NO_LEASE: Final = object()
 _R = TypeVar("_R")
 
 
@@ -117,7 +129,7 @@ class Core:
         self._prefix = f"{os.getpid():x}-{secrets.token_hex(3)}-"
         self._closed = False
         #: Connections being closed after a transport error (see ``_forget``).
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[Any]] = set()
         self._session_id = 0
         #: Names this client to workers: it owns the objects it puts and the results kept
         #: for it, across reconnections (see ``vaccelray.client.objects``).
@@ -126,6 +138,14 @@ class Core:
         #: Each calling thread's lane (None: it gets none), at most MAX_LANES of them.
         self._lanes: dict[int, Lane | None] = {}
         self._lanes_lock = threading.Lock()
+        #: Each calling thread's leased pool process (see vaccelray.client.direct): its lane,
+        #: None (it gets none), or _LEASING while it is being leased; at most MAX_LANES.
+        self._direct: dict[int, DirectLane | object | None] = {}
+        #: Leases are asked of a worker on this host, unless VACCELRAY_DIRECT=0.
+        self._may_lease = (
+            isinstance(parse_endpoint(address), UnixEndpoint)
+            and os.environ.get(DIRECT_ENV, "1") != "0"
+        )
 
     @classmethod
     async def open(
@@ -187,10 +207,17 @@ class Core:
             payload = None  # pickled again once the TaskRef has its result
         if payload is not None and len(payload) <= self.arg_limit:
             keep_heap_for(len(payload))
-            if spec.digest in self._registered:
+            # Needing nothing of the worker itself, it may go to a leased process (which is
+            # sent the function itself); else by a lane, once the worker has the function.
+            direct = not session_id and not ref._inputs and not options.backend and not options.ops
+            if direct or spec.digest in self._registered:
                 request = _request(ref, spec, payload, options, session_id, self.client_id)
                 on_done = functools.partial(self._lane_answered, ref, spec, request, options)
-                if self.by_lane(ref, SUBMIT, request, on_done, options.timeout):
+                if direct and self.by_direct(ref, spec, payload, options.timeout, on_done):
+                    return ref
+                if spec.digest in self._registered and self.by_lane(
+                    ref, SUBMIT, request, on_done, options.timeout
+                ):
                     return ref
         queued = (ref, spec, args, kwargs, payload, options, session_id)
         if threading.get_ident() == self.thread_id:
@@ -271,6 +298,87 @@ class Core:
         ref._lane = None
         return False
 
+    def by_direct(
+        self,
+        ref: TaskRef[Any],
+        spec: FunctionSpec,
+        args: bytes,
+        timeout: float | None,
+        on_done: Callable[[LaneOutcome], None],
+    ) -> bool:
+        """Send a task to the calling thread's leased pool process; False when it cannot go
+        that way (the first call of a thread starts leasing one, and goes by the worker)."""
+        if not self._may_lease or self._closed or threading.get_ident() == self.thread_id:
+            return False
+        if asyncio._get_running_loop() is not None:
+            return False
+        thread = threading.get_ident()
+        lane = self._direct.get(thread, _NO_LEASE)
+        if lane is _NO_LEASE or (isinstance(lane, DirectLane) and lane.closed):
+            self._start_lease(thread)
+            return False
+        if not isinstance(lane, DirectLane) or not lane.idle:
+            return False
+        ref._lane = lane
+        if lane.send_task(spec, args, timeout, on_done):
+            return True
+        ref._lane = None
+        return False
+
+    def _start_lease(self, thread: int) -> None:
+        """Lease a pool process for *thread*, in a thread of its own (it takes a start-up)."""
+        with self._lanes_lock:
+            if self._closed or self._direct.get(thread) is _LEASING:
+                return
+            known = isinstance(self._direct.get(thread), DirectLane)  # lost: lease another
+            if not known and len(self._direct) >= MAX_LANES:
+                return
+            self._direct[thread] = _LEASING
+        threading.Thread(
+            target=self._lease_for, args=(thread,), name="vaccelray-lease", daemon=True
+        ).start()
+
+    def _lease_for(self, thread: int) -> None:
+        lane: DirectLane | None = None
+        try:
+            leased = asyncio.run_coroutine_threadsafe(self._lease(), self.loop).result(
+                self.connect_timeout + _LEASE_TIMEOUT
+            )
+            lane = fetch_lane(
+                leased, self.max_message_size, _LEASE_TIMEOUT, self._lease_ended, thread
+            )
+        except Exception as exc:
+            log.debug("Thread %d's calls go by the worker: %s", thread, exc)
+        with self._lanes_lock:
+            if self._closed and lane is not None:
+                lane.close(WorkerLostError("the client was shut down"))
+                lane = None
+            self._direct[thread] = lane
+
+    async def _lease(self) -> wire.Leased:
+        conn = await self.connection()
+        return await conn.call_rpc(
+            LEASE, wire.Lease(self.client_id), timeout=_LEASE_TIMEOUT, metadata=self.metadata
+        )
+
+    def _lease_ended(self, lease_id: str) -> str:
+        """How a leased process ended, as its worker says (asked from a lane's reader)."""
+        try:
+            return asyncio.run_coroutine_threadsafe(self._end_lease(lease_id), self.loop).result(
+                _LEASE_TIMEOUT
+            )
+        except Exception as exc:
+            return f"was lost ({type(exc).__name__}: {exc})"
+
+    async def _end_lease(self, lease_id: str) -> str:
+        conn = self.live_connection()
+        if conn is None:
+            return "was lost with the connection to its worker"
+        ended = await conn.call_rpc(
+            END_LEASE, wire.EndLease(lease_id), timeout=_LEASE_TIMEOUT, metadata=self.metadata
+        )
+        return ended.status
+
     def _lane(self) -> Lane | None:
         thread = threading.get_ident()
         lane = self._lanes.get(thread)
@@ -324,8 +432,9 @@ class Core:
     def _close_lanes(self) -> None:
         with self._lanes_lock:
             lanes, self._lanes = self._lanes, {}
-        for lane in lanes.values():
-            if lane is not None:
+            direct, self._direct = self._direct, {}
+        for lane in (*lanes.values(), *direct.values()):
+            if isinstance(lane, Lane):
                 lane.close(WorkerLostError("the client was shut down"))
 
     def _start_queued(self) -> None:
@@ -596,7 +705,19 @@ class Core:
     # -- cancelling ----------------------------------------------------------------
 
     def cancel_soon(self, ref: TaskRef[Any]) -> None:
-        self._call_soon(self._cancel, ref.task_id, ref._lane is not None)
+        lane = ref._lane
+        if isinstance(lane, DirectLane):  # its process is killed: the task ends with it
+            lane.abandoned = True
+            lane.close(asyncio.CancelledError())  # no other call goes there meanwhile
+            self._call_soon(self._kill_lease, lane.lease_id)
+            return
+        self._call_soon(self._cancel, ref.task_id, lane is not None)
+
+    def _kill_lease(self, lease_id: str) -> None:
+        task = self.loop.create_task(self._end_lease(lease_id))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(_lease_killed)
 
     def _cancel(self, task_id: str, by_lane: bool = False) -> None:
         """Stop a task; *by_lane*: it went by a lane (the worker is told all the same)."""
@@ -708,6 +829,11 @@ class Core:
             session_id = self._session_id
         request = pb.ImageClassificationRequest(session_id=session_id, image=image)
         return tag_text((await self._agent_call(IMAGE_CLASSIFICATION, request, timeout)).tags)
+
+
+def _lease_killed(task: asyncio.Task[str]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("A cancelled task's leased process was not killed: %s", task.exception())
 
 
 def _cancel_answered(task_id: str, outcome: Outcome) -> None:

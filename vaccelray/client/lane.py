@@ -22,7 +22,7 @@ import math
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final, Protocol
 
 from vaccelray.errors import RPCError, TransportError
 from vaccelray.protocol import ClientConnection, ResponseReceived
@@ -61,15 +61,27 @@ def open_lane(address: str, max_message_size: int, timeout: float) -> Lane | Non
     return Lane(sock, max_message_size)
 
 
+class Replies(Protocol):
+    """What a lane reads its replies with (a ttrpc connection's, by default)."""
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> object: ...
+
+
 class Lane:
     """One blocking connection: calls written and read by the threads that wait for them."""
 
-    def __init__(self, sock: socket.socket, max_message_size: int) -> None:
+    def __init__(
+        self, sock: socket.socket, max_message_size: int, owner: int | None = None
+    ) -> None:
         self.sock = sock
         #: A unix socket whose peer closed refuses a write (EPIPE): no need to look first.
         self._unix = sock.family == socket.AF_UNIX
-        self.owner = threading.get_ident()
-        self._proto = ClientConnection(max_message_size)
+        #: The thread whose lane it is (by default, the one making it).
+        self.owner = threading.get_ident() if owner is None else owner
+        self._connection = ClientConnection(max_message_size)
+        self._proto: Replies = self._connection
         #: What to do with each outstanding call's outcome, by stream id.
         self._pending: dict[int, Callable[[LaneOutcome], None]] = {}
         #: Held by whoever reads (and by a sender): one reader at a time. A reader holds it
@@ -98,6 +110,25 @@ class Lane:
     ) -> bool:
         """Write one call; False (nothing sent) when the lane cannot take it."""
         timeout_nano = 0 if timeout is None else max(1, math.ceil(timeout * 1e9))
+        return self._send(
+            on_done,
+            self._connection.send_request,
+            service,
+            method,
+            payload,
+            timeout_nano=timeout_nano,
+            metadata=metadata,
+        )
+
+    def _send(
+        self,
+        on_done: Callable[[LaneOutcome], None],
+        encode: Callable[..., tuple[int, bytes | bytearray]],
+        *args: Any,
+        **kwargs: Any,
+    ) -> bool:
+        """Write what ``encode(*args, **kwargs)`` makes, the call it numbers answered to
+        *on_done*; False (nothing sent) when the lane cannot take it."""
         # Held by a reader, the lane has a call outstanding (one at a time): it cannot take
         # this one, and waiting for the lock would wait for that call to end.
         if not self._lock.acquire(blocking=False):
@@ -105,9 +136,7 @@ class Lane:
         try:
             if self._pending or self.closed or (not self._unix and self._peer_closed()):
                 return False
-            stream_id, data = self._proto.send_request(
-                service, method, payload, timeout_nano=timeout_nano, metadata=metadata
-            )
+            stream_id, data = encode(*args, **kwargs)
             try:
                 self.sock.sendall(data)
             except OSError:
@@ -161,7 +190,7 @@ class Lane:
             try:
                 event = proto.next_event()
             except Exception as exc:  # the server broke the protocol
-                self._fail(TransportError(f"the worker's answer cannot be read: {exc}"))
+                self._lost(TransportError(f"the worker's answer cannot be read: {exc}"))
                 return
             if isinstance(event, ResponseReceived):
                 on_done = self._pending.pop(event.stream_id, None)
@@ -179,13 +208,13 @@ class Lane:
             except TimeoutError:
                 return
             except OSError as exc:
-                self._fail(TransportError(f"the connection was lost: {exc}"))
+                self._lost(TransportError(f"the connection was lost: {exc}"))
                 return
             finally:
                 if timeout is not None and not self.closed:
                     self.sock.settimeout(None)
             if not chunk:
-                self._fail(TransportError("the worker closed the connection"))
+                self._lost(TransportError("the worker closed the connection"))
                 return
             proto.receive_data(chunk)
 
@@ -203,6 +232,10 @@ class Lane:
                 target=self.pump, args=(lambda: not self._pending,), daemon=True
             )
             self._helper.start()
+
+    def _lost(self, error: BaseException) -> None:
+        """The lane broke while read: outstanding calls end with *error*."""
+        self._fail(error)
 
     def _fail(self, error: BaseException) -> None:
         self._close()
