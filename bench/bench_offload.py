@@ -25,7 +25,10 @@ of a sync no-op task and of a sync actor method call (an actor is a child
 process of its own) as ratios to the floor's (targets <= 1.3), in
 interleaved rounds against one worker, and beside them the CPU a round trip
 takes in the client, the daemon and its child (robust where the p50s swing
-with the machine's load).
+with the machine's load). A sync task goes to the calling thread's leased
+pool process (``vaccelray.client.direct``: one hop fewer than the floor's
+layout, the worker out of the path); the same task by the worker (a client
+with ``VACCELRAY_DIRECT=0``) is measured beside it.
 
 ``--pipeline`` measures only the three-stage pipeline, in interleaved rounds
 of ``--rounds`` (each of ``--n`` pipelines) against Ray when it is installed:
@@ -351,7 +354,10 @@ def bench_floor(rounds: int, quick: bool) -> None:
             time.sleep(1.0)  # let the pool finish starting
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(floor_path)
-            with sock, vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
+            os.environ["VACCELRAY_DIRECT"] = "0"
+            by_worker = vaccelray.Client(f"unix://{tmp}/worker.sock")
+            del os.environ["VACCELRAY_DIRECT"]
+            with sock, by_worker, vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
                 pool = descendants(worker.pid)
                 f = vaccelray.offload(noop)
                 actor = vaccelray.offload(Nop).remote_on(client)
@@ -365,14 +371,20 @@ def bench_floor(rounds: int, quick: bool) -> None:
                 def task() -> None:
                     client.submit(f).result()
 
+                def task_by_worker() -> None:
+                    by_worker.submit(f).result()
+
                 def method() -> None:
                     actor.nop.remote().result()
 
-                for warm in (floor, task, method):
+                for warm in (floor, task, task_by_worker, method):
                     p50_of(warm, 200)
+                # The thread's leased pool process (vaccelray.client.direct), started meanwhile.
+                leased = [p for p in descendants(worker.pid) if p not in pool + actor_tree]
                 layouts = {
                     "floor": (floor, relay.pid, descendants(relay.pid)),
-                    "task": (task, worker.pid, pool),
+                    "task": (task, worker.pid, leased),
+                    "task by the worker": (task_by_worker, worker.pid, pool),
                     "actor": (method, worker.pid, actor_tree),
                 }
                 rows = []
@@ -384,7 +396,12 @@ def bench_floor(rounds: int, quick: bool) -> None:
                         for k, r in row.items()
                     ))  # fmt: skip
                 print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-                for key, label in (("task", "sync no-op task"), ("actor", "sync actor call")):
+                labels = (
+                    ("task", "sync no-op task"),
+                    ("task by the worker", "  (the same, VACCELRAY_DIRECT=0)"),
+                    ("actor", "sync actor call"),
+                )
+                for key, label in labels:
                     ratio = statistics.median(r[key]["p50"] / r["floor"]["p50"] for r in rows)
                     cpu = statistics.median(cpu_of(r[key]) / cpu_of(r["floor"]) for r in rows)
                     parts = " + ".join(
