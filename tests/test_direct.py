@@ -1,6 +1,7 @@
 """A thread's own pool process: sync calls go to a process the worker leased to the client.
 
-Against a real worker process on a unix socket. The first call of a thread
+Against a real worker on a unix socket, run in this process (so that mutation
+testing sees which tests reach its lease code). The first call of a thread
 goes by the worker and starts the lease; each test waits for the lease (a
 condition, never the clock) before the calls it is about.
 """
@@ -8,48 +9,85 @@ condition, never the clock) before the calls it is about.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import vaccelray
-from tests.processes import Proc, start_daemon, worker_argv
+from tests.processes import Proc
 from tests.test_offload_api import ADDRESS_VARS, add, pid
-from tests.test_scheduler_tasks import _ME
 from tests.waiting import until
+from vaccelray.auth import TokenCheck
 from vaccelray.client import Client
 from vaccelray.client.core import _LEASING as LEASING
 from vaccelray.client.direct import DirectLane
 from vaccelray.client.objects import INLINE
 from vaccelray.client.refs import TaskRef
+from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
-from vaccelray.protocol.services import LEASE
+from vaccelray.protocol.services import END_LEASE, LEASE
 from vaccelray.transport.client import open_client
+from vaccelray.transport.server import CallContext, Link, Origin
+from vaccelray.worker import leases
+from vaccelray.worker.daemon import WorkerConfig, run_worker
+from vaccelray.worker.leases import LeaseService
+from vaccelray.worker.sandbox import SandboxConfig
 
 
-def _worker(sock: Path, *extra: str) -> tuple[Proc, str]:
-    # Unsandboxed, tasks as the test's user: they see the test's tmp_path.
-    return start_daemon(
-        worker_argv(
-            "-a", f"unix://{sock}", "--backend", "noop", "--no-announce", "--pool-size", "2",
-            "--unsafe-no-sandbox", "--task-user", _ME, "--log-level", "debug", *extra,
-        )
-    )  # fmt: skip
+@contextmanager
+def running(sock: Path, **options: Any) -> Iterator[str]:
+    """A noop worker in this process (a thread of its own), on the unix socket *sock*, while
+    the block runs: its address. Its pool runs tasks as the test's user (they see its files);
+    what the worker does runs here, where its logs are captured."""
+    address = f"unix://{sock}"
+    config = WorkerConfig(
+        addresses=(address,),
+        backend="noop",
+        pool_size=2,
+        sandbox=SandboxConfig(mode="embedded"),
+        **options,
+    )
+    box: dict[str, Any] = {}
+    ready = threading.Event()
+
+    async def serve() -> None:
+        try:
+            async with run_worker(config):
+                box["stop"] = asyncio.Event()
+                box["loop"] = asyncio.get_running_loop()
+                ready.set()
+                await box["stop"].wait()
+        except BaseException as exc:
+            box["error"] = exc
+            raise
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(60), "the worker did not start"
+    assert "error" not in box, box.get("error")
+    try:
+        yield address
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(60)
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, str]]:
-    proc, address = _worker(tmp_path_factory.mktemp("direct") / "w.sock")
-    try:
-        yield proc, address
-    finally:
-        proc.stop()
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running(tmp_path_factory.mktemp("direct") / "w.sock") as address:
+        yield address
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +97,8 @@ def leasing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def client(worker: tuple[Proc, str]) -> Iterator[Client]:
-    with Client(worker[1]) as c:
+def client(worker: str) -> Iterator[Client]:
+    with Client(worker) as c:
         yield c
 
 
@@ -131,11 +169,11 @@ def scribbles_on_its_channel() -> None:
     signal.pause()  # the worker stops this process
 
 
-def test_sync_calls_go_to_a_process_of_the_threads_own(worker: tuple[Proc, str]) -> None:
+def test_sync_calls_go_to_a_process_of_the_threads_own(worker: str) -> None:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VACCELRAY_DIRECT", "0")
-        by_worker = Client(worker[1])
-    with by_worker, Client(worker[1]) as client:
+        by_worker = Client(worker)
+    with by_worker, Client(worker) as client:
         pool = {by_worker.submit(pid).result(timeout=60) for _ in range(20)}
         assert by_worker._core._direct == {}  # (VACCELRAY_DIRECT=0 leases nothing)
         leased(client)
@@ -208,38 +246,36 @@ def test_cancelling_a_call_kills_its_process(client: Client, tmp_path: Path) -> 
 
 
 def test_a_process_breaking_its_channel_is_stopped(
-    client: Client, worker: tuple[Proc, str]
+    client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     leased(client)
-    start = len(worker[0].lines)
     with pytest.raises(vaccelray.WorkerLostError, match="SIGKILL"):
         direct(client.submit(scribbles_on_its_channel)).result(timeout=60)
-    worker[0].wait_for("sent on its channel what is not a result", start=start)
+    assert "sent on its channel what is not a result" in caplog.text
 
 
-def test_a_worker_leases_at_most_its_bound(tmp_path: Path) -> None:
-    proc, address = _worker(tmp_path / "w.sock", "--max-leases", "1")
-    try:
-        with Client(address) as client:
-            leased(client)  # this thread's
-            other: list[object] = []
+def test_a_worker_leases_at_most_its_bound(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="vaccelray.leases")
+    with running(tmp_path / "w.sock", max_leases=1) as address, Client(address) as client:
+        leased(client)  # this thread's
+        other: list[object] = []
 
-            def elsewhere() -> None:
-                me = threading.get_ident()
-                other.append(client.submit(add, 1).result(timeout=60))
-                until(lambda: me in client._core._direct, "a lease was asked for")
-                until(lambda: client._core._direct[me] is not LEASING, "the lease was answered")
-                other.append(client._core._direct[me])
-                other.append(client.submit(add, 2).result(timeout=60))
+        def elsewhere() -> None:
+            me = threading.get_ident()
+            other.append(client.submit(add, 1).result(timeout=60))
+            until(lambda: me in client._core._direct, "a lease was asked for")
+            until(lambda: client._core._direct[me] is not LEASING, "the lease was answered")
+            other.append(client._core._direct[me])
+            other.append(client.submit(add, 2).result(timeout=60))
 
-            thread = threading.Thread(target=elsewhere)
-            thread.start()
-            thread.join(60)
-            # Refused (RESOURCE_EXHAUSTED): its calls go by the worker, and it asks no more.
-            assert other == [1, None, 2]
-            assert proc.text().count("Leased pool process") == 1
-    finally:
-        proc.stop()
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join(60)
+        # Refused (RESOURCE_EXHAUSTED): its calls go by the worker, and it asks no more.
+        assert other == [1, None, 2]
+        assert caplog.text.count("Leased pool process") == 1
 
 
 def _handoff(path: str, message: bytes) -> tuple[bytes, list[int]]:
@@ -269,12 +305,10 @@ def _handoff_as(uid: int, path: str, message: bytes) -> bytes:
     return text
 
 
-def test_the_handoff_gives_the_socket_once_to_the_ticket_holder(
-    worker: tuple[Proc, str],
-) -> None:
+def test_the_handoff_gives_the_socket_once_to_the_ticket_holder(worker: str) -> None:
     # The lease lives as long as the connection that made it: kept open to the end.
     loop = asyncio.new_event_loop()
-    conn = loop.run_until_complete(open_client(worker[1]))
+    conn = loop.run_until_complete(open_client(worker))
     try:
         leased_ = loop.run_until_complete(conn.call_rpc(LEASE, wire.Lease("a-client")))
         _check_handoff(leased_)
@@ -302,3 +336,116 @@ def test_no_lease_over_tcp(worker_process: Proc) -> None:
         for _ in range(3):
             assert client.submit(add, 1).result(timeout=60) == 1
         assert client._core._direct == {}
+
+
+# -- the lease service's own rules, on this loop (a stand-in pool spawns a plain process) --
+
+
+class _Pool:
+    """Spawns a process that only waits to be stopped, as a leased one would."""
+
+    def spawn_process(
+        self, sock: socket.socket, channel: socket.socket, lease_timeout: float
+    ) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+
+
+def _ctx(connection_id: int, uid: int | None = None) -> CallContext:
+    """A call from *connection_id*: a unix peer of *uid*, or a TLS member off unix (None)."""
+    origin = Origin("unix:///w.sock" if uid is not None else "tcp://10.0.0.1:1", False, uid)
+    link = None if uid is not None else Link(tls=True, member=True)
+    return CallContext("s", "m", (), None, "peer", connection_id, origin, link)
+
+
+@contextmanager
+def _service(**bounds: int) -> Iterator[LeaseService]:
+    service = LeaseService(
+        _Pool(),  # type: ignore[arg-type]
+        TokenCheck("a-token"),
+        None,  # type: ignore[arg-type]
+        max_leases=bounds.get("max_leases", 2),
+        max_per_connection=bounds.get("max_per_connection", 1),
+        task_timeout=0.0,
+    )
+    listener = service.listen()
+    try:
+        yield service
+    finally:
+        listener.close()
+
+
+def _lease(service: LeaseService, ctx: CallContext) -> wire.Leased:
+    return LEASE.reply.decode(service._lease(LEASE.request.encode(wire.Lease("c")), ctx))
+
+
+async def _ended(service: LeaseService, lease_id: str) -> None:
+    lease = service.leases.get(lease_id)
+    if lease is not None:
+        await lease.ended.wait()
+
+
+@pytest.mark.anyio
+async def test_a_lease_is_refused_off_a_unix_socket_and_past_its_bounds() -> None:
+    me = os.getuid()
+    with _service(max_leases=2, max_per_connection=1) as service:
+        with pytest.raises(RPCError, match="only on a unix socket") as off_unix:
+            _lease(service, _ctx(1))
+        assert off_unix.value.code == StatusCode.FAILED_PRECONDITION
+        first = _lease(service, _ctx(1, me))
+        assert service.holds_state(1)
+        assert not service.holds_state(2)
+        with pytest.raises(RPCError, match="this connection leased 1 pool processes") as per:
+            _lease(service, _ctx(1, me))
+        assert per.value.code == StatusCode.RESOURCE_EXHAUSTED
+        second = _lease(service, _ctx(2, me))
+        with pytest.raises(RPCError, match="this worker has 2 leased pool processes") as whole:
+            _lease(service, _ctx(3, me))
+        assert whole.value.code == StatusCode.RESOURCE_EXHAUSTED
+        # A connection's leases end with it, and make room.
+        service.connection_closed(1)
+        await _ended(service, first.lease_id)
+        assert not service.holds_state(1)
+        assert second.lease_id in service.leases
+        _lease(service, _ctx(3, me))
+        await service.aclose()
+        assert service.leases == {}
+
+
+@pytest.mark.anyio
+async def test_no_lease_when_leases_are_off() -> None:
+    with _service(max_leases=0) as service:
+        with pytest.raises(RPCError, match="leases no pool processes") as info:
+            _lease(service, _ctx(1, os.getuid()))
+        assert info.value.code == StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.anyio
+async def test_end_lease_tells_how_it_ended_and_only_to_its_connection() -> None:
+    with _service() as service:
+        leased_ = _lease(service, _ctx(1, os.getuid()))
+        request = END_LEASE.request.encode(wire.EndLease(leased_.lease_id))
+        with pytest.raises(RPCError) as other:
+            await service._end(request, _ctx(2, os.getuid()))
+        assert other.value.code == StatusCode.NOT_FOUND
+        ended = END_LEASE.reply.decode(await service._end(request, _ctx(1, os.getuid())))
+        assert ended.status == "was killed by signal SIGKILL"
+        assert leased_.lease_id not in service.leases
+        # Asked again once it is gone (a client asks after its lane broke): the same answer.
+        again = END_LEASE.reply.decode(await service._end(request, _ctx(1, os.getuid())))
+        assert again.status == ended.status
+        with pytest.raises(RPCError):
+            await service._end(request, _ctx(2, os.getuid()))
+
+
+@pytest.mark.anyio
+async def test_a_ticket_not_used_in_time_ends_its_lease(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(leases, "TICKET_TTL", 0.01)
+    caplog.set_level(logging.INFO, logger="vaccelray.leases")
+    with _service() as service:
+        leased_ = _lease(service, _ctx(1, os.getuid()))
+        lease = service.leases[leased_.lease_id]
+        await lease.ended.wait()
+        assert lease.status == "was killed by signal SIGKILL"
+        assert f"Lease {leased_.lease_id} was not taken" in caplog.text
