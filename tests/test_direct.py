@@ -28,9 +28,10 @@ from tests.processes import Proc
 from tests.test_offload_api import ADDRESS_VARS, add, pid
 from tests.waiting import until
 from vaccelray.auth import TokenCheck
-from vaccelray.client import Client
+from vaccelray.client import Client, core
 from vaccelray.client.core import _LEASING as LEASING
 from vaccelray.client.direct import DirectLane
+from vaccelray.client.lane import Lane
 from vaccelray.client.objects import INLINE
 from vaccelray.client.refs import TaskRef
 from vaccelray.errors import RPCError, StatusCode
@@ -329,6 +330,28 @@ def _check_handoff(leased_: wire.Leased) -> None:
     assert len(fds) == 1
     os.close(fds[0])
     assert _handoff(path, lease_id + leased_.ticket) == (b"no", [])  # taken already
+
+
+def test_an_unused_leased_process_is_let_go(worker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "LEASE_IDLE", 0.05)
+    with Client(worker) as client:
+        lane = leased(client)
+        me = threading.get_ident()
+        until(lambda: lane.closed and me not in client._core._direct, "the idle lane was closed")
+        assert client.submit(add, 3).result(timeout=60) == 3  # and the thread leases again
+        until(lambda: me in client._core._direct, "a new lease was asked for")
+
+
+def test_a_lane_with_a_call_outstanding_is_not_closed_for_being_idle() -> None:
+    mine, theirs = socket.socketpair()
+    with theirs:
+        lane = Lane(mine, 1 << 20)
+        lane._pending[1] = lambda outcome: None
+        assert not lane.close_if_idle()
+        assert not lane.closed
+        lane._pending.clear()
+        assert lane.close_if_idle()
+        assert lane.closed
 
 
 def test_no_lease_over_tcp(worker_process: Proc) -> None:

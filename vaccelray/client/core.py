@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from ssl import SSLContext
 from typing import Any, Final, TypeVar
@@ -84,6 +85,9 @@ WINDOW: Final = 128
 DIRECT_ENV: Final = "VACCELRAY_DIRECT"
 #: Seconds each step of leasing a pool process may take (asking, fetching, its start).
 _LEASE_TIMEOUT: Final = 30.0
+#: Seconds a leased process may go unused before its lane is closed (the process exits,
+#: and the worker has room for another lease; its thread leases again on its next call).
+LEASE_IDLE: Final = 60.0
 #: A thread's entry in Core._direct while its process is being leased, and when it has none.
 _LEASING: Final = object()
 _NO_LEASE: Final = object()
@@ -141,6 +145,7 @@ class Core:
         #: Each calling thread's leased pool process (see vaccelray.client.direct): its lane,
         #: None (it gets none), or _LEASING while it is being leased; at most MAX_LANES.
         self._direct: dict[int, DirectLane | object | None] = {}
+        self._idle_check: asyncio.TimerHandle | None = None
         #: Leases are asked of a worker on this host, unless VACCELRAY_DIRECT=0.
         self._may_lease = (
             isinstance(parse_endpoint(address), UnixEndpoint)
@@ -354,6 +359,26 @@ class Core:
                 lane.close(WorkerLostError("the client was shut down"))
                 lane = None
             self._direct[thread] = lane
+        if lane is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: so is the lane
+                self.loop.call_soon_threadsafe(self._arm_idle_check)
+
+    def _arm_idle_check(self) -> None:
+        if self._idle_check is None and not self._closed:
+            self._idle_check = self.loop.call_later(LEASE_IDLE / 2, self._close_idle_leases)
+
+    def _close_idle_leases(self) -> None:
+        """Close the lanes of leased processes unused for LEASE_IDLE seconds (threads that
+        stopped calling, or ended)."""
+        self._idle_check = None
+        stale = time.monotonic() - LEASE_IDLE
+        with self._lanes_lock:
+            for thread, lane in list(self._direct.items()):
+                if isinstance(lane, DirectLane) and lane.used < stale and lane.close_if_idle():
+                    del self._direct[thread]
+            leased = any(isinstance(lane, DirectLane) for lane in self._direct.values())
+        if leased:
+            self._arm_idle_check()
 
     async def _lease(self) -> wire.Leased:
         conn = await self.connection()
@@ -780,6 +805,8 @@ class Core:
     async def aclose(self) -> None:
         """Fail the tasks in flight with WorkerLostError, close the connection."""
         self._closed = True
+        if self._idle_check is not None:
+            self._idle_check.cancel()
         self._close_lanes()
         self._start_queued()  # fails them: the client is shut down
         waiting, self._waiting = self._waiting, collections.deque()

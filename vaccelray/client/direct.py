@@ -23,6 +23,7 @@ import itertools
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -184,6 +185,8 @@ class DirectLane(Lane):
         self._ended = ended
         #: Its calls were cancelled: the process is being killed, nothing is to be asked.
         self.abandoned = False
+        #: When it was last given a task (``time.monotonic()``).
+        self.used = time.monotonic()
 
     def send_task(
         self,
@@ -193,6 +196,7 @@ class DirectLane(Lane):
         on_done: Callable[[LaneOutcome], None],
     ) -> bool:
         """Write a task; False (nothing sent) when the lane cannot take it."""
+        self.used = time.monotonic()
         return self._send(on_done, self._process.run, spec, args, timeout)
 
     def _lost(self, error: BaseException) -> None:

@@ -243,6 +243,19 @@ class Lane:
         for on_done in pending.values():
             on_done(error)
 
+    def close_if_idle(self) -> bool:
+        """Close the lane unless a call is outstanding or being sent (never waits); whether
+        it is closed now."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._pending:
+                return False
+            self._close()
+            return True
+        finally:
+            self._lock.release()
+
     def _close(self) -> None:
         if not self.closed:
             self.closed = True
