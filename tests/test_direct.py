@@ -182,7 +182,8 @@ def test_sync_calls_go_to_a_process_of_the_threads_own(worker: str) -> None:
         assert len(mine) == 1
         assert not mine & pool
     # It dies with the client's connection.
-    until(lambda: not Path(f"/proc/{mine.pop()}").exists(), "the leased process is gone")
+    (leased_pid,) = mine
+    until(lambda: not Path(f"/proc/{leased_pid}").exists(), "the leased process is gone")
 
 
 def test_the_embedded_worker_leases_too(monkeypatch: pytest.MonkeyPatch) -> None:
