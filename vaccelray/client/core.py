@@ -132,7 +132,8 @@ class Core:
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-{secrets.token_hex(3)}-"
         self._closed = False
-        #: Connections being closed after a transport error (see ``_forget``).
+        #: Connections being closed after a transport error (see ``_forget``), and leased
+        #: processes being stopped (see ``cancel_soon``): shutdown waits for them.
         self._closing: set[asyncio.Task[Any]] = set()
         self._session_id = 0
         #: Names this client to workers: it owns the objects it puts and the results kept
