@@ -1,8 +1,8 @@
 """A thread's own pool process: sync calls go to a process the worker leased to the client.
 
 Against a real worker on a unix socket, run in this process (so that mutation
-testing sees which tests reach its lease code). The first call of a thread
-goes by the worker and starts the lease; each test waits for the lease (a
+testing sees which tests reach its lease code). A thread's first calls go by
+the worker, its second starts the lease; each test waits for the lease (a
 condition, never the clock) before the calls it is about.
 """
 
@@ -29,6 +29,7 @@ from tests.test_offload_api import ADDRESS_VARS, add, pid
 from tests.waiting import until
 from vaccelray.auth import TokenCheck
 from vaccelray.client import Client, core
+from vaccelray.client.core import _CALLED as CALLED
 from vaccelray.client.core import _LEASING as LEASING
 from vaccelray.client.direct import DirectLane
 from vaccelray.client.lane import Lane
@@ -267,7 +268,8 @@ def test_a_worker_leases_at_most_its_bound(
         def elsewhere() -> None:
             me = threading.get_ident()
             other.append(client.submit(add, 1).result(timeout=60))
-            until(lambda: me in client._core._direct, "a lease was asked for")
+            other.append(client._core._direct[me] is CALLED)  # called once: nothing asked
+            other.append(client.submit(add, 1).result(timeout=60))
             until(lambda: client._core._direct[me] is not LEASING, "the lease was answered")
             other.append(client._core._direct[me])
             other.append(client.submit(add, 2).result(timeout=60))
@@ -276,7 +278,7 @@ def test_a_worker_leases_at_most_its_bound(
         thread.start()
         thread.join(60)
         # Refused (RESOURCE_EXHAUSTED): its calls go by the worker, and it asks no more.
-        assert other == [1, None, 2]
+        assert other == [1, True, 1, None, 2]
         assert caplog.text.count("Leased pool process") == 1
 
 

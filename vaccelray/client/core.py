@@ -88,7 +88,10 @@ _LEASE_TIMEOUT: Final = 30.0
 #: Seconds a leased process may go unused before its lane is closed (the process exits,
 #: and the worker has room for another lease; its thread leases again on its next call).
 LEASE_IDLE: Final = 60.0
-#: A thread's entry in Core._direct while its process is being leased, and when it has none.
+#: A thread's entry in Core._direct after its first call (a thread that calls once needs
+#: no process of its own: the second call leases one), while its process is being leased,
+#: and before any call.
+_CALLED: Final = object()
 _LEASING: Final = object()
 _NO_LEASE: Final = object()
 _R = TypeVar("_R")
@@ -144,7 +147,7 @@ class Core:
         self._lanes: dict[int, Lane | None] = {}
         self._lanes_lock = threading.Lock()
         #: Each calling thread's leased pool process (see vaccelray.client.direct): its lane,
-        #: None (it gets none), or _LEASING while it is being leased; at most MAX_LANES.
+        #: None (it gets none), _CALLED or _LEASING before; at most MAX_LANES threads.
         self._direct: dict[int, DirectLane | object | None] = {}
         self._idle_check: asyncio.TimerHandle | None = None
         #: Leases are asked of a worker on this host, unless VACCELRAY_DIRECT=0.
@@ -313,14 +316,19 @@ class Core:
         on_done: Callable[[LaneOutcome], None],
     ) -> bool:
         """Send a task to the calling thread's leased pool process; False when it cannot go
-        that way (the first call of a thread starts leasing one, and goes by the worker)."""
+        that way (a thread's second call starts leasing one, and goes by the worker)."""
         if not self._may_lease or self._closed or threading.get_ident() == self.thread_id:
             return False
         if asyncio._get_running_loop() is not None:
             return False
         thread = threading.get_ident()
         lane = self._direct.get(thread, _NO_LEASE)
-        if lane is _NO_LEASE or (isinstance(lane, DirectLane) and lane.closed):
+        if lane is _NO_LEASE:
+            with self._lanes_lock:
+                if len(self._direct) < MAX_LANES:
+                    self._direct.setdefault(thread, _CALLED)
+            return False
+        if lane is _CALLED or (isinstance(lane, DirectLane) and lane.closed):
             self._start_lease(thread)
             return False
         if not isinstance(lane, DirectLane) or not lane.idle:
@@ -335,9 +343,6 @@ class Core:
         """Lease a pool process for *thread*, in a thread of its own (it takes a start-up)."""
         with self._lanes_lock:
             if self._closed or self._direct.get(thread) is _LEASING:
-                return
-            known = isinstance(self._direct.get(thread), DirectLane)  # lost: lease another
-            if not known and len(self._direct) >= MAX_LANES:
                 return
             self._direct[thread] = _LEASING
         threading.Thread(
