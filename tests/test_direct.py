@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import vaccelray
-from tests.processes import Proc
+from tests.processes import Proc, start_daemon, worker_argv
 from tests.test_offload_api import ADDRESS_VARS, add, pid
 from tests.waiting import until
 from vaccelray.auth import TokenCheck
@@ -475,3 +475,25 @@ async def test_a_ticket_not_used_in_time_ends_its_lease(
         await lease.ended.wait()
         assert lease.status == "was killed by signal SIGKILL"
         assert f"Lease {leased_.lease_id} was not taken" in caplog.text
+
+
+def test_the_cli_sets_the_bounds(tmp_path: Path) -> None:
+    from vaccelray import cli
+
+    assert cli.DEFAULT_MAX_LEASES_PER_CONNECTION == leases.DEFAULT_MAX_LEASES_PER_CONNECTION
+    proc, address = start_daemon(
+        worker_argv(
+            "-a", f"unix://{tmp_path / 'w.sock'}", "--backend", "noop", "--no-announce",
+            "--pool-size", "1", "--max-leases", "0",
+        )
+    )  # fmt: skip
+    try:
+        with Client(address) as client:
+            me = threading.get_ident()
+            for _ in range(2):
+                assert client.submit(add, 1).result(timeout=60) == 1
+            direct = client._core._direct
+            until(lambda: me in direct and direct[me] is None, "the lease was refused")
+            assert client.submit(add, 2).result(timeout=60) == 2
+    finally:
+        proc.stop()
