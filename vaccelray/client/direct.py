@@ -99,8 +99,8 @@ class _LeasedProcess:
         self._seq = itertools.count(1)
         #: Digests of the functions the process holds, least recently used first.
         self._known: collections.OrderedDict[str, None] = collections.OrderedDict()
-        #: Each outstanding task's name and timeout, by its Run's seq.
-        self.calls: dict[int, tuple[str, float]] = {}
+        #: Each outstanding task's name, by its Run's seq.
+        self.calls: dict[int, str] = {}
         self._buffer = bytearray()
 
     def run(self, spec: FunctionSpec, args: bytes, timeout: float | None) -> tuple[int, bytearray]:
@@ -123,7 +123,7 @@ class _LeasedProcess:
             segment_min=_SEGMENT_MIN,
             timeout=timeout or 0.0,
         )
-        self.calls[seq] = (spec.name, timeout or 0.0)
+        self.calls[seq] = spec.name
         return seq, encode_frame(self._encoder, run)
 
     def receive_data(self, data: bytes) -> None:
@@ -152,12 +152,12 @@ class _LeasedProcess:
             return ResponseReceived(done.seq, exc.code, exc.message, exc.details, b"")
         return ResponseReceived(done.seq, 0, "", (), payload)
 
-    def lost(self, seq: int, status: str, lease_timeout: float) -> LaneOutcome:
+    def lost(self, seq: int, status: str) -> LaneOutcome:
         """What task *seq* ends with when its process ended as *status* says."""
-        name, timeout = self.calls.pop(seq, ("a task", 0.0))
+        name = self.calls.pop(seq)
+        lost: PoolProcessLost
         if status.endswith("signal SIGALRM"):  # the process's own timer: see poolchild
-            limit = min(t for t in (timeout, lease_timeout, float("inf")) if t > 0)
-            lost: PoolProcessLost = TaskTimedOut(f"{name} ran past its timeout of {limit:g} s")
+            lost = TaskTimedOut(f"{name} ran past its timeout")
         else:
             lost = PoolProcessLost(f"the pool process running {name} {status}")
         try:
@@ -179,7 +179,6 @@ class DirectLane(Lane):
     ) -> None:
         super().__init__(sock, max_message_size, owner)
         self.lease_id = leased.lease_id
-        self.task_timeout = leased.task_timeout
         self._process = _LeasedProcess(max_message_size)
         self._proto = self._process
         self._ended = ended
@@ -218,4 +217,4 @@ class DirectLane(Lane):
     def _answer_lost(self, pending: dict[int, Callable[[LaneOutcome], None]]) -> None:
         status = self._ended(self.lease_id)
         for seq, on_done in pending.items():
-            on_done(self._process.lost(seq, status, self.task_timeout))
+            on_done(self._process.lost(seq, status))

@@ -165,8 +165,6 @@ class Leased(msgspec.Struct, array_like=True, frozen=True):
     ticket: bytes
     #: The unix socket (``@name``: abstract) that hands it over (``SCM_RIGHTS``).
     path: str
-    #: Seconds a task may run there (the worker's task timeout; 0: no limit).
-    task_timeout: float = 0.0
 
 
 class EndLease(msgspec.Struct, array_like=True, frozen=True):

@@ -196,7 +196,7 @@ class LeaseService:
                 "--max-leases-per-connection)",
             )
         lease = self._start(ctx.connection_id, uid, request.client)
-        reply = wire.Leased(lease.lease_id, lease.ticket, "@" + self.name, self.task_timeout)
+        reply = wire.Leased(lease.lease_id, lease.ticket, "@" + self.name)
         return LEASE.reply.encode(reply)
 
     def _start(self, connection_id: int, uid: int, client: str) -> _Lease:
