@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,14 +36,16 @@ from vaccelray.client.direct import DirectLane
 from vaccelray.client.lane import Lane
 from vaccelray.client.objects import INLINE
 from vaccelray.client.refs import TaskRef
+from vaccelray.client.remote import function_spec
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
-from vaccelray.protocol.services import END_LEASE, LEASE
+from vaccelray.protocol.services import END_LEASE, LEASE, SUBMIT
 from vaccelray.transport.client import open_client
 from vaccelray.transport.server import CallContext, Link, Origin
 from vaccelray.worker import leases
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.leases import LeaseService
+from vaccelray.worker.poolchild import FRAME_MARGIN
 from vaccelray.worker.sandbox import SandboxConfig
 
 
@@ -254,7 +257,12 @@ def test_a_process_breaking_its_channel_is_stopped(
     leased(client)
     with pytest.raises(vaccelray.WorkerLostError, match="SIGKILL"):
         direct(client.submit(scribbles_on_its_channel)).result(timeout=60)
-    assert "sent on its channel what is not a result" in caplog.text
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "vaccelray.leases"]
+    assert re.fullmatch(
+        r"Leased pool process \d+ sent on its channel what is not a result \(.*\): it is "
+        r"stopped",
+        line,
+    ), line
 
 
 def test_a_worker_leases_at_most_its_bound(
@@ -435,6 +443,9 @@ async def test_a_lease_is_refused_off_a_unix_socket_and_past_its_bounds() -> Non
         _lease(service, _ctx(3, me))
         await service.aclose()
         assert service.leases == {}
+        with pytest.raises(RPCError, match="shutting down") as closing:
+            _lease(service, _ctx(4, me))
+        assert closing.value.code == StatusCode.UNAVAILABLE
 
 
 @pytest.mark.anyio
@@ -474,7 +485,9 @@ async def test_a_ticket_not_used_in_time_ends_its_lease(
         lease = service.leases[leased_.lease_id]
         await lease.ended.wait()
         assert lease.status == "was killed by signal SIGKILL"
-        assert f"Lease {leased_.lease_id} was not taken" in caplog.text
+        assert [r.getMessage() for r in caplog.records if r.name == "vaccelray.leases"] == [
+            f"Lease {leased_.lease_id} was not taken within 0.01 s: its process is stopped"
+        ]
 
 
 def test_the_cli_sets_the_bounds(tmp_path: Path) -> None:
@@ -497,3 +510,85 @@ def test_the_cli_sets_the_bounds(tmp_path: Path) -> None:
             assert client.submit(add, 2).result(timeout=60) == 2
     finally:
         proc.stop()
+
+
+# -- a lane against a stand-in process (this test writes its frames) ----------------------
+
+
+def _plain_add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+_ADD = function_spec(_plain_add)
+
+
+def _lane(ended: list[str], status: str) -> tuple[DirectLane, socket.socket]:
+    """A lane whose "process" is the other end returned; asked how it ended, it is *status*."""
+    mine, theirs = socket.socketpair()
+
+    def asked(lease_id: str) -> str:
+        ended.append(lease_id)
+        return status
+
+    leased_ = wire.Leased("lease-1", b"t" * 32, "@x")
+    return DirectLane(mine, leased_, 1 << 20, asked, threading.get_ident()), theirs
+
+
+def _outcome(lane: DirectLane, outcomes: list[object]) -> object:
+    lane.pump(lambda: bool(outcomes), 60)
+    until(lambda: bool(outcomes), "the call ended")
+    (outcome,) = outcomes
+    return outcome
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "message"),
+    [
+        ("exited with status 3", "crashed", "the pool process running {} exited with status 3"),
+        ("was killed by signal SIGALRM", "timeout", "{} ran past its timeout"),
+    ],
+)
+def test_a_lost_process_is_answered_as_the_worker_would(
+    status: str, kind: str, message: str
+) -> None:
+    ended: list[str] = []
+    lane, process = _lane(ended, status)
+    outcomes: list[object] = []
+    assert lane.send_task(_ADD, b"", None, outcomes.append)
+    process.close()  # it died
+    outcome = _outcome(lane, outcomes)
+    assert ended == ["lease-1"]
+    assert lane.closed
+    message = message.format(_ADD.name)
+    if kind == "crashed":
+        assert isinstance(outcome, bytes)
+        reply = SUBMIT.reply.decode(outcome)
+        assert reply == wire.TaskFailed(wire.FailureKind.CRASHED, message)
+    else:
+        assert isinstance(outcome, RPCError)
+        assert outcome.code == StatusCode.DEADLINE_EXCEEDED
+        assert message in outcome.message
+
+
+def test_a_cancelled_calls_lost_process_is_not_asked_about() -> None:
+    ended: list[str] = []
+    lane, process = _lane(ended, "was killed by signal SIGKILL")
+    outcomes: list[object] = []
+    assert lane.send_task(_ADD, b"", None, outcomes.append)
+    lane.abandoned = True
+    process.close()
+    assert isinstance(_outcome(lane, outcomes), asyncio.CancelledError)
+    assert ended == []  # nothing asked: a cancelled call is not answered as a crash
+
+
+def test_a_frame_past_the_bound_breaks_the_lane() -> None:
+    ended: list[str] = []
+    lane, process = _lane(ended, "was killed by signal SIGKILL")
+    outcomes: list[object] = []
+    with process:
+        assert lane.send_task(_ADD, b"", None, outcomes.append)
+        process.sendall((INLINE + 1 + FRAME_MARGIN + 1).to_bytes(4, "big"))
+        outcome = _outcome(lane, outcomes)
+    assert ended == ["lease-1"]  # the process is stopped: the worker says how
+    assert isinstance(outcome, bytes)
+    assert "SIGKILL" in SUBMIT.reply.decode(outcome).message  # type: ignore[union-attr]

@@ -205,8 +205,8 @@ class DirectLane(Lane):
         Asked from a thread of its own: the reader holds the lane's lock, which the
         client's loop may be waiting for (closing the lane) while the question needs it.
         """
-        if self.abandoned or not self._pending:
-            self._fail(asyncio.CancelledError() if self.abandoned else error)
+        if self.abandoned:  # its call was cancelled: nothing to ask, nothing to retry
+            self._fail(asyncio.CancelledError())
             return
         self._close()
         pending, self._pending = self._pending, {}
