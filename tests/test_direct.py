@@ -526,7 +526,10 @@ def _lane(ended: list[str], status: str) -> tuple[DirectLane, socket.socket]:
     mine, theirs = socket.socketpair()
 
     def asked(lease_id: str) -> str:
-        ended.append(lease_id)
+        # Asked from a thread of its own (the reader holds the lane's lock), which must not
+        # keep the program from exiting: the test looks at it.
+        me = threading.current_thread()
+        ended.append(f"{lease_id} from {me.name}{' (daemon)' if me.daemon else ''}")
         return status
 
     leased_ = wire.Leased("lease-1", b"t" * 32, "@x")
@@ -556,7 +559,7 @@ def test_a_lost_process_is_answered_as_the_worker_would(
     assert lane.send_task(_ADD, b"", None, outcomes.append)
     process.close()  # it died
     outcome = _outcome(lane, outcomes)
-    assert ended == ["lease-1"]
+    assert ended == ["lease-1 from vaccelray-lease-lost (daemon)"]
     assert lane.closed
     message = message.format(_ADD.name)
     if kind == "crashed":
@@ -588,6 +591,6 @@ def test_a_frame_past_the_bound_breaks_the_lane() -> None:
         assert lane.send_task(_ADD, b"", None, outcomes.append)
         process.sendall((INLINE + 1 + FRAME_MARGIN + 1).to_bytes(4, "big"))
         outcome = _outcome(lane, outcomes)
-    assert ended == ["lease-1"]  # the process is stopped: the worker says how
+    assert ended == ["lease-1 from vaccelray-lease-lost (daemon)"]  # the worker says how
     assert isinstance(outcome, bytes)
     assert "SIGKILL" in SUBMIT.reply.decode(outcome).message  # type: ignore[union-attr]

@@ -39,7 +39,7 @@ from vaccelray.protocol.services import SUBMIT
 from vaccelray.segments import MIN_SEGMENT
 from vaccelray.worker.pool import DEFAULT_MAX_FUNCTIONS, PoolProcessLost, TaskTimedOut
 from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
-from vaccelray.worker.replies import outcome_reply
+from vaccelray.worker.replies import lost_reply, outcome_reply
 
 __all__ = ["DirectLane", "fetch_lane"]
 
@@ -161,7 +161,7 @@ class _LeasedProcess:
         else:
             lost = PoolProcessLost(f"the pool process running {name} {status}")
         try:
-            return outcome_reply(lost, SUBMIT.method, self.max_message_size)
+            return lost_reply(lost)
         except RPCError as exc:
             return exc
 

@@ -11,7 +11,7 @@ from vaccelray.protocol.services import SUBMIT
 from vaccelray.worker.pool import PoolProcessLost, TaskTimedOut
 from vaccelray.worker.poolchild import OK, RAISED, REJECTED, SERIALIZATION, TOO_LARGE, Done
 
-__all__ = ["crashed", "outcome_name", "outcome_reply"]
+__all__ = ["crashed", "lost_reply", "outcome_name", "outcome_reply"]
 
 _FAILURE: Final = {RAISED: wire.FailureKind.RAISED, SERIALIZATION: wire.FailureKind.SERIALIZATION}
 
@@ -31,16 +31,22 @@ def outcome_reply(outcome: Done | PoolProcessLost, method: str, max_message_size
     A run past its timeout is DEADLINE_EXCEEDED, a result too large to send
     RESOURCE_EXHAUSTED; a lost process is a ``CRASHED`` failure.
     """
-    if isinstance(outcome, TaskTimedOut):
-        raise RPCError(
-            StatusCode.DEADLINE_EXCEEDED,
-            f"{outcome}, the worker's task timeout (worker option --task-timeout)",
-        )
     if isinstance(outcome, PoolProcessLost):
-        return crashed(outcome)
+        return lost_reply(outcome)
     if outcome.status == TOO_LARGE:
         raise RPCError(StatusCode.RESOURCE_EXHAUSTED, outcome.message)
     return check_response_size(method, _reply(outcome), max_message_size)
+
+
+def lost_reply(lost: PoolProcessLost) -> bytes:
+    """The encoded TaskReply of a task whose process was lost: a ``CRASHED`` failure; past its
+    timeout, the DEADLINE_EXCEEDED RPCError raised instead."""
+    if isinstance(lost, TaskTimedOut):
+        raise RPCError(
+            StatusCode.DEADLINE_EXCEEDED,
+            f"{lost}, the worker's task timeout (worker option --task-timeout)",
+        )
+    return crashed(lost)
 
 
 def outcome_name(outcome: Done | PoolProcessLost) -> str:
