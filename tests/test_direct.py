@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import re
 import signal
 import socket
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import vaccelray
@@ -32,7 +34,7 @@ from vaccelray.auth import TokenCheck
 from vaccelray.client import Client, core
 from vaccelray.client.core import _CALLED as CALLED
 from vaccelray.client.core import _LEASING as LEASING
-from vaccelray.client.direct import DirectLane
+from vaccelray.client.direct import DirectLane, _LeasedProcess
 from vaccelray.client.lane import Lane
 from vaccelray.client.objects import INLINE
 from vaccelray.client.refs import TaskRef
@@ -45,7 +47,7 @@ from vaccelray.transport.server import CallContext, Link, Origin
 from vaccelray.worker import leases
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.leases import LeaseService
-from vaccelray.worker.poolchild import FRAME_MARGIN
+from vaccelray.worker.poolchild import FRAME_MARGIN, Done, encode_frame
 from vaccelray.worker.sandbox import SandboxConfig
 
 
@@ -212,7 +214,9 @@ def test_a_large_result_stays_in_the_workers_store(client: Client) -> None:
     size = INLINE + (1 << 20)
     ref = direct(client.submit(blob, size))
     assert ref.result(timeout=60) == b"x" * size
-    assert type(ref._future.result(0)).__name__ == "Stored"  # kept there, then fetched
+    stored = ref._future.result(0)
+    assert type(stored).__name__ == "Stored"  # kept there, then fetched
+    assert stored.size > size  # (its pickled size: a scheduler routes by it)
     # Given to another task, it is read on the worker.
     assert length.remote_on(client, ref).result(timeout=60) == size
 
@@ -583,7 +587,33 @@ def test_a_cancelled_calls_lost_process_is_not_asked_about() -> None:
     assert ended == []  # nothing asked: a cancelled call is not answered as a crash
 
 
-def test_a_frame_past_the_bound_breaks_the_lane() -> None:
+def test_a_done_answers_its_call_as_the_worker_would() -> None:
+    ended: list[str] = []
+    lane, process = _lane(ended, "unused")
+    outcomes: list[object] = []
+    with process:
+        assert lane.send_task(_ADD, b"", None, outcomes.append)
+        done = Done(1, 0, pickle.dumps(5))
+        process.sendall(encode_frame(msgspec.msgpack.Encoder(), done))
+        outcome = _outcome(lane, outcomes)
+    assert outcome == SUBMIT.reply.encode(wire.TaskDone(pickle.dumps(5)))
+    assert lane._process.calls == {}  # nothing kept of an answered call
+    assert lane.close_if_idle()
+
+
+def test_a_frame_of_the_bound_is_read_and_one_past_it_is_refused() -> None:
+    process = _LeasedProcess(1 << 20)
+    bound = INLINE + 1 + FRAME_MARGIN
+    process.receive_data(bound.to_bytes(4, "big"))
+    assert process.next_event() is None  # waits for the body
+    past = _LeasedProcess(1 << 20)
+    past.receive_data((bound + 1).to_bytes(4, "big"))
+    with pytest.raises(ValueError, match=f"a frame of {bound + 1} bytes"):
+        past.next_event()
+
+
+def test_a_frame_past_the_bound_breaks_the_lane(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="vaccelray.client")
     ended: list[str] = []
     lane, process = _lane(ended, "was killed by signal SIGKILL")
     outcomes: list[object] = []
@@ -594,3 +624,7 @@ def test_a_frame_past_the_bound_breaks_the_lane() -> None:
     assert ended == ["lease-1 from vaccelray-lease-lost (daemon)"]  # the worker says how
     assert isinstance(outcome, bytes)
     assert "SIGKILL" in SUBMIT.reply.decode(outcome).message  # type: ignore[union-attr]
+    assert (
+        "Lost the leased process of lease lease-1: the worker's answer cannot be read: a "
+        "frame of" in caplog.text
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import socket
 import struct
 import threading
@@ -42,6 +43,8 @@ from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
 from vaccelray.worker.replies import lost_reply, outcome_reply
 
 __all__ = ["DirectLane", "fetch_lane"]
+
+log = logging.getLogger("vaccelray.client")
 
 _HEADER: Final = struct.Struct(">I")
 #: A result at least this large goes to the worker's store (as for a Submit's ``keep``).
@@ -208,6 +211,7 @@ class DirectLane(Lane):
         if self.abandoned:  # its call was cancelled: nothing to ask, nothing to retry
             self._fail(asyncio.CancelledError())
             return
+        log.debug("Lost the leased process of lease %s: %s", self.lease_id, error)
         self._close()
         pending, self._pending = self._pending, {}
         threading.Thread(
