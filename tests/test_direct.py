@@ -601,6 +601,15 @@ def test_a_done_answers_its_call_as_the_worker_would() -> None:
     assert lane.close_if_idle()
 
 
+def test_a_result_larger_than_the_clients_messages_is_refused_as_by_the_worker() -> None:
+    process = _LeasedProcess(1024)
+    process.receive_data(encode_frame(msgspec.msgpack.Encoder(), Done(1, 0, b"x" * 2000)))
+    event = process.next_event()
+    assert event is not None
+    assert event.code == StatusCode.RESOURCE_EXHAUSTED
+    assert event.message == "Submit response of 2014 bytes exceeds the limit of 1024 bytes"
+
+
 def test_a_frame_of_the_bound_is_read_and_one_past_it_is_refused() -> None:
     process = _LeasedProcess(1 << 20)
     bound = INLINE + 1 + FRAME_MARGIN
