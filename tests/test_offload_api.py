@@ -17,17 +17,26 @@ from pathlib import Path
 import pytest
 
 import vaccelray
+from tests.waiting import until
 from vaccelray.client import Client
+from vaccelray.client.direct import DirectLane
 from vaccelray.worker.noop import NOOP_TAG
 
 ADDRESS_VARS = ("VACCELRAY_ADDRESS", "VACCEL_RPC_ADDRESS", "VACCEL_RPC_ADDR", "VACCEL_VSOCK")
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
+@pytest.fixture(scope="module", params=["by the worker", "leased"])
+def client(request: pytest.FixtureRequest) -> Iterator[Client]:
+    """An embedded worker's client; each test runs twice: with the calls going by the
+    worker, and with this thread's calls going to its leased pool process once it has one
+    (vaccelray.client.direct), where the same outcomes are expected."""
     saved = {k: os.environ.pop(k) for k in ADDRESS_VARS if k in os.environ}
     try:
-        with Client(backend="noop") as c:
+        with pytest.MonkeyPatch.context() as env:
+            if request.param == "leased":
+                env.delenv("VACCELRAY_DIRECT", raising=False)  # (the suite's are off: conftest)
+            c = Client(backend="noop")
+        with c:
             yield c
     finally:
         os.environ.update(saved)
@@ -199,12 +208,17 @@ def test_timeout_kills_the_task_and_the_pool_recovers(
     client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="vaccelray.pool")
+    ref = client.submit(sleeps, 30)
     with pytest.raises(vaccelray.TaskTimeoutError) as info:
-        client.submit(sleeps, 30).result()
+        ref.result()
     assert isinstance(info.value, TimeoutError)
-    # Its pool process was killed (by the worker's own deadline, which the
-    # client's may beat): the task does not go on sleeping there.
-    assert_killed(caplog, "sleeps")
+    if isinstance(ref._lane, DirectLane):
+        # Its leased process ended itself (its own timer): nothing goes on sleeping there.
+        assert ref._lane.closed
+    else:
+        # Its pool process was killed (by the worker's own deadline, which the
+        # client's may beat): the task does not go on sleeping there.
+        assert_killed(caplog, "sleeps")
     assert client.submit(add, 2, 2).result() == 4
 
 
@@ -352,3 +366,18 @@ def test_more_tasks_at_once_than_a_worker_queues_for_a_connection(
             assert vaccelray.get(refs, timeout=60) == [i + 1 for i in range(30)]
     finally:
         proc.stop()
+
+
+def test_each_mode_is_the_one_it_says(client: Client, request: pytest.FixtureRequest) -> None:
+    me = threading.get_ident()
+    if request.node.callspec.params["client"] == "by the worker":
+        client.submit(add, 1).result()
+        assert client._core._direct == {}
+        return
+
+    def leased() -> bool:
+        client.submit(add, 1).result()
+        return isinstance(client._core._direct.get(me), DirectLane)
+
+    until(leased, "this thread's pool process is leased")
+    assert isinstance(client.submit(add, 1)._lane, DirectLane)
