@@ -606,6 +606,7 @@ def test_a_result_larger_than_the_clients_messages_is_refused_as_by_the_worker()
     process.receive_data(encode_frame(msgspec.msgpack.Encoder(), Done(1, 0, b"x" * 2000)))
     event = process.next_event()
     assert event is not None
+    assert event.stream_id == 1
     assert event.code == StatusCode.RESOURCE_EXHAUSTED
     assert event.message == "Submit response of 2014 bytes exceeds the limit of 1024 bytes"
 
