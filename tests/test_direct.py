@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,12 +35,12 @@ from vaccelray.auth import TokenCheck
 from vaccelray.client import Client, core
 from vaccelray.client.core import _CALLED as CALLED
 from vaccelray.client.core import _LEASING as LEASING
-from vaccelray.client.direct import DirectLane, _LeasedProcess
+from vaccelray.client.direct import DirectLane, _LeasedProcess, fetch_lane
 from vaccelray.client.lane import Lane
 from vaccelray.client.objects import INLINE
 from vaccelray.client.refs import TaskRef
-from vaccelray.client.remote import function_spec
-from vaccelray.errors import RPCError, StatusCode
+from vaccelray.client.remote import FunctionSpec, function_spec
+from vaccelray.errors import RPCError, StatusCode, TransportError
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.services import END_LEASE, LEASE, SUBMIT
 from vaccelray.transport.client import open_client
@@ -47,7 +48,7 @@ from vaccelray.transport.server import CallContext, Link, Origin
 from vaccelray.worker import leases
 from vaccelray.worker.daemon import WorkerConfig, run_worker
 from vaccelray.worker.leases import LeaseService
-from vaccelray.worker.poolchild import FRAME_MARGIN, Done, encode_frame
+from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
 from vaccelray.worker.sandbox import SandboxConfig
 
 
@@ -592,7 +593,9 @@ def test_a_done_answers_its_call_as_the_worker_would() -> None:
     lane, process = _lane(ended, "unused")
     outcomes: list[object] = []
     with process:
+        before = time.monotonic()
         assert lane.send_task(_ADD, b"", None, outcomes.append)
+        assert lane.used >= before  # (the idle check goes by it)
         done = Done(1, 0, pickle.dumps(5))
         process.sendall(encode_frame(msgspec.msgpack.Encoder(), done))
         outcome = _outcome(lane, outcomes)
@@ -609,6 +612,39 @@ def test_a_result_larger_than_the_clients_messages_is_refused_as_by_the_worker()
     assert event.stream_id == 1
     assert event.code == StatusCode.RESOURCE_EXHAUSTED
     assert event.message == "Submit response of 2014 bytes exceeds the limit of 1024 bytes"
+
+
+def test_runs_carry_each_function_once_and_forget_the_least_recently_used() -> None:
+    process = _LeasedProcess(1 << 20)
+    decode = msgspec.msgpack.Decoder(Run).decode
+    specs = [FunctionSpec(f"{i:064x}", f"f{i}", b"pickled %d" % i) for i in range(65)]
+
+    def run(spec: FunctionSpec, timeout: float | None = None) -> Run:
+        seq, frame = process.run(spec, b"args", timeout)
+        sent = decode(frame[4:])
+        assert (sent.seq, sent.digest, sent.name, sent.args) == (
+            seq,
+            spec.digest,
+            spec.name,
+            b"args",
+        )
+        return sent
+
+    first = [run(spec) for spec in specs[:64]]
+    assert [r.function for r in first] == [s.pickled for s in specs[:64]]
+    assert all(r.forget == () and r.timeout == 0.0 for r in first)
+    again = run(specs[0], 2.5)  # known: not sent again, and now the most recently used
+    assert (again.function, again.timeout) == (None, 2.5)
+    assert again.segment_min == INLINE + 1
+    past = run(specs[64])  # one function too many: the least recently used goes
+    assert (past.function, past.forget) == (specs[64].pickled, (specs[1].digest,))
+    assert run(specs[1]).function == specs[1].pickled  # forgotten: sent again
+
+
+def test_a_handoff_elsewhere_than_an_abstract_socket_is_refused() -> None:
+    leased_ = wire.Leased("lease-1", b"t" * 32, "/tmp/handoff.sock")
+    with pytest.raises(TransportError, match="a handoff this client cannot use"):
+        fetch_lane(leased_, 1 << 20, 60, lambda lease_id: "", threading.get_ident())
 
 
 def test_a_frame_of_the_bound_is_read_and_one_past_it_is_refused() -> None:

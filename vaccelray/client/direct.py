@@ -61,11 +61,12 @@ def fetch_lane(
     """Thread *owner*'s lane to the process *leased* names: its socket fetched from the
     worker's handoff, then the process's first frame awaited (it has started; *timeout* s
     for each step). *ended(lease_id)* asks the worker how a lost process ended (it blocks)."""
-    handoff = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if not leased.path.startswith("@"):  # a worker names an abstract socket
+        raise TransportError(f"the worker named a handoff this client cannot use: {leased.path}")
+    handoff = socket.socket(socket.AF_UNIX)
     with handoff:
         handoff.settimeout(timeout)
-        path = leased.path
-        handoff.connect("\0" + path[1:] if path.startswith("@") else path)
+        handoff.connect("\0" + leased.path[1:])
         handoff.sendall(leased.lease_id.encode("ascii") + leased.ticket)
         answer, fds, _, _ = socket.recv_fds(handoff, 16, 1)
     if answer != b"ok" or len(fds) != 1:
