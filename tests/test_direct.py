@@ -641,6 +641,34 @@ def test_runs_carry_each_function_once_and_forget_the_least_recently_used() -> N
     assert run(specs[1]).function == specs[1].pickled  # forgotten: sent again
 
 
+@pytest.mark.parametrize("answer", [b"no", None])
+def test_a_handoff_that_refuses_or_never_answers_fails_the_lease(answer: bytes | None) -> None:
+    name = f"vaccelray-test-handoff-{os.getpid()}-{threading.get_ident()}"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind("\0" + name)
+        listener.listen(1)
+        leased_ = wire.Leased("lease-1", b"t" * 32, "@" + name)
+        taken: list[socket.socket] = []
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            taken.append(conn)
+            conn.recv(64)
+            if answer is not None:
+                conn.sendall(answer)
+
+        server = threading.Thread(target=serve)
+        server.start()
+        try:
+            error = TransportError if answer is not None else TimeoutError
+            with pytest.raises(error):
+                fetch_lane(leased_, 1 << 20, 0.2, lambda lease_id: "", threading.get_ident())
+        finally:
+            server.join(60)
+            for conn in taken:
+                conn.close()
+
+
 def test_a_handoff_elsewhere_than_an_abstract_socket_is_refused() -> None:
     leased_ = wire.Leased("lease-1", b"t" * 32, "/tmp/handoff.sock")
     with pytest.raises(TransportError, match="a handoff this client cannot use"):
