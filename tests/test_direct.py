@@ -340,6 +340,8 @@ def _check_handoff(leased_: wire.Leased) -> None:
     assert _handoff(path, b"0" * len(lease_id) + leased_.ticket) == (b"no", [])
     if os.getuid() == 0:  # another user, with the right ticket: refused too
         assert _handoff_as(65534, path, lease_id + leased_.ticket) == b"no"
+    # Not even text: refused, and the handoff goes on serving.
+    assert _handoff(path, b"\xff" * len(lease_id) + leased_.ticket) == (b"no", [])
     answer, fds = _handoff(path, lease_id + leased_.ticket)
     assert answer == b"ok"
     assert len(fds) == 1
@@ -426,19 +428,29 @@ async def _ended(service: LeaseService, lease_id: str) -> None:
 async def test_a_lease_is_refused_off_a_unix_socket_and_past_its_bounds() -> None:
     me = os.getuid()
     with _service(max_leases=2, max_per_connection=1) as service:
-        with pytest.raises(RPCError, match="only on a unix socket") as off_unix:
+        with pytest.raises(RPCError) as off_unix:
             _lease(service, _ctx(1))
         assert off_unix.value.code == StatusCode.FAILED_PRECONDITION
+        assert off_unix.value.message == (
+            "a pool process is leased only on a unix socket (the client must be on this host)"
+        )
         first = _lease(service, _ctx(1, me))
         assert service.holds_state(1)
         assert not service.holds_state(2)
-        with pytest.raises(RPCError, match="this connection leased 1 pool processes") as per:
+        with pytest.raises(RPCError) as per:
             _lease(service, _ctx(1, me))
         assert per.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert per.value.message == (
+            "this connection leased 1 pool processes, its most (worker option "
+            "--max-leases-per-connection)"
+        )
         second = _lease(service, _ctx(2, me))
-        with pytest.raises(RPCError, match="this worker has 2 leased pool processes") as whole:
+        with pytest.raises(RPCError) as whole:
             _lease(service, _ctx(3, me))
         assert whole.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert whole.value.message == (
+            "this worker has 2 leased pool processes, its most (worker option --max-leases)"
+        )
         # A connection's leases end with it, and make room.
         service.connection_closed(1)
         await _ended(service, first.lease_id)
@@ -447,17 +459,33 @@ async def test_a_lease_is_refused_off_a_unix_socket_and_past_its_bounds() -> Non
         _lease(service, _ctx(3, me))
         await service.aclose()
         assert service.leases == {}
-        with pytest.raises(RPCError, match="shutting down") as closing:
+        with pytest.raises(RPCError) as closing:
             _lease(service, _ctx(4, me))
         assert closing.value.code == StatusCode.UNAVAILABLE
+        assert closing.value.message == "the worker is shutting down"
+
+
+@pytest.mark.anyio
+async def test_a_connection_may_hold_as_many_leases_as_its_bound() -> None:
+    me = os.getuid()
+    with _service(max_leases=4, max_per_connection=2) as service:
+        _lease(service, _ctx(1, me))
+        _lease(service, _ctx(1, me))
+        assert service.leased_by(1) == 2
+        with pytest.raises(RPCError, match="leased 2 pool processes"):
+            _lease(service, _ctx(1, me))
+        await service.aclose()
 
 
 @pytest.mark.anyio
 async def test_no_lease_when_leases_are_off() -> None:
     with _service(max_leases=0) as service:
-        with pytest.raises(RPCError, match="leases no pool processes") as info:
+        with pytest.raises(RPCError) as info:
             _lease(service, _ctx(1, os.getuid()))
         assert info.value.code == StatusCode.FAILED_PRECONDITION
+        assert info.value.message == (
+            "this worker leases no pool processes (worker option --max-leases)"
+        )
 
 
 @pytest.mark.anyio
@@ -468,6 +496,11 @@ async def test_end_lease_tells_how_it_ended_and_only_to_its_connection() -> None
         with pytest.raises(RPCError) as other:
             await service._end(request, _ctx(2, os.getuid()))
         assert other.value.code == StatusCode.NOT_FOUND
+        assert other.value.message == f"no lease {leased_.lease_id} here"
+        long_id = END_LEASE.request.encode(wire.EndLease("x" * 50))
+        with pytest.raises(RPCError) as unknown:
+            await service._end(long_id, _ctx(1, os.getuid()))
+        assert unknown.value.message == f"no lease {'x' * 40} here"  # (a peer's text, cut)
         ended = END_LEASE.reply.decode(await service._end(request, _ctx(1, os.getuid())))
         assert ended.status == "was killed by signal SIGKILL"
         assert leased_.lease_id not in service.leases
@@ -476,6 +509,39 @@ async def test_end_lease_tells_how_it_ended_and_only_to_its_connection() -> None
         assert again.status == ended.status
         with pytest.raises(RPCError):
             await service._end(request, _ctx(2, os.getuid()))
+
+
+class _Stubborn(subprocess.Popen[bytes]):
+    """A leased process that a kill does not end (the test ends it)."""
+
+    def kill(self) -> None:
+        pass
+
+
+class _StubbornPool:
+    def spawn_process(
+        self, sock: socket.socket, channel: socket.socket, lease_timeout: float
+    ) -> subprocess.Popen[bytes]:
+        return _Stubborn(["sleep", "600"], stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.anyio
+async def test_end_lease_of_a_process_that_does_not_end_says_it_stopped_answering(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(leases, "_REAP_WAIT", 0.01)
+    with _service() as service:
+        service.pool = _StubbornPool()  # type: ignore[assignment]
+        leased_ = _lease(service, _ctx(1, os.getuid()))
+        process = service.leases[leased_.lease_id].process
+        try:
+            request = END_LEASE.request.encode(wire.EndLease(leased_.lease_id))
+            ended = END_LEASE.reply.decode(await service._end(request, _ctx(1, os.getuid())))
+            assert ended.status == "stopped answering"
+            assert leased_.lease_id in service.leases  # still there: it never ended
+        finally:
+            os.kill(process.pid, signal.SIGKILL)
+            await service.leases[leased_.lease_id].ended.wait()
 
 
 @pytest.mark.anyio

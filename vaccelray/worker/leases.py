@@ -385,17 +385,12 @@ class LeaseService:
         )
         if uid != lease.uid:
             return None
-        sock, lease.sock = lease.sock, None
-        if lease.expiry is not None:
-            lease.expiry.cancel()
-            lease.expiry = None
+        sock, lease.sock = lease.sock, None  # (its expiry finds it taken)
         return sock
 
     async def aclose(self) -> None:
         """Stop every leased process (and wait, briefly, for them to be reaped)."""
         self._closing = True
-        if self._listener is not None:
-            self._listener.close()
         leases = list(self.leases.values())
         for lease in leases:
             lease.kill()
