@@ -321,16 +321,40 @@ def _handoff_as(uid: int, path: str, message: bytes) -> bytes:
     return text
 
 
-def test_the_handoff_gives_the_socket_once_to_the_ticket_holder(worker: str) -> None:
-    # The lease lives as long as the connection that made it: kept open to the end.
+@contextmanager
+def _a_lease(worker: str) -> Iterator[wire.Leased]:
+    """A lease of *worker*'s, asked on a connection kept open (the lease ends with it)."""
     loop = asyncio.new_event_loop()
     conn = loop.run_until_complete(open_client(worker))
     try:
-        leased_ = loop.run_until_complete(conn.call_rpc(LEASE, wire.Lease("a-client")))
-        _check_handoff(leased_)
+        yield loop.run_until_complete(conn.call_rpc(LEASE, wire.Lease("a-client")))
     finally:
         loop.run_until_complete(conn.aclose())
         loop.close()
+
+
+def test_the_handoff_gives_the_socket_once_to_the_ticket_holder(worker: str) -> None:
+    with _a_lease(worker) as leased_:
+        _check_handoff(leased_)
+
+
+def test_a_handoff_that_fails_is_logged_and_the_next_one_is_served(
+    worker: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: LeaseService, conn: socket.socket, data: bytes) -> None:
+        raise RuntimeError("a bug")
+
+    with _a_lease(worker) as leased_:
+        message = leased_.lease_id.encode() + leased_.ticket
+        monkeypatch.setattr(LeaseService, "_take", broken)
+        assert _handoff(leased_.path, message) == (b"", [])  # closed, nothing handed
+        until(lambda: "a bug" in caplog.text, "the failure was logged")
+        assert "A lease handoff failed" in caplog.text
+        monkeypatch.undo()
+        answer, fds = _handoff(leased_.path, message)  # the service goes on
+        assert answer == b"ok"
+        for fd in fds:
+            os.close(fd)
 
 
 def _check_handoff(leased_: wire.Leased) -> None:
