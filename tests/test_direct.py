@@ -406,12 +406,20 @@ def test_no_lease_over_tcp(worker_process: Proc) -> None:
 
 
 class _Pool:
-    """Spawns a process that only waits to be stopped, as a leased one would."""
+    """Spawns a process that only waits to be stopped, as a leased one would (with sockets
+    nobody serves)."""
+
+    process: type[subprocess.Popen[bytes]] = subprocess.Popen
 
     def spawn_process(
-        self, sock: socket.socket, channel: socket.socket, lease_timeout: float
-    ) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+        self, lease_timeout: float
+    ) -> tuple[subprocess.Popen[bytes], socket.socket, socket.socket]:
+        sock, child = socket.socketpair()
+        channel, child_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        channel.setblocking(False)
+        child.close()
+        child_channel.close()
+        return self.process(["sleep", "600"], stdin=subprocess.DEVNULL), sock, channel
 
 
 def _ctx(connection_id: int, uid: int | None = None) -> CallContext:
@@ -542,11 +550,8 @@ class _Stubborn(subprocess.Popen[bytes]):
         pass
 
 
-class _StubbornPool:
-    def spawn_process(
-        self, sock: socket.socket, channel: socket.socket, lease_timeout: float
-    ) -> subprocess.Popen[bytes]:
-        return _Stubborn(["sleep", "600"], stdin=subprocess.DEVNULL)
+class _StubbornPool(_Pool):
+    process = _Stubborn
 
 
 @pytest.mark.anyio

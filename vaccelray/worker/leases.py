@@ -50,7 +50,6 @@ from vaccelray.auth import TokenCheck
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.services import END_LEASE, LEASE
-from vaccelray.transport.endpoints import tune_socket
 from vaccelray.transport.server import CallContext, Method
 from vaccelray.worker.objects import ObjectStore
 from vaccelray.worker.pool import Pool, exit_status
@@ -201,22 +200,12 @@ class LeaseService:
 
     def _start(self, connection_id: int, uid: int, client: str) -> _Lease:
         """Spawn a leased process and watch for its end and its large results."""
-        sock, child = socket.socketpair()  # AF_UNIX, SOCK_STREAM
-        for end in (sock, child):
-            tune_socket(end)
-        channel, child_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        channel.setblocking(False)
         try:
-            process = self.pool.spawn_process(child, child_channel, self.task_timeout)
+            process, sock, channel = self.pool.spawn_process(self.task_timeout)
         except OSError as exc:
-            sock.close()
-            channel.close()
             raise RPCError(
                 StatusCode.UNAVAILABLE, f"cannot start a pool process to lease: {exc}"
             ) from None
-        finally:
-            child.close()
-            child_channel.close()
         lease_id = secrets.token_hex(ID_BYTES)
         lease = _Lease(lease_id, connection_id, uid, client, process, sock, channel)
         loop = asyncio.get_running_loop()

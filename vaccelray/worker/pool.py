@@ -490,11 +490,16 @@ class Pool:
         return 0 if state is None else len(state.queue)
 
     def spawn_process(
-        self, sock: socket.socket, channel: socket.socket, lease_timeout: float = -1.0
-    ) -> subprocess.Popen[bytes]:
-        """Start a pool process serving *sock*, with *channel* for segments (both are the
-        process's ends: close them once it has started); *lease_timeout*: see
-        :func:`vaccelray.worker.poolchild.main`. Sandboxed and limited as the pool's."""
+        self, lease_timeout: float = -1.0
+    ) -> tuple[subprocess.Popen[bytes], socket.socket, socket.socket]:
+        """Start a pool process, sandboxed and limited as the pool's: it, and the other ends
+        of its task socket (blocking) and of its channel for segments (non-blocking).
+        *lease_timeout*: see :func:`vaccelray.worker.poolchild.main`."""
+        sock, child = socket.socketpair()  # AF_UNIX, SOCK_STREAM
+        for end in (sock, child):
+            tune_socket(end)
+        channel, child_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        channel.setblocking(False)
         # Popen with pass_fds uses vfork/posix_spawn: fast enough to call on the loop.
         sandbox = self.sandbox
         # Its parent is this process unless a sandbox stands between (then 0).
@@ -503,38 +508,34 @@ class Pool:
             sys.executable,
             "-c",
             _BOOT,
-            str(sock.fileno()),
+            str(child.fileno()),
             str(self.max_message_size),
             sandbox.limits.encode(),
             str(worker_pid),
             sandbox.child_user(),
-            str(channel.fileno()),
+            str(child_channel.fileno()),
             repr(lease_timeout),
         ]
-        return subprocess.Popen(
-            sandbox.command(argv, self._spawn_env),
-            pass_fds=(sock.fileno(), channel.fileno()),
-            env=self._spawn_env,
-            stdin=subprocess.DEVNULL,
-            **sandbox.popen_kwargs(),
-        )
-
-    async def _spawn(self) -> None:
-        assert self._loop is not None
-        parent, child = socket.socketpair()  # AF_UNIX, SOCK_STREAM
-        for sock in (parent, child):
-            tune_socket(sock)
-        channel, child_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        channel.setblocking(False)
         try:
-            process = self.spawn_process(child, child_channel)
+            process = subprocess.Popen(
+                sandbox.command(argv, self._spawn_env),
+                pass_fds=(child.fileno(), child_channel.fileno()),
+                env=self._spawn_env,
+                stdin=subprocess.DEVNULL,
+                **sandbox.popen_kwargs(),
+            )
         except BaseException:
-            parent.close()
+            sock.close()
             channel.close()
             raise
         finally:
             child.close()
             child_channel.close()
+        return process, sock, channel
+
+    async def _spawn(self) -> None:
+        assert self._loop is not None
+        process, parent, channel = self.spawn_process()
         proto = _Child(self, process, channel)
         try:
             await self._loop.create_unix_connection(lambda: proto, sock=parent)
