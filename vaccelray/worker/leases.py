@@ -62,7 +62,6 @@ __all__ = [
     "TICKET_BYTES",
     "TICKET_TTL",
     "LeaseService",
-    "running_leases",
 ]
 
 log = logging.getLogger("vaccelray.leases")
@@ -379,6 +378,25 @@ class LeaseService:
         sock, lease.sock = lease.sock, None  # (its expiry finds it taken)
         return sock
 
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[LeaseService]:
+        """This service, its handoff socket served while the block runs (none when leases
+        are off); its leased processes are stopped at the end."""
+        if not self.max_leases:
+            yield self
+            return
+        listener = self.listen()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.serve_handoffs, listener, tg)
+                try:
+                    yield self
+                finally:
+                    await self.aclose()
+                    tg.cancel_scope.cancel()
+        finally:
+            listener.close()
+
     async def aclose(self) -> None:
         """Stop every leased process (and wait, briefly, for them to be reaped)."""
         self._closing = True
@@ -388,38 +406,3 @@ class LeaseService:
         with anyio.move_on_after(_REAP_WAIT), anyio.CancelScope(shield=True):
             for lease in leases:
                 await lease.ended.wait()
-
-
-@contextlib.asynccontextmanager
-async def running_leases(
-    pool: Pool,
-    check: TokenCheck,
-    objects: ObjectStore,
-    *,
-    max_leases: int,
-    max_per_connection: int,
-    task_timeout: float,
-) -> AsyncIterator[LeaseService]:
-    """The lease service of *pool*, its handoff socket served while the block runs."""
-    service = LeaseService(
-        pool,
-        check,
-        objects,
-        max_leases=max_leases,
-        max_per_connection=max_per_connection,
-        task_timeout=task_timeout,
-    )
-    if not max_leases:
-        yield service
-        return
-    listener = service.listen()
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(service.serve_handoffs, listener, tg)
-            try:
-                yield service
-            finally:
-                await service.aclose()
-                tg.cancel_scope.cancel()
-    finally:
-        listener.close()

@@ -57,7 +57,6 @@ from vaccelray.worker.agent import Agent
 from vaccelray.worker.leases import (
     DEFAULT_MAX_LEASES_PER_CONNECTION,
     LeaseService,
-    running_leases,
 )
 from vaccelray.worker.objects import (
     Borrowed,
@@ -555,14 +554,14 @@ async def run_task_service(
                 largest = max(limit, objects.limits.memory, objects.limits.disk)
                 async with (
                     Pool(size, env=env, max_message_size=largest, sandbox=isolation) as pool,
-                    running_leases(
+                    LeaseService(
                         pool,
                         check,
                         objects,
                         max_leases=size if max_leases is None else max_leases,
                         max_per_connection=max_leases_per_connection,
                         task_timeout=task_timeout,
-                    ) as leases,
+                    ).serving() as leases,
                 ):
                     log.info("Task pool: %d processes", size)
                     log.info(
