@@ -34,6 +34,7 @@ __all__ = [
     "SegmentError",
     "SegmentWriter",
     "create",
+    "kept_from",
     "open_peer",
     "read",
     "receive_fds",
@@ -56,6 +57,12 @@ _TAG_SIZE: Final = 16
 
 class SegmentError(Exception):
     """An fd that is not the segment it was said to be (or none came)."""
+
+
+def kept_from(keep: int) -> int:
+    """The pickled size from which a result goes in a segment, when results larger than
+    *keep* bytes are kept in an object store (never under :data:`MIN_SEGMENT`)."""
+    return max(keep + 1, MIN_SEGMENT)
 
 
 def _new(name: str) -> int:

@@ -37,7 +37,7 @@ from vaccelray.errors import RPCError, TransportError
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol.connection import ResponseReceived
 from vaccelray.protocol.services import SUBMIT
-from vaccelray.segments import MIN_SEGMENT
+from vaccelray.segments import kept_from
 from vaccelray.worker.pool import DEFAULT_MAX_FUNCTIONS, PoolProcessLost, TaskTimedOut
 from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
 from vaccelray.worker.replies import lost_reply, outcome_reply
@@ -48,7 +48,7 @@ log = logging.getLogger("vaccelray.client")
 
 _HEADER: Final = struct.Struct(">I")
 #: A result at least this large goes to the worker's store (as for a Submit's ``keep``).
-_SEGMENT_MIN: Final = max(INLINE + 1, MIN_SEGMENT)
+_SEGMENT_MIN: Final = kept_from(INLINE)
 
 
 def fetch_lane(

@@ -389,7 +389,7 @@ class _Task:
                 timeout=service.task_timeout or None,
                 objects=self.objects,
                 args_object=task.args_object,
-                segment_min=max(task.keep + 1, segments.MIN_SEGMENT) if keep else 0,
+                segment_min=segments.kept_from(task.keep) if keep else 0,
                 on_segment=self._segment,
             )
         except PoolProcessLost as exc:
