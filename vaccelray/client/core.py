@@ -317,11 +317,11 @@ class Core:
     ) -> bool:
         """Send a task to the calling thread's leased pool process; False when it cannot go
         that way (a thread's second call starts leasing one, and goes by the worker)."""
-        if not self._may_lease or self._closed or threading.get_ident() == self.thread_id:
+        thread = threading.get_ident()
+        if not self._may_lease or self._closed or thread == self.thread_id:
             return False
         if asyncio._get_running_loop() is not None:
             return False
-        thread = threading.get_ident()
         lane = self._direct.get(thread, _NO_LEASE)
         if lane is _NO_LEASE:
             with self._lanes_lock:
