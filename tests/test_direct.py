@@ -42,6 +42,7 @@ from vaccelray.client.refs import TaskRef
 from vaccelray.client.remote import FunctionSpec, function_spec
 from vaccelray.errors import RPCError, StatusCode, TransportError
 from vaccelray.protocol import tasks as wire
+from vaccelray.protocol.objects import MAX_CLIENT_ID
 from vaccelray.protocol.services import END_LEASE, LEASE, SUBMIT
 from vaccelray.transport.client import open_client
 from vaccelray.transport.server import CallContext, Link, Origin
@@ -338,6 +339,46 @@ def test_the_handoff_gives_the_socket_once_to_the_ticket_holder(worker: str) -> 
         _check_handoff(leased_)
 
 
+def test_a_silent_handoff_is_dropped_at_its_deadline_and_at_most_16_are_served_at_once(
+    worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def connected(address: str) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(60)
+        s.connect(address)
+        return s
+
+    with _a_lease(worker) as leased_:
+        address = "\0" + leased_.path[1:]
+        # One that says nothing is closed at its deadline.
+        monkeypatch.setattr(leases, "HANDOFF_TIMEOUT", 0.05)
+        with connected(address) as quiet:
+            assert quiet.recv(16) == b""
+        monkeypatch.setattr(leases, "HANDOFF_TIMEOUT", 600.0)
+        silent = [connected(address) for _ in range(16)]  # the most served at once
+        try:
+            with connected(address) as extra:
+                assert extra.recv(16) == b""  # past them: closed at once
+            silent[0].setblocking(False)
+            with pytest.raises(BlockingIOError):  # while those are still served
+                silent[0].recv(16)
+        finally:
+            for s in silent:
+                s.close()
+
+        def served() -> bool:  # (closed, the silent ones give their places back)
+            try:
+                return _handoff(leased_.path, b"0" * 48) == (b"no", [])
+            except ConnectionResetError:  # still past the bound: closed at once
+                return False
+
+        until(served, "a handoff is served again")
+        answer, fds = _handoff(leased_.path, leased_.lease_id.encode() + leased_.ticket)
+        assert answer == b"ok"
+        for fd in fds:
+            os.close(fd)
+
+
 def test_a_handoff_that_fails_is_logged_and_the_next_one_is_served(
     worker: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -506,6 +547,18 @@ async def test_a_connection_may_hold_as_many_leases_as_its_bound() -> None:
         assert service.leased_by(1) == 2
         with pytest.raises(RPCError, match="leased 2 pool processes"):
             _lease(service, _ctx(1, me))
+        await service.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_lease_naming_a_client_id_past_its_bound_is_refused() -> None:
+    with _service() as service:
+        request = LEASE.request.encode(wire.Lease("x" * (MAX_CLIENT_ID + 1)))
+        with pytest.raises(RPCError) as info:
+            service._lease(request, _ctx(1, os.getuid()))
+        assert info.value.code == StatusCode.INVALID_ARGUMENT
+        assert service.leases == {}
+        _lease(service, _ctx(1, os.getuid()))  # (a short one is taken)
         await service.aclose()
 
 
