@@ -25,6 +25,13 @@ Methods (request → reply):
     fails CANCELLED); a running one runs on (a method is not interrupted)
     unless ``force``, which kills the actor's process: a loss like any other
     (the actor is created again while ``max_restarts`` allows, else it dies).
+``LeaseActor``   :class:`LeaseActor` → :class:`~vaccelray.protocol.tasks.Leased`
+    A socket to the actor's process itself, for a client on the worker's host
+    (unix socket only): fetched from the handoff named, as a leased pool
+    process's is (see :mod:`vaccelray.worker.leases`). The client writes
+    method calls to it and reads their answers, the worker out of the path;
+    the process takes them in turn with the worker's. The socket closes when
+    the actor's process ends (a restart, a kill) or the leasing connection does.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ __all__ = [
     "METHOD_CANCEL_CALL",
     "METHOD_CREATE",
     "METHOD_KILL",
+    "METHOD_LEASE",
     "ActorCallCancelled",
     "ActorKilled",
     "CallActor",
@@ -51,6 +59,7 @@ __all__ = [
     "CancelActorCall",
     "CreateActor",
     "KillActor",
+    "LeaseActor",
     "check_fields",
 ]
 
@@ -58,6 +67,7 @@ METHOD_CREATE: Final = "CreateActor"
 METHOD_CALL: Final = "CallActor"
 METHOD_KILL: Final = "KillActor"
 METHOD_CANCEL_CALL: Final = "CancelActorCall"
+METHOD_LEASE: Final = "LeaseActor"
 
 #: Characters an actor id may have (clients make 32 hex digits).
 MAX_ACTOR_ID: Final = 64
@@ -109,6 +119,13 @@ class CancelActorCall(msgspec.Struct, array_like=True, frozen=True):
     call_id: str
     #: Kill the actor's process if the call runs (else a running call runs on).
     force: bool = False
+    #: The call went to the actor's process directly (``LeaseActor``): the worker does
+    #: not know it, and kills the process on ``force`` (answered KILLED).
+    direct: bool = False
+
+
+class LeaseActor(msgspec.Struct, array_like=True, frozen=True):
+    actor_id: str
 
 
 class CallState(enum.IntEnum):

@@ -402,6 +402,13 @@ CANCEL_ACTOR_CALL: Final = Rpc(
     MsgpackCodec[actors.ActorCallCancelled](actors.ActorCallCancelled),
     limits=actors.check_fields,
 )
+LEASE_ACTOR: Final = Rpc(
+    info.WORKER_SERVICE,
+    actors.METHOD_LEASE,
+    MsgpackCodec[actors.LeaseActor](actors.LeaseActor),
+    MsgpackCodec[tasks.Leased](tasks.Leased),
+    limits=actors.check_fields,
+)
 
 PUT_OBJECT: Final = Rpc(
     info.WORKER_SERVICE,
@@ -460,6 +467,7 @@ WORKER: Final = ServiceSpec(
         HOLD_OBJECTS,
         LEASE,
         END_LEASE,
+        LEASE_ACTOR,
     ),
 )
 

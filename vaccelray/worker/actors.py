@@ -23,6 +23,15 @@ never one or one lost before the call came, which did not run; ABORTED, it
 was killed or its constructor failed: dead for good. A lost actor's id may
 be created again; a dead one's may not.
 
+A client on the worker's host may also call an actor's process directly,
+on a *lane* (``LeaseActor``, see :mod:`vaccelray.worker.leases`): the worker
+hands the process one end of a socket pair, in turn with the actor's calls,
+and the client the other. The process takes the worker's calls and the lanes'
+one at a time (:mod:`vaccelray.worker.poolchild`); the worker does not see
+lane calls. As one of its calls may then wait in the process behind a lane's,
+which is bounded by the task timeout too, the worker allows an actor with
+lanes twice the task timeout per call. A lane ends with its actor's process.
+
 Bounds: ``max_actors`` on the worker and ``max_actors_per_connection`` per
 client connection (a CreateActor past either is refused RESOURCE_EXHAUSTED at
 once), and ``max_pending_calls`` queued per actor (likewise). Behind a
@@ -37,6 +46,7 @@ import asyncio
 import collections
 import functools
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
@@ -58,7 +68,7 @@ from vaccelray.protocol.services import (
 )
 from vaccelray.transport.server import Answer, CallContext, Method, Service
 from vaccelray.worker.pool import Pool, PoolProcessLost, TaskTimedOut
-from vaccelray.worker.poolchild import OK, Done
+from vaccelray.worker.poolchild import LANE, OK, Done
 from vaccelray.worker.replies import outcome_reply
 from vaccelray.worker.sandbox import Sandbox
 
@@ -96,7 +106,7 @@ class _Call:
     """One method call (the server's *callback* kind of work): it waits its turn in its
     actor's queue, runs, and answers through ``done``."""
 
-    __slots__ = ("actor", "args", "call_id", "done", "method")
+    __slots__ = ("actor", "args", "call_id", "done", "lane", "method")
     #: What answers it, given by the server when it starts it; None once it ended (answered,
     #: or given up by the server: its deadline, its client gone, shutdown).
     done: Callable[[Answer], None] | None
@@ -106,6 +116,8 @@ class _Call:
         self.call_id = call_id
         self.method = method
         self.args = args
+        #: The lane a LANE call hands the process (the pool closes it).
+        self.lane: socket.socket | None = None
 
     def start(self, done: Callable[[Answer], None]) -> None:
         self.done = done
@@ -154,6 +166,8 @@ class _Actor:
         self.lost = False
         #: Its pool's start has ended: from then on, whoever buries it closes the pool.
         self.started = False
+        #: Its process serves lanes (its calls may wait there behind a lane's).
+        self.laned = False
         self.pool = Pool(
             1,
             env=service.env,
@@ -170,6 +184,7 @@ class _Actor:
     def construct(self) -> None:
         """Run the constructor on the (new) process; calls wait until it has run."""
         self.constructing = True
+        self.laned = False  # a new process: the lanes ended with the old one
         request = self.request
         try:
             self.pool.submit(
@@ -180,6 +195,9 @@ class _Actor:
                 on_done=self._constructed,
                 timeout=self.service.task_timeout or None,
                 method=_CREATE,
+                # A process lost while idle (a lane's call) is reported after a wait, in
+                # which a call may have been queued: the constructor runs first.
+                first=True,
             )
         except PoolProcessLost as exc:
             self.die(f"could not start: {exc}", lost=True)
@@ -216,6 +234,18 @@ class _Actor:
                 )
         return _Call(self, request.call_id, request.method, request.args)
 
+    def lane(self, sock: socket.socket) -> _Call:
+        """The call that hands its process the lane *sock* (in turn with the calls)."""
+        call = self.call(wire.CallActor(self.id, "lane", LANE))
+        call.lane = sock
+        return call
+
+    def _timeout(self, call: _Call) -> float | None:
+        """*call*'s timeout on the worker (see the module for why lanes double it); a LANE
+        call's is the lane's calls' (see ``Pool.submit``)."""
+        timeout = self.service.task_timeout
+        return (2 * timeout if self.laned and call.lane is None else timeout) or None
+
     def _next(self) -> None:
         if self.running is not None or self.constructing or self.death is not None:
             return
@@ -231,9 +261,11 @@ class _Actor:
                     b"",
                     call.args,
                     on_done=functools.partial(self._answered, call),
-                    timeout=self.service.task_timeout or None,
+                    timeout=self._timeout(call),
                     method=call.method,
+                    lane=call.lane,
                 )
+                call.lane = None
             except PoolProcessLost as exc:
                 self.running = None
                 self.die(f"was lost: {exc}", lost=True)
@@ -244,7 +276,10 @@ class _Actor:
         if isinstance(outcome, PoolProcessLost) and not isinstance(outcome, TaskTimedOut):
             call.end(_died(self.id, f"was lost while running {call.method}: {outcome}", lost=True))
             return  # _lost decides what comes next
-        if call.done is not None:
+        if call.method == LANE and isinstance(outcome, Done):
+            self.laned = self.laned or outcome.status == OK
+            call.end(b"" if outcome.status == OK else _no_lane(self, outcome.message))
+        elif call.done is not None:
             try:
                 answer: Answer = outcome_reply(
                     outcome, CALL_ACTOR.method, self.service.max_message_size
@@ -254,6 +289,19 @@ class _Actor:
             call.end(answer)
         if not isinstance(outcome, PoolProcessLost):
             self._next()
+
+    def cancel_direct(self) -> wire.CallState:
+        """A lane's call is cancelled with force: kill the process (a loss as any other)."""
+        if self.death is not None or not self.laned:
+            return wire.CallState.ENDED
+        why = "was killed to stop a call of a lane (cancelled with force)"
+        if self.restarts_left > 0:
+            log.warning("Actor %s %s", self.label(), why)
+            self.constructing = True  # calls wait for the new process: _lost restarts it
+            self.pool.kill_processes()
+        else:
+            self.die(why, lost=True)
+        return wire.CallState.KILLED
 
     def cancel(self, call_id: str, force: bool) -> wire.CallState:
         """Drop the call *call_id* if it waits; if it runs, kill the process when *force*."""
@@ -317,6 +365,10 @@ class _Actor:
         for call in calls:
             call.end(_died(self.id, why, lost=lost))
         self.service._buried(self)
+
+
+def _no_lane(actor: _Actor, why: str) -> RPCError:
+    return RPCError(StatusCode.RESOURCE_EXHAUSTED, f"actor {actor.label()}: {why}")
 
 
 class ActorService:
@@ -466,6 +518,31 @@ class ActorService:
         CALL_ACTOR.check(request, self.max_message_size)
         return self._find(request.actor_id).call(request)
 
+    async def lane(self, actor_id: str, sock: socket.socket) -> None:
+        """Hand the process of actor *actor_id* the lane *sock* (closed here in any case);
+        raises RPCError when it takes none (no such actor, or it serves its most)."""
+        try:
+            actor = self._find(actor_id)
+            call = actor.lane(sock)
+        except BaseException:
+            sock.close()
+            raise
+        taken: asyncio.Future[Answer] = self.loop.create_future()
+
+        def answered(answer: Answer) -> None:
+            if not taken.done():
+                taken.set_result(answer)
+
+        call.start(answered)
+        try:
+            answer = await taken
+        finally:
+            call.cancel()
+            if call.lane is not None:  # dropped before its turn
+                call.lane.close()
+        if isinstance(answer, BaseException):
+            raise answer
+
     def _kill(self, payload: bytes, ctx: CallContext) -> bytes:
         self.check.check(ctx)
         return self._kill_local(payload, ctx)
@@ -483,7 +560,9 @@ class ActorService:
         CANCEL_ACTOR_CALL.check(request, 0)
         actor = self.actors.get(request.actor_id)
         state = wire.CallState.ENDED
-        if actor is not None:
+        if actor is not None and request.direct:
+            state = actor.cancel_direct() if request.force else wire.CallState.RUNNING
+        elif actor is not None:
             state = actor.cancel(request.call_id, request.force)
         return CANCEL_ACTOR_CALL.reply.encode(wire.ActorCallCancelled(state))
 

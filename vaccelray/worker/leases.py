@@ -17,6 +17,12 @@ the *handoff*: the client sends the lease id and the Lease's one-time ticket
 leased (``SO_PEERCRED``); the worker answers with the fd (``SCM_RIGHTS``) or
 with a refusal. A ticket not used within :data:`TICKET_TTL` ends its lease.
 
+The same handoff gives a client a *lane* to an actor's process
+(``LeaseActor``, see :mod:`vaccelray.worker.actors`): one end of a socket
+pair whose other end the process serves beside the worker's socket. An
+actor's process serves at most ``poolchild.MAX_LANES`` lanes; a lane ends
+with the process, or when its client closes it.
+
 What the worker keeps: how many leased processes there are (``max_leases``,
 ``max_per_connection``: RESOURCE_EXHAUSTED past them), their sandbox and
 limits, the run timeout (the process ends itself with SIGALRM past it, as no
@@ -39,7 +45,7 @@ import secrets
 import socket
 import struct
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import anyio
@@ -49,8 +55,9 @@ from vaccelray import segments
 from vaccelray.auth import TokenCheck
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
-from vaccelray.protocol.services import END_LEASE, LEASE
+from vaccelray.protocol.services import END_LEASE, LEASE, LEASE_ACTOR
 from vaccelray.transport.server import CallContext, Method
+from vaccelray.worker.actors import ActorService
 from vaccelray.worker.objects import ObjectStore
 from vaccelray.worker.pool import Pool, exit_status
 from vaccelray.worker.poolchild import RESULT_TAG
@@ -85,38 +92,42 @@ _REAP_WAIT: Final = 5.0
 _CREDENTIALS: Final = struct.Struct("3i")  # pid, uid, gid
 
 
+class _Offer:
+    """A socket waiting at the handoff for its client: its ticket, the user who may fetch
+    it, and what ends it when nobody does in time."""
+
+    __slots__ = ("expiry", "sock", "ticket", "uid")
+
+    def __init__(self, sock: socket.socket, uid: int, expiry: asyncio.TimerHandle) -> None:
+        self.sock = sock
+        self.ticket = secrets.token_bytes(TICKET_BYTES)
+        self.uid = uid
+        self.expiry = expiry
+
+    def withdraw(self) -> None:
+        self.expiry.cancel()
+        self.sock.close()
+
+
 class _Lease:
     def __init__(
         self,
         lease_id: str,
         connection_id: int,
-        uid: int,
         client: str,
         process: subprocess.Popen[bytes],
-        sock: socket.socket,
         channel: socket.socket,
     ) -> None:
         self.lease_id = lease_id
-        self.ticket = secrets.token_bytes(TICKET_BYTES)
         self.connection_id = connection_id
-        #: The user that may fetch the socket: the leasing connection's.
-        self.uid = uid
         #: Who owns the results kept (as ``Submit.client``).
         self.client = client
         self.process = process
-        #: The client's end of the process's task socket, until it fetches it.
-        self.sock: socket.socket | None = sock
         #: The worker's end of the process's channel (large results come on it).
         self.channel = channel
         #: How the process ended (None: it runs).
         self.status: str | None = None
         self.ended = asyncio.Event()
-        self.expiry: asyncio.TimerHandle | None = None
-
-    def drop_sock(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
     def kill(self) -> None:
         if self.status is None:
@@ -125,7 +136,8 @@ class _Lease:
 
 
 class LeaseService:
-    """The Lease and EndLease methods, the handoff socket, and the leased processes."""
+    """The Lease, EndLease and LeaseActor methods, the handoff socket, and the leased
+    processes."""
 
     def __init__(
         self,
@@ -136,17 +148,22 @@ class LeaseService:
         max_leases: int,
         max_per_connection: int,
         task_timeout: float,
+        actors: ActorService | None = None,
     ) -> None:
-        """At most *max_leases* processes (0: leases are off), *max_per_connection* of
-        one connection (0: no limit); a leased task runs at most *task_timeout* s (0: no
-        limit); large results are kept in *objects*."""
+        """At most *max_leases* processes (0: leases are off, and lanes), *max_per_connection*
+        of one connection (0: no limit); a leased task or a lane's call runs at most
+        *task_timeout* s (0: no limit); large results are kept in *objects*; lanes go to
+        the processes of *actors*."""
         self.pool = pool
         self.check = check
         self.objects = objects
         self.max_leases = max_leases
         self.max_per_connection = max_per_connection
         self.task_timeout = task_timeout
+        self.actors = actors
         self.leases: dict[str, _Lease] = {}
+        #: The sockets waiting at the handoff, by lease id (a lane's: an id of its own).
+        self.offers: dict[str, _Offer] = {}
         #: The connection and exit status of leases ended lately, oldest first.
         self.ended: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()
         #: The handoff socket's abstract name (without its leading NUL).
@@ -159,27 +176,33 @@ class LeaseService:
         return {
             LEASE.method: Method(self._lease, inline=True),
             END_LEASE.method: Method(self._end),
+            LEASE_ACTOR.method: Method(self._lease_actor),
         }
 
     # -- methods ---------------------------------------------------------------
+
+    def _caller(self, ctx: CallContext, one: str, many: str) -> int:
+        """The uid of a caller who may lease *one* (of *many*): on a unix socket, leases on."""
+        uid = ctx.origin.uid
+        if uid is None:
+            raise RPCError(
+                StatusCode.FAILED_PRECONDITION,
+                f"{one} is leased only on a unix socket (the client must be on this host)",
+            )
+        if not self.max_leases or self._listener is None:
+            raise RPCError(
+                StatusCode.FAILED_PRECONDITION,
+                f"this worker leases no {many} (worker option --max-leases)",
+            )
+        if self._closing:
+            raise RPCError(StatusCode.UNAVAILABLE, "the worker is shutting down")
+        return uid
 
     def _lease(self, payload: bytes, ctx: CallContext) -> bytes:
         self.check.check(ctx)
         request = LEASE.request.decode(payload)
         LEASE.check(request, 0)
-        uid = ctx.origin.uid
-        if uid is None:
-            raise RPCError(
-                StatusCode.FAILED_PRECONDITION,
-                "a pool process is leased only on a unix socket (the client must be on this host)",
-            )
-        if not self.max_leases or self._listener is None:
-            raise RPCError(
-                StatusCode.FAILED_PRECONDITION,
-                "this worker leases no pool processes (worker option --max-leases)",
-            )
-        if self._closing:
-            raise RPCError(StatusCode.UNAVAILABLE, "the worker is shutting down")
+        uid = self._caller(ctx, "a pool process", "pool processes")
         if len(self.leases) >= self.max_leases:
             raise RPCError(
                 StatusCode.RESOURCE_EXHAUSTED,
@@ -193,11 +216,42 @@ class LeaseService:
                 f"this connection leased {limit} pool processes, its most (worker option "
                 "--max-leases-per-connection)",
             )
-        lease = self._start(ctx.connection_id, uid, request.client)
-        reply = wire.Leased(lease.lease_id, lease.ticket, "@" + self.name)
-        return LEASE.reply.encode(reply)
+        lease, ticket = self._start(ctx.connection_id, uid, request.client)
+        return LEASE.reply.encode(wire.Leased(lease.lease_id, ticket, "@" + self.name))
 
-    def _start(self, connection_id: int, uid: int, client: str) -> _Lease:
+    async def _lease_actor(self, payload: bytes, ctx: CallContext) -> bytes:
+        self.check.check(ctx)
+        request = LEASE_ACTOR.request.decode(payload)
+        LEASE_ACTOR.check(request, 0)
+        uid = self._caller(ctx, "an actor's lane", "actor lanes")
+        if self.actors is None:
+            raise RPCError(StatusCode.FAILED_PRECONDITION, "this worker runs no actors")
+        ours, theirs = socket.socketpair()
+        try:
+            await self.actors.lane(request.actor_id, ours)
+            lane_id = secrets.token_hex(ID_BYTES)
+            ticket = self._offer(lane_id, theirs, uid, self._withdraw)
+        except BaseException:
+            theirs.close()
+            raise
+        return LEASE_ACTOR.reply.encode(wire.Leased(lane_id, ticket, "@" + self.name))
+
+    def _offer(
+        self, offer_id: str, sock: socket.socket, uid: int, expired: Callable[[str], object]
+    ) -> bytes:
+        """Put *sock* at the handoff for user *uid* under *offer_id*: its ticket.
+        Not fetched within TICKET_TTL, ``expired(offer_id)`` ends it."""
+        loop = asyncio.get_running_loop()
+        offer = _Offer(sock, uid, loop.call_later(TICKET_TTL, expired, offer_id))
+        self.offers[offer_id] = offer
+        return offer.ticket
+
+    def _withdraw(self, offer_id: str) -> None:
+        offer = self.offers.pop(offer_id, None)
+        if offer is not None:
+            offer.withdraw()
+
+    def _start(self, connection_id: int, uid: int, client: str) -> tuple[_Lease, bytes]:
         """Spawn a leased process and watch for its end and its large results."""
         try:
             process, sock, channel = self.pool.spawn_process(self.task_timeout)
@@ -206,24 +260,24 @@ class LeaseService:
                 StatusCode.UNAVAILABLE, f"cannot start a pool process to lease: {exc}"
             ) from None
         lease_id = secrets.token_hex(ID_BYTES)
-        lease = _Lease(lease_id, connection_id, uid, client, process, sock, channel)
+        lease = _Lease(lease_id, connection_id, client, process, channel)
         loop = asyncio.get_running_loop()
         try:
             pidfd = os.pidfd_open(process.pid)
         except OSError:  # cannot watch it: do not lease it
             lease.kill()
             process.wait()
-            lease.drop_sock()
+            sock.close()
             channel.close()
             raise RPCError(
                 StatusCode.FAILED_PRECONDITION, "this host cannot watch a leased process (pidfd)"
             ) from None
         loop.add_reader(pidfd, self._exited, lease, pidfd)
         loop.add_reader(channel.fileno(), self._deposit, lease)
-        lease.expiry = loop.call_later(TICKET_TTL, self._expired, lease)
+        ticket = self._offer(lease_id, sock, uid, self._expired)
         self.leases[lease.lease_id] = lease
         log.debug("Leased pool process %d to connection %d", process.pid, connection_id)
-        return lease
+        return lease, ticket
 
     async def _end(self, payload: bytes, ctx: CallContext) -> bytes:
         self.check.check(ctx)
@@ -253,11 +307,12 @@ class LeaseService:
             if lease.connection_id == connection_id:
                 lease.kill()
 
-    def _expired(self, lease: _Lease) -> None:
-        lease.expiry = None
-        if lease.sock is not None:
+    def _expired(self, lease_id: str) -> None:
+        self._withdraw(lease_id)
+        lease = self.leases.get(lease_id)
+        if lease is not None:
             log.info("Lease %s was not taken within %g s: its process is stopped",
-                     lease.lease_id, TICKET_TTL)  # fmt: skip
+                     lease_id, TICKET_TTL)  # fmt: skip
             lease.kill()
 
     def _exited(self, lease: _Lease, pidfd: int) -> None:
@@ -267,9 +322,7 @@ class LeaseService:
         loop.remove_reader(lease.channel.fileno())
         lease.channel.close()
         lease.status = exit_status(lease.process.wait())
-        if lease.expiry is not None:
-            lease.expiry.cancel()
-        lease.drop_sock()
+        self._withdraw(lease.lease_id)
         self.leases.pop(lease.lease_id, None)
         self.ended[lease.lease_id] = (lease.connection_id, lease.status)
         while len(self.ended) > _KEEP_ENDED:
@@ -362,21 +415,22 @@ class LeaseService:
             self._handoffs -= 1
 
     def _take(self, conn: socket.socket, data: bytes) -> socket.socket | None:
-        """The socket of the lease *data* names, when its ticket is right and the peer is
-        the leasing user (taken: no one fetches it again); else None."""
-        lease_id = data[: 2 * ID_BYTES].decode("ascii", "replace")
-        lease = self.leases.get(lease_id)
-        if lease is None or lease.sock is None:
+        """The socket *data* names, when its ticket is right and the peer is the leasing
+        user (taken: no one fetches it again); else None."""
+        offer_id = data[: 2 * ID_BYTES].decode("ascii", "replace")
+        offer = self.offers.get(offer_id)
+        if offer is None:
             return None
-        if not hmac.compare_digest(data[2 * ID_BYTES :], lease.ticket):
+        if not hmac.compare_digest(data[2 * ID_BYTES :], offer.ticket):
             return None
         _, uid, _ = _CREDENTIALS.unpack(
             conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
         )
-        if uid != lease.uid:
+        if uid != offer.uid:
             return None
-        sock, lease.sock = lease.sock, None  # (its expiry finds it taken)
-        return sock
+        del self.offers[offer_id]
+        offer.expiry.cancel()
+        return offer.sock
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[LeaseService]:
@@ -400,6 +454,8 @@ class LeaseService:
     async def aclose(self) -> None:
         """Stop every leased process (and wait, briefly, for them to be reaped)."""
         self._closing = True
+        for offer_id in list(self.offers):
+            self._withdraw(offer_id)
         leases = list(self.leases.values())
         for lease in leases:
             lease.kill()

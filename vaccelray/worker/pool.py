@@ -62,6 +62,7 @@ from vaccelray.transport.endpoints import tune_socket
 from vaccelray.transport.writes import WriteBatch
 from vaccelray.worker.poolchild import (
     FRAME_MARGIN,
+    LANE_TAG,
     OBJECTS_TAG,
     REJECTED,
     RESULT_TAG,
@@ -152,6 +153,7 @@ class _Job:
         "expires",
         "finished",
         "function",
+        "lane",
         "method",
         "name",
         "objects",
@@ -189,6 +191,8 @@ class _Job:
         #: Results of at least this many bytes come as segments, handed to *on_segment*.
         self.segment_min = 0
         self.on_segment: Callable[[int, int], object] | None = None
+        #: An actor's lane to hand its process (see ``poolchild.LANE``), closed once sent.
+        self.lane: socket.socket | None = None
         self.seq = seq
         self.digest = digest
         self.name = name
@@ -318,6 +322,13 @@ class _Child(asyncio.BufferedProtocol):
             return
         self.pool._finished(self, done, fd)
 
+    def eof_received(self) -> None:
+        # The process closed its socket (it is ending): no task goes to it from now on,
+        # though connection_lost comes only on the loop's next round, after the requests
+        # read meanwhile (such as a lane's client calling again by the worker).
+        with contextlib.suppress(ValueError):
+            self.pool._idle.remove(self)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.channel.close()
@@ -363,6 +374,16 @@ class _Child(asyncio.BufferedProtocol):
                 return exc.message
             except OSError as exc:
                 return f"cannot hand {job.name} its objects: {exc}"
+        # A lane's run says the timeout of the lane's calls: the job's own.
+        lane_timeout = 0.0
+        if job.lane is not None:
+            lane, job.lane = job.lane, None
+            lane_timeout = job.timeout or 0.0
+            try:
+                with lane:
+                    segments.send_fds(self.channel, LANE_TAG, [lane.fileno()])
+            except OSError as exc:
+                return f"cannot hand {job.name} its lane: {exc}"
         known = self.known
         first = job.digest not in known
         known.setdefault(job.digest)
@@ -385,6 +406,7 @@ class _Child(asyncio.BufferedProtocol):
             sent,
             job.args_object,
             job.segment_min,
+            lane_timeout,
         )
         self.transport.write(encode_frame(self.pool._encoder, run))
         return ""
@@ -630,6 +652,8 @@ class Pool:
         args_object: str = "",
         segment_min: int = 0,
         on_segment: Callable[[int, int], object] | None = None,
+        lane: socket.socket | None = None,
+        first: bool = False,
     ) -> _Job:
         """Queue one task of *owner*; *on_done* gets its Done or PoolProcessLost.
         *objects*: pickled objects its arguments refer to, by id (large ones lent);
@@ -641,7 +665,10 @@ class Pool:
         Past *timeout* seconds of running (not queued) the task's process is
         killed and *on_done* gets :class:`TaskTimedOut`.
         Raises PoolProcessLost at once when the pool is closing. *method*: see
-        :attr:`vaccelray.worker.poolchild.Run.method`.
+        :attr:`vaccelray.worker.poolchild.Run.method`; *lane*: the socket a
+        ``poolchild.LANE`` run hands over (the pool closes it once sent, or with the job),
+        whose calls may then run *timeout* seconds each. *first*: ahead of its owner's
+        queued tasks (an actor's constructor, before the calls that came meanwhile).
         """
         if self._closing:
             raise PoolProcessLost("the worker is shutting down")
@@ -663,10 +690,14 @@ class Pool:
             job.args_object = args_object
         if segment_min:
             job.segment_min, job.on_segment = segment_min, on_segment
+        job.lane = lane
         state = self._owners.get(owner)
         if state is None:
             state = self._owners[owner] = _Owner()
-        state.queue.append(job)
+        if first:
+            state.queue.appendleft(job)
+        else:
+            state.queue.append(job)
         self._queued += 1
         self._dispatch()
         return job
@@ -681,8 +712,17 @@ class Pool:
             log.info("Killing pool process %d to stop task %s", job.child.pid, job.name)
             job.child.kill()
 
+    def kill_processes(self) -> None:
+        """Kill every process: each one's task fails as lost, and ``on_lost`` says whether a
+        new process takes its place."""
+        for child in list(self._children):
+            child.kill()
+
     def _ended(self, job: _Job) -> None:
         """*job* will not be answered any more: it leaves its queue or its owner's running."""
+        if job.lane is not None:  # never sent
+            job.lane.close()
+            job.lane = None
         state = self._owners[job.owner]
         if job.queued:
             state.queue.remove(job)

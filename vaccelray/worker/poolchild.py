@@ -12,6 +12,14 @@ them in ``segments``), and are read from read-only mappings; a result of at
 least ``Run.segment_min`` bytes is pickled into a new sealed segment sent back
 on the channel just before its ``Done`` (``Done.segment``: its size).
 
+An actor's process may also serve *lanes*: sockets of clients on the
+worker's host (:mod:`vaccelray.worker.leases`), each handed over on the
+channel (``LANE_TAG``, just before a ``Run`` whose method is :data:`LANE`).
+From its first lane on, the process waits on all its sockets at once and
+runs one call at a time: the worker's first, then the lanes' in turn. A lane
+carries method calls only, each bounded by the lane's timeout (a call past it
+is answered ``TIMED_OUT`` and the process then ends, as one the worker kills).
+
 Functions arrive pickled once per process (``Run.function`` is set the first
 time this process sees a digest) and are kept unpickled by digest, until the
 worker says to forget them (``Run.forget``: it keeps a bounded number). Whatever
@@ -21,7 +29,9 @@ process dying (segfault, ``os._exit``), which fails that one task.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import faulthandler
 import os
 import pickle
 import signal
@@ -42,11 +52,16 @@ from vaccelray.worker.sandbox import TaskLimits, apply_limits, memory_note
 
 __all__ = [
     "FRAME_MARGIN",
+    "LANE",
+    "LANE_TAG",
+    "MAX_LANES",
+    "TIMED_OUT",
     "Done",
     "ErrorInfo",
     "Run",
     "describe_exception",
     "encode_frame",
+    "frame_end",
     "main",
     "too_large",
 ]
@@ -58,6 +73,8 @@ SERIALIZATION: Final = 3
 REJECTED: Final = 4
 #: A result larger than a reply may carry (not a failure kind: answered RESOURCE_EXHAUSTED).
 TOO_LARGE: Final = 100
+#: A lane's call ran past its timeout (answered DEADLINE_EXCEEDED; the process then ends).
+TIMED_OUT: Final = 101
 
 #: Room in a frame to the worker beyond the max message size: the rest of a
 #: ``Done`` (its message, an exception's traceback).
@@ -89,7 +106,8 @@ class Run(msgspec.Struct, array_like=True, frozen=True):
     args_object: str = ""
     #: A pickled result of at least this many bytes goes in a segment (0: never).
     segment_min: int = 0
-    #: Seconds the task may run, in a leased process (0: its lease's limit).
+    #: Seconds the task may run, in a leased process (0: its lease's limit); in a
+    #: :data:`LANE` run, each of the lane's calls (0: no limit).
     timeout: float = 0.0
 
 
@@ -164,9 +182,26 @@ def describe_exception(exc: BaseException, tb: TracebackType | None) -> ErrorInf
     return ErrorInfo(cls.__module__, cls.__qualname__, message, args, text, attributes)
 
 
-#: The tags of the channel's messages: a task's objects, a result.
+#: The tags of the channel's messages: a task's objects, a result, an actor's lane.
 OBJECTS_TAG: Final = b"objects"
 RESULT_TAG: Final = b"result"
+LANE_TAG: Final = b"lane"
+#: ``Run.method`` of the worker's "serve this lane" (the socket comes on the channel;
+#: ``Run.timeout`` is the lane's call timeout, 0 for none).
+LANE: Final = "__lane__"
+#: Lanes an actor's process serves at once: past it, a new one is refused (REJECTED).
+MAX_LANES: Final = 8
+#: Seconds past a lane call's timeout after which the process is ended even though the
+#: call did not stop (it ignored the exception, or never returned to Python).
+_BACKSTOP: Final = 5.0
+
+
+class RunTimedOut(BaseException):
+    """Raised in a lane's call by SIGALRM: it ran past its timeout."""
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise RunTimedOut
 
 
 class _Runner:
@@ -191,6 +226,9 @@ class _Runner:
         self.memory = memory
         #: The instance this process holds, when it is an actor's.
         self.actor: object = None
+        #: An actor's process serving lanes: their calls' timeout (0: none), and whether
+        #: SIGALRM raises RunTimedOut in a call (None: it serves no lane).
+        self.lane_timeout: float | None = None
 
     def _callable(self, task: Run) -> Callable[..., Any] | Done:
         """What *task* calls, or the Done that says why there is nothing to call."""
@@ -264,10 +302,15 @@ class _Runner:
         timeout = self.timeout
         if task.timeout > 0 and (not timeout or task.timeout < timeout):
             timeout = task.timeout
+        backstop = bool(timeout) and self.lane_timeout is not None
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, timeout)
+            if backstop:
+                faulthandler.dump_traceback_later(timeout + _BACKSTOP, exit=True)
         try:
             result = fn(*args, **kwargs)
+        except RunTimedOut:
+            return Done(task.seq, TIMED_OUT, message=f"{task.name} ran past its timeout")
         except BaseException as exc:
             # Drop this frame: the traceback starts in the user's function.
             tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
@@ -280,6 +323,8 @@ class _Runner:
         finally:
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                if backstop:
+                    faulthandler.cancel_dump_traceback_later()
             task_context.session_id = 0
         if task.method == _CREATE:
             self.actor, result = result, None
@@ -325,6 +370,41 @@ class _Runner:
         self.segment = out.fd
         return Done(task.seq, OK, segment=out.size)
 
+    def lane(self, task: Run) -> socket.socket | None:
+        """The lane the worker's :data:`LANE` run hands over (on the channel); None when
+        this process holds no actor (the fd is closed)."""
+        assert self.channel is not None, "a lane sent to a process without a channel"
+        (fd,) = segments.receive_fds(self.channel, LANE_TAG, 1)
+        if self.actor is None:
+            os.close(fd)
+            return None
+        if self.lane_timeout is None:
+            signal.signal(signal.SIGALRM, _alarm)
+        self.lane_timeout = task.timeout
+        lane = socket.socket(fileno=fd)
+        lane.setblocking(False)
+        return lane
+
+    def lane_call(self, task: Run) -> Done:
+        """Run a call a lane sent: a method of this process's actor, nothing else (no
+        function, no objects: those come from the worker), within the lane's timeout (the
+        call's own is the client's to keep: the worker's, as a method runs on past it)."""
+        if (
+            not task.method
+            or task.method.startswith("_")
+            or task.function is not None
+            or task.forget
+            or task.objects
+            or task.segments
+            or task.args_object
+            or task.segment_min
+        ):
+            return Done(
+                task.seq, REJECTED, message=f"a lane carries method calls only ({task.name})"
+            )
+        timeout = self.lane_timeout or 0.0
+        return self.run(msgspec.structs.replace(task, session_id=0, timeout=timeout))
+
     def deposit(self, done: Done) -> Done:
         """A leased process's *done* once its result's segment is in the worker's store.
 
@@ -367,6 +447,19 @@ def encode_frame(encoder: msgspec.msgpack.Encoder, message: msgspec.Struct) -> b
     encoder.encode_into(message, frame, _HEADER.size)
     _HEADER.pack_into(frame, 0, len(frame) - _HEADER.size)
     return frame
+
+
+def frame_end(buffer: bytearray, limit: int) -> int:
+    """Where the whole frame at the start of *buffer* ends (its body is
+    ``buffer[4:end]``); 0 until all of it is there. ValueError for a frame declared
+    larger than *limit* bytes."""
+    if len(buffer) < _HEADER.size:
+        return 0
+    (size,) = _HEADER.unpack_from(buffer)
+    if size > limit:
+        raise ValueError(f"a frame of {size} bytes, more than the {limit} allowed")
+    end = _HEADER.size + size
+    return end if len(buffer) >= end else 0
 
 
 def _read_frame(reader: Any) -> bytearray | None:
@@ -421,26 +514,71 @@ def main(
         socket.socket(fileno=channel) if channel >= 0 else None,
         max(lease_timeout, 0.0),
     )
+    answer = _Answers(sock, runner, encoder, max_result, deposit=lease_timeout >= 0)
     while True:
         body = _read_frame(reader)
         if body is None:
             break
         # Like the daemons, but only once large messages come (it costs start-up time).
         keep_heap_for(len(body))
-        done = runner.run(decoder.decode(body))
+        task = decoder.decode(body)
         del body
-        if lease_timeout >= 0 and runner.segment >= 0:
-            done = runner.deposit(done)
+        if task.method == LANE:
+            # The worker sends an actor's process one Run at a time: nothing more is in
+            # the reader's buffer, and from now on the sockets are read as they come.
+            lane = runner.lane(task)
+            refusal = "" if lane is not None else "this process holds no actor"
+            if not answer(_lane_taken(task, refusal)):
+                break
+            if lane is not None:
+                _serve_lanes(sock, lane, runner, decoder, answer)
+            break
+        if not answer(runner.run(task)):
+            break
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _lane_taken(task: Run, refusal: str) -> Done:
+    """The answer to a :data:`LANE` run: taken, or REJECTED saying why (*refusal*)."""
+    return (
+        Done(task.seq, REJECTED, message=f"no lane: {refusal}") if refusal else Done(task.seq, OK)
+    )
+
+
+class _Answers:
+    """Writes each Done as a frame (to the worker's socket, or to a lane's buffer)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        runner: _Runner,
+        encoder: msgspec.msgpack.Encoder,
+        max_result: int,
+        *,
+        deposit: bool,
+    ) -> None:
+        self.sock = sock
+        self.runner = runner
+        self.encoder = encoder
+        self.max_result = max_result
+        #: A leased process: a large result's segment goes to the worker's store first.
+        self.deposit = deposit
+
+    def frame(self, done: Done) -> bytearray:
+        """*done* as a frame, whatever it holds: a Done too large or unencodable becomes
+        one that says so."""
+        encoder = self.encoder
         try:
             out = encode_frame(encoder, done)
         except BaseException as exc:  # an unencodable message: report it, never die
             out = encode_frame(
                 encoder,
-                runner._failed(
+                self.runner._failed(
                     Run(done.seq, "", "", None, b""), SERIALIZATION, "cannot encode the reply", exc
                 ),
             )
-        if len(out) - _HEADER.size > max_result + FRAME_MARGIN:  # the details of a failure
+        if len(out) - _HEADER.size > self.max_result + FRAME_MARGIN:  # a failure's details
             out = encode_frame(
                 encoder,
                 Done(
@@ -450,6 +588,14 @@ def main(
                     "to send)",
                 ),
             )
+        return out
+
+    def __call__(self, done: Done) -> bool:
+        """Send *done* to the worker (its result's segment first); False when it is gone."""
+        runner = self.runner
+        if self.deposit and runner.segment >= 0:
+            done = runner.deposit(done)
+        out = self.frame(done)
         try:
             if runner.segment >= 0:
                 assert runner.channel is not None
@@ -458,8 +604,168 @@ def main(
                 finally:
                     os.close(runner.segment)
                     runner.segment = -1
-            sock.sendall(out)
+            self.sock.sendall(out)
         except OSError:
+            return False
+        return True
+
+
+class _Source:
+    """A socket Run frames come on: what has been read of it, and (a lane's) the answer
+    not yet written."""
+
+    __slots__ = ("buffer", "limit", "out", "sock")
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self.sock = sock
+        #: The largest frame it may send.
+        self.limit = limit
+        self.buffer = bytearray()
+        self.out = memoryview(b"")
+
+    def frame(self) -> bytearray | None:
+        """The next whole frame's body, taken from the buffer; None until one is there.
+        Raises ValueError for a frame past the limit."""
+        buffer = self.buffer
+        end = frame_end(buffer, self.limit)
+        if not end:
+            return None
+        body = buffer[_HEADER.size : end]
+        del buffer[:end]
+        return body
+
+    def fill(self) -> bool:
+        """Read what has come (the socket is readable); False at its end."""
+        try:
+            data = self.sock.recv(1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        self.buffer += data
+        return bool(data)
+
+    def flush(self) -> bool:
+        """Write what it can of the answer (the socket does not block); False when the
+        peer is gone."""
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        self.out = self.out[sent:]
+        return True
+
+
+def _serve_lanes(
+    sock: socket.socket,
+    first: socket.socket,
+    runner: _Runner,
+    decoder: msgspec.msgpack.Decoder[Run],
+    answer: _Answers,
+) -> None:
+    """Serve the worker's socket and the lanes until the worker closes its socket.
+
+    One call at a time: the worker's first (so one of its calls waits for at most one
+    lane's), then each lane in turn. A lane is read only once its last answer is
+    written, so it holds at most one answer here, however slowly its client reads; a
+    lane that breaks the protocol, or closes, is dropped.
+    """
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    worker = _Source(sock, 1 << 62)  # the worker's frames are trusted
+    selector.register(sock, selectors.EVENT_READ, worker)
+    lanes: collections.deque[_Source] = collections.deque()
+    limit = answer.max_result + FRAME_MARGIN
+
+    def add(lane: socket.socket) -> bool:
+        if len(lanes) >= MAX_LANES:
+            lane.close()
+            return False
+        source = _Source(lane, limit)
+        selector.register(lane, selectors.EVENT_READ, source)
+        lanes.append(source)
+        return True
+
+    def drop(source: _Source) -> None:
+        selector.unregister(source.sock)
+        source.sock.close()
+        lanes.remove(source)
+
+    def wait() -> bool:
+        """Until some socket is ready; False when the worker's closed."""
+        for key, events in selector.select():
+            source: _Source = key.data
+            alive = True
+            if events & selectors.EVENT_WRITE:
+                alive = source.flush()
+                if alive and not source.out:
+                    selector.modify(source.sock, selectors.EVENT_READ, source)
+            if alive and events & selectors.EVENT_READ:
+                alive = source.fill()
+            if not alive:
+                if source is worker:
+                    return False
+                drop(source)
+        return True
+
+    add(first)
+    while True:
+        body = worker.frame()
+        if body is not None:
+            task = decoder.decode(body)
+            del body
+            if task.method == LANE:
+                lane = runner.lane(task)
+                if lane is None:
+                    refusal = "this process holds no actor"
+                else:
+                    refusal = "" if add(lane) else f"this process serves {MAX_LANES}, its most"
+                done = _lane_taken(task, refusal)
+            else:
+                done = runner.run(task)
+            if not answer(done):
+                return
+            continue
+        for source in list(lanes):
+            if source.out:
+                continue
+            try:
+                body = source.frame()
+                if body is None:
+                    continue
+                call = decoder.decode(body)
+            except (ValueError, msgspec.DecodeError):
+                drop(source)
+                continue
+            lanes.remove(source)  # its turn is over: the others come first
+            lanes.append(source)
+            done = runner.lane_call(call)
+            source.out = memoryview(answer.frame(done))
+            if not source.flush():
+                drop(source)
+            elif source.out:  # not read until it is written
+                selector.modify(source.sock, selectors.EVENT_WRITE, source)
+            if done.status == TIMED_OUT:
+                _end_after(source, sock)
             break
-    sys.stdout.flush()
-    os._exit(0)
+        else:
+            if not wait():
+                return
+
+
+def _end_after(source: _Source, worker: socket.socket) -> None:
+    """A lane's call ran past its timeout: end the process as the worker ends one that
+    overran (SIGALRM); its actor is created again or dies, as the worker decides.
+
+    The worker is told first (its socket closes), so that it sends no call here after
+    the lane's client has its answer (a moment to leave) and calls again."""
+    with contextlib.suppress(OSError):
+        worker.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        source.sock.settimeout(1.0)
+        source.sock.sendall(source.out)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGALRM)

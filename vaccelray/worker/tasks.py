@@ -561,6 +561,7 @@ async def run_task_service(
                         max_leases=size if max_leases is None else max_leases,
                         max_per_connection=max_leases_per_connection,
                         task_timeout=task_timeout,
+                        actors=actors,
                     ).serving() as leases,
                 ):
                     log.info("Task pool: %d processes", size)
