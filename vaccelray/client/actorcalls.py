@@ -8,7 +8,11 @@ asyncio task: the sync round trip stays short). Otherwise it waits in the
 line, and one asyncio task per actor sends the line in order: it resolves
 the refs among the arguments (:mod:`vaccelray.client.actorargs`), registers
 the class before the constructor, then writes.
-Nothing waits for a reply before the next request leaves.
+Nothing waits for a reply before the next request leaves, with one
+exception: a request made while an earlier one of the same handle went by a
+lane (the worker's, or the actor's process itself: see
+:mod:`vaccelray.client.actorlanes`) and is not answered yet waits for that
+answer, as the two paths do not keep each other's order.
 
 Actor requests are not retried: an actor lives in one process of one worker,
 and dies with the connection that created it. A lost connection fails them
@@ -78,6 +82,10 @@ class ActorRequest:
     options: Options
     #: ``ref.cancel()`` asks for it to stop: an error answer means it was stopped.
     cancelling: bool = False
+    #: The earlier request it must not overtake (it went by a lane), until answered.
+    after: TaskRef[Any] | None = None
+    #: It went to the actor's process directly (the worker does not know it).
+    direct: bool = False
 
 
 class _Line:
@@ -121,6 +129,9 @@ class ActorLines:
         core = self.core
         core.check_blocking(f"cancel() of {ref.name}")
         request.cancelling = True
+        lane = ref._lane
+        if request.direct and force and lane is not None:
+            lane.close(asyncio.CancelledError())  # its process is killed: no call goes there
         ask = asyncio.run_coroutine_threadsafe(self._cancel(request, force), core.loop)
         try:  # bounded by the cancel's own connect and call timeouts, unless the loop is gone
             state = ask.result(2 * core.connect_timeout + 5)
@@ -144,11 +155,13 @@ class ActorLines:
         line = self._lines.get(request.actor_id)
         if line is not None and request in line.backlog:  # not sent: its turn skips it
             return wire.CallState.DROPPED if not ref.done() else wire.CallState.ENDED
+        if request.direct and not force:  # it runs, or is about to: it is not dropped there
+            return wire.CallState.RUNNING
         try:
             conn = await core.connection()
             reply = await conn.call_rpc(
                 CANCEL_ACTOR_CALL,
-                wire.CancelActorCall(request.actor_id, ref.task_id, force),
+                wire.CancelActorCall(request.actor_id, ref.task_id, force, request.direct),
                 timeout=core.connect_timeout,
                 metadata=core.metadata,
             )
@@ -162,6 +175,7 @@ class ActorLines:
         conn = self.core._conn
         if (
             line is None
+            and (request.after is None or request.after._future.done())
             and request.payload is not None
             and conn is not None
             and not conn.is_closed
@@ -182,6 +196,7 @@ class ActorLines:
                 request = line.backlog[0]
                 if not request.ref.done():
                     try:
+                        await _until_answered(request.after)
                         if request.payload is None:  # refs among them: their values
                             request.payload = await resolved_actor_args(
                                 request.ref.name, request.args, request.kwargs, core.arg_limit
@@ -287,6 +302,13 @@ def encode_request(request: ActorRequest) -> bytes:
             wire.CallActor(request.actor_id, request.ref.task_id, request.method, payload)
         )
     return KILL_ACTOR.request.encode(wire.KillActor(request.actor_id))
+
+
+async def _until_answered(ref: TaskRef[Any] | None) -> None:
+    """Until *ref* (None: nothing) is answered, its lane read by a helper thread."""
+    if ref is not None and not ref._future.done():
+        ref._read_elsewhere()
+        await asyncio.wait([asyncio.wrap_future(ref._future)])
 
 
 def _failure(request: ActorRequest, exc: BaseException) -> BaseException:

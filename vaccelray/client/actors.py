@@ -157,11 +157,18 @@ class ActorHandle(Generic[C]):
         core.actors.track(request)
         last, self._last = self._last, ref
         # With every earlier request answered, no order can be broken: the calling
-        # thread may send this one itself (see vaccelray.client.lane).
+        # thread may send this one itself, to the actor's process or to the worker (see
+        # vaccelray.client.actorlanes and vaccelray.client.lane).
         if payload is not None and last._future.done():
             on_done = functools.partial(core.actors.settle, request)
+            request.direct = options.timeout is None  # (see vaccelray.client.actorlanes)
+            if request.direct and core.by_actor_lane(ref, self.actor_id, method, payload, on_done):
+                return ref
+            request.direct = False
             if core.by_lane(ref, CALL_ACTOR, encode_request(request), on_done, options.timeout):
                 return ref
+        elif last._lane is not None:  # a lane's call, not answered yet: this one waits for it
+            request.after = last
         core.submit_actor(request)
         return ref
 

@@ -32,6 +32,7 @@ from typing import Any, Final, TypeVar
 
 from vaccelray.allocator import keep_heap_for
 from vaccelray.client.actorcalls import ActorLines, ActorRequest
+from vaccelray.client.actorlanes import ActorLane, fetch_actor_lane
 from vaccelray.client.direct import DirectLane, fetch_lane
 from vaccelray.client.errors import (
     AuthenticationError,
@@ -56,6 +57,7 @@ from vaccelray.membership import Credential, MembershipError
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import tasks as wire
 from vaccelray.protocol._pb import vaccel_pb2 as pb
+from vaccelray.protocol.actors import LeaseActor
 from vaccelray.protocol.agent import tag_text
 from vaccelray.protocol.services import (
     CANCEL,
@@ -64,6 +66,7 @@ from vaccelray.protocol.services import (
     END_LEASE,
     IMAGE_CLASSIFICATION,
     LEASE,
+    LEASE_ACTOR,
     REGISTER_FUNCTION,
     SUBMIT,
     Rpc,
@@ -90,10 +93,16 @@ _LEASE_TIMEOUT: Final = 30.0
 LEASE_IDLE: Final = 60.0
 #: A thread's entry in Core._direct after its first call (a thread that calls once needs
 #: no process of its own: the second call leases one), while its process is being leased,
-#: and before any call.
+#: and before any call. Likewise for a (thread, actor id) pair and the actor's lane.
 _CALLED: Final = object()
 _LEASING: Final = object()
 _NO_LEASE: Final = object()
+#: Entries of Core._direct: threads with a leased process, and (thread, actor) lanes.
+MAX_DIRECT: Final = 2 * MAX_LANES
+#: A thread's direct path: its leased process (by thread id), or an actor's process (by
+#: thread id and actor id).
+_Key = int | tuple[int, str]
+_Leased = DirectLane | ActorLane
 _R = TypeVar("_R")
 
 
@@ -146,9 +155,10 @@ class Core:
         #: Each calling thread's lane (None: it gets none), at most MAX_LANES of them.
         self._lanes: dict[int, Lane | None] = {}
         self._lanes_lock = threading.Lock()
-        #: Each calling thread's leased pool process (see vaccelray.client.direct): its lane,
-        #: None (it gets none), _CALLED or _LEASING before; at most MAX_LANES threads.
-        self._direct: dict[int, DirectLane | object | None] = {}
+        #: Each calling thread's leased pool process (see vaccelray.client.direct), and its
+        #: lanes to actors' processes (see vaccelray.client.actorlanes): the lane, None (it
+        #: gets none), _CALLED or _LEASING before; at most MAX_DIRECT of them.
+        self._direct: dict[_Key, _Leased | object | None] = {}
         self._idle_check: asyncio.TimerHandle | None = None
         #: Leases are asked of a worker on this host, unless VACCELRAY_DIRECT=0.
         self._may_lease = (
@@ -317,20 +327,10 @@ class Core:
     ) -> bool:
         """Send a task to the calling thread's leased pool process; False when it cannot go
         that way (a thread's second call starts leasing one, and goes by the worker)."""
-        thread = threading.get_ident()
-        if not self._may_lease or self._closed or thread == self.thread_id:
+        thread = self._plain_thread()
+        if thread is None:
             return False
-        if asyncio._get_running_loop() is not None:
-            return False
-        lane = self._direct.get(thread, _NO_LEASE)
-        if lane is _NO_LEASE:
-            with self._lanes_lock:
-                if len(self._direct) < MAX_LANES:
-                    self._direct.setdefault(thread, _CALLED)
-            return False
-        if lane is _CALLED or (isinstance(lane, DirectLane) and lane.closed):
-            self._start_lease(thread)
-            return False
+        lane = self._leased(thread)
         if not isinstance(lane, DirectLane) or not lane.idle:
             return False
         ref._lane = lane
@@ -339,32 +339,83 @@ class Core:
         ref._lane = None
         return False
 
-    def _start_lease(self, thread: int) -> None:
-        """Lease a pool process for *thread*, in a thread of its own (it takes a start-up)."""
+    def by_actor_lane(
+        self,
+        ref: TaskRef[Any],
+        actor_id: str,
+        method: str,
+        args: bytes,
+        on_done: Callable[[LaneOutcome], None],
+    ) -> bool:
+        """Send a method call to the actor's process, on the calling thread's lane to it;
+        False when it cannot go that way (a thread's second call on an actor asks for one,
+        and goes by the worker). The caller sees to the order of the actor's calls."""
+        thread = self._plain_thread()
+        if thread is None:
+            return False
+        lane = self._leased((thread, actor_id))
+        if not isinstance(lane, ActorLane) or not lane.idle:
+            return False
+        ref._lane = lane
+        if lane.send_call(ref.name, method, args, on_done):
+            return True
+        ref._lane = None
+        return False
+
+    def _plain_thread(self) -> int | None:
+        """The calling thread's id when its calls may go direct: leases are on, and it is
+        a plain thread (not the client's loop, not another event loop)."""
+        thread = threading.get_ident()
+        if not self._may_lease or self._closed or thread == self.thread_id:
+            return None
+        if asyncio._get_running_loop() is not None:
+            return None
+        return thread
+
+    def _leased(self, key: _Key) -> _Leased | object | None:
+        """The lane of *key*, when there is one to use; else a lease starts (the key's
+        second call, or its lane was lost), and what stands in its place is returned."""
+        lane = self._direct.get(key, _NO_LEASE)
+        if lane is _NO_LEASE:
+            with self._lanes_lock:
+                if len(self._direct) < MAX_DIRECT:
+                    self._direct.setdefault(key, _CALLED)
+        elif lane is _CALLED or (isinstance(lane, _Leased) and lane.closed):
+            self._start_lease(key)
+        return lane
+
+    def _start_lease(self, key: _Key) -> None:
+        """Lease a pool process, or a lane to an actor's, for *key*, in a thread of its own
+        (a pool process takes a start-up; an actor's takes the lane in its turn)."""
         with self._lanes_lock:
-            if self._closed or self._direct.get(thread) is _LEASING:
+            if self._closed or self._direct.get(key) is _LEASING:
                 return
-            self._direct[thread] = _LEASING
+            self._direct[key] = _LEASING
         threading.Thread(
-            target=self._lease_for, args=(thread,), name="vaccelray-lease", daemon=True
+            target=self._lease_for, args=(key,), name="vaccelray-lease", daemon=True
         ).start()
 
-    def _lease_for(self, thread: int) -> None:
-        lane: DirectLane | None = None
+    def _lease_for(self, key: _Key) -> None:
+        lane: _Leased | None = None
         try:
-            leased = asyncio.run_coroutine_threadsafe(self._lease(), self.loop).result(
-                self.connect_timeout + _LEASE_TIMEOUT
-            )
-            lane = fetch_lane(
-                leased, self.max_message_size, _LEASE_TIMEOUT, self._lease_ended, thread
-            )
+            if isinstance(key, tuple):
+                thread, actor_id = key
+                leased = self._ask(self._lease_actor(actor_id))
+                lane = fetch_actor_lane(
+                    leased, actor_id, self.max_message_size, _LEASE_TIMEOUT, thread
+                )
+            else:
+                leased = self._ask(self._lease())
+                lane = fetch_lane(
+                    leased, self.max_message_size, _LEASE_TIMEOUT, self._lease_ended, key
+                )
         except Exception as exc:
-            log.debug("Thread %d's calls go by the worker: %s", thread, exc)
+            log.debug("Calls of %s go by the worker: %s", key, exc)
         with self._lanes_lock:
             if self._closed and lane is not None:
                 lane.close(WorkerLostError("the client was shut down"))
                 lane = None
-            self._direct[thread] = lane
+            self._direct[key] = lane
         if lane is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: so is the lane
                 self.loop.call_soon_threadsafe(self._arm_idle_check)
@@ -379,17 +430,31 @@ class Core:
         self._idle_check = None
         stale = time.monotonic() - LEASE_IDLE
         with self._lanes_lock:
-            for thread, lane in list(self._direct.items()):
-                if isinstance(lane, DirectLane) and lane.used < stale and lane.close_if_idle():
-                    del self._direct[thread]
-            leased = any(isinstance(lane, DirectLane) for lane in self._direct.values())
+            for key, lane in list(self._direct.items()):
+                if isinstance(lane, _Leased) and lane.used < stale and lane.close_if_idle():
+                    del self._direct[key]
+            leased = any(isinstance(lane, _Leased) for lane in self._direct.values())
         if leased:
             self._arm_idle_check()
+
+    def _ask(self, request: Coroutine[Any, Any, wire.Leased]) -> wire.Leased:
+        """*request*'s answer, from the loop (called in a lease's thread)."""
+        future = asyncio.run_coroutine_threadsafe(request, self.loop)
+        return future.result(self.connect_timeout + _LEASE_TIMEOUT)
 
     async def _lease(self) -> wire.Leased:
         conn = await self.connection()
         return await conn.call_rpc(
             LEASE, wire.Lease(self.client_id), timeout=_LEASE_TIMEOUT, metadata=self.metadata
+        )
+
+    async def _lease_actor(self, actor_id: str) -> wire.Leased:
+        conn = await self.connection()
+        return await conn.call_rpc(
+            LEASE_ACTOR,
+            LeaseActor(actor_id),
+            timeout=_LEASE_TIMEOUT,
+            metadata=self.metadata,
         )
 
     def _lease_ended(self, lease_id: str) -> str:

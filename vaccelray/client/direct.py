@@ -39,10 +39,10 @@ from vaccelray.protocol.connection import ResponseReceived
 from vaccelray.protocol.services import SUBMIT
 from vaccelray.segments import kept_from
 from vaccelray.worker.pool import DEFAULT_MAX_FUNCTIONS, PoolProcessLost, TaskTimedOut
-from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame
+from vaccelray.worker.poolchild import FRAME_MARGIN, Done, Run, encode_frame, frame_end
 from vaccelray.worker.replies import lost_reply, outcome_reply
 
-__all__ = ["DirectLane", "fetch_lane"]
+__all__ = ["DirectLane", "DoneFrames", "fetch_lane", "handed"]
 
 log = logging.getLogger("vaccelray.client")
 
@@ -51,16 +51,8 @@ _HEADER: Final = struct.Struct(">I")
 _SEGMENT_MIN: Final = kept_from(INLINE)
 
 
-def fetch_lane(
-    leased: wire.Leased,
-    max_message_size: int,
-    timeout: float,
-    ended: Callable[[str], str],
-    owner: int,
-) -> DirectLane:
-    """Thread *owner*'s lane to the process *leased* names: its socket fetched from the
-    worker's handoff, then the process's first frame awaited (it has started; *timeout* s
-    for each step). *ended(lease_id)* asks the worker how a lost process ended (it blocks)."""
+def handed(leased: wire.Leased, timeout: float) -> socket.socket:
+    """The socket *leased* names, fetched from the worker's handoff (*timeout* s)."""
     if not leased.path.startswith("@"):  # a worker names an abstract socket
         raise TransportError(f"the worker named a handoff this client cannot use: {leased.path}")
     handoff = socket.socket(socket.AF_UNIX)
@@ -73,7 +65,20 @@ def fetch_lane(
         for fd in fds:
             socket.close(fd)
         raise TransportError(f"the worker did not hand over lease {leased.lease_id}")
-    sock = socket.socket(fileno=fds[0])
+    return socket.socket(fileno=fds[0])
+
+
+def fetch_lane(
+    leased: wire.Leased,
+    max_message_size: int,
+    timeout: float,
+    ended: Callable[[str], str],
+    owner: int,
+) -> DirectLane:
+    """Thread *owner*'s lane to the process *leased* names: its socket fetched from the
+    worker's handoff, then the process's first frame awaited (it has started; *timeout* s
+    for each step). *ended(lease_id)* asks the worker how a lost process ended (it blocks)."""
+    sock = handed(leased, timeout)
     try:
         sock.settimeout(timeout)
         hello = b""
@@ -91,21 +96,44 @@ def fetch_lane(
     return DirectLane(sock, leased, max_message_size, ended, owner)
 
 
-class _LeasedProcess:
-    """Run frames out, Done frames in, as the worker's Submit replies."""
+class DoneFrames:
+    """Done frames read from a pool process: the buffer of what has come, and the next
+    whole one decoded."""
 
-    def __init__(self, max_message_size: int) -> None:
-        self.max_message_size = max_message_size
-        #: A Done carries at most an inline result and the details of a failure.
-        self._max_frame = _SEGMENT_MIN + FRAME_MARGIN
+    def __init__(self, max_frame: int) -> None:
+        #: The largest frame a Done may come in.
+        self._max_frame = max_frame
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Done)
         self._seq = itertools.count(1)
+        self._buffer = bytearray()
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_done(self) -> Done | None:
+        """The next whole Done, or None until one has arrived (ValueError: an oversized
+        frame)."""
+        buffer = self._buffer
+        end = frame_end(buffer, self._max_frame)
+        if not end:
+            return None
+        done = self._decoder.decode(memoryview(buffer)[_HEADER.size : end])
+        del buffer[:end]
+        return done
+
+
+class _LeasedProcess(DoneFrames):
+    """Run frames out, Done frames in, as the worker's Submit replies."""
+
+    def __init__(self, max_message_size: int) -> None:
+        # A Done carries at most an inline result and the details of a failure.
+        super().__init__(_SEGMENT_MIN + FRAME_MARGIN)
+        self.max_message_size = max_message_size
         #: Digests of the functions the process holds, least recently used first.
         self._known: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: Each outstanding task's name, by its Run's seq.
         self.calls: dict[int, str] = {}
-        self._buffer = bytearray()
 
     def run(self, spec: FunctionSpec, args: bytes, timeout: float | None) -> tuple[int, bytearray]:
         """The Run frame of *spec* called with the pickled *args*, and its seq."""
@@ -130,22 +158,11 @@ class _LeasedProcess:
         self.calls[seq] = spec.name
         return seq, encode_frame(self._encoder, run)
 
-    def receive_data(self, data: bytes) -> None:
-        self._buffer += data
-
     def next_event(self) -> ResponseReceived | None:
         """The reply of the next whole Done, or None until one has arrived."""
-        buffer = self._buffer
-        if len(buffer) < _HEADER.size:
+        done = self.next_done()
+        if done is None:
             return None
-        (size,) = _HEADER.unpack_from(buffer)
-        if size > self._max_frame:
-            raise ValueError(f"a frame of {size} bytes, more than the {self._max_frame} allowed")
-        end = _HEADER.size + size
-        if len(buffer) < end:
-            return None
-        done = self._decoder.decode(memoryview(buffer)[_HEADER.size : end])
-        del buffer[:end]
         self.calls.pop(done.seq, None)
         if done.kept:
             payload = SUBMIT.reply.encode(wire.TaskDone(b"", done.kept, done.segment))
