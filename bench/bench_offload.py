@@ -27,8 +27,10 @@ interleaved rounds against one worker, and beside them the CPU a round trip
 takes in the client, the daemon and its child (robust where the p50s swing
 with the machine's load). A sync task goes to the calling thread's leased
 pool process (``vaccelray.client.direct``: one hop fewer than the floor's
-layout, the worker out of the path); the same task by the worker (a client
-with ``VACCELRAY_DIRECT=0``) is measured beside it.
+layout, the worker out of the path), a sync actor call to the actor's
+process on the thread's lane to it (``vaccelray.client.actorlanes``); the
+same task and call by the worker (a client with ``VACCELRAY_DIRECT=0``) are
+measured beside them.
 
 ``--pipeline`` measures only the three-stage pipeline, in interleaved rounds
 of ``--rounds`` (each of ``--n`` pipelines) against Ray when it is installed:
@@ -105,9 +107,22 @@ def echo(data: bytes) -> bytes:
 
 def start_worker(address: str, *extra: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "vaccelray", "worker", "-a", address, "--backend", "noop",
-         "--log-level", "info", "--no-announce", *extra],
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "vaccelray",
+            "worker",
+            "-a",
+            address,
+            "--backend",
+            "noop",
+            "--log-level",
+            "info",
+            "--no-announce",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert process.stderr is not None
     startup = []
@@ -171,8 +186,9 @@ def cold_start(runs: int) -> list[float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VACCELRAY_", "VACCEL_"))}
     times = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", COLD], capture_output=True, text=True, env=env,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", COLD], capture_output=True, text=True, env=env, check=True
+        )
         times.append(float(out.stdout.strip().splitlines()[-1]))
     return times
 
@@ -363,6 +379,9 @@ def bench_floor(rounds: int, quick: bool) -> None:
                 actor = vaccelray.offload(Nop).remote_on(client)
                 actor.ready().result()
                 actor_tree = [p for p in descendants(worker.pid) if p not in pool]
+                actor_by_worker = vaccelray.offload(Nop).remote_on(by_worker)
+                actor_by_worker.ready().result()
+                other_tree = [p for p in descendants(worker.pid) if p not in pool + actor_tree]
 
                 def floor() -> None:
                     sock.sendall(b"x")
@@ -377,15 +396,20 @@ def bench_floor(rounds: int, quick: bool) -> None:
                 def method() -> None:
                     actor.nop.remote().result()
 
-                for warm in (floor, task, task_by_worker, method):
+                def method_by_worker() -> None:
+                    actor_by_worker.nop.remote().result()
+
+                for warm in (floor, task, task_by_worker, method, method_by_worker):
                     p50_of(warm, 200)
                 # The thread's leased pool process (vaccelray.client.direct), started meanwhile.
-                leased = [p for p in descendants(worker.pid) if p not in pool + actor_tree]
+                actors = actor_tree + other_tree
+                leased = [p for p in descendants(worker.pid) if p not in pool + actors]
                 layouts = {
                     "floor": (floor, relay.pid, descendants(relay.pid)),
                     "task": (task, worker.pid, leased),
                     "task by the worker": (task_by_worker, worker.pid, pool),
                     "actor": (method, worker.pid, actor_tree),
+                    "actor by the worker": (method_by_worker, worker.pid, other_tree),
                 }
                 rows = []
                 for i in range(rounds):
@@ -400,6 +424,7 @@ def bench_floor(rounds: int, quick: bool) -> None:
                     ("task", "sync no-op task"),
                     ("task by the worker", "  (the same, VACCELRAY_DIRECT=0)"),
                     ("actor", "sync actor call"),
+                    ("actor by the worker", "  (the same, VACCELRAY_DIRECT=0)"),
                 )
                 for key, label in labels:
                     ratio = statistics.median(r[key]["p50"] / r["floor"]["p50"] for r in rows)
@@ -446,13 +471,11 @@ def bench_pipeline(rounds: int, n: int) -> None:
 
                 theirs: Callable[[], int] | None = None
                 if ray is not None:
-                    ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
-                             log_to_driver=False)
+                    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
                     r_first, r_last = ray.remote(stage), ray.remote(size_of)
 
                     def theirs() -> int:
-                        return ray.get(r_last.remote(r_first.remote(r_first.remote(
-                            ray.put(data)))))  # type: ignore[no-any-return]
+                        return ray.get(r_last.remote(r_first.remote(r_first.remote(ray.put(data)))))  # type: ignore[no-any-return]
 
                 for call in (ours, theirs):
                     if call is not None:
@@ -460,10 +483,12 @@ def bench_pipeline(rounds: int, n: int) -> None:
                 ratios = []
                 for i in range(rounds):
                     row = measured(ours, n, worker.pid, pool)
-                    line = (f"round {i + 1}: vaccelray {1 / row['p50']:.1f} pipelines/s "
-                            f"(p50 {row['p50'] * 1e3:.0f} ms; cpu per pipeline: client "
-                            f"{row['client'] * 1e3:.0f} + worker {row['daemon'] * 1e3:.0f} + "
-                            f"pool {row['child'] * 1e3:.0f} ms)")
+                    line = (
+                        f"round {i + 1}: vaccelray {1 / row['p50']:.1f} pipelines/s "
+                        f"(p50 {row['p50'] * 1e3:.0f} ms; cpu per pipeline: client "
+                        f"{row['client'] * 1e3:.0f} + worker {row['daemon'] * 1e3:.0f} + "
+                        f"pool {row['child'] * 1e3:.0f} ms)"
+                    )
                     if theirs is not None:
                         mine = {worker.pid, *descendants(worker.pid)}
                         ray_pids = [p for p in descendants(os.getpid()) if p not in mine]
@@ -478,8 +503,7 @@ def bench_pipeline(rounds: int, n: int) -> None:
                     print(line, flush=True)
                 print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
                 if ratios:
-                    print(f"vaccelray / ray: median {statistics.median(ratios):.2f}x "
-                          "(target >= 2)")
+                    print(f"vaccelray / ray: median {statistics.median(ratios):.2f}x (target >= 2)")
                 if ray is not None:
                     ray.shutdown()
         finally:
@@ -510,8 +534,10 @@ def bench_sandbox(pairs: int, quick: bool) -> None:
         }
         try:
             time.sleep(1.0)  # let the pools finish starting
-            clients = {k: vaccelray.Client(f"unix://{tmp}/{'sandboxed' if k == 'sandbox' else k}"
-                                           ".sock") for k in workers}
+            clients = {
+                k: vaccelray.Client(f"unix://{tmp}/{'sandboxed' if k == 'sandbox' else k}.sock")
+                for k in workers
+            }
             f = vaccelray.offload(noop)
             for client in clients.values():
                 sync_rate(client, f, 200)  # warm: functions shipped to every process
@@ -520,19 +546,25 @@ def bench_sandbox(pairs: int, quick: bool) -> None:
                 order = ("sandbox", "unsafe") if i % 2 == 0 else ("unsafe", "sandbox")
                 rates = {k: sync_rate(clients[k], f, n) for k in order}
                 ratios.append(rates["sandbox"] / rates["unsafe"])
-                print(f"pair {i + 1}: sandbox {rates['sandbox']:,.0f} tasks/s, "
-                      f"unsafe {rates['unsafe']:,.0f} tasks/s, ratio {ratios[-1]:.3f}")
+                print(
+                    f"pair {i + 1}: sandbox {rates['sandbox']:,.0f} tasks/s, "
+                    f"unsafe {rates['unsafe']:,.0f} tasks/s, ratio {ratios[-1]:.3f}"
+                )
             for client in clients.values():
                 client.shutdown()
         finally:
             for worker in workers.values():
                 worker.terminate()
                 worker.wait(10)
-    print(f"median ratio sandbox / unsafe: {statistics.median(ratios):.3f} "
-          f"({pairs} pairs of {n} sync no-op tasks; target >= 0.9)")
+    print(
+        f"median ratio sandbox / unsafe: {statistics.median(ratios):.3f} "
+        f"({pairs} pairs of {n} sync no-op tasks; target >= 0.9)"
+    )
     colds = cold_start(3 if quick else 5)
-    print(f"embedded cold start + first result: median {statistics.median(colds):.3f} s "
-          f"of {len(colds)} (target <= 0.5 s): " + ", ".join(f"{c:.3f}" for c in colds))
+    print(
+        f"embedded cold start + first result: median {statistics.median(colds):.3f} s "
+        f"of {len(colds)} (target <= 0.5 s): " + ", ".join(f"{c:.3f}" for c in colds)
+    )
 
 
 def bench_store_memory(budget_mib: int = 256, total_mib: int = 1024) -> None:
@@ -616,8 +648,11 @@ def bench_ray(quick: bool) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
-    parser.add_argument("--sandbox-ab", action="store_true",
-                        help="only the cost of the task sandbox (A/B against no sandbox)")
+    parser.add_argument(
+        "--sandbox-ab",
+        action="store_true",
+        help="only the cost of the task sandbox (A/B against no sandbox)",
+    )
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs (--sandbox-ab)")
     parser.add_argument(
         "--floor",
