@@ -76,6 +76,7 @@ from pathlib import Path
 
 RAY_ANCHORS = {
     "sync": "~500 tasks/s, p50 1.8 ms",
+    "actor": "1,200-1,680 calls/s",
     "async": "~1,800 tasks/s",
     "cold": "2.6 s",
     "rss": "~770 MiB over 10 processes",
@@ -206,16 +207,9 @@ def bench_vaccelray(quick: bool) -> dict[str, str]:
             results["rss"] = f"{rss:.0f} MiB RSS ({pss:.0f} MiB PSS), worker + pool"
             with vaccelray.Client(f"unix://{tmp}/worker.sock") as client:
                 f, e = vaccelray.offload(noop), vaccelray.offload(echo)
-                for _ in range(200):
-                    client.submit(f).result()
-                lat = []
-                start = time.perf_counter()
-                for _ in range(n_sync):
-                    t = time.perf_counter()
-                    client.submit(f).result()
-                    lat.append(time.perf_counter() - t)
-                rate = n_sync / (time.perf_counter() - start)
-                results["sync"] = f"{rate:,.0f} tasks/s, p50 {statistics.median(lat) * 1e3:.2f} ms"
+                results["sync"] = timed_sync(lambda: client.submit(f).result(), n_sync, "tasks")
+                actor = vaccelray.offload(Nop).remote_on(client)
+                results["actor"] = timed_sync(lambda: actor.nop.remote().result(), n_sync, "calls")
 
                 start = time.perf_counter()
                 vaccelray.get([client.submit(f) for _ in range(n_async)])
@@ -511,6 +505,20 @@ def bench_pipeline(rounds: int, n: int) -> None:
             worker.wait(10)
 
 
+def timed_sync(call: Callable[[], object], n: int, what: str) -> str:
+    """The rate and p50 of *n* sync calls, after 200 to warm up."""
+    for _ in range(200):
+        call()
+    lat = []
+    start = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        lat.append(time.perf_counter() - t)
+    rate = n / (time.perf_counter() - start)
+    return f"{rate:,.0f} {what}/s, p50 {statistics.median(lat) * 1e3:.2f} ms"
+
+
 def cpu_of(row: dict[str, float]) -> float:
     return row["client"] + row["daemon"] + row["child"]
 
@@ -610,16 +618,9 @@ def bench_ray(quick: bool) -> dict[str, str]:
     f, e = ray.remote(noop), ray.remote(echo)
     ray.get(f.remote())
     results["cold"] = f"{time.perf_counter() - start:.3f} s"
-    for _ in range(200):
-        ray.get(f.remote())
-    lat = []
-    start = time.perf_counter()
-    for _ in range(n_sync):
-        t = time.perf_counter()
-        ray.get(f.remote())
-        lat.append(time.perf_counter() - t)
-    rate = n_sync / (time.perf_counter() - start)
-    results["sync"] = f"{rate:,.0f} tasks/s, p50 {statistics.median(lat) * 1e3:.2f} ms"
+    results["sync"] = timed_sync(lambda: ray.get(f.remote()), n_sync, "tasks")
+    actor = ray.remote(Nop).remote()
+    results["actor"] = timed_sync(lambda: ray.get(actor.nop.remote()), n_sync, "calls")
     start = time.perf_counter()
     ray.get([f.remote() for _ in range(n_async)])
     results["async"] = f"{n_async / (time.perf_counter() - start):,.0f} tasks/s"
@@ -694,6 +695,7 @@ def main() -> None:
         theirs = bench_ray(args.quick)
     labels = {
         "sync": "sync no-op round trip",
+        "actor": "sync actor method call",
         "async": "10,000 async no-op tasks" if not args.quick else "2,000 async no-op tasks",
         "echo": "1 MiB argument echo",
         "pipeline": f"3-stage pipeline, {PIPELINE_MIB} MiB",
