@@ -16,19 +16,26 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
 import vaccelray
+from tests.clusters import serving_scheduler
+from tests.processes import Proc
 from tests.test_direct import running
 from tests.test_offload_api import Custom
+from tests.test_scheduler_routing import config
+from tests.test_scheduler_tasks import workers  # noqa: F401
 from tests.waiting import until
 from vaccelray.client import Client
 from vaccelray.client.actorlanes import ActorLane
 from vaccelray.client.actors import ActorHandle
+from vaccelray.client.core import _LEASING as LEASING
 from vaccelray.client.direct import handed
 from vaccelray.errors import RPCError, StatusCode
 from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
@@ -429,3 +436,26 @@ def test_cancel_of_a_direct_call_kills_the_process_only_when_forced(
         )
         assert _closed(lane)
     until(lambda: keeper.pid.remote().result(timeout=60) != old, "the actor was created again")
+
+
+@pytest.mark.anyio
+async def test_through_a_scheduler_on_a_unix_socket_calls_go_by_the_scheduler(
+    workers: list[tuple[Proc, str]],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A scheduler hands out no lanes: the lease is refused, and the calls go on as before."""
+    cfg = replace(config(*(a for _, a in workers)), addresses=(f"unix://{tmp_path}/s.sock",))
+    async with serving_scheduler(cfg) as sched:
+
+        def calls() -> tuple[list[int], object]:
+            with Client(sched.addresses[0]) as client:
+                keeper = Keeper.remote_on(client)
+                key = (threading.get_ident(), keeper.actor_id)
+                counts = [keeper.note.remote(str(i)).result(timeout=60) for i in range(2)]
+                until(lambda: client._core._direct.get(key) is not LEASING, "the lease answered")
+                counts += [keeper.note.remote(str(i)).result(timeout=60) for i in range(2, 4)]
+                return counts, client._core._direct[key]
+
+        counts, lane = await anyio.to_thread.run_sync(calls)
+    assert counts == [1, 2, 3, 4]
+    assert lane is None  # (asked once, refused: never again for this thread and actor)

@@ -416,7 +416,8 @@ def task_limit_options(command: _F) -> _F:
             help="Pool processes leased to clients on this host, beside the task pool: a "
             "client's thread that waits on its calls then talks to a process of its own, "
             "the worker out of the path (same sandbox, limits and task timeout). More are "
-            "refused (RESOURCE_EXHAUSTED). 0: none. [default: one per pool process]",
+            "refused (RESOURCE_EXHAUSTED). 0: none, and no lanes to actors' processes "
+            "either (see the README). [default: one per pool process]",
         ),
         click.option(
             "--task-timeout",
