@@ -41,7 +41,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import cloudpickle  # type: ignore[import-untyped]
 import msgspec
@@ -744,19 +744,19 @@ def _serve_lanes(
             lanes.append(source)
             done = runner.lane_call(call)
             source.out = memoryview(answer.frame(done))
+            if done.status == TIMED_OUT:
+                _end_after(source, sock)  # (never returns)
             if not source.flush():
                 drop(source)
             elif source.out:  # not read until it is written
                 selector.modify(source.sock, selectors.EVENT_WRITE, source)
-            if done.status == TIMED_OUT:
-                _end_after(source, sock)
             break
         else:
             if not wait():
                 return
 
 
-def _end_after(source: _Source, worker: socket.socket) -> None:
+def _end_after(source: _Source, worker: socket.socket) -> NoReturn:
     """A lane's call ran past its timeout: end the process as the worker ends one that
     overran (SIGALRM); its actor is created again or dies, as the worker decides.
 
@@ -769,3 +769,4 @@ def _end_after(source: _Source, worker: socket.socket) -> None:
         source.sock.sendall(source.out)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGALRM)
+    os._exit(1)  # (not reached: SIGALRM ends the process first)
