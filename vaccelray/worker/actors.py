@@ -364,6 +364,9 @@ class _Actor:
         self.queue.clear()
         for call in calls:
             call.end(_died(self.id, why, lost=lost))
+        # Killed now, not once the pool's close runs: a lane's client, told of the death,
+        # must find no process to answer its next call.
+        self.pool.close(kill=True)
         self.service._buried(self)
 
 

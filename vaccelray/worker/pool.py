@@ -572,18 +572,24 @@ class Pool:
         log.debug("Pool process %d started", process.pid)
         self._dispatch()
 
+    def close(self, *, kill: bool = False) -> None:
+        """Stop taking tasks, at once: queued tasks fail; with *kill*, the processes are
+        killed now (their tasks fail as lost). :meth:`aclose` ends and reaps them."""
+        if not self._closing:
+            self._closing = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            for job in [job for state in self._owners.values() for job in state.queue]:
+                job.finish(PoolProcessLost("the worker is shutting down"))
+            for task in self._tasks:
+                task.cancel()
+        if kill:
+            self.kill_processes()
+
     async def aclose(self, grace: float = 2.0) -> None:
         """Stop: queued tasks fail; processes exit after their task (killed after *grace*)."""
-        if self._closing:
-            return
-        self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for job in [job for state in self._owners.values() for job in state.queue]:
-            job.finish(PoolProcessLost("the worker is shutting down"))
-        for task in self._tasks:
-            task.cancel()
+        self.close()
         children = [*self._children, *self._reaping]
         for child in children:
             if child.transport is not None:
