@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import struct
 import threading
@@ -27,7 +28,7 @@ import pytest
 import vaccelray
 from tests.clusters import serving_scheduler
 from tests.processes import Proc
-from tests.test_direct import running
+from tests.test_direct import _ctx, _service, running
 from tests.test_offload_api import Custom
 from tests.test_scheduler_routing import config
 from tests.test_scheduler_tasks import workers  # noqa: F401
@@ -459,3 +460,55 @@ async def test_through_a_scheduler_on_a_unix_socket_calls_go_by_the_scheduler(
         counts, lane = await anyio.to_thread.run_sync(calls)
     assert counts == [1, 2, 3, 4]
     assert lane is None  # (asked once, refused: never again for this thread and actor)
+
+
+def test_a_forced_cancel_of_a_lane_call_kills_an_actor_without_restarts(
+    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keeper = Keeper.remote_on(client)
+    lane = laned(client, keeper)
+    for i in range(3):
+        assert keeper.note.remote(str(i)).result(timeout=60) == i + 1
+    assert lane._process.calls == {}  # (each call leaves the table with its answer)
+    gate = str(tmp_path / "gate")
+    running = keeper.wait_for.remote(gate)
+    until(lambda: os.path.exists(gate + ".started"), "the call started")
+    assert running.cancel(force=True) is True
+    why = "was killed to stop a call of a lane (cancelled with force)"
+    with pytest.raises(vaccelray.ActorDiedError, match=re.escape(why)):
+        keeper.pid.remote().result(timeout=60)
+    assert f"Actor Keeper {keeper.actor_id} {why}" in caplog.messages
+
+
+def test_a_forced_cancel_with_restarts_left_says_so(
+    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keeper = Keeper.options(max_restarts=1).remote_on(client)
+    laned(client, keeper)
+    gate = str(tmp_path / "gate")
+    running = keeper.wait_for.remote(gate)
+    until(lambda: os.path.exists(gate + ".started"), "the call started")
+    assert running.cancel(force=True) is True
+    assert keeper.note.remote("after").result(timeout=60) == 1  # a new instance
+    assert (
+        f"Actor Keeper {keeper.actor_id} was killed to stop a call of a lane (cancelled with "
+        "force)" in caplog.messages
+    )
+
+
+@pytest.mark.anyio
+async def test_lease_actor_is_refused_off_a_unix_socket_and_where_no_actors_run() -> None:
+    request = LEASE_ACTOR.request.encode(actor_wire.LeaseActor("a" * 32))
+    with _service() as service:
+        with pytest.raises(RPCError) as off_unix:
+            await service._lease_actor(request, _ctx(1))
+        assert (off_unix.value.code, off_unix.value.message) == (
+            StatusCode.FAILED_PRECONDITION,
+            "an actor's lane is leased only on a unix socket (the client must be on this host)",
+        )
+        with pytest.raises(RPCError) as none:
+            await service._lease_actor(request, _ctx(1, os.getuid()))
+        assert (none.value.code, none.value.message) == (
+            StatusCode.FAILED_PRECONDITION,
+            "this worker runs no actors",
+        )

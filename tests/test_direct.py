@@ -30,7 +30,7 @@ import pytest
 import vaccelray
 from tests.processes import Proc, start_daemon, worker_argv
 from tests.test_offload_api import ADDRESS_VARS, add, pid
-from tests.waiting import until
+from tests.waiting import eventually, until
 from vaccelray.auth import TokenCheck
 from vaccelray.client import Client, core
 from vaccelray.client.core import _CALLED as CALLED
@@ -850,3 +850,21 @@ def test_a_frame_past_the_bound_breaks_the_lane(caplog: pytest.LogCaptureFixture
         "Lost the leased process of lease lease-1: the worker's answer cannot be read: a "
         "frame of" in caplog.text
     )
+
+
+@pytest.mark.anyio
+async def test_an_expired_ticket_is_withdrawn_as_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not only once its process is gone: from then on no handoff gives its socket."""
+    monkeypatch.setattr(leases, "TICKET_TTL", 0.01)
+    stopped: list[str] = []
+    monkeypatch.setattr(leases._Lease, "kill", lambda lease: stopped.append(lease.lease_id))
+    with _service() as service:
+        leased_ = _lease(service, _ctx(1, os.getuid()))
+        assert leased_.lease_id in service.offers
+        await eventually(lambda: stopped == [leased_.lease_id], "the ticket expired")
+        assert leased_.lease_id not in service.offers
+        monkeypatch.undo()  # (the real kill, to end the process)
+        service.leases[leased_.lease_id].kill()
+        await _ended(service, leased_.lease_id)
