@@ -512,3 +512,48 @@ async def test_lease_actor_is_refused_off_a_unix_socket_and_where_no_actors_run(
             StatusCode.FAILED_PRECONDITION,
             "this worker runs no actors",
         )
+
+
+def test_a_lanes_answers_read_as_the_workers_replies() -> None:
+    """The codec alone: each Done becomes the reply (or the status) the worker would send."""
+    import pickle
+
+    from vaccelray.client.actorlanes import _ActorProcess
+    from vaccelray.protocol.services import CALL_ACTOR
+    from vaccelray.protocol.tasks import TaskDone
+    from vaccelray.worker.poolchild import TIMED_OUT
+
+    process = _ActorProcess("an-actor", 1000)
+    encoder = msgspec.msgpack.Encoder()
+    seqs = [process.call(f"Keeper.m{i}", f"m{i}", b"")[0] for i in range(4)]
+    assert process.next_event() is None  # nothing came yet
+    for done in (
+        Done(seqs[0], OK, pickle.dumps(7)),
+        Done(seqs[1], TIMED_OUT, message="Keeper.m1 ran past its timeout"),
+        Done(seqs[2], OK, b"x" * 2000),  # more than a reply may carry here
+    ):
+        process.receive_data(bytes(encode_frame(encoder, done)))
+    ok, late, large = process.next_event(), process.next_event(), process.next_event()
+    assert ok is not None
+    assert late is not None
+    assert large is not None
+    assert (ok.stream_id, ok.code, ok.message, ok.details) == (seqs[0], 0, "", ())
+    reply = CALL_ACTOR.reply.decode(ok.payload)
+    assert isinstance(reply, TaskDone)
+    assert pickle.loads(reply.result) == 7
+    assert (late.stream_id, late.code, late.payload) == (seqs[1], StatusCode.DEADLINE_EXCEEDED, b"")
+    assert late.message.startswith("Keeper.m1 ran past its timeout, the worker's task timeout")
+    assert process.ending  # the process ends after that answer
+    assert (large.stream_id, large.code, large.payload) == (
+        seqs[2],
+        StatusCode.RESOURCE_EXHAUSTED,
+        b"",
+    )
+    assert large.message.startswith("CallActor response of ")
+    assert list(process.calls) == [seqs[3]]  # answered calls leave the table
+    lost = process.lost(seqs[3])
+    assert (lost.code, lost.message) == (
+        StatusCode.UNAVAILABLE,
+        "actor an-actor was lost while running Keeper.m3: its process ended",
+    )
+    assert process.calls == {}

@@ -83,7 +83,7 @@ class _ActorProcess(DoneFrames):
 
     def lost(self, seq: int) -> RPCError:
         """What call *seq* ends with when the lane broke: its actor's process was lost."""
-        name = self.calls.pop(seq, "a call")
+        name = self.calls.pop(seq)  # (each outstanding call was written: it is here)
         return RPCError(
             StatusCode.UNAVAILABLE,
             f"actor {self.actor_id} was lost while running {name}: its process ended",
