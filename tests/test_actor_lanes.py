@@ -33,7 +33,7 @@ from tests.test_offload_api import Custom
 from tests.test_scheduler_routing import config
 from tests.test_scheduler_tasks import workers  # noqa: F401
 from tests.waiting import until
-from vaccelray.client import Client
+from vaccelray.client import Client, core
 from vaccelray.client.actorlanes import ActorLane
 from vaccelray.client.actors import ActorHandle
 from vaccelray.client.core import _LEASING as LEASING
@@ -139,6 +139,7 @@ def laned(client: Client, handle: ActorHandle[Any]) -> ActorLane:
     until(ready, "the thread's lane to the actor")
     lane = client._core._direct[key]
     assert isinstance(lane, ActorLane)
+    assert lane.owner == threading.get_ident()  # this thread reads it, no helper
     return lane
 
 
@@ -197,11 +198,25 @@ def test_a_lane_ends_with_its_actors_process_and_the_next_call_finds_it_again(
     lane = laned(client, keeper)
     crashed = keeper.crash.remote()
     assert crashed._lane is lane
-    with pytest.raises(vaccelray.ActorDiedError, match=r"was lost while running .*crash"):
+    lost = f"actor {keeper.actor_id} was lost while running Keeper.crash: its process ended"
+    with pytest.raises(vaccelray.ActorDiedError, match=re.escape(lost)):
         crashed.result(timeout=60)
     assert lane.closed
     assert laned(client, keeper) is not lane  # a lane to the process created again
     assert keeper.pid.remote().result(timeout=60) != old
+
+
+def test_an_unused_lane_is_let_go_and_asked_for_again(
+    worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "LEASE_IDLE", 0.05)
+    with Client(worker) as client:
+        keeper = Keeper.remote_on(client)
+        lane = laned(client, keeper)
+        key = (threading.get_ident(), keeper.actor_id)
+        until(lambda: lane.closed and key not in client._core._direct, "the idle lane was closed")
+        assert keeper.note.remote("again").result(timeout=60) == 1
+        assert laned(client, keeper) is not lane
 
 
 def test_kill_ends_the_lane_and_later_calls_fail(client: Client) -> None:
@@ -497,7 +512,7 @@ def test_a_forced_cancel_with_restarts_left_says_so(
 
 
 @pytest.mark.anyio
-async def test_lease_actor_is_refused_off_a_unix_socket_and_where_no_actors_run() -> None:
+async def test_lease_actor_is_refused_off_unix_without_actors_and_with_leases_off() -> None:
     request = LEASE_ACTOR.request.encode(actor_wire.LeaseActor("a" * 32))
     with _service() as service:
         with pytest.raises(RPCError) as off_unix:
@@ -511,6 +526,13 @@ async def test_lease_actor_is_refused_off_a_unix_socket_and_where_no_actors_run(
         assert (none.value.code, none.value.message) == (
             StatusCode.FAILED_PRECONDITION,
             "this worker runs no actors",
+        )
+    with _service(max_leases=0) as service:
+        with pytest.raises(RPCError) as off:
+            await service._lease_actor(request, _ctx(1, os.getuid()))
+        assert (off.value.code, off.value.message) == (
+            StatusCode.FAILED_PRECONDITION,
+            "this worker leases no actor lanes (worker option --max-leases)",
         )
 
 

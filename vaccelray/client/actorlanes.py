@@ -98,7 +98,6 @@ class ActorLane(Lane):
         self, sock: socket.socket, actor_id: str, max_message_size: int, owner: int
     ) -> None:
         super().__init__(sock, max_message_size, owner)
-        self.actor_id = actor_id
         self._process = _ActorProcess(actor_id, max_message_size)
         self._proto = self._process
         #: When it was last given a call (``time.monotonic()``).

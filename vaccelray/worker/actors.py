@@ -222,6 +222,17 @@ class _Actor:
     # -- calls -----------------------------------------------------------------
 
     def call(self, request: wire.CallActor) -> _Call:
+        return self._new_call(request.call_id, request.method, request.args)
+
+    def lane(self, sock: socket.socket) -> _Call:
+        """The call that hands its process the lane *sock* (in turn with the calls; with no
+        id, which no CancelActorCall can name)."""
+        call = self._new_call("", LANE, b"")
+        call.lane = sock
+        return call
+
+    def _new_call(self, call_id: str, method: str, args: bytes) -> _Call:
+        """A call to queue, unless its actor's queue is full (RESOURCE_EXHAUSTED)."""
         limit = self.service.max_pending_calls
         if limit and len(self.queue) >= limit:
             # Calls given up while waiting (deadline, client gone) leave the queue only
@@ -232,13 +243,7 @@ class _Actor:
                     StatusCode.RESOURCE_EXHAUSTED,
                     f"actor {self.label()} has {limit} calls waiting, its most",
                 )
-        return _Call(self, request.call_id, request.method, request.args)
-
-    def lane(self, sock: socket.socket) -> _Call:
-        """The call that hands its process the lane *sock* (in turn with the calls)."""
-        call = self.call(wire.CallActor(self.id, "lane", LANE))
-        call.lane = sock
-        return call
+        return _Call(self, call_id, method, args)
 
     def _timeout(self, call: _Call) -> float | None:
         """*call*'s timeout on the worker (see the module for why lanes double it); a LANE
