@@ -197,6 +197,7 @@ class ActorLines:
                 if not request.ref.done():
                     try:
                         await _until_answered(request.after)
+                        request.after = None  # (not holding its result any longer)
                         if request.payload is None:  # refs among them: their values
                             request.payload = await resolved_actor_args(
                                 request.ref.name, request.args, request.kwargs, core.arg_limit
