@@ -213,9 +213,10 @@ def test_an_unused_lane_is_let_go_and_asked_for_again(
     with Client(worker) as client:
         keeper = Keeper.remote_on(client)
         lane = laned(client, keeper)
+        assert keeper.note.remote("used").result(timeout=60) == 1  # (on the lane)
         key = (threading.get_ident(), keeper.actor_id)
         until(lambda: lane.closed and key not in client._core._direct, "the idle lane was closed")
-        assert keeper.note.remote("again").result(timeout=60) == 1
+        assert keeper.note.remote("again").result(timeout=60) == 2
         assert laned(client, keeper) is not lane
 
 
@@ -478,7 +479,7 @@ async def test_through_a_scheduler_on_a_unix_socket_calls_go_by_the_scheduler(
 
 
 def test_a_forced_cancel_of_a_lane_call_kills_an_actor_without_restarts(
-    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    client: Client, worker: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     keeper = Keeper.remote_on(client)
     lane = laned(client, keeper)
@@ -493,6 +494,9 @@ def test_a_forced_cancel_of_a_lane_call_kills_an_actor_without_restarts(
     with pytest.raises(vaccelray.ActorDiedError, match=re.escape(why)):
         keeper.pid.remote().result(timeout=60)
     assert f"Actor Keeper {keeper.actor_id} {why}" in caplog.messages
+    with pytest.raises(RPCError) as gone:  # lost, not killed: its id may be created again
+        _lease(worker, keeper.actor_id)
+    assert gone.value.code == StatusCode.NOT_FOUND
 
 
 def test_a_forced_cancel_with_restarts_left_says_so(
@@ -573,6 +577,11 @@ def test_a_lanes_answers_read_as_the_workers_replies() -> None:
     )
     assert large.message.startswith("CallActor response of ")
     assert list(process.calls) == [seqs[3]]  # answered calls leave the table
+    # An answer to a call never made is let by (the lane has no one waiting for it).
+    process.receive_data(bytes(encode_frame(encoder, Done(999, OK))))
+    stray = process.next_event()
+    assert stray is not None
+    assert stray.stream_id == 999
     lost = process.lost(seqs[3])
     assert (lost.code, lost.message) == (
         StatusCode.UNAVAILABLE,

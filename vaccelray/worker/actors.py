@@ -300,9 +300,8 @@ class _Actor:
         if self.death is not None or not self.laned:
             return wire.CallState.ENDED
         why = "was killed to stop a call of a lane (cancelled with force)"
-        if self.restarts_left > 0:
+        if self.restarts_left > 0:  # (calls made meanwhile wait for the new process)
             log.warning("Actor %s %s", self.label(), why)
-            self.constructing = True  # calls wait for the new process: _lost restarts it
             self.pool.kill_processes()
         else:
             self.die(why, lost=True)

@@ -720,7 +720,8 @@ class Pool:
 
     def kill_processes(self) -> None:
         """Kill every process: each one's task fails as lost, and ``on_lost`` says whether a
-        new process takes its place."""
+        new process takes its place. Tasks submitted meanwhile wait for that one."""
+        self._idle.clear()
         for child in list(self._children):
             child.kill()
 
