@@ -43,6 +43,7 @@ from vaccelray.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from vaccelray.protocol import actors as actor_wire
 from vaccelray.protocol.services import CANCEL_ACTOR_CALL, LEASE_ACTOR
 from vaccelray.transport.client import open_client
+from vaccelray.worker import leases
 from vaccelray.worker.poolchild import (
     FRAME_MARGIN,
     MAX_LANES,
@@ -588,3 +589,24 @@ def test_a_lanes_answers_read_as_the_workers_replies() -> None:
         "actor an-actor was lost while running Keeper.m3: its process ended",
     )
     assert process.calls == {}
+
+
+def test_a_lane_not_fetched_in_time_is_withdrawn_and_frees_its_place(
+    client: Client, worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(leases, "TICKET_TTL", 0.05)
+    keeper = Keeper.remote_on(client)
+    keeper.ready().result(timeout=60)
+    for _ in range(MAX_LANES):  # asked for, never fetched
+        _ask(worker, LEASE_ACTOR, actor_wire.LeaseActor(keeper.actor_id))
+
+    def room() -> bool:
+        try:
+            _lease(worker, keeper.actor_id).close()
+        except RPCError as exc:
+            if exc.code != StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            return False
+        return True
+
+    until(room, "the lanes not fetched were withdrawn")
