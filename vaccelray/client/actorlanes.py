@@ -29,10 +29,9 @@ from vaccelray.client.direct import DoneFrames, handed
 from vaccelray.client.lane import Lane, LaneOutcome
 from vaccelray.errors import Reason, RPCError, StatusCode
 from vaccelray.protocol import tasks as wire
-from vaccelray.protocol.connection import ResponseReceived
 from vaccelray.protocol.services import CALL_ACTOR
 from vaccelray.worker.pool import TaskTimedOut
-from vaccelray.worker.poolchild import FRAME_MARGIN, TIMED_OUT, Run, encode_frame
+from vaccelray.worker.poolchild import FRAME_MARGIN, TIMED_OUT, Done, Run, encode_frame
 from vaccelray.worker.replies import lost_reply, outcome_reply
 
 __all__ = ["ActorLane", "fetch_actor_lane"]
@@ -50,11 +49,8 @@ class _ActorProcess(DoneFrames):
     """Method calls out as Run frames, Done frames in as the worker's CallActor replies."""
 
     def __init__(self, actor_id: str, max_message_size: int) -> None:
-        super().__init__(max_message_size + FRAME_MARGIN)
+        super().__init__(max_message_size + FRAME_MARGIN, max_message_size)
         self.actor_id = actor_id
-        self.max_message_size = max_message_size
-        #: Each outstanding call's name, by its Run's seq.
-        self.calls: dict[int, str] = {}
         #: A call ran past its timeout: the process ends (no call goes there any more).
         self.ending = False
 
@@ -65,21 +61,12 @@ class _ActorProcess(DoneFrames):
         run = Run(seq, "", name, None, args, method=method)
         return seq, encode_frame(self._encoder, run)
 
-    def next_event(self) -> ResponseReceived | None:
-        """The reply of the next whole Done, or None until one has arrived."""
-        done = self.next_done()
-        if done is None:
-            return None
-        self.calls.pop(done.seq, None)
-        try:
-            if done.status == TIMED_OUT:  # the process ends after it, as the worker's timer
-                self.ending = True
-                payload = lost_reply(TaskTimedOut(done.message))
-            else:
-                payload = outcome_reply(done, CALL_ACTOR.method, self.max_message_size)
-        except RPCError as exc:
-            return ResponseReceived(done.seq, exc.code, exc.message, exc.details, b"")
-        return ResponseReceived(done.seq, 0, "", (), payload)
+    def reply(self, done: Done) -> bytes:
+        """A CallActor's reply; past the lane's timeout, DEADLINE_EXCEEDED."""
+        if done.status == TIMED_OUT:  # the process ends after it, as the worker's timer
+            self.ending = True
+            return lost_reply(TaskTimedOut(done.message))
+        return outcome_reply(done, CALL_ACTOR.method, self.max_message_size)
 
     def lost(self, seq: int) -> RPCError:
         """What call *seq* ends with when the lane broke: its actor's process was lost."""

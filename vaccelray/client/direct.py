@@ -97,30 +97,42 @@ def fetch_lane(
 
 
 class DoneFrames:
-    """Done frames read from a pool process: the buffer of what has come, and the next
-    whole one decoded."""
+    """A lane's codec to a pool process: Run frames out, numbered; Done frames in, each
+    read as the reply the worker would have sent (:meth:`reply`, by the subclass)."""
 
-    def __init__(self, max_frame: int) -> None:
+    def __init__(self, max_frame: int, max_message_size: int) -> None:
         #: The largest frame a Done may come in.
         self._max_frame = max_frame
+        self.max_message_size = max_message_size
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Done)
         self._seq = itertools.count(1)
         self._buffer = bytearray()
+        #: Each outstanding call's name, by its Run's seq.
+        self.calls: dict[int, str] = {}
 
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
 
-    def next_done(self) -> Done | None:
-        """The next whole Done, or None until one has arrived (ValueError: an oversized
-        frame)."""
+    def next_event(self) -> ResponseReceived | None:
+        """The reply of the next whole Done, or None until one has arrived (ValueError:
+        an oversized frame)."""
         buffer = self._buffer
         end = frame_end(buffer, self._max_frame)
         if not end:
             return None
         done = self._decoder.decode(memoryview(buffer)[_HEADER.size : end])
         del buffer[:end]
-        return done
+        self.calls.pop(done.seq, None)
+        try:
+            payload = self.reply(done)
+        except RPCError as exc:
+            return ResponseReceived(done.seq, exc.code, exc.message, exc.details, b"")
+        return ResponseReceived(done.seq, 0, "", (), payload)
+
+    def reply(self, done: Done) -> bytes:
+        """The encoded reply *done* is; raises the RPCError it is answered with instead."""
+        raise NotImplementedError
 
 
 class _LeasedProcess(DoneFrames):
@@ -128,12 +140,9 @@ class _LeasedProcess(DoneFrames):
 
     def __init__(self, max_message_size: int) -> None:
         # A Done carries at most an inline result and the details of a failure.
-        super().__init__(_SEGMENT_MIN + FRAME_MARGIN)
-        self.max_message_size = max_message_size
+        super().__init__(_SEGMENT_MIN + FRAME_MARGIN, max_message_size)
         #: Digests of the functions the process holds, least recently used first.
         self._known: collections.OrderedDict[str, None] = collections.OrderedDict()
-        #: Each outstanding task's name, by its Run's seq.
-        self.calls: dict[int, str] = {}
 
     def run(self, spec: FunctionSpec, args: bytes, timeout: float | None) -> tuple[int, bytearray]:
         """The Run frame of *spec* called with the pickled *args*, and its seq."""
@@ -158,20 +167,11 @@ class _LeasedProcess(DoneFrames):
         self.calls[seq] = spec.name
         return seq, encode_frame(self._encoder, run)
 
-    def next_event(self) -> ResponseReceived | None:
-        """The reply of the next whole Done, or None until one has arrived."""
-        done = self.next_done()
-        if done is None:
-            return None
-        self.calls.pop(done.seq, None)
+    def reply(self, done: Done) -> bytes:
+        """A Submit's reply; a result the process handed to the worker's store is kept."""
         if done.kept:
-            payload = SUBMIT.reply.encode(wire.TaskDone(b"", done.kept, done.segment))
-            return ResponseReceived(done.seq, 0, "", (), payload)
-        try:
-            payload = outcome_reply(done, SUBMIT.method, self.max_message_size)
-        except RPCError as exc:
-            return ResponseReceived(done.seq, exc.code, exc.message, exc.details, b"")
-        return ResponseReceived(done.seq, 0, "", (), payload)
+            return SUBMIT.reply.encode(wire.TaskDone(b"", done.kept, done.segment))
+        return outcome_reply(done, SUBMIT.method, self.max_message_size)
 
     def lost(self, seq: int, status: str) -> LaneOutcome:
         """What task *seq* ends with when its process ended as *status* says."""
