@@ -302,6 +302,16 @@ def _lease(address: str, actor_id: str) -> socket.socket:
     return sock
 
 
+def _lease_if_room(address: str, actor_id: str) -> socket.socket | None:
+    """A lane, or None while the actor's process serves its most (RESOURCE_EXHAUSTED)."""
+    try:
+        return _lease(address, actor_id)
+    except RPCError as exc:
+        if exc.code != StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return None
+
+
 def _cancel(address: str, request: actor_wire.CancelActorCall) -> actor_wire.CallState:
     state: actor_wire.CallState = _ask(address, CANCEL_ACTOR_CALL, request).state
     return state
@@ -408,13 +418,10 @@ def test_an_actors_process_serves_a_bounded_number_of_lanes(client: Client, work
         lanes.pop().close()  # the process sees it close, and has room again
 
         def room() -> bool:
-            try:
-                lanes.append(_lease(worker, keeper.actor_id))
-            except RPCError as exc:
-                if exc.code != StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                return False
-            return True
+            lane = _lease_if_room(worker, keeper.actor_id)
+            if lane is not None:
+                lanes.append(lane)
+            return lane is not None
 
         until(room, "a closed lane made room for another")
         assert _call(lanes[-1], _method(1, "note", "last")).status == OK
@@ -601,12 +608,9 @@ def test_a_lane_not_fetched_in_time_is_withdrawn_and_frees_its_place(
         _ask(worker, LEASE_ACTOR, actor_wire.LeaseActor(keeper.actor_id))
 
     def room() -> bool:
-        try:
-            _lease(worker, keeper.actor_id).close()
-        except RPCError as exc:
-            if exc.code != StatusCode.RESOURCE_EXHAUSTED:
-                raise
-            return False
-        return True
+        lane = _lease_if_room(worker, keeper.actor_id)
+        if lane is not None:
+            lane.close()
+        return lane is not None
 
     until(room, "the lanes not fetched were withdrawn")
